@@ -1,0 +1,187 @@
+//! The agent's config file (`agent.toml`): who it is, where the coordinator is, its TLS
+//! files and state directory. See `deploy/agent.toml` for a commented example.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use api::config::{ConfigError, TelemetryConfig, load_toml, resolve};
+use api::identity::Identity;
+use api::model::{AgentName, Environment, Role};
+use serde::Deserialize;
+
+pub const EXAMPLE: &str = "deploy/agent.toml";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub name: String,
+    pub role: String,
+    pub environment: String,
+    /// Holds the highest epoch seen and recorded command results. One per agent.
+    pub state_dir: PathBuf,
+    pub coordinator: CoordinatorAddress,
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub reconnect: ReconnectConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorAddress {
+    /// `https://HOST:PORT` of the coordinator's agent listener.
+    pub url: String,
+    /// The name to verify in the coordinator's certificate; defaults to the URL's host.
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconnectConfig {
+    #[serde(with = "humantime_serde", default = "default_initial")]
+    pub initial: Duration,
+    #[serde(with = "humantime_serde", default = "default_max")]
+    pub max: Duration,
+}
+
+fn default_initial() -> Duration {
+    Duration::from_millis(200)
+}
+
+fn default_max() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        ReconnectConfig {
+            initial: default_initial(),
+            max: default_max(),
+        }
+    }
+}
+
+/// Validated settings an `Agent` is built from.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub name: AgentName,
+    pub role: Role,
+    pub environment: Environment,
+    pub state_dir: PathBuf,
+    pub coordinator_url: String,
+    pub server_name: String,
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub reconnect: ReconnectConfig,
+}
+
+pub fn load(file: &Path) -> Result<(Settings, TelemetryConfig)> {
+    let config: AgentConfig = load_toml(file, EXAMPLE)?;
+    let invalid = |key: &str, e: api::model::Invalid| {
+        ConfigError::new(file, format!("{key}: {e}"), "fix the value")
+    };
+    let name = AgentName::parse(&config.name).map_err(|e| invalid("name", e))?;
+    let role = Role::parse(&config.role).map_err(|e| invalid("role", e))?;
+    let environment =
+        Environment::parse(&config.environment).map_err(|e| invalid("environment", e))?;
+    let url = config.coordinator.url.trim().to_owned();
+    let Some(rest) = url.strip_prefix("https://") else {
+        bail!(ConfigError::new(
+            file,
+            format!("coordinator.url = {url:?} must start with https:// (agents only speak TLS)"),
+            "use e.g. \"https://127.0.0.1:7400\""
+        ));
+    };
+    let host = rest
+        .split('/')
+        .next()
+        .and_then(|hostport| hostport.rsplit_once(':').map(|(h, _)| h).or(Some(hostport)))
+        .unwrap_or_default()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let server_name = config.coordinator.server_name.clone().unwrap_or(host);
+    if config.reconnect.initial.is_zero() || config.reconnect.max < config.reconnect.initial {
+        bail!(ConfigError::new(
+            file,
+            "reconnect.initial must be positive and no larger than reconnect.max",
+            "e.g. initial = \"200ms\", max = \"10s\""
+        ));
+    }
+    let read = |key: &str, path: &Path| -> Result<Vec<u8>> {
+        std::fs::read(path).map_err(|e| {
+            ConfigError::new(
+                file,
+                format!("{key} = {}: cannot read ({e})", path.display()),
+                "fix the path, or create the files with `rollcall certs init --dir DIR --agent NAME:ROLE`",
+            )
+            .into()
+        })
+    };
+    let ca_pem = read("tls.ca", &resolve(file, &config.tls.ca))?;
+    let cert_path = resolve(file, &config.tls.cert);
+    let cert_pem = read("tls.cert", &cert_path)?;
+    let key_pem = read("tls.key", &resolve(file, &config.tls.key))?;
+    check_certificate(file, &cert_path, &cert_pem, &name, &role)?;
+    let settings = Settings {
+        name,
+        role,
+        environment,
+        state_dir: resolve(file, &config.state_dir),
+        coordinator_url: url,
+        server_name,
+        ca_pem,
+        cert_pem,
+        key_pem,
+        reconnect: config.reconnect.clone(),
+    };
+    Ok((settings, config.telemetry))
+}
+
+/// Fails at start-up, not at every connection attempt, when the certificate belongs to
+/// someone else.
+fn check_certificate(
+    file: &Path,
+    cert_path: &Path,
+    pem: &[u8],
+    name: &AgentName,
+    role: &Role,
+) -> Result<()> {
+    let identities = api::identity::in_certificate_pem(pem);
+    let wanted = Identity::Agent {
+        name: name.clone(),
+        role: role.clone(),
+    };
+    if identities.contains(&wanted) {
+        return Ok(());
+    }
+    let carried = if identities.is_empty() {
+        "no Rollcall agent identity".to_owned()
+    } else {
+        identities
+            .iter()
+            .map(Identity::to_uri)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(ConfigError::new(
+        file,
+        format!(
+            "tls.cert = {} carries {carried}, but this agent is {name} with role {role}",
+            cert_path.display()
+        ),
+        format!("issue its certificate with `rollcall certs init --dir DIR --agent {name}:{role}`"),
+    )
+    .into())
+}

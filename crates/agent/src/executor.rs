@@ -1,0 +1,376 @@
+//! Executes commands with the guarantees every action relies on: stale epochs are refused,
+//! a command id runs at most once (a repeat gets the recorded result), deadlines are enforced.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use api::model::{
+    Action, AgentName, Command, CommandId, CommandResult, Description, Environment, Epoch, Outcome,
+    ResultDetail, Role,
+};
+use opentelemetry::propagation::Extractor;
+use tokio::sync::watch;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::state::{EpochCheck, StateDir};
+
+/// Who this agent is, for `Describe`.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub name: AgentName,
+    pub role: Role,
+    pub environment: Environment,
+    pub capabilities: Vec<String>,
+}
+
+pub struct Executor {
+    identity: Identity,
+    started: SystemTime,
+    state: Mutex<StateDir>,
+    in_flight: Mutex<HashMap<CommandId, watch::Receiver<Option<CommandResult>>>>,
+    pings: AtomicU64,
+}
+
+enum Claim {
+    Replay(Box<CommandResult>),
+    Wait(watch::Receiver<Option<CommandResult>>),
+    Run(watch::Sender<Option<CommandResult>>),
+}
+
+struct MapExtractor<'a>(&'a std::collections::BTreeMap<String, String>);
+
+impl Extractor for MapExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+impl Executor {
+    pub fn new(identity: Identity, state: StateDir) -> Executor {
+        Executor {
+            identity,
+            started: SystemTime::now(),
+            state: Mutex::new(state),
+            in_flight: Mutex::new(HashMap::new()),
+            pings: AtomicU64::new(0),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, StateDir> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn highest_epoch(&self) -> Option<Epoch> {
+        self.state().highest_epoch()
+    }
+
+    /// Raises the highest epoch seen (on a coordinator's welcome); returns false if `epoch`
+    /// is stale.
+    pub fn observe_epoch(&self, epoch: Epoch) -> anyhow::Result<bool> {
+        Ok(self.state().observe_epoch(epoch)? == EpochCheck::Current)
+    }
+
+    /// Executes `command` (or replays its recorded result) and returns the result to report.
+    pub async fn execute(&self, command: Command) -> CommandResult {
+        let span = tracing::info_span!(
+            "agent.command.execute",
+            agent = %self.identity.name,
+            command_id = %command.id,
+            action = command.action.name(),
+            epoch = %command.epoch,
+            outcome = tracing::field::Empty,
+        );
+        let parent = opentelemetry::global::get_text_map_propagator(|p| {
+            p.extract(&MapExtractor(&command.trace_context))
+        });
+        let _ = span.set_parent(parent);
+        let result = self.execute_inner(command).instrument(span.clone()).await;
+        span.record("outcome", result.outcome.as_str());
+        result
+    }
+
+    async fn execute_inner(&self, command: Command) -> CommandResult {
+        let received = SystemTime::now();
+        // The epoch is checked, and a newer one persisted, before anything else happens.
+        let check = self.state().observe_epoch(command.epoch);
+        match check {
+            Ok(EpochCheck::Current) => {}
+            Ok(EpochCheck::Stale { highest }) => {
+                tracing::warn!(
+                    "refusing command from stale coordinator: epoch {} < highest seen {highest}",
+                    command.epoch
+                );
+                return refusal(
+                    &command,
+                    received,
+                    Outcome::StaleEpoch,
+                    format!(
+                        "epoch {} is older than epoch {highest} this agent already obeys; the \
+                         sending coordinator is stale",
+                        command.epoch
+                    ),
+                );
+            }
+            Err(e) => {
+                tracing::error!("cannot persist epoch: {e:#}");
+                return refusal(&command, received, Outcome::Failed, format!("{e:#}"));
+            }
+        }
+
+        let sender = match self.claim(&command.id) {
+            Claim::Replay(mut recorded) => {
+                recorded.replayed = true;
+                return *recorded;
+            }
+            Claim::Wait(mut rx) => {
+                let done = rx
+                    .wait_for(Option::is_some)
+                    .await
+                    .ok()
+                    .and_then(|v| v.clone());
+                return match done {
+                    Some(mut result) => {
+                        result.replayed = true;
+                        result
+                    }
+                    None => refusal(
+                        &command,
+                        received,
+                        Outcome::Failed,
+                        "the first execution of this command was abandoned".into(),
+                    ),
+                };
+            }
+            Claim::Run(sender) => sender,
+        };
+
+        let left = command
+            .deadline
+            .duration_since(SystemTime::now())
+            .ok()
+            .filter(|left| !left.is_zero());
+        let mut result = match left {
+            None => refusal(
+                &command,
+                received,
+                Outcome::TimedOut,
+                "deadline had passed when the command arrived".into(),
+            ),
+            Some(left) => match tokio::time::timeout(left, self.act(&command.action)).await {
+                Ok((outcome, message, detail)) => CommandResult {
+                    command_id: command.id.clone(),
+                    epoch: command.epoch,
+                    outcome,
+                    message,
+                    replayed: false,
+                    started: received,
+                    finished: SystemTime::now(),
+                    detail,
+                },
+                Err(_) => refusal(
+                    &command,
+                    received,
+                    Outcome::TimedOut,
+                    format!(
+                        "{} did not finish within its deadline ({} after it arrived)",
+                        command.action.name(),
+                        humantime::format_duration(left)
+                    ),
+                ),
+            },
+        };
+        result.finished = SystemTime::now();
+        if let Err(e) = self
+            .state()
+            .record(&result, command.action.has_side_effects())
+        {
+            tracing::error!("cannot record result: {e:#}");
+        }
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&command.id);
+        let _ = sender.send(Some(result.clone()));
+        result
+    }
+
+    fn claim(&self, id: &CommandId) -> Claim {
+        // Lock order: state, then in_flight (the only place both are held).
+        let state = self.state();
+        if let Some(recorded) = state.recorded(id) {
+            return Claim::Replay(Box::new(recorded.clone()));
+        }
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rx) = in_flight.get(id) {
+            return Claim::Wait(rx.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        in_flight.insert(id.clone(), rx);
+        Claim::Run(tx)
+    }
+
+    async fn act(&self, action: &Action) -> (Outcome, String, Option<ResultDetail>) {
+        match action {
+            Action::Ping { hold } => {
+                if !hold.is_zero() {
+                    tokio::time::sleep(*hold).await;
+                }
+                let executions = self.pings.fetch_add(1, Ordering::Relaxed) + 1;
+                (
+                    Outcome::Succeeded,
+                    "pong".into(),
+                    Some(ResultDetail::Ping { executions }),
+                )
+            }
+            Action::Describe => {
+                let state = self.state();
+                let description = Description {
+                    name: self.identity.name.clone(),
+                    role: self.identity.role.clone(),
+                    environment: self.identity.environment.clone(),
+                    capabilities: self.identity.capabilities.clone(),
+                    version: api::VERSION.to_owned(),
+                    highest_epoch: state.highest_epoch(),
+                    recorded_results: state.recorded_count(),
+                    started: self.started,
+                };
+                (
+                    Outcome::Succeeded,
+                    String::new(),
+                    Some(ResultDetail::Describe(description)),
+                )
+            }
+        }
+    }
+}
+
+fn refusal(
+    command: &Command,
+    received: SystemTime,
+    outcome: Outcome,
+    message: String,
+) -> CommandResult {
+    CommandResult {
+        command_id: command.id.clone(),
+        epoch: command.epoch,
+        outcome,
+        message,
+        replayed: false,
+        started: received,
+        finished: SystemTime::now(),
+        detail: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn executor(dir: &std::path::Path) -> Arc<Executor> {
+        Arc::new(Executor::new(
+            Identity {
+                name: AgentName::parse("web-1").expect("name"),
+                role: Role::parse("web").expect("role"),
+                environment: Environment::parse("dev").expect("env"),
+                capabilities: vec![],
+            },
+            StateDir::open(dir).expect("state"),
+        ))
+    }
+
+    fn ping(id: &str, epoch: u64, hold_ms: u64, deadline_in: Duration) -> Command {
+        Command {
+            id: CommandId::parse(id).expect("id"),
+            epoch: Epoch::new(epoch).expect("epoch"),
+            run_id: "r".into(),
+            deadline: SystemTime::now() + deadline_in,
+            trace_context: Default::default(),
+            action: Action::Ping {
+                hold: Duration::from_millis(hold_ms),
+            },
+        }
+    }
+
+    fn executions(r: &CommandResult) -> u64 {
+        match r.detail {
+            Some(ResultDetail::Ping { executions }) => executions,
+            _ => 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_duplicates_execute_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ex = executor(dir.path());
+        let a = tokio::spawn({
+            let ex = ex.clone();
+            async move { ex.execute(ping("c1", 1, 50, Duration::from_secs(5))).await }
+        });
+        let b = tokio::spawn({
+            let ex = ex.clone();
+            async move { ex.execute(ping("c1", 1, 50, Duration::from_secs(5))).await }
+        });
+        let (a, b) = (a.await.expect("a"), b.await.expect("b"));
+        assert_eq!(executions(&a), 1);
+        assert_eq!(executions(&b), 1);
+        assert!(a.replayed != b.replayed, "exactly one is the replay");
+        let c = ex.execute(ping("c1", 1, 0, Duration::from_secs(5))).await;
+        assert!(c.replayed);
+        assert_eq!(executions(&c), 1);
+    }
+
+    #[tokio::test]
+    async fn stale_epochs_are_refused_and_not_recorded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ex = executor(dir.path());
+        assert_eq!(
+            ex.execute(ping("a", 2, 0, Duration::from_secs(5)))
+                .await
+                .outcome,
+            Outcome::Succeeded
+        );
+        let stale = ex.execute(ping("b", 1, 0, Duration::from_secs(5))).await;
+        assert_eq!(stale.outcome, Outcome::StaleEpoch);
+        assert!(
+            stale.message.contains("epoch 1 is older than epoch 2"),
+            "{}",
+            stale.message
+        );
+        // The same id under a current epoch still runs: a refusal is not an execution.
+        let retried = ex.execute(ping("b", 2, 0, Duration::from_secs(5))).await;
+        assert_eq!(retried.outcome, Outcome::Succeeded);
+        assert!(!retried.replayed);
+    }
+
+    #[tokio::test]
+    async fn deadlines_are_enforced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ex = executor(dir.path());
+        let slow = ex
+            .execute(ping("slow", 1, 10_000, Duration::from_millis(100)))
+            .await;
+        assert_eq!(slow.outcome, Outcome::TimedOut);
+        assert!(
+            slow.message.contains("did not finish within its deadline"),
+            "{}",
+            slow.message
+        );
+        let mut late = ping("late", 1, 0, Duration::ZERO);
+        late.deadline = SystemTime::now() - Duration::from_secs(1);
+        let late = ex.execute(late).await;
+        assert_eq!(late.outcome, Outcome::TimedOut);
+        assert_eq!(
+            executions(&ex.execute(ping("ok", 1, 0, Duration::from_secs(5))).await),
+            1,
+            "the timed-out pings never counted"
+        );
+    }
+}

@@ -1,0 +1,257 @@
+//! Rollcall's agent: dials out to the coordinator, keeps one `Attach` stream open, sends
+//! heartbeats with readiness, and executes the commands that come down the stream.
+//!
+//! The agent opens no inbound port. When the stream breaks it reconnects with jittered
+//! exponential backoff (`backon`), forever, until it is told to stop.
+
+pub mod config;
+pub mod executor;
+pub mod state;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use api::model::{AgentMessage, CoordinatorMessage, Heartbeat, Hello};
+use api::pb::agent as pb;
+use api::pb::agent::agent_service_client::AgentServiceClient;
+use backon::BackoffBuilder;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
+
+pub use crate::config::Settings;
+use crate::executor::{Executor, Identity};
+use crate::state::StateDir;
+
+/// A session that lasted this long was healthy: the next reconnect starts from the shortest
+/// backoff again.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The actions this agent executes; reported as capabilities in its hello.
+const CAPABILITIES: [&str; 2] = ["ping", "describe"];
+
+pub struct Agent {
+    settings: Settings,
+    executor: Arc<Executor>,
+    endpoint: Endpoint,
+}
+
+impl Agent {
+    /// Opens the state directory and prepares the TLS endpoint; connects only in `run`.
+    pub fn build(settings: Settings) -> Result<Agent> {
+        let state = StateDir::open(&settings.state_dir)?;
+        let executor = Arc::new(Executor::new(
+            Identity {
+                name: settings.name.clone(),
+                role: settings.role.clone(),
+                environment: settings.environment.clone(),
+                capabilities: CAPABILITIES.iter().map(|c| (*c).to_owned()).collect(),
+            },
+            state,
+        ));
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&settings.ca_pem))
+            .identity(TlsIdentity::from_pem(&settings.cert_pem, &settings.key_pem))
+            .domain_name(settings.server_name.clone());
+        let endpoint = Endpoint::from_shared(settings.coordinator_url.clone())
+            .with_context(|| {
+                format!(
+                    "coordinator.url = {:?} is not a valid URL",
+                    settings.coordinator_url
+                )
+            })?
+            .tls_config(tls)
+            .context("configure TLS for the coordinator connection")?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        Ok(Agent {
+            settings,
+            executor,
+            endpoint,
+        })
+    }
+
+    /// Attaches and re-attaches until `cancel` fires.
+    pub async fn run(self, cancel: CancellationToken) -> Result<()> {
+        let reconnect = &self.settings.reconnect;
+        let builder = backon::ExponentialBuilder::default()
+            .with_min_delay(reconnect.initial)
+            .with_max_delay(reconnect.max)
+            .with_jitter()
+            .without_max_times();
+        let mut backoff = builder.build();
+        loop {
+            let started = Instant::now();
+            let outcome = tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                outcome = self.session(&cancel) => outcome,
+            };
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            if started.elapsed() > HEALTHY_SESSION {
+                backoff = builder.build();
+            }
+            let delay = backoff.next().unwrap_or(reconnect.max);
+            match outcome {
+                Ok(()) => tracing::warn!(
+                    "coordinator closed the stream; reconnecting in {}",
+                    humantime::format_duration(delay)
+                ),
+                Err(e) => tracing::warn!(
+                    "attach to {} failed: {e:#}; retrying in {}",
+                    self.settings.coordinator_url,
+                    humantime::format_duration(delay)
+                ),
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One connection: hello, welcome, then heartbeats and commands until the stream ends.
+    async fn session(&self, cancel: &CancellationToken) -> Result<()> {
+        let channel = self.endpoint.connect().await.map_err(|e| {
+            anyhow!(
+                "connect to {}: {}",
+                self.settings.coordinator_url,
+                error_chain(&e)
+            )
+        })?;
+        let mut client = AgentServiceClient::new(channel);
+        let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(256);
+        let hello = Hello {
+            name: self.settings.name.clone(),
+            role: self.settings.role.clone(),
+            environment: self.settings.environment.clone(),
+            capabilities: CAPABILITIES.iter().map(|c| (*c).to_owned()).collect(),
+            version: api::VERSION.to_owned(),
+            highest_epoch: self.executor.highest_epoch(),
+        };
+        out_tx
+            .send(AgentMessage::Hello(hello).into())
+            .await
+            .map_err(|_| anyhow!("outbound stream closed before hello"))?;
+        let response = client
+            .attach(ReceiverStream::new(out_rx))
+            .await
+            .map_err(|status| anyhow!("coordinator refused attach: {}", status.message()))?;
+        let mut inbound = response.into_inner();
+
+        let welcome = match inbound.message().await {
+            Ok(Some(message)) => match CoordinatorMessage::try_from(message) {
+                Ok(CoordinatorMessage::Welcome(welcome)) => welcome,
+                Ok(_) => bail!("coordinator sent a command before its welcome"),
+                Err(e) => bail!("coordinator sent an invalid welcome: {e}"),
+            },
+            Ok(None) => bail!("coordinator closed the stream before its welcome"),
+            Err(status) => bail!("coordinator refused attach: {}", status.message()),
+        };
+        if !self.executor.observe_epoch(welcome.epoch)? {
+            tracing::error!(
+                epoch = %welcome.epoch,
+                highest = ?self.executor.highest_epoch(),
+                "this coordinator's epoch is older than one this agent already obeys: it is \
+                 stale, and its commands will be refused"
+            );
+        }
+        tracing::info!(epoch = %welcome.epoch, "attached to coordinator");
+
+        let mut heartbeat = tokio::time::interval(welcome.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let session = cancel.child_token();
+        let _stop_on_exit = session.clone().drop_guard();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                _ = heartbeat.tick() => {
+                    let hb = Heartbeat { ready: true, detail: "ready".into() };
+                    if out_tx.send(AgentMessage::Heartbeat(hb).into()).await.is_err() {
+                        bail!("outbound stream closed");
+                    }
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => self.dispatch(message, &out_tx, &session),
+                    Ok(None) => return Ok(()),
+                    Err(status) => bail!("stream lost: {}", status.message()),
+                },
+            }
+        }
+    }
+
+    fn dispatch(
+        &self,
+        message: pb::CoordinatorMessage,
+        out_tx: &mpsc::Sender<pb::AgentMessage>,
+        session: &CancellationToken,
+    ) {
+        // An invalid command still gets an answer when it names itself, so the coordinator
+        // does not wait for its deadline.
+        let fallback_id = match &message.msg {
+            Some(pb::coordinator_message::Msg::Command(c)) => Some((c.command_id.clone(), c.epoch)),
+            _ => None,
+        };
+        match CoordinatorMessage::try_from(message) {
+            Ok(CoordinatorMessage::Command(command)) => {
+                let executor = self.executor.clone();
+                let out_tx = out_tx.clone();
+                let session = session.clone();
+                tokio::spawn(async move {
+                    let result = executor.execute(command).await;
+                    // If this session ended meanwhile, the result is recorded: the coordinator
+                    // re-sends the command id and gets it replayed.
+                    if !session.is_cancelled() {
+                        let _ = out_tx.send(AgentMessage::Result(result).into()).await;
+                    }
+                });
+            }
+            Ok(CoordinatorMessage::Welcome(_)) => {
+                tracing::warn!("ignoring a second welcome on one stream");
+            }
+            Err(e) => {
+                tracing::warn!("refusing invalid message from coordinator: {e}");
+                if let Some((id, epoch)) = fallback_id {
+                    let now = api::model::to_unix_ms(std::time::SystemTime::now());
+                    let reply = pb::CommandResult {
+                        command_id: id,
+                        epoch,
+                        outcome: pb::Outcome::Unsupported as i32,
+                        message: format!(
+                            "agent {} cannot execute this command: {e}",
+                            self.settings.name
+                        ),
+                        replayed: false,
+                        started_unix_ms: now,
+                        finished_unix_ms: now,
+                        detail: None,
+                    };
+                    let _ = out_tx.try_send(pb::AgentMessage {
+                        msg: Some(pb::agent_message::Msg::Result(reply)),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Renders an error and its sources on one line (tonic's transport errors hide the cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}

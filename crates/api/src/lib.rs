@@ -1,0 +1,23 @@
+//! Rollcall's wire contract: the generated gRPC code (`pb`) and the validated domain model.
+//!
+//! Prost types stay in this crate and in the thin gRPC adapters; everything else works with
+//! `model` types, converted once on receive with `TryFrom<pb::X>`.
+
+pub mod config;
+pub mod identity;
+pub mod model;
+
+/// Generated protobuf and tonic code. Only `api` and the gRPC adapters touch these types.
+pub mod pb {
+    #[allow(clippy::all, clippy::pedantic, clippy::unwrap_used)]
+    pub mod agent {
+        tonic::include_proto!("rollcall.agent.v1");
+    }
+    #[allow(clippy::all, clippy::pedantic, clippy::unwrap_used)]
+    pub mod operator {
+        tonic::include_proto!("rollcall.operator.v1");
+    }
+}
+
+/// The version every Rollcall binary reports in its hello and `--version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

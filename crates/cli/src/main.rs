@@ -1,0 +1,209 @@
+//! The `rollcall` binary: parse the command line, load config, start telemetry, and hand over
+//! to the library that does the work.
+
+mod operator;
+mod telemetry;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rollcall",
+    version,
+    about = "Restore a whole service fleet to one point in time, in order, and prove it worked"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the coordinator.
+    Coordinator {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run an agent beside one role instance.
+    Agent {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Create development certificates for a local fleet.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// List agents: name, role, readiness, last heartbeat.
+    Agents {
+        /// Stable JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: operator::Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Create (or extend) a development CA with coordinator, operator and agent certificates.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// An agent certificate to issue, as NAME:ROLE (repeatable).
+        #[arg(long = "agent", value_name = "NAME:ROLE")]
+        agents: Vec<String>,
+        /// Another DNS name or IP the coordinator is reached at (repeatable).
+        #[arg(long = "coordinator-host", value_name = "HOST")]
+        coordinator_hosts: Vec<String>,
+        /// The name in the operator certificate.
+        #[arg(long, default_value = "operator")]
+        operator: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // One crypto provider for the whole process: ring (builds without cmake).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Coordinator { config } => run_coordinator(&config).await,
+        Command::Agent { config } => run_agent(&config).await,
+        Command::Certs {
+            command:
+                CertsCommand::Init {
+                    dir,
+                    agents,
+                    coordinator_hosts,
+                    operator,
+                },
+        } => {
+            telemetry::init_quiet();
+            certs_init(dir, &agents, coordinator_hosts, operator)
+        }
+        Command::Agents { json, connection } => {
+            telemetry::init_quiet();
+            operator::agents(&connection, json).await
+        }
+    }
+}
+
+async fn run_coordinator(config: &std::path::Path) -> Result<()> {
+    let loaded = coordinator::config::load(config)?;
+    let telemetry = telemetry::init("rollcall-coordinator", None, &loaded.config.telemetry)?;
+    let result = async {
+        let tls = coordinator::tls::TlsMaterial::load(&loaded.tls)?;
+        let store = coordinator::store::open(&loaded.state_url).await?;
+        let listeners = coordinator::Listeners::bind(
+            loaded.config.listen.agents,
+            loaded.config.listen.operator,
+            loaded.config.listen.metrics,
+        )
+        .await?;
+        let settings = coordinator::Settings {
+            tls,
+            heartbeat_interval: loaded.config.agents.heartbeat_interval,
+            agent_timeout: loaded.config.agents.timeout,
+            operator_token_hashes: loaded.token_hashes.clone(),
+        };
+        let coordinator = coordinator::Coordinator::start(settings, listeners, store).await?;
+        coordinator.run(shutdown_signal()).await
+    }
+    .await;
+    telemetry.shutdown();
+    result
+}
+
+async fn run_agent(config: &std::path::Path) -> Result<()> {
+    let (settings, telemetry_config) = agent::config::load(config)?;
+    let telemetry = telemetry::init(
+        "rollcall-agent",
+        Some(settings.name.as_str()),
+        &telemetry_config,
+    )?;
+    let result = async {
+        let agent = agent::Agent::build(settings)?;
+        agent.run(shutdown_signal()).await
+    }
+    .await;
+    telemetry.shutdown();
+    result
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+fn shutdown_signal() -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    tokio::spawn(async move {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    term.recv().await;
+                }
+                Err(e) => {
+                    tracing::warn!("cannot listen for SIGTERM: {e}");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = terminate => {}
+        }
+        tracing::info!("shutting down");
+        trigger.cancel();
+    });
+    cancel
+}
+
+#[allow(clippy::print_stdout)]
+fn certs_init(
+    dir: PathBuf,
+    agents: &[String],
+    coordinator_hosts: Vec<String>,
+    operator: String,
+) -> Result<()> {
+    let agents = agents
+        .iter()
+        .map(|spec| coordinator::certs::parse_agent_spec(spec))
+        .collect::<Result<Vec<_>>>()?;
+    let report = coordinator::certs::init(&coordinator::certs::InitRequest {
+        dir: dir.clone(),
+        agents,
+        coordinator_hosts,
+        operator,
+    })
+    .with_context(|| format!("create certificates in {}", dir.display()))?;
+    for path in &report.created {
+        println!("created {}", path.display());
+    }
+    for path in &report.kept {
+        println!("kept    {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,359 @@
+//! The gRPC adapters: the agents' `Attach` stream and the operator API. Thin by design —
+//! check identity, convert, call the registry, map errors.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use api::identity::Identity;
+use api::model::{
+    Action, AgentMessage, AgentName, AgentStatus, CommandId, CoordinatorMessage, Epoch, Hello,
+    ResultDetail, Welcome,
+};
+use api::pb::agent as pb;
+use api::pb::operator as op;
+use futures::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::link::{AgentLink, Outgoing, StreamLink};
+use crate::registry::{Generation, Registry};
+use crate::tls;
+
+/// How long an agent has after connecting to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages queued towards one agent before it counts as not reading its stream.
+const OUTBOUND_QUEUE: usize = 256;
+const DESCRIBE_DEADLINE: Duration = Duration::from_secs(10);
+
+pub struct AgentStream {
+    pub registry: Registry,
+    pub link: StreamLink,
+    pub epoch: Epoch,
+    pub heartbeat_interval: Duration,
+}
+
+type AttachStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
+
+/// Checks that the certificate names the agent and role its hello claims.
+fn authorize_agent(identities: &[Identity], hello: &Hello) -> Result<(), Status> {
+    let mut seen = Vec::new();
+    for id in identities {
+        if let Identity::Agent { name, role } = id {
+            if *name == hello.name && *role == hello.role {
+                return Ok(());
+            }
+            seen.push((name, role));
+        }
+    }
+    let message = match seen.as_slice() {
+        [] => format!(
+            "agent {} presented a certificate that carries no agent identity; issue one with \
+             `rollcall certs init --agent {}:{}`",
+            hello.name, hello.name, hello.role
+        ),
+        [(name, role), ..] if **name == hello.name => format!(
+            "agent {} claims role {}, but its certificate carries role {role}; fix `role` in \
+             its agent.toml or issue a certificate for {}:{}",
+            hello.name, hello.role, hello.name, hello.role
+        ),
+        [(name, role), ..] => format!(
+            "agent {} presented the certificate of agent {name} ({role}); each agent needs its \
+             own certificate (`rollcall certs init --agent {}:{}`)",
+            hello.name, hello.name, hello.role
+        ),
+    };
+    Err(Status::permission_denied(message))
+}
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentStream {
+    type AttachStream = AttachStream;
+
+    #[tracing::instrument(name = "coordinator.grpc.attach", skip_all, fields(peer, agent))]
+    async fn attach(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let peer = request.remote_addr();
+        if let Some(peer) = peer {
+            tracing::Span::current().record("peer", tracing::field::display(peer));
+        }
+        let identities = request
+            .peer_certs()
+            .map(|certs| tls::identities(&certs))
+            .unwrap_or_default();
+        let mut inbound = request.into_inner();
+
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10s of attaching"))??;
+        let hello = match first.map(AgentMessage::try_from) {
+            Some(Ok(AgentMessage::Hello(hello))) => hello,
+            Some(Ok(_)) | None => {
+                return Err(Status::invalid_argument(
+                    "the first message on the attach stream must be a hello",
+                ));
+            }
+            Some(Err(e)) => return Err(Status::invalid_argument(format!("hello: {e}"))),
+        };
+        tracing::Span::current().record("agent", tracing::field::display(&hello.name));
+        if let Err(status) = authorize_agent(&identities, &hello) {
+            tracing::warn!(agent = %hello.name, "refused attach: {}", status.message());
+            return Err(status);
+        }
+        if let Some(seen) = hello.highest_epoch
+            && seen > self.epoch
+        {
+            // The agent has obeyed a newer coordinator: this one is stale and must not
+            // pretend otherwise. The agent would refuse its commands anyway.
+            tracing::error!(
+                agent = %hello.name,
+                "agent has seen epoch {seen}, newer than ours ({}); another coordinator is \
+                 active — stop this one",
+                self.epoch
+            );
+        }
+
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let welcome = CoordinatorMessage::Welcome(Welcome {
+            epoch: self.epoch,
+            heartbeat_interval: self.heartbeat_interval,
+        });
+        // The queue is empty: this cannot fail.
+        let _ = tx.try_send(welcome);
+        let name = hello.name.clone();
+        tracing::info!(agent = %name, role = %hello.role, peer = ?peer, "agent attached");
+        let generation = self.registry.attach(hello, peer, tx);
+        tokio::spawn(describe_on_attach(
+            self.link.clone(),
+            name.clone(),
+            generation,
+        ));
+
+        let registry = self.registry.clone();
+        tokio::spawn(async move {
+            let reason = loop {
+                match inbound.message().await {
+                    Ok(Some(message)) => match AgentMessage::try_from(message) {
+                        Ok(AgentMessage::Heartbeat(hb)) => {
+                            registry.heartbeat(&name, generation, hb)
+                        }
+                        Ok(AgentMessage::Result(result)) => {
+                            registry.deliver(&name, generation, result);
+                        }
+                        Ok(AgentMessage::Hello(_)) => {
+                            tracing::warn!(agent = %name, "ignoring a second hello on one stream");
+                        }
+                        Err(e) => tracing::warn!(agent = %name, "ignoring invalid message: {e}"),
+                    },
+                    Ok(None) => break "stream closed by agent".to_owned(),
+                    Err(status) => break format!("stream lost: {}", status.message()),
+                }
+            };
+            registry.detach(&name, generation, &reason);
+        });
+
+        let outbound = ReceiverStream::new(rx).map(|m| Ok(pb::CoordinatorMessage::from(m)));
+        Ok(Response::new(Box::pin(outbound)))
+    }
+}
+
+/// Asks a newly attached agent to describe itself, so the coordinator's log shows what the
+/// agent remembers (its highest epoch, its recorded results) from the moment it attaches.
+async fn describe_on_attach(link: StreamLink, name: AgentName, generation: Generation) {
+    let command = Outgoing {
+        id: match CommandId::parse(&format!("attach/{}/{name}/{generation}", link.epoch())) {
+            Ok(id) => id,
+            Err(_) => return,
+        },
+        run_id: String::new(),
+        deadline: SystemTime::now() + DESCRIBE_DEADLINE,
+        action: Action::Describe,
+    };
+    match link.send(&name, command).await {
+        Ok(result) => match result.detail {
+            Some(ResultDetail::Describe(d)) => tracing::info!(
+                agent = %name,
+                version = %d.version,
+                highest_epoch = ?d.highest_epoch.map(Epoch::get),
+                recorded_results = d.recorded_results,
+                "agent described itself"
+            ),
+            _ => tracing::warn!(
+                agent = %name,
+                outcome = %result.outcome,
+                "agent did not describe itself: {}",
+                result.message
+            ),
+        },
+        Err(e) => tracing::debug!(agent = %name, "describe on attach: {e}"),
+    }
+}
+
+/// Hash of an operator bearer token, as stored in the coordinator config.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Admits operator calls made with an operator certificate or a known bearer token.
+#[derive(Clone)]
+pub struct OperatorAuth {
+    pub token_hashes: Arc<Vec<[u8; 32]>>,
+}
+
+impl OperatorAuth {
+    pub fn check(&self, request: &Request<()>) -> Result<(), Status> {
+        let identities = request
+            .peer_certs()
+            .map(|certs| tls::identities(&certs))
+            .unwrap_or_default();
+        if identities
+            .iter()
+            .any(|id| matches!(id, Identity::Operator { .. }))
+        {
+            return Ok(());
+        }
+        if let Some(value) = request.metadata().get("authorization") {
+            let token = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .ok_or_else(|| {
+                    Status::unauthenticated("authorization header must be `Bearer <token>`")
+                })?;
+            let hash = token_hash(token.trim());
+            // Compare every stored hash in full so timing does not reveal a prefix match.
+            let known = self
+                .token_hashes
+                .iter()
+                .fold(false, |found, h| found | constant_eq(h, &hash));
+            if known {
+                return Ok(());
+            }
+            return Err(Status::unauthenticated(
+                "operator token not recognised; check ROLLCALL_TOKEN against \
+                 `operator.token_sha256` in the coordinator config",
+            ));
+        }
+        if identities
+            .iter()
+            .any(|id| matches!(id, Identity::Agent { .. }))
+        {
+            return Err(Status::permission_denied(
+                "agent certificates cannot call the operator API; use the operator certificate",
+            ));
+        }
+        Err(Status::unauthenticated(
+            "operator call without an operator certificate or token; pass --certs DIR \
+             (operator.pem from `rollcall certs init`) or set ROLLCALL_TOKEN",
+        ))
+    }
+}
+
+fn constant_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub struct OperatorApi {
+    pub registry: Registry,
+    pub epoch: Epoch,
+}
+
+#[tonic::async_trait]
+impl op::operator_service_server::OperatorService for OperatorApi {
+    #[tracing::instrument(name = "coordinator.grpc.list_agents", skip_all)]
+    async fn list_agents(
+        &self,
+        _request: Request<op::ListAgentsRequest>,
+    ) -> Result<Response<op::ListAgentsResponse>, Status> {
+        let agents = self
+            .registry
+            .list()
+            .into_iter()
+            .map(|a: AgentStatus| a.into())
+            .collect();
+        Ok(Response::new(op::ListAgentsResponse {
+            agents,
+            epoch: self.epoch.get(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::model::{AgentName, Environment, Role};
+
+    fn hello(name: &str, role: &str) -> Hello {
+        Hello {
+            name: AgentName::parse(name).expect("name"),
+            role: Role::parse(role).expect("role"),
+            environment: Environment::parse("dev").expect("env"),
+            capabilities: vec![],
+            version: "0.1.0".into(),
+            highest_epoch: None,
+        }
+    }
+
+    fn agent(name: &str, role: &str) -> Identity {
+        Identity::Agent {
+            name: AgentName::parse(name).expect("name"),
+            role: Role::parse(role).expect("role"),
+        }
+    }
+
+    #[test]
+    fn agent_must_match_its_certificate() {
+        assert!(authorize_agent(&[agent("w-1", "web")], &hello("w-1", "web")).is_ok());
+        let e = authorize_agent(&[agent("w-1", "web")], &hello("w-1", "worker")).expect_err("role");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(
+            e.message()
+                .contains("claims role worker, but its certificate carries role web")
+        );
+        let e = authorize_agent(&[agent("w-2", "web")], &hello("w-1", "web")).expect_err("name");
+        assert!(
+            e.message().contains("certificate of agent w-2"),
+            "{}",
+            e.message()
+        );
+        let e = authorize_agent(
+            &[Identity::Operator { name: "ops".into() }],
+            &hello("w-1", "web"),
+        )
+        .expect_err("operator cert");
+        assert!(
+            e.message().contains("carries no agent identity"),
+            "{}",
+            e.message()
+        );
+    }
+
+    #[test]
+    fn operator_needs_a_certificate_or_a_known_token() {
+        let auth = OperatorAuth {
+            token_hashes: Arc::new(vec![token_hash("s3cret")]),
+        };
+        let bare = Request::new(());
+        assert_eq!(
+            auth.check(&bare).expect_err("bare").code(),
+            tonic::Code::Unauthenticated
+        );
+
+        let mut good = Request::new(());
+        good.metadata_mut()
+            .insert("authorization", "Bearer s3cret".parse().expect("header"));
+        assert!(auth.check(&good).is_ok());
+
+        let mut wrong = Request::new(());
+        wrong
+            .metadata_mut()
+            .insert("authorization", "Bearer nope".parse().expect("header"));
+        let e = auth.check(&wrong).expect_err("wrong token");
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(!e.message().contains("nope"), "never echo a token");
+    }
+}

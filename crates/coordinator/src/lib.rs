@@ -1,0 +1,288 @@
+//! Rollcall's coordinator: attaches agents over mTLS, tracks their readiness, sends them
+//! commands through the `AgentLink` port, journals state in a `Store`, serves the operator API.
+//!
+//! `Coordinator::start` takes already-bound listeners and an opened store, so every test tier
+//! can run the real thing in-process on `127.0.0.1:0`.
+
+pub mod certs;
+pub mod config;
+pub mod grpc;
+pub mod link;
+pub mod metrics;
+pub mod registry;
+pub mod store;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use api::model::{AgentStatus, Epoch};
+use api::pb::agent::agent_service_server::AgentServiceServer;
+use api::pb::operator::operator_service_server::OperatorServiceServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::grpc::{AgentStream, OperatorApi, OperatorAuth};
+use crate::link::StreamLink;
+use crate::registry::Registry;
+use crate::store::Store;
+use crate::tls::{ClientAuth, Rejections, TlsMaterial};
+
+/// How long shutdown waits for streams to drain before dropping them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Everything the coordinator needs besides its listeners and store.
+pub struct Settings {
+    pub tls: TlsMaterial,
+    pub heartbeat_interval: Duration,
+    pub agent_timeout: Duration,
+    /// SHA-256 of each accepted operator bearer token.
+    pub operator_token_hashes: Vec<[u8; 32]>,
+}
+
+pub struct Listeners {
+    pub agents: TcpListener,
+    pub operator: TcpListener,
+    /// Prometheus scrapes (plain HTTP); none when not configured.
+    pub metrics: Option<TcpListener>,
+}
+
+/// Pending connections the kernel may queue per listener. After a coordinator restart every
+/// agent reconnects at once; a short queue turns that into SYN retransmits of whole seconds.
+const LISTEN_BACKLOG: u32 = 4096;
+
+impl Listeners {
+    pub async fn bind(
+        agents: SocketAddr,
+        operator: SocketAddr,
+        metrics: Option<SocketAddr>,
+    ) -> Result<Listeners> {
+        let metrics = match metrics {
+            Some(addr) => Some(metrics::bind(addr).await?),
+            None => None,
+        };
+        Ok(Listeners {
+            metrics,
+            agents: listen(agents)
+                .with_context(|| format!("listen for agents on {agents} (listen.agents)"))?,
+            operator: listen(operator)
+                .with_context(|| format!("listen for operators on {operator} (listen.operator)"))?,
+        })
+    }
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+pub struct Coordinator {
+    settings: Settings,
+    listeners: Listeners,
+    handle: Handle,
+}
+
+/// A cheap-clone handle for talking to a running coordinator in-process.
+#[derive(Clone)]
+pub struct Handle {
+    pub link: StreamLink,
+    registry: Registry,
+    store: Arc<dyn Store>,
+    pub agents_addr: SocketAddr,
+    pub operator_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub agent_rejections: Arc<Rejections>,
+    pub operator_rejections: Arc<Rejections>,
+}
+
+impl Handle {
+    pub fn epoch(&self) -> Epoch {
+        self.link.epoch
+    }
+
+    pub fn agents(&self) -> Vec<AgentStatus> {
+        self.registry.list()
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+}
+
+impl Coordinator {
+    /// Takes a new epoch from the store (strictly greater than any earlier coordinator's) and
+    /// prepares to serve.
+    pub async fn start(
+        settings: Settings,
+        listeners: Listeners,
+        store: Arc<dyn Store>,
+    ) -> Result<Coordinator> {
+        let epoch = store
+            .next_epoch(&holder_name())
+            .await
+            .context("take a new epoch from the state store")?;
+        let registry = Registry::new();
+        let handle = Handle {
+            link: StreamLink::new(registry.clone(), epoch, Arc::default()),
+            registry,
+            store,
+            agents_addr: listeners.agents.local_addr()?,
+            operator_addr: listeners.operator.local_addr()?,
+            metrics_addr: listeners
+                .metrics
+                .as_ref()
+                .map(TcpListener::local_addr)
+                .transpose()?,
+            agent_rejections: Arc::default(),
+            operator_rejections: Arc::default(),
+        };
+        tracing::info!(
+            %epoch,
+            agents = %handle.agents_addr,
+            operator = %handle.operator_addr,
+            "coordinator started"
+        );
+        Ok(Coordinator {
+            settings,
+            listeners,
+            handle,
+        })
+    }
+
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Serves until `cancel` fires.
+    pub async fn run(self, cancel: CancellationToken) -> Result<()> {
+        let Coordinator {
+            settings,
+            listeners,
+            handle,
+        } = self;
+        let epoch = handle.epoch();
+        let agent_tls = tls::server_config(&settings.tls, ClientAuth::Required)?;
+        let operator_tls = tls::server_config(&settings.tls, ClientAuth::Optional)?;
+
+        let agent_incoming = tls::incoming(
+            listeners.agents,
+            agent_tls,
+            handle.agent_rejections.clone(),
+            "agents",
+            cancel.clone(),
+        );
+        let operator_incoming = tls::incoming(
+            listeners.operator,
+            operator_tls,
+            handle.operator_rejections.clone(),
+            "operator",
+            cancel.clone(),
+        );
+
+        let agents_server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .add_service(AgentServiceServer::new(AgentStream {
+                registry: handle.registry.clone(),
+                link: handle.link.clone(),
+                epoch,
+                heartbeat_interval: settings.heartbeat_interval,
+            }))
+            .serve_with_incoming_shutdown(agent_incoming, cancel.clone().cancelled_owned());
+
+        let auth = OperatorAuth {
+            token_hashes: Arc::new(settings.operator_token_hashes),
+        };
+        let operator_server = tonic::transport::Server::builder()
+            .add_service(OperatorServiceServer::with_interceptor(
+                OperatorApi {
+                    registry: handle.registry.clone(),
+                    epoch,
+                },
+                move |request| {
+                    auth.check(&request)?;
+                    Ok(request)
+                },
+            ))
+            .serve_with_incoming_shutdown(operator_incoming, cancel.clone().cancelled_owned());
+
+        let sweeper = sweep_silent_agents(
+            handle.registry.clone(),
+            settings.agent_timeout,
+            cancel.clone(),
+        );
+
+        let metrics_server = {
+            let sources = metrics::Sources {
+                registry: handle.registry.clone(),
+                epoch: epoch.get(),
+                commands: handle.link.commands.clone(),
+                agent_rejections: handle.agent_rejections.clone(),
+                operator_rejections: handle.operator_rejections.clone(),
+            };
+            let cancel = cancel.clone();
+            async move {
+                match listeners.metrics {
+                    Some(listener) => metrics::serve(listener, sources, cancel).await,
+                    None => Ok(()),
+                }
+            }
+        };
+
+        let servers = async {
+            let (a, o, m, ()) =
+                tokio::join!(agents_server, operator_server, metrics_server, sweeper);
+            a.context("serve the agent stream")?;
+            o.context("serve the operator API")?;
+            m?;
+            anyhow::Ok(())
+        };
+        tokio::pin!(servers);
+        tokio::select! {
+            result = &mut servers => return result,
+            () = cancel.cancelled() => {}
+        }
+        // Attach streams never end on their own: end them so graceful shutdown can finish.
+        handle.registry.detach_all("coordinator shutting down");
+        match tokio::time::timeout(SHUTDOWN_GRACE, servers).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!("streams did not drain within {SHUTDOWN_GRACE:?}; dropping them");
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn sweep_silent_agents(registry: Registry, timeout: Duration, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(50)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for name in registry.expire(timeout) {
+            tracing::warn!(
+                agent = %name,
+                "agent unavailable: no heartbeat for {}",
+                humantime::format_duration(timeout)
+            );
+        }
+    }
+}
+
+/// Names this coordinator in the epoch history: host and process id.
+fn holder_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".to_owned());
+    format!("{host}/pid {}", std::process::id())
+}

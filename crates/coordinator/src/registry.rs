@@ -1,0 +1,367 @@
+//! The coordinator's live view of its agents: who is attached, their readiness, and the
+//! commands awaiting a result on each connection.
+//!
+//! One mutex guards the whole table; every critical section is a few map operations and
+//! never awaits, which keeps it cheap at 10,000 agents.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use api::model::{
+    AgentName, AgentStatus, Availability, CommandId, CommandResult, CoordinatorMessage, Heartbeat,
+    Hello, to_unix_ms,
+};
+use tokio::sync::{mpsc, oneshot};
+
+/// Identifies one attachment of an agent; a stale connection cannot touch a newer one.
+pub type Generation = u64;
+
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Mutex<Table>>,
+}
+
+#[derive(Default)]
+struct Table {
+    agents: BTreeMap<AgentName, Entry>,
+    next_generation: Generation,
+}
+
+struct Entry {
+    hello: Hello,
+    ready: bool,
+    detail: String,
+    last_heartbeat: Instant,
+    last_heartbeat_at: SystemTime,
+    connected_since: SystemTime,
+    peer: Option<SocketAddr>,
+    conn: Option<Connection>,
+}
+
+struct Connection {
+    generation: Generation,
+    tx: mpsc::Sender<CoordinatorMessage>,
+    pending: HashMap<CommandId, oneshot::Sender<CommandResult>>,
+}
+
+/// Why a command could not be handed to an agent's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendError {
+    NotConnected,
+    /// The agent's outbound queue is full: it is not reading its stream.
+    Backlogged,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new()
+    }
+}
+
+impl Registry {
+    pub fn new() -> Registry {
+        Registry {
+            inner: Arc::new(Mutex::new(Table::default())),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // A panic while holding this lock leaves plain data behind, still consistent enough to
+        // keep serving; recover rather than take the coordinator down.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records a new attachment, replacing any older connection of the same agent (its
+    /// waiters are told it disconnected).
+    pub fn attach(
+        &self,
+        hello: Hello,
+        peer: Option<SocketAddr>,
+        tx: mpsc::Sender<CoordinatorMessage>,
+    ) -> Generation {
+        let mut table = self.lock();
+        table.next_generation += 1;
+        let generation = table.next_generation;
+        let now = SystemTime::now();
+        let name = hello.name.clone();
+        let entry = Entry {
+            hello,
+            ready: false,
+            detail: "attached; waiting for first heartbeat".into(),
+            last_heartbeat: Instant::now(),
+            last_heartbeat_at: now,
+            connected_since: now,
+            peer,
+            conn: Some(Connection {
+                generation,
+                tx,
+                pending: HashMap::new(),
+            }),
+        };
+        if let Some(old) = table.agents.insert(name.clone(), entry)
+            && old.conn.is_some()
+        {
+            tracing::warn!(agent = %name, "agent attached again; dropping its previous connection");
+        }
+        generation
+    }
+
+    pub fn heartbeat(&self, name: &AgentName, generation: Generation, hb: Heartbeat) {
+        let mut table = self.lock();
+        if let Some(entry) = table.agents.get_mut(name)
+            && entry
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.generation == generation)
+        {
+            entry.ready = hb.ready;
+            entry.detail = hb.detail;
+            entry.last_heartbeat = Instant::now();
+            entry.last_heartbeat_at = SystemTime::now();
+        }
+    }
+
+    /// Hands a result to whoever awaits it. Results nobody awaits (the waiter gave up, or the
+    /// result crossed a reconnect) are dropped: the sender re-sends with the same command id
+    /// and the agent replays its recorded result.
+    pub fn deliver(&self, name: &AgentName, generation: Generation, result: CommandResult) {
+        let mut table = self.lock();
+        let waiter = table
+            .agents
+            .get_mut(name)
+            .and_then(|e| e.conn.as_mut())
+            .filter(|c| c.generation == generation)
+            .and_then(|c| c.pending.remove(&result.command_id));
+        // Receiving any message proves the agent alive as much as a heartbeat does.
+        if let Some(entry) = table.agents.get_mut(name) {
+            entry.last_heartbeat = Instant::now();
+            entry.last_heartbeat_at = SystemTime::now();
+        }
+        drop(table);
+        match waiter {
+            Some(waiter) => {
+                let _ = waiter.send(result);
+            }
+            None => tracing::debug!(
+                agent = %name,
+                command_id = %result.command_id,
+                "result arrived with nobody waiting for it"
+            ),
+        }
+    }
+
+    /// Marks the agent unavailable if `generation` is still its connection.
+    pub fn detach(&self, name: &AgentName, generation: Generation, reason: &str) {
+        let mut table = self.lock();
+        if let Some(entry) = table.agents.get_mut(name)
+            && entry
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.generation == generation)
+        {
+            entry.conn = None;
+            entry.ready = false;
+            entry.detail = reason.to_owned();
+            tracing::info!(agent = %name, "agent unavailable: {reason}");
+        }
+    }
+
+    /// Ends every connection (their streams close, so agents reconnect elsewhere).
+    pub fn detach_all(&self, reason: &str) {
+        let mut table = self.lock();
+        for entry in table.agents.values_mut() {
+            if entry.conn.take().is_some() {
+                entry.ready = false;
+                entry.detail = reason.to_owned();
+            }
+        }
+    }
+
+    /// Queues a message for an agent; with `waiter`, registers it to receive the result of
+    /// the command `id`.
+    pub fn send(
+        &self,
+        name: &AgentName,
+        message: CoordinatorMessage,
+        waiter: Option<(CommandId, oneshot::Sender<CommandResult>)>,
+    ) -> Result<(), SendError> {
+        let mut table = self.lock();
+        let conn = table
+            .agents
+            .get_mut(name)
+            .and_then(|e| e.conn.as_mut())
+            .ok_or(SendError::NotConnected)?;
+        match conn.tx.try_send(message) {
+            Ok(()) => {
+                if let Some((id, tx)) = waiter {
+                    conn.pending.insert(id, tx);
+                }
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(SendError::Backlogged),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::NotConnected),
+        }
+    }
+
+    /// Forgets a waiter that gave up.
+    pub fn forget(&self, name: &AgentName, id: &CommandId) {
+        let mut table = self.lock();
+        if let Some(conn) = table.agents.get_mut(name).and_then(|e| e.conn.as_mut()) {
+            conn.pending.remove(id);
+        }
+    }
+
+    /// Drops the connections of agents silent for longer than `timeout`; returns their names.
+    pub fn expire(&self, timeout: Duration) -> Vec<AgentName> {
+        let mut table = self.lock();
+        let mut expired = Vec::new();
+        for (name, entry) in table.agents.iter_mut() {
+            if entry.conn.is_some() && entry.last_heartbeat.elapsed() > timeout {
+                entry.conn = None;
+                entry.ready = false;
+                entry.detail = format!("no heartbeat for {}", humantime::format_duration(timeout));
+                expired.push(name.clone());
+            }
+        }
+        expired
+    }
+
+    pub fn is_connected(&self, name: &AgentName) -> bool {
+        self.lock()
+            .agents
+            .get(name)
+            .is_some_and(|e| e.conn.is_some())
+    }
+
+    pub fn list(&self) -> Vec<AgentStatus> {
+        self.lock()
+            .agents
+            .values()
+            .map(|e| AgentStatus {
+                name: e.hello.name.clone(),
+                role: e.hello.role.clone(),
+                environment: e.hello.environment.clone(),
+                capabilities: e.hello.capabilities.clone(),
+                version: e.hello.version.clone(),
+                availability: if e.conn.is_some() {
+                    Availability::Connected
+                } else {
+                    Availability::Unavailable
+                },
+                ready: e.conn.is_some() && e.ready,
+                detail: e.detail.clone(),
+                last_heartbeat_unix_ms: to_unix_ms(e.last_heartbeat_at),
+                connected_since_unix_ms: to_unix_ms(e.connected_since),
+                peer_address: e.peer.map(|p| p.to_string()).unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    pub fn connected_count(&self) -> usize {
+        self.lock()
+            .agents
+            .values()
+            .filter(|e| e.conn.is_some())
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::model::{Environment, Epoch, Outcome, Role};
+
+    fn hello(name: &str) -> Hello {
+        Hello {
+            name: AgentName::parse(name).expect("name"),
+            role: Role::parse("web").expect("role"),
+            environment: Environment::parse("dev").expect("env"),
+            capabilities: vec![],
+            version: "0.1.0".into(),
+            highest_epoch: None,
+        }
+    }
+
+    fn result(id: &str) -> CommandResult {
+        CommandResult {
+            command_id: CommandId::parse(id).expect("id"),
+            epoch: Epoch::new(1).expect("epoch"),
+            outcome: Outcome::Succeeded,
+            message: String::new(),
+            replayed: false,
+            started: SystemTime::now(),
+            finished: SystemTime::now(),
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn a_stale_connection_cannot_detach_or_answer_for_a_newer_one() {
+        let registry = Registry::new();
+        let name = AgentName::parse("web-1").expect("name");
+        let (tx1, _rx1) = mpsc::channel(4);
+        let old = registry.attach(hello("web-1"), None, tx1);
+        let (tx2, _rx2) = mpsc::channel(4);
+        let new = registry.attach(hello("web-1"), None, tx2);
+
+        let (wtx, mut wrx) = oneshot::channel();
+        let id = CommandId::parse("c1").expect("id");
+        registry
+            .send(
+                &name,
+                CoordinatorMessage::Command(dummy_command()),
+                Some((id, wtx)),
+            )
+            .expect("send");
+        registry.deliver(&name, old, result("c1"));
+        assert!(wrx.try_recv().is_err(), "old connection must not answer");
+        registry.detach(&name, old, "old stream ended");
+        assert!(registry.is_connected(&name));
+        registry.deliver(&name, new, result("c1"));
+        assert_eq!(wrx.try_recv().expect("answered").command_id.as_str(), "c1");
+        registry.detach(&name, new, "stream ended");
+        assert!(!registry.is_connected(&name));
+        assert_eq!(registry.list()[0].availability, Availability::Unavailable);
+    }
+
+    #[test]
+    fn silent_agents_expire_and_heartbeats_keep_them() {
+        let registry = Registry::new();
+        let (tx, _rx) = mpsc::channel(4);
+        let g = registry.attach(hello("w-1"), None, tx);
+        let name = AgentName::parse("w-1").expect("name");
+        registry.heartbeat(
+            &name,
+            g,
+            Heartbeat {
+                ready: true,
+                detail: "ok".into(),
+            },
+        );
+        assert!(registry.expire(Duration::from_secs(60)).is_empty());
+        assert!(registry.list()[0].ready);
+        assert_eq!(registry.expire(Duration::ZERO), vec![name.clone()]);
+        let status = &registry.list()[0];
+        assert_eq!(status.availability, Availability::Unavailable);
+        assert!(!status.ready);
+        assert_eq!(
+            registry.send(&name, CoordinatorMessage::Command(dummy_command()), None),
+            Err(SendError::NotConnected)
+        );
+    }
+
+    fn dummy_command() -> api::model::Command {
+        api::model::Command {
+            id: CommandId::parse("c1").expect("id"),
+            epoch: Epoch::new(1).expect("epoch"),
+            run_id: String::new(),
+            deadline: SystemTime::now(),
+            trace_context: Default::default(),
+            action: api::model::Action::Describe,
+        }
+    }
+}

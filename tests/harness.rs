@@ -1,0 +1,484 @@
+//! Shared harness of the end-to-end tests: certificates, config files, in-process fleets,
+//! child processes that die with the test, polling with deadlines, and an OTLP collector.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use api::model::{AgentName, Role};
+use tokio_util::sync::CancellationToken;
+
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Polls `check` until it returns `Some`, or fails naming `what` after `timeout`.
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A certificate directory from `certs init`, for the named `NAME:ROLE` agents.
+pub fn certs(dir: &Path, agents: &[&str]) -> PathBuf {
+    let certs = dir.join("certs");
+    coordinator::certs::init(&coordinator::certs::InitRequest {
+        dir: certs.clone(),
+        agents: agents
+            .iter()
+            .map(|s| coordinator::certs::parse_agent_spec(s).unwrap())
+            .collect(),
+        coordinator_hosts: vec![],
+        operator: "ops".into(),
+    })
+    .unwrap();
+    certs
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-process fleets
+
+pub struct InProcessCoordinator {
+    pub handle: coordinator::Handle,
+    pub cancel: CancellationToken,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl InProcessCoordinator {
+    pub async fn start(
+        certs: &Path,
+        state_url: &str,
+        agent_timeout: Duration,
+    ) -> InProcessCoordinator {
+        Self::start_with(certs, state_url, agent_timeout, Duration::from_millis(200)).await
+    }
+
+    pub async fn start_with(
+        certs: &Path,
+        state_url: &str,
+        agent_timeout: Duration,
+        heartbeat_interval: Duration,
+    ) -> InProcessCoordinator {
+        let tls = coordinator::tls::TlsMaterial::load(&coordinator::tls::TlsPaths {
+            ca: certs.join("ca.pem"),
+            cert: certs.join("coordinator.pem"),
+            key: certs.join("coordinator-key.pem"),
+            key_prefix: "tls",
+        })
+        .unwrap();
+        let store = coordinator::store::open(state_url).await.unwrap();
+        let listeners = coordinator::Listeners::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+            Some("127.0.0.1:0".parse().unwrap()),
+        )
+        .await
+        .unwrap();
+        let settings = coordinator::Settings {
+            tls,
+            heartbeat_interval,
+            agent_timeout,
+            operator_token_hashes: vec![coordinator::grpc::token_hash("test-operator-token")],
+        };
+        let c = coordinator::Coordinator::start(settings, listeners, store)
+            .await
+            .unwrap();
+        let handle = c.handle();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(c.run(cancel.clone()));
+        InProcessCoordinator {
+            handle,
+            cancel,
+            task,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+
+    pub fn agents_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.handle.agents_addr.port())
+    }
+
+    pub fn operator_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.handle.operator_addr.port())
+    }
+
+    /// Waits until `name` is connected and ready.
+    pub async fn wait_ready(&self, names: &[&str]) {
+        let handle = self.handle.clone();
+        eventually(
+            &format!("agents {names:?} ready"),
+            Duration::from_secs(20),
+            async || {
+                let agents = handle.agents();
+                names
+                    .iter()
+                    .all(|n| agents.iter().any(|a| a.name.as_str() == *n && a.ready))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+pub fn agent_settings(
+    certs: &Path,
+    state: &Path,
+    url: &str,
+    name: &str,
+    role: &str,
+) -> agent::Settings {
+    agent::Settings {
+        name: AgentName::parse(name).unwrap(),
+        role: Role::parse(role).unwrap(),
+        environment: api::model::Environment::parse("test").unwrap(),
+        state_dir: state.join(name),
+        coordinator_url: url.to_owned(),
+        server_name: "localhost".into(),
+        ca_pem: std::fs::read(certs.join("ca.pem")).unwrap(),
+        cert_pem: std::fs::read(certs.join(format!("agents/{name}.pem"))).unwrap(),
+        key_pem: std::fs::read(certs.join(format!("agents/{name}-key.pem"))).unwrap(),
+        reconnect: agent::config::ReconnectConfig {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+        },
+    }
+}
+
+pub struct InProcessAgent {
+    pub cancel: CancellationToken,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl InProcessAgent {
+    pub fn start(settings: agent::Settings) -> InProcessAgent {
+        let agent = agent::Agent::build(settings).unwrap();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(agent.run(cancel.clone()));
+        InProcessAgent { cancel, task }
+    }
+
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback; returns the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_owned())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real processes
+
+/// The `rollcall` binary, built once per test process (a no-op when it is fresh).
+pub fn rollcall_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "cli", "--bin", "rollcall"])
+            .current_dir(&root)
+            .status()
+            .expect("run cargo build for the rollcall binary");
+        assert!(status.success(), "building the rollcall binary failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        target.join("debug").join("rollcall")
+    })
+    .clone()
+}
+
+pub fn rollcall(args: &[&str]) -> Output {
+    Command::new(rollcall_bin())
+        .args(args)
+        .env_remove("ROLLCALL_TOKEN")
+        .output()
+        .expect("run rollcall")
+}
+
+/// A child process killed (SIGKILL) when dropped, so no test leaves one behind.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, log_dir: &Path, mut cmd: Command) -> Proc {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        cmd.stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .stdin(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Proc {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait (up to `timeout`) for a clean exit; returns whether it exited 0.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Writes a coordinator config into `dir` and returns its path.
+pub fn write_coordinator_config(
+    dir: &Path,
+    certs: &Path,
+    agents: SocketAddr,
+    operator: SocketAddr,
+    extra: &str,
+) -> PathBuf {
+    let path = dir.join("rollcall.toml");
+    let text = format!(
+        r#"[listen]
+agents = "{agents}"
+operator = "{operator}"
+
+[tls]
+ca = "{certs}/ca.pem"
+cert = "{certs}/coordinator.pem"
+key = "{certs}/coordinator-key.pem"
+
+[state]
+url = "sqlite://{dir}/state.db"
+
+[agents]
+heartbeat_interval = "300ms"
+timeout = "2s"
+{extra}
+"#,
+        certs = certs.display(),
+        dir = dir.display(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn write_agent_config(
+    dir: &Path,
+    certs: &Path,
+    coordinator: SocketAddr,
+    name: &str,
+    role: &str,
+    extra: &str,
+) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    let text = format!(
+        r#"name = "{name}"
+role = "{role}"
+environment = "test"
+state_dir = "{dir}/state/{name}"
+
+[coordinator]
+url = "https://{coordinator}"
+server_name = "localhost"
+
+[tls]
+ca = "{certs}/ca.pem"
+cert = "{certs}/agents/{name}.pem"
+key = "{certs}/agents/{name}-key.pem"
+
+[reconnect]
+initial = "100ms"
+max = "1s"
+{extra}
+"#,
+        certs = certs.display(),
+        dir = dir.display(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `rollcall agents --json` against a coordinator, parsed.
+pub fn agents_json(operator: SocketAddr, certs: &Path) -> Result<serde_json::Value> {
+    let out = rollcall(&[
+        "agents",
+        "--json",
+        "--coordinator",
+        &format!("https://127.0.0.1:{}", operator.port()),
+        "--certs",
+        &certs.display().to_string(),
+    ]);
+    if !out.status.success() {
+        bail!(
+            "rollcall agents failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("parse rollcall agents --json")
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal OTLP/gRPC trace collector
+
+#[derive(Debug, Clone)]
+pub struct CollectedSpan {
+    pub service: String,
+    pub name: String,
+    pub trace_id: Vec<u8>,
+    pub span_id: Vec<u8>,
+    pub parent_span_id: Vec<u8>,
+}
+
+#[derive(Clone, Default)]
+pub struct Collector {
+    pub spans: Arc<Mutex<Vec<CollectedSpan>>>,
+}
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
+                .and_then(|kv| kv.value.as_ref())
+                .and_then(|v| match &v.value {
+                    Some(
+                        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s),
+                    ) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    spans.push(CollectedSpan {
+                        service: service.clone(),
+                        name: span.name,
+                        trace_id: span.trace_id,
+                        span_id: span.span_id,
+                        parent_span_id: span.parent_span_id,
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+impl Collector {
+    /// Serves on a loopback port until `cancel`; returns the endpoint URL.
+    pub async fn serve(&self, cancel: CancellationToken) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = TraceServiceServer::new(self.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    cancel.cancelled_owned(),
+                ),
+        );
+        format!("http://{addr}")
+    }
+
+    pub fn snapshot(&self) -> Vec<CollectedSpan> {
+        self.spans.lock().unwrap().clone()
+    }
+}
