@@ -47,6 +47,34 @@ enum Command {
         #[command(flatten)]
         connection: operator::Connection,
     },
+    /// Validate or show restore plans.
+    Plan {
+        #[command(subcommand)]
+        command: PlanCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PlanCommand {
+    /// Validate a plan file: every problem with its line and what to do; exit 1 if any.
+    Check {
+        file: PathBuf,
+        /// Check roles and gates against this environment's declared fleet (needs --config).
+        #[arg(long)]
+        env: Option<String>,
+        /// The coordinator config that declares the environments.
+        #[arg(long, env = "ROLLCALL_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Print a plan resolved: steps, phases, targets, gates, timeouts.
+    Show {
+        /// The environment whose plan and fleet to show (needs --config); without it, the
+        /// default plan.
+        #[arg(long)]
+        env: Option<String>,
+        #[arg(long, env = "ROLLCALL_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,6 +137,81 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Agents { json, connection } => {
             telemetry::init_quiet();
             operator::agents(&connection, json).await
+        }
+        Command::Plan { command } => {
+            telemetry::init_quiet();
+            plan(command)
+        }
+    }
+}
+
+/// The environment `name` from the coordinator config, for commands that read it locally.
+fn environment(
+    config: Option<&std::path::Path>,
+    name: &str,
+) -> Result<coordinator::config::Environment> {
+    let Some(config) = config else {
+        anyhow::bail!(
+            "--env {name} needs the coordinator config that declares it: pass --config \
+             rollcall.toml or set ROLLCALL_CONFIG"
+        );
+    };
+    let mut loaded = coordinator::config::load(config)?;
+    let known: Vec<String> = loaded.environments.keys().cloned().collect();
+    loaded.environments.remove(name).with_context(|| {
+        format!(
+            "{}: no environment {name:?} (declared: {}); add [environments.{name}] or pick \
+             one of those",
+            config.display(),
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        )
+    })
+}
+
+#[allow(clippy::print_stdout)]
+fn plan(command: PlanCommand) -> Result<()> {
+    use coordinator::plan::Plan;
+    match command {
+        PlanCommand::Check { file, env, config } => {
+            let fleet = match &env {
+                Some(name) => Some(environment(config.as_deref(), name)?.fleet),
+                None => None,
+            };
+            let plan = Plan::load(&file, fleet.as_ref()).map_err(|e| {
+                let n = e.errors.len();
+                anyhow::anyhow!(
+                    "{e}\n{} problem{} in {}",
+                    n,
+                    if n == 1 { "" } else { "s" },
+                    file.display()
+                )
+            })?;
+            let against = match &env {
+                Some(name) => format!("environment {name}"),
+                None => "the standard roles".to_owned(),
+            };
+            println!(
+                "{}: plan {} is valid against {against} ({} phases in {} steps)",
+                file.display(),
+                plan.name,
+                plan.phases.len(),
+                plan.steps().len()
+            );
+            Ok(())
+        }
+        PlanCommand::Show { env, config } => {
+            match env {
+                Some(name) => {
+                    let env = environment(config.as_deref(), &name)?;
+                    print!("{}", env.plan.render(Some(&env.fleet)));
+                }
+                None => print!("{}", Plan::default_plan(None)?.render(None)),
+            }
+            Ok(())
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The coordinator's config file (`rollcall.toml`): listeners, TLS, state store, agent
 //! liveness, operator tokens, telemetry. See `deploy/rollcall.toml` for a commented example.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,6 +10,7 @@ use anyhow::{Result, bail};
 use api::config::{ConfigError, TelemetryConfig, load_toml, resolve};
 use serde::Deserialize;
 
+use crate::plan::Plan;
 use crate::tls::TlsPaths;
 
 pub const EXAMPLE: &str = "deploy/rollcall.toml";
@@ -26,6 +28,35 @@ pub struct CoordinatorConfig {
     pub operator: OperatorConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// One table per environment: objectives, repository, schedule, declared fleet.
+    #[serde(default)]
+    pub environments: BTreeMap<String, EnvironmentConfig>,
+}
+
+/// `[environments.NAME]`: what an environment promises (RPO, RTO, retention), where its
+/// recovery points live, and which agents belong to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentConfig {
+    /// The newest recovery point may be at most this old.
+    #[serde(with = "humantime_serde")]
+    pub rpo: Duration,
+    /// A restore must finish within this.
+    #[serde(with = "humantime_serde")]
+    pub rto: Duration,
+    /// Recovery points (Postgres and objects alike) are kept this long.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// The backup repository: an object_store URL (`file://` relative to this file, `s3://`,
+    /// `gs://`, `az://`).
+    pub repository: String,
+    /// When the coordinator takes backups: a cron expression (minute hour day month weekday).
+    pub backup_schedule: Option<String>,
+    /// The restore plan; the embedded default plan when unset.
+    pub plan: Option<PathBuf>,
+    /// The declared fleet: agents per role. Gates count against it, so an agent that never
+    /// connected counts as not ready.
+    pub fleet: BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -107,6 +138,20 @@ pub struct Loaded {
     pub tls: TlsPaths,
     pub state_url: String,
     pub token_hashes: Vec<[u8; 32]>,
+    pub environments: BTreeMap<String, Environment>,
+}
+
+/// An environment with its paths resolved and its plan validated against its fleet.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    pub name: api::model::Environment,
+    pub rpo: Duration,
+    pub rto: Duration,
+    pub retention: Duration,
+    pub repository: String,
+    pub backup_schedule: Option<String>,
+    pub fleet: crate::plan::Fleet,
+    pub plan: Plan,
 }
 
 pub fn load(file: &Path) -> Result<Loaded> {
@@ -150,13 +195,109 @@ pub fn load(file: &Path) -> Result<Loaded> {
         }
     }
     let state_url = resolve_sqlite_url(file, &config.state.url);
+    let mut environments = BTreeMap::new();
+    for (name, env) in &config.environments {
+        environments.insert(name.clone(), environment(file, name, env)?);
+    }
     Ok(Loaded {
         file: file.to_path_buf(),
         config,
         tls,
         state_url,
         token_hashes,
+        environments,
     })
+}
+
+fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Environment> {
+    let key = format!("environments.{name}");
+    let parsed = api::model::Environment::parse(name).map_err(|e| {
+        ConfigError::new(
+            file,
+            format!("[{key}]: {e}"),
+            "name environments with letters, digits, '-' and '_'",
+        )
+    })?;
+    for (what, value) in [
+        ("rpo", env.rpo),
+        ("rto", env.rto),
+        ("retention", env.retention),
+    ] {
+        if value.is_zero() {
+            bail!(ConfigError::new(
+                file,
+                format!("{key}.{what} must be positive"),
+                "set a duration such as \"24h\" or \"14days\""
+            ));
+        }
+    }
+    if env.retention < env.rpo {
+        bail!(ConfigError::new(
+            file,
+            format!(
+                "{key}.retention ({}) is shorter than its rpo ({}): no point would be kept long \
+                 enough to meet it",
+                humantime::format_duration(env.retention),
+                humantime::format_duration(env.rpo)
+            ),
+            "make retention at least the rpo (the runbook keeps 7, 14 or 30 days)"
+        ));
+    }
+    if env.fleet.is_empty() || env.fleet.values().all(|&n| n == 0) {
+        bail!(ConfigError::new(
+            file,
+            format!("{key}.fleet declares no agents"),
+            "declare agents per role, e.g. fleet = { web = 1, worker = 2, database = 1, objects = 1 }"
+        ));
+    }
+    for role in env.fleet.keys() {
+        if let Err(e) = api::model::Role::parse(role) {
+            bail!(ConfigError::new(
+                file,
+                format!("{key}.fleet: {e}"),
+                "name roles with letters, digits, '-' and '_'"
+            ));
+        }
+    }
+    let repository = resolve_file_url(file, &env.repository);
+    if !["file://", "s3://", "gs://", "az://", "azure://"]
+        .iter()
+        .any(|p| repository.starts_with(p))
+    {
+        bail!(ConfigError::new(
+            file,
+            format!(
+                "{key}.repository {:?} is not a supported URL",
+                env.repository
+            ),
+            "use file:///path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"
+        ));
+    }
+    let plan = match &env.plan {
+        Some(path) => Plan::load(&resolve(file, path), Some(&env.fleet)),
+        None => Plan::default_plan(Some(&env.fleet)),
+    }
+    .map_err(|e| anyhow::anyhow!("{e}").context(format!("{}: [{key}] plan", file.display())))?;
+    Ok(Environment {
+        name: parsed,
+        rpo: env.rpo,
+        rto: env.rto,
+        retention: env.retention,
+        repository,
+        backup_schedule: env.backup_schedule.clone(),
+        fleet: env.fleet.clone(),
+        plan,
+    })
+}
+
+/// Makes a relative `file://` path relative to the config file.
+fn resolve_file_url(file: &Path, url: &str) -> String {
+    match url.strip_prefix("file://") {
+        Some(path) if !path.starts_with('/') => {
+            format!("file://{}", resolve(file, Path::new(path)).display())
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// Makes a relative `sqlite://` path relative to the config file, not the working directory.
@@ -205,6 +346,32 @@ key = "certs/coordinator-key.pem"
             )
         );
         assert_eq!(loaded.config.agents.timeout, Duration::from_secs(10));
+        assert!(loaded.environments.is_empty());
+    }
+
+    #[test]
+    fn the_shipped_example_loads() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/rollcall.toml");
+        let loaded = load(&example).expect("deploy/rollcall.toml loads");
+        assert_eq!(loaded.environments["staging"].fleet["worker"], 2);
+    }
+
+    #[test]
+    fn environments_resolve_their_repository_and_plan() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = format!(
+            "{MINIMAL}\n[environments.staging]\nrpo = \"24h\"\nrto = \"4h\"\nretention = \"14days\"\n\
+             repository = \"file://repo/staging\"\nbackup_schedule = \"0 3 * * *\"\n\
+             fleet = {{ web = 1, worker = 2, scheduler = 1, gateway = 1, database = 1, objects = 1 }}\n"
+        );
+        let loaded = load(&write(dir.path(), &text)).expect("load");
+        let env = &loaded.environments["staging"];
+        assert_eq!(
+            env.repository,
+            format!("file://{}", dir.path().join("repo/staging").display())
+        );
+        assert_eq!(env.plan.name, "default");
+        assert_eq!(env.fleet["worker"], 2);
     }
 
     #[test]
@@ -223,6 +390,30 @@ key = "certs/coordinator-key.pem"
         assert!(
             err.to_string().contains("operator.token_sha256[0]"),
             "{err}"
+        );
+
+        let text = format!(
+            "{MINIMAL}\n[environments.prod]\nrpo = \"24h\"\nrto = \"4h\"\nretention = \"1h\"\n\
+             repository = \"file://repo\"\nfleet = {{ web = 1 }}\n"
+        );
+        let err = load(&write(dir.path(), &text)).expect_err("retention below rpo");
+        assert!(
+            err.to_string()
+                .contains("environments.prod.retention (1h) is shorter than its rpo (1day)"),
+            "{err}"
+        );
+
+        // The default plan names roles this fleet does not declare.
+        let text = format!(
+            "{MINIMAL}\n[environments.prod]\nrpo = \"24h\"\nrto = \"4h\"\nretention = \"30days\"\n\
+             repository = \"file://repo\"\nfleet = {{ web = 1 }}\n"
+        );
+        let err = load(&write(dir.path(), &text)).expect_err("plan does not fit the fleet");
+        assert!(
+            format!("{err:#}").contains(
+                "deploy/plans/default.toml:23: phase preflight: unknown role \"database\""
+            ),
+            "{err:#}"
         );
 
         let text = MINIMAL.replace("[tls]", "[tls]\ncafile = \"x\"");

@@ -9,6 +9,7 @@ pub mod config;
 pub mod grpc;
 pub mod link;
 pub mod metrics;
+pub mod plan;
 pub mod registry;
 pub mod store;
 pub mod tls;

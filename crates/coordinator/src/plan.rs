@@ -1,0 +1,1192 @@
+//! Plans: the runbook as data. A plan is a TOML file of phases; each applies one action to the
+//! agents of some roles and then waits for its gate. This module parses and validates plans
+//! (`rollcall plan check`) and resolves them for display (`rollcall plan show`). Every problem
+//! is reported with the line it is on and what to do, all of them at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The default plan, shipped in `deploy/plans/default.toml` and embedded here.
+pub const DEFAULT_PLAN: &str = include_str!("../../../deploy/plans/default.toml");
+pub const DEFAULT_PLAN_NAME: &str = "deploy/plans/default.toml";
+
+/// Roles a plan may name when no environment's declared fleet is at hand.
+pub const STANDARD_ROLES: [&str; 6] = [
+    "web",
+    "worker",
+    "scheduler",
+    "gateway",
+    "database",
+    "objects",
+];
+
+/// The number of agents an environment declares per role.
+pub type Fleet = BTreeMap<String, u32>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    /// Verify the recovery point; record the live system's counts.
+    Preflight,
+    /// Put the role into read-only maintenance.
+    Freeze,
+    /// Scale to `params.replicas` (a number, or "prior": the count before the run scaled it).
+    Scale,
+    /// Restart the role's processes (they reconnect to the restored database).
+    Restart,
+    RestorePostgres,
+    RestoreObjects,
+    /// Health, operator endpoints, count parity, invariant checks.
+    Verify,
+    /// A bounded end-to-end command per role (optionally after scaling to `params.replicas`).
+    Smoke,
+    /// Written by the coordinator; targets no agents.
+    Report,
+    Unfreeze,
+}
+
+impl Action {
+    pub const ALL: [Action; 10] = [
+        Action::Preflight,
+        Action::Freeze,
+        Action::Scale,
+        Action::Restart,
+        Action::RestorePostgres,
+        Action::RestoreObjects,
+        Action::Verify,
+        Action::Smoke,
+        Action::Report,
+        Action::Unfreeze,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Preflight => "preflight",
+            Action::Freeze => "freeze",
+            Action::Scale => "scale",
+            Action::Restart => "restart",
+            Action::RestorePostgres => "restore-postgres",
+            Action::RestoreObjects => "restore-objects",
+            Action::Verify => "verify",
+            Action::Smoke => "smoke",
+            Action::Report => "report",
+            Action::Unfreeze => "unfreeze",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+
+    /// The only role this action may target, when there is one.
+    pub fn only_role(self) -> Option<&'static str> {
+        match self {
+            Action::RestorePostgres => Some("database"),
+            Action::RestoreObjects => Some("objects"),
+            _ => None,
+        }
+    }
+
+    pub fn targets_agents(self) -> bool {
+        self != Action::Report
+    }
+
+    fn is_restore(self) -> bool {
+        matches!(self, Action::RestorePostgres | Action::RestoreObjects)
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// How many of a set of agents must succeed (and be ready).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quorum {
+    All,
+    Majority,
+    Count(u32),
+    /// 1..=100
+    Percent(u32),
+}
+
+impl Quorum {
+    /// Agents required out of `declared`.
+    pub fn required(self, declared: u32) -> u32 {
+        match self {
+            Quorum::All => declared,
+            Quorum::Majority => declared / 2 + 1,
+            Quorum::Count(n) => n,
+            Quorum::Percent(p) => (u64::from(declared) * u64::from(p)).div_ceil(100) as u32,
+        }
+    }
+}
+
+impl fmt::Display for Quorum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Quorum::All => f.write_str("all"),
+            Quorum::Majority => f.write_str("majority"),
+            Quorum::Count(n) => write!(f, "{n}"),
+            Quorum::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    /// Over all targeted agents together.
+    Overall(Quorum),
+    /// Each named role separately; every targeted role must be named.
+    PerRole(BTreeMap<String, Quorum>),
+    /// A phase without agents (the report).
+    None,
+}
+
+impl fmt::Display for Gate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Gate::Overall(q) => write!(f, "{q}"),
+            Gate::PerRole(roles) => {
+                let parts: Vec<String> = roles.iter().map(|(r, q)| format!("{r}: {q}")).collect();
+                write!(f, "per role ({})", parts.join(", "))
+            }
+            Gate::None => f.write_str("-"),
+        }
+    }
+}
+
+/// `params.replicas` of `scale` and `smoke`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replicas {
+    Count(u32),
+    /// What the role ran before this run scaled it.
+    Prior,
+}
+
+impl fmt::Display for Replicas {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Replicas::Count(n) => write!(f, "{n}"),
+            Replicas::Prior => f.write_str("prior"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Phase {
+    pub index: usize,
+    pub name: String,
+    pub action: Action,
+    /// Targeted roles, resolved ("all" expands to every known role); empty for `report`.
+    pub roles: Vec<String>,
+    pub gate: Gate,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub required: bool,
+    /// Indices of the phases that must pass first.
+    pub after: Vec<usize>,
+    pub replicas: Option<Replicas>,
+    /// The action's settings as written.
+    pub params: toml::Table,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub name: String,
+    pub description: String,
+    pub phases: Vec<Phase>,
+    /// The document the plan was read from: a run journals it and resumes with it.
+    pub source: String,
+}
+
+impl Plan {
+    /// The default plan against `roles` (None: the standard roles).
+    pub fn default_plan(fleet: Option<&Fleet>) -> Result<Plan, PlanErrors> {
+        Plan::parse(Path::new(DEFAULT_PLAN_NAME), DEFAULT_PLAN, fleet)
+    }
+
+    pub fn load(path: &Path, fleet: Option<&Fleet>) -> Result<Plan, PlanErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            let fix = if e.kind() == std::io::ErrorKind::NotFound {
+                format!("check the path, or copy {DEFAULT_PLAN_NAME} as a start")
+            } else {
+                "check that the file is readable by this user".to_owned()
+            };
+            PlanErrors::single(path, None, format!("cannot read plan ({e})"), fix)
+        })?;
+        Plan::parse(path, &text, fleet)
+    }
+
+    /// Parses and validates. With `fleet`, roles and gates are checked against the declared
+    /// agents; without, roles must be standard ones and gates are checked for shape only.
+    pub fn parse(path: &Path, text: &str, fleet: Option<&Fleet>) -> Result<Plan, PlanErrors> {
+        let file: PlanFile = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            let message = e.message().lines().next().unwrap_or("invalid TOML").trim();
+            PlanErrors::single(
+                path,
+                line,
+                message.to_owned(),
+                format!("fix that line (the format is described in {DEFAULT_PLAN_NAME})"),
+            )
+        })?;
+        let mut v = Validator {
+            text,
+            errors: Vec::new(),
+        };
+        let plan = v.resolve(file, fleet);
+        if v.errors.is_empty() {
+            Ok(Plan {
+                source: text.to_owned(),
+                ..plan
+            })
+        } else {
+            Err(PlanErrors {
+                file: path.display().to_string(),
+                errors: v.errors,
+            })
+        }
+    }
+
+    pub fn phase(&self, name: &str) -> Option<&Phase> {
+        self.phases.iter().find(|p| p.name == name)
+    }
+
+    /// Phases grouped into steps that may run together: every phase's dependencies are in
+    /// earlier steps.
+    pub fn steps(&self) -> Vec<Vec<usize>> {
+        let mut depth = vec![0usize; self.phases.len()];
+        // Validation guarantees dependencies point at earlier indices after ordering; compute
+        // depths in topological order.
+        for i in topological_order(&self.phases) {
+            depth[i] = self.phases[i]
+                .after
+                .iter()
+                .map(|&d| depth[d] + 1)
+                .max()
+                .unwrap_or(0);
+        }
+        let mut steps: Vec<Vec<usize>> = Vec::new();
+        for (i, &d) in depth.iter().enumerate() {
+            if steps.len() <= d {
+                steps.resize(d + 1, Vec::new());
+            }
+            steps[d].push(i);
+        }
+        steps
+    }
+
+    /// Human-readable resolved plan (`rollcall plan show`).
+    pub fn render(&self, fleet: Option<&Fleet>) -> String {
+        let mut out = format!("plan {}: {}\n", self.name, self.description);
+        for (n, step) in self.steps().iter().enumerate() {
+            let together = if step.len() > 1 {
+                " (concurrently)"
+            } else {
+                ""
+            };
+            out.push_str(&format!("step {}{together}\n", n + 1));
+            for &i in step {
+                let p = &self.phases[i];
+                let roles = if p.roles.is_empty() {
+                    "coordinator".to_owned()
+                } else {
+                    p.roles
+                        .iter()
+                        .map(|r| match fleet.and_then(|f| f.get(r)) {
+                            Some(n) => format!("{r}×{n}"),
+                            None => r.clone(),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let mut extra = String::new();
+                if let Some(r) = p.replicas {
+                    extra.push_str(&format!(", replicas {r}"));
+                }
+                if p.retries > 0 {
+                    extra.push_str(&format!(", retries {}", p.retries));
+                }
+                if !p.required {
+                    extra.push_str(", optional");
+                }
+                let after: Vec<&str> = p
+                    .after
+                    .iter()
+                    .map(|&d| self.phases[d].name.as_str())
+                    .collect();
+                let after = if after.is_empty() {
+                    String::new()
+                } else {
+                    format!(", after {}", after.join(" + "))
+                };
+                out.push_str(&format!(
+                    "  {:>2}. {:<18} {:<17} on {roles}; gate {}; timeout {}{extra}{after}\n",
+                    i,
+                    p.name,
+                    p.action,
+                    p.gate,
+                    humantime::format_duration(p.timeout),
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Everything wrong with a plan, one line each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanErrors {
+    pub file: String,
+    pub errors: Vec<PlanError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanError {
+    pub line: Option<usize>,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl PlanErrors {
+    fn single(path: &Path, line: Option<usize>, problem: String, fix: String) -> PlanErrors {
+        PlanErrors {
+            file: path.display().to_string(),
+            errors: vec![PlanError { line, problem, fix }],
+        }
+    }
+}
+
+impl fmt::Display for PlanErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            match e.line {
+                Some(line) => write!(f, "{}:{line}: {}; {}", self.file, e.problem, e.fix)?,
+                None => write!(f, "{}: {}; {}", self.file, e.problem, e.fix)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PlanErrors {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanFile {
+    name: Option<String>,
+    description: Option<String>,
+    #[serde(default, rename = "phase")]
+    phases: Vec<Spanned<PhaseFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PhaseFile {
+    name: Spanned<String>,
+    action: Spanned<String>,
+    roles: Option<Spanned<Vec<Spanned<String>>>>,
+    gate: Option<Spanned<toml::Value>>,
+    timeout: Option<Spanned<String>>,
+    retries: Option<u32>,
+    required: Option<bool>,
+    after: Option<Spanned<Vec<Spanned<String>>>>,
+    params: Option<Spanned<toml::Table>>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    errors: Vec<PlanError>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, offset: usize, problem: impl Into<String>, fix: impl Into<String>) {
+        self.errors.push(PlanError {
+            line: Some(line_of(self.text, offset)),
+            problem: problem.into(),
+            fix: fix.into(),
+        });
+    }
+
+    fn resolve(&mut self, file: PlanFile, fleet: Option<&Fleet>) -> Plan {
+        let known_roles: Vec<String> = match fleet {
+            Some(f) => f.keys().cloned().collect(),
+            None => STANDARD_ROLES.iter().map(|r| (*r).to_owned()).collect(),
+        };
+        if file.phases.is_empty() {
+            self.errors.push(PlanError {
+                line: None,
+                problem: "the plan has no phases".into(),
+                fix: format!("add [[phase]] tables (see {DEFAULT_PLAN_NAME})"),
+            });
+        }
+
+        // Names first, so `after` can refer to phases written later.
+        let mut index_of: BTreeMap<String, usize> = BTreeMap::new();
+        for (i, p) in file.phases.iter().enumerate() {
+            let name = p.get_ref().name.get_ref();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                self.error(
+                    p.get_ref().name.span().start,
+                    format!("phase name {name:?} is not a plain name"),
+                    "use letters, digits, '-' and '_' only",
+                );
+            }
+            if index_of.insert(name.clone(), i).is_some() {
+                self.error(
+                    p.get_ref().name.span().start,
+                    format!("phase name {name:?} is used twice"),
+                    "give every phase its own name",
+                );
+            }
+        }
+
+        let mut phases = Vec::new();
+        let mut replicas_spans = Vec::new();
+        for (i, p) in file.phases.into_iter().enumerate() {
+            let at = p.span().start;
+            let p = p.into_inner();
+            let name = p.name.get_ref().clone();
+            let action = match Action::parse(p.action.get_ref()) {
+                Some(a) => a,
+                None => {
+                    self.error(
+                        p.action.span().start,
+                        format!("phase {name}: unknown action {:?}", p.action.get_ref()),
+                        format!("use one of: {}", Action::ALL.map(|a| a.as_str()).join(", ")),
+                    );
+                    continue;
+                }
+            };
+            let roles = self.roles(&name, action, p.roles.as_ref(), &known_roles, at);
+            let gate = self.gate(&name, action, p.gate.as_ref(), &roles, fleet, at);
+            let timeout = match &p.timeout {
+                None => {
+                    self.error(
+                        at,
+                        format!("phase {name}: no timeout"),
+                        "set timeout = \"10m\" (every phase and its gate must end)",
+                    );
+                    Duration::ZERO
+                }
+                Some(t) => match humantime::parse_duration(t.get_ref()) {
+                    Ok(d) if !d.is_zero() => d,
+                    Ok(_) => {
+                        self.error(
+                            t.span().start,
+                            format!("phase {name}: a zero timeout can never be met"),
+                            "set a positive duration such as \"10m\"",
+                        );
+                        Duration::ZERO
+                    }
+                    Err(e) => {
+                        self.error(
+                            t.span().start,
+                            format!(
+                                "phase {name}: timeout {:?} is not a duration ({e})",
+                                t.get_ref()
+                            ),
+                            "write it like \"90s\", \"10m\" or \"2h\"",
+                        );
+                        Duration::ZERO
+                    }
+                },
+            };
+            let after = match &p.after {
+                None => {
+                    if i == 0 {
+                        vec![]
+                    } else {
+                        vec![i - 1]
+                    }
+                }
+                Some(list) => {
+                    let mut out = Vec::new();
+                    for dep in list.get_ref() {
+                        match index_of.get(dep.get_ref()) {
+                            Some(&d) if d == i => self.error(
+                                dep.span().start,
+                                format!("phase {name} waits for itself"),
+                                "remove it from its own `after`",
+                            ),
+                            Some(&d) => out.push(d),
+                            None => self.error(
+                                dep.span().start,
+                                format!(
+                                    "phase {name}: `after` names unknown phase {:?}",
+                                    dep.get_ref()
+                                ),
+                                "name a phase of this plan",
+                            ),
+                        }
+                    }
+                    out.sort_unstable();
+                    out.dedup();
+                    out
+                }
+            };
+            let params = p.params.map(|t| t.into_inner()).unwrap_or_default();
+            let replicas = self.replicas(&name, action, &params, at);
+            replicas_spans.push(at);
+            phases.push(Phase {
+                index: phases.len(),
+                name,
+                action,
+                roles,
+                gate,
+                timeout,
+                retries: p.retries.unwrap_or(0),
+                required: p.required.unwrap_or(true),
+                after,
+                replicas,
+                params,
+            });
+        }
+
+        // An unknown action drops its phase; indices then no longer line up, and the errors
+        // already say what to fix.
+        let plan = Plan {
+            name: file.name.unwrap_or_else(|| "unnamed".into()),
+            description: file.description.unwrap_or_default(),
+            phases,
+            source: String::new(),
+        };
+        if self.errors.is_empty() {
+            self.ordering(&plan, &replicas_spans);
+        }
+        plan
+    }
+
+    fn roles(
+        &mut self,
+        name: &str,
+        action: Action,
+        roles: Option<&Spanned<Vec<Spanned<String>>>>,
+        known: &[String],
+        at: usize,
+    ) -> Vec<String> {
+        if !action.targets_agents() {
+            if let Some(r) = roles {
+                self.error(
+                    r.span().start,
+                    format!(
+                        "phase {name}: action {action} runs on the coordinator and targets no roles"
+                    ),
+                    "remove `roles` from this phase",
+                );
+            }
+            return Vec::new();
+        }
+        let Some(roles) = roles else {
+            self.error(
+                at,
+                format!("phase {name}: no roles"),
+                "set roles = [\"web\"] (or [\"all\"])",
+            );
+            return Vec::new();
+        };
+        let mut out: Vec<String> = Vec::new();
+        for role in roles.get_ref() {
+            let r = role.get_ref();
+            if r == "all" {
+                out.extend(known.iter().cloned());
+            } else if known.iter().any(|k| k == r) {
+                out.push(r.clone());
+            } else {
+                self.error(
+                    role.span().start,
+                    format!("phase {name}: unknown role {r:?}"),
+                    format!("use one of: {}, or \"all\"", known.join(", ")),
+                );
+            }
+        }
+        out.sort();
+        out.dedup();
+        if let Some(only) = action.only_role() {
+            out.retain(|r| {
+                let ok = r == only;
+                if !ok {
+                    self.errors.push(PlanError {
+                        line: Some(line_of(self.text, roles.span().start)),
+                        problem: format!("phase {name}: action {action} cannot run on role {r:?}"),
+                        fix: format!("target [\"{only}\"] only"),
+                    });
+                }
+                ok
+            });
+        }
+        if out.is_empty() && self.errors.is_empty() {
+            self.error(
+                roles.span().start,
+                format!("phase {name}: targets no roles"),
+                "name at least one role",
+            );
+        }
+        out
+    }
+
+    fn gate(
+        &mut self,
+        name: &str,
+        action: Action,
+        gate: Option<&Spanned<toml::Value>>,
+        roles: &[String],
+        fleet: Option<&Fleet>,
+        at: usize,
+    ) -> Gate {
+        if !action.targets_agents() {
+            if let Some(g) = gate {
+                self.error(
+                    g.span().start,
+                    format!("phase {name}: action {action} has no agents to gate on"),
+                    "remove `gate` from this phase",
+                );
+            }
+            return Gate::None;
+        }
+        let Some(gate) = gate else {
+            self.error(
+                at,
+                format!("phase {name}: no gate"),
+                "set gate = \"all\" (or \"majority\", a count, a percentage, or per role)",
+            );
+            return Gate::Overall(Quorum::All);
+        };
+        let offset = gate.span().start;
+        // With no valid roles the role errors already say what to fix.
+        let fleet = fleet.filter(|_| !roles.is_empty());
+        let declared = |role: &str| fleet.and_then(|f| f.get(role)).copied();
+        match gate.get_ref() {
+            toml::Value::Table(table) => {
+                let mut per = BTreeMap::new();
+                for (role, value) in table {
+                    if !roles.contains(role) {
+                        self.error(
+                            offset,
+                            format!("phase {name}: the gate names role {role:?}, which the phase does not target"),
+                            "gate only on targeted roles",
+                        );
+                        continue;
+                    }
+                    if let Some(q) = self.quorum(name, value, offset) {
+                        self.check_reachable(name, q, declared(role), role, offset);
+                        per.insert(role.clone(), q);
+                    }
+                }
+                for role in roles {
+                    if !per.contains_key(role) && !table.contains_key(role) {
+                        self.error(
+                            offset,
+                            format!("phase {name}: the per-role gate does not say how many {role} agents must pass"),
+                            format!("add {role} = \"all\" (or a count) to the gate"),
+                        );
+                    }
+                }
+                Gate::PerRole(per)
+            }
+            value => match self.quorum(name, value, offset) {
+                Some(q) => {
+                    let total = fleet.and_then(|_| {
+                        roles
+                            .iter()
+                            .map(|r| declared(r))
+                            .try_fold(0u32, |acc, n| n.map(|n| acc + n))
+                    });
+                    self.check_reachable(name, q, total, &roles.join("+"), offset);
+                    Gate::Overall(q)
+                }
+                None => Gate::Overall(Quorum::All),
+            },
+        }
+    }
+
+    fn quorum(&mut self, name: &str, value: &toml::Value, offset: usize) -> Option<Quorum> {
+        let fix = "write \"all\", \"majority\", a count such as 1, or a percentage such as \"50%\"";
+        let q = match value {
+            toml::Value::String(s) if s == "all" => Quorum::All,
+            toml::Value::String(s) if s == "majority" => Quorum::Majority,
+            toml::Value::String(s) if s.ends_with('%') => {
+                match s.trim_end_matches('%').parse::<u32>() {
+                    Ok(p) if (1..=100).contains(&p) => Quorum::Percent(p),
+                    _ => {
+                        self.error(
+                            offset,
+                            format!("phase {name}: gate {s:?} is not a percentage from 1% to 100%"),
+                            fix,
+                        );
+                        return None;
+                    }
+                }
+            }
+            toml::Value::Integer(n) if *n >= 1 && *n <= i64::from(u32::MAX) => {
+                Quorum::Count(*n as u32)
+            }
+            toml::Value::Integer(n) => {
+                self.error(
+                    offset,
+                    format!("phase {name}: a gate of {n} agents passes vacuously or never"),
+                    "require at least 1 agent, or make the phase optional with required = false",
+                );
+                return None;
+            }
+            other => {
+                self.error(
+                    offset,
+                    format!("phase {name}: gate {other} is not understood"),
+                    fix,
+                );
+                return None;
+            }
+        };
+        Some(q)
+    }
+
+    fn check_reachable(
+        &mut self,
+        name: &str,
+        q: Quorum,
+        declared: Option<u32>,
+        what: &str,
+        offset: usize,
+    ) {
+        let Some(declared) = declared else { return };
+        if declared == 0 {
+            self.error(
+                offset,
+                format!("phase {name}: the environment declares no {what} agents, so the gate could only pass vacuously"),
+                "declare the agents in the environment's fleet, or remove the role from the phase",
+            );
+        } else if q.required(declared) > declared {
+            self.error(
+                offset,
+                format!(
+                    "phase {name}: the gate needs {} {what} agents but the environment declares {declared}; it can never pass",
+                    q.required(declared)
+                ),
+                "lower the gate or declare more agents",
+            );
+        }
+    }
+
+    fn replicas(
+        &mut self,
+        name: &str,
+        action: Action,
+        params: &toml::Table,
+        at: usize,
+    ) -> Option<Replicas> {
+        let value = params.get("replicas");
+        let parsed = match value {
+            None => None,
+            Some(toml::Value::Integer(n)) if *n >= 0 && *n <= i64::from(u32::MAX) => {
+                Some(Replicas::Count(*n as u32))
+            }
+            Some(toml::Value::String(s)) if s == "prior" => Some(Replicas::Prior),
+            Some(other) => {
+                self.error(
+                    at,
+                    format!(
+                        "phase {name}: params.replicas = {other} is neither a count nor \"prior\""
+                    ),
+                    "write replicas = 0, a count, or \"prior\"",
+                );
+                return None;
+            }
+        };
+        match (action, parsed) {
+            (Action::Scale, None) => {
+                self.error(
+                    at,
+                    format!("phase {name}: scale needs params.replicas"),
+                    "set params = { replicas = 0 } (or a count, or \"prior\")",
+                );
+                None
+            }
+            (Action::Scale | Action::Smoke, r) => r,
+            (_, Some(_)) => {
+                self.error(
+                    at,
+                    format!("phase {name}: action {action} takes no replicas"),
+                    "remove params.replicas, or use a scale phase",
+                );
+                None
+            }
+            (_, None) => None,
+        }
+    }
+
+    /// The runbook's ordering, as rules on the dependency graph.
+    fn ordering(&mut self, plan: &Plan, spans: &[usize]) {
+        if let Some(cycle) = find_cycle(&plan.phases) {
+            let names: Vec<&str> = cycle
+                .iter()
+                .map(|&i| plan.phases[i].name.as_str())
+                .collect();
+            self.error(
+                spans[cycle[0]],
+                format!(
+                    "phases wait for each other in a cycle: {}",
+                    names.join(" → ")
+                ),
+                "break the cycle by removing one of these `after` entries",
+            );
+            return;
+        }
+        let before = ancestors(&plan.phases);
+        let of = |a: Action| -> Vec<usize> {
+            plan.phases
+                .iter()
+                .filter(|p| p.action == a)
+                .map(|p| p.index)
+                .collect()
+        };
+        let restores: Vec<usize> = plan
+            .phases
+            .iter()
+            .filter(|p| p.action.is_restore())
+            .map(|p| p.index)
+            .collect();
+        let scale_downs: Vec<usize> = plan
+            .phases
+            .iter()
+            .filter(|p| p.action == Action::Scale && p.replicas == Some(Replicas::Count(0)))
+            .map(|p| p.index)
+            .collect();
+        for &r in &restores {
+            let name = &plan.phases[r].name;
+            if !of(Action::Freeze).iter().any(|f| before[r].contains(f)) {
+                self.error(
+                    spans[r],
+                    format!("phase {name} restores data before writes are frozen"),
+                    "add `after` on a freeze phase (the runbook freezes writes first)",
+                );
+            }
+            if !scale_downs.iter().any(|s| before[r].contains(s)) {
+                self.error(
+                    spans[r],
+                    format!("phase {name} restores data while roles may still be running"),
+                    "add `after` on a scale phase with replicas = 0",
+                );
+            }
+        }
+        // Nothing starts before every restore has finished (workers never before objects).
+        for p in &plan.phases {
+            let starts = matches!(p.action, Action::Scale | Action::Smoke | Action::Restart)
+                && p.replicas != Some(Replicas::Count(0));
+            if starts && scale_downs.iter().any(|s| before[p.index].contains(s)) {
+                for &r in &restores {
+                    if !before[p.index].contains(&r) {
+                        self.error(
+                            spans[p.index],
+                            format!(
+                                "phase {} starts roles before {} has finished",
+                                p.name, plan.phases[r].name
+                            ),
+                            format!("add \"{}\" to its `after`", plan.phases[r].name),
+                        );
+                    }
+                }
+            }
+        }
+        // Traffic resumes last: after every other phase, the report included.
+        for &u in &of(Action::Unfreeze) {
+            if !restores.is_empty() && of(Action::Report).is_empty() {
+                self.error(
+                    spans[u],
+                    format!(
+                        "phase {} resumes traffic but the plan writes no report",
+                        plan.phases[u].name
+                    ),
+                    "add a report phase before it (traffic resumes only after the report)",
+                );
+            }
+            for p in &plan.phases {
+                if p.index != u && p.action != Action::Unfreeze && !before[u].contains(&p.index) {
+                    self.error(
+                        spans[u],
+                        format!(
+                            "phase {} resumes traffic before {} has passed",
+                            plan.phases[u].name, p.name
+                        ),
+                        "make unfreeze the last phase (add the missing phase to its `after`)",
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// All transitive dependencies of each phase.
+fn ancestors(phases: &[Phase]) -> Vec<BTreeSet<usize>> {
+    let mut out: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); phases.len()];
+    for i in topological_order(phases) {
+        let mut set = BTreeSet::new();
+        for &d in &phases[i].after {
+            set.insert(d);
+            set.extend(out[d].iter().copied());
+        }
+        out[i] = set;
+    }
+    out
+}
+
+/// Kahn's order; phases on a cycle are left out (validation reports the cycle first).
+fn topological_order(phases: &[Phase]) -> Vec<usize> {
+    let mut remaining: Vec<usize> = phases.iter().map(|p| p.after.len()).collect();
+    let mut ready: Vec<usize> = (0..phases.len()).filter(|&i| remaining[i] == 0).collect();
+    ready.reverse();
+    let mut order = Vec::with_capacity(phases.len());
+    while let Some(i) = ready.pop() {
+        order.push(i);
+        for p in phases {
+            if p.after.contains(&i) {
+                remaining[p.index] -= 1;
+                if remaining[p.index] == 0 {
+                    ready.insert(0, p.index);
+                }
+            }
+        }
+    }
+    order
+}
+
+fn find_cycle(phases: &[Phase]) -> Option<Vec<usize>> {
+    // 0 = unvisited, 1 = on the stack, 2 = done.
+    fn visit(
+        i: usize,
+        phases: &[Phase],
+        state: &mut [u8],
+        stack: &mut Vec<usize>,
+    ) -> Option<Vec<usize>> {
+        state[i] = 1;
+        stack.push(i);
+        for &d in &phases[i].after {
+            if state[d] == 1 {
+                let start = stack.iter().position(|&s| s == d).unwrap_or(0);
+                // Each phase waits for the next one in this list.
+                let mut cycle = stack[start..].to_vec();
+                cycle.push(d);
+                return Some(cycle);
+            }
+            if state[d] == 0
+                && let Some(c) = visit(d, phases, state, stack)
+            {
+                return Some(c);
+            }
+        }
+        stack.pop();
+        state[i] = 2;
+        None
+    }
+    let mut state = vec![0u8; phases.len()];
+    for i in 0..phases.len() {
+        if state[i] == 0
+            && let Some(c) = visit(i, phases, &mut state, &mut Vec::new())
+        {
+            return Some(c);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn fleet() -> Fleet {
+        [
+            ("web", 1),
+            ("worker", 2),
+            ("scheduler", 1),
+            ("gateway", 1),
+            ("database", 1),
+            ("objects", 1),
+        ]
+        .into_iter()
+        .map(|(r, n)| (r.to_owned(), n))
+        .collect()
+    }
+
+    fn check(text: &str) -> Result<Plan, String> {
+        Plan::parse(Path::new("plan.toml"), text, Some(&fleet())).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_default_plan_is_valid_and_runs_the_restores_together() {
+        let plan = Plan::default_plan(Some(&fleet())).unwrap();
+        assert_eq!(plan.phases.len(), 13);
+        let names = |step: &[usize]| {
+            step.iter()
+                .map(|&i| plan.phases[i].name.clone())
+                .collect::<Vec<_>>()
+        };
+        let steps = plan.steps();
+        assert_eq!(names(&steps[0]), ["preflight"]);
+        assert_eq!(names(&steps[3]), ["restore-postgres", "restore-objects"]);
+        assert_eq!(names(steps.last().unwrap()), ["unfreeze"]);
+        let replicas = plan.phase("restore-replicas").unwrap();
+        assert_eq!(replicas.roles.len(), 6, "all expands to the declared roles");
+        assert_eq!(replicas.replicas, Some(Replicas::Prior));
+        assert!(plan.render(Some(&fleet())).contains("worker×2"));
+        // Without a fleet it validates against the standard roles.
+        Plan::default_plan(None).unwrap();
+    }
+
+    const HEAD: &str = "name = \"t\"\n";
+
+    #[test]
+    fn unknown_action_and_role_name_their_line() {
+        let text = format!(
+            "{HEAD}[[phase]]\nname = \"a\"\naction = \"teleport\"\nroles = [\"web\"]\ngate = \"all\"\ntimeout = \"1m\"\n\n[[phase]]\nname = \"b\"\naction = \"freeze\"\nroles = [\"webb\"]\ngate = \"all\"\ntimeout = \"1m\"\n"
+        );
+        let err = check(&text).unwrap_err();
+        assert!(
+            err.contains(
+                "plan.toml:4: phase a: unknown action \"teleport\"; use one of: preflight, freeze"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains(
+                "plan.toml:12: phase b: unknown role \"webb\"; use one of: database, gateway"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn gates_that_can_never_pass_are_refused() {
+        let phase = |gate: &str| {
+            format!(
+                "{HEAD}[[phase]]\nname = \"s\"\naction = \"smoke\"\nroles = [\"worker\"]\ngate = {gate}\ntimeout = \"1m\"\n"
+            )
+        };
+        let err = check(&phase("3")).unwrap_err();
+        assert!(err.contains("plan.toml:6: phase s: the gate needs 3 worker agents but the environment declares 2; it can never pass"), "{err}");
+        let err = check(&phase("0")).unwrap_err();
+        assert!(err.contains("passes vacuously or never"), "{err}");
+        let err = check(&phase("\"150%\"")).unwrap_err();
+        assert!(err.contains("is not a percentage from 1% to 100%"), "{err}");
+        let err = check(&phase("{ web = 1 }")).unwrap_err();
+        assert!(
+            err.contains("the gate names role \"web\", which the phase does not target"),
+            "{err}"
+        );
+        check(&phase("\"50%\"")).unwrap();
+        check(&phase("{ worker = \"majority\" }")).unwrap();
+
+        let mut small = fleet();
+        small.insert("gateway".into(), 0);
+        let err = Plan::default_plan(Some(&small)).unwrap_err().to_string();
+        assert!(
+            err.contains("declares no gateway agents, so the gate could only pass vacuously"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cycles_and_unsafe_orderings_are_refused() {
+        let cycle = format!(
+            "{HEAD}[[phase]]\nname = \"a\"\naction = \"verify\"\nroles = [\"web\"]\ngate = \"all\"\ntimeout = \"1m\"\nafter = [\"b\"]\n\n[[phase]]\nname = \"b\"\naction = \"verify\"\nroles = [\"web\"]\ngate = \"all\"\ntimeout = \"1m\"\n"
+        );
+        let err = check(&cycle).unwrap_err();
+        assert!(
+            err.contains("phases wait for each other in a cycle: a → b → a"),
+            "{err}"
+        );
+
+        // The default plan with the object restore no longer waiting for the scale-down.
+        let early = DEFAULT_PLAN.replace("after = [\"scale-to-zero\"]", "after = [\"preflight\"]");
+        let err = check(&early).unwrap_err();
+        assert!(
+            err.contains("phase restore-objects restores data before writes are frozen"),
+            "{err}"
+        );
+        assert!(
+            err.contains("phase restore-objects restores data while roles may still be running"),
+            "{err}"
+        );
+
+        // Starting web before the object restore has finished.
+        let start = DEFAULT_PLAN.replace(
+            "after = [\"restore-postgres\", \"restore-objects\"]",
+            "after = [\"restore-postgres\"]",
+        );
+        let err = check(&start).unwrap_err();
+        assert!(
+            err.contains("phase start-web starts roles before restore-objects has finished"),
+            "{err}"
+        );
+
+        // Unfreeze before the report.
+        let mut moved = DEFAULT_PLAN.to_owned();
+        moved.push_str("\n[[phase]]\nname = \"late-check\"\naction = \"verify\"\nroles = [\"web\"]\ngate = \"all\"\ntimeout = \"1m\"\nafter = [\"report\"]\n");
+        let err = check(&moved).unwrap_err();
+        assert!(
+            err.contains("phase unfreeze resumes traffic before late-check has passed"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn shape_errors_are_named() {
+        let err = check("name = \"t\"\n[[phase]]\nname = \"a\"\naction = \"verify\"\nroles = [\"web\"]\ngate = \"all\"\ntimeout = \"soon\"\nwhen = 1\n").unwrap_err();
+        assert!(
+            err.starts_with("plan.toml:8: unknown field `when`"),
+            "{err}"
+        );
+        let err = check("name = \"t\"\n[[phase]]\nname = \"a\"\naction = \"verify\"\nroles = [\"web\"]\ngate = \"all\"\ntimeout = \"soon\"\n").unwrap_err();
+        assert!(
+            err.contains("plan.toml:7: phase a: timeout \"soon\" is not a duration"),
+            "{err}"
+        );
+        let err = check("name = \"t\"\n[[phase]]\nname = \"r\"\naction = \"report\"\nroles = [\"web\"]\ntimeout = \"1m\"\n").unwrap_err();
+        assert!(
+            err.contains("runs on the coordinator and targets no roles"),
+            "{err}"
+        );
+        let err = check("name = \"t\"\n[[phase]]\nname = \"d\"\naction = \"restore-postgres\"\nroles = [\"web\"]\ngate = \"all\"\ntimeout = \"1m\"\n").unwrap_err();
+        assert!(
+            err.contains("action restore-postgres cannot run on role \"web\""),
+            "{err}"
+        );
+        let err = check("name = \"t\"\n").unwrap_err();
+        assert!(err.contains("the plan has no phases"), "{err}");
+        let err = Plan::load(Path::new("/nonexistent/plan.toml"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/nonexistent/plan.toml: cannot read plan"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn quorum_arithmetic() {
+        assert_eq!(Quorum::Majority.required(2), 2);
+        assert_eq!(Quorum::Majority.required(3), 2);
+        assert_eq!(Quorum::Percent(50).required(3), 2);
+        assert_eq!(Quorum::Percent(100).required(7), 7);
+        assert_eq!(Quorum::All.required(4), 4);
+    }
+}
