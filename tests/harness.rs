@@ -163,6 +163,8 @@ pub fn agent_settings(
         ca_pem: std::fs::read(certs.join("ca.pem")).unwrap(),
         cert_pem: std::fs::read(certs.join(format!("agents/{name}.pem"))).unwrap(),
         key_pem: std::fs::read(certs.join(format!("agents/{name}-key.pem"))).unwrap(),
+        control: agent::control::ControlConfig::default(),
+        config_file: state.join(format!("{name}.toml")),
         reconnect: agent::config::ReconnectConfig {
             initial: Duration::from_millis(50),
             max: Duration::from_millis(500),

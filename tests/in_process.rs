@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use api::model::{
     Action, AgentMessage, AgentName, Availability, CommandId, Environment, Hello, Outcome,
-    ResultDetail, Role,
+    ResultDetail, Role, ScaleOutput, ScaleTarget,
 };
 use api::pb::agent::agent_service_client::AgentServiceClient;
 use api::pb::operator::operator_service_client::OperatorServiceClient;
@@ -543,5 +543,113 @@ async fn a_silent_agent_is_marked_unavailable_within_the_timeout() {
         started.elapsed() < Duration::from_secs(3),
         "noticed within the timeout plus a sweep"
     );
+    coord.stop().await;
+}
+
+/// Role control end to end: the coordinator scales a supervised role to zero and back to its
+/// prior count, freezes it through the exec adapter, and sees readiness follow in heartbeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_control_scales_and_freezes_through_the_link() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path(), &["worker-1:worker"]);
+    let state_url = format!("sqlite://{}/state.db", dir.path().display());
+    let coord = InProcessCoordinator::start(&certs, &state_url, Duration::from_secs(5)).await;
+    let frozen = dir.path().join("frozen");
+    let mut settings = agent_settings(
+        &certs,
+        dir.path(),
+        &coord.agents_url(),
+        "worker-1",
+        "worker",
+    );
+    settings.control = toml::from_str(&format!(
+        r#"
+        scale = "process"
+        freeze = "exec"
+        [process]
+        program = "sh"
+        args = ["-c", "while true; do sleep 0.05; done"]
+        replicas = 2
+        stop_grace = "1s"
+        [exec]
+        freeze = ["touch", "{frozen}"]
+        unfreeze = ["rm", "{frozen}"]
+        "#,
+        frozen = frozen.display()
+    ))
+    .unwrap();
+    let agent = InProcessAgent::start(settings);
+    coord.wait_ready(&["worker-1"]).await;
+    let caps = coord.handle.agents()[0].capabilities.clone();
+    assert_eq!(
+        caps,
+        ["ping", "describe", "freeze", "unfreeze", "scale", "restart"]
+    );
+
+    let send = |id: &str, action: Action| {
+        let link = coord.handle.link.clone();
+        let out = Outgoing {
+            id: CommandId::parse(id).unwrap(),
+            run_id: "run-7".into(),
+            deadline: SystemTime::now() + Duration::from_secs(20),
+            action,
+        };
+        async move { link.send(&name("worker-1"), out).await.unwrap() }
+    };
+    let output = |r: &api::model::CommandResult| match &r.detail {
+        Some(ResultDetail::Output(v)) => serde_json::from_value::<ScaleOutput>(v.clone()).unwrap(),
+        other => panic!("no scale output: {other:?} ({})", r.message),
+    };
+
+    let down = send("run-7/scale/1", Action::Scale(ScaleTarget::Replicas(0))).await;
+    assert_eq!(down.outcome, Outcome::Succeeded, "{}", down.message);
+    assert_eq!(
+        output(&down),
+        ScaleOutput {
+            before: 2,
+            now: 0,
+            prior: 2
+        }
+    );
+    let handle = coord.handle.clone();
+    eventually(
+        "scaled-to-zero agent reported not ready",
+        Duration::from_secs(10),
+        async || {
+            let a = &handle.agents()[0];
+            (!a.ready && a.detail == "scaled to 0").then_some(())
+        },
+    )
+    .await;
+
+    let frozen_result = send("run-7/freeze/1", Action::Freeze).await;
+    assert_eq!(
+        frozen_result.outcome,
+        Outcome::Succeeded,
+        "{}",
+        frozen_result.message
+    );
+    assert!(frozen.exists());
+
+    let up = send("run-7/scale/2", Action::Scale(ScaleTarget::Prior)).await;
+    assert_eq!(
+        output(&up),
+        ScaleOutput {
+            before: 0,
+            now: 2,
+            prior: 2
+        }
+    );
+    // A re-sent scale is not executed again.
+    let again = send("run-7/scale/2", Action::Scale(ScaleTarget::Prior)).await;
+    assert!(again.replayed);
+    coord.wait_ready(&["worker-1"]).await;
+
+    let thawed = send("run-7/unfreeze/1", Action::Unfreeze).await;
+    assert_eq!(thawed.outcome, Outcome::Succeeded, "{}", thawed.message);
+    assert!(!frozen.exists());
+
+    agent.stop().await;
     coord.stop().await;
 }

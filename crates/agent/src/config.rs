@@ -26,6 +26,9 @@ pub struct AgentConfig {
     pub reconnect: ReconnectConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// How this agent freezes and scales its role (see `control`).
+    #[serde(default)]
+    pub control: crate::control::ControlConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -84,6 +87,9 @@ pub struct Settings {
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
     pub reconnect: ReconnectConfig,
+    pub control: crate::control::ControlConfig,
+    /// The file `control` paths are relative to.
+    pub config_file: PathBuf,
 }
 
 pub fn load(file: &Path) -> Result<(Settings, TelemetryConfig)> {
@@ -145,7 +151,11 @@ pub fn load(file: &Path) -> Result<(Settings, TelemetryConfig)> {
         cert_pem,
         key_pem,
         reconnect: config.reconnect.clone(),
+        control: config.control.clone(),
+        config_file: file.to_path_buf(),
     };
+    // Adapter errors (a missing table, an empty command) surface at load, not at first use.
+    crate::control::RoleControl::from_config(file, &settings.control, &settings.state_dir)?;
     Ok((settings, config.telemetry))
 }
 

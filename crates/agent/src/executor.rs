@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use api::model::{
@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::control::RoleControl;
 use crate::state::{EpochCheck, StateDir};
 
 /// Who this agent is, for `Describe`.
@@ -32,6 +33,7 @@ pub struct Executor {
     state: Mutex<StateDir>,
     in_flight: Mutex<HashMap<CommandId, watch::Receiver<Option<CommandResult>>>>,
     pings: AtomicU64,
+    control: Option<Arc<RoleControl>>,
 }
 
 enum Claim {
@@ -59,7 +61,14 @@ impl Executor {
             state: Mutex::new(state),
             in_flight: Mutex::new(HashMap::new()),
             pings: AtomicU64::new(0),
+            control: None,
         }
+    }
+
+    /// Role control for freeze, unfreeze, scale and restart.
+    pub fn with_control(mut self, control: Arc<RoleControl>) -> Executor {
+        self.control = Some(control);
+        self
     }
 
     fn state(&self) -> MutexGuard<'_, StateDir> {
@@ -162,28 +171,30 @@ impl Executor {
                 Outcome::TimedOut,
                 "deadline had passed when the command arrived".into(),
             ),
-            Some(left) => match tokio::time::timeout(left, self.act(&command.action)).await {
-                Ok((outcome, message, detail)) => CommandResult {
-                    command_id: command.id.clone(),
-                    epoch: command.epoch,
-                    outcome,
-                    message,
-                    replayed: false,
-                    started: received,
-                    finished: SystemTime::now(),
-                    detail,
-                },
-                Err(_) => refusal(
-                    &command,
-                    received,
-                    Outcome::TimedOut,
-                    format!(
-                        "{} did not finish within its deadline ({} after it arrived)",
-                        command.action.name(),
-                        humantime::format_duration(left)
+            Some(left) => {
+                match tokio::time::timeout(left, self.act(&command.action, &command.run_id)).await {
+                    Ok((outcome, message, detail)) => CommandResult {
+                        command_id: command.id.clone(),
+                        epoch: command.epoch,
+                        outcome,
+                        message,
+                        replayed: false,
+                        started: received,
+                        finished: SystemTime::now(),
+                        detail,
+                    },
+                    Err(_) => refusal(
+                        &command,
+                        received,
+                        Outcome::TimedOut,
+                        format!(
+                            "{} did not finish within its deadline ({} after it arrived)",
+                            command.action.name(),
+                            humantime::format_duration(left)
+                        ),
                     ),
-                ),
-            },
+                }
+            }
         };
         result.finished = SystemTime::now();
         if let Err(e) = self
@@ -215,8 +226,24 @@ impl Executor {
         Claim::Run(tx)
     }
 
-    async fn act(&self, action: &Action) -> (Outcome, String, Option<ResultDetail>) {
+    async fn act(&self, action: &Action, run_id: &str) -> (Outcome, String, Option<ResultDetail>) {
         match action {
+            Action::Freeze | Action::Unfreeze | Action::Scale(_) | Action::Restart => {
+                let Some(control) = &self.control else {
+                    return (
+                        Outcome::Unsupported,
+                        format!(
+                            "{} needs role control; configure [control] in this agent's agent.toml",
+                            action.name()
+                        ),
+                        None,
+                    );
+                };
+                match control_action(control, action, run_id).await {
+                    Ok((message, detail)) => (Outcome::Succeeded, message, detail),
+                    Err(e) => (Outcome::Failed, format!("{e:#}"), None),
+                }
+            }
             Action::Ping { hold } => {
                 if !hold.is_zero() {
                     tokio::time::sleep(*hold).await;
@@ -248,6 +275,28 @@ impl Executor {
             }
         }
     }
+}
+
+async fn control_action(
+    control: &RoleControl,
+    action: &Action,
+    run_id: &str,
+) -> anyhow::Result<(String, Option<ResultDetail>)> {
+    Ok(match action {
+        Action::Freeze => (control.freeze().await?, None),
+        Action::Unfreeze => (control.unfreeze().await?, None),
+        Action::Restart => (control.restart().await?, None),
+        Action::Scale(target) => {
+            let out = control.scale(*target, run_id).await?;
+            (
+                format!("scaled from {} to {} replicas", out.before, out.now),
+                Some(ResultDetail::Output(serde_json::to_value(out)?)),
+            )
+        }
+        Action::Ping { .. } | Action::Describe => {
+            anyhow::bail!("{} is not a role-control action", action.name())
+        }
+    })
 }
 
 fn refusal(

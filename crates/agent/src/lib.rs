@@ -5,6 +5,7 @@
 //! exponential backoff (`backon`), forever, until it is told to stop.
 
 pub mod config;
+pub mod control;
 pub mod executor;
 pub mod state;
 
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
 
 pub use crate::config::Settings;
+use crate::control::RoleControl;
 use crate::executor::{Executor, Identity};
 use crate::state::StateDir;
 
@@ -30,28 +32,41 @@ use crate::state::StateDir;
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The actions this agent executes; reported as capabilities in its hello.
+/// The actions every agent executes; role control adds its own (see `RoleControl`).
 const CAPABILITIES: [&str; 2] = ["ping", "describe"];
+
+/// How often readiness is re-evaluated for heartbeats.
+const READINESS_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Agent {
     settings: Settings,
     executor: Arc<Executor>,
     endpoint: Endpoint,
+    control: Arc<RoleControl>,
+    readiness: Arc<std::sync::Mutex<(bool, String)>>,
 }
 
 impl Agent {
     /// Opens the state directory and prepares the TLS endpoint; connects only in `run`.
     pub fn build(settings: Settings) -> Result<Agent> {
         let state = StateDir::open(&settings.state_dir)?;
-        let executor = Arc::new(Executor::new(
-            Identity {
-                name: settings.name.clone(),
-                role: settings.role.clone(),
-                environment: settings.environment.clone(),
-                capabilities: CAPABILITIES.iter().map(|c| (*c).to_owned()).collect(),
-            },
-            state,
-        ));
+        let control = Arc::new(RoleControl::from_config(
+            &settings.config_file,
+            &settings.control,
+            &settings.state_dir,
+        )?);
+        let executor = Arc::new(
+            Executor::new(
+                Identity {
+                    name: settings.name.clone(),
+                    role: settings.role.clone(),
+                    environment: settings.environment.clone(),
+                    capabilities: capabilities(&control),
+                },
+                state,
+            )
+            .with_control(control.clone()),
+        );
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&settings.ca_pem))
             .identity(TlsIdentity::from_pem(&settings.cert_pem, &settings.key_pem))
@@ -73,11 +88,43 @@ impl Agent {
             settings,
             executor,
             endpoint,
+            control,
+            readiness: Arc::new(std::sync::Mutex::new((false, "starting".into()))),
         })
     }
 
-    /// Attaches and re-attaches until `cancel` fires.
+    /// Starts the role (when this agent supervises it), then attaches and re-attaches until
+    /// `cancel` fires; on the way out, stops the role's supervised processes.
     pub async fn run(self, cancel: CancellationToken) -> Result<()> {
+        let supervision = cancel.child_token();
+        self.control.start(supervision.clone()).await?;
+        self.spawn_readiness(supervision.clone());
+        let result = self.attach_loop(&cancel).await;
+        supervision.cancel();
+        self.control.stop().await;
+        result
+    }
+
+    /// Re-evaluates readiness in the background, so a slow health check never delays the
+    /// stream.
+    fn spawn_readiness(&self, cancel: CancellationToken) {
+        let control = self.control.clone();
+        let readiness = self.readiness.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(READINESS_INTERVAL);
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    _ = tick.tick() => {
+                        let now = control.readiness().await;
+                        *readiness.lock().unwrap_or_else(|p| p.into_inner()) = now;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn attach_loop(&self, cancel: &CancellationToken) -> Result<()> {
         let reconnect = &self.settings.reconnect;
         let builder = backon::ExponentialBuilder::default()
             .with_min_delay(reconnect.initial)
@@ -89,7 +136,7 @@ impl Agent {
             let started = Instant::now();
             let outcome = tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
-                outcome = self.session(&cancel) => outcome,
+                outcome = self.session(cancel) => outcome,
             };
             if cancel.is_cancelled() {
                 return Ok(());
@@ -131,7 +178,7 @@ impl Agent {
             name: self.settings.name.clone(),
             role: self.settings.role.clone(),
             environment: self.settings.environment.clone(),
-            capabilities: CAPABILITIES.iter().map(|c| (*c).to_owned()).collect(),
+            capabilities: capabilities(&self.control),
             version: api::VERSION.to_owned(),
             highest_epoch: self.executor.highest_epoch(),
         };
@@ -172,7 +219,9 @@ impl Agent {
             tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
                 _ = heartbeat.tick() => {
-                    let hb = Heartbeat { ready: true, detail: "ready".into() };
+                    let (ready, detail) =
+                        self.readiness.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let hb = Heartbeat { ready, detail };
                     if out_tx.send(AgentMessage::Heartbeat(hb).into()).await.is_err() {
                         bail!("outbound stream closed");
                     }
@@ -254,4 +303,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+fn capabilities(control: &RoleControl) -> Vec<String> {
+    CAPABILITIES
+        .iter()
+        .map(|c| (*c).to_owned())
+        .chain(control.capabilities())
+        .collect()
 }

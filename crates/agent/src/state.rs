@@ -167,7 +167,7 @@ impl StateDir {
 }
 
 /// Writes via a temporary file and rename, so readers see the old or the new content only.
-fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut file = File::create(&tmp)?;
     file.write_all(bytes)?;

@@ -290,6 +290,21 @@ pub enum Action {
     Ping { hold: Duration },
     /// Describe the agent and its state directory.
     Describe,
+    /// Put the role into read-only maintenance.
+    Freeze,
+    /// Lift maintenance.
+    Unfreeze,
+    /// Run this many replicas of the role.
+    Scale(ScaleTarget),
+    /// Restart the role's processes.
+    Restart,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScaleTarget {
+    Replicas(u32),
+    /// The count before this run first scaled the role.
+    Prior,
 }
 
 impl Action {
@@ -298,6 +313,7 @@ impl Action {
     pub fn has_side_effects(&self) -> bool {
         match self {
             Action::Ping { .. } | Action::Describe => false,
+            Action::Freeze | Action::Unfreeze | Action::Scale(_) | Action::Restart => true,
         }
     }
 
@@ -305,6 +321,10 @@ impl Action {
         match self {
             Action::Ping { .. } => "ping",
             Action::Describe => "describe",
+            Action::Freeze => "freeze",
+            Action::Unfreeze => "unfreeze",
+            Action::Scale(_) => "scale",
+            Action::Restart => "restart",
         }
     }
 }
@@ -328,6 +348,16 @@ impl TryFrom<pb::Command> for Command {
                 hold: Duration::from_millis(p.hold_ms),
             },
             Some(pb::command::Action::Describe(_)) => Action::Describe,
+            Some(pb::command::Action::Freeze(_)) => Action::Freeze,
+            Some(pb::command::Action::Unfreeze(_)) => Action::Unfreeze,
+            Some(pb::command::Action::Restart(_)) => Action::Restart,
+            Some(pb::command::Action::Scale(s)) => Action::Scale(match s.target {
+                Some(pb::scale::Target::Replicas(n)) => ScaleTarget::Replicas(n),
+                Some(pb::scale::Target::Prior(true)) => ScaleTarget::Prior,
+                Some(pb::scale::Target::Prior(false)) | None => {
+                    return Err(Invalid::new("scale target", "is missing"));
+                }
+            }),
             None => {
                 return Err(Invalid::new(
                     "command action",
@@ -353,6 +383,15 @@ impl From<Command> for pb::Command {
                 hold_ms: u64::try_from(hold.as_millis()).unwrap_or(u64::MAX),
             }),
             Action::Describe => pb::command::Action::Describe(pb::Describe {}),
+            Action::Freeze => pb::command::Action::Freeze(pb::Freeze {}),
+            Action::Unfreeze => pb::command::Action::Unfreeze(pb::Unfreeze {}),
+            Action::Restart => pb::command::Action::Restart(pb::Restart {}),
+            Action::Scale(target) => pb::command::Action::Scale(pb::Scale {
+                target: Some(match target {
+                    ScaleTarget::Replicas(n) => pb::scale::Target::Replicas(n),
+                    ScaleTarget::Prior => pb::scale::Target::Prior(true),
+                }),
+            }),
         };
         pb::Command {
             command_id: m.id.0,
@@ -445,8 +484,23 @@ pub struct Description {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ResultDetail {
-    Ping { executions: u64 },
+    Ping {
+        executions: u64,
+    },
     Describe(Description),
+    /// Structured output of the other actions; its shape is the action's (e.g. `ScaleOutput`).
+    Output(serde_json::Value),
+}
+
+/// What `Scale` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScaleOutput {
+    /// Replicas before this command.
+    pub before: u32,
+    /// Replicas now.
+    pub now: u32,
+    /// The count `prior` returns to for this run.
+    pub prior: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -495,6 +549,10 @@ impl TryFrom<pb::CommandResult> for CommandResult {
                     started: from_unix_ms(d.started_unix_ms),
                 }))
             }
+            Some(pb::command_result::Detail::OutputJson(text)) => Some(ResultDetail::Output(
+                serde_json::from_str(&text)
+                    .map_err(|e| Invalid::new("result output", format!("is not JSON ({e})")))?,
+            )),
         };
         Ok(CommandResult {
             command_id: CommandId::parse(&m.command_id)?,
@@ -532,6 +590,9 @@ impl From<CommandResult> for pb::CommandResult {
                 recorded_results: d.recorded_results,
                 started_unix_ms: to_unix_ms(d.started),
             }),
+            ResultDetail::Output(value) => {
+                pb::command_result::Detail::OutputJson(value.to_string())
+            }
         });
         pb::CommandResult {
             command_id: m.command_id.0,

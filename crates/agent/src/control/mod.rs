@@ -1,0 +1,380 @@
+//! Role control: how an agent freezes, scales and restarts the role it sits beside.
+//!
+//! Two concerns, each with its own adapter chosen in `agent.toml`:
+//! * **scale** — `process` (the agent runs the role's processes itself and supervises them) or
+//!   `exec` (operator-supplied commands: systemd, kubectl, a cloud CLI);
+//! * **freeze** — `http` (the role's admin endpoint, e.g. cowork-sim's maintenance mode) or
+//!   `exec`.
+//!
+//! Scaling remembers, per run, the replica count before the run first scaled the role, so
+//! `Scale(Prior)` returns to it. That memory and the desired count live in the state
+//! directory: an agent restarted in the middle of a restore does not start roles that the run
+//! scaled to zero.
+
+mod exec;
+mod http;
+mod process;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use api::config::{ConfigError, resolve};
+use api::model::{ScaleOutput, ScaleTarget};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+pub use exec::ExecConfig;
+pub use http::HttpFreezeConfig;
+pub use process::ProcessConfig;
+
+/// `[control]` in `agent.toml`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// "process", "exec", or unset (this agent does not scale its role).
+    pub scale: Option<String>,
+    /// "http", "exec", or unset (this agent does not freeze its role).
+    pub freeze: Option<String>,
+    pub process: Option<ProcessConfig>,
+    pub exec: Option<ExecConfig>,
+    pub http: Option<HttpFreezeConfig>,
+}
+
+/// Validated role control of one agent.
+pub struct RoleControl {
+    scaler: Option<Scaler>,
+    freezer: Option<Freezer>,
+    memory: Memory,
+}
+
+enum Scaler {
+    Process(process::Supervisor),
+    Exec(exec::Exec),
+}
+
+enum Freezer {
+    Http(http::HttpFreeze),
+    Exec(exec::Exec),
+}
+
+impl RoleControl {
+    /// Checks the config (naming `file` and the key in every error) and prepares the adapters;
+    /// nothing starts until [`RoleControl::start`].
+    pub fn from_config(file: &Path, config: &ControlConfig, state_dir: &Path) -> Result<Self> {
+        let missing = |adapter: &str| {
+            ConfigError::new(
+                file,
+                format!("control uses the {adapter} adapter but has no [control.{adapter}] table"),
+                format!("add [control.{adapter}] (see deploy/agent.toml)"),
+            )
+        };
+        let scaler = match config.scale.as_deref() {
+            None => None,
+            Some("process") => {
+                let cfg = config.process.as_ref().ok_or_else(|| missing("process"))?;
+                Some(Scaler::Process(process::Supervisor::new(
+                    file, cfg, state_dir,
+                )?))
+            }
+            Some("exec") => {
+                let cfg = config.exec.as_ref().ok_or_else(|| missing("exec"))?;
+                if cfg.scale.is_none() {
+                    bail!(ConfigError::new(
+                        file,
+                        "control.scale = \"exec\" but [control.exec] has no `scale` command",
+                        "add scale = [\"kubectl\", \"scale\", \"deployment/web\", \"--replicas={replicas}\"] \
+                         and a `status` command that prints the replica count"
+                    ));
+                }
+                Some(Scaler::Exec(exec::Exec::new(file, cfg)?))
+            }
+            Some(other) => bail!(ConfigError::new(
+                file,
+                format!("control.scale = {other:?} is not an adapter"),
+                "use \"process\" or \"exec\", or leave it unset"
+            )),
+        };
+        let freezer = match config.freeze.as_deref() {
+            None => None,
+            Some("http") => {
+                let cfg = config.http.as_ref().ok_or_else(|| missing("http"))?;
+                Some(Freezer::Http(http::HttpFreeze::new(file, cfg)?))
+            }
+            Some("exec") => {
+                let cfg = config.exec.as_ref().ok_or_else(|| missing("exec"))?;
+                if cfg.freeze.is_none() || cfg.unfreeze.is_none() {
+                    bail!(ConfigError::new(
+                        file,
+                        "control.freeze = \"exec\" but [control.exec] lacks `freeze` or `unfreeze`",
+                        "add both commands"
+                    ));
+                }
+                Some(Freezer::Exec(exec::Exec::new(file, cfg)?))
+            }
+            Some(other) => bail!(ConfigError::new(
+                file,
+                format!("control.freeze = {other:?} is not an adapter"),
+                "use \"http\" or \"exec\", or leave it unset"
+            )),
+        };
+        let memory = Memory::open(state_dir)?;
+        Ok(RoleControl {
+            scaler,
+            freezer,
+            memory,
+        })
+    }
+
+    /// Capabilities to announce in the hello.
+    pub fn capabilities(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.freezer.is_some() {
+            out.extend(["freeze".to_owned(), "unfreeze".to_owned()]);
+        }
+        if self.scaler.is_some() {
+            out.extend(["scale".to_owned(), "restart".to_owned()]);
+        }
+        out
+    }
+
+    /// Starts supervision (process adapter): the replicas the state directory remembers, or
+    /// the configured count on first start.
+    pub async fn start(&self, cancel: CancellationToken) -> Result<()> {
+        if let Some(Scaler::Process(s)) = &self.scaler {
+            let desired = self.memory.desired().unwrap_or(s.configured_replicas());
+            s.start(desired, cancel).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops supervised processes (agent shutdown).
+    pub async fn stop(&self) {
+        if let Some(Scaler::Process(s)) = &self.scaler {
+            s.shutdown().await;
+        }
+    }
+
+    pub async fn freeze(&self) -> Result<String> {
+        match &self.freezer {
+            Some(Freezer::Http(h)) => h.set(true).await,
+            Some(Freezer::Exec(e)) => e.freeze(true).await,
+            None => bail!("this agent has no freeze adapter; set control.freeze in its agent.toml"),
+        }
+    }
+
+    pub async fn unfreeze(&self) -> Result<String> {
+        match &self.freezer {
+            Some(Freezer::Http(h)) => h.set(false).await,
+            Some(Freezer::Exec(e)) => e.freeze(false).await,
+            None => bail!("this agent has no freeze adapter; set control.freeze in its agent.toml"),
+        }
+    }
+
+    /// Scales the role; `run_id` keys the remembered prior count.
+    pub async fn scale(&self, target: ScaleTarget, run_id: &str) -> Result<ScaleOutput> {
+        let Some(scaler) = &self.scaler else {
+            bail!("this agent has no scale adapter; set control.scale in its agent.toml");
+        };
+        let before = match scaler {
+            Scaler::Process(s) => s.desired().await,
+            Scaler::Exec(e) => e.status().await?,
+        };
+        let prior = self.memory.remember_prior(run_id, before)?;
+        let now = match target {
+            ScaleTarget::Replicas(n) => n,
+            ScaleTarget::Prior => prior,
+        };
+        // Persist the intent first: a restart mid-scale converges on it.
+        self.memory.set_desired(now)?;
+        match scaler {
+            Scaler::Process(s) => s.scale(now).await?,
+            Scaler::Exec(e) => e.scale(now).await?,
+        }
+        Ok(ScaleOutput { before, now, prior })
+    }
+
+    pub async fn restart(&self) -> Result<String> {
+        match &self.scaler {
+            Some(Scaler::Process(s)) => s.restart().await,
+            Some(Scaler::Exec(e)) => e.restart().await,
+            None => bail!("this agent has no scale adapter; set control.scale in its agent.toml"),
+        }
+    }
+
+    /// Readiness for heartbeats: the role runs its desired replicas and they are healthy.
+    /// An agent without a scale adapter is ready when it is up.
+    pub async fn readiness(&self) -> (bool, String) {
+        match &self.scaler {
+            None => (true, "ready".into()),
+            Some(Scaler::Process(s)) => s.readiness().await,
+            Some(Scaler::Exec(e)) => match e.status().await {
+                Ok(0) => (false, "scaled to 0".into()),
+                Ok(n) => (true, format!("{n} replicas")),
+                Err(e) => (false, format!("status failed: {e:#}")),
+            },
+        }
+    }
+}
+
+/// Desired replicas and per-run prior counts, in `<state_dir>/control.json`.
+struct Memory {
+    path: PathBuf,
+    inner: std::sync::Mutex<MemoryFile>,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct MemoryFile {
+    desired: Option<u32>,
+    prior: BTreeMap<String, u32>,
+}
+
+impl Memory {
+    fn open(state_dir: &Path) -> Result<Memory> {
+        let path = state_dir.join("control.json");
+        let file = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "{} is corrupt; it remembers the replicas this agent's role should run \
+                     — fix or remove it (removing it returns to the configured count)",
+                    path.display()
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => MemoryFile::default(),
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
+        Ok(Memory {
+            path,
+            inner: std::sync::Mutex::new(file),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryFile> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn desired(&self) -> Option<u32> {
+        self.lock().desired
+    }
+
+    fn save(&self, file: &MemoryFile) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(file).context("encode control state")?;
+        crate::state::write_atomic(&self.path, &bytes, true)
+            .with_context(|| format!("write {}", self.path.display()))
+    }
+
+    fn set_desired(&self, n: u32) -> Result<()> {
+        let mut file = self.lock();
+        let mut next = file.clone();
+        next.desired = Some(n);
+        self.save(&next)?;
+        *file = next;
+        Ok(())
+    }
+
+    /// The prior count of `run_id`: recorded now as `current` if this is the run's first scale.
+    fn remember_prior(&self, run_id: &str, current: u32) -> Result<u32> {
+        let mut file = self.lock();
+        if let Some(&prior) = file.prior.get(run_id) {
+            return Ok(prior);
+        }
+        let mut next = file.clone();
+        next.prior.insert(run_id.to_owned(), current);
+        // Keep the memory bounded: runs are few, but agents live long.
+        while next.prior.len() > 256 {
+            let Some(oldest) = next.prior.keys().next().cloned() else {
+                break;
+            };
+            next.prior.remove(&oldest);
+        }
+        self.save(&next)?;
+        *file = next;
+        Ok(current)
+    }
+}
+
+/// Replaces `{name}` placeholders; unknown ones are left as written.
+pub(crate) fn substitute(template: &str, vars: &[(&str, String)]) -> String {
+    let mut out = template.to_owned();
+    for (name, value) in vars {
+        out = out.replace(&format!("{{{name}}}"), value);
+    }
+    out
+}
+
+pub(crate) fn resolve_path(file: &Path, p: &Path) -> PathBuf {
+    resolve(file, p)
+}
+
+/// An HTTP client for health checks and admin endpoints. reqwest needs a process-wide rustls
+/// provider; ours is ring, installed here if the binary has not already done so.
+pub(crate) fn http_client(timeout: Duration) -> Result<reqwest::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .context("build an HTTP client")
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn prior_is_remembered_per_run_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Memory::open(dir.path()).unwrap();
+        assert_eq!(m.remember_prior("run-1", 3).unwrap(), 3);
+        // A later scale in the same run keeps the first prior.
+        assert_eq!(m.remember_prior("run-1", 0).unwrap(), 3);
+        m.set_desired(0).unwrap();
+        drop(m);
+        let m = Memory::open(dir.path()).unwrap();
+        assert_eq!(m.desired(), Some(0));
+        assert_eq!(m.remember_prior("run-1", 0).unwrap(), 3);
+        assert_eq!(m.remember_prior("run-2", 0).unwrap(), 0);
+    }
+
+    #[test]
+    fn corrupt_memory_is_an_error_that_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("control.json"), b"{not json").unwrap();
+        let err = Memory::open(dir.path()).err().unwrap();
+        assert!(format!("{err:#}").contains("is corrupt"), "{err:#}");
+    }
+
+    #[test]
+    fn adapters_must_be_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ControlConfig {
+            scale: Some("process".into()),
+            ..ControlConfig::default()
+        };
+        let err = RoleControl::from_config(Path::new("agent.toml"), &cfg, dir.path())
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "agent.toml: control uses the process adapter but has no [control.process] table; \
+             add [control.process] (see deploy/agent.toml)"
+        );
+        let cfg = ControlConfig {
+            freeze: Some("carrier-pigeon".into()),
+            ..ControlConfig::default()
+        };
+        let err = RoleControl::from_config(Path::new("agent.toml"), &cfg, dir.path())
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string()
+                .contains("control.freeze = \"carrier-pigeon\" is not an adapter")
+        );
+    }
+}
