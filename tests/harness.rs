@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -81,6 +82,46 @@ impl InProcessCoordinator {
         agent_timeout: Duration,
         heartbeat_interval: Duration,
     ) -> InProcessCoordinator {
+        Self::start_full(
+            certs,
+            state_url,
+            agent_timeout,
+            heartbeat_interval,
+            BTreeMap::new(),
+        )
+        .await
+    }
+
+    /// With environments (for runs).
+    pub async fn start_full(
+        certs: &Path,
+        state_url: &str,
+        agent_timeout: Duration,
+        heartbeat_interval: Duration,
+        environments: BTreeMap<String, coordinator::config::Environment>,
+    ) -> InProcessCoordinator {
+        let any = "127.0.0.1:0".parse().unwrap();
+        Self::start_full_at(
+            certs,
+            state_url,
+            agent_timeout,
+            heartbeat_interval,
+            environments,
+            any,
+        )
+        .await
+    }
+
+    /// With environments, its agent listener on `agents` (a successor at its predecessor's
+    /// address, so agents reconnect to it).
+    pub async fn start_full_at(
+        certs: &Path,
+        state_url: &str,
+        agent_timeout: Duration,
+        heartbeat_interval: Duration,
+        environments: BTreeMap<String, coordinator::config::Environment>,
+        agents: SocketAddr,
+    ) -> InProcessCoordinator {
         let tls = coordinator::tls::TlsMaterial::load(&coordinator::tls::TlsPaths {
             ca: certs.join("ca.pem"),
             cert: certs.join("coordinator.pem"),
@@ -90,7 +131,7 @@ impl InProcessCoordinator {
         .unwrap();
         let store = coordinator::store::open(state_url).await.unwrap();
         let listeners = coordinator::Listeners::bind(
-            "127.0.0.1:0".parse().unwrap(),
+            agents,
             "127.0.0.1:0".parse().unwrap(),
             Some("127.0.0.1:0".parse().unwrap()),
         )
@@ -101,6 +142,7 @@ impl InProcessCoordinator {
             heartbeat_interval,
             agent_timeout,
             operator_token_hashes: vec![coordinator::grpc::token_hash("test-operator-token")],
+            environments,
         };
         let c = coordinator::Coordinator::start(settings, listeners, store)
             .await

@@ -379,3 +379,162 @@ async fn a_command_is_one_trace_across_coordinator_and_agent() {
     );
     cancel.cancel();
 }
+
+/// The CLI contract for runs, with real processes: a coordinator with an environment, agents
+/// supervising their roles, `drill --dry-run`, `drill --watch` (exit 0 on success),
+/// `runs --json` and `run show --json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_runs_from_the_cli_against_real_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs_init(dir.path(), &["web-1:web", "worker-1:worker"]);
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        r#"
+name = "roles-only"
+[[phase]]
+name = "freeze-writes"
+action = "freeze"
+roles = ["web"]
+gate = "all"
+timeout = "20s"
+[[phase]]
+name = "scale-to-zero"
+action = "scale"
+roles = ["worker"]
+gate = "all"
+timeout = "20s"
+params = { replicas = 0 }
+[[phase]]
+name = "restore-replicas"
+action = "scale"
+roles = ["worker"]
+gate = "all"
+timeout = "20s"
+params = { replicas = "prior" }
+[[phase]]
+name = "unfreeze"
+action = "unfreeze"
+roles = ["web"]
+gate = "all"
+timeout = "20s"
+"#,
+    )
+    .unwrap();
+    let (agents_addr, operator_addr) = (free_addr(), free_addr());
+    let env = format!(
+        r#"
+[environments.test]
+rpo = "1h"
+rto = "1h"
+retention = "1day"
+repository = "file://{dir}/repository"
+plan = "{plan}"
+fleet = {{ web = 1, worker = 1 }}
+"#,
+        dir = dir.path().display(),
+        plan = plan.display()
+    );
+    let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, &env);
+    let _coordinator = spawn_rollcall(
+        "coordinator",
+        dir.path(),
+        &["coordinator", "--config", config.to_str().unwrap()],
+        &[],
+    );
+    let marker = dir.path().join("frozen");
+    let web_control = format!(
+        "[control]\nfreeze = \"exec\"\n[control.exec]\nfreeze = [\"touch\", \"{m}\"]\nunfreeze = [\"rm\", \"{m}\"]\n",
+        m = marker.display()
+    );
+    let worker_control = "[control]\nscale = \"process\"\n[control.process]\nprogram = \"sleep\"\nargs = [\"3600\"]\nreplicas = 1\nstop_grace = \"1s\"\n";
+    let _agents: Vec<Proc> = [
+        ("web-1", "web", web_control.as_str()),
+        ("worker-1", "worker", worker_control),
+    ]
+    .iter()
+    .map(|(n, r, extra)| {
+        let cfg = write_agent_config(dir.path(), &certs, agents_addr, n, r, extra);
+        spawn_rollcall(
+            n,
+            dir.path(),
+            &["agent", "--config", cfg.to_str().unwrap()],
+            &[],
+        )
+    })
+    .collect();
+    eventually("agents ready", Duration::from_secs(30), async || {
+        let json = agents_json(operator_addr, &certs).ok()?;
+        ["web-1", "worker-1"]
+            .iter()
+            .all(|n| agent_state(&json, n) == Some(("connected".into(), true)))
+            .then_some(())
+    })
+    .await;
+
+    let operator = format!("https://{operator_addr}");
+    let conn = [
+        "--coordinator",
+        operator.as_str(),
+        "--certs",
+        certs.to_str().unwrap(),
+    ];
+    let run = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend_from_slice(&conn);
+        rollcall(&all)
+    };
+
+    let dry = run(&["drill", "--env", "test", "--dry-run"]);
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    assert!(
+        text.contains("nothing is changed") && text.contains("worker-1 (ready)"),
+        "{text}"
+    );
+    assert!(!marker.exists(), "a dry run touches nothing");
+
+    let unknown = run(&["drill", "--env", "prod"]);
+    assert!(!unknown.status.success());
+    let err = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        err.contains("no environment \"prod\"") && err.contains("configured: test"),
+        "{err}"
+    );
+
+    let drill = run(&["drill", "--env", "test", "--watch"]);
+    let out = String::from_utf8_lossy(&drill.stdout);
+    assert!(
+        drill.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&drill.stderr)
+    );
+    assert!(
+        out.contains("phase scale-to-zero passed") && out.contains("succeeded"),
+        "{out}"
+    );
+    assert!(!marker.exists(), "unfrozen at the end");
+
+    let runs = run(&["runs", "--json"]);
+    let runs: serde_json::Value = serde_json::from_slice(&runs.stdout).unwrap();
+    let id = runs[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(runs[0]["state"], "succeeded");
+    let show = run(&["run", "show", &id, "--json"]);
+    let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(show["phases"].as_array().unwrap().len(), 4);
+    assert!(
+        show["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["outcome"] == "succeeded")
+    );
+
+    let abort = run(&["run", "abort", &id]);
+    assert!(!abort.status.success());
+    assert!(String::from_utf8_lossy(&abort.stderr).contains("already succeeded"));
+}

@@ -2,6 +2,7 @@
 //! to the library that does the work.
 
 mod operator;
+mod runs;
 mod telemetry;
 
 use std::path::PathBuf;
@@ -47,10 +48,81 @@ enum Command {
         #[command(flatten)]
         connection: operator::Connection,
     },
+    /// Start a restore drill: the environment's plan against its fleet, to a recovery point.
+    Drill {
+        #[arg(long)]
+        env: String,
+        /// A recovery point id, or "latest".
+        #[arg(long)]
+        point: Option<String>,
+        /// A plan file instead of the environment's plan.
+        #[arg(long)]
+        plan: Option<PathBuf>,
+        /// Print what would happen (the point, each phase, the agents it touches); change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Follow the run until it ends; exit 0 only if it succeeded.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: operator::Connection,
+    },
+    /// List runs, newest first.
+    Runs {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: operator::Connection,
+    },
+    /// Show, follow or decide about one run.
+    Run {
+        #[command(subcommand)]
+        command: RunCommand,
+    },
     /// Validate or show restore plans.
     Plan {
         #[command(subcommand)]
         command: PlanCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RunCommand {
+    /// The run, its phases with durations and details.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: operator::Connection,
+    },
+    /// Follow the run's events until it ends or blocks; exit 0 only if it succeeded.
+    Watch {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: operator::Connection,
+    },
+    /// Continue a blocked run after fixing the cause: commands that already ran are not re-run.
+    Resume {
+        id: String,
+        #[command(flatten)]
+        connection: operator::Connection,
+    },
+    /// Re-run a blocked run's failed phases as a new attempt.
+    Retry {
+        id: String,
+        #[command(flatten)]
+        connection: operator::Connection,
+    },
+    /// Stop a run. Nothing is undone: a frozen fleet stays frozen until you unfreeze it.
+    Abort {
+        id: String,
+        #[command(flatten)]
+        connection: operator::Connection,
     },
 }
 
@@ -137,6 +209,55 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Agents { json, connection } => {
             telemetry::init_quiet();
             operator::agents(&connection, json).await
+        }
+        Command::Drill {
+            env,
+            point,
+            plan,
+            dry_run,
+            watch,
+            json,
+            connection,
+        } => {
+            telemetry::init_quiet();
+            let drill = runs::Drill {
+                env,
+                point,
+                plan,
+                dry_run,
+                watch,
+                json,
+            };
+            runs::drill(&connection, drill).await
+        }
+        Command::Runs { json, connection } => {
+            telemetry::init_quiet();
+            runs::list(&connection, json).await
+        }
+        Command::Run { command } => {
+            telemetry::init_quiet();
+            use api::pb::operator::RunControl;
+            match command {
+                RunCommand::Show {
+                    id,
+                    json,
+                    connection,
+                } => runs::show(&connection, &id, json).await,
+                RunCommand::Watch {
+                    id,
+                    json,
+                    connection,
+                } => runs::watch(&connection, &id, json).await,
+                RunCommand::Resume { id, connection } => {
+                    runs::control(&connection, &id, RunControl::Resume).await
+                }
+                RunCommand::Retry { id, connection } => {
+                    runs::control(&connection, &id, RunControl::Retry).await
+                }
+                RunCommand::Abort { id, connection } => {
+                    runs::control(&connection, &id, RunControl::Abort).await
+                }
+            }
         }
         Command::Plan { command } => {
             telemetry::init_quiet();
@@ -233,6 +354,7 @@ async fn run_coordinator(config: &std::path::Path) -> Result<()> {
             heartbeat_interval: loaded.config.agents.heartbeat_interval,
             agent_timeout: loaded.config.agents.timeout,
             operator_token_hashes: loaded.token_hashes.clone(),
+            environments: loaded.environments.clone(),
         };
         let coordinator = coordinator::Coordinator::start(settings, listeners, store).await?;
         coordinator.run(shutdown_signal()).await

@@ -260,6 +260,68 @@ fn constant_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 pub struct OperatorApi {
     pub registry: Registry,
     pub epoch: Epoch,
+    pub engine: crate::engine::Engine<crate::link::StreamLink>,
+}
+
+/// How often `WatchRun` looks for new journal events.
+const WATCH_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+fn run_to_pb(r: crate::store::RunRecord) -> op::Run {
+    let plan_name = r
+        .params
+        .get("plan")
+        .and_then(|p| p.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    op::Run {
+        id: r.id,
+        kind: r.kind.as_str().to_owned(),
+        environment: r.environment,
+        point_id: r.point_id.unwrap_or_default(),
+        state: r.state.as_str().to_owned(),
+        reason: r.reason.unwrap_or_default(),
+        epoch: r.epoch.get(),
+        created_unix_ms: r.created_at.timestamp_millis(),
+        updated_unix_ms: r.updated_at.timestamp_millis(),
+        finished_unix_ms: r.finished_at.map_or(0, |t| t.timestamp_millis()),
+        plan_name,
+    }
+}
+
+fn start_request(r: op::StartRunRequest) -> Result<crate::engine::StartRun, Status> {
+    let kind = match r.kind.as_str() {
+        "" | "drill" => crate::store::RunKind::Drill,
+        "recovery" => crate::store::RunKind::Recovery,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "run kind {other:?} is not drill or recovery"
+            )));
+        }
+    };
+    let plan = (!r.plan_toml.is_empty()).then(|| {
+        let name = if r.plan_name.is_empty() {
+            "plan.toml".to_owned()
+        } else {
+            r.plan_name
+        };
+        (name, r.plan_toml)
+    });
+    Ok(crate::engine::StartRun {
+        environment: r.environment,
+        kind,
+        point_id: (!r.point.is_empty()).then_some(r.point),
+        plan,
+    })
+}
+
+fn status_of(e: &anyhow::Error) -> Status {
+    let text = format!("{e:#}");
+    match e.downcast_ref::<crate::store::Error>() {
+        Some(crate::store::Error::NotFound(_)) => Status::not_found(text),
+        Some(crate::store::Error::Conflict(_)) => Status::failed_precondition(text),
+        _ if text.starts_with("no run ") => Status::not_found(text),
+        _ => Status::failed_precondition(text),
+    }
 }
 
 #[tonic::async_trait]
@@ -279,6 +341,193 @@ impl op::operator_service_server::OperatorService for OperatorApi {
             agents,
             epoch: self.epoch.get(),
         }))
+    }
+
+    #[tracing::instrument(name = "coordinator.grpc.start_run", skip_all)]
+    async fn start_run(
+        &self,
+        request: Request<op::StartRunRequest>,
+    ) -> Result<Response<op::Run>, Status> {
+        let start = start_request(request.into_inner())?;
+        let run = self
+            .engine
+            .start_run(start)
+            .await
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        Ok(Response::new(run_to_pb(run)))
+    }
+
+    #[tracing::instrument(name = "coordinator.grpc.list_runs", skip_all)]
+    async fn list_runs(
+        &self,
+        request: Request<op::ListRunsRequest>,
+    ) -> Result<Response<op::ListRunsResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => 50,
+            n => n.min(1000),
+        };
+        let runs = self
+            .engine
+            .store()
+            .list_runs(limit)
+            .await
+            .map_err(|e| status_of(&e.into()))?;
+        Ok(Response::new(op::ListRunsResponse {
+            runs: runs.into_iter().map(run_to_pb).collect(),
+        }))
+    }
+
+    #[tracing::instrument(name = "coordinator.grpc.get_run", skip_all)]
+    async fn get_run(
+        &self,
+        request: Request<op::GetRunRequest>,
+    ) -> Result<Response<op::RunDetail>, Status> {
+        let id = request.into_inner().id;
+        let store = self.engine.store();
+        let internal = |e: crate::store::Error| status_of(&e.into());
+        let run =
+            store.run(&id).await.map_err(internal)?.ok_or_else(|| {
+                Status::not_found(format!("no run {id}; `rollcall runs` lists them"))
+            })?;
+        let phases = store
+            .phases(&id)
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .map(|p| op::PhaseStatus {
+                index: p.index,
+                name: p.name,
+                state: p.state.as_str().to_owned(),
+                attempt: p.attempt,
+                started_unix_ms: p.started_at.map_or(0, |t| t.timestamp_millis()),
+                finished_unix_ms: p.finished_at.map_or(0, |t| t.timestamp_millis()),
+                detail: p.detail.unwrap_or_default(),
+            })
+            .collect();
+        let commands = store
+            .commands(&id)
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .map(|(c, r)| op::CommandStatus {
+                command_id: c.command_id,
+                phase_index: c.phase_index,
+                agent: c.agent,
+                action: c.action,
+                attempt: c.attempt,
+                epoch: c.epoch.get(),
+                outcome: r.as_ref().map(|r| r.outcome.clone()).unwrap_or_default(),
+                message: r.as_ref().map(|r| r.detail.clone()).unwrap_or_default(),
+                replayed: r.is_some_and(|r| r.replayed),
+            })
+            .collect();
+        Ok(Response::new(op::RunDetail {
+            run: Some(run_to_pb(run)),
+            phases,
+            commands,
+        }))
+    }
+
+    type WatchRunStream = tokio_stream::wrappers::ReceiverStream<Result<op::RunEvent, Status>>;
+
+    #[tracing::instrument(name = "coordinator.grpc.watch_run", skip_all)]
+    async fn watch_run(
+        &self,
+        request: Request<op::WatchRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let r = request.into_inner();
+        let store = self.engine.store().clone();
+        if store
+            .run(&r.id)
+            .await
+            .map_err(|e| status_of(&e.into()))?
+            .is_none()
+        {
+            return Err(Status::not_found(format!(
+                "no run {}; `rollcall runs` lists them",
+                r.id
+            )));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut after = r.after_seq;
+            loop {
+                let events = match store.events(&r.id, after, 500).await {
+                    Ok(events) => events,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::unavailable(format!("{e:#}")))).await;
+                        return;
+                    }
+                };
+                let drained = events.is_empty();
+                for e in events {
+                    after = e.seq;
+                    let event = op::RunEvent {
+                        seq: e.seq,
+                        at_unix_ms: e.at.timestamp_millis(),
+                        kind: e.kind,
+                        payload_json: e.payload.to_string(),
+                    };
+                    if tx.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+                if drained {
+                    // The stream ends once the run waits for nobody but an operator.
+                    match store.run(&r.id).await {
+                        Ok(Some(run))
+                            if run.state.is_final()
+                                || run.state == crate::store::RunState::Blocked =>
+                        {
+                            return;
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                    tokio::time::sleep(WATCH_POLL).await;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    #[tracing::instrument(name = "coordinator.grpc.dry_run", skip_all)]
+    async fn dry_run(
+        &self,
+        request: Request<op::StartRunRequest>,
+    ) -> Result<Response<op::DryRunResponse>, Status> {
+        let start = start_request(request.into_inner())?;
+        let text = self
+            .engine
+            .dry_run(&start)
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        Ok(Response::new(op::DryRunResponse { text }))
+    }
+
+    #[tracing::instrument(name = "coordinator.grpc.control_run", skip_all)]
+    async fn control_run(
+        &self,
+        request: Request<op::ControlRunRequest>,
+    ) -> Result<Response<op::Run>, Status> {
+        let r = request.into_inner();
+        let control = match op::RunControl::try_from(r.control) {
+            Ok(op::RunControl::Resume) => crate::engine::Control::Resume,
+            Ok(op::RunControl::Retry) => crate::engine::Control::Retry,
+            Ok(op::RunControl::Abort) => crate::engine::Control::Abort,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "control must be resume, retry or abort",
+                ));
+            }
+        };
+        let run = self
+            .engine
+            .control(&r.id, control)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(run_to_pb(run)))
     }
 }
 

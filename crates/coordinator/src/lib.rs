@@ -6,6 +6,7 @@
 
 pub mod certs;
 pub mod config;
+pub mod engine;
 pub mod grpc;
 pub mod link;
 pub mod metrics;
@@ -41,6 +42,8 @@ pub struct Settings {
     pub agent_timeout: Duration,
     /// SHA-256 of each accepted operator bearer token.
     pub operator_token_hashes: Vec<[u8; 32]>,
+    /// The environments runs can target.
+    pub environments: std::collections::BTreeMap<String, config::Environment>,
 }
 
 pub struct Listeners {
@@ -89,12 +92,15 @@ pub struct Coordinator {
     settings: Settings,
     listeners: Listeners,
     handle: Handle,
+    /// Stops run drivers when the coordinator stops.
+    engine_shutdown: CancellationToken,
 }
 
 /// A cheap-clone handle for talking to a running coordinator in-process.
 #[derive(Clone)]
 pub struct Handle {
     pub link: StreamLink,
+    pub engine: engine::Engine<StreamLink>,
     registry: Registry,
     store: Arc<dyn Store>,
     pub agents_addr: SocketAddr,
@@ -131,8 +137,19 @@ impl Coordinator {
             .await
             .context("take a new epoch from the state store")?;
         let registry = Registry::new();
+        let link = StreamLink::new(registry.clone(), epoch, Arc::default());
+        let engine_shutdown = CancellationToken::new();
+        let engine = engine::Engine::new(
+            store.clone(),
+            link.clone(),
+            Arc::new(registry.clone()),
+            settings.environments.clone(),
+            engine_shutdown.clone(),
+            settings.agent_timeout,
+        );
         let handle = Handle {
-            link: StreamLink::new(registry.clone(), epoch, Arc::default()),
+            link,
+            engine,
             registry,
             store,
             agents_addr: listeners.agents.local_addr()?,
@@ -155,6 +172,7 @@ impl Coordinator {
             settings,
             listeners,
             handle,
+            engine_shutdown,
         })
     }
 
@@ -168,6 +186,7 @@ impl Coordinator {
             settings,
             listeners,
             handle,
+            engine_shutdown,
         } = self;
         let epoch = handle.epoch();
         let agent_tls = tls::server_config(&settings.tls, ClientAuth::Required)?;
@@ -206,6 +225,7 @@ impl Coordinator {
                 OperatorApi {
                     registry: handle.registry.clone(),
                     epoch,
+                    engine: handle.engine.clone(),
                 },
                 move |request| {
                     auth.check(&request)?;
@@ -237,6 +257,14 @@ impl Coordinator {
             }
         };
 
+        // Runs a previous coordinator left unfinished continue under this epoch.
+        match handle.engine.resume_unfinished().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(runs = n, "resumed unfinished runs"),
+            Err(e) => tracing::error!("cannot read unfinished runs from the journal: {e:#}"),
+        }
+        let _stop_runs = engine_shutdown.drop_guard();
+
         let servers = async {
             let (a, o, m, ()) =
                 tokio::join!(agents_server, operator_server, metrics_server, sweeper);
@@ -250,6 +278,9 @@ impl Coordinator {
             result = &mut servers => return result,
             () = cancel.cancelled() => {}
         }
+        // Run drivers stop first: nothing more is journaled from a coordinator on its way out
+        // (its successor resumes from the journal, as after a crash).
+        handle.engine.stop_drivers();
         // Attach streams never end on their own: end them so graceful shutdown can finish.
         handle.registry.detach_all("coordinator shutting down");
         match tokio::time::timeout(SHUTDOWN_GRACE, servers).await {

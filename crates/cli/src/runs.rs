@@ -1,0 +1,297 @@
+//! `rollcall drill`, `rollcall runs` and `rollcall run show|watch|resume|retry|abort`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use api::pb::operator as op;
+
+use crate::operator::{Connection, status_error};
+
+pub struct Drill {
+    pub env: String,
+    pub point: Option<String>,
+    pub plan: Option<PathBuf>,
+    pub dry_run: bool,
+    pub watch: bool,
+    pub json: bool,
+}
+
+fn start_request(d: &Drill) -> Result<op::StartRunRequest> {
+    let (plan_toml, plan_name) = match &d.plan {
+        Some(path) => (
+            std::fs::read_to_string(path).with_context(|| {
+                format!(
+                    "read plan {}; check the path (`rollcall plan check FILE` validates one)",
+                    path.display()
+                )
+            })?,
+            path.display().to_string(),
+        ),
+        None => (String::new(), String::new()),
+    };
+    Ok(op::StartRunRequest {
+        environment: d.env.clone(),
+        kind: "drill".into(),
+        point: d.point.clone().unwrap_or_default(),
+        plan_toml,
+        plan_name,
+    })
+}
+
+#[allow(clippy::print_stdout)]
+pub async fn drill(connection: &Connection, d: Drill) -> Result<()> {
+    let mut client = connection.connect().await?;
+    let request = start_request(&d)?;
+    if d.dry_run {
+        let text = client
+            .dry_run(request)
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .text;
+        print!("{text}");
+        return Ok(());
+    }
+    let run = client
+        .start_run(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if d.json && !d.watch {
+        println!("{}", serde_json::to_string_pretty(&run_json(&run))?);
+        return Ok(());
+    }
+    if !d.json {
+        println!(
+            "run {} started ({} of {})",
+            run.id, run.kind, run.environment
+        );
+    }
+    if d.watch {
+        return watch(connection, &run.id, d.json).await;
+    }
+    println!("follow it with: rollcall run watch {}", run.id);
+    Ok(())
+}
+
+fn run_json(r: &op::Run) -> serde_json::Value {
+    serde_json::json!({
+        "id": r.id,
+        "kind": r.kind,
+        "environment": r.environment,
+        "point": r.point_id,
+        "state": r.state,
+        "reason": r.reason,
+        "epoch": r.epoch,
+        "plan": r.plan_name,
+        "created_unix_ms": r.created_unix_ms,
+        "updated_unix_ms": r.updated_unix_ms,
+        "finished_unix_ms": r.finished_unix_ms,
+    })
+}
+
+fn time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+#[allow(clippy::print_stdout)]
+pub async fn list(connection: &Connection, json: bool) -> Result<()> {
+    let mut client = connection.connect().await?;
+    let runs = client
+        .list_runs(op::ListRunsRequest { limit: 50 })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .runs;
+    if json {
+        let out: Vec<_> = runs.iter().map(run_json).collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    if runs.is_empty() {
+        println!("no runs yet; start one with `rollcall drill --env ENV`");
+        return Ok(());
+    }
+    println!(
+        "{:<44} {:<10} {:<12} {:<10} CREATED",
+        "RUN", "KIND", "ENVIRONMENT", "STATE"
+    );
+    for r in &runs {
+        println!(
+            "{:<44} {:<10} {:<12} {:<10} {}",
+            r.id,
+            r.kind,
+            r.environment,
+            r.state,
+            time(r.created_unix_ms)
+        );
+    }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+pub async fn show(connection: &Connection, id: &str, json: bool) -> Result<()> {
+    let mut client = connection.connect().await?;
+    let detail = client
+        .get_run(op::GetRunRequest { id: id.to_owned() })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let run = detail
+        .run
+        .context("coordinator sent a run without its record")?;
+    if json {
+        let phases: Vec<_> = detail
+            .phases
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "index": p.index, "name": p.name, "state": p.state, "attempt": p.attempt,
+                    "started_unix_ms": p.started_unix_ms, "finished_unix_ms": p.finished_unix_ms,
+                    "detail": p.detail,
+                })
+            })
+            .collect();
+        let commands: Vec<_> = detail
+            .commands
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "command_id": c.command_id, "phase_index": c.phase_index, "agent": c.agent,
+                    "action": c.action, "attempt": c.attempt, "epoch": c.epoch,
+                    "outcome": c.outcome, "message": c.message, "replayed": c.replayed,
+                })
+            })
+            .collect();
+        let out =
+            serde_json::json!({ "run": run_json(&run), "phases": phases, "commands": commands });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "run {} ({} of {}): {}",
+        run.id, run.kind, run.environment, run.state
+    );
+    if !run.reason.is_empty() {
+        println!("  {}", run.reason);
+    }
+    println!(
+        "  created {}  epoch {}  plan {}",
+        time(run.created_unix_ms),
+        run.epoch,
+        run.plan_name
+    );
+    for p in &detail.phases {
+        let took = if p.finished_unix_ms > 0 && p.started_unix_ms > 0 {
+            format!(
+                "{:.1}s",
+                (p.finished_unix_ms - p.started_unix_ms) as f64 / 1000.0
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "  {:>2}. {:<18} {:<8} {:>7}  {}",
+            p.index, p.name, p.state, took, p.detail
+        );
+    }
+    Ok(())
+}
+
+/// Streams a run's events until it ends or blocks; fails unless it succeeded.
+#[allow(clippy::print_stdout)]
+pub async fn watch(connection: &Connection, id: &str, json: bool) -> Result<()> {
+    let mut client = connection.connect().await?;
+    let mut stream = client
+        .watch_run(op::WatchRunRequest {
+            id: id.to_owned(),
+            after_seq: 0,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    while let Some(event) = stream.message().await.map_err(status_error)? {
+        let payload: serde_json::Value =
+            serde_json::from_str(&event.payload_json).unwrap_or(serde_json::Value::Null);
+        if json {
+            let line = serde_json::json!({
+                "seq": event.seq, "at_unix_ms": event.at_unix_ms, "kind": event.kind, "payload": payload,
+            });
+            println!("{line}");
+        } else {
+            println!(
+                "{} {}",
+                time(event.at_unix_ms),
+                describe(&event.kind, &payload)
+            );
+        }
+    }
+    // The stream ends when the run is final or blocked: report how it stands.
+    let run = client
+        .get_run(op::GetRunRequest { id: id.to_owned() })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .run
+        .context("coordinator sent a run without its record")?;
+    match run.state.as_str() {
+        "succeeded" => {
+            if !json {
+                println!("run {} succeeded", run.id);
+            }
+            Ok(())
+        }
+        state => bail!("run {} is {state}: {}", run.id, run.reason),
+    }
+}
+
+fn describe(kind: &str, p: &serde_json::Value) -> String {
+    let s = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
+    match kind {
+        "phase.started" => format!(
+            "phase {} started ({}, attempt {})",
+            s("phase"),
+            s("action"),
+            p["attempt"]
+        ),
+        "phase.finished" => {
+            let secs = p.get("duration_ms").and_then(|v| v.as_i64()).unwrap_or(0) as f64 / 1000.0;
+            format!(
+                "phase {} {} in {secs:.1}s: {}",
+                s("phase"),
+                s("state"),
+                s("detail")
+            )
+        }
+        "run.blocked" => format!("run blocked: {}", s("reason")),
+        "report" => "report written".to_owned(),
+        other => format!(
+            "{other} {}",
+            if p.is_null() || p == &serde_json::json!({}) {
+                String::new()
+            } else {
+                p.to_string()
+            }
+        ),
+    }
+}
+
+#[allow(clippy::print_stdout)]
+pub async fn control(connection: &Connection, id: &str, control: op::RunControl) -> Result<()> {
+    let mut client = connection.connect().await?;
+    let run = client
+        .control_run(op::ControlRunRequest {
+            id: id.to_owned(),
+            control: control as i32,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("run {} is {}", run.id, run.state);
+    if !run.reason.is_empty() {
+        println!("  {}", run.reason);
+    }
+    Ok(())
+}

@@ -1,0 +1,898 @@
+//! The run engine: executes a plan against an environment's fleet, phase by phase, with gates,
+//! and survives its own crash.
+//!
+//! The pure `planner` decides; the driver here applies its decisions. Every decision and result
+//! is journaled in the `Store` before it is acted on: a phase is recorded `running` before its
+//! commands go out, each command is recorded before it is sent, each result when it arrives.
+//! A restarted coordinator finds unfinished runs in the journal and drives them again: phases
+//! that were running are executed again with the same command ids, which agents dedupe (a
+//! command that already ran is answered from the agent's record, not run twice).
+
+pub mod planner;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, anyhow, bail};
+use api::model::{
+    Action as AgentAction, AgentName, AgentStatus, Availability, CommandId, Outcome, ResultDetail,
+    ScaleTarget,
+};
+use chrono::Utc;
+use serde_json::json;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::Environment;
+use crate::link::{AgentLink, LinkError, Outgoing};
+use crate::plan::{Action, Phase, Plan, Replicas};
+use crate::store::{
+    self, CommandRecord, NewRun, PhaseRecord, PhaseState, ResultRecord, RunKind, RunRecord,
+    RunState, Store,
+};
+use planner::{AgentStanding, Next};
+
+/// The agents the coordinator knows, connected or not.
+pub trait Directory: Send + Sync + 'static {
+    fn agents(&self) -> Vec<AgentStatus>;
+}
+
+impl Directory for crate::registry::Registry {
+    fn agents(&self) -> Vec<AgentStatus> {
+        self.list()
+    }
+}
+
+/// How often a readiness gate is re-evaluated while it waits.
+const GATE_POLL: Duration = Duration::from_millis(250);
+/// Pause before re-sending a command whose agent was not reachable.
+const RESEND_PAUSE: Duration = Duration::from_millis(250);
+/// Longest pause between retries of a failed command.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(10);
+
+/// What an operator asks for when starting a run.
+#[derive(Debug, Clone)]
+pub struct StartRun {
+    pub environment: String,
+    pub kind: RunKind,
+    pub point_id: Option<String>,
+    /// A plan document and the name to report errors under; the environment's plan when None.
+    pub plan: Option<(String, String)>,
+}
+
+/// An operator's decision about a blocked (or stuck) run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Re-run the blocked phases with the same command ids (after fixing the cause, e.g.
+    /// restarting an agent): what already ran is not run again.
+    Resume,
+    /// Re-run the blocked phases as a new attempt (new command ids: everything runs again).
+    Retry,
+    /// Stop the run. Nothing is undone; a frozen fleet stays frozen.
+    Abort,
+}
+
+pub struct Engine<L> {
+    inner: Arc<Inner<L>>,
+}
+
+impl<L> Clone for Engine<L> {
+    fn clone(&self) -> Self {
+        Engine {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<L> {
+    store: Arc<dyn Store>,
+    link: L,
+    directory: Arc<dyn Directory>,
+    environments: BTreeMap<String, Environment>,
+    /// Runs being driven by this process, with the token that stops their driver.
+    drives: Mutex<HashMap<String, CancellationToken>>,
+    shutdown: CancellationToken,
+    /// How long a phase waits for declared agents that are not attached yet (after a
+    /// coordinator restart they reconnect within about this long).
+    attach_grace: Duration,
+}
+
+impl<L: AgentLink + Clone + 'static> Engine<L> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        link: L,
+        directory: Arc<dyn Directory>,
+        environments: BTreeMap<String, Environment>,
+        shutdown: CancellationToken,
+        attach_grace: Duration,
+    ) -> Engine<L> {
+        Engine {
+            inner: Arc::new(Inner {
+                store,
+                link,
+                directory,
+                environments,
+                drives: Mutex::new(HashMap::new()),
+                shutdown,
+                attach_grace,
+            }),
+        }
+    }
+
+    pub fn environments(&self) -> &BTreeMap<String, Environment> {
+        &self.inner.environments
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// What `start_run` would do, as text for an operator; touches nothing.
+    pub fn dry_run(&self, request: &StartRun) -> Result<String> {
+        let env = self.environment(&request.environment)?;
+        let plan = match &request.plan {
+            None => env.plan.clone(),
+            Some((name, text)) => Plan::parse(Path::new(name), text, Some(&env.fleet))
+                .map_err(|e| anyhow!("{e}"))?,
+        };
+        let agents: Vec<AgentStatus> = self
+            .inner
+            .directory
+            .agents()
+            .into_iter()
+            .filter(|a| a.environment.as_str() == env.name.as_str())
+            .collect();
+        let mut out = format!(
+            "dry run: a {} of environment {} to point {}; nothing is changed\n",
+            request.kind,
+            env.name,
+            request.point_id.as_deref().unwrap_or("(none given)")
+        );
+        out.push_str(&format!(
+            "objectives: RPO {}, RTO {}; repository {}\n",
+            humantime::format_duration(env.rpo),
+            humantime::format_duration(env.rto),
+            env.repository
+        ));
+        out.push_str(&plan.render(Some(&env.fleet)));
+        out.push_str("agents each phase would command:\n");
+        for phase in &plan.phases {
+            let mut names = Vec::new();
+            for role in &phase.roles {
+                let mut seen = 0;
+                for a in agents.iter().filter(|a| a.role.as_str() == role) {
+                    seen += 1;
+                    let state = match (a.availability, a.ready) {
+                        (Availability::Connected, true) => "ready",
+                        (Availability::Connected, false) => "not ready",
+                        (Availability::Unavailable, _) => "unavailable",
+                    };
+                    names.push(format!("{} ({state})", a.name));
+                }
+                let declared = env.fleet.get(role).copied().unwrap_or(0);
+                if seen < declared {
+                    names.push(format!("{} declared {role} never attached", declared - seen));
+                }
+            }
+            let names = if phase.roles.is_empty() {
+                "the coordinator".to_owned()
+            } else {
+                names.join(", ")
+            };
+            out.push_str(&format!("  {:<18} {names}\n", phase.name));
+        }
+        if let Err(why) = plan.phases.iter().try_for_each(|p| agent_actions(p).map(|_| ())) {
+            out.push_str(&format!("warning: {why}\n"));
+        }
+        Ok(out)
+    }
+
+    /// Validates the request, journals the run, and starts driving it.
+    pub async fn start_run(&self, request: StartRun) -> Result<RunRecord> {
+        let env = self.environment(&request.environment)?;
+        let plan = match &request.plan {
+            None => env.plan.clone(),
+            Some((name, text)) => {
+                Plan::parse(Path::new(name), text, Some(&env.fleet)).map_err(|e| anyhow!("{e}"))?
+            }
+        };
+        let now = Utc::now();
+        let id = format!(
+            "{}-{}-{}-{:04x}",
+            request.kind,
+            env.name,
+            now.format("%Y%m%dT%H%M%S"),
+            rand::random::<u16>()
+        );
+        let run = NewRun {
+            id: id.clone(),
+            kind: request.kind,
+            environment: env.name.to_string(),
+            point_id: request.point_id.clone(),
+            plan: plan.source.clone(),
+            params: json!({ "plan": plan.name }),
+            epoch: self.inner.link.epoch(),
+            created_at: now,
+        };
+        self.inner.store.create_run(&run).await?;
+        self.inner
+            .event(
+                &id,
+                "run.created",
+                json!({ "plan": plan.name, "point": request.point_id }),
+            )
+            .await?;
+        self.spawn_drive(id.clone());
+        self.inner
+            .store
+            .run(&id)
+            .await?
+            .with_context(|| format!("run {id} vanished after it was created"))
+    }
+
+    /// Drives every run the journal says is unfinished and not waiting for an operator.
+    pub async fn resume_unfinished(&self) -> Result<usize> {
+        let runs = self.inner.store.unfinished_runs().await?;
+        let mut n = 0;
+        for run in runs {
+            if matches!(run.state, RunState::Pending | RunState::Running) {
+                tracing::info!(run_id = %run.id, "resuming unfinished run");
+                self.spawn_drive(run.id);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Applies an operator's decision; returns the run as it now stands.
+    pub async fn control(&self, id: &str, control: Control) -> Result<RunRecord> {
+        let store = &self.inner.store;
+        let run = store
+            .run(id)
+            .await?
+            .with_context(|| format!("no run {id}; `rollcall runs` lists them"))?;
+        if run.state.is_final() {
+            bail!("run {id} is already {}; it cannot be changed", run.state);
+        }
+        match control {
+            Control::Abort => {
+                if let Some(token) = self.inner.drives_lock().remove(id) {
+                    token.cancel();
+                }
+                let phases = store.phases(id).await?;
+                let frozen = phase_passed(&phases, &run, Action::Freeze)
+                    && !phase_passed(&phases, &run, Action::Unfreeze);
+                let reason = if frozen {
+                    "aborted by an operator; the fleet stays frozen (writes are off) until an \
+                     operator unfreezes it"
+                } else {
+                    "aborted by an operator"
+                };
+                store
+                    .set_run_state(id, RunState::Aborted, Some(reason), Utc::now())
+                    .await?;
+                self.inner
+                    .event(id, "run.aborted", json!({ "frozen": frozen }))
+                    .await?;
+            }
+            Control::Resume | Control::Retry => {
+                if run.state == RunState::Running && self.inner.drives_lock().contains_key(id) {
+                    bail!("run {id} is running; resume and retry are for blocked runs");
+                }
+                for mut phase in store.phases(id).await? {
+                    if matches!(phase.state, PhaseState::Blocked | PhaseState::Failed) {
+                        if control == Control::Retry {
+                            phase.attempt += 1;
+                        }
+                        phase.state = PhaseState::Pending;
+                        phase.finished_at = None;
+                        store.put_phase(&phase).await?;
+                    }
+                }
+                let verb = if control == Control::Retry {
+                    "retried"
+                } else {
+                    "resumed"
+                };
+                store
+                    .set_run_state(id, RunState::Running, None, Utc::now())
+                    .await?;
+                self.inner
+                    .event(id, &format!("run.{verb}"), json!({}))
+                    .await?;
+                self.spawn_drive(id.to_owned());
+            }
+        }
+        store
+            .run(id)
+            .await?
+            .with_context(|| format!("run {id} vanished"))
+    }
+
+    fn environment(&self, name: &str) -> Result<&Environment> {
+        self.inner.environments.get(name).with_context(|| {
+            let known: Vec<&str> = self.inner.environments.keys().map(String::as_str).collect();
+            format!(
+                "no environment {name:?} in the coordinator config (configured: {}); add \
+                 [environments.{name}] to rollcall.toml",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            )
+        })
+    }
+
+    fn spawn_drive(&self, id: String) {
+        let token = self.inner.shutdown.child_token();
+        {
+            let mut drives = self.inner.drives_lock();
+            if drives.contains_key(&id) {
+                return;
+            }
+            drives.insert(id.clone(), token.clone());
+        }
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let span = tracing::info_span!("rollcall.run", run_id = %id);
+            let result = inner
+                .clone()
+                .drive(&id, token.clone())
+                .instrument(span)
+                .await;
+            inner.drives_lock().remove(&id);
+            if let Err(e) = result {
+                if token.is_cancelled() {
+                    return;
+                }
+                tracing::error!(run_id = %id, "run driver failed: {e:#}");
+                let reason = format!("the coordinator could not continue: {e:#}");
+                let _ = inner
+                    .store
+                    .set_run_state(&id, RunState::Blocked, Some(&reason), Utc::now())
+                    .await;
+                let _ = inner
+                    .event(&id, "run.blocked", json!({ "reason": reason }))
+                    .await;
+            }
+        });
+    }
+
+    /// Stops every run driver of this process; the journal keeps the runs for a successor.
+    pub fn stop_drivers(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Waits until no run is being driven by this process (tests, shutdown).
+    pub async fn idle(&self) {
+        while !self.inner.drives_lock().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn phase_passed(phases: &[PhaseRecord], run: &RunRecord, action: Action) -> bool {
+    let Ok(plan) = Plan::parse(Path::new("journal"), &run.plan, None) else {
+        return false;
+    };
+    phases.iter().any(|p| {
+        p.state == PhaseState::Passed
+            && plan
+                .phases
+                .get(p.index as usize)
+                .is_some_and(|ph| ph.action == action)
+    })
+}
+
+impl<L: AgentLink + Clone + 'static> Inner<L> {
+    fn drives_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+        self.drives.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn event(&self, run_id: &str, kind: &str, payload: serde_json::Value) -> Result<()> {
+        self.store
+            .append_event(run_id, Utc::now(), kind, &payload)
+            .await?;
+        Ok(())
+    }
+
+    async fn drive(self: Arc<Self>, id: &str, cancel: CancellationToken) -> Result<()> {
+        let run = self
+            .store
+            .run(id)
+            .await?
+            .with_context(|| format!("no run {id}"))?;
+        if run.state.is_final() || run.state == RunState::Blocked {
+            return Ok(());
+        }
+        let Some(env) = self.environments.get(&run.environment).cloned() else {
+            let reason = format!(
+                "environment {} is no longer in the coordinator config; restore its \
+                 [environments.{}] table and resume",
+                run.environment, run.environment
+            );
+            self.store
+                .set_run_state(id, RunState::Blocked, Some(&reason), Utc::now())
+                .await?;
+            return Ok(());
+        };
+        // The run follows the plan it was started with, whatever the files say now.
+        let plan = Plan::parse(Path::new("journaled plan"), &run.plan, Some(&env.fleet))
+            .map_err(|e| anyhow!("the journaled plan no longer fits the fleet: {e}"))?;
+        if run.state == RunState::Pending {
+            self.store
+                .set_run_state(id, RunState::Running, None, Utc::now())
+                .await?;
+            self.event(
+                id,
+                "run.started",
+                json!({ "epoch": self.link.epoch().get() }),
+            )
+            .await?;
+        }
+        let plan = Arc::new(plan);
+        let env = Arc::new(env);
+        let mut tasks: JoinSet<(usize, Result<()>)> = JoinSet::new();
+        let mut in_flight = BTreeSet::new();
+        loop {
+            let journal = self.store.phases(id).await?;
+            let mut states = vec![None; plan.phases.len()];
+            for p in &journal {
+                if let Some(slot) = states.get_mut(p.index as usize) {
+                    *slot = Some(p.state);
+                }
+            }
+            match planner::next(&plan, &states, &in_flight) {
+                Next::Start(phases) => {
+                    for index in phases {
+                        let attempt = journal
+                            .iter()
+                            .find(|p| p.index as usize == index)
+                            .map_or(1, |p| p.attempt.max(1));
+                        in_flight.insert(index);
+                        let me = self.clone();
+                        let (plan, env, run_id) = (plan.clone(), env.clone(), id.to_owned());
+                        let span = tracing::info_span!(
+                            "rollcall.phase",
+                            phase = %plan.phases[index].name,
+                            action = %plan.phases[index].action,
+                            attempt
+                        );
+                        tasks.spawn(
+                            async move {
+                                let result =
+                                    me.run_phase(&run_id, &plan, &env, index, attempt).await;
+                                (index, result)
+                            }
+                            .instrument(span),
+                        );
+                    }
+                }
+                Next::Wait => {
+                    tokio::select! {
+                        () = cancel.cancelled() => {
+                            tasks.abort_all();
+                            return Ok(());
+                        }
+                        joined = tasks.join_next() => match joined {
+                            Some(Ok((index, result))) => {
+                                in_flight.remove(&index);
+                                if let Err(e) = result {
+                                    tasks.abort_all();
+                                    return Err(e.context(format!("phase {}", plan.phases[index].name)));
+                                }
+                            }
+                            Some(Err(e)) => {
+                                tasks.abort_all();
+                                bail!("a phase task ended abnormally: {e}");
+                            }
+                            None => bail!("the planner waits but no phase is in flight"),
+                        }
+                    }
+                }
+                Next::Done => {
+                    self.store
+                        .set_run_state(id, RunState::Succeeded, None, Utc::now())
+                        .await?;
+                    self.event(id, "run.succeeded", json!({})).await?;
+                    tracing::info!(run_id = %id, "run succeeded");
+                    return Ok(());
+                }
+                Next::Blocked { phase } => {
+                    let detail = journal
+                        .iter()
+                        .find(|p| p.index as usize == phase)
+                        .and_then(|p| p.detail.clone())
+                        .unwrap_or_default();
+                    let reason = format!(
+                        "phase {} did not pass: {detail}; traffic stays frozen — fix the cause, \
+                         then `rollcall run resume {id}` (or `retry`, or `abort`)",
+                        plan.phases[phase].name
+                    );
+                    self.store
+                        .set_run_state(id, RunState::Blocked, Some(&reason), Utc::now())
+                        .await?;
+                    self.event(
+                        id,
+                        "run.blocked",
+                        json!({ "phase": plan.phases[phase].name, "reason": reason }),
+                    )
+                    .await?;
+                    tracing::warn!(run_id = %id, "run blocked: {reason}");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn run_phase(
+        &self,
+        run_id: &str,
+        plan: &Plan,
+        env: &Environment,
+        index: usize,
+        attempt: u32,
+    ) -> Result<()> {
+        let phase = &plan.phases[index];
+        let started = Utc::now();
+        let mut record = PhaseRecord {
+            run_id: run_id.to_owned(),
+            index: index as u32,
+            name: phase.name.clone(),
+            state: PhaseState::Running,
+            attempt,
+            started_at: Some(started),
+            finished_at: None,
+            detail: None,
+        };
+        self.store.put_phase(&record).await?;
+        self.event(
+            run_id,
+            "phase.started",
+            json!({ "phase": phase.name, "action": phase.action.as_str(), "attempt": attempt }),
+        )
+        .await?;
+
+        let (passed, detail) = if phase.action == Action::Report {
+            let summary = self.summarize(run_id, plan, index).await?;
+            self.event(run_id, "report", summary).await?;
+            (true, "report written to the run's journal".to_owned())
+        } else {
+            self.command_phase(run_id, phase, env, attempt).await?
+        };
+
+        record.state = if passed {
+            PhaseState::Passed
+        } else if phase.required {
+            PhaseState::Blocked
+        } else {
+            PhaseState::Failed
+        };
+        record.finished_at = Some(Utc::now());
+        record.detail = Some(detail.clone());
+        self.store.put_phase(&record).await?;
+        let millis = (Utc::now() - started).num_milliseconds();
+        self.event(
+            run_id,
+            "phase.finished",
+            json!({ "phase": phase.name, "state": record.state.as_str(), "detail": detail, "duration_ms": millis }),
+        )
+        .await?;
+        tracing::info!(phase = %phase.name, state = %record.state, %detail, "phase finished");
+        Ok(())
+    }
+
+    /// Sends the phase's commands to every targeted agent at once, then holds the gate.
+    async fn command_phase(
+        &self,
+        run_id: &str,
+        phase: &Phase,
+        env: &Environment,
+        attempt: u32,
+    ) -> Result<(bool, String)> {
+        let steps = match agent_actions(phase) {
+            Ok(steps) => steps,
+            Err(why) => return Ok((false, why)),
+        };
+        let deadline = SystemTime::now() + phase.timeout;
+        let targets = self.targets(phase, env, deadline).await;
+
+        let mut sends = JoinSet::new();
+        for agent in &targets {
+            let (me_store, link) = (self.store.clone(), self.link.clone());
+            let (run_id, name, steps) = (run_id.to_owned(), agent.name.clone(), steps.clone());
+            let (phase_name, phase_index, retries) =
+                (phase.name.clone(), phase.index, phase.retries);
+            sends.spawn(
+                async move {
+                    let outcome = run_steps(
+                        &*me_store,
+                        &link,
+                        &run_id,
+                        &phase_name,
+                        phase_index,
+                        attempt,
+                        retries,
+                        &name,
+                        &steps,
+                        deadline,
+                    )
+                    .await;
+                    (name, outcome)
+                }
+                .in_current_span(),
+            );
+        }
+        let mut succeeded = BTreeMap::new();
+        let mut failures = Vec::new();
+        while let Some(joined) = sends.join_next().await {
+            let (name, outcome) =
+                joined.map_err(|e| anyhow!("a command task ended abnormally: {e}"))?;
+            match outcome? {
+                Ok(()) => {
+                    succeeded.insert(name, true);
+                }
+                Err(why) => {
+                    failures.push(format!("{name}: {why}"));
+                    succeeded.insert(name, false);
+                }
+            }
+        }
+
+        // The gate: results under this epoch, readiness as observed now, against the declared
+        // fleet. Readiness can lag a successful start; poll until the phase's deadline.
+        loop {
+            let standing: Vec<AgentStanding> = self
+                .directory
+                .agents()
+                .into_iter()
+                .filter(|a| succeeded.contains_key(&a.name))
+                .map(|a| AgentStanding {
+                    role: a.role.to_string(),
+                    succeeded: succeeded.get(&a.name).copied().unwrap_or(false),
+                    ready: a.availability == Availability::Connected && a.ready,
+                })
+                .collect();
+            let verdict = planner::evaluate(phase, &env.fleet, &standing);
+            let waiting = planner::needs_readiness(phase) && SystemTime::now() < deadline;
+            if verdict.passed || !waiting {
+                let mut detail = verdict.detail;
+                if !failures.is_empty() {
+                    detail.push_str("; ");
+                    detail.push_str(&failures.join("; "));
+                }
+                let missing = declared_missing(env, phase, &targets);
+                if !missing.is_empty() && !verdict.passed {
+                    detail.push_str(&format!("; never connected: {}", missing.join(", ")));
+                }
+                return Ok((verdict.passed, detail));
+            }
+            tokio::time::sleep(GATE_POLL).await;
+        }
+    }
+
+    /// The agents a phase targets: those of its roles in the run's environment. Waits (up to
+    /// the attach grace, within the phase's deadline) for declared agents that have not
+    /// attached yet, as after a coordinator restart.
+    async fn targets(
+        &self,
+        phase: &Phase,
+        env: &Environment,
+        deadline: SystemTime,
+    ) -> Vec<AgentStatus> {
+        let until = (SystemTime::now() + self.attach_grace).min(deadline);
+        loop {
+            let targets: Vec<AgentStatus> = self
+                .directory
+                .agents()
+                .into_iter()
+                .filter(|a| {
+                    a.environment.as_str() == env.name.as_str()
+                        && phase.roles.iter().any(|r| r == a.role.as_str())
+                })
+                .collect();
+            let attached = |role: &String| {
+                targets
+                    .iter()
+                    .filter(|a| {
+                        a.role.as_str() == role && a.availability == Availability::Connected
+                    })
+                    .count() as u32
+            };
+            let complete = phase
+                .roles
+                .iter()
+                .all(|r| attached(r) >= env.fleet.get(r).copied().unwrap_or(0));
+            if complete || SystemTime::now() >= until {
+                return targets;
+            }
+            tokio::time::sleep(GATE_POLL).await;
+        }
+    }
+
+    /// A JSON summary of the run from the journal (the full drill report builds on it).
+    async fn summarize(&self, run_id: &str, plan: &Plan, this: usize) -> Result<serde_json::Value> {
+        let mut phases = self.store.phases(run_id).await?;
+        phases.retain(|p| p.index as usize != this);
+        let commands = self.store.commands(run_id).await?;
+        let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
+        for (_, result) in &commands {
+            let key = result.as_ref().map_or("no result", |r| r.outcome.as_str());
+            *outcomes.entry(key.to_owned()).or_default() += 1;
+        }
+        let phases: Vec<serde_json::Value> = phases
+            .iter()
+            .map(|p| {
+                json!({
+                    "phase": p.name,
+                    "action": plan.phases.get(p.index as usize).map(|ph| ph.action.as_str()),
+                    "state": p.state.as_str(),
+                    "attempt": p.attempt,
+                    "duration_ms": match (p.started_at, p.finished_at) {
+                        (Some(s), Some(f)) => Some((f - s).num_milliseconds()),
+                        _ => None,
+                    },
+                    "detail": p.detail,
+                })
+            })
+            .collect();
+        Ok(json!({ "plan": plan.name, "phases": phases, "commands": outcomes }))
+    }
+}
+
+/// Roles the environment declares more agents of than have ever connected.
+fn declared_missing(env: &Environment, phase: &Phase, seen: &[AgentStatus]) -> Vec<String> {
+    phase
+        .roles
+        .iter()
+        .filter_map(|role| {
+            let declared = env.fleet.get(role).copied().unwrap_or(0);
+            let known = seen.iter().filter(|a| a.role.as_str() == role).count() as u32;
+            (known < declared).then(|| format!("{} of {declared} {role}", declared - known))
+        })
+        .collect()
+}
+
+/// The agent commands a phase sends to each targeted agent, in order.
+fn agent_actions(phase: &Phase) -> std::result::Result<Vec<AgentAction>, String> {
+    let target = |r: Replicas| match r {
+        Replicas::Count(n) => ScaleTarget::Replicas(n),
+        Replicas::Prior => ScaleTarget::Prior,
+    };
+    match phase.action {
+        Action::Freeze => Ok(vec![AgentAction::Freeze]),
+        Action::Unfreeze => Ok(vec![AgentAction::Unfreeze]),
+        Action::Restart => Ok(vec![AgentAction::Restart]),
+        Action::Scale => match phase.replicas {
+            Some(r) => Ok(vec![AgentAction::Scale(target(r))]),
+            None => Err("scale phase without replicas (plan check refuses this)".into()),
+        },
+        Action::Report => Ok(Vec::new()),
+        Action::Preflight
+        | Action::RestorePostgres
+        | Action::RestoreObjects
+        | Action::Verify
+        | Action::Smoke => Err(format!(
+            "agents do not implement {} yet (this coordinator cannot run it)",
+            phase.action
+        )),
+    }
+}
+
+/// Runs a phase's steps on one agent with retries. The outer error is the journal failing
+/// (the run cannot continue); the inner one is the agent's failure (the gate judges it).
+#[allow(clippy::too_many_arguments)]
+async fn run_steps<L: AgentLink>(
+    store: &dyn Store,
+    link: &L,
+    run_id: &str,
+    phase: &str,
+    phase_index: usize,
+    attempt: u32,
+    retries: u32,
+    agent: &AgentName,
+    steps: &[AgentAction],
+    deadline: SystemTime,
+) -> Result<std::result::Result<(), String>> {
+    for (step, action) in steps.iter().enumerate() {
+        let mut last = String::new();
+        let mut ok = false;
+        for retry in 0..=retries {
+            let id = format!("{run_id}/{phase}/{agent}/a{attempt}/s{step}/r{retry}");
+            'same_id: loop {
+                let command_id =
+                    CommandId::parse(&id).map_err(|e| anyhow!("command id {id}: {e}"))?;
+                store
+                    .record_command(&CommandRecord {
+                        command_id: id.clone(),
+                        run_id: run_id.to_owned(),
+                        phase_index: phase_index as u32,
+                        agent: agent.to_string(),
+                        action: action.name().to_owned(),
+                        payload: serde_json::to_value(action)?,
+                        attempt,
+                        epoch: link.epoch(),
+                        created_at: Utc::now(),
+                    })
+                    .await?;
+                let sent = link
+                    .send(
+                        agent,
+                        Outgoing {
+                            id: command_id,
+                            run_id: run_id.to_owned(),
+                            deadline,
+                            action: action.clone(),
+                        },
+                    )
+                    .await;
+                match sent {
+                    Ok(result) => {
+                        let output = match &result.detail {
+                            Some(ResultDetail::Output(v)) => v.clone(),
+                            Some(other) => serde_json::to_value(other)?,
+                            None => serde_json::Value::Null,
+                        };
+                        let recorded = store
+                            .record_result(&ResultRecord {
+                                command_id: id.clone(),
+                                agent: agent.to_string(),
+                                epoch: result.epoch,
+                                outcome: result.outcome.as_str().to_owned(),
+                                replayed: result.replayed,
+                                detail: result.message.clone(),
+                                output,
+                                received_at: Utc::now(),
+                            })
+                            .await;
+                        match recorded {
+                            Ok(_) | Err(store::Error::Conflict(_)) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                        if result.outcome == Outcome::Succeeded {
+                            ok = true;
+                            break 'same_id;
+                        }
+                        last = format!("{} {}: {}", action.name(), result.outcome, result.message);
+                        if matches!(result.outcome, Outcome::StaleEpoch | Outcome::Unsupported) {
+                            return Ok(Err(last));
+                        }
+                    }
+                    Err(
+                        e @ (LinkError::NotConnected { .. }
+                        | LinkError::Disconnected { .. }
+                        | LinkError::Backlogged { .. }),
+                    ) => {
+                        // The command may not have arrived: send the same id again once the agent
+                        // is back (it dedupes), for as long as the phase has time.
+                        last = e.to_string();
+                        if SystemTime::now() + RESEND_PAUSE < deadline {
+                            tokio::time::sleep(RESEND_PAUSE).await;
+                            continue 'same_id;
+                        }
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+                break 'same_id;
+            }
+            if ok {
+                break;
+            }
+            if retry < retries {
+                let pause = Duration::from_secs(1 << retry.min(4)).min(MAX_RETRY_PAUSE);
+                if SystemTime::now() + pause >= deadline {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+            }
+        }
+        if !ok {
+            return Ok(Err(last));
+        }
+    }
+    Ok(Ok(()))
+}

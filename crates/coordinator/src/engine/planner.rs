@@ -1,0 +1,324 @@
+//! The pure half of the run engine: from the plan, the journaled phase states and the observed
+//! agents, decide what happens next and whether a gate holds. No I/O, no clock reads: every
+//! input is an argument, so every rule is a unit test.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::plan::{Action, Gate, Phase, Plan, Quorum, Replicas};
+use crate::store::PhaseState;
+
+/// What the driver does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Start these phases (their dependencies have passed).
+    Start(Vec<usize>),
+    /// Phases are in flight; wait for one to end.
+    Wait,
+    /// Every phase passed (or was optional and failed, or skipped).
+    Done,
+    /// A required phase failed and nothing is in flight: the run stops for an operator.
+    Blocked { phase: usize },
+}
+
+/// Decides the next step. `states[i]` is phase i's journaled state (None: never started);
+/// `in_flight` are phases being executed right now.
+pub fn next(plan: &Plan, states: &[Option<PhaseState>], in_flight: &BTreeSet<usize>) -> Next {
+    let finished_ok = |i: usize| match states.get(i).copied().flatten() {
+        Some(PhaseState::Passed | PhaseState::Skipped) => true,
+        Some(PhaseState::Failed) => !plan.phases[i].required,
+        _ => false,
+    };
+    let blocked = plan.phases.iter().find(|p| {
+        matches!(
+            states.get(p.index).copied().flatten(),
+            Some(PhaseState::Blocked) | Some(PhaseState::Failed) if p.required
+        )
+    });
+    if let Some(p) = blocked {
+        return if in_flight.is_empty() {
+            Next::Blocked { phase: p.index }
+        } else {
+            // Let running phases end before the run stops; start nothing new.
+            Next::Wait
+        };
+    }
+    if plan.phases.iter().all(|p| finished_ok(p.index)) {
+        return Next::Done;
+    }
+    let start: Vec<usize> = plan
+        .phases
+        .iter()
+        .filter(|p| !in_flight.contains(&p.index) && !finished_ok(p.index))
+        .filter(|p| {
+            !matches!(
+                states.get(p.index).copied().flatten(),
+                Some(PhaseState::Failed)
+            )
+        })
+        .filter(|p| p.after.iter().all(|&d| finished_ok(d)))
+        .map(|p| p.index)
+        .collect();
+    if start.is_empty() {
+        Next::Wait
+    } else {
+        Next::Start(start)
+    }
+}
+
+/// Whether a phase's gate also needs the agents to report ready (roles that were started).
+pub fn needs_readiness(phase: &Phase) -> bool {
+    match phase.action {
+        Action::Restart => true,
+        Action::Scale | Action::Smoke => !matches!(phase.replicas, Some(Replicas::Count(0))),
+        _ => false,
+    }
+}
+
+/// One targeted agent as the gate sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentStanding {
+    pub role: String,
+    /// Its command succeeded under the current epoch.
+    pub succeeded: bool,
+    /// Connected and reporting ready now.
+    pub ready: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateVerdict {
+    pub passed: bool,
+    /// e.g. "web 1/1, worker 1/2 (needs 2)".
+    pub detail: String,
+}
+
+/// Evaluates a gate against the declared fleet: an agent that is declared but never connected
+/// has no standing and counts as not passing, so a gate never passes vacuously.
+pub fn evaluate(
+    phase: &Phase,
+    fleet: &BTreeMap<String, u32>,
+    agents: &[AgentStanding],
+) -> GateVerdict {
+    let readiness = needs_readiness(phase);
+    let good = |a: &AgentStanding| a.succeeded && (!readiness || a.ready);
+    let count_in = |roles: &[&String]| -> (u32, u32) {
+        let declared: u32 = roles
+            .iter()
+            .map(|r| fleet.get(*r).copied().unwrap_or(0))
+            .sum();
+        let passing = agents
+            .iter()
+            .filter(|a| roles.iter().any(|r| **r == a.role) && good(a))
+            .count() as u32;
+        (passing, declared)
+    };
+    let mut parts = Vec::new();
+    let passed = match &phase.gate {
+        Gate::None => {
+            return GateVerdict {
+                passed: true,
+                detail: "no gate".into(),
+            };
+        }
+        Gate::Overall(q) => {
+            let roles: Vec<&String> = phase.roles.iter().collect();
+            let (passing, declared) = count_in(&roles);
+            let (ok, part) = judge(&phase.roles.join("+"), *q, passing, declared);
+            parts.push(part);
+            ok
+        }
+        Gate::PerRole(per) => {
+            let mut all = true;
+            for (role, q) in per {
+                let (passing, declared) = count_in(&[role]);
+                let (ok, part) = judge(role, *q, passing, declared);
+                parts.push(part);
+                all &= ok;
+            }
+            all
+        }
+    };
+    let what = if readiness {
+        "succeeded and ready"
+    } else {
+        "succeeded"
+    };
+    GateVerdict {
+        passed,
+        detail: format!("{what}: {}", parts.join(", ")),
+    }
+}
+
+fn judge(label: &str, q: Quorum, passing: u32, declared: u32) -> (bool, String) {
+    let required = q.required(declared);
+    // Declared zero never passes: nothing proved anything.
+    let ok = declared > 0 && required > 0 && passing >= required;
+    let need = if required == declared {
+        String::new()
+    } else {
+        format!(" (needs {required})")
+    };
+    (ok, format!("{label} {passing}/{declared}{need}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::plan::Fleet;
+
+    fn fleet() -> Fleet {
+        [
+            ("web", 1),
+            ("worker", 2),
+            ("scheduler", 1),
+            ("gateway", 1),
+            ("database", 1),
+            ("objects", 1),
+        ]
+        .into_iter()
+        .map(|(r, n)| (r.to_owned(), n))
+        .collect()
+    }
+
+    fn plan() -> Plan {
+        Plan::default_plan(Some(&fleet())).unwrap()
+    }
+
+    fn states(
+        plan: &Plan,
+        passed: &[&str],
+        other: &[(&str, PhaseState)],
+    ) -> Vec<Option<PhaseState>> {
+        plan.phases
+            .iter()
+            .map(|p| {
+                if passed.contains(&p.name.as_str()) {
+                    Some(PhaseState::Passed)
+                } else {
+                    other.iter().find(|(n, _)| *n == p.name).map(|(_, s)| *s)
+                }
+            })
+            .collect()
+    }
+
+    fn idx(plan: &Plan, name: &str) -> usize {
+        plan.phase(name).unwrap().index
+    }
+
+    #[test]
+    fn phases_start_in_dependency_order_and_restores_together() {
+        let plan = plan();
+        let none = BTreeSet::new();
+        assert_eq!(
+            next(&plan, &states(&plan, &[], &[]), &none),
+            Next::Start(vec![0])
+        );
+        let s = states(&plan, &["preflight", "freeze-writes", "scale-to-zero"], &[]);
+        assert_eq!(
+            next(&plan, &s, &none),
+            Next::Start(vec![
+                idx(&plan, "restore-postgres"),
+                idx(&plan, "restore-objects")
+            ])
+        );
+        // One restore done, the other in flight: wait, start-web needs both.
+        let s = states(
+            &plan,
+            &[
+                "preflight",
+                "freeze-writes",
+                "scale-to-zero",
+                "restore-postgres",
+            ],
+            &[],
+        );
+        let flying = BTreeSet::from([idx(&plan, "restore-objects")]);
+        assert_eq!(next(&plan, &s, &flying), Next::Wait);
+        let names: Vec<&str> = plan.phases.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(next(&plan, &states(&plan, &names, &[]), &none), Next::Done);
+    }
+
+    #[test]
+    fn a_failed_required_phase_blocks_once_nothing_is_in_flight() {
+        let plan = plan();
+        let s = states(
+            &plan,
+            &["preflight", "freeze-writes", "scale-to-zero"],
+            &[("restore-postgres", PhaseState::Blocked)],
+        );
+        let flying = BTreeSet::from([idx(&plan, "restore-objects")]);
+        assert_eq!(
+            next(&plan, &s, &flying),
+            Next::Wait,
+            "the other restore finishes first"
+        );
+        assert_eq!(
+            next(&plan, &s, &BTreeSet::new()),
+            Next::Blocked {
+                phase: idx(&plan, "restore-postgres")
+            }
+        );
+    }
+
+    #[test]
+    fn a_running_phase_after_a_restart_is_started_again() {
+        let plan = plan();
+        // Journaled as running, but nothing is in flight in this (new) coordinator.
+        let s = states(
+            &plan,
+            &["preflight"],
+            &[("freeze-writes", PhaseState::Running)],
+        );
+        assert_eq!(next(&plan, &s, &BTreeSet::new()), Next::Start(vec![1]));
+    }
+
+    fn standing(role: &str, succeeded: bool, ready: bool) -> AgentStanding {
+        AgentStanding {
+            role: role.into(),
+            succeeded,
+            ready,
+        }
+    }
+
+    #[test]
+    fn gates_count_against_the_declared_fleet() {
+        let plan = plan();
+        let scale_down = plan.phase("scale-to-zero").unwrap();
+        // Two of the three roles answered; the second worker never connected.
+        let agents = [
+            standing("worker", true, false),
+            standing("scheduler", true, false),
+            standing("gateway", true, false),
+        ];
+        let v = evaluate(scale_down, &fleet(), &agents);
+        assert!(!v.passed);
+        assert_eq!(v.detail, "succeeded: gateway+scheduler+worker 3/4");
+
+        let worker_smoke = plan.phase("worker-smoke").unwrap();
+        let v = evaluate(worker_smoke, &fleet(), &[standing("worker", true, false)]);
+        assert!(!v.passed, "a started role must also be ready");
+        assert_eq!(v.detail, "succeeded and ready: worker 0/2 (needs 1)");
+        let v = evaluate(worker_smoke, &fleet(), &[standing("worker", true, true)]);
+        assert!(v.passed, "{}", v.detail);
+
+        let replicas = plan.phase("restore-replicas").unwrap();
+        let mut all: Vec<AgentStanding> = [
+            "web",
+            "worker",
+            "worker",
+            "scheduler",
+            "gateway",
+            "database",
+            "objects",
+        ]
+        .iter()
+        .map(|r| standing(r, true, true))
+        .collect();
+        assert!(evaluate(replicas, &fleet(), &all).passed);
+        all.retain(|a| a.role != "gateway");
+        let v = evaluate(replicas, &fleet(), &all);
+        assert!(!v.passed);
+        assert!(v.detail.contains("gateway 0/1"), "{}", v.detail);
+    }
+}

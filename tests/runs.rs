@@ -1,0 +1,310 @@
+//! The run engine against a real in-process fleet: agents with real role control (supervised
+//! child processes, exec freeze commands), the real coordinator, a SQLite journal. A plan
+//! without data phases (those need the backup repository) exercises ordering, gates against
+//! the declared fleet, blocking, abort, and resuming a run after the coordinator is replaced.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use coordinator::config::Environment;
+use coordinator::engine::{Control, StartRun};
+use coordinator::plan::{Fleet, Plan};
+use coordinator::store::{PhaseState, RunKind, RunState};
+use e2e::*;
+
+const PLAN: &str = r#"
+name = "roles-only"
+description = "freeze, scale workers down and back, report, unfreeze"
+
+[[phase]]
+name = "freeze-writes"
+action = "freeze"
+roles = ["web"]
+gate = "all"
+timeout = "20s"
+
+[[phase]]
+name = "scale-to-zero"
+action = "scale"
+roles = ["worker"]
+gate = "all"
+timeout = "20s"
+params = { replicas = 0 }
+
+[[phase]]
+name = "restore-replicas"
+action = "scale"
+roles = ["worker"]
+gate = "all"
+timeout = "20s"
+params = { replicas = "prior" }
+
+[[phase]]
+name = "report"
+action = "report"
+timeout = "20s"
+
+[[phase]]
+name = "unfreeze"
+action = "unfreeze"
+roles = ["web"]
+gate = "all"
+timeout = "20s"
+"#;
+
+fn environment(fleet: &[(&str, u32)]) -> BTreeMap<String, Environment> {
+    let fleet: Fleet = fleet.iter().map(|(r, n)| ((*r).to_owned(), *n)).collect();
+    let plan = Plan::parse(Path::new("roles-only.toml"), PLAN, Some(&fleet)).unwrap();
+    let env = Environment {
+        name: api::model::Environment::parse("test").unwrap(),
+        rpo: Duration::from_secs(3600),
+        rto: Duration::from_secs(3600),
+        retention: Duration::from_secs(86400),
+        repository: "file:///nonexistent".into(),
+        backup_schedule: None,
+        fleet,
+        plan,
+    };
+    BTreeMap::from([("test".to_owned(), env)])
+}
+
+struct Fleet3 {
+    dir: tempfile::TempDir,
+    certs: PathBuf,
+    state_url: String,
+}
+
+impl Fleet3 {
+    fn new() -> Fleet3 {
+        install_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let certs = certs(
+            dir.path(),
+            &["web-1:web", "worker-1:worker", "worker-2:worker"],
+        );
+        let state_url = format!("sqlite://{}/state.db", dir.path().display());
+        Fleet3 {
+            dir,
+            certs,
+            state_url,
+        }
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("freeze.log")
+    }
+
+    /// web-1 freezes by appending to a log (after `freeze_delay`); workers supervise `sh`.
+    fn agents(&self, url: &str, freeze_delay: &str) -> Vec<InProcessAgent> {
+        let log = self.log();
+        let mut web = agent_settings(&self.certs, self.dir.path(), url, "web-1", "web");
+        web.control = toml::from_str(&format!(
+            r#"
+            freeze = "exec"
+            [exec]
+            freeze = ["sh", "-c", "sleep {freeze_delay}; echo frozen >> {log}"]
+            unfreeze = ["sh", "-c", "echo unfrozen >> {log}"]
+            "#,
+            log = log.display()
+        ))
+        .unwrap();
+        let mut agents = vec![InProcessAgent::start(web)];
+        for name in ["worker-1", "worker-2"] {
+            let mut s = agent_settings(&self.certs, self.dir.path(), url, name, "worker");
+            s.control = toml::from_str(
+                r#"
+                scale = "process"
+                [process]
+                program = "sh"
+                args = ["-c", "while true; do sleep 0.05; done"]
+                replicas = 2
+                stop_grace = "1s"
+                "#,
+            )
+            .unwrap();
+            agents.push(InProcessAgent::start(s));
+        }
+        agents
+    }
+
+    async fn coordinator(&self, fleet: &[(&str, u32)]) -> InProcessCoordinator {
+        InProcessCoordinator::start_full(
+            &self.certs,
+            &self.state_url,
+            Duration::from_secs(5),
+            Duration::from_millis(200),
+            environment(fleet),
+        )
+        .await
+    }
+}
+
+async fn wait_state(
+    c: &InProcessCoordinator,
+    id: &str,
+    want: RunState,
+) -> coordinator::store::RunRecord {
+    let store = c.handle.store().clone();
+    eventually(
+        &format!("run {id} {want}"),
+        Duration::from_secs(60),
+        async || {
+            let run = store.run(id).await.unwrap().unwrap();
+            (run.state == want).then_some(run)
+        },
+    )
+    .await
+}
+
+fn start(env: &str) -> StartRun {
+    StartRun {
+        environment: env.into(),
+        kind: RunKind::Drill,
+        point_id: None,
+        plan: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_executes_its_phases_in_order_and_restores_prior_replicas() {
+    let f = Fleet3::new();
+    let c = f.coordinator(&[("web", 1), ("worker", 2)]).await;
+    let agents = f.agents(&c.agents_url(), "0");
+    c.wait_ready(&["web-1", "worker-1", "worker-2"]).await;
+
+    let run = c.handle.engine.start_run(start("test")).await.unwrap();
+    let done = wait_state(&c, &run.id, RunState::Succeeded).await;
+    assert!(done.finished_at.is_some());
+
+    let store = c.handle.store();
+    let phases = store.phases(&run.id).await.unwrap();
+    assert!(
+        phases.iter().all(|p| p.state == PhaseState::Passed),
+        "{phases:#?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(f.log()).unwrap(),
+        "frozen\nunfrozen\n"
+    );
+    // Workers went 2 → 0 → 2 and report ready again.
+    let commands = store.commands(&run.id).await.unwrap();
+    let scales: Vec<serde_json::Value> = commands
+        .iter()
+        .filter(|(c, _)| c.action == "scale" && c.agent == "worker-1")
+        .map(|(_, r)| r.as_ref().unwrap().output.clone())
+        .collect();
+    assert_eq!(
+        scales,
+        [
+            serde_json::json!({"before": 2, "now": 0, "prior": 2}),
+            serde_json::json!({"before": 0, "now": 2, "prior": 2}),
+        ]
+    );
+    c.wait_ready(&["worker-1", "worker-2"]).await;
+    let events = store.events(&run.id, 0, 1000).await.unwrap();
+    let report = events.iter().find(|e| e.kind == "report").unwrap();
+    assert_eq!(
+        report.payload["phases"].as_array().unwrap().len(),
+        3,
+        "phases before the report"
+    );
+
+    for a in agents {
+        a.stop().await;
+    }
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_counts_declared_agents_that_never_connected_and_abort_keeps_the_freeze() {
+    let f = Fleet3::new();
+    // Three workers declared, two exist: scaling to zero cannot pass its gate.
+    let c = f.coordinator(&[("web", 1), ("worker", 3)]).await;
+    let agents = f.agents(&c.agents_url(), "0");
+    c.wait_ready(&["web-1", "worker-1", "worker-2"]).await;
+
+    let run = c.handle.engine.start_run(start("test")).await.unwrap();
+    let blocked = wait_state(&c, &run.id, RunState::Blocked).await;
+    let reason = blocked.reason.unwrap();
+    assert!(
+        reason.contains("phase scale-to-zero did not pass: succeeded: worker 2/3")
+            && reason.contains("never connected: 1 of 3 worker")
+            && reason.contains("traffic stays frozen"),
+        "{reason}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(f.log()).unwrap(),
+        "frozen\n",
+        "never unfrozen"
+    );
+
+    let aborted = c
+        .handle
+        .engine
+        .control(&run.id, Control::Abort)
+        .await
+        .unwrap();
+    assert_eq!(aborted.state, RunState::Aborted);
+    assert!(aborted.reason.unwrap().contains("the fleet stays frozen"));
+    let again = c.handle.engine.control(&run.id, Control::Resume).await;
+    assert!(again.unwrap_err().to_string().contains("already aborted"));
+
+    for a in agents {
+        a.stop().await;
+    }
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_coordinator_finishes_the_run_without_executing_a_command_twice() {
+    let f = Fleet3::new();
+    let first = f.coordinator(&[("web", 1), ("worker", 2)]).await;
+    // The freeze takes a second: the coordinator dies while it is in flight.
+    let agents = f.agents(&first.agents_url(), "1");
+    first.wait_ready(&["web-1", "worker-1", "worker-2"]).await;
+    let run = first.handle.engine.start_run(start("test")).await.unwrap();
+    let store = first.handle.store().clone();
+    eventually("freeze sent", Duration::from_secs(10), async || {
+        let commands = store.commands(&run.id).await.unwrap();
+        (!commands.is_empty()).then_some(())
+    })
+    .await;
+    let agents_port = first.handle.agents_addr;
+    first.stop().await;
+
+    // A new coordinator (new epoch) on the same journal and the same address.
+    let second = InProcessCoordinator::start_full_at(
+        &f.certs,
+        &f.state_url,
+        Duration::from_secs(5),
+        Duration::from_millis(200),
+        environment(&[("web", 1), ("worker", 2)]),
+        agents_port,
+    )
+    .await;
+    let done = wait_state(&second, &run.id, RunState::Succeeded).await;
+    assert!(
+        done.epoch < second.handle.epoch(),
+        "the run was created under the old epoch"
+    );
+    // The freeze command was executed exactly once, though it was sent twice.
+    assert_eq!(
+        std::fs::read_to_string(f.log()).unwrap(),
+        "frozen\nunfrozen\n"
+    );
+    let commands = second.handle.store().commands(&run.id).await.unwrap();
+    let freeze = commands.iter().find(|(c, _)| c.action == "freeze").unwrap();
+    assert_eq!(
+        freeze.0.epoch,
+        second.handle.epoch(),
+        "re-sent under the new epoch"
+    );
+
+    for a in agents {
+        a.stop().await;
+    }
+    second.stop().await;
+}
