@@ -1,0 +1,49 @@
+//! Rollcall's backup repository: recovery points on any `object_store` URL.
+//!
+//! A recovery point pairs a Postgres dump (with table counts taken in the dump's own
+//! snapshot), an object-store snapshot (a manifest over content-addressed blobs) and the
+//! environment's secret references. The data plane is here; the agents and the break-glass
+//! CLI call it.
+//!
+//! ```text
+//! let repo = Repository::open("s3://backups/cowork", RepositoryOptions::default()).await?;
+//! let id = PointId::new("private-beta", Utc::now())?;
+//! let pg = backup_postgres(&repo, &PgBackupOptions::new(id.clone(), db_url)).await?;
+//! let objects = snapshot_objects(&repo, live_store, &SnapshotOptions::new(live_url), None).await?;
+//! let point = repo.write_point(NewPoint { id, postgres: Some(pg), objects: Some(objects), secrets }).await?;
+//! repo.verify_point(&point.id, false).await?;
+//! ```
+
+mod body;
+mod layout;
+mod lock;
+mod pipe;
+mod point;
+mod postgres;
+mod prune;
+mod repo;
+mod restore;
+mod secrets;
+mod snapshot;
+mod store;
+mod verify;
+
+pub use layout::{PointId, SnapshotId, validate_environment};
+pub use point::{DamagedPoint, NewPoint, Point, PointListing};
+pub use postgres::{
+    Compression, CountSpec, PgBackupOptions, PgBackupPart, PgRestoreOptions, PgRestoreReport,
+    backup_postgres, fetch_dump, restore_postgres,
+};
+pub use prune::{KeepReason, KeptPoint, PruneOptions, PruneReport};
+pub use repo::{RepoError, Repository, RepositoryOptions};
+pub use restore::{
+    QUARANTINE_ROOT, RestoreObjectsOptions, RestoreObjectsReport, restore_objects,
+    restore_point_objects,
+};
+pub use secrets::{SecretRef, SecretRefSource, load_secret_refs};
+pub use snapshot::{
+    Manifest, ManifestEntry, ObjectSnapshotPart, PreviousSnapshot, ProgressFn, SnapshotOptions,
+    TransferPhase, TransferProgress, snapshot_objects,
+};
+pub use store::{HttpStatus, RetryPolicy, S3Options, is_transient, redact_url, store_from_url};
+pub use verify::{SnapshotCheck, VerifyReport};

@@ -1,0 +1,495 @@
+//! Restoring an object snapshot into a target store: make the target under a prefix hold
+//! exactly the manifest's objects. Idempotent (objects already right are left alone), and
+//! never destructive: an object the restore replaces or removes is first copied to a
+//! quarantine prefix, and the report lists both.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use chrono::Utc;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::layout::{PointId, SnapshotId, blob_key};
+use crate::repo::Repository;
+use crate::snapshot::{
+    Manifest, ManifestEntry, ProgressFn, TransferPhase, TransferProgress, for_each_parallel,
+    read_hashed,
+};
+use crate::store::retry;
+
+/// Top-level prefix of the target store under which restores keep what they displaced.
+pub const QUARANTINE_ROOT: &str = "rollcall-quarantine";
+
+/// What [`restore_objects`] does.
+#[derive(Clone)]
+pub struct RestoreObjectsOptions {
+    /// How messages name the target store (a URL without credentials).
+    pub target_label: String,
+    /// Restore under this prefix of the target store (manifest keys are relative).
+    pub target_prefix: Option<Path>,
+    /// Where displaced objects go; default `rollcall-quarantine/<UTC time>-<snapshot id>`.
+    /// Keys under [`QUARANTINE_ROOT`] are never treated as extra objects.
+    pub quarantine_prefix: Option<Path>,
+    /// Move objects the snapshot does not have into quarantine (default true: the target
+    /// then matches the point in time).
+    pub remove_extra: bool,
+    /// Objects in flight (default 64).
+    pub parallelism: usize,
+    /// Bodies at least this large are written in parts (default 8 MiB).
+    pub multipart_threshold: u64,
+    pub part_size: usize,
+    pub progress: Option<ProgressFn>,
+}
+
+impl RestoreObjectsOptions {
+    pub fn new(target_label: impl Into<String>) -> RestoreObjectsOptions {
+        RestoreObjectsOptions {
+            target_label: target_label.into(),
+            target_prefix: None,
+            quarantine_prefix: None,
+            remove_extra: true,
+            parallelism: 64,
+            multipart_threshold: 8 << 20,
+            part_size: 8 << 20,
+            progress: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for RestoreObjectsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreObjectsOptions")
+            .field("target_label", &self.target_label)
+            .field("target_prefix", &self.target_prefix)
+            .field("quarantine_prefix", &self.quarantine_prefix)
+            .field("remove_extra", &self.remove_extra)
+            .field("parallelism", &self.parallelism)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RestoreObjectsReport {
+    pub snapshot_id: Option<SnapshotId>,
+    /// Objects written from the snapshot.
+    pub restored: u64,
+    pub restored_bytes: u64,
+    /// Objects that already matched the snapshot.
+    pub unchanged: u64,
+    /// Target keys whose previous content was replaced (a copy is in quarantine).
+    pub replaced: Vec<String>,
+    /// Target keys the snapshot does not have, moved to quarantine.
+    pub removed: Vec<String>,
+    pub quarantine_prefix: String,
+}
+
+enum Action {
+    Unchanged,
+    Write { replaced: bool },
+}
+
+/// Restores snapshot `snapshot` into `target`.
+#[tracing::instrument(name = "repository.objects.restore", skip_all, fields(snapshot = %snapshot))]
+pub async fn restore_objects(
+    repo: &Repository,
+    snapshot: &SnapshotId,
+    target: Arc<dyn ObjectStore>,
+    options: &RestoreObjectsOptions,
+) -> Result<RestoreObjectsReport> {
+    let manifest = repo.read_manifest(snapshot).await?;
+    restore_manifest(repo, manifest, target, options).await
+}
+
+/// Restores the object snapshot of a recovery point into `target`, after checking that its
+/// manifest is the very one the point recorded.
+#[tracing::instrument(name = "repository.objects.restore_point", skip_all, fields(point = %point))]
+pub async fn restore_point_objects(
+    repo: &Repository,
+    point: &PointId,
+    target: Arc<dyn ObjectStore>,
+    options: &RestoreObjectsOptions,
+) -> Result<RestoreObjectsReport> {
+    let found = repo.read_point(point).await?;
+    let Some(part) = found.objects else {
+        bail!("point {point} has no object snapshot: choose a point that has one");
+    };
+    let (manifest, sha) = repo.read_manifest_with_sha(&part.snapshot_id).await?;
+    if sha != part.manifest_sha256 {
+        return Err(repo
+            .damaged(
+                "object snapshot manifest",
+                &Path::from(part.manifest_key.as_str()),
+                format!(
+                    "its sha256 is {sha}, point {point} recorded {}: it was replaced or modified",
+                    part.manifest_sha256
+                ),
+            )
+            .into());
+    }
+    restore_manifest(repo, manifest, target, options).await
+}
+
+async fn restore_manifest(
+    repo: &Repository,
+    manifest: Manifest,
+    target: Arc<dyn ObjectStore>,
+    options: &RestoreObjectsOptions,
+) -> Result<RestoreObjectsReport> {
+    let snapshot = &manifest.id.clone();
+    let target_prefix = options.target_prefix.clone().unwrap_or_default();
+    let quarantine = options.quarantine_prefix.clone().unwrap_or_else(|| {
+        Path::from(format!(
+            "{QUARANTINE_ROOT}/{}-{snapshot}",
+            Utc::now().format("%Y%m%dT%H%M%SZ")
+        ))
+    });
+    let quarantine_root = Path::from(QUARANTINE_ROOT);
+    if !target_prefix.is_root() && quarantine.prefix_matches(&target_prefix) {
+        bail!(
+            "the quarantine prefix {quarantine} lies inside the restore prefix {target_prefix}: \
+             choose one outside it"
+        );
+    }
+
+    let prefix = (!target_prefix.is_root()).then_some(&target_prefix);
+    let existing: HashMap<Path, ObjectMeta> = target
+        .list(prefix)
+        .try_filter(|m| {
+            let keep = !m.location.prefix_matches(&quarantine_root);
+            async move { keep }
+        })
+        .map_ok(|m| (m.location.clone(), m))
+        .try_collect()
+        .await
+        .with_context(|| format!("list the target store {}", options.target_label))?;
+
+    let total_bytes: u64 = manifest.objects.iter().map(|e| e.size).sum();
+    let progress = Arc::new(Progress::new(
+        options.progress.clone(),
+        manifest.objects.len() as u64,
+        total_bytes,
+    ));
+    progress.report(TransferPhase::Copying);
+
+    let mut wanted = HashMap::new();
+    let mut jobs = Vec::new();
+    for entry in &manifest.objects {
+        let location = join(&target_prefix, &entry.key)?;
+        wanted.insert(location.clone(), ());
+        jobs.push((
+            entry.clone(),
+            location.clone(),
+            existing.get(&location).cloned(),
+        ));
+    }
+    let extras: Vec<Path> = if options.remove_extra {
+        existing
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+
+    let shared = Arc::new(Shared {
+        repo: repo.clone(),
+        target: target.clone(),
+        quarantine: quarantine.clone(),
+        target_prefix: target_prefix.clone(),
+        multipart_threshold: options.multipart_threshold.max(1),
+        part_size: options.part_size.max(5 << 20),
+        progress: progress.clone(),
+    });
+    let task = shared.clone();
+    let outcomes = for_each_parallel(
+        jobs,
+        options.parallelism,
+        move |(entry, location, current)| {
+            let shared = task.clone();
+            async move {
+                let what = format!("restore object {}", entry.key);
+                let action = retry(&shared.repo.options.retry, &what, || {
+                    restore_one(&shared, &entry, &location, current.as_ref())
+                })
+                .await
+                .with_context(|| format!("restore object {}", entry.key))?;
+                shared.progress.report(TransferPhase::Copying);
+                Ok((entry.key, action))
+            }
+        },
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "restore snapshot {snapshot} into {}; run the restore again to finish it (objects \
+             already restored are skipped)",
+            options.target_label
+        )
+    })?;
+
+    let task = shared.clone();
+    let removed = for_each_parallel(extras, options.parallelism, move |location| {
+        let shared = task.clone();
+        async move {
+            retry(
+                &shared.repo.options.retry,
+                "quarantine an extra object",
+                || async {
+                    shared.quarantine_copy(&location).await?;
+                    shared
+                        .target
+                        .delete(&location)
+                        .await
+                        .map_err(anyhow::Error::from)
+                },
+            )
+            .await
+            .with_context(|| format!("move extra object {location} to quarantine"))?;
+            Ok(shared.relative(&location))
+        }
+    })
+    .await?;
+
+    let mut report = RestoreObjectsReport {
+        snapshot_id: Some(snapshot.clone()),
+        quarantine_prefix: quarantine.to_string(),
+        ..RestoreObjectsReport::default()
+    };
+    let by_key: HashMap<&str, u64> = manifest
+        .objects
+        .iter()
+        .map(|e| (e.key.as_str(), e.size))
+        .collect();
+    for (key, action) in outcomes {
+        match action {
+            Action::Unchanged => report.unchanged += 1,
+            Action::Write { replaced } => {
+                report.restored += 1;
+                report.restored_bytes += by_key.get(key.as_str()).copied().unwrap_or(0);
+                if replaced {
+                    report.replaced.push(key);
+                }
+            }
+        }
+    }
+    report.removed = removed;
+    report.replaced.sort();
+    report.removed.sort();
+    progress.report(TransferPhase::Done);
+    Ok(report)
+}
+
+struct Shared {
+    repo: Repository,
+    target: Arc<dyn ObjectStore>,
+    quarantine: Path,
+    target_prefix: Path,
+    multipart_threshold: u64,
+    part_size: usize,
+    progress: Arc<Progress>,
+}
+
+impl Shared {
+    fn relative(&self, location: &Path) -> String {
+        if self.target_prefix.is_root() {
+            return location.to_string();
+        }
+        location
+            .prefix_match(&self.target_prefix)
+            .map(|parts| {
+                parts
+                    .map(|p| p.as_ref().to_owned())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            })
+            .unwrap_or_else(|| location.to_string())
+    }
+
+    async fn quarantine_copy(&self, location: &Path) -> Result<()> {
+        let destination = join(&self.quarantine, &self.relative(location))?;
+        self.target
+            .copy(location, &destination)
+            .await
+            .with_context(|| format!("copy {location} to quarantine {destination}"))
+    }
+}
+
+async fn restore_one(
+    shared: &Shared,
+    entry: &ManifestEntry,
+    location: &Path,
+    current: Option<&ObjectMeta>,
+) -> Result<Action> {
+    let replaced = match current {
+        None => false,
+        Some(meta) if meta.size != entry.size => true,
+        Some(meta) => {
+            // Same etag and size: the very object the snapshot read (an untouched target).
+            if entry.etag.is_some() && meta.e_tag == entry.etag {
+                shared.progress.done(entry.size, false);
+                return Ok(Action::Unchanged);
+            }
+            match read_hashed(&shared.target, location).await {
+                Ok((_, sha, _)) if sha == entry.sha256 => {
+                    shared.progress.done(entry.size, false);
+                    return Ok(Action::Unchanged);
+                }
+                Ok(_) => true,
+                Err(e) if crate::repo::is_not_found(&e) => false,
+                Err(e) => return Err(e.context("read the current object")),
+            }
+        }
+    };
+    if replaced {
+        shared.quarantine_copy(location).await?;
+    }
+    let blob = blob_key(&entry.sha256);
+    let got = shared.repo.store.get(&blob).await.with_context(|| {
+        format!(
+            "read blob {blob} from repository {} (verify the point: it may be incomplete)",
+            shared.repo.label
+        )
+    })?;
+    let mut stream = crate::body::body_stream(got);
+    let mut hasher = Sha256::new();
+    let mut read = 0u64;
+    if entry.size < shared.multipart_threshold {
+        let mut chunks: Vec<Bytes> = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.context("read the blob")?;
+            hasher.update(&chunk);
+            read += chunk.len() as u64;
+            chunks.push(chunk);
+        }
+        check_blob(entry, read, hasher, &blob, shared)?;
+        shared
+            .target
+            .put(location, PutPayload::from_iter(chunks))
+            .await
+            .with_context(|| format!("write {location} to the target store"))?;
+    } else {
+        // Written in parts and committed only after the hash matched: a damaged blob leaves
+        // the target untouched.
+        let upload = shared
+            .target
+            .put_multipart(location)
+            .await
+            .with_context(|| format!("start writing {location} to the target store"))?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, shared.part_size);
+        let streamed: Result<()> = async {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.context("read the blob")?;
+                hasher.update(&chunk);
+                read += chunk.len() as u64;
+                writer
+                    .wait_for_capacity(4)
+                    .await
+                    .context("write to the target")?;
+                writer.put(chunk);
+            }
+            Ok(())
+        }
+        .await;
+        let checked = streamed.and_then(|()| check_blob(entry, read, hasher, &blob, shared));
+        if let Err(e) = checked {
+            let _ = writer.abort().await;
+            return Err(e);
+        }
+        writer
+            .finish()
+            .await
+            .with_context(|| format!("complete writing {location} to the target store"))?;
+    }
+    shared.progress.done(entry.size, true);
+    Ok(Action::Write { replaced })
+}
+
+fn check_blob(
+    entry: &ManifestEntry,
+    read: u64,
+    hasher: Sha256,
+    blob: &Path,
+    shared: &Shared,
+) -> Result<()> {
+    let sha = hex::encode(hasher.finalize());
+    if read != entry.size || sha != entry.sha256 {
+        return Err(shared
+            .repo
+            .damaged(
+                "blob",
+                blob,
+                format!(
+                    "it holds {read} bytes with sha256 {sha}, the manifest expects {} bytes \
+                     (key {})",
+                    entry.size, entry.key
+                ),
+            )
+            .into());
+    }
+    Ok(())
+}
+
+/// `prefix/key` for a manifest key (already in object_store's encoded form).
+fn join(prefix: &Path, key: &str) -> Result<Path> {
+    let joined = if prefix.is_root() {
+        key.to_owned()
+    } else {
+        format!("{prefix}/{key}")
+    };
+    Path::parse(&joined).with_context(|| format!("object key {key:?} is not a valid path"))
+}
+
+struct Progress {
+    callback: Option<ProgressFn>,
+    objects_total: u64,
+    bytes_total: u64,
+    objects_done: AtomicU64,
+    bytes_done: AtomicU64,
+    objects_copied: AtomicU64,
+    bytes_copied: AtomicU64,
+}
+
+impl Progress {
+    fn new(callback: Option<ProgressFn>, objects_total: u64, bytes_total: u64) -> Progress {
+        Progress {
+            callback,
+            objects_total,
+            bytes_total,
+            objects_done: AtomicU64::new(0),
+            bytes_done: AtomicU64::new(0),
+            objects_copied: AtomicU64::new(0),
+            bytes_copied: AtomicU64::new(0),
+        }
+    }
+
+    fn done(&self, bytes: u64, copied: bool) {
+        self.objects_done.fetch_add(1, Ordering::Relaxed);
+        self.bytes_done.fetch_add(bytes, Ordering::Relaxed);
+        if copied {
+            self.objects_copied.fetch_add(1, Ordering::Relaxed);
+            self.bytes_copied.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    fn report(&self, phase: TransferPhase) {
+        if let Some(callback) = &self.callback {
+            callback(&TransferProgress {
+                phase,
+                objects_total: self.objects_total,
+                bytes_total: self.bytes_total,
+                objects_done: self.objects_done.load(Ordering::Relaxed),
+                bytes_done: self.bytes_done.load(Ordering::Relaxed),
+                objects_copied: self.objects_copied.load(Ordering::Relaxed),
+                bytes_copied: self.bytes_copied.load(Ordering::Relaxed),
+            });
+        }
+    }
+}

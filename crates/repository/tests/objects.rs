@@ -1,0 +1,690 @@
+//! Object snapshots, restores, verification, retention and damage, on local file-system
+//! repositories (with a request-counting wrapper) and real directories.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use repository::*;
+
+fn snapshot_options(label: &str) -> SnapshotOptions {
+    let mut options = SnapshotOptions::new(label);
+    options.environment = Some("dev".into());
+    // Keep "large" objects small in tests; parts are at least 5 MiB.
+    options.multipart_threshold = 1 << 20;
+    options
+}
+
+async fn point_with_snapshot(repo: &Repository, source: Arc<dyn ObjectStore>, env: &str) -> Point {
+    let mut options = snapshot_options("file:///live");
+    options.environment = Some(env.into());
+    let part = snapshot_objects(repo, source, &options, None)
+        .await
+        .expect("snapshot");
+    repo.write_point(NewPoint {
+        id: PointId::new(env, chrono::Utc::now()).expect("id"),
+        postgres: None,
+        objects: Some(part),
+        secrets: vec![],
+    })
+    .await
+    .expect("write point")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snapshot_and_restore_round_trip() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = local_store(&dir.path().join("live"));
+    fill(&live, "uploads", 300, 4096).await;
+    fill(&live, "checkpoints", 3, 3 << 20).await; // multipart path
+    // Two keys with the same body share one blob.
+    live.put(&Path::from("dup/a"), content("same", 0, 1000).into())
+        .await
+        .expect("put");
+    live.put(&Path::from("dup/b"), content("same", 0, 1000).into())
+        .await
+        .expect("put");
+    let repo_dir = dir.path().join("repo");
+    let repo = Repository::open(&format!("file://{}", repo_dir.display()), test_options())
+        .await
+        .expect("open repo");
+
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    let progress: ProgressFn = Arc::new(move |p: &TransferProgress| {
+        sink.lock().expect("progress").push(p.clone());
+    });
+    let part = snapshot_objects(
+        &repo,
+        live.clone(),
+        &snapshot_options("file:///live"),
+        Some(progress),
+    )
+    .await
+    .expect("snapshot");
+    assert_eq!(part.objects, 305);
+    assert_eq!(part.copied_objects, 304, "duplicate bodies are stored once");
+    let last = seen
+        .lock()
+        .expect("progress")
+        .last()
+        .cloned()
+        .expect("reported");
+    assert_eq!(last.phase, TransferPhase::Done);
+    assert_eq!(last.objects_done, 305);
+    assert_eq!(last.objects_total, 305);
+
+    let point = repo
+        .write_point(NewPoint {
+            id: PointId::new("dev", chrono::Utc::now()).expect("id"),
+            postgres: None,
+            objects: Some(part.clone()),
+            secrets: vec![SecretRef {
+                name: "cookie-secret".into(),
+                manager: "vault".into(),
+                reference: "secret/data/cowork/cookie".into(),
+                version: Some("7".into()),
+                kms_key: None,
+                rotated_at: None,
+            }],
+        })
+        .await
+        .expect("point");
+    let report = repo.verify_point(&point.id, true).await.expect("verify");
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(report.objects_checked, 305);
+
+    let listed = repo.list_points(Some("dev")).await.expect("list");
+    assert_eq!(listed.points, vec![point.clone()]);
+    assert!(listed.damaged.is_empty());
+
+    let target = local_store(&dir.path().join("restored"));
+    let restored = restore_objects(
+        &repo,
+        &part.snapshot_id,
+        target.clone(),
+        &RestoreObjectsOptions::new("file:///restored"),
+    )
+    .await
+    .expect("restore");
+    assert_eq!(restored.restored, 305);
+    assert!(restored.replaced.is_empty() && restored.removed.is_empty());
+    assert_eq!(digest_store(&live).await, digest_store(&target).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn second_snapshot_copies_only_the_changed_one_percent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = CountingStore::new(local_store(&dir.path().join("live")));
+    let live_dyn: Arc<dyn ObjectStore> = live.clone();
+    fill(&live_dyn, "uploads", 1000, 4096).await;
+    let (repo, counting) = counting_repo(&dir.path().join("repo"));
+    let gets_before = live.counts.get(&live.counts.gets);
+
+    let first = snapshot_objects(
+        &repo,
+        live_dyn.clone(),
+        &snapshot_options("file:///live"),
+        None,
+    )
+    .await
+    .expect("first snapshot");
+    assert_eq!(first.copied_objects, 1000);
+    assert_eq!(
+        counting.counts.get(&counting.counts.blob_puts),
+        1000,
+        "one PUT per new object"
+    );
+    assert_eq!(counting.counts.get(&counting.counts.heads), 0, "no HEAD");
+    assert_eq!(
+        live.counts.get(&live.counts.gets) - gets_before,
+        1000,
+        "one GET per object"
+    );
+
+    // Change 1% of the objects.
+    for i in (0..1000).step_by(100) {
+        let key = format!("uploads/{i:05}");
+        live_dyn
+            .put(&Path::from(key.as_str()), content(&key, 1, 4096).into())
+            .await
+            .expect("change");
+    }
+    let puts = counting.counts.get(&counting.counts.blob_puts);
+    let gets = live.counts.get(&live.counts.gets);
+    let second = snapshot_objects(
+        &repo,
+        live_dyn.clone(),
+        &snapshot_options("file:///live"),
+        None,
+    )
+    .await
+    .expect("second snapshot");
+    assert_eq!(second.objects, 1000);
+    assert_eq!(second.copied_objects, 10);
+    assert_eq!(counting.counts.get(&counting.counts.blob_puts) - puts, 10);
+    assert_eq!(
+        live.counts.get(&live.counts.gets) - gets,
+        10,
+        "unchanged objects are not read"
+    );
+    assert_eq!(counting.counts.get(&counting.counts.heads), 0);
+    assert_ne!(first.manifest_sha256, second.manifest_sha256);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn interrupted_snapshot_leaves_no_point_and_the_next_reuses_blobs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = local_store(&dir.path().join("live"));
+    fill(&live, "uploads", 400, 4096).await;
+    let (repo, counting) = counting_repo(&dir.path().join("repo"));
+    counting
+        .faults
+        .notify_after_blob_puts
+        .store(150, Ordering::SeqCst);
+
+    let mut options = snapshot_options("file:///live");
+    options.parallelism = 8;
+    let snapshot = snapshot_objects(&repo, live.clone(), &options, None);
+    tokio::select! {
+        result = snapshot => panic!("the snapshot should have been interrupted: {result:?}"),
+        () = counting.faults.after_puts.notified() => {} // the agent is "killed" here
+    }
+    counting
+        .faults
+        .notify_after_blob_puts
+        .store(0, Ordering::SeqCst);
+    let copied_before = counting.counts.get(&counting.counts.blob_puts);
+    assert!((150..400).contains(&copied_before), "{copied_before}");
+    assert!(
+        repo.list_snapshots().await.expect("snapshots").is_empty(),
+        "no manifest"
+    );
+    assert!(
+        repo.list_points(None)
+            .await
+            .expect("points")
+            .points
+            .is_empty(),
+        "no point"
+    );
+
+    // Let in-flight puts of the aborted run settle, then snapshot again.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let copied_before = counting.counts.get(&counting.counts.blob_puts);
+    let part = snapshot_objects(&repo, live.clone(), &options, None)
+        .await
+        .expect("second snapshot");
+    let copied_now = counting.counts.get(&counting.counts.blob_puts) - copied_before;
+    assert_eq!(part.objects, 400);
+    assert_eq!(copied_now, part.copied_objects);
+    assert!(
+        copied_now <= 400 - 150,
+        "blobs of the interrupted run are reused ({copied_now} copied again)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transient_errors_are_retried_and_permanent_ones_are_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = local_store(&dir.path().join("live"));
+    fill(&live, "uploads", 20, 1024).await;
+    let (repo, counting) = counting_repo(&dir.path().join("repo"));
+
+    counting.faults.status.store(503, Ordering::SeqCst);
+    counting.faults.fail_blob_puts.store(3, Ordering::SeqCst);
+    let part = snapshot_objects(&repo, live.clone(), &snapshot_options("file:///live"), None)
+        .await
+        .expect("503s are retried");
+    assert_eq!(part.copied_objects, 20);
+    assert_eq!(counting.counts.get(&counting.counts.blob_puts), 23);
+
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let (repo, counting) = counting_repo(dir2.path());
+    counting.faults.status.store(429, Ordering::SeqCst);
+    counting.faults.fail_blob_puts.store(2, Ordering::SeqCst);
+    snapshot_objects(&repo, live.clone(), &snapshot_options("file:///live"), None)
+        .await
+        .expect("429s are retried");
+
+    let dir3 = tempfile::tempdir().expect("tempdir");
+    let (repo, counting) = counting_repo(dir3.path());
+    counting.faults.status.store(403, Ordering::SeqCst);
+    counting.faults.fail_blob_puts.store(1, Ordering::SeqCst);
+    let mut options = snapshot_options("file:///live");
+    options.parallelism = 1;
+    let err = snapshot_objects(&repo, live.clone(), &options, None)
+        .await
+        .expect_err("403 is permanent");
+    assert_eq!(
+        counting.counts.get(&counting.counts.blob_puts),
+        1,
+        "not retried"
+    );
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("no manifest was written") && text.contains("HTTP 403"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_catches_a_flipped_byte_and_a_missing_blob() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = local_store(&dir.path().join("live"));
+    fill(&live, "uploads", 50, 4096).await;
+    let repo_dir = dir.path().join("repo");
+    let repo = Repository::open(&format!("file://{}", repo_dir.display()), test_options())
+        .await
+        .expect("open");
+    let point = point_with_snapshot(&repo, live.clone(), "dev").await;
+    assert!(
+        repo.verify_point(&point.id, true)
+            .await
+            .expect("verify")
+            .is_ok()
+    );
+
+    let manifest = repo
+        .read_manifest(&point.objects.as_ref().expect("objects").snapshot_id)
+        .await
+        .expect("manifest");
+    let victim = &manifest.objects[7];
+    let blob_path = repo_dir
+        .join("objects/blobs")
+        .join(&victim.sha256[..2])
+        .join(&victim.sha256);
+    flip_byte(&blob_path);
+
+    let quick = repo.verify_point(&point.id, false).await.expect("verify");
+    assert!(
+        quick.is_ok(),
+        "same size: only --full re-hashes ({:?})",
+        quick.problems
+    );
+    let full = repo.verify_point(&point.id, true).await.expect("verify");
+    assert_eq!(full.problems.len(), 1, "{:?}", full.problems);
+    assert!(
+        full.problems[0].contains(&victim.sha256) && full.problems[0].contains("is corrupt"),
+        "{:?}",
+        full.problems
+    );
+    // Restoring that object refuses the damaged body.
+    let err = restore_objects(
+        &repo,
+        &manifest.id,
+        local_store(&dir.path().join("target")),
+        &RestoreObjectsOptions::new("file:///target"),
+    )
+    .await
+    .expect_err("damaged blob");
+    assert!(format!("{err:#}").contains("is damaged"), "{err:#}");
+
+    let other = &manifest.objects[8];
+    std::fs::remove_file(
+        repo_dir
+            .join("objects/blobs")
+            .join(&other.sha256[..2])
+            .join(&other.sha256),
+    )
+    .expect("remove blob");
+    let quick = repo.verify_point(&point.id, false).await.expect("verify");
+    assert_eq!(quick.problems.len(), 1, "{:?}", quick.problems);
+    assert!(
+        quick.problems[0].contains("is missing"),
+        "{:?}",
+        quick.problems
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn truncated_point_and_tampered_manifest_are_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = local_store(&dir.path().join("live"));
+    fill(&live, "uploads", 10, 100).await;
+    let repo_dir = dir.path().join("repo");
+    let repo = Repository::open(&format!("file://{}", repo_dir.display()), test_options())
+        .await
+        .expect("open");
+    let damaged = point_with_snapshot(&repo, live.clone(), "dev").await;
+    let sound = point_with_snapshot(&repo, live.clone(), "dev").await;
+
+    let point_file = repo_dir.join(format!("points/{}.json", damaged.id));
+    let bytes = std::fs::read(&point_file).expect("read");
+    std::fs::write(&point_file, &bytes[..bytes.len() / 2]).expect("truncate");
+    let err = repo.read_point(&damaged.id).await.expect_err("truncated");
+    let text = err.to_string();
+    assert!(
+        matches!(err.downcast_ref(), Some(RepoError::Damaged { .. })),
+        "{text}"
+    );
+    assert!(
+        text.contains(&damaged.id.to_string()) && text.contains("truncated"),
+        "{text}"
+    );
+    let listing = repo.list_points(Some("dev")).await.expect("list");
+    assert_eq!(
+        listing.points.iter().map(|p| &p.id).collect::<Vec<_>>(),
+        vec![&sound.id]
+    );
+    assert_eq!(listing.damaged.len(), 1);
+    assert_eq!(listing.damaged[0].id.as_ref(), Some(&damaged.id));
+
+    // Edit a manifest entry but keep valid JSON.
+    let snapshot = &sound.objects.as_ref().expect("objects").snapshot_id;
+    let manifest_file = repo_dir.join(format!("objects/snapshots/{snapshot}.json"));
+    let text = std::fs::read_to_string(&manifest_file).expect("read");
+    let tampered = text.replacen("\"size\":100", "\"size\":101", 1);
+    assert_ne!(text, tampered);
+    std::fs::write(&manifest_file, tampered).expect("tamper");
+    let report = repo.verify_point(&sound.id, false).await.expect("verify");
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert!(
+        report.problems[0].contains("is damaged")
+            && report.problems[0].contains("does not match its recorded sha256"),
+        "{:?}",
+        report.problems
+    );
+    let err = repo.read_manifest(snapshot).await.expect_err("tampered");
+    assert!(matches!(
+        err.downcast_ref(),
+        Some(RepoError::Damaged { .. })
+    ));
+
+    // A missing point names itself and what to do.
+    let missing = PointId::new("dev", chrono::Utc::now()).expect("id");
+    let err = repo.read_point(&missing).await.expect_err("missing");
+    assert!(err.to_string().contains("rollcall points"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prune_removes_exactly_what_it_should() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = local_store(&dir.path().join("live"));
+    fill(&live, "uploads", 40, 512).await;
+    let repo_dir = dir.path().join("repo");
+    let repo = Repository::open(&format!("file://{}", repo_dir.display()), test_options())
+        .await
+        .expect("open");
+
+    // Five points of `dev`; each changes one object, so each snapshot has a unique blob.
+    let mut points = Vec::new();
+    for v in 0..5u32 {
+        let key = "uploads/00000";
+        live.put(&Path::from(key), content(key, v + 1, 512).into())
+            .await
+            .expect("change");
+        points.push(point_with_snapshot(&repo, live.clone(), "dev").await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let prod = point_with_snapshot(&repo, live.clone(), "prod").await;
+    // An unreferenced snapshot of dev (a break-glass `repo snapshot`).
+    let orphan = snapshot_objects(&repo, live.clone(), &snapshot_options("file:///live"), None)
+        .await
+        .expect("orphan snapshot");
+
+    let window = Duration::from_secs(7 * 24 * 3600);
+    // Cut-off exactly at p3's creation: p0, p1, p2 are past the window; p0 is in use.
+    let now = points[3].created_at + chrono::Duration::from_std(window).expect("window");
+    let mut options = PruneOptions::new("dev", window);
+    options.now = Some(now);
+    options.in_use = HashSet::from([points[0].id.clone()]);
+    options.dry_run = true;
+
+    let before = files_under(&repo_dir);
+    let dry = repo.prune(&options).await.expect("dry run");
+    assert_eq!(files_under(&repo_dir), before, "a dry run deletes nothing");
+    assert_eq!(
+        dry.deleted_points,
+        vec![points[1].id.clone(), points[2].id.clone()]
+    );
+
+    options.dry_run = false;
+    let report = repo.prune(&options).await.expect("prune");
+    assert_eq!(report.deleted_points, dry.deleted_points);
+    assert_eq!(report.deleted_blobs, dry.deleted_blobs);
+    let kept: BTreeSet<_> = report
+        .kept_points
+        .iter()
+        .map(|k| (k.id.clone(), k.reason))
+        .collect();
+    assert_eq!(
+        kept,
+        BTreeSet::from([
+            (points[0].id.clone(), KeepReason::InUse),
+            (points[3].id.clone(), KeepReason::WithinWindow),
+            (points[4].id.clone(), KeepReason::Newest),
+        ])
+    );
+    let snapshot_of = |p: &Point| p.objects.as_ref().expect("objects").snapshot_id.clone();
+    assert_eq!(
+        report.deleted_manifests.iter().collect::<BTreeSet<_>>(),
+        BTreeSet::from([&snapshot_of(&points[1]), &snapshot_of(&points[2])]),
+        "the orphan snapshot is younger than the window and stays"
+    );
+    // p1's and p2's versions of uploads/00000 were only theirs: exactly 2 blobs go.
+    assert_eq!(report.deleted_blobs, 2);
+
+    let remaining = repo.list_points(None).await.expect("list");
+    let ids: BTreeSet<_> = remaining.points.iter().map(|p| p.id.clone()).collect();
+    assert_eq!(
+        ids,
+        BTreeSet::from([
+            points[0].id.clone(),
+            points[3].id.clone(),
+            points[4].id.clone(),
+            prod.id.clone()
+        ])
+    );
+    // The blobs left are exactly those the remaining manifests reference.
+    let mut wanted = BTreeSet::new();
+    for p in &remaining.points {
+        let m = repo.read_manifest(&snapshot_of(p)).await.expect("manifest");
+        wanted.extend(m.objects.into_iter().map(|e| e.sha256));
+    }
+    let orphan_manifest = repo
+        .read_manifest(&orphan.snapshot_id)
+        .await
+        .expect("orphan");
+    wanted.extend(orphan_manifest.objects.into_iter().map(|e| e.sha256));
+    let blobs: BTreeSet<String> = files_under(&repo_dir.join("objects/blobs"))
+        .into_iter()
+        .filter_map(|f| f.rsplit('/').next().map(str::to_owned))
+        .collect();
+    assert_eq!(blobs, wanted);
+    for p in &remaining.points {
+        assert!(
+            repo.verify_point(&p.id, true)
+                .await
+                .expect("verify")
+                .is_ok()
+        );
+    }
+
+    // Far in the future everything of dev is past the window: only the newest and the point
+    // in use stay, and the orphan snapshot goes too. prod is untouched.
+    let mut options = PruneOptions::new("dev", window);
+    options.now = Some(now + chrono::Duration::days(365));
+    options.in_use = HashSet::from([points[0].id.clone()]);
+    let report = repo.prune(&options).await.expect("prune again");
+    assert_eq!(report.deleted_points, vec![points[3].id.clone()]);
+    assert!(report.deleted_manifests.contains(&orphan.snapshot_id));
+    let ids: BTreeSet<_> = repo
+        .list_points(None)
+        .await
+        .expect("list")
+        .points
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(
+        ids,
+        BTreeSet::from([points[0].id.clone(), points[4].id.clone(), prod.id.clone()])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prune_waits_for_a_running_snapshot_and_then_gives_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = CountingStore::new(local_store(&dir.path().join("live")));
+    let live_dyn: Arc<dyn ObjectStore> = live.clone();
+    fill(&live_dyn, "uploads", 20, 100).await;
+    live.faults.get_delay_ms.store(200, Ordering::SeqCst);
+    let repo_dir = dir.path().join("repo");
+    let mut opts = test_options();
+    opts.lock_wait = Duration::from_millis(500);
+    let repo = Repository::open(&format!("file://{}", repo_dir.display()), opts)
+        .await
+        .expect("open");
+    let mut options = snapshot_options("file:///live");
+    options.parallelism = 1; // 20 × 200 ms: the snapshot holds its lock for ~4 s
+    let running = tokio::spawn({
+        let repo = repo.clone();
+        async move { snapshot_objects(&repo, live_dyn, &options, None).await }
+    });
+    // Wait until the snapshot holds its lock.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while files_under(&repo_dir.join("locks")).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no lock appeared");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let err = repo
+        .prune(&PruneOptions::new("dev", Duration::from_secs(1)))
+        .await
+        .expect_err("prune must not run under a snapshot");
+    assert!(
+        matches!(err.downcast_ref(), Some(RepoError::Busy { .. })),
+        "{err:#}"
+    );
+    assert!(err.to_string().contains("object snapshot"), "{err}");
+    running.await.expect("join").expect("snapshot completes");
+    assert!(
+        files_under(&repo_dir.join("locks")).is_empty(),
+        "lock released"
+    );
+    repo.prune(&PruneOptions::new("dev", Duration::from_secs(1)))
+        .await
+        .expect("prune runs afterwards");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restore_quarantines_what_it_replaces_or_removes_and_is_idempotent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = local_store(&dir.path().join("live"));
+    fill(&live, "uploads", 30, 2048).await;
+    let repo = Repository::open(
+        &format!("file://{}", dir.path().join("repo").display()),
+        test_options(),
+    )
+    .await
+    .expect("open");
+    let point = point_with_snapshot(&repo, live.clone(), "dev").await;
+    let snapshot = point.objects.as_ref().expect("objects").snapshot_id.clone();
+    let expected = digest_store(&live).await;
+
+    // The live store drifts: one object changed, one added, one deleted.
+    live.put(
+        &Path::from("uploads/00003"),
+        content("drift", 0, 2048).into(),
+    )
+    .await
+    .expect("change");
+    live.put(&Path::from("uploads/extra"), content("extra", 0, 10).into())
+        .await
+        .expect("add");
+    live.delete(&Path::from("uploads/00004"))
+        .await
+        .expect("delete");
+
+    let mut options = RestoreObjectsOptions::new("file:///live");
+    options.quarantine_prefix = Some(Path::from("rollcall-quarantine/test-run"));
+    let report = restore_objects(&repo, &snapshot, live.clone(), &options)
+        .await
+        .expect("restore");
+    assert_eq!(report.replaced, vec!["uploads/00003".to_owned()]);
+    assert_eq!(report.removed, vec!["uploads/extra".to_owned()]);
+    assert_eq!(report.restored, 2);
+    assert_eq!(report.unchanged, 28);
+    let after = digest_store(&live).await;
+    let restored: std::collections::BTreeMap<_, _> = after
+        .iter()
+        .filter(|(k, _)| !k.starts_with(QUARANTINE_ROOT))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(restored, expected);
+    let drifted = live
+        .get(&Path::from("rollcall-quarantine/test-run/uploads/00003"))
+        .await
+        .expect("quarantined")
+        .bytes()
+        .await
+        .expect("body");
+    assert_eq!(drifted, content("drift", 0, 2048));
+
+    let again = restore_objects(&repo, &snapshot, live.clone(), &options)
+        .await
+        .expect("restore again");
+    assert_eq!((again.restored, again.unchanged), (0, 30));
+    assert!(again.replaced.is_empty() && again.removed.is_empty());
+
+    // A snapshot of the restored store leaves the quarantine out.
+    let part = snapshot_objects(&repo, live.clone(), &snapshot_options("file:///live"), None)
+        .await
+        .expect("snapshot");
+    assert_eq!(part.objects, 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unreachable_or_missing_repositories_are_clear_errors() {
+    let port = free_port(); // nothing listens there
+    let s3 = S3Options {
+        endpoint: Some(format!("http://127.0.0.1:{port}")),
+        region: Some("us-east-1".into()),
+        path_style: true,
+        // Any variables that are always set: the request never gets far enough to use them.
+        access_key_id_env: Some("PATH".into()),
+        secret_access_key_env: Some("PATH".into()),
+        max_retries: Some(1),
+        retry_timeout: Some(Duration::from_secs(2)),
+        connect_timeout: Some(Duration::from_secs(2)),
+        ..S3Options::default()
+    };
+    let mut options = test_options();
+    options.s3 = s3;
+    options.retry.attempts = 2;
+    let err = Repository::open("s3://backups/cowork", options)
+        .await
+        .expect_err("unreachable");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("repository s3://backups/cowork is unreachable") && text.contains("check"),
+        "{text}"
+    );
+
+    let mut options = test_options();
+    options.create = false;
+    let err = Repository::open("file:///nonexistent/rollcall-repo", options)
+        .await
+        .expect_err("missing dir");
+    assert!(
+        err.to_string()
+            .contains("/nonexistent/rollcall-repo does not exist"),
+        "{err}"
+    );
+
+    let mut options = test_options();
+    options.s3.access_key_id_env = Some("ROLLCALL_TEST_SURELY_UNSET_VARIABLE".into());
+    let err = Repository::open("s3://backups", options)
+        .await
+        .expect_err("unset credential variable");
+    assert!(
+        format!("{err:#}").contains("ROLLCALL_TEST_SURELY_UNSET_VARIABLE"),
+        "{err:#}"
+    );
+}
