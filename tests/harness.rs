@@ -206,6 +206,8 @@ pub fn agent_settings(
         cert_pem: std::fs::read(certs.join(format!("agents/{name}.pem"))).unwrap(),
         key_pem: std::fs::read(certs.join(format!("agents/{name}-key.pem"))).unwrap(),
         control: agent::control::ControlConfig::default(),
+        postgres: None,
+        objects: None,
         config_file: state.join(format!("{name}.toml")),
         reconnect: agent::config::ReconnectConfig {
             initial: Duration::from_millis(50),
@@ -231,6 +233,41 @@ impl InProcessAgent {
         self.cancel.cancel();
         self.task.await.unwrap().unwrap();
     }
+}
+
+/// A plain HTTP/1.1 request on loopback with an optional bearer token and JSON body;
+/// returns the status code and the body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no HTTP status in {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 /// A plain HTTP/1.1 GET on loopback; returns the body.
@@ -259,24 +296,32 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
 /// The `rollcall` binary, built once per test process (a no-op when it is fresh).
 pub fn rollcall_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "cli", "--bin", "rollcall"])
-            .current_dir(&root)
-            .status()
-            .expect("run cargo build for the rollcall binary");
-        assert!(status.success(), "building the rollcall binary failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target"));
-        target.join("debug").join("rollcall")
-    })
-    .clone()
+    BIN.get_or_init(|| workspace_bin("cli", "rollcall")).clone()
+}
+
+/// The `cowork-sim` binary (the service Rollcall restores in tests), built once.
+pub fn cowork_sim_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_bin("cowork-sim", "cowork-sim"))
+        .clone()
+}
+
+fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-p", package, "--bin", bin])
+        .current_dir(&root)
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building the {bin} binary failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target.join("debug").join(bin)
 }
 
 pub fn rollcall(args: &[&str]) -> Output {

@@ -65,6 +65,12 @@ fn environment(fleet: &[(&str, u32)]) -> BTreeMap<String, Environment> {
         retention: Duration::from_secs(86400),
         repository: "file:///nonexistent".into(),
         backup_schedule: None,
+        backup_plan: Plan::backup_plan(&fleet).unwrap(),
+        repository_ref: api::model::RepositoryRef {
+            url: "file:///nonexistent".into(),
+            ..Default::default()
+        },
+        secrets: Vec::new(),
         fleet,
         plan,
     };

@@ -29,6 +29,10 @@ pub struct AgentConfig {
     /// How this agent freezes and scales its role (see `control`).
     #[serde(default)]
     pub control: crate::control::ControlConfig,
+    /// The database agent's live database (backups, restores, counts).
+    pub postgres: Option<crate::data::PostgresConfig>,
+    /// The objects agent's live object store (snapshots, restores).
+    pub objects: Option<crate::data::ObjectsConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -88,6 +92,8 @@ pub struct Settings {
     pub key_pem: Vec<u8>,
     pub reconnect: ReconnectConfig,
     pub control: crate::control::ControlConfig,
+    pub postgres: Option<crate::data::PostgresConfig>,
+    pub objects: Option<crate::data::ObjectsConfig>,
     /// The file `control` paths are relative to.
     pub config_file: PathBuf,
 }
@@ -152,8 +158,16 @@ pub fn load(file: &Path) -> Result<(Settings, TelemetryConfig)> {
         key_pem,
         reconnect: config.reconnect.clone(),
         control: config.control.clone(),
+        postgres: config.postgres.clone(),
+        objects: config.objects.clone(),
         config_file: file.to_path_buf(),
     };
+    crate::data::DataPlane::from_config(
+        file,
+        settings.environment.as_str(),
+        settings.postgres.as_ref(),
+        settings.objects.as_ref(),
+    )?;
     // Adapter errors (a missing table, an empty command) surface at load, not at first use.
     crate::control::RoleControl::from_config(file, &settings.control, &settings.state_dir)?;
     Ok((settings, config.telemetry))

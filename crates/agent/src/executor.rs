@@ -16,6 +16,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::control::RoleControl;
+use crate::data::DataPlane;
 use crate::state::{EpochCheck, StateDir};
 
 /// Who this agent is, for `Describe`.
@@ -34,6 +35,7 @@ pub struct Executor {
     in_flight: Mutex<HashMap<CommandId, watch::Receiver<Option<CommandResult>>>>,
     pings: AtomicU64,
     control: Option<Arc<RoleControl>>,
+    data: Option<Arc<DataPlane>>,
 }
 
 enum Claim {
@@ -62,7 +64,14 @@ impl Executor {
             in_flight: Mutex::new(HashMap::new()),
             pings: AtomicU64::new(0),
             control: None,
+            data: None,
         }
+    }
+
+    /// The data plane for backup, preflight and restore actions.
+    pub fn with_data(mut self, data: Arc<DataPlane>) -> Executor {
+        self.data = Some(data);
+        self
     }
 
     /// Role control for freeze, unfreeze, scale and restart.
@@ -228,6 +237,30 @@ impl Executor {
 
     async fn act(&self, action: &Action, run_id: &str) -> (Outcome, String, Option<ResultDetail>) {
         match action {
+            Action::BackupPostgres { .. }
+            | Action::SnapshotObjects { .. }
+            | Action::Preflight { .. }
+            | Action::RestorePostgres { .. }
+            | Action::RestoreObjects { .. } => {
+                let Some(data) = &self.data else {
+                    return (
+                        Outcome::Unsupported,
+                        format!(
+                            "{} needs [postgres] or [objects] in agent.toml",
+                            action.name()
+                        ),
+                        None,
+                    );
+                };
+                match data_action(data, action, run_id).await {
+                    Ok(output) => (
+                        Outcome::Succeeded,
+                        format!("{} done", action.name()),
+                        Some(ResultDetail::Output(output)),
+                    ),
+                    Err(e) => (Outcome::Failed, format!("{e:#}"), None),
+                }
+            }
             Action::Freeze | Action::Unfreeze | Action::Scale(_) | Action::Restart => {
                 let Some(control) = &self.control else {
                     return (
@@ -293,10 +326,37 @@ async fn control_action(
                 Some(ResultDetail::Output(serde_json::to_value(out)?)),
             )
         }
-        Action::Ping { .. } | Action::Describe => {
-            anyhow::bail!("{} is not a role-control action", action.name())
-        }
+        _ => anyhow::bail!("{} is not a role-control action", action.name()),
     })
+}
+
+async fn data_action(
+    data: &DataPlane,
+    action: &Action,
+    run_id: &str,
+) -> anyhow::Result<serde_json::Value> {
+    match action {
+        Action::BackupPostgres { repository, point } => {
+            data.backup_postgres(repository, point).await
+        }
+        Action::SnapshotObjects { repository, point } => {
+            data.snapshot_objects(repository, point).await
+        }
+        Action::Preflight { repository, point } => data.preflight(repository, point).await,
+        Action::RestorePostgres { repository, point } => {
+            data.restore_postgres(repository, point, run_id).await
+        }
+        Action::RestoreObjects {
+            repository,
+            point,
+            shard,
+            shards,
+        } => {
+            data.restore_objects(repository, point, run_id, *shard, *shards)
+                .await
+        }
+        _ => anyhow::bail!("{} is not a data action", action.name()),
+    }
 }
 
 fn refusal(

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod control;
+pub mod data;
 pub mod executor;
 pub mod state;
 
@@ -43,6 +44,7 @@ pub struct Agent {
     executor: Arc<Executor>,
     endpoint: Endpoint,
     control: Arc<RoleControl>,
+    capabilities: Vec<String>,
     readiness: Arc<std::sync::Mutex<(bool, String)>>,
 }
 
@@ -55,17 +57,25 @@ impl Agent {
             &settings.control,
             &settings.state_dir,
         )?);
+        let data = Arc::new(crate::data::DataPlane::from_config(
+            &settings.config_file,
+            settings.environment.as_str(),
+            settings.postgres.as_ref(),
+            settings.objects.as_ref(),
+        )?);
+        let capabilities = capabilities(&control, &data);
         let executor = Arc::new(
             Executor::new(
                 Identity {
                     name: settings.name.clone(),
                     role: settings.role.clone(),
                     environment: settings.environment.clone(),
-                    capabilities: capabilities(&control),
+                    capabilities: capabilities.clone(),
                 },
                 state,
             )
-            .with_control(control.clone()),
+            .with_control(control.clone())
+            .with_data(data),
         );
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&settings.ca_pem))
@@ -89,6 +99,7 @@ impl Agent {
             executor,
             endpoint,
             control,
+            capabilities,
             readiness: Arc::new(std::sync::Mutex::new((false, "starting".into()))),
         })
     }
@@ -178,7 +189,7 @@ impl Agent {
             name: self.settings.name.clone(),
             role: self.settings.role.clone(),
             environment: self.settings.environment.clone(),
-            capabilities: capabilities(&self.control),
+            capabilities: self.capabilities.clone(),
             version: api::VERSION.to_owned(),
             highest_epoch: self.executor.highest_epoch(),
         };
@@ -305,10 +316,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn capabilities(control: &RoleControl) -> Vec<String> {
+fn capabilities(control: &RoleControl, data: &crate::data::DataPlane) -> Vec<String> {
     CAPABILITIES
         .iter()
         .map(|c| (*c).to_owned())
         .chain(control.capabilities())
+        .chain(data.capabilities())
         .collect()
 }

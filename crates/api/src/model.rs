@@ -298,6 +298,85 @@ pub enum Action {
     Scale(ScaleTarget),
     /// Restart the role's processes.
     Restart,
+    BackupPostgres {
+        repository: RepositoryRef,
+        point: String,
+    },
+    SnapshotObjects {
+        repository: RepositoryRef,
+        point: String,
+    },
+    Preflight {
+        repository: RepositoryRef,
+        point: String,
+    },
+    RestorePostgres {
+        repository: RepositoryRef,
+        point: String,
+    },
+    RestoreObjects {
+        repository: RepositoryRef,
+        point: String,
+        shard: u32,
+        shards: u32,
+    },
+}
+
+/// A backup repository as commands name it: its URL and S3 connection settings; never
+/// credentials (agents read those from their own environment).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepositoryRef {
+    pub url: String,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    pub s3_path_style: bool,
+}
+
+impl From<pb::Repository> for RepositoryRef {
+    fn from(r: pb::Repository) -> Self {
+        RepositoryRef {
+            url: r.url,
+            s3_endpoint: (!r.s3_endpoint.is_empty()).then_some(r.s3_endpoint),
+            s3_region: (!r.s3_region.is_empty()).then_some(r.s3_region),
+            s3_path_style: r.s3_path_style,
+        }
+    }
+}
+
+impl From<RepositoryRef> for pb::Repository {
+    fn from(r: RepositoryRef) -> Self {
+        pb::Repository {
+            url: r.url,
+            s3_endpoint: r.s3_endpoint.unwrap_or_default(),
+            s3_region: r.s3_region.unwrap_or_default(),
+            s3_path_style: r.s3_path_style,
+        }
+    }
+}
+
+fn repository(r: Option<pb::Repository>) -> Result<RepositoryRef, Invalid> {
+    match r {
+        Some(r) if !r.url.is_empty() => Ok(r.into()),
+        _ => Err(Invalid::new("repository", "is missing")),
+    }
+}
+
+/// Point ids are the repository's (`20261125T093740Z-prod-399b4d21`); the repository parses
+/// them fully, this only keeps the wire free of anything that is not an id.
+fn point_id(p: String) -> Result<String, Invalid> {
+    if p.is_empty() || p.len() > 128 {
+        return Err(Invalid::new("point_id", "must hold 1 to 128 characters"));
+    }
+    if !p
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(Invalid::new(
+            "point_id",
+            format!("{p:?} holds characters other than letters, digits, '-', '_' and '.'"),
+        ));
+    }
+    Ok(p)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -314,6 +393,11 @@ impl Action {
         match self {
             Action::Ping { .. } | Action::Describe => false,
             Action::Freeze | Action::Unfreeze | Action::Scale(_) | Action::Restart => true,
+            Action::BackupPostgres { .. }
+            | Action::SnapshotObjects { .. }
+            | Action::RestorePostgres { .. }
+            | Action::RestoreObjects { .. } => true,
+            Action::Preflight { .. } => false,
         }
     }
 
@@ -325,6 +409,11 @@ impl Action {
             Action::Unfreeze => "unfreeze",
             Action::Scale(_) => "scale",
             Action::Restart => "restart",
+            Action::BackupPostgres { .. } => "backup-postgres",
+            Action::SnapshotObjects { .. } => "snapshot-objects",
+            Action::Preflight { .. } => "preflight",
+            Action::RestorePostgres { .. } => "restore-postgres",
+            Action::RestoreObjects { .. } => "restore-objects",
         }
     }
 }
@@ -351,6 +440,36 @@ impl TryFrom<pb::Command> for Command {
             Some(pb::command::Action::Freeze(_)) => Action::Freeze,
             Some(pb::command::Action::Unfreeze(_)) => Action::Unfreeze,
             Some(pb::command::Action::Restart(_)) => Action::Restart,
+            Some(pb::command::Action::BackupPostgres(a)) => Action::BackupPostgres {
+                repository: repository(a.repository)?,
+                point: point_id(a.point_id)?,
+            },
+            Some(pb::command::Action::SnapshotObjects(a)) => Action::SnapshotObjects {
+                repository: repository(a.repository)?,
+                point: point_id(a.point_id)?,
+            },
+            Some(pb::command::Action::Preflight(a)) => Action::Preflight {
+                repository: repository(a.repository)?,
+                point: point_id(a.point_id)?,
+            },
+            Some(pb::command::Action::RestorePostgres(a)) => Action::RestorePostgres {
+                repository: repository(a.repository)?,
+                point: point_id(a.point_id)?,
+            },
+            Some(pb::command::Action::RestoreObjects(a)) => {
+                if a.shards == 0 || a.shard >= a.shards {
+                    return Err(Invalid::new(
+                        "restore_objects shard",
+                        format!("{} of {} is not a shard", a.shard, a.shards),
+                    ));
+                }
+                Action::RestoreObjects {
+                    repository: repository(a.repository)?,
+                    point: point_id(a.point_id)?,
+                    shard: a.shard,
+                    shards: a.shards,
+                }
+            }
             Some(pb::command::Action::Scale(s)) => Action::Scale(match s.target {
                 Some(pb::scale::Target::Replicas(n)) => ScaleTarget::Replicas(n),
                 Some(pb::scale::Target::Prior(true)) => ScaleTarget::Prior,
@@ -386,6 +505,41 @@ impl From<Command> for pb::Command {
             Action::Freeze => pb::command::Action::Freeze(pb::Freeze {}),
             Action::Unfreeze => pb::command::Action::Unfreeze(pb::Unfreeze {}),
             Action::Restart => pb::command::Action::Restart(pb::Restart {}),
+            Action::BackupPostgres { repository, point } => {
+                pb::command::Action::BackupPostgres(pb::BackupPostgres {
+                    repository: Some(repository.into()),
+                    point_id: point,
+                })
+            }
+            Action::SnapshotObjects { repository, point } => {
+                pb::command::Action::SnapshotObjects(pb::SnapshotObjects {
+                    repository: Some(repository.into()),
+                    point_id: point,
+                })
+            }
+            Action::Preflight { repository, point } => {
+                pb::command::Action::Preflight(pb::Preflight {
+                    repository: Some(repository.into()),
+                    point_id: point,
+                })
+            }
+            Action::RestorePostgres { repository, point } => {
+                pb::command::Action::RestorePostgres(pb::RestorePostgres {
+                    repository: Some(repository.into()),
+                    point_id: point,
+                })
+            }
+            Action::RestoreObjects {
+                repository,
+                point,
+                shard,
+                shards,
+            } => pb::command::Action::RestoreObjects(pb::RestoreObjects {
+                repository: Some(repository.into()),
+                point_id: point,
+                shard,
+                shards,
+            }),
             Action::Scale(target) => pb::command::Action::Scale(pb::Scale {
                 target: Some(match target {
                     ScaleTarget::Replicas(n) => pb::scale::Target::Replicas(n),

@@ -69,6 +69,27 @@ enum Command {
         #[command(flatten)]
         connection: operator::Connection,
     },
+    /// Take a recovery point of an environment now; prints its id.
+    Backup {
+        #[arg(long)]
+        env: String,
+        /// Wait until the point is written (exit 1 if the backup fails).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: operator::Connection,
+    },
+    /// List recovery points with age, sizes and the environment's RPO.
+    Points {
+        #[arg(long)]
+        env: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: operator::Connection,
+    },
     /// List runs, newest first.
     Runs {
         #[arg(long)]
@@ -229,6 +250,23 @@ async fn run(cli: Cli) -> Result<()> {
                 json,
             };
             runs::drill(&connection, drill).await
+        }
+        Command::Backup {
+            env,
+            wait,
+            json,
+            connection,
+        } => {
+            telemetry::init_quiet();
+            runs::backup(&connection, &env, wait, json).await
+        }
+        Command::Points {
+            env,
+            json,
+            connection,
+        } => {
+            telemetry::init_quiet();
+            runs::points(&connection, env.as_deref(), json).await
         }
         Command::Runs { json, connection } => {
             telemetry::init_quiet();

@@ -295,3 +295,125 @@ pub async fn control(connection: &Connection, id: &str, control: op::RunControl)
     }
     Ok(())
 }
+
+/// `rollcall backup --env ENV [--wait]`: a backup run; prints the point id.
+#[allow(clippy::print_stdout)]
+pub async fn backup(connection: &Connection, env: &str, wait: bool, json: bool) -> Result<()> {
+    let mut client = connection.connect().await?;
+    let run = client
+        .start_run(op::StartRunRequest {
+            environment: env.to_owned(),
+            kind: "backup".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if wait {
+        loop {
+            let detail = client
+                .get_run(op::GetRunRequest { id: run.id.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let now = detail
+                .run
+                .context("coordinator sent a run without its record")?;
+            match now.state.as_str() {
+                "succeeded" => break,
+                "blocked" | "failed" | "aborted" => {
+                    bail!("backup run {} is {}: {}", now.id, now.state, now.reason)
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+            }
+        }
+    }
+    if json {
+        let out = serde_json::json!({ "point": run.point_id, "run": run.id, "complete": wait });
+        println!("{out}");
+    } else {
+        println!("{}", run.point_id);
+        if !wait {
+            eprintln!(
+                "backup run {} started; the point exists once it succeeds (rollcall run watch {})",
+                run.id, run.id
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `rollcall points [--env ENV] [--json]`.
+#[allow(clippy::print_stdout)]
+pub async fn points(connection: &Connection, env: Option<&str>, json: bool) -> Result<()> {
+    let mut client = connection.connect().await?;
+    let listing = client
+        .list_points(op::ListPointsRequest {
+            environment: env.unwrap_or_default().to_owned(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if json {
+        let points: Vec<_> = listing
+            .points
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "id": p.id, "environment": p.environment, "created_unix_ms": p.created_unix_ms,
+                    "age_seconds": p.age_seconds, "postgres_bytes": p.postgres_bytes,
+                    "objects": p.objects, "object_bytes": p.object_bytes,
+                    "rpo_seconds": p.rpo_seconds, "stale": p.stale, "secret_refs": p.secret_refs,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({ "points": points, "damaged": listing.damaged });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    for d in &listing.damaged {
+        eprintln!("warning: damaged point file, not listed: {d}");
+    }
+    if listing.points.is_empty() {
+        println!("no recovery points; take one with `rollcall backup --env ENV`");
+        return Ok(());
+    }
+    println!(
+        "{:<40} {:<12} {:>10} {:>12} {:>9} {:>12}  RPO",
+        "POINT", "ENVIRONMENT", "AGE", "POSTGRES", "OBJECTS", "OBJECT BYTES"
+    );
+    for p in &listing.points {
+        let age = humantime::format_duration(std::time::Duration::from_secs(p.age_seconds));
+        let rpo = humantime::format_duration(std::time::Duration::from_secs(p.rpo_seconds));
+        let flag = if p.stale {
+            format!("OLDER THAN RPO {rpo}")
+        } else {
+            format!("within {rpo}")
+        };
+        println!(
+            "{:<40} {:<12} {:>10} {:>12} {:>9} {:>12}  {flag}",
+            p.id,
+            p.environment,
+            age.to_string(),
+            bytes(p.postgres_bytes),
+            p.objects,
+            bytes(p.object_bytes)
+        );
+    }
+    Ok(())
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

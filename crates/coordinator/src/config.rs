@@ -57,6 +57,17 @@ pub struct EnvironmentConfig {
     /// The declared fleet: agents per role. Gates count against it, so an agent that never
     /// connected counts as not ready.
     pub fleet: BTreeMap<String, u32>,
+    /// S3-compatible repositories: endpoint (e.g. DigitalOcean Spaces), region, path-style.
+    /// Credentials come from the AWS_* environment of the coordinator and the agents.
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    #[serde(default)]
+    pub s3_path_style: bool,
+    /// Secret references recorded in every point (names, managers, versions, KMS refs; never
+    /// values): a TOML file of [[secret]] tables, and/or inline [[environments.NAME.secret]].
+    pub secrets_file: Option<PathBuf>,
+    #[serde(default, rename = "secret")]
+    pub secrets: Vec<repository::SecretRef>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -152,6 +163,9 @@ pub struct Environment {
     pub backup_schedule: Option<String>,
     pub fleet: crate::plan::Fleet,
     pub plan: Plan,
+    pub backup_plan: Plan,
+    pub repository_ref: api::model::RepositoryRef,
+    pub secrets: Vec<repository::SecretRef>,
 }
 
 pub fn load(file: &Path) -> Result<Loaded> {
@@ -278,6 +292,21 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
         None => Plan::default_plan(Some(&env.fleet)),
     }
     .map_err(|e| anyhow::anyhow!("{e}").context(format!("{}: [{key}] plan", file.display())))?;
+    let backup_plan = Plan::backup_plan(&env.fleet).map_err(|e| {
+        anyhow::anyhow!("{e}").context(format!("{}: [{key}] backup plan", file.display()))
+    })?;
+    let mut sources = vec![repository::SecretRefSource::List(env.secrets.clone())];
+    if let Some(f) = &env.secrets_file {
+        sources.push(repository::SecretRefSource::File(resolve(file, f)));
+    }
+    let secrets = repository::load_secret_refs(&sources)
+        .map_err(|e| e.context(format!("{}: [{key}] secrets", file.display())))?;
+    let repository_ref = api::model::RepositoryRef {
+        url: repository.clone(),
+        s3_endpoint: env.s3_endpoint.clone(),
+        s3_region: env.s3_region.clone(),
+        s3_path_style: env.s3_path_style,
+    };
     Ok(Environment {
         name: parsed,
         rpo: env.rpo,
@@ -287,6 +316,9 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
         backup_schedule: env.backup_schedule.clone(),
         fleet: env.fleet.clone(),
         plan,
+        backup_plan,
+        repository_ref,
+        secrets,
     })
 }
 

@@ -292,6 +292,7 @@ fn start_request(r: op::StartRunRequest) -> Result<crate::engine::StartRun, Stat
     let kind = match r.kind.as_str() {
         "" | "drill" => crate::store::RunKind::Drill,
         "recovery" => crate::store::RunKind::Recovery,
+        "backup" => crate::store::RunKind::Backup,
         other => {
             return Err(Status::invalid_argument(format!(
                 "run kind {other:?} is not drill or recovery"
@@ -491,6 +492,57 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))
+    }
+
+    #[tracing::instrument(name = "coordinator.grpc.list_points", skip_all)]
+    async fn list_points(
+        &self,
+        request: Request<op::ListPointsRequest>,
+    ) -> Result<Response<op::ListPointsResponse>, Status> {
+        let wanted = request.into_inner().environment;
+        let envs = self.engine.environments();
+        if !wanted.is_empty() && !envs.contains_key(&wanted) {
+            return Err(Status::not_found(format!(
+                "no environment {wanted:?} in the coordinator config (configured: {})",
+                envs.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let now = chrono::Utc::now();
+        let mut out = op::ListPointsResponse::default();
+        for (name, env) in envs
+            .iter()
+            .filter(|(n, _)| wanted.is_empty() || **n == wanted)
+        {
+            let repo = crate::engine::open_repository(&env.repository_ref)
+                .await
+                .map_err(|e| Status::unavailable(format!("{e:#}")))?;
+            let listing = repo
+                .list_points(Some(name))
+                .await
+                .map_err(|e| Status::unavailable(format!("{e:#}")))?;
+            for p in listing.points {
+                let age = (now - p.created_at).num_seconds().max(0) as u64;
+                out.points.push(op::PointSummary {
+                    id: p.id.to_string(),
+                    environment: p.environment.clone(),
+                    created_unix_ms: p.created_at.timestamp_millis(),
+                    age_seconds: age,
+                    postgres_bytes: p.postgres.as_ref().map_or(0, |pg| pg.size),
+                    objects: p.objects.as_ref().map_or(0, |o| o.objects),
+                    object_bytes: p.objects.as_ref().map_or(0, |o| o.bytes),
+                    rpo_seconds: env.rpo.as_secs(),
+                    stale: age > env.rpo.as_secs(),
+                    secret_refs: p.secrets.len() as u32,
+                });
+            }
+            out.damaged.extend(
+                listing
+                    .damaged
+                    .into_iter()
+                    .map(|d| format!("{}: {}", d.key, d.reason)),
+            );
+        }
+        Ok(Response::new(out))
     }
 
     #[tracing::instrument(name = "coordinator.grpc.dry_run", skip_all)]

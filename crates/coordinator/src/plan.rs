@@ -15,6 +15,33 @@ use toml::Spanned;
 pub const DEFAULT_PLAN: &str = include_str!("../../../deploy/plans/default.toml");
 pub const DEFAULT_PLAN_NAME: &str = "deploy/plans/default.toml";
 
+/// The plan of backup runs: dump and snapshot at the same time, then commit the point.
+pub const BACKUP_PLAN: &str = r#"
+name = "backup"
+description = "Dump Postgres and snapshot objects concurrently, then commit the recovery point"
+
+[[phase]]
+name = "backup-postgres"
+action = "backup-postgres"
+roles = ["database"]
+gate = "all"
+timeout = "6h"
+
+[[phase]]
+name = "snapshot-objects"
+action = "snapshot-objects"
+roles = ["objects"]
+gate = "all"
+timeout = "6h"
+after = []
+
+[[phase]]
+name = "write-point"
+action = "write-point"
+timeout = "10m"
+after = ["backup-postgres", "snapshot-objects"]
+"#;
+
 /// Roles a plan may name when no environment's declared fleet is at hand.
 pub const STANDARD_ROLES: [&str; 6] = [
     "web",
@@ -47,10 +74,16 @@ pub enum Action {
     /// Written by the coordinator; targets no agents.
     Report,
     Unfreeze,
+    /// Dump the database into the repository (backup runs).
+    BackupPostgres,
+    /// Snapshot the live object store into the repository (backup runs).
+    SnapshotObjects,
+    /// Commit the recovery point from the parts the backup phases produced; coordinator-side.
+    WritePoint,
 }
 
 impl Action {
-    pub const ALL: [Action; 10] = [
+    pub const ALL: [Action; 13] = [
         Action::Preflight,
         Action::Freeze,
         Action::Scale,
@@ -61,6 +94,9 @@ impl Action {
         Action::Smoke,
         Action::Report,
         Action::Unfreeze,
+        Action::BackupPostgres,
+        Action::SnapshotObjects,
+        Action::WritePoint,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +111,9 @@ impl Action {
             Action::Smoke => "smoke",
             Action::Report => "report",
             Action::Unfreeze => "unfreeze",
+            Action::BackupPostgres => "backup-postgres",
+            Action::SnapshotObjects => "snapshot-objects",
+            Action::WritePoint => "write-point",
         }
     }
 
@@ -85,14 +124,14 @@ impl Action {
     /// The only role this action may target, when there is one.
     pub fn only_role(self) -> Option<&'static str> {
         match self {
-            Action::RestorePostgres => Some("database"),
-            Action::RestoreObjects => Some("objects"),
+            Action::RestorePostgres | Action::BackupPostgres => Some("database"),
+            Action::RestoreObjects | Action::SnapshotObjects => Some("objects"),
             _ => None,
         }
     }
 
     pub fn targets_agents(self) -> bool {
-        self != Action::Report
+        !matches!(self, Action::Report | Action::WritePoint)
     }
 
     fn is_restore(self) -> bool {
@@ -207,6 +246,19 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The backup plan for a fleet: the phases whose role the fleet declares.
+    pub fn backup_plan(fleet: &Fleet) -> Result<Plan, PlanErrors> {
+        let declares = |role: &str| fleet.get(role).copied().unwrap_or(0) > 0;
+        let mut text = BACKUP_PLAN.to_owned();
+        if !declares("database") {
+            text = drop_phase(&text, "backup-postgres");
+        }
+        if !declares("objects") {
+            text = drop_phase(&text, "snapshot-objects");
+        }
+        Plan::parse(Path::new("built-in backup plan"), &text, Some(fleet))
+    }
+
     /// The default plan against `roles` (None: the standard roles).
     pub fn default_plan(fleet: Option<&Fleet>) -> Result<Plan, PlanErrors> {
         Plan::parse(Path::new(DEFAULT_PLAN_NAME), DEFAULT_PLAN, fleet)
@@ -339,6 +391,22 @@ impl Plan {
         }
         out
     }
+}
+
+/// Removes a phase from a plan document and from every `after` list.
+fn drop_phase(text: &str, name: &str) -> String {
+    let Ok(mut doc) = text.parse::<toml::Table>() else {
+        return text.to_owned();
+    };
+    if let Some(toml::Value::Array(phases)) = doc.get_mut("phase") {
+        phases.retain(|p| p.get("name").and_then(|n| n.as_str()) != Some(name));
+        for p in phases.iter_mut() {
+            if let Some(toml::Value::Array(after)) = p.get_mut("after") {
+                after.retain(|a| a.as_str() != Some(name));
+            }
+        }
+    }
+    toml::to_string(&doc).unwrap_or_else(|_| text.to_owned())
 }
 
 /// Everything wrong with a plan, one line each.
@@ -1178,6 +1246,26 @@ mod tests {
         assert!(
             err.contains("/nonexistent/plan.toml: cannot read plan"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn the_backup_plan_fits_the_fleet() {
+        let plan = Plan::backup_plan(&fleet()).unwrap();
+        assert_eq!(
+            plan.steps().len(),
+            2,
+            "dump and snapshot together, then the point"
+        );
+        let mut no_db = fleet();
+        no_db.remove("database");
+        let plan = Plan::backup_plan(&no_db).unwrap();
+        assert_eq!(
+            plan.phases
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>(),
+            ["snapshot-objects", "write-point"]
         );
     }
 

@@ -133,11 +133,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
     /// What `start_run` would do, as text for an operator; touches nothing.
     pub fn dry_run(&self, request: &StartRun) -> Result<String> {
         let env = self.environment(&request.environment)?;
-        let plan = match &request.plan {
-            None => env.plan.clone(),
-            Some((name, text)) => Plan::parse(Path::new(name), text, Some(&env.fleet))
-                .map_err(|e| anyhow!("{e}"))?,
-        };
+        let plan = self.plan_for(env, request)?;
         let agents: Vec<AgentStatus> = self
             .inner
             .directory
@@ -174,7 +170,10 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 }
                 let declared = env.fleet.get(role).copied().unwrap_or(0);
                 if seen < declared {
-                    names.push(format!("{} declared {role} never attached", declared - seen));
+                    names.push(format!(
+                        "{} declared {role} never attached",
+                        declared - seen
+                    ));
                 }
             }
             let names = if phase.roles.is_empty() {
@@ -184,22 +183,43 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             };
             out.push_str(&format!("  {:<18} {names}\n", phase.name));
         }
-        if let Err(why) = plan.phases.iter().try_for_each(|p| agent_actions(p).map(|_| ())) {
+        let ctx = RunContext {
+            run_id: "dry-run".into(),
+            repository: env.repository_ref.clone(),
+            point: request.point_id.clone(),
+        };
+        if let Err(why) = plan
+            .phases
+            .iter()
+            .try_for_each(|p| agent_actions(p, &ctx).map(|_| ()))
+        {
             out.push_str(&format!("warning: {why}\n"));
         }
         Ok(out)
     }
 
+    fn plan_for(&self, env: &Environment, request: &StartRun) -> Result<Plan> {
+        Ok(match (&request.plan, request.kind) {
+            (None, RunKind::Backup) => env.backup_plan.clone(),
+            (None, _) => env.plan.clone(),
+            (Some((name, text)), _) => {
+                Plan::parse(Path::new(name), text, Some(&env.fleet)).map_err(|e| anyhow!("{e}"))?
+            }
+        })
+    }
+
     /// Validates the request, journals the run, and starts driving it.
     pub async fn start_run(&self, request: StartRun) -> Result<RunRecord> {
         let env = self.environment(&request.environment)?;
-        let plan = match &request.plan {
-            None => env.plan.clone(),
-            Some((name, text)) => {
-                Plan::parse(Path::new(name), text, Some(&env.fleet)).map_err(|e| anyhow!("{e}"))?
-            }
-        };
+        let plan = self.plan_for(env, &request)?;
         let now = Utc::now();
+        let point_id = if request.kind == RunKind::Backup {
+            Some(repository::PointId::new(env.name.as_str(), now)?.to_string())
+        } else if plan.phases.iter().any(|p| needs_point(p.action)) {
+            Some(resolve_point(env, request.point_id.as_deref()).await?)
+        } else {
+            request.point_id.clone()
+        };
         let id = format!(
             "{}-{}-{}-{:04x}",
             request.kind,
@@ -211,7 +231,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             id: id.clone(),
             kind: request.kind,
             environment: env.name.to_string(),
-            point_id: request.point_id.clone(),
+            point_id: point_id.clone(),
             plan: plan.source.clone(),
             params: json!({ "plan": plan.name }),
             epoch: self.inner.link.epoch(),
@@ -222,7 +242,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             .event(
                 &id,
                 "run.created",
-                json!({ "plan": plan.name, "point": request.point_id }),
+                json!({ "plan": plan.name, "point": point_id }),
             )
             .await?;
         self.spawn_drive(id.clone());
@@ -456,6 +476,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                         in_flight.insert(index);
                         let me = self.clone();
                         let (plan, env, run_id) = (plan.clone(), env.clone(), id.to_owned());
+                        let point = run.point_id.clone();
                         let span = tracing::info_span!(
                             "rollcall.phase",
                             phase = %plan.phases[index].name,
@@ -464,8 +485,9 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                         );
                         tasks.spawn(
                             async move {
-                                let result =
-                                    me.run_phase(&run_id, &plan, &env, index, attempt).await;
+                                let result = me
+                                    .run_phase(&run_id, &plan, &env, point, index, attempt)
+                                    .await;
                                 (index, result)
                             }
                             .instrument(span),
@@ -508,9 +530,14 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                         .find(|p| p.index as usize == phase)
                         .and_then(|p| p.detail.clone())
                         .unwrap_or_default();
+                    let frozen = if run.kind == RunKind::Backup {
+                        ""
+                    } else {
+                        "; traffic stays frozen"
+                    };
                     let reason = format!(
-                        "phase {} did not pass: {detail}; traffic stays frozen — fix the cause, \
-                         then `rollcall run resume {id}` (or `retry`, or `abort`)",
+                        "phase {} did not pass: {detail}{frozen} — fix the cause, then \
+                         `rollcall run resume {id}` (or `retry`, or `abort`)",
                         plan.phases[phase].name
                     );
                     self.store
@@ -534,6 +561,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         run_id: &str,
         plan: &Plan,
         env: &Environment,
+        point: Option<String>,
         index: usize,
         attempt: u32,
     ) -> Result<()> {
@@ -557,12 +585,29 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         )
         .await?;
 
-        let (passed, detail) = if phase.action == Action::Report {
-            let summary = self.summarize(run_id, plan, index).await?;
-            self.event(run_id, "report", summary).await?;
-            (true, "report written to the run's journal".to_owned())
-        } else {
-            self.command_phase(run_id, phase, env, attempt).await?
+        let ctx = RunContext {
+            run_id: run_id.to_owned(),
+            repository: env.repository_ref.clone(),
+            point,
+        };
+        let (passed, detail) = match phase.action {
+            Action::Report => {
+                let summary = self.summarize(run_id, plan, index).await?;
+                self.event(run_id, "report", summary).await?;
+                (true, "report written to the run's journal".to_owned())
+            }
+            Action::WritePoint => match self.write_point(run_id, plan, env, &ctx).await {
+                Ok(id) => {
+                    self.event(run_id, "point.written", json!({ "point": id }))
+                        .await?;
+                    (true, format!("recovery point {id} written"))
+                }
+                Err(e) => (false, format!("{e:#}")),
+            },
+            _ => {
+                self.command_phase(run_id, phase, env, &ctx, attempt)
+                    .await?
+            }
         };
 
         record.state = if passed {
@@ -592,9 +637,10 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         run_id: &str,
         phase: &Phase,
         env: &Environment,
+        ctx: &RunContext,
         attempt: u32,
     ) -> Result<(bool, String)> {
-        let steps = match agent_actions(phase) {
+        let steps = match agent_actions(phase, ctx) {
             Ok(steps) => steps,
             Err(why) => return Ok((false, why)),
         };
@@ -714,6 +760,57 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         }
     }
 
+    /// Commits the recovery point from the outputs of the run's backup commands.
+    async fn write_point(
+        &self,
+        run_id: &str,
+        plan: &Plan,
+        env: &Environment,
+        ctx: &RunContext,
+    ) -> Result<String> {
+        let id = repository::PointId::parse(
+            ctx.point.as_deref().context("backup run has no point id")?,
+        )?;
+        let commands = self.store.commands(run_id).await?;
+        let output = |action: Action| -> Result<Option<serde_json::Value>> {
+            let phases: Vec<u32> = plan
+                .phases
+                .iter()
+                .filter(|p| p.action == action)
+                .map(|p| p.index as u32)
+                .collect();
+            if phases.is_empty() {
+                return Ok(None);
+            }
+            let found = commands.iter().rev().find_map(|(c, r)| {
+                r.as_ref()
+                    .filter(|r| phases.contains(&c.phase_index) && r.outcome == "succeeded")
+                    .map(|r| r.output.clone())
+            });
+            found
+                .map(Some)
+                .with_context(|| format!("no successful {action} result in the journal"))
+        };
+        let postgres = output(Action::BackupPostgres)?
+            .map(serde_json::from_value::<repository::PgBackupPart>)
+            .transpose()
+            .context("the database agent's backup output")?;
+        let objects = output(Action::SnapshotObjects)?
+            .map(serde_json::from_value::<repository::ObjectSnapshotPart>)
+            .transpose()
+            .context("the objects agent's snapshot output")?;
+        let repo = open_repository(&env.repository_ref).await?;
+        let point = repo
+            .write_point(repository::NewPoint {
+                id,
+                postgres,
+                objects,
+                secrets: env.secrets.clone(),
+            })
+            .await?;
+        Ok(point.id.to_string())
+    }
+
     /// A JSON summary of the run from the journal (the full drill report builds on it).
     async fn summarize(&self, run_id: &str, plan: &Plan, this: usize) -> Result<serde_json::Value> {
         let mut phases = self.store.phases(run_id).await?;
@@ -757,30 +854,136 @@ fn declared_missing(env: &Environment, phase: &Phase, seen: &[AgentStatus]) -> V
         .collect()
 }
 
+/// What a run's commands need besides the phase: where its points live and which point.
+#[derive(Debug, Clone)]
+struct RunContext {
+    run_id: String,
+    repository: api::model::RepositoryRef,
+    point: Option<String>,
+}
+
+fn needs_point(action: Action) -> bool {
+    matches!(
+        action,
+        Action::Preflight | Action::RestorePostgres | Action::RestoreObjects
+    )
+}
+
 /// The agent commands a phase sends to each targeted agent, in order.
-fn agent_actions(phase: &Phase) -> std::result::Result<Vec<AgentAction>, String> {
+fn agent_actions(phase: &Phase, ctx: &RunContext) -> std::result::Result<Vec<AgentAction>, String> {
     let target = |r: Replicas| match r {
         Replicas::Count(n) => ScaleTarget::Replicas(n),
         Replicas::Prior => ScaleTarget::Prior,
     };
-    match phase.action {
-        Action::Freeze => Ok(vec![AgentAction::Freeze]),
-        Action::Unfreeze => Ok(vec![AgentAction::Unfreeze]),
-        Action::Restart => Ok(vec![AgentAction::Restart]),
+    let repository = ctx.repository.clone();
+    let point = || {
+        ctx.point.clone().ok_or_else(|| {
+            format!(
+                "{} in run {} needs a recovery point; start the run with --point",
+                phase.action, ctx.run_id
+            )
+        })
+    };
+    Ok(match phase.action {
+        Action::Freeze => vec![AgentAction::Freeze],
+        Action::Unfreeze => vec![AgentAction::Unfreeze],
+        Action::Restart => vec![AgentAction::Restart],
         Action::Scale => match phase.replicas {
-            Some(r) => Ok(vec![AgentAction::Scale(target(r))]),
-            None => Err("scale phase without replicas (plan check refuses this)".into()),
+            Some(r) => vec![AgentAction::Scale(target(r))],
+            None => return Err("scale phase without replicas (plan check refuses this)".into()),
         },
-        Action::Report => Ok(Vec::new()),
-        Action::Preflight
-        | Action::RestorePostgres
-        | Action::RestoreObjects
-        | Action::Verify
-        | Action::Smoke => Err(format!(
-            "agents do not implement {} yet (this coordinator cannot run it)",
-            phase.action
-        )),
+        Action::Report | Action::WritePoint => Vec::new(),
+        Action::BackupPostgres => vec![AgentAction::BackupPostgres {
+            repository,
+            point: point()?,
+        }],
+        Action::SnapshotObjects => vec![AgentAction::SnapshotObjects {
+            repository,
+            point: point()?,
+        }],
+        Action::Preflight => vec![AgentAction::Preflight {
+            repository,
+            point: point()?,
+        }],
+        Action::RestorePostgres => vec![AgentAction::RestorePostgres {
+            repository,
+            point: point()?,
+        }],
+        Action::RestoreObjects => vec![AgentAction::RestoreObjects {
+            repository,
+            point: point()?,
+            shard: 0,
+            shards: 1,
+        }],
+        Action::Verify | Action::Smoke => {
+            return Err(format!(
+                "agents do not implement {} yet (this coordinator cannot run it)",
+                phase.action
+            ));
+        }
+    })
+}
+
+/// Opens an environment's repository with its S3 settings; credentials come from this
+/// process's environment.
+pub async fn open_repository(r: &api::model::RepositoryRef) -> Result<repository::Repository> {
+    let options = repository::RepositoryOptions {
+        s3: repository::S3Options {
+            endpoint: r.s3_endpoint.clone(),
+            region: r.s3_region.clone(),
+            path_style: r.s3_path_style,
+            ..repository::S3Options::default()
+        },
+        ..repository::RepositoryOptions::default()
+    };
+    repository::Repository::open(&r.url, options).await
+}
+
+/// The point a restore uses: `latest` is the environment's newest point; an id must exist and
+/// belong to the environment. Checked before the run exists, so a bad id touches nothing.
+async fn resolve_point(env: &Environment, point: Option<&str>) -> Result<String> {
+    let Some(point) = point else {
+        bail!(
+            "this plan restores data: name the recovery point with --point ID or --point latest \
+             (`rollcall points --env {}` lists them)",
+            env.name
+        );
+    };
+    let repo = open_repository(&env.repository_ref).await?;
+    if point == "latest" {
+        let listing = repo.list_points(Some(env.name.as_str())).await?;
+        return listing
+            .points
+            .last()
+            .map(|p| p.id.to_string())
+            .with_context(|| {
+                format!(
+                    "environment {} has no recovery points yet; take one with `rollcall backup \
+                 --env {}`",
+                    env.name, env.name
+                )
+            });
     }
+    let id = repository::PointId::parse(point).with_context(|| {
+        format!(
+            "--point {point:?} is not a point id (`rollcall points --env {}` lists them)",
+            env.name
+        )
+    })?;
+    let found = repo.read_point(&id).await.with_context(|| {
+        format!(
+            "recovery point {point} cannot be used (`rollcall points --env {}` lists them)",
+            env.name
+        )
+    })?;
+    if found.environment != env.name.as_str() {
+        bail!(
+            "recovery point {point} belongs to environment {}, not {}",
+            found.environment,
+            env.name
+        );
+    }
+    Ok(id.to_string())
 }
 
 /// Runs a phase's steps on one agent with retries. The outer error is the journal failing

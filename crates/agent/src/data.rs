@@ -1,0 +1,559 @@
+//! The data plane of the database and objects agents: backups into the repository, preflight
+//! of a recovery point, and restores that never destroy data.
+//!
+//! * `[postgres]`: the live database (its URL from an environment variable or a file, never
+//!   in the config itself). Restores go into a new database which is then swapped in; the
+//!   previous database is kept under `<db>_pre_<run>` and named in the result.
+//! * `[objects]`: the live object store. Restores make it equal the point's manifest; objects
+//!   the restore replaces or removes are kept in quarantine first.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use api::config::{ConfigError, resolve};
+use api::model::RepositoryRef;
+use repository::{
+    CountSpec, PgBackupOptions, PgRestoreOptions, PointId, Repository, RepositoryOptions,
+    RestoreObjectsOptions, S3Options, SnapshotOptions,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sqlx::Connection as _;
+
+/// `[postgres]` in agent.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Environment variable holding the live database URL.
+    pub url_env: Option<String>,
+    /// File holding the live database URL (relative to agent.toml).
+    pub url_file: Option<PathBuf>,
+    /// Directory of pg_dump / pg_restore; PATH and /usr/lib/postgresql/*/bin when unset.
+    pub bin_dir: Option<PathBuf>,
+    /// Parallel pg_restore jobs (needs scratch_dir when above 1).
+    #[serde(default = "one")]
+    pub jobs: u32,
+    /// Where a dump is staged for a parallel restore.
+    pub scratch_dir: Option<PathBuf>,
+    /// Tables to count: "table" or "table:column" (counts per value of column). Default:
+    /// cowork-sim's restore-relevant tables.
+    pub counts: Option<Vec<String>>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `[objects]` in agent.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectsConfig {
+    /// The live object store: file:///dir, s3://bucket/prefix, gs://..., az://...
+    pub url: String,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    #[serde(default)]
+    pub s3_path_style: bool,
+    /// Object copies in flight.
+    #[serde(default = "default_parallelism")]
+    pub parallelism: usize,
+}
+
+fn default_parallelism() -> usize {
+    64
+}
+
+pub struct DataPlane {
+    postgres: Option<Postgres>,
+    objects: Option<ObjectsConfig>,
+    environment: String,
+}
+
+struct Postgres {
+    config: PostgresConfig,
+    url_file: Option<PathBuf>,
+    counts: Vec<CountSpec>,
+}
+
+impl DataPlane {
+    pub fn from_config(
+        file: &Path,
+        environment: &str,
+        postgres: Option<&PostgresConfig>,
+        objects: Option<&ObjectsConfig>,
+    ) -> Result<DataPlane> {
+        let postgres = match postgres {
+            None => None,
+            Some(p) => {
+                if p.url_env.is_some() == p.url_file.is_some() {
+                    bail!(ConfigError::new(
+                        file,
+                        "[postgres] needs exactly one of url_env and url_file",
+                        "name the environment variable or file holding the database URL (the \
+                         URL holds a password, so it never goes in agent.toml)"
+                    ));
+                }
+                if p.jobs > 1 && p.scratch_dir.is_none() {
+                    bail!(ConfigError::new(
+                        file,
+                        "postgres.jobs > 1 needs postgres.scratch_dir",
+                        "set scratch_dir to a directory with room for one dump, or jobs = 1"
+                    ));
+                }
+                let counts = match &p.counts {
+                    None => CountSpec::cowork_defaults(),
+                    Some(list) => list
+                        .iter()
+                        .map(|c| match c.split_once(':') {
+                            Some((table, column)) => CountSpec::grouped(table, column),
+                            None => CountSpec::table(c),
+                        })
+                        .collect(),
+                };
+                Some(Postgres {
+                    config: p.clone(),
+                    url_file: p.url_file.as_ref().map(|f| resolve(file, f)),
+                    counts,
+                })
+            }
+        };
+        if let Some(o) = objects
+            && o.parallelism == 0
+        {
+            bail!(ConfigError::new(
+                file,
+                "objects.parallelism must be at least 1",
+                "e.g. parallelism = 64"
+            ));
+        }
+        Ok(DataPlane {
+            postgres,
+            objects: objects.cloned(),
+            environment: environment.to_owned(),
+        })
+    }
+
+    pub fn capabilities(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.postgres.is_some() {
+            out.extend(["backup-postgres", "restore-postgres"].map(String::from));
+        }
+        if self.objects.is_some() {
+            out.extend(["snapshot-objects", "restore-objects"].map(String::from));
+        }
+        if self.postgres.is_some() || self.objects.is_some() {
+            out.push("preflight".into());
+        }
+        out
+    }
+
+    fn postgres(&self) -> Result<&Postgres> {
+        self.postgres
+            .as_ref()
+            .context("this agent has no [postgres] section; it is not a database agent")
+    }
+
+    fn objects(&self) -> Result<&ObjectsConfig> {
+        self.objects
+            .as_ref()
+            .context("this agent has no [objects] section; it is not an objects agent")
+    }
+
+    pub async fn backup_postgres(&self, repo: &RepositoryRef, point: &str) -> Result<Value> {
+        let pg = self.postgres()?;
+        let repo = open_repository(repo).await?;
+        let mut options = PgBackupOptions::new(PointId::parse(point)?, pg.url()?);
+        options.bin_dir = pg.config.bin_dir.clone();
+        options.counts = pg.counts.clone();
+        let part = repository::backup_postgres(&repo, &options).await?;
+        Ok(serde_json::to_value(part)?)
+    }
+
+    pub async fn snapshot_objects(&self, repo: &RepositoryRef, point: &str) -> Result<Value> {
+        let objects = self.objects()?;
+        PointId::parse(point)?;
+        let repo = open_repository(repo).await?;
+        let (live, label) = live_store(objects)?;
+        let mut options = SnapshotOptions::new(label);
+        options.environment = Some(self.environment.clone());
+        options.parallelism = objects.parallelism;
+        let part = repository::snapshot_objects(&repo, live, &options, None).await?;
+        Ok(serde_json::to_value(part)?)
+    }
+
+    /// Checks the point this agent would restore from, and records the live system's counts
+    /// (database agent) so the report can show before → point → after.
+    pub async fn preflight(&self, repo: &RepositoryRef, point: &str) -> Result<Value> {
+        let repo = open_repository(repo).await?;
+        let id = PointId::parse(point)?;
+        let report = repo.verify_point(&id, false).await?;
+        if !report.is_ok() {
+            bail!(
+                "point {point} failed verification: {}",
+                report.problems.join("; ")
+            );
+        }
+        let live_counts = match &self.postgres {
+            Some(pg) => Some(count_tables(&pg.url()?, &pg.counts).await?),
+            None => None,
+        };
+        Ok(json!({ "verify": report, "live_counts": live_counts }))
+    }
+
+    /// Restores the point's dump into `<db>_restore_<run>`, then swaps it in: the live
+    /// database becomes `<db>_pre_<run>` (kept, never dropped) and the restored one takes the
+    /// live name. Re-running after a crash finishes or redoes the step without losing either.
+    pub async fn restore_postgres(
+        &self,
+        repo: &RepositoryRef,
+        point: &str,
+        run_id: &str,
+    ) -> Result<Value> {
+        let started = Instant::now();
+        let pg = self.postgres()?;
+        let live_url = pg.url()?;
+        let (base, live_db, query) = split_database(&live_url)?;
+        let tag = run_tag(run_id);
+        let restore_db = format!("{live_db}_restore_{tag}");
+        let pre_db = format!("{live_db}_pre_{tag}");
+        if pre_db.len() > 63 || restore_db.len() > 63 {
+            bail!(
+                "database name {live_db:?} is too long to derive restore names from (Postgres \
+                 allows 63 bytes)"
+            );
+        }
+        let admin_url = format!("{base}/postgres{query}");
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .with_context(|| {
+                format!(
+                    "connect to the maintenance database of {} (the database agent needs a role \
+                 that may create, rename and disconnect databases)",
+                    repository::redact_url(&live_url)
+                )
+            })?;
+        let exists = async |conn: &mut sqlx::PgConnection, name: &str| -> Result<bool> {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+                .bind(name)
+                .fetch_one(conn)
+                .await
+                .context("query pg_database")?;
+            Ok(n > 0)
+        };
+        let (has_live, has_pre, has_restore) = (
+            exists(&mut admin, &live_db).await?,
+            exists(&mut admin, &pre_db).await?,
+            exists(&mut admin, &restore_db).await?,
+        );
+        let done = |resumed: &str, archive_bytes: u64| {
+            json!({
+                "database": live_db,
+                "pre_restore_database": pre_db,
+                "point": point,
+                "archive_bytes": archive_bytes,
+                "resumed": resumed,
+                "elapsed_ms": started.elapsed().as_millis() as u64,
+            })
+        };
+        if has_pre && has_live && !has_restore {
+            // An earlier execution finished the swap.
+            return Ok(done("already swapped", 0));
+        }
+        if has_pre && !has_live && has_restore {
+            // Died between the two renames: finish the swap.
+            rename(&mut admin, &restore_db, &live_db).await?;
+            allow_connections(&mut admin, &pre_db, true).await?;
+            return Ok(done("finished an interrupted swap", 0));
+        }
+        if !has_live {
+            bail!(
+                "the live database {live_db} does not exist (and no swap of this run is under \
+                 way); check [postgres] url — refusing to guess"
+            );
+        }
+        if has_restore {
+            // Our own scratch copy from an interrupted attempt: never live data.
+            tracing::warn!(database = %restore_db, "dropping an incomplete restore from an earlier attempt");
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE {}",
+                ident(&restore_db)
+            )))
+            .execute(&mut admin)
+            .await
+            .with_context(|| format!("drop the incomplete {restore_db}"))?;
+        }
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE {} TEMPLATE template0",
+            ident(&restore_db)
+        )))
+        .execute(&mut admin)
+        .await
+        .with_context(|| format!("create database {restore_db}"))?;
+
+        let repo = open_repository(repo).await?;
+        let mut options = PgRestoreOptions::new(format!("{base}/{restore_db}{query}"));
+        options.bin_dir = pg.config.bin_dir.clone();
+        options.jobs = pg.config.jobs;
+        options.scratch_dir = pg.config.scratch_dir.clone();
+        let report = repository::restore_postgres(&repo, &PointId::parse(point)?, &options).await?;
+
+        // Swap: no new sessions on the live database, end the current ones, rename twice.
+        allow_connections(&mut admin, &live_db, false).await?;
+        let mut attempts = 0;
+        loop {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(&live_db)
+            .execute(&mut admin)
+            .await
+            .context("disconnect sessions from the live database")?;
+            match rename(&mut admin, &live_db, &pre_db).await {
+                Ok(()) => break,
+                Err(e) if attempts < 20 => {
+                    attempts += 1;
+                    tracing::debug!("rename not yet possible: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    allow_connections(&mut admin, &live_db, true).await?;
+                    return Err(e);
+                }
+            }
+        }
+        rename(&mut admin, &restore_db, &live_db).await?;
+        allow_connections(&mut admin, &pre_db, true).await?;
+        Ok(done("", report.archive_bytes))
+    }
+
+    /// Makes the live store equal the point's manifest; displaced objects go to quarantine.
+    pub async fn restore_objects(
+        &self,
+        repo: &RepositoryRef,
+        point: &str,
+        run_id: &str,
+        shard: u32,
+        shards: u32,
+    ) -> Result<Value> {
+        let objects = self.objects()?;
+        if shards != 1 || shard != 0 {
+            bail!(
+                "this agent restores whole snapshots; sharding across agents is not supported yet"
+            );
+        }
+        let repo = open_repository(repo).await?;
+        let id = PointId::parse(point)?;
+        let point = repo.read_point(&id).await?;
+        let snapshot = point
+            .objects
+            .as_ref()
+            .with_context(|| format!("point {id} has no object snapshot"))?
+            .snapshot_id
+            .clone();
+        let (live, label) = live_store(objects)?;
+        let mut options = RestoreObjectsOptions::new(label);
+        options.parallelism = objects.parallelism;
+        options.quarantine_prefix = Some(object_store::path::Path::from(format!(
+            "{}/{}",
+            repository::QUARANTINE_ROOT,
+            run_tag(run_id)
+        )));
+        let report = repository::restore_objects(&repo, &snapshot, live, &options).await?;
+        Ok(json!({
+            "snapshot": snapshot.as_str(),
+            "restored": report.restored,
+            "restored_bytes": report.restored_bytes,
+            "unchanged": report.unchanged,
+            "replaced": report.replaced.len(),
+            "removed": report.removed.len(),
+            "quarantine_prefix": report.quarantine_prefix,
+        }))
+    }
+}
+
+impl Postgres {
+    /// The live database URL, read when needed (so a rotated password is picked up).
+    fn url(&self) -> Result<String> {
+        if let Some(var) = &self.config.url_env {
+            return std::env::var(var).map_err(|_| {
+                anyhow::anyhow!(
+                    "postgres.url_env names {var}, which is not set in the agent's environment"
+                )
+            });
+        }
+        let file = self
+            .url_file
+            .as_ref()
+            .context("postgres has neither url_env nor url_file")?;
+        Ok(std::fs::read_to_string(file)
+            .with_context(|| format!("read postgres.url_file {}", file.display()))?
+            .trim()
+            .to_owned())
+    }
+}
+
+async fn open_repository(r: &RepositoryRef) -> Result<Repository> {
+    let options = RepositoryOptions {
+        s3: S3Options {
+            endpoint: r.s3_endpoint.clone(),
+            region: r.s3_region.clone(),
+            path_style: r.s3_path_style,
+            ..S3Options::default()
+        },
+        ..RepositoryOptions::default()
+    };
+    Repository::open(&r.url, options).await
+}
+
+fn live_store(o: &ObjectsConfig) -> Result<(Arc<dyn object_store::ObjectStore>, String)> {
+    let s3 = S3Options {
+        endpoint: o.s3_endpoint.clone(),
+        region: o.s3_region.clone(),
+        path_style: o.s3_path_style,
+        ..S3Options::default()
+    };
+    let (store, prefix) = repository::store_from_url(&o.url, &s3).with_context(|| {
+        format!(
+            "open the live object store {}",
+            repository::redact_url(&o.url)
+        )
+    })?;
+    let store: Arc<dyn object_store::ObjectStore> = if prefix.as_ref().is_empty() {
+        store
+    } else {
+        Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
+    };
+    Ok((store, repository::redact_url(&o.url)))
+}
+
+/// A short, stable tag for a run, fit for database names: `r` + 8 hex digits of its hash.
+fn run_tag(run_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(run_id.as_bytes());
+    format!("r{}", &hex::encode(digest)[..8])
+}
+
+/// `postgres://u:p@h:5432/db?x=y` → (`postgres://u:p@h:5432`, `db`, `?x=y`).
+fn split_database(url: &str) -> Result<(String, String, String)> {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = head.find("://").map_or(0, |i| i + 3);
+    let slash = head[scheme_end..]
+        .rfind('/')
+        .map(|i| i + scheme_end)
+        .with_context(|| {
+            format!(
+                "database URL {} names no database; write postgres://user@host:port/dbname",
+                repository::redact_url(url)
+            )
+        })?;
+    let db = &head[slash + 1..];
+    if db.is_empty() {
+        bail!(
+            "database URL {} names no database; write postgres://user@host:port/dbname",
+            repository::redact_url(url)
+        );
+    }
+    Ok((head[..slash].to_owned(), db.to_owned(), query))
+}
+
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+async fn rename(conn: &mut sqlx::PgConnection, from: &str, to: &str) -> Result<()> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {} RENAME TO {}",
+        ident(from),
+        ident(to)
+    )))
+    .execute(conn)
+    .await
+    .with_context(|| format!("rename database {from} to {to}"))?;
+    Ok(())
+}
+
+async fn allow_connections(conn: &mut sqlx::PgConnection, db: &str, allow: bool) -> Result<()> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {} ALLOW_CONNECTIONS {allow}",
+        ident(db)
+    )))
+    .execute(conn)
+    .await
+    .with_context(|| format!("set ALLOW_CONNECTIONS {allow} on {db}"))?;
+    Ok(())
+}
+
+/// Counts rows of the configured tables in the live database.
+async fn count_tables(
+    url: &str,
+    specs: &[CountSpec],
+) -> Result<std::collections::BTreeMap<String, i64>> {
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .with_context(|| format!("connect to {}", repository::redact_url(url)))?;
+    let mut out = std::collections::BTreeMap::new();
+    for spec in specs {
+        let table = spec
+            .table
+            .split('.')
+            .map(ident)
+            .collect::<Vec<_>>()
+            .join(".");
+        // Same keys as the counts a point records (repository::CountSpec): the total, and
+        // `name[column=value]` per value when grouped.
+        let total: i64 =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+                .fetch_one(&mut conn)
+                .await
+                .with_context(|| format!("count {}", spec.table))?;
+        out.insert(spec.name.clone(), total);
+        if let Some(column) = &spec.group_by {
+            let rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT coalesce({c}::text, 'NULL'), count(*) FROM {table} GROUP BY 1",
+                c = ident(column)
+            )))
+            .fetch_all(&mut conn)
+            .await
+            .with_context(|| format!("count {} by {column}", spec.table))?;
+            for (value, n) in rows {
+                out.insert(format!("{}[{column}={value}]", spec.name), n);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn database_urls_split_and_run_tags_are_short() {
+        assert_eq!(
+            split_database("postgres://u:p@h:5432/cowork?sslmode=disable").unwrap(),
+            (
+                "postgres://u:p@h:5432".into(),
+                "cowork".into(),
+                "?sslmode=disable".into()
+            )
+        );
+        let err = split_database("postgres://u:secret@h:5432/")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("names no database") && !err.contains("secret"),
+            "{err}"
+        );
+        let tag = run_tag("drill-prod-20261125T101010-abcd");
+        assert_eq!(tag.len(), 9);
+        assert_eq!(tag, run_tag("drill-prod-20261125T101010-abcd"));
+    }
+}

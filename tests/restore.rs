@@ -1,0 +1,446 @@
+//! Backup and restore end to end with real processes: a throwaway Postgres cluster holding
+//! cowork-sim's data, a file:// object store and repository, the `rollcall` coordinator and
+//! four agents over mTLS — web and worker supervising real `cowork-sim` roles, a database agent
+//! and an objects agent. A backup makes a point; a disaster deletes rows and objects and adds
+//! junk; a drill restores the point; then a corrupted dump fails at preflight, before freeze.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use e2e::*;
+
+const PLAN: &str = r#"
+name = "data-restore"
+description = "the default plan's data phases (verification and smokes come with their issue)"
+
+[[phase]]
+name = "preflight"
+action = "preflight"
+roles = ["database", "objects"]
+gate = "all"
+timeout = "2m"
+
+[[phase]]
+name = "freeze-writes"
+action = "freeze"
+roles = ["web"]
+gate = "all"
+timeout = "1m"
+
+[[phase]]
+name = "scale-to-zero"
+action = "scale"
+roles = ["worker"]
+gate = "all"
+timeout = "1m"
+params = { replicas = 0 }
+
+[[phase]]
+name = "restore-postgres"
+action = "restore-postgres"
+roles = ["database"]
+gate = "all"
+timeout = "5m"
+
+[[phase]]
+name = "restore-objects"
+action = "restore-objects"
+roles = ["objects"]
+gate = "all"
+timeout = "5m"
+after = ["scale-to-zero"]
+
+[[phase]]
+name = "start-web"
+action = "restart"
+roles = ["web"]
+gate = "all"
+timeout = "2m"
+after = ["restore-postgres", "restore-objects"]
+
+[[phase]]
+name = "restore-replicas"
+action = "scale"
+roles = ["worker"]
+gate = "all"
+timeout = "2m"
+params = { replicas = "prior" }
+
+[[phase]]
+name = "report"
+action = "report"
+timeout = "1m"
+
+[[phase]]
+name = "unfreeze"
+action = "unfreeze"
+roles = ["web"]
+gate = "all"
+timeout = "1m"
+"#;
+
+fn cowork(args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    let out = Command::new(cowork_sim_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cowork-sim {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+fn count(cluster: &ephemeral_pg::Cluster, db: &str, table: &str) -> i64 {
+    cluster
+        .psql(db, &format!("SELECT count(*) FROM {table}"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+async fn maintenance(web: SocketAddr, token: &str) -> String {
+    let (status, body) = http_request(web, "GET", "/admin/maintenance", Some(token), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_replace() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = ephemeral_pg::Cluster::start().unwrap();
+    cluster.create_database("cowork").unwrap();
+    let db_url = cluster.url("cowork");
+    let objects = dir.path().join("objects");
+    let repo = dir.path().join("repository");
+    std::fs::create_dir_all(&objects).unwrap();
+    let objects_url = format!("file://{}", objects.display());
+    let data_env = [
+        ("DATABASE_URL", db_url.as_str()),
+        ("OBJECT_STORE_URL", objects_url.as_str()),
+    ];
+    cowork(&["migrate"], &data_env);
+    let tokens = dir.path().join("tokens.json");
+    cowork(
+        &[
+            "seed",
+            "--sessions",
+            "12",
+            "--tokens-out",
+            tokens.to_str().unwrap(),
+        ],
+        &data_env,
+    );
+    let operator_token = cowork(&["token", "--scope", "operator"], &data_env)["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let certs = dir.path().join("certs");
+    let out = rollcall(&[
+        "certs",
+        "init",
+        "--dir",
+        certs.to_str().unwrap(),
+        "--agent",
+        "web-1:web",
+        "--agent",
+        "worker-1:worker",
+        "--agent",
+        "db-1:database",
+        "--agent",
+        "obj-1:objects",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, PLAN).unwrap();
+    let (agents_addr, operator_addr, web_addr) = (free_addr(), free_addr(), free_addr());
+    let env = format!(
+        r#"
+[environments.test]
+rpo = "1h"
+rto = "1h"
+retention = "7days"
+repository = "file://{repo}"
+plan = "{plan}"
+fleet = {{ web = 1, worker = 1, database = 1, objects = 1 }}
+[[environments.test.secret]]
+name = "cookie-secret"
+manager = "vault"
+reference = "kv/cowork/cookie"
+version = "7"
+"#,
+        repo = repo.display(),
+        plan = plan.display()
+    );
+    let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, &env);
+    let spawn = |name: &str, args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(rollcall_bin());
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied());
+        Proc::spawn(name, dir.path(), cmd)
+    };
+    let _coordinator = spawn(
+        "coordinator",
+        &["coordinator", "--config", config.to_str().unwrap()],
+        &[],
+    );
+
+    let sim = cowork_sim_bin();
+    let web_control = format!(
+        r#"
+[control]
+scale = "process"
+freeze = "http"
+[control.process]
+program = "{sim}"
+args = ["web", "--listen", "{web_addr}"]
+health_url = "http://{web_addr}/readyz"
+stop_grace = "5s"
+[control.http]
+url = "http://{web_addr}/admin/maintenance"
+token_env = "COWORK_OPERATOR_TOKEN"
+"#,
+        sim = sim.display()
+    );
+    let worker_control = format!(
+        "[control]\nscale = \"process\"\n[control.process]\nprogram = \"{}\"\nargs = [\"worker\"]\nstop_grace = \"5s\"\n",
+        sim.display()
+    );
+    let db_data = "[postgres]\nurl_env = \"DATABASE_URL\"\n".to_owned();
+    let obj_data = format!("[objects]\nurl = \"{objects_url}\"\n");
+    let agent_env = [
+        ("DATABASE_URL", db_url.as_str()),
+        ("OBJECT_STORE_URL", objects_url.as_str()),
+        ("COWORK_OPERATOR_TOKEN", operator_token.as_str()),
+    ];
+    let mut agents = Vec::new();
+    for (name, role, extra) in [
+        ("web-1", "web", web_control.as_str()),
+        ("worker-1", "worker", worker_control.as_str()),
+        ("db-1", "database", db_data.as_str()),
+        ("obj-1", "objects", obj_data.as_str()),
+    ] {
+        let cfg = write_agent_config(dir.path(), &certs, agents_addr, name, role, extra);
+        agents.push(spawn(
+            name,
+            &["agent", "--config", cfg.to_str().unwrap()],
+            &agent_env,
+        ));
+    }
+    let all = ["web-1", "worker-1", "db-1", "obj-1"];
+    eventually("the fleet is ready", Duration::from_secs(60), async || {
+        let json = agents_json(operator_addr, &certs).ok()?;
+        all.iter()
+            .all(|n| {
+                json["agents"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x["name"] == *n && x["ready"] == true))
+            })
+            .then_some(())
+    })
+    .await;
+
+    let operator = format!("https://{operator_addr}");
+    let run = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend_from_slice(&[
+            "--coordinator",
+            operator.as_str(),
+            "--certs",
+            certs.to_str().unwrap(),
+        ]);
+        rollcall(&all)
+    };
+
+    // A backup: Postgres and objects at once, then the point.
+    let backup = run(&["backup", "--env", "test", "--wait", "--json"]);
+    assert!(
+        backup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&backup.stderr)
+    );
+    let backup: serde_json::Value = serde_json::from_slice(&backup.stdout).unwrap();
+    let point_id = backup["point"].as_str().unwrap().to_owned();
+    let points = run(&["points", "--env", "test", "--json"]);
+    let points: serde_json::Value = serde_json::from_slice(&points.stdout).unwrap();
+    let listed = &points["points"][0];
+    assert_eq!(listed["id"], point_id.as_str());
+    assert!(
+        listed["objects"].as_u64().unwrap() > 0 && listed["postgres_bytes"].as_u64().unwrap() > 0
+    );
+    assert_eq!(listed["stale"], false);
+    assert_eq!(listed["secret_refs"], 1);
+    let point: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(repo.join(format!("points/{point_id}.json"))).unwrap(),
+    )
+    .unwrap();
+    let at_point = point["body"]["postgres"]["table_counts"].clone();
+    assert!(
+        at_point["sessions"].as_i64().is_some_and(|n| n >= 12),
+        "{point}"
+    );
+
+    // The disaster: projections deleted, an artifact deleted, junk added.
+    assert!(count(&cluster, "cowork", "session_projections") > 0);
+    cluster
+        .psql("cowork", "DELETE FROM session_projections")
+        .unwrap();
+    let artifact: String = cluster
+        .psql(
+            "cowork",
+            "SELECT object_key FROM artifact_index ORDER BY object_key LIMIT 1",
+        )
+        .unwrap()
+        .trim()
+        .to_owned();
+    std::fs::remove_file(objects.join(&artifact)).unwrap();
+    std::fs::create_dir_all(objects.join("junk")).unwrap();
+    std::fs::write(objects.join("junk/extra.bin"), b"not in the point").unwrap();
+
+    // Bad input first: an unknown point changes nothing.
+    let unknown = run(&[
+        "drill",
+        "--env",
+        "test",
+        "--point",
+        "20200101T000000Z-test-00000000",
+    ]);
+    assert!(!unknown.status.success());
+    let err = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        err.contains("recovery point 20200101T000000Z-test-00000000 cannot be used"),
+        "{err}"
+    );
+
+    let drill = run(&["drill", "--env", "test", "--point", "latest", "--watch"]);
+    let out = String::from_utf8_lossy(&drill.stdout);
+    assert!(
+        drill.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&drill.stderr)
+    );
+    assert!(
+        out.contains("phase restore-postgres passed")
+            && out.contains("phase restore-objects passed"),
+        "{out}"
+    );
+
+    // Postgres equals the point; the pre-restore database is kept with the disaster in it.
+    for table in [
+        "sessions",
+        "session_events",
+        "session_projections",
+        "artifact_index",
+        "workflows",
+    ] {
+        assert_eq!(
+            count(&cluster, "cowork", table),
+            at_point[table].as_i64().unwrap(),
+            "{table} equals the point"
+        );
+    }
+    let pre: String = cluster
+        .psql(
+            "postgres",
+            "SELECT datname FROM pg_database WHERE datname LIKE 'cowork_pre_%'",
+        )
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(pre.starts_with("cowork_pre_r"), "{pre}");
+    assert_eq!(
+        count(&cluster, &pre, "session_projections"),
+        0,
+        "the old database, untouched"
+    );
+    // Objects equal the point; what the restore displaced is in quarantine.
+    assert!(
+        objects.join(&artifact).exists(),
+        "the deleted artifact is back"
+    );
+    assert!(!objects.join("junk/extra.bin").exists());
+    let quarantined = walk(&objects.join("rollcall-quarantine"));
+    assert!(
+        quarantined.iter().any(|p| p.ends_with("junk/extra.bin")),
+        "{quarantined:?}"
+    );
+    cowork(&["verify"], &data_env);
+    // Roles are back and traffic resumed.
+    assert!(
+        maintenance(web_addr, &operator_token)
+            .await
+            .contains("\"maintenance\":false")
+    );
+    let runs = run(&["runs", "--json"]);
+    let runs: serde_json::Value = serde_json::from_slice(&runs.stdout).unwrap();
+    let drill_id = runs[0]["id"].as_str().unwrap().to_owned();
+    let show = run(&["run", "show", &drill_id, "--json"]);
+    let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let restore = show["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["action"] == "restore-postgres")
+        .unwrap();
+    assert_eq!(restore["outcome"], "succeeded");
+
+    // A corrupt dump: the drill stops at preflight, before anything in the fleet changes.
+    let dump = std::fs::read_dir(repo.join("postgres"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains(&point_id))
+        .unwrap();
+    let mut bytes = std::fs::read(&dump).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&dump, bytes).unwrap();
+    let broken = run(&["drill", "--env", "test", "--point", &point_id, "--watch"]);
+    assert!(!broken.status.success());
+    let err = String::from_utf8_lossy(&broken.stderr);
+    assert!(
+        err.contains("is blocked") && err.contains("phase preflight did not pass"),
+        "{err}"
+    );
+    assert!(
+        maintenance(web_addr, &operator_token)
+            .await
+            .contains("\"maintenance\":false"),
+        "never frozen"
+    );
+
+    for mut a in agents {
+        a.terminate(Duration::from_secs(10));
+    }
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}
