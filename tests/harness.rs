@@ -208,6 +208,9 @@ pub fn agent_settings(
         control: agent::control::ControlConfig::default(),
         postgres: None,
         objects: None,
+        checks: Vec::new(),
+        invariants: Vec::new(),
+        smoke: None,
         config_file: state.join(format!("{name}.toml")),
         reconnect: agent::config::ReconnectConfig {
             initial: Duration::from_millis(50),

@@ -584,7 +584,9 @@ async fn role_control_scales_and_freezes_through_the_link() {
     let caps = coord.handle.agents()[0].capabilities.clone();
     assert_eq!(
         caps,
-        ["ping", "describe", "freeze", "unfreeze", "scale", "restart"]
+        [
+            "ping", "describe", "freeze", "unfreeze", "scale", "restart", "verify"
+        ]
     );
 
     let send = |id: &str, action: Action| {

@@ -15,7 +15,7 @@ use e2e::*;
 
 const PLAN: &str = r#"
 name = "data-restore"
-description = "the default plan's data phases (verification and smokes come with their issue)"
+description = "the default plan without the scheduler and gateway phases"
 
 [[phase]]
 name = "preflight"
@@ -61,6 +61,21 @@ roles = ["web"]
 gate = "all"
 timeout = "2m"
 after = ["restore-postgres", "restore-objects"]
+
+[[phase]]
+name = "verify"
+action = "verify"
+roles = ["web", "database", "objects"]
+gate = "all"
+timeout = "2m"
+
+[[phase]]
+name = "worker-smoke"
+action = "smoke"
+roles = ["worker"]
+gate = 1
+timeout = "2m"
+params = { replicas = 1 }
 
 [[phase]]
 name = "restore-replicas"
@@ -212,17 +227,37 @@ program = "{sim}"
 args = ["web", "--listen", "{web_addr}"]
 health_url = "http://{web_addr}/readyz"
 stop_grace = "5s"
+frozen_args = ["--maintenance"]
 [control.http]
 url = "http://{web_addr}/admin/maintenance"
 token_env = "COWORK_OPERATOR_TOKEN"
+[[check]]
+name = "readyz"
+url = "http://{web_addr}/readyz"
+[[check]]
+name = "frozen while verified"
+url = "http://{web_addr}/admin/maintenance"
+token_env = "COWORK_OPERATOR_TOKEN"
+expect = {{ maintenance = true }}
 "#,
         sim = sim.display()
     );
     let worker_control = format!(
-        "[control]\nscale = \"process\"\n[control.process]\nprogram = \"{}\"\nargs = [\"worker\"]\nstop_grace = \"5s\"\n",
-        sim.display()
+        "[control]\nscale = \"process\"\n[control.process]\nprogram = \"{sim}\"\nargs = [\"worker\"]\nstop_grace = \"5s\"\n\
+         [smoke]\ncommand = [\"{sim}\", \"smoke\", \"worker\", \"--web-url\", \"http://{web_addr}\", \"--timeout\", \"60s\"]\ntimeout = \"90s\"\n",
+        sim = sim.display()
     );
-    let db_data = "[postgres]\nurl_env = \"DATABASE_URL\"\n".to_owned();
+    let db_data = r#"
+[postgres]
+url_env = "DATABASE_URL"
+[[invariant]]
+name = "no projection ahead of its events"
+sql = "SELECT p.session_id FROM session_projections p WHERE p.sequence > (SELECT coalesce(max(e.sequence), 0) FROM session_events e WHERE e.session_id = p.session_id)"
+[[invariant]]
+name = "no delivery cursor beyond its session's events"
+sql = "SELECT c.binding_id FROM channel_session_bindings c WHERE c.last_event_sequence > (SELECT coalesce(max(e.sequence), 0) FROM session_events e WHERE e.session_id = c.session_id)"
+"#
+    .to_owned();
     let obj_data = format!("[objects]\nurl = \"{objects_url}\"\n");
     let agent_env = [
         ("DATABASE_URL", db_url.as_str()),
@@ -341,20 +376,17 @@ token_env = "COWORK_OPERATOR_TOKEN"
         "{out}"
     );
 
-    // Postgres equals the point; the pre-restore database is kept with the disaster in it.
-    for table in [
-        "sessions",
-        "session_events",
-        "session_projections",
-        "artifact_index",
-        "workflows",
-    ] {
-        assert_eq!(
-            count(&cluster, "cowork", table),
-            at_point[table].as_i64().unwrap(),
-            "{table} equals the point"
-        );
-    }
+    // Postgres equals the point (verify checked every count before the smoke); the smoke added
+    // exactly one session; the pre-restore database is kept with the disaster in it.
+    assert_eq!(
+        count(&cluster, "cowork", "workflows"),
+        at_point["workflows"].as_i64().unwrap()
+    );
+    assert_eq!(
+        count(&cluster, "cowork", "sessions"),
+        at_point["sessions"].as_i64().unwrap() + 1,
+        "the point's sessions and the smoke's"
+    );
     let pre: String = cluster
         .psql(
             "postgres",
@@ -399,6 +431,24 @@ token_env = "COWORK_OPERATOR_TOKEN"
         .find(|c| c["action"] == "restore-postgres")
         .unwrap();
     assert_eq!(restore["outcome"], "succeeded");
+    let verified: Vec<&serde_json::Value> = show["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["action"] == "verify")
+        .collect();
+    assert_eq!(verified.len(), 3, "web, database and objects verified");
+    assert!(
+        verified.iter().all(|c| c["outcome"] == "succeeded"),
+        "{verified:?}"
+    );
+    let smoke = show["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["action"] == "smoke")
+        .unwrap();
+    assert_eq!(smoke["outcome"], "succeeded", "{smoke}");
 
     // A corrupt dump: the drill stops at preflight, before anything in the fleet changes.
     let dump = std::fs::read_dir(repo.join("postgres"))

@@ -33,6 +33,14 @@ pub struct AgentConfig {
     pub postgres: Option<crate::data::PostgresConfig>,
     /// The objects agent's live object store (snapshots, restores).
     pub objects: Option<crate::data::ObjectsConfig>,
+    /// HTTP checks of the role, run by `verify`.
+    #[serde(default, rename = "check")]
+    pub checks: Vec<crate::checks::HttpCheck>,
+    /// SQL invariants (database agents), run by `verify`.
+    #[serde(default, rename = "invariant")]
+    pub invariants: Vec<crate::checks::Invariant>,
+    /// The role's bounded smoke command.
+    pub smoke: Option<crate::checks::SmokeConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +102,9 @@ pub struct Settings {
     pub control: crate::control::ControlConfig,
     pub postgres: Option<crate::data::PostgresConfig>,
     pub objects: Option<crate::data::ObjectsConfig>,
+    pub checks: Vec<crate::checks::HttpCheck>,
+    pub invariants: Vec<crate::checks::Invariant>,
+    pub smoke: Option<crate::checks::SmokeConfig>,
     /// The file `control` paths are relative to.
     pub config_file: PathBuf,
 }
@@ -160,8 +171,17 @@ pub fn load(file: &Path) -> Result<(Settings, TelemetryConfig)> {
         control: config.control.clone(),
         postgres: config.postgres.clone(),
         objects: config.objects.clone(),
+        checks: config.checks.clone(),
+        invariants: config.invariants.clone(),
+        smoke: config.smoke.clone(),
         config_file: file.to_path_buf(),
     };
+    crate::checks::Checks::from_config(
+        file,
+        &settings.checks,
+        &settings.invariants,
+        settings.smoke.as_ref(),
+    )?;
     crate::data::DataPlane::from_config(
         file,
         settings.environment.as_str(),

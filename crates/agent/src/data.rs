@@ -19,6 +19,8 @@ use repository::{
     RestoreObjectsOptions, S3Options, SnapshotOptions,
 };
 use serde::Deserialize;
+
+use crate::checks::Check;
 use serde_json::{Value, json};
 use sqlx::Connection as _;
 
@@ -372,6 +374,174 @@ impl DataPlane {
             "quarantine_prefix": report.quarantine_prefix,
         }))
     }
+}
+
+impl DataPlane {
+    /// Verification against the point: count parity and invariants (database agent), the live
+    /// store against the manifest (objects agent). Returns the checks and the live counts.
+    pub async fn verify(
+        &self,
+        repo: &RepositoryRef,
+        point: &str,
+        invariants: &[crate::checks::Invariant],
+    ) -> Result<(Vec<Check>, Option<std::collections::BTreeMap<String, i64>>)> {
+        let mut checks = Vec::new();
+        let mut counts = None;
+        if self.postgres.is_none() && self.objects.is_none() {
+            return Ok((checks, counts));
+        }
+        let repo = open_repository(repo).await?;
+        let id = PointId::parse(point)?;
+        let recorded = repo.read_point(&id).await?;
+        if let Some(pg) = &self.postgres {
+            let live = count_tables(&pg.url()?, &pg.counts).await?;
+            match recorded.table_counts() {
+                None => checks.push(Check {
+                    name: "count parity".into(),
+                    kind: "count".into(),
+                    required: true,
+                    passed: false,
+                    detail: format!("point {point} recorded no table counts"),
+                }),
+                Some(at_point) => {
+                    for (name, want) in at_point {
+                        let got = live.get(name).copied().unwrap_or(0);
+                        checks.push(Check {
+                            name: format!("count {name}"),
+                            kind: "count".into(),
+                            required: true,
+                            passed: got == *want,
+                            detail: format!("restored {got}, point {want}"),
+                        });
+                    }
+                }
+            }
+            checks.extend(run_invariants(&pg.url()?, invariants).await?);
+            counts = Some(live);
+        }
+        if let Some(objects) = &self.objects {
+            checks.push(match &recorded.objects {
+                None => Check {
+                    name: "objects match the point".into(),
+                    kind: "objects".into(),
+                    required: true,
+                    passed: false,
+                    detail: format!("point {point} has no object snapshot"),
+                },
+                Some(part) => {
+                    let manifest = repo.read_manifest(&part.snapshot_id).await?;
+                    compare_with_manifest(objects, &manifest).await?
+                }
+            });
+        }
+        Ok((checks, counts))
+    }
+}
+
+/// Every manifest key in the live store with its size, and nothing else (quarantine aside).
+async fn compare_with_manifest(
+    o: &ObjectsConfig,
+    manifest: &repository::Manifest,
+) -> Result<Check> {
+    use futures::TryStreamExt;
+    let (live, _) = live_store(o)?;
+    let listed: Vec<object_store::ObjectMeta> = live
+        .list(None)
+        .try_collect()
+        .await
+        .context("list the live object store")?;
+    let mut sizes: std::collections::BTreeMap<String, u64> = listed
+        .into_iter()
+        .filter(|m| !m.location.as_ref().starts_with(repository::QUARANTINE_ROOT))
+        .map(|m| (m.location.to_string(), m.size))
+        .collect();
+    let mut missing = Vec::new();
+    let mut wrong = Vec::new();
+    for entry in &manifest.objects {
+        match sizes.remove(&entry.key) {
+            None => missing.push(entry.key.clone()),
+            Some(size) if size != entry.size => wrong.push(entry.key.clone()),
+            Some(_) => {}
+        }
+    }
+    let extra: Vec<String> = sizes.into_keys().collect();
+    let passed = missing.is_empty() && wrong.is_empty() && extra.is_empty();
+    let sample = |v: &[String]| v.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    let detail = if passed {
+        format!(
+            "{} objects present with their sizes",
+            manifest.objects.len()
+        )
+    } else {
+        format!(
+            "{} missing ({}), {} with another size ({}), {} not in the point ({})",
+            missing.len(),
+            sample(&missing),
+            wrong.len(),
+            sample(&wrong),
+            extra.len(),
+            sample(&extra)
+        )
+    };
+    Ok(Check {
+        name: "objects match the point".into(),
+        kind: "objects".into(),
+        required: true,
+        passed,
+        detail,
+    })
+}
+
+async fn run_invariants(url: &str, invariants: &[crate::checks::Invariant]) -> Result<Vec<Check>> {
+    use crate::checks::InvariantExpect;
+    if invariants.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .with_context(|| format!("connect to {}", repository::redact_url(url)))?;
+    let mut out = Vec::new();
+    for inv in invariants {
+        let (passed, detail) = match &inv.expect {
+            InvariantExpect::Named(_) => {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(inv.sql.clone()))
+                    .fetch_all(&mut conn)
+                    .await;
+                match rows {
+                    Ok(rows) if rows.is_empty() => (true, "no violating rows".to_owned()),
+                    Ok(rows) => (false, format!("{} violating rows", rows.len())),
+                    Err(e) => (false, format!("query failed: {e}")),
+                }
+            }
+            InvariantExpect::Equals { equals: want }
+            | InvariantExpect::AtLeast { at_least: want } => {
+                let got: Result<i64, _> = sqlx::query_scalar(sqlx::AssertSqlSafe(inv.sql.clone()))
+                    .fetch_one(&mut conn)
+                    .await;
+                match got {
+                    Ok(got) => {
+                        let ok = match inv.expect {
+                            InvariantExpect::Equals { .. } => got == *want,
+                            _ => got >= *want,
+                        };
+                        (ok, format!("got {got}, expected {:?}", inv.expect))
+                    }
+                    Err(e) => (
+                        false,
+                        format!("query failed (it must return one bigint): {e}"),
+                    ),
+                }
+            }
+        };
+        out.push(Check {
+            name: inv.name.clone(),
+            kind: "invariant".into(),
+            required: inv.required,
+            passed,
+            detail,
+        });
+    }
+    Ok(out)
 }
 
 impl Postgres {

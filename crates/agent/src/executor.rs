@@ -36,6 +36,7 @@ pub struct Executor {
     pings: AtomicU64,
     control: Option<Arc<RoleControl>>,
     data: Option<Arc<DataPlane>>,
+    checks: Option<Arc<crate::checks::Checks>>,
 }
 
 enum Claim {
@@ -65,7 +66,14 @@ impl Executor {
             pings: AtomicU64::new(0),
             control: None,
             data: None,
+            checks: None,
         }
+    }
+
+    /// HTTP checks, invariants and the smoke command for verify and smoke actions.
+    pub fn with_checks(mut self, checks: Arc<crate::checks::Checks>) -> Executor {
+        self.checks = Some(checks);
+        self
     }
 
     /// The data plane for backup, preflight and restore actions.
@@ -237,6 +245,53 @@ impl Executor {
 
     async fn act(&self, action: &Action, run_id: &str) -> (Outcome, String, Option<ResultDetail>) {
         match action {
+            Action::Verify { repository, point } => {
+                let mut checks = match &self.checks {
+                    Some(c) => c.http_checks().await,
+                    None => Vec::new(),
+                };
+                let invariants = self.checks.as_ref().map_or(&[][..], |c| &c.invariants[..]);
+                let mut counts = None;
+                if let Some(data) = &self.data {
+                    match data.verify(repository, point, invariants).await {
+                        Ok((more, live)) => {
+                            checks.extend(more);
+                            counts = live;
+                        }
+                        Err(e) => return (Outcome::Failed, format!("{e:#}"), None),
+                    }
+                }
+                let output = serde_json::json!({ "checks": checks, "counts": counts });
+                match crate::checks::failures(&checks) {
+                    None => (
+                        Outcome::Succeeded,
+                        format!(
+                            "{} checks passed",
+                            checks.iter().filter(|c| c.passed).count()
+                        ),
+                        Some(ResultDetail::Output(output)),
+                    ),
+                    Some(why) => (Outcome::Failed, why, Some(ResultDetail::Output(output))),
+                }
+            }
+            Action::Smoke => {
+                let Some(checks) = &self.checks else {
+                    return (Outcome::Unsupported, "no [smoke] configured".into(), None);
+                };
+                match checks.smoke().await {
+                    Ok(check) => {
+                        let outcome = if check.passed {
+                            Outcome::Succeeded
+                        } else {
+                            Outcome::Failed
+                        };
+                        let message = check.detail.clone();
+                        let output = serde_json::json!({ "checks": [check] });
+                        (outcome, message, Some(ResultDetail::Output(output)))
+                    }
+                    Err(e) => (Outcome::Unsupported, format!("{e:#}"), None),
+                }
+            }
             Action::BackupPostgres { .. }
             | Action::SnapshotObjects { .. }
             | Action::Preflight { .. }

@@ -4,6 +4,7 @@
 //! The agent opens no inbound port. When the stream breaks it reconnects with jittered
 //! exponential backoff (`backon`), forever, until it is told to stop.
 
+pub mod checks;
 pub mod config;
 pub mod control;
 pub mod data;
@@ -63,7 +64,14 @@ impl Agent {
             settings.postgres.as_ref(),
             settings.objects.as_ref(),
         )?);
-        let capabilities = capabilities(&control, &data);
+        let checks = Arc::new(crate::checks::Checks::from_config(
+            &settings.config_file,
+            &settings.checks,
+            &settings.invariants,
+            settings.smoke.as_ref(),
+        )?);
+        let mut capabilities = capabilities(&control, &data);
+        capabilities.extend(checks.capabilities());
         let executor = Arc::new(
             Executor::new(
                 Identity {
@@ -75,7 +83,8 @@ impl Agent {
                 state,
             )
             .with_control(control.clone())
-            .with_data(data),
+            .with_data(data)
+            .with_checks(checks),
         );
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&settings.ca_pem))
@@ -109,6 +118,7 @@ impl Agent {
     pub async fn run(self, cancel: CancellationToken) -> Result<()> {
         let supervision = cancel.child_token();
         self.control.start(supervision.clone()).await?;
+        self.control.refreeze_after_start(supervision.clone());
         self.spawn_readiness(supervision.clone());
         let result = self.attach_loop(&cancel).await;
         supervision.cancel();

@@ -287,7 +287,9 @@ pub enum CoordinatorMessage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Action {
     /// Answer, after holding for `hold` (a diagnostic for latency and deadlines).
-    Ping { hold: Duration },
+    Ping {
+        hold: Duration,
+    },
     /// Describe the agent and its state directory.
     Describe,
     /// Put the role into read-only maintenance.
@@ -320,6 +322,11 @@ pub enum Action {
         shard: u32,
         shards: u32,
     },
+    Verify {
+        repository: RepositoryRef,
+        point: String,
+    },
+    Smoke,
 }
 
 /// A backup repository as commands name it: its URL and S3 connection settings; never
@@ -397,7 +404,9 @@ impl Action {
             | Action::SnapshotObjects { .. }
             | Action::RestorePostgres { .. }
             | Action::RestoreObjects { .. } => true,
-            Action::Preflight { .. } => false,
+            // Checks change nothing; a smoke drives the role through one real operation.
+            Action::Preflight { .. } | Action::Verify { .. } => false,
+            Action::Smoke => true,
         }
     }
 
@@ -414,6 +423,8 @@ impl Action {
             Action::Preflight { .. } => "preflight",
             Action::RestorePostgres { .. } => "restore-postgres",
             Action::RestoreObjects { .. } => "restore-objects",
+            Action::Verify { .. } => "verify",
+            Action::Smoke => "smoke",
         }
     }
 }
@@ -456,6 +467,11 @@ impl TryFrom<pb::Command> for Command {
                 repository: repository(a.repository)?,
                 point: point_id(a.point_id)?,
             },
+            Some(pb::command::Action::Verify(a)) => Action::Verify {
+                repository: repository(a.repository)?,
+                point: point_id(a.point_id)?,
+            },
+            Some(pb::command::Action::Smoke(_)) => Action::Smoke,
             Some(pb::command::Action::RestoreObjects(a)) => {
                 if a.shards == 0 || a.shard >= a.shards {
                     return Err(Invalid::new(
@@ -529,6 +545,11 @@ impl From<Command> for pb::Command {
                     point_id: point,
                 })
             }
+            Action::Verify { repository, point } => pb::command::Action::Verify(pb::Verify {
+                repository: Some(repository.into()),
+                point_id: point,
+            }),
+            Action::Smoke => pb::command::Action::Smoke(pb::Smoke {}),
             Action::RestoreObjects {
                 repository,
                 point,

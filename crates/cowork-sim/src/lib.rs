@@ -28,6 +28,7 @@ pub mod scheduler;
 pub mod schema;
 pub mod seed;
 pub mod sink;
+pub mod smoke;
 pub mod store;
 pub mod web;
 pub mod worker;

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -220,6 +221,11 @@ enum Command {
         #[command(flatten)]
         db: Db,
     },
+    /// A bounded smoke check of one role after a restore; exit 1 when it fails.
+    Smoke {
+        #[command(subcommand)]
+        role: SmokeRole,
+    },
     /// Check artifacts against their sha256 and projections against events; exit 1 on problems.
     Verify {
         #[command(flatten)]
@@ -229,6 +235,38 @@ enum Command {
         /// Check only the first N artifacts (by key).
         #[arg(long)]
         limit: Option<i64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SmokeRole {
+    /// One prompt end to end: created by web's smoke hook, processed by a worker, projected.
+    Worker {
+        #[arg(long, env = "COWORK_WEB_URL")]
+        web_url: String,
+        /// An operator token.
+        #[arg(long, env = "COWORK_OPERATOR_TOKEN", hide_env_values = true)]
+        token: String,
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// No active workflow stays overdue; no due time ran twice.
+    Scheduler {
+        #[command(flatten)]
+        db: Db,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        grace: Duration,
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// No delivery stays due; the sink received no duplicate.
+    Gateway {
+        #[command(flatten)]
+        db: Db,
+        #[arg(long)]
+        sink_jsonl: PathBuf,
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
 }
 
@@ -442,6 +480,28 @@ async fn run(cli: Cli) -> Result<()> {
             let issued =
                 cowork_sim::auth::issue_token(&pool, scope, tenant.as_deref(), None, &name).await?;
             print_json(&issued)
+        }
+        Command::Smoke { role } => {
+            let report = match role {
+                SmokeRole::Worker {
+                    web_url,
+                    token,
+                    timeout,
+                } => cowork_sim::smoke::worker(&web_url, &token, timeout).await?,
+                SmokeRole::Scheduler { db, grace, timeout } => {
+                    let pool = cowork_sim::connect(&db.database_url).await?;
+                    cowork_sim::smoke::scheduler(&pool, grace, timeout).await?
+                }
+                SmokeRole::Gateway {
+                    db,
+                    sink_jsonl,
+                    timeout,
+                } => {
+                    let pool = cowork_sim::connect(&db.database_url).await?;
+                    cowork_sim::smoke::gateway(&pool, &sink_jsonl, timeout).await?
+                }
+            };
+            print_json(&report)
         }
         Command::Counts { db } => {
             let pool = cowork_sim::connect(&db.database_url).await?;

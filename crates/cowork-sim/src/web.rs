@@ -176,6 +176,7 @@ pub fn router(state: WebState) -> Router {
             "/admin/maintenance",
             get(get_maintenance).post(set_maintenance),
         )
+        .route("/admin/smoke", post(admin_smoke))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -838,6 +839,63 @@ async fn channel_status(State(state): State<WebState>, caller: Caller) -> ApiRes
         "cursors": row.try_get::<i64, _>("cursors")?,
         "cursor_sum": row.try_get::<i64, _>("cursor_sum")?,
     })))
+}
+
+/// The operator's smoke hook (works in maintenance, like every `/admin/` route): a session
+/// with one prompt in the first tenant, for a worker to process end to end.
+async fn admin_smoke(State(state): State<WebState>, caller: Caller) -> ApiResult<Response> {
+    caller.require(&[Scope::Operator])?;
+    let tenant: Option<String> = sqlx::query_scalar("SELECT id FROM tenants ORDER BY id LIMIT 1")
+        .fetch_optional(state.pool())
+        .await?;
+    let Some(tenant) = tenant else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "there is no tenant to run a smoke session in; seed the service first".to_owned(),
+        ));
+    };
+    let title = "rollcall smoke";
+    let id = new_id("ses");
+    let command_id = new_id("cmd");
+    let mut tx = state.pool().begin().await?;
+    sqlx::query(
+        "INSERT INTO sessions (id, tenant_id, account_id, title, status)
+         VALUES ($1, $2, NULL, $3, 'idle')",
+    )
+    .bind(&id)
+    .bind(&tenant)
+    .bind(title)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("INSERT INTO session_projections (session_id, sequence, view) VALUES ($1, 0, $2)")
+        .bind(&id)
+        .bind(SessionView::new(title).to_json())
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO session_commands (id, session_id, kind, payload, status)
+         VALUES ($1, $2, 'prompt', $3, 'pending')",
+    )
+    .bind(&command_id)
+    .bind(&id)
+    .bind(json!({ "text": "rollcall smoke prompt" }))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO audit_events (tenant_id, actor, action, target) \
+         VALUES ($1, $2, 'session.smoke', $3)",
+    )
+    .bind(&tenant)
+    .bind(&caller.0.token_id)
+    .bind(&id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "session_id": id, "command_id": command_id, "tenant_id": tenant })),
+    )
+        .into_response())
 }
 
 async fn get_maintenance(State(state): State<WebState>, caller: Caller) -> ApiResult<Json<Value>> {

@@ -143,10 +143,52 @@ impl RoleControl {
     /// the configured count on first start.
     pub async fn start(&self, cancel: CancellationToken) -> Result<()> {
         if let Some(Scaler::Process(s)) = &self.scaler {
+            s.set_frozen(self.memory.frozen());
             let desired = self.memory.desired().unwrap_or(s.configured_replicas());
             s.start(desired, cancel).await?;
         }
         Ok(())
+    }
+
+    /// After an agent restart: if the role was frozen, re-apply the freeze once its processes
+    /// are up (in the background; the agent attaches meanwhile).
+    pub fn refreeze_after_start(self: &std::sync::Arc<Self>, cancel: CancellationToken) {
+        if !self.memory.frozen() || self.scaler.is_none() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let until = std::time::Instant::now() + Duration::from_secs(120);
+            while std::time::Instant::now() < until && !cancel.is_cancelled() {
+                if me.readiness().await.0 {
+                    if let Err(e) = me.keep_frozen().await {
+                        tracing::error!(
+                            "the role restarted while frozen and could not be frozen again: {e:#}"
+                        );
+                    } else {
+                        tracing::info!(
+                            "the role was frozen before this agent restarted: freeze re-applied"
+                        );
+                    }
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+    }
+
+    /// A role that was frozen stays frozen across anything that starts its processes anew
+    /// (a restart, a scale-up, an agent restart): the freeze is re-applied once they are up.
+    async fn keep_frozen(&self) -> Result<()> {
+        if !self.memory.frozen() {
+            return Ok(());
+        }
+        match &self.freezer {
+            Some(Freezer::Http(h)) => h.set(true).await.map(|_| ()),
+            Some(Freezer::Exec(e)) => e.freeze(true).await.map(|_| ()),
+            None => Ok(()),
+        }
+        .map_err(|e| e.context("re-apply the freeze to the role's new processes"))
     }
 
     /// Stops supervised processes (agent shutdown).
@@ -157,19 +199,32 @@ impl RoleControl {
     }
 
     pub async fn freeze(&self) -> Result<String> {
+        if self.freezer.is_none() {
+            bail!("this agent has no freeze adapter; set control.freeze in its agent.toml");
+        }
+        // Remembered first: processes started from now on come up frozen.
+        self.memory.set_frozen(true)?;
+        if let Some(Scaler::Process(s)) = &self.scaler {
+            s.set_frozen(true);
+        }
         match &self.freezer {
             Some(Freezer::Http(h)) => h.set(true).await,
             Some(Freezer::Exec(e)) => e.freeze(true).await,
-            None => bail!("this agent has no freeze adapter; set control.freeze in its agent.toml"),
+            None => bail!("this agent has no freeze adapter"),
         }
     }
 
     pub async fn unfreeze(&self) -> Result<String> {
-        match &self.freezer {
-            Some(Freezer::Http(h)) => h.set(false).await,
-            Some(Freezer::Exec(e)) => e.freeze(false).await,
+        let out = match &self.freezer {
+            Some(Freezer::Http(h)) => h.set(false).await?,
+            Some(Freezer::Exec(e)) => e.freeze(false).await?,
             None => bail!("this agent has no freeze adapter; set control.freeze in its agent.toml"),
+        };
+        self.memory.set_frozen(false)?;
+        if let Some(Scaler::Process(s)) = &self.scaler {
+            s.set_frozen(false);
         }
+        Ok(out)
     }
 
     /// Scales the role; `run_id` keys the remembered prior count.
@@ -192,15 +247,20 @@ impl RoleControl {
             Scaler::Process(s) => s.scale(now).await?,
             Scaler::Exec(e) => e.scale(now).await?,
         }
+        if now > 0 {
+            self.keep_frozen().await?;
+        }
         Ok(ScaleOutput { before, now, prior })
     }
 
     pub async fn restart(&self) -> Result<String> {
-        match &self.scaler {
-            Some(Scaler::Process(s)) => s.restart().await,
-            Some(Scaler::Exec(e)) => e.restart().await,
+        let out = match &self.scaler {
+            Some(Scaler::Process(s)) => s.restart().await?,
+            Some(Scaler::Exec(e)) => e.restart().await?,
             None => bail!("this agent has no scale adapter; set control.scale in its agent.toml"),
-        }
+        };
+        self.keep_frozen().await?;
+        Ok(out)
     }
 
     /// Readiness for heartbeats: the role runs its desired replicas and they are healthy.
@@ -228,6 +288,9 @@ struct Memory {
 struct MemoryFile {
     desired: Option<u32>,
     prior: BTreeMap<String, u32>,
+    /// Frozen by a run and not unfrozen since.
+    #[serde(default)]
+    frozen: bool,
 }
 
 impl Memory {
@@ -262,6 +325,19 @@ impl Memory {
         let bytes = serde_json::to_vec_pretty(file).context("encode control state")?;
         crate::state::write_atomic(&self.path, &bytes, true)
             .with_context(|| format!("write {}", self.path.display()))
+    }
+
+    fn frozen(&self) -> bool {
+        self.lock().frozen
+    }
+
+    fn set_frozen(&self, frozen: bool) -> Result<()> {
+        let mut file = self.lock();
+        let mut next = file.clone();
+        next.frozen = frozen;
+        self.save(&next)?;
+        *file = next;
+        Ok(())
     }
 
     fn set_desired(&self, n: u32) -> Result<()> {

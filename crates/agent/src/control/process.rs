@@ -50,6 +50,11 @@ pub struct ProcessConfig {
     pub start_timeout: Duration,
     /// Where children's stdout/stderr go (`replica-N.log`); default `<state_dir>/logs`.
     pub log_dir: Option<PathBuf>,
+    /// Extra arguments for processes started while the role is frozen, so they come up
+    /// frozen (cowork-sim web: ["--maintenance"]). The freeze is re-applied after they start
+    /// either way.
+    #[serde(default)]
+    pub frozen_args: Vec<String>,
 }
 
 fn one() -> u32 {
@@ -81,6 +86,7 @@ struct Shared {
     pid_file: PathBuf,
     client: reqwest::Client,
     inner: Mutex<Inner>,
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -148,8 +154,16 @@ impl Supervisor {
                 pid_file: state_dir.join("children.json"),
                 client,
                 inner: Mutex::new(Inner::default()),
+                frozen: std::sync::atomic::AtomicBool::new(false),
             }),
         })
+    }
+
+    /// Whether processes started from now on get `frozen_args`.
+    pub fn set_frozen(&self, frozen: bool) {
+        self.shared
+            .frozen
+            .store(frozen, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn configured_replicas(&self) -> u32 {
@@ -317,8 +331,15 @@ impl Shared {
             .try_clone()
             .with_context(|| format!("open {}", log_path.display()))?;
         let mut command = tokio::process::Command::new(&self.program);
+        let frozen = self.frozen.load(std::sync::atomic::Ordering::SeqCst);
+        let extra = if frozen {
+            &self.config.frozen_args[..]
+        } else {
+            &[][..]
+        };
         command
             .args(self.config.args.iter().map(|a| substitute(a, &vars)))
+            .args(extra.iter().map(|a| substitute(a, &vars)))
             .envs(
                 self.config
                     .env
@@ -497,6 +518,7 @@ mod tests {
             stop_grace: Duration::from_millis(300),
             start_timeout: Duration::from_secs(5),
             log_dir: None,
+            frozen_args: Vec::new(),
         }
     }
 

@@ -865,7 +865,7 @@ struct RunContext {
 fn needs_point(action: Action) -> bool {
     matches!(
         action,
-        Action::Preflight | Action::RestorePostgres | Action::RestoreObjects
+        Action::Preflight | Action::RestorePostgres | Action::RestoreObjects | Action::Verify
     )
 }
 
@@ -915,12 +915,16 @@ fn agent_actions(phase: &Phase, ctx: &RunContext) -> std::result::Result<Vec<Age
             shard: 0,
             shards: 1,
         }],
-        Action::Verify | Action::Smoke => {
-            return Err(format!(
-                "agents do not implement {} yet (this coordinator cannot run it)",
-                phase.action
-            ));
-        }
+        Action::Verify => vec![AgentAction::Verify {
+            repository,
+            point: point()?,
+        }],
+        // Start the replicas the smoke needs (workers never before objects are restored: plan
+        // check orders that), then run the agent's smoke command.
+        Action::Smoke => match phase.replicas {
+            Some(r) => vec![AgentAction::Scale(target(r)), AgentAction::Smoke],
+            None => vec![AgentAction::Smoke],
+        },
     })
 }
 

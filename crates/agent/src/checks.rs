@@ -1,0 +1,339 @@
+//! Verification and smoke on an agent: the runbook's steps 6–10 as configured checks.
+//!
+//! * `[[check]]` — HTTP checks of the role (status, optional JSON field expectations), with an
+//!   operator bearer token read from an environment variable at call time, never logged.
+//! * `[[invariant]]` — named SQL queries on the database agent with an expectation.
+//! * `[smoke]` — a bounded command with a timeout (exit 0 = passed).
+//!
+//! The data plane adds count parity (database agent) and the live store against the point's
+//! manifest (objects agent). Every check reports `{name, kind, required, passed, detail}`;
+//! a failed required check fails the command (and so the phase's gate).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use api::config::ConfigError;
+use serde::{Deserialize, Serialize};
+
+/// One check's result, as the drill report shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    /// "http", "count", "invariant", "objects", "smoke".
+    pub kind: String,
+    pub required: bool,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// `[[check]]` in agent.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCheck {
+    pub name: String,
+    pub url: String,
+    #[serde(default = "ok")]
+    pub status: u16,
+    /// Environment variable holding a bearer token for the request.
+    pub token_env: Option<String>,
+    /// JSON fields the body must hold: dotted path → value, e.g. `{ "maintenance" = true }`.
+    #[serde(default)]
+    pub expect: BTreeMap<String, toml::Value>,
+    #[serde(default = "yes")]
+    pub required: bool,
+}
+
+fn ok() -> u16 {
+    200
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `[[invariant]]` in agent.toml (database agents).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Invariant {
+    pub name: String,
+    /// A query returning violating rows (for "zero_rows") or one number.
+    pub sql: String,
+    /// "zero_rows", or { equals = N }, or { at_least = N } on the first column of one row.
+    #[serde(default = "zero_rows")]
+    pub expect: InvariantExpect,
+    #[serde(default = "yes")]
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum InvariantExpect {
+    Named(String),
+    Equals { equals: i64 },
+    AtLeast { at_least: i64 },
+}
+
+fn zero_rows() -> InvariantExpect {
+    InvariantExpect::Named("zero_rows".into())
+}
+
+/// `[smoke]` in agent.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmokeConfig {
+    pub command: Vec<String>,
+    #[serde(with = "humantime_serde", default = "default_smoke_timeout")]
+    pub timeout: Duration,
+}
+
+fn default_smoke_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+
+pub struct Checks {
+    http: Vec<HttpCheck>,
+    pub(crate) invariants: Vec<Invariant>,
+    smoke: Option<SmokeConfig>,
+}
+
+impl Checks {
+    pub fn from_config(
+        file: &Path,
+        http: &[HttpCheck],
+        invariants: &[Invariant],
+        smoke: Option<&SmokeConfig>,
+    ) -> Result<Checks> {
+        for c in http {
+            if !(c.url.starts_with("http://") || c.url.starts_with("https://")) {
+                bail!(ConfigError::new(
+                    file,
+                    format!("check {:?}: url {:?} is not an http(s) URL", c.name, c.url),
+                    "e.g. url = \"http://127.0.0.1:8080/readyz\""
+                ));
+            }
+        }
+        for i in invariants {
+            if let InvariantExpect::Named(n) = &i.expect
+                && n != "zero_rows"
+            {
+                bail!(ConfigError::new(
+                    file,
+                    format!("invariant {:?}: expect = {n:?} is not understood", i.name),
+                    "use \"zero_rows\", { equals = N } or { at_least = N }"
+                ));
+            }
+        }
+        if let Some(s) = smoke
+            && (s.command.is_empty() || s.timeout.is_zero())
+        {
+            bail!(ConfigError::new(
+                file,
+                "[smoke] needs a command and a positive timeout",
+                "e.g. command = [\"cowork-sim\", \"smoke\", \"worker\"], timeout = \"2m\""
+            ));
+        }
+        Ok(Checks {
+            http: http.to_vec(),
+            invariants: invariants.to_vec(),
+            smoke: smoke.cloned(),
+        })
+    }
+
+    pub fn capabilities(&self) -> Vec<String> {
+        let mut out = vec!["verify".to_owned()];
+        if self.smoke.is_some() {
+            out.push("smoke".into());
+        }
+        out
+    }
+
+    pub async fn http_checks(&self) -> Vec<Check> {
+        let Ok(client) = crate::control::http_client(Duration::from_secs(10)) else {
+            return vec![Check {
+                name: "http".into(),
+                kind: "http".into(),
+                required: true,
+                passed: false,
+                detail: "cannot build an HTTP client".into(),
+            }];
+        };
+        let mut out = Vec::new();
+        for c in &self.http {
+            let (passed, detail) = match run_http(&client, c).await {
+                Ok(detail) => (true, detail),
+                Err(e) => (false, format!("{e:#}")),
+            };
+            out.push(Check {
+                name: c.name.clone(),
+                kind: "http".into(),
+                required: c.required,
+                passed,
+                detail,
+            });
+        }
+        out
+    }
+
+    pub async fn smoke(&self) -> Result<Check> {
+        let smoke = self
+            .smoke
+            .as_ref()
+            .context("this agent has no [smoke] command; add one to agent.toml")?;
+        let mut cmd = tokio::process::Command::new(&smoke.command[0]);
+        cmd.args(&smoke.command[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start the smoke command {:?}", smoke.command[0]))?;
+        let output = match tokio::time::timeout(smoke.timeout, child.wait_with_output()).await {
+            Ok(out) => out.context("wait for the smoke command")?,
+            Err(_) => {
+                return Ok(Check {
+                    name: "smoke".into(),
+                    kind: "smoke".into(),
+                    required: true,
+                    passed: false,
+                    detail: format!(
+                        "did not finish within {}",
+                        humantime::format_duration(smoke.timeout)
+                    ),
+                });
+            }
+        };
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let text = if output.status.success() {
+            stdout
+        } else {
+            stderr
+        };
+        let detail = tail(text.trim(), 600).to_owned();
+        Ok(Check {
+            name: "smoke".into(),
+            kind: "smoke".into(),
+            required: true,
+            passed: output.status.success(),
+            detail: if output.status.success() {
+                detail
+            } else {
+                format!("exited with {}: {detail}", output.status)
+            },
+        })
+    }
+}
+
+async fn run_http(client: &reqwest::Client, c: &HttpCheck) -> Result<String> {
+    let mut request = client.get(&c.url);
+    if let Some(var) = &c.token_env {
+        let token = std::env::var(var)
+            .with_context(|| format!("token_env names {var}, which is not set for the agent"))?;
+        request = request.bearer_auth(token);
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("GET {} failed", c.url))?;
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap_or_default();
+    if status != c.status {
+        bail!(
+            "GET {} answered {status}, expected {}: {}",
+            c.url,
+            c.status,
+            tail(body.trim(), 200)
+        );
+    }
+    if c.expect.is_empty() {
+        return Ok(format!("{status}"));
+    }
+    let json: serde_json::Value = serde_json::from_str(&body)
+        .with_context(|| format!("GET {} did not answer JSON", c.url))?;
+    for (path, want) in &c.expect {
+        let got = path
+            .split('.')
+            .try_fold(&json, |v, k| v.get(k))
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
+        let want = serde_json::to_value(want).unwrap_or(serde_json::Value::Null);
+        if got != want {
+            bail!("GET {}: {path} is {got}, expected {want}", c.url);
+        }
+    }
+    Ok(format!("{status}, {} fields as expected", c.expect.len()))
+}
+
+fn tail(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// The failed required checks, for the command's message; None when all required passed.
+pub fn failures(checks: &[Check]) -> Option<String> {
+    let failed: Vec<String> = checks
+        .iter()
+        .filter(|c| c.required && !c.passed)
+        .map(|c| format!("{} ({}): {}", c.name, c.kind, c.detail))
+        .collect();
+    (!failed.is_empty()).then(|| failed.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn invariant_expectations_parse() {
+        let i: Invariant = toml::from_str("name = \"a\"\nsql = \"select 1\"\n").unwrap();
+        assert_eq!(i.expect, InvariantExpect::Named("zero_rows".into()));
+        let i: Invariant =
+            toml::from_str("name = \"a\"\nsql = \"select 1\"\nexpect = { equals = 3 }\n").unwrap();
+        assert_eq!(i.expect, InvariantExpect::Equals { equals: 3 });
+        let bad: Invariant =
+            toml::from_str("name = \"a\"\nsql = \"x\"\nexpect = \"some\"\n").unwrap();
+        let err = Checks::from_config(Path::new("agent.toml"), &[], &[bad], None)
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string()
+                .contains("expect = \"some\" is not understood")
+        );
+    }
+
+    #[tokio::test]
+    async fn smoke_commands_pass_fail_and_time_out() {
+        let smoke = |script: &str, timeout: u64| SmokeConfig {
+            command: vec!["sh".into(), "-c".into(), script.into()],
+            timeout: Duration::from_millis(timeout),
+        };
+        let run = async |s: SmokeConfig| {
+            Checks::from_config(Path::new("agent.toml"), &[], &[], Some(&s))
+                .unwrap()
+                .smoke()
+                .await
+                .unwrap()
+        };
+        let ok = run(smoke("echo one prompt processed", 5000)).await;
+        assert!(ok.passed && ok.detail == "one prompt processed", "{ok:?}");
+        let failed = run(smoke("echo 'no worker answered' >&2; exit 2", 5000)).await;
+        assert!(
+            !failed.passed && failed.detail == "exited with exit status: 2: no worker answered",
+            "{failed:?}"
+        );
+        let slow = run(smoke("sleep 5", 200)).await;
+        assert!(!slow.passed && slow.detail.contains("did not finish within 200ms"));
+    }
+}

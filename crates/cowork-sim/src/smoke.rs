@@ -1,0 +1,164 @@
+//! Bounded smoke checks, one per role, for restore drills (the runbook's steps 7–9):
+//!
+//! * `worker`: one prompt end to end — web's operator smoke hook creates a session with a
+//!   prompt (allowed while frozen), and a worker must claim it, append events and bring the
+//!   projection level with them.
+//! * `scheduler`: no active workflow stays overdue (a started scheduler claims what is due;
+//!   the unique idempotency key makes a second run per due time impossible).
+//! * `gateway`: no delivery stays due unattempted, and the sink holds no duplicate delivery.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+const POLL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SmokeReport {
+    pub role: &'static str,
+    pub detail: Value,
+    pub elapsed_ms: u64,
+}
+
+/// Asks web's operator smoke hook for a session with one prompt (it works while web is frozen)
+/// and waits until a worker has processed it: events appended, projection level with them.
+pub async fn worker(web_url: &str, token: &str, timeout: Duration) -> Result<SmokeReport> {
+    let started = Instant::now();
+    crate::objects::install_crypto_provider();
+    let base = web_url.trim_end_matches('/');
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .context("build the smoke HTTP client")?;
+    let created: Value = post(&client, &format!("{base}/admin/smoke"), token, json!({})).await?;
+    let session = created
+        .get("session_id")
+        .and_then(Value::as_str)
+        .with_context(|| format!("web answered a smoke without a session: {created}"))?
+        .to_owned();
+    let url = format!("{base}/api/sessions/{session}/projection-status");
+    loop {
+        let status: Value = client
+            .get(&url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?
+            .json()
+            .await
+            .with_context(|| format!("GET {url}: not JSON"))?;
+        let events = status
+            .get("event_count")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        let lag = status
+            .get("lag")
+            .and_then(Value::as_i64)
+            .unwrap_or(i64::MAX);
+        if events > 0 && lag == 0 {
+            return Ok(SmokeReport {
+                role: "worker",
+                detail: json!({ "session": session, "projection": status }),
+                elapsed_ms: started.elapsed().as_millis() as u64,
+            });
+        }
+        if started.elapsed() > timeout {
+            bail!(
+                "no worker processed the smoke prompt of session {session} within {}: {status}",
+                humantime::format_duration(timeout)
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn post(client: &reqwest::Client, url: &str, token: &str, body: Value) -> Result<Value> {
+    let response = client
+        .post(url)
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!("POST {url} answered {status}: {}", text.trim());
+    }
+    serde_json::from_str(&text).with_context(|| format!("POST {url}: not JSON: {text}"))
+}
+
+/// Waits until no active workflow is overdue by more than `grace`.
+pub async fn scheduler(pool: &PgPool, grace: Duration, timeout: Duration) -> Result<SmokeReport> {
+    let started = Instant::now();
+    loop {
+        let overdue = crate::store::overdue_workflows(pool, grace).await?;
+        let duplicates: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT idempotency_key FROM workflow_runs \
+             GROUP BY idempotency_key HAVING count(*) > 1) d",
+        )
+        .fetch_one(pool)
+        .await
+        .context("look for duplicate workflow runs")?;
+        if duplicates > 0 {
+            bail!("{duplicates} due times ran more than once");
+        }
+        if overdue == 0 {
+            return Ok(SmokeReport {
+                role: "scheduler",
+                detail: json!({ "overdue": 0, "duplicate_runs": 0 }),
+                elapsed_ms: started.elapsed().as_millis() as u64,
+            });
+        }
+        if started.elapsed() > timeout {
+            bail!(
+                "{overdue} active workflows are still overdue after {}: is the scheduler running?",
+                humantime::format_duration(timeout)
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until no pending delivery is due, then checks the sink for duplicates.
+pub async fn gateway(pool: &PgPool, sink: &Path, timeout: Duration) -> Result<SmokeReport> {
+    let started = Instant::now();
+    loop {
+        let due: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM channel_deliveries WHERE status = 'pending' AND next_attempt_at <= now()",
+        )
+        .fetch_one(pool)
+        .await
+        .context("count due deliveries")?;
+        if due == 0 {
+            let stats = if sink.exists() {
+                crate::sink::jsonl_stats(sink)?
+            } else {
+                crate::sink::SinkStats::default()
+            };
+            if stats.duplicates > 0 {
+                bail!(
+                    "the sink {} received {} duplicate deliveries",
+                    sink.display(),
+                    stats.duplicates
+                );
+            }
+            return Ok(SmokeReport {
+                role: "gateway",
+                detail: json!({ "due": 0, "sink": stats }),
+                elapsed_ms: started.elapsed().as_millis() as u64,
+            });
+        }
+        if started.elapsed() > timeout {
+            bail!(
+                "{due} deliveries are still due after {}: is the gateway running?",
+                humantime::format_duration(timeout)
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
