@@ -6,6 +6,7 @@
 pub mod config;
 pub mod identity;
 pub mod model;
+pub mod redact;
 
 /// Generated protobuf and tonic code. Only `api` and the gRPC adapters touch these types.
 pub mod pb {

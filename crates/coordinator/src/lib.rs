@@ -12,6 +12,7 @@ pub mod link;
 pub mod metrics;
 pub mod plan;
 pub mod registry;
+pub mod report;
 pub mod store;
 pub mod tls;
 
