@@ -230,6 +230,15 @@ impl RoleControl {
     /// Scales the role; `run_id` keys the remembered prior count.
     pub async fn scale(&self, target: ScaleTarget, run_id: &str) -> Result<ScaleOutput> {
         let Some(scaler) = &self.scaler else {
+            // Nothing was scaled, so there is nothing to return to: "restore prior replicas"
+            // across all roles passes on agents that run no role processes (database, objects).
+            if target == ScaleTarget::Prior {
+                return Ok(ScaleOutput {
+                    before: 0,
+                    now: 0,
+                    prior: 0,
+                });
+            }
             bail!("this agent has no scale adapter; set control.scale in its agent.toml");
         };
         let before = match scaler {

@@ -704,7 +704,18 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                 })
                 .collect();
             let verdict = planner::evaluate(phase, &env.fleet, &standing);
-            let waiting = planner::needs_readiness(phase) && SystemTime::now() < deadline;
+            // Readiness can still come; failed commands cannot. Wait only while the gate could
+            // pass if every agent whose command succeeded became ready.
+            let hopeful: Vec<AgentStanding> = standing
+                .iter()
+                .map(|a| AgentStanding {
+                    ready: true,
+                    ..a.clone()
+                })
+                .collect();
+            let could_pass = planner::evaluate(phase, &env.fleet, &hopeful).passed;
+            let waiting =
+                planner::needs_readiness(phase) && could_pass && SystemTime::now() < deadline;
             if verdict.passed || !waiting {
                 let mut detail = verdict.detail;
                 if !failures.is_empty() {
