@@ -1,6 +1,7 @@
 //! The `rollcall` binary: parse the command line, load config, start telemetry, and hand over
 //! to the library that does the work.
 
+mod demo;
 mod operator;
 mod runs;
 mod telemetry;
@@ -25,6 +26,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// A whole drill on a throwaway local fleet: Postgres, object store, coordinator and seven
+    /// agents with cowork-sim roles; exit 0 only when every required gate passed.
+    Demo {
+        /// Where the fleet lives (default: a temporary directory, removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Leave the fleet running and print how to talk to it.
+        #[arg(long)]
+        keep: bool,
+        /// Sessions to seed.
+        #[arg(long, default_value_t = 40)]
+        sessions: u64,
+    },
     /// Run the coordinator.
     Coordinator {
         #[arg(long)]
@@ -189,6 +203,12 @@ enum CertsCommand {
 }
 
 fn main() -> ExitCode {
+    // `rollcall cowork-sim ...` runs the embedded miniature service (the demo's roles), so the
+    // demo needs this one binary only.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "cowork-sim") {
+        return cowork_sim::cli::main_with_args(args.into_iter().skip(1));
+    }
     let cli = Cli::parse();
     // One crypto provider for the whole process: ring (builds without cmake).
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -213,6 +233,19 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Demo {
+            dir,
+            keep,
+            sessions,
+        } => {
+            telemetry::init_quiet();
+            demo::run(demo::DemoArgs {
+                dir,
+                keep,
+                sessions,
+            })
+            .await
+        }
         Command::Coordinator { config } => run_coordinator(&config).await,
         Command::Agent { config } => run_agent(&config).await,
         Command::Certs {

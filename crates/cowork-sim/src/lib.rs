@@ -20,6 +20,7 @@
 //! - [`seed`]: realistic data at any scale. [`load`]: a write-load client for drills.
 
 pub mod auth;
+pub mod cli;
 pub mod gateway;
 pub mod load;
 pub mod objects;

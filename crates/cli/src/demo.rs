@@ -1,0 +1,710 @@
+//! `rollcall demo`: the whole runbook on one machine — a throwaway Postgres, a file:// object
+//! store and repository, the coordinator and one agent per role (web, two workers, scheduler,
+//! gateway, database, objects) as real processes over mTLS, each agent supervising its
+//! cowork-sim role. Seeds data, writes through web, takes a recovery point, keeps writing,
+//! breaks things, and runs the default plan as a drill. Exit 0 only when every required gate
+//! passed. Every process it starts is stopped on the way out (Ctrl-C and failures included)
+//! unless `--keep`.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use api::model::{AgentName, Role};
+use api::pb::operator as op;
+
+use crate::operator::{Connection, status_error};
+
+pub struct DemoArgs {
+    pub dir: Option<PathBuf>,
+    pub keep: bool,
+    pub sessions: u64,
+}
+
+const FLEET: [(&str, &str); 7] = [
+    ("web-1", "web"),
+    ("worker-1", "worker"),
+    ("worker-2", "worker"),
+    ("scheduler-1", "scheduler"),
+    ("gateway-1", "gateway"),
+    ("database-1", "database"),
+    ("objects-1", "objects"),
+];
+
+/// Child processes, stopped (SIGTERM, then SIGKILL) when dropped unless kept.
+struct Fleet {
+    procs: Vec<(String, Child)>,
+    keep: bool,
+}
+
+impl Fleet {
+    fn spawn(&mut self, name: &str, logs: &Path, mut cmd: Command) -> Result<()> {
+        let log = std::fs::File::create(logs.join(format!("{name}.log")))
+            .with_context(|| format!("create the log of {name}"))?;
+        let err = log.try_clone()?;
+        cmd.stdin(Stdio::null()).stdout(log).stderr(err);
+        let child = cmd.spawn().with_context(|| format!("start {name}"))?;
+        self.procs.push((name.to_owned(), child));
+        Ok(())
+    }
+
+    fn stop(&mut self, name: &str) {
+        if let Some(i) = self.procs.iter().position(|(n, _)| n == name) {
+            let (_, child) = self.procs.remove(i);
+            terminate(child);
+        }
+    }
+}
+
+fn terminate(mut child: Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < until {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        // Agents first (they stop the roles they supervise), the coordinator last.
+        while let Some((_, child)) = self.procs.pop() {
+            terminate(child);
+        }
+    }
+}
+
+fn free_port() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").context("find a free loopback port")?;
+    Ok(l.local_addr()?)
+}
+
+#[allow(clippy::print_stdout)]
+fn say(step: &str) {
+    println!("==> {step}");
+}
+
+/// Runs the embedded cowork-sim (`rollcall cowork-sim ...`) and returns its JSON output.
+fn sim(exe: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<serde_json::Value> {
+    let out = Command::new(exe)
+        .arg("cowork-sim")
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .output()
+        .with_context(|| format!("run cowork-sim {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "cowork-sim {} failed: {}",
+            args.first().copied().unwrap_or_default(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null))
+}
+
+#[allow(clippy::print_stdout)]
+pub async fn run(args: DemoArgs) -> Result<()> {
+    let started = Instant::now();
+    let exe = std::env::current_exe().context("find the rollcall binary")?;
+    let (dir, temp) = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+            (d.canonicalize()?, None)
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("rollcall-demo-")
+                .tempdir()
+                .context("create a temporary directory")?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let mut fleet = Fleet {
+        procs: Vec::new(),
+        keep: false,
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listen for SIGTERM")?;
+    let outcome = tokio::select! {
+        r = demo(&exe, &dir, &args, &mut fleet) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; stopping every process the demo started")),
+        _ = term.recv() => Err(anyhow::anyhow!("terminated; stopping every process the demo started")),
+    };
+    match (&outcome, args.keep) {
+        (Ok(_), true) => {
+            fleet.keep = true;
+            println!(
+                "\nthe fleet keeps running in {} (stop it with: pkill -f {}):\n  \
+                 export ROLLCALL_COORDINATOR={} ROLLCALL_CERTS={}\n  rollcall agents\n  \
+                 rollcall runs\n  rollcall points --env demo",
+                dir.display(),
+                dir.display(),
+                outcome
+                    .as_ref()
+                    .map(|o| o.operator_url.clone())
+                    .unwrap_or_default(),
+                dir.join("certs").display()
+            );
+            if let Some(t) = temp {
+                let _ = t.keep();
+            }
+        }
+        _ => {
+            drop(fleet);
+            if args.dir.is_none()
+                && let Some(t) = temp
+                && outcome.is_err()
+            {
+                // Keep the logs of a failed demo for whoever reads the error.
+                let kept = t.keep();
+                eprintln!("logs kept in {}", kept.join("logs").display());
+            }
+        }
+    }
+    let outcome = outcome?;
+    println!(
+        "\ndemo finished in {:.1}s: drill {} {}",
+        started.elapsed().as_secs_f64(),
+        outcome.run_id,
+        outcome.state
+    );
+    if outcome.state != "succeeded" {
+        bail!("the drill did not pass: {}", outcome.reason);
+    }
+    Ok(())
+}
+
+struct Outcome {
+    run_id: String,
+    state: String,
+    reason: String,
+    operator_url: String,
+}
+
+#[allow(clippy::print_stdout)]
+async fn demo(exe: &Path, dir: &Path, args: &DemoArgs, fleet: &mut Fleet) -> Result<Outcome> {
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    say("starting a throwaway PostgreSQL cluster");
+    let mut cluster = ephemeral_pg::Cluster::start_with(ephemeral_pg::Options {
+        dir: Some(dir.join("postgres")),
+        settings: Vec::new(),
+    })
+    .context("start PostgreSQL for the demo")?;
+    cluster.create_database("cowork")?;
+    let db_url = cluster.url("cowork");
+    let objects = dir.join("objects");
+    let repository = dir.join("repository");
+    std::fs::create_dir_all(&objects)?;
+    std::fs::create_dir_all(&repository)?;
+    let objects_url = format!("file://{}", objects.display());
+    let data_env = [
+        ("DATABASE_URL", db_url.as_str()),
+        ("OBJECT_STORE_URL", objects_url.as_str()),
+    ];
+
+    say(&format!(
+        "seeding cowork-sim with {} sessions",
+        args.sessions
+    ));
+    sim(exe, &["migrate"], &data_env)?;
+    let tokens_file = dir.join("tokens.json");
+    let sessions = args.sessions.to_string();
+    sim(
+        exe,
+        &[
+            "seed",
+            "--sessions",
+            &sessions,
+            "--tokens-out",
+            tokens_file.to_str().unwrap_or_default(),
+        ],
+        &data_env,
+    )?;
+    let tokens: serde_json::Value = serde_json::from_slice(&std::fs::read(&tokens_file)?)?;
+    let operator_token = tokens["operator"]["token"]
+        .as_str()
+        .context("the seed wrote no operator token")?
+        .to_owned();
+    let desktop_token = tokens["desktop"][0]["token"]
+        .as_str()
+        .context("the seed wrote no desktop token")?
+        .to_owned();
+
+    say("creating certificates (the same code as `rollcall certs init`)");
+    let certs = dir.join("certs");
+    let agents = FLEET
+        .iter()
+        .map(|(n, r)| Ok((AgentName::parse(n)?, Role::parse(r)?)))
+        .collect::<Result<Vec<_>>>()?;
+    coordinator::certs::init(&coordinator::certs::InitRequest {
+        dir: certs.clone(),
+        agents,
+        coordinator_hosts: Vec::new(),
+        operator: "demo-operator".into(),
+    })?;
+
+    let (agents_addr, operator_addr, web_addr) = (free_port()?, free_port()?, free_port()?);
+    let sink = dir.join("sink.jsonl");
+    let config = dir.join("rollcall.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[listen]
+agents = "{agents_addr}"
+operator = "{operator_addr}"
+
+[tls]
+ca = "certs/ca.pem"
+cert = "certs/coordinator.pem"
+key = "certs/coordinator-key.pem"
+
+[state]
+url = "sqlite://state.db"
+
+[agents]
+heartbeat_interval = "500ms"
+timeout = "5s"
+
+[environments.demo]
+rpo = "24h"
+rto = "15m"
+retention = "7days"
+repository = "file://{repository}"
+fleet = {{ web = 1, worker = 2, scheduler = 1, gateway = 1, database = 1, objects = 1 }}
+
+[[environments.demo.secret]]
+name = "cookie-secret"
+manager = "vault"
+reference = "kv/cowork/demo/cookie"
+version = "3"
+"#,
+            repository = repository.display()
+        ),
+    )?;
+
+    say("starting the coordinator and seven agents (mTLS on loopback)");
+    let mut cmd = Command::new(exe);
+    cmd.args(["coordinator", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info");
+    fleet.spawn("coordinator", &logs, cmd)?;
+    let exe_s = exe.display().to_string();
+    for (name, role) in FLEET {
+        let extra = agent_extra(role, &exe_s, web_addr, &sink, &db_url, &objects_url);
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                r#"name = "{name}"
+role = "{role}"
+environment = "demo"
+state_dir = "state/{name}"
+
+[coordinator]
+url = "https://{agents_addr}"
+server_name = "localhost"
+
+[tls]
+ca = "certs/ca.pem"
+cert = "certs/agents/{name}.pem"
+key = "certs/agents/{name}-key.pem"
+
+[reconnect]
+initial = "100ms"
+max = "2s"
+{extra}"#
+            ),
+        )?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["agent", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .env("DATABASE_URL", &db_url)
+            .env("OBJECT_STORE_URL", &objects_url)
+            .env("COWORK_OPERATOR_TOKEN", &operator_token);
+        fleet.spawn(name, &logs, cmd)?;
+    }
+    let connection = Connection {
+        coordinator: format!("https://{operator_addr}"),
+        certs: Some(certs.clone()),
+        ca: None,
+        server_name: None,
+    };
+    wait_ready(&connection, Duration::from_secs(90)).await?;
+
+    say("writing through web (load), then taking a recovery point");
+    let mut load = Command::new(exe);
+    load.args([
+        "cowork-sim",
+        "load",
+        "--web-url",
+        &format!("http://{web_addr}"),
+        "--rate",
+        "20",
+    ])
+    .env("COWORK_TOKEN", &desktop_token)
+    .env("RUST_LOG", "warn");
+    fleet.spawn("load", &logs, load)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut client = connection.connect().await?;
+    let backup = client
+        .start_run(op::StartRunRequest {
+            environment: "demo".into(),
+            kind: "backup".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let backup_state = wait_run(&connection, &backup.id).await?;
+    if backup_state.state != "succeeded" {
+        bail!("the backup did not succeed: {}", backup_state.reason);
+    }
+    println!("    recovery point {}", backup.point_id);
+
+    say("writing for two more seconds, then the disaster: rows and objects deleted");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.stop("load");
+    let deleted_rows = cluster
+        .psql(
+            "cowork",
+            "WITH d AS (DELETE FROM session_projections RETURNING 1) SELECT count(*) FROM d",
+        )?
+        .trim()
+        .to_owned();
+    let mut deleted_objects = 0;
+    for entry in walk(&objects).into_iter().step_by(3) {
+        if std::fs::remove_file(&entry).is_ok() {
+            deleted_objects += 1;
+        }
+    }
+    println!("    deleted {deleted_rows} projections and {deleted_objects} objects");
+
+    say("drill: the default plan, restoring the point");
+    let drill = client
+        .start_run(op::StartRunRequest {
+            environment: "demo".into(),
+            kind: "drill".into(),
+            point: backup.point_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut stream = client
+        .watch_run(op::WatchRunRequest {
+            id: drill.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    while let Some(event) = stream.message().await.map_err(status_error)? {
+        let p: serde_json::Value = serde_json::from_str(&event.payload_json).unwrap_or_default();
+        match event.kind.as_str() {
+            "phase.started" => println!("    {:<18} …", p["phase"].as_str().unwrap_or("")),
+            "phase.finished" => println!(
+                "    {:<18} {} in {:.1}s",
+                p["phase"].as_str().unwrap_or(""),
+                p["state"].as_str().unwrap_or(""),
+                p["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0
+            ),
+            _ => {}
+        }
+    }
+    let result = wait_run(&connection, &drill.id).await?;
+    summarize(dir, &drill.id, &backup.point_id, &cluster).await?;
+    cluster.stop()?;
+    Ok(Outcome {
+        run_id: drill.id,
+        state: result.state,
+        reason: result.reason,
+        operator_url: connection.coordinator,
+    })
+}
+
+fn agent_extra(
+    role: &str,
+    exe: &str,
+    web: SocketAddr,
+    sink: &Path,
+    db_url: &str,
+    objects_url: &str,
+) -> String {
+    let _ = db_url;
+    let sink = sink.display();
+    match role {
+        "web" => format!(
+            r#"
+[control]
+scale = "process"
+freeze = "http"
+[control.process]
+program = "{exe}"
+args = ["cowork-sim", "web", "--listen", "{web}"]
+frozen_args = ["--maintenance"]
+health_url = "http://{web}/readyz"
+stop_grace = "5s"
+[control.http]
+url = "http://{web}/admin/maintenance"
+token_env = "COWORK_OPERATOR_TOKEN"
+[[check]]
+name = "readyz"
+url = "http://{web}/readyz"
+[[check]]
+name = "writes stay frozen while verifying"
+url = "http://{web}/admin/maintenance"
+token_env = "COWORK_OPERATOR_TOKEN"
+expect = {{ maintenance = true }}
+[[check]]
+name = "operator metrics"
+url = "http://{web}/api/metrics"
+token_env = "COWORK_OPERATOR_TOKEN"
+"#
+        ),
+        "worker" => format!(
+            r#"
+[control]
+scale = "process"
+[control.process]
+program = "{exe}"
+args = ["cowork-sim", "worker"]
+stop_grace = "5s"
+[smoke]
+command = ["{exe}", "cowork-sim", "smoke", "worker", "--web-url", "http://{web}", "--timeout", "60s"]
+timeout = "90s"
+"#
+        ),
+        "scheduler" => format!(
+            r#"
+[control]
+scale = "process"
+[control.process]
+program = "{exe}"
+args = ["cowork-sim", "scheduler"]
+stop_grace = "5s"
+[smoke]
+command = ["{exe}", "cowork-sim", "smoke", "scheduler", "--timeout", "60s"]
+timeout = "90s"
+"#
+        ),
+        "gateway" => format!(
+            r#"
+[control]
+scale = "process"
+[control.process]
+program = "{exe}"
+args = ["cowork-sim", "gateway", "--sink-jsonl", "{sink}"]
+stop_grace = "5s"
+[smoke]
+command = ["{exe}", "cowork-sim", "smoke", "gateway", "--sink-jsonl", "{sink}", "--timeout", "60s"]
+timeout = "90s"
+"#
+        ),
+        "database" => r#"
+[postgres]
+url_env = "DATABASE_URL"
+[[invariant]]
+name = "no projection ahead of its events"
+sql = "SELECT p.session_id FROM session_projections p WHERE p.sequence > (SELECT coalesce(max(e.sequence), 0) FROM session_events e WHERE e.session_id = p.session_id)"
+[[invariant]]
+name = "no delivery cursor beyond its session's events"
+sql = "SELECT c.binding_id FROM channel_session_bindings c WHERE c.last_event_sequence > (SELECT coalesce(max(e.sequence), 0) FROM session_events e WHERE e.session_id = c.session_id)"
+"#
+        .to_owned(),
+        "objects" => format!("\n[objects]\nurl = \"{objects_url}\"\n"),
+        _ => String::new(),
+    }
+}
+
+async fn wait_ready(connection: &Connection, timeout: Duration) -> Result<()> {
+    let until = Instant::now() + timeout;
+    loop {
+        if let Ok(mut client) = connection.connect().await
+            && let Ok(r) = client.list_agents(op::ListAgentsRequest {}).await
+        {
+            let agents = r.into_inner().agents;
+            let ready = FLEET
+                .iter()
+                .filter(|(n, _)| agents.iter().any(|a| a.name == *n && a.ready))
+                .count();
+            if ready == FLEET.len() {
+                return Ok(());
+            }
+            if Instant::now() > until {
+                let missing: Vec<&str> = FLEET
+                    .iter()
+                    .filter(|(n, _)| !agents.iter().any(|a| a.name == *n && a.ready))
+                    .map(|(n, _)| *n)
+                    .collect();
+                bail!(
+                    "agents not ready after {}s: {} (see their logs)",
+                    timeout.as_secs(),
+                    missing.join(", ")
+                );
+            }
+        } else if Instant::now() > until {
+            bail!(
+                "the coordinator did not answer within {}s (see logs/coordinator.log)",
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn wait_run(connection: &Connection, id: &str) -> Result<op::Run> {
+    let mut client = connection.connect().await?;
+    loop {
+        let run = client
+            .get_run(op::GetRunRequest { id: id.to_owned() })
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .run
+            .context("the coordinator sent a run without its record")?;
+        if matches!(
+            run.state.as_str(),
+            "succeeded" | "failed" | "aborted" | "blocked"
+        ) {
+            return Ok(run);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Counts before / at the point / after, phase durations and the measured RTO, from the
+/// coordinator's journal; written to DIR/report.json and DIR/report.md.
+#[allow(clippy::print_stdout)]
+async fn summarize(
+    dir: &Path,
+    run_id: &str,
+    point: &str,
+    cluster: &ephemeral_pg::Cluster,
+) -> Result<()> {
+    let store =
+        coordinator::store::open(&format!("sqlite://{}", dir.join("state.db").display())).await?;
+    let run = store
+        .run(run_id)
+        .await?
+        .context("the drill is not in the journal")?;
+    let phases = store.phases(run_id).await?;
+    let commands = store.commands(run_id).await?;
+    let output_of = |action: &str| {
+        commands
+            .iter()
+            .filter(|(c, _)| c.action == action)
+            .filter_map(|(_, r)| r.as_ref().map(|r| r.output.clone()))
+            .collect::<Vec<_>>()
+    };
+    let before: BTreeMap<String, i64> = output_of("preflight")
+        .into_iter()
+        .find_map(|o| serde_json::from_value(o["live_counts"].clone()).ok())
+        .unwrap_or_default();
+    let point_file: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        dir.join(format!("repository/points/{point}.json")),
+    )?)?;
+    let at_point: BTreeMap<String, i64> =
+        serde_json::from_value(point_file["body"]["postgres"]["table_counts"].clone())
+            .unwrap_or_default();
+    let verified: BTreeMap<String, i64> = output_of("verify")
+        .into_iter()
+        .find_map(|o| serde_json::from_value(o["counts"].clone()).ok())
+        .unwrap_or_default();
+    let pre_db = output_of("restore-postgres")
+        .first()
+        .and_then(|o| o["pre_restore_database"].as_str().map(String::from))
+        .unwrap_or_default();
+    let rto = run
+        .finished_at
+        .map(|f| (f - run.created_at).num_milliseconds() as f64 / 1000.0)
+        .unwrap_or(0.0);
+
+    let mut md = format!(
+        "# Restore drill report (demo)\n\nRun `{run_id}`, environment `demo`, point `{point}`: \
+         **{}**. Measured RTO {rto:.1}s (objective 15m).\n\n| phase | state | seconds |\n| --- | --- | --- |\n",
+        run.state
+    );
+    println!("\n    {:<18} {:<8} {:>7}", "PHASE", "STATE", "SECONDS");
+    for p in &phases {
+        let secs = match (p.started_at, p.finished_at) {
+            (Some(s), Some(f)) => (f - s).num_milliseconds() as f64 / 1000.0,
+            _ => 0.0,
+        };
+        println!("    {:<18} {:<8} {secs:>7.1}", p.name, p.state);
+        md.push_str(&format!("| {} | {} | {secs:.1} |\n", p.name, p.state));
+    }
+    md.push_str(
+        "\n| table | before restore | at the point | after (verify) |\n| --- | --- | --- | --- |\n",
+    );
+    println!(
+        "\n    {:<38} {:>8} {:>8} {:>8}",
+        "COUNT", "BEFORE", "POINT", "AFTER"
+    );
+    let show =
+        |m: &BTreeMap<String, i64>, k: &str| m.get(k).map_or("-".to_owned(), |n| n.to_string());
+    for key in at_point.keys() {
+        println!(
+            "    {key:<38} {:>8} {:>8} {:>8}",
+            show(&before, key),
+            show(&at_point, key),
+            show(&verified, key)
+        );
+        md.push_str(&format!(
+            "| {key} | {} | {} | {} |\n",
+            show(&before, key),
+            show(&at_point, key),
+            show(&verified, key)
+        ));
+    }
+    let databases = cluster.psql(
+        "postgres",
+        "SELECT datname FROM pg_database WHERE datname LIKE 'cowork%' ORDER BY 1",
+    )?;
+    md.push_str(&format!(
+        "\nPre-restore database kept as `{pre_db}`; objects the restore replaced or removed are \
+         under `rollcall-quarantine/` in the object store.\n\nDatabases now: {}\n",
+        databases.split_whitespace().collect::<Vec<_>>().join(", ")
+    ));
+    let json = serde_json::json!({
+        "run": run_id, "state": run.state.as_str(), "point": point, "rto_seconds": rto,
+        "counts": { "before": before, "point": at_point, "after": verified },
+        "pre_restore_database": pre_db,
+    });
+    std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&json)?)?;
+    std::fs::write(dir.join("report.md"), md)?;
+    println!(
+        "\n    measured RTO {rto:.1}s; pre-restore database kept as {pre_db}\n    report: {}",
+        dir.join("report.md").display()
+    );
+    Ok(())
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
