@@ -55,7 +55,8 @@ gate = "all"
 timeout = "20s"
 "#;
 
-fn environment(fleet: &[(&str, u32)]) -> BTreeMap<String, Environment> {
+fn environment(fleet: &[(&str, u32)], repository: &Path) -> BTreeMap<String, Environment> {
+    let repository = format!("file://{}", repository.display());
     let fleet: Fleet = fleet.iter().map(|(r, n)| ((*r).to_owned(), *n)).collect();
     let plan = Plan::parse(Path::new("roles-only.toml"), PLAN, Some(&fleet)).unwrap();
     let env = Environment {
@@ -63,11 +64,11 @@ fn environment(fleet: &[(&str, u32)]) -> BTreeMap<String, Environment> {
         rpo: Duration::from_secs(3600),
         rto: Duration::from_secs(3600),
         retention: Duration::from_secs(86400),
-        repository: "file:///nonexistent".into(),
+        repository: repository.clone(),
         backup_schedule: None,
         backup_plan: Plan::backup_plan(&fleet).unwrap(),
         repository_ref: api::model::RepositoryRef {
-            url: "file:///nonexistent".into(),
+            url: repository,
             ..Default::default()
         },
         secrets: Vec::new(),
@@ -142,7 +143,7 @@ impl Fleet3 {
             &self.state_url,
             Duration::from_secs(5),
             Duration::from_millis(200),
-            environment(fleet),
+            environment(fleet, &self.dir.path().join("repository")),
         )
         .await
     }
@@ -212,11 +213,19 @@ async fn a_run_executes_its_phases_in_order_and_restores_prior_replicas() {
     c.wait_ready(&["worker-1", "worker-2"]).await;
     let events = store.events(&run.id, 0, 1000).await.unwrap();
     let report = events.iter().find(|e| e.kind == "report").unwrap();
+    let phases = report.payload["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 5, "every phase of the plan");
+    assert_eq!(phases[1]["state"], "passed", "{phases:?}");
     assert_eq!(
-        report.payload["phases"].as_array().unwrap().len(),
-        3,
-        "phases before the report"
+        phases[4]["state"], "not started",
+        "unfreeze comes after the report"
     );
+    let stored = f
+        .dir
+        .path()
+        .join(format!("repository/reports/{}.md", run.id));
+    let markdown = std::fs::read_to_string(&stored).unwrap();
+    assert!(markdown.contains("scale-to-zero"), "{markdown}");
 
     for a in agents {
         a.stop().await;
@@ -287,7 +296,10 @@ async fn a_replaced_coordinator_finishes_the_run_without_executing_a_command_twi
         &f.state_url,
         Duration::from_secs(5),
         Duration::from_millis(200),
-        environment(&[("web", 1), ("worker", 2)]),
+        environment(
+            &[("web", 1), ("worker", 2)],
+            &f.dir.path().join("repository"),
+        ),
         agents_port,
     )
     .await;

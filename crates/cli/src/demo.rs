@@ -427,6 +427,20 @@ max = "2s"
     }
     let result = wait_run(&connection, &drill.id).await?;
     summarize(dir, &drill.id, &backup.point_id, &cluster).await?;
+    for (format, file) in [("md", "report.md"), ("json", "report.json")] {
+        let text = client
+            .get_report(op::GetReportRequest {
+                id: drill.id.clone(),
+                format: format.into(),
+                follow_ups: vec!["rehearse the drill against staging data@platform-team".into()],
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .text;
+        std::fs::write(dir.join(file), text)?;
+    }
+    println!("    report: {}", dir.join("report.md").display());
     cluster.stop()?;
     Ok(Outcome {
         run_id: drill.id,
@@ -587,7 +601,7 @@ async fn wait_run(connection: &Connection, id: &str) -> Result<op::Run> {
 }
 
 /// Counts before / at the point / after, phase durations and the measured RTO, from the
-/// coordinator's journal; written to DIR/report.json and DIR/report.md.
+/// coordinator's journal; written to DIR/summary.json (the drill report itself is report.md).
 #[allow(clippy::print_stdout)]
 async fn summarize(
     dir: &Path,
@@ -633,11 +647,6 @@ async fn summarize(
         .map(|f| (f - run.created_at).num_milliseconds() as f64 / 1000.0)
         .unwrap_or(0.0);
 
-    let mut md = format!(
-        "# Restore drill report (demo)\n\nRun `{run_id}`, environment `demo`, point `{point}`: \
-         **{}**. Measured RTO {rto:.1}s (objective 15m).\n\n| phase | state | seconds |\n| --- | --- | --- |\n",
-        run.state
-    );
     println!("\n    {:<18} {:<8} {:>7}", "PHASE", "STATE", "SECONDS");
     for p in &phases {
         let secs = match (p.started_at, p.finished_at) {
@@ -645,11 +654,7 @@ async fn summarize(
             _ => 0.0,
         };
         println!("    {:<18} {:<8} {secs:>7.1}", p.name, p.state);
-        md.push_str(&format!("| {} | {} | {secs:.1} |\n", p.name, p.state));
     }
-    md.push_str(
-        "\n| table | before restore | at the point | after (verify) |\n| --- | --- | --- | --- |\n",
-    );
     println!(
         "\n    {:<38} {:>8} {:>8} {:>8}",
         "COUNT", "BEFORE", "POINT", "AFTER"
@@ -663,32 +668,20 @@ async fn summarize(
             show(&at_point, key),
             show(&verified, key)
         );
-        md.push_str(&format!(
-            "| {key} | {} | {} | {} |\n",
-            show(&before, key),
-            show(&at_point, key),
-            show(&verified, key)
-        ));
     }
-    let databases = cluster.psql(
-        "postgres",
-        "SELECT datname FROM pg_database WHERE datname LIKE 'cowork%' ORDER BY 1",
-    )?;
-    md.push_str(&format!(
-        "\nPre-restore database kept as `{pre_db}`; objects the restore replaced or removed are \
-         under `rollcall-quarantine/` in the object store.\n\nDatabases now: {}\n",
-        databases.split_whitespace().collect::<Vec<_>>().join(", ")
-    ));
     let json = serde_json::json!({
         "run": run_id, "state": run.state.as_str(), "point": point, "rto_seconds": rto,
         "counts": { "before": before, "point": at_point, "after": verified },
         "pre_restore_database": pre_db,
     });
-    std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&json)?)?;
-    std::fs::write(dir.join("report.md"), md)?;
+    std::fs::write(dir.join("summary.json"), serde_json::to_vec_pretty(&json)?)?;
+    let databases = cluster.psql(
+        "postgres",
+        "SELECT datname FROM pg_database WHERE datname LIKE 'cowork%' ORDER BY 1",
+    )?;
     println!(
-        "\n    measured RTO {rto:.1}s; pre-restore database kept as {pre_db}\n    report: {}",
-        dir.join("report.md").display()
+        "\n    measured RTO {rto:.1}s; pre-restore database kept as {pre_db} (databases: {})",
+        databases.split_whitespace().collect::<Vec<_>>().join(", ")
     );
     Ok(())
 }

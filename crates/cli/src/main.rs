@@ -104,6 +104,21 @@ enum Command {
         #[command(flatten)]
         connection: operator::Connection,
     },
+    /// The drill report of a run, built from the journal (secrets redacted).
+    Report {
+        id: String,
+        /// md (the runbook's restore-drill-report.md) or json.
+        #[arg(long, default_value = "md")]
+        format: String,
+        /// Write it here (e.g. docs/runbooks/restore-drill-report.md) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// A follow-up with its owner, as "text@owner" (repeatable).
+        #[arg(long = "follow-up", value_name = "TEXT@OWNER")]
+        follow_ups: Vec<String>,
+        #[command(flatten)]
+        connection: operator::Connection,
+    },
     /// List runs, newest first.
     Runs {
         #[arg(long)]
@@ -300,6 +315,16 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             telemetry::init_quiet();
             runs::points(&connection, env.as_deref(), json).await
+        }
+        Command::Report {
+            id,
+            format,
+            out,
+            follow_ups,
+            connection,
+        } => {
+            telemetry::init_quiet();
+            runs::report(&connection, &id, &format, out.as_deref(), follow_ups).await
         }
         Command::Runs { json, connection } => {
             telemetry::init_quiet();

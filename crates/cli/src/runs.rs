@@ -417,3 +417,37 @@ fn bytes(n: u64) -> String {
         format!("{v:.1} {}", UNITS[unit])
     }
 }
+
+/// `rollcall report ID [--format md|json] [--out PATH] [--follow-up TEXT@OWNER ...]`.
+#[allow(clippy::print_stdout)]
+pub async fn report(
+    connection: &Connection,
+    id: &str,
+    format: &str,
+    out: Option<&std::path::Path>,
+    follow_ups: Vec<String>,
+) -> Result<()> {
+    let mut client = connection.connect().await?;
+    let text = client
+        .get_report(op::GetReportRequest {
+            id: id.to_owned(),
+            format: format.to_owned(),
+            follow_ups,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .text;
+    match out {
+        Some(path) => {
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("create {}", parent.display()))?;
+            }
+            std::fs::write(path, &text).with_context(|| format!("write {}", path.display()))?;
+            println!("report written to {}", path.display());
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
+}

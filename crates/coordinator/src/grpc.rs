@@ -545,6 +545,30 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         Ok(Response::new(out))
     }
 
+    #[tracing::instrument(name = "coordinator.grpc.get_report", skip_all)]
+    async fn get_report(
+        &self,
+        request: Request<op::GetReportRequest>,
+    ) -> Result<Response<op::GetReportResponse>, Status> {
+        let r = request.into_inner();
+        let report = self
+            .engine
+            .report(&r.id, &r.follow_ups)
+            .await
+            .map_err(|e| status_of(&e))?;
+        let text = match r.format.as_str() {
+            "" | "md" | "markdown" => report.to_markdown(),
+            "json" => serde_json::to_string_pretty(&report.to_json())
+                .map_err(|e| Status::internal(format!("encode the report: {e}")))?,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "report format {other:?} is not md or json"
+                )));
+            }
+        };
+        Ok(Response::new(op::GetReportResponse { text }))
+    }
+
     #[tracing::instrument(name = "coordinator.grpc.dry_run", skip_all)]
     async fn dry_run(
         &self,

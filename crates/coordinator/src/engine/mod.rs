@@ -130,6 +130,29 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         &self.inner.store
     }
 
+    /// The drill report of a run as it stands now, from the journal.
+    pub async fn report(
+        &self,
+        id: &str,
+        follow_ups: &[String],
+    ) -> Result<crate::report::DrillReport> {
+        let run = self
+            .inner
+            .store
+            .run(id)
+            .await?
+            .with_context(|| format!("no run {id}; `rollcall runs` lists them"))?;
+        let env = self.environment(&run.environment)?;
+        let point = match &run.point_id {
+            Some(p) => {
+                let repo = open_repository(&env.repository_ref).await?;
+                repo.read_point(&repository::PointId::parse(p)?).await.ok()
+            }
+            None => None,
+        };
+        crate::report::build(&*self.inner.store, id, env, point.as_ref(), follow_ups, &[]).await
+    }
+
     /// What `start_run` would do, as text for an operator; touches nothing.
     pub fn dry_run(&self, request: &StartRun) -> Result<String> {
         let env = self.environment(&request.environment)?;
@@ -591,11 +614,10 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             point,
         };
         let (passed, detail) = match phase.action {
-            Action::Report => {
-                let summary = self.summarize(run_id, plan, index).await?;
-                self.event(run_id, "report", summary).await?;
-                (true, "report written to the run's journal".to_owned())
-            }
+            Action::Report => match self.write_report(run_id, env, &ctx).await {
+                Ok(where_) => (true, format!("drill report written: {where_}")),
+                Err(e) => (false, format!("{e:#}")),
+            },
             Action::WritePoint => match self.write_point(run_id, plan, env, &ctx).await {
                 Ok(id) => {
                     self.event(run_id, "point.written", json!({ "point": id }))
@@ -771,6 +793,44 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         }
     }
 
+    /// Builds the drill report from the journal, keeps its JSON in the journal and stores both
+    /// forms in the repository (`reports/<run>.md|json`), before traffic resumes.
+    async fn write_report(
+        &self,
+        run_id: &str,
+        env: &Environment,
+        ctx: &RunContext,
+    ) -> Result<String> {
+        let repo = open_repository(&env.repository_ref).await?;
+        let point = match &ctx.point {
+            Some(p) => Some(repo.read_point(&repository::PointId::parse(p)?).await?),
+            None => None,
+        };
+        let report =
+            crate::report::build(&*self.store, run_id, env, point.as_ref(), &[], &[]).await?;
+        let json = report.to_json();
+        self.event(run_id, "report", json.clone()).await?;
+        let md_key = format!("reports/{run_id}.md");
+        let json_key = format!("reports/{run_id}.json");
+        use object_store::ObjectStoreExt as _;
+        let store = repo.store();
+        store
+            .put(
+                &md_key.as_str().into(),
+                report.to_markdown().into_bytes().into(),
+            )
+            .await
+            .with_context(|| format!("store {md_key} in the repository"))?;
+        store
+            .put(
+                &json_key.as_str().into(),
+                serde_json::to_vec_pretty(&json)?.into(),
+            )
+            .await
+            .with_context(|| format!("store {json_key} in the repository"))?;
+        Ok(format!("{md_key} in the repository, and the run's journal"))
+    }
+
     /// Commits the recovery point from the outputs of the run's backup commands.
     async fn write_point(
         &self,
@@ -820,35 +880,6 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             })
             .await?;
         Ok(point.id.to_string())
-    }
-
-    /// A JSON summary of the run from the journal (the full drill report builds on it).
-    async fn summarize(&self, run_id: &str, plan: &Plan, this: usize) -> Result<serde_json::Value> {
-        let mut phases = self.store.phases(run_id).await?;
-        phases.retain(|p| p.index as usize != this);
-        let commands = self.store.commands(run_id).await?;
-        let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
-        for (_, result) in &commands {
-            let key = result.as_ref().map_or("no result", |r| r.outcome.as_str());
-            *outcomes.entry(key.to_owned()).or_default() += 1;
-        }
-        let phases: Vec<serde_json::Value> = phases
-            .iter()
-            .map(|p| {
-                json!({
-                    "phase": p.name,
-                    "action": plan.phases.get(p.index as usize).map(|ph| ph.action.as_str()),
-                    "state": p.state.as_str(),
-                    "attempt": p.attempt,
-                    "duration_ms": match (p.started_at, p.finished_at) {
-                        (Some(s), Some(f)) => Some((f - s).num_milliseconds()),
-                        _ => None,
-                    },
-                    "detail": p.detail,
-                })
-            })
-            .collect();
-        Ok(json!({ "plan": plan.name, "phases": phases, "commands": outcomes }))
     }
 }
 
