@@ -321,6 +321,30 @@ sql = "SELECT c.binding_id FROM channel_session_bindings c WHERE c.last_event_se
     );
     assert_eq!(listed["stale"], false);
     assert_eq!(listed["secret_refs"], 1);
+    let verified = run(&["points", "verify", &point_id, "--full"]);
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    let pruned = run(&["points", "prune", "--env", "test", "--dry-run"]);
+    let pruned: serde_json::Value = serde_json::from_slice(&pruned.stdout).unwrap();
+    assert_eq!(
+        pruned["deleted_points"].as_array().unwrap().len(),
+        0,
+        "{pruned}"
+    );
+    assert_eq!(pruned["kept_points"][0]["reason"], "newest", "{pruned}");
+    // Break-glass, no coordinator: the same repository read by hand.
+    let repo_url = format!("file://{}", repo.display());
+    let by_hand = rollcall(&["repo", "--repository", &repo_url, "verify", &point_id]);
+    assert!(
+        by_hand.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_hand.stderr)
+    );
+    let listed = rollcall(&["repo", "--repository", &repo_url, "points"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&point_id));
     let point: serde_json::Value = serde_json::from_slice(
         &std::fs::read(repo.join(format!("points/{point_id}.json"))).unwrap(),
     )
@@ -460,6 +484,9 @@ sql = "SELECT c.binding_id FROM channel_session_bindings c WHERE c.last_event_se
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     std::fs::write(&dump, bytes).unwrap();
+    let bad = run(&["points", "verify", &point_id]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("failed verification"));
     let broken = run(&["drill", "--env", "test", "--point", &point_id, "--watch"]);
     assert!(!broken.status.success());
     let err = String::from_utf8_lossy(&broken.stderr);

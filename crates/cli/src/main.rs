@@ -3,6 +3,7 @@
 
 mod demo;
 mod operator;
+mod repo;
 mod runs;
 mod telemetry;
 
@@ -95,8 +96,11 @@ enum Command {
         #[command(flatten)]
         connection: operator::Connection,
     },
-    /// List recovery points with age, sizes and the environment's RPO.
+    /// List recovery points with age, sizes and the environment's RPO; prune or verify them.
+    #[command(args_conflicts_with_subcommands = true)]
     Points {
+        #[command(subcommand)]
+        command: Option<PointsCommand>,
         #[arg(long)]
         env: Option<String>,
         #[arg(long)]
@@ -104,6 +108,8 @@ enum Command {
         #[command(flatten)]
         connection: operator::Connection,
     },
+    /// Break-glass: the data plane by hand, without a coordinator.
+    Repo(repo::RepoArgs),
     /// The drill report of a run, built from the journal (secrets redacted).
     Report {
         id: String,
@@ -135,6 +141,30 @@ enum Command {
     Plan {
         #[command(subcommand)]
         command: PlanCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PointsCommand {
+    /// Delete points past the environment's retention window (never its newest point or one a
+    /// run uses), then sweep blobs and dumps no remaining point references.
+    Prune {
+        #[arg(long)]
+        env: String,
+        /// Report what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        connection: operator::Connection,
+    },
+    /// Check a point: the dump's checksum, the manifest, every blob; exit 1 on problems.
+    Verify {
+        id: String,
+        /// Re-hash every blob body too.
+        #[arg(long)]
+        full: bool,
+        #[command(flatten)]
+        connection: operator::Connection,
     },
 }
 
@@ -309,12 +339,29 @@ async fn run(cli: Cli) -> Result<()> {
             runs::backup(&connection, &env, wait, json).await
         }
         Command::Points {
+            command,
             env,
             json,
             connection,
         } => {
             telemetry::init_quiet();
-            runs::points(&connection, env.as_deref(), json).await
+            match command {
+                None => runs::points(&connection, env.as_deref(), json).await,
+                Some(PointsCommand::Prune {
+                    env,
+                    dry_run,
+                    connection,
+                }) => runs::prune(&connection, &env, dry_run).await,
+                Some(PointsCommand::Verify {
+                    id,
+                    full,
+                    connection,
+                }) => runs::verify(&connection, &id, full).await,
+            }
+        }
+        Command::Repo(args) => {
+            telemetry::init_quiet();
+            repo::run(args).await
         }
         Command::Report {
             id,

@@ -451,3 +451,40 @@ pub async fn report(
     }
     Ok(())
 }
+
+/// `rollcall points prune --env ENV [--dry-run]`.
+#[allow(clippy::print_stdout)]
+pub async fn prune(connection: &Connection, env: &str, dry_run: bool) -> Result<()> {
+    let mut client = connection.connect().await?;
+    let report = client
+        .prune_points(op::PrunePointsRequest {
+            environment: env.to_owned(),
+            dry_run,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("{}", report.json);
+    Ok(())
+}
+
+/// `rollcall points verify ID [--full]`: exit 1 when the point has problems.
+#[allow(clippy::print_stdout)]
+pub async fn verify(connection: &Connection, id: &str, full: bool) -> Result<()> {
+    let mut client = connection.connect().await?;
+    let report = client
+        .verify_point(op::VerifyPointRequest {
+            id: id.to_owned(),
+            full,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("{}", report.json);
+    if !report.ok {
+        bail!(
+            "recovery point {id} failed verification (problems listed above); do not restore from it"
+        );
+    }
+    Ok(())
+}

@@ -545,6 +545,41 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         Ok(Response::new(out))
     }
 
+    #[tracing::instrument(name = "coordinator.grpc.prune_points", skip_all)]
+    async fn prune_points(
+        &self,
+        request: Request<op::PrunePointsRequest>,
+    ) -> Result<Response<op::JsonResponse>, Status> {
+        let r = request.into_inner();
+        let report = self
+            .engine
+            .prune_points(&r.environment, r.dry_run)
+            .await
+            .map_err(|e| status_of(&e))?;
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| Status::internal(format!("encode the prune report: {e}")))?;
+        Ok(Response::new(op::JsonResponse { json, ok: true }))
+    }
+
+    #[tracing::instrument(name = "coordinator.grpc.verify_point", skip_all)]
+    async fn verify_point(
+        &self,
+        request: Request<op::VerifyPointRequest>,
+    ) -> Result<Response<op::JsonResponse>, Status> {
+        let r = request.into_inner();
+        let report = self
+            .engine
+            .verify_point(&r.id, r.full)
+            .await
+            .map_err(|e| status_of(&e))?;
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| Status::internal(format!("encode the verify report: {e}")))?;
+        Ok(Response::new(op::JsonResponse {
+            json,
+            ok: report.is_ok(),
+        }))
+    }
+
     #[tracing::instrument(name = "coordinator.grpc.get_report", skip_all)]
     async fn get_report(
         &self,

@@ -130,6 +130,34 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         &self.inner.store
     }
 
+    /// Applies an environment's retention window to its repository.
+    pub async fn prune_points(
+        &self,
+        environment: &str,
+        dry_run: bool,
+    ) -> Result<repository::PruneReport> {
+        let env = self.environment(environment)?;
+        let mut options = repository::PruneOptions::new(env.name.as_str(), env.retention);
+        options.dry_run = dry_run;
+        for run in self.inner.store.unfinished_runs().await? {
+            if let Some(p) = run.point_id.as_deref()
+                && let Ok(id) = repository::PointId::parse(p)
+            {
+                options.in_use.insert(id);
+            }
+        }
+        let repo = open_repository(&env.repository_ref).await?;
+        repo.prune(&options).await
+    }
+
+    /// Verifies a point in its environment's repository.
+    pub async fn verify_point(&self, id: &str, full: bool) -> Result<repository::VerifyReport> {
+        let point = repository::PointId::parse(id)?;
+        let env = self.environment(point.environment())?;
+        let repo = open_repository(&env.repository_ref).await?;
+        repo.verify_point(&point, full).await
+    }
+
     /// The drill report of a run as it stands now, from the journal.
     pub async fn report(
         &self,
