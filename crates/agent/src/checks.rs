@@ -213,7 +213,7 @@ impl Checks {
         } else {
             stderr
         };
-        let detail = tail(text.trim(), 600).to_owned();
+        let detail = api::redact::redact(tail(text.trim(), 600)).into_owned();
         Ok(Check {
             name: "smoke".into(),
             kind: "smoke".into(),
@@ -246,7 +246,7 @@ async fn run_http(client: &reqwest::Client, c: &HttpCheck) -> Result<String> {
             "GET {} answered {status}, expected {}: {}",
             c.url,
             c.status,
-            tail(body.trim(), 200)
+            api::redact::redact(tail(body.trim(), 200))
         );
     }
     if c.expect.is_empty() {
@@ -328,10 +328,21 @@ mod tests {
         };
         let ok = run(smoke("echo one prompt processed", 5000)).await;
         assert!(ok.passed && ok.detail == "one prompt processed", "{ok:?}");
-        let failed = run(smoke("echo 'no worker answered' >&2; exit 2", 5000)).await;
+        let failed = run(smoke(
+            "echo 'no worker answered token=cws_desktop_0123456789abcdef0123456789abcdef01234567' >&2; exit 2",
+            5000,
+        ))
+        .await;
         assert!(
-            !failed.passed && failed.detail == "exited with exit status: 2: no worker answered",
+            !failed.passed
+                && failed
+                    .detail
+                    .starts_with("exited with exit status: 2: no worker answered"),
             "{failed:?}"
+        );
+        assert!(
+            !failed.detail.contains("cws_desktop_0123"),
+            "redacted: {failed:?}"
         );
         let slow = run(smoke("sleep 5", 200)).await;
         assert!(!slow.passed && slow.detail.contains("did not finish within 200ms"));

@@ -273,6 +273,15 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
             ));
         }
     }
+    if let Some(expr) = &env.backup_schedule
+        && let Err(e) = crate::schedule::BackupSchedule::parse(expr)
+    {
+        bail!(ConfigError::new(
+            file,
+            format!("{key}.{e}"),
+            "fix the expression, or remove backup_schedule to back up only on demand"
+        ));
+    }
     let repository = resolve_file_url(file, &env.repository);
     if !["file://", "s3://", "gs://", "az://", "azure://"]
         .iter()

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod plan;
 pub mod registry;
 pub mod report;
+pub mod schedule;
 pub mod store;
 pub mod tls;
 
@@ -147,6 +148,7 @@ impl Coordinator {
             settings.environments.clone(),
             engine_shutdown.clone(),
             settings.agent_timeout,
+            Arc::default(),
         );
         let handle = Handle {
             link,
@@ -245,6 +247,7 @@ impl Coordinator {
             let sources = metrics::Sources {
                 registry: handle.registry.clone(),
                 epoch: epoch.get(),
+                runs: handle.engine.metrics().clone(),
                 commands: handle.link.commands.clone(),
                 agent_rejections: handle.agent_rejections.clone(),
                 operator_rejections: handle.operator_rejections.clone(),
@@ -265,6 +268,11 @@ impl Coordinator {
             Err(e) => tracing::error!("cannot read unfinished runs from the journal: {e:#}"),
         }
         let _stop_runs = engine_shutdown.drop_guard();
+        {
+            let engine = handle.engine.clone();
+            tokio::spawn(async move { engine.observe_points().await });
+            tokio::spawn(schedule::run(handle.engine.clone(), cancel.clone()));
+        }
 
         let servers = async {
             let (a, o, m, ()) =

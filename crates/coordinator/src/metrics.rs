@@ -35,11 +35,120 @@ impl CommandCounters {
     }
 }
 
+/// What runs did, for scrapes: runs by kind and outcome, phase durations by action, and the
+/// newest recovery point of each environment against its RPO.
+#[derive(Debug, Default)]
+pub struct RunMetrics {
+    inner: Mutex<RunTallies>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct RunTallies {
+    runs: BTreeMap<(String, String), u64>,
+    phases: BTreeMap<String, (u64, f64)>,
+    /// environment → (newest point's creation, unix seconds; RPO seconds)
+    newest_point: BTreeMap<String, (i64, u64)>,
+}
+
+impl RunMetrics {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunTallies> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn run_ended(&self, kind: &str, outcome: &str) {
+        *self
+            .lock()
+            .runs
+            .entry((kind.to_owned(), outcome.to_owned()))
+            .or_default() += 1;
+    }
+
+    pub fn phase_ended(&self, action: &str, seconds: f64) {
+        let mut t = self.lock();
+        let e = t.phases.entry(action.to_owned()).or_default();
+        e.0 += 1;
+        e.1 += seconds;
+    }
+
+    /// Records a point of `environment` if it is newer than the newest known.
+    pub fn point(&self, environment: &str, created_unix: i64, rpo_seconds: u64) {
+        let mut t = self.lock();
+        let e = t
+            .newest_point
+            .entry(environment.to_owned())
+            .or_insert((created_unix, rpo_seconds));
+        if created_unix >= e.0 {
+            *e = (created_unix, rpo_seconds);
+        }
+    }
+
+    fn render(&self, out: &mut String, now_unix: i64) {
+        let t = self.lock().clone();
+        let _ = writeln!(
+            out,
+            "# HELP rollcall_runs_total Runs that ended, by kind and outcome."
+        );
+        let _ = writeln!(out, "# TYPE rollcall_runs_total counter");
+        for ((kind, outcome), n) in &t.runs {
+            let _ = writeln!(
+                out,
+                "rollcall_runs_total{{kind=\"{}\",outcome=\"{}\"}} {n}",
+                escape(kind),
+                escape(outcome)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP rollcall_phase_duration_seconds Time phases took, by action."
+        );
+        let _ = writeln!(out, "# TYPE rollcall_phase_duration_seconds summary");
+        for (action, (count, sum)) in &t.phases {
+            let a = escape(action);
+            let _ = writeln!(
+                out,
+                "rollcall_phase_duration_seconds_sum{{action=\"{a}\"}} {sum}"
+            );
+            let _ = writeln!(
+                out,
+                "rollcall_phase_duration_seconds_count{{action=\"{a}\"}} {count}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP rollcall_newest_point_age_seconds Age of the newest recovery point per environment."
+        );
+        let _ = writeln!(out, "# TYPE rollcall_newest_point_age_seconds gauge");
+        for (env, (created, _)) in &t.newest_point {
+            let _ = writeln!(
+                out,
+                "rollcall_newest_point_age_seconds{{environment=\"{}\"}} {}",
+                escape(env),
+                (now_unix - created).max(0)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP rollcall_rpo_seconds The environment's recovery point objective."
+        );
+        let _ = writeln!(out, "# TYPE rollcall_rpo_seconds gauge");
+        for (env, (created, rpo)) in &t.newest_point {
+            let e = escape(env);
+            let _ = writeln!(out, "rollcall_rpo_seconds{{environment=\"{e}\"}} {rpo}");
+            let stale = u8::from((now_unix - created).max(0) as u64 > *rpo);
+            let _ = writeln!(
+                out,
+                "rollcall_newest_point_older_than_rpo{{environment=\"{e}\"}} {stale}"
+            );
+        }
+    }
+}
+
 /// What a scrape reads.
 #[derive(Clone)]
 pub struct Sources {
     pub registry: Registry,
     pub epoch: u64,
+    pub runs: Arc<RunMetrics>,
     pub commands: Arc<CommandCounters>,
     pub agent_rejections: Arc<Rejections>,
     pub operator_rejections: Arc<Rejections>,
@@ -54,6 +163,10 @@ pub fn render(sources: &Sources) -> String {
     );
     let _ = writeln!(out, "# TYPE rollcall_coordinator_epoch gauge");
     let _ = writeln!(out, "rollcall_coordinator_epoch {}", sources.epoch);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    sources.runs.render(&mut out, now);
 
     let mut agents: BTreeMap<(String, &'static str, bool), u64> = BTreeMap::new();
     for a in sources.registry.list() {
@@ -190,6 +303,7 @@ mod tests {
         let text = render(&Sources {
             registry,
             epoch: 7,
+            runs: Arc::default(),
             commands,
             agent_rejections: Arc::default(),
             operator_rejections: Arc::default(),
@@ -209,5 +323,31 @@ mod tests {
         );
         assert!(text.contains("rollcall_coordinator_commands_total{action=\"describe\",outcome=\"not_connected\"} 1\n"), "{text}");
         assert!(text.contains("rollcall_coordinator_tls_rejections_total{listener=\"agents\",reason=\"plaintext\"} 0\n"), "{text}");
+    }
+
+    #[test]
+    fn runs_phases_and_point_age_against_the_rpo() {
+        let m = RunMetrics::default();
+        m.run_ended("drill", "succeeded");
+        m.run_ended("drill", "succeeded");
+        m.run_ended("backup", "blocked");
+        m.phase_ended("restore-postgres", 1.5);
+        m.phase_ended("restore-postgres", 0.5);
+        m.point("prod", 1_000, 3_600);
+        m.point("prod", 500, 3_600); // older: ignored
+        m.point("staging", 0, 60);
+        let mut out = String::new();
+        m.render(&mut out, 1_100);
+        for line in [
+            "rollcall_runs_total{kind=\"drill\",outcome=\"succeeded\"} 2",
+            "rollcall_runs_total{kind=\"backup\",outcome=\"blocked\"} 1",
+            "rollcall_phase_duration_seconds_sum{action=\"restore-postgres\"} 2",
+            "rollcall_phase_duration_seconds_count{action=\"restore-postgres\"} 2",
+            "rollcall_newest_point_age_seconds{environment=\"prod\"} 100",
+            "rollcall_newest_point_older_than_rpo{environment=\"prod\"} 0",
+            "rollcall_newest_point_older_than_rpo{environment=\"staging\"} 1",
+        ] {
+            assert!(out.contains(line), "{line} missing from:\n{out}");
+        }
     }
 }

@@ -154,13 +154,13 @@ impl Exec {
                 "control.exec.{key} ({}) failed with {}: {}",
                 argv.join(" "),
                 output.status,
-                tail(stderr.trim())
+                api::redact::redact(tail(stderr.trim()))
             );
         }
         if !stderr.trim().is_empty() {
             text.push_str(&stderr);
         }
-        Ok(tail(&text).to_owned())
+        Ok(api::redact::redact(tail(&text)).into_owned())
     }
 }
 

@@ -98,6 +98,7 @@ struct Inner<L> {
     /// How long a phase waits for declared agents that are not attached yet (after a
     /// coordinator restart they reconnect within about this long).
     attach_grace: Duration,
+    metrics: Arc<crate::metrics::RunMetrics>,
 }
 
 impl<L: AgentLink + Clone + 'static> Engine<L> {
@@ -108,6 +109,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         environments: BTreeMap<String, Environment>,
         shutdown: CancellationToken,
         attach_grace: Duration,
+        metrics: Arc<crate::metrics::RunMetrics>,
     ) -> Engine<L> {
         Engine {
             inner: Arc::new(Inner {
@@ -118,7 +120,34 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 drives: Mutex::new(HashMap::new()),
                 shutdown,
                 attach_grace,
+                metrics,
             }),
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<crate::metrics::RunMetrics> {
+        &self.inner.metrics
+    }
+
+    /// Reads each environment's newest recovery point once, for the point-age metric.
+    pub async fn observe_points(&self) {
+        for (name, env) in &self.inner.environments {
+            let newest = match open_repository(&env.repository_ref).await {
+                Ok(repo) => repo
+                    .list_points(Some(name))
+                    .await
+                    .map(|l| l.points.last().cloned()),
+                Err(e) => Err(e),
+            };
+            match newest {
+                Ok(Some(p)) => {
+                    self.inner
+                        .metrics
+                        .point(name, p.created_at.timestamp(), env.rpo.as_secs())
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(environment = %name, "cannot list recovery points: {e:#}"),
+            }
         }
     }
 
@@ -345,6 +374,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 store
                     .set_run_state(id, RunState::Aborted, Some(reason), Utc::now())
                     .await?;
+                self.inner.metrics.run_ended(run.kind.as_str(), "aborted");
                 self.inner
                     .event(id, "run.aborted", json!({ "frozen": frozen }))
                     .await?;
@@ -426,6 +456,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                     .store
                     .set_run_state(&id, RunState::Blocked, Some(&reason), Utc::now())
                     .await;
+                inner.metrics.run_ended("unknown", "blocked");
                 let _ = inner
                     .event(&id, "run.blocked", json!({ "reason": reason }))
                     .await;
@@ -572,6 +603,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                         .set_run_state(id, RunState::Succeeded, None, Utc::now())
                         .await?;
                     self.event(id, "run.succeeded", json!({})).await?;
+                    self.metrics.run_ended(run.kind.as_str(), "succeeded");
                     tracing::info!(run_id = %id, "run succeeded");
                     return Ok(());
                 }
@@ -601,6 +633,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                     )
                     .await?;
                     tracing::warn!(run_id = %id, "run blocked: {reason}");
+                    self.metrics.run_ended(run.kind.as_str(), "blocked");
                     return Ok(());
                 }
             }
@@ -671,6 +704,8 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         record.detail = Some(detail.clone());
         self.store.put_phase(&record).await?;
         let millis = (Utc::now() - started).num_milliseconds();
+        self.metrics
+            .phase_ended(phase.action.as_str(), millis as f64 / 1000.0);
         self.event(
             run_id,
             "phase.finished",
@@ -907,6 +942,11 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                 secrets: env.secrets.clone(),
             })
             .await?;
+        self.metrics.point(
+            env.name.as_str(),
+            point.created_at.timestamp(),
+            env.rpo.as_secs(),
+        );
         Ok(point.id.to_string())
     }
 }
