@@ -129,180 +129,244 @@ async fn maintenance(web: SocketAddr, token: &str) -> String {
     body
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_replace() {
-    install_crypto();
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = ephemeral_pg::Cluster::start().unwrap();
-    cluster.create_database("cowork").unwrap();
-    let db_url = cluster.url("cowork");
-    let objects = dir.path().join("objects");
-    let repo = dir.path().join("repository");
-    std::fs::create_dir_all(&objects).unwrap();
-    let objects_url = format!("file://{}", objects.display());
-    let data_env = [
-        ("DATABASE_URL", db_url.as_str()),
-        ("OBJECT_STORE_URL", objects_url.as_str()),
-    ];
-    cowork(&["migrate"], &data_env);
-    let tokens = dir.path().join("tokens.json");
-    cowork(
-        &[
-            "seed",
-            "--sessions",
-            "12",
-            "--tokens-out",
-            tokens.to_str().unwrap(),
-        ],
-        &data_env,
-    );
-    let operator_token = cowork(&["token", "--scope", "operator"], &data_env)["token"]
-        .as_str()
-        .unwrap()
+/// The fleet the restore tests share: Postgres with cowork-sim data, a file:// object store
+/// and repository, the coordinator and four agents as real processes.
+struct Fleet {
+    cluster: ephemeral_pg::Cluster,
+    repo: std::path::PathBuf,
+    objects: std::path::PathBuf,
+    db_url: String,
+    objects_url: String,
+    operator_token: String,
+    certs: std::path::PathBuf,
+    config: std::path::PathBuf,
+    operator_addr: SocketAddr,
+    web_addr: SocketAddr,
+    coordinator: Proc,
+    agents: Vec<Proc>,
+    // Last: removed after every process above has stopped.
+    dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    async fn start() -> Fleet {
+        install_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = ephemeral_pg::Cluster::start().unwrap();
+        cluster.create_database("cowork").unwrap();
+        let db_url = cluster.url("cowork");
+        let objects = dir.path().join("objects");
+        let repo = dir.path().join("repository");
+        std::fs::create_dir_all(&objects).unwrap();
+        let objects_url = format!("file://{}", objects.display());
+        let data_env = [
+            ("DATABASE_URL", db_url.as_str()),
+            ("OBJECT_STORE_URL", objects_url.as_str()),
+        ];
+        cowork(&["migrate"], &data_env);
+        let tokens = dir.path().join("tokens.json");
+        cowork(
+            &[
+                "seed",
+                "--sessions",
+                "12",
+                "--tokens-out",
+                tokens.to_str().unwrap(),
+            ],
+            &data_env,
+        );
+        let operator_token = cowork(&["token", "--scope", "operator"], &data_env)["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+
+        let certs = dir.path().join("certs");
+        let out = rollcall(&[
+            "certs",
+            "init",
+            "--dir",
+            certs.to_str().unwrap(),
+            "--agent",
+            "web-1:web",
+            "--agent",
+            "worker-1:worker",
+            "--agent",
+            "db-1:database",
+            "--agent",
+            "obj-1:objects",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let plan = dir.path().join("plan.toml");
+        std::fs::write(&plan, PLAN).unwrap();
+        let (agents_addr, operator_addr, web_addr) = (free_addr(), free_addr(), free_addr());
+        let env = format!(
+            r#"
+    [environments.test]
+    rpo = "1h"
+    rto = "1h"
+    retention = "7days"
+    repository = "file://{repo}"
+    plan = "{plan}"
+    fleet = {{ web = 1, worker = 1, database = 1, objects = 1 }}
+    [[environments.test.secret]]
+    name = "cookie-secret"
+    manager = "vault"
+    reference = "kv/cowork/cookie"
+    version = "7"
+    "#,
+            repo = repo.display(),
+            plan = plan.display()
+        );
+        let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, &env);
+        let spawn = |name: &str, args: &[&str], env: &[(&str, &str)]| {
+            let mut cmd = Command::new(rollcall_bin());
+            cmd.args(args)
+                .env("RUST_LOG", "info")
+                .envs(env.iter().copied());
+            Proc::spawn(name, dir.path(), cmd)
+        };
+        let coordinator = spawn(
+            "coordinator",
+            &["coordinator", "--config", config.to_str().unwrap()],
+            &[],
+        );
+
+        let sim = cowork_sim_bin();
+        let web_control = format!(
+            r#"
+    [control]
+    scale = "process"
+    freeze = "http"
+    [control.process]
+    program = "{sim}"
+    args = ["web", "--listen", "{web_addr}"]
+    health_url = "http://{web_addr}/readyz"
+    stop_grace = "5s"
+    frozen_args = ["--maintenance"]
+    [control.http]
+    url = "http://{web_addr}/admin/maintenance"
+    token_env = "COWORK_OPERATOR_TOKEN"
+    [[check]]
+    name = "readyz"
+    url = "http://{web_addr}/readyz"
+    [[check]]
+    name = "frozen while verified"
+    url = "http://{web_addr}/admin/maintenance"
+    token_env = "COWORK_OPERATOR_TOKEN"
+    expect = {{ maintenance = true }}
+    "#,
+            sim = sim.display()
+        );
+        let worker_control = format!(
+            "[control]\nscale = \"process\"\n[control.process]\nprogram = \"{sim}\"\nargs = [\"worker\"]\nstop_grace = \"5s\"\n\
+             [smoke]\ncommand = [\"{sim}\", \"smoke\", \"worker\", \"--web-url\", \"http://{web_addr}\", \"--timeout\", \"60s\"]\ntimeout = \"90s\"\n",
+            sim = sim.display()
+        );
+        let db_data = r#"
+    [postgres]
+    url_env = "DATABASE_URL"
+    [[invariant]]
+    name = "no projection ahead of its events"
+    sql = "SELECT p.session_id FROM session_projections p WHERE p.sequence > (SELECT coalesce(max(e.sequence), 0) FROM session_events e WHERE e.session_id = p.session_id)"
+    [[invariant]]
+    name = "no delivery cursor beyond its session's events"
+    sql = "SELECT c.binding_id FROM channel_session_bindings c WHERE c.last_event_sequence > (SELECT coalesce(max(e.sequence), 0) FROM session_events e WHERE e.session_id = c.session_id)"
+    "#
         .to_owned();
-
-    let certs = dir.path().join("certs");
-    let out = rollcall(&[
-        "certs",
-        "init",
-        "--dir",
-        certs.to_str().unwrap(),
-        "--agent",
-        "web-1:web",
-        "--agent",
-        "worker-1:worker",
-        "--agent",
-        "db-1:database",
-        "--agent",
-        "obj-1:objects",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let plan = dir.path().join("plan.toml");
-    std::fs::write(&plan, PLAN).unwrap();
-    let (agents_addr, operator_addr, web_addr) = (free_addr(), free_addr(), free_addr());
-    let env = format!(
-        r#"
-[environments.test]
-rpo = "1h"
-rto = "1h"
-retention = "7days"
-repository = "file://{repo}"
-plan = "{plan}"
-fleet = {{ web = 1, worker = 1, database = 1, objects = 1 }}
-[[environments.test.secret]]
-name = "cookie-secret"
-manager = "vault"
-reference = "kv/cowork/cookie"
-version = "7"
-"#,
-        repo = repo.display(),
-        plan = plan.display()
-    );
-    let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, &env);
-    let spawn = |name: &str, args: &[&str], env: &[(&str, &str)]| {
-        let mut cmd = Command::new(rollcall_bin());
-        cmd.args(args)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied());
-        Proc::spawn(name, dir.path(), cmd)
-    };
-    let _coordinator = spawn(
-        "coordinator",
-        &["coordinator", "--config", config.to_str().unwrap()],
-        &[],
-    );
-
-    let sim = cowork_sim_bin();
-    let web_control = format!(
-        r#"
-[control]
-scale = "process"
-freeze = "http"
-[control.process]
-program = "{sim}"
-args = ["web", "--listen", "{web_addr}"]
-health_url = "http://{web_addr}/readyz"
-stop_grace = "5s"
-frozen_args = ["--maintenance"]
-[control.http]
-url = "http://{web_addr}/admin/maintenance"
-token_env = "COWORK_OPERATOR_TOKEN"
-[[check]]
-name = "readyz"
-url = "http://{web_addr}/readyz"
-[[check]]
-name = "frozen while verified"
-url = "http://{web_addr}/admin/maintenance"
-token_env = "COWORK_OPERATOR_TOKEN"
-expect = {{ maintenance = true }}
-"#,
-        sim = sim.display()
-    );
-    let worker_control = format!(
-        "[control]\nscale = \"process\"\n[control.process]\nprogram = \"{sim}\"\nargs = [\"worker\"]\nstop_grace = \"5s\"\n\
-         [smoke]\ncommand = [\"{sim}\", \"smoke\", \"worker\", \"--web-url\", \"http://{web_addr}\", \"--timeout\", \"60s\"]\ntimeout = \"90s\"\n",
-        sim = sim.display()
-    );
-    let db_data = r#"
-[postgres]
-url_env = "DATABASE_URL"
-[[invariant]]
-name = "no projection ahead of its events"
-sql = "SELECT p.session_id FROM session_projections p WHERE p.sequence > (SELECT coalesce(max(e.sequence), 0) FROM session_events e WHERE e.session_id = p.session_id)"
-[[invariant]]
-name = "no delivery cursor beyond its session's events"
-sql = "SELECT c.binding_id FROM channel_session_bindings c WHERE c.last_event_sequence > (SELECT coalesce(max(e.sequence), 0) FROM session_events e WHERE e.session_id = c.session_id)"
-"#
-    .to_owned();
-    let obj_data = format!("[objects]\nurl = \"{objects_url}\"\n");
-    let agent_env = [
-        ("DATABASE_URL", db_url.as_str()),
-        ("OBJECT_STORE_URL", objects_url.as_str()),
-        ("COWORK_OPERATOR_TOKEN", operator_token.as_str()),
-    ];
-    let mut agents = Vec::new();
-    for (name, role, extra) in [
-        ("web-1", "web", web_control.as_str()),
-        ("worker-1", "worker", worker_control.as_str()),
-        ("db-1", "database", db_data.as_str()),
-        ("obj-1", "objects", obj_data.as_str()),
-    ] {
-        let cfg = write_agent_config(dir.path(), &certs, agents_addr, name, role, extra);
-        agents.push(spawn(
-            name,
-            &["agent", "--config", cfg.to_str().unwrap()],
-            &agent_env,
-        ));
+        let obj_data = format!("[objects]\nurl = \"{objects_url}\"\n");
+        let agent_env = [
+            ("DATABASE_URL", db_url.as_str()),
+            ("OBJECT_STORE_URL", objects_url.as_str()),
+            ("COWORK_OPERATOR_TOKEN", operator_token.as_str()),
+        ];
+        let mut agents = Vec::new();
+        for (name, role, extra) in [
+            ("web-1", "web", web_control.as_str()),
+            ("worker-1", "worker", worker_control.as_str()),
+            ("db-1", "database", db_data.as_str()),
+            ("obj-1", "objects", obj_data.as_str()),
+        ] {
+            let cfg = write_agent_config(dir.path(), &certs, agents_addr, name, role, extra);
+            agents.push(spawn(
+                name,
+                &["agent", "--config", cfg.to_str().unwrap()],
+                &agent_env,
+            ));
+        }
+        let all = ["web-1", "worker-1", "db-1", "obj-1"];
+        eventually("the fleet is ready", Duration::from_secs(60), async || {
+            let json = agents_json(operator_addr, &certs).ok()?;
+            all.iter()
+                .all(|n| {
+                    json["agents"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|x| x["name"] == *n && x["ready"] == true))
+                })
+                .then_some(())
+        })
+        .await;
+        Fleet {
+            cluster,
+            repo,
+            objects,
+            db_url,
+            objects_url,
+            operator_token,
+            certs,
+            config,
+            operator_addr,
+            web_addr,
+            coordinator,
+            agents,
+            dir,
+        }
     }
-    let all = ["web-1", "worker-1", "db-1", "obj-1"];
-    eventually("the fleet is ready", Duration::from_secs(60), async || {
-        let json = agents_json(operator_addr, &certs).ok()?;
-        all.iter()
-            .all(|n| {
-                json["agents"]
-                    .as_array()
-                    .is_some_and(|a| a.iter().any(|x| x["name"] == *n && x["ready"] == true))
-            })
-            .then_some(())
-    })
-    .await;
 
-    let operator = format!("https://{operator_addr}");
-    let run = |args: &[&str]| {
+    /// Stops the agents gracefully (they stop the roles they supervise), then the rest.
+    fn stop(mut self) {
+        for a in &mut self.agents {
+            a.terminate(Duration::from_secs(10));
+        }
+    }
+
+    /// An operator command against this fleet's coordinator.
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        let operator = format!("https://{}", self.operator_addr);
         let mut all: Vec<&str> = args.to_vec();
         all.extend_from_slice(&[
             "--coordinator",
             operator.as_str(),
             "--certs",
-            certs.to_str().unwrap(),
+            self.certs.to_str().unwrap(),
         ]);
         rollcall(&all)
-    };
+    }
 
+    /// SIGKILLs the coordinator and starts a new one on the same config (same journal, same
+    /// addresses): a crash and a restart.
+    fn crash_and_restart_coordinator(&mut self) {
+        self.coordinator.kill();
+        let mut cmd = Command::new(rollcall_bin());
+        cmd.args(["coordinator", "--config", self.config.to_str().unwrap()])
+            .env("RUST_LOG", "info");
+        self.coordinator = Proc::spawn("coordinator-restarted", self.dir.path(), cmd);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_replace() {
+    let f = Fleet::start().await;
+    let run = |args: &[&str]| f.run(args);
+    let (cluster, repo, objects, web_addr) = (&f.cluster, &f.repo, &f.objects, f.web_addr);
+    let operator_token = f.operator_token.clone();
+    let data_env = [
+        ("DATABASE_URL", f.db_url.as_str()),
+        ("OBJECT_STORE_URL", f.objects_url.as_str()),
+    ];
     // A backup: Postgres and objects at once, then the point.
     let backup = run(&["backup", "--env", "test", "--wait", "--json"]);
     assert!(
@@ -356,7 +420,7 @@ sql = "SELECT c.binding_id FROM channel_session_bindings c WHERE c.last_event_se
     );
 
     // The disaster: projections deleted, an artifact deleted, junk added.
-    assert!(count(&cluster, "cowork", "session_projections") > 0);
+    assert!(count(cluster, "cowork", "session_projections") > 0);
     cluster
         .psql("cowork", "DELETE FROM session_projections")
         .unwrap();
@@ -403,11 +467,11 @@ sql = "SELECT c.binding_id FROM channel_session_bindings c WHERE c.last_event_se
     // Postgres equals the point (verify checked every count before the smoke); the smoke added
     // exactly one session; the pre-restore database is kept with the disaster in it.
     assert_eq!(
-        count(&cluster, "cowork", "workflows"),
+        count(cluster, "cowork", "workflows"),
         at_point["workflows"].as_i64().unwrap()
     );
     assert_eq!(
-        count(&cluster, "cowork", "sessions"),
+        count(cluster, "cowork", "sessions"),
         at_point["sessions"].as_i64().unwrap() + 1,
         "the point's sessions and the smoke's"
     );
@@ -421,7 +485,7 @@ sql = "SELECT c.binding_id FROM channel_session_bindings c WHERE c.last_event_se
         .to_owned();
     assert!(pre.starts_with("cowork_pre_r"), "{pre}");
     assert_eq!(
-        count(&cluster, &pre, "session_projections"),
+        count(cluster, &pre, "session_projections"),
         0,
         "the old database, untouched"
     );
@@ -501,9 +565,7 @@ sql = "SELECT c.binding_id FROM channel_session_bindings c WHERE c.last_event_se
         "never frozen"
     );
 
-    for mut a in agents {
-        a.terminate(Duration::from_secs(10));
-    }
+    f.stop();
 }
 
 fn walk(dir: &Path) -> Vec<String> {
@@ -520,4 +582,96 @@ fn walk(dir: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+fn run_tag(run_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    format!("r{}", &hex::encode(Sha256::digest(run_id.as_bytes()))[..8])
+}
+
+/// SIGKILL the coordinator at several moments of a drill (before the first phase, at phase
+/// boundaries, inside the restores — wherever the delay lands) and start a new one: every
+/// drill finishes, the swap happened once per run, and a command re-sent after the crash was
+/// answered from the agent's record instead of running again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_mid_drill_is_replaced_and_the_drill_finishes_once() {
+    let mut f = Fleet::start().await;
+    let backup = f.run(&["backup", "--env", "test", "--wait", "--json"]);
+    assert!(
+        backup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&backup.stderr)
+    );
+    let point: serde_json::Value = serde_json::from_slice(&backup.stdout).unwrap();
+    let point = point["point"].as_str().unwrap().to_owned();
+
+    let mut replayed = 0;
+    for delay_ms in [0u64, 120, 300, 600, 1200] {
+        let started = f.run(&["drill", "--env", "test", "--point", &point, "--json"]);
+        assert!(
+            started.status.success(),
+            "{}",
+            String::from_utf8_lossy(&started.stderr)
+        );
+        let run: serde_json::Value = serde_json::from_slice(&started.stdout).unwrap();
+        let id = run["id"].as_str().unwrap().to_owned();
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        f.crash_and_restart_coordinator();
+
+        let show = eventually(
+            &format!("drill {id} finished after the crash"),
+            Duration::from_secs(120),
+            async || {
+                let out = f.run(&["run", "show", &id, "--json"]);
+                let show: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+                match show["run"]["state"].as_str()? {
+                    "succeeded" => Some(show),
+                    "blocked" | "failed" | "aborted" => panic!(
+                        "drill {id} ended {}: {}",
+                        show["run"]["state"], show["run"]["reason"]
+                    ),
+                    _ => None,
+                }
+            },
+        )
+        .await;
+        let restores: Vec<&serde_json::Value> = show["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["action"] == "restore-postgres")
+            .collect();
+        assert_eq!(
+            restores.len(),
+            1,
+            "one restore command for the run: {restores:?}"
+        );
+        assert_eq!(restores[0]["outcome"], "succeeded");
+        replayed += show["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["replayed"] == true)
+            .count();
+        let tag = run_tag(&id);
+        let databases = f
+            .cluster
+            .psql(
+                "postgres",
+                &format!("SELECT datname FROM pg_database WHERE datname LIKE 'cowork_%{tag}'"),
+            )
+            .unwrap();
+        assert_eq!(
+            databases.trim(),
+            format!("cowork_pre_{tag}"),
+            "the old database kept, no half-done restore left"
+        );
+        assert!(
+            maintenance(f.web_addr, &f.operator_token)
+                .await
+                .contains("\"maintenance\":false")
+        );
+    }
+    eprintln!("commands answered from agents' records after a crash: {replayed}");
+    f.stop();
 }
