@@ -497,6 +497,8 @@ pub fn agents_json(operator: SocketAddr, certs: &Path) -> Result<serde_json::Val
 #[derive(Debug, Clone)]
 pub struct CollectedSpan {
     pub service: String,
+    /// `service.instance.id`: the agent's name.
+    pub instance: String,
     pub name: String,
     pub trace_id: Vec<u8>,
     pub span_id: Vec<u8>,
@@ -523,22 +525,28 @@ impl TraceService for Collector {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut spans = self.spans.lock().unwrap();
         for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .as_ref()
-                .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
-                .and_then(|kv| kv.value.as_ref())
-                .and_then(|v| match &v.value {
-                    Some(
-                        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s),
-                    ) => Some(s.clone()),
-                    _ => None,
-                })
-                .unwrap_or_default();
+            let attribute = |key: &str| {
+                rs.resource
+                    .as_ref()
+                    .and_then(|r| r.attributes.iter().find(|kv| kv.key == key))
+                    .and_then(|kv| kv.value.as_ref())
+                    .and_then(|v| match &v.value {
+                        Some(
+                            opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(
+                                s,
+                            ),
+                        ) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default()
+            };
+            let service = attribute("service.name");
+            let instance = attribute("service.instance.id");
             for ss in rs.scope_spans {
                 for span in ss.spans {
                     spans.push(CollectedSpan {
                         service: service.clone(),
+                        instance: instance.clone(),
                         name: span.name,
                         trace_id: span.trace_id,
                         span_id: span.span_id,

@@ -422,6 +422,11 @@ timeout = "20s"
     )
     .unwrap();
     let (agents_addr, operator_addr) = (free_addr(), free_addr());
+    // Traces go to an in-test OTLP collector: the drill must be one trace.
+    let collector = Collector::default();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let endpoint = collector.serve(cancel.clone()).await;
+    let telemetry = format!("\n[telemetry]\notlp_endpoint = \"{endpoint}\"\n");
     let env = format!(
         r#"
 [environments.test]
@@ -431,16 +436,17 @@ retention = "1day"
 repository = "file://{dir}/repository"
 plan = "{plan}"
 fleet = {{ web = 1, worker = 1 }}
-"#,
+{telemetry}"#,
         dir = dir.path().display(),
         plan = plan.display()
     );
     let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, &env);
+    let otel = [("OTEL_BSP_SCHEDULE_DELAY", "100")];
     let _coordinator = spawn_rollcall(
         "coordinator",
         dir.path(),
         &["coordinator", "--config", config.to_str().unwrap()],
-        &[],
+        &otel,
     );
     let marker = dir.path().join("frozen");
     let web_control = format!(
@@ -454,12 +460,13 @@ fleet = {{ web = 1, worker = 1 }}
     ]
     .iter()
     .map(|(n, r, extra)| {
-        let cfg = write_agent_config(dir.path(), &certs, agents_addr, n, r, extra);
+        let extra = format!("{extra}{telemetry}");
+        let cfg = write_agent_config(dir.path(), &certs, agents_addr, n, r, &extra);
         spawn_rollcall(
             n,
             dir.path(),
             &["agent", "--config", cfg.to_str().unwrap()],
-            &[],
+            &otel,
         )
     })
     .collect();
@@ -537,4 +544,32 @@ fleet = {{ web = 1, worker = 1 }}
     let abort = run(&["run", "abort", &id]);
     assert!(!abort.status.success());
     assert!(String::from_utf8_lossy(&abort.stderr).contains("already succeeded"));
+
+    // One trace per run: the run's root span, its phases, and the work of every agent that
+    // took part, joined through the trace context carried in the commands.
+    eventually(
+        "the drill's spans from the coordinator and both agents",
+        Duration::from_secs(30),
+        async || {
+            let spans = collector.snapshot();
+            let root = spans
+                .iter()
+                .find(|s| s.service == "rollcall-coordinator" && s.name == "rollcall.run")?;
+            let in_trace = |service: &str, name: &str, instance: &str| {
+                spans.iter().any(|s| {
+                    s.trace_id == root.trace_id
+                        && s.service == service
+                        && s.name == name
+                        && (instance.is_empty() || s.instance == instance)
+                })
+            };
+            (in_trace("rollcall-coordinator", "rollcall.phase", "")
+                && in_trace("rollcall-coordinator", "coordinator.link.command", "")
+                && in_trace("rollcall-agent", "agent.command.execute", "web-1")
+                && in_trace("rollcall-agent", "agent.command.execute", "worker-1"))
+            .then_some(())
+        },
+    )
+    .await;
+    cancel.cancel();
 }
