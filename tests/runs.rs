@@ -56,9 +56,17 @@ timeout = "20s"
 "#;
 
 fn environment(fleet: &[(&str, u32)], repository: &Path) -> BTreeMap<String, Environment> {
+    environment_with(fleet, repository, PLAN)
+}
+
+fn environment_with(
+    fleet: &[(&str, u32)],
+    repository: &Path,
+    plan_text: &str,
+) -> BTreeMap<String, Environment> {
     let repository = format!("file://{}", repository.display());
     let fleet: Fleet = fleet.iter().map(|(r, n)| ((*r).to_owned(), *n)).collect();
-    let plan = Plan::parse(Path::new("roles-only.toml"), PLAN, Some(&fleet)).unwrap();
+    let plan = Plan::parse(Path::new("roles-only.toml"), plan_text, Some(&fleet)).unwrap();
     let env = Environment {
         name: api::model::Environment::parse("test").unwrap(),
         rpo: Duration::from_secs(3600),
@@ -120,21 +128,26 @@ impl Fleet3 {
         .unwrap();
         let mut agents = vec![InProcessAgent::start(web)];
         for name in ["worker-1", "worker-2"] {
-            let mut s = agent_settings(&self.certs, self.dir.path(), url, name, "worker");
-            s.control = toml::from_str(
-                r#"
-                scale = "process"
-                [process]
-                program = "sh"
-                args = ["-c", "while true; do sleep 0.05; done"]
-                replicas = 2
-                stop_grace = "1s"
-                "#,
-            )
-            .unwrap();
-            agents.push(InProcessAgent::start(s));
+            agents.push(self.worker(url, name));
         }
         agents
+    }
+
+    /// A worker agent supervising two `sh` replicas (its state directory survives restarts).
+    fn worker(&self, url: &str, name: &str) -> InProcessAgent {
+        let mut s = agent_settings(&self.certs, self.dir.path(), url, name, "worker");
+        s.control = toml::from_str(
+            r#"
+            scale = "process"
+            [process]
+            program = "sh"
+            args = ["-c", "while true; do sleep 0.05; done"]
+            replicas = 2
+            stop_grace = "1s"
+            "#,
+        )
+        .unwrap();
+        InProcessAgent::start(s)
     }
 
     async fn coordinator(&self, fleet: &[(&str, u32)]) -> InProcessCoordinator {
@@ -325,4 +338,72 @@ async fn a_replaced_coordinator_finishes_the_run_without_executing_a_command_twi
         a.stop().await;
     }
     second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_that_cannot_pass_blocks_and_resume_completes_once_the_agent_is_back() {
+    let f = Fleet3::new();
+    // Short phases: the missing agent's gate fails after three seconds.
+    let plan = PLAN.replace("timeout = \"20s\"", "timeout = \"3s\"");
+    let c = InProcessCoordinator::start_full(
+        &f.certs,
+        &f.state_url,
+        Duration::from_secs(2),
+        Duration::from_millis(200),
+        environment_with(
+            &[("web", 1), ("worker", 2)],
+            &f.dir.path().join("repository"),
+            &plan,
+        ),
+    )
+    .await;
+    let mut agents = f.agents(&c.agents_url(), "0");
+    c.wait_ready(&["web-1", "worker-1", "worker-2"]).await;
+    // worker-2's agent dies before the run.
+    agents.pop().unwrap().stop().await;
+
+    let run = c.handle.engine.start_run(start("test")).await.unwrap();
+    let blocked = wait_state(&c, &run.id, RunState::Blocked).await;
+    let reason = blocked.reason.unwrap();
+    assert!(
+        reason.contains("phase scale-to-zero did not pass") && reason.contains("worker-2"),
+        "{reason}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(f.log()).unwrap(),
+        "frozen\n",
+        "frozen, never unfrozen"
+    );
+
+    // The agent comes back (same state directory); the operator resumes.
+    agents.push(f.worker(&c.agents_url(), "worker-2"));
+    c.wait_ready(&["worker-2"]).await;
+    let resumed = c
+        .handle
+        .engine
+        .control(&run.id, Control::Resume)
+        .await
+        .unwrap();
+    assert_eq!(resumed.state, RunState::Running);
+    wait_state(&c, &run.id, RunState::Succeeded).await;
+    // Resume re-sent the same command ids: the freeze ran once, the unfreeze once.
+    assert_eq!(
+        std::fs::read_to_string(f.log()).unwrap(),
+        "frozen\nunfrozen\n"
+    );
+    let commands = c.handle.store().commands(&run.id).await.unwrap();
+    let scale_downs: Vec<_> = commands
+        .iter()
+        .filter(|(cmd, _)| cmd.action == "scale" && cmd.phase_index == 1)
+        .collect();
+    assert_eq!(
+        scale_downs.len(),
+        2,
+        "one scale-down per worker: {scale_downs:?}"
+    );
+
+    for a in agents {
+        a.stop().await;
+    }
+    c.stop().await;
 }
