@@ -36,13 +36,13 @@ pub fn init(service: &str, instance: Option<&str>, config: &TelemetryConfig) -> 
         .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,sqlx=warn"));
     let fmt = match config.log_format {
         LogFormat::Human => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(RedactedStderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_target(false)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
-            .with_writer(std::io::stderr)
+            .with_writer(RedactedStderr)
             .boxed(),
     };
     let endpoint = config
@@ -95,9 +95,81 @@ pub fn init_quiet() {
         .with(filter)
         .with(
             tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
+                .with_writer(RedactedStderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_target(false),
         )
         .try_init();
+}
+
+/// Log lines go to stderr through `api::redact`: a token, password or key that reaches a log
+/// message (an error from a tool, a URL) is removed before it is written.
+#[derive(Clone, Copy)]
+struct RedactedStderr;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for RedactedStderr {
+    type Writer = RedactedLine<std::io::Stderr>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        RedactedLine::new(std::io::stderr())
+    }
+}
+
+/// Collects one formatted event and writes it, redacted, when dropped.
+struct RedactedLine<W: std::io::Write> {
+    buf: Vec<u8>,
+    out: W,
+}
+
+impl<W: std::io::Write> RedactedLine<W> {
+    fn new(out: W) -> Self {
+        RedactedLine {
+            buf: Vec::with_capacity(256),
+            out,
+        }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for RedactedLine<W> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<W: std::io::Write> Drop for RedactedLine<W> {
+    fn drop(&mut self) {
+        let text = String::from_utf8_lossy(&self.buf);
+        let _ = self.out.write_all(api::redact::redact(&text).as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    #[test]
+    fn log_lines_are_redacted_before_they_are_written() {
+        let mut out = Vec::new();
+        {
+            let mut line = RedactedLine::new(&mut out);
+            let _ = writeln!(
+                line,
+                "WARN connect to postgres://rollcall:hunter2@db:5432/state failed; \
+                 Authorization: Bearer cws_operator_a8ceeae5c1456acd6ca23d0a3c1b09f564b7cbe5"
+            );
+        }
+        let written = String::from_utf8(out).unwrap_or_default();
+        assert!(!written.contains("hunter2"), "{written}");
+        assert!(!written.contains("cws_operator_a8ce"), "{written}");
+        assert!(
+            written.contains("postgres://rollcall:***@db:5432/state"),
+            "{written}"
+        );
+    }
 }
