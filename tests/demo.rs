@@ -44,11 +44,27 @@ fn the_demo_passes_reports_its_numbers_and_cleans_up() {
             < point["session_projections"].as_i64().unwrap(),
         "{counts}"
     );
+    // The drill report, filled from the journal.
     let markdown = std::fs::read_to_string(fleet.join("report.md")).unwrap();
     assert!(
-        markdown.contains("| restore-postgres | passed |"),
+        markdown.starts_with("# Restore drill report: demo"),
         "{markdown}"
     );
+    for needle in [
+        "| restore-postgres | passed |",
+        "cowork_pre_r",
+        "quarantine/r",
+        "cookie-secret",
+        "platform-team",
+    ] {
+        assert!(
+            markdown.contains(needle),
+            "{needle} is missing from the report:\n{markdown}"
+        );
+    }
+    let drill: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fleet.join("report.json")).unwrap()).unwrap();
+    assert_eq!(drill["environment"]["name"], "demo", "{drill}");
 
     // Nothing the demo started is still running: no process naming its directory (the
     // coordinator, agents, Postgres) and no role the agents ran (`rollcall cowork-sim ...`).

@@ -495,7 +495,7 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
         "the deleted artifact is back"
     );
     assert!(!objects.join("junk/extra.bin").exists());
-    let quarantined = walk(&objects.join("rollcall-quarantine"));
+    let quarantined = walk(&repo.join("quarantine"));
     assert!(
         quarantined.iter().any(|p| p.ends_with("junk/extra.bin")),
         "{quarantined:?}"

@@ -5,7 +5,7 @@
 //!   in the config itself). Restores go into a new database which is then swapped in; the
 //!   previous database is kept under `<db>_pre_<run>` and named in the result.
 //! * `[objects]`: the live object store. Restores make it equal the point's manifest; objects
-//!   the restore replaces or removes are kept in quarantine first.
+//!   the restore replaces or removes are kept in the repository's `quarantine/<run>/` first.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -358,9 +358,11 @@ impl DataPlane {
         let (live, label) = live_store(objects)?;
         let mut options = RestoreObjectsOptions::new(label);
         options.parallelism = objects.parallelism;
+        // What the restore replaces or removes is kept in the repository, under
+        // quarantine/<run tag>/, so the live store ends equal to the point.
+        options.quarantine_in_repository = true;
         options.quarantine_prefix = Some(object_store::path::Path::from(format!(
-            "{}/{}",
-            repository::QUARANTINE_ROOT,
+            "quarantine/{}",
             run_tag(run_id)
         )));
         let report = repository::restore_objects(&repo, &snapshot, live, &options).await?;

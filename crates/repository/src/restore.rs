@@ -37,6 +37,9 @@ pub struct RestoreObjectsOptions {
     /// Where displaced objects go; default `rollcall-quarantine/<UTC time>-<snapshot id>`.
     /// Keys under [`QUARANTINE_ROOT`] are never treated as extra objects.
     pub quarantine_prefix: Option<Path>,
+    /// Keep displaced objects in the repository (under `quarantine_prefix` there) instead of in
+    /// the target store: the live store then holds exactly the snapshot (default false).
+    pub quarantine_in_repository: bool,
     /// Move objects the snapshot does not have into quarantine (default true: the target
     /// then matches the point in time).
     pub remove_extra: bool,
@@ -54,6 +57,7 @@ impl RestoreObjectsOptions {
             target_label: target_label.into(),
             target_prefix: None,
             quarantine_prefix: None,
+            quarantine_in_repository: false,
             remove_extra: true,
             parallelism: 64,
             multipart_threshold: 8 << 20,
@@ -151,7 +155,10 @@ async fn restore_manifest(
         ))
     });
     let quarantine_root = Path::from(QUARANTINE_ROOT);
-    if !target_prefix.is_root() && quarantine.prefix_matches(&target_prefix) {
+    if !options.quarantine_in_repository
+        && !target_prefix.is_root()
+        && quarantine.prefix_matches(&target_prefix)
+    {
         bail!(
             "the quarantine prefix {quarantine} lies inside the restore prefix {target_prefix}: \
              choose one outside it"
@@ -203,6 +210,7 @@ async fn restore_manifest(
         repo: repo.clone(),
         target: target.clone(),
         quarantine: quarantine.clone(),
+        quarantine_in_repository: options.quarantine_in_repository,
         target_prefix: target_prefix.clone(),
         multipart_threshold: options.multipart_threshold.max(1),
         part_size: options.part_size.max(5 << 20),
@@ -291,6 +299,7 @@ struct Shared {
     repo: Repository,
     target: Arc<dyn ObjectStore>,
     quarantine: Path,
+    quarantine_in_repository: bool,
     target_prefix: Path,
     multipart_threshold: u64,
     part_size: usize,
@@ -315,6 +324,24 @@ impl Shared {
 
     async fn quarantine_copy(&self, location: &Path) -> Result<()> {
         let destination = join(&self.quarantine, &self.relative(location))?;
+        if self.quarantine_in_repository {
+            let body = self
+                .target
+                .get(location)
+                .await
+                .with_context(|| format!("read {location} to quarantine it"))?
+                .bytes()
+                .await
+                .with_context(|| format!("read {location} to quarantine it"))?;
+            self.repo
+                .store()
+                .put(&destination, PutPayload::from_bytes(body))
+                .await
+                .with_context(|| {
+                    format!("copy {location} to quarantine {destination} in the repository")
+                })?;
+            return Ok(());
+        }
         self.target
             .copy(location, &destination)
             .await
