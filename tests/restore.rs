@@ -277,7 +277,8 @@ impl Fleet {
     sql = "SELECT c.binding_id FROM channel_session_bindings c WHERE c.last_event_sequence > (SELECT coalesce(max(e.sequence), 0) FROM session_events e WHERE e.session_id = c.session_id)"
     "#
         .to_owned();
-        let obj_data = format!("[objects]\nurl = \"{objects_url}\"\n");
+        let obj_data =
+            format!("[objects]\nurl = \"{objects_url}\"\nverify_ignore = [\"_probe/\"]\n");
         let agent_env = [
             ("DATABASE_URL", db_url.as_str()),
             ("OBJECT_STORE_URL", objects_url.as_str()),

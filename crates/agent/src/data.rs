@@ -61,6 +61,10 @@ pub struct ObjectsConfig {
     /// Object copies in flight.
     #[serde(default = "default_parallelism")]
     pub parallelism: usize,
+    /// Key prefixes the role writes as scratch (health probes, temp files): verification
+    /// does not count them as objects missing from the point.
+    #[serde(default)]
+    pub verify_ignore: Vec<String>,
 }
 
 fn default_parallelism() -> usize {
@@ -455,11 +459,17 @@ async fn compare_with_manifest(
     let mut sizes: std::collections::BTreeMap<String, u64> = listed
         .into_iter()
         .filter(|m| !m.location.as_ref().starts_with(repository::QUARANTINE_ROOT))
+        .filter(|m| {
+            !o.verify_ignore
+                .iter()
+                .any(|p| m.location.as_ref().starts_with(p.as_str()))
+        })
         .map(|m| (m.location.to_string(), m.size))
         .collect();
     let mut missing = Vec::new();
     let mut wrong = Vec::new();
-    for entry in &manifest.objects {
+    let ignored = |key: &str| o.verify_ignore.iter().any(|p| key.starts_with(p.as_str()));
+    for entry in manifest.objects.iter().filter(|e| !ignored(&e.key)) {
         match sizes.remove(&entry.key) {
             None => missing.push(entry.key.clone()),
             Some(size) if size != entry.size => wrong.push(entry.key.clone()),

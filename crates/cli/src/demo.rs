@@ -539,7 +539,7 @@ name = "no delivery cursor beyond its session's events"
 sql = "SELECT c.binding_id FROM channel_session_bindings c WHERE c.last_event_sequence > (SELECT coalesce(max(e.sequence), 0) FROM session_events e WHERE e.session_id = c.session_id)"
 "#
         .to_owned(),
-        "objects" => format!("\n[objects]\nurl = \"{objects_url}\"\n"),
+        "objects" => format!("\n[objects]\nurl = \"{objects_url}\"\nverify_ignore = [\"_probe/\"]\n"),
         _ => String::new(),
     }
 }
