@@ -578,25 +578,19 @@ impl Postgres {
 }
 
 async fn open_repository(r: &RepositoryRef) -> Result<Repository> {
-    let options = RepositoryOptions {
-        s3: S3Options {
-            endpoint: r.s3_endpoint.clone(),
-            region: r.s3_region.clone(),
-            path_style: r.s3_path_style,
-            ..S3Options::default()
+    let s3 = S3Options::connection(r.s3_endpoint.clone(), r.s3_region.clone(), r.s3_path_style);
+    Repository::open(
+        &r.url,
+        RepositoryOptions {
+            s3,
+            ..RepositoryOptions::default()
         },
-        ..RepositoryOptions::default()
-    };
-    Repository::open(&r.url, options).await
+    )
+    .await
 }
 
 fn live_store(o: &ObjectsConfig) -> Result<(Arc<dyn object_store::ObjectStore>, String)> {
-    let s3 = S3Options {
-        endpoint: o.s3_endpoint.clone(),
-        region: o.s3_region.clone(),
-        path_style: o.s3_path_style,
-        ..S3Options::default()
-    };
+    let s3 = S3Options::connection(o.s3_endpoint.clone(), o.s3_region.clone(), o.s3_path_style);
     let (store, prefix) = repository::store_from_url(&o.url, &s3).with_context(|| {
         format!(
             "open the live object store {}",

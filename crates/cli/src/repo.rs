@@ -74,12 +74,11 @@ enum RepoCommand {
 
 #[allow(clippy::print_stdout)]
 pub async fn run(args: RepoArgs) -> Result<()> {
-    let s3 = S3Options {
-        endpoint: args.s3_endpoint.clone(),
-        region: args.s3_region.clone(),
-        path_style: args.s3_path_style,
-        ..S3Options::default()
-    };
+    let s3 = S3Options::connection(
+        args.s3_endpoint.clone(),
+        args.s3_region.clone(),
+        args.s3_path_style,
+    );
     let repo = Repository::open(
         &args.repository,
         RepositoryOptions {

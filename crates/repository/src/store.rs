@@ -45,6 +45,23 @@ pub struct S3Options {
     pub connect_timeout: Option<Duration>,
 }
 
+impl S3Options {
+    /// The connection settings a command or a config names (credentials stay in the
+    /// environment).
+    pub fn connection(
+        endpoint: Option<String>,
+        region: Option<String>,
+        path_style: bool,
+    ) -> S3Options {
+        S3Options {
+            endpoint,
+            region,
+            path_style,
+            ..S3Options::default()
+        }
+    }
+}
+
 /// Opens the store a URL names and returns it with the prefix inside it.
 ///
 /// * `file:///abs/dir` — a local directory, which must exist (the prefix is the directory).

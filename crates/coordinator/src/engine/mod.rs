@@ -1041,13 +1041,13 @@ fn agent_actions(phase: &Phase, ctx: &RunContext) -> std::result::Result<Vec<Age
 /// Opens an environment's repository with its S3 settings; credentials come from this
 /// process's environment.
 pub async fn open_repository(r: &api::model::RepositoryRef) -> Result<repository::Repository> {
+    let s3 = repository::S3Options::connection(
+        r.s3_endpoint.clone(),
+        r.s3_region.clone(),
+        r.s3_path_style,
+    );
     let options = repository::RepositoryOptions {
-        s3: repository::S3Options {
-            endpoint: r.s3_endpoint.clone(),
-            region: r.s3_region.clone(),
-            path_style: r.s3_path_style,
-            ..repository::S3Options::default()
-        },
+        s3,
         ..repository::RepositoryOptions::default()
     };
     repository::Repository::open(&r.url, options).await
