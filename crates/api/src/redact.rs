@@ -5,7 +5,8 @@
 //! [`redact`] removes bearer and API tokens (known prefixes, `Authorization` headers,
 //! `token=`/`password=`-style pairs in text, JSON, TOML and query strings, `--password VALUE`
 //! flags on command lines), passwords in URLs, the query strings of signed URLs, PEM private
-//! keys, cookie and webhook secrets, email addresses, and long high-entropy strings that
+//! keys, cookie and webhook secrets, email addresses, the user names in local home-directory
+//! paths (`/home/alice/...` → `/home/[REDACTED]/...`), and long high-entropy strings that
 //! follow a secret-ish word. [`redact_json`]
 //! does the same to every string of a JSON document and blanks values whose key names a
 //! secret. Everything it removes becomes [`MARKER`] (URL passwords become `***`, email local
@@ -31,7 +32,7 @@ const URL_PASSWORD_MASK: &str = "***";
 pub fn redact(text: &str) -> Cow<'_, str> {
     // Order matters: whole blocks and URLs first (their insides would confuse the pair rules),
     // then headers and tokens, then generic pairs, then the heuristics.
-    const PASSES: [Pass; 10] = [
+    const PASSES: [Pass; 11] = [
         pem_blocks,
         urls,
         authorization_headers,
@@ -42,6 +43,7 @@ pub fn redact(text: &str) -> Cow<'_, str> {
         cli_flags,
         after_secret_words,
         emails,
+        home_paths,
     ];
     let mut text = Cow::Borrowed(text);
     for pass in PASSES {
@@ -181,6 +183,12 @@ const REFERENCE_WORDS: &[&str] = &[
     "expiry",
     "ttl",
 ];
+
+/// Whether a key (JSON field, span attribute, header) names a secret value (`token`,
+/// `password`, `api_key`, ...) rather than a reference to one (`token_env`, `kms_key`).
+pub fn is_secret_key(key: &str) -> bool {
+    key_class(key) == KeyClass::Secret
+}
 
 fn key_class(key: &str) -> KeyClass {
     let words = key_words(key);
@@ -609,6 +617,26 @@ fn emails(text: &str) -> Cow<'_, str> {
     })
 }
 
+// ---- Local host paths ---------------------------------------------------------------------
+
+/// A home directory in a local path: `/home/NAME/`, `/Users/NAME/`, `C:\Users\NAME\`. The user
+/// name goes; the rest of the path stays readable.
+static HOME_PATH: LazyLock<Regex> = LazyLock::new(|| {
+    regex(
+        r"(?m)(?P<pre>(?:^|[\s'\x22(=:]|file://)(?:/home/|/Users/|[A-Za-z]:\\Users\\))(?P<user>[^/\\\s'\x22)]+)",
+    )
+});
+
+fn home_paths(text: &str) -> Cow<'_, str> {
+    if !(text.contains("/home/") || text.contains("/Users/") || text.contains("\\Users\\")) {
+        return Cow::Borrowed(text);
+    }
+    replace(&HOME_PATH, text, |_, caps| {
+        let user = group(caps, "user");
+        (user != MARKER).then(|| format!("{}{MARKER}", group(caps, "pre")))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -957,6 +985,23 @@ mod tests {
         assert_eq!(doc, once, "redacting twice changes nothing");
     }
 
+    #[test]
+    fn user_names_in_home_paths() {
+        redacts(
+            "read /home/alice/.config/rollcall/token failed",
+            "read /home/[REDACTED]/.config/rollcall/token failed",
+        );
+        redacts(
+            "repository file:///Users/bob/backups",
+            "repository file:///Users/[REDACTED]/backups",
+        );
+        redacts(
+            r"open C:\Users\carol\rollcall.toml",
+            r"open C:\Users\[REDACTED]\rollcall.toml",
+        );
+        untouched("state in /var/lib/rollcall/state.db and /tmp/x/home/y");
+    }
+
     /// Every planted secret disappears from a mixed document, whatever form it takes.
     #[test]
     fn corpus_leaves_no_secret_behind() {
@@ -971,6 +1016,7 @@ mod tests {
             "alice.smith",
             "AKIAIOSFODNN7EXAMPLE",
             "byok-plaintext-value",
+            "/home/dave",
         ];
         let corpus = "\
             2026-11-25T10:00:00Z WARN connect postgres://app:hunter2@db/app failed\n\
@@ -982,7 +1028,8 @@ mod tests {
             webhook whsec_MfKQ9r8GKYqrTwjUPD8I\n\
             owner alice.smith@example.com\n\
             aws AKIAIOSFODNN7EXAMPLE\n\
-            {\"plaintext\": \"byok-plaintext-value\"}\n";
+            {\"plaintext\": \"byok-plaintext-value\"}\n\
+            config /home/dave/rollcall/agent.toml\n";
         let out = redact(corpus);
         for secret in planted {
             assert!(!out.contains(secret), "{secret} leaked:\n{out}");
