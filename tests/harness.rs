@@ -210,6 +210,7 @@ pub fn agent_settings(
         objects: None,
         checks: Vec::new(),
         invariants: Vec::new(),
+        references: Vec::new(),
         smoke: None,
         config_file: state.join(format!("{name}.toml")),
         reconnect: agent::config::ReconnectConfig {

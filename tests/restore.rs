@@ -70,6 +70,13 @@ gate = "all"
 timeout = "2m"
 
 [[phase]]
+name = "check-references"
+action = "check-references"
+roles = ["objects"]
+gate = "all"
+timeout = "2m"
+
+[[phase]]
 name = "worker-smoke"
 action = "smoke"
 roles = ["worker"]
@@ -150,6 +157,11 @@ struct Fleet {
 
 impl Fleet {
     async fn start() -> Fleet {
+        Fleet::start_with("90s").await
+    }
+
+    /// A fleet whose worker smoke may take `smoke_timeout`.
+    async fn start_with(smoke_timeout: &str) -> Fleet {
         install_crypto();
         let dir = tempfile::tempdir().unwrap();
         let cluster = ephemeral_pg::Cluster::start().unwrap();
@@ -179,6 +191,9 @@ impl Fleet {
             .as_str()
             .unwrap()
             .to_owned();
+        // The web agent's "operator diagnostics" check reads its bearer token from this file.
+        let token_file = dir.path().join("operator-token");
+        std::fs::write(&token_file, &operator_token).unwrap();
 
         let certs = dir.path().join("certs");
         let out = rollcall(&[
@@ -254,17 +269,25 @@ impl Fleet {
     name = "readyz"
     url = "http://{web_addr}/readyz"
     [[check]]
+    name = "operator diagnostics"
+    url = "http://{web_addr}/api/diagnostics"
+    token_file = "{token_file}"
+    [[check]]
     name = "frozen while verified"
     url = "http://{web_addr}/admin/maintenance"
     token_env = "COWORK_OPERATOR_TOKEN"
     expect = {{ maintenance = true }}
     "#,
-            sim = sim.display()
+            sim = sim.display(),
+            token_file = token_file.display(),
         );
+        // The worker's smoke hangs while `hang-smoke` exists (a test of smoke timeouts).
+        let hang = dir.path().join("hang-smoke");
         let worker_control = format!(
             "[control]\nscale = \"process\"\n[control.process]\nprogram = \"{sim}\"\nargs = [\"worker\"]\nstop_grace = \"5s\"\n\
-             [smoke]\ncommand = [\"{sim}\", \"smoke\", \"worker\", \"--web-url\", \"http://{web_addr}\", \"--timeout\", \"60s\"]\ntimeout = \"90s\"\n",
-            sim = sim.display()
+             [smoke]\ncommand = [\"sh\", \"-c\", \"test -e {hang} && exec sleep 600; exec {sim} smoke worker --web-url http://{web_addr} --timeout 60s\"]\ntimeout = \"{smoke_timeout}\"\n",
+            sim = sim.display(),
+            hang = hang.display(),
         );
         let db_data = r#"
     [postgres]
@@ -275,6 +298,9 @@ impl Fleet {
     [[invariant]]
     name = "no delivery cursor beyond its session's events"
     sql = "SELECT c.binding_id FROM channel_session_bindings c WHERE c.last_event_sequence > (SELECT coalesce(max(e.sequence), 0) FROM session_events e WHERE e.session_id = c.session_id)"
+    [[reference]]
+    name = "artifact objects"
+    sql = "SELECT object_key FROM artifact_index"
     "#
         .to_owned();
         let obj_data =
@@ -674,5 +700,203 @@ async fn a_coordinator_killed_mid_drill_is_replaced_and_the_drill_finishes_once(
         );
     }
     eprintln!("commands answered from agents' records after a crash: {replayed}");
+    f.stop();
+}
+
+/// Drills whose checks fail stop `blocked` with the failing check named, and go on after a
+/// fix: a wrong operator token (401 named, the token in no output), a row deleted after the
+/// restore (count parity names the table and both numbers), a smoke that hangs (its timeout
+/// named), and an artifact row whose object is missing from the point (the key named).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_checks_block_the_drill_and_name_what_failed() {
+    let f = Fleet::start_with("20s").await;
+    let run = |args: &[&str]| f.run(args);
+    let mut outputs: Vec<String> = Vec::new();
+    let mut keep = |out: &std::process::Output| -> (bool, String) {
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        outputs.push(text.clone());
+        (out.status.success(), text)
+    };
+    let backup = run(&["backup", "--env", "test", "--wait", "--json"]);
+    let (ok, text) = keep(&backup);
+    assert!(ok, "{text}");
+    let point_id = serde_json::from_slice::<serde_json::Value>(&backup.stdout).unwrap()["point"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let point: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(f.repo.join(format!("points/{point_id}.json"))).unwrap(),
+    )
+    .unwrap();
+    let projections = point["body"]["postgres"]["table_counts"]["session_projections"]
+        .as_i64()
+        .unwrap();
+    assert!(projections > 1, "{point}");
+
+    // 1. The operator token the web agent's check presents is wrong.
+    let wrong = format!(
+        "{}0badc0ffee",
+        &f.operator_token[..f.operator_token.len() - 10]
+    );
+    let token_file = f.dir.path().join("operator-token");
+    std::fs::write(&token_file, &wrong).unwrap();
+    let (ok, text) = keep(&run(&[
+        "drill", "--env", "test", "--point", &point_id, "--watch",
+    ]));
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("is blocked")
+            && text.contains("phase verify did not pass")
+            && text.contains("operator diagnostics")
+            && text.contains("answered 401"),
+        "{text}"
+    );
+    let runs = run(&["runs", "--json"]);
+    let runs: serde_json::Value = serde_json::from_slice(&runs.stdout).unwrap();
+    let drill = runs[0]["id"].as_str().unwrap().to_owned();
+    assert!(
+        maintenance(f.web_addr, &f.operator_token)
+            .await
+            .contains("\"maintenance\":true"),
+        "traffic stays frozen while blocked"
+    );
+
+    // 2. The token is fixed, but a row disappears from the restored database before verify
+    //    runs again.
+    std::fs::write(&token_file, &f.operator_token).unwrap();
+    f.cluster
+        .psql(
+            "cowork",
+            "CREATE TABLE rollcall_test_stash AS SELECT * FROM session_projections \
+             WHERE session_id = (SELECT min(session_id) FROM session_projections); \
+             DELETE FROM session_projections WHERE session_id IN \
+             (SELECT session_id FROM rollcall_test_stash)",
+        )
+        .unwrap();
+    let retry_and_watch = |keep: &mut dyn FnMut(&std::process::Output) -> (bool, String)| {
+        let (ok, text) = keep(&run(&["run", "retry", &drill]));
+        assert!(ok, "{text}");
+        keep(&run(&["run", "watch", &drill]))
+    };
+    let (ok, text) = retry_and_watch(&mut keep);
+    assert!(!ok, "{text}");
+    let reason = text.lines().last().unwrap_or_default().to_owned();
+    let reason = text
+        .lines()
+        .find(|l| l.contains("is blocked"))
+        .unwrap_or(&reason);
+    assert!(
+        reason.contains("phase verify did not pass")
+            && reason.contains("count session_projections")
+            && reason.contains(&format!(
+                "restored {}, point {projections}",
+                projections - 1
+            ))
+            && !reason.contains("operator diagnostics"),
+        "{text}"
+    );
+
+    // 3. The row is back; now the worker's smoke hangs past its timeout.
+    f.cluster
+        .psql(
+            "cowork",
+            "INSERT INTO session_projections SELECT * FROM rollcall_test_stash; \
+             DROP TABLE rollcall_test_stash",
+        )
+        .unwrap();
+    std::fs::write(f.dir.path().join("hang-smoke"), b"").unwrap();
+    let (ok, text) = retry_and_watch(&mut keep);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("phase check-references passed")
+            && text.contains("phase worker-smoke did not pass")
+            && text.contains("did not finish within 20s"),
+        "{text}"
+    );
+
+    // 4. The smoke works again: the drill finishes and traffic resumes.
+    std::fs::remove_file(f.dir.path().join("hang-smoke")).unwrap();
+    let (ok, text) = retry_and_watch(&mut keep);
+    assert!(ok, "{text}");
+    assert!(text.contains(&format!("run {drill} succeeded")), "{text}");
+    assert!(
+        maintenance(f.web_addr, &f.operator_token)
+            .await
+            .contains("\"maintenance\":false")
+    );
+    let report = run(&["report", &drill, "--format", "json"]);
+    let (ok, text) = keep(&report);
+    assert!(ok, "{text}");
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    let reference = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "reference")
+        .unwrap_or_else(|| panic!("no reference check in {report}"));
+    assert_eq!(reference["passed"], true, "{reference}");
+    assert!(
+        reference["detail"]
+            .as_str()
+            .unwrap()
+            .contains("every object present; checked all"),
+        "{reference}"
+    );
+
+    // 5. An artifact row whose object was gone when the point was taken: verify passes (the
+    //    store equals the manifest), the reference check names the missing key.
+    let artifact: String = f
+        .cluster
+        .psql(
+            "cowork",
+            "SELECT object_key FROM artifact_index ORDER BY object_key DESC LIMIT 1",
+        )
+        .unwrap()
+        .trim()
+        .to_owned();
+    std::fs::remove_file(f.objects.join(&artifact)).unwrap();
+    let (ok, text) = keep(&run(&["backup", "--env", "test", "--wait"]));
+    assert!(ok, "{text}");
+    let (ok, text) = keep(&run(&[
+        "drill", "--env", "test", "--point", "latest", "--watch",
+    ]));
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("phase verify passed")
+            && text.contains("phase check-references did not pass")
+            && text.contains("artifact objects")
+            && text.contains(&format!("1 missing from the store: {artifact}")),
+        "{text}"
+    );
+    let runs = run(&["runs", "--json"]);
+    let runs: serde_json::Value = serde_json::from_slice(&runs.stdout).unwrap();
+    let second = runs[0]["id"].as_str().unwrap().to_owned();
+    for id in [&drill, &second] {
+        keep(&run(&["run", "show", id, "--json"]));
+        keep(&run(&["report", id]));
+    }
+    let (ok, text) = keep(&run(&["run", "abort", &second]));
+    assert!(ok && text.contains("frozen"), "{text}");
+
+    // The wrong token reached no output: not the CLI's, not a log, not a stored report.
+    let mut places = outputs;
+    for file in walk(f.dir.path()) {
+        let readable = file.ends_with(".log") || file.contains("/reports/");
+        if readable && let Ok(text) = std::fs::read_to_string(&file) {
+            places.push(format!("{file}:\n{text}"));
+        }
+    }
+    assert!(places.len() > 10, "{}", places.len());
+    for text in &places {
+        assert!(!text.contains(&wrong), "the wrong token leaked:\n{text}");
+        assert!(
+            !text.contains(&f.operator_token),
+            "the operator token leaked:\n{text}"
+        );
+    }
     f.stop();
 }

@@ -3,6 +3,9 @@
 //! * `[[check]]` — HTTP checks of the role (status, optional JSON field expectations), with an
 //!   operator bearer token read from an environment variable at call time, never logged.
 //! * `[[invariant]]` — named SQL queries on the database agent with an expectation.
+//! * `[[reference]]` — a SQL query on the database agent returning object keys that must exist
+//!   in the restored object store (artifact rows); the objects agent answers the existence
+//!   check (`check-objects`). All keys up to `limit`, else a random `sample`.
 //! * `[smoke]` — a bounded command with a timeout (exit 0 = passed).
 //!
 //! The data plane adds count parity (database agent) and the live store against the point's
@@ -39,6 +42,9 @@ pub struct HttpCheck {
     pub status: u16,
     /// Environment variable holding a bearer token for the request.
     pub token_env: Option<String>,
+    /// Or a file holding it (relative to agent.toml), read at every check so a rotated token
+    /// is picked up.
+    pub token_file: Option<std::path::PathBuf>,
     /// JSON fields the body must hold: dotted path → value, e.g. `{ "maintenance" = true }`.
     #[serde(default)]
     pub expect: BTreeMap<String, toml::Value>,
@@ -80,6 +86,31 @@ fn zero_rows() -> InvariantExpect {
     InvariantExpect::Named("zero_rows".into())
 }
 
+/// `[[reference]]` in agent.toml (database agents): rows that name objects in the store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reference {
+    pub name: String,
+    /// A query whose first column is an object key, e.g. `select object_key from artifacts`.
+    pub sql: String,
+    /// Check every key when the query returns at most this many rows.
+    #[serde(default = "default_reference_limit")]
+    pub limit: u64,
+    /// Over the limit, check a random sample of this many keys (the report says so).
+    #[serde(default = "default_reference_sample")]
+    pub sample: u64,
+    #[serde(default = "yes")]
+    pub required: bool,
+}
+
+fn default_reference_limit() -> u64 {
+    10_000
+}
+
+fn default_reference_sample() -> u64 {
+    1_000
+}
+
 /// `[smoke]` in agent.toml.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,6 +127,7 @@ fn default_smoke_timeout() -> Duration {
 pub struct Checks {
     http: Vec<HttpCheck>,
     pub(crate) invariants: Vec<Invariant>,
+    pub(crate) references: Vec<Reference>,
     smoke: Option<SmokeConfig>,
 }
 
@@ -104,8 +136,10 @@ impl Checks {
         file: &Path,
         http: &[HttpCheck],
         invariants: &[Invariant],
+        references: &[Reference],
         smoke: Option<&SmokeConfig>,
     ) -> Result<Checks> {
+        let mut resolved = Vec::with_capacity(http.len());
         for c in http {
             if !(c.url.starts_with("http://") || c.url.starts_with("https://")) {
                 bail!(ConfigError::new(
@@ -114,6 +148,16 @@ impl Checks {
                     "e.g. url = \"http://127.0.0.1:8080/readyz\""
                 ));
             }
+            if c.token_env.is_some() && c.token_file.is_some() {
+                bail!(ConfigError::new(
+                    file,
+                    format!("check {:?}: both token_env and token_file are set", c.name),
+                    "keep one of them"
+                ));
+            }
+            let mut c = c.clone();
+            c.token_file = c.token_file.map(|p| api::config::resolve(file, &p));
+            resolved.push(c);
         }
         for i in invariants {
             if let InvariantExpect::Named(n) = &i.expect
@@ -123,6 +167,18 @@ impl Checks {
                     file,
                     format!("invariant {:?}: expect = {n:?} is not understood", i.name),
                     "use \"zero_rows\", { equals = N } or { at_least = N }"
+                ));
+            }
+        }
+        for r in references {
+            if r.sql.trim().is_empty() || r.limit == 0 || r.sample == 0 || r.sample > r.limit {
+                bail!(ConfigError::new(
+                    file,
+                    format!(
+                        "reference {:?}: needs sql and 0 < sample <= limit (sample = {}, limit = {})",
+                        r.name, r.sample, r.limit
+                    ),
+                    "e.g. sql = \"select object_key from artifacts\", limit = 10000, sample = 1000"
                 ));
             }
         }
@@ -136,8 +192,9 @@ impl Checks {
             ));
         }
         Ok(Checks {
-            http: http.to_vec(),
+            http: resolved,
             invariants: invariants.to_vec(),
+            references: references.to_vec(),
             smoke: smoke.cloned(),
         })
     }
@@ -235,6 +292,15 @@ async fn run_http(client: &reqwest::Client, c: &HttpCheck) -> Result<String> {
             .with_context(|| format!("token_env names {var}, which is not set for the agent"))?;
         request = request.bearer_auth(token);
     }
+    if let Some(path) = &c.token_file {
+        let token = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "read token_file {} (a file holding the bearer token)",
+                api::redact::redact(&path.display().to_string())
+            )
+        })?;
+        request = request.bearer_auth(token.trim());
+    }
     let response = request
         .send()
         .await
@@ -304,7 +370,7 @@ mod tests {
         assert_eq!(i.expect, InvariantExpect::Equals { equals: 3 });
         let bad: Invariant =
             toml::from_str("name = \"a\"\nsql = \"x\"\nexpect = \"some\"\n").unwrap();
-        let err = Checks::from_config(Path::new("agent.toml"), &[], &[bad], None)
+        let err = Checks::from_config(Path::new("agent.toml"), &[], &[bad], &[], None)
             .err()
             .unwrap();
         assert!(
@@ -320,7 +386,7 @@ mod tests {
             timeout: Duration::from_millis(timeout),
         };
         let run = async |s: SmokeConfig| {
-            Checks::from_config(Path::new("agent.toml"), &[], &[], Some(&s))
+            Checks::from_config(Path::new("agent.toml"), &[], &[], &[], Some(&s))
                 .unwrap()
                 .smoke()
                 .await

@@ -39,6 +39,9 @@ pub struct AgentConfig {
     /// SQL invariants (database agents), run by `verify`.
     #[serde(default, rename = "invariant")]
     pub invariants: Vec<crate::checks::Invariant>,
+    /// Object keys rows refer to (database agents), checked by the objects agent after verify.
+    #[serde(default, rename = "reference")]
+    pub references: Vec<crate::checks::Reference>,
     /// The role's bounded smoke command.
     pub smoke: Option<crate::checks::SmokeConfig>,
 }
@@ -104,6 +107,7 @@ pub struct Settings {
     pub objects: Option<crate::data::ObjectsConfig>,
     pub checks: Vec<crate::checks::HttpCheck>,
     pub invariants: Vec<crate::checks::Invariant>,
+    pub references: Vec<crate::checks::Reference>,
     pub smoke: Option<crate::checks::SmokeConfig>,
     /// The file `control` paths are relative to.
     pub config_file: PathBuf,
@@ -173,6 +177,7 @@ pub fn load(file: &Path) -> Result<(Settings, TelemetryConfig)> {
         objects: config.objects.clone(),
         checks: config.checks.clone(),
         invariants: config.invariants.clone(),
+        references: config.references.clone(),
         smoke: config.smoke.clone(),
         config_file: file.to_path_buf(),
     };
@@ -180,6 +185,7 @@ pub fn load(file: &Path) -> Result<(Settings, TelemetryConfig)> {
         file,
         &settings.checks,
         &settings.invariants,
+        &settings.references,
         settings.smoke.as_ref(),
     )?;
     crate::data::DataPlane::from_config(
@@ -228,4 +234,37 @@ fn check_certificate(
         format!("issue its certificate with `rollcall certs init --dir DIR --agent {name}:{role}`"),
     )
     .into())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// The shipped agent configs (deploy/) parse, and their checks and data sections are valid.
+    #[test]
+    fn shipped_configs_are_valid() {
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+        let mut files = vec![deploy.join("agent.toml")];
+        for entry in std::fs::read_dir(deploy.join("cowork-sim")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                files.push(path);
+            }
+        }
+        assert!(files.len() >= 7, "{files:?}");
+        for file in files {
+            let config: AgentConfig =
+                load_toml(&file, EXAMPLE).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            crate::checks::Checks::from_config(
+                &file,
+                &config.checks,
+                &config.invariants,
+                &config.references,
+                config.smoke.as_ref(),
+            )
+            .unwrap_or_else(|e| panic!("{}: {e:#}", file.display()));
+        }
+    }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use api::config::{ConfigError, resolve};
-use api::model::RepositoryRef;
+use api::model::{ObjectReferences, RepositoryRef};
 use repository::{
     CountSpec, PgBackupOptions, PgRestoreOptions, PointId, Repository, RepositoryOptions,
     RestoreObjectsOptions, S3Options, SnapshotOptions,
@@ -147,12 +147,17 @@ impl DataPlane {
             out.extend(["backup-postgres", "restore-postgres"].map(String::from));
         }
         if self.objects.is_some() {
-            out.extend(["snapshot-objects", "restore-objects"].map(String::from));
+            out.extend(["snapshot-objects", "restore-objects", "check-objects"].map(String::from));
         }
         if self.postgres.is_some() || self.objects.is_some() {
             out.push("preflight".into());
         }
         out
+    }
+
+    /// Whether this agent has a live object store (`[objects]`).
+    pub fn has_objects(&self) -> bool {
+        self.objects.is_some()
     }
 
     fn postgres(&self) -> Result<&Postgres> {
@@ -390,11 +395,17 @@ impl DataPlane {
         repo: &RepositoryRef,
         point: &str,
         invariants: &[crate::checks::Invariant],
-    ) -> Result<(Vec<Check>, Option<std::collections::BTreeMap<String, i64>>)> {
+        references: &[crate::checks::Reference],
+    ) -> Result<Verified> {
         let mut checks = Vec::new();
         let mut counts = None;
+        let mut keys = Vec::new();
         if self.postgres.is_none() && self.objects.is_none() {
-            return Ok((checks, counts));
+            return Ok(Verified {
+                checks,
+                counts,
+                references: keys,
+            });
         }
         let repo = open_repository(repo).await?;
         let id = PointId::parse(point)?;
@@ -423,6 +434,7 @@ impl DataPlane {
                 }
             }
             checks.extend(run_invariants(&pg.url()?, invariants).await?);
+            keys = referenced_keys(&pg.url()?, references).await?;
             counts = Some(live);
         }
         if let Some(objects) = &self.objects {
@@ -440,8 +452,165 @@ impl DataPlane {
                 }
             });
         }
-        Ok((checks, counts))
+        Ok(Verified {
+            checks,
+            counts,
+            references: keys,
+        })
     }
+
+    /// The objects agent's answer to `check-objects`: does every key the restored rows name
+    /// exist in the live store? One check per reference set, naming missing keys.
+    pub async fn check_objects(&self, sets: &[ObjectReferences]) -> Result<Vec<Check>> {
+        use futures::StreamExt as _;
+        let objects = self.objects()?;
+        let (live, _) = live_store(objects)?;
+        let mut checks = Vec::new();
+        for set in sets {
+            let answers: Vec<(String, std::result::Result<bool, String>)> =
+                futures::stream::iter(set.keys.clone())
+                    .map(|key| lookup(live.clone(), key))
+                    .buffer_unordered(CHECK_OBJECTS_IN_FLIGHT)
+                    .collect()
+                    .await;
+            let mut missing: Vec<String> = Vec::new();
+            let mut errors: Vec<String> = Vec::new();
+            for (key, found) in answers {
+                match found {
+                    Ok(true) => {}
+                    Ok(false) => missing.push(key),
+                    Err(e) => errors.push(e),
+                }
+            }
+            missing.sort_unstable();
+            let scope = if set.sampled {
+                format!(
+                    "a random sample of {} of {} rows",
+                    set.keys.len(),
+                    set.total
+                )
+            } else {
+                format!("all {} rows", set.total)
+            };
+            let passed = missing.is_empty() && errors.is_empty();
+            let mut detail = if missing.is_empty() {
+                format!("every object present; checked {scope}")
+            } else {
+                format!(
+                    "{} missing from the store: {}{}; checked {scope}",
+                    missing.len(),
+                    missing
+                        .iter()
+                        .take(10)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if missing.len() > 10 { ", ..." } else { "" },
+                )
+            };
+            if let Some(first) = errors.first() {
+                detail.push_str(&format!(
+                    "; {} lookups failed (first: {first})",
+                    errors.len()
+                ));
+            }
+            checks.push(Check {
+                name: set.name.clone(),
+                kind: "reference".into(),
+                required: set.required,
+                passed,
+                detail,
+            });
+        }
+        Ok(checks)
+    }
+}
+
+/// Whether `key` exists in the live store (`Err`: the lookup itself failed).
+async fn lookup(
+    live: Arc<dyn object_store::ObjectStore>,
+    key: String,
+) -> (String, std::result::Result<bool, String>) {
+    let found = match object_store::path::Path::parse(&key) {
+        Err(e) => Err(format!("{key:?} is not an object key ({e})")),
+        Ok(path) => match object_store::ObjectStoreExt::head(&live, &path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(format!("look up {key}: {e}")),
+        },
+    };
+    (key, found)
+}
+
+/// Lookups in flight while checking referenced objects.
+const CHECK_OBJECTS_IN_FLIGHT: usize = 32;
+
+/// What `verify` found: the checks, the live table counts (database agent) and the object
+/// keys the restored rows refer to, for the objects agent to look up.
+#[derive(Debug, Default)]
+pub struct Verified {
+    pub checks: Vec<Check>,
+    pub counts: Option<std::collections::BTreeMap<String, i64>>,
+    pub references: Vec<ObjectReferences>,
+}
+
+/// Runs each `[[reference]]` query: every key when the rows are at most `limit`, else a random
+/// sample of `sample` keys.
+async fn referenced_keys(
+    url: &str,
+    references: &[crate::checks::Reference],
+) -> Result<Vec<ObjectReferences>> {
+    if references.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .with_context(|| format!("connect to {}", repository::redact_url(url)))?;
+    let mut out = Vec::new();
+    for r in references {
+        let inner = r.sql.trim().trim_end_matches(';');
+        let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "select count(*) from ({inner}) as referenced"
+        )))
+        .fetch_one(&mut conn)
+        .await
+        .with_context(|| format!("reference {:?}: count the rows of its query", r.name))?;
+        let total = u64::try_from(total).unwrap_or(0);
+        let sampled = total > r.limit;
+        let sql = if sampled {
+            format!(
+                "select * from ({inner}) as referenced order by random() limit {}",
+                r.sample
+            )
+        } else {
+            inner.to_owned()
+        };
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&mut conn)
+            .await
+            .with_context(|| format!("reference {:?}: run its query", r.name))?;
+        let mut keys = Vec::with_capacity(rows.len());
+        for row in rows {
+            use sqlx::Row as _;
+            let key: String = row.try_get(0).with_context(|| {
+                format!(
+                    "reference {:?}: the query's first column must be text (an object key)",
+                    r.name
+                )
+            })?;
+            keys.push(key);
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        out.push(ObjectReferences {
+            name: r.name.clone(),
+            keys,
+            total,
+            sampled,
+            required: r.required,
+        });
+    }
+    Ok(out)
 }
 
 /// Every manifest key in the live store with its size, and nothing else (quarantine aside).

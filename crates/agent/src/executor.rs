@@ -251,17 +251,24 @@ impl Executor {
                     None => Vec::new(),
                 };
                 let invariants = self.checks.as_ref().map_or(&[][..], |c| &c.invariants[..]);
+                let references = self.checks.as_ref().map_or(&[][..], |c| &c.references[..]);
                 let mut counts = None;
+                let mut referenced = Vec::new();
                 if let Some(data) = &self.data {
-                    match data.verify(repository, point, invariants).await {
-                        Ok((more, live)) => {
-                            checks.extend(more);
-                            counts = live;
+                    match data.verify(repository, point, invariants, references).await {
+                        Ok(verified) => {
+                            checks.extend(verified.checks);
+                            counts = verified.counts;
+                            referenced = verified.references;
                         }
                         Err(e) => return (Outcome::Failed, format!("{e:#}"), None),
                     }
                 }
-                let output = serde_json::json!({ "checks": checks, "counts": counts });
+                let output = serde_json::json!({
+                    "checks": checks,
+                    "counts": counts,
+                    "references": referenced,
+                });
                 match crate::checks::failures(&checks) {
                     None => (
                         Outcome::Succeeded,
@@ -272,6 +279,36 @@ impl Executor {
                         Some(ResultDetail::Output(output)),
                     ),
                     Some(why) => (Outcome::Failed, why, Some(ResultDetail::Output(output))),
+                }
+            }
+            Action::CheckObjects(sets) => {
+                let Some(data) = self.data.as_ref().filter(|d| d.has_objects()) else {
+                    return (
+                        Outcome::Unsupported,
+                        "check-objects needs [objects] in agent.toml".into(),
+                        None,
+                    );
+                };
+                if sets.is_empty() {
+                    return (
+                        Outcome::Succeeded,
+                        "nothing to look up: no database verify returned [[reference]] keys".into(),
+                        Some(ResultDetail::Output(serde_json::json!({ "checks": [] }))),
+                    );
+                }
+                match data.check_objects(sets).await {
+                    Ok(checks) => {
+                        let output = serde_json::json!({ "checks": checks });
+                        match crate::checks::failures(&checks) {
+                            None => (
+                                Outcome::Succeeded,
+                                format!("{} reference checks passed", checks.len()),
+                                Some(ResultDetail::Output(output)),
+                            ),
+                            Some(why) => (Outcome::Failed, why, Some(ResultDetail::Output(output))),
+                        }
+                    }
+                    Err(e) => (Outcome::Failed, format!("{e:#}"), None),
                 }
             }
             Action::Smoke => {

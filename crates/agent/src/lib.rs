@@ -68,6 +68,7 @@ impl Agent {
             &settings.config_file,
             &settings.checks,
             &settings.invariants,
+            &settings.references,
             settings.smoke.as_ref(),
         )?);
         let mut capabilities = capabilities(&control, &data);

@@ -327,6 +327,45 @@ pub enum Action {
         point: String,
     },
     Smoke,
+    /// Whether the keys restored rows refer to exist in the agent's live store.
+    CheckObjects(Vec<ObjectReferences>),
+}
+
+/// The object keys one reference query of a database agent returned (all rows up to its limit,
+/// else a random sample), for the objects agent to look up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectReferences {
+    pub name: String,
+    pub keys: Vec<String>,
+    /// Rows the query returned in all.
+    pub total: u64,
+    /// `keys` is a random sample of `total` rows.
+    pub sampled: bool,
+    pub required: bool,
+}
+
+impl From<pb::ObjectReferences> for ObjectReferences {
+    fn from(r: pb::ObjectReferences) -> Self {
+        ObjectReferences {
+            name: r.name,
+            keys: r.keys,
+            total: r.total,
+            sampled: r.sampled,
+            required: r.required,
+        }
+    }
+}
+
+impl From<ObjectReferences> for pb::ObjectReferences {
+    fn from(r: ObjectReferences) -> Self {
+        pb::ObjectReferences {
+            name: r.name,
+            keys: r.keys,
+            total: r.total,
+            sampled: r.sampled,
+            required: r.required,
+        }
+    }
 }
 
 /// A backup repository as commands name it: its URL and S3 connection settings; never
@@ -405,7 +444,7 @@ impl Action {
             | Action::RestorePostgres { .. }
             | Action::RestoreObjects { .. } => true,
             // Checks change nothing; a smoke drives the role through one real operation.
-            Action::Preflight { .. } | Action::Verify { .. } => false,
+            Action::Preflight { .. } | Action::Verify { .. } | Action::CheckObjects(_) => false,
             Action::Smoke => true,
         }
     }
@@ -425,6 +464,7 @@ impl Action {
             Action::RestoreObjects { .. } => "restore-objects",
             Action::Verify { .. } => "verify",
             Action::Smoke => "smoke",
+            Action::CheckObjects(_) => "check-objects",
         }
     }
 }
@@ -472,6 +512,9 @@ impl TryFrom<pb::Command> for Command {
                 point: point_id(a.point_id)?,
             },
             Some(pb::command::Action::Smoke(_)) => Action::Smoke,
+            Some(pb::command::Action::CheckObjects(c)) => {
+                Action::CheckObjects(c.sets.into_iter().map(Into::into).collect())
+            }
             Some(pb::command::Action::RestoreObjects(a)) => {
                 if a.shards == 0 || a.shard >= a.shards {
                     return Err(Invalid::new(
@@ -550,6 +593,9 @@ impl From<Command> for pb::Command {
                 point_id: point,
             }),
             Action::Smoke => pb::command::Action::Smoke(pb::Smoke {}),
+            Action::CheckObjects(sets) => pb::command::Action::CheckObjects(pb::CheckObjects {
+                sets: sets.into_iter().map(Into::into).collect(),
+            }),
             Action::RestoreObjects {
                 repository,
                 point,
@@ -880,6 +926,18 @@ mod tests {
     fn command_round_trips_through_the_wire_type() {
         let wire: pb::Command = command().into();
         assert_eq!(Command::try_from(wire), Ok(command()));
+        let check = Command {
+            action: Action::CheckObjects(vec![ObjectReferences {
+                name: "artifact objects".into(),
+                keys: vec!["artifacts/a".into(), "artifacts/b".into()],
+                total: 7,
+                sampled: true,
+                required: true,
+            }]),
+            ..command()
+        };
+        let wire: pb::Command = check.clone().into();
+        assert_eq!(Command::try_from(wire), Ok(check));
     }
 
     #[test]

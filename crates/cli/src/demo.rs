@@ -537,6 +537,9 @@ sql = "SELECT p.session_id FROM session_projections p WHERE p.sequence > (SELECT
 [[invariant]]
 name = "no delivery cursor beyond its session's events"
 sql = "SELECT c.binding_id FROM channel_session_bindings c WHERE c.last_event_sequence > (SELECT coalesce(max(e.sequence), 0) FROM session_events e WHERE e.session_id = c.session_id)"
+[[reference]]
+name = "artifact objects"
+sql = "SELECT object_key FROM artifact_index"
 "#
         .to_owned(),
         "objects" => format!("\n[objects]\nurl = \"{objects_url}\"\nverify_ignore = [\"_probe/\"]\n"),

@@ -15,10 +15,12 @@ use toml::Spanned;
 pub const DEFAULT_PLAN: &str = include_str!("../../../deploy/plans/default.toml");
 pub const DEFAULT_PLAN_NAME: &str = "deploy/plans/default.toml";
 
-/// The plan of backup runs: dump and snapshot at the same time, then commit the point.
+/// The plan of backup runs: dump and snapshot at the same time, then a catch-up snapshot (it
+/// lists the store after the dump's snapshot was taken, so every object a dumped row names is
+/// in the point; it copies only what changed since the first pass), then commit the point.
 pub const BACKUP_PLAN: &str = r#"
 name = "backup"
-description = "Dump Postgres and snapshot objects concurrently, then commit the recovery point"
+description = "Dump Postgres and snapshot objects concurrently, catch up the objects, then commit the recovery point"
 
 [[phase]]
 name = "backup-postgres"
@@ -36,10 +38,18 @@ timeout = "6h"
 after = []
 
 [[phase]]
+name = "catch-up-objects"
+action = "snapshot-objects"
+roles = ["objects"]
+gate = "all"
+timeout = "6h"
+after = ["backup-postgres", "snapshot-objects"]
+
+[[phase]]
 name = "write-point"
 action = "write-point"
 timeout = "10m"
-after = ["backup-postgres", "snapshot-objects"]
+after = ["backup-postgres", "catch-up-objects"]
 "#;
 
 /// Roles a plan may name when no environment's declared fleet is at hand.
@@ -69,6 +79,9 @@ pub enum Action {
     RestoreObjects,
     /// Health, operator endpoints, count parity, invariant checks.
     Verify,
+    /// The objects agents look up every object key the restored rows refer to (the keys the
+    /// database agents' verify returned from their `[[reference]]` queries).
+    CheckReferences,
     /// A bounded end-to-end command per role (optionally after scaling to `params.replicas`).
     Smoke,
     /// Written by the coordinator; targets no agents.
@@ -83,7 +96,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 13] = [
+    pub const ALL: [Action; 14] = [
         Action::Preflight,
         Action::Freeze,
         Action::Scale,
@@ -91,6 +104,7 @@ impl Action {
         Action::RestorePostgres,
         Action::RestoreObjects,
         Action::Verify,
+        Action::CheckReferences,
         Action::Smoke,
         Action::Report,
         Action::Unfreeze,
@@ -108,6 +122,7 @@ impl Action {
             Action::RestorePostgres => "restore-postgres",
             Action::RestoreObjects => "restore-objects",
             Action::Verify => "verify",
+            Action::CheckReferences => "check-references",
             Action::Smoke => "smoke",
             Action::Report => "report",
             Action::Unfreeze => "unfreeze",
@@ -125,7 +140,9 @@ impl Action {
     pub fn only_role(self) -> Option<&'static str> {
         match self {
             Action::RestorePostgres | Action::BackupPostgres => Some("database"),
-            Action::RestoreObjects | Action::SnapshotObjects => Some("objects"),
+            Action::RestoreObjects | Action::SnapshotObjects | Action::CheckReferences => {
+                Some("objects")
+            }
             _ => None,
         }
     }
@@ -250,6 +267,10 @@ impl Plan {
     pub fn backup_plan(fleet: &Fleet) -> Result<Plan, PlanErrors> {
         let declares = |role: &str| fleet.get(role).copied().unwrap_or(0) > 0;
         let mut text = BACKUP_PLAN.to_owned();
+        if !declares("database") || !declares("objects") {
+            // The catch-up pass only matters when there is a dump to be consistent with.
+            text = drop_phase(&text, "catch-up-objects");
+        }
         if !declares("database") {
             text = drop_phase(&text, "backup-postgres");
         }
@@ -399,10 +420,26 @@ fn drop_phase(text: &str, name: &str) -> String {
         return text.to_owned();
     };
     if let Some(toml::Value::Array(phases)) = doc.get_mut("phase") {
-        phases.retain(|p| p.get("name").and_then(|n| n.as_str()) != Some(name));
+        let named = |p: &toml::Value| p.get("name").and_then(|n| n.as_str()) == Some(name);
+        // Phases that waited for the dropped one wait for what it waited for.
+        let inherited: Vec<toml::Value> = phases
+            .iter()
+            .find(|p| named(p))
+            .and_then(|p| p.get("after"))
+            .and_then(|a| a.as_array())
+            .cloned()
+            .unwrap_or_default();
+        phases.retain(|p| !named(p));
         for p in phases.iter_mut() {
-            if let Some(toml::Value::Array(after)) = p.get_mut("after") {
+            if let Some(toml::Value::Array(after)) = p.get_mut("after")
+                && after.iter().any(|a| a.as_str() == Some(name))
+            {
                 after.retain(|a| a.as_str() != Some(name));
+                for dep in &inherited {
+                    if !after.contains(dep) {
+                        after.push(dep.clone());
+                    }
+                }
             }
         }
     }
@@ -974,6 +1011,22 @@ impl Validator<'_> {
                 }
             }
         }
+        // Reference checks look up the keys a verify of the database returned.
+        for &c in &of(Action::CheckReferences) {
+            let verified = of(Action::Verify).into_iter().any(|v| {
+                before[c].contains(&v) && plan.phases[v].roles.iter().any(|r| r == "database")
+            });
+            if !verified {
+                self.error(
+                    spans[c],
+                    format!(
+                        "phase {} checks the keys of restored rows, but no verify of the database runs before it",
+                        plan.phases[c].name
+                    ),
+                    "add `after` on a verify phase whose roles include \"database\"",
+                );
+            }
+        }
         // Traffic resumes last: after every other phase, the report included.
         for &u in &of(Action::Unfreeze) {
             if !restores.is_empty() && of(Action::Report).is_empty() {
@@ -1102,7 +1155,7 @@ mod tests {
     #[test]
     fn the_default_plan_is_valid_and_runs_the_restores_together() {
         let plan = Plan::default_plan(Some(&fleet())).unwrap();
-        assert_eq!(plan.phases.len(), 13);
+        assert_eq!(plan.phases.len(), 14);
         let names = |step: &[usize]| {
             step.iter()
                 .map(|&i| plan.phases[i].name.clone())
@@ -1206,6 +1259,20 @@ mod tests {
             "{err}"
         );
 
+        // Looking up referenced objects before the database was verified.
+        let early_refs = DEFAULT_PLAN.replace(
+            "action = \"check-references\"\nroles = [\"objects\"]\ngate = \"all\"\ntimeout = \"15m\"\n",
+            "action = \"check-references\"\nroles = [\"objects\"]\ngate = \"all\"\ntimeout = \"15m\"\nafter = [\"start-web\"]\n",
+        );
+        assert_ne!(early_refs, DEFAULT_PLAN);
+        let err = check(&early_refs).unwrap_err();
+        assert!(
+            err.contains(
+                "phase check-references checks the keys of restored rows, but no verify of the database runs before it"
+            ),
+            "{err}"
+        );
+
         // Unfreeze before the report.
         let mut moved = DEFAULT_PLAN.to_owned();
         moved.push_str("\n[[phase]]\nname = \"late-check\"\naction = \"verify\"\nroles = [\"web\"]\ngate = \"all\"\ntimeout = \"1m\"\nafter = [\"report\"]\n");
@@ -1252,10 +1319,28 @@ mod tests {
     #[test]
     fn the_backup_plan_fits_the_fleet() {
         let plan = Plan::backup_plan(&fleet()).unwrap();
+        let names = |plan: &Plan, step: &[usize]| -> Vec<String> {
+            step.iter().map(|&i| plan.phases[i].name.clone()).collect()
+        };
+        let steps = plan.steps();
         assert_eq!(
-            plan.steps().len(),
-            2,
-            "dump and snapshot together, then the point"
+            steps.iter().map(|s| names(&plan, s)).collect::<Vec<_>>(),
+            [
+                vec!["backup-postgres", "snapshot-objects"],
+                vec!["catch-up-objects"],
+                vec!["write-point"],
+            ],
+            "dump and snapshot together, a catch-up snapshot after the dump, then the point"
+        );
+        let mut no_objects = fleet();
+        no_objects.remove("objects");
+        let plan = Plan::backup_plan(&no_objects).unwrap();
+        assert_eq!(
+            plan.steps()
+                .iter()
+                .map(|s| names(&plan, s))
+                .collect::<Vec<_>>(),
+            [vec!["backup-postgres"], vec!["write-point"]]
         );
         let mut no_db = fleet();
         no_db.remove("database");

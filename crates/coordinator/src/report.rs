@@ -455,7 +455,7 @@ impl Journal {
         let mut checks = Vec::new();
         for exec in &execs {
             let action = exec.command.action.as_str();
-            if !matches!(action, "preflight" | "verify" | "smoke") {
+            if !matches!(action, "preflight" | "verify" | "check-objects" | "smoke") {
                 continue;
             }
             let phase = r(&phase_name(exec.command.phase_index));
@@ -2003,6 +2003,29 @@ mod tests {
 
         j.phase(
             7,
+            "check-references",
+            Passed,
+            at(10, 7, 30),
+            Some(at(10, 7, 31)),
+            "1 of 1 objects",
+        )
+        .await;
+        j.command(
+            (7, "check-references"),
+            "objects-1",
+            "check-objects",
+            0,
+            Some("succeeded"),
+            "1 reference checks passed",
+            json!({ "checks": [
+                { "name": "artifact objects", "kind": "reference", "required": true,
+                  "passed": true, "detail": "every object present; checked all 40 rows" },
+            ] }),
+            at(10, 7, 31),
+        )
+        .await;
+        j.phase(
+            8,
             "worker-smoke",
             Passed,
             at(10, 7, 31),
@@ -2011,7 +2034,7 @@ mod tests {
         )
         .await;
         j.command(
-            (7, "worker-smoke"),
+            (8, "worker-smoke"),
             "worker-1",
             "scale",
             0,
@@ -2022,7 +2045,7 @@ mod tests {
         )
         .await;
         j.command(
-            (7, "worker-smoke"),
+            (8, "worker-smoke"),
             "worker-1",
             "smoke",
             1,
@@ -2035,7 +2058,7 @@ mod tests {
         )
         .await;
         j.phase(
-            8,
+            9,
             "scheduler-smoke",
             Passed,
             at(10, 9, 1),
@@ -2044,7 +2067,7 @@ mod tests {
         )
         .await;
         j.command(
-            (8, "scheduler-smoke"),
+            (9, "scheduler-smoke"),
             "scheduler-1",
             "smoke",
             1,
@@ -2057,7 +2080,7 @@ mod tests {
         .await;
         // An optional phase that failed: a warning and a follow-up, not a block.
         j.phase(
-            9,
+            10,
             "gateway-smoke",
             Failed,
             at(10, 9, 41),
@@ -2066,7 +2089,7 @@ mod tests {
         )
         .await;
         j.command(
-            (9, "gateway-smoke"),
+            (10, "gateway-smoke"),
             "gateway-1",
             "smoke",
             1,
@@ -2077,7 +2100,7 @@ mod tests {
         )
         .await;
         j.phase(
-            10,
+            11,
             "restore-replicas",
             Passed,
             at(10, 11, 1),
@@ -2085,7 +2108,7 @@ mod tests {
             "all roles ready",
         )
         .await;
-        j.phase(11, "report", Running, at(10, 12, 1), None, "")
+        j.phase(12, "report", Running, at(10, 12, 1), None, "")
             .await;
     }
 
@@ -2202,6 +2225,7 @@ mod tests {
                 "readyz",
                 "operator diagnostics",
                 "metrics",
+                "artifact objects",
                 "worker smoke",
                 "scheduler smoke",
                 "smoke",
@@ -2222,10 +2246,24 @@ mod tests {
         );
 
         // Phases with durations; the report phase is still running.
-        assert_eq!(report.phases.len(), 13);
+        assert_eq!(report.phases.len(), 14);
         assert_eq!(report.phases[3].duration_ms, Some(300_000));
         assert_eq!(report.phases[3].action.as_deref(), Some("restore-postgres"));
-        assert_eq!(report.phases[12].state, "not started");
+        assert_eq!(report.phases[13].state, "not started");
+        let reference = report
+            .checks
+            .iter()
+            .find(|c| c.kind == "reference")
+            .expect("the reference check is reported");
+        assert_eq!(
+            (
+                reference.phase.as_str(),
+                reference.name.as_str(),
+                reference.passed
+            ),
+            ("check-references", "artifact objects", Some(true))
+        );
+        assert!(reference.detail.contains("checked all 40 rows"));
 
         // RTO from the freeze to the end of restore-replicas; RPO: the point's age then.
         assert_eq!(v["rto"]["measured_from"], "start of phase freeze-writes");

@@ -267,6 +267,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             run_id: "dry-run".into(),
             repository: env.repository_ref.clone(),
             point: request.point_id.clone(),
+            references: Vec::new(),
         };
         if let Err(why) = plan
             .phases
@@ -669,10 +670,16 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         )
         .await?;
 
+        let references = if phase.action == Action::CheckReferences {
+            self.verified_references(run_id).await?
+        } else {
+            Vec::new()
+        };
         let ctx = RunContext {
             run_id: run_id.to_owned(),
             repository: env.repository_ref.clone(),
             point,
+            references,
         };
         let (passed, detail) = match phase.action {
             Action::Report => match self.write_report(run_id, env, &ctx).await {
@@ -732,10 +739,37 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         let deadline = SystemTime::now() + phase.timeout;
         let targets = self.targets(phase, env, deadline).await;
 
+        // Object restores split the keys by hash across the role's agents (DESIGN.md): each
+        // agent gets a shard, and the number of shards is the declared count. A command id
+        // names one command forever, so an agent keeps the shard the journal already holds.
+        let shard_of = if phase.action == Action::RestoreObjects {
+            let journaled = self.journaled_shards(run_id, phase.index, attempt).await?;
+            let names: Vec<String> = targets
+                .iter()
+                .filter(|a| a.role.as_str() == "objects")
+                .map(|a| a.name.to_string())
+                .collect();
+            assign_shards(
+                &journaled,
+                &names,
+                env.fleet.get("objects").copied().unwrap_or(0),
+            )
+        } else {
+            BTreeMap::new()
+        };
+
         let mut sends = JoinSet::new();
         for agent in &targets {
             let (me_store, link) = (self.store.clone(), self.link.clone());
-            let (run_id, name, steps) = (run_id.to_owned(), agent.name.clone(), steps.clone());
+            let mut steps = steps.clone();
+            if let Some(&(index, count)) = shard_of.get(agent.name.as_str()) {
+                for step in &mut steps {
+                    if let AgentAction::RestoreObjects { shard, shards, .. } = step {
+                        (*shard, *shards) = (index, count);
+                    }
+                }
+            }
+            let (run_id, name) = (run_id.to_owned(), agent.name.clone());
             let (phase_name, phase_index, retries) =
                 (phase.name.clone(), phase.index, phase.retries);
             sends.spawn(
@@ -815,6 +849,60 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             }
             tokio::time::sleep(GATE_POLL).await;
         }
+    }
+
+    /// The shards already journaled for a restore-objects phase attempt: agent → (shard, of).
+    async fn journaled_shards(
+        &self,
+        run_id: &str,
+        phase_index: usize,
+        attempt: u32,
+    ) -> Result<BTreeMap<String, (u32, u32)>> {
+        let mut out = BTreeMap::new();
+        for (command, _) in self.store.commands(run_id).await? {
+            if command.phase_index as usize != phase_index
+                || command.attempt != attempt
+                || command.action != "restore-objects"
+            {
+                continue;
+            }
+            let action: AgentAction = serde_json::from_value(command.payload.clone())
+                .with_context(|| format!("journaled command {}", command.command_id))?;
+            if let AgentAction::RestoreObjects { shard, shards, .. } = action {
+                out.insert(command.agent, (shard, shards));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The object keys the run's database verifications returned (the newest successful verify
+    /// of each agent), for the objects agents to look up. Read from the journal, so a resumed
+    /// run sends the same command.
+    async fn verified_references(&self, run_id: &str) -> Result<Vec<api::model::ObjectReferences>> {
+        let mut newest: BTreeMap<String, Vec<api::model::ObjectReferences>> = BTreeMap::new();
+        for (command, result) in self.store.commands(run_id).await? {
+            let Some(result) = result.filter(|r| r.outcome == "succeeded") else {
+                continue;
+            };
+            if command.action != "verify" {
+                continue;
+            }
+            let sets: Vec<api::model::ObjectReferences> = match result.output.get("references") {
+                Some(v) if !v.is_null() => {
+                    serde_json::from_value(v.clone()).with_context(|| {
+                        format!(
+                            "the references in {}'s verify result {}",
+                            command.agent, command.command_id
+                        )
+                    })?
+                }
+                _ => Vec::new(),
+            };
+            if !sets.is_empty() {
+                newest.insert(command.agent, sets);
+            }
+        }
+        Ok(newest.into_values().flatten().collect())
     }
 
     /// The agents a phase targets: those of its roles in the run's environment. Waits (up to
@@ -951,6 +1039,32 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
     }
 }
 
+/// Shards for the objects agents of a restore: agents the journal already gave a shard keep
+/// it; the others take the free shards in name order. The number of shards is the declared
+/// count (at least the agents present, at least one), or the journal's when it has one.
+fn assign_shards(
+    journaled: &BTreeMap<String, (u32, u32)>,
+    agents: &[String],
+    declared: u32,
+) -> BTreeMap<String, (u32, u32)> {
+    let count = journaled
+        .values()
+        .map(|&(_, n)| n)
+        .max()
+        .unwrap_or_else(|| declared.max(agents.len() as u32).max(1));
+    let mut out: BTreeMap<String, (u32, u32)> = journaled.clone();
+    let taken: BTreeSet<u32> = out.values().map(|&(s, _)| s).collect();
+    let mut free = (0..count).filter(|s| !taken.contains(s));
+    let mut fresh: Vec<&String> = agents.iter().filter(|a| !out.contains_key(*a)).collect();
+    fresh.sort();
+    for agent in fresh {
+        // More agents than shards: the extra ones repeat shard 0 (idempotent, harmless).
+        let shard = free.next().unwrap_or(0);
+        out.insert(agent.clone(), (shard, count));
+    }
+    out
+}
+
 /// Roles the environment declares more agents of than have ever connected.
 fn declared_missing(env: &Environment, phase: &Phase, seen: &[AgentStatus]) -> Vec<String> {
     phase
@@ -970,6 +1084,8 @@ struct RunContext {
     run_id: String,
     repository: api::model::RepositoryRef,
     point: Option<String>,
+    /// For `check-references`: the keys the database verifications returned.
+    references: Vec<api::model::ObjectReferences>,
 }
 
 fn needs_point(action: Action) -> bool {
@@ -1029,6 +1145,7 @@ fn agent_actions(phase: &Phase, ctx: &RunContext) -> std::result::Result<Vec<Age
             repository,
             point: point()?,
         }],
+        Action::CheckReferences => vec![AgentAction::CheckObjects(ctx.references.clone())],
         // Start the replicas the smoke needs (workers never before objects are restored: plan
         // check orders that), then run the agent's smoke command.
         Action::Smoke => match phase.replicas {
@@ -1212,4 +1329,31 @@ async fn run_steps<L: AgentLink>(
         }
     }
     Ok(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn objects_agents_get_one_shard_each_and_keep_the_journaled_one() {
+        let none = BTreeMap::new();
+        let fresh = assign_shards(&none, &names(&["obj-2", "obj-1"]), 2);
+        assert_eq!(fresh["obj-1"], (0, 2));
+        assert_eq!(fresh["obj-2"], (1, 2));
+        // One agent alone still restores one shard of the declared two (the gate then waits
+        // for the other), and a single agent without a declaration restores everything.
+        assert_eq!(assign_shards(&none, &names(&["obj-2"]), 2)["obj-2"], (0, 2));
+        assert_eq!(assign_shards(&none, &names(&["obj-1"]), 0)["obj-1"], (0, 1));
+        // After a coordinator restart obj-2 re-attached first: it keeps its journaled shard
+        // and obj-1 takes the one left.
+        let journaled = BTreeMap::from([("obj-2".to_owned(), (0, 2))]);
+        let again = assign_shards(&journaled, &names(&["obj-1", "obj-2"]), 2);
+        assert_eq!(again["obj-2"], (0, 2));
+        assert_eq!(again["obj-1"], (1, 2));
+    }
 }
