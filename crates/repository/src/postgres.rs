@@ -859,7 +859,7 @@ async fn restore_parallel_dump(
     point: &PointId,
     part: &PgBackupPart,
     options: &PgRestoreOptions,
-    restore_command: &dyn Fn(&[&str]) -> Command,
+    restore_command: &(dyn Fn(&[&str]) -> Command + Sync),
 ) -> Result<u64> {
     let compressed = part.compression.is_compressed();
     let archive = |f: &DumpFile| Archive {
