@@ -1650,6 +1650,7 @@ mod tests {
                 sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
                     .to_owned(),
                 dump_size: 9 * 1024 * 1024,
+                files: vec![],
                 database: "cowork".to_owned(),
                 server_version: "16.4".to_owned(),
                 pg_dump_version: "pg_dump (PostgreSQL) 16.4".to_owned(),

@@ -2,7 +2,11 @@
 //!
 //! ```text
 //! points/<point-id>.json              recovery point, written last
-//! postgres/<point-id>.dump.zst        pg_dump --format=custom, zstd-compressed (.dump when not)
+//! postgres/<point-id>.dump.zst        pg_dump --format=custom, zstd-compressed (.dump when not);
+//!                                     points before parallel dumps
+//! postgres/<point-id>/schema.dump.zst parallel dumps: definitions (pre- and post-data) ...
+//! postgres/<point-id>/data.dump.zst   ... the data of every table not split off ...
+//! postgres/<point-id>/data-<n>.dump.zst ... and of the tables split off into part n
 //! objects/snapshots/<snapshot-id>.json manifest: key -> size, sha256, etag, version
 //! objects/blobs/<aa>/<sha256>         content-addressed bodies shared by all snapshots
 //! objects/staging/<snapshot-id>/...   large bodies being uploaded before their hash is known
@@ -34,6 +38,17 @@ pub(crate) fn point_key(id: &PointId) -> Path {
 pub(crate) fn dump_key(id: &PointId, compressed: bool) -> Path {
     let ext = if compressed { "dump.zst" } else { "dump" };
     Path::from(format!("{POSTGRES}/{id}.{ext}"))
+}
+
+/// The directory of a parallel (multi-archive) dump.
+pub(crate) fn dump_dir(id: &PointId) -> Path {
+    Path::from(format!("{POSTGRES}/{id}"))
+}
+
+/// One archive of a parallel dump: `postgres/<point-id>/<name>.dump[.zst]`.
+pub(crate) fn dump_file_key(id: &PointId, name: &str, compressed: bool) -> Path {
+    let ext = if compressed { "dump.zst" } else { "dump" };
+    Path::from(format!("{POSTGRES}/{id}/{name}.{ext}"))
 }
 
 pub(crate) fn manifest_key(id: &SnapshotId) -> Path {

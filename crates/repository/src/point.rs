@@ -88,14 +88,28 @@ impl Repository {
         let mut tool_versions = BTreeMap::new();
         tool_versions.insert("rollcall".to_owned(), env!("CARGO_PKG_VERSION").to_owned());
         if let Some(pg) = &new.postgres {
-            if pg.key != crate::layout::dump_key(&id, pg.compression.is_compressed()).to_string() {
+            let expected = if pg.files.is_empty() {
+                crate::layout::dump_key(&id, pg.compression.is_compressed())
+            } else {
+                crate::layout::dump_dir(&id)
+            };
+            let inside = format!("{expected}/");
+            if pg.key != expected.to_string()
+                || pg.files.iter().any(|f| !f.key.starts_with(&inside))
+            {
                 bail!(
                     "the Postgres backup {} was taken for another point than {id}",
                     pg.key
                 );
             }
-            self.check_part(&Path::from(pg.key.as_str()), pg.size, "Postgres dump")
+            for archive in pg.archives() {
+                self.check_part(
+                    &Path::from(archive.key.as_str()),
+                    archive.size,
+                    "Postgres dump",
+                )
                 .await?;
+            }
             tool_versions.insert("pg_dump".to_owned(), pg.pg_dump_version.clone());
             tool_versions.insert("postgres".to_owned(), pg.server_version.clone());
         }

@@ -1,14 +1,25 @@
 //! Postgres backups into the repository and restores out of it.
 //!
 //! Backup: open a REPEATABLE READ transaction, export its snapshot (`pg_export_snapshot()`),
-//! count the configured tables in it, and run `pg_dump --snapshot` on that same snapshot, so
-//! the counts describe exactly what the dump holds. pg_dump writes an uncompressed custom
-//! archive (`-Z0`) that we compress with multithreaded zstd and stream into a multipart upload
-//! while hashing it: no local copy. The upload is committed only when pg_dump succeeded.
+//! count the configured tables in it, and run several `pg_dump --snapshot` processes on that
+//! same snapshot at once, so the counts describe exactly what the dump holds:
 //!
-//! Restore: stream the dump out of the repository, checking its sha256, decompress it, and
-//! feed `pg_restore` (through stdin in one transaction, or from a scratch file with parallel
-//! jobs). Passwords travel to the tools in `PGPASSWORD`, never on a command line.
+//! * `schema`: `--section=pre-data --section=post-data` (definitions; indexes, constraints and
+//!   materialized view refreshes);
+//! * `data`: `--section=data` for everything but the tables split off (small tables, sequence
+//!   values, large objects);
+//! * `data-<n>`: `--section=data -t ...` for the largest tables, spread over the parts by size.
+//!
+//! Each pg_dump writes an uncompressed custom archive (`-Z0`) that we compress with zstd and
+//! stream into its own multipart upload while hashing it: no local copy. The uploads are
+//! committed only when every pg_dump succeeded; otherwise the completed ones are deleted.
+//!
+//! Restore: the schema archive (small) is fetched and checked first and restores the pre-data
+//! section; the data archives are streamed out of the repository, checked against their sha256
+//! and decompressed into one `pg_restore` each, several at once; then the post-data section is
+//! restored with parallel jobs. Dumps of older points (one archive) are streamed into
+//! `pg_restore` in one transaction, or restored from a scratch file with parallel jobs.
+//! Passwords travel to the tools in `PGPASSWORD`, never on a command line.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -30,9 +41,9 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{AssertSqlSafe, Connection, Executor};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
-use crate::layout::{PointId, dump_key};
+use crate::layout::{PointId, dump_dir, dump_file_key};
 use crate::pipe::{ChannelReader, ChunkSink, CountingReader};
 use crate::repo::Repository;
 use crate::store::{redact_url, retry};
@@ -50,11 +61,13 @@ pub enum Compression {
 }
 
 impl Default for Compression {
+    /// Level 1, one thread per archive: the archives of one backup are compressed
+    /// concurrently, so more threads per archive only add hand-over costs.
     fn default() -> Self {
-        let workers = std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(2);
-        Compression::Zstd { level: 3, workers }
+        Compression::Zstd {
+            level: 1,
+            workers: 1,
+        }
     }
 }
 
@@ -121,6 +134,12 @@ pub struct PgBackupOptions {
     pub compression: Compression,
     /// Multipart part size (default 16 MiB; S3 needs at least 5 MiB).
     pub part_size: usize,
+    /// pg_dump processes dumping data at once (default: the number of cores). The largest
+    /// tables are spread over this many data archives by size.
+    pub jobs: u32,
+    /// Tables smaller than this stay in the main data archive (default 32 MiB): splitting
+    /// them off costs one more pg_dump start-up than it saves.
+    pub split_min_table_bytes: u64,
     pub connect_timeout: Duration,
     /// pg_dump gives up instead of queueing behind a lock held this long (e.g. by a
     /// migration); default 2 min.
@@ -136,6 +155,8 @@ impl PgBackupOptions {
             counts: CountSpec::cowork_defaults(),
             compression: Compression::default(),
             part_size: 16 << 20,
+            jobs: std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
+            split_min_table_bytes: 32 << 20,
             connect_timeout: Duration::from_secs(15),
             lock_wait_timeout: Duration::from_secs(120),
         }
@@ -145,15 +166,20 @@ impl PgBackupOptions {
 /// A completed dump in the repository, as the point records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PgBackupPart {
-    /// Repository key of the dump.
+    /// Repository key of the dump: the archive itself (one archive, points before parallel
+    /// dumps), or the directory holding [`PgBackupPart::files`].
     pub key: String,
     pub compression: Compression,
-    /// Bytes stored.
+    /// Bytes stored (all archives).
     pub size: u64,
-    /// sha256 of the bytes stored.
+    /// sha256 of the bytes stored. For a parallel dump: the sha256 of its `sha256sum` listing,
+    /// one line `<sha256>  <key>\n` per file in the order of `files`.
     pub sha256: String,
-    /// Bytes pg_dump wrote (before our compression).
+    /// Bytes pg_dump wrote (before our compression; all archives).
     pub dump_size: u64,
+    /// The archives of a parallel dump; empty for a single archive at `key`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<DumpFile>,
     /// Database name (no host, user or password).
     pub database: String,
     pub server_version: String,
@@ -164,6 +190,74 @@ pub struct PgBackupPart {
     pub finished_at: DateTime<Utc>,
     /// Row counts in the dump's snapshot, keyed by [`CountSpec::name`].
     pub table_counts: BTreeMap<String, i64>,
+}
+
+/// One custom-format archive of a parallel dump.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DumpFile {
+    /// Repository key of the archive.
+    pub key: String,
+    pub content: DumpContent,
+    /// Bytes stored.
+    pub size: u64,
+    /// sha256 of the bytes stored.
+    pub sha256: String,
+    /// Bytes pg_dump wrote (before our compression).
+    pub dump_size: u64,
+}
+
+/// What one archive of a parallel dump holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DumpContent {
+    /// The pre-data and post-data sections: restored before and after all data.
+    Schema,
+    /// The data section without the tables split off into [`DumpContent::Tables`] archives.
+    Data,
+    /// The data of these tables (`schema.table`) and the values of their owned sequences.
+    Tables { tables: Vec<String> },
+}
+
+/// One stored archive, whichever layout it comes from.
+#[derive(Debug, Clone)]
+pub(crate) struct Archive {
+    pub(crate) key: String,
+    pub(crate) size: u64,
+    pub(crate) sha256: String,
+    pub(crate) compressed: bool,
+}
+
+impl PgBackupPart {
+    /// The stored archives: the files of a parallel dump, or the single archive.
+    pub(crate) fn archives(&self) -> Vec<Archive> {
+        let compressed = self.compression.is_compressed();
+        if self.files.is_empty() {
+            return vec![Archive {
+                key: self.key.clone(),
+                size: self.size,
+                sha256: self.sha256.clone(),
+                compressed,
+            }];
+        }
+        self.files
+            .iter()
+            .map(|f| Archive {
+                key: f.key.clone(),
+                size: f.size,
+                sha256: f.sha256.clone(),
+                compressed,
+            })
+            .collect()
+    }
+}
+
+/// The sha256 of a `sha256sum` listing of `files`: one digest for the whole dump.
+pub(crate) fn listing_sha256(files: &[DumpFile]) -> String {
+    let mut hasher = Sha256::new();
+    for f in files {
+        hasher.update(format!("{}  {}\n", f.sha256, f.key).as_bytes());
+    }
+    hex::encode(hasher.finalize())
 }
 
 /// Dumps a database into the repository. Does not write a point: pass the part to
@@ -198,45 +292,135 @@ pub async fn backup_postgres(repo: &Repository, options: &PgBackupOptions) -> Re
         .await
         .context("export the backup snapshot with pg_export_snapshot()")?;
     check_tables(&mut conn, &options.counts, &database).await?;
+    let mut table_counts = BTreeMap::new();
 
-    let key = dump_key(&options.point, options.compression.is_compressed());
-    let mut cmd = Command::new(&pg_dump);
-    cmd.arg("--format=custom")
-        .arg("--no-owner")
-        .arg("--no-acl")
-        .arg(format!("--snapshot={snapshot}"))
-        .arg(format!(
-            "--lock-wait-timeout={}",
-            options.lock_wait_timeout.as_millis().max(1)
-        ))
-        .arg(format!("--dbname={}", db.without_password));
-    if options.compression != Compression::PgDump {
-        cmd.arg("--compress=0");
-    }
-    // pg_dump imports the snapshot when it starts; meanwhile we count in the same snapshot.
-    let (dumped, counted) = tokio::join!(
-        run_and_upload(repo, &key, cmd, &db, options),
-        count_tables(&mut conn, &options.counts),
+    let tables = list_tables(&mut conn).await.with_context(|| {
+        format!(
+            "list the tables of {} to spread them over pg_dump jobs",
+            db.display
+        )
+    })?;
+    let groups = plan_groups(
+        &tables,
+        options.jobs.max(1) as usize,
+        options.split_min_table_bytes,
     );
-    let (stored, dump_size) =
-        dumped.with_context(|| format!("dump database {} into {key}", db.display))?;
-    let table_counts = match counted {
-        Ok(counts) => counts,
-        Err(e) => {
-            let _ = repo.store.delete(&key).await;
-            return Err(e.context(format!("count tables of {}", db.display)));
+
+    let compressed = options.compression.is_compressed();
+    let base_command = || {
+        let mut cmd = Command::new(&pg_dump);
+        cmd.arg("--format=custom")
+            .arg("--no-owner")
+            .arg("--no-acl")
+            .arg(format!("--snapshot={snapshot}"))
+            .arg(format!(
+                "--lock-wait-timeout={}",
+                options.lock_wait_timeout.as_millis().max(1)
+            ))
+            .arg(format!("--dbname={}", db.without_password));
+        if options.compression != Compression::PgDump {
+            cmd.arg("--compress=0");
+        }
+        cmd
+    };
+    let mut jobs: Vec<(Path, DumpContent, Command)> = Vec::new();
+    let mut cmd = base_command();
+    cmd.args(["--section=pre-data", "--section=post-data"]);
+    jobs.push((
+        dump_file_key(&options.point, "schema", compressed),
+        DumpContent::Schema,
+        cmd,
+    ));
+    let mut cmd = base_command();
+    cmd.arg("--section=data");
+    for table in groups.iter().flatten() {
+        cmd.arg(format!("--exclude-table-data={}", table.pattern()));
+    }
+    jobs.push((
+        dump_file_key(&options.point, "data", compressed),
+        DumpContent::Data,
+        cmd,
+    ));
+    for (n, group) in groups.iter().enumerate() {
+        let mut cmd = base_command();
+        cmd.arg("--section=data");
+        for table in group {
+            cmd.arg(format!("--table={}", table.pattern()));
+        }
+        jobs.push((
+            dump_file_key(&options.point, &format!("data-{}", n + 1), compressed),
+            DumpContent::Tables {
+                tables: group.iter().map(|t| t.name()).collect(),
+            },
+            cmd,
+        ));
+    }
+
+    // The pg_dumps import the snapshot when they start; meanwhile we count in the same
+    // snapshot. The first pg_dump to fail stops the others.
+    let (stop, stopped) = watch::channel(false);
+    let (stop, db_ref) = (&stop, &db);
+    let dumps = futures::future::join_all(jobs.into_iter().map(|(key, content, cmd)| {
+        let stopped = stopped.clone();
+        async move {
+            let result = run_and_upload(repo, &key, cmd, db_ref, options, stopped).await;
+            if result.is_err() {
+                let _ = stop.send(true);
+            }
+            (key, content, result)
+        }
+    }));
+    let (dumped, counted) = tokio::join!(dumps, count_tables(&mut conn, &options.counts));
+
+    let mut files = Vec::new();
+    let mut failure: Option<anyhow::Error> = None;
+    for (key, content, result) in dumped {
+        match result {
+            Ok((stored, dump_size)) => files.push(DumpFile {
+                key: key.to_string(),
+                content,
+                size: stored.size,
+                sha256: stored.sha256,
+                dump_size,
+            }),
+            Err(e) => {
+                let e = e.context(format!("dump database {} into {key}", db.display));
+                // Report the part that failed, not the ones it stopped.
+                if failure
+                    .as_ref()
+                    .is_none_or(|f| f.downcast_ref::<Stopped>().is_some())
+                {
+                    failure = Some(e);
+                }
+            }
+        }
+    }
+    let failure = match (failure, counted) {
+        (Some(e), _) => Some(e),
+        (None, Err(e)) => Some(e.context(format!("count tables of {}", db.display))),
+        (None, Ok(counts)) => {
+            table_counts = counts;
+            None
         }
     };
+    if let Some(e) = failure {
+        for file in &files {
+            let _ = repo.store.delete(&Path::from(file.key.as_str())).await;
+        }
+        return Err(e);
+    }
+    repo.make_durable().await?;
 
     // Read-only: nothing to commit. Closing ends the snapshot.
     let _ = conn.execute("ROLLBACK").await;
     let _ = conn.close().await;
     Ok(PgBackupPart {
-        key: key.to_string(),
+        key: dump_dir(&options.point).to_string(),
         compression: options.compression,
-        size: stored.size,
-        sha256: stored.sha256,
-        dump_size,
+        size: files.iter().map(|f| f.size).sum(),
+        sha256: listing_sha256(&files),
+        dump_size: files.iter().map(|f| f.dump_size).sum(),
+        files,
         database,
         server_version,
         pg_dump_version,
@@ -246,6 +430,75 @@ pub async fn backup_postgres(repo: &Repository, options: &PgBackupOptions) -> Re
         table_counts,
     })
 }
+
+/// A table whose data may get an archive of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TableSize {
+    schema: String,
+    table: String,
+    bytes: u64,
+}
+
+impl TableSize {
+    fn name(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+
+    /// A pg_dump pattern matching exactly this table (quoted: no wildcards, any case).
+    fn pattern(&self) -> String {
+        format!(
+            "\"{}\".\"{}\"",
+            self.schema.replace('"', "\"\""),
+            self.table.replace('"', "\"\"")
+        )
+    }
+}
+
+/// Ordinary tables with data pg_dump dumps (not system or extension tables), largest first.
+async fn list_tables(conn: &mut PgConnection) -> Result<Vec<TableSize>> {
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT n.nspname::text, c.relname::text, coalesce(pg_relation_size(c.oid), 0) \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind = 'r' AND c.relpersistence <> 't' \
+           AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%' \
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                           AND d.objid = c.oid AND d.deptype = 'e') \
+         ORDER BY 3 DESC, 1, 2",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(schema, table, bytes)| TableSize {
+            schema,
+            table,
+            bytes: bytes.max(0) as u64,
+        })
+        .collect())
+}
+
+/// Spreads the tables of at least `min_bytes` over `jobs` bins by size, largest first onto the
+/// lightest bin. Bin 0 is the main data archive, which also holds every smaller table; the
+/// other non-empty bins are returned, each to become one data archive.
+fn plan_groups(tables: &[TableSize], jobs: usize, min_bytes: u64) -> Vec<Vec<TableSize>> {
+    let mut loads = vec![0u64; jobs.max(1)];
+    let mut bins: Vec<Vec<TableSize>> = vec![Vec::new(); jobs.max(1)];
+    let (mut big, small): (Vec<&TableSize>, Vec<&TableSize>) =
+        tables.iter().partition(|t| t.bytes >= min_bytes);
+    loads[0] = small.iter().map(|t| t.bytes).sum();
+    big.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.name().cmp(&b.name())));
+    for table in big {
+        let lightest = (0..loads.len()).min_by_key(|&i| loads[i]).unwrap_or(0);
+        loads[lightest] += table.bytes;
+        bins[lightest].push(table.clone());
+    }
+    bins.into_iter().skip(1).filter(|b| !b.is_empty()).collect()
+}
+
+/// The error of a pg_dump stopped because another part of the same backup failed.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped because another part of the backup failed")]
+struct Stopped;
 
 struct Stored {
     size: u64,
@@ -260,6 +513,7 @@ async fn run_and_upload(
     mut cmd: Command,
     db: &DbUrl,
     options: &PgBackupOptions,
+    mut stopped: watch::Receiver<bool>,
 ) -> Result<(Stored, u64)> {
     db.apply_password(&mut cmd);
     cmd.stdin(Stdio::null())
@@ -319,7 +573,17 @@ async fn run_and_upload(
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let mut upload_error = None;
-    while let Some(chunk) = rx.recv().await {
+    let mut was_stopped = false;
+    loop {
+        let chunk = tokio::select! {
+            chunk = rx.recv() => chunk,
+            () = wait_stopped(&mut stopped) => {
+                was_stopped = true;
+                let _ = child.start_kill();
+                None
+            }
+        };
+        let Some(chunk) = chunk else { break };
         hasher.update(&chunk);
         size += chunk.len() as u64;
         if let Err(e) = writer.wait_for_capacity(4).await {
@@ -339,7 +603,9 @@ async fn run_and_upload(
         Ok(Err(e)) => Err(anyhow::Error::new(e).context("compress pg_dump's output")),
         Err(e) => Err(anyhow::Error::new(e).context("compress pg_dump's output")),
     };
-    let outcome = if let Some(e) = upload_error {
+    let outcome = if was_stopped {
+        Err(anyhow::Error::new(Stopped))
+    } else if let Some(e) = upload_error {
         Err(anyhow::Error::new(e).context(format!("upload to repository {}", repo.label)))
     } else if !status.success() {
         Err(anyhow::anyhow!(
@@ -361,7 +627,6 @@ async fn run_and_upload(
         .finish()
         .await
         .with_context(|| format!("complete the upload of {key}"))?;
-    repo.make_durable().await?;
     Ok((
         Stored {
             size,
@@ -369,6 +634,13 @@ async fn run_and_upload(
         },
         dump_size,
     ))
+}
+
+/// Returns once `stopped` turns true; never if its sender goes away first.
+async fn wait_stopped(stopped: &mut watch::Receiver<bool>) {
+    if stopped.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Reads `input` to its end into `out` in chunks of up to 1 MiB.
@@ -447,16 +719,20 @@ async fn count_tables(
 #[derive(Debug, Clone)]
 pub struct PgRestoreOptions {
     /// The target database. Restoring into a new, empty database and swapping it in is the
-    /// safe way (the runbook's `createdb` + `pg_restore --clean --if-exists`).
+    /// safe way (the runbook's `createdb` + `pg_restore --clean --if-exists`); a parallel dump
+    /// restores only into a database without tables.
     pub database_url: String,
     /// Directory of `pg_restore`; found on PATH or in `/usr/lib/postgresql/*/bin` when unset.
     pub bin_dir: Option<PathBuf>,
-    /// Parallel pg_restore jobs; more than 1 needs `scratch_dir`.
+    /// Parallel pg_restore jobs. A parallel dump restores this many data archives at once and
+    /// builds indexes with this many jobs. A single-archive dump (older points) needs
+    /// `scratch_dir` for more than 1.
     pub jobs: u32,
-    /// When set, the dump is fetched, checked and decompressed into a file here first and
-    /// restored from it (`pg_restore -j`). When unset, it is streamed into `pg_restore` in a
-    /// single transaction; a checksum failure at the end of the stream then aborts that
-    /// transaction if pg_restore has not committed yet, so preflight with `verify_point`.
+    /// Where archives are decompressed to when they must be files: the schema archive of a
+    /// parallel dump (small; the system temporary directory when unset), and a single-archive
+    /// dump restored with `jobs` > 1. A single-archive dump without it is streamed into
+    /// `pg_restore` in one transaction; a checksum failure at the end of the stream then aborts
+    /// that transaction if pg_restore has not committed yet, so preflight with `verify_point`.
     pub scratch_dir: Option<PathBuf>,
     /// Create the target database first if it does not exist.
     pub create_database: bool,
@@ -481,7 +757,7 @@ pub struct PgRestoreReport {
     pub point: PointId,
     /// Target database name.
     pub database: String,
-    /// Streamed into pg_restore (true) or restored from a scratch file (false).
+    /// Data streamed into pg_restore (true) or restored from a scratch file (false).
     pub streamed: bool,
     /// Bytes of custom-format archive handed to pg_restore.
     pub archive_bytes: u64,
@@ -501,8 +777,11 @@ pub async fn restore_postgres(
     let Some(part) = found.postgres else {
         bail!("point {point} has no Postgres backup: choose a point that has one");
     };
-    if options.jobs > 1 && options.scratch_dir.is_none() {
-        bail!("parallel pg_restore (jobs > 1) needs a scratch directory to hold the archive");
+    if part.files.is_empty() && options.jobs > 1 && options.scratch_dir.is_none() {
+        bail!(
+            "parallel pg_restore (jobs > 1) of point {point} needs a scratch directory to hold \
+             its archive (it was taken as one archive): set one, or restore with 1 job"
+        );
     }
     let db = DbUrl::parse(&options.database_url)?;
     let candidates = tool_candidates("pg_restore", options.bin_dir.as_deref())?;
@@ -511,32 +790,42 @@ pub async fn restore_postgres(
     if options.create_database {
         create_database(&db, options.connect_timeout).await?;
     }
-    // Fail on a wrong URL before moving gigabytes.
-    connect(&db, options.connect_timeout)
-        .await?
-        .close()
-        .await
-        .ok();
+    // Fail on a wrong URL (or a target that is not empty) before moving gigabytes.
+    let mut conn = connect(&db, options.connect_timeout).await?;
+    if !part.files.is_empty() {
+        check_empty(&mut conn, &db).await?;
+    }
+    conn.close().await.ok();
 
-    let mut cmd = Command::new(&pg_restore);
-    cmd.args([
-        "--clean",
-        "--if-exists",
-        "--no-owner",
-        "--no-acl",
-        "--exit-on-error",
-    ])
-    .arg(format!("--dbname={}", db.without_password));
-    db.apply_password(&mut cmd);
-    cmd.stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let restore_command = |args: &[&str]| {
+        let mut cmd = Command::new(&pg_restore);
+        cmd.args(["--no-owner", "--no-acl", "--exit-on-error"])
+            .args(args)
+            .arg(format!("--dbname={}", db.without_password));
+        db.apply_password(&mut cmd);
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    };
 
-    let (archive_bytes, streamed) = if let Some(dir) = &options.scratch_dir {
+    let (archive_bytes, streamed) = if !part.files.is_empty() {
+        let bytes = restore_parallel_dump(repo, point, &part, options, &restore_command)
+            .await
+            .with_context(|| {
+                format!(
+                    "restore point {point} into {}; the database holds a partial restore: \
+                     drop it, and restore into a new database",
+                    db.display
+                )
+            })?;
+        (bytes, true)
+    } else if let Some(dir) = &options.scratch_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("create scratch directory {}", dir.display()))?;
         let file = dir.join(format!("{point}.dump"));
         let bytes = fetch_dump(repo, point, &file).await?;
+        let mut cmd = restore_command(&["--clean", "--if-exists"]);
         cmd.arg(format!("--jobs={}", options.jobs.max(1)))
             .arg(&file)
             .stdin(Stdio::null());
@@ -545,50 +834,12 @@ pub async fn restore_postgres(
         result?;
         (bytes, false)
     } else {
-        cmd.arg("--single-transaction").stdin(Stdio::piped());
-        let mut child = cmd.spawn().context("start pg_restore")?;
-        let stdin = std::fs::File::from(
-            child
-                .stdin
-                .take()
-                .context("open pg_restore's input")?
-                .into_owned_fd()
-                .context("open pg_restore's input")?,
-        );
-        widen_pipe(&stdin);
-        let stderr = collect_stderr(child.stderr.take());
-        let (sent, input) = download_dump(repo, &part, Box::new(stdin)).await;
-        // If the stream failed while pg_restore still runs, stop it before closing its input,
-        // so it cannot commit: its single transaction rolls back.
-        let mut stopped_by_us = false;
-        if sent.is_err() && matches!(child.try_wait(), Ok(None)) {
-            stopped_by_us = true;
-            let _ = child.start_kill();
-        }
-        drop(input);
-        let status = child.wait().await.context("wait for pg_restore")?;
-        let stderr = stderr.await.unwrap_or_default();
-        match sent {
-            Ok(_) if !status.success() => bail!(
-                "pg_restore into {} failed ({status}): {}",
-                db.display,
-                last_lines(&stderr, 20)
-            ),
-            Ok(n) => (n, true),
-            Err(e) if stopped_by_us => {
-                return Err(e.context(format!(
-                    "restore into {}: pg_restore was stopped and its transaction rolled back",
-                    db.display
-                )));
-            }
-            Err(e) => {
-                return Err(e.context(format!(
-                    "restore into {}: pg_restore failed ({status}): {}",
-                    db.display,
-                    last_lines(&stderr, 20)
-                )));
-            }
-        }
+        let cmd = restore_command(&["--clean", "--if-exists", "--single-transaction"]);
+        let archive = part.archives().remove(0);
+        let bytes = stream_into_pg_restore(repo, &archive, cmd)
+            .await
+            .with_context(|| format!("restore into {}", db.display))?;
+        (bytes, true)
     };
     Ok(PgRestoreReport {
         point: point.clone(),
@@ -600,18 +851,206 @@ pub async fn restore_postgres(
     })
 }
 
-/// Fetches a point's dump, checks its sha256 and decompresses it into `dest` (a custom-format
-/// archive `pg_restore` reads directly). `dest` appears only when complete and correct.
+/// Restores a parallel dump: pre-data from the schema archive (fetched and checked first),
+/// then the data archives streamed into `jobs` pg_restores at once, each in one transaction,
+/// then post-data with `jobs` parallel jobs. Returns the archive bytes handed to pg_restore.
+async fn restore_parallel_dump(
+    repo: &Repository,
+    point: &PointId,
+    part: &PgBackupPart,
+    options: &PgRestoreOptions,
+    restore_command: &(dyn Fn(&[&str]) -> Command + Sync),
+) -> Result<u64> {
+    let compressed = part.compression.is_compressed();
+    let archive = |f: &DumpFile| Archive {
+        key: f.key.clone(),
+        size: f.size,
+        sha256: f.sha256.clone(),
+        compressed,
+    };
+    let Some(schema) = part.files.iter().find(|f| f.content == DumpContent::Schema) else {
+        bail!(
+            "the dump of point {point} has no schema archive: it is damaged; restore from \
+             another point"
+        );
+    };
+    let dir = options
+        .scratch_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("create scratch directory {}", dir.display()))?;
+    let schema_file = dir.join(format!("{point}-{}.schema.dump", uuid::Uuid::new_v4()));
+    let mut total = fetch_archive(repo, &archive(schema), &schema_file, false).await?;
+    let result = async {
+        let mut cmd = restore_command(&[
+            "--section=pre-data",
+            "--clean",
+            "--if-exists",
+            "--single-transaction",
+        ]);
+        cmd.arg(&schema_file).stdin(Stdio::null());
+        run_pg_restore(cmd)
+            .await
+            .context("restore the pre-data section (tables, types, functions)")?;
+
+        let data: Vec<Archive> = part
+            .files
+            .iter()
+            .filter(|f| f.content != DumpContent::Schema)
+            .map(archive)
+            .collect();
+        let restored: Vec<u64> = futures::stream::iter(data)
+            .map(|archive| async move {
+                let cmd = restore_command(&["--single-transaction"]);
+                stream_into_pg_restore(repo, &archive, cmd).await
+            })
+            .buffer_unordered(options.jobs.max(1) as usize)
+            .collect::<Vec<Result<u64>>>()
+            .await
+            .into_iter()
+            .collect::<Result<_>>()?;
+        total += restored.iter().sum::<u64>();
+
+        let mut cmd = restore_command(&["--section=post-data"]);
+        cmd.arg(format!("--jobs={}", options.jobs.max(1)))
+            .arg(&schema_file)
+            .stdin(Stdio::null());
+        run_pg_restore(cmd)
+            .await
+            .context("restore the post-data section (indexes, constraints, materialized views)")?;
+        Ok::<_, anyhow::Error>(total)
+    }
+    .await;
+    let _ = std::fs::remove_file(&schema_file);
+    result
+}
+
+/// Fails, naming the database, when it already holds tables: a parallel dump cannot drop
+/// what it replaces in the right order (its constraints come after its data).
+async fn check_empty(conn: &mut PgConnection, db: &DbUrl) -> Result<()> {
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') \
+           AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .with_context(|| format!("check that database {} is empty", db.display))?;
+    if tables > 0 {
+        bail!(
+            "database {} already holds {tables} tables, views or sequences: restore into a new \
+             database (create it, or let the restore create it) and swap it in, or drop it first",
+            db.display
+        );
+    }
+    Ok(())
+}
+
+/// Streams one archive out of the repository into a `pg_restore` reading its standard input
+/// in one transaction. If the stream fails (e.g. a checksum mismatch at its end) while
+/// pg_restore still runs, pg_restore is stopped before its input closes, so it cannot commit.
+async fn stream_into_pg_restore(
+    repo: &Repository,
+    archive: &Archive,
+    mut cmd: Command,
+) -> Result<u64> {
+    cmd.stdin(Stdio::piped());
+    let mut child = cmd.spawn().context("start pg_restore")?;
+    let stdin = std::fs::File::from(
+        child
+            .stdin
+            .take()
+            .context("open pg_restore's input")?
+            .into_owned_fd()
+            .context("open pg_restore's input")?,
+    );
+    widen_pipe(&stdin);
+    let stderr = collect_stderr(child.stderr.take());
+    let (sent, input) = download_dump(repo, archive, Box::new(stdin)).await;
+    let mut stopped_by_us = false;
+    if sent.is_err() && matches!(child.try_wait(), Ok(None)) {
+        stopped_by_us = true;
+        let _ = child.start_kill();
+    }
+    drop(input);
+    let status = child.wait().await.context("wait for pg_restore")?;
+    let stderr = stderr.await.unwrap_or_default();
+    let key = &archive.key;
+    match sent {
+        Ok(_) if !status.success() => bail!(
+            "pg_restore of {key} failed ({status}): {}",
+            last_lines(&stderr, 20)
+        ),
+        Ok(n) => Ok(n),
+        Err(e) if stopped_by_us => Err(e.context(format!(
+            "restore {key}: pg_restore was stopped and its transaction rolled back"
+        ))),
+        Err(e) => Err(e.context(format!(
+            "restore {key}: pg_restore failed ({status}): {}",
+            last_lines(&stderr, 20)
+        ))),
+    }
+}
+
+/// Fetches a point's dump, checks its sha256 and decompresses it into `dest`: a custom-format
+/// archive `pg_restore` reads directly, or for a parallel dump a directory holding one such
+/// archive per file (`schema.dump`, `data.dump`, `data-1.dump`, ...; restore `--section=pre-data`
+/// of the schema, then the data archives, then `--section=post-data` of the schema). `dest`
+/// appears only when complete and correct. Returns the archive bytes written.
 pub async fn fetch_dump(repo: &Repository, point: &PointId, dest: &FsPath) -> Result<u64> {
     let found = repo.read_point(point).await?;
     let Some(part) = found.postgres else {
         bail!("point {point} has no Postgres backup");
     };
+    if part.files.is_empty() {
+        let archive = part.archives().remove(0);
+        return fetch_archive(repo, &archive, dest, true).await;
+    }
+    let partial = dest.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial)
+        .with_context(|| format!("create directory {}", partial.display()))?;
+    let result = async {
+        let mut total = 0;
+        for archive in part.archives() {
+            let name = archive
+                .key
+                .rsplit('/')
+                .next()
+                .unwrap_or(&archive.key)
+                .trim_end_matches(".zst")
+                .to_owned();
+            total += fetch_archive(repo, &archive, &partial.join(name), true).await?;
+        }
+        std::fs::rename(&partial, dest)
+            .with_context(|| format!("move the archives to {}", dest.display()))?;
+        Ok(total)
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    result
+}
+
+/// Fetches one archive into the file `dest`, checked and decompressed; `dest` appears only
+/// when complete and correct (and fsync'd with `sync`).
+async fn fetch_archive(
+    repo: &Repository,
+    archive: &Archive,
+    dest: &FsPath,
+    sync: bool,
+) -> Result<u64> {
     let partial = dest.with_extension("partial");
     let file =
         std::fs::File::create(&partial).with_context(|| format!("create {}", partial.display()))?;
-    let sink = SyncingFile(file);
-    let (result, sink) = download_dump(repo, &part, Box::new(sink)).await;
+    let sink: Sink = if sync {
+        Box::new(SyncingFile(file))
+    } else {
+        Box::new(std::io::BufWriter::with_capacity(1 << 20, file))
+    };
+    let (result, sink) = download_dump(repo, archive, sink).await;
     drop(sink);
     match result {
         Ok(n) => {
@@ -643,11 +1082,11 @@ impl Write for SyncingFile {
 /// stdin is end of input for it).
 pub(crate) type Sink = Box<dyn Write + Send>;
 
-/// Streams a dump out of the repository into `sink`, decompressing it, and fails if its
-/// size or sha256 differ from the part's. Returns the bytes written to `sink`, and the sink.
+/// Streams one archive out of the repository into `sink`, decompressing it, and fails if its
+/// size or sha256 differ from the point's. Returns the bytes written to `sink`, and the sink.
 pub(crate) async fn download_dump(
     repo: &Repository,
-    part: &PgBackupPart,
+    part: &Archive,
     sink: Sink,
 ) -> (Result<u64>, Option<Sink>) {
     let key = Path::from(part.key.as_str());
@@ -663,7 +1102,7 @@ pub(crate) async fn download_dump(
     let mut stream = crate::body::body_stream(got);
 
     let (tx, rx) = mpsc::channel::<Result<Bytes, String>>(8);
-    let compressed = part.compression.is_compressed();
+    let compressed = part.compressed;
     let writer = tokio::task::spawn_blocking(move || -> (std::io::Result<u64>, Sink) {
         let mut sink = sink;
         let copy = || -> std::io::Result<u64> {
@@ -1044,6 +1483,41 @@ mod tests {
             quote_qualified("public.we\"ird"),
             "\"public\".\"we\"\"ird\""
         );
+    }
+
+    #[test]
+    fn spreads_large_tables_over_data_archives_by_size() {
+        let t = |table: &str, bytes: u64| TableSize {
+            schema: "public".to_owned(),
+            table: table.to_owned(),
+            bytes,
+        };
+        let names = |groups: Vec<Vec<TableSize>>| -> Vec<Vec<String>> {
+            groups
+                .into_iter()
+                .map(|g| g.into_iter().map(|t| t.table).collect())
+                .collect()
+        };
+        let tables = [
+            t("events", 180),
+            t("deliveries", 40),
+            t("sessions", 30),
+            t("tiny", 1),
+        ];
+        // Two jobs: the largest table alone in a part, everything else stays in the main one.
+        assert_eq!(names(plan_groups(&tables, 2, 10)), [["events"]]);
+        // Small tables weigh on the main archive; a large table that fits stays there too.
+        let heavy_small = [t("x", 100), t("y", 60), t("s1", 30), t("s2", 30)];
+        assert_eq!(names(plan_groups(&heavy_small, 2, 50)), [["x"]]);
+        // One job, or nothing large enough: a single data archive.
+        assert!(plan_groups(&tables, 1, 0).is_empty());
+        assert!(plan_groups(&tables, 4, 1000).is_empty());
+        // More jobs than tables: one table per part, none empty.
+        assert_eq!(
+            names(plan_groups(&tables, 8, 0)),
+            [["deliveries"], ["sessions"], ["tiny"]]
+        );
+        assert_eq!(t("we\"ird", 1).pattern(), "\"public\".\"we\"\"ird\"");
     }
 
     #[test]

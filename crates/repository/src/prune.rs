@@ -166,7 +166,8 @@ impl Repository {
         //    interrupted backups) of this environment older than the window.
         let live_dumps: HashSet<String> = remaining
             .iter()
-            .filter_map(|p| p.postgres.as_ref().map(|pg| pg.key.clone()))
+            .filter_map(|p| p.postgres.as_ref())
+            .flat_map(|pg| pg.archives().into_iter().map(|a| a.key))
             .collect();
         let dumps = self.list(POSTGRES).await?;
         let mut dead_dumps = Vec::new();
@@ -304,8 +305,13 @@ impl Repository {
     }
 }
 
-/// The point id in `postgres/<id>.dump[.zst]`.
+/// The point id in `postgres/<id>.dump[.zst]` or `postgres/<id>/<file>`.
 fn dump_point_id(key: &Path) -> Option<PointId> {
+    // `postgres/<point>/<file>` (parallel dumps) or `postgres/<point>.dump[.zst]`.
+    let parts: Vec<_> = key.parts().collect();
+    if parts.len() == 3 {
+        return PointId::parse(parts[1].as_ref()).ok();
+    }
     let name = key.filename()?;
     let stem = name
         .strip_suffix(".dump.zst")

@@ -16,7 +16,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::layout::{PointId, SnapshotId, blob_key};
-use crate::postgres::{PgBackupPart, download_dump};
+use crate::postgres::{Archive, download_dump};
 use crate::repo::Repository;
 use crate::snapshot::{for_each_parallel, list_blob_sizes, read_hashed};
 
@@ -67,9 +67,13 @@ impl Repository {
             elapsed_ms: 0,
         };
         if let Some(pg) = &point.postgres {
-            match self.check_dump(pg, full).await {
-                Ok(bytes) => report.dump_bytes = bytes,
-                Err(e) => report.problems.push(format!("{e:#}")),
+            // Each archive of a parallel dump is checked on its own, so every damaged one is
+            // named.
+            for archive in pg.archives() {
+                match self.check_dump(&archive, full).await {
+                    Ok(bytes) => report.dump_bytes += bytes,
+                    Err(e) => report.problems.push(format!("{e:#}")),
+                }
             }
         }
         if let Some(objects) = &point.objects {
@@ -176,7 +180,7 @@ impl Repository {
 
     /// Reads the dump and compares size and sha256 with the point; `full` also decompresses
     /// it and checks the archive header.
-    async fn check_dump(&self, part: &PgBackupPart, full: bool) -> Result<u64> {
+    async fn check_dump(&self, part: &Archive, full: bool) -> Result<u64> {
         let key = Path::from(part.key.as_str());
         if full {
             let sink = HeaderCheck::default();

@@ -1,5 +1,6 @@
-//! Postgres backups and restores against a throwaway cluster: consistent counts, round trip,
-//! damaged dumps, and the errors an operator meets (bad URL, missing pg_dump).
+//! Postgres backups and restores against a throwaway cluster: consistent counts, round trip of
+//! parallel (multi-archive) dumps with exact rows, damaged archives, points of the older
+//! single-archive layout, and the errors an operator meets (bad URL, missing pg_dump).
 
 mod common;
 
@@ -88,11 +89,31 @@ async fn open_repo(dir: &std::path::Path) -> Repository {
         .expect("open repo")
 }
 
+/// Split every table off (the test tables are small) over 3 data jobs.
 fn backup_options(cluster: &Cluster, id: &PointId) -> PgBackupOptions {
     let mut options = PgBackupOptions::new(id.clone(), cluster.url("app"));
     options.bin_dir = Some(cluster.bin_dir().to_path_buf());
     options.counts = counts();
+    options.jobs = 3;
+    options.split_min_table_bytes = 0;
     options
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// The md5 of every row of `table`, in order, as text: equal only for equal contents.
+fn table_digest(cluster: &Cluster, db: &str, table: &str) -> String {
+    cluster
+        .psql(
+            db,
+            &format!("SELECT count(*) || ':' || md5(string_agg(t::text, '|' ORDER BY t::text)) FROM {table} t"),
+        )
+        .expect("digest")
+        .trim()
+        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -145,7 +166,32 @@ async fn backup_and_restore_round_trip_with_counts_from_the_dump_snapshot() {
     stop.store(true, Ordering::SeqCst);
     writer.await.expect("writer");
     assert!(at_backup_end > 20, "writes happened during the backup");
-    assert!(part.key.ends_with(".dump.zst"), "{}", part.key);
+    assert_eq!(part.key, format!("postgres/{id}"));
+    let names: Vec<&str> = part.files.iter().map(|f| f.key.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            format!("postgres/{id}/schema.dump.zst"),
+            format!("postgres/{id}/data.dump.zst"),
+            format!("postgres/{id}/data-1.dump.zst"),
+            format!("postgres/{id}/data-2.dump.zst"),
+        ],
+        "schema, the rest of the data, and two parts split off"
+    );
+    assert_eq!(part.files[0].content, DumpContent::Schema);
+    assert_eq!(part.files[1].content, DumpContent::Data);
+    let mut split: Vec<String> = part.files[2..]
+        .iter()
+        .flat_map(|f| match &f.content {
+            DumpContent::Tables { tables } => tables.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    split.sort();
+    assert_eq!(split.len(), 3, "3 of the 4 tables split off: {split:?}");
+    split.dedup();
+    assert_eq!(split.len(), 3, "each table in one part only");
+    assert_eq!(part.size, part.files.iter().map(|f| f.size).sum::<u64>());
     assert!(
         part.size < part.dump_size,
         "compressed {} of {}",
@@ -186,7 +232,7 @@ async fn backup_and_restore_round_trip_with_counts_from_the_dump_snapshot() {
         "the live database moved on after the backup"
     );
 
-    // Parallel restore from a scratch file.
+    // Parallel restore, the schema archive in a scratch directory.
     let mut restore = PgRestoreOptions::new(cluster.url("restored_parallel"));
     restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
     restore.create_database = true;
@@ -195,7 +241,19 @@ async fn backup_and_restore_round_trip_with_counts_from_the_dump_snapshot() {
     let report = restore_postgres(&repo, &id, &restore)
         .await
         .expect("restore -j");
-    assert!(!report.streamed);
+    assert!(report.streamed);
+    for table in [
+        "sessions",
+        "session_events",
+        "artifact_index",
+        "channel_deliveries",
+    ] {
+        assert_eq!(
+            table_digest(&cluster, "restored", table),
+            table_digest(&cluster, "restored_parallel", table),
+            "{table}"
+        );
+    }
     assert_eq!(
         &live_counts(&cluster, "restored_parallel"),
         point.table_counts().expect("counts")
@@ -205,17 +263,204 @@ async fn backup_and_restore_round_trip_with_counts_from_the_dump_snapshot() {
         "scratch file removed"
     );
 
-    // fetch_dump gives a file pg_restore reads as is.
-    let file = dir.path().join("fetched.dump");
-    let bytes = fetch_dump(&repo, &id, &file).await.expect("fetch");
+    // Restoring a parallel dump over a database that has tables is refused up front.
+    let mut restore = PgRestoreOptions::new(cluster.url("restored"));
+    restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
+    let err = restore_postgres(&repo, &id, &restore)
+        .await
+        .expect_err("not empty");
+    assert!(
+        format!("{err:#}").contains("already holds") && format!("{err:#}").contains("new"),
+        "{err:#}"
+    );
+
+    // fetch_dump gives a directory of archives pg_restore reads as they are.
+    let fetched = dir.path().join("fetched");
+    let bytes = fetch_dump(&repo, &id, &fetched).await.expect("fetch");
     assert_eq!(bytes, part.dump_size);
-    let listed = std::process::Command::new(cluster.bin_dir().join("pg_restore"))
-        .arg("--list")
-        .arg(&file)
+    let mut listing = String::new();
+    for name in ["schema.dump", "data.dump", "data-1.dump", "data-2.dump"] {
+        let listed = std::process::Command::new(cluster.bin_dir().join("pg_restore"))
+            .arg("--list")
+            .arg(fetched.join(name))
+            .output()
+            .expect("pg_restore --list");
+        assert!(listed.status.success(), "{name}");
+        listing.push_str(&String::from_utf8_lossy(&listed.stdout));
+    }
+    assert!(listing.contains("TABLE DATA public session_events"));
+    assert!(listing.contains("CONSTRAINT public sessions sessions_pkey"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_dump_restores_every_row_sequence_view_and_large_object() {
+    let cluster = start_cluster();
+    cluster
+        .psql(
+            "app",
+            "CREATE SEQUENCE ticket_seq START 1000;
+             SELECT nextval('ticket_seq') FROM generate_series(1, 7);
+             CREATE MATERIALIZED VIEW events_per_session AS
+                 SELECT session_id, count(*) AS n FROM session_events GROUP BY session_id;
+             SELECT lo_from_bytea(424242, 'large object body');
+             CREATE TABLE \"Odd Name\" (id int PRIMARY KEY, \"Value\" text);
+             INSERT INTO \"Odd Name\" SELECT g, 'v' || g FROM generate_series(1, 50) g;",
+        )
+        .expect("extra objects");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = open_repo(&dir.path().join("repo")).await;
+    let id = PointId::new("dev", chrono::Utc::now()).expect("id");
+    let mut options = backup_options(&cluster, &id);
+    options.jobs = 4;
+    let part = backup_postgres(&repo, &options).await.expect("backup");
+    assert_eq!(part.files.len(), 5, "schema, rest, three parts split off");
+    repo.write_point(NewPoint {
+        id: id.clone(),
+        postgres: Some(part.clone()),
+        objects: None,
+        secrets: vec![],
+    })
+    .await
+    .expect("point");
+    assert!(repo.verify_point(&id, true).await.expect("verify").is_ok());
+
+    let mut restore = PgRestoreOptions::new(cluster.url("restored"));
+    restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
+    restore.create_database = true;
+    restore.jobs = 3;
+    restore_postgres(&repo, &id, &restore)
+        .await
+        .expect("restore");
+
+    for table in [
+        "sessions",
+        "session_events",
+        "artifact_index",
+        "channel_deliveries",
+        "events_per_session",
+        "\"Odd Name\"",
+    ] {
+        assert_eq!(
+            table_digest(&cluster, "app", table),
+            table_digest(&cluster, "restored", table),
+            "{table}"
+        );
+    }
+    assert_eq!(
+        &live_counts(&cluster, "restored"),
+        repo.read_point(&id)
+            .await
+            .expect("point")
+            .table_counts()
+            .expect("counts")
+    );
+    let probe = "SELECT (SELECT last_value FROM ticket_seq) || ' ' || \
+                 (SELECT last_value FROM channel_deliveries_id_seq) || ' ' || \
+                 convert_from(lo_get(424242), 'UTF8')";
+    assert_eq!(
+        cluster.psql("restored", probe).expect("probe"),
+        cluster.psql("app", probe).expect("probe")
+    );
+    // Constraints and indexes came back (post-data): the schemas are the same.
+    let schema = |db: &str| {
+        let out = std::process::Command::new(cluster.bin_dir().join("pg_dump"))
+            .arg(cluster.url(db))
+            .args(["--schema-only", "--no-owner", "--no-acl"])
+            .output()
+            .expect("pg_dump --schema-only");
+        assert!(out.status.success());
+        // `\restrict` lines carry a random key per dump.
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(schema("app"), schema("restored"));
+}
+
+/// A point of the single-archive layout (one `pg_dump -Fc` streamed through zstd into
+/// `postgres/<point>.dump.zst`, no `files` in the point) restores, streamed and with -j.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_single_archive_point_still_restores() {
+    let cluster = start_cluster();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo_dir = dir.path().join("repo");
+    let repo = open_repo(&repo_dir).await;
+    let id = PointId::new("dev", chrono::Utc::now()).expect("id");
+    // Exactly what the earlier backup stored: pg_dump -Fc -Z0 compressed with zstd.
+    let out = std::process::Command::new(cluster.bin_dir().join("pg_dump"))
+        .arg(cluster.url("app"))
+        .args(["--format=custom", "--no-owner", "--no-acl", "--compress=0"])
         .output()
-        .expect("pg_restore --list");
-    assert!(listed.status.success());
-    assert!(String::from_utf8_lossy(&listed.stdout).contains("TABLE DATA public session_events"));
+        .expect("pg_dump");
+    assert!(out.status.success());
+    let stored = zstd::encode_all(&out.stdout[..], 3).expect("zstd");
+    let key = format!("postgres/{id}.dump.zst");
+    std::fs::create_dir_all(repo_dir.join("postgres")).expect("mkdir");
+    std::fs::write(repo_dir.join(&key), &stored).expect("write dump");
+    let mut counts = BTreeMap::new();
+    for (table, n) in live_counts(&cluster, "app") {
+        counts.insert(table, n);
+    }
+    let point = repo
+        .write_point(NewPoint {
+            id: id.clone(),
+            postgres: Some(PgBackupPart {
+                key: key.clone(),
+                compression: Compression::Zstd {
+                    level: 3,
+                    workers: 2,
+                },
+                size: stored.len() as u64,
+                sha256: sha256_hex(&stored),
+                dump_size: out.stdout.len() as u64,
+                files: vec![],
+                database: "app".to_owned(),
+                server_version: "15".to_owned(),
+                pg_dump_version: "pg_dump (PostgreSQL) 15.0".to_owned(),
+                snapshot: String::new(),
+                started_at: chrono::Utc::now(),
+                finished_at: chrono::Utc::now(),
+                table_counts: counts,
+            }),
+            objects: None,
+            secrets: vec![],
+        })
+        .await
+        .expect("point");
+    let text = std::fs::read_to_string(repo_dir.join(format!("points/{id}.json"))).expect("read");
+    assert!(!text.contains("\"files\""), "the old point shape: {text}");
+    assert!(repo.verify_point(&id, true).await.expect("verify").is_ok());
+
+    for (db, jobs) in [("streamed", 1), ("parallel", 2)] {
+        let mut restore = PgRestoreOptions::new(cluster.url(db));
+        restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
+        restore.create_database = true;
+        restore.jobs = jobs;
+        if jobs > 1 {
+            restore.scratch_dir = Some(dir.path().join("scratch"));
+        }
+        let report = restore_postgres(&repo, &id, &restore)
+            .await
+            .expect("restore");
+        assert_eq!(report.streamed, jobs == 1);
+        assert_eq!(report.archive_bytes, out.stdout.len() as u64);
+        assert_eq!(
+            &live_counts(&cluster, db),
+            point.table_counts().expect("counts")
+        );
+        assert_eq!(
+            table_digest(&cluster, "app", "session_events"),
+            table_digest(&cluster, db, "session_events")
+        );
+    }
+    let file = dir.path().join("fetched.dump");
+    assert_eq!(
+        fetch_dump(&repo, &id, &file).await.expect("fetch"),
+        out.stdout.len() as u64
+    );
+    assert_eq!(std::fs::read(&file).expect("read"), out.stdout);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -237,11 +482,27 @@ async fn verify_catches_a_flipped_byte_in_the_dump_and_restore_refuses_it() {
     .await
     .expect("point");
 
-    flip_byte(&repo_dir.join(&part.key));
+    // Damage the archive holding session_events; the others stay sound.
+    let damaged = part
+        .files
+        .iter()
+        .find(|f| match &f.content {
+            DumpContent::Tables { tables } => tables.iter().any(|t| t == "public.session_events"),
+            _ => false,
+        })
+        .unwrap_or(&part.files[1]);
+    flip_byte(&repo_dir.join(&damaged.key));
     let report = repo.verify_point(&id, false).await.expect("verify");
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
     assert!(
-        report.problems[0].contains(&part.key) && report.problems[0].contains("is damaged"),
+        report.problems[0].contains(&damaged.key) && report.problems[0].contains("is damaged"),
+        "{:?}",
+        report.problems
+    );
+    let report = repo.verify_point(&id, true).await.expect("verify --full");
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert!(
+        report.problems[0].contains(&damaged.key),
         "{:?}",
         report.problems
     );
@@ -249,25 +510,39 @@ async fn verify_catches_a_flipped_byte_in_the_dump_and_restore_refuses_it() {
     let mut restore = PgRestoreOptions::new(cluster.url("restored"));
     restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
     restore.create_database = true;
-    restore_postgres(&repo, &id, &restore)
+    let err = restore_postgres(&repo, &id, &restore)
         .await
         .expect_err("a damaged dump is not restored");
-    let tables = cluster
-        .psql(
-            "restored",
-            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
-        )
-        .expect("tables");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains(&damaged.key) && text.contains("damaged"),
+        "{text}"
+    );
+    assert!(text.contains("partial restore"), "{text}");
+    // The damaged archive's own transaction rolled back; nothing was indexed.
     assert_eq!(
-        tables.trim(),
-        "0",
-        "the single restore transaction rolled back"
+        cluster
+            .psql("restored", "SELECT count(*) FROM session_events")
+            .expect("count")
+            .trim(),
+        "0"
+    );
+    assert_eq!(
+        cluster
+            .psql(
+                "restored",
+                "SELECT count(*) FROM pg_indexes WHERE schemaname = 'public'"
+            )
+            .expect("indexes")
+            .trim(),
+        "0"
     );
 
-    let file = dir.path().join("fetched.dump");
-    let err = fetch_dump(&repo, &id, &file).await.expect_err("damaged");
-    assert!(!file.exists(), "no partial file is left");
-    assert!(format!("{err:#}").contains(&part.key), "{err:#}");
+    let fetched = dir.path().join("fetched");
+    let err = fetch_dump(&repo, &id, &fetched).await.expect_err("damaged");
+    assert!(!fetched.exists(), "no partial directory is left");
+    assert!(!dir.path().join("fetched.partial").exists());
+    assert!(format!("{err:#}").contains(&damaged.key), "{err:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,0 +1,186 @@
+//! Postgres restore benchmark: the 2.2-million-row dataset of `pg_backup` backed up with
+//! `backup_postgres` into a file:// repository, then restored by `restore_postgres` (fetch,
+//! check and decompress the archives while pg_restore reads them) against a plain
+//! `pg_restore -j <cores> --no-owner --no-acl` of the runbook's `pg_dump --format=custom`
+//! file, each into a fresh database, alternating, in the same run. Prints both times and our
+//! overhead.
+//!
+//! `cargo bench -p repository --bench pg_restore` (`BENCH_ROUNDS=N`, default 3;
+//! `BENCH_ROWS_SCALE=2` doubles the rows).
+
+#![allow(clippy::print_stdout)] // a benchmark prints its figures
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ephemeral_pg::Cluster;
+use repository::*;
+
+mod pg_dataset;
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let cluster = pg_dataset::start();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // The runbook's dump file, and an uncompressed one (pg_restore then inflates nothing).
+    let plain_file = dir.path().join("plain.dump");
+    let raw_file = dir.path().join("raw.dump");
+    for (file, extra) in [(&plain_file, None), (&raw_file, Some("--compress=0"))] {
+        let status = Command::new(cluster.bin_dir().join("pg_dump"))
+            .arg(cluster.url("app"))
+            .args(["--format=custom", "--no-owner", "--no-acl"])
+            .args(extra)
+            .arg("--file")
+            .arg(file)
+            .status()
+            .expect("pg_dump");
+        assert!(status.success());
+    }
+
+    let repo = Repository::open(
+        &format!("file://{}", dir.path().join("repo").display()),
+        RepositoryOptions::default(),
+    )
+    .await
+    .expect("repo");
+    let id = PointId::new("bench", chrono::Utc::now()).expect("id");
+    let mut options = PgBackupOptions::new(id.clone(), cluster.url("app"));
+    options.bin_dir = Some(cluster.bin_dir().to_path_buf());
+    options.counts = vec![
+        CountSpec::table("sessions"),
+        CountSpec::table("session_events"),
+        CountSpec::table("artifact_index"),
+        CountSpec::table("channel_deliveries"),
+    ];
+    let part = backup_postgres(&repo, &options).await.expect("backup");
+    let point = repo
+        .write_point(NewPoint {
+            id: id.clone(),
+            postgres: Some(part.clone()),
+            objects: None,
+            secrets: vec![],
+        })
+        .await
+        .expect("point");
+    println!(
+        "point {id}: {} archives, {} bytes stored",
+        part.files.len(),
+        part.size
+    );
+    let _ = Command::new("sync").status();
+
+    let mut plain = Vec::new();
+    let mut raw = Vec::new();
+    let mut ours = Vec::new();
+    for round in 0..rounds {
+        plain.push(pg_restore_file(
+            &cluster,
+            &plain_file,
+            cores,
+            &format!("plain_{round}"),
+        ));
+        let db = format!("ours_{round}");
+        cluster.create_database(&db).expect("create database");
+        let mut restore = PgRestoreOptions::new(cluster.url(&db));
+        restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
+        restore.jobs = cores;
+        let started = Instant::now();
+        restore_postgres(&repo, &id, &restore)
+            .await
+            .expect("restore");
+        ours.push(started.elapsed());
+        // Same rows as the point recorded: the restore is complete.
+        for (table, n) in point.table_counts().expect("counts") {
+            let got = cluster
+                .psql(&db, &format!("SELECT count(*) FROM {table}"))
+                .expect("count");
+            assert_eq!(got.trim(), n.to_string(), "{table} in {db}");
+        }
+        drop_database(&cluster, &db);
+        raw.push(pg_restore_file(
+            &cluster,
+            &raw_file,
+            cores,
+            &format!("raw_{round}"),
+        ));
+    }
+
+    println!(
+        "\n{:<58} each round",
+        "restore into a fresh database (seconds)"
+    );
+    let base = median(&plain);
+    for (label, times) in [
+        (
+            format!("pg_restore -j {cores} of pg_dump -Fc (runbook)"),
+            &plain,
+        ),
+        (
+            format!("pg_restore -j {cores} of pg_dump -Fc -Z0 (no inflate)"),
+            &raw,
+        ),
+        (format!("rollcall restore_postgres, jobs {cores}"), &ours),
+    ] {
+        let each: Vec<String> = times
+            .iter()
+            .map(|t| format!("{:.2}", t.as_secs_f64()))
+            .collect();
+        println!(
+            "{label:<58} median {:>6.2}  [{}]",
+            median(times).as_secs_f64(),
+            each.join(" ")
+        );
+    }
+    let overhead =
+        |base: Duration| (median(&ours).as_secs_f64() / base.as_secs_f64() - 1.0) * 100.0;
+    println!(
+        "\noverhead of restore_postgres (medians): {:+.1}% against the runbook's file, {:+.1}% \
+         against an uncompressed file\n{cores} cores; times of pg_restore exclude creating the \
+         database, ours exclude it too and include fetching, checking and decompressing the \
+         archives from the repository.",
+        overhead(base),
+        overhead(median(&raw)),
+    );
+}
+
+/// `pg_restore -j` of a dump file into a new database; drops the database afterwards.
+fn pg_restore_file(cluster: &Cluster, file: &std::path::Path, jobs: u32, db: &str) -> Duration {
+    cluster.create_database(db).expect("create database");
+    let started = Instant::now();
+    let status = Command::new(cluster.bin_dir().join("pg_restore"))
+        .args(["--no-owner", "--no-acl", "--exit-on-error"])
+        .arg(format!("--jobs={jobs}"))
+        .arg(format!("--dbname={}", cluster.url(db)))
+        .arg(file)
+        .status()
+        .expect("pg_restore");
+    let elapsed = started.elapsed();
+    assert!(status.success());
+    drop_database(cluster, db);
+    elapsed
+}
+
+fn drop_database(cluster: &Cluster, db: &str) {
+    cluster
+        .psql("postgres", &format!("DROP DATABASE {db}"))
+        .expect("drop database");
+}
+
+fn median(times: &[Duration]) -> Duration {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    sorted[sorted.len() / 2]
+}
