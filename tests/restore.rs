@@ -490,6 +490,23 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
             && out.contains("phase restore-objects passed"),
         "{out}"
     );
+    // The agents' progress reached the watcher: off a terminal, one line per stage.
+    let progress: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains(" agent ") && l.contains(" bytes, "))
+        .collect();
+    assert!(
+        progress
+            .iter()
+            .any(|l| l.contains("phase restore-objects agent") && l.ends_with(", done")),
+        "{out}"
+    );
+    assert!(
+        progress
+            .iter()
+            .any(|l| l.contains("phase restore-postgres agent") && l.ends_with(", done")),
+        "{out}"
+    );
 
     // Postgres equals the point (verify checked every count before the smoke); the smoke added
     // exactly one session; the pre-restore database is kept with the disaster in it.
@@ -571,6 +588,19 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
         .map(|e| e.unwrap().path())
         .find(|p| p.to_string_lossy().contains(&point_id))
         .unwrap();
+    // A parallel dump is a directory of archives: damage the main data archive.
+    let dump = if dump.is_dir() {
+        std::fs::read_dir(&dump)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("data."))
+            })
+            .unwrap()
+    } else {
+        dump
+    };
     let mut bytes = std::fs::read(&dump).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;

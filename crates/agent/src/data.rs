@@ -21,6 +21,7 @@ use repository::{
 use serde::Deserialize;
 
 use crate::checks::Check;
+use crate::progress::Reporter;
 use serde_json::{Value, json};
 use sqlx::Connection as _;
 
@@ -172,17 +173,28 @@ impl DataPlane {
             .context("this agent has no [objects] section; it is not an objects agent")
     }
 
-    pub async fn backup_postgres(&self, repo: &RepositoryRef, point: &str) -> Result<Value> {
+    pub async fn backup_postgres(
+        &self,
+        repo: &RepositoryRef,
+        point: &str,
+        progress: &Reporter,
+    ) -> Result<Value> {
         let pg = self.postgres()?;
         let repo = open_repository(repo).await?;
         let mut options = PgBackupOptions::new(PointId::parse(point)?, pg.url()?);
         options.bin_dir = pg.config.bin_dir.clone();
         options.counts = pg.counts.clone();
+        options.progress = Some(progress.postgres());
         let part = repository::backup_postgres(&repo, &options).await?;
         Ok(serde_json::to_value(part)?)
     }
 
-    pub async fn snapshot_objects(&self, repo: &RepositoryRef, point: &str) -> Result<Value> {
+    pub async fn snapshot_objects(
+        &self,
+        repo: &RepositoryRef,
+        point: &str,
+        progress: &Reporter,
+    ) -> Result<Value> {
         let objects = self.objects()?;
         PointId::parse(point)?;
         let repo = open_repository(repo).await?;
@@ -190,7 +202,8 @@ impl DataPlane {
         let mut options = SnapshotOptions::new(label);
         options.environment = Some(self.environment.clone());
         options.parallelism = objects.parallelism;
-        let part = repository::snapshot_objects(&repo, live, &options, None).await?;
+        let part =
+            repository::snapshot_objects(&repo, live, &options, Some(progress.transfers())).await?;
         Ok(serde_json::to_value(part)?)
     }
 
@@ -221,6 +234,7 @@ impl DataPlane {
         repo: &RepositoryRef,
         point: &str,
         run_id: &str,
+        progress: &Reporter,
     ) -> Result<Value> {
         let started = Instant::now();
         let pg = self.postgres()?;
@@ -308,7 +322,12 @@ impl DataPlane {
         options.bin_dir = pg.config.bin_dir.clone();
         options.jobs = pg.config.jobs;
         options.scratch_dir = pg.config.scratch_dir.clone();
+        options.progress = Some(progress.postgres());
         let report = repository::restore_postgres(&repo, &PointId::parse(point)?, &options).await?;
+        progress.report(api::model::Progress {
+            stage: "swapping".into(),
+            ..api::model::Progress::default()
+        });
 
         // Swap: no new sessions on the live database, end the current ones, rename twice.
         allow_connections(&mut admin, &live_db, false).await?;
@@ -348,6 +367,7 @@ impl DataPlane {
         run_id: &str,
         shard: u32,
         shards: u32,
+        progress: &Reporter,
     ) -> Result<Value> {
         let objects = self.objects()?;
         if shards != 1 || shard != 0 {
@@ -367,6 +387,7 @@ impl DataPlane {
         let (live, label) = live_store(objects)?;
         let mut options = RestoreObjectsOptions::new(label);
         options.parallelism = objects.parallelism;
+        options.progress = Some(progress.transfers());
         // What the restore replaces or removes is kept in the repository, under
         // quarantine/<run tag>/, so the live store ends equal to the point.
         options.quarantine_in_repository = true;

@@ -17,6 +17,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::control::RoleControl;
 use crate::data::DataPlane;
+use crate::progress::Reporter;
 use crate::state::{EpochCheck, StateDir};
 
 /// Who this agent is, for `Describe`.
@@ -104,6 +105,11 @@ impl Executor {
 
     /// Executes `command` (or replays its recorded result) and returns the result to report.
     pub async fn execute(&self, command: Command) -> CommandResult {
+        self.execute_reporting(command, Reporter::none()).await
+    }
+
+    /// [`Executor::execute`], telling `progress` how far a long command has come.
+    pub async fn execute_reporting(&self, command: Command, progress: Reporter) -> CommandResult {
         let span = tracing::info_span!(
             "agent.command.execute",
             agent = %self.identity.name,
@@ -116,12 +122,15 @@ impl Executor {
             p.extract(&MapExtractor(&command.trace_context))
         });
         let _ = span.set_parent(parent);
-        let result = self.execute_inner(command).instrument(span.clone()).await;
+        let result = self
+            .execute_inner(command, progress)
+            .instrument(span.clone())
+            .await;
         span.record("outcome", result.outcome.as_str());
         result
     }
 
-    async fn execute_inner(&self, command: Command) -> CommandResult {
+    async fn execute_inner(&self, command: Command, progress: Reporter) -> CommandResult {
         let received = SystemTime::now();
         // The epoch is checked, and a newer one persisted, before anything else happens.
         let check = self.state().observe_epoch(command.epoch);
@@ -189,7 +198,12 @@ impl Executor {
                 "deadline had passed when the command arrived".into(),
             ),
             Some(left) => {
-                match tokio::time::timeout(left, self.act(&command.action, &command.run_id)).await {
+                match tokio::time::timeout(
+                    left,
+                    self.act(&command.action, &command.run_id, &progress),
+                )
+                .await
+                {
                     Ok((outcome, message, detail)) => CommandResult {
                         command_id: command.id.clone(),
                         epoch: command.epoch,
@@ -243,7 +257,12 @@ impl Executor {
         Claim::Run(tx)
     }
 
-    async fn act(&self, action: &Action, run_id: &str) -> (Outcome, String, Option<ResultDetail>) {
+    async fn act(
+        &self,
+        action: &Action,
+        run_id: &str,
+        progress: &Reporter,
+    ) -> (Outcome, String, Option<ResultDetail>) {
         match action {
             Action::Verify { repository, point } => {
                 let mut checks = match &self.checks {
@@ -344,7 +363,7 @@ impl Executor {
                         None,
                     );
                 };
-                match data_action(data, action, run_id).await {
+                match data_action(data, action, run_id, progress).await {
                     Ok(output) => (
                         Outcome::Succeeded,
                         format!("{} done", action.name()),
@@ -426,17 +445,19 @@ async fn data_action(
     data: &DataPlane,
     action: &Action,
     run_id: &str,
+    progress: &Reporter,
 ) -> anyhow::Result<serde_json::Value> {
     match action {
         Action::BackupPostgres { repository, point } => {
-            data.backup_postgres(repository, point).await
+            data.backup_postgres(repository, point, progress).await
         }
         Action::SnapshotObjects { repository, point } => {
-            data.snapshot_objects(repository, point).await
+            data.snapshot_objects(repository, point, progress).await
         }
         Action::Preflight { repository, point } => data.preflight(repository, point).await,
         Action::RestorePostgres { repository, point } => {
-            data.restore_postgres(repository, point, run_id).await
+            data.restore_postgres(repository, point, run_id, progress)
+                .await
         }
         Action::RestoreObjects {
             repository,
@@ -444,7 +465,7 @@ async fn data_action(
             shard,
             shards,
         } => {
-            data.restore_objects(repository, point, run_id, *shard, *shards)
+            data.restore_objects(repository, point, run_id, *shard, *shards, progress)
                 .await
         }
         _ => anyhow::bail!("{} is not a data action", action.name()),

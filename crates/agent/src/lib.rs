@@ -9,13 +9,14 @@ pub mod config;
 pub mod control;
 pub mod data;
 pub mod executor;
+pub mod progress;
 pub mod state;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use api::model::{AgentMessage, CoordinatorMessage, Heartbeat, Hello};
+use api::model::{AgentMessage, CommandProgress, CoordinatorMessage, Heartbeat, Hello};
 use api::pb::agent as pb;
 use api::pb::agent::agent_service_client::AgentServiceClient;
 use backon::BackoffBuilder;
@@ -274,8 +275,26 @@ impl Agent {
                 let executor = self.executor.clone();
                 let out_tx = out_tx.clone();
                 let session = session.clone();
+                let reporter = {
+                    let (out_tx, id, epoch, run_id) = (
+                        out_tx.clone(),
+                        command.id.clone(),
+                        command.epoch,
+                        command.run_id.clone(),
+                    );
+                    crate::progress::Reporter::new(move |progress| {
+                        // Best effort: a full queue drops progress, never a result.
+                        let message = AgentMessage::Progress(CommandProgress {
+                            command_id: id.clone(),
+                            epoch,
+                            run_id: run_id.clone(),
+                            progress,
+                        });
+                        let _ = out_tx.try_send(message.into());
+                    })
+                };
                 tokio::spawn(async move {
-                    let result = executor.execute(command).await;
+                    let result = executor.execute_reporting(command, reporter).await;
                     // If this session ended meanwhile, the result is recorded: the coordinator
                     // re-sends the command id and gets it replayed.
                     if !session.is_cancelled() {

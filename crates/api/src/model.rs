@@ -204,6 +204,77 @@ pub enum AgentMessage {
     Hello(Hello),
     Heartbeat(Heartbeat),
     Result(CommandResult),
+    Progress(CommandProgress),
+}
+
+/// How far a long command has come (best effort; the result is what counts).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// What the command is doing now: `listing`, `copying`, `restoring`, `done`...
+    pub stage: String,
+    pub objects_done: u64,
+    pub objects_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Objects or bytes actually written (the rest were already in place).
+    pub objects_copied: u64,
+    pub bytes_copied: u64,
+}
+
+/// [`Progress`] of one command, as it travels up the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandProgress {
+    pub command_id: CommandId,
+    pub epoch: Epoch,
+    pub run_id: String,
+    pub progress: Progress,
+}
+
+impl TryFrom<pb::CommandProgress> for CommandProgress {
+    type Error = Invalid;
+    fn try_from(m: pb::CommandProgress) -> Result<Self, Invalid> {
+        if m.stage.len() > 64 {
+            return Err(Invalid::new("progress stage", "longer than 64 characters"));
+        }
+        if m.run_id.len() > 128 {
+            return Err(Invalid::new(
+                "progress run_id",
+                "longer than 128 characters",
+            ));
+        }
+        Ok(CommandProgress {
+            command_id: CommandId::parse(&m.command_id)?,
+            epoch: Epoch::new(m.epoch)?,
+            run_id: m.run_id,
+            progress: Progress {
+                stage: m.stage,
+                objects_done: m.objects_done,
+                objects_total: m.objects_total,
+                bytes_done: m.bytes_done,
+                bytes_total: m.bytes_total,
+                objects_copied: m.objects_copied,
+                bytes_copied: m.bytes_copied,
+            },
+        })
+    }
+}
+
+impl From<CommandProgress> for pb::CommandProgress {
+    fn from(m: CommandProgress) -> Self {
+        let p = m.progress;
+        pb::CommandProgress {
+            command_id: m.command_id.to_string(),
+            epoch: m.epoch.get(),
+            run_id: m.run_id,
+            stage: p.stage,
+            objects_done: p.objects_done,
+            objects_total: p.objects_total,
+            bytes_done: p.bytes_done,
+            bytes_total: p.bytes_total,
+            objects_copied: p.objects_copied,
+            bytes_copied: p.bytes_copied,
+        }
+    }
 }
 
 impl TryFrom<pb::Hello> for Hello {
@@ -249,6 +320,7 @@ impl TryFrom<pb::AgentMessage> for AgentMessage {
                 detail: h.detail,
             })),
             Some(pb::agent_message::Msg::Result(r)) => Ok(AgentMessage::Result(r.try_into()?)),
+            Some(pb::agent_message::Msg::Progress(p)) => Ok(AgentMessage::Progress(p.try_into()?)),
             None => Err(Invalid::new("agent message", "is empty")),
         }
     }
@@ -263,6 +335,7 @@ impl From<AgentMessage> for pb::AgentMessage {
                 detail: h.detail,
             }),
             AgentMessage::Result(r) => pb::agent_message::Msg::Result(r.into()),
+            AgentMessage::Progress(p) => pb::agent_message::Msg::Progress(p.into()),
         };
         pb::AgentMessage { msg: Some(msg) }
     }

@@ -6,6 +6,7 @@ mod operator;
 mod repo;
 mod runs;
 mod telemetry;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

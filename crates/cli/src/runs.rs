@@ -212,21 +212,23 @@ pub async fn watch(connection: &Connection, id: &str, json: bool) -> Result<()> 
         .await
         .map_err(status_error)?
         .into_inner();
+    let mut view = (!json).then(crate::watch::View::new);
     while let Some(event) = stream.message().await.map_err(status_error)? {
         let payload: serde_json::Value =
             serde_json::from_str(&event.payload_json).unwrap_or(serde_json::Value::Null);
-        if json {
-            let line = serde_json::json!({
-                "seq": event.seq, "at_unix_ms": event.at_unix_ms, "kind": event.kind, "payload": payload,
-            });
-            println!("{line}");
-        } else {
-            println!(
-                "{} {}",
-                time(event.at_unix_ms),
-                describe(&event.kind, &payload)
-            );
+        match view.as_mut() {
+            Some(view) => view.event(&time(event.at_unix_ms), &event.kind, &payload),
+            None => {
+                let line = serde_json::json!({
+                    "seq": event.seq, "at_unix_ms": event.at_unix_ms, "kind": event.kind,
+                    "payload": payload,
+                });
+                println!("{line}");
+            }
         }
+    }
+    if let Some(view) = view.as_mut() {
+        view.finish();
     }
     // The stream ends when the run is final or blocked: report how it stands.
     let run = client
@@ -244,37 +246,6 @@ pub async fn watch(connection: &Connection, id: &str, json: bool) -> Result<()> 
             Ok(())
         }
         state => bail!("run {} is {state}: {}", run.id, run.reason),
-    }
-}
-
-fn describe(kind: &str, p: &serde_json::Value) -> String {
-    let s = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
-    match kind {
-        "phase.started" => format!(
-            "phase {} started ({}, attempt {})",
-            s("phase"),
-            s("action"),
-            p["attempt"]
-        ),
-        "phase.finished" => {
-            let secs = p.get("duration_ms").and_then(|v| v.as_i64()).unwrap_or(0) as f64 / 1000.0;
-            format!(
-                "phase {} {} in {secs:.1}s: {}",
-                s("phase"),
-                s("state"),
-                s("detail")
-            )
-        }
-        "run.blocked" => format!("run blocked: {}", s("reason")),
-        "report" => "report written".to_owned(),
-        other => format!(
-            "{other} {}",
-            if p.is_null() || p == &serde_json::json!({}) {
-                String::new()
-            } else {
-                p.to_string()
-            }
-        ),
     }
 }
 

@@ -144,6 +144,9 @@ impl pb::agent_service_server::AgentService for AgentStream {
                         Ok(AgentMessage::Result(result)) => {
                             registry.deliver(&name, generation, result);
                         }
+                        Ok(AgentMessage::Progress(progress)) => {
+                            registry.progress(&name, generation, progress);
+                        }
                         Ok(AgentMessage::Hello(_)) => {
                             tracing::warn!(agent = %name, "ignoring a second hello on one stream");
                         }

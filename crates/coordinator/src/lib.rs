@@ -272,6 +272,14 @@ impl Coordinator {
             let engine = handle.engine.clone();
             tokio::spawn(async move { engine.observe_points().await });
             tokio::spawn(schedule::run(handle.engine.clone(), cancel.clone()));
+            let (engine, reports) = (handle.engine.clone(), handle.registry.subscribe_progress());
+            let stop = cancel.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    () = engine.journal_progress(reports) => {}
+                }
+            });
         }
 
         let servers = async {

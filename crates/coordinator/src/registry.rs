@@ -10,10 +10,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use api::model::{
-    AgentName, AgentStatus, Availability, CommandId, CommandResult, CoordinatorMessage, Heartbeat,
-    Hello, to_unix_ms,
+    AgentName, AgentStatus, Availability, CommandId, CommandProgress, CommandResult,
+    CoordinatorMessage, Heartbeat, Hello, to_unix_ms,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// Progress reports not yet taken by the journal; beyond this the oldest are dropped.
+const PROGRESS_BACKLOG: usize = 1024;
 
 /// Identifies one attachment of an agent; a stale connection cannot touch a newer one.
 pub type Generation = u64;
@@ -21,6 +24,7 @@ pub type Generation = u64;
 #[derive(Clone)]
 pub struct Registry {
     inner: Arc<Mutex<Table>>,
+    progress: broadcast::Sender<(AgentName, CommandProgress)>,
 }
 
 #[derive(Default)]
@@ -64,6 +68,7 @@ impl Registry {
     pub fn new() -> Registry {
         Registry {
             inner: Arc::new(Mutex::new(Table::default())),
+            progress: broadcast::channel(PROGRESS_BACKLOG).0,
         }
     }
 
@@ -122,6 +127,32 @@ impl Registry {
             entry.detail = hb.detail;
             entry.last_heartbeat = Instant::now();
             entry.last_heartbeat_at = SystemTime::now();
+        }
+    }
+
+    /// Progress of commands awaiting their result, as agents report it.
+    pub fn subscribe_progress(&self) -> broadcast::Receiver<(AgentName, CommandProgress)> {
+        self.progress.subscribe()
+    }
+
+    /// Publishes an agent's progress report, if its command still awaits a result on this
+    /// connection (a report from a replaced connection or for a forgotten command is dropped).
+    pub fn progress(&self, name: &AgentName, generation: Generation, progress: CommandProgress) {
+        let mut table = self.lock();
+        let Some(entry) = table.agents.get_mut(name) else {
+            return;
+        };
+        let awaited = entry
+            .conn
+            .as_ref()
+            .filter(|c| c.generation == generation)
+            .is_some_and(|c| c.pending.contains_key(&progress.command_id));
+        entry.last_heartbeat = Instant::now();
+        entry.last_heartbeat_at = SystemTime::now();
+        drop(table);
+        if awaited {
+            // Nobody listening is fine: progress is best effort.
+            let _ = self.progress.send((name.clone(), progress));
         }
     }
 

@@ -26,6 +26,8 @@ use std::io::Write;
 use std::path::{Path as FsPath, PathBuf};
 use std::process::Stdio;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -119,6 +121,35 @@ impl CountSpec {
     }
 }
 
+/// How far a Postgres backup or restore has come, one archive at a time.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PgProgress {
+    /// `dumping`, `pre-data`, `data`, `post-data`, `restoring`, `done`.
+    pub stage: &'static str,
+    pub archives_done: u64,
+    pub archives_total: u64,
+    /// Archive bytes stored (backup) or handed to pg_restore (restore) so far.
+    pub bytes_done: u64,
+    /// Archive bytes in all (a restore knows it up front; a backup does not: 0).
+    pub bytes_total: u64,
+}
+
+/// Called with [`PgProgress`]; must be cheap.
+#[derive(Clone)]
+pub struct PgProgressFn(pub Arc<dyn Fn(&PgProgress) + Send + Sync>);
+
+impl std::fmt::Debug for PgProgressFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PgProgressFn")
+    }
+}
+
+fn report(progress: Option<&PgProgressFn>, p: PgProgress) {
+    if let Some(callback) = progress {
+        (callback.0)(&p);
+    }
+}
+
 /// What [`backup_postgres`] does.
 #[derive(Debug, Clone)]
 pub struct PgBackupOptions {
@@ -144,6 +175,7 @@ pub struct PgBackupOptions {
     /// pg_dump gives up instead of queueing behind a lock held this long (e.g. by a
     /// migration); default 2 min.
     pub lock_wait_timeout: Duration,
+    pub progress: Option<PgProgressFn>,
 }
 
 impl PgBackupOptions {
@@ -159,6 +191,7 @@ impl PgBackupOptions {
             split_min_table_bytes: 32 << 20,
             connect_timeout: Duration::from_secs(15),
             lock_wait_timeout: Duration::from_secs(120),
+            progress: None,
         }
     }
 }
@@ -360,12 +393,39 @@ pub async fn backup_postgres(repo: &Repository, options: &PgBackupOptions) -> Re
     // snapshot. The first pg_dump to fail stops the others.
     let (stop, stopped) = watch::channel(false);
     let (stop, db_ref) = (&stop, &db);
+    let archives_total = jobs.len() as u64;
+    let (archives_done, bytes_done) = (&AtomicU64::new(0), &AtomicU64::new(0));
+    let dumped_so_far = |size: u64| {
+        let bytes = bytes_done.fetch_add(size, Ordering::Relaxed) + size;
+        let done = archives_done.fetch_add(1, Ordering::Relaxed) + 1;
+        report(
+            options.progress.as_ref(),
+            PgProgress {
+                stage: "dumping",
+                archives_done: done,
+                archives_total,
+                bytes_done: bytes,
+                bytes_total: 0,
+            },
+        );
+    };
+    report(
+        options.progress.as_ref(),
+        PgProgress {
+            stage: "dumping",
+            archives_total,
+            ..PgProgress::default()
+        },
+    );
     let dumps = futures::future::join_all(jobs.into_iter().map(|(key, content, cmd)| {
         let stopped = stopped.clone();
         async move {
             let result = run_and_upload(repo, &key, cmd, db_ref, options, stopped).await;
-            if result.is_err() {
-                let _ = stop.send(true);
+            match &result {
+                Ok((stored, _)) => dumped_so_far(stored.size),
+                Err(_) => {
+                    let _ = stop.send(true);
+                }
             }
             (key, content, result)
         }
@@ -737,6 +797,7 @@ pub struct PgRestoreOptions {
     /// Create the target database first if it does not exist.
     pub create_database: bool,
     pub connect_timeout: Duration,
+    pub progress: Option<PgProgressFn>,
 }
 
 impl PgRestoreOptions {
@@ -748,6 +809,7 @@ impl PgRestoreOptions {
             scratch_dir: None,
             create_database: false,
             connect_timeout: Duration::from_secs(15),
+            progress: None,
         }
     }
 }
@@ -809,6 +871,15 @@ pub async fn restore_postgres(
         cmd
     };
 
+    let whole = PgProgress {
+        stage: "restoring",
+        archives_total: part.archives().len() as u64,
+        bytes_total: part.size,
+        ..PgProgress::default()
+    };
+    if part.files.is_empty() {
+        report(options.progress.as_ref(), whole.clone());
+    }
     let (archive_bytes, streamed) = if !part.files.is_empty() {
         let bytes = restore_parallel_dump(repo, point, &part, options, &restore_command)
             .await
@@ -841,6 +912,15 @@ pub async fn restore_postgres(
             .with_context(|| format!("restore into {}", db.display))?;
         (bytes, true)
     };
+    report(
+        options.progress.as_ref(),
+        PgProgress {
+            stage: "done",
+            archives_done: whole.archives_total,
+            bytes_done: whole.bytes_total,
+            ..whole
+        },
+    );
     Ok(PgRestoreReport {
         point: point.clone(),
         database: db.database.clone(),
@@ -881,6 +961,28 @@ async fn restore_parallel_dump(
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("create scratch directory {}", dir.display()))?;
     let schema_file = dir.join(format!("{point}-{}.schema.dump", uuid::Uuid::new_v4()));
+    let (archives_total, bytes_total) = (
+        part.files.len() as u64,
+        part.files.iter().map(|f| f.size).sum::<u64>(),
+    );
+    let (archives_done, bytes_done) = (&AtomicU64::new(0), &AtomicU64::new(0));
+    let step = |stage: &'static str, size: Option<u64>| {
+        if let Some(size) = size {
+            archives_done.fetch_add(1, Ordering::Relaxed);
+            bytes_done.fetch_add(size, Ordering::Relaxed);
+        }
+        report(
+            options.progress.as_ref(),
+            PgProgress {
+                stage,
+                archives_done: archives_done.load(Ordering::Relaxed),
+                archives_total,
+                bytes_done: bytes_done.load(Ordering::Relaxed),
+                bytes_total,
+            },
+        );
+    };
+    step("pre-data", None);
     let mut total = fetch_archive(repo, &archive(schema), &schema_file, false).await?;
     let result = async {
         let mut cmd = restore_command(&[
@@ -893,6 +995,7 @@ async fn restore_parallel_dump(
         run_pg_restore(cmd)
             .await
             .context("restore the pre-data section (tables, types, functions)")?;
+        step("data", Some(schema.size));
 
         let data: Vec<Archive> = part
             .files
@@ -903,7 +1006,9 @@ async fn restore_parallel_dump(
         let restored: Vec<u64> = futures::stream::iter(data)
             .map(|archive| async move {
                 let cmd = restore_command(&["--single-transaction"]);
-                stream_into_pg_restore(repo, &archive, cmd).await
+                let restored = stream_into_pg_restore(repo, &archive, cmd).await?;
+                step("data", Some(archive.size));
+                Ok(restored)
             })
             .buffer_unordered(options.jobs.max(1) as usize)
             .collect::<Vec<Result<u64>>>()
@@ -912,6 +1017,7 @@ async fn restore_parallel_dump(
             .collect::<Result<_>>()?;
         total += restored.iter().sum::<u64>();
 
+        step("post-data", None);
         let mut cmd = restore_command(&["--section=post-data"]);
         cmd.arg(format!("--jobs={}", options.jobs.max(1)))
             .arg(&schema_file)

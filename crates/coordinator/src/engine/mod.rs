@@ -129,6 +129,43 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         &self.inner.metrics
     }
 
+    /// Journals agents' progress reports as `command.progress` events of their runs, so
+    /// `run watch` can draw them, until the registry goes away. Reports under another epoch
+    /// are not this coordinator's and are dropped.
+    pub async fn journal_progress(
+        &self,
+        mut reports: tokio::sync::broadcast::Receiver<(AgentName, api::model::CommandProgress)>,
+    ) {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let (agent, report) = match reports.recv().await {
+                Ok(got) => got,
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "progress reports dropped: the journal fell behind");
+                    continue;
+                }
+                Err(RecvError::Closed) => return,
+            };
+            if report.epoch != self.inner.link.epoch() || report.run_id.is_empty() {
+                continue;
+            }
+            let command = report.command_id.as_str();
+            let payload = json!({
+                "agent": agent.as_str(),
+                "command_id": command,
+                "phase": phase_of_command(&report.run_id, command),
+                "progress": report.progress,
+            });
+            if let Err(e) = self
+                .inner
+                .event(&report.run_id, "command.progress", payload)
+                .await
+            {
+                tracing::debug!("cannot journal progress of {command}: {e:#}");
+            }
+        }
+    }
+
     /// Reads each environment's newest recovery point once, for the point-age metric.
     pub async fn observe_points(&self) {
         for (name, env) in &self.inner.environments {
@@ -489,6 +526,16 @@ fn phase_passed(phases: &[PhaseRecord], run: &RunRecord, action: Action) -> bool
                 .get(p.index as usize)
                 .is_some_and(|ph| ph.action == action)
     })
+}
+
+/// The phase a run's command belongs to, from the command id `run_steps` gives it.
+fn phase_of_command<'a>(run_id: &str, command_id: &'a str) -> Option<&'a str> {
+    command_id
+        .strip_prefix(run_id)?
+        .strip_prefix('/')?
+        .split('/')
+        .next()
+        .filter(|p| !p.is_empty())
 }
 
 impl<L: AgentLink + Clone + 'static> Inner<L> {
@@ -1236,6 +1283,7 @@ async fn run_steps<L: AgentLink>(
         let mut last = String::new();
         let mut ok = false;
         for retry in 0..=retries {
+            // The id's shape is read back by `phase_of_command`.
             let id = format!("{run_id}/{phase}/{agent}/a{attempt}/s{step}/r{retry}");
             'same_id: loop {
                 let command_id =
@@ -1337,6 +1385,18 @@ mod tests {
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn progress_names_the_phase_from_the_command_id() {
+        let id = "r-20261126-abc/restore-objects/obj-1/a1/s0/r0";
+        assert_eq!(
+            phase_of_command("r-20261126-abc", id),
+            Some("restore-objects")
+        );
+        assert_eq!(phase_of_command("r-other", id), None);
+        assert_eq!(phase_of_command("r-20261126-abc", "r-20261126-abc/"), None);
+        assert_eq!(phase_of_command("r-20261126", id), None);
     }
 
     #[test]
