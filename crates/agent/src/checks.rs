@@ -234,7 +234,10 @@ impl Checks {
         out
     }
 
-    pub async fn smoke(&self) -> Result<Check> {
+    /// Runs the smoke command. With the run's recovery point, the command finds it in
+    /// `ROLLCALL_POINT` and the time it was taken (RFC 3339, whole seconds, never later than
+    /// the backup's snapshot) in `ROLLCALL_POINT_TIME`.
+    pub async fn smoke(&self, point: Option<&str>) -> Result<Check> {
         let smoke = self
             .smoke
             .as_ref()
@@ -245,6 +248,15 @@ impl Checks {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        if let Some(point) = point {
+            cmd.env("ROLLCALL_POINT", point);
+            match repository::PointId::parse(point) {
+                Ok(id) => {
+                    cmd.env("ROLLCALL_POINT_TIME", id.timestamp().to_rfc3339());
+                }
+                Err(e) => tracing::warn!("point {point}: no time for the smoke command: {e:#}"),
+            }
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("start the smoke command {:?}", smoke.command[0]))?;
@@ -388,7 +400,7 @@ mod tests {
         let run = async |s: SmokeConfig| {
             Checks::from_config(Path::new("agent.toml"), &[], &[], &[], Some(&s))
                 .unwrap()
-                .smoke()
+                .smoke(None)
                 .await
                 .unwrap()
         };
@@ -412,5 +424,28 @@ mod tests {
         );
         let slow = run(smoke("sleep 5", 200)).await;
         assert!(!slow.passed && slow.detail.contains("did not finish within 200ms"));
+    }
+
+    #[tokio::test]
+    async fn the_smoke_command_learns_the_runs_point_and_its_time() {
+        let config = SmokeConfig {
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo \"$ROLLCALL_POINT at $ROLLCALL_POINT_TIME\"".into(),
+            ],
+            timeout: Duration::from_secs(5),
+        };
+        let checks =
+            Checks::from_config(Path::new("agent.toml"), &[], &[], &[], Some(&config)).unwrap();
+        let point = "20261126T101500Z-staging-0a1b2c3d";
+        let told = checks.smoke(Some(point)).await.unwrap();
+        assert_eq!(
+            told.detail,
+            format!("{point} at 2026-11-26T10:15:00+00:00"),
+            "{told:?}"
+        );
+        let untold = checks.smoke(None).await.unwrap();
+        assert_eq!(untold.detail, "at", "{untold:?}");
     }
 }

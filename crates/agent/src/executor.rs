@@ -330,11 +330,11 @@ impl Executor {
                     Err(e) => (Outcome::Failed, format!("{e:#}"), None),
                 }
             }
-            Action::Smoke => {
+            Action::Smoke { point } => {
                 let Some(checks) = &self.checks else {
                     return (Outcome::Unsupported, "no [smoke] configured".into(), None);
                 };
-                match checks.smoke().await {
+                match checks.smoke(point.as_deref()).await {
                     Ok(check) => {
                         let outcome = if check.passed {
                             Outcome::Succeeded

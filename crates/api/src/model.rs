@@ -360,9 +360,7 @@ pub enum CoordinatorMessage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Action {
     /// Answer, after holding for `hold` (a diagnostic for latency and deadlines).
-    Ping {
-        hold: Duration,
-    },
+    Ping { hold: Duration },
     /// Describe the agent and its state directory.
     Describe,
     /// Put the role into read-only maintenance.
@@ -399,7 +397,11 @@ pub enum Action {
         repository: RepositoryRef,
         point: String,
     },
-    Smoke,
+    /// Run the agent's smoke command; `point` is the run's recovery point, if any.
+    Smoke {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        point: Option<String>,
+    },
     /// Whether the keys restored rows refer to exist in the agent's live store.
     CheckObjects(Vec<ObjectReferences>),
 }
@@ -518,7 +520,7 @@ impl Action {
             | Action::RestoreObjects { .. } => true,
             // Checks change nothing; a smoke drives the role through one real operation.
             Action::Preflight { .. } | Action::Verify { .. } | Action::CheckObjects(_) => false,
-            Action::Smoke => true,
+            Action::Smoke { .. } => true,
         }
     }
 
@@ -536,7 +538,7 @@ impl Action {
             Action::RestorePostgres { .. } => "restore-postgres",
             Action::RestoreObjects { .. } => "restore-objects",
             Action::Verify { .. } => "verify",
-            Action::Smoke => "smoke",
+            Action::Smoke { .. } => "smoke",
             Action::CheckObjects(_) => "check-objects",
         }
     }
@@ -584,7 +586,13 @@ impl TryFrom<pb::Command> for Command {
                 repository: repository(a.repository)?,
                 point: point_id(a.point_id)?,
             },
-            Some(pb::command::Action::Smoke(_)) => Action::Smoke,
+            Some(pb::command::Action::Smoke(a)) => Action::Smoke {
+                point: if a.point_id.is_empty() {
+                    None
+                } else {
+                    Some(point_id(a.point_id)?)
+                },
+            },
             Some(pb::command::Action::CheckObjects(c)) => {
                 Action::CheckObjects(c.sets.into_iter().map(Into::into).collect())
             }
@@ -665,7 +673,9 @@ impl From<Command> for pb::Command {
                 repository: Some(repository.into()),
                 point_id: point,
             }),
-            Action::Smoke => pb::command::Action::Smoke(pb::Smoke {}),
+            Action::Smoke { point } => pb::command::Action::Smoke(pb::Smoke {
+                point_id: point.unwrap_or_default(),
+            }),
             Action::CheckObjects(sets) => pb::command::Action::CheckObjects(pb::CheckObjects {
                 sets: sets.into_iter().map(Into::into).collect(),
             }),

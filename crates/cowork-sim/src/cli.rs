@@ -259,12 +259,17 @@ enum SmokeRole {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
-    /// No delivery stays due; none arrived at the sink out of order.
+    /// No delivery stays due; none arrived at the sink out of order; none sent before the
+    /// point (when given) arrived again.
     Gateway {
         #[command(flatten)]
         db: Db,
         #[arg(long)]
         sink_jsonl: PathBuf,
+        /// When the restored point was taken (RFC 3339; Rollcall's smoke sets
+        /// ROLLCALL_POINT_TIME): a delivery first received before it must not arrive again.
+        #[arg(long, env = "ROLLCALL_POINT_TIME")]
+        point_time: Option<chrono::DateTime<chrono::Utc>>,
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
@@ -501,10 +506,11 @@ async fn run(cli: Cli) -> Result<()> {
                 SmokeRole::Gateway {
                     db,
                     sink_jsonl,
+                    point_time,
                     timeout,
                 } => {
                     let pool = crate::connect(&db.database_url).await?;
-                    crate::smoke::gateway(&pool, &sink_jsonl, timeout).await?
+                    crate::smoke::gateway(&pool, &sink_jsonl, point_time, timeout).await?
                 }
             };
             print_json(&report)

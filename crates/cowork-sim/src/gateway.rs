@@ -267,6 +267,7 @@ impl Gateway {
                     event_sequence: row.try_get("event_sequence")?,
                     attempt: attempt_count + 1,
                     payload: row.try_get("payload")?,
+                    received_at: None,
                 },
             });
         }

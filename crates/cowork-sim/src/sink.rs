@@ -19,6 +19,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -37,6 +38,9 @@ pub struct DeliveryMessage {
     pub event_sequence: i64,
     pub attempt: i32,
     pub payload: Value,
+    /// When the sink took it (stamped as it is logged; absent on the wire).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_at: Option<DateTime<Utc>>,
 }
 
 /// What a sink has seen.
@@ -57,7 +61,10 @@ pub struct SinkStats {
 /// Duplicate and order bookkeeping shared by both sink forms.
 #[derive(Debug, Default)]
 struct Tally {
-    seen: HashSet<String>,
+    /// Every id with its first arrival time (when the log recorded one).
+    seen: HashMap<String, Option<DateTime<Utc>>>,
+    /// Ids received again, each once.
+    repeated: HashSet<String>,
     last_sequence: HashMap<(String, String), i64>,
     stats: SinkStats,
 }
@@ -66,10 +73,13 @@ impl Tally {
     /// Records a message; returns whether it was a duplicate.
     fn record(&mut self, message: &DeliveryMessage) -> bool {
         self.stats.received += 1;
-        if !self.seen.insert(message.public_delivery_id.clone()) {
+        if self.seen.contains_key(&message.public_delivery_id) {
             self.stats.duplicates += 1;
+            self.repeated.insert(message.public_delivery_id.clone());
             return true;
         }
+        self.seen
+            .insert(message.public_delivery_id.clone(), message.received_at);
         self.stats.unique += 1;
         let pair = (message.binding_id.clone(), message.session_id.clone());
         let last = self.last_sequence.entry(pair).or_insert(i64::MIN);
@@ -86,6 +96,29 @@ impl Tally {
 /// is an empty sink.
 pub fn jsonl_stats(path: &Path) -> Result<SinkStats> {
     Ok(read_jsonl(path)?.1.stats)
+}
+
+/// The deliveries of a JSONL sink file that arrived again although their first arrival came
+/// before `before`, sorted. After a restore to a point taken at `before`, a delivery the
+/// gateway had sent by then is recorded as sent in the restored database and must never be
+/// sent again (later ones may be: the point has them pending).
+pub fn resent_before(path: &Path, before: DateTime<Utc>) -> Result<Vec<String>> {
+    let (_, tally) = read_jsonl(path)?;
+    let mut resent: Vec<String> = tally
+        .repeated
+        .iter()
+        .filter(|id| {
+            tally
+                .seen
+                .get(*id)
+                .copied()
+                .flatten()
+                .is_some_and(|first| first < before)
+        })
+        .cloned()
+        .collect();
+    resent.sort();
+    Ok(resent)
 }
 
 /// The messages of a JSONL sink file, in arrival order.
@@ -122,7 +155,18 @@ fn read_jsonl(path: &Path) -> Result<(Vec<DeliveryMessage>, Tally)> {
 }
 
 /// Appends one message as a JSON line.
+/// Stamps `received_at` (now) unless the message already carries it.
 pub fn append_jsonl(file: &mut std::fs::File, message: &DeliveryMessage) -> Result<()> {
+    let stamped;
+    let message = if message.received_at.is_none() {
+        stamped = DeliveryMessage {
+            received_at: Some(Utc::now()),
+            ..message.clone()
+        };
+        &stamped
+    } else {
+        message
+    };
     let mut line = serde_json::to_vec(message).context("encode a delivery message")?;
     line.push(b'\n');
     // One write per line: a killed writer leaves whole lines behind.
@@ -230,7 +274,7 @@ async fn receive(
     headers: HeaderMap,
     body: Result<Json<DeliveryMessage>, JsonRejection>,
 ) -> Response {
-    let message = match body {
+    let mut message = match body {
         Ok(Json(message)) => message,
         Err(e) => {
             return (
@@ -265,6 +309,7 @@ async fn receive(
         )
             .into_response();
     }
+    message.received_at.get_or_insert_with(Utc::now);
     let duplicate = inner.tally.record(&message);
     if let Some(file) = inner.log.as_mut()
         && let Err(e) = append_jsonl(file, &message)
@@ -289,7 +334,40 @@ mod tests {
             event_sequence: seq,
             attempt: 1,
             payload: json!({}),
+            received_at: None,
         }
+    }
+
+    #[test]
+    fn finds_deliveries_sent_again_after_a_first_arrival_before_the_point() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sink.jsonl");
+        let at = |secs: i64| Some(DateTime::from_timestamp(1_800_000_000 + secs, 0).expect("time"));
+        let mut file = open_jsonl(&path).expect("open");
+        for (id, when) in [
+            ("early-once", at(0)),
+            ("early-twice", at(1)),
+            ("late-twice", at(20)),
+            ("early-twice", at(30)),
+            ("late-twice", at(31)),
+        ] {
+            let mut m = message(id, 1);
+            m.received_at = when;
+            append_jsonl(&mut file, &m).expect("append");
+        }
+        let point = at(10).expect("point");
+        assert_eq!(
+            resent_before(&path, point).expect("read"),
+            ["early-twice"],
+            "a re-send of what the point already had as sent is a duplicate; one of what came \
+             after the point is expected"
+        );
+        // Unstamped lines (older sink files) are appended with the time they were written.
+        let mut m = message("unstamped", 1);
+        m.received_at = None;
+        append_jsonl(&mut file, &m).expect("append");
+        let last = jsonl_messages(&path).expect("read").pop().expect("one");
+        assert!(last.received_at.is_some());
     }
 
     #[test]

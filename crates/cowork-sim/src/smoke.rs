@@ -5,13 +5,15 @@
 //!   projection level with them.
 //! * `scheduler`: no active workflow stays overdue (a started scheduler claims what is due;
 //!   the unique idempotency key makes a second run per due time impossible).
-//! * `gateway`: no delivery stays due unattempted, and none arrived out of order (re-sends of
-//!   deliveries made after the point are expected: the sink dedupes them by id).
+//! * `gateway`: no delivery stays due unattempted, none arrived out of order, and none that
+//!   reached the sink before the point arrived again (re-sends of deliveries made after the
+//!   point are expected: the point has them pending, and the sink dedupes them by id).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -125,8 +127,18 @@ pub async fn scheduler(pool: &PgPool, grace: Duration, timeout: Duration) -> Res
     }
 }
 
-/// Waits until no pending delivery is due, then checks the sink for duplicates.
-pub async fn gateway(pool: &PgPool, sink: &Path, timeout: Duration) -> Result<SmokeReport> {
+/// How long a delivery may take from the sink to its `sent` row: a delivery first received
+/// this close before the point may still be pending in it, and its re-send is legitimate.
+pub const SENT_COMMIT_MARGIN: Duration = Duration::from_secs(1);
+
+/// Waits until no pending delivery is due, then checks the sink: nothing out of order, and
+/// (given the point's time) nothing received before the point received again.
+pub async fn gateway(
+    pool: &PgPool,
+    sink: &Path,
+    point_time: Option<DateTime<Utc>>,
+    timeout: Duration,
+) -> Result<SmokeReport> {
     let started = Instant::now();
     loop {
         let due: i64 = sqlx::query_scalar(
@@ -150,9 +162,39 @@ pub async fn gateway(pool: &PgPool, sink: &Path, timeout: Duration) -> Result<Sm
                     stats.out_of_order
                 );
             }
+            let resent = match point_time {
+                Some(point) => {
+                    let margin = chrono::Duration::from_std(SENT_COMMIT_MARGIN)
+                        .unwrap_or_else(|_| chrono::Duration::zero());
+                    crate::sink::resent_before(sink, point - margin)?
+                }
+                None => Vec::new(),
+            };
+            if !resent.is_empty() {
+                let shown: Vec<&str> = resent.iter().take(10).map(String::as_str).collect();
+                bail!(
+                    "the sink {} received {} deliveries again that it had already received \
+                     before the point ({}): {}{}; the gateway did not resume from its stored \
+                     cursors",
+                    sink.display(),
+                    resent.len(),
+                    point_time.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                    shown.join(", "),
+                    if resent.len() > shown.len() {
+                        ", ..."
+                    } else {
+                        ""
+                    }
+                );
+            }
             return Ok(SmokeReport {
                 role: "gateway",
-                detail: json!({ "due": 0, "sink": stats }),
+                detail: json!({
+                    "due": 0,
+                    "sink": stats,
+                    "point_time": point_time,
+                    "resent_before_point": resent.len(),
+                }),
                 elapsed_ms: started.elapsed().as_millis() as u64,
             });
         }

@@ -495,6 +495,65 @@ async fn gateway_sends_each_delivery_once_in_order_retrying_refusals() {
 }
 
 #[tokio::test]
+async fn gateway_smoke_fails_when_a_delivery_sent_before_the_point_arrives_again() {
+    let env = env("gwsmoke").await;
+    let total = deliveries_fixture(&env, 2, 2).await;
+    let before_any = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let jsonl = env.dir.path().join("sink.jsonl");
+    let send_all = async || {
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(
+            Gateway::new(
+                env.deps.clone(),
+                quick_gateway("gsm", SinkTarget::Jsonl(jsonl.clone()), 3),
+            )
+            .run(cancel.clone()),
+        );
+        wait_for_no_open_deliveries(&env.deps.pool).await;
+        cancel.cancel();
+        task.await.unwrap().unwrap()
+    };
+    assert_eq!(send_all().await.sent as usize, total);
+    // A point taken after every delivery reached the sink (by more than the commit margin).
+    let point = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let smoke = async |point| {
+        cowork_sim::smoke::gateway(&env.deps.pool, &jsonl, point, Duration::from_secs(10)).await
+    };
+    let clean = smoke(Some(point)).await.unwrap();
+    assert_eq!(clean.detail["resent_before_point"], 0, "{:?}", clean.detail);
+
+    // The gateway loses its cursors and the deliveries their state: everything goes again.
+    sqlx::raw_sql(
+        "ALTER TABLE channel_session_bindings DISABLE TRIGGER channel_session_bindings_forward_only;
+         UPDATE channel_session_bindings SET last_event_sequence = 0;
+         ALTER TABLE channel_session_bindings ENABLE TRIGGER channel_session_bindings_forward_only;
+         UPDATE channel_deliveries SET status = 'pending', next_attempt_at = now(),
+                claimed_by = NULL, claim_expires_at = NULL, sent_at = NULL, attempt_count = 0;",
+    )
+    .execute(&env.deps.pool)
+    .await
+    .unwrap();
+    assert_eq!(send_all().await.sent as usize, total);
+
+    let err = smoke(Some(point)).await.err().map(|e| format!("{e:#}"));
+    let err = err.expect("re-sends of what the point had as sent fail the smoke");
+    assert!(
+        err.contains(&format!("received {total} deliveries again"))
+            && err.contains("did not resume from its stored cursors"),
+        "{err}"
+    );
+    let first = cowork_sim::sink::jsonl_messages(&jsonl).unwrap()[0]
+        .public_delivery_id
+        .clone();
+    assert!(err.contains(&first), "names the deliveries: {err}");
+    // Against a point older than every first arrival, the same re-sends are expected ones,
+    // and without a point only order is checked.
+    let expected = smoke(Some(before_any)).await.unwrap();
+    assert_eq!(expected.detail["sink"]["duplicates"], total as u64);
+    smoke(None).await.unwrap();
+}
+
+#[tokio::test]
 async fn gateway_gives_up_after_max_attempts_and_holds_back_missing_artifacts() {
     let env = env("gwdead").await;
     let total = deliveries_fixture(&env, 2, 2).await;

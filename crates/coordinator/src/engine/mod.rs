@@ -1195,10 +1195,15 @@ fn agent_actions(phase: &Phase, ctx: &RunContext) -> std::result::Result<Vec<Age
         Action::CheckReferences => vec![AgentAction::CheckObjects(ctx.references.clone())],
         // Start the replicas the smoke needs (workers never before objects are restored: plan
         // check orders that), then run the agent's smoke command.
-        Action::Smoke => match phase.replicas {
-            Some(r) => vec![AgentAction::Scale(target(r)), AgentAction::Smoke],
-            None => vec![AgentAction::Smoke],
-        },
+        Action::Smoke => {
+            let smoke = AgentAction::Smoke {
+                point: ctx.point.clone(),
+            };
+            match phase.replicas {
+                Some(r) => vec![AgentAction::Scale(target(r)), smoke],
+                None => vec![smoke],
+            }
+        }
     })
 }
 
