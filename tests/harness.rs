@@ -398,8 +398,11 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// A test that ends (or panics) with the process still running stops it the way an
+    /// operator would: SIGTERM, so an agent stops the role processes it supervises, and
+    /// SIGKILL only if it has not exited within a few seconds.
     fn drop(&mut self) {
-        self.kill();
+        self.terminate(Duration::from_secs(5));
     }
 }
 
