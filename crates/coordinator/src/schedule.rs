@@ -1,6 +1,6 @@
 //! Scheduled backups: each environment's `backup_schedule` (a 5-field cron expression: minute
-//! hour day-of-month month day-of-week, UTC) starts a backup run when it comes due, unless a
-//! backup of that environment is still running.
+//! hour day-of-month month day-of-week, UTC; or 6 fields with seconds first) starts a backup
+//! run when it comes due, unless a backup of that environment is still running.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -21,16 +21,19 @@ pub struct BackupSchedule {
 }
 
 impl BackupSchedule {
-    /// Parses a 5-field cron expression ("0 3 * * *": daily at 03:00 UTC).
+    /// Parses a 5-field cron expression ("0 3 * * *": daily at 03:00 UTC), or 6 fields with
+    /// seconds first ("*/30 * * * * *": every 30 seconds).
     pub fn parse(expression: &str) -> Result<BackupSchedule> {
         let fields = expression.split_whitespace().count();
-        if fields != 5 {
-            anyhow::bail!(
+        let full = match fields {
+            5 => format!("0 {expression}"),
+            6 => expression.to_owned(),
+            _ => anyhow::bail!(
                 "backup_schedule {expression:?} has {fields} fields; write 5: minute hour \
-                 day-of-month month day-of-week, e.g. \"0 3 * * *\""
-            );
-        }
-        let schedule = cron::Schedule::from_str(&format!("0 {expression}")).with_context(|| {
+                 day-of-month month day-of-week, e.g. \"0 3 * * *\" (or 6, seconds first)"
+            ),
+        };
+        let schedule = cron::Schedule::from_str(&full).with_context(|| {
             format!(
                 "backup_schedule {expression:?} is not a cron expression (minute hour \
                  day-of-month month day-of-week, e.g. \"0 3 * * *\")"
@@ -122,10 +125,14 @@ mod tests {
         let s = BackupSchedule::parse("0 3 * * *").unwrap();
         let next = s.next().unwrap();
         assert_eq!(next.format("%H:%M:%S").to_string(), "03:00:00");
-        let err = BackupSchedule::parse("0 0 3 * * *")
+        let every = BackupSchedule::parse("*/20 * * * * *").unwrap();
+        let next = every.next().unwrap();
+        assert!(next - Utc::now() <= chrono::Duration::seconds(20), "{next}");
+        assert_eq!(next.timestamp() % 20, 0);
+        let err = BackupSchedule::parse("0 0 3 * * * 2030")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("has 6 fields; write 5"), "{err}");
+        assert!(err.contains("has 7 fields; write 5"), "{err}");
         let err = BackupSchedule::parse("61 3 * * *").unwrap_err().to_string();
         assert!(err.contains("is not a cron expression"), "{err}");
     }

@@ -1,0 +1,252 @@
+//! Scheduled backups end to end with real processes: a coordinator whose environment backs up
+//! every few seconds (`backup_schedule`), a database agent over a throwaway Postgres cluster
+//! holding cowork-sim's data and an objects agent over a file:// store. Without any operator
+//! command, points appear, each complete (a verified dump and snapshot), and the newest point's
+//! age is served as a metric.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use e2e::*;
+
+fn cowork(args: &[&str], env: &[(&str, &str)]) {
+    let out = Command::new(cowork_sim_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cowork-sim {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The environment's drill plan (never run here): the default plan names roles this fleet
+/// does not have, and a plan must hold against the declared fleet.
+const PLAN: &str = r#"
+name = "data-only"
+description = "a fleet of data agents only: restore both stores, then verify"
+
+[[phase]]
+name = "preflight"
+action = "preflight"
+roles = ["database", "objects"]
+gate = "all"
+timeout = "2m"
+
+[[phase]]
+name = "freeze"
+action = "freeze"
+roles = ["database"]
+gate = "all"
+timeout = "1m"
+
+[[phase]]
+name = "stop"
+action = "scale"
+roles = ["database"]
+gate = "all"
+timeout = "1m"
+params = { replicas = 0 }
+
+[[phase]]
+name = "restore-postgres"
+action = "restore-postgres"
+roles = ["database"]
+gate = "all"
+timeout = "5m"
+
+[[phase]]
+name = "restore-objects"
+action = "restore-objects"
+roles = ["objects"]
+gate = "all"
+timeout = "5m"
+after = ["stop"]
+
+[[phase]]
+name = "verify"
+action = "verify"
+roles = ["database", "objects"]
+gate = "all"
+timeout = "2m"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backups_write_points_without_an_operator() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = ephemeral_pg::Cluster::start().unwrap();
+    cluster.create_database("cowork").unwrap();
+    let db_url = cluster.url("cowork");
+    let objects = dir.path().join("objects");
+    std::fs::create_dir_all(&objects).unwrap();
+    let objects_url = format!("file://{}", objects.display());
+    let data_env = [
+        ("DATABASE_URL", db_url.as_str()),
+        ("OBJECT_STORE_URL", objects_url.as_str()),
+    ];
+    cowork(&["migrate"], &data_env);
+    cowork(&["seed", "--sessions", "3"], &data_env);
+
+    let certs = dir.path().join("certs");
+    let out = rollcall(&[
+        "certs",
+        "init",
+        "--dir",
+        certs.to_str().unwrap(),
+        "--agent",
+        "db-1:database",
+        "--agent",
+        "obj-1:objects",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let repo = dir.path().join("repository");
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, PLAN).unwrap();
+    let (agents_addr, operator_addr, metrics_addr) = (free_addr(), free_addr(), free_addr());
+    let env = format!(
+        r#"
+[environments.test]
+rpo = "1h"
+rto = "1h"
+retention = "7days"
+repository = "file://{repo}"
+backup_schedule = "*/3 * * * * *"
+plan = "{plan}"
+fleet = {{ database = 1, objects = 1 }}
+"#,
+        repo = repo.display(),
+        plan = plan.display(),
+    );
+    let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, &env);
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "[tls]",
+        &format!("metrics = \"{metrics_addr}\"\n\n[tls]"),
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+
+    let spawn = |name: &str, args: &[&str]| {
+        let mut cmd = Command::new(rollcall_bin());
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .envs(data_env.iter().copied());
+        Proc::spawn(name, dir.path(), cmd)
+    };
+    let _coordinator = spawn(
+        "coordinator",
+        &["coordinator", "--config", config.to_str().unwrap()],
+    );
+    let mut agents = Vec::new();
+    for (name, role, extra) in [
+        (
+            "db-1",
+            "database",
+            "[postgres]\nurl_env = \"DATABASE_URL\"\n".to_owned(),
+        ),
+        (
+            "obj-1",
+            "objects",
+            format!("[objects]\nurl = \"{objects_url}\"\n"),
+        ),
+    ] {
+        let cfg = write_agent_config(dir.path(), &certs, agents_addr, name, role, &extra);
+        agents.push(spawn(name, &["agent", "--config", cfg.to_str().unwrap()]));
+    }
+
+    // Two scheduled backups finish on their own; each point holds a dump and a snapshot.
+    let points = eventually(
+        "two scheduled backups to write their points",
+        Duration::from_secs(90),
+        async || {
+            let listed = std::fs::read_dir(repo.join("points")).ok()?;
+            let ids: Vec<String> = listed
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(|n| n.strip_suffix(".json"))
+                        .map(str::to_owned)
+                })
+                .collect();
+            (ids.len() >= 2).then_some(ids)
+        },
+    )
+    .await;
+    for id in &points {
+        let out = rollcall(&[
+            "repo",
+            "--repository",
+            &format!("file://{}", repo.display()),
+            "verify",
+            id,
+        ]);
+        assert!(
+            out.status.success(),
+            "point {id}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let point: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(repo.join(format!("points/{id}.json"))).unwrap())
+                .unwrap();
+        assert!(
+            point["body"]["postgres"]["table_counts"]["sessions"]
+                .as_i64()
+                .is_some_and(|n| n >= 3),
+            "{point}"
+        );
+        assert!(
+            point["body"]["objects"]["snapshot_id"].is_string(),
+            "{point}"
+        );
+    }
+
+    // The runs were backups nobody asked for, and the newest point's age is a metric.
+    let runs = rollcall(&[
+        "runs",
+        "--json",
+        "--coordinator",
+        &format!("https://{operator_addr}"),
+        "--certs",
+        certs.to_str().unwrap(),
+    ]);
+    assert!(
+        runs.status.success(),
+        "{}",
+        String::from_utf8_lossy(&runs.stderr)
+    );
+    let runs: serde_json::Value = serde_json::from_slice(&runs.stdout).unwrap();
+    let backups = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "backup" && r["state"] == "succeeded")
+        .count();
+    assert!(backups >= 2, "{runs}");
+    let age = eventually(
+        "the newest point's age as a metric",
+        Duration::from_secs(30),
+        async || {
+            let text = http_get(metrics_addr, "/metrics").await.ok()?;
+            text.lines()
+                .find(|l| l.starts_with("rollcall_newest_point_age_seconds{environment=\"test\"}"))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+        },
+    )
+    .await;
+    assert!((0.0..60.0).contains(&age), "age {age}");
+
+    for a in &mut agents {
+        a.terminate(Duration::from_secs(10));
+    }
+}
