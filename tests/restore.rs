@@ -428,13 +428,13 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
     assert_eq!(pruned["kept_points"][0]["reason"], "newest", "{pruned}");
     // Break-glass, no coordinator: the same repository read by hand.
     let repo_url = format!("file://{}", repo.display());
-    let by_hand = rollcall(&["repo", "--repository", &repo_url, "verify", &point_id]);
+    let by_hand = rollcall(&["repo", "verify", "--repo", &repo_url, "--point", &point_id]);
     assert!(
         by_hand.status.success(),
         "{}",
         String::from_utf8_lossy(&by_hand.stderr)
     );
-    let listed = rollcall(&["repo", "--repository", &repo_url, "points"]);
+    let listed = rollcall(&["repo", "points", "--repo", &repo_url]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&point_id));
     let point: serde_json::Value = serde_json::from_slice(
         &std::fs::read(repo.join(format!("points/{point_id}.json"))).unwrap(),

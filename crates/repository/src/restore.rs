@@ -61,7 +61,8 @@ impl Shard {
         }
         if self.index >= self.count {
             bail!(
-                "shard {}/{} is not a shard: the index must be below the number of shards                  (0..{})",
+                "shard {}/{} is not a shard: the index must be below the number of shards \
+                 (0..{})",
                 self.index,
                 self.count,
                 self.count
