@@ -5,7 +5,8 @@
 //! agents would), against the whole restore.
 //!
 //! `cargo bench -p repository --bench restore_objects` (`BENCH_DIR` puts the data elsewhere
-//! than the system temp directory, `BENCH_ROUNDS` sets the interleaved rounds, default 3).
+//! than the system temp directory, `BENCH_ROUNDS` sets the interleaved rounds, default 3,
+//! `BENCH_PARALLELISM` the objects in flight per restore, default the restore's own default).
 
 #![allow(clippy::print_stdout)] // a benchmark prints its figures
 
@@ -143,6 +144,12 @@ async fn restore(
 ) -> RestoreObjectsReport {
     let mut options = RestoreObjectsOptions::new("file:///target");
     options.shard = shard;
+    if let Some(n) = std::env::var("BENCH_PARALLELISM")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        options.parallelism = n;
+    }
     restore_objects(repo, snapshot, target, &options)
         .await
         .expect("restore")
