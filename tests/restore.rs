@@ -428,13 +428,13 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
     assert_eq!(pruned["kept_points"][0]["reason"], "newest", "{pruned}");
     // Break-glass, no coordinator: the same repository read by hand.
     let repo_url = format!("file://{}", repo.display());
-    let by_hand = rollcall(&["repo", "--repository", &repo_url, "verify", &point_id]);
+    let by_hand = rollcall(&["repo", "verify", "--repo", &repo_url, "--point", &point_id]);
     assert!(
         by_hand.status.success(),
         "{}",
         String::from_utf8_lossy(&by_hand.stderr)
     );
-    let listed = rollcall(&["repo", "--repository", &repo_url, "points"]);
+    let listed = rollcall(&["repo", "points", "--repo", &repo_url]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&point_id));
     let point: serde_json::Value = serde_json::from_slice(
         &std::fs::read(repo.join(format!("points/{point_id}.json"))).unwrap(),
@@ -929,4 +929,269 @@ async fn failed_checks_block_the_drill_and_name_what_failed() {
         );
     }
     f.stop();
+}
+
+const SHARDED_PLAN: &str = r#"
+name = "objects-only"
+description = "freeze, stop the worker, restore objects (sharded over the objects agents), verify"
+
+[[phase]]
+name = "preflight"
+action = "preflight"
+roles = ["objects"]
+gate = "all"
+timeout = "1m"
+
+[[phase]]
+name = "freeze-writes"
+action = "freeze"
+roles = ["web"]
+gate = "all"
+timeout = "1m"
+
+[[phase]]
+name = "scale-to-zero"
+action = "scale"
+roles = ["worker"]
+gate = "all"
+timeout = "1m"
+params = { replicas = 0 }
+
+[[phase]]
+name = "restore-objects"
+action = "restore-objects"
+roles = ["objects"]
+gate = "all"
+timeout = "2m"
+
+[[phase]]
+name = "verify"
+action = "verify"
+roles = ["objects"]
+gate = "all"
+timeout = "1m"
+
+[[phase]]
+name = "restore-replicas"
+action = "scale"
+roles = ["worker"]
+gate = "all"
+timeout = "1m"
+params = { replicas = "prior" }
+
+[[phase]]
+name = "report"
+action = "report"
+timeout = "1m"
+
+[[phase]]
+name = "unfreeze"
+action = "unfreeze"
+roles = ["web"]
+gate = "all"
+timeout = "1m"
+"#;
+
+/// The restore-objects output an agent recorded in its state directory (results are JSON
+/// files; the output may be nested as a JSON string).
+fn recorded_restore(state: &Path) -> Option<serde_json::Value> {
+    fn find(v: &serde_json::Value) -> Option<serde_json::Value> {
+        match v {
+            serde_json::Value::Object(m) if m.contains_key("shards") => Some(v.clone()),
+            serde_json::Value::Object(m) => m.values().find_map(find),
+            serde_json::Value::Array(a) => a.iter().find_map(find),
+            serde_json::Value::String(s) => serde_json::from_str(s).ok().as_ref().and_then(find),
+            _ => None,
+        }
+    }
+    walk(&state.join("results")).iter().find_map(|file| {
+        let text = std::fs::read_to_string(file).ok()?;
+        find(&serde_json::from_str(&text).ok()?)
+    })
+}
+
+/// Two objects agents on one live store (the fleet declares objects = 2) restore one point in
+/// a drill: each restores its own shard of the keys, and together they make the store equal
+/// the point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_objects_agents_restore_a_point_in_two_shards() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let objects = dir.path().join("objects");
+    for i in 0..60 {
+        let path = objects.join(format!("artifacts/{}/{i:03}.bin", i % 5));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, format!("artifact {i};").repeat(i + 1)).unwrap();
+    }
+    let objects_url = format!("file://{}", objects.display());
+    let repo = dir.path().join("repository");
+    let repo_url = format!("file://{}", repo.display());
+    let snap = rollcall(&[
+        "repo",
+        "snapshot",
+        "--store",
+        &objects_url,
+        "--repo",
+        &repo_url,
+        "--env",
+        "test",
+    ]);
+    assert!(
+        snap.status.success(),
+        "{}",
+        String::from_utf8_lossy(&snap.stderr)
+    );
+    let point = serde_json::from_slice::<serde_json::Value>(&snap.stdout).unwrap()["point"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut at_point = walk(&objects);
+    at_point.sort();
+    let bodies = |files: &[String]| -> Vec<Vec<u8>> {
+        files.iter().map(|f| std::fs::read(f).unwrap()).collect()
+    };
+    let expected = bodies(&at_point);
+
+    // The disaster: ten objects deleted, five overwritten, junk added.
+    for f in &at_point[..10] {
+        std::fs::remove_file(f).unwrap();
+    }
+    for f in &at_point[10..15] {
+        std::fs::write(f, b"overwritten").unwrap();
+    }
+    std::fs::create_dir_all(objects.join("junk")).unwrap();
+    for i in 0..6 {
+        std::fs::write(objects.join(format!("junk/{i}")), b"not in the point").unwrap();
+    }
+
+    let certs = dir.path().join("certs");
+    let out = rollcall(&[
+        "certs",
+        "init",
+        "--dir",
+        certs.to_str().unwrap(),
+        "--agent",
+        "web-1:web",
+        "--agent",
+        "worker-1:worker",
+        "--agent",
+        "obj-1:objects",
+        "--agent",
+        "obj-2:objects",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, SHARDED_PLAN).unwrap();
+    let (agents_addr, operator_addr) = (free_addr(), free_addr());
+    let env = format!(
+        r#"
+    [environments.test]
+    rpo = "1h"
+    rto = "1h"
+    retention = "7days"
+    repository = "{repo_url}"
+    plan = "{plan}"
+    fleet = {{ web = 1, worker = 1, objects = 2 }}
+    "#,
+        plan = plan.display()
+    );
+    let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, &env);
+    let spawn = |name: &str, args: &[&str]| {
+        let mut cmd = Command::new(rollcall_bin());
+        cmd.args(args).env("RUST_LOG", "info");
+        Proc::spawn(name, dir.path(), cmd)
+    };
+    let _coordinator = spawn(
+        "coordinator",
+        &["coordinator", "--config", config.to_str().unwrap()],
+    );
+    let marker = dir.path().join("frozen");
+    let web_control = format!(
+        "[control]\nfreeze = \"exec\"\n[control.exec]\nfreeze = [\"touch\", \"{m}\"]\nunfreeze = [\"rm\", \"{m}\"]\n",
+        m = marker.display()
+    );
+    let worker_control = "[control]\nscale = \"process\"\n[control.process]\nprogram = \"sleep\"\nargs = [\"3600\"]\nreplicas = 1\nstop_grace = \"1s\"\n";
+    let obj_data = format!("[objects]\nurl = \"{objects_url}\"\nparallelism = 4\n");
+    let names = ["web-1", "worker-1", "obj-1", "obj-2"];
+    let mut agents = Vec::new();
+    for (name, role, extra) in [
+        ("web-1", "web", web_control.as_str()),
+        ("worker-1", "worker", worker_control),
+        ("obj-1", "objects", obj_data.as_str()),
+        ("obj-2", "objects", obj_data.as_str()),
+    ] {
+        let cfg = write_agent_config(dir.path(), &certs, agents_addr, name, role, extra);
+        agents.push(spawn(name, &["agent", "--config", cfg.to_str().unwrap()]));
+    }
+    eventually("the fleet is ready", Duration::from_secs(60), async || {
+        let json = agents_json(operator_addr, &certs).ok()?;
+        names
+            .iter()
+            .all(|n| {
+                json["agents"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x["name"] == *n && x["ready"] == true))
+            })
+            .then_some(())
+    })
+    .await;
+
+    let operator = format!("https://{operator_addr}");
+    let drill = rollcall(&[
+        "drill",
+        "--env",
+        "test",
+        "--point",
+        &point,
+        "--watch",
+        "--coordinator",
+        &operator,
+        "--certs",
+        certs.to_str().unwrap(),
+    ]);
+    let out = String::from_utf8_lossy(&drill.stdout);
+    assert!(
+        drill.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&drill.stderr)
+    );
+    assert!(
+        out.contains("phase restore-objects passed") && out.contains("phase verify passed"),
+        "{out}"
+    );
+
+    // The store equals the point; the junk went to the repository's quarantine.
+    let mut now = walk(&objects);
+    now.sort();
+    assert_eq!(now, at_point);
+    assert_eq!(bodies(&now), expected);
+    let quarantined = walk(&repo.join("quarantine"));
+    assert_eq!(quarantined.len(), 6 + 5, "junk and overwritten, once each");
+
+    // Each agent restored a different shard of 2; together every damaged object, once.
+    let results: Vec<serde_json::Value> = ["obj-1", "obj-2"]
+        .iter()
+        .map(|n| {
+            recorded_restore(&dir.path().join("state").join(n))
+                .unwrap_or_else(|| panic!("{n} recorded no restore-objects result"))
+        })
+        .collect();
+    let mut shards: Vec<(u64, u64)> = results
+        .iter()
+        .map(|r| (r["shard"].as_u64().unwrap(), r["shards"].as_u64().unwrap()))
+        .collect();
+    shards.sort();
+    assert_eq!(shards, [(0, 2), (1, 2)], "{results:?}");
+    let sum = |k: &str| results.iter().map(|r| r[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("restored"), 15, "{results:?}");
+    assert_eq!(sum("replaced"), 5, "{results:?}");
+    assert_eq!(sum("removed"), 6, "{results:?}");
+    assert_eq!(sum("unchanged"), 45, "{results:?}");
+    for a in &mut agents {
+        a.terminate(Duration::from_secs(10));
+    }
 }

@@ -16,7 +16,7 @@ use api::config::{ConfigError, resolve};
 use api::model::{ObjectReferences, RepositoryRef};
 use repository::{
     CountSpec, PgBackupOptions, PgRestoreOptions, PointId, Repository, RepositoryOptions,
-    RestoreObjectsOptions, S3Options, SnapshotOptions,
+    RestoreObjectsOptions, S3Options, Shard, SnapshotOptions,
 };
 use serde::Deserialize;
 
@@ -370,11 +370,8 @@ impl DataPlane {
         progress: &Reporter,
     ) -> Result<Value> {
         let objects = self.objects()?;
-        if shards != 1 || shard != 0 {
-            bail!(
-                "this agent restores whole snapshots; sharding across agents is not supported yet"
-            );
-        }
+        // Several objects agents split one restore by key hash; each gets its shard.
+        let shard = Shard::new(shard, shards).context("restore objects")?;
         let repo = open_repository(repo).await?;
         let id = PointId::parse(point)?;
         let point = repo.read_point(&id).await?;
@@ -395,9 +392,12 @@ impl DataPlane {
             "quarantine/{}",
             run_tag(run_id)
         )));
+        options.shard = Some(shard);
         let report = repository::restore_objects(&repo, &snapshot, live, &options).await?;
         Ok(json!({
             "snapshot": snapshot.as_str(),
+            "shard": report.shard,
+            "shards": report.shards,
             "restored": report.restored,
             "restored_bytes": report.restored_bytes,
             "unchanged": report.unchanged,

@@ -2,24 +2,41 @@
 //! for an operator whose coordinator is gone (and for the benchmarks). The same safety holds:
 //! a Postgres restore swaps a new database in and keeps the old one; an object restore
 //! quarantines what it replaces.
+//!
+//! The forms in DESIGN.md's "Operator CLI" are a stable contract (flags may come in any
+//! order, after the subcommand); the older spellings (`--repository`, `--source`, `--target`,
+//! a positional point) are kept as aliases so existing scripts keep working.
+
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
+use object_store::ObjectStore;
 use repository::{
-    PgBackupOptions, PointId, Repository, RepositoryOptions, S3Options, SnapshotOptions,
+    PgBackupOptions, PointId, Repository, RepositoryOptions, S3Options, Shard, SnapshotId,
+    SnapshotOptions,
 };
+
+/// The environment a break-glass point is recorded under when `--env` is not given.
+pub const DEFAULT_ENVIRONMENT: &str = "manual";
 
 #[derive(Debug, Args)]
 pub struct RepoArgs {
     /// The backup repository: file:///dir, s3://bucket/prefix, gs://..., az://...
-    #[arg(long, env = "ROLLCALL_REPOSITORY")]
-    repository: String,
+    #[arg(
+        long = "repo",
+        visible_alias = "repository",
+        value_name = "URL",
+        env = "ROLLCALL_REPOSITORY",
+        global = true
+    )]
+    repo: Option<String>,
     /// S3-compatible endpoint (credentials: AWS_* in the environment).
-    #[arg(long)]
+    #[arg(long, global = true)]
     s3_endpoint: Option<String>,
-    #[arg(long)]
+    #[arg(long, global = true)]
     s3_region: Option<String>,
-    #[arg(long)]
+    #[arg(long, global = true)]
     s3_path_style: bool,
     #[command(subcommand)]
     command: RepoCommand,
@@ -29,23 +46,32 @@ pub struct RepoArgs {
 enum RepoCommand {
     /// Dump a database into the repository and commit a point holding it (and nothing else).
     BackupPostgres {
-        #[arg(long)]
+        /// Environment the point belongs to (default `manual`: a break-glass point that no
+        /// environment's retention or `--point latest` picks up by accident).
+        #[arg(long, default_value = DEFAULT_ENVIRONMENT)]
         env: String,
         /// The database URL (put the password in PGPASSWORD or the URL from a secret store).
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
     },
-    /// Snapshot a live object store into the repository and commit a point holding it.
+    /// Snapshot a live object store into the repository and commit a point holding it; prints
+    /// the point and its snapshot id.
     Snapshot {
-        #[arg(long)]
+        /// Environment the point belongs to (default `manual`, as for backup-postgres).
+        #[arg(long, default_value = DEFAULT_ENVIRONMENT)]
         env: String,
         /// The live object store URL.
-        #[arg(long)]
-        source: String,
+        #[arg(long, visible_alias = "source", value_name = "URL")]
+        store: String,
     },
-    /// Verify a point: dump checksum, manifest, blobs (--full: re-hash blob bodies).
+    /// Verify a point (dump checksum, manifest, blobs; --full re-hashes blob bodies), or
+    /// every point of the repository without --point. Exit 1 if any is damaged.
     Verify {
-        point: String,
+        #[arg(long = "point", value_name = "ID")]
+        point: Option<String>,
+        /// The point, positionally (older form of --point).
+        #[arg(hide = true, conflicts_with = "point")]
+        point_arg: Option<String>,
         #[arg(long)]
         full: bool,
     },
@@ -54,16 +80,37 @@ enum RepoCommand {
         #[arg(long)]
         env: Option<String>,
     },
-    /// Restore a point's objects into a live store; displaced objects go to quarantine.
+    /// Restore an object snapshot (--snapshot ID, or the one of --point ID) into a live
+    /// store; displaced objects go to quarantine.
     RestoreObjects {
-        point: String,
+        /// The object snapshot to restore.
+        #[arg(long, value_name = "ID", conflicts_with_all = ["point", "point_arg"])]
+        snapshot: Option<String>,
+        /// Restore the object snapshot of this recovery point.
+        #[arg(long, value_name = "ID", conflicts_with = "point_arg")]
+        point: Option<String>,
+        /// The point, positionally (older form of --point).
+        #[arg(hide = true)]
+        point_arg: Option<String>,
+        /// The live object store to restore into.
+        #[arg(long, visible_alias = "target", value_name = "URL")]
+        store: String,
+        /// Restore only shard I of N of the keys (by key hash), e.g. 0/2 and 1/2 on two
+        /// machines; together the shards do what one whole restore does.
+        #[arg(long, value_name = "I/N")]
+        shard: Option<String>,
+        /// Objects in flight (default 64).
         #[arg(long)]
-        target: String,
+        parallelism: Option<usize>,
     },
     /// Restore a point's dump into a database (the runbook's `createdb` first: the target
     /// must be a new, empty database; nothing is dropped).
     RestorePostgres {
-        point: String,
+        #[arg(long = "point", value_name = "ID")]
+        point: Option<String>,
+        /// The point, positionally (older form of --point).
+        #[arg(hide = true, conflicts_with = "point")]
+        point_arg: Option<String>,
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
         /// Create the target database first.
@@ -72,15 +119,46 @@ enum RepoCommand {
     },
 }
 
+/// The point of a subcommand that takes it as `--point ID` or (older form) positionally.
+fn point_of(flag: Option<String>, positional: Option<String>, command: &str) -> Result<PointId> {
+    let Some(text) = flag.or(positional) else {
+        bail!("--point ID is required for `rollcall repo {command}` (see `rollcall points`)");
+    };
+    PointId::parse(&text).with_context(|| format!("--point {text}"))
+}
+
+/// `store_from_url`, with a URL's path prefix applied.
+fn live_store(url: &str, s3: &S3Options) -> Result<Arc<dyn ObjectStore>> {
+    let (store, prefix) = repository::store_from_url(url, s3)?;
+    Ok(if prefix.as_ref().is_empty() {
+        store
+    } else {
+        Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
+    })
+}
+
 #[allow(clippy::print_stdout)]
 pub async fn run(args: RepoArgs) -> Result<()> {
+    let Some(repo_url) = args.repo.as_deref() else {
+        bail!("--repo URL is required (or set ROLLCALL_REPOSITORY)");
+    };
     let s3 = S3Options::connection(
         args.s3_endpoint.clone(),
         args.s3_region.clone(),
         args.s3_path_style,
     );
+    // Check what the operator typed before opening (and perhaps creating) the repository.
+    let shard = match &args.command {
+        RepoCommand::RestoreObjects {
+            shard: Some(text), ..
+        } => Some(
+            text.parse::<Shard>()
+                .with_context(|| format!("--shard {text}"))?,
+        ),
+        _ => None,
+    };
     let repo = Repository::open(
-        &args.repository,
+        repo_url,
         RepositoryOptions {
             s3: s3.clone(),
             ..RepositoryOptions::default()
@@ -105,18 +183,12 @@ pub async fn run(args: RepoArgs) -> Result<()> {
                 .await?;
             json(serde_json::json!({ "point": point.id.to_string(), "postgres": point.postgres }));
         }
-        RepoCommand::Snapshot { env, source } => {
+        RepoCommand::Snapshot { env, store } => {
             let id = PointId::new(&env, chrono::Utc::now())?;
-            let (store, prefix) = repository::store_from_url(&source, &s3)?;
-            let store: std::sync::Arc<dyn object_store::ObjectStore> = if prefix.as_ref().is_empty()
-            {
-                store
-            } else {
-                std::sync::Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
-            };
-            let mut options = SnapshotOptions::new(repository::redact_url(&source));
+            let live = live_store(&store, &s3)?;
+            let mut options = SnapshotOptions::new(repository::redact_url(&store));
             options.environment = Some(env);
-            let part = repository::snapshot_objects(&repo, store, &options, None).await?;
+            let part = repository::snapshot_objects(&repo, live, &options, None).await?;
             let point = repo
                 .write_point(repository::NewPoint {
                     id,
@@ -127,13 +199,21 @@ pub async fn run(args: RepoArgs) -> Result<()> {
                 .await?;
             json(serde_json::json!({ "point": point.id.to_string(), "objects": point.objects }));
         }
-        RepoCommand::Verify { point, full } => {
-            let report = repo.verify_point(&PointId::parse(&point)?, full).await?;
-            json(serde_json::to_value(&report)?);
-            if !report.is_ok() {
-                bail!("recovery point {point} failed verification; do not restore from it");
+        RepoCommand::Verify {
+            point,
+            point_arg,
+            full,
+        } => match point.or(point_arg) {
+            Some(text) => {
+                let id = PointId::parse(&text).with_context(|| format!("--point {text}"))?;
+                let report = repo.verify_point(&id, full).await?;
+                json(serde_json::to_value(&report)?);
+                if !report.is_ok() {
+                    bail!("recovery point {id} failed verification; do not restore from it");
+                }
             }
-        }
+            None => verify_all(&repo, full, &repository::redact_url(repo_url)).await?,
+        },
         RepoCommand::Points { env } => {
             let listing = repo.list_points(env.as_deref()).await?;
             for d in &listing.damaged {
@@ -148,34 +228,96 @@ pub async fn run(args: RepoArgs) -> Result<()> {
                 );
             }
         }
-        RepoCommand::RestoreObjects { point, target } => {
-            let id = PointId::parse(&point)?;
-            let snapshot = repo
-                .read_point(&id)
-                .await?
-                .objects
-                .with_context(|| format!("point {point} has no object snapshot"))?
-                .snapshot_id;
-            let (store, prefix) = repository::store_from_url(&target, &s3)?;
+        RepoCommand::RestoreObjects {
+            snapshot,
+            point,
+            point_arg,
+            store,
+            shard: _,
+            parallelism,
+        } => {
+            let snapshot = match (snapshot, point.or(point_arg)) {
+                (Some(text), _) => {
+                    SnapshotId::parse(&text).with_context(|| format!("--snapshot {text}"))?
+                }
+                (None, Some(text)) => {
+                    let id = PointId::parse(&text).with_context(|| format!("--point {text}"))?;
+                    repo.read_point(&id)
+                        .await?
+                        .objects
+                        .with_context(|| format!("point {id} has no object snapshot"))?
+                        .snapshot_id
+                }
+                (None, None) => bail!(
+                    "--snapshot ID or --point ID is required for `rollcall repo \
+                     restore-objects` (see `rollcall repo points`)"
+                ),
+            };
+            let (target, prefix) = repository::store_from_url(&store, &s3)?;
             let mut options =
-                repository::RestoreObjectsOptions::new(repository::redact_url(&target));
+                repository::RestoreObjectsOptions::new(repository::redact_url(&store));
             if !prefix.as_ref().is_empty() {
                 options.target_prefix = Some(prefix);
             }
-            let report = repository::restore_objects(&repo, &snapshot, store, &options).await?;
+            if let Some(parallelism) = parallelism {
+                if parallelism == 0 {
+                    bail!("--parallelism 0: at least one object must be in flight");
+                }
+                options.parallelism = parallelism;
+            }
+            options.shard = shard;
+            let report = repository::restore_objects(&repo, &snapshot, target, &options).await?;
             json(serde_json::to_value(&report)?);
         }
         RepoCommand::RestorePostgres {
             point,
+            point_arg,
             database_url,
             create,
         } => {
+            let id = point_of(point, point_arg, "restore-postgres")?;
             let mut options = repository::PgRestoreOptions::new(database_url);
             options.create_database = create;
-            let report =
-                repository::restore_postgres(&repo, &PointId::parse(&point)?, &options).await?;
+            let report = repository::restore_postgres(&repo, &id, &options).await?;
             json(serde_json::to_value(&report)?);
         }
+    }
+    Ok(())
+}
+
+/// `repo verify` without `--point`: every point, one line each; fails if any is damaged.
+#[allow(clippy::print_stdout)]
+async fn verify_all(repo: &Repository, full: bool, label: &str) -> Result<()> {
+    let listing = repo.list_points(None).await?;
+    let mut damaged = listing.damaged.len();
+    for d in &listing.damaged {
+        println!("damaged  {}: {}", d.key, d.reason);
+    }
+    for point in &listing.points {
+        match repo.verify_point(&point.id, full).await {
+            Ok(report) if report.is_ok() => println!(
+                "ok       {}  ({} objects checked, {} dump bytes hashed)",
+                point.id, report.objects_checked, report.dump_bytes
+            ),
+            Ok(report) => {
+                damaged += 1;
+                println!("damaged  {}: {}", point.id, report.problems.join("; "));
+            }
+            Err(e) => {
+                damaged += 1;
+                println!("damaged  {}: {e:#}", point.id);
+            }
+        }
+    }
+    let total = listing.points.len() + listing.damaged.len();
+    if damaged > 0 {
+        bail!(
+            "{damaged} of {total} recovery points failed verification; do not restore from \
+             them (the lines above name each problem)"
+        );
+    }
+    if total == 0 {
+        println!("no recovery points in {label}");
     }
     Ok(())
 }

@@ -9,6 +9,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::path::Path as FsPath;
 use std::process::Command;
@@ -16,11 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use repository::*;
-
-struct Figures {
-    objects: u64,
-    bytes: u64,
-}
+use support::*;
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -31,32 +28,12 @@ fn main() {
 }
 
 async fn run() {
-    let base = std::env::var_os("BENCH_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let dir = tempfile::Builder::new()
-        .prefix("rollcall-bench-snapshot-")
-        .tempdir_in(&base)
-        .expect("bench dir");
+    let dir = bench_dir("rollcall-bench-snapshot-");
     let live_dir = dir.path().join("live");
     let live = local_store(&live_dir);
-    println!(
-        "generating 5,000 × 4 KiB + 200 × 1 MiB + 4 × 64 MiB in {}",
-        live_dir.display()
-    );
-    fill(&live, "small", 5000, 4 << 10).await;
-    fill(&live, "medium", 200, 1 << 20).await;
-    fill(&live, "large", 4, 64 << 20).await;
-    let data = Figures {
-        objects: 5204,
-        bytes: 5000 * (4 << 10) + 200 * (1 << 20) + 4 * (64 << 20),
-    };
-    sync_fs();
-
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3);
+    println!("generating {DATASET} in {}", live_dir.display());
+    let data = dataset(&live).await;
+    let rounds = rounds();
     println!(
         "\n== local → local ({} objects, {:.1} MB; {rounds} interleaved rounds, medians) ==",
         data.objects,
@@ -118,10 +95,7 @@ async fn run() {
         }
         sync_fs();
     }
-    println!(
-        "{:<44} {:>9} {:>11} {:>9}",
-        "run", "seconds", "objects/s", "MB/s"
-    );
+    header();
     let first = [median(&mut first[0]), median(&mut first[1])];
     report("rollcall snapshot, first (fsync=true)", first[0], &data);
     report("rollcall snapshot, first (fsync=false)", first[1], &data);
@@ -280,32 +254,4 @@ fn requests(moto: &Moto, base: usize, label: &str, elapsed: Duration, data: &Fig
         get - list,
         seen.len() as f64 / data.objects as f64
     );
-}
-
-fn report(label: &str, elapsed: Duration, data: &Figures) {
-    let secs = elapsed.as_secs_f64();
-    println!(
-        "{label:<44} {secs:>9.2} {:>11.0} {:>9.1}",
-        data.objects as f64 / secs,
-        mb(data.bytes) / secs
-    );
-}
-
-fn median(samples: &mut [Duration]) -> Duration {
-    samples.sort();
-    samples.get(samples.len() / 2).copied().unwrap_or_default()
-}
-
-fn mb(bytes: u64) -> f64 {
-    bytes as f64 / 1e6
-}
-
-fn which(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-        .unwrap_or(false)
-}
-
-fn sync_fs() {
-    let _ = Command::new("sync").status();
 }

@@ -37,7 +37,7 @@ pub use postgres::{
 pub use prune::{KeepReason, KeptPoint, PruneOptions, PruneReport};
 pub use repo::{RepoError, Repository, RepositoryOptions};
 pub use restore::{
-    QUARANTINE_ROOT, RestoreObjectsOptions, RestoreObjectsReport, restore_objects,
+    QUARANTINE_ROOT, RestoreObjectsOptions, RestoreObjectsReport, Shard, restore_objects,
     restore_point_objects,
 };
 pub use secrets::{SecretRef, SecretRefSource, load_secret_refs};

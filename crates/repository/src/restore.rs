@@ -2,6 +2,10 @@
 //! exactly the manifest's objects. Idempotent (objects already right are left alone), and
 //! never destructive: an object the restore replaces or removes is first copied to a
 //! quarantine prefix, and the report lists both.
+//!
+//! A restore can be split across several processes by [`Shard`]: each owns the keys whose
+//! hash falls in its shard, writes only those manifest entries and quarantines only those
+//! extra objects, so shards `0..N` together do exactly what one unsharded restore does.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,6 +31,82 @@ use crate::store::retry;
 /// Top-level prefix of the target store under which restores keep what they displaced.
 pub const QUARANTINE_ROOT: &str = "rollcall-quarantine";
 
+/// One of `count` disjoint parts of a restore, by key hash. Shard `0/1` is the whole restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Shard {
+    /// The whole key space in one shard.
+    pub const WHOLE: Shard = Shard { index: 0, count: 1 };
+
+    /// Shard `index` of `count`, checked: `count ≥ 1` and `index < count`.
+    pub fn new(index: u32, count: u32) -> Result<Shard> {
+        let shard = Shard { index, count };
+        shard.validate()?;
+        Ok(shard)
+    }
+
+    /// Fields are public (the agent and the CLI build shards from the wire and from flags),
+    /// so a restore checks them again before it touches anything.
+    pub fn validate(&self) -> Result<()> {
+        if self.count == 0 {
+            bail!(
+                "shard {}/{} is not a shard: the number of shards must be at least 1",
+                self.index,
+                self.count
+            );
+        }
+        if self.index >= self.count {
+            bail!(
+                "shard {}/{} is not a shard: the index must be below the number of shards \
+                 (0..{})",
+                self.index,
+                self.count,
+                self.count
+            );
+        }
+        Ok(())
+    }
+
+    /// Which of `count` shards owns `key` (a key relative to the restore prefix): the first
+    /// 8 bytes of sha256(key) as a big-endian integer, modulo `count`. Stable across versions
+    /// and machines: agents of one restore must agree on it.
+    pub fn of_key(key: &str, count: u32) -> u32 {
+        let digest = Sha256::digest(key.as_bytes());
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&digest[..8]);
+        (u64::from_be_bytes(head) % u64::from(count.max(1))) as u32
+    }
+
+    pub fn owns(&self, key: &str) -> bool {
+        self.count <= 1 || Shard::of_key(key, self.count) == self.index
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = anyhow::Error;
+
+    /// `I/N`, e.g. `0/2` and `1/2` for two halves.
+    fn from_str(text: &str) -> Result<Shard> {
+        let parsed = text
+            .split_once('/')
+            .and_then(|(i, n)| Some((i.trim().parse().ok()?, n.trim().parse().ok()?)));
+        let Some((index, count)) = parsed else {
+            bail!("shard {text:?} is not I/N (e.g. 0/2 and 1/2 split a restore in two)");
+        };
+        Shard::new(index, count)
+    }
+}
+
 /// What [`restore_objects`] does.
 #[derive(Clone)]
 pub struct RestoreObjectsOptions {
@@ -49,6 +129,9 @@ pub struct RestoreObjectsOptions {
     pub multipart_threshold: u64,
     pub part_size: usize,
     pub progress: Option<ProgressFn>,
+    /// Restore only the keys this shard owns (default: all of them). Several restores of the
+    /// same snapshot, one per shard, may run at once against the same target.
+    pub shard: Option<Shard>,
 }
 
 impl RestoreObjectsOptions {
@@ -63,6 +146,7 @@ impl RestoreObjectsOptions {
             multipart_threshold: 8 << 20,
             part_size: 8 << 20,
             progress: None,
+            shard: None,
         }
     }
 }
@@ -75,6 +159,7 @@ impl std::fmt::Debug for RestoreObjectsOptions {
             .field("quarantine_prefix", &self.quarantine_prefix)
             .field("remove_extra", &self.remove_extra)
             .field("parallelism", &self.parallelism)
+            .field("shard", &self.shard)
             .finish_non_exhaustive()
     }
 }
@@ -92,6 +177,9 @@ pub struct RestoreObjectsReport {
     /// Target keys the snapshot does not have, moved to quarantine.
     pub removed: Vec<String>,
     pub quarantine_prefix: String,
+    /// Which shard of the keys this restore did (`0` of `1`: all of them).
+    pub shard: u32,
+    pub shards: u32,
 }
 
 enum Action {
@@ -147,6 +235,10 @@ async fn restore_manifest(
     options: &RestoreObjectsOptions,
 ) -> Result<RestoreObjectsReport> {
     let snapshot = &manifest.id.clone();
+    let shard = options.shard.unwrap_or(Shard::WHOLE);
+    shard
+        .validate()
+        .with_context(|| format!("restore snapshot {snapshot}"))?;
     let target_prefix = options.target_prefix.clone().unwrap_or_default();
     let quarantine = options.quarantine_prefix.clone().unwrap_or_else(|| {
         Path::from(format!(
@@ -177,34 +269,29 @@ async fn restore_manifest(
         .await
         .with_context(|| format!("list the target store {}", options.target_label))?;
 
-    let total_bytes: u64 = manifest.objects.iter().map(|e| e.size).sum();
-    let progress = Arc::new(Progress::new(
-        options.progress.clone(),
-        manifest.objects.len() as u64,
-        total_bytes,
-    ));
-    progress.report(TransferPhase::Copying);
-
+    // Every manifest key is wanted (an object of another shard is never an extra); only the
+    // owned ones are this restore's to write.
     let mut wanted = HashMap::new();
     let mut jobs = Vec::new();
     for entry in &manifest.objects {
         let location = join(&target_prefix, &entry.key)?;
         wanted.insert(location.clone(), ());
+        if !shard.owns(&entry.key) {
+            continue;
+        }
         jobs.push((
             entry.clone(),
             location.clone(),
             existing.get(&location).cloned(),
         ));
     }
-    let extras: Vec<Path> = if options.remove_extra {
-        existing
-            .keys()
-            .filter(|k| !wanted.contains_key(*k))
-            .cloned()
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let total_bytes: u64 = jobs.iter().map(|(e, _, _)| e.size).sum();
+    let progress = Arc::new(Progress::new(
+        options.progress.clone(),
+        jobs.len() as u64,
+        total_bytes,
+    ));
+    progress.report(TransferPhase::Copying);
 
     let shared = Arc::new(Shared {
         repo: repo.clone(),
@@ -216,6 +303,15 @@ async fn restore_manifest(
         part_size: options.part_size.max(5 << 20),
         progress: progress.clone(),
     });
+    let extras: Vec<Path> = if options.remove_extra {
+        existing
+            .keys()
+            .filter(|k| !wanted.contains_key(*k) && shard.owns(&shared.relative(k)))
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
     let task = shared.clone();
     let outcomes = for_each_parallel(
         jobs,
@@ -269,6 +365,8 @@ async fn restore_manifest(
     let mut report = RestoreObjectsReport {
         snapshot_id: Some(snapshot.clone()),
         quarantine_prefix: quarantine.to_string(),
+        shard: shard.index,
+        shards: shard.count,
         ..RestoreObjectsReport::default()
     };
     let by_key: HashMap<&str, u64> = manifest
@@ -517,6 +615,47 @@ impl Progress {
                 objects_copied: self.objects_copied.load(Ordering::Relaxed),
                 bytes_copied: self.bytes_copied.load(Ordering::Relaxed),
             });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ownership_is_stable() {
+        // Fixed values: agents of different versions must split a restore the same way, so a
+        // change here breaks mixed-version fleets.
+        assert_eq!(Shard::of_key("uploads/00000", 2), 1);
+        assert_eq!(Shard::of_key("uploads/00000", 16), 11);
+        assert_eq!(Shard::of_key("a", 3), 1);
+        assert_eq!(Shard::of_key("a", 16), 10);
+        assert_eq!(Shard::of_key("checkpoints/2024/model.bin", 16), 14);
+        assert_eq!(Shard::of_key("", 16), 4);
+        assert!(Shard::WHOLE.owns("anything"));
+        let owners: Vec<u32> = (0..4)
+            .filter(|&i| Shard::new(i, 4).expect("shard").owns("a"))
+            .collect();
+        assert_eq!(owners, vec![Shard::of_key("a", 4)]);
+    }
+
+    #[test]
+    fn shards_parse_and_refuse_what_is_not_one() {
+        assert_eq!(
+            "1/2".parse::<Shard>().expect("1/2"),
+            Shard { index: 1, count: 2 }
+        );
+        assert_eq!(Shard::new(0, 1).expect("0/1"), Shard::WHOLE);
+        for (text, needle) in [
+            ("2/2", "shard 2/2 is not a shard"),
+            ("0/0", "shard 0/0 is not a shard"),
+            ("1", "\"1\" is not I/N"),
+            ("a/2", "\"a/2\" is not I/N"),
+            ("-1/2", "is not I/N"),
+        ] {
+            let err = text.parse::<Shard>().expect_err(text).to_string();
+            assert!(err.contains(needle), "{text}: {err}");
         }
     }
 }

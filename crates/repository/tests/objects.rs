@@ -215,8 +215,16 @@ async fn interrupted_snapshot_leaves_no_point_and_the_next_reuses_blobs() {
         "no point"
     );
 
-    // Let in-flight puts of the aborted run settle, then snapshot again.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Wait until the aborted run's in-flight blob PUTs have finished or been dropped, so the
+    // counts below belong to the second snapshot alone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while counting.counts.get(&counting.counts.blob_puts_in_flight) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "blob PUTs of the interrupted snapshot never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let copied_before = counting.counts.get(&counting.counts.blob_puts);
     let part = snapshot_objects(&repo, live.clone(), &options, None)
         .await
@@ -687,4 +695,291 @@ async fn unreachable_or_missing_repositories_are_clear_errors() {
         format!("{err:#}").contains("ROLLCALL_TEST_SURELY_UNSET_VARIABLE"),
         "{err:#}"
     );
+}
+
+/// The first `n` keys of `keys` that shard `index` of 2 owns.
+fn owned_by(keys: impl IntoIterator<Item = String>, index: u32, n: usize) -> Vec<String> {
+    keys.into_iter()
+        .filter(|k| Shard::of_key(k, 2) == index)
+        .take(n)
+        .collect()
+}
+
+/// The keys a drift changed, deleted and added.
+struct Drift {
+    changed: Vec<String>,
+    deleted: Vec<String>,
+    extras: Vec<String>,
+}
+
+/// Fills `store` like the live store of the tests below (60 objects), then drifts it: per
+/// shard (of 2), two objects changed, two deleted and two extras added.
+async fn drift(store: &Arc<dyn ObjectStore>) -> Drift {
+    fill(store, "uploads", 60, 1024).await;
+    let keys = || (0..60).map(|i| format!("uploads/{i:05}"));
+    let extra_keys = || (0..100).map(|i| format!("junk/{i}"));
+    let mut d = Drift {
+        changed: Vec::new(),
+        deleted: Vec::new(),
+        extras: Vec::new(),
+    };
+    for shard in 0..2 {
+        let owned = owned_by(keys(), shard, 4);
+        d.changed.extend(owned[..2].iter().cloned());
+        d.deleted.extend(owned[2..].iter().cloned());
+        d.extras.extend(owned_by(extra_keys(), shard, 2));
+    }
+    for key in &d.changed {
+        store
+            .put(&Path::from(key.as_str()), content("drift", 0, 1024).into())
+            .await
+            .expect("change");
+    }
+    for key in &d.deleted {
+        store
+            .delete(&Path::from(key.as_str()))
+            .await
+            .expect("delete");
+    }
+    for key in &d.extras {
+        store
+            .put(&Path::from(key.as_str()), content(key, 9, 10).into())
+            .await
+            .expect("add");
+    }
+    d
+}
+
+fn without_quarantine(
+    digests: std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    digests
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(QUARANTINE_ROOT))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_shards_together_restore_exactly_what_one_whole_restore_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = local_store(&dir.path().join("live"));
+    fill(&live, "uploads", 60, 1024).await;
+    let repo = Repository::open(
+        &format!("file://{}", dir.path().join("repo").display()),
+        test_options(),
+    )
+    .await
+    .expect("open");
+    let point = point_with_snapshot(&repo, live.clone(), "dev").await;
+    let snapshot = point.objects.as_ref().expect("objects").snapshot_id.clone();
+    let expected = digest_store(&live).await;
+
+    // Two identical drifted targets: one restored in two shards, one whole.
+    let sharded = CountingStore::new(local_store(&dir.path().join("sharded")));
+    let sharded_dyn: Arc<dyn ObjectStore> = sharded.clone();
+    let whole = CountingStore::new(local_store(&dir.path().join("whole")));
+    let whole_dyn: Arc<dyn ObjectStore> = whole.clone();
+    let d = drift(&sharded_dyn).await;
+    drift(&whole_dyn).await;
+    let quarantine = "rollcall-quarantine/test-run";
+
+    let mut whole_options = RestoreObjectsOptions::new("file:///whole");
+    whole_options.quarantine_prefix = Some(Path::from(quarantine));
+    whole.counts.written.lock().expect("written").clear();
+    let all = restore_objects(&repo, &snapshot, whole_dyn.clone(), &whole_options)
+        .await
+        .expect("whole restore");
+    assert_eq!((all.shard, all.shards), (0, 1));
+    let all_written: BTreeSet<String> = whole.counts.written().into_iter().collect();
+
+    let mut reports = Vec::new();
+    let mut written = Vec::new();
+    for index in 0..2 {
+        let totals = Arc::new(std::sync::Mutex::new(None));
+        let sink = totals.clone();
+        let mut options = RestoreObjectsOptions::new("file:///sharded");
+        options.quarantine_prefix = Some(Path::from(quarantine));
+        options.shard = Some(Shard::new(index, 2).expect("shard"));
+        options.progress = Some(Arc::new(move |p: &TransferProgress| {
+            *sink.lock().expect("progress") = Some((p.objects_total, p.objects_done));
+        }));
+        sharded.counts.written.lock().expect("written").clear();
+        let report = restore_objects(&repo, &snapshot, sharded_dyn.clone(), &options)
+            .await
+            .expect("sharded restore");
+        assert_eq!((report.shard, report.shards), (index, 2));
+        // Progress counts only this shard's entries.
+        let owned = expected
+            .keys()
+            .filter(|k| Shard::of_key(k, 2) == index)
+            .count() as u64;
+        assert_eq!(
+            *totals.lock().expect("progress"),
+            Some((owned, owned)),
+            "shard {index}"
+        );
+        assert_eq!(report.restored + report.unchanged, owned);
+        let keys = sharded.counts.written();
+        assert_eq!(
+            keys.len() as u64,
+            report.restored,
+            "each object written once"
+        );
+        assert!(
+            keys.iter().all(|k| Shard::of_key(k, 2) == index),
+            "{keys:?}"
+        );
+        written.push(keys.into_iter().collect::<BTreeSet<_>>());
+        reports.push(report);
+    }
+
+    // The target equals the point, and equals the whole restore's result.
+    assert_eq!(
+        without_quarantine(digest_store(&sharded_dyn).await),
+        expected
+    );
+    assert_eq!(
+        digest_store(&sharded_dyn).await,
+        digest_store(&whole_dyn).await,
+        "quarantine included"
+    );
+    // Restored sets are disjoint and together are the whole restore's.
+    assert!(written[0].is_disjoint(&written[1]));
+    assert_eq!(&written[0] | &written[1], all_written);
+    assert_eq!(reports[0].restored + reports[1].restored, all.restored);
+    assert_eq!(reports[0].unchanged + reports[1].unchanged, all.unchanged);
+    assert_eq!(
+        reports[0].restored_bytes + reports[1].restored_bytes,
+        all.restored_bytes
+    );
+    // Replaced and removed objects were quarantined exactly once, by their own shard.
+    let union = |pick: fn(&RestoreObjectsReport) -> &Vec<String>| {
+        let mut out = pick(&reports[0]).clone();
+        out.extend(pick(&reports[1]).iter().cloned());
+        out.sort();
+        out
+    };
+    let mut changed = d.changed.clone();
+    changed.sort();
+    let mut extras = d.extras.clone();
+    extras.sort();
+    assert_eq!(union(|r| &r.replaced), changed);
+    assert_eq!(union(|r| &r.removed), extras);
+    assert_eq!(all.replaced, changed);
+    assert_eq!(all.removed, extras);
+    for (index, report) in reports.iter().enumerate() {
+        assert!(
+            report
+                .replaced
+                .iter()
+                .chain(&report.removed)
+                .all(|k| Shard::of_key(k, 2) == index as u32)
+        );
+    }
+    assert_eq!(
+        sharded.counts.get(&sharded.counts.copies),
+        (changed.len() + extras.len()) as u64,
+        "one quarantine copy per displaced object"
+    );
+    let quarantined: BTreeSet<String> = digest_store(&sharded_dyn)
+        .await
+        .into_keys()
+        .filter_map(|k| k.strip_prefix(&format!("{quarantine}/")).map(str::to_owned))
+        .collect();
+    assert_eq!(
+        quarantined,
+        changed
+            .iter()
+            .chain(&extras)
+            .cloned()
+            .collect::<BTreeSet<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_shard_leaves_the_other_shards_keys_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = local_store(&dir.path().join("live"));
+    fill(&live, "uploads", 60, 1024).await;
+    let repo = Repository::open(
+        &format!("file://{}", dir.path().join("repo").display()),
+        test_options(),
+    )
+    .await
+    .expect("open");
+    let point = point_with_snapshot(&repo, live.clone(), "dev").await;
+    let snapshot = point.objects.as_ref().expect("objects").snapshot_id.clone();
+    let expected = digest_store(&live).await;
+    let target = local_store(&dir.path().join("target"));
+    let d = drift(&target).await;
+    let before = digest_store(&target).await;
+
+    let mut options = RestoreObjectsOptions::new("file:///target");
+    options.quarantine_prefix = Some(Path::from("rollcall-quarantine/half"));
+    options.shard = Some(Shard::new(0, 2).expect("shard"));
+    let report = restore_objects(&repo, &snapshot, target.clone(), &options)
+        .await
+        .expect("restore shard 0");
+    let after = without_quarantine(digest_store(&target).await);
+
+    let mine = |k: &String| Shard::of_key(k, 2) == 0;
+    for key in d.changed.iter().chain(&d.deleted) {
+        if mine(key) {
+            assert_eq!(after.get(key), expected.get(key), "{key} restored");
+        } else {
+            assert_eq!(after.get(key), before.get(key), "{key} untouched");
+        }
+    }
+    for key in &d.extras {
+        assert_eq!(after.contains_key(key), !mine(key), "{key}");
+    }
+    // Everything shard 1 owns is exactly as it was.
+    let theirs = |m: &std::collections::BTreeMap<String, String>| {
+        m.iter()
+            .filter(|(k, _)| !mine(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(theirs(&after), theirs(&before));
+    assert_eq!(report.replaced.len(), 2);
+    assert_eq!(report.removed.len(), 2);
+    assert_eq!(report.restored, 4, "two replaced, two missing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invalid_shard_is_a_clear_error_and_touches_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = local_store(&dir.path().join("live"));
+    fill(&live, "uploads", 5, 100).await;
+    let repo = Repository::open(
+        &format!("file://{}", dir.path().join("repo").display()),
+        test_options(),
+    )
+    .await
+    .expect("open");
+    let point = point_with_snapshot(&repo, live.clone(), "dev").await;
+    let snapshot = point.objects.as_ref().expect("objects").snapshot_id.clone();
+
+    let err = Shard::new(2, 2).expect_err("index = count").to_string();
+    assert!(err.contains("shard 2/2 is not a shard"), "{err}");
+    let err = Shard::new(0, 0).expect_err("no shards").to_string();
+    assert!(
+        err.contains("shard 0/0") && err.contains("at least 1"),
+        "{err}"
+    );
+
+    let target = local_store(&dir.path().join("target"));
+    for (index, count) in [(3, 2), (0, 0)] {
+        let mut options = RestoreObjectsOptions::new("file:///target");
+        options.shard = Some(Shard { index, count });
+        let err = restore_objects(&repo, &snapshot, target.clone(), &options)
+            .await
+            .expect_err("invalid shard");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains(&format!("shard {index}/{count} is not a shard")),
+            "{text}"
+        );
+    }
+    assert!(files_under(&dir.path().join("target")).is_empty());
 }

@@ -36,11 +36,42 @@ pub struct Counts {
     pub lists: AtomicU64,
     pub deletes: AtomicU64,
     pub copies: AtomicU64,
+    /// Blob PUTs started and not yet finished or dropped.
+    pub blob_puts_in_flight: AtomicU64,
+    /// Every key written (PUT or multipart), in order.
+    pub written: std::sync::Mutex<Vec<String>>,
+}
+
+/// Decrements a counter when dropped: counts a call in flight even if its future is dropped.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicU64) -> InFlight<'a> {
+        counter.fetch_add(1, Ordering::SeqCst);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Counts {
     pub fn get(&self, which: &AtomicU64) -> u64 {
         which.load(Ordering::SeqCst)
+    }
+
+    pub fn written(&self) -> Vec<String> {
+        self.written.lock().expect("written keys").clone()
+    }
+
+    fn record_write(&self, location: &Path) {
+        self.written
+            .lock()
+            .expect("written keys")
+            .push(location.to_string());
     }
 }
 
@@ -92,7 +123,9 @@ impl ObjectStore for CountingStore {
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         self.counts.puts.fetch_add(1, Ordering::SeqCst);
+        self.counts.record_write(location);
         if is_blob(location) {
+            let _in_flight = InFlight::enter(&self.counts.blob_puts_in_flight);
             let n = self.counts.blob_puts.fetch_add(1, Ordering::SeqCst) + 1;
             let failing = self
                 .faults
@@ -122,6 +155,7 @@ impl ObjectStore for CountingStore {
         opts: PutMultipartOptions,
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
         self.counts.multiparts.fetch_add(1, Ordering::SeqCst);
+        self.counts.record_write(location);
         self.inner.put_multipart_opts(location, opts).await
     }
 

@@ -1,0 +1,291 @@
+//! The break-glass CLI's stable contract (DESIGN.md, "Operator CLI"): every `rollcall repo`
+//! form exactly as written there, run as the real binary against a `file://` repository, plus
+//! a sharded restore split over two processes and the one-line errors for bad input.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Output;
+
+use e2e::rollcall;
+
+fn ok(out: &Output, what: &str) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// Fails with exactly one line on stderr, containing every one of `needles`.
+fn fails_with(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should have failed: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line on stderr: {stderr}");
+    for needle in needles {
+        assert!(lines[0].contains(needle), "{needle:?} in {stderr}");
+    }
+}
+
+/// Every file under `dir` (relative path → bytes), leaving out the quarantine.
+fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                out.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out.retain(|k, _| !k.starts_with("rollcall-quarantine/"));
+    out
+}
+
+#[test]
+fn the_object_forms_of_the_contract_work_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    for i in 0..40 {
+        let path = live.join(format!("uploads/{}/{i:03}.bin", i % 4));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, format!("object {i} ").repeat(i + 1)).unwrap();
+    }
+    let repo = format!("file://{}", dir.path().join("repo").display());
+    let store = format!("file://{}", live.display());
+    let expected = files(&live);
+
+    // rollcall repo snapshot --store URL --repo URL
+    let snap = ok(
+        &rollcall(&["repo", "snapshot", "--store", &store, "--repo", &repo]),
+        "snapshot",
+    );
+    let point = snap["point"].as_str().unwrap().to_owned();
+    let snapshot = snap["objects"]["snapshot_id"].as_str().unwrap().to_owned();
+    assert!(point.contains("-manual-"), "default environment: {point}");
+    assert_eq!(snap["objects"]["objects"], 40, "{snap}");
+
+    // rollcall repo verify --repo URL [--point ID] [--full]
+    let all = rollcall(&["repo", "verify", "--repo", &repo]);
+    ok(&all, "verify every point");
+    let text = String::from_utf8_lossy(&all.stdout);
+    assert!(text.contains(&point) && text.starts_with("ok"), "{text}");
+    let one = ok(
+        &rollcall(&[
+            "repo", "verify", "--repo", &repo, "--point", &point, "--full",
+        ]),
+        "verify --point --full",
+    );
+    assert_eq!(one["objects_checked"], 40, "{one}");
+    assert_eq!(one["full"], true, "{one}");
+
+    // rollcall repo restore-objects --repo URL --snapshot ID --store URL, into a drifted store.
+    std::fs::remove_file(live.join("uploads/1/001.bin")).unwrap();
+    std::fs::write(live.join("uploads/2/002.bin"), b"drifted").unwrap();
+    std::fs::write(live.join("extra.bin"), b"not in the snapshot").unwrap();
+    let restored = ok(
+        &rollcall(&[
+            "repo",
+            "restore-objects",
+            "--repo",
+            &repo,
+            "--snapshot",
+            &snapshot,
+            "--store",
+            &store,
+        ]),
+        "restore-objects --snapshot",
+    );
+    assert_eq!(restored["restored"], 2, "{restored}");
+    assert_eq!(restored["removed"], serde_json::json!(["extra.bin"]));
+    assert_eq!(files(&live), expected);
+
+    // The same restore split over two processes: --shard 0/2 and 1/2 (by point this time).
+    let target = dir.path().join("target");
+    std::fs::create_dir_all(target.join("junk")).unwrap();
+    std::fs::write(target.join("junk/a"), b"a").unwrap();
+    std::fs::write(target.join("junk/b"), b"b").unwrap();
+    let target_url = format!("file://{}", target.display());
+    let mut restored_total = 0;
+    let mut removed = Vec::new();
+    for shard in ["0/2", "1/2"] {
+        let half = ok(
+            &rollcall(&[
+                "repo",
+                "restore-objects",
+                "--repo",
+                &repo,
+                "--point",
+                &point,
+                "--store",
+                &target_url,
+                "--shard",
+                shard,
+                "--parallelism",
+                "4",
+            ]),
+            shard,
+        );
+        assert_eq!(
+            format!("{}/{}", half["shard"], half["shards"]),
+            shard,
+            "{half}"
+        );
+        let n = half["restored"].as_u64().unwrap();
+        assert!(n > 0 && n < 40, "a shard restores part of the keys: {half}");
+        restored_total += n;
+        removed.extend(
+            half["removed"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k.as_str().unwrap().to_owned()),
+        );
+    }
+    assert_eq!(
+        restored_total, 40,
+        "each object restored by exactly one shard"
+    );
+    removed.sort();
+    assert_eq!(removed, ["junk/a", "junk/b"], "each extra removed once");
+    assert_eq!(files(&target), expected);
+
+    // The older spelling still works.
+    let old = ok(
+        &rollcall(&[
+            "repo",
+            "--repository",
+            &repo,
+            "restore-objects",
+            &point,
+            "--target",
+            &target_url,
+        ]),
+        "old form",
+    );
+    assert_eq!(old["unchanged"], 40, "{old}");
+
+    // Bad input: one line naming it.
+    let restore_with = |extra: &[&str]| {
+        let mut args = vec!["repo", "restore-objects", "--repo", &repo, "--store"];
+        args.push(&target_url);
+        args.extend_from_slice(extra);
+        rollcall(&args)
+    };
+    fails_with(
+        &restore_with(&["--snapshot", &snapshot, "--shard", "2/2"]),
+        &["--shard 2/2", "not a shard"],
+    );
+    fails_with(
+        &restore_with(&["--snapshot", &snapshot, "--shard", "half"]),
+        &["--shard half", "I/N"],
+    );
+    fails_with(&restore_with(&[]), &["--snapshot ID or --point ID"]);
+    fails_with(
+        &restore_with(&["--snapshot", "yesterday"]),
+        &["--snapshot yesterday", "not an object snapshot id"],
+    );
+    let no_repo = std::process::Command::new(e2e::rollcall_bin())
+        .args(["repo", "verify"])
+        .env_remove("ROLLCALL_REPOSITORY")
+        .output()
+        .unwrap();
+    fails_with(&no_repo, &["--repo URL is required"]);
+
+    // A damaged point makes `verify` without --point fail, naming the point.
+    let manifest = dir
+        .path()
+        .join(format!("repo/objects/snapshots/{snapshot}.json"));
+    let body = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, body.replacen("\"size\":", "\"size\":1", 1)).unwrap();
+    let all = rollcall(&["repo", "verify", "--repo", &repo]);
+    fails_with(&all, &["1 of 1 recovery points failed verification"]);
+    let text = String::from_utf8_lossy(&all.stdout);
+    assert!(text.contains(&format!("damaged  {point}")), "{text}");
+}
+
+#[test]
+fn the_postgres_forms_of_the_contract_work_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = ephemeral_pg::Cluster::start().unwrap();
+    cluster.create_database("live").unwrap();
+    // The break-glass backup counts cowork-sim's tables (CountSpec::cowork_defaults).
+    cluster
+        .psql(
+            "live",
+            "CREATE TABLE sessions (id int); CREATE TABLE session_events (id int);
+             CREATE TABLE session_projections (id int); CREATE TABLE artifact_index (id int);
+             CREATE TABLE workflows (id int); CREATE TABLE channel_bindings (id int);
+             CREATE TABLE channel_deliveries (id int, status text);
+             INSERT INTO sessions SELECT generate_series(1, 25);
+             INSERT INTO channel_deliveries VALUES (1, 'sent'), (2, 'pending');",
+        )
+        .unwrap();
+    let repo = format!("file://{}", dir.path().join("repo").display());
+
+    // rollcall repo backup-postgres --database-url URL --repo URL
+    let backup = ok(
+        &rollcall(&[
+            "repo",
+            "backup-postgres",
+            "--database-url",
+            &cluster.url("live"),
+            "--repo",
+            &repo,
+        ]),
+        "backup-postgres",
+    );
+    let point = backup["point"].as_str().unwrap().to_owned();
+    assert_eq!(
+        backup["postgres"]["table_counts"]["sessions"], 25,
+        "{backup}"
+    );
+
+    // rollcall repo restore-postgres --repo URL --point ID --database-url URL
+    cluster.create_database("restored").unwrap();
+    ok(
+        &rollcall(&[
+            "repo",
+            "restore-postgres",
+            "--repo",
+            &repo,
+            "--point",
+            &point,
+            "--database-url",
+            &cluster.url("restored"),
+        ]),
+        "restore-postgres",
+    );
+    let count = cluster
+        .psql("restored", "SELECT count(*) FROM sessions")
+        .unwrap();
+    assert_eq!(count.trim(), "25");
+    ok(
+        &rollcall(&["repo", "verify", "--repo", &repo, "--point", &point]),
+        "verify the dump",
+    );
+    fails_with(
+        &rollcall(&[
+            "repo",
+            "restore-postgres",
+            "--repo",
+            &repo,
+            "--point",
+            "last-tuesday",
+            "--database-url",
+            &cluster.url("restored"),
+        ]),
+        &["--point last-tuesday"],
+    );
+}
