@@ -134,6 +134,8 @@ fn the_object_forms_of_the_contract_work_as_written() {
                 shard,
                 "--parallelism",
                 "4",
+                "--quarantine",
+                "by-hand",
             ]),
             shard,
         );
@@ -160,6 +162,13 @@ fn the_object_forms_of_the_contract_work_as_written() {
     removed.sort();
     assert_eq!(removed, ["junk/a", "junk/b"], "each extra removed once");
     assert_eq!(files(&target), expected);
+    // Both shards kept what they displaced under the one quarantine name they were given.
+    let kept = target.join("rollcall-quarantine/by-hand/junk");
+    assert!(
+        kept.join("a").exists() && kept.join("b").exists(),
+        "{}",
+        kept.display()
+    );
 
     // The older spelling still works.
     let old = ok(
@@ -190,6 +199,10 @@ fn the_object_forms_of_the_contract_work_as_written() {
     fails_with(
         &restore_with(&["--snapshot", &snapshot, "--shard", "half"]),
         &["--shard half", "I/N"],
+    );
+    fails_with(
+        &restore_with(&["--snapshot", &snapshot, "--quarantine", "../elsewhere"]),
+        &["--quarantine \"../elsewhere\"", "no empty, '.' or '..'"],
     );
     fails_with(&restore_with(&[]), &["--snapshot ID or --point ID"]);
     fails_with(

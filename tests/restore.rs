@@ -1191,6 +1191,40 @@ async fn two_objects_agents_restore_a_point_in_two_shards() {
     assert_eq!(sum("replaced"), 5, "{results:?}");
     assert_eq!(sum("removed"), 6, "{results:?}");
     assert_eq!(sum("unchanged"), 45, "{results:?}");
+    // The drill report adds the shards up.
+    let run_id = out
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("run ")?.strip_suffix(" succeeded"))
+        .unwrap_or_else(|| panic!("no run id in: {out}"));
+    let report = rollcall(&[
+        "report",
+        run_id,
+        "--format",
+        "json",
+        "--coordinator",
+        &operator,
+        "--certs",
+        certs.to_str().unwrap(),
+    ]);
+    assert!(
+        report.status.success(),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    let objects = &report["objects"];
+    assert_eq!(
+        (
+            &objects["restored"],
+            &objects["replaced"],
+            &objects["removed"],
+            &objects["unchanged"]
+        ),
+        (&15.into(), &5.into(), &6.into(), &45.into()),
+        "{objects}"
+    );
+    assert_eq!(objects["restore_agent"], "obj-1, obj-2", "{objects}");
     for a in &mut agents {
         a.terminate(Duration::from_secs(10));
     }

@@ -184,9 +184,10 @@ fleet = {{ database = 1, objects = 1 }}
     for id in &points {
         let out = rollcall(&[
             "repo",
-            "--repository",
-            &format!("file://{}", repo.display()),
             "verify",
+            "--repo",
+            &format!("file://{}", repo.display()),
+            "--point",
             id,
         ]);
         assert!(

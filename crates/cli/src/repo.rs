@@ -102,6 +102,10 @@ enum RepoCommand {
         /// Objects in flight (default 64).
         #[arg(long)]
         parallelism: Option<usize>,
+        /// Keep displaced objects under rollcall-quarantine/NAME in the store (default: the
+        /// UTC time and the snapshot id). Give every shard of one restore the same NAME.
+        #[arg(long, value_name = "NAME")]
+        quarantine: Option<String>,
     },
     /// Restore a point's dump into a database (the runbook's `createdb` first: the target
     /// must be a new, empty database; nothing is dropped).
@@ -235,6 +239,7 @@ pub async fn run(args: RepoArgs) -> Result<()> {
             store,
             shard: _,
             parallelism,
+            quarantine,
         } => {
             let snapshot = match (snapshot, point.or(point_arg)) {
                 (Some(text), _) => {
@@ -266,6 +271,25 @@ pub async fn run(args: RepoArgs) -> Result<()> {
                 options.parallelism = parallelism;
             }
             options.shard = shard;
+            if let Some(name) = quarantine {
+                let valid = !name.is_empty()
+                    && name
+                        .split('/')
+                        .all(|part| !part.is_empty() && part != "." && part != "..");
+                if !valid {
+                    bail!(
+                        "--quarantine {name:?}: give a name such as \"restore-2026-11-26\" \
+                         (path segments, no empty, '.' or '..' ones)"
+                    );
+                }
+                options.quarantine_prefix = Some(
+                    object_store::path::Path::parse(format!(
+                        "{}/{name}",
+                        repository::QUARANTINE_ROOT
+                    ))
+                    .with_context(|| format!("--quarantine {name:?}"))?,
+                );
+            }
             let report = repository::restore_objects(&repo, &snapshot, target, &options).await?;
             json(serde_json::to_value(&report)?);
         }

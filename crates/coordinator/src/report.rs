@@ -423,26 +423,49 @@ impl Journal {
             objects.snapshot_objects = Some(o.objects);
             objects.snapshot_bytes = Some(o.bytes);
         }
-        if let Some(exec) = pick(&of("restore-objects")) {
-            let out = exec.output();
-            let text = |k: &str| out.and_then(|o| o.get(k)).and_then(Value::as_str).map(r);
-            let number = |k: &str| out.and_then(|o| o.get(k)).and_then(Value::as_u64);
+        // Several objects agents restore one shard each: their tallies add up.
+        let restores = pick_per_agent(&of("restore-objects"));
+        if !restores.is_empty() {
+            let text = |k: &str| {
+                restores
+                    .iter()
+                    .find_map(|e| e.output().and_then(|o| o.get(k)).and_then(Value::as_str))
+                    .map(r)
+            };
+            let sum = |k: &str| {
+                restores
+                    .iter()
+                    .filter_map(|e| e.output().and_then(|o| o.get(k)).and_then(Value::as_u64))
+                    .reduce(|a, b| a + b)
+            };
             objects.snapshot_id = objects.snapshot_id.or_else(|| text("snapshot"));
-            objects.restored = number("restored");
-            objects.restored_bytes = number("restored_bytes");
-            objects.unchanged = number("unchanged");
-            objects.replaced = number("replaced");
-            objects.removed = number("removed");
+            objects.restored = sum("restored");
+            objects.restored_bytes = sum("restored_bytes");
+            objects.unchanged = sum("unchanged");
+            objects.replaced = sum("replaced");
+            objects.removed = sum("removed");
             objects.quarantine_prefix = text("quarantine_prefix").filter(|s| !s.is_empty());
-            objects.restore_agent = Some(r(&exec.command.agent));
-            objects.restored_at = exec
-                .succeeded()
-                .then(|| {
-                    phase_of(exec.command.phase_index)
-                        .and_then(|p| p.finished_at)
-                        .or(exec.result.map(|r| r.received_at))
+            objects.restore_agent = Some(
+                restores
+                    .iter()
+                    .map(|e| r(&e.command.agent))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+            // Restored when the last shard was.
+            objects.restored_at = restores
+                .iter()
+                .map(|exec| {
+                    exec.succeeded()
+                        .then(|| {
+                            phase_of(exec.command.phase_index)
+                                .and_then(|p| p.finished_at)
+                                .or(exec.result.map(|r| r.received_at))
+                        })
+                        .flatten()
                 })
-                .flatten();
+                .collect::<Option<Vec<_>>>()
+                .and_then(|times| times.into_iter().max());
         }
 
         // Counts: before (preflight), at the point, after (verify).
@@ -784,6 +807,18 @@ fn pick<'e, 'a>(execs: &[&'e Exec<'a>]) -> Option<&'e Exec<'a>> {
         .find(|e| e.succeeded())
         .or_else(|| execs.last())
         .copied()
+}
+
+/// [`pick`] for each agent that ran the action, in agent order.
+fn pick_per_agent<'e, 'a>(execs: &[&'e Exec<'a>]) -> Vec<&'e Exec<'a>> {
+    let mut by_agent: BTreeMap<&str, Vec<&'e Exec<'a>>> = BTreeMap::new();
+    for exec in execs {
+        by_agent
+            .entry(exec.command.agent.as_str())
+            .or_default()
+            .push(exec);
+    }
+    by_agent.values().filter_map(|e| pick(e)).collect()
 }
 
 /// The counts under `field` of every output that has them, merged (one database agent
