@@ -6,6 +6,7 @@
 //! instead of being half-read.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -176,6 +177,49 @@ impl Repository {
             .context("flush the repository to disk")?
     }
 
+    /// Flushes a `file://` repository to disk in the background while a long copy runs,
+    /// each time `written()` has grown by [`FLUSH_EVERY`] bytes, so the disk works while the
+    /// copy hashes and writes and the final [`Repository::make_durable`] finds little left.
+    /// `None` when there is nothing to flush (object stores, fsync off).
+    pub(crate) fn background_flusher(
+        &self,
+        written: impl Fn() -> u64 + Send + 'static,
+    ) -> Option<Flusher> {
+        let root = self.durable_root.clone()?;
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let flushes = Arc::new(AtomicU64::new(0));
+        let started = flushes.clone();
+        let task = tokio::spawn(async move {
+            let mut flushed = 0u64;
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tick.tick() => {}
+                }
+                let now = written();
+                if now < flushed + FLUSH_EVERY {
+                    continue;
+                }
+                flushed = now;
+                started.fetch_add(1, Ordering::Relaxed);
+                let root = root.clone();
+                // Best effort: the commit's own make_durable reports a failure.
+                if let Ok(Err(e)) =
+                    tokio::task::spawn_blocking(move || sync_filesystem(&root)).await
+                {
+                    tracing::debug!("background flush: {e:#}");
+                }
+            }
+        });
+        Some(Flusher {
+            stop,
+            task,
+            flushes,
+        })
+    }
+
     /// The repository's URL with credentials removed.
     pub fn label(&self) -> &str {
         &self.label
@@ -295,6 +339,31 @@ impl Repository {
 }
 
 /// Whether an error means "no such object", from the store or from us.
+/// Bytes a copy writes between two background flushes.
+pub(crate) const FLUSH_EVERY: u64 = 32 << 20;
+
+/// A running [`Repository::background_flusher`]; [`Flusher::stop`] ends it.
+pub(crate) struct Flusher {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+    flushes: Arc<AtomicU64>,
+}
+
+impl Flusher {
+    /// Flushes started so far.
+    #[cfg(test)]
+    fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
+    }
+
+    /// Stops flushing, after a flush under way has finished; returns how many it started.
+    pub(crate) async fn stop(self) -> u64 {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+        self.flushes.load(Ordering::Relaxed)
+    }
+}
+
 #[cfg(target_os = "linux")]
 fn sync_filesystem(root: &std::path::Path) -> Result<()> {
     let dir = std::fs::File::open(root)
@@ -421,5 +490,35 @@ mod tests {
 
         let err = decode_document::<Doc>(&bytes, "test.v2").expect_err("format");
         assert!(err.contains("format is"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_long_copy_is_flushed_as_it_goes_only_where_fsync_is_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}", dir.path().display());
+        let written = Arc::new(AtomicU64::new(0));
+        let repo = Repository::open(&url, RepositoryOptions::default())
+            .await
+            .expect("open");
+        let counter = written.clone();
+        let flusher = repo
+            .background_flusher(move || counter.load(Ordering::Relaxed))
+            .expect("a file:// repository with fsync flushes");
+        // Below the threshold nothing happens; one step past it, one flush.
+        written.store(FLUSH_EVERY - 1, Ordering::Relaxed);
+        written.store(3 * FLUSH_EVERY, Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while flusher.flushes() == 0 {
+            assert!(std::time::Instant::now() < deadline, "no flush within 10 s");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(flusher.stop().await, 1);
+
+        let no_fsync = RepositoryOptions {
+            fsync: false,
+            ..RepositoryOptions::default()
+        };
+        let repo = Repository::open(&url, no_fsync).await.expect("open");
+        assert!(repo.background_flusher(|| u64::MAX).is_none());
     }
 }

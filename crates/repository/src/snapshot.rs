@@ -342,6 +342,10 @@ async fn run_snapshot(
     }
     ctx.report(TransferPhase::Copying);
 
+    let flusher = {
+        let ctx = ctx.clone();
+        repo.background_flusher(move || ctx.counters.bytes_copied.load(Ordering::Relaxed))
+    };
     let task_ctx = ctx.clone();
     let copied = for_each_parallel(to_copy, options.parallelism, move |(key, meta)| {
         let ctx = task_ctx.clone();
@@ -356,8 +360,12 @@ async fn run_snapshot(
             Ok(entry)
         }
     })
-    .await
-    .map_err(|e| {
+    .await;
+    if let Some(flusher) = flusher {
+        let flushes = flusher.stop().await;
+        tracing::debug!(flushes, "background flushes while copying");
+    }
+    let copied = copied.map_err(|e| {
         e.context(format!(
             "snapshot {id} of {} failed; no manifest was written (blobs already copied are \
              reused by the next snapshot)",
