@@ -310,6 +310,22 @@ pub fn cowork_sim_bin() -> PathBuf {
         .clone()
 }
 
+/// Runs `cowork-sim` with `args` and `env`; panics with its stderr unless it succeeds.
+/// Returns its JSON output (null when it printed none).
+pub fn cowork(args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    let out = Command::new(cowork_sim_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cowork-sim {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
 fn workspace_bin(package: &str, bin: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

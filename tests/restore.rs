@@ -105,20 +105,6 @@ gate = "all"
 timeout = "1m"
 "#;
 
-fn cowork(args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
-    let out = Command::new(cowork_sim_bin())
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cowork-sim {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
-
 fn count(cluster: &ephemeral_pg::Cluster, db: &str, table: &str) -> i64 {
     cluster
         .psql(db, &format!("SELECT count(*) FROM {table}"))

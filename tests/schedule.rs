@@ -11,19 +11,6 @@ use std::time::Duration;
 
 use e2e::*;
 
-fn cowork(args: &[&str], env: &[(&str, &str)]) {
-    let out = Command::new(cowork_sim_bin())
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cowork-sim {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The environment's drill plan (never run here): the default plan names roles this fleet
 /// does not have, and a plan must hold against the declared fleet.
 const PLAN: &str = r#"
