@@ -13,6 +13,8 @@ cargo build --release --bin rollcall >/dev/null
 rounds="${BENCH_ROUNDS:-3}"
 base="$(mktemp -d "${TMPDIR:-/tmp}/rollcall-bench-drill-XXXXXX")"
 trap 'rm -rf "$base"' EXIT
+# Postgres runs as the postgres user when we are root: it must reach the cluster directory.
+chmod 755 "$base"
 i=1
 while [ "$i" -le "$rounds" ]; do
   dir="$base/round-$i"
