@@ -264,6 +264,63 @@ fn the_postgres_forms_of_the_contract_work_as_written() {
         backup["postgres"]["table_counts"]["sessions"], 25,
         "{backup}"
     );
+    // Other schemas name their own tables to count, or none.
+    let counted = ok(
+        &rollcall(&[
+            "repo",
+            "backup-postgres",
+            "--database-url",
+            &cluster.url("live"),
+            "--repo",
+            &repo,
+            "--count",
+            "sessions",
+            "--count",
+            "channel_deliveries:status",
+        ]),
+        "backup-postgres --count",
+    );
+    assert_eq!(
+        counted["postgres"]["table_counts"],
+        serde_json::json!({
+            "sessions": 25,
+            "channel_deliveries": 2,
+            "channel_deliveries[status=pending]": 1,
+            "channel_deliveries[status=sent]": 1,
+        }),
+        "{counted}"
+    );
+    let uncounted = ok(
+        &rollcall(&[
+            "repo",
+            "backup-postgres",
+            "--database-url",
+            &cluster.url("live"),
+            "--repo",
+            &repo,
+            "--no-counts",
+        ]),
+        "backup-postgres --no-counts",
+    );
+    assert!(
+        uncounted["postgres"]["table_counts"]
+            .as_object()
+            .is_none_or(|m| m.is_empty()),
+        "{uncounted}"
+    );
+    fails_with(
+        &rollcall(&[
+            "repo",
+            "backup-postgres",
+            "--database-url",
+            &cluster.url("live"),
+            "--repo",
+            &repo,
+            "--count",
+            "sessions; drop table x",
+        ]),
+        &["--count \"sessions; drop table x\"", "TABLE:COLUMN"],
+    );
 
     // rollcall repo restore-postgres --repo URL --point ID --database-url URL
     cluster.create_database("restored").unwrap();

@@ -53,6 +53,13 @@ enum RepoCommand {
         /// The database URL (put the password in PGPASSWORD or the URL from a secret store).
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
+        /// A table to count in the dump's snapshot (repeat it; TABLE:COLUMN counts rows per
+        /// value of COLUMN). Default: cowork-sim's restore tables.
+        #[arg(long = "count", value_name = "TABLE[:COLUMN]")]
+        counts: Vec<String>,
+        /// Count no tables.
+        #[arg(long, conflicts_with = "counts")]
+        no_counts: bool,
     },
     /// Snapshot a live object store into the repository and commit a point holding it; prints
     /// the point and its snapshot id.
@@ -172,11 +179,23 @@ pub async fn run(args: RepoArgs) -> Result<()> {
     let json =
         |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     match args.command {
-        RepoCommand::BackupPostgres { env, database_url } => {
+        RepoCommand::BackupPostgres {
+            env,
+            database_url,
+            counts,
+            no_counts,
+        } => {
             let id = PointId::new(&env, chrono::Utc::now())?;
-            let part =
-                repository::backup_postgres(&repo, &PgBackupOptions::new(id.clone(), database_url))
-                    .await?;
+            let mut options = PgBackupOptions::new(id.clone(), database_url);
+            if no_counts {
+                options.counts = Vec::new();
+            } else if !counts.is_empty() {
+                options.counts = counts
+                    .iter()
+                    .map(|c| count_spec(c))
+                    .collect::<Result<_>>()?;
+            }
+            let part = repository::backup_postgres(&repo, &options).await?;
             let point = repo
                 .write_point(repository::NewPoint {
                     id,
@@ -344,4 +363,24 @@ async fn verify_all(repo: &Repository, full: bool, label: &str) -> Result<()> {
         println!("no recovery points in {label}");
     }
     Ok(())
+}
+
+/// `--count TABLE` or `--count TABLE:COLUMN`.
+fn count_spec(text: &str) -> Result<repository::CountSpec> {
+    let valid = |name: &str| {
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.'))
+    };
+    match text.split_once(':') {
+        None if valid(text) => Ok(repository::CountSpec::table(text)),
+        Some((table, column)) if valid(table) && valid(column) => {
+            Ok(repository::CountSpec::grouped(table, column))
+        }
+        _ => bail!(
+            "--count {text:?}: write TABLE or TABLE:COLUMN (letters, digits, '_', and '.' for a \
+             schema), e.g. --count orders or --count deliveries:status"
+        ),
+    }
 }
