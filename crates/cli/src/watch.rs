@@ -17,7 +17,8 @@ const SPINNER: &str = "{prefix:<28} {spinner} {bytes:>10} {bytes_per_sec:>12}  {
 
 pub struct View {
     multi: MultiProgress,
-    bars: HashMap<String, ProgressBar>,
+    /// Per command: its phase and its bar.
+    bars: HashMap<String, (String, ProgressBar)>,
     /// Off a terminal: the last stage printed per command.
     stages: HashMap<String, String>,
     terminal: bool,
@@ -55,7 +56,7 @@ impl View {
 
     /// Clears every bar still drawn (the run ended or blocked).
     pub fn finish(&mut self) {
-        for (_, bar) in self.bars.drain() {
+        for (_, (_, bar)) in self.bars.drain() {
             bar.abandon();
         }
     }
@@ -83,7 +84,7 @@ impl View {
             }
             return;
         }
-        let bar = self.bars.entry(p.command.clone()).or_insert_with(|| {
+        let (_, bar) = self.bars.entry(p.command.clone()).or_insert_with(|| {
             let bar = self.multi.add(ProgressBar::new(p.bytes_total));
             let template = if p.bytes_total > 0 { TEMPLATE } else { SPINNER };
             if let Ok(style) = ProgressStyle::with_template(template) {
@@ -91,7 +92,7 @@ impl View {
             }
             bar.set_prefix(format!("{} {}", p.phase, p.agent));
             bar.enable_steady_tick(Duration::from_millis(250));
-            bar
+            (p.phase.clone(), bar)
         });
         bar.set_length(p.bytes_total);
         bar.set_position(p.bytes_done);
@@ -102,20 +103,15 @@ impl View {
     }
 
     fn finish_phase(&mut self, phase: &str) {
-        let prefix = format!("{phase}/");
-        let done: Vec<String> = self
-            .bars
-            .keys()
-            .filter(|id| id.contains(&prefix))
-            .cloned()
-            .collect();
-        for id in done {
-            if let Some(bar) = self.bars.remove(&id)
-                && !bar.is_finished()
-            {
+        self.bars.retain(|_, (of, bar)| {
+            if of != phase {
+                return true;
+            }
+            if !bar.is_finished() {
                 bar.abandon();
             }
-        }
+            false
+        });
     }
 }
 
@@ -262,13 +258,19 @@ mod tests {
         };
         view.event("t", "command.progress", &progress("copying", 4));
         let id = "r-1/restore-objects/objects-1/a1/s0/r0";
-        assert_eq!(view.bars[id].position(), 400);
-        assert_eq!(view.bars[id].length(), Some(1000));
+        assert_eq!(view.bars[id].1.position(), 400);
+        assert_eq!(view.bars[id].1.length(), Some(1000));
+        // A phase whose name ends the same way keeps its bar when this one finishes.
+        let mut other = progress("copying", 1);
+        other["phase"] = json!("pre-restore-objects");
+        other["command_id"] = json!("r-1/pre-restore-objects/objects-1/a1/s0/r0");
+        view.event("t", "command.progress", &other);
         view.event(
             "t",
             "phase.finished",
             &json!({ "phase": "restore-objects", "state": "passed" }),
         );
-        assert!(view.bars.is_empty());
+        let left: Vec<&str> = view.bars.keys().map(String::as_str).collect();
+        assert_eq!(left, ["r-1/pre-restore-objects/objects-1/a1/s0/r0"]);
     }
 }
