@@ -221,7 +221,7 @@ impl Checks {
         for c in &self.http {
             let (passed, detail) = match run_http(&client, c).await {
                 Ok(detail) => (true, detail),
-                Err(e) => (false, format!("{e:#}")),
+                Err(e) => (false, api::errors::one_line(&*e)),
             };
             out.push(Check {
                 name: c.name.clone(),

@@ -154,7 +154,12 @@ impl Executor {
             }
             Err(e) => {
                 tracing::error!("cannot persist epoch: {e:#}");
-                return refusal(&command, received, Outcome::Failed, format!("{e:#}"));
+                return refusal(
+                    &command,
+                    received,
+                    Outcome::Failed,
+                    api::errors::one_line(&*e),
+                );
             }
         }
 
@@ -280,7 +285,7 @@ impl Executor {
                             counts = verified.counts;
                             referenced = verified.references;
                         }
-                        Err(e) => return (Outcome::Failed, format!("{e:#}"), None),
+                        Err(e) => return (Outcome::Failed, api::errors::one_line(&*e), None),
                     }
                 }
                 let output = serde_json::json!({
@@ -327,7 +332,7 @@ impl Executor {
                             Some(why) => (Outcome::Failed, why, Some(ResultDetail::Output(output))),
                         }
                     }
-                    Err(e) => (Outcome::Failed, format!("{e:#}"), None),
+                    Err(e) => (Outcome::Failed, api::errors::one_line(&*e), None),
                 }
             }
             Action::Smoke { point } => {
@@ -345,7 +350,7 @@ impl Executor {
                         let output = serde_json::json!({ "checks": [check] });
                         (outcome, message, Some(ResultDetail::Output(output)))
                     }
-                    Err(e) => (Outcome::Unsupported, format!("{e:#}"), None),
+                    Err(e) => (Outcome::Unsupported, api::errors::one_line(&*e), None),
                 }
             }
             Action::BackupPostgres { .. }
@@ -369,7 +374,7 @@ impl Executor {
                         format!("{} done", action.name()),
                         Some(ResultDetail::Output(output)),
                     ),
-                    Err(e) => (Outcome::Failed, format!("{e:#}"), None),
+                    Err(e) => (Outcome::Failed, api::errors::one_line(&*e), None),
                 }
             }
             Action::Freeze | Action::Unfreeze | Action::Scale(_) | Action::Restart => {
@@ -385,7 +390,7 @@ impl Executor {
                 };
                 match control_action(control, action, run_id).await {
                     Ok((message, detail)) => (Outcome::Succeeded, message, detail),
-                    Err(e) => (Outcome::Failed, format!("{e:#}"), None),
+                    Err(e) => (Outcome::Failed, api::errors::one_line(&*e), None),
                 }
             }
             Action::Ping { hold } => {

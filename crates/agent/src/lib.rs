@@ -192,7 +192,7 @@ impl Agent {
             anyhow!(
                 "connect to {}: {}",
                 self.settings.coordinator_url,
-                error_chain(&e)
+                api::errors::one_line(&e)
             )
         })?;
         let mut client = AgentServiceClient::new(channel);
@@ -329,21 +329,6 @@ impl Agent {
             }
         }
     }
-}
-
-/// Renders an error and its sources on one line (tonic's transport errors hide the cause).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }
 
 fn capabilities(control: &RoleControl, data: &crate::data::DataPlane) -> Vec<String> {

@@ -4,6 +4,7 @@
 //! `model` types, converted once on receive with `TryFrom<pb::X>`.
 
 pub mod config;
+pub mod errors;
 pub mod identity;
 pub mod model;
 pub mod redact;

@@ -271,7 +271,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", api::errors::one_line(&*e));
             ExitCode::FAILURE
         }
     }

@@ -107,7 +107,7 @@ impl Connection {
             .map_err(|e| {
                 anyhow!(
                     "connect to coordinator at {url}: {}; is it running, and is the URL right?",
-                    chain(&e)
+                    api::errors::one_line(&e)
                 )
             })?;
         let header = match token {
@@ -125,20 +125,6 @@ impl Connection {
             BearerToken(header),
         ))
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// Turns an operator API error into one line saying what to do.

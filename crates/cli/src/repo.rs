@@ -348,7 +348,7 @@ async fn verify_all(repo: &Repository, full: bool, label: &str) -> Result<()> {
             }
             Err(e) => {
                 damaged += 1;
-                println!("damaged  {}: {e:#}", point.id);
+                println!("damaged  {}: {}", point.id, api::errors::one_line(&*e));
             }
         }
     }

@@ -281,7 +281,10 @@ impl RoleControl {
             Some(Scaler::Exec(e)) => match e.status().await {
                 Ok(0) => (false, "scaled to 0".into()),
                 Ok(n) => (true, format!("{n} replicas")),
-                Err(e) => (false, format!("status failed: {e:#}")),
+                Err(e) => (
+                    false,
+                    format!("status failed: {}", api::errors::one_line(&*e)),
+                ),
             },
         }
     }

@@ -489,7 +489,10 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                     return;
                 }
                 tracing::error!(run_id = %id, "run driver failed: {e:#}");
-                let reason = format!("the coordinator could not continue: {e:#}");
+                let reason = format!(
+                    "the coordinator could not continue: {}",
+                    api::errors::one_line(&*e)
+                );
                 let _ = inner
                     .store
                     .set_run_state(&id, RunState::Blocked, Some(&reason), Utc::now())
@@ -731,7 +734,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         let (passed, detail) = match phase.action {
             Action::Report => match self.write_report(run_id, env, &ctx).await {
                 Ok(where_) => (true, format!("drill report written: {where_}")),
-                Err(e) => (false, format!("{e:#}")),
+                Err(e) => (false, api::errors::one_line(&*e)),
             },
             Action::WritePoint => match self.write_point(run_id, plan, env, &ctx).await {
                 Ok(id) => {
@@ -739,7 +742,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                         .await?;
                     (true, format!("recovery point {id} written"))
                 }
-                Err(e) => (false, format!("{e:#}")),
+                Err(e) => (false, api::errors::one_line(&*e)),
             },
             _ => {
                 self.command_phase(run_id, phase, env, &ctx, attempt)

@@ -1,0 +1,125 @@
+//! Errors rendered for people: one line, each cause once, server bodies condensed.
+//!
+//! object_store's errors repeat their sources in their own text, and S3 and Azure answer with
+//! multi-line XML bodies; `{:#}` of such a chain prints the same body four times over several
+//! lines. `one_line` prints what an operator needs: each distinct cause once, an XML error
+//! body as its `Code: Message`.
+
+use std::error::Error;
+
+/// The error and its causes on one line, outermost first, a cause skipped when the text so
+/// far already says it.
+pub fn one_line(error: &(dyn Error + 'static)) -> String {
+    let mut text = String::new();
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        let part = condense(&cause.to_string());
+        if !part.is_empty() && !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+        next = cause.source();
+    }
+    text
+}
+
+/// One line of `text`: XML error bodies become `Code: first line of Message`, and runs of
+/// whitespace (newlines included) become one space.
+pub fn condense(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("<?xml") {
+        out.push_str(&rest[..start]);
+        let body = &rest[start..];
+        let Some(end) = body.find("</Error>") else {
+            // Not an error body we understand: keep it, flattened.
+            out.push_str(body);
+            rest = "";
+            break;
+        };
+        let body_end = end + "</Error>".len();
+        out.push_str(&xml_error(&body[..body_end]));
+        rest = &body[body_end..];
+    }
+    out.push_str(rest);
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn xml_error(body: &str) -> String {
+    let tag = |name: &str| -> Option<&str> {
+        let open = format!("<{name}>");
+        let from = body.find(&open)? + open.len();
+        let to = body[from..].find(&format!("</{name}>"))? + from;
+        Some(body[from..to].trim())
+    };
+    let code = tag("Code").unwrap_or("error");
+    // Azure appends request id and time on lines of their own: the first line says it.
+    match tag("Message").and_then(|m| m.lines().next()) {
+        Some(message) if !message.trim().is_empty() => format!("{code}: {}", message.trim()),
+        _ => code.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Layer(String, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+
+    impl Error for Layer {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            self.1.as_deref().map(|l| l as &(dyn Error + 'static))
+        }
+    }
+
+    const AZURE_BODY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\" standalone=\"yes\"?>\n\
+        <Error>\n  <Code>ContainerNotFound</Code>\n  <Message>The specified container does not \
+        exist.\nRequestId:67389b95\nTime:2026-11-26T13:59:45.601Z</Message>\n</Error>";
+
+    #[test]
+    fn a_repeating_chain_with_an_xml_body_is_one_short_line() {
+        let inner = format!("Server returned non-2xx status code: 404 Not Found: {AZURE_BODY}");
+        let middle = format!("Error performing GET http://h/c in 4ms - {inner}");
+        let outer =
+            format!("Generic MicrosoftAzure error: Error performing list request: {middle}");
+        let error = Layer(
+            "repository az://c/x is unreachable".into(),
+            Some(Box::new(Layer(
+                outer,
+                Some(Box::new(Layer(middle, Some(Box::new(Layer(inner, None)))))),
+            ))),
+        );
+        let line = one_line(&error);
+        assert_eq!(
+            line,
+            "repository az://c/x is unreachable: Generic MicrosoftAzure error: Error performing \
+             list request: Error performing GET http://h/c in 4ms - Server returned non-2xx \
+             status code: 404 Not Found: ContainerNotFound: The specified container does not \
+             exist."
+        );
+    }
+
+    #[test]
+    fn plain_chains_keep_every_distinct_cause() {
+        let error = Layer(
+            "open /etc/x".into(),
+            Some(Box::new(Layer("permission denied".into(), None))),
+        );
+        assert_eq!(one_line(&error), "open /etc/x: permission denied");
+        assert_eq!(condense("a\n  b\tc"), "a b c");
+        assert_eq!(
+            condense("x <?xml version=\"1.0\"?><Error><Code>NoSuchKey</Code></Error> y"),
+            "x NoSuchKey y"
+        );
+        assert_eq!(condense("<?xml unterminated"), "<?xml unterminated");
+    }
+}
