@@ -7,13 +7,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use backon::{ExponentialBuilder, Retryable};
 use object_store::aws::AmazonS3Builder;
-use object_store::azure::MicrosoftAzureBuilder;
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::client::{HttpError, HttpErrorKind};
-use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ClientOptions, ObjectStore, RetryConfig};
+use object_store::{ClientConfigKey, ClientOptions, ObjectStore, RetryConfig};
 
 /// How to reach an S3 or S3-compatible store (DigitalOcean Spaces, MinIO, moto...).
 ///
@@ -70,6 +70,9 @@ impl S3Options {
 /// * `az://container/prefix` — Azure Blob Storage, credentials from `AZURE_*` variables.
 /// * `memory://` — a fresh in-memory store (tests).
 pub fn store_from_url(url: &str, s3: &S3Options) -> Result<(Arc<dyn ObjectStore>, Path)> {
+    if url.starts_with('/') {
+        bail!("{url} is a path, not a URL: write file://{url}");
+    }
     let parsed = url::Url::parse(url).with_context(|| {
         format!(
             "parse store URL {}: expected file:///dir, s3://bucket/prefix, gs://bucket/prefix \
@@ -137,10 +140,19 @@ pub fn store_from_url(url: &str, s3: &S3Options) -> Result<(Arc<dyn ObjectStore>
         "gs" => {
             install_crypto_provider();
             let bucket = bucket_of(&parsed, url)?;
-            let store = GoogleCloudStorageBuilder::from_env()
+            let builder = GoogleCloudStorageBuilder::from_env();
+            // Our client options replace the builder's: keep its `allow_http` (true unless
+            // GOOGLE_ALLOW_HTTP says otherwise; the endpoint is https unless a base URL set
+            // by the operator, an emulator's say, is not).
+            let allow_http = builder
+                .get_config_value(&GoogleConfigKey::Client(ClientConfigKey::AllowHttp))
+                .unwrap_or_else(|| "false".into());
+            let store = builder
                 .with_bucket_name(bucket)
                 .with_retry(retry_config(s3))
-                .with_client_options(client_options(s3))
+                .with_client_options(
+                    client_options(s3).with_config(ClientConfigKey::AllowHttp, allow_http),
+                )
                 .build()
                 .with_context(|| {
                     format!(
@@ -154,10 +166,18 @@ pub fn store_from_url(url: &str, s3: &S3Options) -> Result<(Arc<dyn ObjectStore>
         "az" | "azure" => {
             install_crypto_provider();
             let container = bucket_of(&parsed, url)?;
-            let store = MicrosoftAzureBuilder::from_env()
+            let builder = MicrosoftAzureBuilder::from_env();
+            // Keep AZURE_ALLOW_HTTP, which our client options would otherwise replace (the
+            // emulator, AZURE_STORAGE_USE_EMULATOR, allows http by itself).
+            let allow_http = builder
+                .get_config_value(&AzureConfigKey::Client(ClientConfigKey::AllowHttp))
+                .unwrap_or_else(|| "false".into());
+            let store = builder
                 .with_container_name(container)
                 .with_retry(retry_config(s3))
-                .with_client_options(client_options(s3))
+                .with_client_options(
+                    client_options(s3).with_config(ClientConfigKey::AllowHttp, allow_http),
+                )
                 .build()
                 .with_context(|| {
                     format!(
