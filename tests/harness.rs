@@ -352,6 +352,52 @@ pub fn rollcall(args: &[&str]) -> Output {
         .expect("run rollcall")
 }
 
+/// The JSON a successful command printed (null when it printed none); panics with its
+/// stderr when it failed.
+pub fn ok(out: &Output, what: &str) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// Fails with exactly one line on stderr, containing every one of `needles`.
+pub fn fails_with(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should have failed: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line on stderr: {stderr}");
+    for needle in needles {
+        assert!(lines[0].contains(needle), "{needle:?} in {stderr}");
+    }
+}
+
+/// Every file under `dir` (relative path → bytes), leaving out the quarantine
+/// (`rollcall-quarantine/`).
+pub fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                out.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out.retain(|k, _| !k.starts_with("rollcall-quarantine/"));
+    out
+}
+
 /// A child process killed (SIGKILL) when dropped, so no test leaves one behind.
 pub struct Proc {
     pub name: String,
@@ -600,5 +646,122 @@ impl Collector {
 
     pub fn snapshot(&self) -> Vec<CollectedSpan> {
         self.spans.lock().unwrap().clone()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Azure Blob Storage emulator (Azurite, from npm)
+
+/// Azurite's well-known development account and key (public, in Microsoft's documentation).
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Whether a test that needs an emulator must fail, rather than skip, when it is missing.
+/// `.ci/run` sets ROLLCALL_REQUIRE_EMULATORS=1, so CI never passes by skipping.
+pub fn emulators_required() -> bool {
+    std::env::var_os("ROLLCALL_REQUIRE_EMULATORS").is_some_and(|v| v != "0" && !v.is_empty())
+}
+
+/// An Azurite blob service on 127.0.0.1, stopped when dropped.
+pub struct Azurite {
+    pub port: u16,
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Azurite {
+    /// Starts `azurite-blob` (npm package `azurite`); `None`, saying so, when it is not
+    /// installed and emulators are not required.
+    pub fn start() -> Option<Azurite> {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join("azurite-blob").is_file()))
+            .unwrap_or(false);
+        if !found {
+            assert!(
+                !emulators_required(),
+                "azurite-blob is not installed (npm install -g azurite) and \
+                 ROLLCALL_REQUIRE_EMULATORS is set"
+            );
+            eprintln!(
+                "SKIPPED: azurite-blob is not installed (npm install -g azurite); \
+                 the Azure Blob Storage tests did not run"
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_addr().port();
+        let mut cmd = Command::new("azurite-blob");
+        cmd.args([
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            &port.to_string(),
+            "--location",
+            &dir.path().display().to_string(),
+            "--skipApiVersionCheck",
+        ]);
+        let proc = Proc::spawn("azurite", dir.path(), cmd);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "azurite did not listen on {port}: {}",
+                proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(Azurite {
+            port,
+            _proc: proc,
+            _dir: dir,
+        })
+    }
+
+    /// The environment that points object_store's `az://` URLs at this emulator.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AZURE_STORAGE_USE_EMULATOR".into(), "true".into()),
+            (
+                "AZURITE_BLOB_STORAGE_URL".into(),
+                format!("http://127.0.0.1:{}", self.port),
+            ),
+        ]
+    }
+
+    /// Creates a container with a SharedKey-signed `PUT ?restype=container` (object_store
+    /// cannot create containers, and a real account has them made by its operator).
+    pub fn create_container(&self, name: &str) {
+        use base64::Engine as _;
+        use std::io::{Read, Write};
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let date = chrono::Utc::now()
+            .format("%a, %d %b %Y %H:%M:%S GMT")
+            .to_string();
+        let version = "2021-08-06";
+        // The string to sign: the verb, eleven empty standard headers, the x-ms- headers,
+        // then the resource (the emulator's path carries the account, hence it twice).
+        let to_sign = format!(
+            "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n\
+             /{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{name}\nrestype:container"
+        );
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &b64.decode(AZURITE_KEY).unwrap());
+        let signature = b64.encode(ring::hmac::sign(&key, to_sign.as_bytes()).as_ref());
+        let mut tcp = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).unwrap();
+        write!(
+            tcp,
+            "PUT /{AZURITE_ACCOUNT}/{name}?restype=container HTTP/1.1\r\n\
+             Host: 127.0.0.1:{port}\r\nx-ms-date: {date}\r\nx-ms-version: {version}\r\n\
+             Authorization: SharedKey {AZURITE_ACCOUNT}:{signature}\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n",
+            port = self.port
+        )
+        .unwrap();
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 201"),
+            "create container {name}: {response}"
+        );
     }
 }

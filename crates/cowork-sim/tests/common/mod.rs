@@ -313,6 +313,10 @@ impl Moto {
             .map(|p| std::env::split_paths(&p).any(|d| d.join("moto_server").is_file()))
             .unwrap_or(false);
         if !on_path {
+            assert!(
+                std::env::var_os("ROLLCALL_REQUIRE_EMULATORS").is_none_or(|v| v == "0"),
+                "moto_server is not on PATH and ROLLCALL_REQUIRE_EMULATORS is set"
+            );
             eprintln!(
                 "SKIPPED: moto_server is not on PATH; install it with `pip install 'moto[server]'` \
                  to run the S3 tests"

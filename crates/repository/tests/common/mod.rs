@@ -368,6 +368,11 @@ impl Moto {
             .map(|p| std::env::split_paths(&p).any(|d| d.join("moto_server").is_file()))
             .unwrap_or(false);
         if !found {
+            assert!(
+                std::env::var_os("ROLLCALL_REQUIRE_EMULATORS").is_none_or(|v| v == "0"),
+                "moto_server is not installed (pip install 'moto[server]') and \
+                 ROLLCALL_REQUIRE_EMULATORS is set"
+            );
             eprintln!(
                 "SKIPPED: moto_server is not installed (pip install 'moto[server]'); \
                  the S3 tests did not run"
