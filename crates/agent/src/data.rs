@@ -35,10 +35,12 @@ pub struct PostgresConfig {
     pub url_file: Option<PathBuf>,
     /// Directory of pg_dump / pg_restore; PATH and /usr/lib/postgresql/*/bin when unset.
     pub bin_dir: Option<PathBuf>,
-    /// Parallel pg_restore jobs (needs scratch_dir when above 1).
+    /// Parallel pg_restore jobs (a point taken as one archive, by an older version, uses
+    /// them only with scratch_dir).
     #[serde(default = "one")]
     pub jobs: u32,
-    /// Where a dump is staged for a parallel restore.
+    /// Where archives that must be files are staged: a parallel dump's schema archive (the
+    /// system temporary directory when unset), an older single-archive dump for jobs > 1.
     pub scratch_dir: Option<PathBuf>,
     /// Tables to count: "table" or "table:column" (counts per value of column). Default:
     /// cowork-sim's restore-relevant tables.
@@ -100,13 +102,6 @@ impl DataPlane {
                         "[postgres] needs exactly one of url_env and url_file",
                         "name the environment variable or file holding the database URL (the \
                          URL holds a password, so it never goes in agent.toml)"
-                    ));
-                }
-                if p.jobs > 1 && p.scratch_dir.is_none() {
-                    bail!(ConfigError::new(
-                        file,
-                        "postgres.jobs > 1 needs postgres.scratch_dir",
-                        "set scratch_dir to a directory with room for one dump, or jobs = 1"
                     ));
                 }
                 let counts = match &p.counts {

@@ -785,8 +785,8 @@ pub struct PgRestoreOptions {
     /// Directory of `pg_restore`; found on PATH or in `/usr/lib/postgresql/*/bin` when unset.
     pub bin_dir: Option<PathBuf>,
     /// Parallel pg_restore jobs. A parallel dump restores this many data archives at once and
-    /// builds indexes with this many jobs. A single-archive dump (older points) needs
-    /// `scratch_dir` for more than 1.
+    /// builds indexes with this many jobs. A single-archive dump (older points) uses them only
+    /// with a `scratch_dir` to hold it, and is streamed with 1 job without one.
     pub jobs: u32,
     /// Where archives are decompressed to when they must be files: the schema archive of a
     /// parallel dump (small; the system temporary directory when unset), and a single-archive
@@ -840,9 +840,11 @@ pub async fn restore_postgres(
         bail!("point {point} has no Postgres backup: choose a point that has one");
     };
     if part.files.is_empty() && options.jobs > 1 && options.scratch_dir.is_none() {
-        bail!(
-            "parallel pg_restore (jobs > 1) of point {point} needs a scratch directory to hold \
-             its archive (it was taken as one archive): set one, or restore with 1 job"
+        // pg_restore runs jobs only from a file; with nowhere to put one, stream it instead.
+        tracing::warn!(
+            %point,
+            "point {point} was taken as one archive, and a parallel pg_restore of it needs a \
+             scratch directory: restoring it with 1 job, streamed"
         );
     }
     let db = DbUrl::parse(&options.database_url)?;

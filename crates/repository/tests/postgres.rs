@@ -433,18 +433,23 @@ async fn a_single_archive_point_still_restores() {
     assert!(!text.contains("\"files\""), "the old point shape: {text}");
     assert!(repo.verify_point(&id, true).await.expect("verify").is_ok());
 
-    for (db, jobs) in [("streamed", 1), ("parallel", 2)] {
+    // With 2 jobs and no scratch directory to hold the one archive, it is streamed with 1.
+    for (db, jobs, scratch) in [
+        ("streamed", 1, false),
+        ("parallel", 2, true),
+        ("no_scratch", 2, false),
+    ] {
         let mut restore = PgRestoreOptions::new(cluster.url(db));
         restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
         restore.create_database = true;
         restore.jobs = jobs;
-        if jobs > 1 {
+        if scratch {
             restore.scratch_dir = Some(dir.path().join("scratch"));
         }
         let report = restore_postgres(&repo, &id, &restore)
             .await
             .expect("restore");
-        assert_eq!(report.streamed, jobs == 1);
+        assert_eq!(report.streamed, !scratch);
         assert_eq!(report.archive_bytes, out.stdout.len() as u64);
         assert_eq!(
             &live_counts(&cluster, db),
