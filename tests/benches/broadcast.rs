@@ -7,6 +7,7 @@
 //!
 //!     cargo bench -p e2e --bench broadcast              # N = 100, 1000, 10000
 //!     cargo bench -p e2e --bench broadcast -- 100 1000  # chosen sizes
+//!     BENCH_ROUNDS=500 cargo bench -p e2e --bench broadcast -- 1000  # more rounds
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
@@ -39,6 +40,27 @@ fn rss_kib(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) a process has used so far, from /proc/PID/stat.
+fn cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let ticks: u64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|t| t.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    Duration::from_micros(ticks * 1_000_000 / per_second)
+}
+
 fn agent_name(i: usize) -> String {
     format!("a{i}")
 }
@@ -68,8 +90,15 @@ fn main() {
         "broadcast round over mTLS on loopback (2-core machine); agents in a separate process"
     );
     println!(
-        "{:>7} {:>7} {:>10} {:>10} {:>10} {:>14} {:>12}",
-        "agents", "rounds", "p50 ms", "p99 ms", "max ms", "coord KiB/agent", "attach s"
+        "{:>7} {:>7} {:>10} {:>10} {:>10} {:>14} {:>12} {:>16}",
+        "agents",
+        "rounds",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "coord KiB/agent",
+        "attach s",
+        "CPU ms/round c+a"
     );
     for n in sizes {
         runtime.block_on(round(n));
@@ -136,24 +165,45 @@ async fn round(n: usize) {
         .map(|i| AgentName::parse(&agent_name(i)).unwrap())
         .collect();
     let link = coord.handle.link.clone();
-    let rounds = if n >= 10_000 { 15 } else { 40 };
+    // `BENCH_ROUNDS=N` runs more rounds (to profile them, say).
+    let rounds = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(if n >= 10_000 { 15 } else { 40 });
     let mut times = Vec::with_capacity(rounds);
+    let swarm_pids: Vec<String> = swarms.iter().map(|s| s.id().to_string()).collect();
+    let swarm_cpu = || swarm_pids.iter().map(|p| cpu_time(p)).sum::<Duration>();
+    let cpu_before = (cpu_time("self"), swarm_cpu());
     for r in 0..rounds + 2 {
-        let started = Instant::now();
-        let sends = names.iter().map(|name| {
-            let link = link.clone();
-            let command = Outgoing {
-                id: CommandId::parse(&format!("bench/{r}/{name}")).unwrap(),
-                run_id: "bench".into(),
-                deadline: SystemTime::now() + Duration::from_secs(60),
-                action: Action::Ping {
-                    hold: Duration::ZERO,
-                },
-            };
-            async move { link.send(name, command).await }
-        });
-        let results = futures::future::join_all(sends).await;
-        let elapsed = started.elapsed();
+        // As the engine fans a phase out: one task per agent on the runtime, joined by a
+        // task of its own (not by the thread that drives `block_on`).
+        let names = names.clone();
+        let link = link.clone();
+        let (elapsed, results) = tokio::spawn(async move {
+            let started = Instant::now();
+            let mut sends = tokio::task::JoinSet::new();
+            for name in names {
+                let link = link.clone();
+                sends.spawn(async move {
+                    let command = Outgoing {
+                        id: CommandId::parse(&format!("bench/{r}/{name}")).unwrap(),
+                        run_id: "bench".into(),
+                        deadline: SystemTime::now() + Duration::from_secs(60),
+                        action: Action::Ping {
+                            hold: Duration::ZERO,
+                        },
+                    };
+                    link.send(&name, command).await
+                });
+            }
+            let mut results = Vec::with_capacity(n);
+            while let Some(joined) = sends.join_next().await {
+                results.push(joined.unwrap());
+            }
+            (started.elapsed(), results)
+        })
+        .await
+        .unwrap();
         let ok = results
             .iter()
             .filter(|r| matches!(r, Ok(r) if r.outcome == Outcome::Succeeded))
@@ -165,18 +215,26 @@ async fn round(n: usize) {
         }
     }
     let after = rss_kib("self");
+    let per_round = |before: Duration, after: Duration| {
+        (after - before).as_secs_f64() * 1000.0 / (rounds + 2) as f64
+    };
+    let cpu = (
+        per_round(cpu_before.0, cpu_time("self")),
+        per_round(cpu_before.1, swarm_cpu()),
+    );
     times.sort();
     let pct =
         |p: f64| times[((times.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0;
     println!(
-        "{:>7} {:>7} {:>10.1} {:>10.1} {:>10.1} {:>14.1} {:>12.1}",
+        "{:>7} {:>7} {:>10.1} {:>10.1} {:>10.1} {:>14.1} {:>12.1} {:>16}",
         n,
         rounds,
         pct(0.5),
         pct(0.99),
         pct(1.0),
         after.saturating_sub(before) as f64 / n as f64,
-        attach_secs
+        attach_secs,
+        format!("{:.1}+{:.1}", cpu.0, cpu.1)
     );
     for mut swarm in swarms {
         let _ = swarm.kill();

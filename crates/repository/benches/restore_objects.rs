@@ -14,7 +14,6 @@
 mod common;
 mod support;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,15 +97,7 @@ async fn run() {
 
         if has_rclone {
             let dest = dir.path().join(format!("rclone-{round}"));
-            let started = Instant::now();
-            let status = Command::new("rclone")
-                .args(["sync", "-q"])
-                .arg(&live_dir)
-                .arg(&dest)
-                .status()
-                .expect("run rclone");
-            assert!(status.success(), "rclone failed");
-            rclone.push(started.elapsed());
+            rclone.push(rclone_sync(&live_dir, &dest, false));
             sync_fs();
         }
     }

@@ -82,6 +82,27 @@ pub fn which(program: &str) -> bool {
 }
 
 /// Writes dirty pages out so one run's write-back does not land in the next one's time.
+/// Times `rclone sync -q SRC DEST` (then `sync -f DEST` too with `durable`); panics if it fails.
+pub fn rclone_sync(src: &std::path::Path, dest: &std::path::Path, durable: bool) -> Duration {
+    let started = std::time::Instant::now();
+    let status = Command::new("rclone")
+        .args(["sync", "-q"])
+        .arg(src)
+        .arg(dest)
+        .status()
+        .expect("run rclone");
+    assert!(status.success(), "rclone failed");
+    if durable {
+        let status = Command::new("sync")
+            .arg("-f")
+            .arg(dest)
+            .status()
+            .expect("run sync");
+        assert!(status.success(), "sync -f failed");
+    }
+    started.elapsed()
+}
+
 pub fn sync_fs() {
     let _ = Command::new("sync").status();
 }
