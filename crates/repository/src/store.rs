@@ -318,8 +318,10 @@ pub fn is_transient(err: &anyhow::Error) -> bool {
     })
 }
 
+/// 429 and 5xx, except the answers that say the request can never work: 501 Not Implemented
+/// (a store or emulator without the operation) and 505 HTTP Version Not Supported.
 fn status_is_transient(status: u16) -> bool {
-    status == 429 || (500..600).contains(&status)
+    status == 429 || ((500..600).contains(&status) && status != 501 && status != 505)
 }
 
 /// Runs `op` until it succeeds, fails permanently, or runs out of attempts.
@@ -357,6 +359,7 @@ mod tests {
         assert!(is_transient(&generic(Box::new(HttpStatus(429)))));
         assert!(!is_transient(&generic(Box::new(HttpStatus(404)))));
         assert!(!is_transient(&generic(Box::new(HttpStatus(403)))));
+        assert!(!is_transient(&generic(Box::new(HttpStatus(501)))));
         let text: Box<dyn std::error::Error + Send + Sync> =
             "Server returned non-2xx status code: 502 Bad Gateway: <xml/>".into();
         assert!(is_transient(&generic(text)));
