@@ -6,17 +6,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-use e2e::{Azurite, fails_with, files, ok, rollcall_bin};
-
-fn run(env: &[(String, String)], args: &[&str]) -> Output {
-    Command::new(rollcall_bin())
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .unwrap()
-}
+use e2e::{Azurite, fails_with, files, ok, rollcall_with_env};
 
 fn write(path: &Path, bytes: &[u8]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -47,9 +38,9 @@ fn snapshot_verify_and_restore_on_azure_blob_storage() {
     let repo = "az://backups/cowork";
     let snapshot = |store: &str| {
         ok(
-            &run(
-                &env,
+            &rollcall_with_env(
                 &["repo", "snapshot", "--store", store, "--repo", repo],
+                &env,
             ),
             &format!("snapshot of {store}"),
         )
@@ -57,8 +48,7 @@ fn snapshot_verify_and_restore_on_azure_blob_storage() {
     let restore = |point: &serde_json::Value, store: &str| {
         let point = point["point"].as_str().unwrap();
         ok(
-            &run(
-                &env,
+            &rollcall_with_env(
                 &[
                     "repo",
                     "restore-objects",
@@ -69,6 +59,7 @@ fn snapshot_verify_and_restore_on_azure_blob_storage() {
                     "--store",
                     store,
                 ],
+                &env,
             ),
             &format!("restore of {point} into {store}"),
         )
@@ -79,7 +70,7 @@ fn snapshot_verify_and_restore_on_azure_blob_storage() {
     assert_eq!(first["objects"]["objects"], 51, "{first}");
     assert_eq!(first["objects"]["copied_objects"], 51, "{first}");
 
-    let verify = run(&env, &["repo", "verify", "--repo", repo, "--full"]);
+    let verify = rollcall_with_env(&["repo", "verify", "--repo", repo, "--full"], &env);
     ok(&verify, "verify --full on az://");
     let text = String::from_utf8_lossy(&verify.stdout);
     let p1 = first["point"].as_str().unwrap();
@@ -138,7 +129,7 @@ fn snapshot_verify_and_restore_on_azure_blob_storage() {
         "d3JvbmcgYnV0IHZhbGlkIGJhc2U2NCBrZXk=".into(),
     ));
     fails_with(
-        &run(&wrong_key, &["repo", "verify", "--repo", repo]),
+        &rollcall_with_env(&["repo", "verify", "--repo", repo], &wrong_key),
         &[
             "repository az://backups/cowork is unreachable",
             "credentials",
@@ -146,9 +137,9 @@ fn snapshot_verify_and_restore_on_azure_blob_storage() {
         ],
     );
     fails_with(
-        &run(
-            &env,
+        &rollcall_with_env(
             &["repo", "verify", "--repo", "az://no-such-container/x"],
+            &env,
         ),
         &[
             "repository az://no-such-container/x is unreachable",

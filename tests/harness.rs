@@ -345,9 +345,15 @@ fn workspace_bin(package: &str, bin: &str) -> PathBuf {
 }
 
 pub fn rollcall(args: &[&str]) -> Output {
+    rollcall_with_env(args, &[])
+}
+
+/// `rollcall args` with extra environment (an object store's credentials, say).
+pub fn rollcall_with_env(args: &[&str], env: &[(String, String)]) -> Output {
     Command::new(rollcall_bin())
         .args(args)
         .env_remove("ROLLCALL_TOKEN")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .expect("run rollcall")
 }

@@ -314,7 +314,8 @@ impl Moto {
             .unwrap_or(false);
         if !on_path {
             assert!(
-                std::env::var_os("ROLLCALL_REQUIRE_EMULATORS").is_none_or(|v| v == "0"),
+                std::env::var_os("ROLLCALL_REQUIRE_EMULATORS")
+                    .is_none_or(|v| v.is_empty() || v == "0"),
                 "moto_server is not on PATH and ROLLCALL_REQUIRE_EMULATORS is set"
             );
             eprintln!(
