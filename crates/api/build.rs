@@ -13,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Smaller per-call buffers: see src/codec.rs.
+        .codec_path("crate::codec::ProstCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

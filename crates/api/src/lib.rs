@@ -3,6 +3,7 @@
 //! Prost types stay in this crate and in the thin gRPC adapters; everything else works with
 //! `model` types, converted once on receive with `TryFrom<pb::X>`.
 
+pub mod codec;
 pub mod config;
 pub mod errors;
 pub mod identity;

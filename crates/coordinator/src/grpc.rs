@@ -123,7 +123,7 @@ impl pb::agent_service_server::AgentService for AgentStream {
             heartbeat_interval: self.heartbeat_interval,
         });
         // The queue is empty: this cannot fail.
-        let _ = tx.try_send(welcome);
+        let _ = tx.try_send(Box::new(welcome));
         let name = hello.name.clone();
         tracing::info!(agent = %name, role = %hello.role, peer = ?peer, "agent attached");
         let generation = self.registry.attach(hello, peer, tx);
@@ -159,7 +159,7 @@ impl pb::agent_service_server::AgentService for AgentStream {
             registry.detach(&name, generation, &reason);
         });
 
-        let outbound = ReceiverStream::new(rx).map(|m| Ok(pb::CoordinatorMessage::from(m)));
+        let outbound = ReceiverStream::new(rx).map(|m| Ok(pb::CoordinatorMessage::from(*m)));
         Ok(Response::new(Box::pin(outbound)))
     }
 }

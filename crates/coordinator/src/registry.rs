@@ -44,9 +44,14 @@ struct Entry {
     conn: Option<Connection>,
 }
 
+/// The queue of messages towards one agent's stream. Boxed: the queue allocates its slots in
+/// blocks of 32, and a block of boxes is 256 bytes where one of messages is 6.6 KiB — per
+/// attached agent, for as long as it stays attached.
+pub type Outbound = mpsc::Sender<Box<CoordinatorMessage>>;
+
 struct Connection {
     generation: Generation,
-    tx: mpsc::Sender<CoordinatorMessage>,
+    tx: Outbound,
     pending: HashMap<CommandId, oneshot::Sender<CommandResult>>,
 }
 
@@ -82,12 +87,7 @@ impl Registry {
 
     /// Records a new attachment, replacing any older connection of the same agent (its
     /// waiters are told it disconnected).
-    pub fn attach(
-        &self,
-        hello: Hello,
-        peer: Option<SocketAddr>,
-        tx: mpsc::Sender<CoordinatorMessage>,
-    ) -> Generation {
+    pub fn attach(&self, hello: Hello, peer: Option<SocketAddr>, tx: Outbound) -> Generation {
         let mut table = self.lock();
         table.next_generation += 1;
         let generation = table.next_generation;
@@ -226,7 +226,7 @@ impl Registry {
             .get_mut(name)
             .and_then(|e| e.conn.as_mut())
             .ok_or(SendError::NotConnected)?;
-        match conn.tx.try_send(message) {
+        match conn.tx.try_send(Box::new(message)) {
             Ok(()) => {
                 if let Some((id, tx)) = waiter {
                     conn.pending.insert(id, tx);
