@@ -207,6 +207,10 @@ pub fn redact_url(url: &str) -> String {
             }
             parsed.to_string()
         }
+        // A local path carries no credentials: show it, so the error names what was given.
+        Err(_) if url.starts_with('/') || url.starts_with("./") || url.starts_with("../") => {
+            url.to_owned()
+        }
         // Not a URL: show only its shape, it might be anything.
         Err(_) => "<unparseable URL>".to_owned(),
     }
@@ -381,6 +385,8 @@ mod tests {
         let az = redact_url("az://container/prefix?sig=abc");
         assert!(!az.contains("abc"), "{az}");
         assert_eq!(redact_url("not a url hunter2"), "<unparseable URL>");
+        assert_eq!(redact_url("/srv/backups"), "/srv/backups");
+        assert_eq!(redact_url("./backups"), "./backups");
     }
 
     #[test]
