@@ -98,6 +98,17 @@ async fn run() {
         restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
         restore.jobs = cores;
         let started = Instant::now();
+        if std::env::var_os("BENCH_STAGES").is_some() {
+            restore.progress = Some(PgProgressFn(std::sync::Arc::new(move |p: &PgProgress| {
+                println!(
+                    "  {:>6.2} s  {} ({}/{} archives)",
+                    started.elapsed().as_secs_f64(),
+                    p.stage,
+                    p.archives_done,
+                    p.archives_total
+                );
+            })));
+        }
         restore_postgres(&repo, &id, &restore)
             .await
             .expect("restore");

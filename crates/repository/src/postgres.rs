@@ -16,12 +16,15 @@
 //!
 //! Restore: the schema archive (small) is fetched and checked first and restores the pre-data
 //! section; the data archives are streamed out of the repository, checked against their sha256
-//! and decompressed into one `pg_restore` each, several at once; then the post-data section is
-//! restored with parallel jobs. Dumps of older points (one archive) are streamed into
+//! and decompressed into one `pg_restore` each, several at once. As each one commits, the
+//! indexes and constraints on its own tables are built (`pg_restore -L`, planned from the schema
+//! archive's table of contents), while the other archives still load, as `pg_restore -j` does
+//! for a single archive; the rest of post-data (foreign keys, triggers, attaches, materialized
+//! views) follows all data, with parallel jobs. Dumps of older points (one archive) are streamed into
 //! `pg_restore` in one transaction, or restored from a scratch file with parallel jobs.
 //! Passwords travel to the tools in `PGPASSWORD`, never on a command line.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path as FsPath, PathBuf};
 use std::process::Stdio;
@@ -883,15 +886,16 @@ pub async fn restore_postgres(
         report(options.progress.as_ref(), whole.clone());
     }
     let (archive_bytes, streamed) = if !part.files.is_empty() {
-        let bytes = restore_parallel_dump(repo, point, &part, options, &restore_command)
-            .await
-            .with_context(|| {
-                format!(
-                    "restore point {point} into {}; the database holds a partial restore: \
+        let bytes =
+            restore_parallel_dump(repo, point, &part, options, &pg_restore, &restore_command)
+                .await
+                .with_context(|| {
+                    format!(
+                        "restore point {point} into {}; the database holds a partial restore: \
                      drop it, and restore into a new database",
-                    db.display
-                )
-            })?;
+                        db.display
+                    )
+                })?;
         (bytes, true)
     } else if let Some(dir) = &options.scratch_dir {
         std::fs::create_dir_all(dir)
@@ -935,12 +939,16 @@ pub async fn restore_postgres(
 
 /// Restores a parallel dump: pre-data from the schema archive (fetched and checked first),
 /// then the data archives streamed into `jobs` pg_restores at once, each in one transaction,
-/// then post-data with `jobs` parallel jobs. Returns the archive bytes handed to pg_restore.
+/// each followed by the indexes and constraints of its own tables (as `pg_restore -j` builds a
+/// table's indexes as soon as its data is in, while other tables still load), then the rest of
+/// post-data (foreign keys, triggers, ...) with `jobs` parallel jobs. Returns the archive bytes
+/// handed to pg_restore.
 async fn restore_parallel_dump(
     repo: &Repository,
     point: &PointId,
     part: &PgBackupPart,
     options: &PgRestoreOptions,
+    pg_restore: &FsPath,
     restore_command: &(dyn Fn(&[&str]) -> Command + Sync),
 ) -> Result<u64> {
     let compressed = part.compression.is_compressed();
@@ -999,20 +1007,56 @@ async fn restore_parallel_dump(
             .context("restore the pre-data section (tables, types, functions)")?;
         step("data", Some(schema.size));
 
-        let data: Vec<Archive> = part
+        let data_files: Vec<&DumpFile> = part
             .files
             .iter()
             .filter(|f| f.content != DumpContent::Schema)
-            .map(archive)
             .collect();
-        let restored: Vec<u64> = futures::stream::iter(data)
-            .map(|archive| async move {
-                let cmd = restore_command(&["--single-transaction"]);
-                let restored = stream_into_pg_restore(repo, &archive, cmd).await?;
-                step("data", Some(archive.size));
-                Ok(restored)
+        // Which post-data entries each data archive's tables allow right after it; without a
+        // readable table of contents, all of post-data waits for all data, as it is safe to.
+        let plan = match post_data_plan(pg_restore, &schema_file, &data_files).await {
+            Ok(plan) => Some(plan),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read the table of contents of the schema archive ({e:#}); indexes \
+                     will be built after all data"
+                );
+                None
+            }
+        };
+        let jobs = options.jobs.max(1);
+        let lists = (&dir, point);
+        // Owned items: a stream of futures borrowing its items is not `Send` for every
+        // lifetime, which a spawned caller needs.
+        let work: Vec<(Archive, Vec<u32>)> = data_files
+            .iter()
+            .enumerate()
+            .map(|(n, file)| {
+                let early = plan.as_ref().map(|p| p.early[n].clone());
+                (archive(file), early.unwrap_or_default())
             })
-            .buffer_unordered(options.jobs.max(1) as usize)
+            .collect();
+        let restored: Vec<u64> = futures::stream::iter(work)
+            .map(|(archive, early)| {
+                let schema_file = &schema_file;
+                async move {
+                    let cmd = restore_command(&["--single-transaction"]);
+                    let restored = stream_into_pg_restore(repo, &archive, cmd).await?;
+                    step("data", Some(archive.size));
+                    if !early.is_empty() {
+                        restore_listed(restore_command, schema_file, lists, &early, jobs)
+                            .await
+                            .with_context(|| {
+                                format!(
+                                    "build the indexes and constraints of the tables in {}",
+                                    archive.key
+                                )
+                            })?;
+                    }
+                    Ok(restored)
+                }
+            })
+            .buffer_unordered(jobs as usize)
             .collect::<Vec<Result<u64>>>()
             .await
             .into_iter()
@@ -1020,17 +1064,230 @@ async fn restore_parallel_dump(
         total += restored.iter().sum::<u64>();
 
         step("post-data", None);
-        let mut cmd = restore_command(&["--section=post-data"]);
-        cmd.arg(format!("--jobs={}", options.jobs.max(1)))
-            .arg(&schema_file)
-            .stdin(Stdio::null());
-        run_pg_restore(cmd)
-            .await
-            .context("restore the post-data section (indexes, constraints, materialized views)")?;
+        let rest = match &plan {
+            None => {
+                let mut cmd = restore_command(&["--section=post-data"]);
+                cmd.arg(format!("--jobs={jobs}"))
+                    .arg(&schema_file)
+                    .stdin(Stdio::null());
+                run_pg_restore(cmd).await
+            }
+            Some(plan) if plan.rest.is_empty() => Ok(()),
+            Some(plan) => {
+                restore_listed(restore_command, &schema_file, lists, &plan.rest, jobs).await
+            }
+        };
+        rest.context("restore the post-data section (indexes, constraints, materialized views)")?;
         Ok::<_, anyhow::Error>(total)
     }
     .await;
     let _ = std::fs::remove_file(&schema_file);
+    result
+}
+
+/// One entry of an archive's table of contents, as `pg_restore --verbose --file=-` prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TocEntry {
+    id: u32,
+    /// `TABLE`, `INDEX`, `CONSTRAINT`, `FK CONSTRAINT`, `TRIGGER`, ...
+    kind: String,
+    schema: String,
+    name: String,
+    /// Ids of the entries this one depends on.
+    deps: Vec<u32>,
+}
+
+/// Parses the comment headers of `pg_restore --verbose --file=-` output (an entry whose name
+/// line is missing or unreadable keeps an empty kind, so it is never built early):
+///
+/// ```text
+/// -- TOC entry 3216 (class 2606 OID 16392)
+/// -- Dependencies: 214
+/// -- Name: a a_pkey; Type: CONSTRAINT; Schema: public; Owner: postgres
+/// ```
+fn parse_toc(sql: &str) -> Vec<TocEntry> {
+    let mut entries = Vec::new();
+    let mut current: Option<TocEntry> = None;
+    for line in sql.lines() {
+        if let Some(rest) = line.strip_prefix("-- TOC entry ") {
+            entries.extend(current.take());
+            current = rest
+                .split_whitespace()
+                .next()
+                .and_then(|id| id.parse().ok())
+                .map(|id| TocEntry {
+                    id,
+                    kind: String::new(),
+                    schema: String::new(),
+                    name: String::new(),
+                    deps: Vec::new(),
+                });
+        } else if let Some(entry) = current.as_mut() {
+            if let Some(deps) = line.strip_prefix("-- Dependencies: ") {
+                entry.deps = deps
+                    .split_whitespace()
+                    .filter_map(|d| d.parse().ok())
+                    .collect();
+            } else if let Some(header) = line.strip_prefix("-- Name: ") {
+                // `Name: N; Type: T; Schema: S; Owner: O`, read from the right: a name may
+                // hold "; ", a type or schema name printed here does not.
+                let parsed = header.rsplit_once("; Owner: ").and_then(|(left, _)| {
+                    let (left, schema) = left.rsplit_once("; Schema: ")?;
+                    let (name, kind) = left.rsplit_once("; Type: ")?;
+                    Some((name, kind, schema))
+                });
+                if let Some((name, kind, schema)) = parsed {
+                    entry.name = name.to_owned();
+                    entry.kind = kind.to_owned();
+                    entry.schema = schema.to_owned();
+                }
+            }
+        }
+    }
+    entries.extend(current);
+    entries
+}
+
+/// The post-data entries to restore right after each data archive (indexes and constraints
+/// on exactly one of its tables, needing nothing else from post-data), and the rest.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct PostDataPlan {
+    /// Per data archive, in the order given.
+    early: Vec<Vec<u32>>,
+    rest: Vec<u32>,
+}
+
+fn plan_post_data(pre: &[TocEntry], post: &[TocEntry], archives: &[&DumpContent]) -> PostDataPlan {
+    let tables: HashMap<u32, String> = pre
+        .iter()
+        .filter(|e| e.kind == "TABLE")
+        .map(|e| (e.id, format!("{}.{}", e.schema, e.name)))
+        .collect();
+    let split_off: BTreeSet<&str> = archives
+        .iter()
+        .flat_map(|c| match c {
+            DumpContent::Tables { tables } => tables.iter().map(String::as_str).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    let post_ids: BTreeSet<u32> = post.iter().map(|e| e.id).collect();
+    // The data archive each table's rows are in.
+    let archive_of = |table: &str| {
+        archives.iter().position(|c| match c {
+            DumpContent::Tables { tables } => tables.iter().any(|t| t == table),
+            DumpContent::Data => !split_off.contains(table),
+            DumpContent::Schema => false,
+        })
+    };
+    let mut plan = PostDataPlan {
+        early: vec![Vec::new(); archives.len()],
+        rest: Vec::new(),
+    };
+    for entry in post {
+        let on_one_table = || {
+            if !matches!(entry.kind.as_str(), "INDEX" | "CONSTRAINT")
+                || entry.deps.iter().any(|d| post_ids.contains(d))
+            {
+                return None;
+            }
+            let on: BTreeSet<&String> = entry.deps.iter().filter_map(|d| tables.get(d)).collect();
+            match on.into_iter().collect::<Vec<_>>()[..] {
+                [table] => archive_of(table),
+                _ => None,
+            }
+        };
+        match on_one_table() {
+            Some(n) => plan.early[n].push(entry.id),
+            None => plan.rest.push(entry.id),
+        }
+    }
+    plan
+}
+
+/// Reads the schema archive's table of contents (pre-data for the tables, post-data for what
+/// to build) and plans post-data around the data archives.
+async fn post_data_plan(
+    pg_restore: &FsPath,
+    schema_file: &FsPath,
+    data_files: &[&DumpFile],
+) -> Result<PostDataPlan> {
+    let toc = |section: &'static str| async move {
+        let out = Command::new(pg_restore)
+            .args(["--verbose", "--file=-", section])
+            .arg(schema_file)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("run pg_restore --verbose --file=-")?;
+        if !out.status.success() {
+            bail!(
+                "pg_restore --file=- failed ({}): {}",
+                out.status,
+                last_lines(&String::from_utf8_lossy(&out.stderr), 5)
+            );
+        }
+        Ok(parse_toc(&String::from_utf8_lossy(&out.stdout)))
+    };
+    let listed = async {
+        let out = Command::new(pg_restore)
+            .args(["--list", "--section=post-data"])
+            .arg(schema_file)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("run pg_restore --list")?;
+        if !out.status.success() {
+            bail!("pg_restore --list failed ({})", out.status);
+        }
+        Ok(listed_ids(&String::from_utf8_lossy(&out.stdout)))
+    };
+    let (pre, post, listed) = tokio::try_join!(
+        toc("--section=pre-data"),
+        toc("--section=post-data"),
+        listed
+    )?;
+    // Every post-data entry must land in one list or another: the plan covers exactly what
+    // `pg_restore --list` names, or it is not used.
+    let parsed: BTreeSet<u32> = post.iter().map(|e| e.id).collect();
+    if parsed != listed {
+        bail!(
+            "its comments name {} post-data entries, its --list {}",
+            parsed.len(),
+            listed.len()
+        );
+    }
+    let contents: Vec<&DumpContent> = data_files.iter().map(|f| &f.content).collect();
+    Ok(plan_post_data(&pre, &post, &contents))
+}
+
+/// The entry ids of `pg_restore --list` output (`3216; 2606 16392 CONSTRAINT ...`; lines
+/// starting with `;` are comments).
+fn listed_ids(list: &str) -> BTreeSet<u32> {
+    list.lines()
+        .filter_map(|line| line.trim_start().split_once(';'))
+        .filter_map(|(id, _)| id.parse().ok())
+        .collect()
+}
+
+/// Restores the entries `ids` of the archive `file` with `jobs` parallel jobs (`pg_restore -L`;
+/// the list file goes in `dir`, named after the point, and is removed afterwards).
+async fn restore_listed(
+    restore_command: &(dyn Fn(&[&str]) -> Command + Sync),
+    file: &FsPath,
+    (dir, point): (&PathBuf, &PointId),
+    ids: &[u32],
+    jobs: u32,
+) -> Result<()> {
+    let list = dir.join(format!("{point}-{}.list", uuid::Uuid::new_v4()));
+    let text: String = ids.iter().map(|id| format!("{id};\n")).collect();
+    std::fs::write(&list, text).with_context(|| format!("write {}", list.display()))?;
+    let mut cmd = restore_command(&[]);
+    cmd.arg(format!("--jobs={jobs}"))
+        .arg(format!("--use-list={}", list.display()))
+        .arg(file)
+        .stdin(Stdio::null());
+    let result = run_pg_restore(cmd).await;
+    let _ = std::fs::remove_file(&list);
     result
 }
 
@@ -1591,6 +1848,177 @@ mod tests {
             quote_qualified("public.we\"ird"),
             "\"public\".\"we\"\"ird\""
         );
+    }
+
+    /// `pg_restore --verbose --file=-` of a schema with a foreign key, a partitioned table, a
+    /// trigger and a commented index (PostgreSQL 15), comment headers only.
+    const PRE_DATA: &str = "\
+-- TOC entry 219 (class 1255 OID 16424)
+-- Name: trg(); Type: FUNCTION; Schema: public; Owner: postgres
+-- TOC entry 214 (class 1259 OID 16385)
+-- Name: a; Type: TABLE; Schema: public; Owner: postgres
+-- TOC entry 215 (class 1259 OID 16395)
+-- Name: b c; Type: TABLE; Schema: public; Owner: postgres
+-- TOC entry 216 (class 1259 OID 16408)
+-- Name: p; Type: TABLE; Schema: public; Owner: postgres
+-- TOC entry 217 (class 1259 OID 16413)
+-- Dependencies: 216
+-- Name: p1; Type: TABLE; Schema: public; Owner: postgres
+-- TOC entry 3213 (class 0 OID 0)
+-- Dependencies: 217 216
+-- Name: p1; Type: TABLE ATTACH; Schema: public; Owner: postgres
+";
+    const POST_DATA: &str = "\
+--
+-- TOC entry 3216 (class 2606 OID 16392)
+-- Dependencies: 214
+-- Name: a a_pkey; Type: CONSTRAINT; Schema: public; Owner: postgres
+-- Data Pos: 0
+--
+
+ALTER TABLE ONLY public.a
+    ADD CONSTRAINT a_pkey PRIMARY KEY (id);
+-- TOC entry 3220 (class 2606 OID 16401)
+-- Dependencies: 215
+-- Name: b c b c_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+-- TOC entry 3224 (class 2606 OID 16412)
+-- Dependencies: 216 216
+-- Name: p p_pkey; Type: CONSTRAINT; Schema: public; Owner: postgres
+-- TOC entry 3227 (class 2606 OID 16417)
+-- Dependencies: 3224 217 217 217
+-- Name: p1 p1_pkey; Type: CONSTRAINT; Schema: public; Owner: postgres
+-- TOC entry 3221 (class 1259 OID 16407)
+-- Dependencies: 215 215
+-- Name: b_k; Type: INDEX; Schema: public; Owner: postgres
+-- TOC entry 3385 (class 0 OID 0)
+-- Dependencies: 3221
+-- Name: INDEX b_k; Type: COMMENT; Schema: public; Owner: postgres
+-- TOC entry 3229 (class 0 OID 0)
+-- Dependencies: 3224 3227 217 3224 217 216
+-- Name: p1_pkey; Type: INDEX ATTACH; Schema: public; Owner: postgres
+-- TOC entry 3231 (class 2620 OID 16425)
+-- Dependencies: 214 219
+-- Name: a t1; Type: TRIGGER; Schema: public; Owner: postgres
+-- TOC entry 3230 (class 2606 OID 16402)
+-- Dependencies: 214 3216 215
+-- Name: b c b c_a_id_fkey; Type: FK CONSTRAINT; Schema: public; Owner: postgres
+";
+
+    #[test]
+    fn reads_a_table_of_contents_from_pg_restore_comments() {
+        let pre = parse_toc(PRE_DATA);
+        assert_eq!(pre.len(), 6);
+        let b = &pre[2];
+        assert_eq!(
+            (b.id, b.kind.as_str(), b.schema.as_str(), b.name.as_str()),
+            (215, "TABLE", "public", "b c")
+        );
+        let post = parse_toc(POST_DATA);
+        let fk = post.last().expect("entries");
+        assert_eq!(
+            (fk.id, fk.kind.as_str(), fk.name.as_str(), &fk.deps[..]),
+            (
+                3230,
+                "FK CONSTRAINT",
+                "b c b c_a_id_fkey",
+                &[214, 3216, 215][..]
+            )
+        );
+        assert_eq!(post[1].name, "b c b c_pkey", "an owner of - parses too");
+        assert!(parse_toc("SET statement_timeout = 0;\n").is_empty());
+        let unreadable = parse_toc("-- TOC entry 7 (class 0 OID 0)\n-- Name: odd\n");
+        assert_eq!((unreadable[0].id, unreadable[0].kind.as_str()), (7, ""));
+        assert_eq!(
+            listed_ids(
+                ";\n; Archive created at 2026-11-26\n3216; 2606 16392 CONSTRAINT public a a_pkey -\n3385; 0 0 COMMENT public INDEX b_k -\n"
+            ),
+            BTreeSet::from([3216, 3385])
+        );
+    }
+
+    /// The schema behind `PRE_DATA` and `POST_DATA`.
+    const TOC_SCHEMA: &str = "
+        CREATE TABLE a (id int PRIMARY KEY, v text UNIQUE, n int CHECK (n > 0));
+        CREATE TABLE \"b c\" (id int PRIMARY KEY, a_id int REFERENCES a (id), k text);
+        CREATE INDEX b_k ON \"b c\" (lower(k));
+        COMMENT ON INDEX b_k IS 'by key';
+        CREATE TABLE p (id int, d date, PRIMARY KEY (id, d)) PARTITION BY RANGE (d);
+        CREATE TABLE p1 PARTITION OF p FOR VALUES FROM ('2020-01-01') TO ('2021-01-01');
+        CREATE INDEX p_d ON p (d);
+        CREATE MATERIALIZED VIEW mv AS SELECT count(*) FROM a;
+        CREATE FUNCTION trg() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;
+        CREATE TRIGGER t1 BEFORE INSERT ON a FOR EACH ROW EXECUTE FUNCTION trg();";
+
+    /// The plan from a real schema archive: the comments pg_restore prints are the ones the
+    /// parser reads, and every post-data entry is planned once.
+    #[tokio::test]
+    async fn plans_post_data_from_a_real_schema_archive() {
+        let cluster = ephemeral_pg::Cluster::start().expect("start a throwaway Postgres");
+        cluster.create_database("app").expect("create app");
+        cluster.psql("app", TOC_SCHEMA).expect("schema");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("schema.dump");
+        let status = std::process::Command::new(cluster.bin_dir().join("pg_dump"))
+            .arg(cluster.url("app"))
+            .args([
+                "--format=custom",
+                "--section=pre-data",
+                "--section=post-data",
+            ])
+            .arg(format!("--file={}", file.display()))
+            .status()
+            .expect("pg_dump");
+        assert!(status.success());
+        let file_of = |content: DumpContent| DumpFile {
+            key: String::new(),
+            content,
+            size: 0,
+            sha256: String::new(),
+            dump_size: 0,
+        };
+        let data = [
+            file_of(DumpContent::Data),
+            file_of(DumpContent::Tables {
+                tables: vec!["public.b c".into()],
+            }),
+        ];
+        let plan = post_data_plan(
+            &cluster.bin_dir().join("pg_restore"),
+            &file,
+            &[&data[0], &data[1]],
+        )
+        .await
+        .expect("plan");
+        // a's key, a's unique key, p's key and p's index | b c's key and index | the rest:
+        // the partition's key and index, two index attaches, the comment, the trigger, the
+        // foreign key and the materialized view's data.
+        let sizes: Vec<usize> = plan.early.iter().map(Vec::len).collect();
+        assert_eq!((sizes, plan.rest.len()), (vec![4, 2], 8), "{plan:?}");
+    }
+
+    #[test]
+    fn builds_a_table_s_indexes_after_its_own_archive_and_the_rest_after_all() {
+        let (pre, post) = (parse_toc(PRE_DATA), parse_toc(POST_DATA));
+        let tables = DumpContent::Tables {
+            tables: vec!["public.b c".into()],
+        };
+        let plan = plan_post_data(&pre, &post, &[&DumpContent::Data, &tables]);
+        assert_eq!(
+            plan,
+            PostDataPlan {
+                // a's and p's (the parent's own, ON ONLY) primary keys with the main data
+                // archive; b c's key and index with its own archive.
+                early: vec![vec![3216, 3224], vec![3220, 3221]],
+                // What needs another post-data entry or more than one table's rows: the
+                // partition's key (attached to p's), the index comment, the attach, the
+                // trigger, the foreign key.
+                rest: vec![3227, 3385, 3229, 3231, 3230],
+            }
+        );
+        // Without a table of contents nothing is built early.
+        let plan = plan_post_data(&[], &post, &[&DumpContent::Data]);
+        assert!(plan.early[0].is_empty());
+        assert_eq!(plan.rest.len(), post.len());
     }
 
     #[test]
