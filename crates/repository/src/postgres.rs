@@ -1211,41 +1211,31 @@ async fn post_data_plan(
     schema_file: &FsPath,
     data_files: &[&DumpFile],
 ) -> Result<PostDataPlan> {
-    let toc = |section: &'static str| async move {
+    let read = |args: [&'static str; 3]| async move {
         let out = Command::new(pg_restore)
-            .args(["--verbose", "--file=-", section])
+            .args(args)
             .arg(schema_file)
             .stdin(Stdio::null())
             .output()
             .await
-            .context("run pg_restore --verbose --file=-")?;
+            .with_context(|| format!("run pg_restore {}", args.join(" ")))?;
         if !out.status.success() {
             bail!(
-                "pg_restore --file=- failed ({}): {}",
+                "pg_restore {} failed ({}): {}",
+                args.join(" "),
                 out.status,
                 last_lines(&String::from_utf8_lossy(&out.stderr), 5)
             );
         }
-        Ok(parse_toc(&String::from_utf8_lossy(&out.stdout)))
-    };
-    let listed = async {
-        let out = Command::new(pg_restore)
-            .args(["--list", "--section=post-data"])
-            .arg(schema_file)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .context("run pg_restore --list")?;
-        if !out.status.success() {
-            bail!("pg_restore --list failed ({})", out.status);
-        }
-        Ok(listed_ids(&String::from_utf8_lossy(&out.stdout)))
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
     let (pre, post, listed) = tokio::try_join!(
-        toc("--section=pre-data"),
-        toc("--section=post-data"),
-        listed
+        read(["--section=pre-data", "--verbose", "--file=-"]),
+        read(["--section=post-data", "--verbose", "--file=-"]),
+        read(["--section=post-data", "--list", "--file=-"]),
     )?;
+    // The SQL (no database: --file=-), whose --verbose comments name each entry; the list.
+    let (pre, post, listed) = (parse_toc(&pre), parse_toc(&post), listed_ids(&listed));
     // Every post-data entry must land in one list or another: the plan covers exactly what
     // `pg_restore --list` names, or it is not used.
     let parsed: BTreeSet<u32> = post.iter().map(|e| e.id).collect();
@@ -1961,7 +1951,11 @@ ALTER TABLE ONLY public.a
         let status = std::process::Command::new(cluster.bin_dir().join("pg_dump"))
             .arg(cluster.url("app"))
             .args([
+                // As backup_postgres writes its schema archive.
                 "--format=custom",
+                "--no-owner",
+                "--no-acl",
+                "--compress=0",
                 "--section=pre-data",
                 "--section=post-data",
             ])
