@@ -1027,8 +1027,9 @@ async fn restore_parallel_dump(
         let jobs = options.jobs.max(1);
         let lists = (&dir, point);
         // Owned items: a stream of futures borrowing its items is not `Send` for every
-        // lifetime, which a spawned caller needs.
-        let work: Vec<(Archive, Vec<u32>)> = data_files
+        // lifetime, which a spawned caller needs. Largest first: with fewer jobs than
+        // archives, the longest load must not start last.
+        let mut work: Vec<(Archive, Vec<u32>)> = data_files
             .iter()
             .enumerate()
             .map(|(n, file)| {
@@ -1036,6 +1037,7 @@ async fn restore_parallel_dump(
                 (archive(file), early.unwrap_or_default())
             })
             .collect();
+        work.sort_by_key(|(archive, _)| std::cmp::Reverse(archive.size));
         let restored: Vec<u64> = futures::stream::iter(work)
             .map(|(archive, early)| {
                 let schema_file = &schema_file;
