@@ -20,8 +20,9 @@
 //! indexes and constraints on its own tables are built (`pg_restore -L`, planned from the schema
 //! archive's table of contents), while the other archives still load, as `pg_restore -j` does
 //! for a single archive; the rest of post-data (foreign keys, triggers, attaches, materialized
-//! views) follows all data, with parallel jobs. Dumps of older points (one archive) are streamed into
-//! `pg_restore` in one transaction, or restored from a scratch file with parallel jobs.
+//! views) follows all data, with parallel jobs. Dumps of older points (one archive) are
+//! streamed into `pg_restore` in one transaction, or restored from a scratch file with parallel
+//! jobs.
 //! Passwords travel to the tools in `PGPASSWORD`, never on a command line.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -1921,9 +1922,12 @@ ALTER TABLE ONLY public.a
         let unreadable = parse_toc("-- TOC entry 7 (class 0 OID 0)\n-- Name: odd\n");
         assert_eq!((unreadable[0].id, unreadable[0].kind.as_str()), (7, ""));
         assert_eq!(
-            listed_ids(
-                ";\n; Archive created at 2026-11-26\n3216; 2606 16392 CONSTRAINT public a a_pkey -\n3385; 0 0 COMMENT public INDEX b_k -\n"
-            ),
+            listed_ids(concat!(
+                ";\n",
+                "; Archive created at 2026-11-26\n",
+                "3216; 2606 16392 CONSTRAINT public a a_pkey -\n",
+                "3385; 0 0 COMMENT public INDEX b_k -\n",
+            )),
             BTreeSet::from([3216, 3385])
         );
     }
