@@ -22,7 +22,30 @@ pub fn one_line(error: &(dyn Error + 'static)) -> String {
         }
         next = cause.source();
     }
+    if let Some(hint) = metadata_hint(&text) {
+        text.push_str(hint);
+    }
     text
+}
+
+/// Object store clients without credentials in the environment fall back to the cloud's
+/// instance metadata service; off that cloud the request fails with nothing that says why.
+fn metadata_hint(text: &str) -> Option<&'static str> {
+    if text.contains("169.254.169.254/latest/") {
+        Some(
+            " (no AWS credentials in the environment, so the EC2 instance metadata service was \
+             asked: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where an instance \
+             role applies)",
+        )
+    } else if text.contains("/computeMetadata/") {
+        Some(
+            " (no Google credentials in the environment, so the GCE metadata server was asked: \
+             set GOOGLE_APPLICATION_CREDENTIALS to a service account key file, or run where a \
+             service account applies)",
+        )
+    } else {
+        None
+    }
 }
 
 /// One line of `text`: XML error bodies become `Code: first line of Message`, and runs of
@@ -121,5 +144,27 @@ mod tests {
             "x NoSuchKey y"
         );
         assert_eq!(condense("<?xml unterminated"), "<?xml unterminated");
+    }
+
+    #[test]
+    fn a_metadata_service_fallback_says_which_credentials_are_missing() {
+        let aws = Layer(
+            "list the live store s3://bucket: Error performing PUT \
+             http://169.254.169.254/latest/api/token: 403 Forbidden"
+                .into(),
+            None,
+        );
+        assert!(one_line(&aws).ends_with(
+            "(no AWS credentials in the environment, so the EC2 instance metadata service was \
+             asked: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where an instance \
+             role applies)"
+        ));
+        let gcs = Layer(
+            "Error performing GET http://169.254.169.254/computeMetadata/v1/instance/token".into(),
+            None,
+        );
+        assert!(one_line(&gcs).contains("set GOOGLE_APPLICATION_CREDENTIALS"));
+        let other = Layer("connection refused".into(), None);
+        assert_eq!(one_line(&other), "connection refused");
     }
 }
