@@ -6,7 +6,8 @@
 //! overhead.
 //!
 //! `cargo bench -p repository --bench pg_restore` (`BENCH_ROUNDS=N`, default 3;
-//! `BENCH_ROWS_SCALE=2` doubles the rows).
+//! `BENCH_ROWS_SCALE=2` doubles the rows; `BENCH_STAGES=1` prints when each stage of our
+//! restores began: pre-data, each data archive done, post-data, done).
 
 #![allow(clippy::print_stdout)] // a benchmark prints its figures
 
