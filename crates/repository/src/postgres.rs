@@ -1166,22 +1166,16 @@ fn plan_post_data(pre: &[TocEntry], post: &[TocEntry], archives: &[&DumpContent]
         .filter(|e| e.kind == "TABLE")
         .map(|e| (e.id, format!("{}.{}", e.schema, e.name)))
         .collect();
-    let split_off: BTreeSet<&str> = archives
-        .iter()
-        .flat_map(|c| match c {
-            DumpContent::Tables { tables } => tables.iter().map(String::as_str).collect(),
-            _ => Vec::new(),
-        })
-        .collect();
+    // The data archive each table's rows are in: its own, or the main one.
+    let mut split_off: HashMap<&str, usize> = HashMap::new();
+    for (n, content) in archives.iter().enumerate() {
+        if let DumpContent::Tables { tables } = content {
+            split_off.extend(tables.iter().map(|t| (t.as_str(), n)));
+        }
+    }
+    let main = archives.iter().position(|c| **c == DumpContent::Data);
+    let archive_of = |table: &str| split_off.get(table).copied().or(main);
     let post_ids: BTreeSet<u32> = post.iter().map(|e| e.id).collect();
-    // The data archive each table's rows are in.
-    let archive_of = |table: &str| {
-        archives.iter().position(|c| match c {
-            DumpContent::Tables { tables } => tables.iter().any(|t| t == table),
-            DumpContent::Data => !split_off.contains(table),
-            DumpContent::Schema => false,
-        })
-    };
     let mut plan = PostDataPlan {
         early: vec![Vec::new(); archives.len()],
         rest: Vec::new(),
