@@ -30,7 +30,7 @@ async fn run() {
     let _ = Command::new("sync").status();
 
     // The runbook's command, as is.
-    let cpu = busy_cpu();
+    let cpu = pg_dataset::busy_cpu();
     let started = Instant::now();
     let status = Command::new(cluster.bin_dir().join("pg_dump"))
         .arg(cluster.url("app"))
@@ -40,7 +40,7 @@ async fn run() {
         .expect("pg_dump");
     assert!(status.success());
     let plain_time = started.elapsed();
-    let plain_cpu = busy_cpu() - cpu;
+    let plain_cpu = pg_dataset::busy_cpu() - cpu;
     let plain_size = std::fs::metadata(&plain_file).expect("size").len();
 
     let repo = Repository::open(
@@ -68,7 +68,7 @@ async fn run() {
     );
     // For context: pg_dump without compression into /dev/null is the floor for any pipeline
     // built on one pg_dump process.
-    let cpu = busy_cpu();
+    let cpu = pg_dataset::busy_cpu();
     let started = Instant::now();
     let status = Command::new(cluster.bin_dir().join("pg_dump"))
         .arg(cluster.url("app"))
@@ -79,7 +79,7 @@ async fn run() {
     assert!(status.success());
     print_row(
         "(floor: pg_dump -Z0 > /dev/null)",
-        (started.elapsed(), busy_cpu() - cpu),
+        (started.elapsed(), pg_dataset::busy_cpu() - cpu),
         0,
         plain_time,
         plain_size,
@@ -130,10 +130,10 @@ async fn run() {
         options.counts = counts.clone();
         options.compression = compression;
         options.jobs = jobs;
-        let cpu = busy_cpu();
+        let cpu = pg_dataset::busy_cpu();
         let started = Instant::now();
         let part = backup_postgres(&repo, &options).await.expect("backup");
-        let elapsed = (started.elapsed(), busy_cpu() - cpu);
+        let elapsed = (started.elapsed(), pg_dataset::busy_cpu() - cpu);
         print_row(&label, elapsed, part.size, plain_time, plain_size);
     }
     println!(
@@ -147,21 +147,6 @@ async fn run() {
 
 /// Busy CPU seconds of the whole machine so far (all of /proc/stat's `cpu` line but idle and
 /// iowait), in the kernel's fixed USER_HZ of 100 ticks per second.
-fn busy_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: u64 = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4) // idle, iowait
-        .filter_map(|(_, v)| v.parse::<u64>().ok())
-        .sum();
-    Duration::from_millis(ticks * 10)
-}
-
 fn print_row(
     label: &str,
     (elapsed, cpu): (Duration, Duration),

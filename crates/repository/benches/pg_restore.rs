@@ -2,8 +2,10 @@
 //! `backup_postgres` into a file:// repository, then restored by `restore_postgres` (fetch,
 //! check and decompress the archives while pg_restore reads them) against a plain
 //! `pg_restore -j <cores> --no-owner --no-acl` of the runbook's `pg_dump --format=custom`
-//! file, each into a fresh database, alternating, in the same run. Prints both times and our
-//! overhead.
+//! file, each into a fresh database, alternating, in the same run. Prints both times, the
+//! machine's busy CPU seconds and our overhead; also our restore with one `COPY` per table
+//! (`copy_streams = 1`, as pg_restore loads a table), to show what sharing the largest table's
+//! rows over connections gains.
 //!
 //! `cargo bench -p repository --bench pg_restore` (`BENCH_ROUNDS=N`, default 3;
 //! `BENCH_ROWS_SCALE=2` doubles the rows; `BENCH_STAGES=1` prints when each stage of our
@@ -83,9 +85,11 @@ async fn run() {
     );
     let _ = Command::new("sync").status();
 
+    // Wall time and the machine's busy CPU time of each restore.
     let mut plain = Vec::new();
     let mut raw = Vec::new();
     let mut ours = Vec::new();
+    let mut one_copy = Vec::new();
     for round in 0..rounds {
         plain.push(pg_restore_file(
             &cluster,
@@ -93,35 +97,28 @@ async fn run() {
             cores,
             &format!("plain_{round}"),
         ));
-        let db = format!("ours_{round}");
-        cluster.create_database(&db).expect("create database");
-        let mut restore = PgRestoreOptions::new(cluster.url(&db));
-        restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
-        restore.jobs = cores;
-        let started = Instant::now();
-        if std::env::var_os("BENCH_STAGES").is_some() {
-            restore.progress = Some(PgProgressFn(std::sync::Arc::new(move |p: &PgProgress| {
-                println!(
-                    "  {:>6.2} s  {} ({}/{} archives)",
-                    started.elapsed().as_secs_f64(),
-                    p.stage,
-                    p.archives_done,
-                    p.archives_total
-                );
-            })));
-        }
-        restore_postgres(&repo, &id, &restore)
-            .await
-            .expect("restore");
-        ours.push(started.elapsed());
-        // Same rows as the point recorded: the restore is complete.
-        for (table, n) in point.table_counts().expect("counts") {
-            let got = cluster
-                .psql(&db, &format!("SELECT count(*) FROM {table}"))
-                .expect("count");
-            assert_eq!(got.trim(), n.to_string(), "{table} in {db}");
-        }
-        drop_database(&cluster, &db);
+        ours.push(
+            our_restore(
+                &cluster,
+                &repo,
+                &point,
+                cores,
+                None,
+                &format!("ours_{round}"),
+            )
+            .await,
+        );
+        one_copy.push(
+            our_restore(
+                &cluster,
+                &repo,
+                &point,
+                cores,
+                Some(1),
+                &format!("one_{round}"),
+            )
+            .await,
+        );
         raw.push(pg_restore_file(
             &cluster,
             &raw_file,
@@ -131,8 +128,8 @@ async fn run() {
     }
 
     println!(
-        "\n{:<58} each round",
-        "restore into a fresh database (seconds)"
+        "\n{:<58} {:>13} {:>8}  each round",
+        "restore into a fresh database (seconds)", "", "CPU s"
     );
     let base = median(&plain);
     for (label, times) in [
@@ -145,14 +142,20 @@ async fn run() {
             &raw,
         ),
         (format!("rollcall restore_postgres, jobs {cores}"), &ours),
+        (
+            format!("rollcall restore_postgres, jobs {cores}, one COPY per table"),
+            &one_copy,
+        ),
     ] {
         let each: Vec<String> = times
             .iter()
-            .map(|t| format!("{:.2}", t.as_secs_f64()))
+            .map(|t| format!("{:.2}", t.0.as_secs_f64()))
             .collect();
+        let cpu: Vec<Duration> = times.iter().map(|t| t.1).collect();
         println!(
-            "{label:<58} median {:>6.2}  [{}]",
+            "{label:<58} median {:>6.2} {:>8.2}  [{}]",
             median(times).as_secs_f64(),
+            median_of(&cpu).as_secs_f64(),
             each.join(" ")
         );
     }
@@ -168,9 +171,60 @@ async fn run() {
     );
 }
 
-/// `pg_restore -j` of a dump file into a new database; drops the database afterwards.
-fn pg_restore_file(cluster: &Cluster, file: &std::path::Path, jobs: u32, db: &str) -> Duration {
+/// Our restore of the point into a new database `db`, checked and dropped afterwards. Returns
+/// the wall time and the machine's busy CPU time.
+async fn our_restore(
+    cluster: &Cluster,
+    repo: &Repository,
+    point: &Point,
+    cores: u32,
+    copy_streams: Option<u32>,
+    db: &str,
+) -> (Duration, Duration) {
     cluster.create_database(db).expect("create database");
+    let mut restore = PgRestoreOptions::new(cluster.url(db));
+    restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
+    restore.jobs = cores;
+    restore.copy_streams = copy_streams;
+    let cpu = pg_dataset::busy_cpu();
+    let started = Instant::now();
+    if std::env::var_os("BENCH_STAGES").is_some() {
+        println!("{db}:");
+        restore.progress = Some(PgProgressFn(std::sync::Arc::new(move |p: &PgProgress| {
+            println!(
+                "  {:>6.2} s  {} ({}/{} archives)",
+                started.elapsed().as_secs_f64(),
+                p.stage,
+                p.archives_done,
+                p.archives_total
+            );
+        })));
+    }
+    restore_postgres(repo, &point.id, &restore)
+        .await
+        .expect("restore");
+    let elapsed = (started.elapsed(), pg_dataset::busy_cpu() - cpu);
+    // Same rows as the point recorded: the restore is complete.
+    for (table, n) in point.table_counts().expect("counts") {
+        let got = cluster
+            .psql(db, &format!("SELECT count(*) FROM {table}"))
+            .expect("count");
+        assert_eq!(got.trim(), n.to_string(), "{table} in {db}");
+    }
+    drop_database(cluster, db);
+    elapsed
+}
+
+/// `pg_restore -j` of a dump file into a new database; drops the database afterwards.
+/// Returns the wall time and the machine's busy CPU time.
+fn pg_restore_file(
+    cluster: &Cluster,
+    file: &std::path::Path,
+    jobs: u32,
+    db: &str,
+) -> (Duration, Duration) {
+    cluster.create_database(db).expect("create database");
+    let cpu = pg_dataset::busy_cpu();
     let started = Instant::now();
     let status = Command::new(cluster.bin_dir().join("pg_restore"))
         .args(["--no-owner", "--no-acl", "--exit-on-error"])
@@ -179,7 +233,7 @@ fn pg_restore_file(cluster: &Cluster, file: &std::path::Path, jobs: u32, db: &st
         .arg(file)
         .status()
         .expect("pg_restore");
-    let elapsed = started.elapsed();
+    let elapsed = (started.elapsed(), pg_dataset::busy_cpu() - cpu);
     assert!(status.success());
     drop_database(cluster, db);
     elapsed
@@ -191,8 +245,13 @@ fn drop_database(cluster: &Cluster, db: &str) {
         .expect("drop database");
 }
 
-fn median(times: &[Duration]) -> Duration {
-    let mut sorted = times.to_vec();
+/// The median wall time.
+fn median(times: &[(Duration, Duration)]) -> Duration {
+    median_of(&times.iter().map(|t| t.0).collect::<Vec<_>>())
+}
+
+fn median_of(values: &[Duration]) -> Duration {
+    let mut sorted = values.to_vec();
     sorted.sort();
     sorted[sorted.len() / 2]
 }

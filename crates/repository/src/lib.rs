@@ -17,6 +17,7 @@
 mod body;
 mod layout;
 mod lock;
+mod pg_copy;
 mod pipe;
 mod point;
 mod postgres;

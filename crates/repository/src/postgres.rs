@@ -31,7 +31,7 @@ use std::path::{Path as FsPath, PathBuf};
 use std::process::Stdio;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -47,7 +47,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{AssertSqlSafe, Connection, Executor};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::layout::{PointId, dump_dir, dump_file_key};
 use crate::pipe::{ChannelReader, ChunkSink, CountingReader};
@@ -552,7 +552,11 @@ fn plan_groups(tables: &[TableSize], jobs: usize, min_bytes: u64) -> Vec<Vec<Tab
     loads[0] = small.iter().map(|t| t.bytes).sum();
     big.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.name().cmp(&b.name())));
     for table in big {
-        let lightest = (0..loads.len()).min_by_key(|&i| loads[i]).unwrap_or(0);
+        // Among equally light bins a part of its own first: its rows can be loaded over
+        // several connections at restore time, the main archive's cannot.
+        let lightest = (0..loads.len())
+            .min_by_key(|&i| (loads[i], i == 0))
+            .unwrap_or(0);
         loads[lightest] += table.bytes;
         bins[lightest].push(table.clone());
     }
@@ -724,7 +728,7 @@ fn copy_large(input: &mut impl std::io::Read, out: &mut impl Write) -> std::io::
 }
 
 /// A 1 MiB pipe instead of 64 KiB: fewer wake-ups of pg_dump and of us. Best effort.
-fn widen_pipe(file: &std::fs::File) {
+fn widen_pipe(file: &impl std::os::fd::AsFd) {
     #[cfg(target_os = "linux")]
     let _ = nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
     #[cfg(not(target_os = "linux"))]
@@ -800,6 +804,11 @@ pub struct PgRestoreOptions {
     pub scratch_dir: Option<PathBuf>,
     /// Create the target database first if it does not exist.
     pub create_database: bool,
+    /// Connections that load each split-off table of a parallel dump at once (its rows dealt
+    /// out in chunks to as many `COPY`s), so one large table is not loaded on one core while
+    /// the others idle. Default (`None`): `jobs`. 1 loads each table with one `COPY`, as
+    /// pg_restore does.
+    pub copy_streams: Option<u32>,
     pub connect_timeout: Duration,
     pub progress: Option<PgProgressFn>,
 }
@@ -812,6 +821,7 @@ impl PgRestoreOptions {
             jobs: 1,
             scratch_dir: None,
             create_database: false,
+            copy_streams: None,
             connect_timeout: Duration::from_secs(15),
             progress: None,
         }
@@ -1015,8 +1025,12 @@ async fn restore_parallel_dump(
             .collect();
         // Which post-data entries each data archive's tables allow right after it; without a
         // readable table of contents, all of post-data waits for all data, as it is safe to.
-        let plan = match post_data_plan(pg_restore, &schema_file, &data_files).await {
-            Ok(plan) => Some(plan),
+        let toc = post_data_plan(pg_restore, &schema_file, &data_files).await;
+        // Rows are dealt out over several connections only from a UTF-8 script (the text of
+        // its statements goes through the database driver as it is).
+        let utf8 = matches!(&toc, Ok((_, Some(encoding))) if encoding == "UTF8");
+        let plan = match toc {
+            Ok((plan, _)) => Some(plan),
             Err(e) => {
                 tracing::warn!(
                     "cannot read the table of contents of the schema archive ({e:#}); indexes \
@@ -1026,25 +1040,54 @@ async fn restore_parallel_dump(
             }
         };
         let jobs = options.jobs.max(1);
+        let streams = if utf8 {
+            options.copy_streams.unwrap_or(jobs).max(1)
+        } else {
+            1
+        };
         let lists = (&dir, point);
         // Owned items: a stream of futures borrowing its items is not `Send` for every
         // lifetime, which a spawned caller needs. Largest first: with fewer jobs than
         // archives, the longest load must not start last.
-        let mut work: Vec<(Archive, Vec<u32>)> = data_files
+        let mut work: Vec<(Archive, Vec<u32>, Option<u64>)> = data_files
             .iter()
             .enumerate()
             .map(|(n, file)| {
                 let early = plan.as_ref().map(|p| p.early[n].clone());
-                (archive(file), early.unwrap_or_default())
+                // A split-off archive holds rows of its tables and their sequences' values
+                // only (no large objects): its script is plain COPYs and setval()s, whose rows
+                // more connections can share (with the size of its script, roughly).
+                let split = (streams > 1 && matches!(file.content, DumpContent::Tables { .. }))
+                    .then_some(file.dump_size);
+                (archive(file), early.unwrap_or_default(), split)
             })
             .collect();
-        work.sort_by_key(|(archive, _)| std::cmp::Reverse(archive.size));
+        work.sort_by_key(|(archive, _, _)| std::cmp::Reverse(archive.size));
+        // Job slots nothing else will use: those beyond the archives from the start, then
+        // each one whose archive is done once no archive waits to start. A split-off
+        // archive's load takes them as extra connections while it has rows left.
+        let spare = &Semaphore::new((jobs as usize).saturating_sub(work.len()));
+        let unstarted = &AtomicUsize::new(work.len());
         let restored: Vec<u64> = futures::stream::iter(work)
-            .map(|(archive, early)| {
+            .map(|(archive, early, split)| {
                 let schema_file = &schema_file;
                 async move {
-                    let cmd = restore_command(&["--single-transaction"]);
-                    let restored = stream_into_pg_restore(repo, &archive, cmd).await?;
+                    unstarted.fetch_sub(1, Ordering::SeqCst);
+                    let restored = match split {
+                        Some(expected) => {
+                            let load = SplitLoad {
+                                max: streams,
+                                spare,
+                                expected,
+                            };
+                            stream_into_connections(repo, &archive, pg_restore, options, load)
+                                .await?
+                        }
+                        None => {
+                            let cmd = restore_command(&["--single-transaction"]);
+                            stream_into_pg_restore(repo, &archive, cmd).await?
+                        }
+                    };
                     step("data", Some(archive.size));
                     if !early.is_empty() {
                         restore_listed(restore_command, schema_file, lists, &early, jobs)
@@ -1055,6 +1098,9 @@ async fn restore_parallel_dump(
                                     archive.key
                                 )
                             })?;
+                    }
+                    if unstarted.load(Ordering::SeqCst) == 0 {
+                        spare.add_permits(1);
                     }
                     Ok(restored)
                 }
@@ -1202,12 +1248,13 @@ fn plan_post_data(pre: &[TocEntry], post: &[TocEntry], archives: &[&DumpContent]
 }
 
 /// Reads the schema archive's table of contents (pre-data for the tables, post-data for what
-/// to build) and plans post-data around the data archives.
+/// to build) and plans post-data around the data archives. Also returns the client encoding
+/// the dump's scripts set (`UTF8`, ...), when they set one.
 async fn post_data_plan(
     pg_restore: &FsPath,
     schema_file: &FsPath,
     data_files: &[&DumpFile],
-) -> Result<PostDataPlan> {
+) -> Result<(PostDataPlan, Option<String>)> {
     let read = |args: [&'static str; 3]| async move {
         let out = Command::new(pg_restore)
             .args(args)
@@ -1231,6 +1278,10 @@ async fn post_data_plan(
         read(["--section=post-data", "--verbose", "--file=-"]),
         read(["--section=post-data", "--list", "--file=-"]),
     )?;
+    let encoding = pre.lines().find_map(|line| {
+        let quoted = line.strip_prefix("SET client_encoding = '")?;
+        Some(quoted.strip_suffix("';")?.to_owned())
+    });
     // The SQL (no database: --file=-), whose --verbose comments name each entry; the list.
     let (pre, post, listed) = (parse_toc(&pre), parse_toc(&post), listed_ids(&listed));
     // Every post-data entry must land in one list or another: the plan covers exactly what
@@ -1244,7 +1295,7 @@ async fn post_data_plan(
         );
     }
     let contents: Vec<&DumpContent> = data_files.iter().map(|f| &f.content).collect();
-    Ok(plan_post_data(&pre, &post, &contents))
+    Ok((plan_post_data(&pre, &post, &contents), encoding))
 }
 
 /// The entry ids of `pg_restore --list` output (`3216; 2606 16392 CONSTRAINT ...`; lines
@@ -1343,6 +1394,124 @@ async fn stream_into_pg_restore(
             last_lines(&stderr, 20)
         ))),
     }
+}
+
+/// Streams one split-off data archive out of the repository into connections to the target
+/// ([`crate::pg_copy`]): pg_restore writes the archive's SQL script, whose COPY rows are dealt
+/// out to one connection, and more as job slots come free, each in its own transaction. The
+/// transactions commit only once the whole archive has arrived with the point's sha256,
+/// pg_restore has finished and every COPY has succeeded; a failure anywhere stops pg_restore
+/// and rolls all of them back.
+async fn stream_into_connections(
+    repo: &Repository,
+    archive: &Archive,
+    pg_restore: &FsPath,
+    options: &PgRestoreOptions,
+    split: SplitLoad<'_>,
+) -> Result<u64> {
+    let key = &archive.key;
+    let db = DbUrl::parse(&options.database_url)?;
+    let conn = connect(&db, options.connect_timeout).await?;
+    let mut cmd = Command::new(pg_restore);
+    cmd.args(["--no-owner", "--no-acl", "--exit-on-error", "--file=-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().context("start pg_restore")?;
+    let stdin = std::fs::File::from(
+        child
+            .stdin
+            .take()
+            .context("open pg_restore's input")?
+            .into_owned_fd()
+            .context("open pg_restore's input")?,
+    );
+    widen_pipe(&stdin);
+    let script = child.stdout.take().context("open pg_restore's output")?;
+    widen_pipe(&script);
+    let stderr = collect_stderr(child.stderr.take());
+    // Not reaped before `wait` below, so the pid stays this child's. The side that failed
+    // first stops pg_restore, and its error is the one reported.
+    let pid = child.id().map(|id| nix::unistd::Pid::from_raw(id as i32));
+    let failed_first = std::sync::OnceLock::<&'static str>::new();
+    let stop = |side: &'static str| {
+        let _ = failed_first.set(side);
+        if let Some(pid) = pid {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    };
+    let fetch = async {
+        let (sent, input) = download_dump(repo, archive, Box::new(stdin)).await;
+        if sent.is_err() {
+            stop("fetch");
+        }
+        drop(input); // pg_restore's end of input
+        sent
+    };
+    let connect_more = || -> futures::future::BoxFuture<'_, Result<PgConnection>> {
+        Box::pin(connect(&db, options.connect_timeout))
+    };
+    let joining = crate::pg_copy::Joining {
+        slots: split.spare,
+        connect: &connect_more,
+        max: split.max as usize,
+        expected: split.expected,
+    };
+    let load = async {
+        let loaded =
+            crate::pg_copy::load_script(script, vec![conn], crate::pg_copy::CHUNK, Some(joining))
+                .await;
+        if loaded.is_err() {
+            stop("load"); // or it blocks writing a script nobody reads
+        }
+        loaded
+    };
+    let (sent, loaded) = tokio::join!(fetch, load);
+    let status = child.wait().await.context("wait for pg_restore")?;
+    let stderr = stderr.await.unwrap_or_default();
+    let rolled_back = "the transactions were rolled back";
+    if let (Some(&"load"), Err(e)) = (failed_first.get(), &loaded) {
+        let said = if stderr.trim().is_empty() {
+            String::new()
+        } else {
+            format!("; pg_restore said: {}", last_lines(&stderr, 20))
+        };
+        bail!("restore {key}: {e:#}{said}; {rolled_back}");
+    }
+    let sent = sent.with_context(|| format!("restore {key}: {rolled_back}"))?;
+    if !status.success() {
+        bail!(
+            "pg_restore of {key} failed ({status}): {}; {rolled_back}",
+            last_lines(&stderr, 20)
+        );
+    }
+    let mut loaded = loaded.with_context(|| format!("restore {key}: {rolled_back}"))?;
+    // The slots of connections that joined go back to other loads still running.
+    split.spare.add_permits(loaded.joined as usize);
+    tracing::debug!(
+        archive = %key,
+        rows = loaded.rows,
+        connections = loaded.conns.len(),
+        "rows loaded; committing"
+    );
+    for conn in &mut loaded.conns {
+        conn.execute("COMMIT")
+            .await
+            .with_context(|| format!("commit the rows of {key} in {}", db.display))?;
+    }
+    for conn in loaded.conns {
+        conn.close().await.ok();
+    }
+    Ok(sent)
+}
+
+/// How a split-off archive's rows may spread: up to `max` connections, the extra ones as
+/// slots come free in `spare`; `expected` is the size of its script, roughly.
+struct SplitLoad<'a> {
+    max: u32,
+    spare: &'a Semaphore,
+    expected: u64,
 }
 
 /// Fetches a point's dump, checks its sha256 and decompresses it into `dest`: a custom-format
@@ -1976,13 +2145,14 @@ ALTER TABLE ONLY public.a
                 tables: vec!["public.b c".into()],
             }),
         ];
-        let plan = post_data_plan(
+        let (plan, encoding) = post_data_plan(
             &cluster.bin_dir().join("pg_restore"),
             &file,
             &[&data[0], &data[1]],
         )
         .await
         .expect("plan");
+        assert_eq!(encoding.as_deref(), Some("UTF8"));
         // a's key, a's unique key, p's key and p's index | b c's key and index | the rest:
         // the partition's key and index, two index attaches, the comment, the trigger, the
         // foreign key and the materialized view's data.
@@ -2042,11 +2212,15 @@ ALTER TABLE ONLY public.a
         // One job, or nothing large enough: a single data archive.
         assert!(plan_groups(&tables, 1, 0).is_empty());
         assert!(plan_groups(&tables, 4, 1000).is_empty());
-        // More jobs than tables: one table per part, none empty.
+        // More jobs than tables: one table per part, none empty, the main archive left with
+        // none (nothing large waits there for one connection).
         assert_eq!(
             names(plan_groups(&tables, 8, 0)),
-            [["deliveries"], ["sessions"], ["tiny"]]
+            [["events"], ["deliveries"], ["sessions"], ["tiny"]]
         );
+        // Nothing small: the largest table still gets a part of its own.
+        let all_large = [t("events", 180), t("sessions", 30), t("deliveries", 40)];
+        assert_eq!(names(plan_groups(&all_large, 2, 10)), [["events"]]);
         assert_eq!(t("we\"ird", 1).pattern(), "\"public\".\"we\"\"ird\"");
     }
 

@@ -66,3 +66,20 @@ INSERT INTO channel_deliveries (session_id, status, attempt_count, payload, last
     println!("loaded in {:.1}s", started.elapsed().as_secs_f64());
     cluster
 }
+
+/// CPU time the whole machine has been busy (all cores, all processes), from /proc/stat:
+/// a restore's work is spread over pg_restore, Postgres backends and this process.
+pub fn busy_cpu() -> std::time::Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .enumerate()
+        .filter(|(i, _)| matches!(i, 0 | 1 | 2 | 5 | 6)) // user, nice, system, irq, softirq
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum();
+    std::time::Duration::from_millis(ticks * 10)
+}
