@@ -1350,6 +1350,21 @@ async fn check_empty(conn: &mut PgConnection, db: &DbUrl) -> Result<()> {
     Ok(())
 }
 
+/// pg_restore's standard input as a blocking file (written from a blocking thread), its pipe
+/// widened.
+fn pipe_input(child: &mut tokio::process::Child) -> Result<std::fs::File> {
+    let stdin = std::fs::File::from(
+        child
+            .stdin
+            .take()
+            .context("open pg_restore's input")?
+            .into_owned_fd()
+            .context("open pg_restore's input")?,
+    );
+    widen_pipe(&stdin);
+    Ok(stdin)
+}
+
 /// Streams one archive out of the repository into a `pg_restore` reading its standard input
 /// in one transaction. If the stream fails (e.g. a checksum mismatch at its end) while
 /// pg_restore still runs, pg_restore is stopped before its input closes, so it cannot commit.
@@ -1360,15 +1375,7 @@ async fn stream_into_pg_restore(
 ) -> Result<u64> {
     cmd.stdin(Stdio::piped());
     let mut child = cmd.spawn().context("start pg_restore")?;
-    let stdin = std::fs::File::from(
-        child
-            .stdin
-            .take()
-            .context("open pg_restore's input")?
-            .into_owned_fd()
-            .context("open pg_restore's input")?,
-    );
-    widen_pipe(&stdin);
+    let stdin = pipe_input(&mut child)?;
     let stderr = collect_stderr(child.stderr.take());
     let (sent, input) = download_dump(repo, archive, Box::new(stdin)).await;
     let mut stopped_by_us = false;
@@ -1419,15 +1426,7 @@ async fn stream_into_connections(
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let mut child = cmd.spawn().context("start pg_restore")?;
-    let stdin = std::fs::File::from(
-        child
-            .stdin
-            .take()
-            .context("open pg_restore's input")?
-            .into_owned_fd()
-            .context("open pg_restore's input")?,
-    );
-    widen_pipe(&stdin);
+    let stdin = pipe_input(&mut child)?;
     let script = child.stdout.take().context("open pg_restore's output")?;
     widen_pipe(&script);
     let stderr = collect_stderr(child.stderr.take());
