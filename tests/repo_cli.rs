@@ -294,6 +294,47 @@ fn the_postgres_forms_of_the_contract_work_as_written() {
         .psql("restored", "SELECT count(*) FROM sessions")
         .unwrap();
     assert_eq!(count.trim(), "25");
+    // With jobs, and connections that may share a table's rows.
+    cluster.create_database("restored_j2").unwrap();
+    ok(
+        &rollcall(&[
+            "repo",
+            "restore-postgres",
+            "--repo",
+            &repo,
+            "--point",
+            &point,
+            "--database-url",
+            &cluster.url("restored_j2"),
+            "--jobs",
+            "2",
+            "--copy-streams",
+            "2",
+        ]),
+        "restore-postgres --jobs 2",
+    );
+    let count = cluster
+        .psql("restored_j2", "SELECT count(*) FROM sessions")
+        .unwrap();
+    assert_eq!(count.trim(), "25");
+    // Argument errors come from clap (with a usage hint after them).
+    let zero_jobs = rollcall(&[
+        "repo",
+        "restore-postgres",
+        "--repo",
+        &repo,
+        "--point",
+        &point,
+        "--database-url",
+        &cluster.url("restored_j2"),
+        "--jobs",
+        "0",
+    ]);
+    let stderr = String::from_utf8_lossy(&zero_jobs.stderr);
+    assert!(
+        !zero_jobs.status.success() && stderr.contains("'0'") && stderr.contains("--jobs"),
+        "{stderr}"
+    );
     ok(
         &rollcall(&["repo", "verify", "--repo", &repo, "--point", &point]),
         "verify the dump",

@@ -39,6 +39,10 @@ pub struct PostgresConfig {
     /// them only with scratch_dir).
     #[serde(default = "one")]
     pub jobs: u32,
+    /// Connections that may load one split-off table of a parallel dump at once, its rows
+    /// shared out between them (default: jobs); 1 loads each table with one COPY, as
+    /// pg_restore does.
+    pub copy_streams: Option<u32>,
     /// Where archives that must be files are staged: a parallel dump's schema archive (the
     /// system temporary directory when unset), an older single-archive dump for jobs > 1.
     pub scratch_dir: Option<PathBuf>,
@@ -316,6 +320,7 @@ impl DataPlane {
         let mut options = PgRestoreOptions::new(format!("{base}/{restore_db}{query}"));
         options.bin_dir = pg.config.bin_dir.clone();
         options.jobs = pg.config.jobs;
+        options.copy_streams = pg.config.copy_streams;
         options.scratch_dir = pg.config.scratch_dir.clone();
         options.progress = Some(progress.postgres());
         let report = repository::restore_postgres(&repo, &PointId::parse(point)?, &options).await?;

@@ -21,6 +21,10 @@ use sqlx::AssertSqlSafe;
 use sqlx::postgres::PgConnection;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+/// What to do about a script this loader cannot run.
+const ONE_COPY: &str = "restore with one COPY per table (copy_streams = 1 in the database agent's \
+     [postgres] table; --copy-streams 1 for `rollcall repo restore-postgres`)";
+
 /// Bytes of rows handed to one connection at a time.
 pub(crate) const CHUNK: usize = 256 * 1024;
 
@@ -122,8 +126,7 @@ impl<R: AsyncRead + Unpin> ScriptReader<R> {
                 }
                 bail!(
                     "the SQL script of the archive holds the psql command {:?}, which loading \
-                     over several connections does not run: restore it with one COPY per table \
-                     (copy_streams = 1)",
+                     over several connections does not run: {ONE_COPY}",
                     String::from_utf8_lossy(line.trim_ascii_end())
                 );
             }
@@ -209,10 +212,7 @@ fn copy_statement(line: &[u8]) -> Option<&[u8]> {
 
 fn utf8(bytes: Vec<u8>) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "the SQL script of the archive is not UTF-8 ({e}): restore it with one COPY per \
-             table (copy_streams = 1)"
-        )
+        anyhow::anyhow!("the SQL script of the archive is not UTF-8 ({e}): {ONE_COPY}")
     })
 }
 
