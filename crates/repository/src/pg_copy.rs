@@ -22,8 +22,8 @@ use sqlx::postgres::PgConnection;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// What to do about a script this loader cannot run.
-const ONE_COPY: &str = "restore with one COPY per table (copy_streams = 1 in the database agent's \
-     [postgres] table; --copy-streams 1 for `rollcall repo restore-postgres`)";
+pub(crate) const ONE_COPY: &str = "restore with one COPY per table (copy_streams = 1 in the \
+     database agent's [postgres] table; --copy-streams 1 for `rollcall repo restore-postgres`)";
 
 /// Bytes of rows handed to one connection at a time.
 pub(crate) const CHUNK: usize = 256 * 1024;
@@ -247,6 +247,8 @@ pub(crate) struct Loaded {
     pub(crate) conns: Vec<PgConnection>,
     /// Connections that joined (each holding a job slot from [`Joining::slots`]).
     pub(crate) joined: u32,
+    /// `COPY` statements run.
+    pub(crate) copies: u32,
 }
 
 /// Runs a script on `conns`, each in a transaction left open (the caller commits them all, or
@@ -274,6 +276,7 @@ pub(crate) async fn load_script(
         rows: 0,
         conns,
         joined: 0,
+        copies: 0,
     };
     while let Some(Statements { sql, copy }) = reader.next_statements().await? {
         if has_statements(&sql) {
@@ -304,6 +307,7 @@ pub(crate) async fn load_script(
             loaded.rows += rows;
             loaded.conns = conns;
             loaded.joined += joined;
+            loaded.copies += 1;
         }
     }
     Ok(loaded)
@@ -608,7 +612,7 @@ mod tests {
         let mut loaded = load_script(&script.stdout[..], conns, 700, Some(joining))
             .await
             .expect("load");
-        assert_eq!(loaded.rows, 3000);
+        assert_eq!((loaded.rows, loaded.copies), (3000, 1));
         assert_eq!((loaded.joined, loaded.conns.len()), (1, 3));
         assert_eq!(
             slots.available_permits(),

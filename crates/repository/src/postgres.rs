@@ -897,16 +897,22 @@ pub async fn restore_postgres(
         report(options.progress.as_ref(), whole.clone());
     }
     let (archive_bytes, streamed) = if !part.files.is_empty() {
-        let bytes =
-            restore_parallel_dump(repo, point, &part, options, &pg_restore, &restore_command)
-                .await
-                .with_context(|| {
-                    format!(
-                        "restore point {point} into {}; the database holds a partial restore: \
+        let bytes = restore_parallel_dump(
+            repo,
+            point,
+            &part,
+            options,
+            (&pg_restore, major_of(&pg_restore_version).unwrap_or(0)),
+            &restore_command,
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "restore point {point} into {}; the database holds a partial restore: \
                      drop it, and restore into a new database",
-                        db.display
-                    )
-                })?;
+                db.display
+            )
+        })?;
         (bytes, true)
     } else if let Some(dir) = &options.scratch_dir {
         std::fs::create_dir_all(dir)
@@ -949,17 +955,18 @@ pub async fn restore_postgres(
 }
 
 /// Restores a parallel dump: pre-data from the schema archive (fetched and checked first),
-/// then the data archives streamed into `jobs` pg_restores at once, each in one transaction,
-/// each followed by the indexes and constraints of its own tables (as `pg_restore -j` builds a
-/// table's indexes as soon as its data is in, while other tables still load), then the rest of
-/// post-data (foreign keys, triggers, ...) with `jobs` parallel jobs. Returns the archive bytes
-/// handed to pg_restore.
+/// then the data archives streamed into `jobs` pg_restores at once, each in one transaction
+/// (a split-off archive's rows through one or more connections instead, see
+/// [`stream_into_connections`]), each followed by the indexes and constraints of its own tables
+/// (as `pg_restore -j` builds a table's indexes as soon as its data is in, while other tables
+/// still load), then the rest of post-data (foreign keys, triggers, ...) with `jobs` parallel
+/// jobs. Returns the archive bytes handed to pg_restore.
 async fn restore_parallel_dump(
     repo: &Repository,
     point: &PointId,
     part: &PgBackupPart,
     options: &PgRestoreOptions,
-    pg_restore: &FsPath,
+    (pg_restore, pg_restore_major): (&FsPath, u32),
     restore_command: &(dyn Fn(&[&str]) -> Command + Sync),
 ) -> Result<u64> {
     let compressed = part.compression.is_compressed();
@@ -1027,8 +1034,10 @@ async fn restore_parallel_dump(
         // readable table of contents, all of post-data waits for all data, as it is safe to.
         let toc = post_data_plan(pg_restore, &schema_file, &data_files).await;
         // Rows are dealt out over several connections only from a UTF-8 script (the text of
-        // its statements goes through the database driver as it is).
-        let utf8 = matches!(&toc, Ok((_, Some(encoding))) if encoding == "UTF8");
+        // its statements goes through the database driver as it is), written to our pipe.
+        // pg_restore before 12 writes `--file=-` to a file named "-", not to standard output.
+        let utf8 =
+            matches!(&toc, Ok((_, Some(encoding))) if encoding == "UTF8") && pg_restore_major >= 12;
         let plan = match toc {
             Ok((plan, _)) => Some(plan),
             Err(e) => {
@@ -1486,6 +1495,15 @@ async fn stream_into_connections(
         );
     }
     let mut loaded = loaded.with_context(|| format!("restore {key}: {rolled_back}"))?;
+    if loaded.copies == 0 {
+        // A split-off archive holds at least one table's rows (even an empty table has its
+        // COPY): a script without any did not come from this archive.
+        bail!(
+            "restore {key}: pg_restore's script of it holds no COPY of any table; {rolled_back}; \
+             {}",
+            crate::pg_copy::ONE_COPY
+        );
+    }
     // The slots of connections that joined go back to other loads still running.
     split.spare.add_permits(loaded.joined as usize);
     tracing::debug!(
