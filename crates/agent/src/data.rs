@@ -35,9 +35,10 @@ pub struct PostgresConfig {
     pub url_file: Option<PathBuf>,
     /// Directory of pg_dump / pg_restore; PATH and /usr/lib/postgresql/*/bin when unset.
     pub bin_dir: Option<PathBuf>,
-    /// Parallel pg_restore jobs (a point taken as one archive, by an older version, uses
-    /// them only with scratch_dir).
-    #[serde(default = "one")]
+    /// Parallel pg_restore jobs (default: this host's cores, the runbook's `pg_restore -j
+    /// <cores>`; a point taken as one archive, by an older version, uses them only with
+    /// scratch_dir).
+    #[serde(default = "cores")]
     pub jobs: u32,
     /// Connections that may load one split-off table of a parallel dump at once, its rows
     /// shared out between them (default: jobs); 1 loads each table with one COPY, as
@@ -51,8 +52,8 @@ pub struct PostgresConfig {
     pub counts: Option<Vec<String>>,
 }
 
-fn one() -> u32 {
-    1
+fn cores() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
 }
 
 /// `[objects]` in agent.toml.

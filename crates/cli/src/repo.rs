@@ -127,9 +127,10 @@ enum RepoCommand {
         /// Create the target database first.
         #[arg(long)]
         create: bool,
-        /// Data archives restored at once (and jobs for building indexes).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-        jobs: u32,
+        /// Data archives restored at once, and jobs for building indexes (default: the
+        /// number of cores, as the runbook's `pg_restore -j <cores>`).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        jobs: Option<u32>,
         /// Connections that may share one large table's rows (default: --jobs); 1 loads
         /// each table with one COPY, as pg_restore does.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -330,7 +331,9 @@ pub async fn run(args: RepoArgs) -> Result<()> {
             let id = point_of(point, point_arg, "restore-postgres")?;
             let mut options = repository::PgRestoreOptions::new(database_url);
             options.create_database = create;
-            options.jobs = jobs;
+            options.jobs = jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+            });
             options.copy_streams = copy_streams;
             let report = repository::restore_postgres(&repo, &id, &options).await?;
             json(serde_json::to_value(&report)?);
