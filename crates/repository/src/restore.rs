@@ -343,21 +343,24 @@ async fn restore_manifest(
     let removed = for_each_parallel(extras, options.parallelism, move |location| {
         let shared = task.clone();
         async move {
-            retry(
+            let moved = retry(
                 &shared.repo.options.retry,
                 "quarantine an extra object",
                 || async {
-                    shared.quarantine_copy(&location).await?;
-                    shared
-                        .target
-                        .delete(&location)
-                        .await
-                        .map_err(anyhow::Error::from)
+                    // Gone since the listing (a role's scratch object, say): what the restore
+                    // wanted, and nothing to keep.
+                    if !shared.quarantine_copy(&location).await? {
+                        return Ok(false);
+                    }
+                    match shared.target.delete(&location).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
+                        Err(e) => Err(anyhow::Error::from(e)),
+                    }
                 },
             )
             .await
             .with_context(|| format!("move extra object {location} to quarantine"))?;
-            Ok(shared.relative(&location))
+            Ok(moved.then(|| shared.relative(&location)))
         }
     })
     .await?;
@@ -386,7 +389,7 @@ async fn restore_manifest(
             }
         }
     }
-    report.removed = removed;
+    report.removed = removed.into_iter().flatten().collect();
     report.replaced.sort();
     report.removed.sort();
     progress.report(TransferPhase::Done);
@@ -420,14 +423,20 @@ impl Shared {
             .unwrap_or_else(|| location.to_string())
     }
 
-    async fn quarantine_copy(&self, location: &Path) -> Result<()> {
+    /// Copies an object into the quarantine; false if it no longer exists.
+    async fn quarantine_copy(&self, location: &Path) -> Result<bool> {
         let destination = join(&self.quarantine, &self.relative(location))?;
         if self.quarantine_in_repository {
-            let body = self
-                .target
-                .get(location)
-                .await
-                .with_context(|| format!("read {location} to quarantine it"))?
+            let got = match self.target.get(location).await {
+                Ok(got) => got,
+                Err(object_store::Error::NotFound { .. }) => return Ok(false),
+                Err(e) => {
+                    return Err(
+                        anyhow::Error::from(e).context(format!("read {location} to quarantine it"))
+                    );
+                }
+            };
+            let body = got
                 .bytes()
                 .await
                 .with_context(|| format!("read {location} to quarantine it"))?;
@@ -438,12 +447,14 @@ impl Shared {
                 .with_context(|| {
                     format!("copy {location} to quarantine {destination} in the repository")
                 })?;
-            return Ok(());
+            return Ok(true);
         }
-        self.target
-            .copy(location, &destination)
-            .await
-            .with_context(|| format!("copy {location} to quarantine {destination}"))
+        match self.target.copy(location, &destination).await {
+            Ok(()) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(anyhow::Error::from(e)
+                .context(format!("copy {location} to quarantine {destination}"))),
+        }
     }
 }
 

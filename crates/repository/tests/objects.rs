@@ -649,6 +649,62 @@ async fn restore_quarantines_what_it_replaces_or_removes_and_is_idempotent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_extra_object_gone_before_its_quarantine_is_not_an_error() {
+    // Quarantine beside the objects (a copy in the store) and in the repository (a read).
+    for in_repository in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = CountingStore::new(local_store(&dir.path().join("live")));
+        let live_dyn: Arc<dyn ObjectStore> = live.clone();
+        fill(&live_dyn, "uploads", 5, 100).await;
+        let repo = Repository::open(
+            &format!("file://{}", dir.path().join("repo").display()),
+            test_options(),
+        )
+        .await
+        .expect("open");
+        let point = point_with_snapshot(&repo, live_dyn.clone(), "dev").await;
+        let snapshot = point.objects.as_ref().expect("objects").snapshot_id.clone();
+        // A role's health probe: listed by the restore, deleted by the role before the
+        // restore reads or copies it to quarantine it.
+        let probe = Path::from("_probe/web-1");
+        live_dyn
+            .put(&probe, content("probe", 0, 10).into())
+            .await
+            .expect("probe");
+        live.faults
+            .vanish_when_touched
+            .lock()
+            .expect("faults")
+            .push(probe.clone());
+        let extra = Path::from("uploads/extra");
+        live_dyn
+            .put(&extra, content("extra", 0, 10).into())
+            .await
+            .expect("extra");
+
+        let mut options = RestoreObjectsOptions::new("file:///live");
+        options.quarantine_in_repository = in_repository;
+        let report = restore_objects(&repo, &snapshot, live_dyn.clone(), &options)
+            .await
+            .expect("a vanished extra object is no failure");
+        assert_eq!(
+            report.removed,
+            vec!["uploads/extra".to_owned()],
+            "in repository: {in_repository}"
+        );
+        for gone in [&probe, &extra] {
+            assert!(
+                matches!(
+                    live_dyn.head(gone).await,
+                    Err(object_store::Error::NotFound { .. })
+                ),
+                "{gone}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unreachable_or_missing_repositories_are_clear_errors() {
     let port = free_port(); // nothing listens there
     let s3 = S3Options {

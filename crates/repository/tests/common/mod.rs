@@ -85,6 +85,9 @@ pub struct Faults {
     pub after_puts: Notify,
     /// Delay every GET by this many milliseconds.
     pub get_delay_ms: AtomicU64,
+    /// Keys deleted just before they are read or copied (a role removing its scratch object
+    /// while a restore looks at it).
+    pub vanish_when_touched: std::sync::Mutex<Vec<Path>>,
 }
 
 #[derive(Debug)]
@@ -95,6 +98,20 @@ pub struct CountingStore {
 }
 
 impl CountingStore {
+    /// Deletes `location` now if a fault says it vanishes when touched.
+    async fn vanish(&self, location: &Path) -> object_store::Result<()> {
+        let vanish = self
+            .faults
+            .vanish_when_touched
+            .lock()
+            .expect("vanishing keys")
+            .contains(location);
+        if vanish {
+            self.inner.delete(location).await?;
+        }
+        Ok(())
+    }
+
     pub fn new(inner: Arc<dyn ObjectStore>) -> Arc<CountingStore> {
         Arc::new(CountingStore {
             inner,
@@ -173,6 +190,7 @@ impl ObjectStore for CountingStore {
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
+        self.vanish(location).await?;
         self.inner.get_opts(location, options).await
     }
 
@@ -215,6 +233,7 @@ impl ObjectStore for CountingStore {
         options: CopyOptions,
     ) -> object_store::Result<()> {
         self.counts.copies.fetch_add(1, Ordering::SeqCst);
+        self.vanish(from).await?;
         self.inner.copy_opts(from, to, options).await
     }
 
