@@ -38,7 +38,7 @@ pub struct PostgresConfig {
     /// Parallel pg_restore jobs (default: this host's cores, the runbook's `pg_restore -j
     /// <cores>`; a point taken as one archive, by an older version, uses them only with
     /// scratch_dir).
-    #[serde(default = "cores")]
+    #[serde(default = "repository::default_restore_jobs")]
     pub jobs: u32,
     /// Connections that may load one split-off table of a parallel dump at once, its rows
     /// shared out between them (default: jobs); 1 loads each table with one COPY, as
@@ -50,10 +50,6 @@ pub struct PostgresConfig {
     /// Tables to count: "table" or "table:column" (counts per value of column). Default:
     /// cowork-sim's restore-relevant tables.
     pub counts: Option<Vec<String>>,
-}
-
-fn cores() -> u32 {
-    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
 }
 
 /// `[objects]` in agent.toml.

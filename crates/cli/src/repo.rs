@@ -331,9 +331,7 @@ pub async fn run(args: RepoArgs) -> Result<()> {
             let id = point_of(point, point_arg, "restore-postgres")?;
             let mut options = repository::PgRestoreOptions::new(database_url);
             options.create_database = create;
-            options.jobs = jobs.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
-            });
+            options.jobs = jobs.unwrap_or_else(repository::default_restore_jobs);
             options.copy_streams = copy_streams;
             let report = repository::restore_postgres(&repo, &id, &options).await?;
             json(serde_json::to_value(&report)?);

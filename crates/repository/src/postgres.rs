@@ -813,6 +813,12 @@ pub struct PgRestoreOptions {
     pub progress: Option<PgProgressFn>,
 }
 
+/// Restore jobs when none are configured: this host's cores, as the runbook's `pg_restore -j
+/// <cores>`.
+pub fn default_restore_jobs() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+}
+
 impl PgRestoreOptions {
     pub fn new(database_url: impl Into<String>) -> PgRestoreOptions {
         PgRestoreOptions {
