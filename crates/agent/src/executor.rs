@@ -262,6 +262,8 @@ impl Executor {
         Claim::Run(tx)
     }
 
+    /// The heavy actions are boxed: this future is in every command's task, and a ping
+    /// should not allocate and copy the state of a Postgres restore.
     async fn act(
         &self,
         action: &Action,
@@ -271,7 +273,7 @@ impl Executor {
         match action {
             Action::Verify { repository, point } => {
                 let mut checks = match &self.checks {
-                    Some(c) => c.http_checks().await,
+                    Some(c) => Box::pin(c.http_checks()).await,
                     None => Vec::new(),
                 };
                 let invariants = self.checks.as_ref().map_or(&[][..], |c| &c.invariants[..]);
@@ -279,7 +281,7 @@ impl Executor {
                 let mut counts = None;
                 let mut referenced = Vec::new();
                 if let Some(data) = &self.data {
-                    match data.verify(repository, point, invariants, references).await {
+                    match Box::pin(data.verify(repository, point, invariants, references)).await {
                         Ok(verified) => {
                             checks.extend(verified.checks);
                             counts = verified.counts;
@@ -320,7 +322,7 @@ impl Executor {
                         Some(ResultDetail::Output(serde_json::json!({ "checks": [] }))),
                     );
                 }
-                match data.check_objects(sets).await {
+                match Box::pin(data.check_objects(sets)).await {
                     Ok(checks) => {
                         let output = serde_json::json!({ "checks": checks });
                         match crate::checks::failures(&checks) {
@@ -339,7 +341,7 @@ impl Executor {
                 let Some(checks) = &self.checks else {
                     return (Outcome::Unsupported, "no [smoke] configured".into(), None);
                 };
-                match checks.smoke(point.as_deref()).await {
+                match Box::pin(checks.smoke(point.as_deref())).await {
                     Ok(check) => {
                         let outcome = if check.passed {
                             Outcome::Succeeded
@@ -368,7 +370,7 @@ impl Executor {
                         None,
                     );
                 };
-                match data_action(data, action, run_id, progress).await {
+                match Box::pin(data_action(data, action, run_id, progress)).await {
                     Ok(output) => (
                         Outcome::Succeeded,
                         format!("{} done", action.name()),
@@ -388,7 +390,7 @@ impl Executor {
                         None,
                     );
                 };
-                match control_action(control, action, run_id).await {
+                match Box::pin(control_action(control, action, run_id)).await {
                     Ok((message, detail)) => (Outcome::Succeeded, message, detail),
                     Err(e) => (Outcome::Failed, api::errors::one_line(&*e), None),
                 }
@@ -599,5 +601,19 @@ mod tests {
             1,
             "the timed-out pings never counted"
         );
+    }
+
+    #[test]
+    fn a_command_does_not_carry_the_data_planes_state() {
+        // Every command is spawned as one task: the data-plane actions' state machines (tens
+        // of KiB in all) are boxed, so a ping or a describe moves little more than itself.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ex = executor(dir.path());
+        let future = ex.execute_reporting(
+            ping("small", 1, 0, Duration::from_secs(5)),
+            Reporter::none(),
+        );
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 2048, "a command's future is {size} bytes");
     }
 }
