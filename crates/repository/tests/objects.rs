@@ -215,10 +215,25 @@ async fn interrupted_snapshot_leaves_no_point_and_the_next_reuses_blobs() {
         "no point"
     );
 
-    // Wait until the aborted run's in-flight blob PUTs have finished or been dropped, so the
-    // counts below belong to the second snapshot alone.
+    // Wait until the aborted run is quiet, so the counts below belong to the second snapshot
+    // alone: its copy tasks are cancelled at their next poll, but one being polled on another
+    // worker at the moment of the abort can still start a PUT after we looked. No PUT in
+    // flight and none started for 100 ms means none of its tasks is left.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while counting.counts.get(&counting.counts.blob_puts_in_flight) > 0 {
+    let mut last = (
+        counting.counts.get(&counting.counts.blob_puts),
+        std::time::Instant::now(),
+    );
+    loop {
+        let puts = counting.counts.get(&counting.counts.blob_puts);
+        if puts != last.0 {
+            last = (puts, std::time::Instant::now());
+        }
+        if counting.counts.get(&counting.counts.blob_puts_in_flight) == 0
+            && last.1.elapsed() >= Duration::from_millis(100)
+        {
+            break;
+        }
         assert!(
             std::time::Instant::now() < deadline,
             "blob PUTs of the interrupted snapshot never finished"
