@@ -8,6 +8,8 @@
 //!     cargo bench -p e2e --bench broadcast              # N = 100, 1000, 10000
 //!     cargo bench -p e2e --bench broadcast -- 100 1000  # chosen sizes
 //!     BENCH_ROUNDS=500 cargo bench -p e2e --bench broadcast -- 1000  # more rounds
+//!     BENCH_LOG=1 cargo bench -p e2e --bench broadcast  # with the processes' default log
+//!                                                       # filter and fmt layer (to a sink)
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
@@ -66,6 +68,17 @@ fn agent_name(i: usize) -> String {
 }
 
 fn main() {
+    if std::env::var("BENCH_LOG").is_ok_and(|v| !v.is_empty() && v != "0") {
+        // What `rollcall coordinator` and `rollcall agent` install by default, so the
+        // per-command INFO spans are recorded as they are in production.
+        use tracing_subscriber::prelude::*;
+        let _ = tracing_subscriber::registry()
+            .with(tracing_subscriber::EnvFilter::new(
+                "info,h2=warn,hyper=warn,tower=warn,sqlx=warn",
+            ))
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::sink))
+            .try_init();
+    }
     install_crypto();
     raise_fd_limit();
     let args: Vec<String> = std::env::args()
