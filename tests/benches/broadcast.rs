@@ -73,9 +73,7 @@ fn main() {
         // per-command INFO spans are recorded as they are in production.
         use tracing_subscriber::prelude::*;
         let _ = tracing_subscriber::registry()
-            .with(tracing_subscriber::EnvFilter::new(
-                "info,h2=warn,hyper=warn,tower=warn,sqlx=warn",
-            ))
+            .with(tracing_subscriber::EnvFilter::new(api::DEFAULT_LOG_FILTER))
             .with(tracing_subscriber::fmt::layer().with_writer(std::io::sink))
             .try_init();
     }

@@ -24,3 +24,7 @@ pub mod pb {
 
 /// The version every Rollcall binary reports in its hello and `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The log filter `rollcall coordinator` and `rollcall agent` use when `RUST_LOG` is unset:
+/// INFO for our own targets, only warnings from the HTTP/2 and SQL stacks.
+pub const DEFAULT_LOG_FILTER: &str = "info,h2=warn,hyper=warn,tower=warn,sqlx=warn";

@@ -36,7 +36,7 @@ impl Telemetry {
 pub fn init(service: &str, instance: Option<&str>, config: &TelemetryConfig) -> Result<Telemetry> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,sqlx=warn"));
+        .unwrap_or_else(|_| EnvFilter::new(api::DEFAULT_LOG_FILTER));
     let fmt = match config.log_format {
         LogFormat::Human => tracing_subscriber::fmt::layer()
             .with_writer(RedactedStderr)
