@@ -601,12 +601,7 @@ async fn restore_quarantines_what_it_replaces_or_removes_and_is_idempotent() {
     let dir = tempfile::tempdir().expect("tempdir");
     let live = local_store(&dir.path().join("live"));
     fill(&live, "uploads", 30, 2048).await;
-    let repo = Repository::open(
-        &format!("file://{}", dir.path().join("repo").display()),
-        test_options(),
-    )
-    .await
-    .expect("open");
+    let repo = file_repo(&dir.path().join("repo")).await;
     let point = point_with_snapshot(&repo, live.clone(), "dev").await;
     let snapshot = point.objects.as_ref().expect("objects").snapshot_id.clone();
     let expected = digest_store(&live).await;
@@ -671,12 +666,7 @@ async fn an_extra_object_gone_before_its_quarantine_is_not_an_error() {
         let live = CountingStore::new(local_store(&dir.path().join("live")));
         let live_dyn: Arc<dyn ObjectStore> = live.clone();
         fill(&live_dyn, "uploads", 5, 100).await;
-        let repo = Repository::open(
-            &format!("file://{}", dir.path().join("repo").display()),
-            test_options(),
-        )
-        .await
-        .expect("open");
+        let repo = file_repo(&dir.path().join("repo")).await;
         let point = point_with_snapshot(&repo, live_dyn.clone(), "dev").await;
         let snapshot = point.objects.as_ref().expect("objects").snapshot_id.clone();
         // A role's health probe: listed by the restore, deleted by the role before the
@@ -835,12 +825,7 @@ async fn two_shards_together_restore_exactly_what_one_whole_restore_does() {
     let dir = tempfile::tempdir().expect("tempdir");
     let live = local_store(&dir.path().join("live"));
     fill(&live, "uploads", 60, 1024).await;
-    let repo = Repository::open(
-        &format!("file://{}", dir.path().join("repo").display()),
-        test_options(),
-    )
-    .await
-    .expect("open");
+    let repo = file_repo(&dir.path().join("repo")).await;
     let point = point_with_snapshot(&repo, live.clone(), "dev").await;
     let snapshot = point.objects.as_ref().expect("objects").snapshot_id.clone();
     let expected = digest_store(&live).await;
@@ -972,12 +957,7 @@ async fn one_shard_leaves_the_other_shards_keys_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
     let live = local_store(&dir.path().join("live"));
     fill(&live, "uploads", 60, 1024).await;
-    let repo = Repository::open(
-        &format!("file://{}", dir.path().join("repo").display()),
-        test_options(),
-    )
-    .await
-    .expect("open");
+    let repo = file_repo(&dir.path().join("repo")).await;
     let point = point_with_snapshot(&repo, live.clone(), "dev").await;
     let snapshot = point.objects.as_ref().expect("objects").snapshot_id.clone();
     let expected = digest_store(&live).await;
@@ -1022,12 +1002,7 @@ async fn an_invalid_shard_is_a_clear_error_and_touches_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let live = local_store(&dir.path().join("live"));
     fill(&live, "uploads", 5, 100).await;
-    let repo = Repository::open(
-        &format!("file://{}", dir.path().join("repo").display()),
-        test_options(),
-    )
-    .await
-    .expect("open");
+    let repo = file_repo(&dir.path().join("repo")).await;
     let point = point_with_snapshot(&repo, live.clone(), "dev").await;
     let snapshot = point.objects.as_ref().expect("objects").snapshot_id.clone();
 

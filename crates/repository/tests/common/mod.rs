@@ -271,6 +271,13 @@ pub fn local_store(dir: &std::path::Path) -> Arc<dyn ObjectStore> {
     )
 }
 
+/// A `file://` repository in `dir`, with the test options.
+pub async fn file_repo(dir: &std::path::Path) -> Repository {
+    Repository::open(&format!("file://{}", dir.display()), test_options())
+        .await
+        .expect("open")
+}
+
 /// A repository on a local directory, through a counting wrapper.
 pub fn counting_repo(dir: &std::path::Path) -> (Repository, Arc<CountingStore>) {
     let counting = CountingStore::new(local_store(dir));
