@@ -852,7 +852,7 @@ async fn allow_connections(conn: &mut sqlx::PgConnection, db: &str, allow: bool)
     Ok(())
 }
 
-/// Counts rows of the configured tables in the live database.
+/// Counts rows of the configured tables in the live database, keyed as a point's counts.
 async fn count_tables(
     url: &str,
     specs: &[CountSpec],
@@ -860,36 +860,9 @@ async fn count_tables(
     let mut conn = sqlx::PgConnection::connect(url)
         .await
         .with_context(|| format!("connect to {}", repository::redact_url(url)))?;
-    let mut out = std::collections::BTreeMap::new();
-    for spec in specs {
-        let table = spec
-            .table
-            .split('.')
-            .map(ident)
-            .collect::<Vec<_>>()
-            .join(".");
-        // Same keys as the counts a point records (repository::CountSpec): the total, and
-        // `name[column=value]` per value when grouped.
-        let total: i64 =
-            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
-                .fetch_one(&mut conn)
-                .await
-                .with_context(|| format!("count {}", spec.table))?;
-        out.insert(spec.name.clone(), total);
-        if let Some(column) = &spec.group_by {
-            let rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT coalesce({c}::text, 'NULL'), count(*) FROM {table} GROUP BY 1",
-                c = ident(column)
-            )))
-            .fetch_all(&mut conn)
-            .await
-            .with_context(|| format!("count {} by {column}", spec.table))?;
-            for (value, n) in rows {
-                out.insert(format!("{}[{column}={value}]", spec.name), n);
-            }
-        }
-    }
-    Ok(out)
+    repository::count_rows(&mut conn, specs)
+        .await
+        .with_context(|| format!("count tables in {}", repository::redact_url(url)))
 }
 
 #[cfg(test)]

@@ -755,29 +755,52 @@ async fn check_tables(conn: &mut PgConnection, specs: &[CountSpec], database: &s
     Ok(())
 }
 
+/// Counts the tables of `specs` in the dump's snapshot (the transaction open on `conn`).
 async fn count_tables(
+    conn: &mut PgConnection,
+    specs: &[CountSpec],
+) -> Result<BTreeMap<String, i64>> {
+    // The pg_dumps already keep every core busy: parallel workers for the counts would only
+    // add their start-up and hand-over costs (measured: ~0.1 CPU s on 2.2 million rows).
+    conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+        .await
+        .context("disable parallel workers for the counts")?;
+    count_rows(conn, specs).await
+}
+
+/// Counts the rows of the tables of `specs` on `conn`, keyed as a point records them: the
+/// total under [`CountSpec::name`], and for a grouped count `name[column=value]` per value
+/// (NULL as `NULL`). A grouped count scans its table once: the total is the sum of its groups.
+/// Backups count in the dump's snapshot; verification counts the restored database the same
+/// way, so the two compare key by key.
+pub async fn count_rows(
     conn: &mut PgConnection,
     specs: &[CountSpec],
 ) -> Result<BTreeMap<String, i64>> {
     let mut counts = BTreeMap::new();
     for spec in specs {
         let table = quote_qualified(&spec.table);
-        let total: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
-            .fetch_one(&mut *conn)
-            .await
-            .with_context(|| format!("count rows of {}", spec.table))?;
-        counts.insert(spec.name.clone(), total);
-        if let Some(column) = &spec.group_by {
-            let rows: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
-                "SELECT coalesce({col}::text, 'NULL'), count(*) FROM {table} GROUP BY 1",
-                col = quote_ident(column)
-            )))
-            .fetch_all(&mut *conn)
-            .await
-            .with_context(|| format!("count rows of {} by {column}", spec.table))?;
-            for (value, n) in rows {
-                counts.insert(format!("{}[{column}={value}]", spec.name), n);
-            }
+        let Some(column) = &spec.group_by else {
+            let total: i64 =
+                sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+                    .fetch_one(&mut *conn)
+                    .await
+                    .with_context(|| format!("count rows of {}", spec.table))?;
+            counts.insert(spec.name.clone(), total);
+            continue;
+        };
+        let rows: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT coalesce({col}::text, 'NULL'), count(*) FROM {table} GROUP BY 1",
+            col = quote_ident(column)
+        )))
+        .fetch_all(&mut *conn)
+        .await
+        .with_context(|| format!("count rows of {} by {column}", spec.table))?;
+        counts.insert(spec.name.clone(), rows.iter().map(|(_, n)| n).sum());
+        for (value, n) in rows {
+            *counts
+                .entry(format!("{}[{column}={value}]", spec.name))
+                .or_insert(0) += n;
         }
     }
     Ok(counts)
