@@ -1129,12 +1129,13 @@ fn find_cycle(phases: &[Phase]) -> Option<Vec<usize>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
 
-    fn fleet() -> Fleet {
+    /// The runbook's fleet: one of each role, two workers.
+    pub(crate) fn fleet() -> Fleet {
         [
             ("web", 1),
             ("worker", 2),

@@ -165,21 +165,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::plan::Fleet;
-
-    fn fleet() -> Fleet {
-        [
-            ("web", 1),
-            ("worker", 2),
-            ("scheduler", 1),
-            ("gateway", 1),
-            ("database", 1),
-            ("objects", 1),
-        ]
-        .into_iter()
-        .map(|(r, n)| (r.to_owned(), n))
-        .collect()
-    }
+    use crate::plan::tests::fleet;
 
     fn plan() -> Plan {
         Plan::default_plan(Some(&fleet())).unwrap()
