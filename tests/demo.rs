@@ -4,11 +4,27 @@
 #![allow(clippy::unwrap_used)]
 
 use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use e2e::*;
 
+/// One demo at a time: the clean-up check looks for any role process of the binary, which a
+/// kept fleet of the other test would be.
+static ONE_DEMO: Mutex<()> = Mutex::new(());
+
+/// The processes whose command line names `pattern`.
+fn running(pattern: &str) -> String {
+    let out = Command::new("pgrep")
+        .args(["-af", pattern])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn the_demo_passes_reports_its_numbers_and_cleans_up() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let fleet = dir.path().join("fleet");
     let out = Command::new(rollcall_bin())
@@ -70,14 +86,79 @@ fn the_demo_passes_reports_its_numbers_and_cleans_up() {
     // coordinator, agents, Postgres) and no role the agents ran (`rollcall cowork-sim ...`).
     let roles = format!("{} cowork-sim", rollcall_bin().display());
     for pattern in [fleet.to_str().unwrap(), roles.as_str()] {
-        let left = Command::new("pgrep")
-            .args(["-af", pattern])
-            .output()
-            .unwrap();
-        assert!(
-            left.stdout.is_empty(),
-            "left running: {}",
-            String::from_utf8_lossy(&left.stdout)
-        );
+        let left = running(pattern);
+        assert!(left.is_empty(), "left running: {left}");
+    }
+}
+
+/// Stops a kept fleet as the demo says to (`pkill -f DIR`), also when the test fails.
+struct KeptFleet(String);
+
+impl Drop for KeptFleet {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill").args(["-f", &self.0]).status();
+    }
+}
+
+/// `--keep` leaves the whole fleet running, Postgres included: the printed coordinator takes
+/// another backup through its agents, and the printed stop command stops every process.
+#[test]
+fn a_kept_demo_fleet_keeps_working_until_stopped_as_printed() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = dir.path().join("kept");
+    let fleet_dir = fleet.to_str().unwrap().to_owned();
+    let kept = KeptFleet(fleet_dir.clone());
+    let out = Command::new(rollcall_bin())
+        .args(["demo", "--sessions", "4", "--keep", "--dir", &fleet_dir])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("(stop it with: pkill -f {fleet_dir})")),
+        "{stdout}"
+    );
+    let coordinator = stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ROLLCALL_COORDINATOR="))
+        .unwrap_or_else(|| panic!("no coordinator address printed: {stdout}"))
+        .to_owned();
+    let env = [
+        ("ROLLCALL_COORDINATOR".to_owned(), coordinator),
+        (
+            "ROLLCALL_CERTS".to_owned(),
+            fleet.join("certs").display().to_string(),
+        ),
+    ];
+    assert!(
+        running(&format!("postgres -D {fleet_dir}")).contains("postgres"),
+        "the demo's Postgres is not running"
+    );
+
+    ok(
+        &rollcall_with_env(&["backup", "--env", "demo", "--wait"], &env),
+        "a backup on the kept fleet",
+    );
+    let points = ok(
+        &rollcall_with_env(&["points", "--env", "demo", "--json"], &env),
+        "points",
+    );
+    assert_eq!(points["points"].as_array().unwrap().len(), 2, "{points}");
+
+    drop(kept);
+    let until = Instant::now() + Duration::from_secs(60);
+    let roles = format!("{} cowork-sim", rollcall_bin().display());
+    loop {
+        let left = running(&fleet_dir) + &running(&roles);
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < until, "still running after pkill: {left}");
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

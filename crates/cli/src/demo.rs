@@ -173,15 +173,25 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             }
         }
     }
-    let outcome = outcome?;
+    let Outcome {
+        run_id,
+        state,
+        reason,
+        cluster,
+        ..
+    } = outcome?;
+    if args.keep {
+        cluster.leave_running();
+    } else {
+        // After the fleet: the roles and agents using it are gone.
+        drop(cluster);
+    }
     println!(
-        "\ndemo finished in {:.1}s: drill {} {}",
+        "\ndemo finished in {:.1}s: drill {run_id} {state}",
         started.elapsed().as_secs_f64(),
-        outcome.run_id,
-        outcome.state
     );
-    if outcome.state != "succeeded" {
-        bail!("the drill did not pass: {}", outcome.reason);
+    if state != "succeeded" {
+        bail!("the drill did not pass: {reason}");
     }
     Ok(())
 }
@@ -191,6 +201,8 @@ struct Outcome {
     state: String,
     reason: String,
     operator_url: String,
+    /// The demo's Postgres: stopped after the fleet, or left running with it (`--keep`).
+    cluster: ephemeral_pg::Cluster,
 }
 
 #[allow(clippy::print_stdout)]
@@ -198,7 +210,7 @@ async fn demo(exe: &Path, dir: &Path, args: &DemoArgs, fleet: &mut Fleet) -> Res
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     say("starting a throwaway PostgreSQL cluster");
-    let mut cluster = ephemeral_pg::Cluster::start_with(ephemeral_pg::Options {
+    let cluster = ephemeral_pg::Cluster::start_with(ephemeral_pg::Options {
         dir: Some(dir.join("postgres")),
         settings: Vec::new(),
     })
@@ -441,12 +453,12 @@ max = "2s"
         std::fs::write(dir.join(file), text)?;
     }
     println!("    report: {}", dir.join("report.md").display());
-    cluster.stop()?;
     Ok(Outcome {
         run_id: drill.id,
         state: result.state,
         reason: result.reason,
         operator_url: connection.coordinator,
+        cluster,
     })
 }
 

@@ -15,14 +15,14 @@ use anyhow::{Context, Result, bail};
 const BINARIES: [&str; 3] = ["initdb", "pg_ctl", "postgres"];
 
 /// A running cluster. Dropping it stops the server; the directory goes too unless it was
-/// given by the caller or `keep` was set.
+/// given by the caller or the cluster was left running ([`Cluster::leave_running`]).
 pub struct Cluster {
     root: PathBuf,
     port: u16,
     bin_dir: PathBuf,
     run_as_postgres: bool,
     stopped: bool,
-    _temp: Option<tempfile::TempDir>,
+    temp: Option<tempfile::TempDir>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -78,7 +78,7 @@ impl Cluster {
             bin_dir,
             run_as_postgres,
             stopped: true,
-            _temp: temp,
+            temp,
         };
         cluster.init()?;
         // A free port can be taken by someone else between our probe and the server's bind;
@@ -144,6 +144,15 @@ impl Cluster {
             .context("run psql")?;
         check(&out, "psql")?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Lets the server outlive this value, with its directory (`rollcall demo --keep`): whoever
+    /// leaves it running says how to stop it (`pg_ctl -D <dir>/data stop`).
+    pub fn leave_running(mut self) {
+        self.stopped = true; // nothing for drop to stop
+        if let Some(temp) = self.temp.take() {
+            let _ = temp.keep();
+        }
     }
 
     /// Stops the server now (also done on drop).
