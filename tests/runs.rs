@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use coordinator::config::Environment;
-use coordinator::engine::{Control, StartRun};
+use coordinator::engine::{Control, RunConflict, StartRun};
 use coordinator::plan::{Fleet, Plan};
 use coordinator::store::{PhaseState, RunKind, RunState};
 use e2e::*;
@@ -268,6 +268,29 @@ async fn a_gate_counts_declared_agents_that_never_connected_and_abort_keeps_the_
         "frozen\n",
         "never unfrozen"
     );
+    // While it waits for an operator, nothing else starts in its environment: not another
+    // drill, not a backup (its point would straddle whatever the operator decides).
+    for kind in [RunKind::Drill, RunKind::Backup] {
+        let refused = c
+            .handle
+            .engine
+            .start_run(StartRun {
+                kind,
+                ..start("test")
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            refused.downcast_ref::<RunConflict>().is_some(),
+            "{refused:#}"
+        );
+        let text = format!("{refused:#}");
+        assert!(
+            text.contains(&format!("unfinished drill run {} (blocked)", run.id))
+                && text.contains(&format!("rollcall run resume|retry|abort {}", run.id)),
+            "{text}"
+        );
+    }
 
     let aborted = c
         .handle
@@ -279,6 +302,13 @@ async fn a_gate_counts_declared_agents_that_never_connected_and_abort_keeps_the_
     assert!(aborted.reason.unwrap().contains("the fleet stays frozen"));
     let again = c.handle.engine.control(&run.id, Control::Resume).await;
     assert!(again.unwrap_err().to_string().contains("already aborted"));
+    // Once it is finished, the environment takes a new run.
+    let next = c.handle.engine.start_run(start("test")).await.unwrap();
+    c.handle
+        .engine
+        .control(&next.id, Control::Abort)
+        .await
+        .unwrap();
 
     for a in agents {
         a.stop().await;

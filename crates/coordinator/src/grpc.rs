@@ -353,11 +353,14 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         request: Request<op::StartRunRequest>,
     ) -> Result<Response<op::Run>, Status> {
         let start = start_request(request.into_inner())?;
-        let run = self
-            .engine
-            .start_run(start)
-            .await
-            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let run = self.engine.start_run(start).await.map_err(|e| {
+            let text = format!("{e:#}");
+            if e.downcast_ref::<crate::engine::RunConflict>().is_some() {
+                Status::failed_precondition(text)
+            } else {
+                Status::invalid_argument(text)
+            }
+        })?;
         Ok(Response::new(run_to_pb(run)))
     }
 

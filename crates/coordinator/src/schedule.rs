@@ -9,9 +9,9 @@ use anyhow::{Context, Result};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Engine, StartRun};
+use crate::engine::{Engine, RunConflict, StartRun};
 use crate::link::AgentLink;
-use crate::store::{RunKind, RunState};
+use crate::store::RunKind;
 
 /// A parsed backup schedule.
 #[derive(Debug, Clone)]
@@ -91,27 +91,28 @@ pub async fn run<L: AgentLink + Clone + 'static>(engine: Engine<L>, cancel: Canc
     }
 }
 
+/// Starts a scheduled backup, or skips this one (saying why) while another run of the
+/// environment is in the way: a running backup, or a drill or recovery.
 async fn start_backup<L: AgentLink + Clone + 'static>(engine: &Engine<L>, env: &str) -> Result<()> {
-    let running = engine
-        .store()
-        .unfinished_runs()
-        .await?
-        .into_iter()
-        .any(|r| r.kind == RunKind::Backup && r.environment == env && r.state != RunState::Blocked);
-    if running {
-        tracing::warn!(environment = %env, "the previous backup is still running; skipping this one");
-        return Ok(());
-    }
-    let run = engine
+    let started = engine
         .start_run(StartRun {
             environment: env.to_owned(),
             kind: RunKind::Backup,
             point_id: None,
             plan: None,
         })
-        .await?;
-    tracing::info!(environment = %env, run_id = %run.id, point = ?run.point_id, "scheduled backup started");
-    Ok(())
+        .await;
+    match started {
+        Ok(run) => {
+            tracing::info!(environment = %env, run_id = %run.id, point = ?run.point_id, "scheduled backup started");
+            Ok(())
+        }
+        Err(e) if e.downcast_ref::<RunConflict>().is_some() => {
+            tracing::warn!(environment = %env, "skipping this scheduled backup: {e:#}");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

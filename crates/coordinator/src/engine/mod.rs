@@ -63,6 +63,23 @@ pub struct StartRun {
     pub plan: Option<(String, String)>,
 }
 
+/// Why a run cannot start now: another run of the same environment is unfinished (see
+/// [`Engine::start_run`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RunConflict(String);
+
+/// Whether an unfinished run `other` of the same environment keeps a new run of `kind` from
+/// starting. A drill or recovery changes the fleet, so it runs alone: nothing else may be
+/// unfinished, blocked runs included (a blocked drill leaves the fleet frozen mid-restore; a
+/// blocked backup could be resumed in the middle of the restore). A backup may not start during
+/// a drill or recovery either (its point would pair data from either side of the restore), nor
+/// next to a running backup; a blocked backup does not stop the next one (the schedule keeps
+/// the RPO while an operator looks at the blocked one).
+fn conflicts(kind: RunKind, other: &RunRecord) -> bool {
+    kind != RunKind::Backup || other.kind != RunKind::Backup || other.state != RunState::Blocked
+}
+
 /// An operator's decision about a blocked (or stuck) run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
@@ -94,6 +111,8 @@ struct Inner<L> {
     environments: BTreeMap<String, Environment>,
     /// Runs being driven by this process, with the token that stops their driver.
     drives: Mutex<HashMap<String, CancellationToken>>,
+    /// Held while a run is checked against the unfinished ones and journaled.
+    starting: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
     /// How long a phase waits for declared agents that are not attached yet (after a
     /// coordinator restart they reconnect within about this long).
@@ -118,6 +137,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 directory,
                 environments,
                 drives: Mutex::new(HashMap::new()),
+                starting: tokio::sync::Mutex::new(()),
                 shutdown,
                 attach_grace,
                 metrics,
@@ -326,10 +346,36 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         })
     }
 
-    /// Validates the request, journals the run, and starts driving it.
+    /// Validates the request, journals the run, and starts driving it. Fails with
+    /// [`RunConflict`] while another run of the environment is in the way ([`conflicts`]).
     pub async fn start_run(&self, request: StartRun) -> Result<RunRecord> {
         let env = self.environment(&request.environment)?;
         let plan = self.plan_for(env, &request)?;
+        // One decision at a time: two runs started at once must not both find the way clear.
+        let _starting = self.inner.starting.lock().await;
+        let unfinished = self.inner.store.unfinished_runs().await?;
+        if let Some(other) = unfinished
+            .iter()
+            .find(|r| r.environment == env.name.as_str() && conflicts(request.kind, r))
+        {
+            let what = if other.state == RunState::Blocked {
+                format!(
+                    "finish it first (`rollcall run resume|retry|abort {}`)",
+                    other.id
+                )
+            } else {
+                format!(
+                    "wait for it (`rollcall run watch {}`) or abort it",
+                    other.id
+                )
+            };
+            return Err(RunConflict(format!(
+                "environment {} has an unfinished {} run {} ({}); a {} cannot start next to it: \
+                 {what}",
+                env.name, other.kind, other.id, other.state, request.kind
+            ))
+            .into());
+        }
         let now = Utc::now();
         let point_id = if request.kind == RunKind::Backup {
             Some(repository::PointId::new(env.name.as_str(), now)?.to_string())
@@ -1389,10 +1435,48 @@ async fn run_steps<L: AgentLink>(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_drill_runs_alone_and_a_backup_only_passes_blocked_backups() {
+        use RunKind::{Backup, Drill, Recovery};
+        use RunState::{Blocked, Pending, Running};
+        let run = |kind, state| RunRecord {
+            id: "r".into(),
+            kind,
+            environment: "prod".into(),
+            point_id: None,
+            plan: String::new(),
+            params: serde_json::Value::Null,
+            state,
+            reason: None,
+            epoch: api::model::Epoch::new(1).unwrap(),
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+            finished_at: None,
+        };
+        for other in [Drill, Recovery, Backup] {
+            for state in [Pending, Running, Blocked] {
+                for new in [Drill, Recovery] {
+                    assert!(
+                        conflicts(new, &run(other, state)),
+                        "{new} next to {other} {state}"
+                    );
+                }
+                let backup_may_start = other == Backup && state == Blocked;
+                assert_eq!(
+                    conflicts(Backup, &run(other, state)),
+                    !backup_may_start,
+                    "backup next to {other} {state}"
+                );
+            }
+        }
     }
 
     #[test]
