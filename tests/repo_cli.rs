@@ -1,10 +1,27 @@
 //! The break-glass CLI's stable contract (DESIGN.md, "Operator CLI"): every `rollcall repo`
 //! form exactly as written there, run as the real binary against a `file://` repository, plus
-//! a sharded restore split over two processes and the one-line errors for bad input.
+//! a sharded restore split over two processes and the one-line errors for bad input; and what
+//! any command does when the reader of its output goes away.
 
 #![allow(clippy::unwrap_used)]
 
-use e2e::{fails_with, files, ok, rollcall};
+use e2e::{fails_with, files, ok, rollcall, rollcall_bin};
+
+/// `rollcall plan show | head -1`: the reader is gone before the command writes. Like any
+/// command-line tool it stops quietly (exit 0, nothing on stderr), where `println!` would panic.
+#[test]
+fn a_reader_that_went_away_ends_the_output_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(rollcall_bin())
+        .args(["plan", "show"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(stderr.is_empty(), "{stderr}");
+}
 
 #[test]
 fn the_object_forms_of_the_contract_work_as_written() {

@@ -90,9 +90,8 @@ fn free_port() -> Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
-#[allow(clippy::print_stdout)]
 fn say(step: &str) {
-    println!("==> {step}");
+    outln_lossy!("==> {step}");
 }
 
 /// Runs the embedded cowork-sim (`rollcall cowork-sim ...`) and returns its JSON output.
@@ -114,7 +113,6 @@ fn sim(exe: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<serde_json::Va
     Ok(serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null))
 }
 
-#[allow(clippy::print_stdout)]
 pub async fn run(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
     let exe = std::env::current_exe().context("find the rollcall binary")?;
@@ -145,7 +143,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     match (&outcome, args.keep) {
         (Ok(_), true) => {
             fleet.keep = true;
-            println!(
+            outln_lossy!(
                 "\nthe fleet keeps running in {} (stop it with: pkill -f {}):\n  \
                  export ROLLCALL_COORDINATOR={} ROLLCALL_CERTS={}\n  rollcall agents\n  \
                  rollcall runs\n  rollcall points --env demo",
@@ -186,7 +184,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         // After the fleet: the roles and agents using it are gone.
         drop(cluster);
     }
-    println!(
+    outln_lossy!(
         "\ndemo finished in {:.1}s: drill {run_id} {state}",
         started.elapsed().as_secs_f64(),
     );
@@ -205,7 +203,6 @@ struct Outcome {
     cluster: ephemeral_pg::Cluster,
 }
 
-#[allow(clippy::print_stdout)]
 async fn demo(exe: &Path, dir: &Path, args: &DemoArgs, fleet: &mut Fleet) -> Result<Outcome> {
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -385,7 +382,7 @@ max = "2s"
     if backup_state.state != "succeeded" {
         bail!("the backup did not succeed: {}", backup_state.reason);
     }
-    println!("    recovery point {}", backup.point_id);
+    outln_lossy!("    recovery point {}", backup.point_id);
 
     say("writing for two more seconds, then the disaster: rows and objects deleted");
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -403,7 +400,7 @@ max = "2s"
             deleted_objects += 1;
         }
     }
-    println!("    deleted {deleted_rows} projections and {deleted_objects} objects");
+    outln_lossy!("    deleted {deleted_rows} projections and {deleted_objects} objects");
 
     say("drill: the default plan, restoring the point");
     let drill = client
@@ -427,8 +424,8 @@ max = "2s"
     while let Some(event) = stream.message().await.map_err(status_error)? {
         let p: serde_json::Value = serde_json::from_str(&event.payload_json).unwrap_or_default();
         match event.kind.as_str() {
-            "phase.started" => println!("    {:<18} …", p["phase"].as_str().unwrap_or("")),
-            "phase.finished" => println!(
+            "phase.started" => outln_lossy!("    {:<18} …", p["phase"].as_str().unwrap_or("")),
+            "phase.finished" => outln_lossy!(
                 "    {:<18} {} in {:.1}s",
                 p["phase"].as_str().unwrap_or(""),
                 p["state"].as_str().unwrap_or(""),
@@ -452,7 +449,7 @@ max = "2s"
             .text;
         std::fs::write(dir.join(file), text)?;
     }
-    println!("    report: {}", dir.join("report.md").display());
+    outln_lossy!("    report: {}", dir.join("report.md").display());
     Ok(Outcome {
         run_id: drill.id,
         state: result.state,
@@ -617,7 +614,6 @@ async fn wait_run(connection: &Connection, id: &str) -> Result<op::Run> {
 
 /// Counts before / at the point / after, phase durations and the measured RTO, from the
 /// coordinator's journal; written to DIR/summary.json (the drill report itself is report.md).
-#[allow(clippy::print_stdout)]
 async fn summarize(
     dir: &Path,
     run_id: &str,
@@ -662,22 +658,25 @@ async fn summarize(
         .map(|f| (f - run.created_at).num_milliseconds() as f64 / 1000.0)
         .unwrap_or(0.0);
 
-    println!("\n    {:<18} {:<8} {:>7}", "PHASE", "STATE", "SECONDS");
+    outln_lossy!("\n    {:<18} {:<8} {:>7}", "PHASE", "STATE", "SECONDS");
     for p in &phases {
         let secs = match (p.started_at, p.finished_at) {
             (Some(s), Some(f)) => (f - s).num_milliseconds() as f64 / 1000.0,
             _ => 0.0,
         };
-        println!("    {:<18} {:<8} {secs:>7.1}", p.name, p.state);
+        outln_lossy!("    {:<18} {:<8} {secs:>7.1}", p.name, p.state);
     }
-    println!(
+    outln_lossy!(
         "\n    {:<38} {:>8} {:>8} {:>8}",
-        "COUNT", "BEFORE", "POINT", "AFTER"
+        "COUNT",
+        "BEFORE",
+        "POINT",
+        "AFTER"
     );
     let show =
         |m: &BTreeMap<String, i64>, k: &str| m.get(k).map_or("-".to_owned(), |n| n.to_string());
     for key in at_point.keys() {
-        println!(
+        outln_lossy!(
             "    {key:<38} {:>8} {:>8} {:>8}",
             show(&before, key),
             show(&at_point, key),
@@ -694,7 +693,7 @@ async fn summarize(
         "postgres",
         "SELECT datname FROM pg_database WHERE datname LIKE 'cowork%' ORDER BY 1",
     )?;
-    println!(
+    outln_lossy!(
         "\n    measured RTO {rto:.1}s; pre-restore database kept as {pre_db} (databases: {})",
         databases.split_whitespace().collect::<Vec<_>>().join(", ")
     );

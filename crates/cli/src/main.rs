@@ -1,8 +1,38 @@
 //! The `rollcall` binary: parse the command line, load config, start telemetry, and hand over
 //! to the library that does the work.
 
+/// `println!` for the operator's output: ends the command quietly when the reader has gone
+/// away instead of panicking ([`output`]).
+macro_rules! outln {
+    () => {
+        $crate::output::write(format_args!(""), true)
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write(format_args!($($arg)*), true)
+    };
+}
+
+/// `println!` for a command that must run to its end whoever reads it (`rollcall demo`): a
+/// write error only drops the line ([`output::write_or_drop`]).
+macro_rules! outln_lossy {
+    () => {
+        $crate::output::write_or_drop(format_args!(""), true)
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_or_drop(format_args!($($arg)*), true)
+    };
+}
+
+/// `print!` for the operator's output ([`outln!`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::write(format_args!($($arg)*), false)
+    };
+}
+
 mod demo;
 mod operator;
+mod output;
 mod repo;
 mod runs;
 mod telemetry;
@@ -437,7 +467,6 @@ fn environment(
     })
 }
 
-#[allow(clippy::print_stdout)]
 fn plan(command: PlanCommand) -> Result<()> {
     use coordinator::plan::Plan;
     match command {
@@ -459,7 +488,7 @@ fn plan(command: PlanCommand) -> Result<()> {
                 Some(name) => format!("environment {name}"),
                 None => "the standard roles".to_owned(),
             };
-            println!(
+            outln!(
                 "{}: plan {} is valid against {against} ({} phases in {} steps)",
                 file.display(),
                 plan.name,
@@ -472,9 +501,9 @@ fn plan(command: PlanCommand) -> Result<()> {
             match env {
                 Some(name) => {
                     let env = environment(config.as_deref(), &name)?;
-                    print!("{}", env.plan.render(Some(&env.fleet)));
+                    out!("{}", env.plan.render(Some(&env.fleet)));
                 }
-                None => print!("{}", Plan::default_plan(None)?.render(None)),
+                None => out!("{}", Plan::default_plan(None)?.render(None)),
             }
             Ok(())
         }
@@ -550,7 +579,6 @@ fn shutdown_signal() -> CancellationToken {
     cancel
 }
 
-#[allow(clippy::print_stdout)]
 fn certs_init(
     dir: PathBuf,
     agents: &[String],
@@ -569,10 +597,10 @@ fn certs_init(
     })
     .with_context(|| format!("create certificates in {}", dir.display()))?;
     for path in &report.created {
-        println!("created {}", path.display());
+        outln!("created {}", path.display());
     }
     for path in &report.kept {
-        println!("kept    {}", path.display());
+        outln!("kept    {}", path.display());
     }
     Ok(())
 }

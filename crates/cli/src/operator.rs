@@ -145,7 +145,6 @@ pub fn status_error(status: tonic::Status) -> anyhow::Error {
     }
 }
 
-#[allow(clippy::print_stdout)]
 pub async fn agents(connection: &Connection, json: bool) -> Result<()> {
     let mut client = connection.connect().await?;
     let response = client
@@ -161,20 +160,25 @@ pub async fn agents(connection: &Connection, json: bool) -> Result<()> {
         .context("coordinator sent an invalid agent status")?;
     if json {
         let out = serde_json::json!({ "epoch": response.epoch, "agents": agents });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     if agents.is_empty() {
-        println!(
+        outln!(
             "no agents have attached (coordinator epoch {})",
             response.epoch
         );
         return Ok(());
     }
     let now = api::model::to_unix_ms(std::time::SystemTime::now());
-    println!(
+    outln!(
         "{:<20} {:<10} {:<14} {:<12} {:<6} {:<10} CAPABILITIES",
-        "NAME", "ROLE", "ENVIRONMENT", "STATE", "READY", "HEARTBEAT"
+        "NAME",
+        "ROLE",
+        "ENVIRONMENT",
+        "STATE",
+        "READY",
+        "HEARTBEAT"
     );
     for a in &agents {
         let state = match a.availability {
@@ -182,7 +186,7 @@ pub async fn agents(connection: &Connection, json: bool) -> Result<()> {
             Availability::Unavailable => "unavailable",
         };
         let age = (now - a.last_heartbeat_unix_ms).max(0) / 1000;
-        println!(
+        outln!(
             "{:<20} {:<10} {:<14} {:<12} {:<6} {:<10} {}",
             a.name,
             a.role,

@@ -156,7 +156,6 @@ fn live_store(url: &str, s3: &S3Options) -> Result<Arc<dyn ObjectStore>> {
     })
 }
 
-#[allow(clippy::print_stdout)]
 pub async fn run(args: RepoArgs) -> Result<()> {
     let Some(repo_url) = args.repo.as_deref() else {
         bail!("--repo URL is required (or set ROLLCALL_REPOSITORY)");
@@ -185,7 +184,7 @@ pub async fn run(args: RepoArgs) -> Result<()> {
     )
     .await?;
     let json =
-        |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        |v: serde_json::Value| outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     match args.command {
         RepoCommand::BackupPostgres {
             env,
@@ -251,7 +250,7 @@ pub async fn run(args: RepoArgs) -> Result<()> {
                 eprintln!("warning: damaged point file {}: {}", d.key, d.reason);
             }
             for p in &listing.points {
-                println!(
+                outln!(
                     "{}  {}  {} bytes",
                     p.id,
                     p.created_at.format("%Y-%m-%d %H:%M:%S"),
@@ -341,26 +340,27 @@ pub async fn run(args: RepoArgs) -> Result<()> {
 }
 
 /// `repo verify` without `--point`: every point, one line each; fails if any is damaged.
-#[allow(clippy::print_stdout)]
 async fn verify_all(repo: &Repository, full: bool, label: &str) -> Result<()> {
     let listing = repo.list_points(None).await?;
     let mut damaged = listing.damaged.len();
     for d in &listing.damaged {
-        println!("damaged  {}: {}", d.key, d.reason);
+        outln!("damaged  {}: {}", d.key, d.reason);
     }
     for point in &listing.points {
         match repo.verify_point(&point.id, full).await {
-            Ok(report) if report.is_ok() => println!(
+            Ok(report) if report.is_ok() => outln!(
                 "ok       {}  ({} objects checked, {} dump bytes hashed)",
-                point.id, report.objects_checked, report.dump_bytes
+                point.id,
+                report.objects_checked,
+                report.dump_bytes
             ),
             Ok(report) => {
                 damaged += 1;
-                println!("damaged  {}: {}", point.id, report.problems.join("; "));
+                outln!("damaged  {}: {}", point.id, report.problems.join("; "));
             }
             Err(e) => {
                 damaged += 1;
-                println!("damaged  {}: {}", point.id, api::errors::one_line(&*e));
+                outln!("damaged  {}: {}", point.id, api::errors::one_line(&*e));
             }
         }
     }
@@ -372,7 +372,7 @@ async fn verify_all(repo: &Repository, full: bool, label: &str) -> Result<()> {
         );
     }
     if total == 0 {
-        println!("no recovery points in {label}");
+        outln!("no recovery points in {label}");
     }
     Ok(())
 }

@@ -38,7 +38,6 @@ fn start_request(d: &Drill) -> Result<op::StartRunRequest> {
     })
 }
 
-#[allow(clippy::print_stdout)]
 pub async fn drill(connection: &Connection, d: Drill) -> Result<()> {
     let mut client = connection.connect().await?;
     let request = start_request(&d)?;
@@ -49,7 +48,7 @@ pub async fn drill(connection: &Connection, d: Drill) -> Result<()> {
             .map_err(status_error)?
             .into_inner()
             .text;
-        print!("{text}");
+        out!("{text}");
         return Ok(());
     }
     let run = client
@@ -58,19 +57,21 @@ pub async fn drill(connection: &Connection, d: Drill) -> Result<()> {
         .map_err(status_error)?
         .into_inner();
     if d.json && !d.watch {
-        println!("{}", serde_json::to_string_pretty(&run_json(&run))?);
+        outln!("{}", serde_json::to_string_pretty(&run_json(&run))?);
         return Ok(());
     }
     if !d.json {
-        println!(
+        outln!(
             "run {} started ({} of {})",
-            run.id, run.kind, run.environment
+            run.id,
+            run.kind,
+            run.environment
         );
     }
     if d.watch {
         return watch(connection, &run.id, d.json).await;
     }
-    println!("follow it with: rollcall run watch {}", run.id);
+    outln!("follow it with: rollcall run watch {}", run.id);
     Ok(())
 }
 
@@ -96,7 +97,6 @@ fn time(ms: i64) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-#[allow(clippy::print_stdout)]
 pub async fn list(connection: &Connection, json: bool) -> Result<()> {
     let mut client = connection.connect().await?;
     let runs = client
@@ -107,19 +107,22 @@ pub async fn list(connection: &Connection, json: bool) -> Result<()> {
         .runs;
     if json {
         let out: Vec<_> = runs.iter().map(run_json).collect();
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     if runs.is_empty() {
-        println!("no runs yet; start one with `rollcall drill --env ENV`");
+        outln!("no runs yet; start one with `rollcall drill --env ENV`");
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<44} {:<10} {:<12} {:<10} CREATED",
-        "RUN", "KIND", "ENVIRONMENT", "STATE"
+        "RUN",
+        "KIND",
+        "ENVIRONMENT",
+        "STATE"
     );
     for r in &runs {
-        println!(
+        outln!(
             "{:<44} {:<10} {:<12} {:<10} {}",
             r.id,
             r.kind,
@@ -131,7 +134,6 @@ pub async fn list(connection: &Connection, json: bool) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::print_stdout)]
 pub async fn show(connection: &Connection, id: &str, json: bool) -> Result<()> {
     let mut client = connection.connect().await?;
     let detail = client
@@ -167,17 +169,20 @@ pub async fn show(connection: &Connection, id: &str, json: bool) -> Result<()> {
             .collect();
         let out =
             serde_json::json!({ "run": run_json(&run), "phases": phases, "commands": commands });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!(
+    outln!(
         "run {} ({} of {}): {}",
-        run.id, run.kind, run.environment, run.state
+        run.id,
+        run.kind,
+        run.environment,
+        run.state
     );
     if !run.reason.is_empty() {
-        println!("  {}", run.reason);
+        outln!("  {}", run.reason);
     }
-    println!(
+    outln!(
         "  created {}  epoch {}  plan {}",
         time(run.created_unix_ms),
         run.epoch,
@@ -192,16 +197,19 @@ pub async fn show(connection: &Connection, id: &str, json: bool) -> Result<()> {
         } else {
             String::new()
         };
-        println!(
+        outln!(
             "  {:>2}. {:<18} {:<8} {:>7}  {}",
-            p.index, p.name, p.state, took, p.detail
+            p.index,
+            p.name,
+            p.state,
+            took,
+            p.detail
         );
     }
     Ok(())
 }
 
 /// Streams a run's events until it ends or blocks; fails unless it succeeded.
-#[allow(clippy::print_stdout)]
 pub async fn watch(connection: &Connection, id: &str, json: bool) -> Result<()> {
     let mut client = connection.connect().await?;
     let mut stream = client
@@ -223,7 +231,7 @@ pub async fn watch(connection: &Connection, id: &str, json: bool) -> Result<()> 
                     "seq": event.seq, "at_unix_ms": event.at_unix_ms, "kind": event.kind,
                     "payload": payload,
                 });
-                println!("{line}");
+                outln!("{line}");
             }
         }
     }
@@ -241,7 +249,7 @@ pub async fn watch(connection: &Connection, id: &str, json: bool) -> Result<()> 
     match run.state.as_str() {
         "succeeded" => {
             if !json {
-                println!("run {} succeeded", run.id);
+                outln!("run {} succeeded", run.id);
             }
             Ok(())
         }
@@ -249,7 +257,6 @@ pub async fn watch(connection: &Connection, id: &str, json: bool) -> Result<()> 
     }
 }
 
-#[allow(clippy::print_stdout)]
 pub async fn control(connection: &Connection, id: &str, control: op::RunControl) -> Result<()> {
     let mut client = connection.connect().await?;
     let run = client
@@ -260,15 +267,14 @@ pub async fn control(connection: &Connection, id: &str, control: op::RunControl)
         .await
         .map_err(status_error)?
         .into_inner();
-    println!("run {} is {}", run.id, run.state);
+    outln!("run {} is {}", run.id, run.state);
     if !run.reason.is_empty() {
-        println!("  {}", run.reason);
+        outln!("  {}", run.reason);
     }
     Ok(())
 }
 
 /// `rollcall backup --env ENV [--wait]`: a backup run; prints the point id.
-#[allow(clippy::print_stdout)]
 pub async fn backup(connection: &Connection, env: &str, wait: bool, json: bool) -> Result<()> {
     let mut client = connection.connect().await?;
     let run = client
@@ -301,9 +307,9 @@ pub async fn backup(connection: &Connection, env: &str, wait: bool, json: bool) 
     }
     if json {
         let out = serde_json::json!({ "point": run.point_id, "run": run.id, "complete": wait });
-        println!("{out}");
+        outln!("{out}");
     } else {
-        println!("{}", run.point_id);
+        outln!("{}", run.point_id);
         if !wait {
             eprintln!(
                 "backup run {} started; the point exists once it succeeds (rollcall run watch {})",
@@ -315,7 +321,6 @@ pub async fn backup(connection: &Connection, env: &str, wait: bool, json: bool) 
 }
 
 /// `rollcall points [--env ENV] [--json]`.
-#[allow(clippy::print_stdout)]
 pub async fn points(connection: &Connection, env: Option<&str>, json: bool) -> Result<()> {
     let mut client = connection.connect().await?;
     let listing = client
@@ -339,19 +344,24 @@ pub async fn points(connection: &Connection, env: Option<&str>, json: bool) -> R
             })
             .collect();
         let out = serde_json::json!({ "points": points, "damaged": listing.damaged });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     for d in &listing.damaged {
         eprintln!("warning: damaged point file, not listed: {d}");
     }
     if listing.points.is_empty() {
-        println!("no recovery points; take one with `rollcall backup --env ENV`");
+        outln!("no recovery points; take one with `rollcall backup --env ENV`");
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<40} {:<12} {:>10} {:>12} {:>9} {:>12}  RPO",
-        "POINT", "ENVIRONMENT", "AGE", "POSTGRES", "OBJECTS", "OBJECT BYTES"
+        "POINT",
+        "ENVIRONMENT",
+        "AGE",
+        "POSTGRES",
+        "OBJECTS",
+        "OBJECT BYTES"
     );
     for p in &listing.points {
         let age = humantime::format_duration(std::time::Duration::from_secs(p.age_seconds));
@@ -361,7 +371,7 @@ pub async fn points(connection: &Connection, env: Option<&str>, json: bool) -> R
         } else {
             format!("within {rpo}")
         };
-        println!(
+        outln!(
             "{:<40} {:<12} {:>10} {:>12} {:>9} {:>12}  {flag}",
             p.id,
             p.environment,
@@ -390,7 +400,6 @@ fn bytes(n: u64) -> String {
 }
 
 /// `rollcall report ID [--format md|json] [--out PATH] [--follow-up TEXT@OWNER ...]`.
-#[allow(clippy::print_stdout)]
 pub async fn report(
     connection: &Connection,
     id: &str,
@@ -416,15 +425,14 @@ pub async fn report(
                     .with_context(|| format!("create {}", parent.display()))?;
             }
             std::fs::write(path, &text).with_context(|| format!("write {}", path.display()))?;
-            println!("report written to {}", path.display());
+            outln!("report written to {}", path.display());
         }
-        None => print!("{text}"),
+        None => out!("{text}"),
     }
     Ok(())
 }
 
 /// `rollcall points prune --env ENV [--dry-run]`.
-#[allow(clippy::print_stdout)]
 pub async fn prune(connection: &Connection, env: &str, dry_run: bool) -> Result<()> {
     let mut client = connection.connect().await?;
     let report = client
@@ -435,12 +443,11 @@ pub async fn prune(connection: &Connection, env: &str, dry_run: bool) -> Result<
         .await
         .map_err(status_error)?
         .into_inner();
-    println!("{}", report.json);
+    outln!("{}", report.json);
     Ok(())
 }
 
 /// `rollcall points verify ID [--full]`: exit 1 when the point has problems.
-#[allow(clippy::print_stdout)]
 pub async fn verify(connection: &Connection, id: &str, full: bool) -> Result<()> {
     let mut client = connection.connect().await?;
     let report = client
@@ -451,7 +458,7 @@ pub async fn verify(connection: &Connection, id: &str, full: bool) -> Result<()>
         .await
         .map_err(status_error)?
         .into_inner();
-    println!("{}", report.json);
+    outln!("{}", report.json);
     if !report.ok {
         bail!(
             "recovery point {id} failed verification (problems listed above); do not restore from it"

@@ -66,9 +66,8 @@ impl View {
             // Printed above the bars, so they stay at the bottom.
             let _ = self.multi.println(text);
         } else {
-            #[allow(clippy::print_stdout)]
             {
-                println!("{text}");
+                outln!("{text}");
             }
         }
     }
