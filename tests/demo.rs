@@ -22,21 +22,28 @@ fn running(pattern: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[test]
-fn the_demo_passes_reports_its_numbers_and_cleans_up() {
-    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let fleet = dir.path().join("fleet");
+/// Runs `rollcall demo ARGS`; its standard output, once it has exited 0.
+fn demo(args: &[&str]) -> String {
     let out = Command::new(rollcall_bin())
-        .args(["demo", "--sessions", "12", "--dir", fleet.to_str().unwrap()])
+        .arg("demo")
+        .args(args)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn the_demo_passes_reports_its_numbers_and_cleans_up() {
+    let _one = ONE_DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = dir.path().join("fleet");
+    let stdout = demo(&["--sessions", "12", "--dir", fleet.to_str().unwrap()]);
     assert!(stdout.contains("succeeded"), "{stdout}");
 
     let report: serde_json::Value =
@@ -109,16 +116,7 @@ fn a_kept_demo_fleet_keeps_working_until_stopped_as_printed() {
     let fleet = dir.path().join("kept");
     let fleet_dir = fleet.to_str().unwrap().to_owned();
     let kept = KeptFleet(fleet_dir.clone());
-    let out = Command::new(rollcall_bin())
-        .args(["demo", "--sessions", "4", "--keep", "--dir", &fleet_dir])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = demo(&["--sessions", "4", "--keep", "--dir", &fleet_dir]);
     assert!(
         stdout.contains(&format!("(stop it with: pkill -f {fleet_dir})")),
         "{stdout}"
