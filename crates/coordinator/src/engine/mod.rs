@@ -577,6 +577,35 @@ fn phase_passed(phases: &[PhaseRecord], run: &RunRecord, action: Action) -> bool
     })
 }
 
+/// What a blocked run's reason says about traffic: frozen only once a freeze phase passed (and
+/// no unfreeze since); a plan without a freeze (a backup) says nothing.
+fn freeze_note(plan: &Plan, journal: &[PhaseRecord]) -> &'static str {
+    let states = |action: Action| -> Vec<PhaseState> {
+        journal
+            .iter()
+            .filter(|p| {
+                plan.phases
+                    .get(p.index as usize)
+                    .is_some_and(|ph| ph.action == action)
+            })
+            .map(|p| p.state)
+            .collect()
+    };
+    if !plan.phases.iter().any(|ph| ph.action == Action::Freeze) {
+        return "";
+    }
+    let (freeze, unfreeze) = (states(Action::Freeze), states(Action::Unfreeze));
+    if unfreeze.contains(&PhaseState::Passed) {
+        ""
+    } else if freeze.contains(&PhaseState::Passed) {
+        "; traffic stays frozen"
+    } else if freeze.iter().any(|s| *s != PhaseState::Pending) {
+        "; the freeze did not complete: traffic may be partly frozen"
+    } else {
+        "; traffic was not frozen"
+    }
+}
+
 /// The phase a run's command belongs to, from the command id `run_steps` gives it.
 fn phase_of_command<'a>(run_id: &str, command_id: &'a str) -> Option<&'a str> {
     command_id
@@ -710,11 +739,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                         .find(|p| p.index as usize == phase)
                         .and_then(|p| p.detail.clone())
                         .unwrap_or_default();
-                    let frozen = if run.kind == RunKind::Backup {
-                        ""
-                    } else {
-                        "; traffic stays frozen"
-                    };
+                    let frozen = freeze_note(&plan, &journal);
                     let reason = format!(
                         "phase {} did not pass: {detail}{frozen} — fix the cause, then \
                          `rollcall run resume {id}` (or `retry`, or `abort`)",
@@ -1441,6 +1466,46 @@ mod tests {
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_blocked_reason_says_frozen_only_after_the_freeze() {
+        let plan = Plan::default_plan(None).unwrap();
+        let index = |action| plan.phases.iter().position(|p| p.action == action).unwrap() as u32;
+        let phase = |index, state| PhaseRecord {
+            run_id: "r".into(),
+            index,
+            name: String::new(),
+            state,
+            attempt: 1,
+            started_at: None,
+            finished_at: None,
+            detail: None,
+        };
+        let (freeze, unfreeze) = (index(Action::Freeze), index(Action::Unfreeze));
+        let preflight_blocked = [phase(0, PhaseState::Blocked)];
+        assert_eq!(
+            freeze_note(&plan, &preflight_blocked),
+            "; traffic was not frozen"
+        );
+        let freeze_blocked = [
+            phase(0, PhaseState::Passed),
+            phase(freeze, PhaseState::Blocked),
+        ];
+        assert!(freeze_note(&plan, &freeze_blocked).contains("partly frozen"));
+        let later = [
+            phase(0, PhaseState::Passed),
+            phase(freeze, PhaseState::Passed),
+            phase(freeze + 1, PhaseState::Blocked),
+        ];
+        assert_eq!(freeze_note(&plan, &later), "; traffic stays frozen");
+        let unfrozen = [
+            phase(freeze, PhaseState::Passed),
+            phase(unfreeze, PhaseState::Passed),
+        ];
+        assert_eq!(freeze_note(&plan, &unfrozen), "");
+        let backup = Plan::backup_plan(&crate::plan::tests::fleet()).unwrap();
+        assert_eq!(freeze_note(&backup, &preflight_blocked), "");
     }
 
     #[test]
