@@ -490,7 +490,7 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
     assert!(
         progress
             .iter()
-            .any(|l| l.contains("phase restore-postgres agent") && l.ends_with(", done")),
+            .any(|l| l.contains("phase restore-postgres agent") && l.ends_with(" archives, done")),
         "{out}"
     );
 

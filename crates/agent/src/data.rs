@@ -323,6 +323,7 @@ impl DataPlane {
         let report = repository::restore_postgres(&repo, &PointId::parse(point)?, &options).await?;
         progress.report(api::model::Progress {
             stage: "swapping".into(),
+            unit: "archives".into(),
             ..api::model::Progress::default()
         });
 

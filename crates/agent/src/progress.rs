@@ -59,7 +59,7 @@ impl Reporter {
         Arc::new(move |t: &TransferProgress| reporter.report(from_transfer(t)))
     }
 
-    /// A callback for Postgres backups and restores: archives count as objects.
+    /// A callback for Postgres backups and restores: the counts are of the dump's archives.
     pub fn postgres(&self) -> PgProgressFn {
         let reporter = self.clone();
         PgProgressFn(Arc::new(move |p: &PgProgress| {
@@ -71,6 +71,7 @@ impl Reporter {
                 bytes_total: p.bytes_total,
                 objects_copied: p.archives_done,
                 bytes_copied: p.bytes_done,
+                unit: "archives".to_owned(),
             });
         }))
     }
@@ -91,6 +92,7 @@ fn from_transfer(t: &TransferProgress) -> Progress {
         bytes_total: t.bytes_total,
         objects_copied: t.objects_copied,
         bytes_copied: t.bytes_copied,
+        unit: "objects".to_owned(),
     }
 }
 

@@ -219,6 +219,10 @@ pub struct Progress {
     /// Objects or bytes actually written (the rest were already in place).
     pub objects_copied: u64,
     pub bytes_copied: u64,
+    /// What the `objects_*` fields count: `objects`, or `archives` of a Postgres dump (empty:
+    /// objects).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub unit: String,
 }
 
 /// [`Progress`] of one command, as it travels up the stream.
@@ -235,6 +239,9 @@ impl TryFrom<pb::CommandProgress> for CommandProgress {
     fn try_from(m: pb::CommandProgress) -> Result<Self, Invalid> {
         if m.stage.len() > 64 {
             return Err(Invalid::new("progress stage", "longer than 64 characters"));
+        }
+        if m.unit.len() > 16 {
+            return Err(Invalid::new("progress unit", "longer than 16 characters"));
         }
         if m.run_id.len() > 128 {
             return Err(Invalid::new(
@@ -254,6 +261,7 @@ impl TryFrom<pb::CommandProgress> for CommandProgress {
                 bytes_total: m.bytes_total,
                 objects_copied: m.objects_copied,
                 bytes_copied: m.bytes_copied,
+                unit: m.unit,
             },
         })
     }
@@ -273,6 +281,7 @@ impl From<CommandProgress> for pb::CommandProgress {
             bytes_total: p.bytes_total,
             objects_copied: p.objects_copied,
             bytes_copied: p.bytes_copied,
+            unit: p.unit,
         }
     }
 }

@@ -66,9 +66,7 @@ impl View {
             // Printed above the bars, so they stay at the bottom.
             let _ = self.multi.println(text);
         } else {
-            {
-                outln!("{text}");
-            }
+            outln!("{text}");
         }
     }
 
@@ -120,6 +118,8 @@ struct Progress {
     agent: String,
     phase: String,
     stage: String,
+    /// What the objects counts count: `objects`, or `archives` (a Postgres dump's).
+    unit: String,
     objects_done: u64,
     objects_total: u64,
     objects_copied: u64,
@@ -141,6 +141,12 @@ impl Progress {
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_owned(),
+            unit: p
+                .get("unit")
+                .and_then(Value::as_str)
+                .filter(|u| !u.is_empty())
+                .unwrap_or("objects")
+                .to_owned(),
             objects_done: n("objects_done"),
             objects_total: n("objects_total"),
             objects_copied: n("objects_copied"),
@@ -149,18 +155,28 @@ impl Progress {
         })
     }
 
+    /// The counts and the stage; only the stage when there is nothing to count (a swap).
     fn counts(&self) -> String {
-        format!(
-            "{}/{} objects ({} copied), {}",
-            self.objects_done, self.objects_total, self.objects_copied, self.stage
-        )
+        match (self.objects_total, self.unit.as_str()) {
+            (0, _) if self.objects_done == 0 => self.stage.clone(),
+            (_, "objects") => format!(
+                "{}/{} objects ({} copied), {}",
+                self.objects_done, self.objects_total, self.objects_copied, self.stage
+            ),
+            (_, unit) => format!(
+                "{}/{} {unit}, {}",
+                self.objects_done, self.objects_total, self.stage
+            ),
+        }
     }
 
     fn describe(&self) -> String {
+        let head = format!("phase {} agent {}", self.phase, self.agent);
+        if self.bytes_total == 0 && self.bytes_done == 0 {
+            return format!("{head}: {}", self.counts());
+        }
         format!(
-            "phase {} agent {}: {} of {} bytes, {}",
-            self.phase,
-            self.agent,
+            "{head}: {} of {} bytes, {}",
             self.bytes_done,
             self.bytes_total,
             self.counts()
@@ -229,6 +245,20 @@ mod tests {
              copying"
         );
         assert!(describe("command.progress", &json!({})).starts_with("progress "));
+        // A Postgres restore counts its dump's archives; its swap has nothing to count.
+        let mut pg = progress("data", 1);
+        pg["phase"] = json!("restore-postgres");
+        pg["progress"]["unit"] = json!("archives");
+        pg["progress"]["objects_total"] = json!(3);
+        assert_eq!(
+            describe("command.progress", &pg),
+            "phase restore-postgres agent objects-1: 100 of 1000 bytes, 1/3 archives, data"
+        );
+        pg["progress"] = json!({"stage": "swapping", "unit": "archives"});
+        assert_eq!(
+            describe("command.progress", &pg),
+            "phase restore-postgres agent objects-1: swapping"
+        );
     }
 
     #[test]
