@@ -6,40 +6,27 @@ use std::io::Write;
 
 /// Writes `args` (and a newline when `newline`) to standard output; see the module docs.
 pub fn write(args: std::fmt::Arguments<'_>, newline: bool) {
-    let mut out = std::io::stdout().lock();
-    let written = out
-        .write_fmt(args)
-        .and_then(|()| {
-            if newline {
-                out.write_all(b"\n")
-            } else {
-                Ok(())
-            }
-        })
-        .and_then(|()| out.flush());
-    if let Err(e) = written {
-        exit_on(&e);
+    if let Err(e) = put(args, newline) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            // The reader has all it wanted.
+            std::process::exit(0);
+        }
+        eprintln!("error: write to standard output: {e}");
+        std::process::exit(1);
     }
 }
 
 /// Like [`write`], for a command that must run to its end whoever reads it (`rollcall demo`
 /// stops the processes it started when it ends): a write error only drops the text.
 pub fn write_or_drop(args: std::fmt::Arguments<'_>, newline: bool) {
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_fmt(args).and_then(|()| {
-        if newline {
-            out.write_all(b"\n")
-        } else {
-            Ok(())
-        }
-    });
+    let _ = put(args, newline);
 }
 
-fn exit_on(e: &std::io::Error) -> ! {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
-        // The reader has all it wanted.
-        std::process::exit(0);
+fn put(args: std::fmt::Arguments<'_>, newline: bool) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args)?;
+    if newline {
+        out.write_all(b"\n")?;
     }
-    eprintln!("error: write to standard output: {e}");
-    std::process::exit(1);
+    out.flush()
 }
