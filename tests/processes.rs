@@ -470,13 +470,13 @@ fleet = {{ web = 1, worker = 1 }}
         )
     })
     .collect();
-    eventually("agents ready", Duration::from_secs(30), async || {
-        let json = agents_json(operator_addr, &certs).ok()?;
-        ["web-1", "worker-1"]
-            .iter()
-            .all(|n| agent_state(&json, n) == Some(("connected".into(), true)))
-            .then_some(())
-    })
+    fleet_ready(
+        operator_addr,
+        &certs,
+        &["web-1", "worker-1"],
+        dir.path(),
+        Duration::from_secs(30),
+    )
     .await;
 
     let operator = format!("https://{operator_addr}");

@@ -311,16 +311,13 @@ impl Fleet {
             ));
         }
         let all = ["web-1", "worker-1", "db-1", "obj-1"];
-        eventually("the fleet is ready", Duration::from_secs(60), async || {
-            let json = agents_json(operator_addr, &certs).ok()?;
-            all.iter()
-                .all(|n| {
-                    json["agents"]
-                        .as_array()
-                        .is_some_and(|a| a.iter().any(|x| x["name"] == *n && x["ready"] == true))
-                })
-                .then_some(())
-        })
+        fleet_ready(
+            operator_addr,
+            &certs,
+            &all,
+            dir.path(),
+            Duration::from_secs(60),
+        )
         .await;
         Fleet {
             cluster,
@@ -1113,17 +1110,13 @@ async fn two_objects_agents_restore_a_point_in_two_shards() {
         let cfg = write_agent_config(dir.path(), &certs, agents_addr, name, role, extra);
         agents.push(spawn(name, &["agent", "--config", cfg.to_str().unwrap()]));
     }
-    eventually("the fleet is ready", Duration::from_secs(60), async || {
-        let json = agents_json(operator_addr, &certs).ok()?;
-        names
-            .iter()
-            .all(|n| {
-                json["agents"]
-                    .as_array()
-                    .is_some_and(|a| a.iter().any(|x| x["name"] == *n && x["ready"] == true))
-            })
-            .then_some(())
-    })
+    fleet_ready(
+        operator_addr,
+        &certs,
+        &names,
+        dir.path(),
+        Duration::from_secs(60),
+    )
     .await;
 
     let operator = format!("https://{operator_addr}");
