@@ -88,6 +88,39 @@ fn the_demo_passes_reports_its_numbers_and_cleans_up() {
     let drill: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fleet.join("report.json")).unwrap()).unwrap();
     assert_eq!(drill["environment"]["name"], "demo", "{drill}");
+    // The runbook's step 6: each of its endpoints answered web-1's verification.
+    let web_checks: Vec<&str> = drill["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["agent"] == "web-1" && c["kind"] == "http" && c["passed"] == true)
+        .filter_map(|c| c["detail"].as_str())
+        .collect();
+    for endpoint in [
+        "/healthz",
+        "/api/workspace",
+        "/api/diagnostics",
+        "/api/metrics",
+    ] {
+        let answered = format!("GET {endpoint} answered 200");
+        assert!(
+            web_checks.iter().any(|d| d.starts_with(&answered)),
+            "{endpoint} was not verified: {web_checks:?}"
+        );
+    }
+    // A smoke command's JSON is one compact line in the report.
+    let smoke = drill["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "smoke" && c["agent"] == "worker-1")
+        .unwrap_or_else(|| panic!("no worker smoke in {drill}"));
+    let detail = smoke["detail"].as_str().unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(detail).unwrap();
+    assert!(
+        parsed["role"] == "worker" && !detail.contains(": ") && !detail.contains('\n'),
+        "{smoke}"
+    );
 
     // Nothing the demo started is still running: no process naming its directory (the
     // coordinator, agents, Postgres) and no role the agents ran (`rollcall cowork-sim ...`).

@@ -282,7 +282,7 @@ impl Checks {
         } else {
             stderr
         };
-        let detail = api::redact::redact(tail(text.trim(), 600)).into_owned();
+        let detail = api::redact::redact(&one_line(&text, 600)).into_owned();
         Ok(Check {
             name: "smoke".into(),
             kind: "smoke".into(),
@@ -327,8 +327,11 @@ async fn run_http(client: &reqwest::Client, c: &HttpCheck) -> Result<String> {
             api::redact::redact(tail(body.trim(), 200))
         );
     }
+    // The path, not the whole URL: the report shows which endpoint answered, and a query
+    // string (a signed URL's, say) stays out of it.
+    let answered = format!("GET {} answered {status}", url_path(&c.url));
     if c.expect.is_empty() {
-        return Ok(format!("{status}"));
+        return Ok(answered);
     }
     let json: serde_json::Value = serde_json::from_str(&body)
         .with_context(|| format!("GET {} did not answer JSON", c.url))?;
@@ -343,7 +346,36 @@ async fn run_http(client: &reqwest::Client, c: &HttpCheck) -> Result<String> {
             bail!("GET {}: {path} is {got}, expected {want}", c.url);
         }
     }
-    Ok(format!("{status}, {} fields as expected", c.expect.len()))
+    let fields = match c.expect.len() {
+        1 => "1 field".to_owned(),
+        n => format!("{n} fields"),
+    };
+    Ok(format!("{answered}, {fields} as expected"))
+}
+
+/// The path of an http(s) URL (`/` when it names none); the URL itself when it does not parse.
+fn url_path(url: &str) -> String {
+    reqwest::Url::parse(url).map_or_else(|_| url.to_owned(), |u| u.path().to_owned())
+}
+
+/// A command's output as one line for the report: JSON (what smoke commands such as
+/// `cowork-sim smoke` print, pretty) re-serialized compactly, any other text with each run of
+/// whitespace made one space. Of a longer line only the end is kept (the last `max` bytes,
+/// from a word's start), after "…".
+fn one_line(text: &str, max: usize) -> String {
+    let line = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(json) => json.to_string(),
+        Err(_) => text.split_whitespace().collect::<Vec<_>>().join(" "),
+    };
+    if line.len() <= max {
+        return line;
+    }
+    let end = tail(&line, max);
+    let from_word = match end.split_once(' ') {
+        Some((_, rest)) if !rest.is_empty() => rest,
+        _ => end,
+    };
+    format!("…{from_word}")
 }
 
 fn tail(s: &str, max: usize) -> &str {
@@ -424,6 +456,27 @@ mod tests {
         );
         let slow = run(smoke("sleep 5", 200)).await;
         assert!(!slow.passed && slow.detail.contains("did not finish within 200ms"));
+        // Pretty JSON (what `cowork-sim smoke` prints) is one compact line in the report.
+        let json = run(smoke(
+            "printf '{\\n  \"role\": \"worker\",\\n  \"detail\": {\\n    \"lag\": 0\\n  }\\n}\\n'",
+            5000,
+        ))
+        .await;
+        assert_eq!(json.detail, r#"{"detail":{"lag":0},"role":"worker"}"#);
+        let lines = run(smoke("printf 'claimed\\n\\n   one lease\\t done\\n'", 5000)).await;
+        assert_eq!(lines.detail, "claimed one lease done");
+    }
+
+    #[test]
+    fn one_line_keeps_the_end_of_long_output() {
+        let long = format!("{} the end", "word ".repeat(200));
+        let line = one_line(&long, 20);
+        assert_eq!(line, "…word word the end");
+        assert_eq!(
+            url_path("http://127.0.0.1:8080/api/metrics?sig=abc"),
+            "/api/metrics"
+        );
+        assert_eq!(url_path("http://127.0.0.1:8080"), "/");
     }
 
     #[tokio::test]

@@ -485,6 +485,9 @@ stop_grace = "5s"
 url = "http://{web}/admin/maintenance"
 token_env = "COWORK_OPERATOR_TOKEN"
 [[check]]
+name = "healthz"
+url = "http://{web}/healthz"
+[[check]]
 name = "readyz"
 url = "http://{web}/readyz"
 [[check]]
@@ -492,6 +495,14 @@ name = "writes stay frozen while verifying"
 url = "http://{web}/admin/maintenance"
 token_env = "COWORK_OPERATOR_TOKEN"
 expect = {{ maintenance = true }}
+[[check]]
+name = "operator workspace"
+url = "http://{web}/api/workspace"
+token_env = "COWORK_OPERATOR_TOKEN"
+[[check]]
+name = "operator diagnostics"
+url = "http://{web}/api/diagnostics"
+token_env = "COWORK_OPERATOR_TOKEN"
 [[check]]
 name = "operator metrics"
 url = "http://{web}/api/metrics"
