@@ -291,6 +291,7 @@ pub fn agent_settings(
         reconnect: agent::config::ReconnectConfig {
             initial: Duration::from_millis(50),
             max: Duration::from_millis(500),
+            ..Default::default()
         },
     }
 }

@@ -55,6 +55,68 @@ fn agent_state(json: &serde_json::Value, name: &str) -> Option<(String, bool)> {
         })
 }
 
+/// Something that accepts connections at the coordinator's address but never answers (a load
+/// balancer in front of a stopped coordinator, a hung process): the agent gives each attempt
+/// `reconnect.attach_timeout`, retries, and attaches once a coordinator answers there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_gives_up_on_a_silent_peer_and_attaches_when_the_coordinator_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs_init(dir.path(), &["web-1:web"]);
+    let (agents_addr, operator_addr) = (free_addr(), free_addr());
+    let silent = std::net::TcpListener::bind(agents_addr).unwrap();
+    silent.set_nonblocking(true).unwrap();
+    let cfg = write_agent_config(dir.path(), &certs, agents_addr, "web-1", "web", "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("max = \"1s\"\n", "max = \"1s\"\nattach_timeout = \"1s\"\n"),
+    )
+    .unwrap();
+    let agent = spawn_rollcall(
+        "web-1",
+        dir.path(),
+        &["agent", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    // Accept and hold every connection without a byte in reply.
+    let mut held = Vec::new();
+    let gave_up = "no welcome from the coordinator within 1s";
+    eventually(
+        "the agent to give up twice",
+        Duration::from_secs(30),
+        async || {
+            while let Ok((conn, _)) = silent.accept() {
+                held.push(conn);
+            }
+            (agent.log_text().matches(gave_up).count() >= 2).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        held.len() >= 2,
+        "one connection per attempt: {}",
+        held.len()
+    );
+
+    // The coordinator comes up at that address: the agent attaches on its next attempt.
+    drop((silent, held));
+    let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, "");
+    let _coordinator = spawn_rollcall(
+        "coordinator",
+        dir.path(),
+        &["coordinator", "--config", config.to_str().unwrap()],
+        &[],
+    );
+    fleet_ready(
+        operator_addr,
+        &certs,
+        &["web-1"],
+        dir.path(),
+        Duration::from_secs(30),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_of_processes_attaches_loses_an_agent_and_gets_it_back() {
     let dir = tempfile::tempdir().unwrap();

@@ -70,6 +70,11 @@ pub struct ReconnectConfig {
     pub initial: Duration,
     #[serde(with = "humantime_serde", default = "default_max")]
     pub max: Duration,
+    /// From dialing the coordinator to its welcome: an attempt that takes longer is given up
+    /// and retried (a peer that accepts connections but never answers, such as a load balancer
+    /// in front of a stopped coordinator, would otherwise hold the agent forever).
+    #[serde(with = "humantime_serde", default = "default_attach_timeout")]
+    pub attach_timeout: Duration,
 }
 
 fn default_initial() -> Duration {
@@ -80,11 +85,16 @@ fn default_max() -> Duration {
     Duration::from_secs(10)
 }
 
+fn default_attach_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
 impl Default for ReconnectConfig {
     fn default() -> Self {
         ReconnectConfig {
             initial: default_initial(),
             max: default_max(),
+            attach_timeout: default_attach_timeout(),
         }
     }
 }
@@ -144,6 +154,13 @@ pub fn load(file: &Path) -> Result<(Settings, TelemetryConfig)> {
             file,
             "reconnect.initial must be positive and no larger than reconnect.max",
             "e.g. initial = \"200ms\", max = \"10s\""
+        ));
+    }
+    if config.reconnect.attach_timeout.is_zero() {
+        bail!(ConfigError::new(
+            file,
+            "reconnect.attach_timeout must be positive",
+            "e.g. attach_timeout = \"30s\" (from dialing the coordinator to its welcome)"
         ));
     }
     let read = |key: &str, path: &Path| -> Result<Vec<u8>> {

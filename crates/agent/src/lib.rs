@@ -186,8 +186,15 @@ impl Agent {
         }
     }
 
-    /// One connection: hello, welcome, then heartbeats and commands until the stream ends.
-    async fn session(&self, cancel: &CancellationToken) -> Result<()> {
+    /// Dials the coordinator, says hello and waits for its welcome.
+    async fn attach(
+        &self,
+    ) -> Result<(
+        AgentServiceClient<tonic::transport::Channel>,
+        mpsc::Sender<pb::AgentMessage>,
+        tonic::Streaming<pb::CoordinatorMessage>,
+        api::model::Welcome,
+    )> {
         let channel = self.endpoint.connect().await.map_err(|e| {
             anyhow!(
                 "connect to {}: {}",
@@ -224,6 +231,22 @@ impl Agent {
             Ok(None) => bail!("coordinator closed the stream before its welcome"),
             Err(status) => bail!("coordinator refused attach: {}", status.message()),
         };
+        Ok((client, out_tx, inbound, welcome))
+    }
+
+    /// One connection: hello, welcome, then heartbeats and commands until the stream ends.
+    async fn session(&self, cancel: &CancellationToken) -> Result<()> {
+        let limit = self.settings.reconnect.attach_timeout;
+        let (_client, out_tx, mut inbound, welcome) =
+            match tokio::time::timeout(limit, self.attach()).await {
+                Ok(attached) => attached?,
+                Err(_) => bail!(
+                    "no welcome from the coordinator within {} (reconnect.attach_timeout): \
+                     something accepts connections at this address but does not answer as \
+                     the coordinator",
+                    humantime::format_duration(limit)
+                ),
+            };
         if !self.executor.observe_epoch(welcome.epoch)? {
             tracing::error!(
                 epoch = %welcome.epoch,
