@@ -59,8 +59,15 @@ fn the_demo_passes_reports_its_numbers_and_cleans_up() {
     let counts = &report["counts"];
     let point = counts["point"].as_object().unwrap();
     assert!(point["sessions"].as_i64().unwrap() >= 12, "{counts}");
-    // Verification counted exactly the point's rows after the restore.
+    // Verification counted exactly the point's rows after the restore, BYOK metadata and
+    // billing state among them (the runbook's step 7).
     assert_eq!(counts["after"], counts["point"], "{counts}");
+    assert!(point["byok_secrets"].as_i64().unwrap() > 0, "{counts}");
+    assert!(
+        point.keys().any(|k| k.starts_with("subscriptions[status=")),
+        "{counts}"
+    );
+    assert!(point.contains_key("usage_events"), "{counts}");
     // The disaster deleted the projections (a worker may have rebuilt one since).
     assert!(
         counts["before"]["session_projections"].as_i64().unwrap()

@@ -211,6 +211,8 @@ fn the_postgres_forms_of_the_contract_work_as_written() {
              CREATE TABLE session_projections (id int); CREATE TABLE artifact_index (id int);
              CREATE TABLE workflows (id int); CREATE TABLE channel_bindings (id int);
              CREATE TABLE channel_deliveries (id int, status text);
+             CREATE TABLE byok_secrets (id int); CREATE TABLE usage_events (id int);
+             CREATE TABLE subscriptions (id int, status text);
              INSERT INTO sessions SELECT generate_series(1, 25);
              INSERT INTO channel_deliveries VALUES (1, 'sent'), (2, 'pending');",
         )

@@ -110,8 +110,10 @@ impl CountSpec {
         }
     }
 
-    /// The runbook's drill-report counts for cowork-sim: sessions, events, projections,
-    /// artifacts, workflows, channel bindings, and deliveries by status.
+    /// The runbook's counts for cowork-sim: the drill report's (sessions, events, projections,
+    /// artifacts, workflows, channel bindings, deliveries by status), and the rest of what its
+    /// step 7 verifies: BYOK metadata (`byok_secrets`) and billing state (subscriptions by
+    /// status, usage events).
     pub fn cowork_defaults() -> Vec<CountSpec> {
         vec![
             CountSpec::table("sessions"),
@@ -121,6 +123,9 @@ impl CountSpec {
             CountSpec::table("workflows"),
             CountSpec::table("channel_bindings"),
             CountSpec::grouped("channel_deliveries", "status"),
+            CountSpec::table("byok_secrets"),
+            CountSpec::grouped("subscriptions", "status"),
+            CountSpec::table("usage_events"),
         ]
     }
 }
