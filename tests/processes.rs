@@ -57,9 +57,10 @@ fn agent_state(json: &serde_json::Value, name: &str) -> Option<(String, bool)> {
 
 /// Something that accepts connections at the coordinator's address but never answers (a load
 /// balancer in front of a stopped coordinator, a hung process): the agent gives each attempt
-/// `reconnect.attach_timeout`, retries, and attaches once a coordinator answers there.
+/// `reconnect.attach_timeout`, retries, and attaches once a coordinator answers there; an
+/// operator command gives up with one line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_gives_up_on_a_silent_peer_and_attaches_when_the_coordinator_answers() {
+async fn agents_and_the_cli_give_up_on_a_silent_peer_and_attach_when_the_coordinator_answers() {
     let dir = tempfile::tempdir().unwrap();
     let certs = certs_init(dir.path(), &["web-1:web"]);
     let (agents_addr, operator_addr) = (free_addr(), free_addr());
@@ -96,6 +97,20 @@ async fn an_agent_gives_up_on_a_silent_peer_and_attaches_when_the_coordinator_an
         held.len() >= 2,
         "one connection per attempt: {}",
         held.len()
+    );
+    // An operator command against it ends with one line instead of hanging.
+    let out = rollcall(&[
+        "agents",
+        "--coordinator",
+        &format!("https://{agents_addr}"),
+        "--certs",
+        certs.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no answer within 10s; something accepts connections there"),
+        "{stderr}"
     );
 
     // The coordinator comes up at that address: the agent attaches on its next attempt.

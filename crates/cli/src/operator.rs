@@ -2,6 +2,7 @@
 //! operator certificate or a bearer token, and the commands that use it.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use api::model::{AgentStatus, Availability};
@@ -61,6 +62,12 @@ fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
     })
 }
 
+/// TCP connect to the coordinator.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// From dialing to a usable connection (TCP, TLS and HTTP/2 handshakes).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+
 impl Connection {
     pub async fn connect(&self) -> Result<Client> {
         let url = self.coordinator.trim_end_matches('/').to_owned();
@@ -98,18 +105,31 @@ impl Connection {
                 ));
             }
         }
-        let channel = Endpoint::from_shared(url.clone())
+        let endpoint = Endpoint::from_shared(url.clone())
             .with_context(|| format!("--coordinator {url:?} is not a valid URL"))?
             .tls_config(tls)?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| {
+            .connect_timeout(CONNECT_TIMEOUT)
+            // A watch or a waiting backup notices a coordinator that went silent.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_while_idle(true);
+        // The TLS and HTTP/2 handshakes too: something that accepts connections but never
+        // answers (a load balancer in front of a stopped coordinator) must not hang the CLI.
+        let channel = match tokio::time::timeout(HANDSHAKE_TIMEOUT, endpoint.connect()).await {
+            Ok(connected) => connected.map_err(|e| {
                 anyhow!(
                     "connect to coordinator at {url}: {}; is it running, and is the URL right?",
                     api::errors::one_line(&e)
                 )
-            })?;
+            })?,
+            Err(_) => {
+                return Err(anyhow!(
+                    "connect to coordinator at {url}: no answer within {}s; something accepts \
+                     connections there but does not answer as the coordinator (is it running, \
+                     and is the URL right?)",
+                    HANDSHAKE_TIMEOUT.as_secs()
+                ));
+            }
+        };
         let header = match token {
             Some(token) => Some(
                 format!("Bearer {token}")
