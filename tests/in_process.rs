@@ -301,6 +301,17 @@ async fn raw_attach(
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
 }
 
+/// Opens an attach stream (with no hello) over `endpoint`.
+async fn attach_on(endpoint: Endpoint) -> Result<(), String> {
+    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let (_tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(1);
+    AgentServiceClient::new(channel)
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map(drop)
+        .map_err(|s| s.to_string())
+}
+
 /// How long a client refused in the TLS handshake may wait to hear of it.
 const REFUSED: Duration = Duration::from_secs(10);
 
@@ -412,15 +423,7 @@ async fn the_coordinator_refuses_wrong_identities_and_plaintext() {
         coord.handle.agents_addr.port()
     ))
     .unwrap();
-    let attached = refused(async {
-        let channel = plain.connect().await.map_err(|e| e.to_string())?;
-        let (_tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(1);
-        AgentServiceClient::new(channel)
-            .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(|s| s.to_string())
-    })
-    .await;
+    let attached = refused(attach_on(plain)).await;
     assert!(attached.is_none(), "plaintext must not attach");
     eventually("plaintext counted", Duration::from_secs(5), async || {
         (handle.agent_rejections.get(RejectReason::Plaintext) >= 1).then_some(())
@@ -440,15 +443,7 @@ async fn the_coordinator_refuses_wrong_identities_and_plaintext() {
         .unwrap()
         .tls_config(tls)
         .unwrap();
-    let attached = refused(async {
-        let channel = anonymous.connect().await.map_err(|e| e.to_string())?;
-        let (_tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(1);
-        AgentServiceClient::new(channel)
-            .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(|s| s.to_string())
-    })
-    .await;
+    let attached = refused(attach_on(anonymous)).await;
     assert!(attached.is_none(), "no certificate must not attach");
     eventually(
         "missing certificate counted",

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -40,6 +41,17 @@ fn spawn_rollcall(name: &str, dir: &Path, args: &[&str], env: &[(&str, &str)]) -
         cmd.env(k, v);
     }
     Proc::spawn(name, dir, cmd)
+}
+
+/// A coordinator process on the harness's plain config, listening at `agents` and `operator`.
+fn start_coordinator(dir: &Path, certs: &Path, agents: SocketAddr, operator: SocketAddr) -> Proc {
+    let config = write_coordinator_config(dir, certs, agents, operator, "");
+    spawn_rollcall(
+        "coordinator",
+        dir,
+        &["coordinator", "--config", config.to_str().unwrap()],
+        &[],
+    )
 }
 
 fn agent_state(json: &serde_json::Value, name: &str) -> Option<(String, bool)> {
@@ -115,13 +127,7 @@ async fn agents_and_the_cli_give_up_on_a_silent_peer_and_attach_when_the_coordin
 
     // The coordinator comes up at that address: the agent attaches on its next attempt.
     drop((silent, held));
-    let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, "");
-    let _coordinator = spawn_rollcall(
-        "coordinator",
-        dir.path(),
-        &["coordinator", "--config", config.to_str().unwrap()],
-        &[],
-    );
+    let _coordinator = start_coordinator(dir.path(), &certs, agents_addr, operator_addr);
     fleet_ready(
         operator_addr,
         &certs,
@@ -140,13 +146,7 @@ async fn a_fleet_of_processes_attaches_loses_an_agent_and_gets_it_back() {
         &["web-1:web", "worker-1:worker", "db-1:database"],
     );
     let (agents_addr, operator_addr) = (free_addr(), free_addr());
-    let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, "");
-    let _coordinator = spawn_rollcall(
-        "coordinator",
-        dir.path(),
-        &["coordinator", "--config", config.to_str().unwrap()],
-        &[],
-    );
+    let _coordinator = start_coordinator(dir.path(), &certs, agents_addr, operator_addr);
 
     let roles = [
         ("web-1", "web"),
@@ -259,13 +259,7 @@ async fn operator_commands_without_credentials_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let certs = certs_init(dir.path(), &[]);
     let (agents_addr, operator_addr) = (free_addr(), free_addr());
-    let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, "");
-    let _coordinator = spawn_rollcall(
-        "coordinator",
-        dir.path(),
-        &["coordinator", "--config", config.to_str().unwrap()],
-        &[],
-    );
+    let _coordinator = start_coordinator(dir.path(), &certs, agents_addr, operator_addr);
     eventually(
         "coordinator listening",
         Duration::from_secs(20),
