@@ -445,6 +445,10 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
     std::fs::remove_file(objects.join(&artifact)).unwrap();
     std::fs::create_dir_all(objects.join("junk")).unwrap();
     std::fs::write(objects.join("junk/extra.bin"), b"not in the point").unwrap();
+    // And a column shipped after the point (the runbook: a rollback must not drop it silently).
+    cluster
+        .psql("cowork", "ALTER TABLE sessions ADD COLUMN triage_note text")
+        .unwrap();
 
     // Bad input first: an unknown point changes nothing.
     let unknown = run(&[
@@ -546,6 +550,32 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
         .find(|c| c["action"] == "restore-postgres")
         .unwrap();
     assert_eq!(restore["outcome"], "succeeded");
+    // Preflight named the column the restore rolls back: a warning and a follow-up, not a block.
+    let report = run(&["report", &drill_id, "--format", "json"]);
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    let schema = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "schema")
+        .unwrap_or_else(|| panic!("no schema check: {report}"));
+    assert_eq!(
+        (&schema["phase"], &schema["required"], &schema["passed"]),
+        (&"preflight".into(), &false.into(), &false.into()),
+        "{schema}"
+    );
+    assert!(
+        schema["detail"]
+            .as_str()
+            .unwrap()
+            .contains("public.sessions.triage_note"),
+        "{schema}"
+    );
+    assert!(
+        report["follow_ups"].to_string().contains("triage_note"),
+        "{}",
+        report["follow_ups"]
+    );
     let verified: Vec<&serde_json::Value> = show["commands"]
         .as_array()
         .unwrap()

@@ -215,11 +215,23 @@ impl DataPlane {
                 report.problems.join("; ")
             );
         }
-        let live_counts = match &self.postgres {
-            Some(pg) => Some(count_tables(&pg.url()?, &pg.counts).await?),
-            None => None,
+        let (live_counts, checks) = match &self.postgres {
+            Some(pg) => {
+                let url = pg.url()?;
+                let counts = count_tables(&url, &pg.counts).await?;
+                let point = repo.read_point(&id).await?;
+                let columns = point.postgres.as_ref().map(|p| &p.columns);
+                let checks = match columns {
+                    Some(at_point) if !at_point.is_empty() => {
+                        vec![schema_check(at_point, &live_columns(&url).await?)]
+                    }
+                    _ => Vec::new(),
+                };
+                (Some(counts), checks)
+            }
+            None => (None, Vec::new()),
         };
-        Ok(json!({ "verify": report, "live_counts": live_counts }))
+        Ok(json!({ "verify": report, "live_counts": live_counts, "checks": checks }))
     }
 
     /// Restores the point's dump into `<db>_restore_<run>`, then swaps it in: the live
@@ -854,6 +866,66 @@ async fn allow_connections(conn: &mut sqlx::PgConnection, db: &str, allow: bool)
 }
 
 /// Counts rows of the configured tables in the live database, keyed as a point's counts.
+/// Tables and columns, as [`repository::table_columns`] reads them.
+type Columns = std::collections::BTreeMap<String, Vec<String>>;
+
+async fn live_columns(url: &str) -> Result<Columns> {
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .with_context(|| format!("connect to {}", repository::redact_url(url)))?;
+    repository::table_columns(&mut conn)
+        .await
+        .with_context(|| format!("read the schema of {}", repository::redact_url(url)))
+}
+
+/// The runbook's recovery boundary "do not drop additive schema columns as part of rollback":
+/// tables and columns the live database has and the point does not are what a restore would
+/// roll back. Optional: a restore to a point before a migration is sometimes the intent, and
+/// the fix is the application's migrations afterwards, so it is a warning and a follow-up.
+fn schema_check(at_point: &Columns, live: &Columns) -> Check {
+    let mut newer = Vec::new();
+    for (table, columns) in live {
+        match at_point.get(table) {
+            None => newer.push(format!("table {table}")),
+            Some(known) => newer.extend(
+                columns
+                    .iter()
+                    .filter(|c| !known.contains(c))
+                    .map(|c| format!("{table}.{c}")),
+            ),
+        }
+    }
+    let detail = if newer.is_empty() {
+        format!(
+            "the live schema has no table or column the point lacks ({} tables)",
+            live.len()
+        )
+    } else {
+        let shown = newer
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        let more = match newer.len() {
+            n if n > 10 => format!(" and {} more", n - 10),
+            _ => String::new(),
+        };
+        format!(
+            "the live database has what the point lacks: {shown}{more}; the restore rolls \
+             the schema back to the point's. Run the application's migrations after it (a \
+             forward fix); never drop or re-add them by hand"
+        )
+    };
+    Check {
+        name: "schema not rolled back".into(),
+        kind: "schema".into(),
+        required: false,
+        passed: newer.is_empty(),
+        detail,
+    }
+}
+
 async fn count_tables(
     url: &str,
     specs: &[CountSpec],
@@ -871,6 +943,36 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn the_schema_check_names_what_a_restore_rolls_back() {
+        let cols = |pairs: &[(&str, &[&str])]| -> Columns {
+            pairs
+                .iter()
+                .map(|(t, c)| (t.to_string(), c.iter().map(|s| s.to_string()).collect()))
+                .collect()
+        };
+        let point = cols(&[("public.sessions", &["id", "title"])]);
+        let same = schema_check(&point, &point);
+        assert!(same.passed && !same.required, "{same:?}");
+        // A column dropped since the point comes back with it: nothing is rolled back.
+        let fewer = schema_check(&point, &cols(&[("public.sessions", &["id"])]));
+        assert!(fewer.passed, "{fewer:?}");
+        let newer = schema_check(
+            &point,
+            &cols(&[
+                ("public.sessions", &["id", "title", "note"]),
+                ("public.audit", &["id"]),
+            ]),
+        );
+        assert!(!newer.passed, "{newer:?}");
+        assert!(
+            newer
+                .detail
+                .starts_with("the live database has what the point lacks: table public.audit, public.sessions.note;"),
+            "{newer:?}"
+        );
+    }
 
     #[test]
     fn database_urls_split_and_run_tags_are_short() {

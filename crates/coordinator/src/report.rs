@@ -914,23 +914,6 @@ fn check_rows(exec: &Exec<'_>, phase: &str, agent: &str, required: bool) -> Vec<
             "the agent never answered".to_owned(),
         )];
     };
-    if action == "preflight" {
-        let verify = exec.output().and_then(|o| o.get("verify"));
-        let number = |k: &str| verify.and_then(|v| v.get(k)).and_then(Value::as_u64);
-        let detail = match (number("dump_bytes"), number("objects_checked")) {
-            (Some(bytes), Some(objects)) if exec.succeeded() => format!(
-                "dump checksum verified over {bytes} bytes; {objects} snapshot objects present"
-            ),
-            _ => r(&result.detail),
-        };
-        return vec![row(
-            "recovery point verification".to_owned(),
-            "preflight".to_owned(),
-            required,
-            Some(exec.succeeded()),
-            detail,
-        )];
-    }
     let listed: Vec<CheckRow> = exec
         .output()
         .and_then(|o| o.get("checks"))
@@ -951,6 +934,26 @@ fn check_rows(exec: &Exec<'_>, phase: &str, agent: &str, required: bool) -> Vec<
             )
         })
         .collect();
+    if action == "preflight" {
+        let verify = exec.output().and_then(|o| o.get("verify"));
+        let number = |k: &str| verify.and_then(|v| v.get(k)).and_then(Value::as_u64);
+        let detail = match (number("dump_bytes"), number("objects_checked")) {
+            (Some(bytes), Some(objects)) if exec.succeeded() => format!(
+                "dump checksum verified over {bytes} bytes; {objects} snapshot objects present"
+            ),
+            _ => r(&result.detail),
+        };
+        // The point's verification, then what the agent checked beside it (the schema).
+        let mut rows = vec![row(
+            "recovery point verification".to_owned(),
+            "preflight".to_owned(),
+            required,
+            Some(exec.succeeded()),
+            detail,
+        )];
+        rows.extend(listed);
+        return rows;
+    }
     if listed.is_empty() {
         let detail = if result.detail.is_empty() {
             result.outcome.clone()
@@ -1693,6 +1696,7 @@ mod tests {
                 started_at: at(7, 30, 0),
                 finished_at: at(7, 30, 40),
                 table_counts: counts,
+                columns: Default::default(),
             }),
             objects: Some(ObjectSnapshotPart {
                 snapshot_id: SnapshotId::parse("20261125T073000Z-3f2a9c01").unwrap(),

@@ -232,6 +232,11 @@ pub struct PgBackupPart {
     pub finished_at: DateTime<Utc>,
     /// Row counts in the dump's snapshot, keyed by [`CountSpec::name`].
     pub table_counts: BTreeMap<String, i64>,
+    /// The columns of every table in the dump's snapshot, `schema.table` → column names (empty
+    /// for points taken before it was recorded). A restore's preflight compares the live
+    /// database with it: what the live schema has and the point lacks, a restore rolls back.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub columns: BTreeMap<String, Vec<String>>,
 }
 
 /// One custom-format archive of a parallel dump.
@@ -464,12 +469,19 @@ pub async fn backup_postgres(repo: &Repository, options: &PgBackupOptions) -> Re
             }
         }
     }
+    let mut columns = BTreeMap::new();
     let failure = match (failure, counted) {
         (Some(e), _) => Some(e),
         (None, Err(e)) => Some(e.context(format!("count tables of {}", db.display))),
         (None, Ok(counts)) => {
             table_counts = counts;
-            None
+            match table_columns(&mut conn).await {
+                Ok(found) => {
+                    columns = found;
+                    None
+                }
+                Err(e) => Some(e.context(format!("list the columns of {}", db.display))),
+            }
         }
     };
     if let Some(e) = failure {
@@ -497,6 +509,7 @@ pub async fn backup_postgres(repo: &Repository, options: &PgBackupOptions) -> Re
         started_at,
         finished_at: Utc::now(),
         table_counts,
+        columns,
     })
 }
 
@@ -771,6 +784,33 @@ async fn count_tables(
         .await
         .context("disable parallel workers for the counts")?;
     count_rows(conn, specs).await
+}
+
+/// The columns of every ordinary and partitioned table outside the system schemas, as
+/// `schema.table` → column names in their order. Read in the dump's snapshot at backup, and
+/// from the live database at a restore's preflight, so the two compare.
+pub async fn table_columns(conn: &mut PgConnection) -> Result<BTreeMap<String, Vec<String>>> {
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT n.nspname::text, c.relname::text, a.attname::text
+           FROM pg_attribute a
+           JOIN pg_class c ON c.oid = a.attrelid
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped
+            AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+            AND n.nspname NOT LIKE 'pg\\_%'
+          ORDER BY 1, 2, a.attnum",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .context("read the tables' columns from pg_attribute")?;
+    let mut columns: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (schema, table, column) in rows {
+        columns
+            .entry(format!("{schema}.{table}"))
+            .or_default()
+            .push(column);
+    }
+    Ok(columns)
 }
 
 /// Counts the rows of the tables of `specs` on `conn`, keyed as a point records them: the

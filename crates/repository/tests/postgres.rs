@@ -444,6 +444,7 @@ async fn a_single_archive_point_still_restores() {
                 started_at: chrono::Utc::now(),
                 finished_at: chrono::Utc::now(),
                 table_counts: counts,
+                columns: Default::default(),
             }),
             objects: None,
             secrets: vec![],
