@@ -787,20 +787,50 @@ async fn failed_checks_block_the_drill_and_name_what_failed() {
     );
     let token_file = f.dir.path().join("operator-token");
     std::fs::write(&token_file, &wrong).unwrap();
+    // 0. And the database is gone (moved away here, to bring it back below): preflight says
+    //    how to go on, before anything is frozen.
+    let moved = (0..20).any(|_| {
+        f.cluster
+            .psql(
+                "postgres",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'cowork'; \
+                 ALTER DATABASE cowork RENAME TO cowork_away",
+            )
+            .is_ok()
+    });
+    assert!(moved, "could not move the live database away");
     let (ok, text) = keep(&run(&[
         "drill", "--env", "test", "--point", &point_id, "--watch",
     ]));
     assert!(!ok, "{text}");
     assert!(
-        text.contains("is blocked")
-            && text.contains("phase verify did not pass")
-            && text.contains("operator diagnostics")
-            && text.contains("answered 401"),
+        text.contains("phase preflight did not pass")
+            && text
+                .contains("does not exist. If it was lost, create it empty (createdb) and retry")
+            && text.contains("traffic was not frozen"),
         "{text}"
     );
     let runs = run(&["runs", "--json"]);
     let runs: serde_json::Value = serde_json::from_slice(&runs.stdout).unwrap();
     let drill = runs[0]["id"].as_str().unwrap().to_owned();
+    // Back, but without one of its counted tables: the retried preflight notes the table it
+    // could not count and lets the restore bring it back; verify stops at the wrong token.
+    f.cluster
+        .psql("postgres", "ALTER DATABASE cowork_away RENAME TO cowork")
+        .unwrap();
+    f.cluster.psql("cowork", "DROP TABLE usage_events").unwrap();
+    let (ok, text) = keep(&run(&["run", "retry", &drill]));
+    assert!(ok, "{text}");
+    let (ok, text) = keep(&run(&["run", "watch", &drill]));
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("is blocked")
+            && text.contains("phase restore-postgres passed")
+            && text.contains("phase verify did not pass")
+            && text.contains("operator diagnostics")
+            && text.contains("answered 401"),
+        "{text}"
+    );
     assert!(
         maintenance(f.web_addr, &f.operator_token)
             .await
@@ -882,6 +912,21 @@ async fn failed_checks_block_the_drill_and_name_what_failed() {
         .find(|c| c["kind"] == "reference")
         .unwrap_or_else(|| panic!("no reference check in {report}"));
     assert_eq!(reference["passed"], true, "{reference}");
+    let absent = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "counted tables present")
+        .unwrap_or_else(|| panic!("no check of the counted tables in {report}"));
+    assert!(
+        absent["passed"] == false
+            && absent["required"] == false
+            && absent["detail"]
+                .as_str()
+                .unwrap()
+                .starts_with("the live database lacks usage_events: no count before"),
+        "{absent}"
+    );
     assert!(
         reference["detail"]
             .as_str()

@@ -217,16 +217,9 @@ impl DataPlane {
         }
         let (live_counts, checks) = match &self.postgres {
             Some(pg) => {
-                let url = pg.url()?;
-                let counts = count_tables(&url, &pg.counts).await?;
                 let point = repo.read_point(&id).await?;
-                let columns = point.postgres.as_ref().map(|p| &p.columns);
-                let checks = match columns {
-                    Some(at_point) if !at_point.is_empty() => {
-                        vec![schema_check(at_point, &live_columns(&url).await?)]
-                    }
-                    _ => Vec::new(),
-                };
+                let at_point = point.postgres.as_ref().map(|p| &p.columns);
+                let (counts, checks) = live_state(&pg.url()?, &pg.counts, at_point).await?;
                 (Some(counts), checks)
             }
             None => (None, Vec::new()),
@@ -869,13 +862,57 @@ async fn allow_connections(conn: &mut sqlx::PgConnection, db: &str, allow: bool)
 /// Tables and columns, as [`repository::table_columns`] reads them.
 type Columns = std::collections::BTreeMap<String, Vec<String>>;
 
-async fn live_columns(url: &str) -> Result<Columns> {
-    let mut conn = sqlx::PgConnection::connect(url)
+/// What preflight reads from the live database before anything is frozen: the counts of the
+/// tables it still has (the report's "before"), and the checks on what a disaster left: tables
+/// gone (no count; the restore brings them back) and the schema against the point's.
+async fn live_state(
+    url: &str,
+    specs: &[CountSpec],
+    at_point: Option<&Columns>,
+) -> Result<(std::collections::BTreeMap<String, i64>, Vec<Check>)> {
+    let shown = repository::redact_url(url);
+    let mut conn = match sqlx::PgConnection::connect(url).await {
+        Ok(conn) => conn,
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => bail!(
+            "the live database of {shown} does not exist. If it was lost, create it empty \
+             (createdb) and retry the run: the restore replaces it and keeps the empty one \
+             under the pre-restore name; otherwise check [postgres] url"
+        ),
+        Err(e) => return Err(e).with_context(|| format!("connect to {shown}")),
+    };
+    let missing = repository::missing_tables(&mut conn, specs)
         .await
-        .with_context(|| format!("connect to {}", repository::redact_url(url)))?;
-    repository::table_columns(&mut conn)
+        .with_context(|| format!("look up the counted tables in {shown}"))?;
+    let present: Vec<CountSpec> = specs
+        .iter()
+        .filter(|s| !missing.contains(&s.table))
+        .cloned()
+        .collect();
+    let counts = repository::count_rows(&mut conn, &present)
         .await
-        .with_context(|| format!("read the schema of {}", repository::redact_url(url)))
+        .with_context(|| format!("count tables in {shown}"))?;
+    let mut checks = Vec::new();
+    if !missing.is_empty() {
+        checks.push(Check {
+            name: "counted tables present".into(),
+            kind: "preflight".into(),
+            required: false,
+            passed: false,
+            detail: format!(
+                "the live database lacks {}: no count before the restore, which brings back \
+                 the point's",
+                missing.join(", ")
+            ),
+        });
+    }
+    if let Some(at_point) = at_point.filter(|c| !c.is_empty()) {
+        let live = repository::table_columns(&mut conn)
+            .await
+            .with_context(|| format!("read the schema of {shown}"))?;
+        checks.push(schema_check(at_point, &live));
+    }
+    let _ = conn.close().await;
+    Ok((counts, checks))
 }
 
 /// The runbook's recovery boundary "do not drop additive schema columns as part of rollback":

@@ -34,7 +34,7 @@ pub use point::{DamagedPoint, NewPoint, Point, PointListing};
 pub use postgres::{
     Compression, CountSpec, DumpContent, DumpFile, PgBackupOptions, PgBackupPart, PgProgress,
     PgProgressFn, PgRestoreOptions, PgRestoreReport, backup_postgres, count_rows,
-    default_restore_jobs, fetch_dump, restore_postgres, table_columns,
+    default_restore_jobs, fetch_dump, missing_tables, restore_postgres, table_columns,
 };
 pub use prune::{KeepReason, KeptPoint, PruneOptions, PruneReport};
 pub use repo::{RepoError, Repository, RepositoryOptions};

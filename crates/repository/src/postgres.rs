@@ -786,6 +786,22 @@ async fn count_tables(
     count_rows(conn, specs).await
 }
 
+/// The tables of `specs` that do not exist on `conn` (as `CountSpec::table` names them).
+pub async fn missing_tables(conn: &mut PgConnection, specs: &[CountSpec]) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for spec in specs {
+        let found: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(quote_qualified(&spec.table))
+            .fetch_one(&mut *conn)
+            .await
+            .with_context(|| format!("look up table {}", spec.table))?;
+        if !found && !missing.contains(&spec.table) {
+            missing.push(spec.table.clone());
+        }
+    }
+    Ok(missing)
+}
+
 /// The columns of every ordinary and partitioned table outside the system schemas, as
 /// `schema.table` → column names in their order. Read in the dump's snapshot at backup, and
 /// from the live database at a restore's preflight, so the two compare.
