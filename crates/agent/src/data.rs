@@ -858,7 +858,6 @@ async fn allow_connections(conn: &mut sqlx::PgConnection, db: &str, allow: bool)
     Ok(())
 }
 
-/// Counts rows of the configured tables in the live database, keyed as a point's counts.
 /// Tables and columns, as [`repository::table_columns`] reads them.
 type Columns = std::collections::BTreeMap<String, Vec<String>>;
 
@@ -963,6 +962,7 @@ fn schema_check(at_point: &Columns, live: &Columns) -> Check {
     }
 }
 
+/// Counts rows of the configured tables in the live database, keyed as a point's counts.
 async fn count_tables(
     url: &str,
     specs: &[CountSpec],
