@@ -807,7 +807,7 @@ async fn failed_checks_block_the_drill_and_name_what_failed() {
         text.contains("phase preflight did not pass")
             && text
                 .contains("does not exist. If it was lost, create it empty (createdb) and retry")
-            && text.contains("traffic was not frozen"),
+            && text.contains("traffic was not frozen — fix the cause, then `rollcall run retry"),
         "{text}"
     );
     let runs = run(&["runs", "--json"]);

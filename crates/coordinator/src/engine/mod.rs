@@ -740,9 +740,30 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                         .and_then(|p| p.detail.clone())
                         .unwrap_or_default();
                     let frozen = freeze_note(&plan, &journal);
+                    // An agent keeps the result of a command it ran: `resume` re-sends the
+                    // phase's commands and gets a failure back as it was. After fixing what
+                    // made a command fail, the phase must run as a new attempt (`retry`).
+                    let attempt = journal
+                        .iter()
+                        .find(|p| p.index as usize == phase)
+                        .map(|p| p.attempt);
+                    let failed = self.store.commands(id).await?.iter().any(|(c, r)| {
+                        c.phase_index as usize == phase
+                            && Some(c.attempt) == attempt
+                            && r.as_ref().is_some_and(|r| r.outcome == "failed")
+                    });
+                    let next = if failed {
+                        format!(
+                            "fix the cause, then `rollcall run retry {id}` (its failed commands \
+                             run again; `resume` would replay their results), or `abort`"
+                        )
+                    } else {
+                        format!(
+                            "fix the cause, then `rollcall run resume {id}` (or `retry`, or `abort`)"
+                        )
+                    };
                     let reason = format!(
-                        "phase {} did not pass: {detail}{frozen} — fix the cause, then \
-                         `rollcall run resume {id}` (or `retry`, or `abort`)",
+                        "phase {} did not pass: {detail}{frozen} — {next}",
                         plan.phases[phase].name
                     );
                     self.store
