@@ -122,6 +122,20 @@ async fn maintenance(web: SocketAddr, token: &str) -> String {
     body
 }
 
+/// The check of a drill report (`rollcall report ID --format json`) whose `key` is `value`.
+fn report_check<'a>(
+    report: &'a serde_json::Value,
+    key: &str,
+    value: &str,
+) -> &'a serde_json::Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c[key] == value)
+        .unwrap_or_else(|| panic!("no check with {key} {value:?} in {report}"))
+}
+
 /// The fleet the restore tests share: Postgres with cowork-sim data, a file:// object store
 /// and repository, the coordinator and four agents as real processes.
 struct Fleet {
@@ -553,12 +567,7 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
     // Preflight named the column the restore rolls back: a warning and a follow-up, not a block.
     let report = run(&["report", &drill_id, "--format", "json"]);
     let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
-    let schema = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["kind"] == "schema")
-        .unwrap_or_else(|| panic!("no schema check: {report}"));
+    let schema = report_check(&report, "kind", "schema");
     assert_eq!(
         (&schema["phase"], &schema["required"], &schema["passed"]),
         (&"preflight".into(), &false.into(), &false.into()),
@@ -905,19 +914,9 @@ async fn failed_checks_block_the_drill_and_name_what_failed() {
     let (ok, text) = keep(&report);
     assert!(ok, "{text}");
     let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
-    let reference = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["kind"] == "reference")
-        .unwrap_or_else(|| panic!("no reference check in {report}"));
+    let reference = report_check(&report, "kind", "reference");
     assert_eq!(reference["passed"], true, "{reference}");
-    let absent = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "counted tables present")
-        .unwrap_or_else(|| panic!("no check of the counted tables in {report}"));
+    let absent = report_check(&report, "name", "counted tables present");
     assert!(
         absent["passed"] == false
             && absent["required"] == false

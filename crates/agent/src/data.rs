@@ -16,7 +16,7 @@ use api::config::{ConfigError, resolve};
 use api::model::{ObjectReferences, RepositoryRef};
 use repository::{
     CountSpec, PgBackupOptions, PgRestoreOptions, PointId, Repository, RepositoryOptions,
-    RestoreObjectsOptions, S3Options, Shard, SnapshotOptions,
+    RestoreObjectsOptions, S3Options, Shard, SnapshotOptions, TableColumns,
 };
 use serde::Deserialize;
 
@@ -858,16 +858,13 @@ async fn allow_connections(conn: &mut sqlx::PgConnection, db: &str, allow: bool)
     Ok(())
 }
 
-/// Tables and columns, as [`repository::table_columns`] reads them.
-type Columns = std::collections::BTreeMap<String, Vec<String>>;
-
 /// What preflight reads from the live database before anything is frozen: the counts of the
 /// tables it still has (the report's "before"), and the checks on what a disaster left: tables
 /// gone (no count; the restore brings them back) and the schema against the point's.
 async fn live_state(
     url: &str,
     specs: &[CountSpec],
-    at_point: Option<&Columns>,
+    at_point: Option<&TableColumns>,
 ) -> Result<(std::collections::BTreeMap<String, i64>, Vec<Check>)> {
     let shown = repository::redact_url(url);
     let mut conn = match sqlx::PgConnection::connect(url).await {
@@ -918,7 +915,7 @@ async fn live_state(
 /// tables and columns the live database has and the point does not are what a restore would
 /// roll back. Optional: a restore to a point before a migration is sometimes the intent, and
 /// the fix is the application's migrations afterwards, so it is a warning and a follow-up.
-fn schema_check(at_point: &Columns, live: &Columns) -> Check {
+fn schema_check(at_point: &TableColumns, live: &TableColumns) -> Check {
     let mut newer = Vec::new();
     for (table, columns) in live {
         match at_point.get(table) {
@@ -983,7 +980,7 @@ mod tests {
 
     #[test]
     fn the_schema_check_names_what_a_restore_rolls_back() {
-        let cols = |pairs: &[(&str, &[&str])]| -> Columns {
+        let cols = |pairs: &[(&str, &[&str])]| -> TableColumns {
             pairs
                 .iter()
                 .map(|(t, c)| (t.to_string(), c.iter().map(|s| s.to_string()).collect()))

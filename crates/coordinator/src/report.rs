@@ -943,7 +943,8 @@ fn check_rows(exec: &Exec<'_>, phase: &str, agent: &str, required: bool) -> Vec<
             ),
             _ => r(&result.detail),
         };
-        // The point's verification, then what the agent checked beside it (the schema).
+        // The point's verification, then what the agent checked beside it (the counted
+        // tables present, the schema against the point's).
         let mut rows = vec![row(
             "recovery point verification".to_owned(),
             "preflight".to_owned(),

@@ -33,7 +33,7 @@ pub use layout::{PointId, SnapshotId, validate_environment};
 pub use point::{DamagedPoint, NewPoint, Point, PointListing};
 pub use postgres::{
     Compression, CountSpec, DumpContent, DumpFile, PgBackupOptions, PgBackupPart, PgProgress,
-    PgProgressFn, PgRestoreOptions, PgRestoreReport, backup_postgres, count_rows,
+    PgProgressFn, PgRestoreOptions, PgRestoreReport, TableColumns, backup_postgres, count_rows,
     default_restore_jobs, fetch_dump, missing_tables, restore_postgres, table_columns,
 };
 pub use prune::{KeepReason, KeptPoint, PruneOptions, PruneReport};

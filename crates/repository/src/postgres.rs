@@ -236,7 +236,7 @@ pub struct PgBackupPart {
     /// for points taken before it was recorded). A restore's preflight compares the live
     /// database with it: what the live schema has and the point lacks, a restore rolls back.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub columns: BTreeMap<String, Vec<String>>,
+    pub columns: TableColumns,
 }
 
 /// One custom-format archive of a parallel dump.
@@ -786,6 +786,9 @@ async fn count_tables(
     count_rows(conn, specs).await
 }
 
+/// Tables and their columns: `schema.table` → column names in their order.
+pub type TableColumns = BTreeMap<String, Vec<String>>;
+
 /// The tables of `specs` that do not exist on `conn` (as `CountSpec::table` names them).
 pub async fn missing_tables(conn: &mut PgConnection, specs: &[CountSpec]) -> Result<Vec<String>> {
     let mut missing = Vec::new();
@@ -805,7 +808,7 @@ pub async fn missing_tables(conn: &mut PgConnection, specs: &[CountSpec]) -> Res
 /// The columns of every ordinary and partitioned table outside the system schemas, as
 /// `schema.table` → column names in their order. Read in the dump's snapshot at backup, and
 /// from the live database at a restore's preflight, so the two compare.
-pub async fn table_columns(conn: &mut PgConnection) -> Result<BTreeMap<String, Vec<String>>> {
+pub async fn table_columns(conn: &mut PgConnection) -> Result<TableColumns> {
     let rows: Vec<(String, String, String)> = sqlx::query_as(
         "SELECT n.nspname::text, c.relname::text, a.attname::text
            FROM pg_attribute a
@@ -819,7 +822,7 @@ pub async fn table_columns(conn: &mut PgConnection) -> Result<BTreeMap<String, V
     .fetch_all(&mut *conn)
     .await
     .context("read the tables' columns from pg_attribute")?;
-    let mut columns: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut columns = TableColumns::new();
     for (schema, table, column) in rows {
         columns
             .entry(format!("{schema}.{table}"))

@@ -750,7 +750,8 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                     let failed = self.store.commands(id).await?.iter().any(|(c, r)| {
                         c.phase_index as usize == phase
                             && Some(c.attempt) == attempt
-                            && r.as_ref().is_some_and(|r| r.outcome == "failed")
+                            && r.as_ref()
+                                .is_some_and(|r| r.outcome == Outcome::Failed.as_str())
                     });
                     let next = if failed {
                         format!(
