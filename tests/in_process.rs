@@ -7,8 +7,8 @@
 use std::time::{Duration, SystemTime};
 
 use api::model::{
-    Action, AgentMessage, AgentName, Availability, CommandId, Environment, Hello, Outcome,
-    ResultDetail, Role, ScaleOutput, ScaleTarget,
+    Action, ActionKind, ActionOutput, AgentMessage, AgentName, Availability, CommandId,
+    Environment, Hello, Outcome, ResultDetail, Role, ScaleOutput, ScaleTarget,
 };
 use api::pb::agent::agent_service_client::AgentServiceClient;
 use api::pb::operator::operator_service_client::OperatorServiceClient;
@@ -607,7 +607,10 @@ async fn role_control_scales_and_freezes_through_the_link() {
         async move { link.send(&name("worker-1"), out).await.unwrap() }
     };
     let output = |r: &api::model::CommandResult| match &r.detail {
-        Some(ResultDetail::Output(v)) => serde_json::from_value::<ScaleOutput>(v.clone()).unwrap(),
+        Some(ResultDetail::Output(o)) => match ActionOutput::decode(ActionKind::Scale, o) {
+            Ok(ActionOutput::Scale(scaled)) => scaled,
+            other => panic!("not a scale output: {other:?}"),
+        },
         other => panic!("no scale output: {other:?} ({})", r.message),
     };
 

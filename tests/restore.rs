@@ -1049,21 +1049,19 @@ gate = "all"
 timeout = "1m"
 "#;
 
-/// The restore-objects output an agent recorded in its state directory (results are JSON
-/// files; the output may be nested as a JSON string).
-fn recorded_restore(state: &Path) -> Option<serde_json::Value> {
-    fn find(v: &serde_json::Value) -> Option<serde_json::Value> {
-        match v {
-            serde_json::Value::Object(m) if m.contains_key("shards") => Some(v.clone()),
-            serde_json::Value::Object(m) => m.values().find_map(find),
-            serde_json::Value::Array(a) => a.iter().find_map(find),
-            serde_json::Value::String(s) => serde_json::from_str(s).ok().as_ref().and_then(find),
+/// The restore-objects output an agent recorded in its state directory (one result per JSON
+/// file, as the agent replays them).
+fn recorded_restore(state: &Path) -> Option<api::model::output::RestoreObjectsOutput> {
+    use api::model::{ActionKind, ActionOutput, CommandResult, ResultDetail};
+    walk(&state.join("results")).iter().find_map(|file| {
+        let result: CommandResult = serde_json::from_slice(&std::fs::read(file).ok()?).ok()?;
+        let Some(ResultDetail::Output(output)) = result.detail else {
+            return None;
+        };
+        match ActionOutput::decode(ActionKind::RestoreObjects, &output) {
+            Ok(ActionOutput::RestoreObjects(restore)) => Some(restore),
             _ => None,
         }
-    }
-    walk(&state.join("results")).iter().find_map(|file| {
-        let text = std::fs::read_to_string(file).ok()?;
-        find(&serde_json::from_str(&text).ok()?)
     })
 }
 
@@ -1226,24 +1224,23 @@ async fn two_objects_agents_restore_a_point_in_two_shards() {
     assert_eq!(quarantined.len(), 6 + 5, "junk and overwritten, once each");
 
     // Each agent restored a different shard of 2; together every damaged object, once.
-    let results: Vec<serde_json::Value> = ["obj-1", "obj-2"]
+    let results: Vec<api::model::output::RestoreObjectsOutput> = ["obj-1", "obj-2"]
         .iter()
         .map(|n| {
             recorded_restore(&dir.path().join("state").join(n))
                 .unwrap_or_else(|| panic!("{n} recorded no restore-objects result"))
         })
         .collect();
-    let mut shards: Vec<(u64, u64)> = results
-        .iter()
-        .map(|r| (r["shard"].as_u64().unwrap(), r["shards"].as_u64().unwrap()))
-        .collect();
+    let mut shards: Vec<(u32, u32)> = results.iter().map(|r| (r.shard, r.shards)).collect();
     shards.sort();
     assert_eq!(shards, [(0, 2), (1, 2)], "{results:?}");
-    let sum = |k: &str| results.iter().map(|r| r[k].as_u64().unwrap()).sum::<u64>();
-    assert_eq!(sum("restored"), 15, "{results:?}");
-    assert_eq!(sum("replaced"), 5, "{results:?}");
-    assert_eq!(sum("removed"), 6, "{results:?}");
-    assert_eq!(sum("unchanged"), 45, "{results:?}");
+    let sum = |field: fn(&api::model::output::RestoreObjectsOutput) -> u64| {
+        results.iter().map(field).sum::<u64>()
+    };
+    assert_eq!(sum(|r| r.restored), 15, "{results:?}");
+    assert_eq!(sum(|r| r.replaced), 5, "{results:?}");
+    assert_eq!(sum(|r| r.removed), 6, "{results:?}");
+    assert_eq!(sum(|r| r.unchanged), 45, "{results:?}");
     // The drill report adds the shards up.
     let run_id = out
         .lines()

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use api::model::{ActionKind, ActionOutput, ScaleOutput};
 use coordinator::config::Environment;
 use coordinator::engine::{Control, RunConflict, StartRun};
 use coordinator::plan::{Fleet, Plan};
@@ -211,18 +212,19 @@ async fn a_run_executes_its_phases_in_order_and_restores_prior_replicas() {
     );
     // Workers went 2 → 0 → 2 and report ready again.
     let commands = store.commands(&run.id).await.unwrap();
-    let scales: Vec<serde_json::Value> = commands
+    let scales: Vec<Option<ActionOutput>> = commands
         .iter()
-        .filter(|(c, _)| c.action == "scale" && c.agent == "worker-1")
+        .filter(|(c, _)| c.action == ActionKind::Scale && c.agent == "worker-1")
         .map(|(_, r)| r.as_ref().unwrap().output.clone())
         .collect();
-    assert_eq!(
-        scales,
-        [
-            serde_json::json!({"before": 2, "now": 0, "prior": 2}),
-            serde_json::json!({"before": 0, "now": 2, "prior": 2}),
-        ]
-    );
+    let scaled = |before, now| {
+        Some(ActionOutput::Scale(ScaleOutput {
+            before,
+            now,
+            prior: 2,
+        }))
+    };
+    assert_eq!(scales, [scaled(2, 0), scaled(0, 2)]);
     c.wait_ready(&["worker-1", "worker-2"]).await;
     let events = store.events(&run.id, 0, 1000).await.unwrap();
     let report = events.iter().find(|e| e.kind == "report").unwrap();
@@ -357,7 +359,10 @@ async fn a_replaced_coordinator_finishes_the_run_without_executing_a_command_twi
         "frozen\nunfrozen\n"
     );
     let commands = second.handle.store().commands(&run.id).await.unwrap();
-    let freeze = commands.iter().find(|(c, _)| c.action == "freeze").unwrap();
+    let freeze = commands
+        .iter()
+        .find(|(c, _)| c.action == ActionKind::Freeze)
+        .unwrap();
     assert_eq!(
         freeze.0.epoch,
         second.handle.epoch(),
@@ -424,7 +429,7 @@ async fn a_gate_that_cannot_pass_blocks_and_resume_completes_once_the_agent_is_b
     let commands = c.handle.store().commands(&run.id).await.unwrap();
     let scale_downs: Vec<_> = commands
         .iter()
-        .filter(|(cmd, _)| cmd.action == "scale" && cmd.phase_index == 1)
+        .filter(|(cmd, _)| cmd.action == ActionKind::Scale && cmd.phase_index == 1)
         .collect();
     assert_eq!(
         scale_downs.len(),

@@ -19,18 +19,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use api::config::ConfigError;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-/// One check's result, as the drill report shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Check {
-    pub name: String,
-    /// "http", "count", "invariant", "objects", "smoke".
-    pub kind: String,
-    pub required: bool,
-    pub passed: bool,
-    pub detail: String,
-}
+pub use api::model::{Check, CheckKind};
 
 /// `[[check]]` in agent.toml.
 #[derive(Debug, Clone, Deserialize)]
@@ -211,7 +202,7 @@ impl Checks {
         let Ok(client) = crate::control::http_client(Duration::from_secs(10)) else {
             return vec![Check {
                 name: "http".into(),
-                kind: "http".into(),
+                kind: CheckKind::Http,
                 required: true,
                 passed: false,
                 detail: "cannot build an HTTP client".into(),
@@ -225,7 +216,7 @@ impl Checks {
             };
             out.push(Check {
                 name: c.name.clone(),
-                kind: "http".into(),
+                kind: CheckKind::Http,
                 required: c.required,
                 passed,
                 detail,
@@ -265,7 +256,7 @@ impl Checks {
             Err(_) => {
                 return Ok(Check {
                     name: "smoke".into(),
-                    kind: "smoke".into(),
+                    kind: CheckKind::Smoke,
                     required: true,
                     passed: false,
                     detail: format!(
@@ -285,7 +276,7 @@ impl Checks {
         let detail = api::redact::redact(&one_line(&text, 600)).into_owned();
         Ok(Check {
             name: "smoke".into(),
-            kind: "smoke".into(),
+            kind: CheckKind::Smoke,
             required: true,
             passed: output.status.success(),
             detail: if output.status.success() {

@@ -13,17 +13,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use api::config::{ConfigError, resolve};
-use api::model::{ObjectReferences, RepositoryRef};
+use api::model::output::{Counts, PreflightOutput, RestoreObjectsOutput, RestorePostgresOutput};
+use api::model::{Check, CheckKind, ObjectReferences, RepositoryRef};
 use repository::{
-    CountSpec, PgBackupOptions, PgRestoreOptions, PointId, Repository, RepositoryOptions,
+    CountSpec, ObjectSnapshotPart, PgBackupOptions, PgBackupPart, PgRestoreOptions, PointId,
     RestoreObjectsOptions, S3Options, Shard, SnapshotOptions, TableColumns,
 };
 use serde::Deserialize;
-
-use crate::checks::Check;
-use crate::progress::Reporter;
-use serde_json::{Value, json};
 use sqlx::Connection as _;
+
+use crate::progress::Reporter;
 
 /// `[postgres]` in agent.toml.
 #[derive(Debug, Clone, Deserialize)]
@@ -174,15 +173,14 @@ impl DataPlane {
         repo: &RepositoryRef,
         point: &str,
         progress: &Reporter,
-    ) -> Result<Value> {
+    ) -> Result<PgBackupPart> {
         let pg = self.postgres()?;
-        let repo = open_repository(repo).await?;
+        let repo = repo.open().await?;
         let mut options = PgBackupOptions::new(PointId::parse(point)?, pg.url()?);
         options.bin_dir = pg.config.bin_dir.clone();
         options.counts = pg.counts.clone();
         options.progress = Some(progress.postgres());
-        let part = repository::backup_postgres(&repo, &options).await?;
-        Ok(serde_json::to_value(part)?)
+        repository::backup_postgres(&repo, &options).await
     }
 
     pub async fn snapshot_objects(
@@ -190,23 +188,21 @@ impl DataPlane {
         repo: &RepositoryRef,
         point: &str,
         progress: &Reporter,
-    ) -> Result<Value> {
+    ) -> Result<ObjectSnapshotPart> {
         let objects = self.objects()?;
         PointId::parse(point)?;
-        let repo = open_repository(repo).await?;
+        let repo = repo.open().await?;
         let (live, label) = live_store(objects)?;
         let mut options = SnapshotOptions::new(label);
         options.environment = Some(self.environment.clone());
         options.parallelism = objects.parallelism;
-        let part =
-            repository::snapshot_objects(&repo, live, &options, Some(progress.transfers())).await?;
-        Ok(serde_json::to_value(part)?)
+        repository::snapshot_objects(&repo, live, &options, Some(progress.transfers())).await
     }
 
     /// Checks the point this agent would restore from, and records the live system's counts
     /// (database agent) so the report can show before → point → after.
-    pub async fn preflight(&self, repo: &RepositoryRef, point: &str) -> Result<Value> {
-        let repo = open_repository(repo).await?;
+    pub async fn preflight(&self, repo: &RepositoryRef, point: &str) -> Result<PreflightOutput> {
+        let repo = repo.open().await?;
         let id = PointId::parse(point)?;
         let report = repo.verify_point(&id, false).await?;
         if !report.is_ok() {
@@ -224,7 +220,11 @@ impl DataPlane {
             }
             None => (None, Vec::new()),
         };
-        Ok(json!({ "verify": report, "live_counts": live_counts, "checks": checks }))
+        Ok(PreflightOutput {
+            verify: Some(report),
+            live_counts,
+            checks,
+        })
     }
 
     /// Restores the point's dump into `<db>_restore_<run>`, then swaps it in: the live
@@ -236,7 +236,7 @@ impl DataPlane {
         point: &str,
         run_id: &str,
         progress: &Reporter,
-    ) -> Result<Value> {
+    ) -> Result<RestorePostgresOutput> {
         let started = Instant::now();
         let pg = self.postgres()?;
         let live_url = pg.url()?;
@@ -273,15 +273,13 @@ impl DataPlane {
             exists(&mut admin, &pre_db).await?,
             exists(&mut admin, &restore_db).await?,
         );
-        let done = |resumed: &str, archive_bytes: u64| {
-            json!({
-                "database": live_db,
-                "pre_restore_database": pre_db,
-                "point": point,
-                "archive_bytes": archive_bytes,
-                "resumed": resumed,
-                "elapsed_ms": started.elapsed().as_millis() as u64,
-            })
+        let done = |resumed: &str, archive_bytes: u64| RestorePostgresOutput {
+            database: live_db.clone(),
+            pre_restore_database: pre_db.clone(),
+            point: point.to_owned(),
+            archive_bytes,
+            resumed: resumed.to_owned(),
+            elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         };
         if has_pre && has_live && !has_restore {
             // An earlier execution finished the swap.
@@ -318,7 +316,7 @@ impl DataPlane {
         .await
         .with_context(|| format!("create database {restore_db}"))?;
 
-        let repo = open_repository(repo).await?;
+        let repo = repo.open().await?;
         let mut options = PgRestoreOptions::new(format!("{base}/{restore_db}{query}"));
         options.bin_dir = pg.config.bin_dir.clone();
         options.jobs = pg.config.jobs;
@@ -371,11 +369,11 @@ impl DataPlane {
         shard: u32,
         shards: u32,
         progress: &Reporter,
-    ) -> Result<Value> {
+    ) -> Result<RestoreObjectsOutput> {
         let objects = self.objects()?;
         // Several objects agents split one restore by key hash; each gets its shard.
         let shard = Shard::new(shard, shards).context("restore objects")?;
-        let repo = open_repository(repo).await?;
+        let repo = repo.open().await?;
         let id = PointId::parse(point)?;
         let point = repo.read_point(&id).await?;
         let snapshot = point
@@ -397,17 +395,17 @@ impl DataPlane {
         )));
         options.shard = Some(shard);
         let report = repository::restore_objects(&repo, &snapshot, live, &options).await?;
-        Ok(json!({
-            "snapshot": snapshot.as_str(),
-            "shard": report.shard,
-            "shards": report.shards,
-            "restored": report.restored,
-            "restored_bytes": report.restored_bytes,
-            "unchanged": report.unchanged,
-            "replaced": report.replaced.len(),
-            "removed": report.removed.len(),
-            "quarantine_prefix": report.quarantine_prefix,
-        }))
+        Ok(RestoreObjectsOutput {
+            snapshot: snapshot.as_str().to_owned(),
+            shard: report.shard,
+            shards: report.shards,
+            restored: report.restored,
+            restored_bytes: report.restored_bytes,
+            unchanged: report.unchanged,
+            replaced: report.replaced.len() as u64,
+            removed: report.removed.len() as u64,
+            quarantine_prefix: report.quarantine_prefix,
+        })
     }
 }
 
@@ -431,7 +429,7 @@ impl DataPlane {
                 references: keys,
             });
         }
-        let repo = open_repository(repo).await?;
+        let repo = repo.open().await?;
         let id = PointId::parse(point)?;
         let recorded = repo.read_point(&id).await?;
         if let Some(pg) = &self.postgres {
@@ -439,7 +437,7 @@ impl DataPlane {
             match recorded.table_counts() {
                 None => checks.push(Check {
                     name: "count parity".into(),
-                    kind: "count".into(),
+                    kind: CheckKind::Count,
                     required: true,
                     passed: false,
                     detail: format!("point {point} recorded no table counts"),
@@ -449,7 +447,7 @@ impl DataPlane {
                         let got = live.get(name).copied().unwrap_or(0);
                         checks.push(Check {
                             name: format!("count {name}"),
-                            kind: "count".into(),
+                            kind: CheckKind::Count,
                             required: true,
                             passed: got == *want,
                             detail: format!("restored {got}, point {want}"),
@@ -465,7 +463,7 @@ impl DataPlane {
             checks.push(match &recorded.objects {
                 None => Check {
                     name: "objects match the point".into(),
-                    kind: "objects".into(),
+                    kind: CheckKind::Objects,
                     required: true,
                     passed: false,
                     detail: format!("point {point} has no object snapshot"),
@@ -540,7 +538,7 @@ impl DataPlane {
             }
             checks.push(Check {
                 name: set.name.clone(),
-                kind: "reference".into(),
+                kind: CheckKind::Reference,
                 required: set.required,
                 passed,
                 detail,
@@ -574,7 +572,7 @@ const CHECK_OBJECTS_IN_FLIGHT: usize = 32;
 #[derive(Debug, Default)]
 pub struct Verified {
     pub checks: Vec<Check>,
-    pub counts: Option<std::collections::BTreeMap<String, i64>>,
+    pub counts: Option<Counts>,
     pub references: Vec<ObjectReferences>,
 }
 
@@ -690,7 +688,7 @@ async fn compare_with_manifest(
     };
     Ok(Check {
         name: "objects match the point".into(),
-        kind: "objects".into(),
+        kind: CheckKind::Objects,
         required: true,
         passed,
         detail,
@@ -740,7 +738,7 @@ async fn run_invariants(url: &str, invariants: &[crate::checks::Invariant]) -> R
         };
         out.push(Check {
             name: inv.name.clone(),
-            kind: "invariant".into(),
+            kind: CheckKind::Invariant,
             required: inv.required,
             passed,
             detail,
@@ -768,18 +766,6 @@ impl Postgres {
             .trim()
             .to_owned())
     }
-}
-
-async fn open_repository(r: &RepositoryRef) -> Result<Repository> {
-    let s3 = S3Options::connection(r.s3_endpoint.clone(), r.s3_region.clone(), r.s3_path_style);
-    Repository::open(
-        &r.url,
-        RepositoryOptions {
-            s3,
-            ..RepositoryOptions::default()
-        },
-    )
-    .await
 }
 
 fn live_store(o: &ObjectsConfig) -> Result<(Arc<dyn object_store::ObjectStore>, String)> {
@@ -891,7 +877,7 @@ async fn live_state(
     if !missing.is_empty() {
         checks.push(Check {
             name: "counted tables present".into(),
-            kind: "preflight".into(),
+            kind: CheckKind::Preflight,
             required: false,
             passed: false,
             detail: format!(
@@ -952,7 +938,7 @@ fn schema_check(at_point: &TableColumns, live: &TableColumns) -> Check {
     };
     Check {
         name: "schema not rolled back".into(),
-        kind: "schema".into(),
+        kind: CheckKind::Schema,
         required: false,
         passed: newer.is_empty(),
         detail,

@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use api::model::output::{ChecksOutput, VerifyOutput};
 use api::model::{
-    Action, AgentName, Command, CommandId, CommandResult, Description, Environment, Epoch, Outcome,
-    ResultDetail, Role,
+    Action, ActionOutput, AgentName, Command, CommandId, CommandResult, Description, Environment,
+    Epoch, Outcome, ResultDetail, Role,
 };
 use opentelemetry::propagation::Extractor;
 use tokio::sync::watch;
@@ -290,22 +291,22 @@ impl Executor {
                         Err(e) => return (Outcome::Failed, api::errors::one_line(&*e), None),
                     }
                 }
-                let output = serde_json::json!({
-                    "checks": checks,
-                    "counts": counts,
-                    "references": referenced,
-                });
-                match crate::checks::failures(&checks) {
+                let (outcome, message) = match crate::checks::failures(&checks) {
                     None => (
                         Outcome::Succeeded,
                         format!(
                             "{} checks passed",
                             checks.iter().filter(|c| c.passed).count()
                         ),
-                        Some(ResultDetail::Output(output)),
                     ),
-                    Some(why) => (Outcome::Failed, why, Some(ResultDetail::Output(output))),
-                }
+                    Some(why) => (Outcome::Failed, why),
+                };
+                let output = ActionOutput::Verify(VerifyOutput {
+                    checks,
+                    counts,
+                    references: referenced,
+                });
+                (outcome, message, output_detail(output))
             }
             Action::CheckObjects(sets) => {
                 let Some(data) = self.data.as_ref().filter(|d| d.has_objects()) else {
@@ -319,20 +320,20 @@ impl Executor {
                     return (
                         Outcome::Succeeded,
                         "nothing to look up: no database verify returned [[reference]] keys".into(),
-                        Some(ResultDetail::Output(serde_json::json!({ "checks": [] }))),
+                        output_detail(ActionOutput::CheckObjects(ChecksOutput { checks: vec![] })),
                     );
                 }
                 match Box::pin(data.check_objects(sets)).await {
                     Ok(checks) => {
-                        let output = serde_json::json!({ "checks": checks });
-                        match crate::checks::failures(&checks) {
+                        let (outcome, message) = match crate::checks::failures(&checks) {
                             None => (
                                 Outcome::Succeeded,
                                 format!("{} reference checks passed", checks.len()),
-                                Some(ResultDetail::Output(output)),
                             ),
-                            Some(why) => (Outcome::Failed, why, Some(ResultDetail::Output(output))),
-                        }
+                            Some(why) => (Outcome::Failed, why),
+                        };
+                        let output = ActionOutput::CheckObjects(ChecksOutput { checks });
+                        (outcome, message, output_detail(output))
                     }
                     Err(e) => (Outcome::Failed, api::errors::one_line(&*e), None),
                 }
@@ -349,8 +350,10 @@ impl Executor {
                             Outcome::Failed
                         };
                         let message = check.detail.clone();
-                        let output = serde_json::json!({ "checks": [check] });
-                        (outcome, message, Some(ResultDetail::Output(output)))
+                        let output = ActionOutput::Smoke(ChecksOutput {
+                            checks: vec![check],
+                        });
+                        (outcome, message, output_detail(output))
                     }
                     Err(e) => (Outcome::Unsupported, api::errors::one_line(&*e), None),
                 }
@@ -374,7 +377,7 @@ impl Executor {
                     Ok(output) => (
                         Outcome::Succeeded,
                         format!("{} done", action.name()),
-                        Some(ResultDetail::Output(output)),
+                        output_detail(output),
                     ),
                     Err(e) => (Outcome::Failed, api::errors::one_line(&*e), None),
                 }
@@ -441,7 +444,7 @@ async fn control_action(
             let out = control.scale(*target, run_id).await?;
             (
                 format!("scaled from {} to {} replicas", out.before, out.now),
-                Some(ResultDetail::Output(serde_json::to_value(out)?)),
+                output_detail(ActionOutput::Scale(out)),
             )
         }
         _ => anyhow::bail!("{} is not a role-control action", action.name()),
@@ -453,30 +456,37 @@ async fn data_action(
     action: &Action,
     run_id: &str,
     progress: &Reporter,
-) -> anyhow::Result<serde_json::Value> {
-    match action {
-        Action::BackupPostgres { repository, point } => {
-            data.backup_postgres(repository, point, progress).await
+) -> anyhow::Result<ActionOutput> {
+    Ok(match action {
+        Action::BackupPostgres { repository, point } => ActionOutput::BackupPostgres(Box::new(
+            data.backup_postgres(repository, point, progress).await?,
+        )),
+        Action::SnapshotObjects { repository, point } => ActionOutput::SnapshotObjects(Box::new(
+            data.snapshot_objects(repository, point, progress).await?,
+        )),
+        Action::Preflight { repository, point } => {
+            ActionOutput::Preflight(data.preflight(repository, point).await?)
         }
-        Action::SnapshotObjects { repository, point } => {
-            data.snapshot_objects(repository, point, progress).await
-        }
-        Action::Preflight { repository, point } => data.preflight(repository, point).await,
-        Action::RestorePostgres { repository, point } => {
+        Action::RestorePostgres { repository, point } => ActionOutput::RestorePostgres(
             data.restore_postgres(repository, point, run_id, progress)
-                .await
-        }
+                .await?,
+        ),
         Action::RestoreObjects {
             repository,
             point,
             shard,
             shards,
-        } => {
+        } => ActionOutput::RestoreObjects(
             data.restore_objects(repository, point, run_id, *shard, *shards, progress)
-                .await
-        }
+                .await?,
+        ),
         _ => anyhow::bail!("{} is not a data action", action.name()),
-    }
+    })
+}
+
+/// An action's typed output as the result carries it.
+fn output_detail(output: ActionOutput) -> Option<ResultDetail> {
+    Some(ResultDetail::Output(output.into()))
 }
 
 fn refusal(

@@ -343,6 +343,7 @@ impl Agent {
                         replayed: false,
                         started_unix_ms: now,
                         finished_unix_ms: now,
+                        output_version: 0,
                         detail: None,
                     };
                     let _ = out_tx.try_send(pb::AgentMessage {

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use api::model::{AgentName, Role};
+use api::model::{ActionOutput, AgentName, Role};
 use api::pb::operator as op;
 
 use crate::operator::{Connection, status_error};
@@ -639,30 +639,39 @@ async fn summarize(
         .context("the drill is not in the journal")?;
     let phases = store.phases(run_id).await?;
     let commands = store.commands(run_id).await?;
-    let output_of = |action: &str| {
+    let outputs = || {
         commands
             .iter()
-            .filter(|(c, _)| c.action == action)
-            .filter_map(|(_, r)| r.as_ref().map(|r| r.output.clone()))
-            .collect::<Vec<_>>()
+            .filter_map(|(_, r)| r.as_ref().and_then(|r| r.output.as_ref()))
     };
-    let before: BTreeMap<String, i64> = output_of("preflight")
-        .into_iter()
-        .find_map(|o| serde_json::from_value(o["live_counts"].clone()).ok())
+    let before: BTreeMap<String, i64> = outputs()
+        .find_map(|o| match o {
+            ActionOutput::Preflight(p) => p.live_counts.clone(),
+            _ => None,
+        })
         .unwrap_or_default();
-    let point_file: serde_json::Value = serde_json::from_slice(&std::fs::read(
-        dir.join(format!("repository/points/{point}.json")),
-    )?)?;
-    let at_point: BTreeMap<String, i64> =
-        serde_json::from_value(point_file["body"]["postgres"]["table_counts"].clone())
-            .unwrap_or_default();
-    let verified: BTreeMap<String, i64> = output_of("verify")
-        .into_iter()
-        .find_map(|o| serde_json::from_value(o["counts"].clone()).ok())
+    let repository = repository::Repository::open(
+        &format!("file://{}", dir.join("repository").display()),
+        repository::RepositoryOptions::default(),
+    )
+    .await?;
+    let at_point: BTreeMap<String, i64> = repository
+        .read_point(&repository::PointId::parse(point)?)
+        .await?
+        .table_counts()
+        .cloned()
         .unwrap_or_default();
-    let pre_db = output_of("restore-postgres")
-        .first()
-        .and_then(|o| o["pre_restore_database"].as_str().map(String::from))
+    let verified: BTreeMap<String, i64> = outputs()
+        .find_map(|o| match o {
+            ActionOutput::Verify(v) => v.counts.clone(),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let pre_db = outputs()
+        .find_map(|o| match o {
+            ActionOutput::RestorePostgres(r) => Some(r.pre_restore_database.clone()),
+            _ => None,
+        })
         .unwrap_or_default();
     let rto = run
         .finished_at

@@ -420,10 +420,12 @@ impl op::operator_service_server::OperatorService for OperatorApi {
                 command_id: c.command_id,
                 phase_index: c.phase_index,
                 agent: c.agent,
-                action: c.action,
+                action: c.action.as_str().to_owned(),
                 attempt: c.attempt,
                 epoch: c.epoch.get(),
-                outcome: r.as_ref().map(|r| r.outcome.clone()).unwrap_or_default(),
+                outcome: r
+                    .as_ref()
+                    .map_or_else(String::new, |r| r.outcome.as_str().to_owned()),
                 message: r.as_ref().map(|r| r.detail.clone()).unwrap_or_default(),
                 replayed: r.is_some_and(|r| r.replayed),
             })
@@ -519,7 +521,9 @@ impl op::operator_service_server::OperatorService for OperatorApi {
             .iter()
             .filter(|(n, _)| wanted.is_empty() || **n == wanted)
         {
-            let repo = crate::engine::open_repository(&env.repository_ref)
+            let repo = env
+                .repository_ref
+                .open()
                 .await
                 .map_err(|e| Status::unavailable(format!("{e:#}")))?;
             let listing = repo

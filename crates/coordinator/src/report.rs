@@ -13,6 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use api::model::output::{Counts, RestoreObjectsOutput};
+use api::model::{ActionKind, ActionOutput, Outcome};
 use api::redact::{redact, redact_json};
 use chrono::{DateTime, Utc};
 use repository::Point;
@@ -313,12 +315,12 @@ struct Exec<'a> {
 }
 
 impl Exec<'_> {
-    fn output(&self) -> Option<&Value> {
-        self.result.map(|r| &r.output).filter(|o| !o.is_null())
+    fn output(&self) -> Option<&ActionOutput> {
+        self.result.and_then(|r| r.output.as_ref())
     }
 
     fn succeeded(&self) -> bool {
-        self.result.is_some_and(|r| r.outcome == "succeeded")
+        self.result.is_some_and(|r| r.outcome == Outcome::Succeeded)
     }
 }
 
@@ -337,7 +339,7 @@ impl Journal {
             .ok();
         let actions = self.phase_actions(plan.as_ref());
         let execs = self.latest_execs();
-        let of = |action: &str| -> Vec<&Exec<'_>> {
+        let of = |action: ActionKind| -> Vec<&Exec<'_>> {
             execs
                 .iter()
                 .filter(|e| e.command.action == action)
@@ -394,15 +396,14 @@ impl Journal {
             postgres.pg_dump_version = Some(r(&pg.pg_dump_version));
             postgres.database = Some(r(&pg.database));
         }
-        if let Some(exec) = pick(&of("restore-postgres")) {
-            let out = exec.output();
-            let text = |k: &str| out.and_then(|o| o.get(k)).and_then(Value::as_str).map(r);
-            let number = |k: &str| out.and_then(|o| o.get(k)).and_then(Value::as_u64);
-            postgres.database = text("database").or(postgres.database);
-            postgres.pre_restore_database = text("pre_restore_database");
-            postgres.archive_bytes = number("archive_bytes");
-            postgres.elapsed_ms = number("elapsed_ms");
-            postgres.resumed = text("resumed").filter(|s| !s.is_empty());
+        if let Some(exec) = pick(&of(ActionKind::RestorePostgres)) {
+            if let Some(ActionOutput::RestorePostgres(out)) = exec.output() {
+                postgres.database = Some(r(&out.database));
+                postgres.pre_restore_database = Some(r(&out.pre_restore_database));
+                postgres.archive_bytes = Some(out.archive_bytes);
+                postgres.elapsed_ms = Some(out.elapsed_ms);
+                postgres.resumed = Some(r(&out.resumed)).filter(|s| !s.is_empty());
+            }
             postgres.restore_agent = Some(r(&exec.command.agent));
             let phase = phase_of(exec.command.phase_index);
             postgres.restore_started_at = phase.and_then(|p| p.started_at);
@@ -424,27 +425,31 @@ impl Journal {
             objects.snapshot_bytes = Some(o.bytes);
         }
         // Several objects agents restore one shard each: their tallies add up.
-        let restores = pick_per_agent(&of("restore-objects"));
+        let restores = pick_per_agent(&of(ActionKind::RestoreObjects));
         if !restores.is_empty() {
-            let text = |k: &str| {
-                restores
-                    .iter()
-                    .find_map(|e| e.output().and_then(|o| o.get(k)).and_then(Value::as_str))
-                    .map(r)
+            let outputs: Vec<&RestoreObjectsOutput> = restores
+                .iter()
+                .filter_map(|e| match e.output() {
+                    Some(ActionOutput::RestoreObjects(o)) => Some(o),
+                    _ => None,
+                })
+                .collect();
+            let sum = |field: fn(&RestoreObjectsOutput) -> u64| {
+                outputs.iter().map(|o| field(o)).reduce(|a, b| a + b)
             };
-            let sum = |k: &str| {
-                restores
-                    .iter()
-                    .filter_map(|e| e.output().and_then(|o| o.get(k)).and_then(Value::as_u64))
-                    .reduce(|a, b| a + b)
-            };
-            objects.snapshot_id = objects.snapshot_id.or_else(|| text("snapshot"));
-            objects.restored = sum("restored");
-            objects.restored_bytes = sum("restored_bytes");
-            objects.unchanged = sum("unchanged");
-            objects.replaced = sum("replaced");
-            objects.removed = sum("removed");
-            objects.quarantine_prefix = text("quarantine_prefix").filter(|s| !s.is_empty());
+            objects.snapshot_id = objects
+                .snapshot_id
+                .or_else(|| outputs.first().map(|o| r(&o.snapshot)));
+            objects.restored = sum(|o| o.restored);
+            objects.restored_bytes = sum(|o| o.restored_bytes);
+            objects.unchanged = sum(|o| o.unchanged);
+            objects.replaced = sum(|o| o.replaced);
+            objects.removed = sum(|o| o.removed);
+            objects.quarantine_prefix = outputs
+                .iter()
+                .map(|o| o.quarantine_prefix.as_str())
+                .find(|p| !p.is_empty())
+                .map(r);
             objects.restore_agent = Some(
                 restores
                     .iter()
@@ -469,16 +474,33 @@ impl Journal {
         }
 
         // Counts: before (preflight), at the point, after (verify).
-        let before = merged_counts(&of("preflight"), "live_counts");
-        let after = merged_counts(&of("verify"), "counts");
+        let before = merged_counts(of(ActionKind::Preflight).iter().filter_map(
+            |e| match e.output() {
+                Some(ActionOutput::Preflight(o)) => o.live_counts.as_ref(),
+                _ => None,
+            },
+        ));
+        let after = merged_counts(
+            of(ActionKind::Verify)
+                .iter()
+                .filter_map(|e| match e.output() {
+                    Some(ActionOutput::Verify(o)) => o.counts.as_ref(),
+                    _ => None,
+                }),
+        );
         let at_point = point.and_then(Point::table_counts);
         let counts = count_rows(before.as_ref(), at_point, after.as_ref());
 
         // Checks, in phase order.
         let mut checks = Vec::new();
         for exec in &execs {
-            let action = exec.command.action.as_str();
-            if !matches!(action, "preflight" | "verify" | "check-objects" | "smoke") {
+            if !matches!(
+                exec.command.action,
+                ActionKind::Preflight
+                    | ActionKind::Verify
+                    | ActionKind::CheckObjects
+                    | ActionKind::Smoke
+            ) {
                 continue;
             }
             let phase = r(&phase_name(exec.command.phase_index));
@@ -733,8 +755,8 @@ impl Journal {
             let slot = actions
                 .entry(command.phase_index)
                 .or_insert_with(String::new);
-            if slot.is_empty() || slot == "scale" {
-                *slot = command.action.clone();
+            if slot.is_empty() || slot == ActionKind::Scale.as_str() {
+                *slot = command.action.as_str().to_owned();
             }
         }
         if let Some(plan) = plan {
@@ -748,13 +770,9 @@ impl Journal {
     /// Per (phase, agent, action): the command of the newest attempt, preferring one with a
     /// result, in journal order.
     fn latest_execs(&self) -> Vec<Exec<'_>> {
-        let mut latest: BTreeMap<(u32, &str, &str), Exec<'_>> = BTreeMap::new();
+        let mut latest: BTreeMap<(u32, &str, ActionKind), Exec<'_>> = BTreeMap::new();
         for (command, result) in &self.commands {
-            let key = (
-                command.phase_index,
-                command.agent.as_str(),
-                command.action.as_str(),
-            );
+            let key = (command.phase_index, command.agent.as_str(), command.action);
             let newer = match latest.get(&key) {
                 None => true,
                 Some(held) => match (held.result, result) {
@@ -821,23 +839,14 @@ fn pick_per_agent<'e, 'a>(execs: &[&'e Exec<'a>]) -> Vec<&'e Exec<'a>> {
     by_agent.values().filter_map(|e| pick(e)).collect()
 }
 
-/// The counts under `field` of every output that has them, merged (one database agent
-/// normally has them all).
-fn merged_counts(execs: &[&Exec<'_>], field: &str) -> Option<BTreeMap<String, i64>> {
+/// Counts of several agents merged (one database agent normally has them all); None when no
+/// agent reported any.
+fn merged_counts<'a>(sources: impl Iterator<Item = &'a Counts>) -> Option<BTreeMap<String, i64>> {
     let mut merged: Option<BTreeMap<String, i64>> = None;
-    for exec in execs {
-        let Some(map) = exec
-            .output()
-            .and_then(|o| o.get(field))
-            .and_then(Value::as_object)
-        else {
-            continue;
-        };
-        let counts = merged.get_or_insert_with(BTreeMap::new);
-        for (key, value) in map {
-            if let Some(n) = value.as_i64() {
-                counts.insert(r(key), n);
-            }
+    for counts in sources {
+        let into = merged.get_or_insert_with(BTreeMap::new);
+        for (key, n) in counts {
+            into.insert(r(key), *n);
         }
     }
     merged
@@ -916,30 +925,28 @@ fn check_rows(exec: &Exec<'_>, phase: &str, agent: &str, required: bool) -> Vec<
     };
     let listed: Vec<CheckRow> = exec
         .output()
-        .and_then(|o| o.get("checks"))
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+        .map(ActionOutput::checks)
+        .unwrap_or_default()
+        .iter()
         .map(|check| {
-            let text = |k: &str| check.get(k).and_then(Value::as_str).map(r);
             row(
-                text("name").unwrap_or_else(|| NOT_RECORDED.to_owned()),
-                text("kind").unwrap_or_else(|| action.to_owned()),
-                check
-                    .get("required")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(true),
-                check.get("passed").and_then(Value::as_bool),
-                text("detail").unwrap_or_else(|| NOT_RECORDED.to_owned()),
+                r(&check.name),
+                check.kind.as_str().to_owned(),
+                check.required,
+                Some(check.passed),
+                r(&check.detail),
             )
         })
         .collect();
-    if action == "preflight" {
-        let verify = exec.output().and_then(|o| o.get("verify"));
-        let number = |k: &str| verify.and_then(|v| v.get(k)).and_then(Value::as_u64);
-        let detail = match (number("dump_bytes"), number("objects_checked")) {
-            (Some(bytes), Some(objects)) if exec.succeeded() => format!(
-                "dump checksum verified over {bytes} bytes; {objects} snapshot objects present"
+    if exec.command.action == ActionKind::Preflight {
+        let verify = match exec.output() {
+            Some(ActionOutput::Preflight(p)) => p.verify.as_ref(),
+            _ => None,
+        };
+        let detail = match verify {
+            Some(v) if exec.succeeded() => format!(
+                "dump checksum verified over {} bytes; {} snapshot objects present",
+                v.dump_bytes, v.objects_checked
             ),
             _ => r(&result.detail),
         };
@@ -957,7 +964,7 @@ fn check_rows(exec: &Exec<'_>, phase: &str, agent: &str, required: bool) -> Vec<
     }
     if listed.is_empty() {
         let detail = if result.detail.is_empty() {
-            result.outcome.clone()
+            result.outcome.as_str().to_owned()
         } else {
             format!("{}: {}", result.outcome, result.detail)
         };
@@ -1596,7 +1603,8 @@ fn met(met: Option<bool>) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use api::model::Epoch;
+    use api::model::output::{ChecksOutput, PreflightOutput, RestorePostgresOutput, VerifyOutput};
+    use api::model::{Check, CheckKind, Epoch, ScaleOutput};
     use chrono::TimeZone;
     use repository::{
         Compression, ObjectSnapshotPart, PgBackupPart, PointId, SecretRef, SnapshotId,
@@ -1806,11 +1814,11 @@ mod tests {
             &self,
             phase: (u32, &str),
             agent: &str,
-            action: &str,
+            action: ActionKind,
             step: u32,
-            outcome: Option<&str>,
+            outcome: Option<Outcome>,
             message: &str,
-            output: Value,
+            output: Option<ActionOutput>,
             received: DateTime<Utc>,
         ) {
             let id = format!("{RUN}/{}/{agent}/a1/s{step}/r0", phase.1);
@@ -1820,7 +1828,7 @@ mod tests {
                     run_id: RUN.to_owned(),
                     phase_index: phase.0,
                     agent: agent.to_owned(),
-                    action: action.to_owned(),
+                    action,
                     payload: json!({}),
                     attempt: 1,
                     epoch: Epoch::new(3).unwrap(),
@@ -1834,7 +1842,7 @@ mod tests {
                         command_id: id,
                         agent: agent.to_owned(),
                         epoch: Epoch::new(3).unwrap(),
-                        outcome: outcome.to_owned(),
+                        outcome,
                         replayed: false,
                         detail: message.to_owned(),
                         output,
@@ -1846,14 +1854,47 @@ mod tests {
         }
     }
 
-    fn live_counts() -> Value {
-        json!({
-            "sessions": 131, "session_events": 5900, "session_projections": 131,
-            "artifact_index": 352, "workflows": 19, "channel_bindings": 9,
-            "channel_deliveries": 80, "channel_deliveries[status=pending]": 6,
-            "channel_deliveries[status=failed]": 2, "channel_deliveries[status=dead]": 1,
-            "channel_deliveries[status=sent]": 71
-        })
+    fn live_counts() -> Counts {
+        [
+            ("sessions", 131),
+            ("session_events", 5900),
+            ("session_projections", 131),
+            ("artifact_index", 352),
+            ("workflows", 19),
+            ("channel_bindings", 9),
+            ("channel_deliveries", 80),
+            ("channel_deliveries[status=pending]", 6),
+            ("channel_deliveries[status=failed]", 2),
+            ("channel_deliveries[status=dead]", 1),
+            ("channel_deliveries[status=sent]", 71),
+        ]
+        .into_iter()
+        .map(|(k, n)| (k.to_owned(), n))
+        .collect()
+    }
+
+    /// The point's verification as a preflight reports it.
+    fn verified(elapsed_ms: u64) -> repository::VerifyReport {
+        repository::VerifyReport {
+            point: PointId::parse(POINT).unwrap(),
+            full: false,
+            problems: vec![],
+            dump_bytes: 3_145_728,
+            objects_checked: 340,
+            blob_bytes_hashed: 0,
+            elapsed_ms,
+        }
+    }
+
+    /// A passed check.
+    fn check(name: &str, kind: CheckKind, required: bool, detail: &str) -> Check {
+        Check {
+            name: name.to_owned(),
+            kind,
+            required,
+            passed: true,
+            detail: detail.to_owned(),
+        }
     }
 
     /// A drill that went through every phase up to the report, as the engine journals it.
@@ -1873,28 +1914,30 @@ mod tests {
         j.command(
             (0, "preflight"),
             "db-1",
-            "preflight",
+            ActionKind::Preflight,
             0,
-            Some("succeeded"),
+            Some(Outcome::Succeeded),
             "point verified",
-            json!({ "verify": { "point": POINT, "full": false, "problems": [],
-                                "dump_bytes": 3_145_728, "objects_checked": 340,
-                                "blob_bytes_hashed": 0, "elapsed_ms": 900 },
-                    "live_counts": live_counts() }),
+            Some(ActionOutput::Preflight(PreflightOutput {
+                verify: Some(verified(900)),
+                live_counts: Some(live_counts()),
+                checks: vec![],
+            })),
             at(10, 0, 30),
         )
         .await;
         j.command(
             (0, "preflight"),
             "objects-1",
-            "preflight",
+            ActionKind::Preflight,
             0,
-            Some("succeeded"),
+            Some(Outcome::Succeeded),
             "point verified",
-            json!({ "verify": { "point": POINT, "full": false, "problems": [],
-                                "dump_bytes": 3_145_728, "objects_checked": 340,
-                                "blob_bytes_hashed": 0, "elapsed_ms": 700 },
-                    "live_counts": null }),
+            Some(ActionOutput::Preflight(PreflightOutput {
+                verify: Some(verified(700)),
+                live_counts: None,
+                checks: vec![],
+            })),
             at(10, 0, 29),
         )
         .await;
@@ -1911,11 +1954,11 @@ mod tests {
         j.command(
             (1, "freeze-writes"),
             "web-1",
-            "freeze",
+            ActionKind::Freeze,
             0,
-            Some("succeeded"),
+            Some(Outcome::Succeeded),
             "frozen",
-            Value::Null,
+            None,
             at(10, 0, 41),
         )
         .await;
@@ -1931,11 +1974,15 @@ mod tests {
         j.command(
             (2, "scale-to-zero"),
             "worker-1",
-            "scale",
+            ActionKind::Scale,
             0,
-            Some("succeeded"),
+            Some(Outcome::Succeeded),
             "scaled",
-            json!({ "before": 2, "now": 0, "prior": 2 }),
+            Some(ActionOutput::Scale(ScaleOutput {
+                before: 2,
+                now: 0,
+                prior: 2,
+            })),
             at(10, 0, 49),
         )
         .await;
@@ -1952,14 +1999,19 @@ mod tests {
         j.command(
             (3, "restore-postgres"),
             "db-1",
-            "restore-postgres",
+            ActionKind::RestorePostgres,
             0,
-            Some("succeeded"),
+            Some(Outcome::Succeeded),
             // A message that carries a connection URL with its password.
             &format!("restored via postgres://rollcall:{PASSWORD}@db.internal:5432/cowork"),
-            json!({ "database": "cowork", "pre_restore_database": "cowork_pre_r1a2b3c4d",
-                    "point": POINT, "archive_bytes": 3_145_728, "elapsed_ms": 298_000,
-                    "resumed": "" }),
+            Some(ActionOutput::RestorePostgres(RestorePostgresOutput {
+                database: "cowork".to_owned(),
+                pre_restore_database: "cowork_pre_r1a2b3c4d".to_owned(),
+                point: POINT.to_owned(),
+                archive_bytes: 3_145_728,
+                resumed: String::new(),
+                elapsed_ms: 298_000,
+            })),
             at(10, 5, 58),
         )
         .await;
@@ -1975,13 +2027,21 @@ mod tests {
         j.command(
             (4, "restore-objects"),
             "objects-1",
-            "restore-objects",
+            ActionKind::RestoreObjects,
             0,
-            Some("succeeded"),
+            Some(Outcome::Succeeded),
             "restored",
-            json!({ "snapshot": "20261125T073000Z-3f2a9c01", "restored": 12,
-                    "restored_bytes": 1_048_576, "unchanged": 328, "replaced": 3,
-                    "removed": 9, "quarantine_prefix": "rollcall-quarantine/r1a2b3c4d" }),
+            Some(ActionOutput::RestoreObjects(RestoreObjectsOutput {
+                snapshot: "20261125T073000Z-3f2a9c01".to_owned(),
+                shard: 0,
+                shards: 1,
+                restored: 12,
+                restored_bytes: 1_048_576,
+                unchanged: 328,
+                replaced: 3,
+                removed: 9,
+                quarantine_prefix: "quarantine/r1a2b3c4d".to_owned(),
+            })),
             at(10, 2, 59),
         )
         .await;
@@ -2007,19 +2067,38 @@ mod tests {
         j.command(
             (6, "verify"),
             "web-1",
-            "verify",
+            ActionKind::Verify,
             0,
-            Some("succeeded"),
+            Some(Outcome::Succeeded),
             "5 checks passed",
-            json!({ "checks": [
-                { "name": "readyz", "kind": "http", "required": true, "passed": true,
-                  "detail": "GET http://127.0.0.1:8080/readyz → 200" },
-                { "name": "operator diagnostics", "kind": "http", "required": true,
-                  "passed": true,
-                  "detail": format!("GET /api/diagnostics with Authorization: Bearer {TOKEN} → 200") },
-                { "name": "metrics", "kind": "http", "required": false, "passed": false,
-                  "detail": "GET http://127.0.0.1:8080/api/metrics → 503" },
-            ], "counts": null }),
+            Some(ActionOutput::Verify(VerifyOutput {
+                checks: vec![
+                    check(
+                        "readyz",
+                        CheckKind::Http,
+                        true,
+                        "GET http://127.0.0.1:8080/readyz → 200",
+                    ),
+                    check(
+                        "operator diagnostics",
+                        CheckKind::Http,
+                        true,
+                        &format!("GET /api/diagnostics with Authorization: Bearer {TOKEN} → 200"),
+                    ),
+                    Check {
+                        required: false,
+                        passed: false,
+                        ..check(
+                            "metrics",
+                            CheckKind::Http,
+                            true,
+                            "GET http://127.0.0.1:8080/api/metrics → 503",
+                        )
+                    },
+                ],
+                counts: None,
+                references: vec![],
+            })),
             at(10, 7, 0),
         )
         .await;
@@ -2028,16 +2107,28 @@ mod tests {
         j.command(
             (6, "verify"),
             "db-1",
-            "verify",
+            ActionKind::Verify,
             0,
-            Some("succeeded"),
+            Some(Outcome::Succeeded),
             "2 checks passed",
-            json!({ "checks": [
-                { "name": "count parity", "kind": "count", "required": true, "passed": true,
-                  "detail": "12 tables equal the point" },
-                { "name": "no projection ahead of its events", "kind": "invariant",
-                  "required": true, "passed": true, "detail": "0 rows" },
-            ], "counts": after }),
+            Some(ActionOutput::Verify(VerifyOutput {
+                checks: vec![
+                    check(
+                        "count parity",
+                        CheckKind::Count,
+                        true,
+                        "12 tables equal the point",
+                    ),
+                    check(
+                        "no projection ahead of its events",
+                        CheckKind::Invariant,
+                        true,
+                        "0 rows",
+                    ),
+                ],
+                counts: Some(after),
+                references: vec![],
+            })),
             at(10, 7, 20),
         )
         .await;
@@ -2054,14 +2145,18 @@ mod tests {
         j.command(
             (7, "check-references"),
             "objects-1",
-            "check-objects",
+            ActionKind::CheckObjects,
             0,
-            Some("succeeded"),
+            Some(Outcome::Succeeded),
             "1 reference checks passed",
-            json!({ "checks": [
-                { "name": "artifact objects", "kind": "reference", "required": true,
-                  "passed": true, "detail": "every object present; checked all 40 rows" },
-            ] }),
+            Some(ActionOutput::CheckObjects(ChecksOutput {
+                checks: vec![check(
+                    "artifact objects",
+                    CheckKind::Reference,
+                    true,
+                    "every object present; checked all 40 rows",
+                )],
+            })),
             at(10, 7, 31),
         )
         .await;
@@ -2077,24 +2172,33 @@ mod tests {
         j.command(
             (8, "worker-smoke"),
             "worker-1",
-            "scale",
+            ActionKind::Scale,
             0,
-            Some("succeeded"),
+            Some(Outcome::Succeeded),
             "scaled",
-            json!({ "before": 0, "now": 1, "prior": 2 }),
+            Some(ActionOutput::Scale(ScaleOutput {
+                before: 0,
+                now: 1,
+                prior: 2,
+            })),
             at(10, 7, 40),
         )
         .await;
         j.command(
             (8, "worker-smoke"),
             "worker-1",
-            "smoke",
+            ActionKind::Smoke,
             1,
-            Some("succeeded"),
+            Some(Outcome::Succeeded),
             "prompt processed",
-            json!({ "checks": [{ "name": "worker smoke", "kind": "smoke", "required": true,
-                                  "passed": true,
-                                  "detail": format!("cowork-sim smoke worker --token {TOKEN}: 1 prompt, 4 events") }] }),
+            Some(ActionOutput::Smoke(ChecksOutput {
+                checks: vec![check(
+                    "worker smoke",
+                    CheckKind::Smoke,
+                    true,
+                    &format!("cowork-sim smoke worker --token {TOKEN}: 1 prompt, 4 events"),
+                )],
+            })),
             at(10, 8, 59),
         )
         .await;
@@ -2110,12 +2214,18 @@ mod tests {
         j.command(
             (9, "scheduler-smoke"),
             "scheduler-1",
-            "smoke",
+            ActionKind::Smoke,
             1,
-            Some("succeeded"),
+            Some(Outcome::Succeeded),
             "claimed 2 due workflows once",
-            json!({ "checks": [{ "name": "scheduler smoke", "kind": "smoke", "required": true,
-                                  "passed": true, "detail": "2 due workflows claimed once" }] }),
+            Some(ActionOutput::Smoke(ChecksOutput {
+                checks: vec![check(
+                    "scheduler smoke",
+                    CheckKind::Smoke,
+                    true,
+                    "2 due workflows claimed once",
+                )],
+            })),
             at(10, 9, 39),
         )
         .await;
@@ -2132,11 +2242,11 @@ mod tests {
         j.command(
             (10, "gateway-smoke"),
             "gateway-1",
-            "smoke",
+            ActionKind::Smoke,
             1,
-            Some("timed_out"),
+            Some(Outcome::TimedOut),
             "smoke did not finish within 1m; owner ops@cowork.example",
-            Value::Null,
+            None,
             at(10, 10, 59),
         )
         .await;
@@ -2197,7 +2307,7 @@ mod tests {
         assert_eq!(v["objects"]["snapshot_id"], "20261125T073000Z-3f2a9c01");
         assert_eq!(v["objects"]["replaced"], 3);
         assert_eq!(v["objects"]["removed"], 9);
-        assert_eq!(v["quarantine_prefix"], "rollcall-quarantine/r1a2b3c4d");
+        assert_eq!(v["quarantine_prefix"], "quarantine/r1a2b3c4d");
 
         // Secret references: the point's, plus the environment's newer version; no values.
         let refs = v["secret_refs"].as_array().unwrap();
@@ -2345,7 +2455,7 @@ mod tests {
             [
                 "local Desktop threads (stay local)".to_owned(),
                 "objects the restore replaced (3) or removed (9) are not in the live store: \
-                 they are kept under rollcall-quarantine/r1a2b3c4d"
+                 they are kept under quarantine/r1a2b3c4d"
                     .to_owned()
             ]
         );
@@ -2374,7 +2484,7 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("| Quarantine prefix | `rollcall-quarantine/r1a2b3c4d` |"),
+            md.contains("| Quarantine prefix | `quarantine/r1a2b3c4d` |"),
             "{md}"
         );
         assert!(md.contains("| re-run gateway smoke with a longer timeout | alice | operator |"));
@@ -2432,11 +2542,15 @@ mod tests {
         j.command(
             (0, "preflight"),
             "db-1",
-            "preflight",
+            ActionKind::Preflight,
             0,
-            Some("succeeded"),
+            Some(Outcome::Succeeded),
             "verified",
-            json!({ "verify": null, "live_counts": live_counts() }),
+            Some(ActionOutput::Preflight(PreflightOutput {
+                verify: None,
+                live_counts: Some(live_counts()),
+                checks: vec![],
+            })),
             at(10, 0, 30),
         )
         .await;
@@ -2470,11 +2584,11 @@ mod tests {
         j.command(
             (3, "restore-postgres"),
             "db-1",
-            "restore-postgres",
+            ActionKind::RestorePostgres,
             0,
-            Some("failed"),
+            Some(Outcome::Failed),
             &format!("connect to postgres://rollcall:{PASSWORD}@db.internal/cowork refused"),
-            Value::Null,
+            None,
             at(10, 1, 59),
         )
         .await;
@@ -2482,11 +2596,11 @@ mod tests {
         j.command(
             (6, "verify"),
             "web-1",
-            "verify",
+            ActionKind::Verify,
             0,
             None,
             "",
-            Value::Null,
+            None,
             at(10, 2, 1),
         )
         .await;

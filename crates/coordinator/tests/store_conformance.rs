@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use api::model::Epoch;
+use api::model::{ActionKind, ActionOutput, Epoch, Outcome, ScaleOutput};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use coordinator::store::{
     self, CommandRecord, Error, NewRun, PhaseRecord, PhaseState, ResultRecord, RunKind, RunState,
@@ -205,8 +205,8 @@ async fn commands_are_journaled_once_and_results_first_wins(url: &str) {
         run_id: "run-c".into(),
         phase_index: 0,
         agent: "web-1".into(),
-        action: "freeze".into(),
-        payload: json!({"mode": "maintenance"}),
+        action: ActionKind::Scale,
+        payload: json!({"Scale": {"Replicas": 0}}),
         attempt: 1,
         epoch: Epoch::new(4).unwrap(),
         created_at: at(1),
@@ -229,7 +229,7 @@ async fn commands_are_journaled_once_and_results_first_wins(url: &str) {
     assert_eq!(listed[0].1, None);
 
     let different = CommandRecord {
-        payload: json!({"mode": "off"}),
+        payload: json!({"Scale": {"Replicas": 1}}),
         ..command.clone()
     };
     let err = s.record_command(&different).await;
@@ -242,10 +242,14 @@ async fn commands_are_journaled_once_and_results_first_wins(url: &str) {
         command_id: command.command_id.clone(),
         agent: "web-1".into(),
         epoch: Epoch::new(6).unwrap(),
-        outcome: "succeeded".into(),
+        outcome: Outcome::Succeeded,
         replayed: false,
-        detail: "frozen".into(),
-        output: json!({"writes_blocked": true}),
+        detail: "scaled from 2 to 0 replicas".into(),
+        output: Some(ActionOutput::Scale(ScaleOutput {
+            before: 2,
+            now: 0,
+            prior: 2,
+        })),
         received_at: at(2),
     };
     assert!(

@@ -12,7 +12,7 @@ use anyhow::Result;
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::layout::{PointId, SnapshotId, blob_key};
@@ -21,7 +21,7 @@ use crate::repo::Repository;
 use crate::snapshot::{for_each_parallel, list_blob_sizes, read_hashed};
 
 /// Outcome of a verification. `problems` is empty when the point is sound.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub point: PointId,
     pub full: bool,

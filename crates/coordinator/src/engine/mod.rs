@@ -17,8 +17,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
 use api::model::{
-    Action as AgentAction, AgentName, AgentStatus, Availability, CommandId, Outcome, ResultDetail,
-    ScaleTarget,
+    Action as AgentAction, ActionKind, ActionOutput, AgentName, AgentStatus, Availability,
+    CommandId, Outcome, ResultDetail, ScaleTarget,
 };
 use chrono::Utc;
 use serde_json::json;
@@ -189,7 +189,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
     /// Reads each environment's newest recovery point once, for the point-age metric.
     pub async fn observe_points(&self) {
         for (name, env) in &self.inner.environments {
-            let newest = match open_repository(&env.repository_ref).await {
+            let newest = match env.repository_ref.open().await {
                 Ok(repo) => repo
                     .list_points(Some(name))
                     .await
@@ -232,7 +232,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 options.in_use.insert(id);
             }
         }
-        let repo = open_repository(&env.repository_ref).await?;
+        let repo = env.repository_ref.open().await?;
         repo.prune(&options).await
     }
 
@@ -240,7 +240,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
     pub async fn verify_point(&self, id: &str, full: bool) -> Result<repository::VerifyReport> {
         let point = repository::PointId::parse(id)?;
         let env = self.environment(point.environment())?;
-        let repo = open_repository(&env.repository_ref).await?;
+        let repo = env.repository_ref.open().await?;
         repo.verify_point(&point, full).await
     }
 
@@ -259,7 +259,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         let env = self.environment(&run.environment)?;
         let point = match &run.point_id {
             Some(p) => {
-                let repo = open_repository(&env.repository_ref).await?;
+                let repo = env.repository_ref.open().await?;
                 repo.read_point(&repository::PointId::parse(p)?).await.ok()
             }
             None => None,
@@ -750,8 +750,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                     let failed = self.store.commands(id).await?.iter().any(|(c, r)| {
                         c.phase_index as usize == phase
                             && Some(c.attempt) == attempt
-                            && r.as_ref()
-                                .is_some_and(|r| r.outcome == Outcome::Failed.as_str())
+                            && r.as_ref().is_some_and(|r| r.outcome == Outcome::Failed)
                     });
                     let next = if failed {
                         format!(
@@ -1005,7 +1004,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         for (command, _) in self.store.commands(run_id).await? {
             if command.phase_index as usize != phase_index
                 || command.attempt != attempt
-                || command.action != "restore-objects"
+                || command.action != ActionKind::RestoreObjects
             {
                 continue;
             }
@@ -1024,25 +1023,16 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
     async fn verified_references(&self, run_id: &str) -> Result<Vec<api::model::ObjectReferences>> {
         let mut newest: BTreeMap<String, Vec<api::model::ObjectReferences>> = BTreeMap::new();
         for (command, result) in self.store.commands(run_id).await? {
-            let Some(result) = result.filter(|r| r.outcome == "succeeded") else {
+            let Some(ResultRecord {
+                outcome: Outcome::Succeeded,
+                output: Some(ActionOutput::Verify(verified)),
+                ..
+            }) = result
+            else {
                 continue;
             };
-            if command.action != "verify" {
-                continue;
-            }
-            let sets: Vec<api::model::ObjectReferences> = match result.output.get("references") {
-                Some(v) if !v.is_null() => {
-                    serde_json::from_value(v.clone()).with_context(|| {
-                        format!(
-                            "the references in {}'s verify result {}",
-                            command.agent, command.command_id
-                        )
-                    })?
-                }
-                _ => Vec::new(),
-            };
-            if !sets.is_empty() {
-                newest.insert(command.agent, sets);
+            if !verified.references.is_empty() {
+                newest.insert(command.agent, verified.references);
             }
         }
         Ok(newest.into_values().flatten().collect())
@@ -1095,7 +1085,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         env: &Environment,
         ctx: &RunContext,
     ) -> Result<String> {
-        let repo = open_repository(&env.repository_ref).await?;
+        let repo = env.repository_ref.open().await?;
         let point = match &ctx.point {
             Some(p) => Some(repo.read_point(&repository::PointId::parse(p)?).await?),
             None => None,
@@ -1137,7 +1127,9 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             ctx.point.as_deref().context("backup run has no point id")?,
         )?;
         let commands = self.store.commands(run_id).await?;
-        let output = |action: Action| -> Result<Option<serde_json::Value>> {
+        // The newest successful output of the plan's phases of `action`; None when the plan
+        // has no such phase.
+        let output = |action: Action| -> Result<Option<&ActionOutput>> {
             let phases: Vec<u32> = plan
                 .phases
                 .iter()
@@ -1149,22 +1141,24 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             }
             let found = commands.iter().rev().find_map(|(c, r)| {
                 r.as_ref()
-                    .filter(|r| phases.contains(&c.phase_index) && r.outcome == "succeeded")
-                    .map(|r| r.output.clone())
+                    .filter(|r| phases.contains(&c.phase_index) && r.outcome == Outcome::Succeeded)
+                    .and_then(|r| r.output.as_ref())
             });
             found
                 .map(Some)
-                .with_context(|| format!("no successful {action} result in the journal"))
+                .with_context(|| format!("no successful {action} output in the journal"))
         };
-        let postgres = output(Action::BackupPostgres)?
-            .map(serde_json::from_value::<repository::PgBackupPart>)
-            .transpose()
-            .context("the database agent's backup output")?;
-        let objects = output(Action::SnapshotObjects)?
-            .map(serde_json::from_value::<repository::ObjectSnapshotPart>)
-            .transpose()
-            .context("the objects agent's snapshot output")?;
-        let repo = open_repository(&env.repository_ref).await?;
+        let postgres = match output(Action::BackupPostgres)? {
+            None => None,
+            Some(ActionOutput::BackupPostgres(part)) => Some((**part).clone()),
+            Some(other) => bail!("the database agent's backup reported {:?}", other.kind()),
+        };
+        let objects = match output(Action::SnapshotObjects)? {
+            None => None,
+            Some(ActionOutput::SnapshotObjects(part)) => Some((**part).clone()),
+            Some(other) => bail!("the objects agent's snapshot reported {:?}", other.kind()),
+        };
+        let repo = env.repository_ref.open().await?;
         let point = repo
             .write_point(repository::NewPoint {
                 id,
@@ -1303,21 +1297,6 @@ fn agent_actions(phase: &Phase, ctx: &RunContext) -> std::result::Result<Vec<Age
     })
 }
 
-/// Opens an environment's repository with its S3 settings; credentials come from this
-/// process's environment.
-pub async fn open_repository(r: &api::model::RepositoryRef) -> Result<repository::Repository> {
-    let s3 = repository::S3Options::connection(
-        r.s3_endpoint.clone(),
-        r.s3_region.clone(),
-        r.s3_path_style,
-    );
-    let options = repository::RepositoryOptions {
-        s3,
-        ..repository::RepositoryOptions::default()
-    };
-    repository::Repository::open(&r.url, options).await
-}
-
 /// The point a restore uses: `latest` is the environment's newest point; an id must exist and
 /// belong to the environment. Checked before the run exists, so a bad id touches nothing.
 async fn resolve_point(env: &Environment, point: Option<&str>) -> Result<String> {
@@ -1328,7 +1307,7 @@ async fn resolve_point(env: &Environment, point: Option<&str>) -> Result<String>
             env.name
         );
     };
-    let repo = open_repository(&env.repository_ref).await?;
+    let repo = env.repository_ref.open().await?;
     if point == "latest" {
         let listing = repo.list_points(Some(env.name.as_str())).await?;
         return listing
@@ -1395,7 +1374,7 @@ async fn run_steps<L: AgentLink>(
                         run_id: run_id.to_owned(),
                         phase_index: phase_index as u32,
                         agent: agent.to_string(),
-                        action: action.name().to_owned(),
+                        action: action.kind(),
                         payload: serde_json::to_value(action)?,
                         attempt,
                         epoch: link.epoch(),
@@ -1414,18 +1393,31 @@ async fn run_steps<L: AgentLink>(
                     )
                     .await;
                 match sent {
-                    Ok(result) => {
-                        let output = match &result.detail {
-                            Some(ResultDetail::Output(v)) => v.clone(),
-                            Some(other) => serde_json::to_value(other)?,
-                            None => serde_json::Value::Null,
+                    Ok(mut result) => {
+                        // The one place an agent's output is read: typed by the action sent.
+                        let output = match result.detail.take() {
+                            Some(ResultDetail::Output(o)) => {
+                                match ActionOutput::decode(action.kind(), &o) {
+                                    Ok(output) => Some(output),
+                                    Err(e) => {
+                                        result.outcome = Outcome::Failed;
+                                        result.message = format!(
+                                            "{agent} reported {} but its output cannot be \
+                                             read: {e}",
+                                            result.outcome
+                                        );
+                                        None
+                                    }
+                                }
+                            }
+                            _ => None,
                         };
                         let recorded = store
                             .record_result(&ResultRecord {
                                 command_id: id.clone(),
                                 agent: agent.to_string(),
                                 epoch: result.epoch,
-                                outcome: result.outcome.as_str().to_owned(),
+                                outcome: result.outcome,
                                 replayed: result.replayed,
                                 detail: result.message.clone(),
                                 output,

@@ -14,7 +14,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use api::model::Epoch;
+use api::model::{ActionKind, ActionOutput, Epoch, Outcome};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
@@ -176,7 +176,7 @@ pub struct CommandRecord {
     pub run_id: String,
     pub phase_index: u32,
     pub agent: String,
-    pub action: String,
+    pub action: ActionKind,
     pub payload: serde_json::Value,
     pub attempt: u32,
     /// The newest epoch the command was sent under.
@@ -189,11 +189,11 @@ pub struct ResultRecord {
     pub command_id: String,
     pub agent: String,
     pub epoch: Epoch,
-    /// `api::model::Outcome::as_str` of the result.
-    pub outcome: String,
+    pub outcome: Outcome,
     pub replayed: bool,
     pub detail: String,
-    pub output: serde_json::Value,
+    /// The agent's typed output, decoded by the command's action when it arrived.
+    pub output: Option<ActionOutput>,
     pub received_at: DateTime<Utc>,
 }
 

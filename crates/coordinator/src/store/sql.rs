@@ -7,7 +7,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use api::model::Epoch;
+use api::model::{ActionKind, ActionOutput, Epoch, Output};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row as _;
@@ -42,7 +42,8 @@ macro_rules! result_columns {
     () => {
         "r.command_id AS r_command_id, r.agent AS r_agent, r.epoch AS r_epoch, \
          r.outcome AS r_outcome, r.replayed AS r_replayed, r.detail AS r_detail, \
-         r.output AS r_output, r.received_at AS r_received_at"
+         r.output AS r_output, r.output_version AS r_output_version, \
+         r.received_at AS r_received_at"
     };
 }
 
@@ -197,7 +198,7 @@ macro_rules! sql_store {
                     run_id: row.try_get("run_id")?,
                     phase_index: index(row.try_get("phase_idx")?, "command phase")?,
                     agent: row.try_get("agent")?,
-                    action: row.try_get("action")?,
+                    action: row.try_get::<String, _>("action")?.parse()?,
                     payload: json(&row.try_get::<String, _>("payload")?, "command payload")?,
                     attempt: index(row.try_get("attempt")?, "command attempt")?,
                     epoch: epoch(row.try_get("epoch")?)?,
@@ -205,19 +206,38 @@ macro_rules! sql_store {
                 })
             }
 
-            fn result_from_row(row: &$row) -> anyhow::Result<Option<ResultRecord>> {
+            /// The result of a command of `action`, its output decoded as that action's.
+            fn result_from_row(
+                row: &$row,
+                action: ActionKind,
+            ) -> anyhow::Result<Option<ResultRecord>> {
                 let Some(command_id) = row.try_get::<Option<String>, _>("r_command_id")? else {
                     return Ok(None);
                 };
+                let body = json(&row.try_get::<String, _>("r_output")?, "result output")?;
+                let output = if body.is_null() {
+                    None
+                } else {
+                    let version = row.try_get::<i64, _>("r_output_version")?;
+                    let output = Output {
+                        version: u32::try_from(version).with_context(|| {
+                            format!("output version {version} of {command_id} is invalid")
+                        })?,
+                        body,
+                    };
+                    Some(ActionOutput::decode(action, &output).with_context(|| {
+                        format!("read the journaled output of {command_id}")
+                    })?)
+                };
                 Ok(Some(ResultRecord {
-                    command_id,
                     agent: row.try_get("r_agent")?,
                     epoch: epoch(row.try_get("r_epoch")?)?,
-                    outcome: row.try_get("r_outcome")?,
+                    outcome: row.try_get::<String, _>("r_outcome")?.parse()?,
                     replayed: row.try_get("r_replayed")?,
                     detail: row.try_get("r_detail")?,
-                    output: json(&row.try_get::<String, _>("r_output")?, "result output")?,
+                    output,
                     received_at: from_ms(row.try_get("r_received_at")?)?,
+                    command_id,
                 }))
             }
         }
@@ -411,7 +431,7 @@ macro_rules! sql_store {
                 .bind(&command.run_id)
                 .bind(i64::from(command.phase_index))
                 .bind(&command.agent)
-                .bind(&command.action)
+                .bind(command.action.as_str())
                 .bind(command.payload.to_string())
                 .bind(i64::from(command.attempt))
                 .bind(epoch)
@@ -457,18 +477,21 @@ macro_rules! sql_store {
             }
 
             async fn record_result(&self, result: &ResultRecord) -> Result<bool> {
+                let output = result.output.as_ref().map(Output::from);
                 let done = sqlx::query(
                     "INSERT INTO results (command_id, agent, epoch, outcome, replayed, detail, \
-                     output, received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                     output, output_version, received_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                      ON CONFLICT (command_id) DO NOTHING",
                 )
                 .bind(&result.command_id)
                 .bind(&result.agent)
                 .bind(epoch_i64(result.epoch)?)
-                .bind(&result.outcome)
+                .bind(result.outcome.as_str())
                 .bind(result.replayed)
                 .bind(&result.detail)
-                .bind(result.output.to_string())
+                .bind(output.as_ref().map_or_else(|| "null".to_owned(), |o| o.body.to_string()))
+                .bind(output.as_ref().map_or(0, |o| i64::from(o.version)))
                 .bind(to_ms(result.received_at))
                 .execute(&self.pool)
                 .await;
@@ -500,7 +523,9 @@ macro_rules! sql_store {
                 .map_err(backend("read a run's commands"))?;
                 let mut out = Vec::with_capacity(rows.len());
                 for row in &rows {
-                    out.push((Self::command_from_row(row)?, Self::result_from_row(row)?));
+                    let command = Self::command_from_row(row)?;
+                    let result = Self::result_from_row(row, command.action)?;
+                    out.push((command, result));
                 }
                 Ok(out)
             }

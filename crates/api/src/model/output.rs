@@ -1,0 +1,414 @@
+//! What agents report, typed: one output per action, produced by the agent and decoded once by
+//! the coordinator ([`ActionOutput::decode`]) before it journals the result.
+//!
+//! On the wire, in an agent's state directory and in the coordinator's journal an output is
+//! JSON ([`Output`]) with the version of its shape. Version 0 is an agent from before outputs
+//! were versioned: its JSON has the keys of version 1, so it reads the same. A field added
+//! later carries `#[serde(default)]`, so an older agent's output still reads; a change of
+//! meaning bumps [`OUTPUT_VERSION`] and gives `decode` a branch for the older shape.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{ActionKind, Invalid, ObjectReferences, ScaleOutput};
+
+/// The version of the output shapes this build writes and reads.
+pub const OUTPUT_VERSION: u32 = 1;
+
+/// Row counts keyed as a point's `table_counts` (`table`, or `table[column=value]`).
+pub type Counts = BTreeMap<String, i64>;
+
+/// An action's output as it travels and is kept: the JSON of its typed form and the version of
+/// that form. Reads the bare JSON an agent recorded before outputs were versioned (version 0).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "OutputRepr")]
+pub struct Output {
+    pub version: u32,
+    pub body: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OutputRepr {
+    Versioned {
+        version: u32,
+        body: Value,
+    },
+    /// No output of any version has both a `version` and a `body` key, so a bare one never
+    /// reads as versioned.
+    Bare(Value),
+}
+
+impl From<OutputRepr> for Output {
+    fn from(repr: OutputRepr) -> Output {
+        match repr {
+            OutputRepr::Versioned { version, body } => Output { version, body },
+            OutputRepr::Bare(body) => Output { version: 0, body },
+        }
+    }
+}
+
+/// What kind of thing a check looked at; the drill report groups and labels checks by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    /// Something preflight found in the live system (a counted table gone).
+    Preflight,
+    /// The live schema against the point's.
+    Schema,
+    /// An HTTP endpoint of the role.
+    Http,
+    /// A table's rows against the point's count.
+    Count,
+    /// A SQL invariant.
+    Invariant,
+    /// The live object store against the point's manifest.
+    Objects,
+    /// Objects that restored rows refer to.
+    Reference,
+    /// A smoke command.
+    Smoke,
+    /// A kind this build does not know (a newer agent's).
+    #[serde(other)]
+    Other,
+}
+
+impl CheckKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckKind::Preflight => "preflight",
+            CheckKind::Schema => "schema",
+            CheckKind::Http => "http",
+            CheckKind::Count => "count",
+            CheckKind::Invariant => "invariant",
+            CheckKind::Objects => "objects",
+            CheckKind::Reference => "reference",
+            CheckKind::Smoke => "smoke",
+            CheckKind::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for CheckKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// One check's verdict, as the drill report shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub kind: CheckKind,
+    /// A failed required check fails its command; an optional one is a warning.
+    pub required: bool,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// `preflight`: the point checked before anything is frozen, and what the live system holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreflightOutput {
+    /// The point's verification (dump checksum, manifest, blobs).
+    pub verify: Option<repository::VerifyReport>,
+    /// The live database's counts before the restore (database agents only).
+    pub live_counts: Option<Counts>,
+    /// What preflight found beside the point: counted tables gone, the schema against the
+    /// point's.
+    #[serde(default)]
+    pub checks: Vec<Check>,
+}
+
+/// `restore-postgres`: the point's dump restored and swapped in; the previous database kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestorePostgresOutput {
+    /// The live database's name.
+    pub database: String,
+    /// Where the database the restore replaced is kept.
+    pub pre_restore_database: String,
+    pub point: String,
+    /// Bytes of dump restored (0 when an earlier execution had restored them).
+    pub archive_bytes: u64,
+    /// How an interrupted restore was completed (`already swapped`, `finished an interrupted
+    /// swap`); empty when this execution restored from the start.
+    #[serde(default)]
+    pub resumed: String,
+    pub elapsed_ms: u64,
+}
+
+/// `restore-objects`: one shard of the live store made equal to the point's manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreObjectsOutput {
+    /// The snapshot restored.
+    pub snapshot: String,
+    pub shard: u32,
+    pub shards: u32,
+    /// Objects written from the snapshot, and their bytes.
+    pub restored: u64,
+    pub restored_bytes: u64,
+    /// Objects that already matched.
+    pub unchanged: u64,
+    /// Objects whose content was replaced, and objects the point lacks: both moved to the
+    /// quarantine first.
+    pub replaced: u64,
+    pub removed: u64,
+    /// Where in the repository replaced and removed objects are kept (`quarantine/<tag>`).
+    pub quarantine_prefix: String,
+}
+
+/// `verify`: the checks against the point, the live counts, and the object keys the restored
+/// rows refer to (for `check-objects` on the objects agents).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyOutput {
+    pub checks: Vec<Check>,
+    /// The live database's counts after the restore (database agents only).
+    pub counts: Option<Counts>,
+    #[serde(default)]
+    pub references: Vec<ObjectReferences>,
+}
+
+/// `check-objects` and `smoke`: their checks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChecksOutput {
+    pub checks: Vec<Check>,
+}
+
+/// The typed output of one action.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum ActionOutput {
+    Scale(ScaleOutput),
+    BackupPostgres(Box<repository::PgBackupPart>),
+    SnapshotObjects(Box<repository::ObjectSnapshotPart>),
+    Preflight(PreflightOutput),
+    RestorePostgres(RestorePostgresOutput),
+    RestoreObjects(RestoreObjectsOutput),
+    Verify(VerifyOutput),
+    CheckObjects(ChecksOutput),
+    Smoke(ChecksOutput),
+}
+
+impl ActionOutput {
+    /// The action that reports this output.
+    pub fn kind(&self) -> ActionKind {
+        match self {
+            ActionOutput::Scale(_) => ActionKind::Scale,
+            ActionOutput::BackupPostgres(_) => ActionKind::BackupPostgres,
+            ActionOutput::SnapshotObjects(_) => ActionKind::SnapshotObjects,
+            ActionOutput::Preflight(_) => ActionKind::Preflight,
+            ActionOutput::RestorePostgres(_) => ActionKind::RestorePostgres,
+            ActionOutput::RestoreObjects(_) => ActionKind::RestoreObjects,
+            ActionOutput::Verify(_) => ActionKind::Verify,
+            ActionOutput::CheckObjects(_) => ActionKind::CheckObjects,
+            ActionOutput::Smoke(_) => ActionKind::Smoke,
+        }
+    }
+
+    /// Reads the output an agent reported for `action`.
+    pub fn decode(action: ActionKind, output: &Output) -> Result<ActionOutput, Invalid> {
+        if output.version > OUTPUT_VERSION {
+            return Err(Invalid::new(
+                "output version",
+                format!(
+                    "{action} output version {} is newer than this build reads \
+                     ({OUTPUT_VERSION}); upgrade the coordinator before its agents",
+                    output.version
+                ),
+            ));
+        }
+        fn read<T: DeserializeOwned>(action: ActionKind, body: &Value) -> Result<T, Invalid> {
+            T::deserialize(body)
+                .map_err(|e| Invalid::new("output", format!("of {action} does not read: {e}")))
+        }
+        let body = &output.body;
+        Ok(match action {
+            ActionKind::Scale => ActionOutput::Scale(read(action, body)?),
+            ActionKind::BackupPostgres => ActionOutput::BackupPostgres(read(action, body)?),
+            ActionKind::SnapshotObjects => ActionOutput::SnapshotObjects(read(action, body)?),
+            ActionKind::Preflight => ActionOutput::Preflight(read(action, body)?),
+            ActionKind::RestorePostgres => ActionOutput::RestorePostgres(read(action, body)?),
+            ActionKind::RestoreObjects => ActionOutput::RestoreObjects(read(action, body)?),
+            ActionKind::Verify => ActionOutput::Verify(read(action, body)?),
+            ActionKind::CheckObjects => ActionOutput::CheckObjects(read(action, body)?),
+            ActionKind::Smoke => ActionOutput::Smoke(read(action, body)?),
+            ActionKind::Ping
+            | ActionKind::Describe
+            | ActionKind::Freeze
+            | ActionKind::Unfreeze
+            | ActionKind::Restart => {
+                return Err(Invalid::new(
+                    "output",
+                    format!("{action} reports no output, yet one came"),
+                ));
+            }
+        })
+    }
+
+    /// The checks the output lists (preflight, verify, check-objects, smoke); none otherwise.
+    pub fn checks(&self) -> &[Check] {
+        match self {
+            ActionOutput::Preflight(o) => &o.checks,
+            ActionOutput::Verify(o) => &o.checks,
+            ActionOutput::CheckObjects(o) | ActionOutput::Smoke(o) => &o.checks,
+            ActionOutput::Scale(_)
+            | ActionOutput::BackupPostgres(_)
+            | ActionOutput::SnapshotObjects(_)
+            | ActionOutput::RestorePostgres(_)
+            | ActionOutput::RestoreObjects(_) => &[],
+        }
+    }
+}
+
+impl From<&ActionOutput> for Output {
+    fn from(output: &ActionOutput) -> Output {
+        Output {
+            version: OUTPUT_VERSION,
+            // Plain structs of strings, numbers, maps with string keys and options.
+            body: serde_json::to_value(output).unwrap_or(Value::Null),
+        }
+    }
+}
+
+impl From<ActionOutput> for Output {
+    fn from(output: ActionOutput) -> Output {
+        Output::from(&output)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use serde_json::json;
+
+    fn check(kind: CheckKind) -> Check {
+        Check {
+            name: "count sessions".into(),
+            kind,
+            required: true,
+            passed: true,
+            detail: "restored 3, point 3".into(),
+        }
+    }
+
+    #[test]
+    fn every_output_round_trips_through_its_wire_form() {
+        let outputs = [
+            ActionOutput::Scale(ScaleOutput {
+                before: 2,
+                now: 0,
+                prior: 2,
+            }),
+            ActionOutput::Preflight(PreflightOutput {
+                verify: None,
+                live_counts: Some(Counts::from([("sessions".into(), 3)])),
+                checks: vec![check(CheckKind::Schema)],
+            }),
+            ActionOutput::RestorePostgres(RestorePostgresOutput {
+                database: "cowork".into(),
+                pre_restore_database: "cowork_pre_r1a2b3c4d".into(),
+                point: "20261125T073000Z-prod-3f2a9c01".into(),
+                archive_bytes: 4096,
+                resumed: String::new(),
+                elapsed_ms: 1200,
+            }),
+            ActionOutput::RestoreObjects(RestoreObjectsOutput {
+                snapshot: "20261125T073000Z-3f2a9c01".into(),
+                shard: 1,
+                shards: 2,
+                restored: 12,
+                restored_bytes: 4096,
+                unchanged: 30,
+                replaced: 3,
+                removed: 9,
+                quarantine_prefix: "quarantine/r1a2b3c4d".into(),
+            }),
+            ActionOutput::Verify(VerifyOutput {
+                checks: vec![check(CheckKind::Count)],
+                counts: Some(Counts::from([("sessions".into(), 3)])),
+                references: vec![ObjectReferences {
+                    name: "artifacts".into(),
+                    keys: vec!["a/1".into()],
+                    total: 1,
+                    sampled: false,
+                    required: true,
+                }],
+            }),
+            ActionOutput::CheckObjects(ChecksOutput {
+                checks: vec![check(CheckKind::Reference)],
+            }),
+            ActionOutput::Smoke(ChecksOutput {
+                checks: vec![check(CheckKind::Smoke)],
+            }),
+        ];
+        for output in outputs {
+            let wire = Output::from(&output);
+            assert_eq!(wire.version, OUTPUT_VERSION);
+            // Through JSON text as the agent's state directory and the journal keep it.
+            let kept: Output =
+                serde_json::from_str(&serde_json::to_string(&wire).unwrap()).unwrap();
+            assert_eq!(ActionOutput::decode(output.kind(), &kept), Ok(output));
+        }
+    }
+
+    #[test]
+    fn an_output_from_before_versions_still_reads() {
+        // What agents wrote before outputs were typed: bare JSON, no version.
+        let bare: Output = serde_json::from_value(json!({
+            "snapshot": "20261125T073000Z-3f2a9c01", "shard": 0, "shards": 1, "restored": 12,
+            "restored_bytes": 4096, "unchanged": 30, "replaced": 3, "removed": 9,
+            "quarantine_prefix": "quarantine/r1a2b3c4d",
+        }))
+        .unwrap();
+        assert_eq!(bare.version, 0);
+        let ActionOutput::RestoreObjects(o) =
+            ActionOutput::decode(ActionKind::RestoreObjects, &bare).unwrap()
+        else {
+            panic!("not a restore-objects output");
+        };
+        assert_eq!(
+            (o.restored, o.quarantine_prefix.as_str()),
+            (12, "quarantine/r1a2b3c4d")
+        );
+        // A verify before references existed, a check kind this build does not know.
+        let old_verify = Output {
+            version: 0,
+            body: json!({ "checks": [{ "name": "x", "kind": "quantum", "required": false,
+                "passed": true, "detail": "" }], "counts": null }),
+        };
+        let ActionOutput::Verify(v) =
+            ActionOutput::decode(ActionKind::Verify, &old_verify).unwrap()
+        else {
+            panic!("not a verify output");
+        };
+        assert!(v.references.is_empty());
+        assert_eq!(v.checks[0].kind, CheckKind::Other);
+    }
+
+    #[test]
+    fn a_newer_or_wrong_output_is_refused_with_what_to_do() {
+        let newer = Output {
+            version: OUTPUT_VERSION + 1,
+            body: json!({ "checks": [] }),
+        };
+        let err = ActionOutput::decode(ActionKind::Smoke, &newer).unwrap_err();
+        assert!(err.reason.contains("upgrade the coordinator"), "{err}");
+        let wrong = Output {
+            version: OUTPUT_VERSION,
+            body: json!({ "database": "cowork" }),
+        };
+        let err = ActionOutput::decode(ActionKind::RestorePostgres, &wrong).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("invalid output: of restore-postgres does not read"),
+            "{err}"
+        );
+        let err = ActionOutput::decode(ActionKind::Freeze, &wrong).unwrap_err();
+        assert!(err.reason.contains("reports no output"), "{err}");
+    }
+}
