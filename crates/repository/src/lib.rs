@@ -17,7 +17,6 @@
 mod body;
 mod layout;
 mod lock;
-mod pg_copy;
 mod pipe;
 mod point;
 mod postgres;
