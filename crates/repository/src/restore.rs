@@ -20,16 +20,13 @@ use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, WriteMul
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::layout::{PointId, SnapshotId, blob_key};
+use crate::layout::{PointId, QUARANTINE_ROOT, SnapshotId, blob_key, quarantine_prefix};
 use crate::repo::Repository;
 use crate::snapshot::{
     Manifest, ManifestEntry, ProgressFn, TransferPhase, TransferProgress, for_each_parallel,
     read_hashed,
 };
 use crate::store::retry;
-
-/// Top-level prefix of the target store under which restores keep what they displaced.
-pub const QUARANTINE_ROOT: &str = "rollcall-quarantine";
 
 /// One of `count` disjoint parts of a restore, by key hash. Shard `0/1` is the whole restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -240,12 +237,10 @@ async fn restore_manifest(
         .validate()
         .with_context(|| format!("restore snapshot {snapshot}"))?;
     let target_prefix = options.target_prefix.clone().unwrap_or_default();
-    let quarantine = options.quarantine_prefix.clone().unwrap_or_else(|| {
-        Path::from(format!(
-            "{QUARANTINE_ROOT}/{}-{snapshot}",
-            Utc::now().format("%Y%m%dT%H%M%SZ")
-        ))
-    });
+    let quarantine = options
+        .quarantine_prefix
+        .clone()
+        .unwrap_or_else(|| quarantine_prefix(snapshot, Utc::now()));
     let quarantine_root = Path::from(QUARANTINE_ROOT);
     if !options.quarantine_in_repository
         && !target_prefix.is_root()

@@ -23,7 +23,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::layout::{BLOBS, SNAPSHOTS, STAGING, SnapshotId, blob_key, blob_sha, manifest_key};
+use crate::layout::{
+    BLOBS, QUARANTINE_ROOT, SNAPSHOTS, STAGING, SnapshotId, blob_key, blob_sha, manifest_key,
+};
 use crate::lock::LockKind;
 use crate::repo::{RepoError, Repository};
 use crate::store::retry;
@@ -103,7 +105,7 @@ impl SnapshotOptions {
             part_size: 8 << 20,
             memory_budget: 256 << 20,
             previous: PreviousSnapshot::Auto,
-            exclude: vec![Path::from(crate::restore::QUARANTINE_ROOT)],
+            exclude: vec![Path::from(QUARANTINE_ROOT)],
         }
     }
 }

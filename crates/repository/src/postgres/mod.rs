@@ -1,6 +1,7 @@
-//! Postgres backups into the repository and restores out of it: the types a point records
-//! about a dump, and the entry points (`backup_postgres`, `restore_postgres`, `fetch_dump`, the
-//! catalog reads that preflight and verification share).
+//! Postgres backups into the repository and restores out of it. This file holds what the parts
+//! share: the types a point records about its dump, the counts to take and progress reports.
+//! The parts import these from here (never the other way round); `lib.rs` re-exports the
+//! public API from each part.
 //!
 //! Backup ([`backup`]): open a REPEATABLE READ transaction, export its snapshot
 //! (`pg_export_snapshot()`), count the configured tables in it, and run several
@@ -30,12 +31,12 @@
 //!
 //! Passwords travel to the tools in `PGPASSWORD`, never on a command line ([`conn`]).
 
-mod backup;
-mod catalog;
+pub(crate) mod backup;
+pub(crate) mod catalog;
 mod conn;
-mod fetch;
+pub(crate) mod fetch;
 mod parallel_copy;
-mod restore;
+pub(crate) mod restore;
 mod toc;
 
 use std::collections::BTreeMap;
@@ -43,12 +44,6 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-
-pub use backup::{PgBackupOptions, backup_postgres};
-pub use catalog::{count_rows, missing_tables, table_columns};
-pub(crate) use fetch::download_dump;
-pub use fetch::fetch_dump;
-pub use restore::{PgRestoreOptions, PgRestoreReport, default_restore_jobs, restore_postgres};
 
 /// How the dump is compressed in the repository.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
