@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -23,7 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::layout::{PointId, QUARANTINE_ROOT, SnapshotId, blob_key, quarantine_prefix};
 use crate::repo::Repository;
 use crate::snapshot::{
-    Manifest, ManifestEntry, ProgressFn, TransferPhase, TransferProgress, for_each_parallel,
+    Manifest, ManifestEntry, ProgressFn, TransferCounters, TransferPhase, for_each_parallel,
     read_hashed,
 };
 use crate::store::retry;
@@ -580,48 +579,26 @@ fn join(prefix: &Path, key: &str) -> Result<Path> {
 
 struct Progress {
     callback: Option<ProgressFn>,
-    objects_total: u64,
-    bytes_total: u64,
-    objects_done: AtomicU64,
-    bytes_done: AtomicU64,
-    objects_copied: AtomicU64,
-    bytes_copied: AtomicU64,
+    counters: TransferCounters,
 }
 
 impl Progress {
     fn new(callback: Option<ProgressFn>, objects_total: u64, bytes_total: u64) -> Progress {
         Progress {
             callback,
-            objects_total,
-            bytes_total,
-            objects_done: AtomicU64::new(0),
-            bytes_done: AtomicU64::new(0),
-            objects_copied: AtomicU64::new(0),
-            bytes_copied: AtomicU64::new(0),
+            counters: TransferCounters::with_totals(objects_total, bytes_total),
         }
     }
 
     fn done(&self, bytes: u64, copied: bool) {
-        self.objects_done.fetch_add(1, Ordering::Relaxed);
-        self.bytes_done.fetch_add(bytes, Ordering::Relaxed);
+        self.counters.add_done(bytes);
         if copied {
-            self.objects_copied.fetch_add(1, Ordering::Relaxed);
-            self.bytes_copied.fetch_add(bytes, Ordering::Relaxed);
+            self.counters.add_copied(bytes);
         }
     }
 
     fn report(&self, phase: TransferPhase) {
-        if let Some(callback) = &self.callback {
-            callback(&TransferProgress {
-                phase,
-                objects_total: self.objects_total,
-                bytes_total: self.bytes_total,
-                objects_done: self.objects_done.load(Ordering::Relaxed),
-                bytes_done: self.bytes_done.load(Ordering::Relaxed),
-                objects_copied: self.objects_copied.load(Ordering::Relaxed),
-                bytes_copied: self.bytes_copied.load(Ordering::Relaxed),
-            });
-        }
+        self.counters.report(self.callback.as_ref(), phase);
     }
 }
 

@@ -20,7 +20,7 @@ use sqlx::{Connection, Executor};
 use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 
-use super::catalog::{TableSize, count_rows, list_tables, quote_qualified, table_columns};
+use super::catalog::{TableSize, count_rows, list_tables, table_columns, table_exists};
 use super::conn::{DbUrl, collect_stderr, connect, last_lines, pick_tool, tool_candidates};
 use super::{
     Compression, CountSpec, DumpContent, DumpFile, PgBackupPart, PgProgress, PgProgressFn, report,
@@ -464,12 +464,7 @@ async fn wait_stopped(stopped: &mut watch::Receiver<bool>) {
 /// Fails, naming the table, when a table to count does not exist.
 async fn check_tables(conn: &mut PgConnection, specs: &[CountSpec], database: &str) -> Result<()> {
     for spec in specs {
-        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-            .bind(quote_qualified(&spec.table))
-            .fetch_one(&mut *conn)
-            .await
-            .with_context(|| format!("look up table {}", spec.table))?;
-        if !exists {
+        if !table_exists(conn, &spec.table).await? {
             bail!(
                 "table {} (counted as {:?}) does not exist in database {database}: fix the \
                  tables to count in the Postgres backup configuration",

@@ -57,16 +57,20 @@ pub(super) async fn list_tables(conn: &mut PgConnection) -> Result<Vec<TableSize
         .collect())
 }
 
+/// Whether `table` (`table` or `schema.table`, as [`CountSpec::table`]) exists on `conn`.
+pub(super) async fn table_exists(conn: &mut PgConnection, table: &str) -> Result<bool> {
+    sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(quote_qualified(table))
+        .fetch_one(&mut *conn)
+        .await
+        .with_context(|| format!("look up table {table}"))
+}
+
 /// The tables of `specs` that do not exist on `conn` (as `CountSpec::table` names them).
 pub async fn missing_tables(conn: &mut PgConnection, specs: &[CountSpec]) -> Result<Vec<String>> {
     let mut missing = Vec::new();
     for spec in specs {
-        let found: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-            .bind(quote_qualified(&spec.table))
-            .fetch_one(&mut *conn)
-            .await
-            .with_context(|| format!("look up table {}", spec.table))?;
-        if !found && !missing.contains(&spec.table) {
+        if !table_exists(conn, &spec.table).await? && !missing.contains(&spec.table) {
             missing.push(spec.table.clone());
         }
     }
