@@ -43,12 +43,7 @@ async fn run() {
     let plain_cpu = pg_dataset::busy_cpu() - cpu;
     let plain_size = std::fs::metadata(&plain_file).expect("size").len();
 
-    let repo = Repository::open(
-        &format!("file://{}", dir.path().join("repo").display()),
-        RepositoryOptions::default(),
-    )
-    .await
-    .expect("repo");
+    let repo = pg_dataset::file_repo(dir.path()).await;
     let counts = vec![
         CountSpec::table("sessions"),
         CountSpec::table("session_events"),
@@ -89,10 +84,7 @@ async fn run() {
         level: 3,
         workers: cores,
     };
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let rounds = pg_dataset::rounds();
     let mut variants = Vec::new();
     for round in 1..=rounds {
         variants.push((

@@ -32,10 +32,7 @@ fn main() {
 async fn run() {
     let cluster = pg_dataset::start();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let rounds = pg_dataset::rounds();
     let dir = tempfile::tempdir().expect("tempdir");
 
     // The runbook's dump file, and an uncompressed one (pg_restore then inflates nothing).
@@ -53,12 +50,7 @@ async fn run() {
         assert!(status.success());
     }
 
-    let repo = Repository::open(
-        &format!("file://{}", dir.path().join("repo").display()),
-        RepositoryOptions::default(),
-    )
-    .await
-    .expect("repo");
+    let repo = pg_dataset::file_repo(dir.path()).await;
     let id = PointId::new("bench", chrono::Utc::now()).expect("id");
     let mut options = PgBackupOptions::new(id.clone(), cluster.url("app"));
     options.bin_dir = Some(cluster.bin_dir().to_path_buf());

@@ -12,6 +12,9 @@
 //! objects/staging/<snapshot-id>/...   large bodies being uploaded before their hash is known
 //! locks/<lock-id>.json                shared (snapshot) and exclusive (prune) repository locks
 //! ```
+//!
+//! A restore of objects keeps what it displaced in the target store (or, if asked, in the
+//! repository) under `rollcall-quarantine/<UTC time>-<snapshot-id>/`; snapshots skip that prefix.
 
 use std::fmt;
 
@@ -26,6 +29,9 @@ pub(crate) const SNAPSHOTS: &str = "objects/snapshots";
 pub(crate) const BLOBS: &str = "objects/blobs";
 pub(crate) const STAGING: &str = "objects/staging";
 pub(crate) const LOCKS: &str = "locks";
+
+/// Top-level prefix of the target store under which restores keep what they displaced.
+pub const QUARANTINE_ROOT: &str = "rollcall-quarantine";
 
 const TIMESTAMP: &str = "%Y%m%dT%H%M%SZ";
 const TIMESTAMP_LEN: usize = 16;
@@ -49,6 +55,14 @@ pub(crate) fn dump_dir(id: &PointId) -> Path {
 pub(crate) fn dump_file_key(id: &PointId, name: &str, compressed: bool) -> Path {
     let ext = if compressed { "dump.zst" } else { "dump" };
     Path::from(format!("{POSTGRES}/{id}/{name}.{ext}"))
+}
+
+/// The default quarantine of one restore: `rollcall-quarantine/<UTC time>-<snapshot-id>`.
+pub(crate) fn quarantine_prefix(snapshot: &SnapshotId, at: DateTime<Utc>) -> Path {
+    Path::from(format!(
+        "{QUARANTINE_ROOT}/{}-{snapshot}",
+        at.format(TIMESTAMP)
+    ))
 }
 
 pub(crate) fn manifest_key(id: &SnapshotId) -> Path {

@@ -17,7 +17,6 @@
 mod body;
 mod layout;
 mod lock;
-mod pg_copy;
 mod pipe;
 mod point;
 mod postgres;
@@ -29,18 +28,22 @@ mod snapshot;
 mod store;
 mod verify;
 
-pub use layout::{PointId, SnapshotId, validate_environment};
+pub use layout::{PointId, QUARANTINE_ROOT, SnapshotId, validate_environment};
 pub use point::{DamagedPoint, NewPoint, Point, PointListing};
+pub use postgres::backup::{PgBackupOptions, backup_postgres};
+pub use postgres::catalog::{count_rows, missing_tables, table_columns};
+pub use postgres::fetch::fetch_dump;
+pub use postgres::restore::{
+    PgRestoreOptions, PgRestoreReport, default_restore_jobs, restore_postgres,
+};
 pub use postgres::{
-    Compression, CountSpec, DumpContent, DumpFile, PgBackupOptions, PgBackupPart, PgProgress,
-    PgProgressFn, PgRestoreOptions, PgRestoreReport, TableColumns, backup_postgres, count_rows,
-    default_restore_jobs, fetch_dump, missing_tables, restore_postgres, table_columns,
+    Compression, CountSpec, DumpContent, DumpFile, PgBackupPart, PgProgress, PgProgressFn,
+    TableColumns,
 };
 pub use prune::{KeepReason, KeptPoint, PruneOptions, PruneReport};
 pub use repo::{RepoError, Repository, RepositoryOptions};
 pub use restore::{
-    QUARANTINE_ROOT, RestoreObjectsOptions, RestoreObjectsReport, Shard, restore_objects,
-    restore_point_objects,
+    RestoreObjectsOptions, RestoreObjectsReport, Shard, restore_objects, restore_point_objects,
 };
 pub use secrets::{SecretRef, SecretRefSource, load_secret_refs};
 pub use snapshot::{

@@ -1,5 +1,6 @@
 //! Bridges between the async side (object store streams) and blocking threads (zstd, child
-//! process pipes): a `Write` that sends chunks down a channel and a `Read` that receives them.
+//! process pipes): a `Write` that sends chunks down a channel, a `Read` that receives them, a
+//! blocking copy in large chunks, and wider pipes to child processes.
 
 use std::io::{self, Read, Write};
 
@@ -93,4 +94,29 @@ impl<R: Read> Read for CountingReader<R> {
         self.count += n as u64;
         Ok(n)
     }
+}
+
+/// Reads `input` to its end into `out` in chunks of up to 1 MiB.
+pub(crate) fn copy_large(input: &mut impl Read, out: &mut impl Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        out.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+/// A 1 MiB pipe instead of 64 KiB: fewer wake-ups of the tool at the other end (pg_dump,
+/// pg_restore) and of us. Best effort.
+pub(crate) fn widen_pipe(file: &impl std::os::fd::AsFd) {
+    #[cfg(target_os = "linux")]
+    let _ = nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
 }

@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -20,16 +19,13 @@ use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, WriteMul
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::layout::{PointId, SnapshotId, blob_key};
+use crate::layout::{PointId, QUARANTINE_ROOT, SnapshotId, blob_key, quarantine_prefix};
 use crate::repo::Repository;
 use crate::snapshot::{
-    Manifest, ManifestEntry, ProgressFn, TransferPhase, TransferProgress, for_each_parallel,
+    Manifest, ManifestEntry, ProgressFn, TransferCounters, TransferPhase, for_each_parallel,
     read_hashed,
 };
 use crate::store::retry;
-
-/// Top-level prefix of the target store under which restores keep what they displaced.
-pub const QUARANTINE_ROOT: &str = "rollcall-quarantine";
 
 /// One of `count` disjoint parts of a restore, by key hash. Shard `0/1` is the whole restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -240,12 +236,10 @@ async fn restore_manifest(
         .validate()
         .with_context(|| format!("restore snapshot {snapshot}"))?;
     let target_prefix = options.target_prefix.clone().unwrap_or_default();
-    let quarantine = options.quarantine_prefix.clone().unwrap_or_else(|| {
-        Path::from(format!(
-            "{QUARANTINE_ROOT}/{}-{snapshot}",
-            Utc::now().format("%Y%m%dT%H%M%SZ")
-        ))
-    });
+    let quarantine = options
+        .quarantine_prefix
+        .clone()
+        .unwrap_or_else(|| quarantine_prefix(snapshot, Utc::now()));
     let quarantine_root = Path::from(QUARANTINE_ROOT);
     if !options.quarantine_in_repository
         && !target_prefix.is_root()
@@ -585,48 +579,26 @@ fn join(prefix: &Path, key: &str) -> Result<Path> {
 
 struct Progress {
     callback: Option<ProgressFn>,
-    objects_total: u64,
-    bytes_total: u64,
-    objects_done: AtomicU64,
-    bytes_done: AtomicU64,
-    objects_copied: AtomicU64,
-    bytes_copied: AtomicU64,
+    counters: TransferCounters,
 }
 
 impl Progress {
     fn new(callback: Option<ProgressFn>, objects_total: u64, bytes_total: u64) -> Progress {
         Progress {
             callback,
-            objects_total,
-            bytes_total,
-            objects_done: AtomicU64::new(0),
-            bytes_done: AtomicU64::new(0),
-            objects_copied: AtomicU64::new(0),
-            bytes_copied: AtomicU64::new(0),
+            counters: TransferCounters::with_totals(objects_total, bytes_total),
         }
     }
 
     fn done(&self, bytes: u64, copied: bool) {
-        self.objects_done.fetch_add(1, Ordering::Relaxed);
-        self.bytes_done.fetch_add(bytes, Ordering::Relaxed);
+        self.counters.add_done(bytes);
         if copied {
-            self.objects_copied.fetch_add(1, Ordering::Relaxed);
-            self.bytes_copied.fetch_add(bytes, Ordering::Relaxed);
+            self.counters.add_copied(bytes);
         }
     }
 
     fn report(&self, phase: TransferPhase) {
-        if let Some(callback) = &self.callback {
-            callback(&TransferProgress {
-                phase,
-                objects_total: self.objects_total,
-                bytes_total: self.bytes_total,
-                objects_done: self.objects_done.load(Ordering::Relaxed),
-                bytes_done: self.bytes_done.load(Ordering::Relaxed),
-                objects_copied: self.objects_copied.load(Ordering::Relaxed),
-                bytes_copied: self.bytes_copied.load(Ordering::Relaxed),
-            });
-        }
+        self.counters.report(self.callback.as_ref(), phase);
     }
 }
 

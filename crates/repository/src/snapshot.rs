@@ -23,7 +23,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::layout::{BLOBS, SNAPSHOTS, STAGING, SnapshotId, blob_key, blob_sha, manifest_key};
+use crate::layout::{
+    BLOBS, QUARANTINE_ROOT, SNAPSHOTS, STAGING, SnapshotId, blob_key, blob_sha, manifest_key,
+};
 use crate::lock::LockKind;
 use crate::repo::{RepoError, Repository};
 use crate::store::retry;
@@ -103,7 +105,7 @@ impl SnapshotOptions {
             part_size: 8 << 20,
             memory_budget: 256 << 20,
             previous: PreviousSnapshot::Auto,
-            exclude: vec![Path::from(crate::restore::QUARANTINE_ROOT)],
+            exclude: vec![Path::from(QUARANTINE_ROOT)],
         }
     }
 }
@@ -155,6 +157,70 @@ pub struct TransferProgress {
 /// Called with progress; must be cheap (it runs on the copying tasks).
 pub type ProgressFn = Arc<dyn Fn(&TransferProgress) + Send + Sync>;
 
+/// The counts behind [`TransferProgress`], added to by many tasks at once (a snapshot's and an
+/// object restore's).
+#[derive(Default)]
+pub(crate) struct TransferCounters {
+    objects_total: AtomicU64,
+    bytes_total: AtomicU64,
+    objects_done: AtomicU64,
+    bytes_done: AtomicU64,
+    objects_copied: AtomicU64,
+    bytes_copied: AtomicU64,
+}
+
+impl TransferCounters {
+    /// Counters for a transfer whose size is known up front.
+    pub(crate) fn with_totals(objects: u64, bytes: u64) -> TransferCounters {
+        TransferCounters {
+            objects_total: AtomicU64::new(objects),
+            bytes_total: AtomicU64::new(bytes),
+            ..TransferCounters::default()
+        }
+    }
+
+    /// One more object to transfer, of `bytes`.
+    pub(crate) fn add_total(&self, bytes: u64) {
+        self.objects_total.fetch_add(1, Ordering::Relaxed);
+        self.bytes_total.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// One more object accounted for (reused, already right, or written), of `bytes`.
+    pub(crate) fn add_done(&self, bytes: u64) {
+        self.objects_done.fetch_add(1, Ordering::Relaxed);
+        self.bytes_done.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// One more body written, of `bytes`.
+    pub(crate) fn add_copied(&self, bytes: u64) {
+        self.objects_copied.fetch_add(1, Ordering::Relaxed);
+        self.bytes_copied.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn objects_copied(&self) -> u64 {
+        self.objects_copied.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn bytes_copied(&self) -> u64 {
+        self.bytes_copied.load(Ordering::Relaxed)
+    }
+
+    /// Tells `callback`, if there is one, the counts so far.
+    pub(crate) fn report(&self, callback: Option<&ProgressFn>, phase: TransferPhase) {
+        if let Some(callback) = callback {
+            callback(&TransferProgress {
+                phase,
+                objects_total: self.objects_total.load(Ordering::Relaxed),
+                bytes_total: self.bytes_total.load(Ordering::Relaxed),
+                objects_done: self.objects_done.load(Ordering::Relaxed),
+                bytes_done: self.bytes_done.load(Ordering::Relaxed),
+                objects_copied: self.objects_copied(),
+                bytes_copied: self.bytes_copied(),
+            });
+        }
+    }
+}
+
 /// Snapshots the live store `source` into the repository. Holds a shared repository lock
 /// until the manifest is written, so a concurrent prune cannot sweep a blob it relies on.
 #[tracing::instrument(name = "repository.objects.snapshot", skip_all, fields(source = %options.source_label))]
@@ -191,34 +257,13 @@ struct Ctx {
     known: Mutex<HashSet<String>>,
     memory: Arc<Semaphore>,
     memory_units: u32,
-    counters: Counters,
+    counters: TransferCounters,
     progress: Option<ProgressFn>,
-}
-
-#[derive(Default)]
-struct Counters {
-    objects_total: AtomicU64,
-    bytes_total: AtomicU64,
-    objects_done: AtomicU64,
-    bytes_done: AtomicU64,
-    objects_copied: AtomicU64,
-    bytes_copied: AtomicU64,
 }
 
 impl Ctx {
     fn report(&self, phase: TransferPhase) {
-        if let Some(progress) = &self.progress {
-            let c = &self.counters;
-            progress(&TransferProgress {
-                phase,
-                objects_total: c.objects_total.load(Ordering::Relaxed),
-                bytes_total: c.bytes_total.load(Ordering::Relaxed),
-                objects_done: c.objects_done.load(Ordering::Relaxed),
-                bytes_done: c.bytes_done.load(Ordering::Relaxed),
-                objects_copied: c.objects_copied.load(Ordering::Relaxed),
-                bytes_copied: c.bytes_copied.load(Ordering::Relaxed),
-            });
-        }
+        self.counters.report(self.progress.as_ref(), phase);
     }
 
     /// Claims a blob for upload; false when it exists or another task uploads it.
@@ -275,7 +320,7 @@ async fn run_snapshot(
         known: Mutex::new(HashSet::new()),
         memory: Arc::new(Semaphore::new(memory_units as usize)),
         memory_units,
-        counters: Counters::default(),
+        counters: TransferCounters::default(),
         progress,
     });
     ctx.report(TransferPhase::Listing);
@@ -319,10 +364,7 @@ async fn run_snapshot(
         let Some(key) = ctx.relative_key(&meta.location) else {
             continue;
         };
-        ctx.counters.objects_total.fetch_add(1, Ordering::Relaxed);
-        ctx.counters
-            .bytes_total
-            .fetch_add(meta.size, Ordering::Relaxed);
+        ctx.counters.add_total(meta.size);
         match previous.get(&key) {
             Some(prev)
                 if prev.size == meta.size
@@ -331,10 +373,7 @@ async fn run_snapshot(
                     && prev.last_modified == meta.last_modified
                     && ctx.has_blob(&prev.sha256) =>
             {
-                ctx.counters.objects_done.fetch_add(1, Ordering::Relaxed);
-                ctx.counters
-                    .bytes_done
-                    .fetch_add(meta.size, Ordering::Relaxed);
+                ctx.counters.add_done(meta.size);
                 entries.push(prev.clone());
             }
             _ => to_copy.push((key, meta)),
@@ -344,7 +383,7 @@ async fn run_snapshot(
 
     let flusher = {
         let ctx = ctx.clone();
-        repo.background_flusher(move || ctx.counters.bytes_copied.load(Ordering::Relaxed))
+        repo.background_flusher(move || ctx.counters.bytes_copied())
     };
     let task_ctx = ctx.clone();
     let copied = for_each_parallel(to_copy, options.parallelism, move |(key, meta)| {
@@ -404,8 +443,8 @@ async fn run_snapshot(
         manifest_size,
         objects: manifest.objects.len() as u64,
         bytes,
-        copied_objects: ctx.counters.objects_copied.load(Ordering::Relaxed),
-        copied_bytes: ctx.counters.bytes_copied.load(Ordering::Relaxed),
+        copied_objects: ctx.counters.objects_copied(),
+        copied_bytes: ctx.counters.bytes_copied(),
         source: options.source_label.clone(),
         started_at,
         finished_at: manifest.finished_at,
@@ -460,10 +499,7 @@ async fn copy_object(ctx: &Ctx, key: &str, listed: &ObjectMeta) -> Result<Option
                 ctx.unclaim(&sha);
                 return Err(anyhow::Error::new(e).context("write its blob"));
             }
-            ctx.counters.objects_copied.fetch_add(1, Ordering::Relaxed);
-            ctx.counters
-                .bytes_copied
-                .fetch_add(meta.size, Ordering::Relaxed);
+            ctx.counters.add_copied(meta.size);
         }
     } else {
         let staging = ctx.staging.clone().join(uuid::Uuid::new_v4().to_string());
@@ -506,10 +542,7 @@ async fn copy_object(ctx: &Ctx, key: &str, listed: &ObjectMeta) -> Result<Option
                 let _ = ctx.repo.store.delete(&staging).await;
                 return Err(anyhow::Error::new(e).context("move its blob into place"));
             }
-            ctx.counters.objects_copied.fetch_add(1, Ordering::Relaxed);
-            ctx.counters
-                .bytes_copied
-                .fetch_add(meta.size, Ordering::Relaxed);
+            ctx.counters.add_copied(meta.size);
         } else {
             ctx.repo
                 .store
@@ -518,10 +551,7 @@ async fn copy_object(ctx: &Ctx, key: &str, listed: &ObjectMeta) -> Result<Option
                 .context("remove a duplicate staged blob")?;
         }
     }
-    ctx.counters.objects_done.fetch_add(1, Ordering::Relaxed);
-    ctx.counters
-        .bytes_done
-        .fetch_add(meta.size, Ordering::Relaxed);
+    ctx.counters.add_done(meta.size);
     Ok(Some(ManifestEntry {
         key: key.to_owned(),
         size: meta.size,

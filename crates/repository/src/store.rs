@@ -141,18 +141,14 @@ pub fn store_from_url(url: &str, s3: &S3Options) -> Result<(Arc<dyn ObjectStore>
             install_crypto_provider();
             let bucket = bucket_of(&parsed, url)?;
             let builder = GoogleCloudStorageBuilder::from_env();
-            // Our client options replace the builder's: keep its `allow_http` (true unless
-            // GOOGLE_ALLOW_HTTP says otherwise; the endpoint is https unless a base URL set
-            // by the operator, an emulator's say, is not).
-            let allow_http = builder
-                .get_config_value(&GoogleConfigKey::Client(ClientConfigKey::AllowHttp))
-                .unwrap_or_else(|| "false".into());
+            // GOOGLE_ALLOW_HTTP; the endpoint is https unless a base URL set by the operator,
+            // an emulator's say, is not.
+            let allow_http =
+                builder.get_config_value(&GoogleConfigKey::Client(ClientConfigKey::AllowHttp));
             let store = builder
                 .with_bucket_name(bucket)
                 .with_retry(retry_config(s3))
-                .with_client_options(
-                    client_options(s3).with_config(ClientConfigKey::AllowHttp, allow_http),
-                )
+                .with_client_options(client_options_keeping_http(s3, allow_http))
                 .build()
                 .with_context(|| {
                     format!(
@@ -167,17 +163,14 @@ pub fn store_from_url(url: &str, s3: &S3Options) -> Result<(Arc<dyn ObjectStore>
             install_crypto_provider();
             let container = bucket_of(&parsed, url)?;
             let builder = MicrosoftAzureBuilder::from_env();
-            // Keep AZURE_ALLOW_HTTP, which our client options would otherwise replace (the
-            // emulator, AZURE_STORAGE_USE_EMULATOR, allows http by itself).
-            let allow_http = builder
-                .get_config_value(&AzureConfigKey::Client(ClientConfigKey::AllowHttp))
-                .unwrap_or_else(|| "false".into());
+            // AZURE_ALLOW_HTTP (the emulator, AZURE_STORAGE_USE_EMULATOR, allows http by
+            // itself).
+            let allow_http =
+                builder.get_config_value(&AzureConfigKey::Client(ClientConfigKey::AllowHttp));
             let store = builder
                 .with_container_name(container)
                 .with_retry(retry_config(s3))
-                .with_client_options(
-                    client_options(s3).with_config(ClientConfigKey::AllowHttp, allow_http),
-                )
+                .with_client_options(client_options_keeping_http(s3, allow_http))
                 .build()
                 .with_context(|| {
                     format!(
@@ -255,6 +248,15 @@ fn client_options(s3: &S3Options) -> ClientOptions {
     ClientOptions::new()
         .with_connect_timeout(s3.connect_timeout.unwrap_or(Duration::from_secs(10)))
         .with_timeout(Duration::from_secs(300))
+}
+
+/// Our client options for a builder that read `allow_http` from its environment: they replace
+/// the builder's, so its value is kept (false when unset).
+fn client_options_keeping_http(s3: &S3Options, allow_http: Option<String>) -> ClientOptions {
+    client_options(s3).with_config(
+        ClientConfigKey::AllowHttp,
+        allow_http.unwrap_or_else(|| "false".into()),
+    )
 }
 
 /// How often and how patiently one repository or store operation is retried.

@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::layout::{PointId, SnapshotId, blob_key};
-use crate::postgres::{Archive, download_dump};
+use crate::postgres::Archive;
+use crate::postgres::fetch::download_dump;
 use crate::repo::Repository;
 use crate::snapshot::{for_each_parallel, list_blob_sizes, read_hashed};
 

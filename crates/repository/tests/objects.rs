@@ -21,6 +21,17 @@ fn snapshot_options(label: &str) -> SnapshotOptions {
     options
 }
 
+/// Snapshots `live` with the test options; `what` names the snapshot if it fails.
+async fn snapshot_live(
+    repo: &Repository,
+    live: &Arc<dyn ObjectStore>,
+    what: &str,
+) -> ObjectSnapshotPart {
+    snapshot_objects(repo, live.clone(), &snapshot_options("file:///live"), None)
+        .await
+        .expect(what)
+}
+
 async fn point_with_snapshot(repo: &Repository, source: Arc<dyn ObjectStore>, env: &str) -> Point {
     let mut options = snapshot_options("file:///live");
     options.environment = Some(env.into());
@@ -127,14 +138,7 @@ async fn second_snapshot_copies_only_the_changed_one_percent() {
     let (repo, counting) = counting_repo(&dir.path().join("repo"));
     let gets_before = live.counts.get(&live.counts.gets);
 
-    let first = snapshot_objects(
-        &repo,
-        live_dyn.clone(),
-        &snapshot_options("file:///live"),
-        None,
-    )
-    .await
-    .expect("first snapshot");
+    let first = snapshot_live(&repo, &live_dyn, "first snapshot").await;
     assert_eq!(first.copied_objects, 1000);
     assert_eq!(
         counting.counts.get(&counting.counts.blob_puts),
@@ -158,14 +162,7 @@ async fn second_snapshot_copies_only_the_changed_one_percent() {
     }
     let puts = counting.counts.get(&counting.counts.blob_puts);
     let gets = live.counts.get(&live.counts.gets);
-    let second = snapshot_objects(
-        &repo,
-        live_dyn.clone(),
-        &snapshot_options("file:///live"),
-        None,
-    )
-    .await
-    .expect("second snapshot");
+    let second = snapshot_live(&repo, &live_dyn, "second snapshot").await;
     assert_eq!(second.objects, 1000);
     assert_eq!(second.copied_objects, 10);
     assert_eq!(counting.counts.get(&counting.counts.blob_puts) - puts, 10);
@@ -262,9 +259,7 @@ async fn transient_errors_are_retried_and_permanent_ones_are_not() {
 
     counting.faults.status.store(503, Ordering::SeqCst);
     counting.faults.fail_blob_puts.store(3, Ordering::SeqCst);
-    let part = snapshot_objects(&repo, live.clone(), &snapshot_options("file:///live"), None)
-        .await
-        .expect("503s are retried");
+    let part = snapshot_live(&repo, &live, "503s are retried").await;
     assert_eq!(part.copied_objects, 20);
     assert_eq!(counting.counts.get(&counting.counts.blob_puts), 23);
 
@@ -272,9 +267,7 @@ async fn transient_errors_are_retried_and_permanent_ones_are_not() {
     let (repo, counting) = counting_repo(dir2.path());
     counting.faults.status.store(429, Ordering::SeqCst);
     counting.faults.fail_blob_puts.store(2, Ordering::SeqCst);
-    snapshot_objects(&repo, live.clone(), &snapshot_options("file:///live"), None)
-        .await
-        .expect("429s are retried");
+    snapshot_live(&repo, &live, "429s are retried").await;
 
     let dir3 = tempfile::tempdir().expect("tempdir");
     let (repo, counting) = counting_repo(dir3.path());
@@ -448,9 +441,7 @@ async fn prune_removes_exactly_what_it_should() {
     }
     let prod = point_with_snapshot(&repo, live.clone(), "prod").await;
     // An unreferenced snapshot of dev (a break-glass `repo snapshot`).
-    let orphan = snapshot_objects(&repo, live.clone(), &snapshot_options("file:///live"), None)
-        .await
-        .expect("orphan snapshot");
+    let orphan = snapshot_live(&repo, &live, "orphan snapshot").await;
 
     let window = Duration::from_secs(7 * 24 * 3600);
     // Cut-off exactly at p3's creation: p0, p1, p2 are past the window; p0 is in use.
@@ -652,9 +643,7 @@ async fn restore_quarantines_what_it_replaces_or_removes_and_is_idempotent() {
     assert!(again.replaced.is_empty() && again.removed.is_empty());
 
     // A snapshot of the restored store leaves the quarantine out.
-    let part = snapshot_objects(&repo, live.clone(), &snapshot_options("file:///live"), None)
-        .await
-        .expect("snapshot");
+    let part = snapshot_live(&repo, &live, "snapshot").await;
     assert_eq!(part.objects, 30);
 }
 

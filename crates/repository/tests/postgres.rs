@@ -83,12 +83,6 @@ fn start_cluster() -> Cluster {
     cluster
 }
 
-async fn open_repo(dir: &std::path::Path) -> Repository {
-    Repository::open(&format!("file://{}", dir.display()), test_options())
-        .await
-        .expect("open repo")
-}
-
 /// Split every table off (the test tables are small) over 3 data jobs.
 fn backup_options(cluster: &Cluster, id: &PointId) -> PgBackupOptions {
     let mut options = PgBackupOptions::new(id.clone(), cluster.url("app"));
@@ -120,7 +114,7 @@ fn table_digest(cluster: &Cluster, db: &str, table: &str) -> String {
 async fn backup_and_restore_round_trip_with_counts_from_the_dump_snapshot() {
     let cluster = start_cluster();
     let dir = tempfile::tempdir().expect("tempdir");
-    let repo = open_repo(&dir.path().join("repo")).await;
+    let repo = file_repo(&dir.path().join("repo")).await;
 
     // Writers keep inserting during the backup: counts taken outside the dump's snapshot
     // would not match what the dump holds.
@@ -206,21 +200,12 @@ async fn backup_and_restore_round_trip_with_counts_from_the_dump_snapshot() {
         part.pg_dump_version
     );
 
-    let point = repo
-        .write_point(NewPoint {
-            id: id.clone(),
-            postgres: Some(part.clone()),
-            objects: None,
-            secrets: vec![],
-        })
-        .await
-        .expect("point");
+    let point = write_pg_point(&repo, &id, &part).await;
     assert_eq!(point.table_counts(), Some(&part.table_counts));
     assert!(repo.verify_point(&id, true).await.expect("verify").is_ok());
 
     // Streamed restore into a database that does not exist yet.
-    let mut restore = PgRestoreOptions::new(cluster.url("restored"));
-    restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
+    let mut restore = pg_restore_options(&cluster, "restored");
     restore.create_database = true;
     let report = restore_postgres(&repo, &id, &restore)
         .await
@@ -235,8 +220,7 @@ async fn backup_and_restore_round_trip_with_counts_from_the_dump_snapshot() {
     );
 
     // Parallel restore, the schema archive in a scratch directory.
-    let mut restore = PgRestoreOptions::new(cluster.url("restored_parallel"));
-    restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
+    let mut restore = pg_restore_options(&cluster, "restored_parallel");
     restore.create_database = true;
     restore.jobs = 2;
     restore.scratch_dir = Some(dir.path().join("scratch"));
@@ -266,8 +250,7 @@ async fn backup_and_restore_round_trip_with_counts_from_the_dump_snapshot() {
     );
 
     // Restoring a parallel dump over a database that has tables is refused up front.
-    let mut restore = PgRestoreOptions::new(cluster.url("restored"));
-    restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
+    let restore = pg_restore_options(&cluster, "restored");
     let err = restore_postgres(&repo, &id, &restore)
         .await
         .expect_err("not empty");
@@ -327,24 +310,16 @@ async fn parallel_dump_restores_every_row_sequence_view_and_large_object() {
         )
         .expect("extra objects");
     let dir = tempfile::tempdir().expect("tempdir");
-    let repo = open_repo(&dir.path().join("repo")).await;
+    let repo = file_repo(&dir.path().join("repo")).await;
     let id = PointId::new("dev", chrono::Utc::now()).expect("id");
     let mut options = backup_options(&cluster, &id);
     options.jobs = 4;
     let part = backup_postgres(&repo, &options).await.expect("backup");
     assert_eq!(part.files.len(), 5, "schema, rest, three parts split off");
-    repo.write_point(NewPoint {
-        id: id.clone(),
-        postgres: Some(part.clone()),
-        objects: None,
-        secrets: vec![],
-    })
-    .await
-    .expect("point");
+    write_pg_point(&repo, &id, &part).await;
     assert!(repo.verify_point(&id, true).await.expect("verify").is_ok());
 
-    let mut restore = PgRestoreOptions::new(cluster.url("restored"));
-    restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
+    let mut restore = pg_restore_options(&cluster, "restored");
     restore.create_database = true;
     restore.jobs = 3;
     restore_postgres(&repo, &id, &restore)
@@ -407,7 +382,7 @@ async fn a_single_archive_point_still_restores() {
     let cluster = start_cluster();
     let dir = tempfile::tempdir().expect("tempdir");
     let repo_dir = dir.path().join("repo");
-    let repo = open_repo(&repo_dir).await;
+    let repo = file_repo(&repo_dir).await;
     let id = PointId::new("dev", chrono::Utc::now()).expect("id");
     // Exactly what the earlier backup stored: pg_dump -Fc -Z0 compressed with zstd.
     let out = std::process::Command::new(cluster.bin_dir().join("pg_dump"))
@@ -461,8 +436,7 @@ async fn a_single_archive_point_still_restores() {
         ("parallel", 2, true),
         ("no_scratch", 2, false),
     ] {
-        let mut restore = PgRestoreOptions::new(cluster.url(db));
-        restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
+        let mut restore = pg_restore_options(&cluster, db);
         restore.create_database = true;
         restore.jobs = jobs;
         if scratch {
@@ -495,19 +469,12 @@ async fn verify_catches_a_flipped_byte_in_the_dump_and_restore_refuses_it() {
     let cluster = start_cluster();
     let dir = tempfile::tempdir().expect("tempdir");
     let repo_dir = dir.path().join("repo");
-    let repo = open_repo(&repo_dir).await;
+    let repo = file_repo(&repo_dir).await;
     let id = PointId::new("dev", chrono::Utc::now()).expect("id");
     let part = backup_postgres(&repo, &backup_options(&cluster, &id))
         .await
         .expect("backup");
-    repo.write_point(NewPoint {
-        id: id.clone(),
-        postgres: Some(part.clone()),
-        objects: None,
-        secrets: vec![],
-    })
-    .await
-    .expect("point");
+    write_pg_point(&repo, &id, &part).await;
 
     // Damage the archive holding session_events; the others stay sound.
     let damaged = part
@@ -534,8 +501,7 @@ async fn verify_catches_a_flipped_byte_in_the_dump_and_restore_refuses_it() {
         report.problems
     );
 
-    let mut restore = PgRestoreOptions::new(cluster.url("restored"));
-    restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
+    let mut restore = pg_restore_options(&cluster, "restored");
     restore.create_database = true;
     let err = restore_postgres(&repo, &id, &restore)
         .await
@@ -584,8 +550,7 @@ async fn verify_catches_a_flipped_byte_in_the_dump_and_restore_refuses_it() {
         panic!("not a split-off archive");
     };
     flip_byte(&repo_dir.join(&split_off.key));
-    let mut restore = PgRestoreOptions::new(cluster.url("restored_j2"));
-    restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
+    let mut restore = pg_restore_options(&cluster, "restored_j2");
     restore.create_database = true;
     restore.jobs = 2;
     let err = restore_postgres(&repo, &id, &restore)
@@ -618,7 +583,7 @@ async fn verify_catches_a_flipped_byte_in_the_dump_and_restore_refuses_it() {
 async fn bad_urls_missing_tools_and_missing_tables_are_clear_errors() {
     let cluster = start_cluster();
     let dir = tempfile::tempdir().expect("tempdir");
-    let repo = open_repo(&dir.path().join("repo")).await;
+    let repo = file_repo(&dir.path().join("repo")).await;
     let id = PointId::new("dev", chrono::Utc::now()).expect("id");
 
     // A database that does not answer; the password must not leak into the message.
@@ -677,7 +642,7 @@ async fn bad_urls_missing_tools_and_missing_tables_are_clear_errors() {
 async fn pg_dump_failure_aborts_the_upload() {
     let cluster = start_cluster();
     let dir = tempfile::tempdir().expect("tempdir");
-    let repo = open_repo(&dir.path().join("repo")).await;
+    let repo = file_repo(&dir.path().join("repo")).await;
     let id = PointId::new("dev", chrono::Utc::now()).expect("id");
     // A fake pg_dump that writes half an archive and fails, as a dump cut off by the server.
     let tools = tempfile::tempdir().expect("tempdir");

@@ -187,18 +187,10 @@ async fn s3_postgres_backup_streams_by_multipart_and_restores() {
             .sum::<u64>(),
         "one PUT per part of each archive"
     );
-    repo.write_point(NewPoint {
-        id: id.clone(),
-        postgres: Some(part.clone()),
-        objects: None,
-        secrets: vec![],
-    })
-    .await
-    .expect("point");
+    write_pg_point(&repo, &id, &part).await;
     assert!(repo.verify_point(&id, true).await.expect("verify").is_ok());
 
-    let mut restore = PgRestoreOptions::new(cluster.url("restored"));
-    restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
+    let mut restore = pg_restore_options(&cluster, "restored");
     restore.create_database = true;
     restore_postgres(&repo, &id, &restore)
         .await

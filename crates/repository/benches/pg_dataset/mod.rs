@@ -1,9 +1,29 @@
 //! The benchmarks' Postgres dataset: 2.2 million rows over 4 tables shaped like the runbook's
-//! service (`BENCH_ROWS_SCALE=N` multiplies the rows). Shared by `pg_backup` and `pg_restore`.
+//! service (`BENCH_ROWS_SCALE=N` multiplies the rows), and the set-up both benchmarks share.
+//! Shared by `pg_backup` and `pg_restore`.
 
 use std::time::Instant;
 
 use ephemeral_pg::Cluster;
+use repository::{Repository, RepositoryOptions};
+
+/// `BENCH_ROUNDS`, default 3.
+pub fn rounds() -> usize {
+    std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+}
+
+/// A `file://` repository in `dir/repo`, with the default options (fsync on).
+pub async fn file_repo(dir: &std::path::Path) -> Repository {
+    Repository::open(
+        &format!("file://{}", dir.join("repo").display()),
+        RepositoryOptions::default(),
+    )
+    .await
+    .expect("repo")
+}
 
 /// Starts a cluster with database `app` holding the dataset, vacuumed and analyzed.
 pub fn start() -> Cluster {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use ephemeral_pg::Cluster;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use object_store::local::LocalFileSystem;
@@ -21,7 +22,10 @@ use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
     ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
 };
-use repository::{HttpStatus, Repository, RepositoryOptions, RetryPolicy};
+use repository::{
+    HttpStatus, NewPoint, PgBackupPart, PgRestoreOptions, Point, PointId, Repository,
+    RepositoryOptions, RetryPolicy,
+};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
@@ -287,6 +291,25 @@ pub fn counting_repo(dir: &std::path::Path) -> (Repository, Arc<CountingStore>) 
         test_options(),
     );
     (repo, counting)
+}
+
+/// Writes point `id` holding only the Postgres dump `part`.
+pub async fn write_pg_point(repo: &Repository, id: &PointId, part: &PgBackupPart) -> Point {
+    repo.write_point(NewPoint {
+        id: id.clone(),
+        postgres: Some(part.clone()),
+        objects: None,
+        secrets: vec![],
+    })
+    .await
+    .expect("point")
+}
+
+/// Options to restore into database `db` of `cluster`, with the cluster's own tools.
+pub fn pg_restore_options(cluster: &Cluster, db: &str) -> PgRestoreOptions {
+    let mut restore = PgRestoreOptions::new(cluster.url(db));
+    restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
+    restore
 }
 
 /// Deterministic, distinct content for `key` (version `v`) of `size` bytes.

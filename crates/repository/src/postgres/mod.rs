@@ -1,0 +1,247 @@
+//! Postgres backups into the repository and restores out of it. This file holds what the parts
+//! share: the types a point records about its dump, the counts to take and progress reports.
+//! The parts import these from here (never the other way round); `lib.rs` re-exports the
+//! public API from each part.
+//!
+//! Backup ([`backup`]): open a REPEATABLE READ transaction, export its snapshot
+//! (`pg_export_snapshot()`), count the configured tables in it, and run several
+//! `pg_dump --snapshot` processes on that same snapshot at once, so the counts describe exactly
+//! what the dump holds:
+//!
+//! * `schema`: `--section=pre-data --section=post-data` (definitions; indexes, constraints and
+//!   materialized view refreshes);
+//! * `data`: `--section=data` for everything but the tables split off (small tables, sequence
+//!   values, large objects);
+//! * `data-<n>`: `--section=data -t ...` for the largest tables, spread over the parts by size.
+//!
+//! Each pg_dump writes an uncompressed custom archive (`-Z0`) that we compress with zstd and
+//! stream into its own multipart upload while hashing it: no local copy. The uploads are
+//! committed only when every pg_dump succeeded; otherwise the completed ones are deleted.
+//!
+//! Restore ([`restore`]): the schema archive (small) is fetched and checked first and restores
+//! the pre-data section; the data archives are streamed out of the repository ([`fetch`]),
+//! checked against their sha256 and decompressed into one `pg_restore` each, several at once.
+//! As each one commits, the indexes and constraints on its own tables are built
+//! (`pg_restore -L`, planned from the schema archive's table of contents by [`toc`]), while the
+//! other archives still load, as `pg_restore -j` does for a single archive; the rest of
+//! post-data (foreign keys, triggers, attaches, materialized views) follows all data, with
+//! parallel jobs. A split-off table's rows may load over several connections
+//! ([`parallel_copy`]). Dumps of older points (one archive) are streamed into `pg_restore` in
+//! one transaction, or restored from a scratch file with parallel jobs.
+//!
+//! Passwords travel to the tools in `PGPASSWORD`, never on a command line ([`conn`]).
+
+pub(crate) mod backup;
+pub(crate) mod catalog;
+mod conn;
+pub(crate) mod fetch;
+mod parallel_copy;
+pub(crate) mod restore;
+mod toc;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// How the dump is compressed in the repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Compression {
+    /// `pg_dump -Z0`, then zstd at `level` with `workers` threads in this process (default).
+    Zstd { level: i32, workers: u32 },
+    /// pg_dump's own compression (the runbook's plain `--format=custom`); single-threaded.
+    PgDump,
+    /// No compression at all.
+    None,
+}
+
+impl Default for Compression {
+    /// Level 1, one thread per archive: the archives of one backup are compressed
+    /// concurrently, so more threads per archive only add hand-over costs.
+    fn default() -> Self {
+        Compression::Zstd {
+            level: 1,
+            workers: 1,
+        }
+    }
+}
+
+impl Compression {
+    pub(crate) fn is_compressed(&self) -> bool {
+        matches!(self, Compression::Zstd { .. })
+    }
+}
+
+/// One count taken at backup time: rows of `table`, optionally broken down by a column.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountSpec {
+    /// Key in the point's `table_counts` (grouped counts add `name[column=value]` keys).
+    pub name: String,
+    /// `table` or `schema.table`.
+    pub table: String,
+    pub group_by: Option<String>,
+}
+
+impl CountSpec {
+    pub fn table(table: &str) -> CountSpec {
+        CountSpec {
+            name: table.to_owned(),
+            table: table.to_owned(),
+            group_by: None,
+        }
+    }
+
+    pub fn grouped(table: &str, column: &str) -> CountSpec {
+        CountSpec {
+            name: table.to_owned(),
+            table: table.to_owned(),
+            group_by: Some(column.to_owned()),
+        }
+    }
+
+    /// The runbook's counts for cowork-sim: the drill report's (sessions, events, projections,
+    /// artifacts, workflows, channel bindings, deliveries by status), and the rest of what its
+    /// step 7 verifies: BYOK metadata (`byok_secrets`) and billing state (subscriptions by
+    /// status, usage events).
+    pub fn cowork_defaults() -> Vec<CountSpec> {
+        vec![
+            CountSpec::table("sessions"),
+            CountSpec::table("session_events"),
+            CountSpec::table("session_projections"),
+            CountSpec::table("artifact_index"),
+            CountSpec::table("workflows"),
+            CountSpec::table("channel_bindings"),
+            CountSpec::grouped("channel_deliveries", "status"),
+            CountSpec::table("byok_secrets"),
+            CountSpec::grouped("subscriptions", "status"),
+            CountSpec::table("usage_events"),
+        ]
+    }
+}
+
+/// How far a Postgres backup or restore has come, one archive at a time.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PgProgress {
+    /// `dumping`, `pre-data`, `data`, `post-data`, `restoring`, `done`.
+    pub stage: &'static str,
+    pub archives_done: u64,
+    pub archives_total: u64,
+    /// Archive bytes stored (backup) or handed to pg_restore (restore) so far.
+    pub bytes_done: u64,
+    /// Archive bytes in all (a restore knows it up front; a backup does not: 0).
+    pub bytes_total: u64,
+}
+
+/// Called with [`PgProgress`]; must be cheap.
+#[derive(Clone)]
+pub struct PgProgressFn(pub Arc<dyn Fn(&PgProgress) + Send + Sync>);
+
+impl std::fmt::Debug for PgProgressFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PgProgressFn")
+    }
+}
+
+fn report(progress: Option<&PgProgressFn>, p: PgProgress) {
+    if let Some(callback) = progress {
+        (callback.0)(&p);
+    }
+}
+
+/// A completed dump in the repository, as the point records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PgBackupPart {
+    /// Repository key of the dump: the archive itself (one archive, points before parallel
+    /// dumps), or the directory holding [`PgBackupPart::files`].
+    pub key: String,
+    pub compression: Compression,
+    /// Bytes stored (all archives).
+    pub size: u64,
+    /// sha256 of the bytes stored. For a parallel dump: the sha256 of its `sha256sum` listing,
+    /// one line `<sha256>  <key>\n` per file in the order of `files`.
+    pub sha256: String,
+    /// Bytes pg_dump wrote (before our compression; all archives).
+    pub dump_size: u64,
+    /// The archives of a parallel dump; empty for a single archive at `key`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<DumpFile>,
+    /// Database name (no host, user or password).
+    pub database: String,
+    pub server_version: String,
+    pub pg_dump_version: String,
+    /// The exported snapshot the dump and the counts were taken in.
+    pub snapshot: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    /// Row counts in the dump's snapshot, keyed by [`CountSpec::name`].
+    pub table_counts: BTreeMap<String, i64>,
+    /// The columns of every table in the dump's snapshot, `schema.table` → column names (empty
+    /// for points taken before it was recorded). A restore's preflight compares the live
+    /// database with it: what the live schema has and the point lacks, a restore rolls back.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub columns: TableColumns,
+}
+
+/// One custom-format archive of a parallel dump.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DumpFile {
+    /// Repository key of the archive.
+    pub key: String,
+    pub content: DumpContent,
+    /// Bytes stored.
+    pub size: u64,
+    /// sha256 of the bytes stored.
+    pub sha256: String,
+    /// Bytes pg_dump wrote (before our compression).
+    pub dump_size: u64,
+}
+
+/// What one archive of a parallel dump holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DumpContent {
+    /// The pre-data and post-data sections: restored before and after all data.
+    Schema,
+    /// The data section without the tables split off into [`DumpContent::Tables`] archives.
+    Data,
+    /// The data of these tables (`schema.table`) and the values of their owned sequences.
+    Tables { tables: Vec<String> },
+}
+
+/// One stored archive, whichever layout it comes from.
+#[derive(Debug, Clone)]
+pub(crate) struct Archive {
+    pub(crate) key: String,
+    pub(crate) size: u64,
+    pub(crate) sha256: String,
+    pub(crate) compressed: bool,
+}
+
+impl PgBackupPart {
+    /// The stored archives: the files of a parallel dump, or the single archive.
+    pub(crate) fn archives(&self) -> Vec<Archive> {
+        let compressed = self.compression.is_compressed();
+        if self.files.is_empty() {
+            return vec![Archive {
+                key: self.key.clone(),
+                size: self.size,
+                sha256: self.sha256.clone(),
+                compressed,
+            }];
+        }
+        self.files
+            .iter()
+            .map(|f| Archive {
+                key: f.key.clone(),
+                size: f.size,
+                sha256: f.sha256.clone(),
+                compressed,
+            })
+            .collect()
+    }
+}
+
+/// Tables and their columns: `schema.table` → column names in their order.
+pub type TableColumns = BTreeMap<String, Vec<String>>;
