@@ -29,6 +29,9 @@
 //! ([`parallel_copy`]). Dumps of older points (one archive) are streamed into `pg_restore` in
 //! one transaction, or restored from a scratch file with parallel jobs.
 //!
+//! A restore into a new database is swapped in for the live one by [`swap`], which keeps the
+//! live database under another name.
+//!
 //! Passwords travel to the tools in `PGPASSWORD`, never on a command line ([`conn`]).
 
 pub(crate) mod backup;
@@ -37,6 +40,7 @@ mod conn;
 pub(crate) mod fetch;
 mod parallel_copy;
 pub(crate) mod restore;
+pub(crate) mod swap;
 mod toc;
 
 use std::collections::BTreeMap;

@@ -12,6 +12,8 @@
 //! manifest (objects agent). Every check reports `{name, kind, required, passed, detail}`;
 //! a failed required check fails the command (and so the phase's gate).
 
+pub(crate) mod sql;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Stdio;

@@ -1,0 +1,317 @@
+//! The data plane of the database and objects agents: backups into the repository, preflight
+//! of a recovery point, restores that never destroy data, and verification against the point.
+//!
+//! * `[postgres]` ([`postgres`]): the live database (its URL from an environment variable or a
+//!   file, never in the config itself). Restores go into a new database which is then swapped
+//!   in; the previous database is kept under `<db>_pre_<run>` and named in the result.
+//! * `[objects]` ([`objects`]): the live object store. Restores make it equal the point's
+//!   manifest; objects the restore replaces or removes are kept in the repository's
+//!   `quarantine/<run>/` first.
+
+mod objects;
+mod postgres;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use api::config::{ConfigError, resolve};
+use api::model::output::{Counts, PreflightOutput};
+use api::model::{Check, CheckKind, ObjectReferences, RepositoryRef};
+use repository::{CountSpec, PointId};
+use serde::Deserialize;
+
+use objects::compare_with_manifest;
+use postgres::{count_tables, live_state};
+
+/// `[postgres]` in agent.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Environment variable holding the live database URL.
+    pub url_env: Option<String>,
+    /// File holding the live database URL (relative to agent.toml).
+    pub url_file: Option<PathBuf>,
+    /// Directory of pg_dump / pg_restore; PATH and /usr/lib/postgresql/*/bin when unset.
+    pub bin_dir: Option<PathBuf>,
+    /// Parallel pg_restore jobs (default: this host's cores, the runbook's `pg_restore -j
+    /// <cores>`; a point taken as one archive, by an older version, uses them only with
+    /// scratch_dir).
+    #[serde(default = "repository::default_restore_jobs")]
+    pub jobs: u32,
+    /// Connections that may load one split-off table of a parallel dump at once, its rows
+    /// shared out between them (default: jobs); 1 loads each table with one COPY, as
+    /// pg_restore does.
+    pub copy_streams: Option<u32>,
+    /// Where archives that must be files are staged: a parallel dump's schema archive (the
+    /// system temporary directory when unset), an older single-archive dump for jobs > 1.
+    pub scratch_dir: Option<PathBuf>,
+    /// Tables to count: "table" or "table:column" (counts per value of column). Default:
+    /// cowork-sim's restore-relevant tables.
+    pub counts: Option<Vec<String>>,
+}
+
+/// `[objects]` in agent.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectsConfig {
+    /// The live object store: file:///dir, s3://bucket/prefix, gs://..., az://...
+    pub url: String,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    #[serde(default)]
+    pub s3_path_style: bool,
+    /// Object copies in flight.
+    #[serde(default = "default_parallelism")]
+    pub parallelism: usize,
+    /// Key prefixes the role writes as scratch (health probes, temp files): verification
+    /// does not count them as objects missing from the point.
+    #[serde(default)]
+    pub verify_ignore: Vec<String>,
+}
+
+fn default_parallelism() -> usize {
+    64
+}
+
+pub struct DataPlane {
+    postgres: Option<Postgres>,
+    objects: Option<ObjectsConfig>,
+    environment: String,
+}
+
+struct Postgres {
+    config: PostgresConfig,
+    url_file: Option<PathBuf>,
+    counts: Vec<CountSpec>,
+}
+
+impl DataPlane {
+    pub fn from_config(
+        file: &Path,
+        environment: &str,
+        postgres: Option<&PostgresConfig>,
+        objects: Option<&ObjectsConfig>,
+    ) -> Result<DataPlane> {
+        let postgres = match postgres {
+            None => None,
+            Some(p) => {
+                if p.url_env.is_some() == p.url_file.is_some() {
+                    bail!(ConfigError::new(
+                        file,
+                        "[postgres] needs exactly one of url_env and url_file",
+                        "name the environment variable or file holding the database URL (the \
+                         URL holds a password, so it never goes in agent.toml)"
+                    ));
+                }
+                let counts = match &p.counts {
+                    None => CountSpec::cowork_defaults(),
+                    Some(list) => list
+                        .iter()
+                        .map(|c| match c.split_once(':') {
+                            Some((table, column)) => CountSpec::grouped(table, column),
+                            None => CountSpec::table(c),
+                        })
+                        .collect(),
+                };
+                Some(Postgres {
+                    config: p.clone(),
+                    url_file: p.url_file.as_ref().map(|f| resolve(file, f)),
+                    counts,
+                })
+            }
+        };
+        if let Some(o) = objects
+            && o.parallelism == 0
+        {
+            bail!(ConfigError::new(
+                file,
+                "objects.parallelism must be at least 1",
+                "e.g. parallelism = 64"
+            ));
+        }
+        Ok(DataPlane {
+            postgres,
+            objects: objects.cloned(),
+            environment: environment.to_owned(),
+        })
+    }
+
+    pub fn capabilities(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.postgres.is_some() {
+            out.extend(["backup-postgres", "restore-postgres"].map(String::from));
+        }
+        if self.objects.is_some() {
+            out.extend(["snapshot-objects", "restore-objects", "check-objects"].map(String::from));
+        }
+        if self.postgres.is_some() || self.objects.is_some() {
+            out.push("preflight".into());
+        }
+        out
+    }
+
+    /// Whether this agent has a live object store (`[objects]`).
+    pub fn has_objects(&self) -> bool {
+        self.objects.is_some()
+    }
+
+    fn postgres(&self) -> Result<&Postgres> {
+        self.postgres
+            .as_ref()
+            .context("this agent has no [postgres] section; it is not a database agent")
+    }
+
+    fn objects(&self) -> Result<&ObjectsConfig> {
+        self.objects
+            .as_ref()
+            .context("this agent has no [objects] section; it is not an objects agent")
+    }
+
+    /// Checks the point this agent would restore from, and records the live system's counts
+    /// (database agent) so the report can show before → point → after.
+    pub async fn preflight(&self, repo: &RepositoryRef, point: &str) -> Result<PreflightOutput> {
+        let repo = repo.open().await?;
+        let id = PointId::parse(point)?;
+        let report = repo.verify_point(&id, false).await?;
+        if !report.is_ok() {
+            bail!(
+                "point {point} failed verification: {}",
+                report.problems.join("; ")
+            );
+        }
+        let (live_counts, checks) = match &self.postgres {
+            Some(pg) => {
+                let point = repo.read_point(&id).await?;
+                let at_point = point.postgres.as_ref().map(|p| &p.columns);
+                let (counts, checks) = live_state(&pg.url()?, &pg.counts, at_point).await?;
+                (Some(counts), checks)
+            }
+            None => (None, Vec::new()),
+        };
+        Ok(PreflightOutput {
+            verify: Some(report),
+            live_counts,
+            checks,
+        })
+    }
+
+    /// Verification against the point: count parity and invariants (database agent), the live
+    /// store against the manifest (objects agent). Returns the checks and the live counts.
+    pub async fn verify(
+        &self,
+        repo: &RepositoryRef,
+        point: &str,
+        invariants: &[crate::checks::Invariant],
+        references: &[crate::checks::Reference],
+    ) -> Result<Verified> {
+        let mut checks = Vec::new();
+        let mut counts = None;
+        let mut keys = Vec::new();
+        if self.postgres.is_none() && self.objects.is_none() {
+            return Ok(Verified {
+                checks,
+                counts,
+                references: keys,
+            });
+        }
+        let repo = repo.open().await?;
+        let id = PointId::parse(point)?;
+        let recorded = repo.read_point(&id).await?;
+        if let Some(pg) = &self.postgres {
+            let live = count_tables(&pg.url()?, &pg.counts).await?;
+            match recorded.table_counts() {
+                None => checks.push(Check {
+                    name: "count parity".into(),
+                    kind: CheckKind::Count,
+                    required: true,
+                    passed: false,
+                    detail: format!("point {point} recorded no table counts"),
+                }),
+                Some(at_point) => {
+                    for (name, want) in at_point {
+                        let got = live.get(name).copied().unwrap_or(0);
+                        checks.push(Check {
+                            name: format!("count {name}"),
+                            kind: CheckKind::Count,
+                            required: true,
+                            passed: got == *want,
+                            detail: format!("restored {got}, point {want}"),
+                        });
+                    }
+                }
+            }
+            checks.extend(crate::checks::sql::run_invariants(&pg.url()?, invariants).await?);
+            keys = crate::checks::sql::referenced_keys(&pg.url()?, references).await?;
+            counts = Some(live);
+        }
+        if let Some(objects) = &self.objects {
+            checks.push(match &recorded.objects {
+                None => Check {
+                    name: "objects match the point".into(),
+                    kind: CheckKind::Objects,
+                    required: true,
+                    passed: false,
+                    detail: format!("point {point} has no object snapshot"),
+                },
+                Some(part) => {
+                    let manifest = repo.read_manifest(&part.snapshot_id).await?;
+                    compare_with_manifest(objects, &manifest).await?
+                }
+            });
+        }
+        Ok(Verified {
+            checks,
+            counts,
+            references: keys,
+        })
+    }
+}
+
+/// What `verify` found: the checks, the live table counts (database agent) and the object
+/// keys the restored rows refer to, for the objects agent to look up.
+#[derive(Debug, Default)]
+pub struct Verified {
+    pub checks: Vec<Check>,
+    pub counts: Option<Counts>,
+    pub references: Vec<ObjectReferences>,
+}
+
+impl Postgres {
+    /// The live database URL, read when needed (so a rotated password is picked up).
+    fn url(&self) -> Result<String> {
+        if let Some(var) = &self.config.url_env {
+            return std::env::var(var).map_err(|_| {
+                anyhow::anyhow!(
+                    "postgres.url_env names {var}, which is not set in the agent's environment"
+                )
+            });
+        }
+        let file = self
+            .url_file
+            .as_ref()
+            .context("postgres has neither url_env nor url_file")?;
+        Ok(std::fs::read_to_string(file)
+            .with_context(|| format!("read postgres.url_file {}", file.display()))?
+            .trim()
+            .to_owned())
+    }
+}
+
+/// A short, stable tag for a run, fit for database names: `r` + 8 hex digits of its hash.
+fn run_tag(run_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(run_id.as_bytes());
+    format!("r{}", &hex::encode(digest)[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_tags_are_short_and_stable() {
+        let tag = run_tag("drill-prod-20261125T101010-abcd");
+        assert_eq!(tag.len(), 9);
+        assert_eq!(tag, run_tag("drill-prod-20261125T101010-abcd"));
+    }
+}

@@ -1,0 +1,242 @@
+//! The database agent's side of the data plane: backups, the live state preflight reads, and
+//! restores swapped in for the live database (`repository::DatabaseSwap`).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use api::model::output::{Counts, RestorePostgresOutput};
+use api::model::{Check, CheckKind, RepositoryRef};
+use repository::{
+    CountSpec, DatabaseSwap, PgBackupOptions, PgBackupPart, PgRestoreOptions, PointId, SwapState,
+    TableColumns,
+};
+use sqlx::Connection as _;
+
+use super::{DataPlane, run_tag};
+use crate::progress::Reporter;
+
+/// How long connecting to the server's maintenance database for a swap may take.
+const ADMIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl DataPlane {
+    pub async fn backup_postgres(
+        &self,
+        repo: &RepositoryRef,
+        point: &str,
+        progress: &Reporter,
+    ) -> Result<PgBackupPart> {
+        let pg = self.postgres()?;
+        let repo = repo.open().await?;
+        let mut options = PgBackupOptions::new(PointId::parse(point)?, pg.url()?);
+        options.bin_dir = pg.config.bin_dir.clone();
+        options.counts = pg.counts.clone();
+        options.progress = Some(progress.postgres());
+        repository::backup_postgres(&repo, &options).await
+    }
+
+    /// Restores the point's dump into `<db>_restore_<run>`, then swaps it in: the live
+    /// database becomes `<db>_pre_<run>` (kept, never dropped) and the restored one takes the
+    /// live name. Re-running after a crash finishes or redoes the step without losing either.
+    pub async fn restore_postgres(
+        &self,
+        repo: &RepositoryRef,
+        point: &str,
+        run_id: &str,
+        progress: &Reporter,
+    ) -> Result<RestorePostgresOutput> {
+        let started = Instant::now();
+        let pg = self.postgres()?;
+        let mut swap =
+            DatabaseSwap::connect(&pg.url()?, &run_tag(run_id), ADMIN_CONNECT_TIMEOUT).await?;
+        let names = swap.names().clone();
+        let done = |resumed: &str, archive_bytes: u64| RestorePostgresOutput {
+            database: names.live.clone(),
+            pre_restore_database: names.pre.clone(),
+            point: point.to_owned(),
+            archive_bytes,
+            resumed: resumed.to_owned(),
+            elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        };
+        let stale_restore = match swap.state().await? {
+            // An earlier execution finished the swap.
+            SwapState::Swapped => return Ok(done("already swapped", 0)),
+            // Died between the two renames: finish the swap.
+            SwapState::Interrupted => {
+                swap.finish_interrupted().await?;
+                return Ok(done("finished an interrupted swap", 0));
+            }
+            SwapState::NoLive => bail!(
+                "the live database {} does not exist (and no swap of this run is under way); \
+                 check [postgres] url — refusing to guess",
+                names.live
+            ),
+            SwapState::Fresh { stale_restore } => stale_restore,
+        };
+        let target = swap.create_restore_target(stale_restore).await?;
+
+        let repo = repo.open().await?;
+        let mut options = PgRestoreOptions::new(target);
+        options.bin_dir = pg.config.bin_dir.clone();
+        options.jobs = pg.config.jobs;
+        options.copy_streams = pg.config.copy_streams;
+        options.scratch_dir = pg.config.scratch_dir.clone();
+        options.progress = Some(progress.postgres());
+        let report = repository::restore_postgres(&repo, &PointId::parse(point)?, &options).await?;
+        progress.report(api::model::Progress {
+            stage: "swapping".into(),
+            unit: "archives".into(),
+            ..api::model::Progress::default()
+        });
+        swap.swap().await?;
+        swap.close().await;
+        Ok(done("", report.archive_bytes))
+    }
+}
+
+/// What preflight reads from the live database before anything is frozen: the counts of the
+/// tables it still has (the report's "before"), and the checks on what a disaster left: tables
+/// gone (no count; the restore brings them back) and the schema against the point's.
+pub(super) async fn live_state(
+    url: &str,
+    specs: &[CountSpec],
+    at_point: Option<&TableColumns>,
+) -> Result<(Counts, Vec<Check>)> {
+    let shown = repository::redact_url(url);
+    let mut conn = match sqlx::PgConnection::connect(url).await {
+        Ok(conn) => conn,
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => bail!(
+            "the live database of {shown} does not exist. If it was lost, create it empty \
+             (createdb) and retry the run: the restore replaces it and keeps the empty one \
+             under the pre-restore name; otherwise check [postgres] url"
+        ),
+        Err(e) => return Err(e).with_context(|| format!("connect to {shown}")),
+    };
+    let missing = repository::missing_tables(&mut conn, specs)
+        .await
+        .with_context(|| format!("look up the counted tables in {shown}"))?;
+    let present: Vec<CountSpec> = specs
+        .iter()
+        .filter(|s| !missing.contains(&s.table))
+        .cloned()
+        .collect();
+    let counts = repository::count_rows(&mut conn, &present)
+        .await
+        .with_context(|| format!("count tables in {shown}"))?;
+    let mut checks = Vec::new();
+    if !missing.is_empty() {
+        checks.push(Check {
+            name: "counted tables present".into(),
+            kind: CheckKind::Preflight,
+            required: false,
+            passed: false,
+            detail: format!(
+                "the live database lacks {}: no count before the restore, which brings back \
+                 the point's",
+                missing.join(", ")
+            ),
+        });
+    }
+    if let Some(at_point) = at_point.filter(|c| !c.is_empty()) {
+        let live = repository::table_columns(&mut conn)
+            .await
+            .with_context(|| format!("read the schema of {shown}"))?;
+        checks.push(schema_check(at_point, &live));
+    }
+    let _ = conn.close().await;
+    Ok((counts, checks))
+}
+
+/// The runbook's recovery boundary "do not drop additive schema columns as part of rollback":
+/// tables and columns the live database has and the point does not are what a restore would
+/// roll back. Optional: a restore to a point before a migration is sometimes the intent, and
+/// the fix is the application's migrations afterwards, so it is a warning and a follow-up.
+fn schema_check(at_point: &TableColumns, live: &TableColumns) -> Check {
+    let mut newer = Vec::new();
+    for (table, columns) in live {
+        match at_point.get(table) {
+            None => newer.push(format!("table {table}")),
+            Some(known) => newer.extend(
+                columns
+                    .iter()
+                    .filter(|c| !known.contains(c))
+                    .map(|c| format!("{table}.{c}")),
+            ),
+        }
+    }
+    let detail = if newer.is_empty() {
+        format!(
+            "the live schema has no table or column the point lacks ({} tables)",
+            live.len()
+        )
+    } else {
+        let shown = newer
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        let more = match newer.len() {
+            n if n > 10 => format!(" and {} more", n - 10),
+            _ => String::new(),
+        };
+        format!(
+            "the live database has what the point lacks: {shown}{more}; the restore rolls \
+             the schema back to the point's. Run the application's migrations after it (a \
+             forward fix); never drop or re-add them by hand"
+        )
+    };
+    Check {
+        name: "schema not rolled back".into(),
+        kind: CheckKind::Schema,
+        required: false,
+        passed: newer.is_empty(),
+        detail,
+    }
+}
+
+/// Counts rows of the configured tables in the live database, keyed as a point's counts.
+pub(super) async fn count_tables(url: &str, specs: &[CountSpec]) -> Result<Counts> {
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .with_context(|| format!("connect to {}", repository::redact_url(url)))?;
+    repository::count_rows(&mut conn, specs)
+        .await
+        .with_context(|| format!("count tables in {}", repository::redact_url(url)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_schema_check_names_what_a_restore_rolls_back() {
+        let cols = |pairs: &[(&str, &[&str])]| -> TableColumns {
+            pairs
+                .iter()
+                .map(|(t, c)| (t.to_string(), c.iter().map(|s| s.to_string()).collect()))
+                .collect()
+        };
+        let point = cols(&[("public.sessions", &["id", "title"])]);
+        let same = schema_check(&point, &point);
+        assert!(same.passed && !same.required, "{same:?}");
+        // A column dropped since the point comes back with it: nothing is rolled back.
+        let fewer = schema_check(&point, &cols(&[("public.sessions", &["id"])]));
+        assert!(fewer.passed, "{fewer:?}");
+        let newer = schema_check(
+            &point,
+            &cols(&[
+                ("public.sessions", &["id", "title", "note"]),
+                ("public.audit", &["id"]),
+            ]),
+        );
+        assert!(!newer.passed, "{newer:?}");
+        assert!(
+            newer
+                .detail
+                .starts_with("the live database has what the point lacks: table public.audit, public.sessions.note;"),
+            "{newer:?}"
+        );
+    }
+}
