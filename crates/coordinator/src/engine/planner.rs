@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::plan::{Action, Gate, Phase, Plan, Quorum, Replicas};
-use crate::store::PhaseState;
+use crate::store::{PhaseRecord, PhaseState, RunKind, RunRecord, RunState};
 
 /// What the driver does next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,12 +160,53 @@ fn judge(label: &str, q: Quorum, passing: u32, declared: u32) -> (bool, String) 
     (ok, format!("{label} {passing}/{declared}{need}"))
 }
 
+/// Whether an unfinished run `other` of the same environment keeps a new run of `kind` from
+/// starting. A drill or recovery changes the fleet, so it runs alone: nothing else may be
+/// unfinished, blocked runs included (a blocked drill leaves the fleet frozen mid-restore; a
+/// blocked backup could be resumed in the middle of the restore). A backup may not start during
+/// a drill or recovery either (its point would pair data from either side of the restore), nor
+/// next to a running backup; a blocked backup does not stop the next one (the schedule keeps
+/// the RPO while an operator looks at the blocked one).
+pub(super) fn conflicts(kind: RunKind, other: &RunRecord) -> bool {
+    kind != RunKind::Backup || other.kind != RunKind::Backup || other.state != RunState::Blocked
+}
+
+/// What a blocked run's reason says about traffic: frozen only once a freeze phase passed (and
+/// no unfreeze since); a plan without a freeze (a backup) says nothing.
+pub(super) fn freeze_note(plan: &Plan, journal: &[PhaseRecord]) -> &'static str {
+    let states = |action: Action| -> Vec<PhaseState> {
+        journal
+            .iter()
+            .filter(|p| {
+                plan.phases
+                    .get(p.index as usize)
+                    .is_some_and(|ph| ph.action == action)
+            })
+            .map(|p| p.state)
+            .collect()
+    };
+    if !plan.phases.iter().any(|ph| ph.action == Action::Freeze) {
+        return "";
+    }
+    let (freeze, unfreeze) = (states(Action::Freeze), states(Action::Unfreeze));
+    if unfreeze.contains(&PhaseState::Passed) {
+        ""
+    } else if freeze.contains(&PhaseState::Passed) {
+        "; traffic stays frozen"
+    } else if freeze.iter().any(|s| *s != PhaseState::Pending) {
+        "; the freeze did not complete: traffic may be partly frozen"
+    } else {
+        "; traffic was not frozen"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
     use crate::plan::tests::fleet;
+    use chrono::Utc;
 
     fn plan() -> Plan {
         Plan::default_plan(Some(&fleet())).unwrap()
@@ -306,5 +347,81 @@ mod tests {
         let v = evaluate(replicas, &fleet(), &all);
         assert!(!v.passed);
         assert!(v.detail.contains("gateway 0/1"), "{}", v.detail);
+    }
+
+    #[test]
+    fn a_blocked_reason_says_frozen_only_after_the_freeze() {
+        let plan = Plan::default_plan(None).unwrap();
+        let index = |action| plan.phases.iter().position(|p| p.action == action).unwrap() as u32;
+        let phase = |index, state| PhaseRecord {
+            run_id: "r".into(),
+            index,
+            name: String::new(),
+            state,
+            attempt: 1,
+            started_at: None,
+            finished_at: None,
+            detail: None,
+        };
+        let (freeze, unfreeze) = (index(Action::Freeze), index(Action::Unfreeze));
+        let preflight_blocked = [phase(0, PhaseState::Blocked)];
+        assert_eq!(
+            freeze_note(&plan, &preflight_blocked),
+            "; traffic was not frozen"
+        );
+        let freeze_blocked = [
+            phase(0, PhaseState::Passed),
+            phase(freeze, PhaseState::Blocked),
+        ];
+        assert!(freeze_note(&plan, &freeze_blocked).contains("partly frozen"));
+        let later = [
+            phase(0, PhaseState::Passed),
+            phase(freeze, PhaseState::Passed),
+            phase(freeze + 1, PhaseState::Blocked),
+        ];
+        assert_eq!(freeze_note(&plan, &later), "; traffic stays frozen");
+        let unfrozen = [
+            phase(freeze, PhaseState::Passed),
+            phase(unfreeze, PhaseState::Passed),
+        ];
+        assert_eq!(freeze_note(&plan, &unfrozen), "");
+        let backup = Plan::backup_plan(&crate::plan::tests::fleet()).unwrap();
+        assert_eq!(freeze_note(&backup, &preflight_blocked), "");
+    }
+
+    #[test]
+    fn a_drill_runs_alone_and_a_backup_only_passes_blocked_backups() {
+        use RunKind::{Backup, Drill, Recovery};
+        use RunState::{Blocked, Pending, Running};
+        let run = |kind, state| RunRecord {
+            id: "r".into(),
+            kind,
+            environment: "prod".into(),
+            point_id: None,
+            plan: String::new(),
+            params: serde_json::Value::Null,
+            state,
+            reason: None,
+            epoch: api::model::Epoch::new(1).unwrap(),
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+            finished_at: None,
+        };
+        for other in [Drill, Recovery, Backup] {
+            for state in [Pending, Running, Blocked] {
+                for new in [Drill, Recovery] {
+                    assert!(
+                        conflicts(new, &run(other, state)),
+                        "{new} next to {other} {state}"
+                    );
+                }
+                let backup_may_start = other == Backup && state == Blocked;
+                assert_eq!(
+                    conflicts(Backup, &run(other, state)),
+                    !backup_may_start,
+                    "backup next to {other} {state}"
+                );
+            }
+        }
     }
 }

@@ -1,0 +1,306 @@
+//! The pure half of building commands: what each phase sends its agents, which shard of an
+//! object restore each objects agent takes, and the ids of runs and commands. No I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use api::model::{Action as AgentAction, CommandId, Invalid, ScaleTarget};
+use chrono::{DateTime, Utc};
+
+use crate::plan::{Action, Phase, Replicas};
+use crate::store::RunKind;
+
+/// What a run's commands need besides the phase: where its points live and which point.
+#[derive(Debug, Clone)]
+pub(super) struct RunContext {
+    pub run_id: String,
+    pub repository: api::model::RepositoryRef,
+    pub point: Option<String>,
+    /// For `check-references`: the keys the database verifications returned.
+    pub references: Vec<api::model::ObjectReferences>,
+}
+
+pub(super) fn needs_point(action: Action) -> bool {
+    matches!(
+        action,
+        Action::Preflight | Action::RestorePostgres | Action::RestoreObjects | Action::Verify
+    )
+}
+
+/// The agent commands a phase sends to each targeted agent, in order.
+pub(super) fn agent_actions(
+    phase: &Phase,
+    ctx: &RunContext,
+) -> std::result::Result<Vec<AgentAction>, String> {
+    let target = |r: Replicas| match r {
+        Replicas::Count(n) => ScaleTarget::Replicas(n),
+        Replicas::Prior => ScaleTarget::Prior,
+    };
+    let repository = ctx.repository.clone();
+    let point = || {
+        ctx.point.clone().ok_or_else(|| {
+            format!(
+                "{} in run {} needs a recovery point; start the run with --point",
+                phase.action, ctx.run_id
+            )
+        })
+    };
+    Ok(match phase.action {
+        Action::Freeze => vec![AgentAction::Freeze],
+        Action::Unfreeze => vec![AgentAction::Unfreeze],
+        Action::Restart => vec![AgentAction::Restart],
+        Action::Scale => match phase.replicas {
+            Some(r) => vec![AgentAction::Scale(target(r))],
+            None => return Err("scale phase without replicas (plan check refuses this)".into()),
+        },
+        Action::Report | Action::WritePoint => Vec::new(),
+        Action::BackupPostgres => vec![AgentAction::BackupPostgres {
+            repository,
+            point: point()?,
+        }],
+        Action::SnapshotObjects => vec![AgentAction::SnapshotObjects {
+            repository,
+            point: point()?,
+        }],
+        Action::Preflight => vec![AgentAction::Preflight {
+            repository,
+            point: point()?,
+        }],
+        Action::RestorePostgres => vec![AgentAction::RestorePostgres {
+            repository,
+            point: point()?,
+        }],
+        Action::RestoreObjects => vec![AgentAction::RestoreObjects {
+            repository,
+            point: point()?,
+            shard: 0,
+            shards: 1,
+        }],
+        Action::Verify => vec![AgentAction::Verify {
+            repository,
+            point: point()?,
+        }],
+        Action::CheckReferences => vec![AgentAction::CheckObjects(ctx.references.clone())],
+        // Start the replicas the smoke needs (workers never before objects are restored: plan
+        // check orders that), then run the agent's smoke command.
+        Action::Smoke => {
+            let smoke = AgentAction::Smoke {
+                point: ctx.point.clone(),
+            };
+            match phase.replicas {
+                Some(r) => vec![AgentAction::Scale(target(r)), smoke],
+                None => vec![smoke],
+            }
+        }
+    })
+}
+
+/// Shards for the objects agents of a restore: agents the journal already gave a shard keep
+/// it; the others take the free shards in name order. The number of shards is the declared
+/// count (at least the agents present, at least one), or the journal's when it has one.
+pub(super) fn assign_shards(
+    journaled: &BTreeMap<String, (u32, u32)>,
+    agents: &[String],
+    declared: u32,
+) -> BTreeMap<String, (u32, u32)> {
+    let count = journaled
+        .values()
+        .map(|&(_, n)| n)
+        .max()
+        .unwrap_or_else(|| declared.max(agents.len() as u32).max(1));
+    let mut out: BTreeMap<String, (u32, u32)> = journaled.clone();
+    let taken: BTreeSet<u32> = out.values().map(|&(s, _)| s).collect();
+    let mut free = (0..count).filter(|s| !taken.contains(s));
+    let mut fresh: Vec<&String> = agents.iter().filter(|a| !out.contains_key(*a)).collect();
+    fresh.sort();
+    for agent in fresh {
+        // More agents than shards: the extra ones repeat shard 0 (idempotent, harmless).
+        let shard = free.next().unwrap_or(0);
+        out.insert(agent.clone(), (shard, count));
+    }
+    out
+}
+
+/// A run's id: `<kind>-<environment>-<UTC start, to the second>-<4 hex digits>`, so ids sort
+/// by start within an environment and two runs started in one second still differ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunId(String);
+
+impl RunId {
+    pub fn new(kind: RunKind, environment: &str, at: DateTime<Utc>, salt: u16) -> RunId {
+        RunId(format!(
+            "{kind}-{environment}-{}-{salt:04x}",
+            at.format("%Y%m%dT%H%M%S")
+        ))
+    }
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where one command sits in its run. Its id, `<run>/<phase>/<agent>/a<attempt>/s<step>/r<retry>`,
+/// is deterministic: a resumed run re-sends the same ids and agents answer from their records;
+/// `retry` starts a new attempt, so new ids. Phase and agent names hold no `/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandKey {
+    pub run: String,
+    pub phase: String,
+    pub agent: String,
+    pub attempt: u32,
+    /// The command's place among the phase's commands to this agent.
+    pub step: usize,
+    /// Which try of the same step (a failed command is sent again as a new id).
+    pub retry: u32,
+}
+
+impl CommandKey {
+    pub fn id(&self) -> Result<CommandId, Invalid> {
+        CommandId::parse(&self.to_string())
+    }
+
+    /// The key of a command id of `run`; None for an id of another run or another shape.
+    pub fn parse(run: &str, id: &str) -> Option<CommandKey> {
+        let rest = id.strip_prefix(run)?.strip_prefix('/')?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let [phase, agent, attempt, step, retry] = parts[..] else {
+            return None;
+        };
+        fn number<T: std::str::FromStr>(part: &str, tag: char) -> Option<T> {
+            part.strip_prefix(tag)?.parse().ok()
+        }
+        Some(CommandKey {
+            run: run.to_owned(),
+            phase: phase.to_owned(),
+            agent: agent.to_owned(),
+            attempt: number(attempt, 'a')?,
+            step: number(step, 's')?,
+            retry: number(retry, 'r')?,
+        })
+        .filter(|k| !k.phase.is_empty() && !k.agent.is_empty())
+    }
+}
+
+impl fmt::Display for CommandKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}/{}/a{}/s{}/r{}",
+            self.run, self.phase, self.agent, self.attempt, self.step, self.retry
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn objects_agents_get_one_shard_each_and_keep_the_journaled_one() {
+        let none = BTreeMap::new();
+        let fresh = assign_shards(&none, &names(&["obj-2", "obj-1"]), 2);
+        assert_eq!(fresh["obj-1"], (0, 2));
+        assert_eq!(fresh["obj-2"], (1, 2));
+        // One agent alone still restores one shard of the declared two (the gate then waits
+        // for the other), and a single agent without a declaration restores everything.
+        assert_eq!(assign_shards(&none, &names(&["obj-2"]), 2)["obj-2"], (0, 2));
+        assert_eq!(assign_shards(&none, &names(&["obj-1"]), 0)["obj-1"], (0, 1));
+        // After a coordinator restart obj-2 re-attached first: it keeps its journaled shard
+        // and obj-1 takes the one left.
+        let journaled = BTreeMap::from([("obj-2".to_owned(), (0, 2))]);
+        let again = assign_shards(&journaled, &names(&["obj-1", "obj-2"]), 2);
+        assert_eq!(again["obj-2"], (0, 2));
+        assert_eq!(again["obj-1"], (1, 2));
+    }
+
+    #[test]
+    fn command_ids_say_where_the_command_sits_and_read_back() {
+        let key = CommandKey {
+            run: "r-20261126-abc".into(),
+            phase: "restore-objects".into(),
+            agent: "obj-1".into(),
+            attempt: 1,
+            step: 0,
+            retry: 2,
+        };
+        let id = "r-20261126-abc/restore-objects/obj-1/a1/s0/r2";
+        assert_eq!(key.to_string(), id);
+        assert_eq!(key.id().unwrap().as_str(), id);
+        assert_eq!(CommandKey::parse("r-20261126-abc", id), Some(key));
+        // Another run's id, a run id that is only a prefix, and ids of other shapes.
+        assert_eq!(CommandKey::parse("r-other", id), None);
+        assert_eq!(CommandKey::parse("r-20261126", id), None);
+        for other in [
+            "r-20261126-abc/",
+            "r-20261126-abc/restore-objects/obj-1",
+            "r-20261126-abc//obj-1/a1/s0/r0",
+            "r-20261126-abc/restore-objects/obj-1/a1/s0/rx",
+            "r-20261126-abc/restore-objects/obj-1/a1/s0/r0/extra",
+        ] {
+            assert_eq!(CommandKey::parse("r-20261126-abc", other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn run_ids_name_kind_environment_and_start() {
+        let at = chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 11, 26, 10, 20, 30).unwrap();
+        assert_eq!(
+            RunId::new(RunKind::Drill, "private-beta", at, 0x3f).to_string(),
+            "drill-private-beta-20261126T102030-003f"
+        );
+    }
+
+    #[test]
+    fn each_phase_sends_its_actions() {
+        let plan = crate::plan::Plan::default_plan(None).unwrap();
+        let ctx = RunContext {
+            run_id: "r".into(),
+            repository: api::model::RepositoryRef::default(),
+            point: Some("20261125T073000Z-prod-3f2a9c01".into()),
+            references: vec![],
+        };
+        let sent = |action: Action| -> Vec<&'static str> {
+            let phase = plan.phases.iter().find(|p| p.action == action).unwrap();
+            agent_actions(phase, &ctx)
+                .unwrap()
+                .iter()
+                .map(AgentAction::name)
+                .collect()
+        };
+        let cases: [(Action, &[&str]); 9] = [
+            (Action::Preflight, &["preflight"]),
+            (Action::Freeze, &["freeze"]),
+            (Action::Scale, &["scale"]),
+            (Action::RestorePostgres, &["restore-postgres"]),
+            (Action::RestoreObjects, &["restore-objects"]),
+            (Action::Verify, &["verify"]),
+            (Action::CheckReferences, &["check-objects"]),
+            // A smoke starts the replicas it needs first.
+            (Action::Smoke, &["scale", "smoke"]),
+            (Action::Report, &[]),
+        ];
+        for (action, expected) in cases {
+            assert_eq!(sent(action), expected, "{action}");
+        }
+        // A phase that restores needs the run's point.
+        let restore = plan
+            .phases
+            .iter()
+            .find(|p| p.action == Action::RestorePostgres)
+            .unwrap();
+        let without = RunContext {
+            point: None,
+            ..ctx.clone()
+        };
+        let err = agent_actions(restore, &without).unwrap_err();
+        assert!(err.contains("needs a recovery point"), "{err}");
+    }
+}

@@ -1,0 +1,532 @@
+//! Drives one run: asks the planner what to start, runs each phase (journaled `running`
+//! before its commands go out), sends a phase's commands to every targeted agent at once and
+//! holds its gate against the declared fleet, and stops the run `blocked` with what to do.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, anyhow, bail};
+use api::model::{
+    Action as AgentAction, ActionKind, ActionOutput, AgentStatus, Availability, Outcome,
+};
+use chrono::Utc;
+use serde_json::json;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::Inner;
+use super::commands::{RunContext, agent_actions, assign_shards};
+use super::planner::{self, AgentStanding, Next, freeze_note};
+use super::send::run_steps;
+use crate::config::Environment;
+use crate::link::AgentLink;
+use crate::plan::{Action, Phase, Plan};
+use crate::store::{PhaseRecord, PhaseState, ResultRecord, RunState};
+
+/// How often a readiness gate is re-evaluated while it waits.
+const GATE_POLL: Duration = Duration::from_millis(250);
+
+impl<L: AgentLink + Clone + 'static> Inner<L> {
+    pub(super) async fn drive(self: Arc<Self>, id: &str, cancel: CancellationToken) -> Result<()> {
+        let run = self
+            .store
+            .run(id)
+            .await?
+            .with_context(|| format!("no run {id}"))?;
+        if run.state.is_final() || run.state == RunState::Blocked {
+            return Ok(());
+        }
+        let Some(env) = self.environments.get(&run.environment).cloned() else {
+            let reason = format!(
+                "environment {} is no longer in the coordinator config; restore its \
+                 [environments.{}] table and resume",
+                run.environment, run.environment
+            );
+            self.store
+                .set_run_state(id, RunState::Blocked, Some(&reason), Utc::now())
+                .await?;
+            return Ok(());
+        };
+        // The run follows the plan it was started with, whatever the files say now.
+        let plan = Plan::parse(Path::new("journaled plan"), &run.plan, Some(&env.fleet))
+            .map_err(|e| anyhow!("the journaled plan no longer fits the fleet: {e}"))?;
+        if run.state == RunState::Pending {
+            self.store
+                .set_run_state(id, RunState::Running, None, Utc::now())
+                .await?;
+            self.event(
+                id,
+                "run.started",
+                json!({ "epoch": self.link.epoch().get() }),
+            )
+            .await?;
+        }
+        let plan = Arc::new(plan);
+        let env = Arc::new(env);
+        let mut tasks: JoinSet<(usize, Result<()>)> = JoinSet::new();
+        let mut in_flight = BTreeSet::new();
+        loop {
+            let journal = self.store.phases(id).await?;
+            let mut states = vec![None; plan.phases.len()];
+            for p in &journal {
+                if let Some(slot) = states.get_mut(p.index as usize) {
+                    *slot = Some(p.state);
+                }
+            }
+            match planner::next(&plan, &states, &in_flight) {
+                Next::Start(phases) => {
+                    for index in phases {
+                        let attempt = journal
+                            .iter()
+                            .find(|p| p.index as usize == index)
+                            .map_or(1, |p| p.attempt.max(1));
+                        in_flight.insert(index);
+                        let me = self.clone();
+                        let (plan, env, run_id) = (plan.clone(), env.clone(), id.to_owned());
+                        let point = run.point_id.clone();
+                        let span = tracing::info_span!(
+                            "rollcall.phase",
+                            phase = %plan.phases[index].name,
+                            action = %plan.phases[index].action,
+                            attempt
+                        );
+                        tasks.spawn(
+                            async move {
+                                let result = me
+                                    .run_phase(&run_id, &plan, &env, point, index, attempt)
+                                    .await;
+                                (index, result)
+                            }
+                            .instrument(span),
+                        );
+                    }
+                }
+                Next::Wait => {
+                    tokio::select! {
+                        () = cancel.cancelled() => {
+                            tasks.abort_all();
+                            return Ok(());
+                        }
+                        joined = tasks.join_next() => match joined {
+                            Some(Ok((index, result))) => {
+                                in_flight.remove(&index);
+                                if let Err(e) = result {
+                                    tasks.abort_all();
+                                    return Err(e.context(format!("phase {}", plan.phases[index].name)));
+                                }
+                            }
+                            Some(Err(e)) => {
+                                tasks.abort_all();
+                                bail!("a phase task ended abnormally: {e}");
+                            }
+                            None => bail!("the planner waits but no phase is in flight"),
+                        }
+                    }
+                }
+                Next::Done => {
+                    self.store
+                        .set_run_state(id, RunState::Succeeded, None, Utc::now())
+                        .await?;
+                    self.event(id, "run.succeeded", json!({})).await?;
+                    self.metrics.run_ended(run.kind.as_str(), "succeeded");
+                    tracing::info!(run_id = %id, "run succeeded");
+                    return Ok(());
+                }
+                Next::Blocked { phase } => {
+                    let detail = journal
+                        .iter()
+                        .find(|p| p.index as usize == phase)
+                        .and_then(|p| p.detail.clone())
+                        .unwrap_or_default();
+                    let frozen = freeze_note(&plan, &journal);
+                    // An agent keeps the result of a command it ran: `resume` re-sends the
+                    // phase's commands and gets a failure back as it was. After fixing what
+                    // made a command fail, the phase must run as a new attempt (`retry`).
+                    let attempt = journal
+                        .iter()
+                        .find(|p| p.index as usize == phase)
+                        .map(|p| p.attempt);
+                    let failed = self.store.commands(id).await?.iter().any(|(c, r)| {
+                        c.phase_index as usize == phase
+                            && Some(c.attempt) == attempt
+                            && r.as_ref().is_some_and(|r| r.outcome == Outcome::Failed)
+                    });
+                    let next = if failed {
+                        format!(
+                            "fix the cause, then `rollcall run retry {id}` (its failed commands \
+                             run again; `resume` would replay their results), or `abort`"
+                        )
+                    } else {
+                        format!(
+                            "fix the cause, then `rollcall run resume {id}` (or `retry`, or `abort`)"
+                        )
+                    };
+                    let reason = format!(
+                        "phase {} did not pass: {detail}{frozen} — {next}",
+                        plan.phases[phase].name
+                    );
+                    self.store
+                        .set_run_state(id, RunState::Blocked, Some(&reason), Utc::now())
+                        .await?;
+                    self.event(
+                        id,
+                        "run.blocked",
+                        json!({ "phase": plan.phases[phase].name, "reason": reason }),
+                    )
+                    .await?;
+                    tracing::warn!(run_id = %id, "run blocked: {reason}");
+                    self.metrics.run_ended(run.kind.as_str(), "blocked");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn run_phase(
+        &self,
+        run_id: &str,
+        plan: &Plan,
+        env: &Environment,
+        point: Option<String>,
+        index: usize,
+        attempt: u32,
+    ) -> Result<()> {
+        let phase = &plan.phases[index];
+        let started = Utc::now();
+        let mut record = PhaseRecord {
+            run_id: run_id.to_owned(),
+            index: index as u32,
+            name: phase.name.clone(),
+            state: PhaseState::Running,
+            attempt,
+            started_at: Some(started),
+            finished_at: None,
+            detail: None,
+        };
+        self.store.put_phase(&record).await?;
+        self.event(
+            run_id,
+            "phase.started",
+            json!({ "phase": phase.name, "action": phase.action.as_str(), "attempt": attempt }),
+        )
+        .await?;
+
+        let references = if phase.action == Action::CheckReferences {
+            self.verified_references(run_id).await?
+        } else {
+            Vec::new()
+        };
+        let ctx = RunContext {
+            run_id: run_id.to_owned(),
+            repository: env.repository_ref.clone(),
+            point,
+            references,
+        };
+        let (passed, detail) = match phase.action {
+            Action::Report => match self.write_report(run_id, env, &ctx).await {
+                Ok(where_) => (true, format!("drill report written: {where_}")),
+                Err(e) => (false, api::errors::one_line(&*e)),
+            },
+            Action::WritePoint => match self.write_point(run_id, plan, env, &ctx).await {
+                Ok(id) => {
+                    self.event(run_id, "point.written", json!({ "point": id }))
+                        .await?;
+                    (true, format!("recovery point {id} written"))
+                }
+                Err(e) => (false, api::errors::one_line(&*e)),
+            },
+            _ => {
+                self.command_phase(run_id, phase, env, &ctx, attempt)
+                    .await?
+            }
+        };
+
+        record.state = if passed {
+            PhaseState::Passed
+        } else if phase.required {
+            PhaseState::Blocked
+        } else {
+            PhaseState::Failed
+        };
+        record.finished_at = Some(Utc::now());
+        record.detail = Some(detail.clone());
+        self.store.put_phase(&record).await?;
+        let millis = (Utc::now() - started).num_milliseconds();
+        self.metrics
+            .phase_ended(phase.action.as_str(), millis as f64 / 1000.0);
+        self.event(
+            run_id,
+            "phase.finished",
+            json!({ "phase": phase.name, "state": record.state.as_str(), "detail": detail, "duration_ms": millis }),
+        )
+        .await?;
+        tracing::info!(phase = %phase.name, state = %record.state, %detail, "phase finished");
+        Ok(())
+    }
+
+    /// Sends the phase's commands to every targeted agent at once, then holds the gate.
+    async fn command_phase(
+        &self,
+        run_id: &str,
+        phase: &Phase,
+        env: &Environment,
+        ctx: &RunContext,
+        attempt: u32,
+    ) -> Result<(bool, String)> {
+        let steps = match agent_actions(phase, ctx) {
+            Ok(steps) => steps,
+            Err(why) => return Ok((false, why)),
+        };
+        let deadline = SystemTime::now() + phase.timeout;
+        let targets = self.targets(phase, env, deadline).await;
+
+        // Object restores split the keys by hash across the role's agents (DESIGN.md): each
+        // agent gets a shard, and the number of shards is the declared count. A command id
+        // names one command forever, so an agent keeps the shard the journal already holds.
+        let shard_of = if phase.action == Action::RestoreObjects {
+            let journaled = self.journaled_shards(run_id, phase.index, attempt).await?;
+            let names: Vec<String> = targets
+                .iter()
+                .filter(|a| a.role.as_str() == "objects")
+                .map(|a| a.name.to_string())
+                .collect();
+            assign_shards(
+                &journaled,
+                &names,
+                env.fleet.get("objects").copied().unwrap_or(0),
+            )
+        } else {
+            BTreeMap::new()
+        };
+
+        let mut sends = JoinSet::new();
+        for agent in &targets {
+            let (me_store, link) = (self.store.clone(), self.link.clone());
+            let mut steps = steps.clone();
+            if let Some(&(index, count)) = shard_of.get(agent.name.as_str()) {
+                for step in &mut steps {
+                    if let AgentAction::RestoreObjects { shard, shards, .. } = step {
+                        (*shard, *shards) = (index, count);
+                    }
+                }
+            }
+            let (run_id, name) = (run_id.to_owned(), agent.name.clone());
+            let (phase_name, phase_index, retries) =
+                (phase.name.clone(), phase.index, phase.retries);
+            sends.spawn(
+                async move {
+                    let outcome = run_steps(
+                        &*me_store,
+                        &link,
+                        &run_id,
+                        &phase_name,
+                        phase_index,
+                        attempt,
+                        retries,
+                        &name,
+                        &steps,
+                        deadline,
+                    )
+                    .await;
+                    (name, outcome)
+                }
+                .in_current_span(),
+            );
+        }
+        let mut succeeded = BTreeMap::new();
+        let mut failures = Vec::new();
+        while let Some(joined) = sends.join_next().await {
+            let (name, outcome) =
+                joined.map_err(|e| anyhow!("a command task ended abnormally: {e}"))?;
+            match outcome? {
+                Ok(()) => {
+                    succeeded.insert(name, true);
+                }
+                Err(why) => {
+                    failures.push(format!("{name}: {why}"));
+                    succeeded.insert(name, false);
+                }
+            }
+        }
+
+        // The gate: results under this epoch, readiness as observed now, against the declared
+        // fleet. Readiness can lag a successful start; poll until the phase's deadline.
+        loop {
+            let standing: Vec<AgentStanding> = self
+                .directory
+                .agents()
+                .into_iter()
+                .filter(|a| succeeded.contains_key(&a.name))
+                .map(|a| AgentStanding {
+                    role: a.role.to_string(),
+                    succeeded: succeeded.get(&a.name).copied().unwrap_or(false),
+                    ready: a.availability == Availability::Connected && a.ready,
+                })
+                .collect();
+            let verdict = planner::evaluate(phase, &env.fleet, &standing);
+            // Readiness can still come; failed commands cannot. Wait only while the gate could
+            // pass if every agent whose command succeeded became ready.
+            let hopeful: Vec<AgentStanding> = standing
+                .iter()
+                .map(|a| AgentStanding {
+                    ready: true,
+                    ..a.clone()
+                })
+                .collect();
+            let could_pass = planner::evaluate(phase, &env.fleet, &hopeful).passed;
+            let waiting =
+                planner::needs_readiness(phase) && could_pass && SystemTime::now() < deadline;
+            if verdict.passed || !waiting {
+                let mut detail = verdict.detail;
+                if !failures.is_empty() {
+                    detail.push_str("; ");
+                    detail.push_str(&failures.join("; "));
+                }
+                let missing = declared_missing(env, phase, &targets);
+                if !missing.is_empty() && !verdict.passed {
+                    detail.push_str(&format!("; never connected: {}", missing.join(", ")));
+                }
+                return Ok((verdict.passed, detail));
+            }
+            tokio::time::sleep(GATE_POLL).await;
+        }
+    }
+
+    /// The shards already journaled for a restore-objects phase attempt: agent → (shard, of).
+    async fn journaled_shards(
+        &self,
+        run_id: &str,
+        phase_index: usize,
+        attempt: u32,
+    ) -> Result<BTreeMap<String, (u32, u32)>> {
+        let mut out = BTreeMap::new();
+        for (command, _) in self.store.commands(run_id).await? {
+            if command.phase_index as usize != phase_index
+                || command.attempt != attempt
+                || command.action != ActionKind::RestoreObjects
+            {
+                continue;
+            }
+            let action: AgentAction = serde_json::from_value(command.payload.clone())
+                .with_context(|| format!("journaled command {}", command.command_id))?;
+            if let AgentAction::RestoreObjects { shard, shards, .. } = action {
+                out.insert(command.agent, (shard, shards));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The object keys the run's database verifications returned (the newest successful verify
+    /// of each agent), for the objects agents to look up. Read from the journal, so a resumed
+    /// run sends the same command.
+    async fn verified_references(&self, run_id: &str) -> Result<Vec<api::model::ObjectReferences>> {
+        let mut newest: BTreeMap<String, Vec<api::model::ObjectReferences>> = BTreeMap::new();
+        for (command, result) in self.store.commands(run_id).await? {
+            let Some(ResultRecord {
+                outcome: Outcome::Succeeded,
+                output: Some(ActionOutput::Verify(verified)),
+                ..
+            }) = result
+            else {
+                continue;
+            };
+            if !verified.references.is_empty() {
+                newest.insert(command.agent, verified.references);
+            }
+        }
+        Ok(newest.into_values().flatten().collect())
+    }
+
+    /// The agents a phase targets: those of its roles in the run's environment. Waits (up to
+    /// the attach grace, within the phase's deadline) for declared agents that have not
+    /// attached yet, as after a coordinator restart.
+    async fn targets(
+        &self,
+        phase: &Phase,
+        env: &Environment,
+        deadline: SystemTime,
+    ) -> Vec<AgentStatus> {
+        let until = (SystemTime::now() + self.attach_grace).min(deadline);
+        loop {
+            let targets: Vec<AgentStatus> = self
+                .directory
+                .agents()
+                .into_iter()
+                .filter(|a| {
+                    a.environment.as_str() == env.name.as_str()
+                        && phase.roles.iter().any(|r| r == a.role.as_str())
+                })
+                .collect();
+            let attached = |role: &String| {
+                targets
+                    .iter()
+                    .filter(|a| {
+                        a.role.as_str() == role && a.availability == Availability::Connected
+                    })
+                    .count() as u32
+            };
+            let complete = phase
+                .roles
+                .iter()
+                .all(|r| attached(r) >= env.fleet.get(r).copied().unwrap_or(0));
+            if complete || SystemTime::now() >= until {
+                return targets;
+            }
+            tokio::time::sleep(GATE_POLL).await;
+        }
+    }
+
+    /// Builds the drill report from the journal, keeps its JSON in the journal and stores both
+    /// forms in the repository (`reports/<run>.md|json`), before traffic resumes.
+    async fn write_report(
+        &self,
+        run_id: &str,
+        env: &Environment,
+        ctx: &RunContext,
+    ) -> Result<String> {
+        let repo = env.repository_ref.open().await?;
+        let point = match &ctx.point {
+            Some(p) => Some(repo.read_point(&repository::PointId::parse(p)?).await?),
+            None => None,
+        };
+        let report =
+            crate::report::build(&*self.store, run_id, env, point.as_ref(), &[], &[]).await?;
+        let json = report.to_json();
+        self.event(run_id, "report", json.clone()).await?;
+        let md_key = format!("reports/{run_id}.md");
+        let json_key = format!("reports/{run_id}.json");
+        use object_store::ObjectStoreExt as _;
+        let store = repo.store();
+        store
+            .put(
+                &md_key.as_str().into(),
+                report.to_markdown().into_bytes().into(),
+            )
+            .await
+            .with_context(|| format!("store {md_key} in the repository"))?;
+        store
+            .put(
+                &json_key.as_str().into(),
+                serde_json::to_vec_pretty(&json)?.into(),
+            )
+            .await
+            .with_context(|| format!("store {json_key} in the repository"))?;
+        Ok(format!("{md_key} in the repository, and the run's journal"))
+    }
+}
+
+/// Roles the environment declares more agents of than have ever connected.
+fn declared_missing(env: &Environment, phase: &Phase, seen: &[AgentStatus]) -> Vec<String> {
+    phase
+        .roles
+        .iter()
+        .filter_map(|role| {
+            let declared = env.fleet.get(role).copied().unwrap_or(0);
+            let known = seen.iter().filter(|a| a.role.as_str() == role).count() as u32;
+            (known < declared).then(|| format!("{} of {declared} {role}", declared - known))
+        })
+        .collect()
+}
