@@ -1,5 +1,5 @@
 //! The gRPC adapters: the agents' `Attach` stream and the operator API. Thin by design —
-//! check identity, convert, call the registry, map errors.
+//! check identity, convert, call the registry or the engine, map errors.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::engine::operator::PointsError;
 use crate::link::{AgentLink, Outgoing, StreamLink};
 use crate::registry::{Generation, Registry};
 use crate::tls;
@@ -266,9 +267,6 @@ pub struct OperatorApi {
     pub engine: crate::engine::Engine<crate::link::StreamLink>,
 }
 
-/// How often `WatchRun` looks for new journal events.
-const WATCH_POLL: std::time::Duration = std::time::Duration::from_millis(200);
-
 fn run_to_pb(r: crate::store::RunRecord) -> op::Run {
     let plan_name = r
         .params
@@ -369,14 +367,9 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<op::ListRunsRequest>,
     ) -> Result<Response<op::ListRunsResponse>, Status> {
-        let limit = match request.into_inner().limit {
-            0 => 50,
-            n => n.min(1000),
-        };
         let runs = self
             .engine
-            .store()
-            .list_runs(limit)
+            .list_runs(request.into_inner().limit)
             .await
             .map_err(|e| status_of(&e.into()))?;
         Ok(Response::new(op::ListRunsResponse {
@@ -389,17 +382,13 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<op::GetRunRequest>,
     ) -> Result<Response<op::RunDetail>, Status> {
-        let id = request.into_inner().id;
-        let store = self.engine.store();
-        let internal = |e: crate::store::Error| status_of(&e.into());
-        let run =
-            store.run(&id).await.map_err(internal)?.ok_or_else(|| {
-                Status::not_found(format!("no run {id}; `rollcall runs` lists them"))
-            })?;
-        let phases = store
-            .phases(&id)
+        let detail = self
+            .engine
+            .run_detail(&request.into_inner().id)
             .await
-            .map_err(internal)?
+            .map_err(|e| status_of(&e))?;
+        let phases = detail
+            .phases
             .into_iter()
             .map(|p| op::PhaseStatus {
                 index: p.index,
@@ -411,10 +400,8 @@ impl op::operator_service_server::OperatorService for OperatorApi {
                 detail: p.detail.unwrap_or_default(),
             })
             .collect();
-        let commands = store
-            .commands(&id)
-            .await
-            .map_err(internal)?
+        let commands = detail
+            .commands
             .into_iter()
             .map(|(c, r)| op::CommandStatus {
                 command_id: c.command_id,
@@ -429,13 +416,13 @@ impl op::operator_service_server::OperatorService for OperatorApi {
             })
             .collect();
         Ok(Response::new(op::RunDetail {
-            run: Some(run_to_pb(run)),
+            run: Some(run_to_pb(detail.run)),
             phases,
             commands,
         }))
     }
 
-    type WatchRunStream = tokio_stream::wrappers::ReceiverStream<Result<op::RunEvent, Status>>;
+    type WatchRunStream = Pin<Box<dyn Stream<Item = Result<op::RunEvent, Status>> + Send>>;
 
     #[tracing::instrument(name = "coordinator.grpc.watch_run", skip_all)]
     async fn watch_run(
@@ -443,61 +430,21 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         request: Request<op::WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
         let r = request.into_inner();
-        let store = self.engine.store().clone();
-        if store
-            .run(&r.id)
+        let events = self
+            .engine
+            .watch_run(&r.id, r.after_seq)
             .await
-            .map_err(|e| status_of(&e.into()))?
-            .is_none()
-        {
-            return Err(Status::not_found(format!(
-                "no run {}; `rollcall runs` lists them",
-                r.id
-            )));
-        }
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            let mut after = r.after_seq;
-            loop {
-                let events = match store.events(&r.id, after, 500).await {
-                    Ok(events) => events,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::unavailable(format!("{e:#}")))).await;
-                        return;
-                    }
-                };
-                let drained = events.is_empty();
-                for e in events {
-                    after = e.seq;
-                    let event = op::RunEvent {
-                        seq: e.seq,
-                        at_unix_ms: e.at.timestamp_millis(),
-                        kind: e.kind,
-                        payload_json: e.payload.to_string(),
-                    };
-                    if tx.send(Ok(event)).await.is_err() {
-                        return;
-                    }
-                }
-                if drained {
-                    // The stream ends once the run waits for nobody but an operator.
-                    match store.run(&r.id).await {
-                        Ok(Some(run))
-                            if run.state.is_final()
-                                || run.state == crate::store::RunState::Blocked =>
-                        {
-                            return;
-                        }
-                        Ok(_) => {}
-                        Err(_) => return,
-                    }
-                    tokio::time::sleep(WATCH_POLL).await;
-                }
-            }
+            .map_err(|e| status_of(&e))?;
+        let events = events.map(|e| match e {
+            Ok(e) => Ok(op::RunEvent {
+                seq: e.seq,
+                at_unix_ms: e.at.timestamp_millis(),
+                kind: e.kind,
+                payload_json: e.payload.to_string(),
+            }),
+            Err(e) => Err(Status::unavailable(format!("{e:#}"))),
         });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            rx,
-        )))
+        Ok(Response::new(Box::pin(events)))
     }
 
     #[tracing::instrument(name = "coordinator.grpc.list_points", skip_all)]
@@ -506,49 +453,34 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         request: Request<op::ListPointsRequest>,
     ) -> Result<Response<op::ListPointsResponse>, Status> {
         let wanted = request.into_inner().environment;
-        let envs = self.engine.environments();
-        if !wanted.is_empty() && !envs.contains_key(&wanted) {
-            return Err(Status::not_found(format!(
-                "no environment {wanted:?} in the coordinator config (configured: {})",
-                envs.keys().cloned().collect::<Vec<_>>().join(", ")
-            )));
-        }
-        let now = chrono::Utc::now();
-        let mut out = op::ListPointsResponse::default();
-        for (name, env) in envs
-            .iter()
-            .filter(|(n, _)| wanted.is_empty() || **n == wanted)
-        {
-            let repo = crate::engine::open_repository(&env.repository_ref)
-                .await
-                .map_err(|e| Status::unavailable(format!("{e:#}")))?;
-            let listing = repo
-                .list_points(Some(name))
-                .await
-                .map_err(|e| Status::unavailable(format!("{e:#}")))?;
-            for p in listing.points {
-                let age = (now - p.created_at).num_seconds().max(0) as u64;
-                out.points.push(op::PointSummary {
-                    id: p.id.to_string(),
-                    environment: p.environment.clone(),
-                    created_unix_ms: p.created_at.timestamp_millis(),
-                    age_seconds: age,
-                    postgres_bytes: p.postgres.as_ref().map_or(0, |pg| pg.size),
-                    objects: p.objects.as_ref().map_or(0, |o| o.objects),
-                    object_bytes: p.objects.as_ref().map_or(0, |o| o.bytes),
-                    rpo_seconds: env.rpo.as_secs(),
-                    stale: age > env.rpo.as_secs(),
-                    secret_refs: p.secrets.len() as u32,
-                });
-            }
-            out.damaged.extend(
-                listing
-                    .damaged
-                    .into_iter()
-                    .map(|d| format!("{}: {}", d.key, d.reason)),
-            );
-        }
-        Ok(Response::new(out))
+        let listing = self
+            .engine
+            .list_points((!wanted.is_empty()).then_some(wanted.as_str()))
+            .await
+            .map_err(|e| match e {
+                PointsError::UnknownEnvironment { .. } => Status::not_found(e.to_string()),
+                PointsError::Repository(_) => Status::unavailable(e.to_string()),
+            })?;
+        let points = listing
+            .points
+            .into_iter()
+            .map(|s| op::PointSummary {
+                id: s.point.id.to_string(),
+                environment: s.point.environment.clone(),
+                created_unix_ms: s.point.created_at.timestamp_millis(),
+                age_seconds: s.age.as_secs(),
+                postgres_bytes: s.point.postgres.as_ref().map_or(0, |pg| pg.size),
+                objects: s.point.objects.as_ref().map_or(0, |o| o.objects),
+                object_bytes: s.point.objects.as_ref().map_or(0, |o| o.bytes),
+                rpo_seconds: s.rpo.as_secs(),
+                stale: s.stale,
+                secret_refs: s.point.secrets.len() as u32,
+            })
+            .collect();
+        Ok(Response::new(op::ListPointsResponse {
+            points,
+            damaged: listing.damaged,
+        }))
     }
 
     #[tracing::instrument(name = "coordinator.grpc.prune_points", skip_all)]

@@ -8,6 +8,7 @@
 //! that were running are executed again with the same command ids, which agents dedupe (a
 //! command that already ran is answered from the agent's record, not run twice).
 
+pub mod operator;
 pub mod planner;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
