@@ -1,5 +1,6 @@
 //! The gRPC adapters: the agents' `Attach` stream and the operator API. Thin by design —
-//! check identity, convert, call the registry or the engine, map errors.
+//! check identity (an agent's here; an operator's in `layers::OperatorAuthLayer`, with the
+//! decision in [`OperatorAuth`]), convert, call the registry or the engine, map errors.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::engine::operator::PointsError;
 use crate::link::{AgentLink, Outgoing, StreamLink};
@@ -202,6 +204,38 @@ pub fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// Who made an operator call, as the authentication layer established it; handlers find it in
+/// the request's extensions ([`caller`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operator {
+    /// An operator certificate (`spiffe://rollcall/operator/<name>`).
+    Certificate(String),
+    /// A bearer token whose SHA-256 is in `operator.token_sha256`.
+    Token,
+}
+
+impl std::fmt::Display for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Operator::Certificate(name) => f.write_str(name),
+            Operator::Token => f.write_str("token"),
+        }
+    }
+}
+
+/// Who made this operator call. Every call that reaches a handler has passed
+/// `layers::OperatorAuthLayer`, which put it there.
+pub fn caller<T>(request: &Request<T>) -> Option<&Operator> {
+    request.extensions().get::<Operator>()
+}
+
+/// Records the caller on the handler's span, so the log says who started or changed what.
+fn record_caller<T>(request: &Request<T>) {
+    if let Some(operator) = caller(request) {
+        tracing::Span::current().record("operator", tracing::field::display(operator));
+    }
+}
+
 /// Admits operator calls made with an operator certificate or a known bearer token.
 #[derive(Clone)]
 pub struct OperatorAuth {
@@ -209,18 +243,21 @@ pub struct OperatorAuth {
 }
 
 impl OperatorAuth {
-    pub fn check(&self, request: &Request<()>) -> Result<(), Status> {
-        let identities = request
-            .peer_certs()
-            .map(|certs| tls::identities(&certs))
-            .unwrap_or_default();
-        if identities
-            .iter()
-            .any(|id| matches!(id, Identity::Operator { .. }))
-        {
-            return Ok(());
+    /// Decides on a call from the identities in the client's certificate and the request's
+    /// headers: an operator certificate, else a bearer token, is admitted; an agent
+    /// certificate is refused.
+    pub fn check(
+        &self,
+        identities: &[Identity],
+        headers: &http::HeaderMap,
+    ) -> Result<Operator, Status> {
+        if let Some(name) = identities.iter().find_map(|id| match id {
+            Identity::Operator { name } => Some(name),
+            _ => None,
+        }) {
+            return Ok(Operator::Certificate(name.clone()));
         }
-        if let Some(value) = request.metadata().get("authorization") {
+        if let Some(value) = headers.get(http::header::AUTHORIZATION) {
             let token = value
                 .to_str()
                 .ok()
@@ -235,7 +272,7 @@ impl OperatorAuth {
                 .iter()
                 .fold(false, |found, h| found | constant_eq(h, &hash));
             if known {
-                return Ok(());
+                return Ok(Operator::Token);
             }
             return Err(Status::unauthenticated(
                 "operator token not recognised; check ROLLCALL_TOKEN against \
@@ -326,6 +363,19 @@ fn status_of(e: &anyhow::Error) -> Status {
     }
 }
 
+/// Runs a change of the journal to its end even when the caller stops waiting (its deadline,
+/// `operator.call_timeout`, a dropped connection): a start dropped between journaling a run
+/// and driving it would leave a run that nobody drives and that holds its environment.
+async fn finish_even_if_abandoned<T: Send + 'static>(
+    change: impl Future<Output = T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(change.in_current_span()).await.map_err(|e| {
+        Status::internal(format!(
+            "the coordinator failed while applying the call: {e}"
+        ))
+    })
+}
+
 #[tonic::async_trait]
 impl op::operator_service_server::OperatorService for OperatorApi {
     #[tracing::instrument(name = "coordinator.grpc.list_agents", skip_all)]
@@ -345,13 +395,19 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         }))
     }
 
-    #[tracing::instrument(name = "coordinator.grpc.start_run", skip_all)]
+    #[tracing::instrument(name = "coordinator.grpc.start_run", skip_all, fields(operator))]
     async fn start_run(
         &self,
         request: Request<op::StartRunRequest>,
     ) -> Result<Response<op::Run>, Status> {
+        record_caller(&request);
         let start = start_request(request.into_inner())?;
-        let run = self.engine.start_run(start).await.map_err(|e| {
+        let run = finish_even_if_abandoned({
+            let engine = self.engine.clone();
+            async move { engine.start_run(start).await }
+        })
+        .await?
+        .map_err(|e| {
             let text = format!("{e:#}");
             if e.downcast_ref::<crate::engine::RunConflict>().is_some() {
                 Status::failed_precondition(text)
@@ -483,11 +539,12 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         }))
     }
 
-    #[tracing::instrument(name = "coordinator.grpc.prune_points", skip_all)]
+    #[tracing::instrument(name = "coordinator.grpc.prune_points", skip_all, fields(operator))]
     async fn prune_points(
         &self,
         request: Request<op::PrunePointsRequest>,
     ) -> Result<Response<op::JsonResponse>, Status> {
+        record_caller(&request);
         let r = request.into_inner();
         let report = self
             .engine
@@ -555,11 +612,12 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         Ok(Response::new(op::DryRunResponse { text }))
     }
 
-    #[tracing::instrument(name = "coordinator.grpc.control_run", skip_all)]
+    #[tracing::instrument(name = "coordinator.grpc.control_run", skip_all, fields(operator))]
     async fn control_run(
         &self,
         request: Request<op::ControlRunRequest>,
     ) -> Result<Response<op::Run>, Status> {
+        record_caller(&request);
         let r = request.into_inner();
         let control = match op::RunControl::try_from(r.control) {
             Ok(op::RunControl::Resume) => crate::engine::Control::Resume,
@@ -571,11 +629,12 @@ impl op::operator_service_server::OperatorService for OperatorApi {
                 ));
             }
         };
-        let run = self
-            .engine
-            .control(&r.id, control)
-            .await
-            .map_err(|e| status_of(&e))?;
+        let run = finish_even_if_abandoned({
+            let engine = self.engine.clone();
+            async move { engine.control(&r.id, control).await }
+        })
+        .await?
+        .map_err(|e| status_of(&e))?;
         Ok(Response::new(run_to_pb(run)))
     }
 }
@@ -635,23 +694,42 @@ mod tests {
         let auth = OperatorAuth {
             token_hashes: Arc::new(vec![token_hash("s3cret")]),
         };
-        let bare = Request::new(());
+        let bearer = |token: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                "authorization",
+                format!("Bearer {token}").parse().expect("header"),
+            );
+            headers
+        };
+        let bare = http::HeaderMap::new();
         assert_eq!(
-            auth.check(&bare).expect_err("bare").code(),
+            auth.check(&[], &bare).expect_err("bare").code(),
             tonic::Code::Unauthenticated
         );
 
-        let mut good = Request::new(());
-        good.metadata_mut()
-            .insert("authorization", "Bearer s3cret".parse().expect("header"));
-        assert!(auth.check(&good).is_ok());
+        assert_eq!(
+            auth.check(&[], &bearer("s3cret")).expect("known token"),
+            Operator::Token
+        );
 
-        let mut wrong = Request::new(());
-        wrong
-            .metadata_mut()
-            .insert("authorization", "Bearer nope".parse().expect("header"));
-        let e = auth.check(&wrong).expect_err("wrong token");
+        let e = auth.check(&[], &bearer("nope")).expect_err("wrong token");
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
         assert!(!e.message().contains("nope"), "never echo a token");
+
+        let ops = Identity::Operator { name: "ops".into() };
+        assert_eq!(
+            auth.check(&[ops], &bare).expect("operator certificate"),
+            Operator::Certificate("ops".into())
+        );
+
+        let e = auth
+            .check(&[agent("w-1", "web")], &bare)
+            .expect_err("agent certificate");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            e.message(),
+            "agent certificates cannot call the operator API; use the operator certificate"
+        );
     }
 }

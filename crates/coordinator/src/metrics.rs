@@ -130,6 +130,37 @@ impl RunMetrics {
     }
 }
 
+/// Operator calls and attachments the gRPC layers refused (see `layers`).
+#[derive(Debug, Default)]
+pub struct CallRefusals {
+    attaches: Counter,
+    operator: Family<[(&'static str, &'static str); 1], Counter>,
+}
+
+impl CallRefusals {
+    /// Counts an attachment refused by `agents.attach_rate`; returns how many were before it.
+    pub fn attach_throttled(&self) -> u64 {
+        self.attaches.inc()
+    }
+
+    /// Attachments refused by `agents.attach_rate` so far.
+    pub fn attaches_throttled(&self) -> u64 {
+        self.attaches.get()
+    }
+
+    /// Counts an operator call refused for `reason` (`busy`, `timeout`).
+    pub fn operator_refused(&self, reason: &'static str) {
+        self.operator.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// Operator calls refused for `reason` so far.
+    pub fn operator_refusals(&self, reason: &'static str) -> u64 {
+        self.operator
+            .get(&[("reason", reason)])
+            .map_or(0, |c| c.get())
+    }
+}
+
 /// What a scrape reads.
 #[derive(Clone)]
 pub struct Sources {
@@ -137,6 +168,7 @@ pub struct Sources {
     pub epoch: u64,
     pub runs: Arc<RunMetrics>,
     pub commands: Arc<CommandCounters>,
+    pub refusals: Arc<CallRefusals>,
     pub agent_rejections: Arc<Rejections>,
     pub operator_rejections: Arc<Rejections>,
 }
@@ -174,6 +206,17 @@ fn registry_at(sources: &Sources, clock: fn() -> i64) -> prometheus_client::regi
         "rollcall_coordinator_commands",
         "Commands sent to agents, by action and outcome",
         sources.commands.sent.clone(),
+    );
+    r.register(
+        "rollcall_coordinator_attaches_throttled",
+        "Agent attachments refused by agents.attach_rate (the agents retry with backoff)",
+        sources.refusals.attaches.clone(),
+    );
+    r.register(
+        "rollcall_coordinator_operator_calls_refused",
+        "Operator calls refused for operator.max_concurrent_calls (busy) or operator.call_timeout \
+         (timeout), by reason",
+        sources.refusals.operator.clone(),
     );
     r.register_collector(Box::new(AtScrape {
         sources: sources.clone(),
@@ -343,6 +386,7 @@ mod tests {
             epoch: 7,
             runs,
             commands,
+            refusals: Arc::default(),
             agent_rejections: Arc::default(),
             operator_rejections: Arc::default(),
         }
@@ -429,9 +473,13 @@ mod tests {
         runs.run_succeeded("drill", "prod", 1_500.0);
         runs.run_succeeded("backup", "prod", 30.0); // no restore: not observed
         runs.point("prod", 1_000, 3_600);
+        let refusals = Arc::new(CallRefusals::default());
+        refusals.attach_throttled();
+        refusals.operator_refused("busy");
         let commands = Arc::new(CommandCounters::default());
         commands.count("ping", "succeeded");
-        let s = sources(Registry::new(), runs, commands);
+        let mut s = sources(Registry::new(), runs, commands);
+        s.refusals = refusals;
         let text = encode(&registry_at(&s, || 1_100));
 
         for line in [
@@ -445,6 +493,8 @@ mod tests {
             "# TYPE rollcall_newest_point_age_seconds gauge",
             "# TYPE rollcall_rpo_seconds gauge",
             "# TYPE rollcall_newest_point_older_than_rpo gauge",
+            "# TYPE rollcall_coordinator_attaches_throttled_total counter",
+            "# TYPE rollcall_coordinator_operator_calls_refused_total counter",
             // A sub-second phase falls in the first bucket; buckets are cumulative.
             "rollcall_phase_duration_seconds_bucket{action=\"freeze\",le=\"1\"} 1",
             "rollcall_phase_duration_seconds_bucket{action=\"restore-postgres\",le=\"30\"} 0",
@@ -460,12 +510,14 @@ mod tests {
             "rollcall_runs_total{kind=\"drill\",outcome=\"succeeded\"} 1",
             "rollcall_runs_total{kind=\"backup\",outcome=\"succeeded\"} 1",
             "rollcall_rpo_seconds{environment=\"prod\"} 3600",
+            "rollcall_coordinator_attaches_throttled_total 1",
+            "rollcall_coordinator_operator_calls_refused_total{reason=\"busy\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
         assert!(!text.contains("kind=\"backup\",le="), "{text}");
         // Every family is declared once.
         let declared = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(declared, 10, "{text}");
+        assert_eq!(declared, 12, "{text}");
     }
 }
