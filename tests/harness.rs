@@ -197,6 +197,28 @@ impl InProcessCoordinator {
         environments: BTreeMap<String, coordinator::config::Environment>,
         agents: SocketAddr,
     ) -> InProcessCoordinator {
+        Self::start_limited(
+            certs,
+            state_url,
+            agent_timeout,
+            heartbeat_interval,
+            environments,
+            agents,
+            coordinator::layers::Limits::default(),
+        )
+        .await
+    }
+
+    /// Like `start_full_at`, with the given attach rate and operator call limits.
+    pub async fn start_limited(
+        certs: &Path,
+        state_url: &str,
+        agent_timeout: Duration,
+        heartbeat_interval: Duration,
+        environments: BTreeMap<String, coordinator::config::Environment>,
+        agents: SocketAddr,
+        limits: coordinator::layers::Limits,
+    ) -> InProcessCoordinator {
         let tls = coordinator::tls::TlsMaterial::load(&coordinator::tls::TlsPaths {
             ca: certs.join("ca.pem"),
             cert: certs.join("coordinator.pem"),
@@ -218,6 +240,7 @@ impl InProcessCoordinator {
             agent_timeout,
             operator_token_hashes: vec![coordinator::grpc::token_hash("test-operator-token")],
             environments,
+            limits,
         };
         let c = coordinator::Coordinator::start(settings, listeners, store)
             .await

@@ -509,6 +509,104 @@ async fn the_coordinator_refuses_wrong_identities_and_plaintext() {
     coord.stop().await;
 }
 
+/// After a coordinator restart the whole fleet reconnects at once. The successor admits the
+/// attachments at its attach rate; those refused meanwhile retry with backoff and get in later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_is_admitted_at_the_attach_rate() {
+    const FLEET: usize = 8;
+    const RATE: u64 = 2;
+    const WINDOW: Duration = Duration::from_secs(1);
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..FLEET).map(|i| format!("storm-{i}")).collect();
+    let specs: Vec<String> = names.iter().map(|n| format!("{n}:worker")).collect();
+    let certs = certs(
+        dir.path(),
+        &specs.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let state_url = format!("sqlite://{}/state.db", dir.path().display());
+    let first = InProcessCoordinator::start(&certs, &state_url, Duration::from_secs(5)).await;
+    let agents: Vec<_> = names
+        .iter()
+        .map(|n| {
+            InProcessAgent::start(agent_settings(
+                &certs,
+                dir.path(),
+                &first.agents_url(),
+                n,
+                "worker",
+            ))
+        })
+        .collect();
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    first.wait_ready(&all).await;
+    assert_eq!(first.handle.call_refusals.attaches_throttled(), 0);
+
+    let addr = first.handle.agents_addr;
+    first.stop().await;
+    let limits = coordinator::layers::Limits {
+        attaches: RATE,
+        attach_window: WINDOW,
+        ..Default::default()
+    };
+    let successor = InProcessCoordinator::start_limited(
+        &certs,
+        &state_url,
+        Duration::from_secs(5),
+        Duration::from_millis(200),
+        Default::default(),
+        addr,
+        limits,
+    )
+    .await;
+    let handle = successor.handle.clone();
+    let mut attached: Vec<i64> = eventually(
+        "the whole fleet attached to the successor",
+        Duration::from_secs(30),
+        async || {
+            let agents = handle.agents();
+            (agents.len() == FLEET
+                && agents
+                    .iter()
+                    .all(|a| a.availability == Availability::Connected))
+            .then(|| agents.iter().map(|a| a.connected_since_unix_ms).collect())
+        },
+    )
+    .await;
+    attached.sort_unstable();
+
+    // At most RATE attachments a window: the i-th came no sooner than i / RATE windows after
+    // the first (less a little for the time from admission to the registry).
+    let slack = 300;
+    for (i, at) in attached.iter().enumerate() {
+        let earliest = (i as i64 / RATE as i64) * WINDOW.as_millis() as i64 - slack;
+        assert!(
+            at - attached[0] >= earliest,
+            "attachment {i} came {} ms after the first, sooner than the rate allows: \
+             {attached:?}",
+            at - attached[0]
+        );
+    }
+    // More agents came at once than the rate and its queue admit: some were refused, and
+    // they are all attached now.
+    let throttled = successor.handle.call_refusals.attaches_throttled();
+    assert!(throttled > 0, "no attachment was refused");
+    let metrics = http_get(successor.handle.metrics_addr.unwrap(), "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "rollcall_coordinator_attaches_throttled_total {throttled}"
+        )),
+        "{metrics}"
+    );
+
+    for a in agents {
+        a.stop().await;
+    }
+    successor.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_agent_is_marked_unavailable_within_the_timeout() {
     install_crypto();

@@ -242,6 +242,28 @@ async fn a_run_executes_its_phases_in_order_and_restores_prior_replicas() {
     let markdown = std::fs::read_to_string(&stored).unwrap();
     assert!(markdown.contains("scale-to-zero"), "{markdown}");
 
+    // The drill's time from start to success is observed once, beside its phases' durations.
+    let metrics_addr = c.handle.metrics_addr.unwrap();
+    let metrics = eventually(
+        "the drill in the restore-duration histogram",
+        Duration::from_secs(10),
+        async || {
+            let text = http_get(metrics_addr, "/metrics").await.ok()?;
+            text.contains(
+                "rollcall_coordinator_restore_duration_seconds_count{environment=\"test\",kind=\"drill\"} 1\n",
+            )
+            .then_some(text)
+        },
+    )
+    .await;
+    for line in [
+        "rollcall_runs_total{kind=\"drill\",outcome=\"succeeded\"} 1\n",
+        "rollcall_phase_duration_seconds_bucket{action=\"freeze\",le=\"+Inf\"} 1\n",
+        "rollcall_phase_duration_seconds_count{action=\"scale\"} 2\n",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+
     for a in agents {
         a.stop().await;
     }

@@ -528,6 +528,7 @@ async fn run_coordinator(config: &std::path::Path) -> Result<()> {
             agent_timeout: loaded.config.agents.timeout,
             operator_token_hashes: loaded.token_hashes.clone(),
             environments: loaded.environments.clone(),
+            limits: loaded.limits(),
         };
         let coordinator = coordinator::Coordinator::start(settings, listeners, store).await?;
         coordinator.run(shutdown_signal()).await

@@ -113,6 +113,15 @@ pub struct AgentsConfig {
     /// An agent silent for this long is marked unavailable.
     #[serde(with = "humantime_serde", default = "default_timeout")]
     pub timeout: Duration,
+    /// New attachments admitted a second. After a coordinator restart the whole fleet
+    /// reconnects at once; a second's worth more wait their turn and the rest are refused
+    /// (the agents retry with backoff).
+    #[serde(default = "default_attach_rate")]
+    pub attach_rate: u64,
+}
+
+fn default_attach_rate() -> u64 {
+    crate::layers::DEFAULT_ATTACH_RATE
 }
 
 fn default_heartbeat() -> Duration {
@@ -128,17 +137,43 @@ impl Default for AgentsConfig {
         AgentsConfig {
             heartbeat_interval: default_heartbeat(),
             timeout: default_timeout(),
+            attach_rate: default_attach_rate(),
         }
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorConfig {
     /// SHA-256 (hex) of each accepted operator bearer token; never the token itself.
     /// `printf %s "$TOKEN" | sha256sum` prints one.
     #[serde(default)]
     pub token_sha256: Vec<String>,
+    /// How long an operator call may take; `run watch`, `points verify` and `points prune`
+    /// are exempt (`layers::LONG_CALLS`).
+    #[serde(with = "humantime_serde", default = "default_call_timeout")]
+    pub call_timeout: Duration,
+    /// Operator calls served at once; one more is refused at once, asking to try again.
+    #[serde(default = "default_max_concurrent_calls")]
+    pub max_concurrent_calls: usize,
+}
+
+fn default_call_timeout() -> Duration {
+    crate::layers::DEFAULT_OPERATOR_CALL_TIMEOUT
+}
+
+fn default_max_concurrent_calls() -> usize {
+    crate::layers::DEFAULT_OPERATOR_CALLS
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        OperatorConfig {
+            token_sha256: Vec::new(),
+            call_timeout: default_call_timeout(),
+            max_concurrent_calls: default_max_concurrent_calls(),
+        }
+    }
 }
 
 /// A loaded config with its paths resolved against the file's directory.
@@ -150,6 +185,18 @@ pub struct Loaded {
     pub state_url: String,
     pub token_hashes: Vec<[u8; 32]>,
     pub environments: BTreeMap<String, Environment>,
+}
+
+impl Loaded {
+    /// The limits of the gRPC services this config asks for.
+    pub fn limits(&self) -> crate::layers::Limits {
+        crate::layers::Limits {
+            attaches: self.config.agents.attach_rate,
+            attach_window: Duration::from_secs(1),
+            operator_calls: self.config.operator.max_concurrent_calls,
+            operator_call_timeout: self.config.operator.call_timeout,
+        }
+    }
 }
 
 /// An environment with its paths resolved and its plan validated against its fleet.
@@ -193,6 +240,27 @@ pub fn load(file: &Path) -> Result<Loaded> {
             ),
             "make the timeout at least three heartbeat intervals"
         ));
+    }
+    for (key, zero, example) in [
+        ("agents.attach_rate", config.agents.attach_rate == 0, "500"),
+        (
+            "operator.max_concurrent_calls",
+            config.operator.max_concurrent_calls == 0,
+            "64",
+        ),
+        (
+            "operator.call_timeout",
+            config.operator.call_timeout.is_zero(),
+            "\"60s\"",
+        ),
+    ] {
+        if zero {
+            bail!(ConfigError::new(
+                file,
+                format!("{key} must be positive"),
+                format!("set it to e.g. {example}, or remove it for the default")
+            ));
+        }
     }
     let mut token_hashes = Vec::new();
     for (i, hex_hash) in config.operator.token_sha256.iter().enumerate() {
@@ -388,6 +456,10 @@ key = "certs/coordinator-key.pem"
         );
         assert_eq!(loaded.config.agents.timeout, Duration::from_secs(10));
         assert!(loaded.environments.is_empty());
+        let limits = loaded.limits();
+        assert_eq!(limits.attaches, 500);
+        assert_eq!(limits.operator_calls, 64);
+        assert_eq!(limits.operator_call_timeout, Duration::from_secs(60));
     }
 
     #[test]
@@ -455,6 +527,14 @@ key = "certs/coordinator-key.pem"
                 "deploy/plans/default.toml:23: phase preflight: unknown role \"database\""
             ),
             "{err:#}"
+        );
+
+        let text = format!("{MINIMAL}\n[operator]\nmax_concurrent_calls = 0\n");
+        let err = load(&write(dir.path(), &text)).expect_err("no calls at all");
+        assert!(
+            err.to_string()
+                .contains("operator.max_concurrent_calls must be positive"),
+            "{err}"
         );
 
         let text = MINIMAL.replace("[tls]", "[tls]\ncafile = \"x\"");

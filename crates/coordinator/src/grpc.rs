@@ -1,5 +1,6 @@
 //! The gRPC adapters: the agents' `Attach` stream and the operator API. Thin by design —
-//! check identity, convert, call the registry, map errors.
+//! check identity (an agent's here; an operator's in `layers::OperatorAuthLayer`, with the
+//! decision in [`OperatorAuth`]), convert, call the registry or the engine, map errors.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,7 +18,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
+use crate::engine::operator::PointsError;
 use crate::link::{AgentLink, Outgoing, StreamLink};
 use crate::registry::{Generation, Registry};
 use crate::tls;
@@ -201,6 +204,38 @@ pub fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// Who made an operator call, as the authentication layer established it; handlers find it in
+/// the request's extensions ([`caller`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operator {
+    /// An operator certificate (`spiffe://rollcall/operator/<name>`).
+    Certificate(String),
+    /// A bearer token whose SHA-256 is in `operator.token_sha256`.
+    Token,
+}
+
+impl std::fmt::Display for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Operator::Certificate(name) => f.write_str(name),
+            Operator::Token => f.write_str("token"),
+        }
+    }
+}
+
+/// Who made this operator call. Every call that reaches a handler has passed
+/// `layers::OperatorAuthLayer`, which put it there.
+pub fn caller<T>(request: &Request<T>) -> Option<&Operator> {
+    request.extensions().get::<Operator>()
+}
+
+/// Records the caller on the handler's span, so the log says who started or changed what.
+fn record_caller<T>(request: &Request<T>) {
+    if let Some(operator) = caller(request) {
+        tracing::Span::current().record("operator", tracing::field::display(operator));
+    }
+}
+
 /// Admits operator calls made with an operator certificate or a known bearer token.
 #[derive(Clone)]
 pub struct OperatorAuth {
@@ -208,18 +243,21 @@ pub struct OperatorAuth {
 }
 
 impl OperatorAuth {
-    pub fn check(&self, request: &Request<()>) -> Result<(), Status> {
-        let identities = request
-            .peer_certs()
-            .map(|certs| tls::identities(&certs))
-            .unwrap_or_default();
-        if identities
-            .iter()
-            .any(|id| matches!(id, Identity::Operator { .. }))
-        {
-            return Ok(());
+    /// Decides on a call from the identities in the client's certificate and the request's
+    /// headers: an operator certificate, else a bearer token, is admitted; an agent
+    /// certificate is refused.
+    pub fn check(
+        &self,
+        identities: &[Identity],
+        headers: &http::HeaderMap,
+    ) -> Result<Operator, Status> {
+        if let Some(name) = identities.iter().find_map(|id| match id {
+            Identity::Operator { name } => Some(name),
+            _ => None,
+        }) {
+            return Ok(Operator::Certificate(name.clone()));
         }
-        if let Some(value) = request.metadata().get("authorization") {
+        if let Some(value) = headers.get(http::header::AUTHORIZATION) {
             let token = value
                 .to_str()
                 .ok()
@@ -234,7 +272,7 @@ impl OperatorAuth {
                 .iter()
                 .fold(false, |found, h| found | constant_eq(h, &hash));
             if known {
-                return Ok(());
+                return Ok(Operator::Token);
             }
             return Err(Status::unauthenticated(
                 "operator token not recognised; check ROLLCALL_TOKEN against \
@@ -265,9 +303,6 @@ pub struct OperatorApi {
     pub epoch: Epoch,
     pub engine: crate::engine::Engine<crate::link::StreamLink>,
 }
-
-/// How often `WatchRun` looks for new journal events.
-const WATCH_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 fn run_to_pb(r: crate::store::RunRecord) -> op::Run {
     let plan_name = r
@@ -328,6 +363,19 @@ fn status_of(e: &anyhow::Error) -> Status {
     }
 }
 
+/// Runs a change of the journal to its end even when the caller stops waiting (its deadline,
+/// `operator.call_timeout`, a dropped connection): a start dropped between journaling a run
+/// and driving it would leave a run that nobody drives and that holds its environment.
+async fn finish_even_if_abandoned<T: Send + 'static>(
+    change: impl Future<Output = T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(change.in_current_span()).await.map_err(|e| {
+        Status::internal(format!(
+            "the coordinator failed while applying the call: {e}"
+        ))
+    })
+}
+
 #[tonic::async_trait]
 impl op::operator_service_server::OperatorService for OperatorApi {
     #[tracing::instrument(name = "coordinator.grpc.list_agents", skip_all)]
@@ -347,13 +395,19 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         }))
     }
 
-    #[tracing::instrument(name = "coordinator.grpc.start_run", skip_all)]
+    #[tracing::instrument(name = "coordinator.grpc.start_run", skip_all, fields(operator))]
     async fn start_run(
         &self,
         request: Request<op::StartRunRequest>,
     ) -> Result<Response<op::Run>, Status> {
+        record_caller(&request);
         let start = start_request(request.into_inner())?;
-        let run = self.engine.start_run(start).await.map_err(|e| {
+        let run = finish_even_if_abandoned({
+            let engine = self.engine.clone();
+            async move { engine.start_run(start).await }
+        })
+        .await?
+        .map_err(|e| {
             let text = format!("{e:#}");
             if e.downcast_ref::<crate::engine::RunConflict>().is_some() {
                 Status::failed_precondition(text)
@@ -369,14 +423,9 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<op::ListRunsRequest>,
     ) -> Result<Response<op::ListRunsResponse>, Status> {
-        let limit = match request.into_inner().limit {
-            0 => 50,
-            n => n.min(1000),
-        };
         let runs = self
             .engine
-            .store()
-            .list_runs(limit)
+            .list_runs(request.into_inner().limit)
             .await
             .map_err(|e| status_of(&e.into()))?;
         Ok(Response::new(op::ListRunsResponse {
@@ -389,17 +438,13 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<op::GetRunRequest>,
     ) -> Result<Response<op::RunDetail>, Status> {
-        let id = request.into_inner().id;
-        let store = self.engine.store();
-        let internal = |e: crate::store::Error| status_of(&e.into());
-        let run =
-            store.run(&id).await.map_err(internal)?.ok_or_else(|| {
-                Status::not_found(format!("no run {id}; `rollcall runs` lists them"))
-            })?;
-        let phases = store
-            .phases(&id)
+        let detail = self
+            .engine
+            .run_detail(&request.into_inner().id)
             .await
-            .map_err(internal)?
+            .map_err(|e| status_of(&e))?;
+        let phases = detail
+            .phases
             .into_iter()
             .map(|p| op::PhaseStatus {
                 index: p.index,
@@ -411,10 +456,8 @@ impl op::operator_service_server::OperatorService for OperatorApi {
                 detail: p.detail.unwrap_or_default(),
             })
             .collect();
-        let commands = store
-            .commands(&id)
-            .await
-            .map_err(internal)?
+        let commands = detail
+            .commands
             .into_iter()
             .map(|(c, r)| op::CommandStatus {
                 command_id: c.command_id,
@@ -431,13 +474,13 @@ impl op::operator_service_server::OperatorService for OperatorApi {
             })
             .collect();
         Ok(Response::new(op::RunDetail {
-            run: Some(run_to_pb(run)),
+            run: Some(run_to_pb(detail.run)),
             phases,
             commands,
         }))
     }
 
-    type WatchRunStream = tokio_stream::wrappers::ReceiverStream<Result<op::RunEvent, Status>>;
+    type WatchRunStream = Pin<Box<dyn Stream<Item = Result<op::RunEvent, Status>> + Send>>;
 
     #[tracing::instrument(name = "coordinator.grpc.watch_run", skip_all)]
     async fn watch_run(
@@ -445,61 +488,21 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         request: Request<op::WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
         let r = request.into_inner();
-        let store = self.engine.store().clone();
-        if store
-            .run(&r.id)
+        let events = self
+            .engine
+            .watch_run(&r.id, r.after_seq)
             .await
-            .map_err(|e| status_of(&e.into()))?
-            .is_none()
-        {
-            return Err(Status::not_found(format!(
-                "no run {}; `rollcall runs` lists them",
-                r.id
-            )));
-        }
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            let mut after = r.after_seq;
-            loop {
-                let events = match store.events(&r.id, after, 500).await {
-                    Ok(events) => events,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::unavailable(format!("{e:#}")))).await;
-                        return;
-                    }
-                };
-                let drained = events.is_empty();
-                for e in events {
-                    after = e.seq;
-                    let event = op::RunEvent {
-                        seq: e.seq,
-                        at_unix_ms: e.at.timestamp_millis(),
-                        kind: e.kind,
-                        payload_json: e.payload.to_string(),
-                    };
-                    if tx.send(Ok(event)).await.is_err() {
-                        return;
-                    }
-                }
-                if drained {
-                    // The stream ends once the run waits for nobody but an operator.
-                    match store.run(&r.id).await {
-                        Ok(Some(run))
-                            if run.state.is_final()
-                                || run.state == crate::store::RunState::Blocked =>
-                        {
-                            return;
-                        }
-                        Ok(_) => {}
-                        Err(_) => return,
-                    }
-                    tokio::time::sleep(WATCH_POLL).await;
-                }
-            }
+            .map_err(|e| status_of(&e))?;
+        let events = events.map(|e| match e {
+            Ok(e) => Ok(op::RunEvent {
+                seq: e.seq,
+                at_unix_ms: e.at.timestamp_millis(),
+                kind: e.kind,
+                payload_json: e.payload.to_string(),
+            }),
+            Err(e) => Err(Status::unavailable(format!("{e:#}"))),
         });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            rx,
-        )))
+        Ok(Response::new(Box::pin(events)))
     }
 
     #[tracing::instrument(name = "coordinator.grpc.list_points", skip_all)]
@@ -508,58 +511,42 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         request: Request<op::ListPointsRequest>,
     ) -> Result<Response<op::ListPointsResponse>, Status> {
         let wanted = request.into_inner().environment;
-        let envs = self.engine.environments();
-        if !wanted.is_empty() && !envs.contains_key(&wanted) {
-            return Err(Status::not_found(format!(
-                "no environment {wanted:?} in the coordinator config (configured: {})",
-                envs.keys().cloned().collect::<Vec<_>>().join(", ")
-            )));
-        }
-        let now = chrono::Utc::now();
-        let mut out = op::ListPointsResponse::default();
-        for (name, env) in envs
-            .iter()
-            .filter(|(n, _)| wanted.is_empty() || **n == wanted)
-        {
-            let repo = env
-                .repository_ref
-                .open()
-                .await
-                .map_err(|e| Status::unavailable(format!("{e:#}")))?;
-            let listing = repo
-                .list_points(Some(name))
-                .await
-                .map_err(|e| Status::unavailable(format!("{e:#}")))?;
-            for p in listing.points {
-                let age = (now - p.created_at).num_seconds().max(0) as u64;
-                out.points.push(op::PointSummary {
-                    id: p.id.to_string(),
-                    environment: p.environment.clone(),
-                    created_unix_ms: p.created_at.timestamp_millis(),
-                    age_seconds: age,
-                    postgres_bytes: p.postgres.as_ref().map_or(0, |pg| pg.size),
-                    objects: p.objects.as_ref().map_or(0, |o| o.objects),
-                    object_bytes: p.objects.as_ref().map_or(0, |o| o.bytes),
-                    rpo_seconds: env.rpo.as_secs(),
-                    stale: age > env.rpo.as_secs(),
-                    secret_refs: p.secrets.len() as u32,
-                });
-            }
-            out.damaged.extend(
-                listing
-                    .damaged
-                    .into_iter()
-                    .map(|d| format!("{}: {}", d.key, d.reason)),
-            );
-        }
-        Ok(Response::new(out))
+        let listing = self
+            .engine
+            .list_points((!wanted.is_empty()).then_some(wanted.as_str()))
+            .await
+            .map_err(|e| match e {
+                PointsError::UnknownEnvironment { .. } => Status::not_found(e.to_string()),
+                PointsError::Repository(_) => Status::unavailable(e.to_string()),
+            })?;
+        let points = listing
+            .points
+            .into_iter()
+            .map(|s| op::PointSummary {
+                id: s.point.id.to_string(),
+                environment: s.point.environment.clone(),
+                created_unix_ms: s.point.created_at.timestamp_millis(),
+                age_seconds: s.age.as_secs(),
+                postgres_bytes: s.point.postgres.as_ref().map_or(0, |pg| pg.size),
+                objects: s.point.objects.as_ref().map_or(0, |o| o.objects),
+                object_bytes: s.point.objects.as_ref().map_or(0, |o| o.bytes),
+                rpo_seconds: s.rpo.as_secs(),
+                stale: s.stale,
+                secret_refs: s.point.secrets.len() as u32,
+            })
+            .collect();
+        Ok(Response::new(op::ListPointsResponse {
+            points,
+            damaged: listing.damaged,
+        }))
     }
 
-    #[tracing::instrument(name = "coordinator.grpc.prune_points", skip_all)]
+    #[tracing::instrument(name = "coordinator.grpc.prune_points", skip_all, fields(operator))]
     async fn prune_points(
         &self,
         request: Request<op::PrunePointsRequest>,
     ) -> Result<Response<op::JsonResponse>, Status> {
+        record_caller(&request);
         let r = request.into_inner();
         let report = self
             .engine
@@ -627,11 +614,12 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         Ok(Response::new(op::DryRunResponse { text }))
     }
 
-    #[tracing::instrument(name = "coordinator.grpc.control_run", skip_all)]
+    #[tracing::instrument(name = "coordinator.grpc.control_run", skip_all, fields(operator))]
     async fn control_run(
         &self,
         request: Request<op::ControlRunRequest>,
     ) -> Result<Response<op::Run>, Status> {
+        record_caller(&request);
         let r = request.into_inner();
         let control = match op::RunControl::try_from(r.control) {
             Ok(op::RunControl::Resume) => crate::engine::Control::Resume,
@@ -643,11 +631,12 @@ impl op::operator_service_server::OperatorService for OperatorApi {
                 ));
             }
         };
-        let run = self
-            .engine
-            .control(&r.id, control)
-            .await
-            .map_err(|e| status_of(&e))?;
+        let run = finish_even_if_abandoned({
+            let engine = self.engine.clone();
+            async move { engine.control(&r.id, control).await }
+        })
+        .await?
+        .map_err(|e| status_of(&e))?;
         Ok(Response::new(run_to_pb(run)))
     }
 }
@@ -707,23 +696,42 @@ mod tests {
         let auth = OperatorAuth {
             token_hashes: Arc::new(vec![token_hash("s3cret")]),
         };
-        let bare = Request::new(());
+        let bearer = |token: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                "authorization",
+                format!("Bearer {token}").parse().expect("header"),
+            );
+            headers
+        };
+        let bare = http::HeaderMap::new();
         assert_eq!(
-            auth.check(&bare).expect_err("bare").code(),
+            auth.check(&[], &bare).expect_err("bare").code(),
             tonic::Code::Unauthenticated
         );
 
-        let mut good = Request::new(());
-        good.metadata_mut()
-            .insert("authorization", "Bearer s3cret".parse().expect("header"));
-        assert!(auth.check(&good).is_ok());
+        assert_eq!(
+            auth.check(&[], &bearer("s3cret")).expect("known token"),
+            Operator::Token
+        );
 
-        let mut wrong = Request::new(());
-        wrong
-            .metadata_mut()
-            .insert("authorization", "Bearer nope".parse().expect("header"));
-        let e = auth.check(&wrong).expect_err("wrong token");
+        let e = auth.check(&[], &bearer("nope")).expect_err("wrong token");
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
         assert!(!e.message().contains("nope"), "never echo a token");
+
+        let ops = Identity::Operator { name: "ops".into() };
+        assert_eq!(
+            auth.check(&[ops], &bare).expect("operator certificate"),
+            Operator::Certificate("ops".into())
+        );
+
+        let e = auth
+            .check(&[agent("w-1", "web")], &bare)
+            .expect_err("agent certificate");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            e.message(),
+            "agent certificates cannot call the operator API; use the operator certificate"
+        );
     }
 }

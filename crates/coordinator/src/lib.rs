@@ -8,6 +8,7 @@ pub mod certs;
 pub mod config;
 pub mod engine;
 pub mod grpc;
+pub mod layers;
 pub mod link;
 pub mod metrics;
 pub mod plan;
@@ -27,8 +28,10 @@ use api::pb::agent::agent_service_server::AgentServiceServer;
 use api::pb::operator::operator_service_server::OperatorServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
 
 use crate::grpc::{AgentStream, OperatorApi, OperatorAuth};
+use crate::layers::{DeadlineLayer, Limits, OperatorAuthLayer};
 use crate::link::StreamLink;
 use crate::registry::Registry;
 use crate::store::Store;
@@ -46,6 +49,8 @@ pub struct Settings {
     pub operator_token_hashes: Vec<[u8; 32]>,
     /// The environments runs can target.
     pub environments: std::collections::BTreeMap<String, config::Environment>,
+    /// Attach rate, operator calls in flight and their deadline.
+    pub limits: Limits,
 }
 
 pub struct Listeners {
@@ -110,6 +115,8 @@ pub struct Handle {
     pub metrics_addr: Option<SocketAddr>,
     pub agent_rejections: Arc<Rejections>,
     pub operator_rejections: Arc<Rejections>,
+    /// Attachments and operator calls the gRPC layers refused.
+    pub call_refusals: Arc<metrics::CallRefusals>,
 }
 
 impl Handle {
@@ -164,6 +171,7 @@ impl Coordinator {
                 .transpose()?,
             agent_rejections: Arc::default(),
             operator_rejections: Arc::default(),
+            call_refusals: Arc::default(),
         };
         tracing::info!(
             %epoch,
@@ -210,8 +218,19 @@ impl Coordinator {
             cancel.clone(),
         );
 
+        let limits = &settings.limits;
         let agents_server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            // New attachments pass at `agents.attach_rate`; a second's worth more wait, the
+            // rest are refused (`Unavailable`) and the agents retry with backoff. The buffer
+            // makes the one rate limiter shared by every connection.
+            .layer(
+                ServiceBuilder::new()
+                    .map_err(layers::attach_refusal(limits, handle.call_refusals.clone()))
+                    .load_shed()
+                    .buffer(limits.attach_queue())
+                    .rate_limit(limits.attaches, limits.attach_window),
+            )
             .add_service(AgentServiceServer::new(AgentStream {
                 registry: handle.registry.clone(),
                 link: handle.link.clone(),
@@ -224,17 +243,25 @@ impl Coordinator {
             token_hashes: Arc::new(settings.operator_token_hashes),
         };
         let operator_server = tonic::transport::Server::builder()
-            .add_service(OperatorServiceServer::with_interceptor(
-                OperatorApi {
-                    registry: handle.registry.clone(),
-                    epoch,
-                    engine: handle.engine.clone(),
-                },
-                move |request| {
-                    auth.check(&request)?;
-                    Ok(request)
-                },
-            ))
+            // Authentication first, so a refused call uses up no capacity; then at most
+            // `operator.max_concurrent_calls` in flight (one more is refused at once), each
+            // within `operator.call_timeout` unless it is one of `layers::LONG_CALLS`.
+            .layer(
+                ServiceBuilder::new()
+                    .layer(OperatorAuthLayer::new(auth))
+                    .map_err(layers::operator_refusal(
+                        limits,
+                        handle.call_refusals.clone(),
+                    ))
+                    .load_shed()
+                    .concurrency_limit(limits.operator_calls)
+                    .layer(DeadlineLayer::new(limits.operator_call_timeout)),
+            )
+            .add_service(OperatorServiceServer::new(OperatorApi {
+                registry: handle.registry.clone(),
+                epoch,
+                engine: handle.engine.clone(),
+            }))
             .serve_with_incoming_shutdown(operator_incoming, cancel.clone().cancelled_owned());
 
         let sweeper = sweep_silent_agents(
@@ -249,6 +276,7 @@ impl Coordinator {
                 epoch: epoch.get(),
                 runs: handle.engine.metrics().clone(),
                 commands: handle.link.commands.clone(),
+                refusals: handle.call_refusals.clone(),
                 agent_rejections: handle.agent_rejections.clone(),
                 operator_rejections: handle.operator_rejections.clone(),
             };

@@ -1,80 +1,123 @@
-//! Prometheus metrics of the coordinator, served as text on `listen.metrics` at `/metrics`.
+//! Prometheus metrics of the coordinator, served on `listen.metrics` at `/metrics` in the
+//! Prometheus text format (`prometheus-client`).
 //!
-//! Counters live here; gauges (agents by role and readiness) are read from the registry at
-//! scrape time, so they cannot drift from what `rollcall agents` shows.
+//! Counters and histograms are `prometheus-client` families kept here. What other parts already
+//! hold — agents by role and readiness (the registry), TLS refusals (`tls::Rejections`) and the
+//! age of each environment's newest recovery point — is read by a collector at scrape time, so
+//! it cannot drift from what `rollcall agents` shows.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use api::model::Availability;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, prometheus_text};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::registry::Registry;
 use crate::tls::{RejectReason, Rejections};
 
+/// Upper bounds of the phase-duration buckets, seconds: from a second (freeze, scale) to four
+/// hours (a large restore).
+pub const PHASE_BUCKETS: [f64; 14] = [
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
+];
+
+/// Upper bounds of the restore-duration buckets, seconds: a drill or recovery from start to
+/// success, one minute to a day (RTOs are usually set in hours).
+pub const RESTORE_BUCKETS: [f64; 14] = [
+    60.0, 300.0, 600.0, 900.0, 1200.0, 1800.0, 2700.0, 3600.0, 5400.0, 7200.0, 10800.0, 14400.0,
+    28800.0, 86400.0,
+];
+
+type Labels<const N: usize> = [(&'static str, String); N];
+
+fn phase_histogram() -> Histogram {
+    Histogram::new(PHASE_BUCKETS)
+}
+
+fn restore_histogram() -> Histogram {
+    Histogram::new(RESTORE_BUCKETS)
+}
+
 /// Counters of commands the link sent, keyed by action and what came of them.
 #[derive(Debug, Default)]
 pub struct CommandCounters {
-    inner: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    sent: Family<[(&'static str, &'static str); 2], Counter>,
 }
 
 impl CommandCounters {
     /// Counts one command of `action` that ended as `outcome` (a result outcome, or a link
     /// error such as `not_connected`).
     pub fn count(&self, action: &'static str, outcome: &'static str) {
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        *map.entry((action, outcome)).or_default() += 1;
-    }
-
-    fn snapshot(&self) -> BTreeMap<(&'static str, &'static str), u64> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.sent
+            .get_or_create(&[("action", action), ("outcome", outcome)])
+            .inc();
     }
 }
 
-/// What runs did, for scrapes: runs by kind and outcome, phase durations by action, and the
-/// newest recovery point of each environment against its RPO.
-#[derive(Debug, Default)]
+/// What runs did, for scrapes: runs by kind and outcome, phase durations by action, restore
+/// durations by environment and kind, and the newest recovery point of each environment
+/// against its RPO.
+#[derive(Debug)]
 pub struct RunMetrics {
-    inner: Mutex<RunTallies>,
+    runs: Family<Labels<2>, Counter>,
+    phases: Family<Labels<1>, Histogram>,
+    restores: Family<Labels<2>, Histogram>,
+    /// environment → (newest point's creation, unix seconds; RPO seconds)
+    newest_point: Mutex<BTreeMap<String, (i64, u64)>>,
 }
 
-#[derive(Debug, Default, Clone)]
-struct RunTallies {
-    runs: BTreeMap<(String, String), u64>,
-    phases: BTreeMap<String, (u64, f64)>,
-    /// environment → (newest point's creation, unix seconds; RPO seconds)
-    newest_point: BTreeMap<String, (i64, u64)>,
+impl Default for RunMetrics {
+    fn default() -> Self {
+        RunMetrics {
+            runs: Family::default(),
+            phases: Family::new_with_constructor(phase_histogram),
+            restores: Family::new_with_constructor(restore_histogram),
+            newest_point: Mutex::default(),
+        }
+    }
 }
 
 impl RunMetrics {
-    fn lock(&self) -> std::sync::MutexGuard<'_, RunTallies> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn run_ended(&self, kind: &str, outcome: &str) {
+        self.runs
+            .get_or_create(&[("kind", kind.to_owned()), ("outcome", outcome.to_owned())])
+            .inc();
     }
 
-    pub fn run_ended(&self, kind: &str, outcome: &str) {
-        *self
-            .lock()
-            .runs
-            .entry((kind.to_owned(), outcome.to_owned()))
-            .or_default() += 1;
+    /// A run of `kind` succeeded `seconds` after it started: counted as ended, and a drill's
+    /// or a recovery's time is observed as a restore duration.
+    pub fn run_succeeded(&self, kind: &str, environment: &str, seconds: f64) {
+        self.run_ended(kind, "succeeded");
+        if matches!(kind, "drill" | "recovery") {
+            self.restores
+                .get_or_create(&[
+                    ("environment", environment.to_owned()),
+                    ("kind", kind.to_owned()),
+                ])
+                .observe(seconds);
+        }
     }
 
     pub fn phase_ended(&self, action: &str, seconds: f64) {
-        let mut t = self.lock();
-        let e = t.phases.entry(action.to_owned()).or_default();
-        e.0 += 1;
-        e.1 += seconds;
+        self.phases
+            .get_or_create(&[("action", action.to_owned())])
+            .observe(seconds);
     }
 
     /// Records a point of `environment` if it is newer than the newest known.
     pub fn point(&self, environment: &str, created_unix: i64, rpo_seconds: u64) {
-        let mut t = self.lock();
-        let e = t
-            .newest_point
+        let mut points = self.points();
+        let e = points
             .entry(environment.to_owned())
             .or_insert((created_unix, rpo_seconds));
         if created_unix >= e.0 {
@@ -82,64 +125,39 @@ impl RunMetrics {
         }
     }
 
-    fn render(&self, out: &mut String, now_unix: i64) {
-        let t = self.lock().clone();
-        let _ = writeln!(
-            out,
-            "# HELP rollcall_runs_total Runs that ended, by kind and outcome."
-        );
-        let _ = writeln!(out, "# TYPE rollcall_runs_total counter");
-        for ((kind, outcome), n) in &t.runs {
-            let _ = writeln!(
-                out,
-                "rollcall_runs_total{{kind=\"{}\",outcome=\"{}\"}} {n}",
-                escape(kind),
-                escape(outcome)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP rollcall_phase_duration_seconds Time phases took, by action."
-        );
-        let _ = writeln!(out, "# TYPE rollcall_phase_duration_seconds summary");
-        for (action, (count, sum)) in &t.phases {
-            let a = escape(action);
-            let _ = writeln!(
-                out,
-                "rollcall_phase_duration_seconds_sum{{action=\"{a}\"}} {sum}"
-            );
-            let _ = writeln!(
-                out,
-                "rollcall_phase_duration_seconds_count{{action=\"{a}\"}} {count}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP rollcall_newest_point_age_seconds Age of the newest recovery point per environment."
-        );
-        let _ = writeln!(out, "# TYPE rollcall_newest_point_age_seconds gauge");
-        for (env, (created, _)) in &t.newest_point {
-            let _ = writeln!(
-                out,
-                "rollcall_newest_point_age_seconds{{environment=\"{}\"}} {}",
-                escape(env),
-                (now_unix - created).max(0)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP rollcall_rpo_seconds The environment's recovery point objective."
-        );
-        let _ = writeln!(out, "# TYPE rollcall_rpo_seconds gauge");
-        for (env, (created, rpo)) in &t.newest_point {
-            let e = escape(env);
-            let _ = writeln!(out, "rollcall_rpo_seconds{{environment=\"{e}\"}} {rpo}");
-            let stale = u8::from((now_unix - created).max(0) as u64 > *rpo);
-            let _ = writeln!(
-                out,
-                "rollcall_newest_point_older_than_rpo{{environment=\"{e}\"}} {stale}"
-            );
-        }
+    fn points(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (i64, u64)>> {
+        self.newest_point.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Operator calls and attachments the gRPC layers refused (see `layers`).
+#[derive(Debug, Default)]
+pub struct CallRefusals {
+    attaches: Counter,
+    operator: Family<[(&'static str, &'static str); 1], Counter>,
+}
+
+impl CallRefusals {
+    /// Counts an attachment refused by `agents.attach_rate`; returns how many were before it.
+    pub fn attach_throttled(&self) -> u64 {
+        self.attaches.inc()
+    }
+
+    /// Attachments refused by `agents.attach_rate` so far.
+    pub fn attaches_throttled(&self) -> u64 {
+        self.attaches.get()
+    }
+
+    /// Counts an operator call refused for `reason` (`busy`, `timeout`).
+    pub fn operator_refused(&self, reason: &'static str) {
+        self.operator.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// Operator calls refused for `reason` so far.
+    pub fn operator_refusals(&self, reason: &'static str) -> u64 {
+        self.operator
+            .get(&[("reason", reason)])
+            .map_or(0, |c| c.get())
     }
 }
 
@@ -150,93 +168,175 @@ pub struct Sources {
     pub epoch: u64,
     pub runs: Arc<RunMetrics>,
     pub commands: Arc<CommandCounters>,
+    pub refusals: Arc<CallRefusals>,
     pub agent_rejections: Arc<Rejections>,
     pub operator_rejections: Arc<Rejections>,
 }
 
-/// Renders the Prometheus text exposition format.
-pub fn render(sources: &Sources) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP rollcall_coordinator_epoch The fencing epoch this coordinator stamps on commands."
-    );
-    let _ = writeln!(out, "# TYPE rollcall_coordinator_epoch gauge");
-    let _ = writeln!(out, "rollcall_coordinator_epoch {}", sources.epoch);
-    let now = std::time::SystemTime::now()
+/// Every metric of the coordinator; scrape-time values are read by the collector.
+pub fn registry(sources: &Sources) -> prometheus_client::registry::Registry {
+    registry_at(sources, unix_now)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    sources.runs.render(&mut out, now);
+        .map_or(0, |d| d.as_secs() as i64)
+}
 
-    let mut agents: BTreeMap<(String, &'static str, bool), u64> = BTreeMap::new();
-    for a in sources.registry.list() {
-        let state = match a.availability {
-            Availability::Connected => "connected",
-            Availability::Unavailable => "unavailable",
-        };
-        *agents
-            .entry((a.role.to_string(), state, a.ready))
-            .or_default() += 1;
-    }
-    let _ = writeln!(
-        out,
-        "# HELP rollcall_coordinator_agents Agents known to the coordinator, by role, state and readiness."
+fn registry_at(sources: &Sources, clock: fn() -> i64) -> prometheus_client::registry::Registry {
+    let mut r = prometheus_client::registry::Registry::default();
+    // `register` adds the final full stop of each help text.
+    r.register(
+        "rollcall_runs",
+        "Runs that ended, by kind and outcome",
+        sources.runs.runs.clone(),
     );
-    let _ = writeln!(out, "# TYPE rollcall_coordinator_agents gauge");
-    for ((role, state, ready), n) in agents {
-        let _ = writeln!(
-            out,
-            "rollcall_coordinator_agents{{role=\"{}\",state=\"{state}\",ready=\"{ready}\"}} {n}",
-            escape(&role)
-        );
-    }
+    r.register(
+        "rollcall_phase_duration_seconds",
+        "Time phases took, by action",
+        sources.runs.phases.clone(),
+    );
+    r.register(
+        "rollcall_coordinator_restore_duration_seconds",
+        "Time drills and recoveries took from their start to success, by environment and kind",
+        sources.runs.restores.clone(),
+    );
+    r.register(
+        "rollcall_coordinator_commands",
+        "Commands sent to agents, by action and outcome",
+        sources.commands.sent.clone(),
+    );
+    r.register(
+        "rollcall_coordinator_attaches_throttled",
+        "Agent attachments refused by agents.attach_rate (the agents retry with backoff)",
+        sources.refusals.attaches.clone(),
+    );
+    r.register(
+        "rollcall_coordinator_operator_calls_refused",
+        "Operator calls refused for operator.max_concurrent_calls (busy) or operator.call_timeout \
+         (timeout), by reason",
+        sources.refusals.operator.clone(),
+    );
+    r.register_collector(Box::new(AtScrape {
+        sources: sources.clone(),
+        clock,
+    }));
+    r
+}
 
-    let _ = writeln!(
-        out,
-        "# HELP rollcall_coordinator_commands_total Commands sent to agents, by action and outcome."
-    );
-    let _ = writeln!(out, "# TYPE rollcall_coordinator_commands_total counter");
-    for ((action, outcome), n) in sources.commands.snapshot() {
-        let _ = writeln!(
-            out,
-            "rollcall_coordinator_commands_total{{action=\"{action}\",outcome=\"{outcome}\"}} {n}"
-        );
-    }
+/// Renders every metric in the Prometheus text exposition format.
+pub fn render(sources: &Sources) -> String {
+    encode(&registry(sources))
+}
 
-    let _ = writeln!(
-        out,
-        "# HELP rollcall_coordinator_tls_rejections_total Connections refused during the TLS handshake, by listener and reason."
-    );
-    let _ = writeln!(
-        out,
-        "# TYPE rollcall_coordinator_tls_rejections_total counter"
-    );
-    for (listener, rejections) in [
-        ("agents", &sources.agent_rejections),
-        ("operator", &sources.operator_rejections),
-    ] {
-        for reason in [
-            RejectReason::Plaintext,
-            RejectReason::UntrustedCertificate,
-            RejectReason::NoCertificate,
-            RejectReason::Other,
-        ] {
-            let _ = writeln!(
-                out,
-                "rollcall_coordinator_tls_rejections_total{{listener=\"{listener}\",reason=\"{}\"}} {}",
-                reason.as_str(),
-                rejections.get(reason)
-            );
-        }
-    }
+fn encode(registry: &prometheus_client::registry::Registry) -> String {
+    let mut out = String::new();
+    prometheus_text::encode(&mut out, registry)
+        .expect("writing to a String cannot fail, and the collector fails only when it does");
     out
 }
 
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// The values read at scrape time.
+struct AtScrape {
+    sources: Sources,
+    clock: fn() -> i64,
+}
+
+impl std::fmt::Debug for AtScrape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AtScrape").finish_non_exhaustive()
+    }
+}
+
+impl Collector for AtScrape {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let s = &self.sources;
+        ConstGauge::new(s.epoch).encode(encoder.encode_descriptor(
+            "rollcall_coordinator_epoch",
+            "The fencing epoch this coordinator stamps on commands.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+
+        let mut agents: BTreeMap<(String, &'static str, bool), u64> = BTreeMap::new();
+        for a in s.registry.list() {
+            let state = match a.availability {
+                Availability::Connected => "connected",
+                Availability::Unavailable => "unavailable",
+            };
+            *agents
+                .entry((a.role.to_string(), state, a.ready))
+                .or_default() += 1;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "rollcall_coordinator_agents",
+            "Agents known to the coordinator, by role, state and readiness.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((role, state, ready), n) in &agents {
+            let ready = if *ready { "true" } else { "false" };
+            let labels = [("role", role.as_str()), ("state", state), ("ready", ready)];
+            ConstGauge::new(*n).encode(metric.encode_family(&labels)?)?;
+        }
+
+        let mut metric = encoder.encode_descriptor(
+            "rollcall_coordinator_tls_rejections",
+            "Connections refused during the TLS handshake, by listener and reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, rejections) in [
+            ("agents", &s.agent_rejections),
+            ("operator", &s.operator_rejections),
+        ] {
+            for reason in [
+                RejectReason::Plaintext,
+                RejectReason::UntrustedCertificate,
+                RejectReason::NoCertificate,
+                RejectReason::Other,
+            ] {
+                let labels = [("listener", listener), ("reason", reason.as_str())];
+                ConstCounter::new(rejections.get(reason)).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+
+        let now = (self.clock)();
+        let points = s.runs.points().clone();
+        let age = |created: i64| (now - created).max(0) as u64;
+        let mut metric = encoder.encode_descriptor(
+            "rollcall_newest_point_age_seconds",
+            "Age of the newest recovery point per environment.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (env, (created, _)) in &points {
+            ConstGauge::new(age(*created))
+                .encode(metric.encode_family(&[("environment", env.as_str())])?)?;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "rollcall_rpo_seconds",
+            "The environment's recovery point objective.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (env, (_, rpo)) in &points {
+            ConstGauge::new(*rpo)
+                .encode(metric.encode_family(&[("environment", env.as_str())])?)?;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "rollcall_newest_point_older_than_rpo",
+            "1 when the environment's newest recovery point is older than its RPO, else 0.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (env, (created, rpo)) in &points {
+            ConstGauge::new(u64::from(age(*created) > *rpo))
+                .encode(metric.encode_family(&[("environment", env.as_str())])?)?;
+        }
+        Ok(())
+    }
 }
 
 /// Binds the metrics listener (plain HTTP: metrics carry no secrets, and scrapers rarely
@@ -252,14 +352,15 @@ pub async fn serve(
     sources: Sources,
     cancel: CancellationToken,
 ) -> Result<()> {
+    let registry = Arc::new(registry(&sources));
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let sources = sources.clone();
+            let registry = registry.clone();
             async move {
                 (
-                    [("content-type", "text/plain; version=0.0.4")],
-                    render(&sources),
+                    [("content-type", prometheus_text::CONTENT_TYPE)],
+                    encode(&registry),
                 )
             }
         }),
@@ -274,6 +375,22 @@ pub async fn serve(
 mod tests {
     use super::*;
     use api::model::{AgentName, Environment, Heartbeat, Hello, Role};
+
+    fn sources(
+        registry: Registry,
+        runs: Arc<RunMetrics>,
+        commands: Arc<CommandCounters>,
+    ) -> Sources {
+        Sources {
+            registry,
+            epoch: 7,
+            runs,
+            commands,
+            refusals: Arc::default(),
+            agent_rejections: Arc::default(),
+            operator_rejections: Arc::default(),
+        }
+    }
 
     #[test]
     fn renders_agents_commands_and_rejections() {
@@ -300,14 +417,7 @@ mod tests {
         commands.count("ping", "succeeded");
         commands.count("ping", "succeeded");
         commands.count("describe", "not_connected");
-        let text = render(&Sources {
-            registry,
-            epoch: 7,
-            runs: Arc::default(),
-            commands,
-            agent_rejections: Arc::default(),
-            operator_rejections: Arc::default(),
-        });
+        let text = render(&sources(registry, Arc::default(), commands));
         assert!(text.contains("rollcall_coordinator_epoch 7\n"), "{text}");
         assert!(
             text.contains(
@@ -327,7 +437,7 @@ mod tests {
 
     #[test]
     fn runs_phases_and_point_age_against_the_rpo() {
-        let m = RunMetrics::default();
+        let m = Arc::new(RunMetrics::default());
         m.run_ended("drill", "succeeded");
         m.run_ended("drill", "succeeded");
         m.run_ended("backup", "blocked");
@@ -336,8 +446,10 @@ mod tests {
         m.point("prod", 1_000, 3_600);
         m.point("prod", 500, 3_600); // older: ignored
         m.point("staging", 0, 60);
-        let mut out = String::new();
-        m.render(&mut out, 1_100);
+        let out = encode(&registry_at(
+            &sources(Registry::new(), m, Arc::default()),
+            || 1_100,
+        ));
         for line in [
             "rollcall_runs_total{kind=\"drill\",outcome=\"succeeded\"} 2",
             "rollcall_runs_total{kind=\"backup\",outcome=\"blocked\"} 1",
@@ -349,5 +461,63 @@ mod tests {
         ] {
             assert!(out.contains(line), "{line} missing from:\n{out}");
         }
+    }
+
+    /// Dashboards and alert rules read these names and types; the histograms keep the
+    /// `_sum`/`_count` series of the summary they replaced and add `_bucket`.
+    #[test]
+    fn the_exposition_holds_every_name_and_the_histograms() {
+        let runs = Arc::new(RunMetrics::default());
+        runs.phase_ended("freeze", 0.2);
+        runs.phase_ended("restore-postgres", 42.0);
+        runs.run_succeeded("drill", "prod", 1_500.0);
+        runs.run_succeeded("backup", "prod", 30.0); // no restore: not observed
+        runs.point("prod", 1_000, 3_600);
+        let refusals = Arc::new(CallRefusals::default());
+        refusals.attach_throttled();
+        refusals.operator_refused("busy");
+        let commands = Arc::new(CommandCounters::default());
+        commands.count("ping", "succeeded");
+        let mut s = sources(Registry::new(), runs, commands);
+        s.refusals = refusals;
+        let text = encode(&registry_at(&s, || 1_100));
+
+        for line in [
+            "# TYPE rollcall_coordinator_epoch gauge",
+            "# TYPE rollcall_coordinator_agents gauge",
+            "# TYPE rollcall_coordinator_commands_total counter",
+            "# TYPE rollcall_coordinator_tls_rejections_total counter",
+            "# TYPE rollcall_runs_total counter",
+            "# TYPE rollcall_phase_duration_seconds histogram",
+            "# TYPE rollcall_coordinator_restore_duration_seconds histogram",
+            "# TYPE rollcall_newest_point_age_seconds gauge",
+            "# TYPE rollcall_rpo_seconds gauge",
+            "# TYPE rollcall_newest_point_older_than_rpo gauge",
+            "# TYPE rollcall_coordinator_attaches_throttled_total counter",
+            "# TYPE rollcall_coordinator_operator_calls_refused_total counter",
+            // A sub-second phase falls in the first bucket; buckets are cumulative.
+            "rollcall_phase_duration_seconds_bucket{action=\"freeze\",le=\"1\"} 1",
+            "rollcall_phase_duration_seconds_bucket{action=\"restore-postgres\",le=\"30\"} 0",
+            "rollcall_phase_duration_seconds_bucket{action=\"restore-postgres\",le=\"60\"} 1",
+            "rollcall_phase_duration_seconds_bucket{action=\"restore-postgres\",le=\"14400\"} 1",
+            "rollcall_phase_duration_seconds_bucket{action=\"restore-postgres\",le=\"+Inf\"} 1",
+            "rollcall_phase_duration_seconds_sum{action=\"restore-postgres\"} 42",
+            "rollcall_phase_duration_seconds_count{action=\"restore-postgres\"} 1",
+            "rollcall_coordinator_restore_duration_seconds_bucket{environment=\"prod\",kind=\"drill\",le=\"1200\"} 0",
+            "rollcall_coordinator_restore_duration_seconds_bucket{environment=\"prod\",kind=\"drill\",le=\"1800\"} 1",
+            "rollcall_coordinator_restore_duration_seconds_sum{environment=\"prod\",kind=\"drill\"} 1500",
+            "rollcall_coordinator_restore_duration_seconds_count{environment=\"prod\",kind=\"drill\"} 1",
+            "rollcall_runs_total{kind=\"drill\",outcome=\"succeeded\"} 1",
+            "rollcall_runs_total{kind=\"backup\",outcome=\"succeeded\"} 1",
+            "rollcall_rpo_seconds{environment=\"prod\"} 3600",
+            "rollcall_coordinator_attaches_throttled_total 1",
+            "rollcall_coordinator_operator_calls_refused_total{reason=\"busy\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        assert!(!text.contains("kind=\"backup\",le="), "{text}");
+        // Every family is declared once.
+        let declared = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        assert_eq!(declared, 12, "{text}");
     }
 }

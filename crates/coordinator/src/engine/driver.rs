@@ -131,7 +131,11 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                         .set_run_state(id, RunState::Succeeded, None, Utc::now())
                         .await?;
                     self.event(id, "run.succeeded", json!({})).await?;
-                    self.metrics.run_ended(run.kind.as_str(), "succeeded");
+                    self.metrics.run_succeeded(
+                        run.kind.as_str(),
+                        &run.environment,
+                        (Utc::now() - run.created_at).num_milliseconds() as f64 / 1000.0,
+                    );
                     tracing::info!(run_id = %id, "run succeeded");
                     return Ok(());
                 }

@@ -12,10 +12,12 @@
 //! run); `driver` runs a run's phases and holds their gates; `send` journals and sends one
 //! agent's commands with retries; `points` resolves and writes recovery points; `planner` and
 //! `commands` are the pure decisions (next phases, gates, conflicts, the commands a phase
-//! sends, shards and ids), table-tested without I/O.
+//! sends, shards and ids), table-tested without I/O; `operator` answers the operator API's
+//! reads (runs, their detail and events, points with their age against the RPO).
 
 mod commands;
 mod driver;
+pub mod operator;
 pub mod planner;
 mod points;
 mod send;
