@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use api::human;
 use chrono::{DateTime, Utc};
 
 use super::{DrillReport, NOT_RECORDED, Rpo, Rto};
@@ -521,21 +522,12 @@ fn time(at: Option<DateTime<Utc>>) -> String {
     })
 }
 
+/// A size with its exact count beside it (`12.0 MiB (12582912 bytes)`), `512 B` below 1 KiB.
 fn bytes(n: Option<u64>) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let Some(n) = n else {
-        return NOT_RECORDED.to_owned();
-    };
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {} ({n} bytes)", UNITS[unit])
+    match n {
+        None => NOT_RECORDED.to_owned(),
+        Some(n) if n < 1024 => human::bytes(n),
+        Some(n) => format!("{} ({n} bytes)", human::bytes(n)),
     }
 }
 
@@ -561,5 +553,19 @@ fn met(met: Option<bool>) -> String {
         Some(true) => "met".into(),
         Some(false) => "**not met**".into(),
         None => NOT_RECORDED.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_show_the_exact_count_beside_the_unit() {
+        assert_eq!(bytes(Some(12_582_912)), "12.0 MiB (12582912 bytes)");
+        assert_eq!(bytes(Some(1024)), "1.0 KiB (1024 bytes)");
+        assert_eq!(bytes(Some(512)), "512 B");
+        assert_eq!(bytes(Some(0)), "0 B");
+        assert_eq!(bytes(None), NOT_RECORDED);
     }
 }
