@@ -6,6 +6,7 @@
 pub mod codec;
 pub mod config;
 pub mod errors;
+pub mod human;
 pub mod identity;
 pub mod model;
 pub mod redact;

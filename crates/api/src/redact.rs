@@ -25,8 +25,9 @@ use serde_json::Value;
 /// What a removed secret is replaced with.
 pub const MARKER: &str = "[REDACTED]";
 
-/// What replaces the password of a URL (`postgres://app:***@db/app`), as `redact_url` does.
-const URL_PASSWORD_MASK: &str = "***";
+/// What replaces the password of a URL (`postgres://app:***@db/app`): the mask of
+/// `repository::redact_url`, so a password it masked is left as it is here.
+const URL_PASSWORD_MASK: &str = repository::URL_PASSWORD_MASK;
 
 /// Returns `text` with every secret it recognises removed.
 pub fn redact(text: &str) -> Cow<'_, str> {
@@ -805,6 +806,9 @@ mod tests {
         untouched("sqlite:///var/lib/rollcall/state.db");
         untouched("GET https://cowork.example.com/api/workspace?page=2&limit=50 -> 200");
         untouched("s3://cowork-backups/prod/points/20261125T093740Z-prod-399b4d21.json");
+        untouched(&repository::redact_url(
+            "postgres://app:hunter2@db:5432/cowork?sslmode=require",
+        ));
     }
 
     #[test]

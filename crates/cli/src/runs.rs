@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use api::human;
 use api::pb::operator as op;
 
 use crate::operator::{Connection, status_error};
@@ -376,27 +377,12 @@ pub async fn points(connection: &Connection, env: Option<&str>, json: bool) -> R
             p.id,
             p.environment,
             age.to_string(),
-            bytes(p.postgres_bytes),
+            human::bytes(p.postgres_bytes),
             p.objects,
-            bytes(p.object_bytes)
+            human::bytes(p.object_bytes)
         );
     }
     Ok(())
-}
-
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }
 
 /// `rollcall report ID [--format md|json] [--out PATH] [--follow-up TEXT@OWNER ...]`.

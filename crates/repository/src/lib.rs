@@ -21,6 +21,7 @@ mod pipe;
 mod point;
 mod postgres;
 mod prune;
+mod redact;
 mod repo;
 mod restore;
 mod secrets;
@@ -42,6 +43,7 @@ pub use postgres::{
     TableColumns,
 };
 pub use prune::{KeepReason, KeptPoint, PruneOptions, PruneReport};
+pub use redact::{URL_PASSWORD_MASK, redact_url};
 pub use repo::{RepoError, Repository, RepositoryOptions};
 pub use restore::{
     RestoreObjectsOptions, RestoreObjectsReport, Shard, restore_objects, restore_point_objects,
@@ -51,5 +53,5 @@ pub use snapshot::{
     Manifest, ManifestEntry, ObjectSnapshotPart, PreviousSnapshot, ProgressFn, SnapshotOptions,
     TransferPhase, TransferProgress, snapshot_objects,
 };
-pub use store::{HttpStatus, RetryPolicy, S3Options, is_transient, redact_url, store_from_url};
+pub use store::{HttpStatus, RetryPolicy, S3Options, is_transient, store_from_url};
 pub use verify::{SnapshotCheck, VerifyReport};

@@ -20,7 +20,8 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-use crate::store::{RetryPolicy, S3Options, redact_url, retry, store_from_url};
+use crate::redact::redact_url;
+use crate::store::{RetryPolicy, S3Options, retry, store_from_url};
 
 /// Errors a caller may want to branch on. Everything else is an `anyhow::Error` with context.
 #[derive(Debug, thiserror::Error)]

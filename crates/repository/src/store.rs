@@ -15,6 +15,8 @@ use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{ClientConfigKey, ClientOptions, ObjectStore, RetryConfig};
 
+use crate::redact::redact_url;
+
 /// How to reach an S3 or S3-compatible store (DigitalOcean Spaces, MinIO, moto...).
 ///
 /// Everything not set here comes from the standard `AWS_*` environment variables
@@ -188,27 +190,6 @@ pub fn store_from_url(url: &str, s3: &S3Options) -> Result<(Arc<dyn ObjectStore>
     }
 }
 
-/// A URL with any password and query string (SAS tokens, signatures) removed, for messages.
-pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) => {
-            if parsed.password().is_some() {
-                let _ = parsed.set_password(Some("REDACTED"));
-            }
-            if parsed.query().is_some() {
-                parsed.set_query(Some("REDACTED"));
-            }
-            parsed.to_string()
-        }
-        // A local path carries no credentials: show it, so the error names what was given.
-        Err(_) if url.starts_with('/') || url.starts_with("./") || url.starts_with("../") => {
-            url.to_owned()
-        }
-        // Not a URL: show only its shape, it might be anything.
-        Err(_) => "<unparseable URL>".to_owned(),
-    }
-}
-
 /// reqwest/rustls need a process-wide crypto provider; we use ring only (no cmake).
 fn install_crypto_provider() {
     // Err means another provider is already installed, which is fine.
@@ -376,19 +357,6 @@ mod tests {
         assert!(!is_transient(&not_found));
         let reset = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
         assert!(is_transient(&reset.context("get object")));
-    }
-
-    #[test]
-    fn redacts_passwords_and_queries() {
-        assert_eq!(
-            redact_url("postgres://app:hunter2@db:5432/app"),
-            "postgres://app:REDACTED@db:5432/app"
-        );
-        let az = redact_url("az://container/prefix?sig=abc");
-        assert!(!az.contains("abc"), "{az}");
-        assert_eq!(redact_url("not a url hunter2"), "<unparseable URL>");
-        assert_eq!(redact_url("/srv/backups"), "/srv/backups");
-        assert_eq!(redact_url("./backups"), "./backups");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use anyhow::Context as _;
 use api::model::{ActionKind, ActionOutput, Epoch, Outcome};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use repository::redact_url;
 
 pub use sql::{PostgresStore, SqliteStore};
 
@@ -288,22 +289,6 @@ pub async fn open(url: &str) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
-/// A URL fit for messages and logs: any password in it replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
-        None => url.to_owned(),
-    }
-}
-
 pub(crate) fn to_ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
@@ -316,24 +301,6 @@ pub(crate) fn from_ms(ms: i64) -> anyhow::Result<DateTime<Utc>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_never_reach_messages() {
-        assert_eq!(
-            redact_url("postgres://rollcall:s3cret@db:5432/state?sslmode=require"),
-            "postgres://rollcall:***@db:5432/state?sslmode=require"
-        );
-        assert_eq!(
-            redact_url("postgres://rollcall@db/state"),
-            "postgres://rollcall@db/state"
-        );
-        assert_eq!(
-            redact_url("sqlite:///var/lib/rollcall/state.db"),
-            "sqlite:///var/lib/rollcall/state.db"
-        );
-        // An '@' in the path is not userinfo.
-        assert_eq!(redact_url("sqlite:///tmp/a@b.db"), "sqlite:///tmp/a@b.db");
-    }
 
     #[test]
     fn states_round_trip_and_unknown_text_is_refused() {

@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use api::model::{ActionKind, ActionOutput, Epoch, Output};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use repository::redact_url;
 use sqlx::Row as _;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{
@@ -18,7 +19,7 @@ use sqlx::sqlite::{
 
 use super::{
     CommandRecord, Error, EventRecord, NewRun, PhaseRecord, Result, ResultRecord, RunRecord,
-    RunState, Store, from_ms, redact_url, to_ms,
+    RunState, Store, from_ms, to_ms,
 };
 
 /// How long a writer waits for another (another coordinator on the same SQLite file).

@@ -13,7 +13,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
-use crate::store::redact_url;
+use crate::redact::redact_url;
 
 /// A database URL split for safe use: the password goes to `PGPASSWORD`, never to argv or
 /// messages.

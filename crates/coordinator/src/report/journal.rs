@@ -1,0 +1,839 @@
+//! One run's journal turned into a drill report: the newest execution of each command, the
+//! Postgres and object restores, counts before/at/after, checks, phases, RTO and RPO, the
+//! follow-ups the run left open and its outcome.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use api::model::output::{Counts, RestoreObjectsOutput};
+use api::model::{ActionKind, ActionOutput, Outcome};
+use api::redact::redact;
+use chrono::{DateTime, Utc};
+use repository::Point;
+use serde_json::Value;
+
+use super::{
+    CheckRow, CountRow, DrillReport, EnvironmentInfo, FORMAT, FollowUp, NOT_RECORDED, ObjectsInfo,
+    PhaseRow, PostgresInfo, REQUIRED_COUNTS, Rpo, Rto, RunInfo, SecretRefRow, Target,
+};
+use crate::config::Environment;
+use crate::plan::{Action, Plan};
+use crate::store::{
+    CommandRecord, EventRecord, PhaseRecord, PhaseState, ResultRecord, RunRecord, RunState, Store,
+};
+
+/// One run's journal, read once.
+pub(super) struct Journal {
+    run: RunRecord,
+    phases: Vec<PhaseRecord>,
+    commands: Vec<(CommandRecord, Option<ResultRecord>)>,
+    events: Vec<EventRecord>,
+}
+
+/// The newest command of one agent for one action in one phase, with its result.
+struct Exec<'a> {
+    command: &'a CommandRecord,
+    result: Option<&'a ResultRecord>,
+}
+
+impl Exec<'_> {
+    fn output(&self) -> Option<&ActionOutput> {
+        self.result.and_then(|r| r.output.as_ref())
+    }
+
+    fn succeeded(&self) -> bool {
+        self.result.is_some_and(|r| r.outcome == Outcome::Succeeded)
+    }
+}
+
+impl Journal {
+    /// Reads the phases, commands (with their results) and events of `run`.
+    pub(super) async fn read(store: &dyn Store, run: RunRecord) -> Result<Journal> {
+        let run_id = run.id.as_str();
+        let phases = store
+            .phases(run_id)
+            .await
+            .with_context(|| format!("read the phases of run {run_id}"))?;
+        let commands = store
+            .commands(run_id)
+            .await
+            .with_context(|| format!("read the commands of run {run_id}"))?;
+        let mut events = Vec::new();
+        loop {
+            const PAGE: u32 = 1000;
+            let after = events.last().map_or(0, |e: &EventRecord| e.seq);
+            let page = store
+                .events(run_id, after, PAGE)
+                .await
+                .with_context(|| format!("read the events of run {run_id}"))?;
+            let full = page.len() as u32 == PAGE;
+            events.extend(page);
+            if !full {
+                break;
+            }
+        }
+        Ok(Journal {
+            run,
+            phases,
+            commands,
+            events,
+        })
+    }
+
+    /// The report of this run; `now` is its `generated_at`.
+    pub(super) fn report(
+        &self,
+        env: &Environment,
+        point: Option<&Point>,
+        follow_ups: &[String],
+        excluded: &[String],
+        now: DateTime<Utc>,
+    ) -> DrillReport {
+        let run = &self.run;
+        let plan = Plan::parse(Path::new("journaled plan"), &run.plan, Some(&env.fleet))
+            .or_else(|_| Plan::parse(Path::new("journaled plan"), &run.plan, None))
+            .ok();
+        let actions = self.phase_actions(plan.as_ref());
+        let execs = self.latest_execs();
+        let of = |action: ActionKind| -> Vec<&Exec<'_>> {
+            execs
+                .iter()
+                .filter(|e| e.command.action == action)
+                .collect()
+        };
+        let phase_of = |index: u32| self.phases.iter().find(|p| p.index == index);
+        let phase_name = |index: u32| {
+            phase_of(index)
+                .map(|p| p.name.clone())
+                .or_else(|| {
+                    plan.as_ref()
+                        .and_then(|pl| pl.phases.get(index as usize))
+                        .map(|p| p.name.clone())
+                })
+                .unwrap_or_else(|| format!("phase {index}"))
+        };
+        // The engine journals a failed optional phase as `failed` (a required one `blocked`).
+        let phase_required = |index: u32| {
+            phase_of(index).is_none_or(|p| p.state != PhaseState::Failed)
+                && plan
+                    .as_ref()
+                    .and_then(|pl| pl.phases.get(index as usize))
+                    .is_none_or(|p| p.required)
+        };
+
+        // Run timestamps.
+        let started_at = self
+            .events
+            .iter()
+            .find(|e| e.kind == "run.started")
+            .map(|e| e.at)
+            .or_else(|| self.phases.iter().filter_map(|p| p.started_at).min());
+
+        // The point: its id and time, from the file when read, else from the id.
+        let point_id = point
+            .map(|p| p.id.to_string())
+            .or_else(|| run.point_id.clone());
+        let point_created_at = point.map(|p| p.created_at).or_else(|| {
+            run.point_id
+                .as_deref()
+                .and_then(|id| repository::PointId::parse(id).ok())
+                .map(|id| id.timestamp())
+        });
+
+        // Postgres: the source from the point, the restore from the journal.
+        let mut postgres = PostgresInfo::default();
+        if let Some(pg) = point.and_then(|p| p.postgres.as_ref()) {
+            postgres.backup_key = Some(r(&pg.key));
+            postgres.backup_sha256 = Some(r(&pg.sha256));
+            postgres.backup_bytes = Some(pg.size);
+            postgres.backup_started_at = Some(pg.started_at);
+            postgres.backup_finished_at = Some(pg.finished_at);
+            postgres.server_version = Some(r(&pg.server_version));
+            postgres.pg_dump_version = Some(r(&pg.pg_dump_version));
+            postgres.database = Some(r(&pg.database));
+        }
+        if let Some(exec) = pick(&of(ActionKind::RestorePostgres)) {
+            if let Some(ActionOutput::RestorePostgres(out)) = exec.output() {
+                postgres.database = Some(r(&out.database));
+                postgres.pre_restore_database = Some(r(&out.pre_restore_database));
+                postgres.archive_bytes = Some(out.archive_bytes);
+                postgres.elapsed_ms = Some(out.elapsed_ms);
+                postgres.resumed = Some(r(&out.resumed)).filter(|s| !s.is_empty());
+            }
+            postgres.restore_agent = Some(r(&exec.command.agent));
+            let phase = phase_of(exec.command.phase_index);
+            postgres.restore_started_at = phase.and_then(|p| p.started_at);
+            postgres.restored_at = exec
+                .succeeded()
+                .then(|| {
+                    phase
+                        .and_then(|p| p.finished_at)
+                        .or(exec.result.map(|r| r.received_at))
+                })
+                .flatten();
+        }
+
+        // Objects: the snapshot from the point (or the restore's output), the restore's tally.
+        let mut objects = ObjectsInfo::default();
+        if let Some(o) = point.and_then(|p| p.objects.as_ref()) {
+            objects.snapshot_id = Some(r(o.snapshot_id.as_str()));
+            objects.snapshot_objects = Some(o.objects);
+            objects.snapshot_bytes = Some(o.bytes);
+        }
+        // Several objects agents restore one shard each: their tallies add up.
+        let restores = pick_per_agent(&of(ActionKind::RestoreObjects));
+        if !restores.is_empty() {
+            let outputs: Vec<&RestoreObjectsOutput> = restores
+                .iter()
+                .filter_map(|e| match e.output() {
+                    Some(ActionOutput::RestoreObjects(o)) => Some(o),
+                    _ => None,
+                })
+                .collect();
+            let sum = |field: fn(&RestoreObjectsOutput) -> u64| {
+                outputs.iter().map(|o| field(o)).reduce(|a, b| a + b)
+            };
+            objects.snapshot_id = objects
+                .snapshot_id
+                .or_else(|| outputs.first().map(|o| r(&o.snapshot)));
+            objects.restored = sum(|o| o.restored);
+            objects.restored_bytes = sum(|o| o.restored_bytes);
+            objects.unchanged = sum(|o| o.unchanged);
+            objects.replaced = sum(|o| o.replaced);
+            objects.removed = sum(|o| o.removed);
+            objects.quarantine_prefix = outputs
+                .iter()
+                .map(|o| o.quarantine_prefix.as_str())
+                .find(|p| !p.is_empty())
+                .map(r);
+            objects.restore_agent = Some(
+                restores
+                    .iter()
+                    .map(|e| r(&e.command.agent))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+            // Restored when the last shard was.
+            objects.restored_at = restores
+                .iter()
+                .map(|exec| {
+                    exec.succeeded()
+                        .then(|| {
+                            phase_of(exec.command.phase_index)
+                                .and_then(|p| p.finished_at)
+                                .or(exec.result.map(|r| r.received_at))
+                        })
+                        .flatten()
+                })
+                .collect::<Option<Vec<_>>>()
+                .and_then(|times| times.into_iter().max());
+        }
+
+        // Counts: before (preflight), at the point, after (verify).
+        let before = merged_counts(of(ActionKind::Preflight).iter().filter_map(
+            |e| match e.output() {
+                Some(ActionOutput::Preflight(o)) => o.live_counts.as_ref(),
+                _ => None,
+            },
+        ));
+        let after = merged_counts(
+            of(ActionKind::Verify)
+                .iter()
+                .filter_map(|e| match e.output() {
+                    Some(ActionOutput::Verify(o)) => o.counts.as_ref(),
+                    _ => None,
+                }),
+        );
+        let at_point = point.and_then(Point::table_counts);
+        let counts = count_rows(before.as_ref(), at_point, after.as_ref());
+
+        // Checks, in phase order.
+        let mut checks = Vec::new();
+        for exec in &execs {
+            if !matches!(
+                exec.command.action,
+                ActionKind::Preflight
+                    | ActionKind::Verify
+                    | ActionKind::CheckObjects
+                    | ActionKind::Smoke
+            ) {
+                continue;
+            }
+            let phase = r(&phase_name(exec.command.phase_index));
+            let agent = r(&exec.command.agent);
+            let required = phase_required(exec.command.phase_index);
+            checks.extend(check_rows(exec, &phase, &agent, required));
+        }
+
+        // Phases: the journal's, plus the plan's that never started.
+        let mut phases: Vec<PhaseRow> = self
+            .phases
+            .iter()
+            .map(|p| {
+                let duration_ms = match (p.started_at, p.finished_at) {
+                    (Some(s), Some(f)) => Some((f - s).num_milliseconds()),
+                    _ => self.finished_event_duration(&p.name),
+                };
+                PhaseRow {
+                    index: p.index,
+                    name: r(&p.name),
+                    action: actions.get(&p.index).map(|a| r(a)),
+                    state: p.state.as_str().to_owned(),
+                    attempt: Some(p.attempt),
+                    started_at: p.started_at,
+                    finished_at: p.finished_at,
+                    duration_ms,
+                    detail: p.detail.as_deref().map(r),
+                }
+            })
+            .collect();
+        if let Some(plan) = &plan {
+            for phase in &plan.phases {
+                let index = phase.index as u32;
+                if !self.phases.iter().any(|p| p.index == index) {
+                    phases.push(PhaseRow {
+                        index,
+                        name: r(&phase.name),
+                        action: Some(phase.action.as_str().to_owned()),
+                        state: "not started".to_owned(),
+                        attempt: None,
+                        started_at: None,
+                        finished_at: None,
+                        duration_ms: None,
+                        detail: None,
+                    });
+                }
+            }
+        }
+        phases.sort_by_key(|p| p.index);
+
+        // RTO and RPO share one anchor: when writes stopped (the freeze), else the run start.
+        let freeze = self
+            .phases
+            .iter()
+            .filter(|p| actions.get(&p.index).is_some_and(|a| a == "freeze"))
+            .filter_map(|p| p.started_at.map(|at| (at, p.name.clone())))
+            .min();
+        let (anchor, anchor_label) = match freeze {
+            Some((at, name)) => (Some(at), format!("start of phase {}", r(&name))),
+            None => (started_at, "run start".to_owned()),
+        };
+        let last_end = self
+            .phases
+            .iter()
+            .filter_map(|p| p.finished_at.map(|at| (at, p.name.clone())))
+            .max();
+        let did_not_restore = matches!(
+            run.state,
+            RunState::Blocked | RunState::Failed | RunState::Aborted
+        );
+        let rto_ms = millis(env.rto);
+        let measured = match (anchor, &last_end) {
+            (Some(from), Some((until, _))) => Some((*until - from).num_milliseconds()),
+            _ => None,
+        };
+        let rto = Rto {
+            objective_ms: rto_ms,
+            measured_from: anchor_label.clone(),
+            from_at: anchor,
+            until_at: last_end.as_ref().map(|(at, _)| *at),
+            until_phase: last_end.as_ref().map(|(_, name)| r(name)),
+            measured_ms: measured,
+            met: if did_not_restore {
+                Some(false)
+            } else {
+                measured.map(|m| m <= rto_ms as i64)
+            },
+            note: did_not_restore
+                .then(|| format!("the run is {}: the service was not restored", run.state)),
+        };
+        let rpo_ms = millis(env.rpo);
+        let age = match (anchor, point_created_at) {
+            (Some(at), Some(created)) => Some((at - created).num_milliseconds()),
+            _ => None,
+        };
+        let rpo = Rpo {
+            objective_ms: rpo_ms,
+            point_created_at,
+            measured_at: anchor,
+            measured_at_label: anchor_label,
+            point_age_ms: age,
+            met: age.map(|a| a <= rpo_ms as i64),
+        };
+
+        // Follow-ups: the operator's, then what the run itself left open.
+        let mut follow = Vec::new();
+        for text in follow_ups {
+            follow.push(parse_follow_up(text));
+        }
+        // A failed optional phase is one follow-up, naming its failed checks; a failed optional
+        // check in a phase that passed is one of its own.
+        let failed_checks = |phase: &str| -> Vec<String> {
+            checks
+                .iter()
+                .filter(|c| c.phase == phase && c.passed == Some(false))
+                .map(|c| format!("{} on {}: {}", c.name, c.agent, c.detail))
+                .collect()
+        };
+        for p in &phases {
+            if p.state == PhaseState::Failed.as_str() {
+                let mut text = format!(
+                    "optional phase {} failed: {}",
+                    p.name,
+                    p.detail.as_deref().unwrap_or(NOT_RECORDED)
+                );
+                for check in failed_checks(&p.name) {
+                    text.push_str("; ");
+                    text.push_str(&check);
+                }
+                follow.push(FollowUp {
+                    text,
+                    owner: None,
+                    source: "phase".to_owned(),
+                });
+            }
+        }
+        let failed_phases: BTreeSet<&str> = phases
+            .iter()
+            .filter(|p| p.state == PhaseState::Failed.as_str())
+            .map(|p| p.name.as_str())
+            .collect();
+        for c in &checks {
+            if !c.required && c.passed == Some(false) && !failed_phases.contains(c.phase.as_str()) {
+                follow.push(FollowUp {
+                    text: format!(
+                        "optional check {} on {} failed: {}",
+                        c.name, c.agent, c.detail
+                    ),
+                    owner: None,
+                    source: "check".to_owned(),
+                });
+            }
+        }
+        if did_not_restore {
+            follow.push(FollowUp {
+                text: format!(
+                    "run {}: {}",
+                    run.state,
+                    run.reason.as_deref().map_or(NOT_RECORDED.to_owned(), r)
+                ),
+                owner: None,
+                source: "run".to_owned(),
+            });
+        }
+
+        // Outcome.
+        let report_index = plan.as_ref().and_then(|pl| {
+            pl.phases
+                .iter()
+                .find(|p| p.action == Action::Report)
+                .map(|p| p.index as u32)
+        });
+        let unfinished = phases.iter().any(|p| {
+            report_index.is_none_or(|ri| p.index < ri)
+                && matches!(p.state.as_str(), "not started" | "pending" | "running")
+        });
+        let outcome = match run.state {
+            RunState::Blocked => "blocked",
+            RunState::Failed => "failed",
+            RunState::Aborted => "aborted",
+            _ if phases.iter().any(|p| p.state == "blocked") => "blocked",
+            _ if checks.iter().any(|c| c.required && c.passed == Some(false)) => "failed",
+            RunState::Pending | RunState::Running if unfinished => "in progress",
+            _ if phases.iter().any(|p| p.state == "failed")
+                || checks.iter().any(|c| c.passed == Some(false)) =>
+            {
+                "passed with warnings"
+            }
+            _ => "passed",
+        };
+
+        // Data left out of the restore: the operator's list and the quarantine.
+        let mut excluded: Vec<String> = excluded.iter().map(|s| r(s)).collect();
+        if let Some(prefix) = &objects.quarantine_prefix {
+            excluded.push(format!(
+                "objects the restore replaced ({}) or removed ({}) are not in the live store: \
+                 they are kept under {prefix}",
+                objects
+                    .replaced
+                    .map_or(NOT_RECORDED.to_owned(), |n| n.to_string()),
+                objects
+                    .removed
+                    .map_or(NOT_RECORDED.to_owned(), |n| n.to_string()),
+            ));
+        }
+
+        DrillReport {
+            format: FORMAT,
+            generated_at: now,
+            outcome: outcome.to_owned(),
+            environment: EnvironmentInfo {
+                name: r(env.name.as_str()),
+                repository: repository_label(&env.repository),
+                fleet: env.fleet.iter().map(|(k, v)| (r(k), *v)).collect(),
+            },
+            run: RunInfo {
+                id: r(&run.id),
+                kind: run.kind.as_str().to_owned(),
+                state: run.state.as_str().to_owned(),
+                reason: run.reason.as_deref().map(r),
+                plan: plan.as_ref().map(|p| r(&p.name)),
+                epoch: run.epoch.get(),
+                created_at: run.created_at,
+                started_at,
+                finished_at: run.finished_at,
+            },
+            target: Target {
+                point_id: point_id.as_deref().map(r),
+                point_created_at,
+                point_file_read: point.is_some(),
+            },
+            pre_restore_database: postgres.pre_restore_database.clone(),
+            quarantine_prefix: objects.quarantine_prefix.clone(),
+            postgres,
+            objects,
+            secret_refs: secret_rows(point, env),
+            counts,
+            checks,
+            excluded,
+            follow_ups: follow,
+            phases,
+            rto,
+            rpo,
+        }
+    }
+
+    /// The action of each phase: from the journaled plan, else from the commands it sent.
+    fn phase_actions(&self, plan: Option<&Plan>) -> BTreeMap<u32, String> {
+        let mut actions = BTreeMap::new();
+        for (command, _) in &self.commands {
+            // A smoke phase scales first: the smoke names the phase, not the scale.
+            let slot = actions
+                .entry(command.phase_index)
+                .or_insert_with(String::new);
+            if slot.is_empty() || slot == ActionKind::Scale.as_str() {
+                *slot = command.action.as_str().to_owned();
+            }
+        }
+        if let Some(plan) = plan {
+            for phase in &plan.phases {
+                actions.insert(phase.index as u32, phase.action.as_str().to_owned());
+            }
+        }
+        actions
+    }
+
+    /// Per (phase, agent, action): the command of the newest attempt, preferring one with a
+    /// result, in journal order.
+    fn latest_execs(&self) -> Vec<Exec<'_>> {
+        let mut latest: BTreeMap<(u32, &str, ActionKind), Exec<'_>> = BTreeMap::new();
+        for (command, result) in &self.commands {
+            let key = (command.phase_index, command.agent.as_str(), command.action);
+            let newer = match latest.get(&key) {
+                None => true,
+                Some(held) => match (held.result, result) {
+                    (Some(_), None) => false,
+                    (None, Some(_)) => true,
+                    (Some(a), Some(b)) => {
+                        (command.attempt, b.received_at) >= (held.command.attempt, a.received_at)
+                    }
+                    (None, None) => command.attempt >= held.command.attempt,
+                },
+            };
+            if newer {
+                latest.insert(
+                    key,
+                    Exec {
+                        command,
+                        result: result.as_ref(),
+                    },
+                );
+            }
+        }
+        latest.into_values().collect()
+    }
+
+    fn finished_event_duration(&self, phase: &str) -> Option<i64> {
+        self.events
+            .iter()
+            .rev()
+            .filter(|e| e.kind == "phase.finished")
+            .find(|e| e.payload.get("phase").and_then(Value::as_str) == Some(phase))
+            .and_then(|e| e.payload.get("duration_ms"))
+            .and_then(Value::as_i64)
+    }
+}
+
+/// Redacts a string from the journal, an operator or the config.
+fn r(s: &str) -> String {
+    redact(s).into_owned()
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The successful execution when there is one, else the newest.
+fn pick<'e, 'a>(execs: &[&'e Exec<'a>]) -> Option<&'e Exec<'a>> {
+    execs
+        .iter()
+        .rev()
+        .find(|e| e.succeeded())
+        .or_else(|| execs.last())
+        .copied()
+}
+
+/// [`pick`] for each agent that ran the action, in agent order.
+fn pick_per_agent<'e, 'a>(execs: &[&'e Exec<'a>]) -> Vec<&'e Exec<'a>> {
+    let mut by_agent: BTreeMap<&str, Vec<&'e Exec<'a>>> = BTreeMap::new();
+    for exec in execs {
+        by_agent
+            .entry(exec.command.agent.as_str())
+            .or_default()
+            .push(exec);
+    }
+    by_agent.values().filter_map(|e| pick(e)).collect()
+}
+
+/// Counts of several agents merged (one database agent normally has them all); None when no
+/// agent reported any.
+fn merged_counts<'a>(sources: impl Iterator<Item = &'a Counts>) -> Option<BTreeMap<String, i64>> {
+    let mut merged: Option<BTreeMap<String, i64>> = None;
+    for counts in sources {
+        let into = merged.get_or_insert_with(BTreeMap::new);
+        for (key, n) in counts {
+            into.insert(r(key), *n);
+        }
+    }
+    merged
+}
+
+/// A count from one source. A grouped key (`table[column=value]`) missing from a source that
+/// counted the table by that column means no rows had that value: 0.
+fn count_of(counts: &BTreeMap<String, i64>, key: &str) -> Option<i64> {
+    if let Some(n) = counts.get(key) {
+        return Some(*n);
+    }
+    let (table, rest) = key.split_once('[')?;
+    let (column, _) = rest.split_once('=')?;
+    let grouped = format!("{table}[{column}=");
+    let counted = counts.contains_key(table) && counts.keys().any(|k| k.starts_with(&grouped));
+    (counted || counts.get(table) == Some(&0)).then_some(0)
+}
+
+fn count_rows(
+    before: Option<&BTreeMap<String, i64>>,
+    at_point: Option<&BTreeMap<String, i64>>,
+    after: Option<&BTreeMap<String, i64>>,
+) -> Vec<CountRow> {
+    let sources = [before, at_point, after];
+    let mut keys: Vec<(String, String)> = REQUIRED_COUNTS
+        .iter()
+        .map(|(k, label)| ((*k).to_owned(), (*label).to_owned()))
+        .collect();
+    let required: BTreeSet<&str> = REQUIRED_COUNTS.iter().map(|(k, _)| *k).collect();
+    let others: BTreeSet<String> = sources
+        .iter()
+        .flatten()
+        .flat_map(|m| m.keys())
+        .filter(|k| !required.contains(k.as_str()))
+        .map(|k| r(k))
+        .collect();
+    keys.extend(others.into_iter().map(|k| (k.clone(), k)));
+    keys.into_iter()
+        .map(|(key, label)| {
+            let [before, at_point, after] = sources.map(|s| s.and_then(|m| count_of(m, &key)));
+            CountRow {
+                matches_point: at_point.zip(after).map(|(p, a)| p == a),
+                key,
+                label,
+                before,
+                at_point,
+                after,
+            }
+        })
+        .collect()
+}
+
+/// The checks of one preflight, verify or smoke execution. An execution whose output lists no
+/// checks (it failed before running them, timed out, or never answered) still gets a row.
+fn check_rows(exec: &Exec<'_>, phase: &str, agent: &str, required: bool) -> Vec<CheckRow> {
+    let action = exec.command.action.as_str();
+    let row = |name: String, kind: String, required: bool, passed: Option<bool>, detail: String| {
+        CheckRow {
+            phase: phase.to_owned(),
+            agent: agent.to_owned(),
+            name,
+            kind,
+            required,
+            passed,
+            detail,
+        }
+    };
+    let Some(result) = exec.result else {
+        return vec![row(
+            action.to_owned(),
+            action.to_owned(),
+            required,
+            None,
+            "the agent never answered".to_owned(),
+        )];
+    };
+    let listed: Vec<CheckRow> = exec
+        .output()
+        .map(ActionOutput::checks)
+        .unwrap_or_default()
+        .iter()
+        .map(|check| {
+            row(
+                r(&check.name),
+                check.kind.as_str().to_owned(),
+                check.required,
+                Some(check.passed),
+                r(&check.detail),
+            )
+        })
+        .collect();
+    if exec.command.action == ActionKind::Preflight {
+        let verify = match exec.output() {
+            Some(ActionOutput::Preflight(p)) => p.verify.as_ref(),
+            _ => None,
+        };
+        let detail = match verify {
+            Some(v) if exec.succeeded() => format!(
+                "dump checksum verified over {} bytes; {} snapshot objects present",
+                v.dump_bytes, v.objects_checked
+            ),
+            _ => r(&result.detail),
+        };
+        // The point's verification, then what the agent checked beside it (the counted
+        // tables present, the schema against the point's).
+        let mut rows = vec![row(
+            "recovery point verification".to_owned(),
+            "preflight".to_owned(),
+            required,
+            Some(exec.succeeded()),
+            detail,
+        )];
+        rows.extend(listed);
+        return rows;
+    }
+    if listed.is_empty() {
+        let detail = if result.detail.is_empty() {
+            result.outcome.as_str().to_owned()
+        } else {
+            format!("{}: {}", result.outcome, result.detail)
+        };
+        return vec![row(
+            action.to_owned(),
+            action.to_owned(),
+            required,
+            Some(exec.succeeded()),
+            r(&detail),
+        )];
+    }
+    listed
+}
+
+/// `"rotate the cookie secret@alice"` → text and owner. The owner follows the first `@` after
+/// which no space comes, so an `@` inside the text does not split it.
+fn parse_follow_up(raw: &str) -> FollowUp {
+    let split = raw
+        .char_indices()
+        .filter(|&(_, c)| c == '@')
+        .map(|(i, _)| i)
+        .find(|&i| {
+            let owner = &raw[i + 1..];
+            !owner.is_empty() && !owner.contains(char::is_whitespace)
+        });
+    let (text, owner) = match split {
+        Some(i) if !raw[..i].trim().is_empty() => (&raw[..i], Some(&raw[i + 1..])),
+        _ => (raw, None),
+    };
+    FollowUp {
+        text: r(text.trim()),
+        owner: owner.map(r),
+        source: "operator".to_owned(),
+    }
+}
+
+/// The point's references as recorded at backup time, then any reference of the environment
+/// the point lacks or records differently (a rotation since, a new secret).
+fn secret_rows(point: Option<&Point>, env: &Environment) -> Vec<SecretRefRow> {
+    let row = |s: &repository::SecretRef, source: &str| SecretRefRow {
+        name: r(&s.name),
+        manager: r(&s.manager),
+        reference: r(&s.reference),
+        version: s.version.as_deref().map(r),
+        kms_key: s.kms_key.as_deref().map(r),
+        rotated_at: s.rotated_at,
+        source: source.to_owned(),
+    };
+    let recorded: &[repository::SecretRef] = point.map_or(&[], |p| &p.secrets);
+    let mut rows: Vec<SecretRefRow> = recorded.iter().map(|s| row(s, "recovery point")).collect();
+    for s in &env.secrets {
+        if !recorded.contains(s) {
+            rows.push(row(s, "environment config"));
+        }
+    }
+    rows
+}
+
+/// A repository for the report: a local path is withheld (the runbook forbids local paths in
+/// reports); anything else is shown redacted.
+fn repository_label(url: &str) -> String {
+    if url.starts_with("file://") {
+        "local filesystem repository (path withheld)".to_owned()
+    } else {
+        r(url)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn follow_ups_split_at_the_owner() {
+        let f = parse_follow_up("fix cursor replay@carol");
+        assert_eq!(
+            (f.text.as_str(), f.owner.as_deref()),
+            ("fix cursor replay", Some("carol"))
+        );
+        let f = parse_follow_up("mail bob@example.com about it@dave");
+        assert_eq!(f.owner.as_deref(), Some("dave"));
+        assert_eq!(f.text, "mail ***@example.com about it");
+        let f = parse_follow_up("no owner given");
+        assert_eq!(
+            (f.text.as_str(), f.owner.as_deref()),
+            ("no owner given", None)
+        );
+        let f = parse_follow_up("rotate keys@ops@example.com");
+        assert_eq!(f.owner.as_deref(), Some("***@example.com"));
+    }
+
+    #[test]
+    fn grouped_counts_missing_from_a_source_are_zero_only_when_grouped() {
+        let grouped: BTreeMap<String, i64> = [
+            ("channel_deliveries".to_owned(), 3),
+            ("channel_deliveries[status=sent]".to_owned(), 3),
+        ]
+        .into();
+        assert_eq!(
+            count_of(&grouped, "channel_deliveries[status=dead]"),
+            Some(0)
+        );
+        assert_eq!(
+            count_of(&grouped, "channel_deliveries[status=sent]"),
+            Some(3)
+        );
+        let total_only: BTreeMap<String, i64> = [("channel_deliveries".to_owned(), 3)].into();
+        assert_eq!(
+            count_of(&total_only, "channel_deliveries[status=dead]"),
+            None
+        );
+        assert_eq!(count_of(&total_only, "sessions"), None);
+    }
+}

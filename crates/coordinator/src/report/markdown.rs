@@ -1,0 +1,571 @@
+//! The drill report rendered as the runbook's `docs/runbooks/restore-drill-report.md`: one
+//! section per requirement, a value the journal does not hold shown as "not recorded".
+
+use std::time::Duration;
+
+use api::human;
+use chrono::{DateTime, Utc};
+
+use super::{DrillReport, NOT_RECORDED, Rpo, Rto};
+
+impl DrillReport {
+    /// The report as the runbook's `docs/runbooks/restore-drill-report.md`.
+    pub fn to_markdown(&self) -> String {
+        let mut md = Markdown::default();
+        let run = &self.run;
+        md.line(&format!(
+            "# Restore drill report: {} — {}",
+            self.environment.name,
+            self.run
+                .started_at
+                .unwrap_or(self.run.created_at)
+                .format("%Y-%m-%d")
+        ));
+        md.blank();
+        md.line(&format!(
+            "Filled from the journal of run `{}` by rollcall {} at {}. Secrets, signed URLs \
+             and local paths are redacted; a value the journal does not hold reads \
+             \"{NOT_RECORDED}\".",
+            run.id,
+            api::VERSION,
+            time(Some(self.generated_at))
+        ));
+
+        md.section("Summary");
+        let checks_passed = self
+            .checks
+            .iter()
+            .filter(|c| c.passed == Some(true))
+            .count();
+        let checks_failed = self
+            .checks
+            .iter()
+            .filter(|c| c.required && c.passed == Some(false))
+            .count();
+        let checks_warned = self
+            .checks
+            .iter()
+            .filter(|c| !c.required && c.passed == Some(false))
+            .count();
+        let checks_unknown = self.checks.iter().filter(|c| c.passed.is_none()).count();
+        md.table(
+            &["Field", "Value"],
+            vec![
+                vec!["Outcome".into(), format!("**{}**", self.outcome)],
+                vec!["Environment".into(), self.environment.name.clone()],
+                vec![
+                    "Restore target".into(),
+                    match &self.target.point_id {
+                        Some(id) => {
+                            format!("point `{id}`, taken {}", time(self.target.point_created_at))
+                        }
+                        None => NOT_RECORDED.into(),
+                    },
+                ],
+                vec![
+                    "Run".into(),
+                    format!(
+                        "`{}` ({}, plan {}, epoch {})",
+                        run.id,
+                        run.kind,
+                        opt(&run.plan),
+                        run.epoch
+                    ),
+                ],
+                vec![
+                    "Run state".into(),
+                    match &run.reason {
+                        Some(reason) => format!("{}: {reason}", run.state),
+                        None => run.state.clone(),
+                    },
+                ],
+                vec!["Run started".into(), time(run.started_at)],
+                vec![
+                    "Run finished".into(),
+                    match (run.finished_at, run.state.as_str()) {
+                        (Some(at), _) => time(Some(at)),
+                        (None, "running" | "pending") => {
+                            "still running when this report was written".into()
+                        }
+                        (None, "blocked") => {
+                            "not finished: blocked, waiting for an operator".into()
+                        }
+                        (None, _) => NOT_RECORDED.into(),
+                    },
+                ],
+                vec![
+                    "Postgres restored (swapped in)".into(),
+                    time(self.postgres.restored_at),
+                ],
+                vec!["Object snapshot".into(), opt(&self.objects.snapshot_id)],
+                vec!["Measured RTO".into(), self.rto.summary()],
+                vec!["RPO achieved".into(), self.rpo.summary()],
+                vec![
+                    "Checks".into(),
+                    format!(
+                        "{checks_passed} passed, {checks_failed} failed, {checks_warned} \
+                         warnings (optional checks that failed), {checks_unknown} not recorded"
+                    ),
+                ],
+                vec!["Follow-ups".into(), self.follow_ups.len().to_string()],
+            ],
+        );
+
+        md.section("Environment");
+        let fleet = if self.environment.fleet.is_empty() {
+            NOT_RECORDED.to_owned()
+        } else {
+            self.environment
+                .fleet
+                .iter()
+                .map(|(role, n)| format!("{role} ×{n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        md.table(
+            &["Field", "Value"],
+            vec![
+                vec!["Name".into(), self.environment.name.clone()],
+                vec![
+                    "Backup repository".into(),
+                    self.environment.repository.clone(),
+                ],
+                vec!["Declared fleet".into(), fleet],
+                vec!["RPO objective".into(), objective(self.rpo.objective_ms)],
+                vec!["RTO objective".into(), objective(self.rto.objective_ms)],
+            ],
+        );
+
+        md.section("Postgres");
+        let pg = &self.postgres;
+        md.table(
+            &["Field", "Value"],
+            vec![
+                vec![
+                    "Backup source".into(),
+                    format!(
+                        "{} in {}",
+                        code(&pg.backup_key),
+                        self.environment.repository
+                    ),
+                ],
+                vec!["Backup sha256".into(), code(&pg.backup_sha256)],
+                vec!["Backup size".into(), bytes(pg.backup_bytes)],
+                vec![
+                    "Backup taken".into(),
+                    format!(
+                        "{} → {}",
+                        time(pg.backup_started_at),
+                        time(pg.backup_finished_at)
+                    ),
+                ],
+                vec![
+                    "Versions".into(),
+                    format!(
+                        "server {}, pg_dump {}",
+                        opt(&pg.server_version),
+                        opt(&pg.pg_dump_version)
+                    ),
+                ],
+                vec!["Database restored".into(), code(&pg.database)],
+                vec!["Restore agent".into(), opt(&pg.restore_agent)],
+                vec!["Restore started".into(), time(pg.restore_started_at)],
+                vec![
+                    "Restore timestamp (swapped in)".into(),
+                    time(pg.restored_at),
+                ],
+                vec!["Archive read".into(), bytes(pg.archive_bytes)],
+                vec![
+                    "Restore took".into(),
+                    pg.elapsed_ms
+                        .map_or(NOT_RECORDED.into(), |ms| human_ms(ms as i64)),
+                ],
+                vec![
+                    "Pre-restore database (kept)".into(),
+                    code(&pg.pre_restore_database),
+                ],
+                vec![
+                    "Resumed".into(),
+                    pg.resumed.clone().unwrap_or_else(|| "no".into()),
+                ],
+            ],
+        );
+
+        md.section("Object storage");
+        let o = &self.objects;
+        let n = |v: Option<u64>| v.map_or(NOT_RECORDED.to_owned(), |n| n.to_string());
+        md.table(
+            &["Field", "Value"],
+            vec![
+                vec!["Snapshot".into(), code(&o.snapshot_id)],
+                vec![
+                    "Snapshot size".into(),
+                    format!(
+                        "{} objects, {}",
+                        n(o.snapshot_objects),
+                        bytes(o.snapshot_bytes)
+                    ),
+                ],
+                vec!["Restore agent".into(), opt(&o.restore_agent)],
+                vec!["Restored at".into(), time(o.restored_at)],
+                vec![
+                    "Objects written".into(),
+                    format!("{} objects, {}", n(o.restored), bytes(o.restored_bytes)),
+                ],
+                vec!["Objects already matching".into(), n(o.unchanged)],
+                vec!["Objects replaced (quarantined)".into(), n(o.replaced)],
+                vec!["Objects removed (quarantined)".into(), n(o.removed)],
+                vec!["Quarantine prefix".into(), code(&o.quarantine_prefix)],
+            ],
+        );
+
+        md.section("Secret manager and KMS references");
+        md.line("Names, managers, references, versions and KMS keys only; never values.");
+        md.blank();
+        if self.secret_refs.is_empty() {
+            md.line(&format!("No secret references: {NOT_RECORDED}."));
+        } else {
+            md.table(
+                &[
+                    "Secret",
+                    "Manager",
+                    "Reference",
+                    "Version",
+                    "KMS key",
+                    "Rotated",
+                    "Source",
+                ],
+                self.secret_refs
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.name.clone(),
+                            s.manager.clone(),
+                            format!("`{}`", s.reference),
+                            opt(&s.version),
+                            code(&s.kms_key),
+                            time(s.rotated_at),
+                            s.source.clone(),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+
+        md.section("Counts before and after the restore");
+        md.line(
+            "Before: the live system at preflight. At point: taken in the dump's snapshot. \
+             After: the restored system at verify.",
+        );
+        md.blank();
+        let count = |v: Option<i64>| v.map_or(NOT_RECORDED.to_owned(), |n| n.to_string());
+        md.table(
+            &[
+                "Data",
+                "Key",
+                "Before",
+                "At point",
+                "After",
+                "After = point",
+            ],
+            self.counts
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.label.clone(),
+                        format!("`{}`", c.key),
+                        count(c.before),
+                        count(c.at_point),
+                        count(c.after),
+                        match c.matches_point {
+                            Some(true) => "yes".into(),
+                            Some(false) => "**no**".into(),
+                            None => NOT_RECORDED.into(),
+                        },
+                    ]
+                })
+                .collect(),
+        );
+
+        md.section("Checks and smoke commands");
+        if self.checks.is_empty() {
+            md.line(&format!("No checks: {NOT_RECORDED}."));
+        } else {
+            md.table(
+                &[
+                    "Phase", "Agent", "Check", "Kind", "Required", "Result", "Detail",
+                ],
+                self.checks
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            c.phase.clone(),
+                            c.agent.clone(),
+                            c.name.clone(),
+                            c.kind.clone(),
+                            if c.required { "yes" } else { "no" }.into(),
+                            match (c.passed, c.required) {
+                                (Some(true), _) => "passed".into(),
+                                (Some(false), true) => "**failed**".into(),
+                                (Some(false), false) => "warning".into(),
+                                (None, _) => NOT_RECORDED.into(),
+                            },
+                            c.detail.clone(),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+
+        md.section("Data intentionally excluded");
+        if self.excluded.is_empty() {
+            md.line("None declared.");
+        } else {
+            for item in &self.excluded {
+                md.line(&format!("- {}", inline(item)));
+            }
+        }
+
+        md.section("Pre-restore data kept");
+        md.table(
+            &["What", "Where"],
+            vec![
+                vec![
+                    "The database as it was before the restore".into(),
+                    code(&self.pre_restore_database),
+                ],
+                vec![
+                    "Objects the restore replaced or removed".into(),
+                    code(&self.quarantine_prefix),
+                ],
+            ],
+        );
+
+        md.section("Phases");
+        md.table(
+            &[
+                "#", "Phase", "Action", "State", "Attempt", "Started", "Finished", "Duration",
+                "Detail",
+            ],
+            self.phases
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.index.to_string(),
+                        p.name.clone(),
+                        opt(&p.action),
+                        p.state.clone(),
+                        p.attempt.map_or(NOT_RECORDED.to_owned(), |a| a.to_string()),
+                        time(p.started_at),
+                        time(p.finished_at),
+                        p.duration_ms.map_or(NOT_RECORDED.to_owned(), human_ms),
+                        opt(&p.detail),
+                    ]
+                })
+                .collect(),
+        );
+
+        md.section("Recovery objectives");
+        md.table(
+            &["Objective", "Target", "Measured", "From", "To", "Met"],
+            vec![
+                vec![
+                    "RTO".into(),
+                    objective(self.rto.objective_ms),
+                    self.rto
+                        .measured_ms
+                        .map_or(NOT_RECORDED.to_owned(), human_ms),
+                    format!("{} ({})", self.rto.measured_from, time(self.rto.from_at)),
+                    match &self.rto.until_phase {
+                        Some(phase) => {
+                            format!("end of phase {phase} ({})", time(self.rto.until_at))
+                        }
+                        None => NOT_RECORDED.into(),
+                    },
+                    met(self.rto.met),
+                ],
+                vec![
+                    "RPO (point age)".into(),
+                    objective(self.rpo.objective_ms),
+                    self.rpo
+                        .point_age_ms
+                        .map_or(NOT_RECORDED.to_owned(), human_ms),
+                    format!("point taken ({})", time(self.rpo.point_created_at)),
+                    format!(
+                        "{} ({})",
+                        self.rpo.measured_at_label,
+                        time(self.rpo.measured_at)
+                    ),
+                    met(self.rpo.met),
+                ],
+            ],
+        );
+
+        md.section("Follow-ups");
+        if self.follow_ups.is_empty() {
+            md.line("None.");
+        } else {
+            md.table(
+                &["Follow-up", "Owner", "Source"],
+                self.follow_ups
+                    .iter()
+                    .map(|f| {
+                        vec![
+                            f.text.clone(),
+                            f.owner.clone().unwrap_or_else(|| "unassigned".into()),
+                            f.source.clone(),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+        md.0
+    }
+}
+
+impl Rto {
+    fn summary(&self) -> String {
+        match self.measured_ms {
+            Some(ms) => {
+                let mut text = format!(
+                    "{} from {} — objective {} — {}",
+                    human_ms(ms),
+                    self.measured_from,
+                    objective(self.objective_ms),
+                    met(self.met)
+                );
+                if let Some(note) = &self.note {
+                    text.push_str(&format!(" ({note})"));
+                }
+                text
+            }
+            None => format!(
+                "{NOT_RECORDED} — objective {}",
+                objective(self.objective_ms)
+            ),
+        }
+    }
+}
+
+impl Rpo {
+    fn summary(&self) -> String {
+        match self.point_age_ms {
+            Some(ms) => format!(
+                "point {} old at {} — objective {} — {}",
+                human_ms(ms),
+                self.measured_at_label,
+                objective(self.objective_ms),
+                met(self.met)
+            ),
+            None => format!(
+                "{NOT_RECORDED} — objective {}",
+                objective(self.objective_ms)
+            ),
+        }
+    }
+}
+
+/// A Markdown document under construction.
+#[derive(Default)]
+struct Markdown(String);
+
+impl Markdown {
+    fn line(&mut self, text: &str) {
+        self.0.push_str(text);
+        self.0.push('\n');
+    }
+
+    fn blank(&mut self) {
+        self.0.push('\n');
+    }
+
+    fn section(&mut self, title: &str) {
+        self.blank();
+        self.line(&format!("## {title}"));
+        self.blank();
+    }
+
+    fn table(&mut self, headers: &[&str], rows: Vec<Vec<String>>) {
+        self.line(&format!("| {} |", headers.join(" | ")));
+        self.line(&format!(
+            "|{}",
+            headers.iter().map(|_| " --- |").collect::<String>()
+        ));
+        for row in rows {
+            let cells: Vec<String> = row.iter().map(|c| inline(c)).collect();
+            self.line(&format!("| {} |", cells.join(" | ")));
+        }
+    }
+}
+
+/// Text fit for one table cell or list item: no line breaks, no column separators.
+fn inline(text: &str) -> String {
+    text.replace('|', "\\|")
+        .replace("\r\n", " ")
+        .replace(['\n', '\r'], " ")
+}
+
+fn opt(value: &Option<String>) -> String {
+    value.clone().unwrap_or_else(|| NOT_RECORDED.to_owned())
+}
+
+fn code(value: &Option<String>) -> String {
+    match value {
+        Some(v) => format!("`{}`", v.replace('`', "'")),
+        None => NOT_RECORDED.to_owned(),
+    }
+}
+
+fn time(at: Option<DateTime<Utc>>) -> String {
+    at.map_or(NOT_RECORDED.to_owned(), |t| {
+        t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+    })
+}
+
+/// A size with its exact count beside it (`12.0 MiB (12582912 bytes)`), `512 B` below 1 KiB.
+fn bytes(n: Option<u64>) -> String {
+    match n {
+        None => NOT_RECORDED.to_owned(),
+        Some(n) if n < 1024 => human::bytes(n),
+        Some(n) => format!("{} ({n} bytes)", human::bytes(n)),
+    }
+}
+
+fn human_ms(ms: i64) -> String {
+    if ms < 0 {
+        return format!("-{}", human_ms(-ms));
+    }
+    if ms < 1000 {
+        return format!("{ms} ms");
+    }
+    if ms < 60_000 {
+        return format!("{:.1} s", ms as f64 / 1000.0);
+    }
+    humantime::format_duration(Duration::from_secs(ms as u64 / 1000)).to_string()
+}
+
+fn objective(ms: u64) -> String {
+    humantime::format_duration(Duration::from_secs(ms / 1000)).to_string()
+}
+
+fn met(met: Option<bool>) -> String {
+    match met {
+        Some(true) => "met".into(),
+        Some(false) => "**not met**".into(),
+        None => NOT_RECORDED.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_show_the_exact_count_beside_the_unit() {
+        assert_eq!(bytes(Some(12_582_912)), "12.0 MiB (12582912 bytes)");
+        assert_eq!(bytes(Some(1024)), "1.0 KiB (1024 bytes)");
+        assert_eq!(bytes(Some(512)), "512 B");
+        assert_eq!(bytes(Some(0)), "0 B");
+        assert_eq!(bytes(None), NOT_RECORDED);
+    }
+}
