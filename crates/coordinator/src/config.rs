@@ -121,7 +121,7 @@ pub struct AgentsConfig {
 }
 
 fn default_attach_rate() -> u64 {
-    crate::layers::DEFAULT_ATTACH_RATE
+    crate::limits::DEFAULT_ATTACH_RATE
 }
 
 fn default_heartbeat() -> Duration {
@@ -150,7 +150,7 @@ pub struct OperatorConfig {
     #[serde(default)]
     pub token_sha256: Vec<String>,
     /// How long an operator call may take; `run watch`, `points verify` and `points prune`
-    /// are exempt (`layers::LONG_CALLS`).
+    /// are exempt (`limits::LONG_CALLS`).
     #[serde(with = "humantime_serde", default = "default_call_timeout")]
     pub call_timeout: Duration,
     /// Operator calls served at once; one more is refused at once, asking to try again.
@@ -159,11 +159,11 @@ pub struct OperatorConfig {
 }
 
 fn default_call_timeout() -> Duration {
-    crate::layers::DEFAULT_OPERATOR_CALL_TIMEOUT
+    crate::limits::DEFAULT_OPERATOR_CALL_TIMEOUT
 }
 
 fn default_max_concurrent_calls() -> usize {
-    crate::layers::DEFAULT_OPERATOR_CALLS
+    crate::limits::DEFAULT_OPERATOR_CALLS
 }
 
 impl Default for OperatorConfig {
@@ -189,8 +189,8 @@ pub struct Loaded {
 
 impl Loaded {
     /// The limits of the gRPC services this config asks for.
-    pub fn limits(&self) -> crate::layers::Limits {
-        crate::layers::Limits {
+    pub fn limits(&self) -> crate::limits::Limits {
+        crate::limits::Limits {
             attaches: self.config.agents.attach_rate,
             attach_window: Duration::from_secs(1),
             operator_calls: self.config.operator.max_concurrent_calls,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 pub mod grpc;
 pub mod layers;
+pub mod limits;
 pub mod link;
 pub mod metrics;
 pub mod plan;

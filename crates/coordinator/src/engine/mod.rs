@@ -40,7 +40,6 @@ use crate::plan::{Action, Plan};
 use crate::store::{NewRun, PhaseRecord, PhaseState, RunKind, RunRecord, RunState, Store};
 use commands::{CommandKey, RunContext, RunId, agent_actions, needs_point};
 use planner::conflicts;
-use points::resolve_point;
 
 /// The agents the coordinator knows, connected or not.
 pub trait Directory: Send + Sync + 'static {
@@ -319,7 +318,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         let point_id = if request.kind == RunKind::Backup {
             Some(repository::PointId::new(env.name.as_str(), now)?.to_string())
         } else if plan.phases.iter().any(|p| needs_point(p.action)) {
-            Some(resolve_point(env, request.point_id.as_deref()).await?)
+            Some(self.resolve_point(env, request.point_id.as_deref()).await?)
         } else {
             request.point_id.clone()
         };

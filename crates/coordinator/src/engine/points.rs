@@ -61,6 +61,57 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         let repo = env.repository_ref.open().await?;
         repo.verify_point(&point, full).await
     }
+
+    /// The point a restore uses: `latest` is the environment's newest point; an id must exist and
+    /// belong to the environment. Checked before the run exists, so a bad id touches nothing.
+    pub(super) async fn resolve_point(
+        &self,
+        env: &Environment,
+        point: Option<&str>,
+    ) -> Result<String> {
+        let Some(point) = point else {
+            bail!(
+                "this plan restores data: name the recovery point with --point ID or --point latest \
+                 (`rollcall points --env {}` lists them)",
+                env.name
+            );
+        };
+        let repo = env.repository_ref.open().await?;
+        if point == "latest" {
+            let listing = repo.list_points(Some(env.name.as_str())).await?;
+            return listing
+                .points
+                .last()
+                .map(|p| p.id.to_string())
+                .with_context(|| {
+                    format!(
+                        "environment {} has no recovery points yet; take one with `rollcall backup \
+                     --env {}`",
+                        env.name, env.name
+                    )
+                });
+        }
+        let id = repository::PointId::parse(point).with_context(|| {
+            format!(
+                "--point {point:?} is not a point id (`rollcall points --env {}` lists them)",
+                env.name
+            )
+        })?;
+        let found = repo.read_point(&id).await.with_context(|| {
+            format!(
+                "recovery point {point} cannot be used (`rollcall points --env {}` lists them)",
+                env.name
+            )
+        })?;
+        if found.environment != env.name.as_str() {
+            bail!(
+                "recovery point {point} belongs to environment {}, not {}",
+                found.environment,
+                env.name
+            );
+        }
+        Ok(id.to_string())
+    }
 }
 
 impl<L: AgentLink + Clone + 'static> Inner<L> {
@@ -123,51 +174,4 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         );
         Ok(point.id.to_string())
     }
-}
-
-/// The point a restore uses: `latest` is the environment's newest point; an id must exist and
-/// belong to the environment. Checked before the run exists, so a bad id touches nothing.
-pub(super) async fn resolve_point(env: &Environment, point: Option<&str>) -> Result<String> {
-    let Some(point) = point else {
-        bail!(
-            "this plan restores data: name the recovery point with --point ID or --point latest \
-             (`rollcall points --env {}` lists them)",
-            env.name
-        );
-    };
-    let repo = env.repository_ref.open().await?;
-    if point == "latest" {
-        let listing = repo.list_points(Some(env.name.as_str())).await?;
-        return listing
-            .points
-            .last()
-            .map(|p| p.id.to_string())
-            .with_context(|| {
-                format!(
-                    "environment {} has no recovery points yet; take one with `rollcall backup \
-                 --env {}`",
-                    env.name, env.name
-                )
-            });
-    }
-    let id = repository::PointId::parse(point).with_context(|| {
-        format!(
-            "--point {point:?} is not a point id (`rollcall points --env {}` lists them)",
-            env.name
-        )
-    })?;
-    let found = repo.read_point(&id).await.with_context(|| {
-        format!(
-            "recovery point {point} cannot be used (`rollcall points --env {}` lists them)",
-            env.name
-        )
-    })?;
-    if found.environment != env.name.as_str() {
-        bail!(
-            "recovery point {point} belongs to environment {}, not {}",
-            found.environment,
-            env.name
-        );
-    }
-    Ok(id.to_string())
 }

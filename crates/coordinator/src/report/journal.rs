@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use api::model::output::{Counts, RestoreObjectsOutput};
 use api::model::{ActionKind, ActionOutput, Outcome};
 use api::redact::redact;
@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use repository::Point;
 use serde_json::Value;
 
-use super::{
+use super::types::{
     CheckRow, CountRow, DrillReport, EnvironmentInfo, FORMAT, FollowUp, NOT_RECORDED, ObjectsInfo,
     PhaseRow, PostgresInfo, REQUIRED_COUNTS, Rpo, Rto, RunInfo, SecretRefRow, Target,
 };
@@ -23,6 +23,42 @@ use crate::plan::{Action, Plan};
 use crate::store::{
     CommandRecord, EventRecord, PhaseRecord, PhaseState, ResultRecord, RunRecord, RunState, Store,
 };
+
+/// Builds the report of `run_id` from the journal in `store`. `point` is the run's recovery
+/// point when the caller could read it (its sources, counts at backup time and secret
+/// references); `follow_ups` are `"text@owner"` strings; `excluded` names data intentionally
+/// left out of the restore.
+pub async fn build(
+    store: &dyn Store,
+    run_id: &str,
+    env: &Environment,
+    point: Option<&Point>,
+    follow_ups: &[String],
+    excluded: &[String],
+) -> Result<DrillReport> {
+    let run = store
+        .run(run_id)
+        .await
+        .with_context(|| format!("read run {run_id} from the journal"))?
+        .with_context(|| format!("no run {run_id} in the journal (`rollcall runs` lists them)"))?;
+    if run.environment != env.name.as_str() {
+        bail!(
+            "run {run_id} belongs to environment {}, not {}: pass that environment",
+            run.environment,
+            env.name
+        );
+    }
+    if let (Some(point), Some(id)) = (point, &run.point_id)
+        && point.id.as_str() != id
+    {
+        bail!(
+            "run {run_id} restored point {id}, not {}: pass the run's own point",
+            point.id
+        );
+    }
+    let journal = Journal::read(store, run).await?;
+    Ok(journal.report(env, point, follow_ups, excluded, Utc::now()))
+}
 
 /// One run's journal, read once.
 pub(super) struct Journal {

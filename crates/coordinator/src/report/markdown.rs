@@ -6,7 +6,7 @@ use std::time::Duration;
 use api::human;
 use chrono::{DateTime, Utc};
 
-use super::{DrillReport, NOT_RECORDED, Rpo, Rto};
+use super::types::{DrillReport, NOT_RECORDED, Rpo, Rto};
 
 impl DrillReport {
     /// The report as the runbook's `docs/runbooks/restore-drill-report.md`.

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use api::model::output::{
@@ -10,14 +11,17 @@ use api::model::output::{
     VerifyOutput,
 };
 use api::model::{ActionKind, ActionOutput, Check, CheckKind, Epoch, Outcome, ScaleOutput};
-use chrono::TimeZone;
-use repository::{Compression, ObjectSnapshotPart, PgBackupPart, PointId, SecretRef, SnapshotId};
+use chrono::{DateTime, TimeZone, Utc};
+use repository::{
+    Compression, ObjectSnapshotPart, PgBackupPart, Point, PointId, SecretRef, SnapshotId,
+};
 use serde_json::json;
 
 use super::*;
+use crate::config::Environment;
 use crate::plan::Plan;
 use crate::store::{
-    CommandRecord, NewRun, PhaseRecord, PhaseState, ResultRecord, RunKind, RunState,
+    CommandRecord, NewRun, PhaseRecord, PhaseState, ResultRecord, RunKind, RunState, Store,
 };
 
 const POINT: &str = "20261125T073000Z-prod-399b4d21";

@@ -1,0 +1,230 @@
+//! The drill report's fields, as its JSON form names them, and that form. `journal.rs` fills
+//! them, `markdown.rs` renders them.
+
+use std::collections::BTreeMap;
+
+use api::redact::redact_json;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+/// The `format` field of the JSON form; bump it when a field changes meaning.
+pub const FORMAT: &str = "rollcall.drill-report.v1";
+
+/// What a missing value reads as.
+pub const NOT_RECORDED: &str = "not recorded";
+
+/// The counts the runbook requires, in its order, with the labels the report shows. Keys are
+/// those of a point's `table_counts` (grouped counts are `table[column=value]`).
+pub const REQUIRED_COUNTS: [(&str, &str); 8] = [
+    ("sessions", "Sessions"),
+    ("session_projections", "Session projections"),
+    ("artifact_index", "Artifacts"),
+    ("workflows", "Workflows"),
+    ("channel_bindings", "Channel bindings"),
+    ("channel_deliveries[status=pending]", "Pending deliveries"),
+    ("channel_deliveries[status=failed]", "Failed deliveries"),
+    ("channel_deliveries[status=dead]", "Dead deliveries"),
+];
+
+/// A filled-in drill report. Strings in it are already redacted.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillReport {
+    pub format: &'static str,
+    pub generated_at: DateTime<Utc>,
+    /// `passed`, `passed with warnings`, `failed`, `blocked`, `aborted` or `in progress`.
+    pub outcome: String,
+    pub environment: EnvironmentInfo,
+    pub run: RunInfo,
+    pub target: Target,
+    pub postgres: PostgresInfo,
+    pub objects: ObjectsInfo,
+    /// Secret names, managers, references, versions and KMS keys: never values.
+    pub secret_refs: Vec<SecretRefRow>,
+    /// Before (live, at preflight) → at the point → after (at verify).
+    pub counts: Vec<CountRow>,
+    /// Every preflight, verify (HTTP, count, invariant) and smoke check with its result.
+    pub checks: Vec<CheckRow>,
+    /// Data intentionally left out of the restore.
+    pub excluded: Vec<String>,
+    /// The live database before the restore, kept under this name.
+    pub pre_restore_database: Option<String>,
+    /// Where objects the restore replaced or removed were moved.
+    pub quarantine_prefix: Option<String>,
+    pub follow_ups: Vec<FollowUp>,
+    pub phases: Vec<PhaseRow>,
+    pub rto: Rto,
+    pub rpo: Rpo,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EnvironmentInfo {
+    pub name: String,
+    /// The backup repository; a local path is withheld (the runbook forbids local paths).
+    pub repository: String,
+    /// Declared agents per role.
+    pub fleet: BTreeMap<String, u32>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunInfo {
+    pub id: String,
+    pub kind: String,
+    pub state: String,
+    pub reason: Option<String>,
+    /// The plan's name.
+    pub plan: Option<String>,
+    pub epoch: u64,
+    pub created_at: DateTime<Utc>,
+    /// The `run.started` event (the first phase's start when that event is missing).
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub point_id: Option<String>,
+    /// When the point was committed; from the point id when the point file was not read.
+    pub point_created_at: Option<DateTime<Utc>>,
+    /// Whether the point file itself was read (its sources, counts and secret references).
+    pub point_file_read: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PostgresInfo {
+    /// Repository key of the dump.
+    pub backup_key: Option<String>,
+    pub backup_sha256: Option<String>,
+    pub backup_bytes: Option<u64>,
+    pub backup_started_at: Option<DateTime<Utc>>,
+    pub backup_finished_at: Option<DateTime<Utc>>,
+    pub server_version: Option<String>,
+    pub pg_dump_version: Option<String>,
+    /// The live database the restore replaced.
+    pub database: Option<String>,
+    pub pre_restore_database: Option<String>,
+    pub restore_agent: Option<String>,
+    pub restore_started_at: Option<DateTime<Utc>>,
+    /// When the restored database was swapped in: the restore timestamp.
+    pub restored_at: Option<DateTime<Utc>>,
+    pub archive_bytes: Option<u64>,
+    pub elapsed_ms: Option<u64>,
+    /// How an interrupted restore was completed, when it was.
+    pub resumed: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ObjectsInfo {
+    pub snapshot_id: Option<String>,
+    pub snapshot_objects: Option<u64>,
+    pub snapshot_bytes: Option<u64>,
+    pub restore_agent: Option<String>,
+    pub restored_at: Option<DateTime<Utc>>,
+    pub restored: Option<u64>,
+    pub restored_bytes: Option<u64>,
+    pub unchanged: Option<u64>,
+    pub replaced: Option<u64>,
+    pub removed: Option<u64>,
+    pub quarantine_prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SecretRefRow {
+    pub name: String,
+    pub manager: String,
+    pub reference: String,
+    pub version: Option<String>,
+    pub kms_key: Option<String>,
+    pub rotated_at: Option<DateTime<Utc>>,
+    /// `recovery point` (as recorded at backup time) or `environment config` (a reference the
+    /// point lacks or records differently).
+    pub source: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CountRow {
+    pub key: String,
+    pub label: String,
+    pub before: Option<i64>,
+    pub at_point: Option<i64>,
+    pub after: Option<i64>,
+    /// Whether the count after the restore equals the point's; unknown when either is missing.
+    pub matches_point: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckRow {
+    pub phase: String,
+    pub agent: String,
+    pub name: String,
+    /// `preflight`, `http`, `count`, `invariant`, `objects`, `smoke`, ...
+    pub kind: String,
+    pub required: bool,
+    /// None when the agent never answered.
+    pub passed: Option<bool>,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FollowUp {
+    pub text: String,
+    pub owner: Option<String>,
+    /// `operator`, `phase`, `check` or `run`.
+    pub source: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PhaseRow {
+    pub index: u32,
+    pub name: String,
+    pub action: Option<String>,
+    /// A journal state, or `not started`.
+    pub state: String,
+    pub attempt: Option<u32>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub duration_ms: Option<i64>,
+    pub detail: Option<String>,
+}
+
+/// The measured recovery time against the environment's objective.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rto {
+    pub objective_ms: u64,
+    /// `start of phase <name>` (the freeze: when the service stopped taking writes) or
+    /// `run start` when the run has no freeze phase.
+    pub measured_from: String,
+    pub from_at: Option<DateTime<Utc>>,
+    /// The end of the last phase that finished.
+    pub until_at: Option<DateTime<Utc>>,
+    pub until_phase: Option<String>,
+    pub measured_ms: Option<i64>,
+    /// False when the run did not restore (blocked, failed, aborted) or took too long.
+    pub met: Option<bool>,
+    /// Why `met` is false regardless of the time, when it is.
+    pub note: Option<String>,
+}
+
+/// The recovery point's age when writes stopped (the data a real recovery would lose)
+/// against the environment's objective.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rpo {
+    pub objective_ms: u64,
+    pub point_created_at: Option<DateTime<Utc>>,
+    /// Same anchor as the RTO: the freeze phase's start, else the run's start.
+    pub measured_at: Option<DateTime<Utc>>,
+    pub measured_at_label: String,
+    pub point_age_ms: Option<i64>,
+    pub met: Option<bool>,
+}
+
+impl DrillReport {
+    /// The report as JSON (stable field names; `format` names the version). Redacted again as
+    /// a whole, so a field added later cannot carry a secret out.
+    pub fn to_json(&self) -> Value {
+        let mut value =
+            serde_json::to_value(self).expect("a drill report has string keys and serializes");
+        redact_json(&mut value);
+        value
+    }
+}
