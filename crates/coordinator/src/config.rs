@@ -10,6 +10,7 @@ use anyhow::{Result, bail};
 use api::config::{ConfigError, TelemetryConfig, load_toml, resolve};
 use serde::Deserialize;
 
+use crate::cron::BackupSchedule;
 use crate::plan::Plan;
 use crate::tls::TlsPaths;
 
@@ -274,7 +275,7 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
         }
     }
     if let Some(expr) = &env.backup_schedule
-        && let Err(e) = crate::schedule::BackupSchedule::parse(expr)
+        && let Err(e) = BackupSchedule::parse(expr)
     {
         bail!(ConfigError::new(
             file,
