@@ -13,54 +13,7 @@ use e2e::*;
 
 /// The environment's drill plan (never run here): the default plan names roles this fleet
 /// does not have, and a plan must hold against the declared fleet.
-const PLAN: &str = r#"
-name = "data-only"
-description = "a fleet of data agents only: restore both stores, then verify"
-
-[[phase]]
-name = "preflight"
-action = "preflight"
-roles = ["database", "objects"]
-gate = "all"
-timeout = "2m"
-
-[[phase]]
-name = "freeze"
-action = "freeze"
-roles = ["database"]
-gate = "all"
-timeout = "1m"
-
-[[phase]]
-name = "stop"
-action = "scale"
-roles = ["database"]
-gate = "all"
-timeout = "1m"
-params = { replicas = 0 }
-
-[[phase]]
-name = "restore-postgres"
-action = "restore-postgres"
-roles = ["database"]
-gate = "all"
-timeout = "5m"
-
-[[phase]]
-name = "restore-objects"
-action = "restore-objects"
-roles = ["objects"]
-gate = "all"
-timeout = "5m"
-after = ["stop"]
-
-[[phase]]
-name = "verify"
-action = "verify"
-roles = ["database", "objects"]
-gate = "all"
-timeout = "2m"
-"#;
+const PLAN: &str = include_str!("plans/data-only.toml");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduled_backups_write_points_without_an_operator() {
