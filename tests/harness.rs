@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -18,47 +18,8 @@ pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Polls `check` until it returns `Some`, or fails naming `what` after `timeout`.
-pub async fn eventually<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Like `eventually`, but a timeout's message ends with what `explain` reports then (the
-/// state the test waited on, the logs of the processes involved), so a failure in CI says why.
-pub async fn eventually_explained<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-    explain: impl FnOnce() -> String,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}\n{}",
-                explain()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+// Polling with a deadline lives in ephemeral-pg, which this harness and cowork-sim's both use.
+pub use ephemeral_pg::{eventually, eventually_explained};
 
 /// The last `lines` lines of every `*.log` file under `dir` (processes' and roles' logs),
 /// each under its path.
@@ -97,24 +58,10 @@ pub fn log_tails(dir: &Path, lines: usize) -> String {
     text
 }
 
-/// A loopback address that was free a moment ago, for a server the test starts next.
-///
-/// The port is released before that server binds it, so the kernel may hand the same port to
-/// the next caller: on Linux a `bind` to port 0 draws from the odd half of the range only, and
-/// measured here one call in about 1,700 returned a port returned within the ten calls before.
-/// Tests of one binary run side by side and each starts several servers; two servers given one
-/// port leave a fleet that never comes up. So this never returns a port twice in a process.
+/// A loopback address that was free a moment ago and that no other caller in this process got
+/// (`ephemeral_pg::free_addr`, which the clusters' ports come from too).
 pub fn free_addr() -> SocketAddr {
-    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-    loop {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let addr = l.local_addr().unwrap();
-        if !given.contains(&addr.port()) {
-            given.push(addr.port());
-            return addr;
-        }
-    }
+    ephemeral_pg::free_addr().expect("find a free loopback port")
 }
 
 /// A certificate directory from `certs init`, for the named `NAME:ROLE` agents.

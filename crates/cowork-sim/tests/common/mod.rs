@@ -4,7 +4,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -152,28 +152,12 @@ pub fn http() -> reqwest::Client {
         .unwrap()
 }
 
-/// Polls `check` until it returns `Some`, or fails naming `what` after `timeout`.
-pub async fn eventually<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+// Polling with a deadline and free ports live in ephemeral-pg, the test-support crate this
+// harness and the e2e one both use (cowork-sim itself depends on no Rollcall crate).
+pub use ephemeral_pg::eventually;
 
 pub fn free_addr() -> SocketAddr {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    listener.local_addr().unwrap()
+    ephemeral_pg::free_addr().expect("find a free loopback port")
 }
 
 pub fn bin() -> &'static str {
