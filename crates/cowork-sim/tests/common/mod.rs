@@ -208,32 +208,22 @@ impl Proc {
 
     /// SIGTERM and wait for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
-        let mut child = self.child.take().unwrap();
         nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::unistd::Pid::from_raw(self.pid()),
             nix::sys::signal::Signal::SIGTERM,
         )
         .unwrap();
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{} did not stop within {timeout:?} of SIGTERM; log:\n{}",
-                    self.name,
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.exit_within(timeout, &format!("stop within {timeout:?} of SIGTERM"))
     }
 
     /// Waits for the process to exit by itself.
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        self.exit_within(timeout, &format!("exit within {timeout:?}"))
+    }
+
+    /// The exit status, once there is one; past `timeout` the process is killed and the test
+    /// fails saying it did not `what`, with its log.
+    fn exit_within(&mut self, timeout: Duration, what: &str) -> ExitStatus {
         let mut child = self.child.take().unwrap();
         let deadline = Instant::now() + timeout;
         loop {
@@ -243,11 +233,7 @@ impl Proc {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!(
-                    "{} did not exit within {timeout:?}; log:\n{}",
-                    self.name,
-                    self.log_text()
-                );
+                panic!("{} did not {what}; log:\n{}", self.name, self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
