@@ -349,22 +349,35 @@ pub fn cowork(args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
 
+/// A release build of the `rollcall` binary (benchmarks measure what ships), built once.
+pub fn rollcall_release_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_bin_in("cli", "rollcall", "release"))
+        .clone()
+}
+
 fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    workspace_bin_in(package, bin, "debug")
+}
+
+/// Builds `bin` of `package` with cargo's `debug` or `release` profile; returns its path.
+fn workspace_bin_in(package: &str, bin: &str, profile: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
         .to_path_buf();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-p", package, "--bin", bin])
-        .current_dir(&root)
-        .status()
-        .expect("run cargo build");
+    let mut build = Command::new(cargo);
+    build.args(["build", "-p", package, "--bin", bin]);
+    if profile == "release" {
+        build.arg("--release");
+    }
+    let status = build.current_dir(&root).status().expect("run cargo build");
     assert!(status.success(), "building the {bin} binary failed");
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    target.join("debug").join(bin)
+    target.join(profile).join(bin)
 }
 
 pub fn rollcall(args: &[&str]) -> Output {
