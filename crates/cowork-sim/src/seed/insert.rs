@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use super::generate::{Plan, TOPICS, capitalise, ts};
 use super::{SeedReport, SeedTokens};
 use crate::auth::{self, Scope};
+use crate::store::audit;
 
 impl Plan {
     pub(super) async fn insert_tenants(
@@ -259,24 +260,4 @@ impl Plan {
             desktop,
         })
     }
-}
-
-async fn audit(
-    tx: &mut sqlx::PgConnection,
-    tenant_id: &str,
-    actor: &str,
-    action: &str,
-    target: &str,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO audit_events (tenant_id, actor, action, target) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(tenant_id)
-    .bind(actor)
-    .bind(action)
-    .bind(target)
-    .execute(tx)
-    .await
-    .context("record an audit event")?;
-    Ok(())
 }
