@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use api::config::{ConfigError, TelemetryConfig, load_toml, resolve};
+use api::config::{ConfigError, TelemetryConfig, TlsConfig, load_toml, resolve};
 use serde::Deserialize;
 
 use crate::cron::BackupSchedule;
@@ -80,14 +80,6 @@ pub struct ListenConfig {
     pub operator: SocketAddr,
     /// Prometheus metrics at `/metrics` (plain HTTP); off when unset.
     pub metrics: Option<SocketAddr>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
