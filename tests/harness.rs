@@ -416,6 +416,41 @@ pub fn fails_with(out: &Output, needles: &[&str]) {
     }
 }
 
+/// A certificate directory made by `rollcall certs init` (the real binary), for the named
+/// `NAME:ROLE` agents.
+pub fn certs_init(dir: &Path, agents: &[&str]) -> PathBuf {
+    let certs = dir.join("certs");
+    let mut args = vec![
+        "certs".to_string(),
+        "init".into(),
+        "--dir".into(),
+        certs.display().to_string(),
+    ];
+    for a in agents {
+        args.push("--agent".into());
+        args.push((*a).into());
+    }
+    let out = Command::new(rollcall_bin()).args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "certs init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("created"), "{stdout}");
+    certs
+}
+
+/// `rollcall args` as a child process logging at info into `dir`, with extra environment.
+pub fn spawn_rollcall(name: &str, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(rollcall_bin());
+    cmd.args(args).env("RUST_LOG", "info");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc::spawn(name, dir, cmd)
+}
+
 /// Every file under `dir` (relative path → bytes), leaving out the quarantine
 /// (`rollcall-quarantine/`).
 pub fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {

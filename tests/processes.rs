@@ -6,42 +6,9 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use e2e::*;
-
-fn certs_init(dir: &Path, agents: &[&str]) -> std::path::PathBuf {
-    let certs = dir.join("certs");
-    let mut args = vec![
-        "certs".to_string(),
-        "init".into(),
-        "--dir".into(),
-        certs.display().to_string(),
-    ];
-    for a in agents {
-        args.push("--agent".into());
-        args.push((*a).into());
-    }
-    let out = Command::new(rollcall_bin()).args(&args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "certs init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("created"), "{stdout}");
-    certs
-}
-
-fn spawn_rollcall(name: &str, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut cmd = Command::new(rollcall_bin());
-    cmd.args(args).env("RUST_LOG", "info");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Proc::spawn(name, dir, cmd)
-}
 
 /// A coordinator process on the harness's plain config, listening at `agents` and `operator`.
 fn start_coordinator(dir: &Path, certs: &Path, agents: SocketAddr, operator: SocketAddr) -> Proc {

@@ -8,7 +8,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use e2e::*;
@@ -105,25 +104,14 @@ impl Fleet {
         let token_file = dir.path().join("operator-token");
         std::fs::write(&token_file, &operator_token).unwrap();
 
-        let certs = dir.path().join("certs");
-        let out = rollcall(&[
-            "certs",
-            "init",
-            "--dir",
-            certs.to_str().unwrap(),
-            "--agent",
-            "web-1:web",
-            "--agent",
-            "worker-1:worker",
-            "--agent",
-            "db-1:database",
-            "--agent",
-            "obj-1:objects",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let certs = certs_init(
+            dir.path(),
+            &[
+                "web-1:web",
+                "worker-1:worker",
+                "db-1:database",
+                "obj-1:objects",
+            ],
         );
         let plan = dir.path().join("plan.toml");
         std::fs::write(&plan, PLAN).unwrap();
@@ -148,11 +136,7 @@ impl Fleet {
         );
         let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, &env);
         let spawn = |name: &str, args: &[&str], env: &[(&str, &str)]| {
-            let mut cmd = Command::new(rollcall_bin());
-            cmd.args(args)
-                .env("RUST_LOG", "info")
-                .envs(env.iter().copied());
-            Proc::spawn(name, dir.path(), cmd)
+            spawn_rollcall(name, dir.path(), args, env)
         };
         let coordinator = spawn(
             "coordinator",
@@ -284,10 +268,8 @@ impl Fleet {
     /// addresses): a crash and a restart.
     fn crash_and_restart_coordinator(&mut self) {
         self.coordinator.kill();
-        let mut cmd = Command::new(rollcall_bin());
-        cmd.args(["coordinator", "--config", self.config.to_str().unwrap()])
-            .env("RUST_LOG", "info");
-        self.coordinator = Proc::spawn("coordinator-restarted", self.dir.path(), cmd);
+        let args = ["coordinator", "--config", self.config.to_str().unwrap()];
+        self.coordinator = spawn_rollcall("coordinator-restarted", self.dir.path(), &args, &[]);
     }
 }
 
@@ -972,25 +954,14 @@ async fn two_objects_agents_restore_a_point_in_two_shards() {
         std::fs::write(objects.join(format!("junk/{i}")), b"not in the point").unwrap();
     }
 
-    let certs = dir.path().join("certs");
-    let out = rollcall(&[
-        "certs",
-        "init",
-        "--dir",
-        certs.to_str().unwrap(),
-        "--agent",
-        "web-1:web",
-        "--agent",
-        "worker-1:worker",
-        "--agent",
-        "obj-1:objects",
-        "--agent",
-        "obj-2:objects",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let certs = certs_init(
+        dir.path(),
+        &[
+            "web-1:web",
+            "worker-1:worker",
+            "obj-1:objects",
+            "obj-2:objects",
+        ],
     );
     let plan = dir.path().join("plan.toml");
     std::fs::write(&plan, SHARDED_PLAN).unwrap();
@@ -1008,11 +979,7 @@ async fn two_objects_agents_restore_a_point_in_two_shards() {
         plan = plan.display()
     );
     let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, &env);
-    let spawn = |name: &str, args: &[&str]| {
-        let mut cmd = Command::new(rollcall_bin());
-        cmd.args(args).env("RUST_LOG", "info");
-        Proc::spawn(name, dir.path(), cmd)
-    };
+    let spawn = |name: &str, args: &[&str]| spawn_rollcall(name, dir.path(), args, &[]);
     let _coordinator = spawn(
         "coordinator",
         &["coordinator", "--config", config.to_str().unwrap()],

@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
 use std::time::Duration;
 
 use e2e::*;
@@ -32,22 +31,7 @@ async fn scheduled_backups_write_points_without_an_operator() {
     cowork(&["migrate"], &data_env);
     cowork(&["seed", "--sessions", "3"], &data_env);
 
-    let certs = dir.path().join("certs");
-    let out = rollcall(&[
-        "certs",
-        "init",
-        "--dir",
-        certs.to_str().unwrap(),
-        "--agent",
-        "db-1:database",
-        "--agent",
-        "obj-1:objects",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let certs = certs_init(dir.path(), &["db-1:database", "obj-1:objects"]);
     let repo = dir.path().join("repository");
     let plan = dir.path().join("plan.toml");
     std::fs::write(&plan, PLAN).unwrap();
@@ -74,13 +58,7 @@ fleet = {{ database = 1, objects = 1 }}
     );
     std::fs::write(&config, text).unwrap();
 
-    let spawn = |name: &str, args: &[&str]| {
-        let mut cmd = Command::new(rollcall_bin());
-        cmd.args(args)
-            .env("RUST_LOG", "info")
-            .envs(data_env.iter().copied());
-        Proc::spawn(name, dir.path(), cmd)
-    };
+    let spawn = |name: &str, args: &[&str]| spawn_rollcall(name, dir.path(), args, &data_env);
     let _coordinator = spawn(
         "coordinator",
         &["coordinator", "--config", config.to_str().unwrap()],
