@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -18,47 +18,8 @@ pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Polls `check` until it returns `Some`, or fails naming `what` after `timeout`.
-pub async fn eventually<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Like `eventually`, but a timeout's message ends with what `explain` reports then (the
-/// state the test waited on, the logs of the processes involved), so a failure in CI says why.
-pub async fn eventually_explained<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-    explain: impl FnOnce() -> String,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}\n{}",
-                explain()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+// Polling with a deadline lives in ephemeral-pg, which this harness and cowork-sim's both use.
+pub use ephemeral_pg::{eventually, eventually_explained};
 
 /// The last `lines` lines of every `*.log` file under `dir` (processes' and roles' logs),
 /// each under its path.
@@ -97,24 +58,10 @@ pub fn log_tails(dir: &Path, lines: usize) -> String {
     text
 }
 
-/// A loopback address that was free a moment ago, for a server the test starts next.
-///
-/// The port is released before that server binds it, so the kernel may hand the same port to
-/// the next caller: on Linux a `bind` to port 0 draws from the odd half of the range only, and
-/// measured here one call in about 1,700 returned a port returned within the ten calls before.
-/// Tests of one binary run side by side and each starts several servers; two servers given one
-/// port leave a fleet that never comes up. So this never returns a port twice in a process.
+/// A loopback address that was free a moment ago and that no other caller in this process got
+/// (`ephemeral_pg::free_addr`, which the clusters' ports come from too).
 pub fn free_addr() -> SocketAddr {
-    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-    loop {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let addr = l.local_addr().unwrap();
-        if !given.contains(&addr.port()) {
-            given.push(addr.port());
-            return addr;
-        }
-    }
+    ephemeral_pg::free_addr().expect("find a free loopback port")
 }
 
 /// A certificate directory from `certs init`, for the named `NAME:ROLE` agents.
@@ -425,22 +372,35 @@ pub fn cowork(args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
 
+/// A release build of the `rollcall` binary (benchmarks measure what ships), built once.
+pub fn rollcall_release_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_bin_in("cli", "rollcall", "release"))
+        .clone()
+}
+
 fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    workspace_bin_in(package, bin, "debug")
+}
+
+/// Builds `bin` of `package` with cargo's `debug` or `release` profile; returns its path.
+fn workspace_bin_in(package: &str, bin: &str, profile: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
         .to_path_buf();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-p", package, "--bin", bin])
-        .current_dir(&root)
-        .status()
-        .expect("run cargo build");
+    let mut build = Command::new(cargo);
+    build.args(["build", "-p", package, "--bin", bin]);
+    if profile == "release" {
+        build.arg("--release");
+    }
+    let status = build.current_dir(&root).status().expect("run cargo build");
     assert!(status.success(), "building the {bin} binary failed");
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    target.join("debug").join(bin)
+    target.join(profile).join(bin)
 }
 
 pub fn rollcall(args: &[&str]) -> Output {
@@ -477,6 +437,41 @@ pub fn fails_with(out: &Output, needles: &[&str]) {
     for needle in needles {
         assert!(lines[0].contains(needle), "{needle:?} in {stderr}");
     }
+}
+
+/// A certificate directory made by `rollcall certs init` (the real binary), for the named
+/// `NAME:ROLE` agents.
+pub fn certs_init(dir: &Path, agents: &[&str]) -> PathBuf {
+    let certs = dir.join("certs");
+    let mut args = vec![
+        "certs".to_string(),
+        "init".into(),
+        "--dir".into(),
+        certs.display().to_string(),
+    ];
+    for a in agents {
+        args.push("--agent".into());
+        args.push((*a).into());
+    }
+    let out = Command::new(rollcall_bin()).args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "certs init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("created"), "{stdout}");
+    certs
+}
+
+/// `rollcall args` as a child process logging at info into `dir`, with extra environment.
+pub fn spawn_rollcall(name: &str, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(rollcall_bin());
+    cmd.args(args).env("RUST_LOG", "info");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc::spawn(name, dir, cmd)
 }
 
 /// Every file under `dir` (relative path → bytes), leaving out the quarantine

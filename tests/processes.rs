@@ -6,42 +6,9 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use e2e::*;
-
-fn certs_init(dir: &Path, agents: &[&str]) -> std::path::PathBuf {
-    let certs = dir.join("certs");
-    let mut args = vec![
-        "certs".to_string(),
-        "init".into(),
-        "--dir".into(),
-        certs.display().to_string(),
-    ];
-    for a in agents {
-        args.push("--agent".into());
-        args.push((*a).into());
-    }
-    let out = Command::new(rollcall_bin()).args(&args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "certs init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("created"), "{stdout}");
-    certs
-}
-
-fn spawn_rollcall(name: &str, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut cmd = Command::new(rollcall_bin());
-    cmd.args(args).env("RUST_LOG", "info");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Proc::spawn(name, dir, cmd)
-}
 
 /// A coordinator process on the harness's plain config, listening at `agents` and `operator`.
 fn start_coordinator(dir: &Path, certs: &Path, agents: SocketAddr, operator: SocketAddr) -> Proc {
@@ -459,39 +426,7 @@ async fn a_drill_runs_from_the_cli_against_real_processes() {
     let dir = tempfile::tempdir().unwrap();
     let certs = certs_init(dir.path(), &["web-1:web", "worker-1:worker"]);
     let plan = dir.path().join("plan.toml");
-    std::fs::write(
-        &plan,
-        r#"
-name = "roles-only"
-[[phase]]
-name = "freeze-writes"
-action = "freeze"
-roles = ["web"]
-gate = "all"
-timeout = "20s"
-[[phase]]
-name = "scale-to-zero"
-action = "scale"
-roles = ["worker"]
-gate = "all"
-timeout = "20s"
-params = { replicas = 0 }
-[[phase]]
-name = "restore-replicas"
-action = "scale"
-roles = ["worker"]
-gate = "all"
-timeout = "20s"
-params = { replicas = "prior" }
-[[phase]]
-name = "unfreeze"
-action = "unfreeze"
-roles = ["web"]
-gate = "all"
-timeout = "20s"
-"#,
-    )
-    .unwrap();
+    std::fs::write(&plan, include_str!("plans/roles-only.toml")).unwrap();
     let (agents_addr, operator_addr) = (free_addr(), free_addr());
     // Traces go to an in-test OTLP collector: the drill must be one trace.
     let collector = Collector::default();
@@ -603,7 +538,7 @@ fleet = {{ web = 1, worker = 1 }}
     assert_eq!(runs[0]["state"], "succeeded");
     let show = run(&["run", "show", &id, "--json"]);
     let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
-    assert_eq!(show["phases"].as_array().unwrap().len(), 4);
+    assert_eq!(show["phases"].as_array().unwrap().len(), 5);
     assert!(
         show["commands"]
             .as_array()

@@ -8,102 +8,11 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use e2e::*;
 
-const PLAN: &str = r#"
-name = "data-restore"
-description = "the default plan without the scheduler and gateway phases"
-
-[[phase]]
-name = "preflight"
-action = "preflight"
-roles = ["database", "objects"]
-gate = "all"
-timeout = "2m"
-
-[[phase]]
-name = "freeze-writes"
-action = "freeze"
-roles = ["web"]
-gate = "all"
-timeout = "1m"
-
-[[phase]]
-name = "scale-to-zero"
-action = "scale"
-roles = ["worker"]
-gate = "all"
-timeout = "1m"
-params = { replicas = 0 }
-
-[[phase]]
-name = "restore-postgres"
-action = "restore-postgres"
-roles = ["database"]
-gate = "all"
-timeout = "5m"
-
-[[phase]]
-name = "restore-objects"
-action = "restore-objects"
-roles = ["objects"]
-gate = "all"
-timeout = "5m"
-after = ["scale-to-zero"]
-
-[[phase]]
-name = "start-web"
-action = "restart"
-roles = ["web"]
-gate = "all"
-timeout = "2m"
-after = ["restore-postgres", "restore-objects"]
-
-[[phase]]
-name = "verify"
-action = "verify"
-roles = ["web", "database", "objects"]
-gate = "all"
-timeout = "2m"
-
-[[phase]]
-name = "check-references"
-action = "check-references"
-roles = ["objects"]
-gate = "all"
-timeout = "2m"
-
-[[phase]]
-name = "worker-smoke"
-action = "smoke"
-roles = ["worker"]
-gate = 1
-timeout = "2m"
-params = { replicas = 1 }
-
-[[phase]]
-name = "restore-replicas"
-action = "scale"
-roles = ["worker"]
-gate = "all"
-timeout = "2m"
-params = { replicas = "prior" }
-
-[[phase]]
-name = "report"
-action = "report"
-timeout = "1m"
-
-[[phase]]
-name = "unfreeze"
-action = "unfreeze"
-roles = ["web"]
-gate = "all"
-timeout = "1m"
-"#;
+const PLAN: &str = include_str!("plans/data-restore.toml");
 
 fn count(cluster: &ephemeral_pg::Cluster, db: &str, table: &str) -> i64 {
     cluster
@@ -195,25 +104,14 @@ impl Fleet {
         let token_file = dir.path().join("operator-token");
         std::fs::write(&token_file, &operator_token).unwrap();
 
-        let certs = dir.path().join("certs");
-        let out = rollcall(&[
-            "certs",
-            "init",
-            "--dir",
-            certs.to_str().unwrap(),
-            "--agent",
-            "web-1:web",
-            "--agent",
-            "worker-1:worker",
-            "--agent",
-            "db-1:database",
-            "--agent",
-            "obj-1:objects",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let certs = certs_init(
+            dir.path(),
+            &[
+                "web-1:web",
+                "worker-1:worker",
+                "db-1:database",
+                "obj-1:objects",
+            ],
         );
         let plan = dir.path().join("plan.toml");
         std::fs::write(&plan, PLAN).unwrap();
@@ -238,11 +136,7 @@ impl Fleet {
         );
         let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, &env);
         let spawn = |name: &str, args: &[&str], env: &[(&str, &str)]| {
-            let mut cmd = Command::new(rollcall_bin());
-            cmd.args(args)
-                .env("RUST_LOG", "info")
-                .envs(env.iter().copied());
-            Proc::spawn(name, dir.path(), cmd)
+            spawn_rollcall(name, dir.path(), args, env)
         };
         let coordinator = spawn(
             "coordinator",
@@ -374,10 +268,8 @@ impl Fleet {
     /// addresses): a crash and a restart.
     fn crash_and_restart_coordinator(&mut self) {
         self.coordinator.kill();
-        let mut cmd = Command::new(rollcall_bin());
-        cmd.args(["coordinator", "--config", self.config.to_str().unwrap()])
-            .env("RUST_LOG", "info");
-        self.coordinator = Proc::spawn("coordinator-restarted", self.dir.path(), cmd);
+        let args = ["coordinator", "--config", self.config.to_str().unwrap()];
+        self.coordinator = spawn_rollcall("coordinator-restarted", self.dir.path(), &args, &[]);
     }
 }
 
@@ -988,66 +880,7 @@ async fn failed_checks_block_the_drill_and_name_what_failed() {
     f.stop();
 }
 
-const SHARDED_PLAN: &str = r#"
-name = "objects-only"
-description = "freeze, stop the worker, restore objects (sharded over the objects agents), verify"
-
-[[phase]]
-name = "preflight"
-action = "preflight"
-roles = ["objects"]
-gate = "all"
-timeout = "1m"
-
-[[phase]]
-name = "freeze-writes"
-action = "freeze"
-roles = ["web"]
-gate = "all"
-timeout = "1m"
-
-[[phase]]
-name = "scale-to-zero"
-action = "scale"
-roles = ["worker"]
-gate = "all"
-timeout = "1m"
-params = { replicas = 0 }
-
-[[phase]]
-name = "restore-objects"
-action = "restore-objects"
-roles = ["objects"]
-gate = "all"
-timeout = "2m"
-
-[[phase]]
-name = "verify"
-action = "verify"
-roles = ["objects"]
-gate = "all"
-timeout = "1m"
-
-[[phase]]
-name = "restore-replicas"
-action = "scale"
-roles = ["worker"]
-gate = "all"
-timeout = "1m"
-params = { replicas = "prior" }
-
-[[phase]]
-name = "report"
-action = "report"
-timeout = "1m"
-
-[[phase]]
-name = "unfreeze"
-action = "unfreeze"
-roles = ["web"]
-gate = "all"
-timeout = "1m"
-"#;
+const SHARDED_PLAN: &str = include_str!("plans/objects-only.toml");
 
 /// The restore-objects output an agent recorded in its state directory (one result per JSON
 /// file, as the agent replays them).
@@ -1119,25 +952,14 @@ async fn two_objects_agents_restore_a_point_in_two_shards() {
         std::fs::write(objects.join(format!("junk/{i}")), b"not in the point").unwrap();
     }
 
-    let certs = dir.path().join("certs");
-    let out = rollcall(&[
-        "certs",
-        "init",
-        "--dir",
-        certs.to_str().unwrap(),
-        "--agent",
-        "web-1:web",
-        "--agent",
-        "worker-1:worker",
-        "--agent",
-        "obj-1:objects",
-        "--agent",
-        "obj-2:objects",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let certs = certs_init(
+        dir.path(),
+        &[
+            "web-1:web",
+            "worker-1:worker",
+            "obj-1:objects",
+            "obj-2:objects",
+        ],
     );
     let plan = dir.path().join("plan.toml");
     std::fs::write(&plan, SHARDED_PLAN).unwrap();
@@ -1155,11 +977,7 @@ async fn two_objects_agents_restore_a_point_in_two_shards() {
         plan = plan.display()
     );
     let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, &env);
-    let spawn = |name: &str, args: &[&str]| {
-        let mut cmd = Command::new(rollcall_bin());
-        cmd.args(args).env("RUST_LOG", "info");
-        Proc::spawn(name, dir.path(), cmd)
-    };
+    let spawn = |name: &str, args: &[&str]| spawn_rollcall(name, dir.path(), args, &[]);
     let _coordinator = spawn(
         "coordinator",
         &["coordinator", "--config", config.to_str().unwrap()],

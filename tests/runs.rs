@@ -16,45 +16,7 @@ use coordinator::plan::{Fleet, Plan};
 use coordinator::store::{PhaseState, RunKind, RunState};
 use e2e::*;
 
-const PLAN: &str = r#"
-name = "roles-only"
-description = "freeze, scale workers down and back, report, unfreeze"
-
-[[phase]]
-name = "freeze-writes"
-action = "freeze"
-roles = ["web"]
-gate = "all"
-timeout = "20s"
-
-[[phase]]
-name = "scale-to-zero"
-action = "scale"
-roles = ["worker"]
-gate = "all"
-timeout = "20s"
-params = { replicas = 0 }
-
-[[phase]]
-name = "restore-replicas"
-action = "scale"
-roles = ["worker"]
-gate = "all"
-timeout = "20s"
-params = { replicas = "prior" }
-
-[[phase]]
-name = "report"
-action = "report"
-timeout = "20s"
-
-[[phase]]
-name = "unfreeze"
-action = "unfreeze"
-roles = ["web"]
-gate = "all"
-timeout = "20s"
-"#;
+const PLAN: &str = include_str!("plans/roles-only.toml");
 
 fn environment(fleet: &[(&str, u32)], repository: &Path) -> BTreeMap<String, Environment> {
     environment_with(fleet, repository, PLAN)

@@ -6,61 +6,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
 use std::time::Duration;
 
 use e2e::*;
 
 /// The environment's drill plan (never run here): the default plan names roles this fleet
 /// does not have, and a plan must hold against the declared fleet.
-const PLAN: &str = r#"
-name = "data-only"
-description = "a fleet of data agents only: restore both stores, then verify"
-
-[[phase]]
-name = "preflight"
-action = "preflight"
-roles = ["database", "objects"]
-gate = "all"
-timeout = "2m"
-
-[[phase]]
-name = "freeze"
-action = "freeze"
-roles = ["database"]
-gate = "all"
-timeout = "1m"
-
-[[phase]]
-name = "stop"
-action = "scale"
-roles = ["database"]
-gate = "all"
-timeout = "1m"
-params = { replicas = 0 }
-
-[[phase]]
-name = "restore-postgres"
-action = "restore-postgres"
-roles = ["database"]
-gate = "all"
-timeout = "5m"
-
-[[phase]]
-name = "restore-objects"
-action = "restore-objects"
-roles = ["objects"]
-gate = "all"
-timeout = "5m"
-after = ["stop"]
-
-[[phase]]
-name = "verify"
-action = "verify"
-roles = ["database", "objects"]
-gate = "all"
-timeout = "2m"
-"#;
+const PLAN: &str = include_str!("plans/data-only.toml");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduled_backups_write_points_without_an_operator() {
@@ -79,22 +31,7 @@ async fn scheduled_backups_write_points_without_an_operator() {
     cowork(&["migrate"], &data_env);
     cowork(&["seed", "--sessions", "3"], &data_env);
 
-    let certs = dir.path().join("certs");
-    let out = rollcall(&[
-        "certs",
-        "init",
-        "--dir",
-        certs.to_str().unwrap(),
-        "--agent",
-        "db-1:database",
-        "--agent",
-        "obj-1:objects",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let certs = certs_init(dir.path(), &["db-1:database", "obj-1:objects"]);
     let repo = dir.path().join("repository");
     let plan = dir.path().join("plan.toml");
     std::fs::write(&plan, PLAN).unwrap();
@@ -121,13 +58,7 @@ fleet = {{ database = 1, objects = 1 }}
     );
     std::fs::write(&config, text).unwrap();
 
-    let spawn = |name: &str, args: &[&str]| {
-        let mut cmd = Command::new(rollcall_bin());
-        cmd.args(args)
-            .env("RUST_LOG", "info")
-            .envs(data_env.iter().copied());
-        Proc::spawn(name, dir.path(), cmd)
-    };
+    let spawn = |name: &str, args: &[&str]| spawn_rollcall(name, dir.path(), args, &data_env);
     let _coordinator = spawn(
         "coordinator",
         &["coordinator", "--config", config.to_str().unwrap()],

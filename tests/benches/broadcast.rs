@@ -120,17 +120,8 @@ fn main() {
 async fn round(n: usize) {
     let dir = tempfile::tempdir().unwrap();
     let specs: Vec<String> = (0..n).map(|i| format!("{}:bench", agent_name(i))).collect();
-    let certs_dir = dir.path().join("certs");
-    coordinator::certs::init(&coordinator::certs::InitRequest {
-        dir: certs_dir.clone(),
-        agents: specs
-            .iter()
-            .map(|s| coordinator::certs::parse_agent_spec(s).unwrap())
-            .collect(),
-        coordinator_hosts: vec![],
-        operator: "ops".into(),
-    })
-    .unwrap();
+    let specs: Vec<&str> = specs.iter().map(String::as_str).collect();
+    let certs_dir = certs(dir.path(), &specs);
     let state_url = format!("sqlite://{}/state.db", dir.path().display());
     let coord = InProcessCoordinator::start_with(
         &certs_dir,
@@ -291,29 +282,9 @@ fn swarm(args: &[String]) {
 
 /// RSS of a real, idle `rollcall agent` process (release build), attached to a coordinator.
 fn idle_agent_rss() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "-q", "-p", "cli", "--bin", "rollcall"])
-        .current_dir(&root)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let bin = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or(root.join("target"))
-        .join("release/rollcall");
+    let bin = rollcall_release_bin();
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    coordinator::certs::init(&coordinator::certs::InitRequest {
-        dir: certs.clone(),
-        agents: vec![coordinator::certs::parse_agent_spec("idle-1:web").unwrap()],
-        coordinator_hosts: vec![],
-        operator: "ops".into(),
-    })
-    .unwrap();
+    let certs = certs(dir.path(), &["idle-1:web"]);
     let (agents, operator) = (free_addr(), free_addr());
     let config = write_coordinator_config(dir.path(), &certs, agents, operator, "");
     let mut c = Command::new(&bin);

@@ -82,6 +82,16 @@ pub fn resolve(config_file: &Path, value: &Path) -> PathBuf {
         .join(value)
 }
 
+/// `[tls]`, shared by the coordinator's and the agent's config files: PEM files of the fleet's
+/// CA and of this process's certificate and key, relative to the config file.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// Logging and tracing settings, shared by the coordinator's and the agent's config files.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

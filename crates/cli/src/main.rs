@@ -43,7 +43,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
+// The same SIGINT/SIGTERM token as cowork-sim's roles (its doc says why it lives there).
+use cowork_sim::cli::shutdown_signal;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -552,32 +553,6 @@ async fn run_agent(config: &std::path::Path) -> Result<()> {
     .await;
     telemetry.shutdown();
     result
-}
-
-/// A token cancelled on SIGINT or SIGTERM.
-fn shutdown_signal() -> CancellationToken {
-    let cancel = CancellationToken::new();
-    let trigger = cancel.clone();
-    tokio::spawn(async move {
-        let terminate = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut term) => {
-                    term.recv().await;
-                }
-                Err(e) => {
-                    tracing::warn!("cannot listen for SIGTERM: {e}");
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            () = terminate => {}
-        }
-        tracing::info!("shutting down");
-        trigger.cancel();
-    });
-    cancel
 }
 
 fn certs_init(

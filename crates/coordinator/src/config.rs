@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use api::config::{ConfigError, TelemetryConfig, load_toml, resolve};
+use api::config::{ConfigError, TelemetryConfig, TlsConfig, load_toml, resolve};
 use serde::Deserialize;
 
+use crate::cron::BackupSchedule;
 use crate::plan::Plan;
 use crate::tls::TlsPaths;
 
@@ -79,14 +80,6 @@ pub struct ListenConfig {
     pub operator: SocketAddr,
     /// Prometheus metrics at `/metrics` (plain HTTP); off when unset.
     pub metrics: Option<SocketAddr>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -342,7 +335,7 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
         }
     }
     if let Some(expr) = &env.backup_schedule
-        && let Err(e) = crate::schedule::BackupSchedule::parse(expr)
+        && let Err(e) = BackupSchedule::parse(expr)
     {
         bail!(ConfigError::new(
             file,

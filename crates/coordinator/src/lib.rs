@@ -6,6 +6,7 @@
 
 pub mod certs;
 pub mod config;
+pub mod cron;
 pub mod engine;
 pub mod grpc;
 pub mod layers;

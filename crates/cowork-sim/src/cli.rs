@@ -567,8 +567,13 @@ fn write_secret_json(path: &Path, value: &impl Serialize) -> Result<()> {
         .with_context(|| format!("write the tokens file {}", path.display()))
 }
 
-/// A token cancelled on SIGINT or SIGTERM.
-fn shutdown_signal() -> CancellationToken {
+/// A token cancelled on SIGINT or SIGTERM: how a long-running process of either binary
+/// (the cowork-sim roles, `rollcall coordinator`, `rollcall agent`) learns to stop.
+///
+/// The one copy lives here because cowork-sim stands in for a third-party service and depends
+/// on no Rollcall crate, while the `rollcall` binary already links cowork-sim (`rollcall demo`
+/// embeds it): a Rollcall crate could not serve both binaries, this module can.
+pub fn shutdown_signal() -> CancellationToken {
     let cancel = CancellationToken::new();
     let trigger = cancel.clone();
     tokio::spawn(async move {

@@ -353,6 +353,28 @@ pub async fn overdue_workflows(pool: &PgPool, grace: Duration) -> Result<i64> {
     .context("count overdue workflows")
 }
 
+/// Records who did what to which target of a tenant, in the caller's transaction (the web
+/// role's session writes, the seed's members and keys).
+pub async fn audit(
+    conn: &mut sqlx::PgConnection,
+    tenant_id: &str,
+    actor: &str,
+    action: &str,
+    target: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_events (tenant_id, actor, action, target) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(tenant_id)
+    .bind(actor)
+    .bind(action)
+    .bind(target)
+    .execute(conn)
+    .await
+    .context("record an audit event")?;
+    Ok(())
+}
+
 /// Creates a tenant (with a subscription) and returns its id.
 pub async fn create_tenant(pool: &PgPool, slug: &str, name: &str) -> Result<String> {
     let id = new_id("ten");

@@ -744,15 +744,7 @@ async fn create_session(
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::query(
-        "INSERT INTO audit_events (tenant_id, actor, action, target) \
-         VALUES ($1, $2, 'session.create', $3)",
-    )
-    .bind(&tenant)
-    .bind(&caller.0.token_id)
-    .bind(&id)
-    .execute(&mut *tx)
-    .await?;
+    store::audit(&mut tx, &tenant, &caller.0.token_id, "session.create", &id).await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
@@ -881,15 +873,7 @@ async fn admin_smoke(State(state): State<WebState>, caller: Caller) -> ApiResult
     .bind(json!({ "text": "rollcall smoke prompt" }))
     .execute(&mut *tx)
     .await?;
-    sqlx::query(
-        "INSERT INTO audit_events (tenant_id, actor, action, target) \
-         VALUES ($1, $2, 'session.smoke', $3)",
-    )
-    .bind(&tenant)
-    .bind(&caller.0.token_id)
-    .bind(&id)
-    .execute(&mut *tx)
-    .await?;
+    store::audit(&mut tx, &tenant, &caller.0.token_id, "session.smoke", &id).await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,

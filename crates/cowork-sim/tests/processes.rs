@@ -216,13 +216,7 @@ async fn gateway_resumes_from_its_cursors_after_sigkill_without_resending() {
         open > 0,
         "the gateway finished before it could be killed; raise PER_SESSION"
     );
-    let cursors_at_kill: BTreeMap<String, i64> =
-        sqlx::query_as("SELECT session_id, last_event_sequence FROM channel_session_bindings")
-            .fetch_all(&env.deps.pool)
-            .await
-            .unwrap()
-            .into_iter()
-            .collect();
+    let cursors_at_kill = cursors(&env.deps.pool).await;
 
     let mut second = gateway("g2");
     let pool = env.deps.pool.clone();
@@ -264,17 +258,21 @@ async fn gateway_resumes_from_its_cursors_after_sigkill_without_resending() {
             .into_iter()
             .collect();
     assert_eq!(delivered, expected);
-    let cursors: BTreeMap<String, i64> =
-        sqlx::query_as("SELECT session_id, last_event_sequence FROM channel_session_bindings")
-            .fetch_all(&env.deps.pool)
-            .await
-            .unwrap()
-            .into_iter()
-            .collect();
+    let cursors = cursors(&env.deps.pool).await;
     for (session, cursor) in &cursors {
         assert_eq!(*cursor, PER_SESSION, "{session}");
         assert!(*cursor >= cursors_at_kill[session]);
     }
+}
+
+/// Each bound session's delivery cursor: the last event the gateway delivered for it.
+async fn cursors(pool: &sqlx::PgPool) -> BTreeMap<String, i64> {
+    sqlx::query_as("SELECT session_id, last_event_sequence FROM channel_session_bindings")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 #[tokio::test]

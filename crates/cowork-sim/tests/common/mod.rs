@@ -4,7 +4,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -152,28 +152,12 @@ pub fn http() -> reqwest::Client {
         .unwrap()
 }
 
-/// Polls `check` until it returns `Some`, or fails naming `what` after `timeout`.
-pub async fn eventually<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+// Polling with a deadline and free ports live in ephemeral-pg, the test-support crate this
+// harness and the e2e one both use (cowork-sim itself depends on no Rollcall crate).
+pub use ephemeral_pg::eventually;
 
 pub fn free_addr() -> SocketAddr {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    listener.local_addr().unwrap()
+    ephemeral_pg::free_addr().expect("find a free loopback port")
 }
 
 pub fn bin() -> &'static str {
@@ -224,32 +208,22 @@ impl Proc {
 
     /// SIGTERM and wait for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
-        let mut child = self.child.take().unwrap();
         nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::unistd::Pid::from_raw(self.pid()),
             nix::sys::signal::Signal::SIGTERM,
         )
         .unwrap();
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{} did not stop within {timeout:?} of SIGTERM; log:\n{}",
-                    self.name,
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.exit_within(timeout, &format!("stop within {timeout:?} of SIGTERM"))
     }
 
     /// Waits for the process to exit by itself.
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        self.exit_within(timeout, &format!("exit within {timeout:?}"))
+    }
+
+    /// The exit status, once there is one; past `timeout` the process is killed and the test
+    /// fails saying it did not `what`, with its log.
+    fn exit_within(&mut self, timeout: Duration, what: &str) -> ExitStatus {
         let mut child = self.child.take().unwrap();
         let deadline = Instant::now() + timeout;
         loop {
@@ -259,11 +233,7 @@ impl Proc {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!(
-                    "{} did not exit within {timeout:?}; log:\n{}",
-                    self.name,
-                    self.log_text()
-                );
+                panic!("{} did not {what}; log:\n{}", self.name, self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }

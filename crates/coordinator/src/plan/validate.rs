@@ -1,490 +1,49 @@
-//! Plans: the runbook as data. A plan is a TOML file of phases; each applies one action to the
-//! agents of some roles and then waits for its gate. This module parses and validates plans
-//! (`rollcall plan check`) and resolves them for display (`rollcall plan show`). Every problem
-//! is reported with the line it is on and what to do, all of them at once.
+//! Plan validation (`rollcall plan check`): the file's shape, then every phase's action,
+//! roles, gate, timeout and dependencies, then the runbook's ordering rules on the dependency
+//! graph. Every problem is collected with its line and what to do, so one run names them all.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
-/// The default plan, shipped in `deploy/plans/default.toml` and embedded here.
-pub const DEFAULT_PLAN: &str = include_str!("../../../deploy/plans/default.toml");
-pub const DEFAULT_PLAN_NAME: &str = "deploy/plans/default.toml";
+use super::steps::{ancestors, find_cycle};
+use super::{
+    Action, DEFAULT_PLAN_NAME, Fleet, Gate, Phase, Plan, PlanError, PlanErrors, Quorum, Replicas,
+    STANDARD_ROLES,
+};
 
-/// The plan of backup runs: dump and snapshot at the same time, then a catch-up snapshot (it
-/// lists the store after the dump's snapshot was taken, so every object a dumped row names is
-/// in the point; it copies only what changed since the first pass), then commit the point.
-pub const BACKUP_PLAN: &str = r#"
-name = "backup"
-description = "Dump Postgres and snapshot objects concurrently, catch up the objects, then commit the recovery point"
-
-[[phase]]
-name = "backup-postgres"
-action = "backup-postgres"
-roles = ["database"]
-gate = "all"
-timeout = "6h"
-
-[[phase]]
-name = "snapshot-objects"
-action = "snapshot-objects"
-roles = ["objects"]
-gate = "all"
-timeout = "6h"
-after = []
-
-[[phase]]
-name = "catch-up-objects"
-action = "snapshot-objects"
-roles = ["objects"]
-gate = "all"
-timeout = "6h"
-after = ["backup-postgres", "snapshot-objects"]
-
-[[phase]]
-name = "write-point"
-action = "write-point"
-timeout = "10m"
-after = ["backup-postgres", "catch-up-objects"]
-"#;
-
-/// Roles a plan may name when no environment's declared fleet is at hand.
-pub const STANDARD_ROLES: [&str; 6] = [
-    "web",
-    "worker",
-    "scheduler",
-    "gateway",
-    "database",
-    "objects",
-];
-
-/// The number of agents an environment declares per role.
-pub type Fleet = BTreeMap<String, u32>;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Action {
-    /// Verify the recovery point; record the live system's counts.
-    Preflight,
-    /// Put the role into read-only maintenance.
-    Freeze,
-    /// Scale to `params.replicas` (a number, or "prior": the count before the run scaled it).
-    Scale,
-    /// Restart the role's processes (they reconnect to the restored database).
-    Restart,
-    RestorePostgres,
-    RestoreObjects,
-    /// Health, operator endpoints, count parity, invariant checks.
-    Verify,
-    /// The objects agents look up every object key the restored rows refer to (the keys the
-    /// database agents' verify returned from their `[[reference]]` queries).
-    CheckReferences,
-    /// A bounded end-to-end command per role (optionally after scaling to `params.replicas`).
-    Smoke,
-    /// Written by the coordinator; targets no agents.
-    Report,
-    Unfreeze,
-    /// Dump the database into the repository (backup runs).
-    BackupPostgres,
-    /// Snapshot the live object store into the repository (backup runs).
-    SnapshotObjects,
-    /// Commit the recovery point from the parts the backup phases produced; coordinator-side.
-    WritePoint,
-}
-
-impl Action {
-    pub const ALL: [Action; 14] = [
-        Action::Preflight,
-        Action::Freeze,
-        Action::Scale,
-        Action::Restart,
-        Action::RestorePostgres,
-        Action::RestoreObjects,
-        Action::Verify,
-        Action::CheckReferences,
-        Action::Smoke,
-        Action::Report,
-        Action::Unfreeze,
-        Action::BackupPostgres,
-        Action::SnapshotObjects,
-        Action::WritePoint,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Preflight => "preflight",
-            Action::Freeze => "freeze",
-            Action::Scale => "scale",
-            Action::Restart => "restart",
-            Action::RestorePostgres => "restore-postgres",
-            Action::RestoreObjects => "restore-objects",
-            Action::Verify => "verify",
-            Action::CheckReferences => "check-references",
-            Action::Smoke => "smoke",
-            Action::Report => "report",
-            Action::Unfreeze => "unfreeze",
-            Action::BackupPostgres => "backup-postgres",
-            Action::SnapshotObjects => "snapshot-objects",
-            Action::WritePoint => "write-point",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Action> {
-        Action::ALL.into_iter().find(|a| a.as_str() == s)
-    }
-
-    /// The only role this action may target, when there is one.
-    pub fn only_role(self) -> Option<&'static str> {
-        match self {
-            Action::RestorePostgres | Action::BackupPostgres => Some("database"),
-            Action::RestoreObjects | Action::SnapshotObjects | Action::CheckReferences => {
-                Some("objects")
-            }
-            _ => None,
-        }
-    }
-
-    pub fn targets_agents(self) -> bool {
-        !matches!(self, Action::Report | Action::WritePoint)
-    }
-
-    fn is_restore(self) -> bool {
-        matches!(self, Action::RestorePostgres | Action::RestoreObjects)
-    }
-}
-
-impl fmt::Display for Action {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
-/// How many of a set of agents must succeed (and be ready).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Quorum {
-    All,
-    Majority,
-    Count(u32),
-    /// 1..=100
-    Percent(u32),
-}
-
-impl Quorum {
-    /// Agents required out of `declared`.
-    pub fn required(self, declared: u32) -> u32 {
-        match self {
-            Quorum::All => declared,
-            Quorum::Majority => declared / 2 + 1,
-            Quorum::Count(n) => n,
-            Quorum::Percent(p) => (u64::from(declared) * u64::from(p)).div_ceil(100) as u32,
-        }
-    }
-}
-
-impl fmt::Display for Quorum {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Quorum::All => f.write_str("all"),
-            Quorum::Majority => f.write_str("majority"),
-            Quorum::Count(n) => write!(f, "{n}"),
-            Quorum::Percent(p) => write!(f, "{p}%"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Gate {
-    /// Over all targeted agents together.
-    Overall(Quorum),
-    /// Each named role separately; every targeted role must be named.
-    PerRole(BTreeMap<String, Quorum>),
-    /// A phase without agents (the report).
-    None,
-}
-
-impl fmt::Display for Gate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Gate::Overall(q) => write!(f, "{q}"),
-            Gate::PerRole(roles) => {
-                let parts: Vec<String> = roles.iter().map(|(r, q)| format!("{r}: {q}")).collect();
-                write!(f, "per role ({})", parts.join(", "))
-            }
-            Gate::None => f.write_str("-"),
-        }
-    }
-}
-
-/// `params.replicas` of `scale` and `smoke`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Replicas {
-    Count(u32),
-    /// What the role ran before this run scaled it.
-    Prior,
-}
-
-impl fmt::Display for Replicas {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Replicas::Count(n) => write!(f, "{n}"),
-            Replicas::Prior => f.write_str("prior"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Phase {
-    pub index: usize,
-    pub name: String,
-    pub action: Action,
-    /// Targeted roles, resolved ("all" expands to every known role); empty for `report`.
-    pub roles: Vec<String>,
-    pub gate: Gate,
-    pub timeout: Duration,
-    pub retries: u32,
-    pub required: bool,
-    /// Indices of the phases that must pass first.
-    pub after: Vec<usize>,
-    pub replicas: Option<Replicas>,
-    /// The action's settings as written.
-    pub params: toml::Table,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Plan {
-    pub name: String,
-    pub description: String,
-    pub phases: Vec<Phase>,
-    /// The document the plan was read from: a run journals it and resumes with it.
-    pub source: String,
-}
-
-impl Plan {
-    /// The backup plan for a fleet: the phases whose role the fleet declares.
-    pub fn backup_plan(fleet: &Fleet) -> Result<Plan, PlanErrors> {
-        let declares = |role: &str| fleet.get(role).copied().unwrap_or(0) > 0;
-        let mut text = BACKUP_PLAN.to_owned();
-        if !declares("database") || !declares("objects") {
-            // The catch-up pass only matters when there is a dump to be consistent with.
-            text = drop_phase(&text, "catch-up-objects");
-        }
-        if !declares("database") {
-            text = drop_phase(&text, "backup-postgres");
-        }
-        if !declares("objects") {
-            text = drop_phase(&text, "snapshot-objects");
-        }
-        Plan::parse(Path::new("built-in backup plan"), &text, Some(fleet))
-    }
-
-    /// The default plan against `roles` (None: the standard roles).
-    pub fn default_plan(fleet: Option<&Fleet>) -> Result<Plan, PlanErrors> {
-        Plan::parse(Path::new(DEFAULT_PLAN_NAME), DEFAULT_PLAN, fleet)
-    }
-
-    pub fn load(path: &Path, fleet: Option<&Fleet>) -> Result<Plan, PlanErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            let fix = if e.kind() == std::io::ErrorKind::NotFound {
-                format!("check the path, or copy {DEFAULT_PLAN_NAME} as a start")
-            } else {
-                "check that the file is readable by this user".to_owned()
-            };
-            PlanErrors::single(path, None, format!("cannot read plan ({e})"), fix)
-        })?;
-        Plan::parse(path, &text, fleet)
-    }
-
-    /// Parses and validates. With `fleet`, roles and gates are checked against the declared
-    /// agents; without, roles must be standard ones and gates are checked for shape only.
-    pub fn parse(path: &Path, text: &str, fleet: Option<&Fleet>) -> Result<Plan, PlanErrors> {
-        let file: PlanFile = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| line_of(text, s.start));
-            let message = e.message().lines().next().unwrap_or("invalid TOML").trim();
-            PlanErrors::single(
-                path,
-                line,
-                message.to_owned(),
-                format!("fix that line (the format is described in {DEFAULT_PLAN_NAME})"),
-            )
-        })?;
-        let mut v = Validator {
-            text,
-            errors: Vec::new(),
-        };
-        let plan = v.resolve(file, fleet);
-        if v.errors.is_empty() {
-            Ok(Plan {
-                source: text.to_owned(),
-                ..plan
-            })
-        } else {
-            Err(PlanErrors {
-                file: path.display().to_string(),
-                errors: v.errors,
-            })
-        }
-    }
-
-    pub fn phase(&self, name: &str) -> Option<&Phase> {
-        self.phases.iter().find(|p| p.name == name)
-    }
-
-    /// Phases grouped into steps that may run together: every phase's dependencies are in
-    /// earlier steps.
-    pub fn steps(&self) -> Vec<Vec<usize>> {
-        let mut depth = vec![0usize; self.phases.len()];
-        // Validation guarantees dependencies point at earlier indices after ordering; compute
-        // depths in topological order.
-        for i in topological_order(&self.phases) {
-            depth[i] = self.phases[i]
-                .after
-                .iter()
-                .map(|&d| depth[d] + 1)
-                .max()
-                .unwrap_or(0);
-        }
-        let mut steps: Vec<Vec<usize>> = Vec::new();
-        for (i, &d) in depth.iter().enumerate() {
-            if steps.len() <= d {
-                steps.resize(d + 1, Vec::new());
-            }
-            steps[d].push(i);
-        }
-        steps
-    }
-
-    /// Human-readable resolved plan (`rollcall plan show`).
-    pub fn render(&self, fleet: Option<&Fleet>) -> String {
-        let mut out = format!("plan {}: {}\n", self.name, self.description);
-        for (n, step) in self.steps().iter().enumerate() {
-            let together = if step.len() > 1 {
-                " (concurrently)"
-            } else {
-                ""
-            };
-            out.push_str(&format!("step {}{together}\n", n + 1));
-            for &i in step {
-                let p = &self.phases[i];
-                let roles = if p.roles.is_empty() {
-                    "coordinator".to_owned()
-                } else {
-                    p.roles
-                        .iter()
-                        .map(|r| match fleet.and_then(|f| f.get(r)) {
-                            Some(n) => format!("{r}×{n}"),
-                            None => r.clone(),
-                        })
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                };
-                let mut extra = String::new();
-                if let Some(r) = p.replicas {
-                    extra.push_str(&format!(", replicas {r}"));
-                }
-                if p.retries > 0 {
-                    extra.push_str(&format!(", retries {}", p.retries));
-                }
-                if !p.required {
-                    extra.push_str(", optional");
-                }
-                let after: Vec<&str> = p
-                    .after
-                    .iter()
-                    .map(|&d| self.phases[d].name.as_str())
-                    .collect();
-                let after = if after.is_empty() {
-                    String::new()
-                } else {
-                    format!(", after {}", after.join(" + "))
-                };
-                out.push_str(&format!(
-                    "  {:>2}. {:<18} {:<17} on {roles}; gate {}; timeout {}{extra}{after}\n",
-                    i,
-                    p.name,
-                    p.action,
-                    p.gate,
-                    humantime::format_duration(p.timeout),
-                ));
-            }
-        }
-        out
-    }
-}
-
-/// Removes a phase from a plan document and from every `after` list.
-fn drop_phase(text: &str, name: &str) -> String {
-    let Ok(mut doc) = text.parse::<toml::Table>() else {
-        return text.to_owned();
+/// Parses and validates a plan document (`Plan::parse`).
+pub(super) fn parse(path: &Path, text: &str, fleet: Option<&Fleet>) -> Result<Plan, PlanErrors> {
+    let file: PlanFile = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start));
+        let message = e.message().lines().next().unwrap_or("invalid TOML").trim();
+        PlanErrors::single(
+            path,
+            line,
+            message.to_owned(),
+            format!("fix that line (the format is described in {DEFAULT_PLAN_NAME})"),
+        )
+    })?;
+    let mut v = Validator {
+        text,
+        errors: Vec::new(),
     };
-    if let Some(toml::Value::Array(phases)) = doc.get_mut("phase") {
-        let named = |p: &toml::Value| p.get("name").and_then(|n| n.as_str()) == Some(name);
-        // Phases that waited for the dropped one wait for what it waited for.
-        let inherited: Vec<toml::Value> = phases
-            .iter()
-            .find(|p| named(p))
-            .and_then(|p| p.get("after"))
-            .and_then(|a| a.as_array())
-            .cloned()
-            .unwrap_or_default();
-        phases.retain(|p| !named(p));
-        for p in phases.iter_mut() {
-            if let Some(toml::Value::Array(after)) = p.get_mut("after")
-                && after.iter().any(|a| a.as_str() == Some(name))
-            {
-                after.retain(|a| a.as_str() != Some(name));
-                for dep in &inherited {
-                    if !after.contains(dep) {
-                        after.push(dep.clone());
-                    }
-                }
-            }
-        }
-    }
-    toml::to_string(&doc).unwrap_or_else(|_| text.to_owned())
-}
-
-/// Everything wrong with a plan, one line each.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlanErrors {
-    pub file: String,
-    pub errors: Vec<PlanError>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlanError {
-    pub line: Option<usize>,
-    pub problem: String,
-    pub fix: String,
-}
-
-impl PlanErrors {
-    fn single(path: &Path, line: Option<usize>, problem: String, fix: String) -> PlanErrors {
-        PlanErrors {
+    let plan = v.resolve(file, fleet);
+    if v.errors.is_empty() {
+        Ok(Plan {
+            source: text.to_owned(),
+            ..plan
+        })
+    } else {
+        Err(PlanErrors {
             file: path.display().to_string(),
-            errors: vec![PlanError { line, problem, fix }],
-        }
+            errors: v.errors,
+        })
     }
 }
-
-impl fmt::Display for PlanErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.errors.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            match e.line {
-                Some(line) => write!(f, "{}:{line}: {}; {}", self.file, e.problem, e.fix)?,
-                None => write!(f, "{}: {}; {}", self.file, e.problem, e.fix)?,
-            }
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for PlanErrors {}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1055,123 +614,16 @@ impl Validator<'_> {
     }
 }
 
-/// All transitive dependencies of each phase.
-fn ancestors(phases: &[Phase]) -> Vec<BTreeSet<usize>> {
-    let mut out: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); phases.len()];
-    for i in topological_order(phases) {
-        let mut set = BTreeSet::new();
-        for &d in &phases[i].after {
-            set.insert(d);
-            set.extend(out[d].iter().copied());
-        }
-        out[i] = set;
-    }
-    out
-}
-
-/// Kahn's order; phases on a cycle are left out (validation reports the cycle first).
-fn topological_order(phases: &[Phase]) -> Vec<usize> {
-    let mut remaining: Vec<usize> = phases.iter().map(|p| p.after.len()).collect();
-    let mut ready: Vec<usize> = (0..phases.len()).filter(|&i| remaining[i] == 0).collect();
-    ready.reverse();
-    let mut order = Vec::with_capacity(phases.len());
-    while let Some(i) = ready.pop() {
-        order.push(i);
-        for p in phases {
-            if p.after.contains(&i) {
-                remaining[p.index] -= 1;
-                if remaining[p.index] == 0 {
-                    ready.insert(0, p.index);
-                }
-            }
-        }
-    }
-    order
-}
-
-fn find_cycle(phases: &[Phase]) -> Option<Vec<usize>> {
-    // 0 = unvisited, 1 = on the stack, 2 = done.
-    fn visit(
-        i: usize,
-        phases: &[Phase],
-        state: &mut [u8],
-        stack: &mut Vec<usize>,
-    ) -> Option<Vec<usize>> {
-        state[i] = 1;
-        stack.push(i);
-        for &d in &phases[i].after {
-            if state[d] == 1 {
-                let start = stack.iter().position(|&s| s == d).unwrap_or(0);
-                // Each phase waits for the next one in this list.
-                let mut cycle = stack[start..].to_vec();
-                cycle.push(d);
-                return Some(cycle);
-            }
-            if state[d] == 0
-                && let Some(c) = visit(d, phases, state, stack)
-            {
-                return Some(c);
-            }
-        }
-        stack.pop();
-        state[i] = 2;
-        None
-    }
-    let mut state = vec![0u8; phases.len()];
-    for i in 0..phases.len() {
-        if state[i] == 0
-            && let Some(c) = visit(i, phases, &mut state, &mut Vec::new())
-        {
-            return Some(c);
-        }
-    }
-    None
-}
-
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-
-    /// The runbook's fleet: one of each role, two workers.
-    pub(crate) fn fleet() -> Fleet {
-        [
-            ("web", 1),
-            ("worker", 2),
-            ("scheduler", 1),
-            ("gateway", 1),
-            ("database", 1),
-            ("objects", 1),
-        ]
-        .into_iter()
-        .map(|(r, n)| (r.to_owned(), n))
-        .collect()
-    }
+    use crate::plan::DEFAULT_PLAN;
+    use crate::plan::tests::fleet;
 
     fn check(text: &str) -> Result<Plan, String> {
         Plan::parse(Path::new("plan.toml"), text, Some(&fleet())).map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn the_default_plan_is_valid_and_runs_the_restores_together() {
-        let plan = Plan::default_plan(Some(&fleet())).unwrap();
-        assert_eq!(plan.phases.len(), 14);
-        let names = |step: &[usize]| {
-            step.iter()
-                .map(|&i| plan.phases[i].name.clone())
-                .collect::<Vec<_>>()
-        };
-        let steps = plan.steps();
-        assert_eq!(names(&steps[0]), ["preflight"]);
-        assert_eq!(names(&steps[3]), ["restore-postgres", "restore-objects"]);
-        assert_eq!(names(steps.last().unwrap()), ["unfreeze"]);
-        let replicas = plan.phase("restore-replicas").unwrap();
-        assert_eq!(replicas.roles.len(), 6, "all expands to the declared roles");
-        assert_eq!(replicas.replicas, Some(Replicas::Prior));
-        assert!(plan.render(Some(&fleet())).contains("worker×2"));
-        // Without a fleet it validates against the standard roles.
-        Plan::default_plan(None).unwrap();
     }
 
     const HEAD: &str = "name = \"t\"\n";
@@ -1315,52 +767,5 @@ pub(crate) mod tests {
             err.contains("/nonexistent/plan.toml: cannot read plan"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn the_backup_plan_fits_the_fleet() {
-        let plan = Plan::backup_plan(&fleet()).unwrap();
-        let names = |plan: &Plan, step: &[usize]| -> Vec<String> {
-            step.iter().map(|&i| plan.phases[i].name.clone()).collect()
-        };
-        let steps = plan.steps();
-        assert_eq!(
-            steps.iter().map(|s| names(&plan, s)).collect::<Vec<_>>(),
-            [
-                vec!["backup-postgres", "snapshot-objects"],
-                vec!["catch-up-objects"],
-                vec!["write-point"],
-            ],
-            "dump and snapshot together, a catch-up snapshot after the dump, then the point"
-        );
-        let mut no_objects = fleet();
-        no_objects.remove("objects");
-        let plan = Plan::backup_plan(&no_objects).unwrap();
-        assert_eq!(
-            plan.steps()
-                .iter()
-                .map(|s| names(&plan, s))
-                .collect::<Vec<_>>(),
-            [vec!["backup-postgres"], vec!["write-point"]]
-        );
-        let mut no_db = fleet();
-        no_db.remove("database");
-        let plan = Plan::backup_plan(&no_db).unwrap();
-        assert_eq!(
-            plan.phases
-                .iter()
-                .map(|p| p.name.as_str())
-                .collect::<Vec<_>>(),
-            ["snapshot-objects", "write-point"]
-        );
-    }
-
-    #[test]
-    fn quorum_arithmetic() {
-        assert_eq!(Quorum::Majority.required(2), 2);
-        assert_eq!(Quorum::Majority.required(3), 2);
-        assert_eq!(Quorum::Percent(50).required(3), 2);
-        assert_eq!(Quorum::Percent(100).required(7), 7);
-        assert_eq!(Quorum::All.required(4), 4);
     }
 }

@@ -1,0 +1,418 @@
+//! Plans: the runbook as data. A plan is a TOML file of phases; each applies one action to the
+//! agents of some roles and then waits for its gate. This module holds the plan's types and
+//! loads plans; `validate` checks them (`rollcall plan check`), reporting every problem with
+//! the line it is on and what to do, all at once; `steps` orders them and renders them for
+//! display (`rollcall plan show`).
+
+mod steps;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+/// The default plan, shipped in `deploy/plans/default.toml` and embedded here.
+pub const DEFAULT_PLAN: &str = include_str!("../../../../deploy/plans/default.toml");
+pub const DEFAULT_PLAN_NAME: &str = "deploy/plans/default.toml";
+
+/// The plan of backup runs, shipped in `deploy/plans/backup.toml` (which explains its phases)
+/// and embedded here; `Plan::backup_plan` drops the phases of roles a fleet does not declare.
+pub const BACKUP_PLAN: &str = include_str!("../../../../deploy/plans/backup.toml");
+
+/// Roles a plan may name when no environment's declared fleet is at hand.
+pub const STANDARD_ROLES: [&str; 6] = [
+    "web",
+    "worker",
+    "scheduler",
+    "gateway",
+    "database",
+    "objects",
+];
+
+/// The number of agents an environment declares per role.
+pub type Fleet = BTreeMap<String, u32>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    /// Verify the recovery point; record the live system's counts.
+    Preflight,
+    /// Put the role into read-only maintenance.
+    Freeze,
+    /// Scale to `params.replicas` (a number, or "prior": the count before the run scaled it).
+    Scale,
+    /// Restart the role's processes (they reconnect to the restored database).
+    Restart,
+    RestorePostgres,
+    RestoreObjects,
+    /// Health, operator endpoints, count parity, invariant checks.
+    Verify,
+    /// The objects agents look up every object key the restored rows refer to (the keys the
+    /// database agents' verify returned from their `[[reference]]` queries).
+    CheckReferences,
+    /// A bounded end-to-end command per role (optionally after scaling to `params.replicas`).
+    Smoke,
+    /// Written by the coordinator; targets no agents.
+    Report,
+    Unfreeze,
+    /// Dump the database into the repository (backup runs).
+    BackupPostgres,
+    /// Snapshot the live object store into the repository (backup runs).
+    SnapshotObjects,
+    /// Commit the recovery point from the parts the backup phases produced; coordinator-side.
+    WritePoint,
+}
+
+impl Action {
+    pub const ALL: [Action; 14] = [
+        Action::Preflight,
+        Action::Freeze,
+        Action::Scale,
+        Action::Restart,
+        Action::RestorePostgres,
+        Action::RestoreObjects,
+        Action::Verify,
+        Action::CheckReferences,
+        Action::Smoke,
+        Action::Report,
+        Action::Unfreeze,
+        Action::BackupPostgres,
+        Action::SnapshotObjects,
+        Action::WritePoint,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Preflight => "preflight",
+            Action::Freeze => "freeze",
+            Action::Scale => "scale",
+            Action::Restart => "restart",
+            Action::RestorePostgres => "restore-postgres",
+            Action::RestoreObjects => "restore-objects",
+            Action::Verify => "verify",
+            Action::CheckReferences => "check-references",
+            Action::Smoke => "smoke",
+            Action::Report => "report",
+            Action::Unfreeze => "unfreeze",
+            Action::BackupPostgres => "backup-postgres",
+            Action::SnapshotObjects => "snapshot-objects",
+            Action::WritePoint => "write-point",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+
+    /// The only role this action may target, when there is one.
+    pub fn only_role(self) -> Option<&'static str> {
+        match self {
+            Action::RestorePostgres | Action::BackupPostgres => Some("database"),
+            Action::RestoreObjects | Action::SnapshotObjects | Action::CheckReferences => {
+                Some("objects")
+            }
+            _ => None,
+        }
+    }
+
+    pub fn targets_agents(self) -> bool {
+        !matches!(self, Action::Report | Action::WritePoint)
+    }
+
+    fn is_restore(self) -> bool {
+        matches!(self, Action::RestorePostgres | Action::RestoreObjects)
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// How many of a set of agents must succeed (and be ready).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quorum {
+    All,
+    Majority,
+    Count(u32),
+    /// 1..=100
+    Percent(u32),
+}
+
+impl Quorum {
+    /// Agents required out of `declared`.
+    pub fn required(self, declared: u32) -> u32 {
+        match self {
+            Quorum::All => declared,
+            Quorum::Majority => declared / 2 + 1,
+            Quorum::Count(n) => n,
+            Quorum::Percent(p) => (u64::from(declared) * u64::from(p)).div_ceil(100) as u32,
+        }
+    }
+}
+
+impl fmt::Display for Quorum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Quorum::All => f.write_str("all"),
+            Quorum::Majority => f.write_str("majority"),
+            Quorum::Count(n) => write!(f, "{n}"),
+            Quorum::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    /// Over all targeted agents together.
+    Overall(Quorum),
+    /// Each named role separately; every targeted role must be named.
+    PerRole(BTreeMap<String, Quorum>),
+    /// A phase without agents (the report).
+    None,
+}
+
+impl fmt::Display for Gate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Gate::Overall(q) => write!(f, "{q}"),
+            Gate::PerRole(roles) => {
+                let parts: Vec<String> = roles.iter().map(|(r, q)| format!("{r}: {q}")).collect();
+                write!(f, "per role ({})", parts.join(", "))
+            }
+            Gate::None => f.write_str("-"),
+        }
+    }
+}
+
+/// `params.replicas` of `scale` and `smoke`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replicas {
+    Count(u32),
+    /// What the role ran before this run scaled it.
+    Prior,
+}
+
+impl fmt::Display for Replicas {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Replicas::Count(n) => write!(f, "{n}"),
+            Replicas::Prior => f.write_str("prior"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Phase {
+    pub index: usize,
+    pub name: String,
+    pub action: Action,
+    /// Targeted roles, resolved ("all" expands to every known role); empty for `report`.
+    pub roles: Vec<String>,
+    pub gate: Gate,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub required: bool,
+    /// Indices of the phases that must pass first.
+    pub after: Vec<usize>,
+    pub replicas: Option<Replicas>,
+    /// The action's settings as written.
+    pub params: toml::Table,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub name: String,
+    pub description: String,
+    pub phases: Vec<Phase>,
+    /// The document the plan was read from: a run journals it and resumes with it.
+    pub source: String,
+}
+
+impl Plan {
+    /// The backup plan for a fleet: the phases whose role the fleet declares.
+    pub fn backup_plan(fleet: &Fleet) -> Result<Plan, PlanErrors> {
+        let declares = |role: &str| fleet.get(role).copied().unwrap_or(0) > 0;
+        let mut text = BACKUP_PLAN.to_owned();
+        if !declares("database") || !declares("objects") {
+            // The catch-up pass only matters when there is a dump to be consistent with.
+            text = drop_phase(&text, "catch-up-objects");
+        }
+        if !declares("database") {
+            text = drop_phase(&text, "backup-postgres");
+        }
+        if !declares("objects") {
+            text = drop_phase(&text, "snapshot-objects");
+        }
+        Plan::parse(Path::new("built-in backup plan"), &text, Some(fleet))
+    }
+
+    /// The default plan against `roles` (None: the standard roles).
+    pub fn default_plan(fleet: Option<&Fleet>) -> Result<Plan, PlanErrors> {
+        Plan::parse(Path::new(DEFAULT_PLAN_NAME), DEFAULT_PLAN, fleet)
+    }
+
+    pub fn load(path: &Path, fleet: Option<&Fleet>) -> Result<Plan, PlanErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            let fix = if e.kind() == std::io::ErrorKind::NotFound {
+                format!("check the path, or copy {DEFAULT_PLAN_NAME} as a start")
+            } else {
+                "check that the file is readable by this user".to_owned()
+            };
+            PlanErrors::single(path, None, format!("cannot read plan ({e})"), fix)
+        })?;
+        Plan::parse(path, &text, fleet)
+    }
+
+    /// Parses and validates. With `fleet`, roles and gates are checked against the declared
+    /// agents; without, roles must be standard ones and gates are checked for shape only.
+    pub fn parse(path: &Path, text: &str, fleet: Option<&Fleet>) -> Result<Plan, PlanErrors> {
+        validate::parse(path, text, fleet)
+    }
+
+    pub fn phase(&self, name: &str) -> Option<&Phase> {
+        self.phases.iter().find(|p| p.name == name)
+    }
+}
+
+/// Removes a phase from a plan document and from every `after` list.
+fn drop_phase(text: &str, name: &str) -> String {
+    let Ok(mut doc) = text.parse::<toml::Table>() else {
+        return text.to_owned();
+    };
+    if let Some(toml::Value::Array(phases)) = doc.get_mut("phase") {
+        let named = |p: &toml::Value| p.get("name").and_then(|n| n.as_str()) == Some(name);
+        // Phases that waited for the dropped one wait for what it waited for.
+        let inherited: Vec<toml::Value> = phases
+            .iter()
+            .find(|p| named(p))
+            .and_then(|p| p.get("after"))
+            .and_then(|a| a.as_array())
+            .cloned()
+            .unwrap_or_default();
+        phases.retain(|p| !named(p));
+        for p in phases.iter_mut() {
+            if let Some(toml::Value::Array(after)) = p.get_mut("after")
+                && after.iter().any(|a| a.as_str() == Some(name))
+            {
+                after.retain(|a| a.as_str() != Some(name));
+                for dep in &inherited {
+                    if !after.contains(dep) {
+                        after.push(dep.clone());
+                    }
+                }
+            }
+        }
+    }
+    toml::to_string(&doc).unwrap_or_else(|_| text.to_owned())
+}
+
+/// Everything wrong with a plan, one line each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanErrors {
+    pub file: String,
+    pub errors: Vec<PlanError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanError {
+    pub line: Option<usize>,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl PlanErrors {
+    fn single(path: &Path, line: Option<usize>, problem: String, fix: String) -> PlanErrors {
+        PlanErrors {
+            file: path.display().to_string(),
+            errors: vec![PlanError { line, problem, fix }],
+        }
+    }
+}
+
+impl fmt::Display for PlanErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            match e.line {
+                Some(line) => write!(f, "{}:{line}: {}; {}", self.file, e.problem, e.fix)?,
+                None => write!(f, "{}: {}; {}", self.file, e.problem, e.fix)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PlanErrors {}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// The runbook's fleet: one of each role, two workers.
+    pub(crate) fn fleet() -> Fleet {
+        [
+            ("web", 1),
+            ("worker", 2),
+            ("scheduler", 1),
+            ("gateway", 1),
+            ("database", 1),
+            ("objects", 1),
+        ]
+        .into_iter()
+        .map(|(r, n)| (r.to_owned(), n))
+        .collect()
+    }
+
+    #[test]
+    fn the_backup_plan_fits_the_fleet() {
+        let plan = Plan::backup_plan(&fleet()).unwrap();
+        let names = |plan: &Plan, step: &[usize]| -> Vec<String> {
+            step.iter().map(|&i| plan.phases[i].name.clone()).collect()
+        };
+        let steps = plan.steps();
+        assert_eq!(
+            steps.iter().map(|s| names(&plan, s)).collect::<Vec<_>>(),
+            [
+                vec!["backup-postgres", "snapshot-objects"],
+                vec!["catch-up-objects"],
+                vec!["write-point"],
+            ],
+            "dump and snapshot together, a catch-up snapshot after the dump, then the point"
+        );
+        let mut no_objects = fleet();
+        no_objects.remove("objects");
+        let plan = Plan::backup_plan(&no_objects).unwrap();
+        assert_eq!(
+            plan.steps()
+                .iter()
+                .map(|s| names(&plan, s))
+                .collect::<Vec<_>>(),
+            [vec!["backup-postgres"], vec!["write-point"]]
+        );
+        let mut no_db = fleet();
+        no_db.remove("database");
+        let plan = Plan::backup_plan(&no_db).unwrap();
+        assert_eq!(
+            plan.phases
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>(),
+            ["snapshot-objects", "write-point"]
+        );
+    }
+
+    #[test]
+    fn quorum_arithmetic() {
+        assert_eq!(Quorum::Majority.required(2), 2);
+        assert_eq!(Quorum::Majority.required(3), 2);
+        assert_eq!(Quorum::Percent(50).required(3), 2);
+        assert_eq!(Quorum::Percent(100).required(7), 7);
+        assert_eq!(Quorum::All.required(4), 4);
+    }
+}
