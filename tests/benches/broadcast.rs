@@ -13,6 +13,7 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -123,11 +124,20 @@ async fn round(n: usize) {
     let specs: Vec<&str> = specs.iter().map(String::as_str).collect();
     let certs_dir = certs(dir.path(), &specs);
     let state_url = format!("sqlite://{}/state.db", dir.path().display());
-    let coord = InProcessCoordinator::start_with(
+    // The bench measures how fast the coordinator itself attaches a fleet, so the attach rate
+    // limit (`agents.attach_rate`, 500 a second by default) is lifted out of its way.
+    let limits = coordinator::layers::Limits {
+        attaches: 1_000_000,
+        ..coordinator::layers::Limits::default()
+    };
+    let coord = InProcessCoordinator::start_limited(
         &certs_dir,
         &state_url,
         Duration::from_secs(60),
         Duration::from_secs(20),
+        BTreeMap::new(),
+        "127.0.0.1:0".parse().unwrap(),
+        limits,
     )
     .await;
     let before = rss_kib("self");

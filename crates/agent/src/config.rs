@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use api::config::{ConfigError, TelemetryConfig, load_toml, resolve};
+use api::config::{ConfigError, TelemetryConfig, TlsConfig, load_toml, resolve};
 use api::identity::Identity;
 use api::model::{AgentName, Environment, Role};
 use serde::Deserialize;
@@ -53,14 +53,6 @@ pub struct CoordinatorAddress {
     pub url: String,
     /// The name to verify in the coordinator's certificate; defaults to the URL's host.
     pub server_name: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
