@@ -33,17 +33,7 @@ pub(super) fn at(h: u32, m: u32, s: u32) -> DateTime<Utc> {
 }
 
 pub(super) fn environment(secrets: Vec<SecretRef>) -> Environment {
-    let fleet: crate::plan::Fleet = [
-        ("web", 1),
-        ("worker", 2),
-        ("scheduler", 1),
-        ("gateway", 1),
-        ("database", 1),
-        ("objects", 1),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    let fleet = crate::plan::tests::fleet();
     Environment {
         name: api::model::Environment::parse("prod").unwrap(),
         rpo: Duration::from_secs(24 * 3600),
