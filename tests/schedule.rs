@@ -129,28 +129,38 @@ fleet = {{ database = 1, objects = 1 }}
         );
     }
 
-    // The runs were backups nobody asked for, and the newest point's age is a metric.
-    let runs = rollcall(&[
-        "runs",
-        "--json",
-        "--coordinator",
-        &format!("https://{operator_addr}"),
-        "--certs",
-        certs.to_str().unwrap(),
-    ]);
-    assert!(
-        runs.status.success(),
-        "{}",
-        String::from_utf8_lossy(&runs.stderr)
-    );
-    let runs: serde_json::Value = serde_json::from_slice(&runs.stdout).unwrap();
-    let backups = runs
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["kind"] == "backup" && r["state"] == "succeeded")
-        .count();
-    assert!(backups >= 2, "{runs}");
+    // The runs were backups nobody asked for, and the newest point's age is a metric. A run is
+    // marked succeeded just after its point is written, so the count is polled too.
+    let list_runs = || {
+        let runs = rollcall(&[
+            "runs",
+            "--json",
+            "--coordinator",
+            &format!("https://{operator_addr}"),
+            "--certs",
+            certs.to_str().unwrap(),
+        ]);
+        assert!(
+            runs.status.success(),
+            "{}",
+            String::from_utf8_lossy(&runs.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&runs.stdout).unwrap()
+    };
+    eventually_explained(
+        "two scheduled backup runs to succeed",
+        Duration::from_secs(30),
+        async || {
+            let succeeded = list_runs()
+                .as_array()?
+                .iter()
+                .filter(|r| r["kind"] == "backup" && r["state"] == "succeeded")
+                .count();
+            (succeeded >= 2).then_some(())
+        },
+        || list_runs().to_string(),
+    )
+    .await;
     let age = eventually(
         "the newest point's age as a metric",
         Duration::from_secs(30),
