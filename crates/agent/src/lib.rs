@@ -46,6 +46,7 @@ pub struct Agent {
     executor: Arc<Executor>,
     endpoint: Endpoint,
     control: Arc<RoleControl>,
+    data: Arc<crate::data::DataPlane>,
     capabilities: Vec<String>,
     readiness: Arc<std::sync::Mutex<(bool, String)>>,
 }
@@ -85,7 +86,7 @@ impl Agent {
                 state,
             )
             .with_control(control.clone())
-            .with_data(data)
+            .with_data(data.clone())
             .with_checks(checks),
         );
         let tls = ClientTlsConfig::new()
@@ -110,6 +111,7 @@ impl Agent {
             executor,
             endpoint,
             control,
+            data,
             capabilities,
             readiness: Arc::new(std::sync::Mutex::new((false, "starting".into()))),
         })
@@ -118,6 +120,19 @@ impl Agent {
     /// Starts the role (when this agent supervises it), then attaches and re-attaches until
     /// `cancel` fires; on the way out, stops the role's supervised processes.
     pub async fn run(self, cancel: CancellationToken) -> Result<()> {
+        // A database agent killed in the middle of a swap may have left the live database
+        // refusing connections (or renamed): it accepts them again before anything else.
+        match self.data.reopen_interrupted_swaps().await {
+            Ok(reopened) => {
+                for r in reopened {
+                    tracing::warn!("an interrupted restore had left the live database closed: {r}");
+                }
+            }
+            Err(e) => tracing::warn!(
+                "cannot check the live database for an interrupted restore: {}",
+                api::errors::one_line(&*e)
+            ),
+        }
         let supervision = cancel.child_token();
         self.control.start(supervision.clone()).await?;
         self.control.refreeze_after_start(supervision.clone());

@@ -37,7 +37,9 @@ pub use postgres::fetch::fetch_dump;
 pub use postgres::restore::{
     PgRestoreOptions, PgRestoreReport, default_restore_jobs, restore_postgres,
 };
-pub use postgres::swap::{DatabaseSwap, SwapNames, SwapState};
+pub use postgres::swap::{
+    DatabaseSwap, Reopened, Session, SwapNames, SwapState, reopen_interrupted_swaps,
+};
 pub use postgres::{
     Compression, CountSpec, DumpContent, DumpFile, PgBackupPart, PgProgress, PgProgressFn,
     TableColumns,

@@ -19,6 +19,17 @@ use crate::progress::Reporter;
 const ADMIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl DataPlane {
+    /// Reopens what a restore killed mid-swap left closed on the live database's server (see
+    /// `repository::reopen_interrupted_swaps`); nothing for an agent without `[postgres]`.
+    pub async fn reopen_interrupted_swaps(&self) -> Result<Vec<repository::Reopened>> {
+        match &self.postgres {
+            Some(pg) => {
+                repository::reopen_interrupted_swaps(&pg.url()?, ADMIN_CONNECT_TIMEOUT).await
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+
     pub async fn backup_postgres(
         &self,
         repo: &RepositoryRef,

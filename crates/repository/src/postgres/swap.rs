@@ -6,20 +6,28 @@
 //! interrupted between its renames, and a fresh start apart from which of the three databases
 //! exist, so an agent that died at any point finishes the swap instead of redoing or losing it.
 //! Only an incomplete `_restore_` copy of the same tag is ever dropped.
+//!
+//! The live database accepts connections whenever the swap is done with it, whatever failed:
+//! sessions this role may not end (a superuser's, when the agent runs as the application's
+//! owner role) are named before anything changes; once connections are blocked, any failure
+//! reopens the live database under its own name (undoing a first rename); and a swap killed
+//! mid-way is reopened by the next one of its tag, or by [`reopen_interrupted_swaps`] when the
+//! database agent starts.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use sqlx::postgres::PgConnection;
-use sqlx::{AssertSqlSafe, Connection as _};
+use sqlx::{AssertSqlSafe, Connection as _, Row as _};
 
 use super::catalog::quote_ident;
 use super::conn::{DbUrl, connect, with_database};
 
 /// Postgres truncates identifiers longer than this many bytes.
 const MAX_IDENTIFIER: usize = 63;
-/// How long to keep ending sessions before a rename of the live database gives up.
-const RENAME_ATTEMPTS: u32 = 20;
+/// How long the swap waits for the live database's last sessions (autovacuum workers, which
+/// no role but a superuser may end, and sessions it ended) to go before it gives up.
+const SESSIONS_GONE_WITHIN: Duration = Duration::from_secs(30);
 const RENAME_PAUSE: Duration = Duration::from_millis(100);
 
 /// The three databases of one swap.
@@ -67,11 +75,47 @@ pub enum SwapState {
     NoLive,
 }
 
+/// A session on a database, as `pg_stat_activity` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub pid: i32,
+    /// Empty for a background process (an autovacuum worker has no role).
+    pub user: String,
+    pub application: String,
+    pub backend_type: String,
+}
+
+impl Session {
+    fn is_autovacuum(&self) -> bool {
+        self.backend_type == "autovacuum worker"
+    }
+}
+
+impl std::fmt::Display for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let user = if self.user.is_empty() {
+            "no role"
+        } else {
+            &self.user
+        };
+        write!(f, "pid {} ({user}", self.pid)?;
+        if !self.application.is_empty() {
+            write!(f, ", application {:?}", self.application)?;
+        }
+        if self.backend_type != "client backend" && !self.backend_type.is_empty() {
+            write!(f, ", {}", self.backend_type)?;
+        }
+        f.write_str(")")
+    }
+}
+
 /// One swap, over a connection to the server's maintenance database.
 pub struct DatabaseSwap {
     live_url: DbUrl,
     names: SwapNames,
     admin: PgConnection,
+    /// How long to wait for sessions to leave the live database once it is blocked.
+    sessions_gone_within: Duration,
 }
 
 impl DatabaseSwap {
@@ -79,31 +123,39 @@ impl DatabaseSwap {
     pub async fn connect(live_url: &str, tag: &str, timeout: Duration) -> Result<DatabaseSwap> {
         let names = SwapNames::new(live_url, tag)?;
         let live = DbUrl::parse(live_url)?;
-        let mut maintenance = live.clone();
-        maintenance.full = with_database(live_url, "postgres")?;
-        let admin = connect(&maintenance, timeout).await.with_context(|| {
-            format!(
-                "connect to the maintenance database of {} (restoring needs a role that may \
-                 create, rename and disconnect databases)",
-                live.display
-            )
-        })?;
+        let admin = maintenance(&live, timeout).await?;
         Ok(DatabaseSwap {
             live_url: live,
             names,
             admin,
+            sessions_gone_within: SESSIONS_GONE_WITHIN,
         })
+    }
+
+    /// How long a swap waits for the live database's last sessions to go (default 30 s).
+    pub fn sessions_gone_within(mut self, wait: Duration) -> DatabaseSwap {
+        self.sessions_gone_within = wait;
+        self
     }
 
     pub fn names(&self) -> &SwapNames {
         &self.names
     }
 
-    /// Which of the swap's databases exist.
+    /// Which of the swap's databases exist. A live database an earlier attempt of this swap
+    /// left refusing connections (it was killed between blocking and renaming) is reopened.
     pub async fn state(&mut self) -> Result<SwapState> {
-        let live = self.exists(&self.names.live.clone()).await?;
-        let pre = self.exists(&self.names.pre.clone()).await?;
-        let restore = self.exists(&self.names.restore.clone()).await?;
+        let names = self.names.clone();
+        let live = self.exists(&names.live).await?;
+        let pre = self.exists(&names.pre).await?;
+        let restore = self.exists(&names.restore).await?;
+        if live && restore && !pre && !allows_connections(&mut self.admin, &names.live).await? {
+            tracing::warn!(
+                database = %names.live,
+                "reopening the live database an interrupted swap left refusing connections"
+            );
+            self.allow_connections(&names.live, true).await?;
+        }
         Ok(match (live, pre, restore) {
             (true, true, false) => SwapState::Swapped,
             (false, true, true) => SwapState::Interrupted,
@@ -114,13 +166,9 @@ impl DatabaseSwap {
 
     /// Finishes a swap interrupted between its renames: the restore copy takes the live name.
     pub async fn finish_interrupted(&mut self) -> Result<()> {
-        let (restore, live, pre) = (
-            self.names.restore.clone(),
-            self.names.live.clone(),
-            self.names.pre.clone(),
-        );
-        self.rename(&restore, &live).await?;
-        self.allow_connections(&pre, true).await
+        let names = self.names.clone();
+        self.rename(&names.restore, &names.live).await?;
+        self.allow_connections(&names.pre, true).await
     }
 
     /// Creates the empty restore copy (dropping an incomplete one of an earlier attempt, which
@@ -146,40 +194,139 @@ impl DatabaseSwap {
         with_database(&self.live_url.full, &restore)
     }
 
+    /// The sessions on the live database this role may not end. `pg_terminate_backend` lets a
+    /// superuser end any session; another role only sessions of roles it is a member of, or
+    /// (with `pg_signal_backend`) any session but a superuser's; background processes without
+    /// a role, such as autovacuum workers, only a superuser.
+    pub async fn sessions_it_may_not_end(&mut self) -> Result<Vec<Session>> {
+        let rows = sqlx::query(
+            "SELECT a.pid, coalesce(a.usename, '') AS usename, \
+                    coalesce(a.application_name, '') AS application_name, \
+                    coalesce(a.backend_type, '') AS backend_type \
+             FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid \
+             WHERE a.datname = $1 AND a.pid <> pg_backend_pid() \
+               AND NOT coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false) \
+               AND NOT (a.usesysid IS NOT NULL AND NOT coalesce(r.rolsuper, false) \
+                        AND (pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') \
+                             OR pg_has_role(current_user, a.usesysid, 'MEMBER'))) \
+             ORDER BY a.pid",
+        )
+        .bind(&self.names.live)
+        .fetch_all(&mut self.admin)
+        .await
+        .context("list the sessions on the live database")?;
+        rows.iter()
+            .map(|row| {
+                Ok(Session {
+                    pid: row.try_get("pid")?,
+                    user: row.try_get("usename")?,
+                    application: row.try_get("application_name")?,
+                    backend_type: row.try_get("backend_type")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .context("read the sessions on the live database")
+    }
+
     /// The swap itself: no new sessions on the live database, end the current ones, rename
-    /// the live database to the kept name and the restored one to the live name.
+    /// the live database to the kept name and the restored one to the live name. Refuses,
+    /// changing nothing, while a session this role may not end is on the live database (an
+    /// autovacuum worker is waited for instead); once connections are blocked, any failure
+    /// leaves the live database under its own name, accepting connections.
     pub async fn swap(&mut self) -> Result<()> {
-        let (live, pre, restore) = (
-            self.names.live.clone(),
-            self.names.pre.clone(),
-            self.names.restore.clone(),
-        );
-        self.allow_connections(&live, false).await?;
-        let mut attempts = 0;
+        let names = self.names.clone();
+        let in_the_way: Vec<Session> = self
+            .sessions_it_may_not_end()
+            .await?
+            .into_iter()
+            .filter(|s| !s.is_autovacuum())
+            .collect();
+        if !in_the_way.is_empty() {
+            bail!(
+                "the live database {} has sessions that {} may not end: {}; nothing was \
+                 changed. End them (pg_terminate_backend as a superuser, or stop their \
+                 clients) and retry, or give the database agent a role that may end them",
+                names.live,
+                self.role().await,
+                list(&in_the_way)
+            );
+        }
+        self.allow_connections(&names.live, false).await?;
+        let swapped = self.disconnect_and_rename(&names).await;
+        if let Err(e) = swapped {
+            // Whatever failed, the live database takes connections again under its own name.
+            return match reopen(&mut self.admin, &names).await {
+                Ok(()) => Err(e.context(format!(
+                    "the live database {} is unchanged and accepts connections again",
+                    names.live
+                ))),
+                Err(undo) => {
+                    tracing::error!(
+                        database = %names.live,
+                        "the swap failed and the live database could not be reopened: {undo:#}"
+                    );
+                    Err(e.context(format!(
+                        "and reopening the live database {} failed too ({undo:#}): it may \
+                         refuse connections; run ALTER DATABASE {} ALLOW_CONNECTIONS true",
+                        names.live,
+                        quote_ident(&names.live)
+                    )))
+                }
+            };
+        }
+        Ok(())
+    }
+
+    /// Ends the sessions it may end until the live database can be renamed (or the wait is
+    /// over), then renames twice; a failed second rename puts the first one back.
+    async fn disconnect_and_rename(&mut self, names: &SwapNames) -> Result<()> {
+        let until = Instant::now() + self.sessions_gone_within;
         loop {
             sqlx::query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                "SELECT pg_terminate_backend(a.pid) \
+                 FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid \
+                 WHERE a.datname = $1 AND a.pid <> pg_backend_pid() \
+                   AND (coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false) \
+                        OR (a.usesysid IS NOT NULL AND NOT coalesce(r.rolsuper, false) \
+                            AND (pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') \
+                                 OR pg_has_role(current_user, a.usesysid, 'MEMBER'))))",
             )
-            .bind(&live)
+            .bind(&names.live)
             .execute(&mut self.admin)
             .await
             .context("disconnect sessions from the live database")?;
-            match self.rename(&live, &pre).await {
+            match self.rename(&names.live, &names.pre).await {
                 Ok(()) => break,
-                Err(e) if attempts < RENAME_ATTEMPTS => {
-                    attempts += 1;
+                Err(e) if Instant::now() < until => {
                     tracing::debug!("rename not yet possible: {e:#}");
                     tokio::time::sleep(RENAME_PAUSE).await;
                 }
                 Err(e) => {
-                    self.allow_connections(&live, true).await?;
-                    return Err(e);
+                    let left = self.sessions_on(&names.live).await.unwrap_or_default();
+                    return Err(e.context(format!(
+                        "sessions still on the live database after {} s: {}",
+                        self.sessions_gone_within.as_secs(),
+                        if left.is_empty() {
+                            "none listed".to_owned()
+                        } else {
+                            list(&left)
+                        }
+                    )));
                 }
             }
         }
-        self.rename(&restore, &live).await?;
-        self.allow_connections(&pre, true).await
+        if let Err(e) = self.rename(&names.restore, &names.live).await {
+            // Never leave the service without its database: the first rename goes back.
+            self.rename(&names.pre, &names.live)
+                .await
+                .context("put the live database back under its name")?;
+            return Err(e);
+        }
+        if let Err(e) = self.allow_connections(&names.pre, true).await {
+            // The kept copy refusing connections takes nothing down; say so and go on.
+            tracing::warn!(database = %names.pre, "the kept database still refuses connections: {e:#}");
+        }
+        Ok(())
     }
 
     /// Ends the session to the maintenance database.
@@ -187,44 +334,200 @@ impl DatabaseSwap {
         let _ = self.admin.close().await;
     }
 
-    async fn exists(&mut self, name: &str) -> Result<bool> {
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(name)
+    async fn role(&mut self) -> String {
+        sqlx::query_scalar::<_, String>("SELECT current_user::text")
             .fetch_one(&mut self.admin)
             .await
-            .context("query pg_database")
+            .map_or_else(|_| "this role".to_owned(), |r| format!("role {r}"))
+    }
+
+    async fn sessions_on(&mut self, db: &str) -> Result<Vec<Session>> {
+        let rows = sqlx::query(
+            "SELECT pid, coalesce(usename, '') AS usename, \
+                    coalesce(application_name, '') AS application_name, \
+                    coalesce(backend_type, '') AS backend_type \
+             FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() ORDER BY pid",
+        )
+        .bind(db)
+        .fetch_all(&mut self.admin)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Session {
+                    pid: row.try_get("pid")?,
+                    user: row.try_get("usename")?,
+                    application: row.try_get("application_name")?,
+                    backend_type: row.try_get("backend_type")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    async fn exists(&mut self, name: &str) -> Result<bool> {
+        exists(&mut self.admin, name).await
     }
 
     async fn rename(&mut self, from: &str, to: &str) -> Result<()> {
-        self.execute(
-            format!(
-                "ALTER DATABASE {} RENAME TO {}",
-                quote_ident(from),
-                quote_ident(to)
-            ),
-            &format!("rename database {from} to {to}"),
-        )
-        .await
+        rename(&mut self.admin, from, to).await
     }
 
     async fn allow_connections(&mut self, db: &str, allow: bool) -> Result<()> {
-        self.execute(
-            format!(
-                "ALTER DATABASE {} ALLOW_CONNECTIONS {allow}",
-                quote_ident(db)
-            ),
-            &format!("set ALLOW_CONNECTIONS {allow} on {db}"),
-        )
-        .await
+        allow_connections(&mut self.admin, db, allow).await
     }
 
     async fn execute(&mut self, sql: String, what: &str) -> Result<()> {
-        sqlx::query(AssertSqlSafe(sql))
-            .execute(&mut self.admin)
-            .await
-            .with_context(|| what.to_owned())?;
-        Ok(())
+        execute(&mut self.admin, sql, what).await
     }
+}
+
+/// What [`reopen_interrupted_swaps`] did to one swap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reopened {
+    /// The live database refused connections next to a restore copy: it accepts them again.
+    Connections { database: String },
+    /// The live database had been renamed to `pre` and the restored one not yet put in its
+    /// place: the live one is back under its name, accepting connections.
+    Rename { database: String, from: String },
+}
+
+impl std::fmt::Display for Reopened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reopened::Connections { database } => {
+                write!(f, "{database} refused connections; it accepts them again")
+            }
+            Reopened::Rename { database, from } => write!(
+                f,
+                "{database} had been renamed to {from} and nothing took its place; it has its \
+                 name back and accepts connections"
+            ),
+        }
+    }
+}
+
+/// Puts right what a swap killed mid-way left behind on the server of `live_url`, so the live
+/// database accepts connections again, without swapping anything in: a live database that
+/// refuses connections while a `<db>_restore_<tag>` exists is reopened, and a live database
+/// renamed to `<db>_pre_<tag>` whose restore copy never took its place gets its name back. The
+/// database agent runs this when it starts; a swap re-sent later starts over from there.
+pub async fn reopen_interrupted_swaps(live_url: &str, timeout: Duration) -> Result<Vec<Reopened>> {
+    let live = DbUrl::parse(live_url)?;
+    let mut admin = maintenance(&live, timeout).await?;
+    let mut done = Vec::new();
+    let db = live.database.clone();
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT datname::text FROM pg_database WHERE starts_with(datname, $1) ORDER BY datname",
+    )
+    .bind(format!("{db}_"))
+    .fetch_all(&mut admin)
+    .await
+    .context("list the databases of interrupted swaps")?;
+    let tags = |kind: &str| -> Vec<String> {
+        let prefix = format!("{db}_{kind}_");
+        names
+            .iter()
+            .filter_map(|n| n.strip_prefix(&prefix).map(str::to_owned))
+            .collect()
+    };
+    let (restores, pres) = (tags("restore"), tags("pre"));
+    let live_exists = exists(&mut admin, &db).await?;
+    if live_exists {
+        if !restores.is_empty() && !allows_connections(&mut admin, &db).await? {
+            allow_connections(&mut admin, &db, true).await?;
+            done.push(Reopened::Connections { database: db });
+        }
+    } else if let [tag] = pres
+        .iter()
+        .filter(|t| restores.contains(t))
+        .collect::<Vec<_>>()[..]
+    {
+        let names = SwapNames::new(live_url, tag.as_str())?;
+        reopen(&mut admin, &names).await?;
+        done.push(Reopened::Rename {
+            database: names.live,
+            from: names.pre,
+        });
+    }
+    let _ = admin.close().await;
+    Ok(done)
+}
+
+/// After a failed swap: the live database under its own name, accepting connections.
+async fn reopen(admin: &mut PgConnection, names: &SwapNames) -> Result<()> {
+    if !exists(admin, &names.live).await? && exists(admin, &names.pre).await? {
+        rename(admin, &names.pre, &names.live).await?;
+    }
+    allow_connections(admin, &names.live, true).await
+}
+
+async fn maintenance(live: &DbUrl, timeout: Duration) -> Result<PgConnection> {
+    let mut maintenance = live.clone();
+    maintenance.full = with_database(&live.full, "postgres")?;
+    connect(&maintenance, timeout).await.with_context(|| {
+        format!(
+            "connect to the maintenance database of {} (restoring needs a role that may \
+             create, rename and disconnect databases: the database's owner with CREATEDB)",
+            live.display
+        )
+    })
+}
+
+async fn exists(conn: &mut PgConnection, name: &str) -> Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(name)
+        .fetch_one(conn)
+        .await
+        .context("query pg_database")
+}
+
+async fn allows_connections(conn: &mut PgConnection, name: &str) -> Result<bool> {
+    sqlx::query_scalar("SELECT datallowconn FROM pg_database WHERE datname = $1")
+        .bind(name)
+        .fetch_one(conn)
+        .await
+        .with_context(|| format!("read whether {name} accepts connections"))
+}
+
+async fn rename(conn: &mut PgConnection, from: &str, to: &str) -> Result<()> {
+    execute(
+        conn,
+        format!(
+            "ALTER DATABASE {} RENAME TO {}",
+            quote_ident(from),
+            quote_ident(to)
+        ),
+        &format!("rename database {from} to {to}"),
+    )
+    .await
+}
+
+async fn allow_connections(conn: &mut PgConnection, db: &str, allow: bool) -> Result<()> {
+    execute(
+        conn,
+        format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS {allow}",
+            quote_ident(db)
+        ),
+        &format!("set ALLOW_CONNECTIONS {allow} on {db}"),
+    )
+    .await
+}
+
+async fn execute(conn: &mut PgConnection, sql: String, what: &str) -> Result<()> {
+    sqlx::query(AssertSqlSafe(sql))
+        .execute(conn)
+        .await
+        .with_context(|| what.to_owned())?;
+    Ok(())
+}
+
+fn list(sessions: &[Session]) -> String {
+    sessions
+        .iter()
+        .map(Session::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -255,5 +558,27 @@ mod tests {
         let long = format!("postgres://h/{}", "d".repeat(50));
         let err = SwapNames::new(&long, "r1a2b3c4d").unwrap_err().to_string();
         assert!(err.contains("too long"), "{err}");
+    }
+
+    #[test]
+    fn sessions_read_as_people_name_them() {
+        let client = Session {
+            pid: 4242,
+            user: "postgres".into(),
+            application: "psql".into(),
+            backend_type: "client backend".into(),
+        };
+        assert_eq!(
+            client.to_string(),
+            "pid 4242 (postgres, application \"psql\")"
+        );
+        let worker = Session {
+            pid: 7,
+            user: String::new(),
+            application: String::new(),
+            backend_type: "autovacuum worker".into(),
+        };
+        assert_eq!(worker.to_string(), "pid 7 (no role, autovacuum worker)");
+        assert!(worker.is_autovacuum() && !client.is_autovacuum());
     }
 }

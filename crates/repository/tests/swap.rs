@@ -1,0 +1,297 @@
+//! The database swap against a throwaway cluster, run as the application's owner role (not a
+//! superuser, with CREATEDB): a whole backup → restore → swap as that role, and the failures
+//! that must never leave the live database refusing connections — a superuser's session it may
+//! not end, a second rename that fails, and a swap killed after blocking or after its first
+//! rename.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ephemeral_pg::Cluster;
+use repository::*;
+use sqlx::Connection;
+
+const OWNER: &str = "app_owner";
+const TAG: &str = "r0a1b2c3d";
+const CONNECT: Duration = Duration::from_secs(10);
+
+/// A cluster with `live` owned by a non-superuser role with CREATEDB, one row in `notes`.
+fn owned_cluster() -> Cluster {
+    let cluster = Cluster::start().expect("start a throwaway Postgres");
+    for sql in [
+        format!("CREATE ROLE {OWNER} LOGIN CREATEDB"),
+        format!("CREATE DATABASE live OWNER {OWNER}"),
+    ] {
+        cluster
+            .psql("postgres", &sql)
+            .expect("create the owner and its database");
+    }
+    cluster
+        .psql(
+            "live",
+            &format!(
+                "SET ROLE {OWNER}; CREATE TABLE notes (id int PRIMARY KEY, body text); \
+                 INSERT INTO notes VALUES (1, 'before the restore')"
+            ),
+        )
+        .expect("write the live rows");
+    cluster
+}
+
+/// `database` as the owner role sees it.
+fn as_owner(cluster: &Cluster, database: &str) -> String {
+    cluster
+        .url(database)
+        .replacen("postgres@", &format!("{OWNER}@"), 1)
+}
+
+fn exists(cluster: &Cluster, database: &str) -> bool {
+    cluster
+        .psql(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{database}'"),
+        )
+        .expect("query pg_database")
+        .trim()
+        == "1"
+}
+
+/// The live database is there under its name, accepts the owner's connections, and holds
+/// `rows` notes.
+async fn live_and_open(cluster: &Cluster, rows: i64) {
+    assert_eq!(
+        cluster
+            .psql(
+                "postgres",
+                "SELECT datallowconn FROM pg_database WHERE datname = 'live'"
+            )
+            .expect("read datallowconn")
+            .trim(),
+        "t",
+        "the live database accepts connections"
+    );
+    let mut conn = sqlx::PgConnection::connect(&as_owner(cluster, "live"))
+        .await
+        .expect("the owner connects to the live database");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
+        .fetch_one(&mut conn)
+        .await
+        .expect("count notes");
+    assert_eq!(n, rows);
+    conn.close().await.expect("close");
+}
+
+/// A prepared swap: the restore copy exists, created by the swap, with two notes.
+async fn prepared(cluster: &Cluster) -> DatabaseSwap {
+    let mut swap = DatabaseSwap::connect(&as_owner(cluster, "live"), TAG, CONNECT)
+        .await
+        .expect("connect as the owner")
+        .sessions_gone_within(Duration::from_secs(3));
+    assert_eq!(
+        swap.state().await.expect("read the swap state"),
+        SwapState::Fresh {
+            stale_restore: false
+        }
+    );
+    let target = swap
+        .create_restore_target(false)
+        .await
+        .expect("create target");
+    let mut conn = sqlx::PgConnection::connect(&target).await.expect("target");
+    sqlx::raw_sql(
+        "CREATE TABLE notes (id int PRIMARY KEY, body text); \
+         INSERT INTO notes VALUES (1, 'restored'), (2, 'restored')",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("fill the restore copy");
+    conn.close().await.expect("close");
+    swap
+}
+
+/// A superuser's session on `database`, named `holdout`, held until dropped.
+async fn superuser_session(cluster: &Cluster, database: &str) -> (sqlx::PgConnection, i32) {
+    let mut conn = sqlx::PgConnection::connect(&format!(
+        "{}?application_name=holdout",
+        cluster.url(database)
+    ))
+    .await
+    .expect("a superuser connects");
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .expect("pid");
+    (conn, pid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_role_backs_up_restores_and_swaps() {
+    let cluster = owned_cluster();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = file_repo(&dir.path().join("repo")).await;
+    let id = PointId::new("test", chrono::Utc::now()).expect("point id");
+    let mut backup = PgBackupOptions::new(id.clone(), as_owner(&cluster, "live"));
+    backup.bin_dir = Some(cluster.bin_dir().to_path_buf());
+    backup.counts = vec![CountSpec::table("notes")];
+    let part = backup_postgres(&repo, &backup)
+        .await
+        .expect("back up as the owner");
+    write_pg_point(&repo, &id, &part).await;
+    cluster
+        .psql("live", "INSERT INTO notes VALUES (2, 'after the point')")
+        .expect("write after the point");
+
+    let mut swap = DatabaseSwap::connect(&as_owner(&cluster, "live"), TAG, CONNECT)
+        .await
+        .expect("connect as the owner");
+    let target = swap.create_restore_target(false).await.expect("target");
+    let mut restore = PgRestoreOptions::new(target);
+    restore.bin_dir = Some(cluster.bin_dir().to_path_buf());
+    restore_postgres(&repo, &id, &restore)
+        .await
+        .expect("restore as the owner");
+    swap.swap().await.expect("swap as the owner");
+    assert_eq!(
+        swap.state().await.expect("read the swap state"),
+        SwapState::Swapped
+    );
+    swap.close().await;
+    live_and_open(&cluster, 1).await;
+    assert_eq!(
+        cluster
+            .psql(&format!("live_pre_{TAG}"), "SELECT count(*) FROM notes")
+            .expect("the kept database opens")
+            .trim(),
+        "2",
+        "the database the restore replaced is kept whole"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_it_may_not_end_is_named_and_nothing_changes() {
+    let cluster = owned_cluster();
+    let mut swap = prepared(&cluster).await;
+    let (holdout, pid) = superuser_session(&cluster, "live").await;
+    let in_the_way = swap.sessions_it_may_not_end().await.expect("list sessions");
+    assert!(
+        in_the_way
+            .iter()
+            .any(|s| s.pid == pid && s.user == "postgres"),
+        "{in_the_way:?}"
+    );
+
+    let err = format!(
+        "{:#}",
+        swap.swap().await.expect_err("a superuser is in the way")
+    );
+    assert!(
+        err.contains(&format!("pid {pid} (postgres, application \"holdout\")"))
+            && err.contains(&format!("role {OWNER} may not end"))
+            && err.contains("nothing was changed"),
+        "{err}"
+    );
+    live_and_open(&cluster, 1).await;
+    assert!(!exists(&cluster, &format!("live_pre_{TAG}")));
+    assert!(
+        exists(&cluster, &format!("live_restore_{TAG}")),
+        "the prepared copy stays"
+    );
+
+    // Once the session is gone, the same swap goes through.
+    holdout.close().await.expect("close the holdout");
+    swap.swap().await.expect("swap once the session is gone");
+    swap.close().await;
+    live_and_open(&cluster, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_second_rename_puts_the_live_database_back() {
+    let cluster = owned_cluster();
+    let mut swap = prepared(&cluster).await;
+    // Holding the restore copy open makes renaming it fail after the live database was renamed.
+    let (holdout, _) = superuser_session(&cluster, &format!("live_restore_{TAG}")).await;
+    let err = format!(
+        "{:#}",
+        swap.swap().await.expect_err("the second rename fails")
+    );
+    assert!(
+        err.contains("the live database live is unchanged and accepts connections again")
+            && err.contains(&format!("rename database live_restore_{TAG} to live")),
+        "{err}"
+    );
+    live_and_open(&cluster, 1).await;
+    assert!(!exists(&cluster, &format!("live_pre_{TAG}")));
+    holdout.close().await.expect("close the holdout");
+    swap.swap().await.expect("swap once the copy is free");
+    swap.close().await;
+    live_and_open(&cluster, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_killed_midway_leaves_nothing_closed() {
+    let cluster = owned_cluster();
+    let pre = format!("live_pre_{TAG}");
+
+    // Killed after blocking connections: the next swap of the tag reopens the live database.
+    prepared(&cluster).await.close().await;
+    cluster
+        .psql("postgres", "ALTER DATABASE live ALLOW_CONNECTIONS false")
+        .expect("block as the killed swap did");
+    let mut again = DatabaseSwap::connect(&as_owner(&cluster, "live"), TAG, CONNECT)
+        .await
+        .expect("connect");
+    assert_eq!(
+        again.state().await.expect("read the swap state"),
+        SwapState::Fresh {
+            stale_restore: true
+        }
+    );
+    again.close().await;
+    live_and_open(&cluster, 1).await;
+
+    // Killed after blocking, found when the agent starts.
+    cluster
+        .psql("postgres", "ALTER DATABASE live ALLOW_CONNECTIONS false")
+        .expect("block again");
+    let reopened = reopen_interrupted_swaps(&as_owner(&cluster, "live"), CONNECT)
+        .await
+        .expect("reopen");
+    assert_eq!(
+        reopened,
+        [Reopened::Connections {
+            database: "live".into()
+        }]
+    );
+    live_and_open(&cluster, 1).await;
+
+    // Killed after the first rename: the live database gets its name back, connections open.
+    for sql in [
+        "ALTER DATABASE live ALLOW_CONNECTIONS false".to_owned(),
+        format!("ALTER DATABASE live RENAME TO {pre}"),
+    ] {
+        cluster
+            .psql("postgres", &sql)
+            .expect("rename as the killed swap did");
+    }
+    let reopened = reopen_interrupted_swaps(&as_owner(&cluster, "live"), CONNECT)
+        .await
+        .expect("reopen");
+    assert_eq!(
+        reopened,
+        [Reopened::Rename {
+            database: "live".into(),
+            from: pre.clone()
+        }]
+    );
+    live_and_open(&cluster, 1).await;
+    assert!(!exists(&cluster, &pre));
+    // Nothing left to put right.
+    assert_eq!(
+        reopen_interrupted_swaps(&as_owner(&cluster, "live"), CONNECT)
+            .await
+            .expect("reopen"),
+        []
+    );
+}
