@@ -359,6 +359,64 @@ async fn a_replaced_coordinator_finishes_the_run_without_executing_a_command_twi
     second.stop().await;
 }
 
+/// Coordinator A is mid-phase when B takes a newer epoch on the same journal and finishes the
+/// run (as when A was paused long enough to be replaced): A's next journal write is refused,
+/// A stops driving, and the finished run stays as B left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_replaced_while_paused_changes_nothing_and_stops() {
+    let f = Fleet3::new();
+    let a = f.coordinator(&[("web", 1), ("worker", 2)]).await;
+    // The freeze takes two seconds: B takes over while A waits for it.
+    let agents = f.agents(&a.agents_url(), "2");
+    a.wait_ready(&["web-1", "worker-1", "worker-2"]).await;
+    let run = a.handle.engine.start_run(start("test")).await.unwrap();
+    let store = a.handle.store().clone();
+    eventually("freeze sent", Duration::from_secs(10), async || {
+        let commands = store.commands(&run.id).await.unwrap();
+        (!commands.is_empty()).then_some(())
+    })
+    .await;
+
+    // B: a newer epoch on the same state store, and the run finished under it.
+    let b_store = coordinator::store::open(&f.state_url).await.unwrap();
+    let b = b_store.next_epoch("coordinator-b").await.unwrap();
+    for mut phase in b_store.phases(&run.id).await.unwrap() {
+        phase.state = PhaseState::Passed;
+        phase.finished_at = Some(chrono::Utc::now());
+        b_store.put_phase(&phase, b).await.unwrap();
+    }
+    b_store
+        .set_run_state(&run.id, RunState::Succeeded, None, chrono::Utc::now(), b)
+        .await
+        .unwrap();
+    let phases = b_store.phases(&run.id).await.unwrap();
+    let commands = b_store.commands(&run.id).await.unwrap();
+    let events = b_store.events(&run.id, 0, 1000).await.unwrap();
+
+    // A's freeze answers; its journal write is fenced and it stops driving.
+    tokio::time::timeout(Duration::from_secs(30), a.handle.engine.idle())
+        .await
+        .expect("the fenced coordinator stops driving");
+    let late = a.handle.engine.start_run(start("test")).await.unwrap_err();
+    assert!(
+        format!("{late:#}").contains("is fenced: a newer coordinator took epoch"),
+        "a fenced coordinator starts no run: {late:#}"
+    );
+    assert_eq!(b_store.phases(&run.id).await.unwrap(), phases);
+    assert_eq!(b_store.commands(&run.id).await.unwrap(), commands);
+    assert_eq!(b_store.events(&run.id, 0, 1000).await.unwrap(), events);
+    let finished = b_store.run(&run.id).await.unwrap().unwrap();
+    assert_eq!(finished.state, RunState::Succeeded);
+    assert_eq!(b_store.list_runs(10).await.unwrap().len(), 1);
+    // Nothing after the freeze ran: the workers were never scaled, nothing unfroze.
+    assert_eq!(std::fs::read_to_string(f.log()).unwrap(), "frozen\n");
+
+    for agent in agents {
+        agent.stop().await;
+    }
+    a.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gate_that_cannot_pass_blocks_and_resume_completes_once_the_agent_is_back() {
     let f = Fleet3::new();

@@ -45,6 +45,7 @@ async fn conformance(fresh: &mut dyn FnMut() -> String) {
     phases_are_replaced_in_place(&fresh()).await;
     commands_are_journaled_once_and_results_first_wins(&fresh()).await;
     events_come_back_in_order(&fresh()).await;
+    a_replaced_coordinator_changes_nothing(&fresh()).await;
 }
 
 async fn epochs_strictly_increase_across_reopen(url: &str) {
@@ -94,6 +95,11 @@ fn at(second: i64) -> DateTime<Utc> {
         .unwrap()
 }
 
+/// The writer's epoch of the journal writes in the cases that take no epoch themselves.
+fn w() -> Epoch {
+    Epoch::new(6).unwrap()
+}
+
 fn new_run(id: &str, created: DateTime<Utc>) -> NewRun {
     NewRun {
         id: id.into(),
@@ -125,7 +131,7 @@ async fn runs_move_forward_and_finished_runs_stay_finished(url: &str) {
     assert_eq!(ids(s.list_runs(10).await.unwrap()), ["run-b", "run-a"]);
     assert_eq!(ids(s.list_runs(1).await.unwrap()), ["run-b"]);
 
-    s.set_run_state("run-a", RunState::Running, None, at(1))
+    s.set_run_state("run-a", RunState::Running, None, at(1), w())
         .await
         .unwrap();
     s.set_run_state(
@@ -133,6 +139,7 @@ async fn runs_move_forward_and_finished_runs_stay_finished(url: &str) {
         RunState::Blocked,
         Some("gate web: 0/1 ready"),
         at(2),
+        w(),
     )
     .await
     .unwrap();
@@ -140,20 +147,20 @@ async fn runs_move_forward_and_finished_runs_stay_finished(url: &str) {
     assert_eq!(blocked.reason.as_deref(), Some("gate web: 0/1 ready"));
     assert_eq!((blocked.updated_at, blocked.finished_at), (at(2), None));
 
-    s.set_run_state("run-a", RunState::Aborted, Some("operator"), at(3))
+    s.set_run_state("run-a", RunState::Aborted, Some("operator"), at(3), w())
         .await
         .unwrap();
     let aborted = s.run("run-a").await.unwrap().unwrap();
     assert_eq!(aborted.finished_at, Some(at(3)));
     let reopen = s
-        .set_run_state("run-a", RunState::Running, None, at(4))
+        .set_run_state("run-a", RunState::Running, None, at(4), w())
         .await;
     assert!(
         matches!(&reopen, Err(Error::Conflict(m)) if m.contains("already aborted")),
         "{reopen:?}"
     );
     let unknown = s
-        .set_run_state("nope", RunState::Running, None, at(4))
+        .set_run_state("nope", RunState::Running, None, at(4), w())
         .await;
     assert!(matches!(unknown, Err(Error::NotFound(_))), "{unknown:?}");
 
@@ -173,16 +180,16 @@ async fn phases_are_replaced_in_place(url: &str) {
         finished_at: None,
         detail: None,
     };
-    s.put_phase(&phase(1, "scale-to-zero", PhaseState::Pending))
+    s.put_phase(&phase(1, "scale-to-zero", PhaseState::Pending), w())
         .await
         .unwrap();
-    s.put_phase(&phase(0, "freeze", PhaseState::Running))
+    s.put_phase(&phase(0, "freeze", PhaseState::Running), w())
         .await
         .unwrap();
     let mut passed = phase(0, "freeze", PhaseState::Passed);
     passed.finished_at = Some(at(5));
     passed.detail = Some("3/3 agents froze".into());
-    s.put_phase(&passed).await.unwrap();
+    s.put_phase(&passed, w()).await.unwrap();
 
     let phases = s.phases("run-p").await.unwrap();
     assert_eq!(phases.len(), 2);
@@ -193,7 +200,7 @@ async fn phases_are_replaced_in_place(url: &str) {
         run_id: "ghost".into(),
         ..passed
     };
-    let err = s.put_phase(&orphan).await;
+    let err = s.put_phase(&orphan, w()).await;
     assert!(matches!(err, Err(Error::NotFound(_))), "{err:?}");
 }
 
@@ -253,7 +260,7 @@ async fn commands_are_journaled_once_and_results_first_wins(url: &str) {
         received_at: at(2),
     };
     assert!(
-        s.record_result(&result).await.unwrap(),
+        s.record_result(&result, w()).await.unwrap(),
         "first result is new"
     );
     let replay = ResultRecord {
@@ -261,7 +268,10 @@ async fn commands_are_journaled_once_and_results_first_wins(url: &str) {
         received_at: at(40),
         ..result.clone()
     };
-    assert!(!s.record_result(&replay).await.unwrap(), "second is not");
+    assert!(
+        !s.record_result(&replay, w()).await.unwrap(),
+        "second is not"
+    );
     let listed = s.commands("run-c").await.unwrap();
     assert_eq!(
         listed[0].1.as_ref(),
@@ -273,7 +283,7 @@ async fn commands_are_journaled_once_and_results_first_wins(url: &str) {
         command_id: "never-sent".into(),
         ..result
     };
-    let err = s.record_result(&orphan).await;
+    let err = s.record_result(&orphan, w()).await;
     assert!(matches!(err, Err(Error::NotFound(_))), "{err:?}");
 
     let stray = CommandRecord {
@@ -298,6 +308,7 @@ async fn events_come_back_in_order(url: &str) {
                 at(i) + Duration::milliseconds(7),
                 "phase",
                 &json!({"i": i}),
+                w(),
             )
             .await
             .unwrap(),
@@ -317,8 +328,142 @@ async fn events_come_back_in_order(url: &str) {
     assert_eq!(after_first.len(), 1);
     assert_eq!(after_first[0].payload, json!({"i": 2}));
 
-    let err = s.append_event("ghost", at(0), "phase", &json!({})).await;
+    let err = s
+        .append_event("ghost", at(0), "phase", &json!({}), w())
+        .await;
     assert!(matches!(err, Err(Error::NotFound(_))), "{err:?}");
+}
+
+/// Coordinator A drives a run; B takes a newer epoch on the same store (A paused, say) and
+/// finishes it. Every write A makes after that is refused as `Fenced` and changes nothing, and
+/// the finished run's phases never change, not even for B.
+async fn a_replaced_coordinator_changes_nothing(url: &str) {
+    let s = store::open(url).await.unwrap();
+    let a = s.next_epoch("coordinator-a").await.unwrap();
+    s.create_run(&NewRun {
+        epoch: a,
+        ..new_run("run-x", at(0))
+    })
+    .await
+    .unwrap();
+    s.set_run_state("run-x", RunState::Running, None, at(1), a)
+        .await
+        .unwrap();
+    let phase = |state| PhaseRecord {
+        run_id: "run-x".into(),
+        index: 0,
+        name: "restore-postgres".into(),
+        state,
+        attempt: 1,
+        started_at: Some(at(1)),
+        finished_at: None,
+        detail: None,
+    };
+    s.put_phase(&phase(PhaseState::Running), a).await.unwrap();
+    let command = CommandRecord {
+        command_id: "run-x/restore-postgres/db-1/a1/s0/r0".into(),
+        run_id: "run-x".into(),
+        phase_index: 0,
+        agent: "db-1".into(),
+        action: ActionKind::RestorePostgres,
+        payload: json!({}),
+        attempt: 1,
+        epoch: a,
+        created_at: at(1),
+    };
+    s.record_command(&command).await.unwrap();
+
+    // B takes over and finishes the run.
+    let b = s.next_epoch("coordinator-b").await.unwrap();
+    s.record_command(&CommandRecord {
+        epoch: b,
+        ..command.clone()
+    })
+    .await
+    .unwrap();
+    let passed = PhaseRecord {
+        finished_at: Some(at(5)),
+        ..phase(PhaseState::Passed)
+    };
+    s.put_phase(&passed, b).await.unwrap();
+    s.set_run_state("run-x", RunState::Succeeded, None, at(6), b)
+        .await
+        .unwrap();
+    let events_before = s.events("run-x", 0, 100).await.unwrap().len();
+
+    // A wakes up: nothing it writes lands.
+    let fenced = |what: &str, r: Result<(), Error>| {
+        assert!(
+            matches!(&r, Err(Error::Fenced { writer, newest }) if *writer == a && *newest == b),
+            "{what}: {r:?}"
+        );
+        if let Err(e) = r {
+            assert!(
+                e.to_string().contains("a newer coordinator took epoch"),
+                "{e}"
+            );
+        }
+    };
+    fenced("phase", s.put_phase(&phase(PhaseState::Blocked), a).await);
+    fenced(
+        "run state",
+        s.set_run_state("run-x", RunState::Blocked, Some("stale"), at(7), a)
+            .await,
+    );
+    fenced(
+        "command",
+        s.record_command(&CommandRecord {
+            command_id: "run-x/restore-postgres/db-1/a1/s0/r1".into(),
+            ..command.clone()
+        })
+        .await,
+    );
+    let result = ResultRecord {
+        command_id: command.command_id.clone(),
+        agent: "db-1".into(),
+        epoch: a,
+        outcome: Outcome::Failed,
+        replayed: false,
+        detail: "stale".into(),
+        output: None,
+        received_at: at(7),
+    };
+    fenced("result", s.record_result(&result, a).await.map(|_| ()));
+    fenced(
+        "event",
+        s.append_event("run-x", at(7), "run.blocked", &json!({}), a)
+            .await
+            .map(|_| ()),
+    );
+    fenced(
+        "new run",
+        s.create_run(&NewRun {
+            epoch: a,
+            ..new_run("run-y", at(7))
+        })
+        .await,
+    );
+    assert_eq!(
+        s.phases("run-x").await.unwrap(),
+        std::slice::from_ref(&passed)
+    );
+    assert_eq!(
+        s.run("run-x").await.unwrap().unwrap().state,
+        RunState::Succeeded
+    );
+    assert_eq!(s.commands("run-x").await.unwrap().len(), 1);
+    assert_eq!(
+        s.events("run-x", 0, 100).await.unwrap().len(),
+        events_before
+    );
+    assert_eq!(s.run("run-y").await.unwrap(), None);
+
+    // A finished run's phases do not change, whoever writes.
+    let late = s.put_phase(&phase(PhaseState::Blocked), b).await;
+    assert!(
+        matches!(&late, Err(Error::Conflict(m)) if m.contains("already succeeded")),
+        "{late:?}"
+    );
 }
 
 #[tokio::test]

@@ -46,7 +46,13 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                 run.environment, run.environment
             );
             self.store
-                .set_run_state(id, RunState::Blocked, Some(&reason), Utc::now())
+                .set_run_state(
+                    id,
+                    RunState::Blocked,
+                    Some(&reason),
+                    Utc::now(),
+                    self.link.epoch(),
+                )
                 .await?;
             return Ok(());
         };
@@ -55,7 +61,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             .map_err(|e| anyhow!("the journaled plan no longer fits the fleet: {e}"))?;
         if run.state == RunState::Pending {
             self.store
-                .set_run_state(id, RunState::Running, None, Utc::now())
+                .set_run_state(id, RunState::Running, None, Utc::now(), self.link.epoch())
                 .await?;
             self.event(
                 id,
@@ -128,7 +134,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                 }
                 Next::Done => {
                     self.store
-                        .set_run_state(id, RunState::Succeeded, None, Utc::now())
+                        .set_run_state(id, RunState::Succeeded, None, Utc::now(), self.link.epoch())
                         .await?;
                     self.event(id, "run.succeeded", json!({})).await?;
                     self.metrics.run_succeeded(
@@ -173,7 +179,13 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                         plan.phases[phase].name
                     );
                     self.store
-                        .set_run_state(id, RunState::Blocked, Some(&reason), Utc::now())
+                        .set_run_state(
+                            id,
+                            RunState::Blocked,
+                            Some(&reason),
+                            Utc::now(),
+                            self.link.epoch(),
+                        )
                         .await?;
                     self.event(
                         id,
@@ -210,7 +222,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             finished_at: None,
             detail: None,
         };
-        self.store.put_phase(&record).await?;
+        self.store.put_phase(&record, self.link.epoch()).await?;
         self.event(
             run_id,
             "phase.started",
@@ -257,7 +269,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         };
         record.finished_at = Some(Utc::now());
         record.detail = Some(detail.clone());
-        self.store.put_phase(&record).await?;
+        self.store.put_phase(&record, self.link.epoch()).await?;
         let millis = (Utc::now() - started).num_milliseconds();
         self.metrics
             .phase_ended(phase.action.as_str(), millis as f64 / 1000.0);

@@ -37,7 +37,7 @@ use tracing::Instrument;
 use crate::config::Environment;
 use crate::link::AgentLink;
 use crate::plan::{Action, Plan};
-use crate::store::{NewRun, PhaseRecord, PhaseState, RunKind, RunRecord, RunState, Store};
+use crate::store::{self, NewRun, PhaseRecord, PhaseState, RunKind, RunRecord, RunState, Store};
 use commands::{CommandKey, RunContext, RunId, agent_actions, needs_point};
 use planner::conflicts;
 
@@ -388,7 +388,13 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                     "aborted by an operator"
                 };
                 store
-                    .set_run_state(id, RunState::Aborted, Some(reason), Utc::now())
+                    .set_run_state(
+                        id,
+                        RunState::Aborted,
+                        Some(reason),
+                        Utc::now(),
+                        self.inner.link.epoch(),
+                    )
                     .await?;
                 self.inner.metrics.run_ended(run.kind.as_str(), "aborted");
                 self.inner
@@ -406,7 +412,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                         }
                         phase.state = PhaseState::Pending;
                         phase.finished_at = None;
-                        store.put_phase(&phase).await?;
+                        store.put_phase(&phase, self.inner.link.epoch()).await?;
                     }
                 }
                 let verb = if control == Control::Retry {
@@ -415,7 +421,13 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                     "resumed"
                 };
                 store
-                    .set_run_state(id, RunState::Running, None, Utc::now())
+                    .set_run_state(
+                        id,
+                        RunState::Running,
+                        None,
+                        Utc::now(),
+                        self.inner.link.epoch(),
+                    )
                     .await?;
                 self.inner
                     .event(id, &format!("run.{verb}"), json!({}))
@@ -466,6 +478,18 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 if token.is_cancelled() {
                     return;
                 }
+                if let Some(store::Error::Fenced { writer, newest }) =
+                    e.downcast_ref::<store::Error>()
+                {
+                    // The newer coordinator drives the journal's runs now; this one only stops.
+                    tracing::error!(
+                        run_id = %id,
+                        "a newer coordinator took epoch {newest} on the state store: this \
+                         coordinator (epoch {writer}) stops driving runs and writes nothing more"
+                    );
+                    inner.shutdown.cancel();
+                    return;
+                }
                 tracing::error!(run_id = %id, "run driver failed: {e:#}");
                 let reason = format!(
                     "the coordinator could not continue: {}",
@@ -473,7 +497,13 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 );
                 let _ = inner
                     .store
-                    .set_run_state(&id, RunState::Blocked, Some(&reason), Utc::now())
+                    .set_run_state(
+                        &id,
+                        RunState::Blocked,
+                        Some(&reason),
+                        Utc::now(),
+                        inner.link.epoch(),
+                    )
                     .await;
                 inner.metrics.run_ended("unknown", "blocked");
                 let _ = inner
@@ -516,7 +546,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
 
     async fn event(&self, run_id: &str, kind: &str, payload: serde_json::Value) -> Result<()> {
         self.store
-            .append_event(run_id, Utc::now(), kind, &payload)
+            .append_event(run_id, Utc::now(), kind, &payload, self.link.epoch())
             .await?;
         Ok(())
     }

@@ -92,16 +92,19 @@ pub(super) async fn run_steps<L: AgentLink>(
                             _ => None,
                         };
                         let recorded = store
-                            .record_result(&ResultRecord {
-                                command_id: id.clone(),
-                                agent: agent.to_string(),
-                                epoch: result.epoch,
-                                outcome: result.outcome,
-                                replayed: result.replayed,
-                                detail: result.message.clone(),
-                                output,
-                                received_at: Utc::now(),
-                            })
+                            .record_result(
+                                &ResultRecord {
+                                    command_id: id.clone(),
+                                    agent: agent.to_string(),
+                                    epoch: result.epoch,
+                                    outcome: result.outcome,
+                                    replayed: result.replayed,
+                                    detail: result.message.clone(),
+                                    output,
+                                    received_at: Utc::now(),
+                                },
+                                link.epoch(),
+                            )
                             .await;
                         match recorded {
                             Ok(_) | Err(store::Error::Conflict(_)) => {}

@@ -30,6 +30,13 @@ pub enum Error {
     Conflict(String),
     #[error("{0}")]
     NotFound(String),
+    /// A newer coordinator has taken an epoch: the writer's journal writes are refused from
+    /// then on, as agents refuse its commands.
+    #[error(
+        "coordinator epoch {writer} is fenced: a newer coordinator took epoch {newest} on the \
+         same state store, and this one no longer writes to the journal"
+    )]
+    Fenced { writer: Epoch, newest: Epoch },
     #[error(transparent)]
     Backend(#[from] anyhow::Error),
 }
@@ -221,6 +228,10 @@ pub trait Store: Send + Sync {
     /// The newest epoch handed out, if any.
     async fn latest_epoch(&self) -> Result<Option<Epoch>>;
 
+    // Every journal write names its writer's epoch (for `create_run` and `record_command`,
+    // the record's own) and applies only while that epoch is the newest: a coordinator that a
+    // newer one replaced gets `Fenced` and changes nothing.
+
     /// Creates a run in state `pending`. `Conflict` when the id is taken.
     async fn create_run(&self, run: &NewRun) -> Result<()>;
 
@@ -240,10 +251,12 @@ pub trait Store: Send + Sync {
         state: RunState,
         reason: Option<&str>,
         at: DateTime<Utc>,
+        writer: Epoch,
     ) -> Result<()>;
 
-    /// Inserts or replaces the phase `(run_id, index)`.
-    async fn put_phase(&self, phase: &PhaseRecord) -> Result<()>;
+    /// Inserts or replaces the phase `(run_id, index)`. `Conflict` once the run is finished:
+    /// a finished run never changes.
+    async fn put_phase(&self, phase: &PhaseRecord, writer: Epoch) -> Result<()>;
 
     /// In phase order.
     async fn phases(&self, run_id: &str) -> Result<Vec<PhaseRecord>>;
@@ -255,7 +268,7 @@ pub trait Store: Send + Sync {
     /// Journals a command's result. Returns false, changing nothing, when the command already
     /// has one: the first result stands (agents replay the same result for a re-sent id).
     /// `NotFound` when the command was never journaled.
-    async fn record_result(&self, result: &ResultRecord) -> Result<bool>;
+    async fn record_result(&self, result: &ResultRecord, writer: Epoch) -> Result<bool>;
 
     /// A run's commands in phase order, each with its result when there is one.
     async fn commands(&self, run_id: &str) -> Result<Vec<(CommandRecord, Option<ResultRecord>)>>;
@@ -267,6 +280,7 @@ pub trait Store: Send + Sync {
         at: DateTime<Utc>,
         kind: &str,
         payload: &serde_json::Value,
+        writer: Epoch,
     ) -> Result<i64>;
 
     /// Events of a run with `seq > after`, oldest first, at most `limit`.

@@ -161,8 +161,31 @@ fn opt_ms(value: Option<i64>) -> anyhow::Result<Option<DateTime<Utc>>> {
 }
 
 macro_rules! sql_store {
-    ($store:ident, $row:ty, $name:literal) => {
+    // `$fence` reads the newest epoch inside a journal write: every write applies only while
+    // its writer's epoch is still the newest (`newest <= writer`). Postgres locks the counter row for the write's
+    // transaction (FOR SHARE), so a concurrent `next_epoch` waits for the write or the write
+    // sees the new epoch; SQLite runs one writer at a time anyway.
+    ($store:ident, $row:ty, $name:literal, $fence:literal) => {
         impl $store {
+            /// `Ok` while `writer` is the newest epoch; else the writer has been fenced.
+            async fn fence(&self, writer: Epoch) -> Result<()> {
+                match self.latest_epoch().await? {
+                    Some(newest) if newest > writer => Err(Error::Fenced { writer, newest }),
+                    _ => Ok(()),
+                }
+            }
+
+            /// Why a write that could only have been stopped by the fence was not applied.
+            async fn fenced(&self, writer: Epoch) -> Error {
+                match self.fence(writer).await {
+                    Err(e) => e,
+                    Ok(()) => Error::Backend(anyhow::anyhow!(
+                        "a journal write of epoch {writer} was not applied although that epoch \
+                         is the newest"
+                    )),
+                }
+            }
+
             fn run_from_row(row: &$row) -> anyhow::Result<RunRecord> {
                 Ok(RunRecord {
                     id: row.try_get("id")?,
@@ -280,11 +303,13 @@ macro_rules! sql_store {
 
             async fn create_run(&self, run: &NewRun) -> Result<()> {
                 let at = to_ms(run.created_at);
-                let result = sqlx::query(
+                let result = sqlx::query(concat!(
                     "INSERT INTO runs (id, kind, environment, point_id, plan, params, state, \
                      reason, epoch, created_at, updated_at, finished_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, $9, NULL)",
-                )
+                     SELECT $1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, $9, NULL WHERE ",
+                    $fence,
+                    " <= $8"
+                ))
                 .bind(&run.id)
                 .bind(run.kind.as_str())
                 .bind(&run.environment)
@@ -297,7 +322,8 @@ macro_rules! sql_store {
                 .execute(&self.pool)
                 .await;
                 match result {
-                    Ok(_) => Ok(()),
+                    Ok(done) if done.rows_affected() == 1 => Ok(()),
+                    Ok(_) => Err(self.fenced(run.epoch).await),
                     Err(e) if is_unique_violation(&e) => {
                         Err(Error::Conflict(format!("run {} already exists", run.id)))
                     }
@@ -348,12 +374,15 @@ macro_rules! sql_store {
                 state: RunState,
                 reason: Option<&str>,
                 at: DateTime<Utc>,
+                writer: Epoch,
             ) -> Result<()> {
                 let at = to_ms(at);
-                let updated = sqlx::query(
+                let updated = sqlx::query(concat!(
                     "UPDATE runs SET state = $1, reason = $2, updated_at = $3, finished_at = $4 \
-                     WHERE id = $5 AND state NOT IN ($6, $7, $8)",
-                )
+                     WHERE id = $5 AND state NOT IN ($6, $7, $8) AND ",
+                    $fence,
+                    " <= $9"
+                ))
                 .bind(state.as_str())
                 .bind(reason)
                 .bind(at)
@@ -362,6 +391,7 @@ macro_rules! sql_store {
                 .bind(RunState::FINAL[0].as_str())
                 .bind(RunState::FINAL[1].as_str())
                 .bind(RunState::FINAL[2].as_str())
+                .bind(epoch_i64(writer)?)
                 .execute(&self.pool)
                 .await
                 .map_err(backend("update a run's state"))?
@@ -369,6 +399,7 @@ macro_rules! sql_store {
                 if updated == 1 {
                     return Ok(());
                 }
+                self.fence(writer).await?;
                 match self.run(id).await? {
                     None => Err(Error::NotFound(format!("no run {id}"))),
                     Some(run) => Err(Error::Conflict(format!(
@@ -378,15 +409,19 @@ macro_rules! sql_store {
                 }
             }
 
-            async fn put_phase(&self, phase: &PhaseRecord) -> Result<()> {
-                let result = sqlx::query(
+            async fn put_phase(&self, phase: &PhaseRecord, writer: Epoch) -> Result<()> {
+                // Only while the run is not finished (a missing run reads NULL: not written).
+                let result = sqlx::query(concat!(
                     "INSERT INTO phases (run_id, idx, name, state, attempt, started_at, \
-                     finished_at, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                     finished_at, detail) SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
+                     WHERE (SELECT state FROM runs WHERE id = $1) NOT IN ($10, $11, $12) AND ",
+                    $fence,
+                    " <= $9 \
                      ON CONFLICT (run_id, idx) DO UPDATE SET name = excluded.name, \
                      state = excluded.state, attempt = excluded.attempt, \
                      started_at = excluded.started_at, finished_at = excluded.finished_at, \
-                     detail = excluded.detail",
-                )
+                     detail = excluded.detail"
+                ))
                 .bind(&phase.run_id)
                 .bind(i64::from(phase.index))
                 .bind(&phase.name)
@@ -395,10 +430,25 @@ macro_rules! sql_store {
                 .bind(phase.started_at.map(to_ms))
                 .bind(phase.finished_at.map(to_ms))
                 .bind(&phase.detail)
+                .bind(epoch_i64(writer)?)
+                .bind(RunState::FINAL[0].as_str())
+                .bind(RunState::FINAL[1].as_str())
+                .bind(RunState::FINAL[2].as_str())
                 .execute(&self.pool)
                 .await;
                 match result {
-                    Ok(_) => Ok(()),
+                    Ok(done) if done.rows_affected() == 1 => Ok(()),
+                    Ok(_) => {
+                        self.fence(writer).await?;
+                        match self.run(&phase.run_id).await? {
+                            None => Err(Error::NotFound(format!("no run {}", phase.run_id))),
+                            Some(run) => Err(Error::Conflict(format!(
+                                "run {} is already {}; the phases of a finished run do not \
+                                 change",
+                                run.id, run.state
+                            ))),
+                        }
+                    }
                     Err(e) if is_foreign_key_violation(&e) => {
                         Err(Error::NotFound(format!("no run {}", phase.run_id)))
                     }
@@ -422,12 +472,13 @@ macro_rules! sql_store {
                 let what = "journal a command";
                 let epoch = epoch_i64(command.epoch)?;
                 let mut tx = self.pool.begin().await.map_err(backend(what))?;
-                let inserted = sqlx::query(
+                let inserted = sqlx::query(concat!(
                     "INSERT INTO commands (command_id, run_id, phase_idx, agent, action, \
                      payload, attempt, epoch, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                     ON CONFLICT (command_id) DO NOTHING",
-                )
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE ",
+                    $fence,
+                    " <= $8 ON CONFLICT (command_id) DO NOTHING"
+                ))
                 .bind(&command.command_id)
                 .bind(&command.run_id)
                 .bind(i64::from(command.phase_index))
@@ -447,6 +498,7 @@ macro_rules! sql_store {
                     Err(e) => return Err(backend(what)(e)),
                 };
                 if !inserted {
+                    self.fence(command.epoch).await?;
                     let row = sqlx::query(concat!(
                         "SELECT ",
                         command_columns!(),
@@ -477,14 +529,15 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            async fn record_result(&self, result: &ResultRecord) -> Result<bool> {
+            async fn record_result(&self, result: &ResultRecord, writer: Epoch) -> Result<bool> {
                 let output = result.output.as_ref().map(Output::from);
-                let done = sqlx::query(
+                let done = sqlx::query(concat!(
                     "INSERT INTO results (command_id, agent, epoch, outcome, replayed, detail, \
                      output, output_version, received_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                     ON CONFLICT (command_id) DO NOTHING",
-                )
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE ",
+                    $fence,
+                    " <= $10 ON CONFLICT (command_id) DO NOTHING"
+                ))
                 .bind(&result.command_id)
                 .bind(&result.agent)
                 .bind(epoch_i64(result.epoch)?)
@@ -494,10 +547,15 @@ macro_rules! sql_store {
                 .bind(output.as_ref().map_or_else(|| "null".to_owned(), |o| o.body.to_string()))
                 .bind(output.as_ref().map_or(0, |o| i64::from(o.version)))
                 .bind(to_ms(result.received_at))
+                .bind(epoch_i64(writer)?)
                 .execute(&self.pool)
                 .await;
                 match done {
-                    Ok(done) => Ok(done.rows_affected() == 1),
+                    Ok(done) if done.rows_affected() == 1 => Ok(true),
+                    Ok(_) => {
+                        self.fence(writer).await?;
+                        Ok(false)
+                    }
                     Err(e) if is_foreign_key_violation(&e) => Err(Error::NotFound(format!(
                         "no journaled command {}; journal a command before its result",
                         result.command_id
@@ -537,19 +595,23 @@ macro_rules! sql_store {
                 at: DateTime<Utc>,
                 kind: &str,
                 payload: &serde_json::Value,
+                writer: Epoch,
             ) -> Result<i64> {
-                let seq = sqlx::query_scalar(
-                    "INSERT INTO events (run_id, at, kind, payload) VALUES ($1, $2, $3, $4) \
-                     RETURNING seq",
-                )
+                let seq = sqlx::query_scalar(concat!(
+                    "INSERT INTO events (run_id, at, kind, payload) SELECT $1, $2, $3, $4 WHERE ",
+                    $fence,
+                    " <= $5 RETURNING seq"
+                ))
                 .bind(run_id)
                 .bind(to_ms(at))
                 .bind(kind)
                 .bind(payload.to_string())
-                .fetch_one(&self.pool)
+                .bind(epoch_i64(writer)?)
+                .fetch_optional(&self.pool)
                 .await;
                 match seq {
-                    Ok(seq) => Ok(seq),
+                    Ok(Some(seq)) => Ok(seq),
+                    Ok(None) => Err(self.fenced(writer).await),
                     Err(e) if is_foreign_key_violation(&e) => {
                         Err(Error::NotFound(format!("no run {run_id}")))
                     }
@@ -585,8 +647,18 @@ macro_rules! sql_store {
     };
 }
 
-sql_store!(SqliteStore, sqlx::sqlite::SqliteRow, "sqlite");
-sql_store!(PostgresStore, sqlx::postgres::PgRow, "postgres");
+sql_store!(
+    SqliteStore,
+    sqlx::sqlite::SqliteRow,
+    "sqlite",
+    "(SELECT epoch FROM epoch_counter WHERE id = 1)"
+);
+sql_store!(
+    PostgresStore,
+    sqlx::postgres::PgRow,
+    "postgres",
+    "(SELECT epoch FROM epoch_counter WHERE id = 1 FOR SHARE)"
+);
 
 /// The same command journaled twice: everything but the epoch it was (re-)sent under and the
 /// time it was first decided must match.

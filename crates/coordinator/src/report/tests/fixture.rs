@@ -152,20 +152,38 @@ impl TestJournal {
             .await
             .unwrap();
         self.store
-            .append_event(RUN, at(9, 59, 50), "run.created", &json!({}))
+            .append_event(
+                RUN,
+                at(9, 59, 50),
+                "run.created",
+                &json!({}),
+                Epoch::new(3).unwrap(),
+            )
             .await
             .unwrap();
         self.store
-            .set_run_state(RUN, RunState::Running, None, at(10, 0, 0))
+            .set_run_state(
+                RUN,
+                RunState::Running,
+                None,
+                at(10, 0, 0),
+                Epoch::new(3).unwrap(),
+            )
             .await
             .unwrap();
         self.store
-            .append_event(RUN, at(10, 0, 0), "run.started", &json!({ "epoch": 3 }))
+            .append_event(
+                RUN,
+                at(10, 0, 0),
+                "run.started",
+                &json!({ "epoch": 3 }),
+                Epoch::new(3).unwrap(),
+            )
             .await
             .unwrap();
         if state != RunState::Running {
             self.store
-                .set_run_state(RUN, state, reason, at(10, 30, 0))
+                .set_run_state(RUN, state, reason, at(10, 30, 0), Epoch::new(3).unwrap())
                 .await
                 .unwrap();
         }
@@ -181,16 +199,19 @@ impl TestJournal {
         detail: &str,
     ) {
         self.store
-            .put_phase(&PhaseRecord {
-                run_id: RUN.to_owned(),
-                index,
-                name: name.to_owned(),
-                state,
-                attempt: 1,
-                started_at: Some(from),
-                finished_at: until,
-                detail: (!detail.is_empty()).then(|| detail.to_owned()),
-            })
+            .put_phase(
+                &PhaseRecord {
+                    run_id: RUN.to_owned(),
+                    index,
+                    name: name.to_owned(),
+                    state,
+                    attempt: 1,
+                    started_at: Some(from),
+                    finished_at: until,
+                    detail: (!detail.is_empty()).then(|| detail.to_owned()),
+                },
+                Epoch::new(3).unwrap(),
+            )
             .await
             .unwrap();
         if let Some(until) = until {
@@ -201,6 +222,7 @@ impl TestJournal {
                     "phase.finished",
                     &json!({ "phase": name, "state": state.as_str(), "detail": detail,
                              "duration_ms": (until - from).num_milliseconds() }),
+                    Epoch::new(3).unwrap(),
                 )
                 .await
                 .unwrap();
@@ -236,16 +258,19 @@ impl TestJournal {
             .unwrap();
         if let Some(outcome) = outcome {
             self.store
-                .record_result(&ResultRecord {
-                    command_id: id,
-                    agent: agent.to_owned(),
-                    epoch: Epoch::new(3).unwrap(),
-                    outcome,
-                    replayed: false,
-                    detail: message.to_owned(),
-                    output,
-                    received_at: received,
-                })
+                .record_result(
+                    &ResultRecord {
+                        command_id: id,
+                        agent: agent.to_owned(),
+                        epoch: Epoch::new(3).unwrap(),
+                        outcome,
+                        replayed: false,
+                        detail: message.to_owned(),
+                        output,
+                        received_at: received,
+                    },
+                    Epoch::new(3).unwrap(),
+                )
                 .await
                 .unwrap();
         }
