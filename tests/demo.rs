@@ -81,7 +81,10 @@ fn the_demo_passes_reports_its_numbers_and_cleans_up() {
         "{markdown}"
     );
     for needle in [
-        "| restore-postgres | passed |",
+        // Postgres is prepared while traffic is served and swapped in after the freeze.
+        "| prepare-postgres | passed |",
+        "| commit-postgres | passed |",
+        "| Freeze window (writes off) |",
         "cowork_pre_r",
         "quarantine/r",
         "cookie-secret",

@@ -58,6 +58,9 @@ struct Fleet {
     config: std::path::PathBuf,
     operator_addr: SocketAddr,
     web_addr: SocketAddr,
+    /// While this file exists, the database agent's pg_restore fails (a full disk, say): only
+    /// with `Fleet::start_opts(.., true)`.
+    pg_restore_fails: std::path::PathBuf,
     coordinator: Proc,
     agents: Vec<Proc>,
     // Last: removed after every process above has stopped.
@@ -71,6 +74,12 @@ impl Fleet {
 
     /// A fleet whose worker smoke may take `smoke_timeout`.
     async fn start_with(smoke_timeout: &str) -> Fleet {
+        Fleet::start_opts(smoke_timeout, false).await
+    }
+
+    /// `failing_pg_restore`: the database agent's Postgres tools are a directory whose
+    /// pg_restore fails while `pg_restore_fails` exists.
+    async fn start_opts(smoke_timeout: &str, failing_pg_restore: bool) -> Fleet {
         install_crypto();
         let dir = tempfile::tempdir().unwrap();
         let cluster = ephemeral_pg::Cluster::start().unwrap();
@@ -183,9 +192,42 @@ impl Fleet {
             sim = sim.display(),
             hang = hang.display(),
         );
-        let db_data = r#"
-    [postgres]
-    url_env = "DATABASE_URL"
+        let pg_restore_fails = dir.path().join("pg-restore-fails");
+        let bin_dir = if failing_pg_restore {
+            let bin = dir.path().join("pg-bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            for entry in std::fs::read_dir(cluster.bin_dir()).unwrap() {
+                let entry = entry.unwrap();
+                if entry.file_name() != "pg_restore" {
+                    std::os::unix::fs::symlink(entry.path(), bin.join(entry.file_name())).unwrap();
+                }
+            }
+            let wrapper = bin.join("pg_restore");
+            std::fs::write(
+                &wrapper,
+                format!(
+                    "#!/bin/sh
+if [ \"$1\" != --version ] && [ -e {switch} ]; then
+  \
+                     echo 'pg_restore: error: could not extend file: No space left on device' >&2
+  \
+                     exit 1
+fi
+exec {real} \"$@\"
+",
+                    switch = pg_restore_fails.display(),
+                    real = cluster.bin_dir().join("pg_restore").display()
+                ),
+            )
+            .unwrap();
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+            format!("bin_dir = \"{}\"\n", bin.display())
+        } else {
+            String::new()
+        };
+        let db_data = format!("\n    [postgres]\n    url_env = \"DATABASE_URL\"\n    {bin_dir}")
+            + r#"
     [[invariant]]
     name = "no projection ahead of its events"
     sql = "SELECT p.session_id FROM session_projections p WHERE p.sequence > (SELECT coalesce(max(e.sequence), 0) FROM session_events e WHERE e.session_id = p.session_id)"
@@ -195,8 +237,7 @@ impl Fleet {
     [[reference]]
     name = "artifact objects"
     sql = "SELECT object_key FROM artifact_index"
-    "#
-        .to_owned();
+    "#;
         let obj_data =
             format!("[objects]\nurl = \"{objects_url}\"\nverify_ignore = [\"_probe/\"]\n");
         let agent_env = [
@@ -238,6 +279,7 @@ impl Fleet {
             config,
             operator_addr,
             web_addr,
+            pg_restore_fails,
             coordinator,
             agents,
             dir,
@@ -379,7 +421,8 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
         String::from_utf8_lossy(&drill.stderr)
     );
     assert!(
-        out.contains("phase restore-postgres passed")
+        out.contains("phase prepare-postgres passed")
+            && out.contains("phase commit-postgres passed")
             && out.contains("phase restore-objects passed"),
         "{out}"
     );
@@ -397,7 +440,7 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
     assert!(
         progress
             .iter()
-            .any(|l| l.contains("phase restore-postgres agent") && l.ends_with(" archives, done")),
+            .any(|l| l.contains("phase prepare-postgres agent") && l.ends_with(" archives, done")),
         "{out}"
     );
 
@@ -453,7 +496,7 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
         .as_array()
         .unwrap()
         .iter()
-        .find(|c| c["action"] == "restore-postgres")
+        .find(|c| c["action"] == "commit-postgres")
         .unwrap();
     assert_eq!(restore["outcome"], "succeeded");
     // Preflight named the column the restore rolls back: a warning and a follow-up, not a block.
@@ -560,6 +603,97 @@ fn run_tag(run_id: &str) -> String {
     format!("r{}", &hex::encode(Sha256::digest(run_id.as_bytes()))[..8])
 }
 
+/// Postgres is prepared before anything is frozen: a prepare that fails (here pg_restore
+/// meeting a full disk) blocks the drill with the live database, the objects and traffic as
+/// they were, and `run retry` after the fix restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_prepare_blocks_with_the_fleet_untouched() {
+    let f = Fleet::start_opts("90s", true).await;
+    let backup = f.run(&["backup", "--env", "test", "--wait", "--json"]);
+    assert!(
+        backup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&backup.stderr)
+    );
+    // The disaster the drill would undo: a table emptied, an object gone.
+    let projections = count(&f.cluster, "cowork", "session_projections");
+    assert!(projections > 0);
+    f.cluster
+        .psql("cowork", "DELETE FROM session_projections")
+        .unwrap();
+    let artifact: String = f
+        .cluster
+        .psql(
+            "cowork",
+            "SELECT object_key FROM artifact_index ORDER BY object_key LIMIT 1",
+        )
+        .unwrap()
+        .trim()
+        .to_owned();
+    std::fs::remove_file(f.objects.join(&artifact)).unwrap();
+
+    std::fs::write(&f.pg_restore_fails, b"").unwrap();
+    let drill = f.run(&["drill", "--env", "test", "--point", "latest", "--watch"]);
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&drill.stdout),
+        String::from_utf8_lossy(&drill.stderr)
+    );
+    assert!(!drill.status.success(), "{out}");
+    assert!(
+        out.contains("phase prepare-postgres did not pass")
+            && out.contains("No space left on device")
+            && out.contains("traffic was not frozen"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("phase freeze-writes"),
+        "nothing after the prepare ran: {out}"
+    );
+    // Untouched: no swap, the live rows and objects as the disaster left them, web serving.
+    let swapped = f
+        .cluster
+        .psql(
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'cowork_pre_%'",
+        )
+        .unwrap();
+    assert_eq!(swapped.trim(), "0", "the live database was not swapped");
+    assert_eq!(count(&f.cluster, "cowork", "session_projections"), 0);
+    assert!(!f.objects.join(&artifact).exists(), "no object was written");
+    assert!(
+        maintenance(f.web_addr, &f.operator_token)
+            .await
+            .contains("\"maintenance\":false"),
+        "traffic was never frozen"
+    );
+
+    // The disk has room again: the retried prepare restores, and the drill finishes.
+    std::fs::remove_file(&f.pg_restore_fails).unwrap();
+    let runs = f.run(&["runs", "--json"]);
+    let runs: serde_json::Value = serde_json::from_slice(&runs.stdout).unwrap();
+    let id = runs[0]["id"].as_str().unwrap().to_owned();
+    let retried = f.run(&["run", "retry", &id]);
+    assert!(
+        retried.status.success(),
+        "{}",
+        String::from_utf8_lossy(&retried.stderr)
+    );
+    let watched = f.run(&["run", "watch", &id]);
+    assert!(
+        watched.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&watched.stdout),
+        String::from_utf8_lossy(&watched.stderr)
+    );
+    assert!(
+        count(&f.cluster, "cowork", "session_projections") >= projections,
+        "the point's projections are back (and the smoke's)"
+    );
+    assert!(f.objects.join(&artifact).exists(), "the object is back");
+    f.stop();
+}
+
 /// SIGKILL the coordinator at several moments of a drill (before the first phase, at phase
 /// boundaries, inside the restores — wherever the delay lands) and start a new one: every
 /// drill finishes, the swap happened once per run, and a command re-sent after the crash was
@@ -610,12 +744,12 @@ async fn a_coordinator_killed_mid_drill_is_replaced_and_the_drill_finishes_once(
             .as_array()
             .unwrap()
             .iter()
-            .filter(|c| c["action"] == "restore-postgres")
+            .filter(|c| c["action"] == "commit-postgres")
             .collect();
         assert_eq!(
             restores.len(),
             1,
-            "one restore command for the run: {restores:?}"
+            "one swap command for the run: {restores:?}"
         );
         assert_eq!(restores[0]["outcome"], "succeeded");
         replayed += show["commands"]
@@ -726,7 +860,7 @@ async fn failed_checks_block_the_drill_and_name_what_failed() {
     assert!(!ok, "{text}");
     assert!(
         text.contains("is blocked")
-            && text.contains("phase restore-postgres passed")
+            && text.contains("phase commit-postgres passed")
             && text.contains("phase verify did not pass")
             && text.contains("operator diagnostics")
             && text.contains("answered 401"),

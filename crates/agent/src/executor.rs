@@ -362,6 +362,8 @@ impl Executor {
             | Action::SnapshotObjects { .. }
             | Action::Preflight { .. }
             | Action::RestorePostgres { .. }
+            | Action::PreparePostgres { .. }
+            | Action::CommitPostgres { .. }
             | Action::RestoreObjects { .. } => {
                 let Some(data) = &self.data else {
                     return (
@@ -471,6 +473,13 @@ async fn data_action(
             data.restore_postgres(repository, point, run_id, progress)
                 .await?,
         ),
+        Action::PreparePostgres { repository, point } => ActionOutput::PreparePostgres(
+            data.prepare_postgres(repository, point, run_id, progress)
+                .await?,
+        ),
+        Action::CommitPostgres { point, .. } => {
+            ActionOutput::CommitPostgres(data.commit_postgres(point, run_id, progress).await?)
+        }
         Action::RestoreObjects {
             repository,
             point,

@@ -669,7 +669,9 @@ async fn summarize(
         .unwrap_or_default();
     let pre_db = outputs()
         .find_map(|o| match o {
-            ActionOutput::RestorePostgres(r) => Some(r.pre_restore_database.clone()),
+            ActionOutput::RestorePostgres(r) | ActionOutput::CommitPostgres(r) => {
+                Some(r.pre_restore_database.clone())
+            }
             _ => None,
         })
         .unwrap_or_default();

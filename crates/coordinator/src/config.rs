@@ -517,7 +517,7 @@ key = "certs/coordinator-key.pem"
         let err = load(&write(dir.path(), &text)).expect_err("plan does not fit the fleet");
         assert!(
             format!("{err:#}").contains(
-                "deploy/plans/default.toml:23: phase preflight: unknown role \"database\""
+                "deploy/plans/default.toml:26: phase preflight: unknown role \"database\""
             ),
             "{err:#}"
         );

@@ -139,7 +139,15 @@ impl DataPlane {
     pub fn capabilities(&self) -> Vec<String> {
         let mut out = Vec::new();
         if self.postgres.is_some() {
-            out.extend(["backup-postgres", "restore-postgres"].map(String::from));
+            out.extend(
+                [
+                    "backup-postgres",
+                    "restore-postgres",
+                    "prepare-postgres",
+                    "commit-postgres",
+                ]
+                .map(String::from),
+            );
         }
         if self.objects.is_some() {
             out.extend(["snapshot-objects", "restore-objects", "check-objects"].map(String::from));

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use api::model::output::{Counts, RestorePostgresOutput};
+use api::model::output::{Counts, PreparePostgresOutput, RestorePostgresOutput};
 use api::model::{Check, CheckKind, RepositoryRef};
 use repository::{
     CountSpec, DatabaseSwap, PgBackupOptions, PgBackupPart, PgRestoreOptions, PointId, SwapState,
@@ -45,9 +45,8 @@ impl DataPlane {
         repository::backup_postgres(&repo, &options).await
     }
 
-    /// Restores the point's dump into `<db>_restore_<run>`, then swaps it in: the live
-    /// database becomes `<db>_pre_<run>` (kept, never dropped) and the restored one takes the
-    /// live name. Re-running after a crash finishes or redoes the step without losing either.
+    /// Restores the point's dump into `<db>_restore_<run>` and swaps it in at once: what
+    /// `prepare-postgres` and then `commit-postgres` do, for plans that restore in one phase.
     pub async fn restore_postgres(
         &self,
         repo: &RepositoryRef,
@@ -56,26 +55,77 @@ impl DataPlane {
         progress: &Reporter,
     ) -> Result<RestorePostgresOutput> {
         let started = Instant::now();
-        let pg = self.postgres()?;
-        let mut swap =
-            DatabaseSwap::connect(&pg.url()?, &run_tag(run_id), ADMIN_CONNECT_TIMEOUT).await?;
-        let names = swap.names().clone();
-        let done = |resumed: &str, archive_bytes: u64| RestorePostgresOutput {
-            database: names.live.clone(),
-            pre_restore_database: names.pre.clone(),
-            point: point.to_owned(),
-            archive_bytes,
-            resumed: resumed.to_owned(),
-            elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        let mut swap = self.swap(run_id).await?;
+        // A swap this run already finished (or half did) needs no preparation.
+        let prepared = match swap.state().await? {
+            SwapState::Swapped | SwapState::Interrupted => None,
+            _ => Some(self.prepare(&mut swap, repo, point, progress).await?),
         };
+        let mut done = self.commit(&mut swap, point, progress).await?;
+        swap.close().await;
+        if let Some(prepared) = prepared {
+            done.archive_bytes = prepared.archive_bytes;
+        }
+        done.elapsed_ms = millis(started);
+        Ok(done)
+    }
+
+    /// Restores the point's dump into `<db>_restore_<run>` and checks its counts against the
+    /// point, while the live database goes on serving: nothing live changes, so a damaged dump,
+    /// a full disk or a wrong credential fails here with the fleet untouched. A copy a finished
+    /// preparation of this point left is kept; an unfinished one is dropped and redone.
+    pub async fn prepare_postgres(
+        &self,
+        repo: &RepositoryRef,
+        point: &str,
+        run_id: &str,
+        progress: &Reporter,
+    ) -> Result<PreparePostgresOutput> {
+        let mut swap = self.swap(run_id).await?;
+        let prepared = self.prepare(&mut swap, repo, point, progress).await;
+        swap.close().await;
+        prepared
+    }
+
+    /// Swaps the prepared `<db>_restore_<run>` in: the live database becomes `<db>_pre_<run>`
+    /// (kept, never dropped) and the prepared one takes the live name. Re-running after a crash
+    /// finishes the swap without losing either database.
+    pub async fn commit_postgres(
+        &self,
+        point: &str,
+        run_id: &str,
+        progress: &Reporter,
+    ) -> Result<RestorePostgresOutput> {
+        let mut swap = self.swap(run_id).await?;
+        let done = self.commit(&mut swap, point, progress).await;
+        swap.close().await;
+        done
+    }
+
+    async fn swap(&self, run_id: &str) -> Result<DatabaseSwap> {
+        let pg = self.postgres()?;
+        DatabaseSwap::connect(&pg.url()?, &run_tag(run_id), ADMIN_CONNECT_TIMEOUT).await
+    }
+
+    async fn prepare(
+        &self,
+        swap: &mut DatabaseSwap,
+        repo: &RepositoryRef,
+        point: &str,
+        progress: &Reporter,
+    ) -> Result<PreparePostgresOutput> {
+        let started = Instant::now();
+        let pg = self.postgres()?;
+        let names = swap.names().clone();
+        let id = PointId::parse(point)?;
+        let repo = repo.open().await?;
+        let at_point = repo.read_point(&id).await?.table_counts().cloned();
         let stale_restore = match swap.state().await? {
-            // An earlier execution finished the swap.
-            SwapState::Swapped => return Ok(done("already swapped", 0)),
-            // Died between the two renames: finish the swap.
-            SwapState::Interrupted => {
-                swap.finish_interrupted().await?;
-                return Ok(done("finished an interrupted swap", 0));
-            }
+            SwapState::Swapped | SwapState::Interrupted => bail!(
+                "this run already swapped point {point} in ({} holds the database it \
+                 replaced): there is nothing left to prepare",
+                names.pre
+            ),
             SwapState::NoLive => bail!(
                 "the live database {} does not exist (and no swap of this run is under way); \
                  check [postgres] url — refusing to guess",
@@ -83,25 +133,104 @@ impl DataPlane {
             ),
             SwapState::Fresh { stale_restore } => stale_restore,
         };
-        let target = swap.create_restore_target(stale_restore).await?;
+        let target = swap.restore_url()?;
+        let archive_bytes = if stale_restore && swap.prepared_for(point).await? {
+            // An earlier execution finished preparing this point: its copy stands.
+            0
+        } else {
+            swap.create_restore_target(stale_restore).await?;
+            let mut options = PgRestoreOptions::new(target.clone());
+            options.bin_dir = pg.config.bin_dir.clone();
+            options.jobs = pg.config.jobs;
+            options.copy_streams = pg.config.copy_streams;
+            options.scratch_dir = pg.config.scratch_dir.clone();
+            options.progress = Some(progress.postgres());
+            repository::restore_postgres(&repo, &id, &options)
+                .await?
+                .archive_bytes
+        };
+        let counts = count_tables(&target, &pg.counts).await?;
+        if let Some(at_point) = &at_point {
+            let wrong: Vec<String> = at_point
+                .iter()
+                .filter(|(table, want)| counts.get(*table).copied().unwrap_or(0) != **want)
+                .map(|(table, want)| {
+                    format!(
+                        "{table} has {} rows, the point {want}",
+                        counts.get(table).copied().unwrap_or(0)
+                    )
+                })
+                .collect();
+            if !wrong.is_empty() {
+                bail!(
+                    "the copy prepared in {} does not match point {point}: {}; nothing live \
+                     was changed",
+                    names.restore,
+                    wrong.join(", ")
+                );
+            }
+        }
+        swap.mark_prepared(point).await?;
+        Ok(PreparePostgresOutput {
+            database: names.live,
+            restore_database: names.restore,
+            point: point.to_owned(),
+            archive_bytes,
+            counts,
+            elapsed_ms: millis(started),
+        })
+    }
 
-        let repo = repo.open().await?;
-        let mut options = PgRestoreOptions::new(target);
-        options.bin_dir = pg.config.bin_dir.clone();
-        options.jobs = pg.config.jobs;
-        options.copy_streams = pg.config.copy_streams;
-        options.scratch_dir = pg.config.scratch_dir.clone();
-        options.progress = Some(progress.postgres());
-        let report = repository::restore_postgres(&repo, &PointId::parse(point)?, &options).await?;
+    async fn commit(
+        &self,
+        swap: &mut DatabaseSwap,
+        point: &str,
+        progress: &Reporter,
+    ) -> Result<RestorePostgresOutput> {
+        let started = Instant::now();
+        let names = swap.names().clone();
+        let done = |resumed: &str| RestorePostgresOutput {
+            database: names.live.clone(),
+            pre_restore_database: names.pre.clone(),
+            point: point.to_owned(),
+            archive_bytes: 0,
+            resumed: resumed.to_owned(),
+            elapsed_ms: millis(started),
+        };
+        match swap.state().await? {
+            // An earlier execution finished the swap.
+            SwapState::Swapped => return Ok(done("already swapped")),
+            // Died between the two renames: finish the swap.
+            SwapState::Interrupted => {
+                swap.finish_interrupted().await?;
+                return Ok(done("finished an interrupted swap"));
+            }
+            SwapState::NoLive => bail!(
+                "the live database {} does not exist (and no swap of this run is under way); \
+                 check [postgres] url — refusing to guess",
+                names.live
+            ),
+            SwapState::Fresh { .. } => {}
+        }
+        if !swap.prepared_for(point).await? {
+            bail!(
+                "no finished preparation of point {point} is in {}: prepare-postgres must pass \
+                 first (`rollcall run retry` runs it again); nothing live was changed",
+                names.restore
+            );
+        }
         progress.report(api::model::Progress {
             stage: "swapping".into(),
             unit: "archives".into(),
             ..api::model::Progress::default()
         });
         swap.swap().await?;
-        swap.close().await;
-        Ok(done("", report.archive_bytes))
+        Ok(done(""))
     }
+}
+
+fn millis(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// What preflight reads from the live database before anything is frozen: the counts of the

@@ -53,6 +53,17 @@ pub enum Action {
         repository: RepositoryRef,
         point: String,
     },
+    /// The first half of `RestorePostgres`: restore into `<db>_restore_<run>` and check its
+    /// counts against the point; nothing live changes.
+    PreparePostgres {
+        repository: RepositoryRef,
+        point: String,
+    },
+    /// The second half: swap the prepared copy in, keeping the live database renamed.
+    CommitPostgres {
+        repository: RepositoryRef,
+        point: String,
+    },
     RestoreObjects {
         repository: RepositoryRef,
         point: String,
@@ -200,6 +211,8 @@ impl Action {
             Action::BackupPostgres { .. }
             | Action::SnapshotObjects { .. }
             | Action::RestorePostgres { .. }
+            | Action::PreparePostgres { .. }
+            | Action::CommitPostgres { .. }
             | Action::RestoreObjects { .. } => true,
             // Checks change nothing; a smoke drives the role through one real operation.
             Action::Preflight { .. } | Action::Verify { .. } | Action::CheckObjects(_) => false,
@@ -220,6 +233,8 @@ impl Action {
             Action::SnapshotObjects { .. } => ActionKind::SnapshotObjects,
             Action::Preflight { .. } => ActionKind::Preflight,
             Action::RestorePostgres { .. } => ActionKind::RestorePostgres,
+            Action::PreparePostgres { .. } => ActionKind::PreparePostgres,
+            Action::CommitPostgres { .. } => ActionKind::CommitPostgres,
             Action::RestoreObjects { .. } => ActionKind::RestoreObjects,
             Action::Verify { .. } => ActionKind::Verify,
             Action::Smoke { .. } => ActionKind::Smoke,
@@ -246,6 +261,8 @@ pub enum ActionKind {
     SnapshotObjects,
     Preflight,
     RestorePostgres,
+    PreparePostgres,
+    CommitPostgres,
     RestoreObjects,
     Verify,
     Smoke,
@@ -253,7 +270,7 @@ pub enum ActionKind {
 }
 
 impl ActionKind {
-    pub const ALL: [ActionKind; 14] = [
+    pub const ALL: [ActionKind; 16] = [
         ActionKind::Ping,
         ActionKind::Describe,
         ActionKind::Freeze,
@@ -264,6 +281,8 @@ impl ActionKind {
         ActionKind::SnapshotObjects,
         ActionKind::Preflight,
         ActionKind::RestorePostgres,
+        ActionKind::PreparePostgres,
+        ActionKind::CommitPostgres,
         ActionKind::RestoreObjects,
         ActionKind::Verify,
         ActionKind::Smoke,
@@ -283,6 +302,8 @@ impl ActionKind {
             ActionKind::SnapshotObjects => "snapshot-objects",
             ActionKind::Preflight => "preflight",
             ActionKind::RestorePostgres => "restore-postgres",
+            ActionKind::PreparePostgres => "prepare-postgres",
+            ActionKind::CommitPostgres => "commit-postgres",
             ActionKind::RestoreObjects => "restore-objects",
             ActionKind::Verify => "verify",
             ActionKind::Smoke => "smoke",
@@ -345,6 +366,14 @@ impl TryFrom<pb::Command> for Command {
                 point: point_id(a.point_id)?,
             },
             Some(pb::command::Action::RestorePostgres(a)) => Action::RestorePostgres {
+                repository: repository(a.repository)?,
+                point: point_id(a.point_id)?,
+            },
+            Some(pb::command::Action::PreparePostgres(a)) => Action::PreparePostgres {
+                repository: repository(a.repository)?,
+                point: point_id(a.point_id)?,
+            },
+            Some(pb::command::Action::CommitPostgres(a)) => Action::CommitPostgres {
                 repository: repository(a.repository)?,
                 point: point_id(a.point_id)?,
             },
@@ -431,6 +460,18 @@ impl From<Command> for pb::Command {
             }
             Action::RestorePostgres { repository, point } => {
                 pb::command::Action::RestorePostgres(pb::RestorePostgres {
+                    repository: Some(repository.into()),
+                    point_id: point,
+                })
+            }
+            Action::PreparePostgres { repository, point } => {
+                pb::command::Action::PreparePostgres(pb::PreparePostgres {
+                    repository: Some(repository.into()),
+                    point_id: point,
+                })
+            }
+            Action::CommitPostgres { repository, point } => {
+                pb::command::Action::CommitPostgres(pb::CommitPostgres {
                     repository: Some(repository.into()),
                     point_id: point,
                 })

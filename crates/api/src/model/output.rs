@@ -140,6 +140,22 @@ pub struct RestorePostgresOutput {
     pub elapsed_ms: u64,
 }
 
+/// `prepare-postgres`: the point's dump restored into `<db>_restore_<run>`, its counts
+/// checked against the point; nothing live changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparePostgresOutput {
+    /// The live database's name.
+    pub database: String,
+    /// The prepared copy, swapped in by `commit-postgres`.
+    pub restore_database: String,
+    pub point: String,
+    /// Bytes of dump restored (0 when an earlier execution had prepared the copy).
+    pub archive_bytes: u64,
+    /// The prepared copy's counts (each equals the point's).
+    pub counts: Counts,
+    pub elapsed_ms: u64,
+}
+
 /// `restore-objects`: one shard of the live store made equal to the point's manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestoreObjectsOutput {
@@ -186,6 +202,9 @@ pub enum ActionOutput {
     SnapshotObjects(Box<repository::ObjectSnapshotPart>),
     Preflight(PreflightOutput),
     RestorePostgres(RestorePostgresOutput),
+    PreparePostgres(PreparePostgresOutput),
+    /// `commit-postgres` reports what `restore-postgres` does.
+    CommitPostgres(RestorePostgresOutput),
     RestoreObjects(RestoreObjectsOutput),
     Verify(VerifyOutput),
     CheckObjects(ChecksOutput),
@@ -201,6 +220,8 @@ impl ActionOutput {
             ActionOutput::SnapshotObjects(_) => ActionKind::SnapshotObjects,
             ActionOutput::Preflight(_) => ActionKind::Preflight,
             ActionOutput::RestorePostgres(_) => ActionKind::RestorePostgres,
+            ActionOutput::PreparePostgres(_) => ActionKind::PreparePostgres,
+            ActionOutput::CommitPostgres(_) => ActionKind::CommitPostgres,
             ActionOutput::RestoreObjects(_) => ActionKind::RestoreObjects,
             ActionOutput::Verify(_) => ActionKind::Verify,
             ActionOutput::CheckObjects(_) => ActionKind::CheckObjects,
@@ -231,6 +252,8 @@ impl ActionOutput {
             ActionKind::SnapshotObjects => ActionOutput::SnapshotObjects(read(action, body)?),
             ActionKind::Preflight => ActionOutput::Preflight(read(action, body)?),
             ActionKind::RestorePostgres => ActionOutput::RestorePostgres(read(action, body)?),
+            ActionKind::PreparePostgres => ActionOutput::PreparePostgres(read(action, body)?),
+            ActionKind::CommitPostgres => ActionOutput::CommitPostgres(read(action, body)?),
             ActionKind::RestoreObjects => ActionOutput::RestoreObjects(read(action, body)?),
             ActionKind::Verify => ActionOutput::Verify(read(action, body)?),
             ActionKind::CheckObjects => ActionOutput::CheckObjects(read(action, body)?),
@@ -258,6 +281,8 @@ impl ActionOutput {
             | ActionOutput::BackupPostgres(_)
             | ActionOutput::SnapshotObjects(_)
             | ActionOutput::RestorePostgres(_)
+            | ActionOutput::PreparePostgres(_)
+            | ActionOutput::CommitPostgres(_)
             | ActionOutput::RestoreObjects(_) => &[],
         }
     }
@@ -316,6 +341,22 @@ mod tests {
                 archive_bytes: 4096,
                 resumed: String::new(),
                 elapsed_ms: 1200,
+            }),
+            ActionOutput::PreparePostgres(PreparePostgresOutput {
+                database: "cowork".into(),
+                restore_database: "cowork_restore_r1a2b3c4d".into(),
+                point: "20261125T073000Z-prod-3f2a9c01".into(),
+                archive_bytes: 4096,
+                counts: Counts::from([("sessions".into(), 3)]),
+                elapsed_ms: 1100,
+            }),
+            ActionOutput::CommitPostgres(RestorePostgresOutput {
+                database: "cowork".into(),
+                pre_restore_database: "cowork_pre_r1a2b3c4d".into(),
+                point: "20261125T073000Z-prod-3f2a9c01".into(),
+                archive_bytes: 0,
+                resumed: "already swapped".into(),
+                elapsed_ms: 100,
             }),
             ActionOutput::RestoreObjects(RestoreObjectsOutput {
                 snapshot: "20261125T073000Z-3f2a9c01".into(),

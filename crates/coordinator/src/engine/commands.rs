@@ -23,7 +23,12 @@ pub(super) struct RunContext {
 pub(super) fn needs_point(action: Action) -> bool {
     matches!(
         action,
-        Action::Preflight | Action::RestorePostgres | Action::RestoreObjects | Action::Verify
+        Action::Preflight
+            | Action::RestorePostgres
+            | Action::PreparePostgres
+            | Action::CommitPostgres
+            | Action::RestoreObjects
+            | Action::Verify
     )
 }
 
@@ -67,6 +72,14 @@ pub(super) fn agent_actions(
             point: point()?,
         }],
         Action::RestorePostgres => vec![AgentAction::RestorePostgres {
+            repository,
+            point: point()?,
+        }],
+        Action::PreparePostgres => vec![AgentAction::PreparePostgres {
+            repository,
+            point: point()?,
+        }],
+        Action::CommitPostgres => vec![AgentAction::CommitPostgres {
             repository,
             point: point()?,
         }],
@@ -275,11 +288,12 @@ mod tests {
                 .map(AgentAction::name)
                 .collect()
         };
-        let cases: [(Action, &[&str]); 9] = [
+        let cases: [(Action, &[&str]); 10] = [
             (Action::Preflight, &["preflight"]),
+            (Action::PreparePostgres, &["prepare-postgres"]),
             (Action::Freeze, &["freeze"]),
             (Action::Scale, &["scale"]),
-            (Action::RestorePostgres, &["restore-postgres"]),
+            (Action::CommitPostgres, &["commit-postgres"]),
             (Action::RestoreObjects, &["restore-objects"]),
             (Action::Verify, &["verify"]),
             (Action::CheckReferences, &["check-objects"]),
@@ -294,7 +308,7 @@ mod tests {
         let restore = plan
             .phases
             .iter()
-            .find(|p| p.action == Action::RestorePostgres)
+            .find(|p| p.action == Action::CommitPostgres)
             .unwrap();
         let without = RunContext {
             point: None,

@@ -241,11 +241,26 @@ mod tests {
             next(&plan, &states(&plan, &[], &[]), &none),
             Next::Start(vec![0])
         );
-        let s = states(&plan, &["preflight", "freeze-writes", "scale-to-zero"], &[]);
+        let s = states(&plan, &["preflight"], &[]);
+        assert_eq!(
+            next(&plan, &s, &none),
+            Next::Start(vec![idx(&plan, "prepare-postgres")]),
+            "Postgres is prepared before anything is frozen"
+        );
+        let s = states(
+            &plan,
+            &[
+                "preflight",
+                "prepare-postgres",
+                "freeze-writes",
+                "scale-to-zero",
+            ],
+            &[],
+        );
         assert_eq!(
             next(&plan, &s, &none),
             Next::Start(vec![
-                idx(&plan, "restore-postgres"),
+                idx(&plan, "commit-postgres"),
                 idx(&plan, "restore-objects")
             ])
         );
@@ -254,9 +269,10 @@ mod tests {
             &plan,
             &[
                 "preflight",
+                "prepare-postgres",
                 "freeze-writes",
                 "scale-to-zero",
-                "restore-postgres",
+                "commit-postgres",
             ],
             &[],
         );
@@ -271,8 +287,13 @@ mod tests {
         let plan = plan();
         let s = states(
             &plan,
-            &["preflight", "freeze-writes", "scale-to-zero"],
-            &[("restore-postgres", PhaseState::Blocked)],
+            &[
+                "preflight",
+                "prepare-postgres",
+                "freeze-writes",
+                "scale-to-zero",
+            ],
+            &[("commit-postgres", PhaseState::Blocked)],
         );
         let flying = BTreeSet::from([idx(&plan, "restore-objects")]);
         assert_eq!(
@@ -283,7 +304,7 @@ mod tests {
         assert_eq!(
             next(&plan, &s, &BTreeSet::new()),
             Next::Blocked {
-                phase: idx(&plan, "restore-postgres")
+                phase: idx(&plan, "commit-postgres")
             }
         );
     }
@@ -294,10 +315,13 @@ mod tests {
         // Journaled as running, but nothing is in flight in this (new) coordinator.
         let s = states(
             &plan,
-            &["preflight"],
+            &["preflight", "prepare-postgres"],
             &[("freeze-writes", PhaseState::Running)],
         );
-        assert_eq!(next(&plan, &s, &BTreeSet::new()), Next::Start(vec![1]));
+        assert_eq!(
+            next(&plan, &s, &BTreeSet::new()),
+            Next::Start(vec![idx(&plan, "freeze-writes")])
+        );
     }
 
     fn standing(role: &str, succeeded: bool, ready: bool) -> AgentStanding {
@@ -312,15 +336,16 @@ mod tests {
     fn gates_count_against_the_declared_fleet() {
         let plan = plan();
         let scale_down = plan.phase("scale-to-zero").unwrap();
-        // Two of the three roles answered; the second worker never connected.
+        // Every role answered but the second worker, which never connected.
         let agents = [
+            standing("web", true, false),
             standing("worker", true, false),
             standing("scheduler", true, false),
             standing("gateway", true, false),
         ];
         let v = evaluate(scale_down, &fleet(), &agents);
         assert!(!v.passed);
-        assert_eq!(v.detail, "succeeded: gateway+scheduler+worker 3/4");
+        assert_eq!(v.detail, "succeeded: gateway+scheduler+web+worker 4/5");
 
         let worker_smoke = plan.phase("worker-smoke").unwrap();
         let v = evaluate(worker_smoke, &fleet(), &[standing("worker", true, false)]);

@@ -43,7 +43,13 @@ pub enum Action {
     Scale,
     /// Restart the role's processes (they reconnect to the restored database).
     Restart,
+    /// Restore Postgres into a new database and swap it in, in one phase.
     RestorePostgres,
+    /// Restore Postgres into `<db>_restore_<run>` and check its counts, changing nothing live:
+    /// the first half of `restore-postgres`, run while traffic is still served.
+    PreparePostgres,
+    /// Swap the prepared database in (the live one kept, renamed): the second half.
+    CommitPostgres,
     RestoreObjects,
     /// Health, operator endpoints, count parity, invariant checks.
     Verify,
@@ -64,12 +70,14 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 14] = [
+    pub const ALL: [Action; 16] = [
         Action::Preflight,
         Action::Freeze,
         Action::Scale,
         Action::Restart,
         Action::RestorePostgres,
+        Action::PreparePostgres,
+        Action::CommitPostgres,
         Action::RestoreObjects,
         Action::Verify,
         Action::CheckReferences,
@@ -88,6 +96,8 @@ impl Action {
             Action::Scale => "scale",
             Action::Restart => "restart",
             Action::RestorePostgres => "restore-postgres",
+            Action::PreparePostgres => "prepare-postgres",
+            Action::CommitPostgres => "commit-postgres",
             Action::RestoreObjects => "restore-objects",
             Action::Verify => "verify",
             Action::CheckReferences => "check-references",
@@ -107,7 +117,10 @@ impl Action {
     /// The only role this action may target, when there is one.
     pub fn only_role(self) -> Option<&'static str> {
         match self {
-            Action::RestorePostgres | Action::BackupPostgres => Some("database"),
+            Action::RestorePostgres
+            | Action::PreparePostgres
+            | Action::CommitPostgres
+            | Action::BackupPostgres => Some("database"),
             Action::RestoreObjects | Action::SnapshotObjects | Action::CheckReferences => {
                 Some("objects")
             }
@@ -119,8 +132,12 @@ impl Action {
         !matches!(self, Action::Report | Action::WritePoint)
     }
 
+    /// Whether the action changes live data (and so needs writes frozen and roles stopped).
     fn is_restore(self) -> bool {
-        matches!(self, Action::RestorePostgres | Action::RestoreObjects)
+        matches!(
+            self,
+            Action::RestorePostgres | Action::CommitPostgres | Action::RestoreObjects
+        )
     }
 }
 

@@ -172,7 +172,7 @@ mod tests {
     #[test]
     fn the_default_plan_is_valid_and_runs_the_restores_together() {
         let plan = Plan::default_plan(Some(&fleet())).unwrap();
-        assert_eq!(plan.phases.len(), 14);
+        assert_eq!(plan.phases.len(), 15);
         let names = |step: &[usize]| {
             step.iter()
                 .map(|&i| plan.phases[i].name.clone())
@@ -180,7 +180,9 @@ mod tests {
         };
         let steps = plan.steps();
         assert_eq!(names(&steps[0]), ["preflight"]);
-        assert_eq!(names(&steps[3]), ["restore-postgres", "restore-objects"]);
+        assert_eq!(names(&steps[1]), ["prepare-postgres"], "before any freeze");
+        assert_eq!(names(&steps[2]), ["freeze-writes"]);
+        assert_eq!(names(&steps[4]), ["commit-postgres", "restore-objects"]);
         assert_eq!(names(steps.last().unwrap()), ["unfreeze"]);
         let replicas = plan.phase("restore-replicas").unwrap();
         assert_eq!(replicas.roles.len(), 6, "all expands to the declared roles");

@@ -570,6 +570,23 @@ impl Validator<'_> {
                 }
             }
         }
+        // A commit swaps in what a prepare restored and checked.
+        for &c in &of(Action::CommitPostgres) {
+            if !of(Action::PreparePostgres)
+                .iter()
+                .any(|p| before[c].contains(p))
+            {
+                self.error(
+                    spans[c],
+                    format!(
+                        "phase {} swaps in a prepared database, but no prepare-postgres runs \
+                         before it",
+                        plan.phases[c].name
+                    ),
+                    "add a prepare-postgres phase and `after` on it",
+                );
+            }
+        }
         // Reference checks look up the keys a verify of the database returned.
         for &c in &of(Action::CheckReferences) {
             let verified = of(Action::Verify).into_iter().any(|v| {
@@ -691,6 +708,7 @@ mod tests {
 
         // The default plan with the object restore no longer waiting for the scale-down.
         let early = DEFAULT_PLAN.replace("after = [\"scale-to-zero\"]", "after = [\"preflight\"]");
+        assert_ne!(early, DEFAULT_PLAN);
         let err = check(&early).unwrap_err();
         assert!(
             err.contains("phase restore-objects restores data before writes are frozen"),
@@ -703,12 +721,27 @@ mod tests {
 
         // Starting web before the object restore has finished.
         let start = DEFAULT_PLAN.replace(
-            "after = [\"restore-postgres\", \"restore-objects\"]",
-            "after = [\"restore-postgres\"]",
+            "after = [\"commit-postgres\", \"restore-objects\"]",
+            "after = [\"commit-postgres\"]",
         );
+        assert_ne!(start, DEFAULT_PLAN);
         let err = check(&start).unwrap_err();
         assert!(
             err.contains("phase start-web starts roles before restore-objects has finished"),
+            "{err}"
+        );
+
+        // Swapping in a database no phase prepared.
+        let unprepared = DEFAULT_PLAN.replace(
+            "name = \"prepare-postgres\"\naction = \"prepare-postgres\"",
+            "name = \"prepare-postgres\"\naction = \"preflight\"",
+        );
+        assert_ne!(unprepared, DEFAULT_PLAN);
+        let err = check(&unprepared).unwrap_err();
+        assert!(
+            err.contains(
+                "phase commit-postgres swaps in a prepared database, but no prepare-postgres runs before it"
+            ),
             "{err}"
         );
 

@@ -190,17 +190,37 @@ impl Journal {
             postgres.pg_dump_version = Some(r(&pg.pg_dump_version));
             postgres.database = Some(r(&pg.database));
         }
-        if let Some(exec) = pick(&of(ActionKind::RestorePostgres)) {
-            if let Some(ActionOutput::RestorePostgres(out)) = exec.output() {
+        // One phase restores and swaps (restore-postgres), or a prepare restores into the copy
+        // and a commit swaps it in: the restore starts with the prepare and ends with the swap.
+        let prepare = pick(&of(ActionKind::PreparePostgres));
+        if let Some(ActionOutput::PreparePostgres(out)) = prepare.and_then(|e| e.output()) {
+            postgres.database = Some(r(&out.database));
+            postgres.archive_bytes = Some(out.archive_bytes);
+            postgres.elapsed_ms = Some(out.elapsed_ms);
+        }
+        let swap = pick(&of(ActionKind::RestorePostgres))
+            .or_else(|| pick(&of(ActionKind::CommitPostgres)));
+        if let Some(exec) = swap {
+            if let Some(ActionOutput::RestorePostgres(out) | ActionOutput::CommitPostgres(out)) =
+                exec.output()
+            {
                 postgres.database = Some(r(&out.database));
                 postgres.pre_restore_database = Some(r(&out.pre_restore_database));
-                postgres.archive_bytes = Some(out.archive_bytes);
-                postgres.elapsed_ms = Some(out.elapsed_ms);
+                if out.archive_bytes > 0 || postgres.archive_bytes.is_none() {
+                    postgres.archive_bytes = Some(out.archive_bytes);
+                }
+                postgres.elapsed_ms = Some(
+                    postgres
+                        .elapsed_ms
+                        .unwrap_or(0)
+                        .saturating_add(out.elapsed_ms),
+                );
                 postgres.resumed = Some(r(&out.resumed)).filter(|s| !s.is_empty());
             }
             postgres.restore_agent = Some(r(&exec.command.agent));
             let phase = phase_of(exec.command.phase_index);
-            postgres.restore_started_at = phase.and_then(|p| p.started_at);
+            let prepared = prepare.and_then(|e| phase_of(e.command.phase_index));
+            postgres.restore_started_at = prepared.or(phase).and_then(|p| p.started_at);
             postgres.restored_at = exec
                 .succeeded()
                 .then(|| {
@@ -352,8 +372,8 @@ impl Journal {
             .filter(|p| actions.get(&p.index).is_some_and(|a| a == "freeze"))
             .filter_map(|p| p.started_at.map(|at| (at, p.name.clone())))
             .min();
-        let (anchor, anchor_label) = match freeze {
-            Some((at, name)) => (Some(at), format!("start of phase {}", r(&name))),
+        let (anchor, anchor_label) = match &freeze {
+            Some((at, name)) => (Some(*at), format!("start of phase {}", r(name))),
             None => (started_at, "run start".to_owned()),
         };
         let last_end = self
@@ -384,6 +404,19 @@ impl Journal {
             },
             note: did_not_restore
                 .then(|| format!("the run is {}: the service was not restored", run.state)),
+            freeze_window_ms: freeze.as_ref().and_then(|(frozen, _)| {
+                self.phases
+                    .iter()
+                    .filter(|p| actions.get(&p.index).is_some_and(|a| a == "unfreeze"))
+                    .filter(|p| p.state == PhaseState::Passed)
+                    .filter_map(|p| p.finished_at)
+                    .max()
+                    .map(|resumed| (resumed - *frozen).num_milliseconds())
+            }),
+            run_ms: match (started_at, &last_end) {
+                (Some(from), Some((until, _))) => Some((*until - from).num_milliseconds()),
+                _ => None,
+            },
         };
         let rpo_ms = millis(env.rpo);
         let age = match (anchor, point_created_at) {

@@ -99,6 +99,17 @@ impl DrillReport {
                 ],
                 vec!["Object snapshot".into(), opt(&self.objects.snapshot_id)],
                 vec!["Measured RTO".into(), self.rto.summary()],
+                vec![
+                    "Freeze window (writes off)".into(),
+                    self.rto.freeze_window_ms.map_or_else(
+                        || "traffic not resumed by this run (yet)".to_owned(),
+                        human_ms,
+                    ),
+                ],
+                vec![
+                    "Whole run".into(),
+                    self.rto.run_ms.map_or(NOT_RECORDED.to_owned(), human_ms),
+                ],
                 vec!["RPO achieved".into(), self.rpo.summary()],
                 vec![
                     "Checks".into(),

@@ -203,6 +203,11 @@ pub struct Rto {
     pub met: Option<bool>,
     /// Why `met` is false regardless of the time, when it is.
     pub note: Option<String>,
+    /// What users felt: from the freeze's start to the end of the unfreeze (None until traffic
+    /// resumed, or in a run without a freeze).
+    pub freeze_window_ms: Option<i64>,
+    /// The whole run: its start to the end of the last phase that finished.
+    pub run_ms: Option<i64>,
 }
 
 /// The recovery point's age when writes stopped (the data a real recovery would lose)

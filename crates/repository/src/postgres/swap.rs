@@ -194,6 +194,37 @@ impl DatabaseSwap {
         with_database(&self.live_url.full, &restore)
     }
 
+    /// Marks the restore copy as a finished preparation of `point`, for the commit to check.
+    pub async fn mark_prepared(&mut self, point: &str) -> Result<()> {
+        let restore = self.names.restore.clone();
+        self.execute(
+            format!(
+                "COMMENT ON DATABASE {} IS {}",
+                quote_ident(&restore),
+                quote_literal(&prepared_mark(point))
+            ),
+            &format!("mark {restore} as prepared"),
+        )
+        .await
+    }
+
+    /// Whether the restore copy exists and a preparation of `point` finished in it.
+    pub async fn prepared_for(&mut self, point: &str) -> Result<bool> {
+        let mark: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+        )
+        .bind(&self.names.restore)
+        .fetch_optional(&mut self.admin)
+        .await
+        .context("read the restore copy's mark")?;
+        Ok(mark.flatten().as_deref() == Some(prepared_mark(point).as_str()))
+    }
+
+    /// The URL of the restore copy (it may not exist).
+    pub fn restore_url(&self) -> Result<String> {
+        with_database(&self.live_url.full, &self.names.restore)
+    }
+
     /// The sessions on the live database this role may not end. `pg_terminate_backend` lets a
     /// superuser end any session; another role only sessions of roles it is a member of, or
     /// (with `pg_signal_backend`) any session but a superuser's; background processes without
@@ -520,6 +551,15 @@ async fn execute(conn: &mut PgConnection, sql: String, what: &str) -> Result<()>
         .await
         .with_context(|| what.to_owned())?;
     Ok(())
+}
+
+/// What a finished preparation leaves as the restore copy's comment.
+fn prepared_mark(point: &str) -> String {
+    format!("rollcall: prepared point {point}")
+}
+
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 fn list(sessions: &[Session]) -> String {

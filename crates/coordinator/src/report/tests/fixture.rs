@@ -23,6 +23,9 @@ use crate::store::{
     CommandRecord, NewRun, PhaseRecord, PhaseState, ResultRecord, RunKind, RunState, Store,
 };
 
+/// The plan the fixture's drill journals: Postgres restored in one phase.
+pub(super) const ONE_PHASE_PLAN: &str = include_str!("one-phase-restore.toml");
+
 pub(super) const POINT: &str = "20261125T073000Z-prod-399b4d21";
 pub(super) const RUN: &str = "20261125T100000Z-drill-prod-7c1e";
 pub(super) const TOKEN: &str = "cws_operator_5f0c2a9be1d84c7f9e3a6b2d1c0f4e8a7b6c5d4e";
@@ -138,13 +141,18 @@ pub(super) async fn journal() -> TestJournal {
 
 impl TestJournal {
     pub(super) async fn run(&self, state: RunState, reason: Option<&str>) {
+        self.run_with(ONE_PHASE_PLAN, state, reason).await;
+    }
+
+    /// The run, started at 10:00 under `plan`, in `state`.
+    pub(super) async fn run_with(&self, plan: &str, state: RunState, reason: Option<&str>) {
         self.store
             .create_run(&NewRun {
                 id: RUN.to_owned(),
                 kind: RunKind::Drill,
                 environment: "prod".to_owned(),
                 point_id: Some(POINT.to_owned()),
-                plan: crate::plan::DEFAULT_PLAN.to_owned(),
+                plan: plan.to_owned(),
                 params: json!({}),
                 epoch: Epoch::new(3).unwrap(),
                 created_at: at(9, 59, 50),

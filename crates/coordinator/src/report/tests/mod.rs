@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use api::model::output::PreflightOutput;
+use api::model::output::{PreflightOutput, PreparePostgresOutput, RestorePostgresOutput};
 use api::model::{ActionKind, ActionOutput, Outcome};
 use repository::PointId;
 use serde_json::json;
@@ -439,4 +439,125 @@ async fn refuses_another_environment_or_point() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("no run no-such-run"), "{err}");
+}
+
+/// The default plan prepares Postgres before the freeze and commits it after: the report reads
+/// them as one restore that started with the prepare and was swapped in by the commit, and
+/// shows the freeze window apart from the whole run.
+#[tokio::test]
+async fn a_prepared_and_committed_restore_reads_as_one() {
+    use PhaseState::Passed;
+    let j = journal().await;
+    j.run_with(crate::plan::DEFAULT_PLAN, RunState::Running, None)
+        .await;
+    type Clock = (u32, u32, u32);
+    let steps: [(u32, &str, Clock, Clock); 15] = [
+        (0, "preflight", (10, 0, 1), (10, 0, 30)),
+        (1, "prepare-postgres", (10, 0, 31), (10, 5, 0)),
+        (2, "freeze-writes", (10, 5, 1), (10, 5, 2)),
+        (3, "scale-to-zero", (10, 5, 3), (10, 5, 10)),
+        (4, "commit-postgres", (10, 5, 11), (10, 5, 12)),
+        (5, "restore-objects", (10, 5, 11), (10, 5, 20)),
+        (6, "start-web", (10, 5, 21), (10, 5, 30)),
+        (7, "verify", (10, 5, 31), (10, 6, 0)),
+        (8, "check-references", (10, 6, 1), (10, 6, 2)),
+        (9, "worker-smoke", (10, 6, 3), (10, 6, 30)),
+        (10, "scheduler-smoke", (10, 6, 31), (10, 6, 40)),
+        (11, "gateway-smoke", (10, 6, 41), (10, 6, 50)),
+        (12, "restore-replicas", (10, 6, 51), (10, 7, 0)),
+        (13, "report", (10, 7, 1), (10, 7, 2)),
+        (14, "unfreeze", (10, 7, 3), (10, 7, 5)),
+    ];
+    for (index, name, (h, m, s), (h2, m2, s2)) in steps {
+        j.phase(index, name, Passed, at(h, m, s), Some(at(h2, m2, s2)), "ok")
+            .await;
+    }
+    j.command(
+        (1, "prepare-postgres"),
+        "db-1",
+        ActionKind::PreparePostgres,
+        0,
+        Some(Outcome::Succeeded),
+        "prepare-postgres done",
+        Some(ActionOutput::PreparePostgres(PreparePostgresOutput {
+            database: "cowork".to_owned(),
+            restore_database: "cowork_restore_r1a2b3c4d".to_owned(),
+            point: POINT.to_owned(),
+            archive_bytes: 3_145_728,
+            counts: live_counts(),
+            elapsed_ms: 268_000,
+        })),
+        at(10, 4, 59),
+    )
+    .await;
+    j.command(
+        (4, "commit-postgres"),
+        "db-1",
+        ActionKind::CommitPostgres,
+        0,
+        Some(Outcome::Succeeded),
+        "commit-postgres done",
+        Some(ActionOutput::CommitPostgres(RestorePostgresOutput {
+            database: "cowork".to_owned(),
+            pre_restore_database: "cowork_pre_r1a2b3c4d".to_owned(),
+            point: POINT.to_owned(),
+            archive_bytes: 0,
+            resumed: String::new(),
+            elapsed_ms: 900,
+        })),
+        at(10, 5, 12),
+    )
+    .await;
+    j.store
+        .set_run_state(
+            RUN,
+            RunState::Succeeded,
+            None,
+            at(10, 7, 5),
+            api::model::Epoch::new(3).unwrap(),
+        )
+        .await
+        .unwrap();
+
+    let report = build(
+        &*j.store,
+        RUN,
+        &environment(vec![]),
+        Some(&point()),
+        &[],
+        &[],
+    )
+    .await
+    .unwrap();
+    let pg = &report.postgres;
+    assert_eq!(
+        pg.restore_started_at,
+        Some(at(10, 0, 31)),
+        "with the prepare"
+    );
+    assert_eq!(
+        pg.restored_at,
+        Some(at(10, 5, 12)),
+        "when the commit swapped"
+    );
+    assert_eq!(
+        pg.archive_bytes,
+        Some(3_145_728),
+        "what the prepare restored"
+    );
+    assert_eq!(
+        pg.pre_restore_database.as_deref(),
+        Some("cowork_pre_r1a2b3c4d")
+    );
+    assert_eq!(pg.elapsed_ms, Some(268_900));
+    assert_eq!(report.outcome, "passed");
+    let rto = &report.rto;
+    assert_eq!(rto.measured_from, "start of phase freeze-writes");
+    assert_eq!(rto.freeze_window_ms, Some(124_000), "10:05:01 to 10:07:05");
+    assert_eq!(rto.run_ms, Some(425_000), "10:00:00 to 10:07:05");
+    let md = report.to_markdown();
+    assert!(
+        md.contains("| Freeze window (writes off) | 2m 4s |"),
+        "{md}"
+    );
 }
