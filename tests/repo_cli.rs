@@ -336,6 +336,57 @@ fn the_postgres_forms_of_the_contract_work_as_written() {
         .psql("restored_j2", "SELECT count(*) FROM sessions")
         .unwrap();
     assert_eq!(count.trim(), "25");
+    // --swap: the live database replaced by the point, kept under its pre name; a second run
+    // finds the swap done; --create and --swap exclude each other.
+    cluster
+        .psql("restored", "INSERT INTO sessions VALUES (26)")
+        .unwrap();
+    let restored = cluster.url("restored");
+    let swap = |extra: &[&str]| {
+        let mut args = vec![
+            "repo",
+            "restore-postgres",
+            "--repo",
+            &repo,
+            "--point",
+            &point,
+            "--database-url",
+            &restored,
+            "--swap",
+        ];
+        args.extend_from_slice(extra);
+        rollcall(&args)
+    };
+    let swapped = ok(&swap(&[]), "restore-postgres --swap");
+    let tag = format!("m{}", point.rsplit('-').next().unwrap());
+    assert_eq!(
+        swapped["pre_restore_database"],
+        format!("restored_pre_{tag}")
+    );
+    assert_eq!(swapped["resumed"], "");
+    let count = |db: &str| {
+        cluster
+            .psql(db, "SELECT count(*) FROM sessions")
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(count("restored"), "25", "the point's rows are live");
+    assert_eq!(
+        count(&format!("restored_pre_{tag}")),
+        "26",
+        "the database it replaced is kept"
+    );
+    let again = ok(&swap(&[]), "restore-postgres --swap, again");
+    assert_eq!(again["resumed"], "already swapped");
+    let both = swap(&["--create"]);
+    let stderr = String::from_utf8_lossy(&both.stderr);
+    assert!(
+        !both.status.success() && stderr.contains("--create") && stderr.contains("--swap"),
+        "{stderr}"
+    );
+    fails_with(&swap(&["--tag", "Bad_Tag"]), &["--tag \"Bad_Tag\""]);
+
     // Argument errors come from clap (with a usage hint after them).
     let zero_jobs = rollcall(&[
         "repo",

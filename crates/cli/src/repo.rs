@@ -125,8 +125,17 @@ enum RepoCommand {
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
         /// Create the target database first.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "swap")]
         create: bool,
+        /// Replace the live database the URL names, keeping it: restore into
+        /// `<db>_restore_<tag>`, check its counts against the point, then swap it in, the live
+        /// one renamed `<db>_pre_<tag>` (never dropped). Run again after a crash, it finishes.
+        #[arg(long)]
+        swap: bool,
+        /// The tag of the databases a --swap makes (default: from the point id, so a second
+        /// --swap of the same point needs another tag). Lowercase letters and digits.
+        #[arg(long, requires = "swap", value_name = "TAG")]
+        tag: Option<String>,
         /// Data archives restored at once, and jobs for building indexes (default: the
         /// number of cores, as the runbook's `pg_restore -j <cores>`).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -324,19 +333,70 @@ pub async fn run(args: RepoArgs) -> Result<()> {
             point_arg,
             database_url,
             create,
+            swap,
+            tag,
             jobs,
             copy_streams,
         } => {
             let id = point_of(point, point_arg, "restore-postgres")?;
-            let mut options = repository::PgRestoreOptions::new(database_url);
+            let mut options = repository::PgRestoreOptions::new(database_url.clone());
             options.create_database = create;
             options.jobs = jobs.unwrap_or_else(repository::default_restore_jobs);
             options.copy_streams = copy_streams;
-            let report = repository::restore_postgres(&repo, &id, &options).await?;
-            json(serde_json::to_value(&report)?);
+            if swap {
+                json(swap_in(&repo, &id, &database_url, tag.as_deref(), &options).await?);
+            } else {
+                let report = repository::restore_postgres(&repo, &id, &options).await?;
+                json(serde_json::to_value(&report)?);
+            }
         }
     }
     Ok(())
+}
+
+/// `repo restore-postgres --swap`: prepare the copy (unless an earlier run got further), then
+/// swap it in; what the agents' prepare-postgres and commit-postgres do.
+async fn swap_in(
+    repo: &Repository,
+    id: &repository::PointId,
+    database_url: &str,
+    tag: Option<&str>,
+    options: &repository::PgRestoreOptions,
+) -> Result<serde_json::Value> {
+    let tag = match tag {
+        Some(t)
+            if !t.is_empty()
+                && t.len() <= 16
+                && t.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) =>
+        {
+            t.to_owned()
+        }
+        Some(t) => anyhow::bail!(
+            "--tag {t:?} must be 1 to 16 lowercase letters and digits (it names databases)"
+        ),
+        // A point id ends in 8 random hex digits: the tag of its by-hand swaps.
+        None => format!("m{}", id.as_str().rsplit('-').next().unwrap_or_default()),
+    };
+    let mut swap =
+        repository::DatabaseSwap::connect(database_url, &tag, std::time::Duration::from_secs(15))
+            .await?;
+    let prepared = match swap.state().await? {
+        repository::SwapState::Swapped | repository::SwapState::Interrupted => None,
+        _ => Some(repository::prepare_swap(repo, id, &mut swap, options, &[]).await?),
+    };
+    let committed = repository::commit_swap(&mut swap, id).await;
+    let names = swap.names().clone();
+    swap.close().await;
+    let committed = committed?;
+    Ok(serde_json::json!({
+        "point": id.as_str(),
+        "database": names.live,
+        "pre_restore_database": names.pre,
+        "archive_bytes": prepared.as_ref().map_or(0, |p| p.archive_bytes),
+        "counts": prepared.map(|p| p.counts),
+        "resumed": committed.resumed(),
+    }))
 }
 
 /// `repo verify` without `--point`: every point, one line each; fails if any is damaged.

@@ -38,7 +38,8 @@ pub use postgres::restore::{
     PgRestoreOptions, PgRestoreReport, default_restore_jobs, restore_postgres,
 };
 pub use postgres::swap::{
-    DatabaseSwap, Reopened, Session, SwapNames, SwapState, reopen_interrupted_swaps,
+    Committed, DatabaseSwap, Prepared, Reopened, Session, SwapNames, SwapState, commit_swap,
+    prepare_swap, reopen_interrupted_swaps,
 };
 pub use postgres::{
     Compression, CountSpec, DumpContent, DumpFile, PgBackupPart, PgProgress, PgProgressFn,

@@ -116,67 +116,23 @@ impl DataPlane {
     ) -> Result<PreparePostgresOutput> {
         let started = Instant::now();
         let pg = self.postgres()?;
-        let names = swap.names().clone();
-        let id = PointId::parse(point)?;
         let repo = repo.open().await?;
-        let at_point = repo.read_point(&id).await?.table_counts().cloned();
-        let stale_restore = match swap.state().await? {
-            SwapState::Swapped | SwapState::Interrupted => bail!(
-                "this run already swapped point {point} in ({} holds the database it \
-                 replaced): there is nothing left to prepare",
-                names.pre
-            ),
-            SwapState::NoLive => bail!(
-                "the live database {} does not exist (and no swap of this run is under way); \
-                 check [postgres] url — refusing to guess",
-                names.live
-            ),
-            SwapState::Fresh { stale_restore } => stale_restore,
-        };
-        let target = swap.restore_url()?;
-        let archive_bytes = if stale_restore && swap.prepared_for(point).await? {
-            // An earlier execution finished preparing this point: its copy stands.
-            0
-        } else {
-            swap.create_restore_target(stale_restore).await?;
-            let mut options = PgRestoreOptions::new(target.clone());
-            options.bin_dir = pg.config.bin_dir.clone();
-            options.jobs = pg.config.jobs;
-            options.copy_streams = pg.config.copy_streams;
-            options.scratch_dir = pg.config.scratch_dir.clone();
-            options.progress = Some(progress.postgres());
-            repository::restore_postgres(&repo, &id, &options)
-                .await?
-                .archive_bytes
-        };
-        let counts = count_tables(&target, &pg.counts).await?;
-        if let Some(at_point) = &at_point {
-            let wrong: Vec<String> = at_point
-                .iter()
-                .filter(|(table, want)| counts.get(*table).copied().unwrap_or(0) != **want)
-                .map(|(table, want)| {
-                    format!(
-                        "{table} has {} rows, the point {want}",
-                        counts.get(table).copied().unwrap_or(0)
-                    )
-                })
-                .collect();
-            if !wrong.is_empty() {
-                bail!(
-                    "the copy prepared in {} does not match point {point}: {}; nothing live \
-                     was changed",
-                    names.restore,
-                    wrong.join(", ")
-                );
-            }
-        }
-        swap.mark_prepared(point).await?;
+        let mut options = PgRestoreOptions::new(String::new());
+        options.bin_dir = pg.config.bin_dir.clone();
+        options.jobs = pg.config.jobs;
+        options.copy_streams = pg.config.copy_streams;
+        options.scratch_dir = pg.config.scratch_dir.clone();
+        options.progress = Some(progress.postgres());
+        let prepared =
+            repository::prepare_swap(&repo, &PointId::parse(point)?, swap, &options, &pg.counts)
+                .await?;
+        let names = swap.names();
         Ok(PreparePostgresOutput {
-            database: names.live,
-            restore_database: names.restore,
+            database: names.live.clone(),
+            restore_database: names.restore.clone(),
             point: point.to_owned(),
-            archive_bytes,
-            counts,
+            archive_bytes: prepared.archive_bytes,
+            counts: prepared.counts,
             elapsed_ms: millis(started),
         })
     }
@@ -188,44 +144,21 @@ impl DataPlane {
         progress: &Reporter,
     ) -> Result<RestorePostgresOutput> {
         let started = Instant::now();
-        let names = swap.names().clone();
-        let done = |resumed: &str| RestorePostgresOutput {
-            database: names.live.clone(),
-            pre_restore_database: names.pre.clone(),
-            point: point.to_owned(),
-            archive_bytes: 0,
-            resumed: resumed.to_owned(),
-            elapsed_ms: millis(started),
-        };
-        match swap.state().await? {
-            // An earlier execution finished the swap.
-            SwapState::Swapped => return Ok(done("already swapped")),
-            // Died between the two renames: finish the swap.
-            SwapState::Interrupted => {
-                swap.finish_interrupted().await?;
-                return Ok(done("finished an interrupted swap"));
-            }
-            SwapState::NoLive => bail!(
-                "the live database {} does not exist (and no swap of this run is under way); \
-                 check [postgres] url — refusing to guess",
-                names.live
-            ),
-            SwapState::Fresh { .. } => {}
-        }
-        if !swap.prepared_for(point).await? {
-            bail!(
-                "no finished preparation of point {point} is in {}: prepare-postgres must pass \
-                 first (`rollcall run retry` runs it again); nothing live was changed",
-                names.restore
-            );
-        }
         progress.report(api::model::Progress {
             stage: "swapping".into(),
             unit: "archives".into(),
             ..api::model::Progress::default()
         });
-        swap.swap().await?;
-        Ok(done(""))
+        let committed = repository::commit_swap(swap, &PointId::parse(point)?).await?;
+        let names = swap.names();
+        Ok(RestorePostgresOutput {
+            database: names.live.clone(),
+            pre_restore_database: names.pre.clone(),
+            point: point.to_owned(),
+            archive_bytes: 0,
+            resumed: committed.resumed().to_owned(),
+            elapsed_ms: millis(started),
+        })
     }
 }
 

@@ -105,6 +105,28 @@ impl CountSpec {
         }
     }
 
+    /// The specs that count what a point's `table_counts` keys name: `table`, or
+    /// `table[column=value]` (counted per value of the column).
+    pub fn for_keys<'a>(keys: impl Iterator<Item = &'a String>) -> Vec<CountSpec> {
+        let mut specs: Vec<CountSpec> = Vec::new();
+        for key in keys {
+            let spec = match key.split_once('[') {
+                Some((table, rest)) => match rest.split_once('=') {
+                    Some((column, _)) => CountSpec::grouped(table, column),
+                    None => continue,
+                },
+                None => CountSpec::table(key),
+            };
+            // A grouped count also gives the table's total: one spec per table.
+            match specs.iter_mut().find(|s| s.table == spec.table) {
+                Some(held) if held.group_by.is_none() => *held = spec,
+                Some(_) => {}
+                None => specs.push(spec),
+            }
+        }
+        specs
+    }
+
     /// The runbook's counts for cowork-sim: the drill report's (sessions, events, projections,
     /// artifacts, workflows, channel bindings, deliveries by status), and the rest of what its
     /// step 7 verifies: BYOK metadata (`byok_secrets`) and billing state (subscriptions by

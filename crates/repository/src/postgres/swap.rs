@@ -14,14 +14,19 @@
 //! mid-way is reopened by the next one of its tag, or by [`reopen_interrupted_swaps`] when the
 //! database agent starts.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Connection as _, Row as _};
 
-use super::catalog::quote_ident;
+use super::CountSpec;
+use super::catalog::{count_rows, quote_ident};
 use super::conn::{DbUrl, connect, with_database};
+use super::restore::{PgRestoreOptions, restore_postgres};
+use crate::layout::PointId;
+use crate::repo::Repository;
 
 /// Postgres truncates identifiers longer than this many bytes.
 const MAX_IDENTIFIER: usize = 63;
@@ -410,6 +415,143 @@ impl DatabaseSwap {
     async fn execute(&mut self, sql: String, what: &str) -> Result<()> {
         execute(&mut self.admin, sql, what).await
     }
+}
+
+/// What [`prepare_swap`] left in the restore copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    /// Bytes of dump restored (0 when an earlier preparation of the point was found whole).
+    pub archive_bytes: u64,
+    /// The copy's counts, each equal to the point's.
+    pub counts: BTreeMap<String, i64>,
+}
+
+/// What [`commit_swap`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// The prepared copy is the live database now.
+    Swapped,
+    /// An earlier execution had swapped it in.
+    AlreadySwapped,
+    /// An earlier execution died between the renames; this one finished the swap.
+    FinishedInterrupted,
+}
+
+impl Committed {
+    /// How an interrupted commit was completed; empty when this one swapped.
+    pub fn resumed(self) -> &'static str {
+        match self {
+            Committed::Swapped => "",
+            Committed::AlreadySwapped => "already swapped",
+            Committed::FinishedInterrupted => "finished an interrupted swap",
+        }
+    }
+}
+
+/// Restores `point`'s dump into the swap's restore copy and checks the copy's counts against
+/// the point's, changing nothing live (the live database goes on serving). `options` says how
+/// to restore (its target is replaced by the copy's URL); `counts` what to count (empty: what
+/// the point counted). A copy a finished preparation of this point left is kept; an unfinished
+/// one is dropped and restored again. The copy is marked prepared last, for [`commit_swap`].
+pub async fn prepare_swap(
+    repo: &Repository,
+    point: &PointId,
+    swap: &mut DatabaseSwap,
+    options: &PgRestoreOptions,
+    counts: &[CountSpec],
+) -> Result<Prepared> {
+    let names = swap.names().clone();
+    let stale_restore = match swap.state().await? {
+        SwapState::Swapped | SwapState::Interrupted => bail!(
+            "point {point} was already swapped in under this tag ({} holds the database it \
+             replaced): there is nothing left to prepare",
+            names.pre
+        ),
+        SwapState::NoLive => bail!(no_live(&names)),
+        SwapState::Fresh { stale_restore } => stale_restore,
+    };
+    let at_point = repo.read_point(point).await?.table_counts().cloned();
+    let target = swap.restore_url()?;
+    let archive_bytes = if stale_restore && swap.prepared_for(point.as_str()).await? {
+        0
+    } else {
+        swap.create_restore_target(stale_restore).await?;
+        let mut options = options.clone();
+        options.database_url = target.clone();
+        options.create_database = false;
+        restore_postgres(repo, point, &options).await?.archive_bytes
+    };
+    let specs = if counts.is_empty() {
+        at_point
+            .as_ref()
+            .map(|c| CountSpec::for_keys(c.keys()))
+            .unwrap_or_default()
+    } else {
+        counts.to_vec()
+    };
+    let mut conn = connect(&DbUrl::parse(&target)?, options.connect_timeout).await?;
+    let found = count_rows(&mut conn, &specs)
+        .await
+        .with_context(|| format!("count the rows of the prepared copy {}", names.restore))?;
+    let _ = conn.close().await;
+    if let Some(at_point) = &at_point {
+        let wrong: Vec<String> = at_point
+            .iter()
+            .filter(|(key, want)| found.get(*key).copied().unwrap_or(0) != **want)
+            .map(|(key, want)| {
+                format!(
+                    "{key} has {} rows, the point {want}",
+                    found.get(key).copied().unwrap_or(0)
+                )
+            })
+            .collect();
+        if !wrong.is_empty() {
+            bail!(
+                "the copy prepared in {} does not match point {point}: {}; nothing live was \
+                 changed",
+                names.restore,
+                wrong.join(", ")
+            );
+        }
+    }
+    swap.mark_prepared(point.as_str()).await?;
+    Ok(Prepared {
+        archive_bytes,
+        counts: found,
+    })
+}
+
+/// Swaps the copy a finished [`prepare_swap`] of `point` left in for the live database (the
+/// live one kept under the swap's pre name), or finishes or reports an earlier commit. Refuses,
+/// changing nothing, when no finished preparation of the point is there.
+pub async fn commit_swap(swap: &mut DatabaseSwap, point: &PointId) -> Result<Committed> {
+    let names = swap.names().clone();
+    match swap.state().await? {
+        SwapState::Swapped => return Ok(Committed::AlreadySwapped),
+        SwapState::Interrupted => {
+            swap.finish_interrupted().await?;
+            return Ok(Committed::FinishedInterrupted);
+        }
+        SwapState::NoLive => bail!(no_live(&names)),
+        SwapState::Fresh { .. } => {}
+    }
+    if !swap.prepared_for(point.as_str()).await? {
+        bail!(
+            "no finished preparation of point {point} is in {}: prepare it first (a drill's \
+             prepare-postgres; `rollcall run retry` runs it again); nothing live was changed",
+            names.restore
+        );
+    }
+    swap.swap().await?;
+    Ok(Committed::Swapped)
+}
+
+fn no_live(names: &SwapNames) -> String {
+    format!(
+        "the live database {} does not exist (and no swap of this tag is under way); check \
+         the database URL — refusing to guess",
+        names.live
+    )
 }
 
 /// What [`reopen_interrupted_swaps`] did to one swap.
