@@ -17,6 +17,7 @@
 mod body;
 mod layout;
 mod lock;
+mod object_key;
 mod pipe;
 mod point;
 mod postgres;
@@ -24,12 +25,14 @@ mod prune;
 mod redact;
 mod repo;
 mod restore;
+mod scratch;
 mod secrets;
 mod snapshot;
 mod store;
 mod verify;
 
 pub use layout::{PointId, QUARANTINE_ROOT, SnapshotId, validate_environment};
+pub use object_key::{BadKey, check_object_key};
 pub use point::{DamagedPoint, NewPoint, Point, PointListing};
 pub use postgres::backup::{PgBackupOptions, backup_postgres};
 pub use postgres::catalog::{count_rows, missing_tables, table_columns};
@@ -51,10 +54,11 @@ pub use repo::{RepoError, Repository, RepositoryOptions};
 pub use restore::{
     RestoreObjectsOptions, RestoreObjectsReport, Shard, restore_objects, restore_point_objects,
 };
+pub use scratch::BlobScratch;
 pub use secrets::{SecretRef, SecretRefSource, load_secret_refs};
 pub use snapshot::{
     Manifest, ManifestEntry, ObjectSnapshotPart, PreviousSnapshot, ProgressFn, SnapshotOptions,
     TransferPhase, TransferProgress, snapshot_objects,
 };
 pub use store::{HttpStatus, RetryPolicy, S3Options, is_transient, store_from_url};
-pub use verify::{SnapshotCheck, VerifyReport};
+pub use verify::{RestoreTarget, SnapshotCheck, VerifyOptions, VerifyReport};

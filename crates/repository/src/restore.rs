@@ -20,7 +20,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::layout::{PointId, QUARANTINE_ROOT, SnapshotId, blob_key, quarantine_prefix};
+use crate::object_key::check_object_key;
 use crate::repo::Repository;
+use crate::scratch::BlobScratch;
 use crate::snapshot::{
     Manifest, ManifestEntry, ProgressFn, TransferCounters, TransferPhase, for_each_parallel,
     read_hashed,
@@ -128,6 +130,9 @@ pub struct RestoreObjectsOptions {
     /// Restore only the keys this shard owns (default: all of them). Several restores of the
     /// same snapshot, one per shard, may run at once against the same target.
     pub shard: Option<Shard>,
+    /// Blob bodies a preflight kept: a body found there is hashed again and written from it
+    /// instead of being read from the repository (default: none).
+    pub scratch: Option<BlobScratch>,
 }
 
 impl RestoreObjectsOptions {
@@ -143,6 +148,7 @@ impl RestoreObjectsOptions {
             part_size: 8 << 20,
             progress: None,
             shard: None,
+            scratch: None,
         }
     }
 }
@@ -156,6 +162,7 @@ impl std::fmt::Debug for RestoreObjectsOptions {
             .field("remove_extra", &self.remove_extra)
             .field("parallelism", &self.parallelism)
             .field("shard", &self.shard)
+            .field("scratch", &self.scratch)
             .finish_non_exhaustive()
     }
 }
@@ -166,6 +173,9 @@ pub struct RestoreObjectsReport {
     /// Objects written from the snapshot.
     pub restored: u64,
     pub restored_bytes: u64,
+    /// Of those, objects whose body came from the preflight's scratch instead of the
+    /// repository.
+    pub from_scratch: u64,
     /// Objects that already matched the snapshot.
     pub unchanged: u64,
     /// Target keys whose previous content was replaced (a copy is in quarantine).
@@ -180,7 +190,52 @@ pub struct RestoreObjectsReport {
 
 enum Action {
     Unchanged,
-    Write { replaced: bool },
+    Write { replaced: bool, from_scratch: bool },
+}
+
+/// What the live object at a manifest entry's key tells a restore before any body is read.
+/// Preflight takes the same decision to know which blobs the restore may write (the delta).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Live {
+    /// No object at the key: the restore writes it.
+    Missing,
+    /// An object of another size: the restore replaces it.
+    Differs,
+    /// Same size and the etag the snapshot recorded: the very object the snapshot read, left
+    /// alone.
+    Same,
+    /// Same size and nothing that vouches for its content: the restore hashes it, and replaces
+    /// it when it differs.
+    Unknown,
+}
+
+pub(crate) fn compare_live(entry: &ManifestEntry, current: Option<&ObjectMeta>) -> Live {
+    match current {
+        None => Live::Missing,
+        Some(meta) if meta.size != entry.size => Live::Differs,
+        Some(meta) if entry.etag.is_some() && meta.e_tag == entry.etag => Live::Same,
+        Some(_) => Live::Unknown,
+    }
+}
+
+/// The objects under `prefix` of a restore's target, by location, leaving out the quarantine.
+pub(crate) async fn list_target(
+    target: &Arc<dyn ObjectStore>,
+    prefix: &Path,
+    label: &str,
+) -> Result<HashMap<Path, ObjectMeta>> {
+    let quarantine_root = Path::from(QUARANTINE_ROOT);
+    let prefix = (!prefix.is_root()).then_some(prefix);
+    target
+        .list(prefix)
+        .try_filter(|m| {
+            let keep = !m.location.prefix_matches(&quarantine_root);
+            async move { keep }
+        })
+        .map_ok(|m| (m.location.clone(), m))
+        .try_collect()
+        .await
+        .with_context(|| format!("list the target store {label}"))
 }
 
 /// Restores snapshot `snapshot` into `target`.
@@ -235,12 +290,21 @@ async fn restore_manifest(
     shard
         .validate()
         .with_context(|| format!("restore snapshot {snapshot}"))?;
+    // Preflight refused such a manifest already; the restore checks again before it writes.
+    for entry in &manifest.objects {
+        if let Err(bad) = check_object_key(&entry.key) {
+            bail!(
+                "restore snapshot {snapshot}: its object key {:?} {bad}, so no store can hold it \
+                 under that name; nothing was written (restore from another point)",
+                entry.key
+            );
+        }
+    }
     let target_prefix = options.target_prefix.clone().unwrap_or_default();
     let quarantine = options
         .quarantine_prefix
         .clone()
         .unwrap_or_else(|| quarantine_prefix(snapshot, Utc::now()));
-    let quarantine_root = Path::from(QUARANTINE_ROOT);
     if !options.quarantine_in_repository
         && !target_prefix.is_root()
         && quarantine.prefix_matches(&target_prefix)
@@ -251,17 +315,7 @@ async fn restore_manifest(
         );
     }
 
-    let prefix = (!target_prefix.is_root()).then_some(&target_prefix);
-    let existing: HashMap<Path, ObjectMeta> = target
-        .list(prefix)
-        .try_filter(|m| {
-            let keep = !m.location.prefix_matches(&quarantine_root);
-            async move { keep }
-        })
-        .map_ok(|m| (m.location.clone(), m))
-        .try_collect()
-        .await
-        .with_context(|| format!("list the target store {}", options.target_label))?;
+    let existing = list_target(&target, &target_prefix, &options.target_label).await?;
 
     // Every manifest key is wanted (an object of another shard is never an extra); only the
     // owned ones are this restore's to write.
@@ -296,6 +350,7 @@ async fn restore_manifest(
         multipart_threshold: options.multipart_threshold.max(1),
         part_size: options.part_size.max(5 << 20),
         progress: progress.clone(),
+        scratch: options.scratch.clone(),
     });
     let extras: Vec<Path> = if options.remove_extra {
         existing
@@ -374,9 +429,13 @@ async fn restore_manifest(
     for (key, action) in outcomes {
         match action {
             Action::Unchanged => report.unchanged += 1,
-            Action::Write { replaced } => {
+            Action::Write {
+                replaced,
+                from_scratch,
+            } => {
                 report.restored += 1;
                 report.restored_bytes += by_key.get(key.as_str()).copied().unwrap_or(0);
+                report.from_scratch += u64::from(from_scratch);
                 if replaced {
                     report.replaced.push(key);
                 }
@@ -399,6 +458,7 @@ struct Shared {
     multipart_threshold: u64,
     part_size: usize,
     progress: Arc<Progress>,
+    scratch: Option<BlobScratch>,
 }
 
 impl Shared {
@@ -458,36 +518,77 @@ async fn restore_one(
     location: &Path,
     current: Option<&ObjectMeta>,
 ) -> Result<Action> {
-    let replaced = match current {
-        None => false,
-        Some(meta) if meta.size != entry.size => true,
-        Some(meta) => {
-            // Same etag and size: the very object the snapshot read (an untouched target).
-            if entry.etag.is_some() && meta.e_tag == entry.etag {
+    let replaced = match compare_live(entry, current) {
+        Live::Missing => false,
+        Live::Differs => true,
+        Live::Same => {
+            shared.progress.done(entry.size, false);
+            return Ok(Action::Unchanged);
+        }
+        Live::Unknown => match read_hashed(&shared.target, location).await {
+            Ok((_, sha, _)) if sha == entry.sha256 => {
                 shared.progress.done(entry.size, false);
                 return Ok(Action::Unchanged);
             }
-            match read_hashed(&shared.target, location).await {
-                Ok((_, sha, _)) if sha == entry.sha256 => {
-                    shared.progress.done(entry.size, false);
-                    return Ok(Action::Unchanged);
-                }
-                Ok(_) => true,
-                Err(e) if crate::repo::is_not_found(&e) => false,
-                Err(e) => return Err(e.context("read the current object")),
-            }
-        }
+            Ok(_) => true,
+            Err(e) if crate::repo::is_not_found(&e) => false,
+            Err(e) => return Err(e.context("read the current object")),
+        },
     };
     if replaced {
         shared.quarantine_copy(location).await?;
     }
-    let blob = blob_key(&entry.sha256);
-    let got = shared.repo.store.get(&blob).await.with_context(|| {
-        format!(
-            "read blob {blob} from repository {} (verify the point: it may be incomplete)",
-            shared.repo.label
-        )
-    })?;
+    let from_scratch = write_from_scratch(shared, entry, location).await;
+    if !from_scratch {
+        let blob = blob_key(&entry.sha256);
+        let got = shared.repo.store.get(&blob).await.with_context(|| {
+            format!(
+                "read blob {blob} from repository {} (verify the point: it may be incomplete)",
+                shared.repo.label
+            )
+        })?;
+        if let Err(reason) = write_body(shared, entry, location, got).await? {
+            return Err(shared.repo.damaged("blob", &blob, reason).into());
+        }
+    }
+    shared.progress.done(entry.size, true);
+    Ok(Action::Write {
+        replaced,
+        from_scratch,
+    })
+}
+
+/// Writes the entry from the scratch's copy of its blob, if there is one and it still hashes
+/// right; false when the repository's copy must be read instead.
+async fn write_from_scratch(shared: &Shared, entry: &ManifestEntry, location: &Path) -> bool {
+    let Some(scratch) = &shared.scratch else {
+        return false;
+    };
+    let Some(got) = scratch.get(&entry.sha256, entry.size).await else {
+        return false;
+    };
+    let problem = match write_body(shared, entry, location, got).await {
+        Ok(Ok(())) => return true,
+        Ok(Err(reason)) => reason,
+        Err(e) => format!("{e:#}"),
+    };
+    tracing::warn!(
+        key = entry.key,
+        "the scratch copy of blob {} did not restore ({problem}); reading the repository's",
+        entry.sha256
+    );
+    scratch.discard(&entry.sha256, Some(entry.size)).await;
+    false
+}
+
+/// Streams a blob body to `location`, committing it only once its size and sha256 match the
+/// entry. `Ok(Err(reason))`: the body is not the entry's, and the target is untouched.
+async fn write_body(
+    shared: &Shared,
+    entry: &ManifestEntry,
+    location: &Path,
+    got: object_store::GetResult,
+) -> Result<std::result::Result<(), String>> {
     let mut stream = crate::body::body_stream(got);
     let mut hasher = Sha256::new();
     let mut read = 0u64;
@@ -499,7 +600,9 @@ async fn restore_one(
             read += chunk.len() as u64;
             chunks.push(chunk);
         }
-        check_blob(entry, read, hasher, &blob, shared)?;
+        if let Some(reason) = body_mismatch(entry, read, hasher) {
+            return Ok(Err(reason));
+        }
         shared
             .target
             .put(location, PutPayload::from_iter(chunks))
@@ -528,47 +631,39 @@ async fn restore_one(
             Ok(())
         }
         .await;
-        let checked = streamed.and_then(|()| check_blob(entry, read, hasher, &blob, shared));
-        if let Err(e) = checked {
-            let _ = writer.abort().await;
-            return Err(e);
+        let checked = streamed.map(|()| body_mismatch(entry, read, hasher));
+        match checked {
+            Ok(None) => {}
+            Ok(Some(reason)) => {
+                let _ = writer.abort().await;
+                return Ok(Err(reason));
+            }
+            Err(e) => {
+                let _ = writer.abort().await;
+                return Err(e);
+            }
         }
         writer
             .finish()
             .await
             .with_context(|| format!("complete writing {location} to the target store"))?;
     }
-    shared.progress.done(entry.size, true);
-    Ok(Action::Write { replaced })
+    Ok(Ok(()))
 }
 
-fn check_blob(
-    entry: &ManifestEntry,
-    read: u64,
-    hasher: Sha256,
-    blob: &Path,
-    shared: &Shared,
-) -> Result<()> {
+/// Why a body of `read` bytes hashed by `hasher` is not the entry's, if it is not.
+pub(crate) fn body_mismatch(entry: &ManifestEntry, read: u64, hasher: Sha256) -> Option<String> {
     let sha = hex::encode(hasher.finalize());
-    if read != entry.size || sha != entry.sha256 {
-        return Err(shared
-            .repo
-            .damaged(
-                "blob",
-                blob,
-                format!(
-                    "it holds {read} bytes with sha256 {sha}, the manifest expects {} bytes \
-                     (key {})",
-                    entry.size, entry.key
-                ),
-            )
-            .into());
-    }
-    Ok(())
+    (read != entry.size || sha != entry.sha256).then(|| {
+        format!(
+            "it holds {read} bytes with sha256 {sha}, the manifest expects {} bytes (key {})",
+            entry.size, entry.key
+        )
+    })
 }
 
 /// `prefix/key` for a manifest key (already in object_store's encoded form).
-fn join(prefix: &Path, key: &str) -> Result<Path> {
+pub(crate) fn join(prefix: &Path, key: &str) -> Result<Path> {
     let joined = if prefix.is_root() {
         key.to_owned()
     } else {
@@ -621,6 +716,51 @@ mod tests {
             .filter(|&i| Shard::new(i, 4).expect("shard").owns("a"))
             .collect();
         assert_eq!(owners, vec![Shard::of_key("a", 4)]);
+    }
+
+    /// The restore's own check, behind the one reading the manifest: a manifest that reached
+    /// it with a bad key (built in memory here) is refused before the target is touched.
+    #[tokio::test]
+    async fn the_restore_refuses_a_bad_key_before_writing() {
+        use object_store::memory::InMemory;
+        let repo = Repository::from_store(
+            Arc::new(InMemory::new()),
+            "memory:///repo",
+            crate::repo::RepositoryOptions::default(),
+        );
+        let target: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let entry = |key: &str| ManifestEntry {
+            key: key.to_owned(),
+            size: 1,
+            sha256: "ab".repeat(32),
+            etag: None,
+            version: None,
+            last_modified: Utc::now(),
+        };
+        let manifest = Manifest {
+            id: SnapshotId::new(Utc::now()),
+            environment: None,
+            source: "memory:///live".into(),
+            source_prefix: String::new(),
+            started_at: Utc::now(),
+            finished_at: Utc::now(),
+            objects: vec![entry("fine"), entry("/etc/passwd")],
+        };
+        let err = restore_manifest(
+            &repo,
+            manifest,
+            target.clone(),
+            &RestoreObjectsOptions::new("memory:///live"),
+        )
+        .await
+        .expect_err("bad key");
+        assert!(
+            err.to_string()
+                .contains("its object key \"/etc/passwd\" is absolute"),
+            "{err:#}"
+        );
+        let written: Vec<ObjectMeta> = target.list(None).try_collect().await.expect("list");
+        assert!(written.is_empty(), "{written:?}");
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::layout::{
     BLOBS, QUARANTINE_ROOT, SNAPSHOTS, STAGING, SnapshotId, blob_key, blob_sha, manifest_key,
 };
 use crate::lock::LockKind;
+use crate::object_key::check_object_key;
 use crate::repo::{RepoError, Repository};
 use crate::store::retry;
 
@@ -666,16 +667,36 @@ impl Repository {
                 )
                 .into());
         }
-        for entry in &manifest.objects {
-            if !crate::layout::is_sha256_hex(&entry.sha256) || Path::parse(&entry.key).is_err() {
-                return Err(self
-                    .damaged(
-                        "object snapshot manifest",
-                        &key,
-                        format!("entry {:?} is malformed", entry.key),
-                    )
-                    .into());
+        // Every bad entry is named (up to a screenful), so one repair fixes them all.
+        let bad: Vec<String> = manifest
+            .objects
+            .iter()
+            .filter_map(|entry| match check_object_key(&entry.key) {
+                Err(why) => Some(format!("object key {:?} {why}", entry.key)),
+                Ok(()) if !crate::layout::is_sha256_hex(&entry.sha256) => Some(format!(
+                    "object {:?} has the malformed sha256 {:?}",
+                    entry.key, entry.sha256
+                )),
+                Ok(()) => None,
+            })
+            .collect();
+        if let Some(first) = bad.first() {
+            const SHOWN: usize = 10;
+            let mut reason = if bad.len() == 1 {
+                first.clone()
+            } else {
+                format!(
+                    "{} bad entries: {}",
+                    bad.len(),
+                    bad[..bad.len().min(SHOWN)].join("; ")
+                )
+            };
+            if bad.len() > SHOWN {
+                reason.push_str("; ...");
             }
+            return Err(self
+                .damaged("object snapshot manifest", &key, reason)
+                .into());
         }
         Ok((manifest, sha))
     }

@@ -1018,3 +1018,307 @@ async fn an_invalid_shard_is_a_clear_error_and_touches_nothing() {
     }
     assert!(files_under(&dir.path().join("target")).is_empty());
 }
+
+/// The blob file of manifest entry `key` in the file repository at `repo_dir`.
+fn blob_file(repo_dir: &std::path::Path, manifest: &Manifest, key: &str) -> std::path::PathBuf {
+    let entry = manifest
+        .objects
+        .iter()
+        .find(|e| e.key == key)
+        .unwrap_or_else(|| panic!("{key} in the manifest"));
+    repo_dir
+        .join("objects/blobs")
+        .join(&entry.sha256[..2])
+        .join(&entry.sha256)
+}
+
+/// The live store `live` as the target of a restore whose preflight keeps blobs in `scratch`.
+fn target(live: &Arc<dyn ObjectStore>, scratch: Option<BlobScratch>) -> VerifyOptions {
+    VerifyOptions {
+        full: false,
+        restore_target: Some(RestoreTarget {
+            store: live.clone(),
+            label: "file:///live".into(),
+            hash_all: false,
+            scratch,
+            parallelism: 8,
+        }),
+    }
+}
+
+fn without_quarantine_keys(
+    digests: std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    digests
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(QUARANTINE_ROOT))
+        .collect()
+}
+
+/// Preflight reads exactly the blobs a restore would write given the live store (a missing
+/// object, one of another size, one rewritten at the same size), keeps them, and the restore
+/// writes them from the scratch without reading the repository again. A damaged blob the
+/// restore would not write passes the delta check and is named by `full`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn preflight_hashes_the_delta_and_the_restore_takes_it_from_scratch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = local_store(&dir.path().join("live"));
+    fill(&live, "uploads", 40, 4096).await;
+    fill(&live, "big", 2, 3 << 20).await;
+    let repo_dir = dir.path().join("repo");
+    let (repo, counting) = counting_repo(&repo_dir);
+    let point = point_with_snapshot(&repo, live.clone(), "dev").await;
+    let manifest = repo
+        .read_manifest(&point.objects.as_ref().expect("objects").snapshot_id)
+        .await
+        .expect("manifest");
+    let expected = digest_store(&live).await;
+
+    live.delete(&Path::from("uploads/00001"))
+        .await
+        .expect("delete");
+    live.put(
+        &Path::from("uploads/00002"),
+        content("drift", 0, 100).into(),
+    )
+    .await
+    .expect("resize");
+    // Same size, other bytes: only a hash could tell, and the live store's etag changed.
+    live.put(
+        &Path::from("uploads/00003"),
+        content("drift", 1, 4096).into(),
+    )
+    .await
+    .expect("rewrite");
+    live.delete(&Path::from("big/00000")).await.expect("delete");
+    flip_byte(&blob_file(&repo_dir, &manifest, "uploads/00010"));
+
+    let scratch_dir = dir.path().join("scratch/run");
+    let scratch = BlobScratch::open(&scratch_dir, 1 << 30)
+        .await
+        .expect("scratch");
+    let gets = || counting.counts.get(&counting.counts.blob_gets);
+    let report = repo
+        .verify_point_with(&point.id, &target(&live, Some(scratch.clone())))
+        .await
+        .expect("preflight");
+    assert!(report.is_ok(), "{:?}", report.problems);
+    let delta_bytes = (3 << 20) + 3 * 4096;
+    assert_eq!(
+        (
+            report.delta_objects,
+            report.blobs_hashed,
+            report.blob_bytes_hashed,
+            report.scratch_bytes
+        ),
+        (4, 4, delta_bytes, delta_bytes)
+    );
+    assert_eq!(gets(), 4, "only the delta's blobs were read");
+    assert_eq!(files_under(&scratch_dir).len(), 4);
+    assert_eq!(scratch.used(), delta_bytes);
+
+    let mut full = target(&live, None);
+    if let Some(t) = full.restore_target.as_mut() {
+        t.hash_all = true;
+    }
+    let full = repo
+        .verify_point_with(&point.id, &full)
+        .await
+        .expect("full");
+    assert_eq!(full.blobs_hashed, manifest.objects.len() as u64);
+    assert_eq!(full.problems.len(), 1, "{:?}", full.problems);
+    assert!(
+        full.problems[0].contains("(object uploads/00010) is corrupt"),
+        "{:?}",
+        full.problems
+    );
+
+    let before = gets();
+    let mut options = RestoreObjectsOptions::new("file:///live");
+    options.multipart_threshold = 1 << 20;
+    options.scratch = Some(scratch);
+    let restored = restore_objects(&repo, &manifest.id, live.clone(), &options)
+        .await
+        .expect("restore");
+    assert_eq!(
+        (restored.restored, restored.from_scratch, restored.unchanged),
+        (4, 4, 38)
+    );
+    assert_eq!(gets(), before, "no blob read twice");
+    assert_eq!(without_quarantine_keys(digest_store(&live).await), expected);
+}
+
+/// A same-size damaged blob of the delta fails preflight naming its key; after the repair a
+/// second preflight of the same run reads only that blob again (the rest is re-hashed in the
+/// scratch); a scratch copy damaged after preflight is caught by the restore, which reads the
+/// repository's copy instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_damaged_delta_blob_fails_preflight_and_a_damaged_scratch_copy_is_not_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = local_store(&dir.path().join("live"));
+    fill(&live, "uploads", 20, 4096).await;
+    let repo_dir = dir.path().join("repo");
+    let (repo, counting) = counting_repo(&repo_dir);
+    let point = point_with_snapshot(&repo, live.clone(), "dev").await;
+    let manifest = repo
+        .read_manifest(&point.objects.as_ref().expect("objects").snapshot_id)
+        .await
+        .expect("manifest");
+    let expected = digest_store(&live).await;
+    for key in ["uploads/00004", "uploads/00005"] {
+        live.delete(&Path::from(key)).await.expect("delete");
+    }
+    let damaged = blob_file(&repo_dir, &manifest, "uploads/00004");
+    flip_byte(&damaged);
+
+    let scratch_dir = dir.path().join("scratch/run");
+    let open = || BlobScratch::open(&scratch_dir, 1 << 30);
+    let report = repo
+        .verify_point_with(
+            &point.id,
+            &target(&live, Some(open().await.expect("scratch"))),
+        )
+        .await
+        .expect("preflight");
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert!(
+        report.problems[0].contains("(object uploads/00004) is corrupt")
+            && report.problems[0].contains(&blob_file_sha(&manifest, "uploads/00004")),
+        "{:?}",
+        report.problems
+    );
+    assert_eq!(
+        files_under(&scratch_dir).len(),
+        1,
+        "only the sound blob kept"
+    );
+
+    flip_byte(&damaged); // the same byte back: repaired
+    let gets = counting.counts.get(&counting.counts.blob_gets);
+    let report = repo
+        .verify_point_with(
+            &point.id,
+            &target(&live, Some(open().await.expect("scratch"))),
+        )
+        .await
+        .expect("preflight again");
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(report.scratch_bytes, 2 * 4096);
+    assert_eq!(
+        counting.counts.get(&counting.counts.blob_gets) - gets,
+        1,
+        "the kept blob was not read again"
+    );
+
+    let kept = scratch_dir.join(blob_file_sha(&manifest, "uploads/00005"));
+    flip_byte(&kept);
+    let mut options = RestoreObjectsOptions::new("file:///live");
+    options.scratch = Some(open().await.expect("scratch"));
+    let restored = restore_objects(&repo, &manifest.id, live.clone(), &options)
+        .await
+        .expect("restore");
+    assert_eq!((restored.restored, restored.from_scratch), (2, 1));
+    assert!(!kept.exists(), "the damaged copy is discarded");
+    assert_eq!(without_quarantine_keys(digest_store(&live).await), expected);
+}
+
+fn blob_file_sha(manifest: &Manifest, key: &str) -> String {
+    manifest
+        .objects
+        .iter()
+        .find(|e| e.key == key)
+        .map(|e| e.sha256.clone())
+        .unwrap_or_else(|| panic!("{key} in the manifest"))
+}
+
+/// A new point whose manifest is `manifest` with its first key replaced by `key`, written with
+/// a sound envelope and recorded checksum: only the key is wrong.
+async fn point_with_first_key(
+    repo: &Repository,
+    repo_dir: &std::path::Path,
+    part: &ObjectSnapshotPart,
+    manifest: &Manifest,
+    key: &str,
+) -> Point {
+    use sha2::{Digest, Sha256};
+    let mut edited = manifest.clone();
+    edited.objects[0].key = key.to_owned();
+    let body = serde_json::to_string(&edited).expect("manifest json");
+    let file = format!(
+        "{{\"format\":\"rollcall.manifest.v1\",\"sha256\":\"{}\",\"body\":{body}}}\n",
+        hex::encode(Sha256::digest(body.as_bytes()))
+    );
+    std::fs::write(repo_dir.join(&part.manifest_key), &file).expect("write manifest");
+    let mut part = part.clone();
+    part.manifest_sha256 = hex::encode(Sha256::digest(file.as_bytes()));
+    part.manifest_size = file.len() as u64;
+    repo.write_point(NewPoint {
+        id: PointId::new("dev", chrono::Utc::now()).expect("id"),
+        postgres: None,
+        objects: Some(part),
+        secrets: vec![],
+    })
+    .await
+    .expect("write point")
+}
+
+/// A manifest key no store can hold as written (empty, absolute, `a//b`, a trailing slash, a
+/// dot segment, a control character) fails preflight naming the key, and a restore of the
+/// point refuses it before writing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn preflight_and_restore_refuse_keys_no_store_can_hold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = local_store(&dir.path().join("live"));
+    fill(&live, "uploads", 5, 100).await;
+    let repo_dir = dir.path().join("repo");
+    let repo = file_repo(&repo_dir).await;
+    let point = point_with_snapshot(&repo, live.clone(), "dev").await;
+    let part = point.objects.clone().expect("objects");
+    let manifest = repo
+        .read_manifest(&part.snapshot_id)
+        .await
+        .expect("manifest");
+    live.delete(&Path::from("uploads/00000"))
+        .await
+        .expect("disaster");
+    let before = digest_store(&live).await;
+
+    for (key, why) in [
+        ("", "is empty"),
+        ("/uploads/00000", "is absolute"),
+        ("uploads//00000", "has an empty segment"),
+        ("uploads/00000/", "ends with /"),
+        ("uploads/../00000", "has a \"..\" segment"),
+        ("uploads/\u{7}bell", "holds the control character U+0007"),
+    ] {
+        let bad = point_with_first_key(&repo, &repo_dir, &part, &manifest, key).await;
+        let report = repo
+            .verify_point_with(&bad.id, &target(&live, None))
+            .await
+            .expect("preflight");
+        assert_eq!(report.problems.len(), 1, "{key:?}: {:?}", report.problems);
+        let named = format!("object key {key:?} {why}");
+        assert!(
+            report.problems[0].contains(&named) && report.problems[0].contains("is damaged"),
+            "{key:?}: {:?}",
+            report.problems
+        );
+        let quick = repo.verify_point(&bad.id, false).await.expect("verify");
+        assert!(quick.problems[0].contains(&named), "{:?}", quick.problems);
+
+        let err = restore_point_objects(
+            &repo,
+            &bad.id,
+            live.clone(),
+            &RestoreObjectsOptions::new("file:///live"),
+        )
+        .await
+        .expect_err("a bad key is refused");
+        assert!(format!("{err:#}").contains(&named), "{key:?}: {err:#}");
+        assert_eq!(
+            digest_store(&live).await,
+            before,
+            "{key:?}: nothing written"
+        );
+    }
+}

@@ -36,6 +36,8 @@ pub struct Counts {
     pub blob_puts: AtomicU64,
     pub multiparts: AtomicU64,
     pub gets: AtomicU64,
+    /// GETs of blob bodies (`objects/blobs/...`), also counted in `gets`.
+    pub blob_gets: AtomicU64,
     pub heads: AtomicU64,
     pub lists: AtomicU64,
     pub deletes: AtomicU64,
@@ -189,6 +191,9 @@ impl ObjectStore for CountingStore {
             self.counts.heads.fetch_add(1, Ordering::SeqCst);
         } else {
             self.counts.gets.fetch_add(1, Ordering::SeqCst);
+            if is_blob(location) {
+                self.counts.blob_gets.fetch_add(1, Ordering::SeqCst);
+            }
         }
         let delay = self.faults.get_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {

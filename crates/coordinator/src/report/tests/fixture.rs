@@ -314,6 +314,9 @@ pub(super) fn verified(elapsed_ms: u64) -> repository::VerifyReport {
         objects_checked: 340,
         blob_bytes_hashed: 0,
         elapsed_ms,
+        delta_objects: 0,
+        blobs_hashed: 0,
+        scratch_bytes: 0,
     }
 }
 
