@@ -199,6 +199,7 @@ pub fn load(file: &Path) -> Result<(Settings, TelemetryConfig)> {
     )?;
     crate::data::DataPlane::from_config(
         file,
+        settings.name.as_str(),
         settings.environment.as_str(),
         settings.postgres.as_ref(),
         settings.objects.as_ref(),

@@ -467,7 +467,7 @@ async fn data_action(
             data.snapshot_objects(repository, point, progress).await?,
         )),
         Action::Preflight { repository, point } => {
-            ActionOutput::Preflight(data.preflight(repository, point).await?)
+            ActionOutput::Preflight(data.preflight(repository, point, run_id).await?)
         }
         Action::RestorePostgres { repository, point } => ActionOutput::RestorePostgres(
             data.restore_postgres(repository, point, run_id, progress)

@@ -62,6 +62,7 @@ impl Agent {
         )?);
         let data = Arc::new(crate::data::DataPlane::from_config(
             &settings.config_file,
+            settings.name.as_str(),
             settings.environment.as_str(),
             settings.postgres.as_ref(),
             settings.objects.as_ref(),

@@ -562,7 +562,10 @@ name = "artifact objects"
 sql = "SELECT object_key FROM artifact_index"
 "#
         .to_owned(),
-        "objects" => format!("\n[objects]\nurl = \"{objects_url}\"\nverify_ignore = [\"_probe/\"]\n"),
+        // Preflight keeps the blobs it proved beside the demo's other files.
+        "objects" => format!(
+            "\n[objects]\nurl = \"{objects_url}\"\nverify_ignore = [\"_probe/\"]\nscratch_dir = \"scratch/objects\"\n"
+        ),
         _ => String::new(),
     }
 }

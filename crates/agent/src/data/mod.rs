@@ -4,7 +4,9 @@
 //! * `[postgres]` ([`postgres`]): the live database (its URL from an environment variable or a
 //!   file, never in the config itself). Restores go into a new database which is then swapped
 //!   in; the previous database is kept under `<db>_pre_<run>` and named in the result.
-//! * `[objects]` ([`objects`]): the live object store. Restores make it equal the point's
+//! * `[objects]` ([`objects`]): the live object store. Preflight hashes every blob a restore
+//!   into it would write (the delta; `verify = "full"`: every blob) and keeps them in the
+//!   agent's scratch directory for that run's restore. Restores make it equal the point's
 //!   manifest; objects the restore replaces or removes are kept in the repository's
 //!   `quarantine/<run>/` first.
 
@@ -17,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use api::config::{ConfigError, resolve};
 use api::model::output::{Counts, PreflightOutput};
 use api::model::{Check, CheckKind, ObjectReferences, RepositoryRef};
-use repository::{CountSpec, PointId};
+use repository::{CountSpec, PointId, VerifyOptions};
 use serde::Deserialize;
 
 use objects::compare_with_manifest;
@@ -67,15 +69,46 @@ pub struct ObjectsConfig {
     /// does not count them as objects missing from the point.
     #[serde(default)]
     pub verify_ignore: Vec<String>,
+    /// Which blobs preflight reads and hashes before anything is frozen: `delta` (default)
+    /// those a restore into the live store would write; `full` every blob of the point.
+    #[serde(default)]
+    pub verify: VerifyMode,
+    /// Where preflight keeps the blobs it read, one directory per run, for that run's restore
+    /// (default: `rollcall-scratch-<agent name>` in the system temporary directory). Other
+    /// runs' directories in it are removed at the next preflight; a restore that succeeded
+    /// removes its own.
+    pub scratch_dir: Option<PathBuf>,
+    /// The most the scratch directory holds, in MiB (default 2048); never more than half the
+    /// space free on its file system. Blobs past it are checked all the same and read again
+    /// by the restore; 0 keeps none.
+    #[serde(default = "default_scratch_limit_mib")]
+    pub scratch_limit_mib: u64,
+}
+
+/// `[objects] verify`: what preflight hashes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    /// The blobs a restore into the live store would write.
+    #[default]
+    Delta,
+    /// Every blob of the point.
+    Full,
 }
 
 fn default_parallelism() -> usize {
     64
 }
 
+fn default_scratch_limit_mib() -> u64 {
+    2048
+}
+
 pub struct DataPlane {
     postgres: Option<Postgres>,
     objects: Option<ObjectsConfig>,
+    /// The objects agent's scratch directory (holding one directory per run).
+    scratch_root: PathBuf,
     environment: String,
 }
 
@@ -88,6 +121,7 @@ struct Postgres {
 impl DataPlane {
     pub fn from_config(
         file: &Path,
+        agent: &str,
         environment: &str,
         postgres: Option<&PostgresConfig>,
         objects: Option<&ObjectsConfig>,
@@ -129,9 +163,14 @@ impl DataPlane {
                 "e.g. parallelism = 64"
             ));
         }
+        let scratch_root = match objects.and_then(|o| o.scratch_dir.as_ref()) {
+            Some(dir) => resolve(file, dir),
+            None => std::env::temp_dir().join(format!("rollcall-scratch-{agent}")),
+        };
         Ok(DataPlane {
             postgres,
             objects: objects.cloned(),
+            scratch_root,
             environment: environment.to_owned(),
         })
     }
@@ -176,11 +215,24 @@ impl DataPlane {
     }
 
     /// Checks the point this agent would restore from, and records the live system's counts
-    /// (database agent) so the report can show before → point → after.
-    pub async fn preflight(&self, repo: &RepositoryRef, point: &str) -> Result<PreflightOutput> {
+    /// (database agent) so the report can show before → point → after. An objects agent
+    /// also proves every blob its restore would write, keeping them for run `run_id`.
+    pub async fn preflight(
+        &self,
+        repo: &RepositoryRef,
+        point: &str,
+        run_id: &str,
+    ) -> Result<PreflightOutput> {
         let repo = repo.open().await?;
         let id = PointId::parse(point)?;
-        let report = repo.verify_point(&id, false).await?;
+        let options = VerifyOptions {
+            full: false,
+            restore_target: match &self.objects {
+                Some(objects) => Some(self.restore_target(objects, run_id).await?),
+                None => None,
+            },
+        };
+        let report = repo.verify_point_with(&id, &options).await?;
         if !report.is_ok() {
             bail!(
                 "point {point} failed verification: {}",
@@ -312,6 +364,15 @@ fn run_tag(run_id: &str) -> String {
     format!("r{}", &hex::encode(digest)[..8])
 }
 
+/// Whether `name` has the shape of [`run_tag`]'s tags (so a directory so named is ours).
+fn is_run_tag(name: &str) -> bool {
+    name.len() == 9
+        && name.starts_with('r')
+        && name[1..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,5 +382,15 @@ mod tests {
         let tag = run_tag("drill-prod-20261125T101010-abcd");
         assert_eq!(tag.len(), 9);
         assert_eq!(tag, run_tag("drill-prod-20261125T101010-abcd"));
+        assert!(is_run_tag(&tag));
+        for other in [
+            "r1234567",
+            "r1234567g",
+            "x12345678",
+            "R12345678",
+            "r12345678/",
+        ] {
+            assert!(!is_run_tag(other), "{other}");
+        }
     }
 }

@@ -1,16 +1,23 @@
-//! The objects agent's side of the data plane: snapshots, restores into the live store with a
-//! quarantine, the live store against a manifest, and lookups of referenced keys.
+//! The objects agent's side of the data plane: snapshots, the restore target and scratch
+//! preflight proves blobs into, restores into the live store with a quarantine, the live store
+//! against a manifest, and lookups of referenced keys.
+//!
+//! The scratch directory holds one directory per run (named by its tag): preflight removes the
+//! others' and keeps the bodies it proved in its own, the restore of that run writes from them
+//! (hashing each again) and removes the directory once it succeeded.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use api::model::output::RestoreObjectsOutput;
 use api::model::{Check, CheckKind, ObjectReferences, RepositoryRef};
 use repository::{
-    ObjectSnapshotPart, PointId, RestoreObjectsOptions, S3Options, Shard, SnapshotOptions,
+    BlobScratch, ObjectSnapshotPart, PointId, RestoreObjectsOptions, RestoreTarget, S3Options,
+    Shard, SnapshotOptions,
 };
 
-use super::{DataPlane, ObjectsConfig, run_tag};
+use super::{DataPlane, ObjectsConfig, VerifyMode, is_run_tag, run_tag};
 use crate::progress::Reporter;
 
 impl DataPlane {
@@ -28,6 +35,73 @@ impl DataPlane {
         options.environment = Some(self.environment.clone());
         options.parallelism = objects.parallelism;
         repository::snapshot_objects(&repo, live, &options, Some(progress.transfers())).await
+    }
+
+    /// The live store as preflight's restore target, with run `run_id`'s scratch directory
+    /// (the other runs' removed first). Without a scratch (limit 0, or it cannot be made) the
+    /// blobs are proved all the same and the restore reads them again.
+    pub(super) async fn restore_target(
+        &self,
+        objects: &ObjectsConfig,
+        run_id: &str,
+    ) -> Result<RestoreTarget> {
+        let (store, label) = live_store(objects)?;
+        self.remove_other_scratch(run_id);
+        let scratch = match objects.scratch_limit_mib {
+            0 => None,
+            mib => {
+                let dir = self.scratch_dir(run_id);
+                match BlobScratch::open(&dir, mib.saturating_mul(1 << 20)).await {
+                    Ok(scratch) => Some(scratch),
+                    Err(e) => {
+                        tracing::warn!(
+                            "no blob scratch for this run, the restore will read every blob \
+                             from the repository: {e:#}"
+                        );
+                        None
+                    }
+                }
+            }
+        };
+        Ok(RestoreTarget {
+            store,
+            label,
+            hash_all: objects.verify == VerifyMode::Full,
+            scratch,
+            parallelism: objects.parallelism,
+        })
+    }
+
+    fn scratch_dir(&self, run_id: &str) -> PathBuf {
+        self.scratch_root.join(run_tag(run_id))
+    }
+
+    /// Removes the scratch directories of runs other than `run_id` (only directories named like
+    /// a run tag: the scratch root may be shared with other files).
+    fn remove_other_scratch(&self, run_id: &str) {
+        let keep = run_tag(run_id);
+        let Ok(entries) = std::fs::read_dir(&self.scratch_root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                continue;
+            };
+            if name == keep || !is_run_tag(name) || !entry.path().is_dir() {
+                continue;
+            }
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => tracing::info!(
+                    dir = %entry.path().display(),
+                    "removed the blob scratch of an earlier run"
+                ),
+                Err(e) => tracing::warn!(
+                    dir = %entry.path().display(),
+                    "remove the blob scratch of an earlier run: {e}"
+                ),
+            }
+        }
     }
 
     /// Makes the live store equal the point's manifest; displaced objects go to quarantine.
@@ -64,13 +138,31 @@ impl DataPlane {
             run_tag(run_id)
         )));
         options.shard = Some(shard);
+        // What this run's preflight proved and kept; each body is hashed again as it is used.
+        let scratch_dir = self.scratch_dir(run_id);
+        if scratch_dir.is_dir() {
+            let limit = objects.scratch_limit_mib.saturating_mul(1 << 20);
+            match BlobScratch::open(&scratch_dir, limit).await {
+                Ok(scratch) => options.scratch = Some(scratch),
+                Err(e) => tracing::warn!("read every blob from the repository: {e:#}"),
+            }
+        }
         let report = repository::restore_objects(&repo, &snapshot, live, &options).await?;
+        if scratch_dir.is_dir()
+            && let Err(e) = std::fs::remove_dir_all(&scratch_dir)
+        {
+            tracing::warn!(
+                dir = %scratch_dir.display(),
+                "remove the blob scratch the restore consumed: {e}"
+            );
+        }
         Ok(RestoreObjectsOutput {
             snapshot: snapshot.as_str().to_owned(),
             shard: report.shard,
             shards: report.shards,
             restored: report.restored,
             restored_bytes: report.restored_bytes,
+            from_scratch: report.from_scratch,
             unchanged: report.unchanged,
             replaced: report.replaced.len() as u64,
             removed: report.removed.len() as u64,
@@ -238,4 +330,107 @@ fn live_store(o: &ObjectsConfig) -> Result<(Arc<dyn object_store::ObjectStore>, 
         Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
     };
     Ok((store, repository::redact_url(&o.url)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use object_store::ObjectStoreExt;
+    use object_store::path::Path as Key;
+
+    /// Preflight of a run removes other runs' scratch (only directories named like a run tag),
+    /// keeps what it proved in its own, and the restore of that run writes from it and removes
+    /// it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn preflight_keeps_the_delta_for_its_run_and_the_restore_consumes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let live_dir = dir.path().join("live");
+        std::fs::create_dir_all(&live_dir).unwrap();
+        let repo_url = format!("file://{}", dir.path().join("repo").display());
+        let config = ObjectsConfig {
+            url: format!("file://{}", live_dir.display()),
+            s3_endpoint: None,
+            s3_region: None,
+            s3_path_style: false,
+            parallelism: 4,
+            verify_ignore: vec![],
+            verify: VerifyMode::Delta,
+            scratch_dir: Some("scratch".into()),
+            scratch_limit_mib: 16,
+        };
+        let data = DataPlane::from_config(
+            &dir.path().join("agent.toml"),
+            "obj-1",
+            "dev",
+            None,
+            Some(&config),
+        )
+        .unwrap();
+        let (live, _) = live_store(&config).unwrap();
+        for i in 0..5 {
+            let key = Key::from(format!("uploads/{i}"));
+            live.put(&key, vec![i as u8; 1000].into()).await.unwrap();
+        }
+        let repo_ref = RepositoryRef {
+            url: repo_url,
+            s3_endpoint: None,
+            s3_region: None,
+            s3_path_style: false,
+        };
+        let point = PointId::parse("20260421T101500Z-dev-3f2a9c01").unwrap();
+        let part = data
+            .snapshot_objects(&repo_ref, point.as_str(), &Reporter::none())
+            .await
+            .unwrap();
+        let repo = repo_ref.open().await.unwrap();
+        repo.write_point(repository::NewPoint {
+            id: point.clone(),
+            postgres: None,
+            objects: Some(part),
+            secrets: vec![],
+        })
+        .await
+        .unwrap();
+        live.delete(&Key::from("uploads/3")).await.unwrap();
+
+        let scratch = dir.path().join("scratch");
+        let earlier = scratch.join(run_tag("an earlier run"));
+        std::fs::create_dir_all(&earlier).unwrap();
+        std::fs::create_dir_all(scratch.join("not-ours")).unwrap();
+        let out = data
+            .preflight(&repo_ref, point.as_str(), "this run")
+            .await
+            .unwrap();
+        let verified = out.verify.unwrap();
+        assert_eq!(
+            (
+                verified.delta_objects,
+                verified.blobs_hashed,
+                verified.scratch_bytes
+            ),
+            (1, 1, 1000)
+        );
+        assert!(!earlier.exists(), "an earlier run's scratch is removed");
+        assert!(scratch.join("not-ours").exists(), "only run directories");
+        let mine = scratch.join(run_tag("this run"));
+        assert_eq!(std::fs::read_dir(&mine).unwrap().count(), 1);
+
+        let restored = data
+            .restore_objects(
+                &repo_ref,
+                point.as_str(),
+                "this run",
+                0,
+                1,
+                &Reporter::none(),
+            )
+            .await
+            .unwrap();
+        assert_eq!((restored.restored, restored.from_scratch), (1, 1));
+        assert!(!mine.exists(), "the restore consumed its scratch");
+        let back = live.get(&Key::from("uploads/3")).await.unwrap();
+        assert_eq!(back.bytes().await.unwrap().to_vec(), vec![3u8; 1000]);
+    }
 }

@@ -166,6 +166,10 @@ pub struct RestoreObjectsOutput {
     /// Objects written from the snapshot, and their bytes.
     pub restored: u64,
     pub restored_bytes: u64,
+    /// Of those, objects written from the bodies preflight kept instead of read again from the
+    /// repository.
+    #[serde(default)]
+    pub from_scratch: u64,
     /// Objects that already matched.
     pub unchanged: u64,
     /// Objects whose content was replaced, and objects the point lacks: both moved to the
@@ -364,6 +368,7 @@ mod tests {
                 shards: 2,
                 restored: 12,
                 restored_bytes: 4096,
+                from_scratch: 0,
                 unchanged: 30,
                 replaced: 3,
                 removed: 9,

@@ -771,10 +771,22 @@ fn check_rows(exec: &Exec<'_>, phase: &str, agent: &str, required: bool) -> Vec<
             _ => None,
         };
         let detail = match verify {
-            Some(v) if exec.succeeded() => format!(
-                "dump checksum verified over {} bytes; {} snapshot objects present",
-                v.dump_bytes, v.objects_checked
-            ),
+            Some(v) if exec.succeeded() => {
+                let mut detail = format!(
+                    "dump checksum verified over {} bytes; {} snapshot objects present",
+                    v.dump_bytes, v.objects_checked
+                );
+                // An objects agent also hashed what its restore would write.
+                if v.blobs_hashed > 0 || v.delta_objects > 0 {
+                    detail.push_str(&format!(
+                        "; {} differ from the live store; {} blobs hashed ({})",
+                        v.delta_objects,
+                        v.blobs_hashed,
+                        api::human::bytes(v.blob_bytes_hashed)
+                    ));
+                }
+                detail
+            }
             _ => r(&result.detail),
         };
         // The point's verification, then what the agent checked beside it (the counted

@@ -471,6 +471,7 @@ pub(super) async fn full_drill(j: &TestJournal) {
             shards: 1,
             restored: 12,
             restored_bytes: 1_048_576,
+            from_scratch: 0,
             unchanged: 328,
             replaced: 3,
             removed: 9,
