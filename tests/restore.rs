@@ -2,7 +2,8 @@
 //! cowork-sim's data, a file:// object store and repository, the `rollcall` coordinator and
 //! four agents over mTLS — web and worker supervising real `cowork-sim` roles, a database agent
 //! and an objects agent. A backup makes a point; a disaster deletes rows and objects and adds
-//! junk; a drill restores the point; then a corrupted dump fails at preflight, before freeze.
+//! junk; a drill restores the point; then a corrupted dump fails at preflight, before freeze,
+//! and so does a point with a damaged blob of what the restore would write.
 
 #![allow(clippy::unwrap_used)]
 
@@ -238,8 +239,10 @@ exec {real} \"$@\"
     name = "artifact objects"
     sql = "SELECT object_key FROM artifact_index"
     "#;
-        let obj_data =
-            format!("[objects]\nurl = \"{objects_url}\"\nverify_ignore = [\"_probe/\"]\n");
+        // Scratch in the test's directory: other tests' objects agents are also named obj-1.
+        let obj_data = format!(
+            "[objects]\nurl = \"{objects_url}\"\nverify_ignore = [\"_probe/\"]\nscratch_dir = \"scratch/obj-1\"\n"
+        );
         let agent_env = [
             ("DATABASE_URL", db_url.as_str()),
             ("OBJECT_STORE_URL", objects_url.as_str()),
@@ -579,6 +582,163 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
         "never frozen"
     );
 
+    f.stop();
+}
+
+/// The live objects, leaving out the web role's readiness probes (`_probe/`).
+fn live_objects(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut objects = files(dir);
+    objects.retain(|k, _| !k.starts_with("_probe/"));
+    objects
+}
+
+/// A point whose blob has the right size and flipped bytes, for an object the disaster deleted
+/// (so the restore would write it): the drill blocks at preflight naming the key, and the fleet
+/// is untouched — never frozen, no database swapped or prepared, the live objects and rows as
+/// they were. Repaired, `run retry` proves the blob again and the restore writes the objects
+/// from what preflight kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_blob_blocks_the_drill_at_preflight_with_the_fleet_untouched() {
+    let f = Fleet::start().await;
+    let run = |args: &[&str]| f.run(args);
+    let backup = run(&["backup", "--env", "test", "--wait", "--json"]);
+    assert!(
+        backup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&backup.stderr)
+    );
+    let point_id = serde_json::from_slice::<serde_json::Value>(&backup.stdout).unwrap()["point"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let point: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(f.repo.join(format!("points/{point_id}.json"))).unwrap(),
+    )
+    .unwrap();
+    let manifest_key = point["body"]["objects"]["manifest_key"].as_str().unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.repo.join(manifest_key)).unwrap()).unwrap();
+
+    // The disaster deletes an artifact; the point's blob of it has one byte flipped.
+    let artifact = f
+        .cluster
+        .psql(
+            "cowork",
+            "SELECT object_key FROM artifact_index ORDER BY object_key LIMIT 1",
+        )
+        .unwrap()
+        .trim()
+        .to_owned();
+    std::fs::remove_file(f.objects.join(&artifact)).unwrap();
+    let sha = manifest["body"]["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["key"] == artifact.as_str())
+        .unwrap_or_else(|| panic!("{artifact} in {manifest}"))["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let blob = f.repo.join("objects/blobs").join(&sha[..2]).join(&sha);
+    let size = std::fs::metadata(&blob).unwrap().len();
+    let flip = || {
+        let mut bytes = std::fs::read(&blob).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(&blob, bytes).unwrap();
+    };
+    flip();
+    assert_eq!(std::fs::metadata(&blob).unwrap().len(), size, "same size");
+    // Cheap verification (sizes) cannot see it: only hashing the delta does.
+    let quick = run(&["points", "verify", &point_id]);
+    assert!(
+        quick.status.success(),
+        "{}",
+        String::from_utf8_lossy(&quick.stderr)
+    );
+    let objects_before = live_objects(&f.objects);
+    let sessions_before = count(&f.cluster, "cowork", "sessions");
+
+    let drill = run(&["drill", "--env", "test", "--point", &point_id, "--watch"]);
+    assert!(!drill.status.success());
+    let err = String::from_utf8_lossy(&drill.stderr);
+    assert!(
+        err.contains("is blocked")
+            && err.contains("phase preflight did not pass")
+            && err.contains(&format!("(object {artifact}) is corrupt"))
+            && err.contains("traffic was not frozen"),
+        "{err}"
+    );
+    let runs = run(&["runs", "--json"]);
+    let runs: serde_json::Value = serde_json::from_slice(&runs.stdout).unwrap();
+    let drill_id = runs[0]["id"].as_str().unwrap().to_owned();
+    let show = run(&["run", "show", &drill_id, "--json"]);
+    let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(show["run"]["state"], "blocked", "{show}");
+    let reason = show["run"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&artifact) && reason.contains("traffic was not frozen"),
+        "{reason}"
+    );
+    let sent: Vec<&str> = show["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["action"].as_str().unwrap())
+        .collect();
+    assert!(sent.iter().all(|a| *a == "preflight"), "{sent:?}");
+
+    // The fleet is untouched.
+    assert!(
+        maintenance(f.web_addr, &f.operator_token)
+            .await
+            .contains("\"maintenance\":false"),
+        "never frozen"
+    );
+    let databases = f
+        .cluster
+        .psql(
+            "postgres",
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'cowork\\_%'",
+        )
+        .unwrap();
+    assert_eq!(databases.trim(), "0", "no database prepared or swapped");
+    assert_eq!(count(&f.cluster, "cowork", "sessions"), sessions_before);
+    assert_eq!(
+        live_objects(&f.objects),
+        objects_before,
+        "live objects as they were"
+    );
+
+    // Repaired: the retried preflight proves it, and the restore writes what preflight kept.
+    flip();
+    let retried = run(&["run", "retry", &drill_id]);
+    assert!(
+        retried.status.success(),
+        "{}",
+        String::from_utf8_lossy(&retried.stderr)
+    );
+    let watched = run(&["run", "watch", &drill_id]);
+    assert!(
+        watched.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&watched.stdout),
+        String::from_utf8_lossy(&watched.stderr)
+    );
+    assert!(f.objects.join(&artifact).exists(), "the artifact is back");
+    let restored = recorded_restore(&f.dir.path().join("state/obj-1")).unwrap();
+    assert!(
+        restored.restored >= 1 && restored.from_scratch == restored.restored,
+        "{restored:?}"
+    );
+    assert!(
+        !f.dir
+            .path()
+            .join("scratch/obj-1")
+            .join(run_tag(&drill_id))
+            .exists(),
+        "the restore consumed its scratch"
+    );
     f.stop();
 }
 
@@ -1122,14 +1282,19 @@ async fn two_objects_agents_restore_a_point_in_two_shards() {
         m = marker.display()
     );
     let worker_control = "[control]\nscale = \"process\"\n[control.process]\nprogram = \"sleep\"\nargs = [\"3600\"]\nreplicas = 1\nstop_grace = \"1s\"\n";
-    let obj_data = format!("[objects]\nurl = \"{objects_url}\"\nparallelism = 4\n");
+    let obj_data = |name: &str| {
+        format!(
+            "[objects]\nurl = \"{objects_url}\"\nparallelism = 4\nscratch_dir = \"scratch/{name}\"\n"
+        )
+    };
+    let (obj_1, obj_2) = (obj_data("obj-1"), obj_data("obj-2"));
     let names = ["web-1", "worker-1", "obj-1", "obj-2"];
     let mut agents = Vec::new();
     for (name, role, extra) in [
         ("web-1", "web", web_control.as_str()),
         ("worker-1", "worker", worker_control),
-        ("obj-1", "objects", obj_data.as_str()),
-        ("obj-2", "objects", obj_data.as_str()),
+        ("obj-1", "objects", obj_1.as_str()),
+        ("obj-2", "objects", obj_2.as_str()),
     ] {
         let cfg = write_agent_config(dir.path(), &certs, agents_addr, name, role, extra);
         agents.push(spawn(name, &["agent", "--config", cfg.to_str().unwrap()]));
