@@ -515,10 +515,22 @@ key = "certs/coordinator-key.pem"
              repository = \"file://repo\"\nfleet = {{ web = 1 }}\n"
         );
         let err = load(&write(dir.path(), &text)).expect_err("plan does not fit the fleet");
+        // Named by file and line: the line of the preflight phase's `roles`.
+        let lines: Vec<&str> = crate::plan::DEFAULT_PLAN.lines().collect();
+        let preflight = lines
+            .iter()
+            .position(|l| *l == "name = \"preflight\"")
+            .expect("the default plan has a preflight phase");
+        let line = preflight
+            + 1
+            + lines[preflight..]
+                .iter()
+                .position(|l| l.starts_with("roles"))
+                .expect("the preflight phase names roles");
         assert!(
-            format!("{err:#}").contains(
-                "deploy/plans/default.toml:26: phase preflight: unknown role \"database\""
-            ),
+            format!("{err:#}").contains(&format!(
+                "deploy/plans/default.toml:{line}: phase preflight: unknown role \"database\""
+            )),
             "{err:#}"
         );
 
