@@ -176,7 +176,7 @@ async fn describe_on_attach(link: StreamLink, name: AgentName, generation: Gener
             Err(_) => return,
         },
         run_id: String::new(),
-        deadline: SystemTime::now() + DESCRIBE_DEADLINE,
+        deadline: api::model::add_saturating(SystemTime::now(), DESCRIBE_DEADLINE),
         action: Action::Describe,
     };
     match link.send(&name, command).await {

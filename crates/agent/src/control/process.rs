@@ -245,13 +245,15 @@ impl Supervisor {
         if n == 0 {
             return Ok(());
         }
-        let until = Instant::now() + self.shared.config.start_timeout;
+        // None: a timeout past what the clock holds, which never ends (`Instant + Duration`
+        // would panic on it).
+        let until = Instant::now().checked_add(self.shared.config.start_timeout);
         loop {
             let (ready, detail) = self.readiness().await;
             if ready {
                 return Ok(());
             }
-            if Instant::now() >= until {
+            if until.is_some_and(|until| Instant::now() >= until) {
                 bail!(
                     "{n} replicas of {} did not become ready within {}: {detail} (see the logs in {})",
                     self.shared.program.display(),
@@ -492,8 +494,10 @@ impl Shared {
             tracing::warn!(pid, "stopping a replica left over from an earlier agent");
             let group = Pid::from_raw(pid as i32);
             let _ = killpg(group, Signal::SIGTERM);
-            let until = Instant::now() + self.config.stop_grace;
-            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < until {
+            let until = Instant::now().checked_add(self.config.stop_grace);
+            while Path::new(&format!("/proc/{pid}")).exists()
+                && until.is_none_or(|until| Instant::now() < until)
+            {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             let _ = killpg(group, Signal::SIGKILL);
@@ -608,6 +612,22 @@ mod tests {
         assert_ne!(new, old);
         second.shutdown().await;
         assert!(!alive(new[0]));
+        cancel.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn durations_past_what_the_clock_holds_do_not_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config("while true; do sleep 0.05; done");
+        cfg.start_timeout = Duration::MAX;
+        cfg.stop_grace = Duration::MAX;
+        let sup = Supervisor::new(Path::new("agent.toml"), &cfg, dir.path()).unwrap();
+        let cancel = CancellationToken::new();
+        sup.start(1, cancel.clone()).await.unwrap();
+        sup.scale(2).await.unwrap();
+        assert_eq!(sup.readiness().await, (true, "2 replicas ready".into()));
+        sup.scale(0).await.unwrap();
+        assert_eq!(sup.readiness().await, (false, "scaled to 0".into()));
         cancel.cancel();
     }
 

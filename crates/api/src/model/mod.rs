@@ -178,7 +178,23 @@ pub fn to_unix_ms(t: SystemTime) -> i64 {
 }
 
 pub fn from_unix_ms(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+    add_saturating(
+        UNIX_EPOCH,
+        Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
+    )
+}
+
+/// `t + d` for deadlines, never a panic: when the sum is past what the platform's `SystemTime`
+/// can hold (a plan's absurd timeout, a peer's absurd Unix time), a time at least half way from
+/// `t` to the latest one it can hold: a moment that never comes. `SystemTime + Duration` panics.
+pub fn add_saturating(t: SystemTime, mut d: Duration) -> SystemTime {
+    loop {
+        if let Some(sum) = t.checked_add(d) {
+            return sum;
+        }
+        // Ends: `d` reaches zero after at most 94 halvings, and `t + 0` is `t`.
+        d /= 2;
+    }
 }
 
 pub(crate) fn required_time(field: &'static str, ms: i64) -> Result<SystemTime, Invalid> {
@@ -196,6 +212,22 @@ mod tests {
     use super::*;
     use crate::pb::agent as pb;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn deadlines_past_what_a_clock_holds_saturate_instead_of_panicking() {
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(add_saturating(now, hour), now + hour);
+        let far = add_saturating(now, Duration::MAX);
+        assert!(
+            far > now + Duration::from_secs(1_000 * 365 * 86_400),
+            "{far:?}"
+        );
+        assert!(add_saturating(far, Duration::MAX) >= far);
+        // A peer's largest Unix time reads as a (far) time, never a panic.
+        assert!(from_unix_ms(i64::MAX) > now);
+        assert_eq!(from_unix_ms(-5), UNIX_EPOCH);
+    }
 
     fn command() -> Command {
         Command {

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, anyhow, bail};
 use api::model::{
     Action as AgentAction, ActionKind, ActionOutput, AgentStatus, Availability, Outcome,
+    add_saturating,
 };
 use chrono::Utc;
 use serde_json::json;
@@ -296,7 +297,9 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             Ok(steps) => steps,
             Err(why) => return Ok((false, why)),
         };
-        let deadline = SystemTime::now() + phase.timeout;
+        // Plan check caps a timeout at a week; a journaled plan from before that cap must not
+        // panic the phase either.
+        let deadline = add_saturating(SystemTime::now(), phase.timeout);
         let targets = self.targets(phase, env, deadline).await;
 
         // Object restores split the keys by hash across the role's agents (DESIGN.md): each
@@ -465,7 +468,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         env: &Environment,
         deadline: SystemTime,
     ) -> Vec<AgentStatus> {
-        let until = (SystemTime::now() + self.attach_grace).min(deadline);
+        let until = add_saturating(SystemTime::now(), self.attach_grace).min(deadline);
         loop {
             let targets: Vec<AgentStatus> = self
                 .directory

@@ -127,7 +127,7 @@ pub(super) async fn run_steps<L: AgentLink>(
                         // The command may not have arrived: send the same id again once the agent
                         // is back (it dedupes), for as long as the phase has time.
                         last = e.to_string();
-                        if SystemTime::now() + RESEND_PAUSE < deadline {
+                        if time_left(deadline) > RESEND_PAUSE {
                             tokio::time::sleep(RESEND_PAUSE).await;
                             continue 'same_id;
                         }
@@ -141,7 +141,7 @@ pub(super) async fn run_steps<L: AgentLink>(
             }
             if retry < retries {
                 let pause = Duration::from_secs(1 << retry.min(4)).min(MAX_RETRY_PAUSE);
-                if SystemTime::now() + pause >= deadline {
+                if time_left(deadline) <= pause {
                     break;
                 }
                 tokio::time::sleep(pause).await;
@@ -152,4 +152,12 @@ pub(super) async fn run_steps<L: AgentLink>(
         }
     }
     Ok(Ok(()))
+}
+
+/// How long until `deadline` (zero once it passed). Comparing what is left, rather than adding
+/// to now, cannot overflow whatever the deadline.
+fn time_left(deadline: SystemTime) -> Duration {
+    deadline
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
 }

@@ -20,6 +20,12 @@ pub const DEFAULT_PLAN_NAME: &str = "deploy/plans/default.toml";
 /// and embedded here; `Plan::backup_plan` drops the phases of roles a fleet does not declare.
 pub const BACKUP_PLAN: &str = include_str!("../../../../deploy/plans/backup.toml");
 
+/// The longest timeout a phase may have, in days. A phase (and its gate) that may take longer
+/// than a week is a mistake in the plan, not a restore; refusing it also keeps every deadline
+/// the engine computes from a timeout far inside what a clock can hold.
+pub const MAX_PHASE_TIMEOUT_DAYS: u64 = 7;
+pub const MAX_PHASE_TIMEOUT: Duration = Duration::from_secs(MAX_PHASE_TIMEOUT_DAYS * 24 * 3600);
+
 /// Roles a plan may name when no environment's declared fleet is at hand.
 pub const STANDARD_ROLES: [&str; 6] = [
     "web",

@@ -11,8 +11,8 @@ use toml::Spanned;
 
 use super::steps::{ancestors, find_cycle};
 use super::{
-    Action, DEFAULT_PLAN_NAME, Fleet, Gate, Phase, Plan, PlanError, PlanErrors, Quorum, Replicas,
-    STANDARD_ROLES,
+    Action, DEFAULT_PLAN_NAME, Fleet, Gate, MAX_PHASE_TIMEOUT, MAX_PHASE_TIMEOUT_DAYS, Phase, Plan,
+    PlanError, PlanErrors, Quorum, Replicas, STANDARD_ROLES,
 };
 
 /// Parses and validates a plan document (`Plan::parse`).
@@ -152,6 +152,21 @@ impl Validator<'_> {
                     Duration::ZERO
                 }
                 Some(t) => match humantime::parse_duration(t.get_ref()) {
+                    Ok(d) if d > MAX_PHASE_TIMEOUT => {
+                        self.error(
+                            t.span().start,
+                            format!(
+                                "phase {name}: timeout {:?} is longer than the limit of \
+                                 {MAX_PHASE_TIMEOUT_DAYS} days",
+                                t.get_ref()
+                            ),
+                            format!(
+                                "set at most \"{MAX_PHASE_TIMEOUT_DAYS}d\" (a phase is a step of \
+                                 a restore; \"10m\" or \"2h\" is usual)"
+                            ),
+                        );
+                        Duration::ZERO
+                    }
                     Ok(d) if !d.is_zero() => d,
                     Ok(_) => {
                         self.error(
@@ -767,6 +782,38 @@ mod tests {
             err.contains("phase unfreeze resumes traffic before late-check has passed"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn timeouts_are_positive_durations_of_at_most_seven_days() {
+        let plan = |timeout: &str| {
+            check(&format!(
+                "{HEAD}[[phase]]\nname = \"a\"\naction = \"verify\"\nroles = [\"web\"]\ngate = \"all\"\ntimeout = \"{timeout}\"\n"
+            ))
+        };
+        let too_long = "is longer than the limit of 7 days; set at most \"7d\"";
+        for (timeout, refused) in [
+            ("90s", None),
+            ("2h", None),
+            ("7d", None),
+            ("168h", None),
+            ("7d 1s", Some(too_long)),
+            ("8d", Some(too_long)),
+            // Overflowed the phase's deadline and panicked its task (issue 18).
+            ("18446744073709551615s", Some(too_long)),
+            ("99999999999999999999999s", Some("is not a duration")),
+            ("0s", Some("a zero timeout can never be met")),
+            ("soon", Some("is not a duration")),
+        ] {
+            match (plan(timeout), refused) {
+                (Ok(p), None) => assert!(p.phases[0].timeout <= MAX_PHASE_TIMEOUT, "{timeout}"),
+                (Err(err), Some(why)) => assert!(
+                    err.contains("plan.toml:7: phase a: ") && err.contains(why),
+                    "{timeout}: {err}"
+                ),
+                (got, want) => panic!("timeout {timeout:?}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]
