@@ -196,6 +196,41 @@ fn the_object_forms_of_the_contract_work_as_written() {
     fails_with(&all, &["1 of 1 recovery points failed verification"]);
     let text = String::from_utf8_lossy(&all.stdout);
     assert!(text.contains(&format!("damaged  {point}")), "{text}");
+    // A manifest rewritten whole (its own checksum right, one object fewer) is not the one the
+    // point recorded: restoring the point refuses it before writing anything.
+    let mut document: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut edited = document["body"].clone();
+    edited["objects"].as_array_mut().unwrap().remove(0);
+    let edited = serde_json::to_string(&edited).unwrap();
+    {
+        use sha2::Digest as _;
+        document["sha256"] = hex::encode(sha2::Sha256::digest(edited.as_bytes())).into();
+    }
+    let rewritten = format!(
+        "{{\"format\":{},\"sha256\":{},\"body\":{edited}}}\n",
+        document["format"], document["sha256"]
+    );
+    std::fs::write(&manifest, rewritten).unwrap();
+    let fresh = dir.path().join("fresh");
+    std::fs::create_dir_all(&fresh).unwrap();
+    let from_point = rollcall(&[
+        "repo",
+        "restore-objects",
+        "--repo",
+        &repo,
+        "--point",
+        &point,
+        "--store",
+        &format!("file://{}", fresh.display()),
+    ]);
+    fails_with(
+        &from_point,
+        &[&format!("point {point} recorded"), "replaced or modified"],
+    );
+    assert!(
+        std::fs::read_dir(&fresh).unwrap().next().is_none(),
+        "nothing written"
+    );
 }
 
 #[test]

@@ -677,7 +677,12 @@ async fn a_damaged_blob_blocks_the_drill_at_preflight_with_the_fleet_untouched()
     assert_eq!(show["run"]["state"], "blocked", "{show}");
     let reason = show["run"]["reason"].as_str().unwrap();
     assert!(
-        reason.contains(&artifact) && reason.contains("traffic was not frozen"),
+        reason.contains(&artifact)
+            && reason.contains(
+                "traffic was not frozen; the live database was not swapped and no object was \
+                 written"
+            )
+            && !reason.contains("undo"),
         "{reason}"
     );
     let sent: Vec<&str> = show["commands"]
@@ -937,7 +942,40 @@ async fn a_coordinator_killed_mid_drill_is_replaced_and_the_drill_finishes_once(
                 .contains("\"maintenance\":false")
         );
     }
+    // A phase that was running when the coordinator died keeps its start time: its journaled
+    // start is no later than its attempt's first phase.started event (a restart used to
+    // journal a fresh start, so the report's restore timestamps moved to after the crash).
+    let store = coordinator::store::open(&format!("sqlite://{}/state.db", f.dir.path().display()))
+        .await
+        .unwrap();
+    let mut kept = 0;
+    for run in store.list_runs(50).await.unwrap() {
+        let events = store.events(&run.id, 0, 10_000).await.unwrap();
+        for phase in store.phases(&run.id).await.unwrap() {
+            let starts: Vec<_> = events
+                .iter()
+                .filter(|e| {
+                    e.kind == "phase.started"
+                        && e.payload["phase"] == phase.name.as_str()
+                        && e.payload["attempt"] == phase.attempt
+                })
+                .map(|e| e.at)
+                .collect();
+            let Some(first) = starts.first() else {
+                continue;
+            };
+            let started = phase.started_at.unwrap();
+            assert!(
+                started <= *first,
+                "run {} phase {}: journaled start {started} after its first start {first}",
+                run.id,
+                phase.name
+            );
+            kept += usize::from(starts.len() > 1);
+        }
+    }
     eprintln!("commands answered from agents' records after a crash: {replayed}");
+    eprintln!("phases started again after a crash, keeping their start time: {kept}");
     f.stop();
 }
 
@@ -1002,7 +1040,10 @@ async fn failed_checks_block_the_drill_and_name_what_failed() {
         text.contains("phase preflight did not pass")
             && text
                 .contains("does not exist. If it was lost, create it empty (createdb) and retry")
-            && text.contains("traffic was not frozen — fix the cause, then `rollcall run retry"),
+            && text.contains(
+                "traffic was not frozen; the live database was not swapped and no object was \
+                 written — fix the cause, then `rollcall run retry"
+            ),
         "{text}"
     );
     let runs = run(&["runs", "--json"]);

@@ -276,18 +276,15 @@ pub async fn run(args: RepoArgs) -> Result<()> {
             parallelism,
             quarantine,
         } => {
-            let snapshot = match (snapshot, point.or(point_arg)) {
-                (Some(text), _) => {
-                    SnapshotId::parse(&text).with_context(|| format!("--snapshot {text}"))?
-                }
-                (None, Some(text)) => {
-                    let id = PointId::parse(&text).with_context(|| format!("--point {text}"))?;
-                    repo.read_point(&id)
-                        .await?
-                        .objects
-                        .with_context(|| format!("point {id} has no object snapshot"))?
-                        .snapshot_id
-                }
+            // From a point: the manifest must be the very one the point recorded (its
+            // sha256), checked by `restore_point_objects` before anything is written.
+            let source = match (snapshot, point.or(point_arg)) {
+                (Some(text), _) => ObjectsSource::Snapshot(
+                    SnapshotId::parse(&text).with_context(|| format!("--snapshot {text}"))?,
+                ),
+                (None, Some(text)) => ObjectsSource::Point(
+                    PointId::parse(&text).with_context(|| format!("--point {text}"))?,
+                ),
                 (None, None) => bail!(
                     "--snapshot ID or --point ID is required for `rollcall repo \
                      restore-objects` (see `rollcall repo points`)"
@@ -325,7 +322,14 @@ pub async fn run(args: RepoArgs) -> Result<()> {
                     .with_context(|| format!("--quarantine {name:?}"))?,
                 );
             }
-            let report = repository::restore_objects(&repo, &snapshot, target, &options).await?;
+            let report = match source {
+                ObjectsSource::Point(point) => {
+                    repository::restore_point_objects(&repo, &point, target, &options).await?
+                }
+                ObjectsSource::Snapshot(snapshot) => {
+                    repository::restore_objects(&repo, &snapshot, target, &options).await?
+                }
+            };
             json(serde_json::to_value(&report)?);
         }
         RepoCommand::RestorePostgres {
@@ -397,6 +401,12 @@ async fn swap_in(
         "counts": prepared.map(|p| p.counts),
         "resumed": committed.resumed(),
     }))
+}
+
+/// What `repo restore-objects` restores: a snapshot by id, or a point's (checked against it).
+enum ObjectsSource {
+    Snapshot(SnapshotId),
+    Point(PointId),
 }
 
 /// `repo verify` without `--point`: every point, one line each; fails if any is damaged.

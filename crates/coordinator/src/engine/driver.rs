@@ -12,7 +12,7 @@ use api::model::{
     Action as AgentAction, ActionKind, ActionOutput, AgentStatus, Availability, Outcome,
     add_saturating,
 };
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -86,10 +86,14 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             match planner::next(&plan, &states, &in_flight) {
                 Next::Start(phases) => {
                     for index in phases {
-                        let attempt = journal
-                            .iter()
-                            .find(|p| p.index as usize == index)
-                            .map_or(1, |p| p.attempt.max(1));
+                        let journaled = journal.iter().find(|p| p.index as usize == index);
+                        let attempt = journaled.map_or(1, |p| p.attempt.max(1));
+                        // A phase journaled as running was started by a coordinator that is
+                        // gone: this is the same attempt, so it keeps its start time (the
+                        // report's restore timestamps and durations).
+                        let started_at = journaled
+                            .filter(|p| p.state == PhaseState::Running && p.attempt == attempt)
+                            .and_then(|p| p.started_at);
                         in_flight.insert(index);
                         let me = self.clone();
                         let (plan, env, run_id) = (plan.clone(), env.clone(), id.to_owned());
@@ -103,7 +107,9 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                         tasks.spawn(
                             async move {
                                 let result = me
-                                    .run_phase(&run_id, &plan, &env, point, index, attempt)
+                                    .run_phase(
+                                        &run_id, &plan, &env, point, index, attempt, started_at,
+                                    )
                                     .await;
                                 (index, result)
                             }
@@ -155,28 +161,17 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                     let frozen = freeze_note(&plan, &journal);
                     // An agent keeps the result of a command it ran: `resume` re-sends the
                     // phase's commands and gets a failure back as it was. After fixing what
-                    // made a command fail, the phase must run as a new attempt (`retry`).
+                    // made a command fail or time out, the phase must run as a new attempt.
                     let attempt = journal
                         .iter()
                         .find(|p| p.index as usize == phase)
                         .map(|p| p.attempt);
-                    let failed = self.store.commands(id).await?.iter().any(|(c, r)| {
-                        c.phase_index as usize == phase
-                            && Some(c.attempt) == attempt
-                            && r.as_ref().is_some_and(|r| r.outcome == Outcome::Failed)
-                    });
-                    let next = if failed {
-                        format!(
-                            "fix the cause, then `rollcall run retry {id}` (its failed commands \
-                             run again; `resume` would replay their results), or `abort`"
-                        )
-                    } else {
-                        format!(
-                            "fix the cause, then `rollcall run resume {id}` (or `retry`, or `abort`)"
-                        )
-                    };
+                    let commands = self.store.commands(id).await?;
+                    let failed = planner::a_command_failed(&commands, phase, attempt);
+                    let (changes, changed) = planner::changes_note(&plan, &commands);
+                    let next = planner::next_steps(id, failed, changed);
                     let reason = format!(
-                        "phase {} did not pass: {detail}{frozen} — {next}",
+                        "phase {} did not pass: {detail}{frozen}{changes} — {next}",
                         plan.phases[phase].name
                     );
                     self.store
@@ -202,6 +197,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run_phase(
         &self,
         run_id: &str,
@@ -210,9 +206,10 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         point: Option<String>,
         index: usize,
         attempt: u32,
+        started_at: Option<DateTime<Utc>>,
     ) -> Result<()> {
         let phase = &plan.phases[index];
-        let started = Utc::now();
+        let started = started_at.unwrap_or_else(Utc::now);
         let mut record = PhaseRecord {
             run_id: run_id.to_owned(),
             index: index as u32,

@@ -5,7 +5,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::plan::{Action, Gate, Phase, Plan, Quorum, Replicas};
-use crate::store::{PhaseRecord, PhaseState, RunKind, RunRecord, RunState};
+use api::model::{ActionKind, Outcome};
+
+use crate::store::{
+    CommandRecord, PhaseRecord, PhaseState, ResultRecord, RunKind, RunRecord, RunState,
+};
 
 /// What the driver does next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,6 +202,103 @@ pub(super) fn freeze_note(plan: &Plan, journal: &[PhaseRecord]) -> &'static str 
     } else {
         "; traffic was not frozen"
     }
+}
+
+/// What a blocked run's reason says it changed in the live stores, read from its commands and
+/// their results over every attempt: whether the live database was swapped for the point's and
+/// whether objects were written. A swap that failed reopened the live database under its own
+/// name, so only a success (or a command with no answer) may have changed it. Empty for a plan
+/// that restores nothing (a backup); the flag says whether anything may have changed (what
+/// `undo` would put back).
+pub(super) fn changes_note(
+    plan: &Plan,
+    commands: &[(CommandRecord, Option<ResultRecord>)],
+) -> (String, bool) {
+    // The outcomes of the commands of these actions (None: sent, no answer yet).
+    let outcomes = |kinds: &[ActionKind]| -> Vec<Option<Outcome>> {
+        commands
+            .iter()
+            .filter(|(c, _)| kinds.contains(&c.action))
+            .map(|(_, r)| r.as_ref().map(|r| r.outcome))
+            .collect()
+    };
+    let restores = |action: Action| plan.phases.iter().any(|p| p.action == action);
+    let mut parts = Vec::new();
+    let mut changed = false;
+    if restores(Action::RestorePostgres) || restores(Action::CommitPostgres) {
+        let swaps = outcomes(&[ActionKind::RestorePostgres, ActionKind::CommitPostgres]);
+        parts.push(if swaps.contains(&Some(Outcome::Succeeded)) {
+            changed = true;
+            "the live database was swapped for the point's (the one it replaced is kept)"
+        } else if swaps
+            .iter()
+            .any(|o| matches!(o, None | Some(Outcome::TimedOut)))
+        {
+            changed = true;
+            "the live database may have been swapped (a swap has no answer: see `rollcall run \
+             show`)"
+        } else {
+            // Never sent, or failed: a failed swap puts the live database back.
+            "the live database was not swapped"
+        });
+    }
+    if restores(Action::RestoreObjects) {
+        let writes = outcomes(&[ActionKind::RestoreObjects]);
+        parts.push(if writes.contains(&Some(Outcome::Succeeded)) {
+            changed = true;
+            "objects were written (what they replaced is in quarantine)"
+        } else if writes
+            .iter()
+            .any(|o| matches!(o, None | Some(Outcome::Failed | Outcome::TimedOut)))
+        {
+            changed = true;
+            "objects may have been partly written (what they replaced is in quarantine)"
+        } else {
+            "no object was written"
+        });
+    }
+    if parts.is_empty() {
+        return (String::new(), false);
+    }
+    (format!("; {}", parts.join(" and ")), changed)
+}
+
+/// Whether a command of the phase's current attempt got an answer other than success (failed,
+/// timed out on the agent, unsupported): then `resume` would replay that answer, and only a new
+/// attempt (`retry`) runs it again.
+pub(super) fn a_command_failed(
+    commands: &[(CommandRecord, Option<ResultRecord>)],
+    phase: usize,
+    attempt: Option<u32>,
+) -> bool {
+    commands.iter().any(|(c, r)| {
+        c.phase_index as usize == phase
+            && Some(c.attempt) == attempt
+            && r.as_ref().is_some_and(|r| r.outcome != Outcome::Succeeded)
+    })
+}
+
+/// What a blocked run's reason tells the operator to do: `retry` when a command failed or timed
+/// out (an agent keeps a command's result, so `resume` would replay it), `resume` when agents
+/// were missing or not ready; `undo` when the run may have changed the live stores; `abort`.
+pub(super) fn next_steps(id: &str, command_failed: bool, changed: bool) -> String {
+    let first = if command_failed {
+        format!(
+            "fix the cause, then `rollcall run retry {id}` (the failed phase runs again as a new \
+             attempt; `resume` would replay its results)"
+        )
+    } else {
+        format!(
+            "fix the cause, then `rollcall run resume {id}` (re-sends to the agents that were \
+             missing or not ready; `retry` runs the phase again as a new attempt)"
+        )
+    };
+    let undo = if changed {
+        format!(", `rollcall run undo {id}` (puts back what the run changed)")
+    } else {
+        String::new()
+    };
+    format!("{first}{undo}, or `rollcall run abort {id}` (ends the run as it stands)")
 }
 
 #[cfg(test)]
@@ -412,6 +513,102 @@ mod tests {
         assert_eq!(freeze_note(&plan, &unfrozen), "");
         let backup = Plan::backup_plan(&crate::plan::tests::fleet()).unwrap();
         assert_eq!(freeze_note(&backup, &preflight_blocked), "");
+    }
+
+    fn sent(action: ActionKind, outcome: Option<Outcome>) -> (CommandRecord, Option<ResultRecord>) {
+        let epoch = api::model::Epoch::new(1).unwrap();
+        let command = CommandRecord {
+            command_id: format!("r/{}", action.as_str()),
+            run_id: "r".into(),
+            phase_index: 0,
+            agent: "a".into(),
+            action,
+            payload: serde_json::json!({}),
+            attempt: 1,
+            epoch,
+            created_at: Utc::now(),
+        };
+        let result = outcome.map(|outcome| ResultRecord {
+            command_id: command.command_id.clone(),
+            agent: "a".into(),
+            epoch,
+            outcome,
+            replayed: false,
+            detail: String::new(),
+            output: None,
+            received_at: Utc::now(),
+        });
+        (command, result)
+    }
+
+    #[test]
+    fn a_blocked_reason_names_what_the_run_changed_in_the_live_stores() {
+        use ActionKind::{CommitPostgres, Preflight, PreparePostgres, RestoreObjects};
+        let plan = plan();
+        let note =
+            |commands: &[(CommandRecord, Option<ResultRecord>)]| changes_note(&plan, commands);
+        let untouched = (
+            "; the live database was not swapped and no object was written".to_owned(),
+            false,
+        );
+        assert_eq!(note(&[]), untouched);
+        assert_eq!(
+            note(&[
+                sent(Preflight, Some(Outcome::Succeeded)),
+                sent(PreparePostgres, Some(Outcome::Succeeded)),
+                // A failed swap put the live database back.
+                sent(CommitPostgres, Some(Outcome::Failed)),
+            ]),
+            untouched
+        );
+        let (text, changed) = note(&[sent(CommitPostgres, None)]);
+        assert!(changed && text.contains("may have been swapped"), "{text}");
+        let (text, changed) = note(&[sent(CommitPostgres, Some(Outcome::TimedOut))]);
+        assert!(changed && text.contains("may have been swapped"), "{text}");
+        // A later attempt's failure does not hide an earlier attempt's swap.
+        let (text, changed) = note(&[
+            sent(CommitPostgres, Some(Outcome::Succeeded)),
+            sent(CommitPostgres, Some(Outcome::Failed)),
+            sent(RestoreObjects, Some(Outcome::Failed)),
+        ]);
+        assert!(
+            changed
+                && text.contains("the live database was swapped for the point's")
+                && text.contains("objects may have been partly written"),
+            "{text}"
+        );
+        let (text, _) = note(&[sent(RestoreObjects, Some(Outcome::Succeeded))]);
+        assert!(text.ends_with("and objects were written (what they replaced is in quarantine)"));
+        // A backup restores nothing: nothing to say.
+        let backup = Plan::backup_plan(&crate::plan::tests::fleet()).unwrap();
+        assert_eq!(changes_note(&backup, &[]), (String::new(), false));
+    }
+
+    #[test]
+    fn a_timed_out_command_asks_for_a_new_attempt() {
+        let mut timed_out = sent(ActionKind::Verify, Some(Outcome::TimedOut));
+        timed_out.0.phase_index = 3;
+        let commands = [sent(ActionKind::Preflight, None), timed_out];
+        assert!(a_command_failed(&commands, 3, Some(1)));
+        assert!(!a_command_failed(&commands, 3, Some(2)), "another attempt");
+        assert!(!a_command_failed(&commands, 0, Some(1)), "no answer yet");
+    }
+
+    #[test]
+    fn next_steps_name_retry_for_failed_commands_and_undo_only_when_something_changed() {
+        let failed = next_steps("r-1", true, false);
+        assert!(
+            failed.starts_with("fix the cause, then `rollcall run retry r-1`")
+                && !failed.contains("undo")
+                && failed.ends_with("or `rollcall run abort r-1` (ends the run as it stands)"),
+            "{failed}"
+        );
+        let missing = next_steps("r-1", false, true);
+        assert!(
+            missing.starts_with("fix the cause, then `rollcall run resume r-1`")
+                && missing.contains("`rollcall run undo r-1` (puts back what the run changed)"),
+            "{missing}"
+        );
     }
 
     #[test]
