@@ -128,7 +128,7 @@ async fn agents_attach_run_commands_and_dedupe() {
         .await
         .unwrap();
     assert_eq!(slow.outcome, Outcome::TimedOut);
-    assert!(slow.message.contains("deadline"), "{}", slow.message);
+    assert!(slow.message.contains("time limit"), "{}", slow.message);
 
     // Describe reports what the agent persisted.
     let described = link

@@ -133,6 +133,8 @@ impl Executor {
 
     async fn execute_inner(&self, command: Command, progress: Reporter) -> CommandResult {
         let received = SystemTime::now();
+        // The command's time limit runs from here, on this machine's monotonic clock.
+        let arrived = std::time::Instant::now();
         // The epoch is checked, and a newer one persisted, before anything else happens.
         let check = self.state().observe_epoch(command.epoch);
         match check {
@@ -191,17 +193,16 @@ impl Executor {
             Claim::Run(sender) => sender,
         };
 
-        let left = command
-            .deadline
-            .duration_since(SystemTime::now())
-            .ok()
+        let left = Some(command.time_limit.saturating_sub(arrived.elapsed()))
             .filter(|left| !left.is_zero());
         let mut result = match left {
             None => refusal(
                 &command,
                 received,
                 Outcome::TimedOut,
-                "deadline had passed when the command arrived".into(),
+                "the command had no time left when it arrived (its phase's timeout had run \
+                 out on the coordinator)"
+                    .into(),
             ),
             Some(left) => {
                 match tokio::time::timeout(
@@ -225,9 +226,9 @@ impl Executor {
                         received,
                         Outcome::TimedOut,
                         format!(
-                            "{} did not finish within its deadline ({} after it arrived)",
+                            "{} did not finish within its time limit ({} after it arrived)",
                             command.action.name(),
-                            humantime::format_duration(left)
+                            humantime::format_duration(command.time_limit)
                         ),
                     ),
                 }
@@ -539,7 +540,7 @@ mod tests {
             id: CommandId::parse(id).expect("id"),
             epoch: Epoch::new(epoch).expect("epoch"),
             run_id: "r".into(),
-            deadline: SystemTime::now() + deadline_in,
+            time_limit: deadline_in,
             trace_context: Default::default(),
             action: Action::Ping {
                 hold: Duration::from_millis(hold_ms),
@@ -607,14 +608,14 @@ mod tests {
             .await;
         assert_eq!(slow.outcome, Outcome::TimedOut);
         assert!(
-            slow.message.contains("did not finish within its deadline"),
+            slow.message
+                .contains("did not finish within its time limit (100ms after it arrived)"),
             "{}",
             slow.message
         );
-        let mut late = ping("late", 1, 0, Duration::ZERO);
-        late.deadline = SystemTime::now() - Duration::from_secs(1);
-        let late = ex.execute(late).await;
+        let late = ex.execute(ping("late", 1, 0, Duration::ZERO)).await;
         assert_eq!(late.outcome, Outcome::TimedOut);
+        assert!(late.message.contains("no time left"), "{}", late.message);
         assert_eq!(
             executions(&ex.execute(ping("ok", 1, 0, Duration::from_secs(5))).await),
             1,

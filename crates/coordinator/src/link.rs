@@ -130,11 +130,16 @@ impl AgentLink for StreamLink {
             });
             let id = command.id.clone();
             let deadline = command.deadline;
+            // The agent gets what is left of the deadline on this clock, as a duration it
+            // measures from receipt on its own: skew between the machines changes nothing.
+            let time_limit = deadline
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
             let message = CoordinatorMessage::Command(Command {
                 id: command.id,
                 epoch,
                 run_id: command.run_id,
-                deadline,
+                time_limit,
                 trace_context,
                 action: command.action,
             });

@@ -390,7 +390,7 @@ mod tests {
             id: CommandId::parse("c1").expect("id"),
             epoch: Epoch::new(1).expect("epoch"),
             run_id: String::new(),
-            deadline: SystemTime::now(),
+            time_limit: Duration::from_secs(1),
             trace_context: Default::default(),
             action: api::model::Action::Describe,
         }

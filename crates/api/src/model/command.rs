@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::{CommandId, Epoch, Invalid, required_time, to_unix_ms};
+use super::{CommandId, Epoch, Invalid, add_saturating, required_time, to_unix_ms};
 use crate::pb::agent as pb;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -336,7 +336,9 @@ pub struct Command {
     pub id: CommandId,
     pub epoch: Epoch,
     pub run_id: String,
-    pub deadline: SystemTime,
+    /// How long the command may take from its receipt, measured on the agent's monotonic clock:
+    /// no wall clock of another machine decides whether a command is late.
+    pub time_limit: Duration,
     /// W3C trace context (`traceparent`, `tracestate`).
     pub trace_context: BTreeMap<String, String>,
     pub action: Action,
@@ -423,7 +425,15 @@ impl TryFrom<pb::Command> for Command {
             id: CommandId::parse(&m.command_id)?,
             epoch: Epoch::new(m.epoch)?,
             run_id: m.run_id,
-            deadline: required_time("deadline", m.deadline_unix_ms)?,
+            time_limit: if m.timeout_ms > 0 {
+                Duration::from_millis(m.timeout_ms)
+            } else {
+                // An older coordinator sends only its absolute deadline: what is left of it on
+                // this machine's clock (the old rule, skew included).
+                required_time("deadline", m.deadline_unix_ms)?
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+            },
             trace_context: m.trace_context.into_iter().collect(),
             action,
         })
@@ -508,7 +518,11 @@ impl From<Command> for pb::Command {
             command_id: m.id.0,
             epoch: m.epoch.get(),
             run_id: m.run_id,
-            deadline_unix_ms: to_unix_ms(m.deadline),
+            // For agents older than timeout_ms: the deadline on this (the sender's) clock.
+            deadline_unix_ms: to_unix_ms(add_saturating(SystemTime::now(), m.time_limit)),
+            timeout_ms: u64::try_from(m.time_limit.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
             trace_context: m.trace_context.into_iter().collect(),
             action: Some(action),
         }

@@ -234,7 +234,7 @@ mod tests {
             id: CommandId::parse("run-1/phase-0/web-1/1").expect("valid"),
             epoch: Epoch::new(7).expect("valid"),
             run_id: "run-1".into(),
-            deadline: from_unix_ms(1_800_000_000_000),
+            time_limit: Duration::from_secs(600),
             trace_context: BTreeMap::from([("traceparent".into(), "00-abc-def-01".into())]),
             action: Action::Ping {
                 hold: Duration::from_millis(250),
@@ -260,13 +260,46 @@ mod tests {
         assert_eq!(Command::try_from(wire), Ok(check));
     }
 
+    /// A command carries how long it may take, not when it must end: a receiver whose clock is
+    /// off by hours reads the same limit. A command from an older coordinator (an absolute
+    /// deadline only) is read by the old rule, against this machine's clock.
+    #[test]
+    fn a_command_carries_its_time_limit_and_reads_an_older_deadline() {
+        let mut wire: pb::Command = command().into();
+        assert_eq!(wire.timeout_ms, 600_000);
+        // Older agents still find a deadline on the sender's clock.
+        let ahead = wire.deadline_unix_ms - to_unix_ms(SystemTime::now());
+        assert!((599_000..=600_000).contains(&ahead), "{ahead}");
+        wire.deadline_unix_ms = 1; // 1970: whatever it says, the limit decides.
+        assert_eq!(
+            Command::try_from(wire.clone()).map(|c| c.time_limit),
+            Ok(Duration::from_secs(600))
+        );
+        wire.timeout_ms = 0;
+        wire.deadline_unix_ms = to_unix_ms(SystemTime::now() + Duration::from_secs(60));
+        let left = Command::try_from(wire.clone()).expect("valid").time_limit;
+        assert!(
+            left > Duration::from_secs(55) && left <= Duration::from_secs(60),
+            "{left:?}"
+        );
+        wire.deadline_unix_ms = to_unix_ms(SystemTime::now() - Duration::from_secs(60));
+        assert_eq!(
+            Command::try_from(wire).map(|c| c.time_limit),
+            Ok(Duration::ZERO),
+            "an old deadline already past"
+        );
+    }
+
     #[test]
     fn rejects_commands_missing_required_fields() {
         type Mutation = fn(&mut pb::Command);
         let cases: [(&str, Mutation); 4] = [
             ("command_id", |c| c.command_id.clear()),
             ("epoch", |c| c.epoch = 0),
-            ("deadline", |c| c.deadline_unix_ms = 0),
+            ("deadline", |c| {
+                c.timeout_ms = 0;
+                c.deadline_unix_ms = 0;
+            }),
             ("command action", |c| c.action = None),
         ];
         for (field, mutate) in cases {
