@@ -75,12 +75,17 @@ impl Fleet {
 
     /// A fleet whose worker smoke may take `smoke_timeout`.
     async fn start_with(smoke_timeout: &str) -> Fleet {
-        Fleet::start_opts(smoke_timeout, false).await
+        Fleet::start_opts(smoke_timeout, false, &[]).await
     }
 
     /// `failing_pg_restore`: the database agent's Postgres tools are a directory whose
-    /// pg_restore fails while `pg_restore_fails` exists.
-    async fn start_opts(smoke_timeout: &str, failing_pg_restore: bool) -> Fleet {
+    /// pg_restore fails while `pg_restore_fails` exists. `clocks`: processes (by name:
+    /// `coordinator`, `db-1`, ...) whose clock runs off by an offset (libfaketime's `+10m`).
+    async fn start_opts(
+        smoke_timeout: &str,
+        failing_pg_restore: bool,
+        clocks: &[(&str, &str)],
+    ) -> Fleet {
         install_crypto();
         let dir = tempfile::tempdir().unwrap();
         let cluster = ephemeral_pg::Cluster::start().unwrap();
@@ -146,7 +151,11 @@ impl Fleet {
         );
         let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, &env);
         let spawn = |name: &str, args: &[&str], env: &[(&str, &str)]| {
-            spawn_rollcall(name, dir.path(), args, env)
+            let mut env = env.to_vec();
+            if let Some((_, offset)) = clocks.iter().find(|(n, _)| *n == name) {
+                env.extend([("LD_PRELOAD", libfaketime()), ("FAKETIME", *offset)]);
+            }
+            spawn_rollcall(name, dir.path(), args, &env)
         };
         let coordinator = spawn(
             "coordinator",
@@ -585,6 +594,78 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
     f.stop();
 }
 
+/// Debian's libfaketime (package `faketime`, which `.ci/run` installs).
+fn libfaketime() -> &'static str {
+    const CANDIDATES: [&str; 2] = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    ];
+    CANDIDATES
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("libfaketime is not installed: apt-get install faketime")
+}
+
+/// Clocks off by ten minutes either way change nothing: the database agent's clock runs 10
+/// minutes fast and the objects agent's 10 minutes slow (libfaketime), and a backup and a
+/// drill pass as with agreeing clocks (commands carry how long they may take, measured by each
+/// agent from receipt, where an absolute deadline used to be refused on arrival by the fast
+/// clock). `rollcall agents` shows each offset and warns about both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_whose_clocks_are_ten_minutes_off_back_up_and_drill() {
+    let f = Fleet::start_opts("90s", false, &[("db-1", "+10m"), ("obj-1", "-10m")]).await;
+    let backup = f.run(&["backup", "--env", "test", "--wait", "--json"]);
+    assert!(
+        backup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&backup.stderr)
+    );
+    let point = serde_json::from_slice::<serde_json::Value>(&backup.stdout).unwrap()["point"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let drill = f.run(&["drill", "--env", "test", "--point", &point, "--watch"]);
+    assert!(
+        drill.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&drill.stdout),
+        String::from_utf8_lossy(&drill.stderr)
+    );
+    let agents = f.run(&["agents", "--json"]);
+    let agents: serde_json::Value = serde_json::from_slice(&agents.stdout).unwrap();
+    let offset = |name: &str| {
+        agents["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {agents}"))["clock_offset_ms"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{name}'s offset in {agents}"))
+    };
+    let minutes = |ms: i64| (ms as f64 / 60_000.0).round() as i64;
+    assert_eq!(minutes(offset("db-1")), 10, "{agents}");
+    assert_eq!(minutes(offset("obj-1")), -10, "{agents}");
+    assert!(offset("web-1").abs() < 5_000, "{agents}");
+    let text = f.run(&["agents"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    let warning = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("warning: agent {name}'s clock is 10m")))
+            .unwrap_or_else(|| panic!("no clock warning for {name}: {text}"))
+    };
+    assert!(
+        warning("db-1").contains("ahead of the coordinator's"),
+        "{text}"
+    );
+    assert!(
+        warning("obj-1").contains("behind the coordinator's"),
+        "{text}"
+    );
+    assert!(!text.contains("agent web-1's clock"), "{text}");
+    f.stop();
+}
+
 /// The live objects, leaving out the web role's readiness probes (`_probe/`).
 fn live_objects(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     let mut objects = files(dir);
@@ -773,7 +854,7 @@ fn run_tag(run_id: &str) -> String {
 /// they were, and `run retry` after the fix restores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_prepare_blocks_with_the_fleet_untouched() {
-    let f = Fleet::start_opts("90s", true).await;
+    let f = Fleet::start_opts("90s", true, &[]).await;
     let backup = f.run(&["backup", "--env", "test", "--wait", "--json"]);
     assert!(
         backup.status.success(),

@@ -283,7 +283,7 @@ impl Agent {
                 _ = heartbeat.tick() => {
                     let (ready, detail) =
                         self.readiness.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    let hb = Heartbeat { ready, detail };
+                    let hb = Heartbeat { ready, detail, sent_at: Some(std::time::SystemTime::now()) };
                     if out_tx.send(AgentMessage::Heartbeat(hb).into()).await.is_err() {
                         bail!("outbound stream closed");
                     }

@@ -1,5 +1,5 @@
-//! Quantities written for people: byte sizes in binary units, one way for every report and
-//! listing.
+//! Quantities written for people: byte sizes in binary units and clock offsets, one way for
+//! every report and listing.
 
 /// The binary units a size is written in; anything past TiB stays in TiB.
 const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -22,9 +22,43 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// An agent clock further than this (milliseconds) from the coordinator's is warned about, in
+/// the coordinator's log and by `rollcall agents`. Commands do not depend on it (they carry
+/// durations), but logs, traces, reports and point stamps of several machines only line up when
+/// the clocks agree.
+pub const CLOCK_OFFSET_WARN_MS: i64 = 5_000;
+
+/// A clock's offset from the coordinator's in words, rounded up to the second:
+/// `10m ahead of`, `1m 30s behind`, `0s ahead of`.
+pub fn clock_offset(offset_ms: i64) -> String {
+    let secs = offset_ms.unsigned_abs().div_ceil(1000);
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let mut parts = Vec::new();
+    if h > 0 {
+        parts.push(format!("{h}h"));
+    }
+    if m > 0 {
+        parts.push(format!("{m}m"));
+    }
+    if s > 0 || parts.is_empty() {
+        parts.push(format!("{s}s"));
+    }
+    let side = if offset_ms >= 0 { "ahead of" } else { "behind" };
+    format!("{} {side}", parts.join(" "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clock_offsets_read_as_ahead_or_behind() {
+        assert_eq!(clock_offset(600_000), "10m ahead of");
+        assert_eq!(clock_offset(-90_000), "1m 30s behind");
+        assert_eq!(clock_offset(-1_500), "2s behind");
+        assert_eq!(clock_offset(0), "0s ahead of");
+        assert_eq!(clock_offset(3_600_000 + 1), "1h 1s ahead of");
+    }
 
     #[test]
     fn sizes_walk_the_binary_units() {

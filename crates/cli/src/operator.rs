@@ -192,29 +192,54 @@ pub async fn agents(connection: &Connection, json: bool) -> Result<()> {
     }
     let now = api::model::to_unix_ms(std::time::SystemTime::now());
     outln!(
-        "{:<20} {:<10} {:<14} {:<12} {:<6} {:<10} CAPABILITIES",
+        "{:<20} {:<10} {:<14} {:<12} {:<6} {:<10} {:<8} CAPABILITIES",
         "NAME",
         "ROLE",
         "ENVIRONMENT",
         "STATE",
         "READY",
-        "HEARTBEAT"
+        "HEARTBEAT",
+        "CLOCK"
     );
+    let mut skewed = Vec::new();
     for a in &agents {
         let state = match a.availability {
             Availability::Connected => "connected",
             Availability::Unavailable => "unavailable",
         };
         let age = (now - a.last_heartbeat_unix_ms).max(0) / 1000;
+        // The agent's clock against the coordinator's: `ok` within the warning threshold.
+        let clock = match a.clock_offset_ms {
+            None => "-".to_owned(),
+            Some(ms) if ms.abs() <= api::human::CLOCK_OFFSET_WARN_MS => "ok".to_owned(),
+            Some(ms) => {
+                skewed.push((&a.name, ms));
+                format!(
+                    "{}{}s",
+                    if ms >= 0 { "+" } else { "-" },
+                    ms.unsigned_abs() / 1000
+                )
+            }
+        };
         outln!(
-            "{:<20} {:<10} {:<14} {:<12} {:<6} {:<10} {}",
+            "{:<20} {:<10} {:<14} {:<12} {:<6} {:<10} {:<8} {}",
             a.name,
             a.role,
             a.environment,
             state,
             if a.ready { "yes" } else { "no" },
             format!("{age}s ago"),
+            clock,
             a.capabilities.join(",")
+        );
+    }
+    for (name, ms) in skewed {
+        outln!(
+            "warning: agent {name}'s clock is {} the coordinator's (more than {}s): commands do \
+             not depend on it, but logs, reports and point stamps will not line up; synchronise \
+             the clocks (NTP, chrony)",
+            api::human::clock_offset(ms),
+            api::human::CLOCK_OFFSET_WARN_MS / 1000
         );
     }
     Ok(())

@@ -411,6 +411,7 @@ mod tests {
             Heartbeat {
                 ready: true,
                 detail: String::new(),
+                sent_at: None,
             },
         );
         let commands = Arc::new(CommandCounters::default());

@@ -42,6 +42,8 @@ struct Entry {
     connected_since: SystemTime,
     peer: Option<SocketAddr>,
     conn: Option<Connection>,
+    /// The agent's clock minus ours at its last heartbeat that carried one (milliseconds).
+    clock_offset_ms: Option<i64>,
 }
 
 /// The queue of messages towards one agent's stream. Boxed: the queue allocates its slots in
@@ -101,6 +103,7 @@ impl Registry {
             last_heartbeat_at: now,
             connected_since: now,
             peer,
+            clock_offset_ms: None,
             conn: Some(Connection {
                 generation,
                 tx,
@@ -123,10 +126,30 @@ impl Registry {
                 .as_ref()
                 .is_some_and(|c| c.generation == generation)
         {
+            let now = SystemTime::now();
             entry.ready = hb.ready;
             entry.detail = hb.detail;
             entry.last_heartbeat = Instant::now();
-            entry.last_heartbeat_at = SystemTime::now();
+            entry.last_heartbeat_at = now;
+            if let Some(sent) = hb.sent_at {
+                // The heartbeat's travel time counts as offset: milliseconds on a healthy link.
+                let offset = to_unix_ms(sent).saturating_sub(to_unix_ms(now));
+                let limit = api::human::CLOCK_OFFSET_WARN_MS;
+                let was_off = entry.clock_offset_ms.is_some_and(|o| o.abs() > limit);
+                if offset.abs() > limit && !was_off {
+                    tracing::warn!(
+                        agent = %name,
+                        offset_ms = offset,
+                        "agent {name}'s clock is {} the coordinator's: commands do not depend on \
+                         it, but logs, reports and point stamps of different machines will not \
+                         line up; synchronise the clocks (NTP, chrony)",
+                        api::human::clock_offset(offset)
+                    );
+                } else if was_off && offset.abs() <= limit {
+                    tracing::info!(agent = %name, offset_ms = offset, "agent {name}'s clock agrees with the coordinator's again");
+                }
+                entry.clock_offset_ms = Some(offset);
+            }
         }
     }
 
@@ -288,6 +311,7 @@ impl Registry {
                 last_heartbeat_unix_ms: to_unix_ms(e.last_heartbeat_at),
                 connected_since_unix_ms: to_unix_ms(e.connected_since),
                 peer_address: e.peer.map(|p| p.to_string()).unwrap_or_default(),
+                clock_offset_ms: e.clock_offset_ms,
             })
             .collect()
     }
@@ -360,6 +384,37 @@ mod tests {
     }
 
     #[test]
+    fn heartbeats_give_each_agents_clock_offset() {
+        let registry = Registry::new();
+        let (tx, _rx) = mpsc::channel(4);
+        let g = registry.attach(hello("w-1"), None, tx);
+        let name = AgentName::parse("w-1").expect("name");
+        assert_eq!(registry.list()[0].clock_offset_ms, None, "not known yet");
+        let beat = |sent_at| Heartbeat {
+            ready: true,
+            detail: "ok".into(),
+            sent_at,
+        };
+        registry.heartbeat(
+            &name,
+            g,
+            beat(Some(SystemTime::now() + Duration::from_secs(600))),
+        );
+        let offset = registry.list()[0].clock_offset_ms.expect("offset");
+        assert!((599_000..=600_000).contains(&offset), "{offset}");
+        registry.heartbeat(
+            &name,
+            g,
+            beat(Some(SystemTime::now() - Duration::from_secs(90))),
+        );
+        let offset = registry.list()[0].clock_offset_ms.expect("offset");
+        assert!((-91_000..=-90_000).contains(&offset), "{offset}");
+        // An older agent's heartbeat (no clock) keeps the last estimate.
+        registry.heartbeat(&name, g, beat(None));
+        assert!(registry.list()[0].clock_offset_ms.is_some());
+    }
+
+    #[test]
     fn silent_agents_expire_and_heartbeats_keep_them() {
         let registry = Registry::new();
         let (tx, _rx) = mpsc::channel(4);
@@ -371,6 +426,7 @@ mod tests {
             Heartbeat {
                 ready: true,
                 detail: "ok".into(),
+                sent_at: None,
             },
         );
         assert!(registry.expire(Duration::from_secs(60)).is_empty());

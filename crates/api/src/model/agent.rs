@@ -1,5 +1,7 @@
 //! Agent → coordinator: the hello, heartbeats and progress reports an agent sends up its stream.
 
+use std::time::SystemTime;
+
 use serde::{Deserialize, Serialize};
 
 use super::{AgentName, CommandId, CommandResult, Environment, Epoch, Invalid, Role, check_token};
@@ -19,6 +21,8 @@ pub struct Hello {
 pub struct Heartbeat {
     pub ready: bool,
     pub detail: String,
+    /// The agent's wall clock when it sent the heartbeat (None from older agents).
+    pub sent_at: Option<SystemTime>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -149,6 +153,7 @@ impl TryFrom<pb::AgentMessage> for AgentMessage {
             Some(pb::agent_message::Msg::Heartbeat(h)) => Ok(AgentMessage::Heartbeat(Heartbeat {
                 ready: h.ready,
                 detail: h.detail,
+                sent_at: (h.sent_unix_ms > 0).then(|| super::from_unix_ms(h.sent_unix_ms)),
             })),
             Some(pb::agent_message::Msg::Result(r)) => Ok(AgentMessage::Result(r.try_into()?)),
             Some(pb::agent_message::Msg::Progress(p)) => Ok(AgentMessage::Progress(p.try_into()?)),
@@ -164,6 +169,7 @@ impl From<AgentMessage> for pb::AgentMessage {
             AgentMessage::Heartbeat(h) => pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
                 ready: h.ready,
                 detail: h.detail,
+                sent_unix_ms: h.sent_at.map_or(0, super::to_unix_ms),
             }),
             AgentMessage::Result(r) => pb::agent_message::Msg::Result(r.into()),
             AgentMessage::Progress(p) => pb::agent_message::Msg::Progress(p.into()),

@@ -26,6 +26,9 @@ pub struct AgentStatus {
     pub last_heartbeat_unix_ms: i64,
     pub connected_since_unix_ms: i64,
     pub peer_address: String,
+    /// The agent's clock minus the coordinator's at its last heartbeat, in milliseconds (None:
+    /// an agent that does not send its clock). Shown and warned about; nothing depends on it.
+    pub clock_offset_ms: Option<i64>,
 }
 
 impl TryFrom<op::AgentStatus> for AgentStatus {
@@ -53,6 +56,7 @@ impl TryFrom<op::AgentStatus> for AgentStatus {
             last_heartbeat_unix_ms: m.last_heartbeat_unix_ms,
             connected_since_unix_ms: m.connected_since_unix_ms,
             peer_address: m.peer_address,
+            clock_offset_ms: m.clock_offset_ms,
         })
     }
 }
@@ -75,6 +79,7 @@ impl From<AgentStatus> for op::AgentStatus {
             last_heartbeat_unix_ms: m.last_heartbeat_unix_ms,
             connected_since_unix_ms: m.connected_since_unix_ms,
             peer_address: m.peer_address,
+            clock_offset_ms: m.clock_offset_ms,
         }
     }
 }
