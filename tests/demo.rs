@@ -132,6 +132,32 @@ fn the_demo_passes_reports_its_numbers_and_cleans_up() {
         "{smoke}"
     );
 
+    // The demo's web role exits when its database connection is terminated (as real services
+    // do): the default plan stops it before the swap, so it never did.
+    fn logs(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                logs(&path, out);
+            } else if path.extension().is_some_and(|e| e == "log") {
+                out.push(path);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    logs(&fleet, &mut found);
+    assert!(!found.is_empty(), "the demo keeps its logs");
+    let crashed: Vec<_> = found
+        .iter()
+        .filter(|p| {
+            std::fs::read_to_string(p)
+                .is_ok_and(|text| text.contains("ended this web role's connection"))
+        })
+        .collect();
+    assert!(crashed.is_empty(), "web lost its connection: {crashed:?}");
+    let web = std::fs::read_to_string(fleet.join("web-1.toml")).unwrap();
+    assert!(web.contains("\"--exit-on-db-loss\""), "{web}");
+
     // Nothing the demo started is still running: no process naming its directory (the
     // coordinator, agents, Postgres) and no role the agents ran (`rollcall cowork-sim ...`).
     let roles = format!("{} cowork-sim", rollcall_bin().display());

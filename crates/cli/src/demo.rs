@@ -477,7 +477,9 @@ scale = "process"
 freeze = "http"
 [control.process]
 program = "{exe}"
-args = ["cowork-sim", "web", "--listen", "{web}"]
+# Like real services, web exits when its database connection is terminated: the drill must
+# never terminate it (web is stopped before the swap, the runbook's step 3).
+args = ["cowork-sim", "web", "--listen", "{web}", "--exit-on-db-loss"]
 frozen_args = ["--maintenance"]
 health_url = "http://{web}/readyz"
 stop_grace = "5s"

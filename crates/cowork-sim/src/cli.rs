@@ -82,6 +82,11 @@ enum Command {
         maintenance: bool,
         #[arg(long)]
         instance_id: Option<String>,
+        /// Exit (status 70) when the database ends the role's connection, as services whose
+        /// database client treats a terminated connection as fatal do (a Node.js `pg` client
+        /// without an error handler): a restore that terminates it crashes the role.
+        #[arg(long, env = "COWORK_EXIT_ON_DB_LOSS")]
+        exit_on_db_loss: bool,
     },
     /// Process prompt commands into events, projections, artifacts and checkpoints.
     Worker {
@@ -333,8 +338,12 @@ async fn run(cli: Cli) -> Result<()> {
             listen,
             maintenance,
             instance_id,
+            exit_on_db_loss,
         } => {
             let deps = deps(&db, &store).await?;
+            if exit_on_db_loss {
+                crate::web::exit_on_db_loss(&db.database_url).await?;
+            }
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("listen on {listen}: is the port free? (--listen)"))?;

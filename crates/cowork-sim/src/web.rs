@@ -198,6 +198,29 @@ pub async fn run(
     Ok(())
 }
 
+/// Holds one connection of its own to the database and exits the process (status 70) once the
+/// database ends it (`pg_terminate_backend`, a restart): the behaviour of a service whose
+/// database client has no error handler. Checked every 250 ms.
+pub async fn exit_on_db_loss(database_url: &str) -> Result<()> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(database_url)
+        .await
+        .context("open the connection --exit-on-db-loss watches")?;
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if let Err(e) = sqlx::query("SELECT 1").execute(&mut conn).await {
+                tracing::error!(
+                    "the database ended this web role's connection ({e}); exiting \
+                     (--exit-on-db-loss)"
+                );
+                std::process::exit(70);
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Counts requests and, in maintenance mode, answers every write with 503. `/admin/` stays
 /// writable so an operator can lift maintenance.
 async fn guard(State(state): State<WebState>, request: Request, next: Next) -> Response {

@@ -444,3 +444,67 @@ async fn load_sees_503s_while_web_is_frozen_and_every_role_stops_on_sigterm() {
     assert!(!status.success());
     assert!(stderr.contains("desktop, operator, gateway"), "{stderr}");
 }
+
+/// `web --exit-on-db-loss` behaves like a service whose database client treats a terminated
+/// connection as fatal: it serves until the database ends its connections, then exits with
+/// status 70 (the restore tests' "real service" stand-in). Without the switch it stays up.
+#[tokio::test]
+async fn web_exits_when_its_database_connection_is_terminated_if_asked_to() {
+    let db = common::fresh_db("exit_on_loss");
+    let dir = tempfile::tempdir().unwrap();
+    let objects_url = format!("file://{}", dir.path().join("objects").display());
+    let db_env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("OBJECT_STORE_URL", objects_url.as_str()),
+    ];
+    let (status, _, stderr) = run_bin(&["migrate"], &db_env);
+    assert!(status.success(), "migrate: {stderr}");
+    let client = http();
+    let pool = cowork_sim::connect(&db.url).await.unwrap();
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    for exits in [false, true] {
+        let addr = free_addr().to_string();
+        let mut args = vec!["web", "--listen", &addr];
+        if exits {
+            args.push("--exit-on-db-loss");
+        }
+        let mut web = Proc::spawn("web", dir.path(), &args, &db_env);
+        let ready = format!("http://{addr}/readyz");
+        eventually("web to be ready", Duration::from_secs(30), async || {
+            let r = client.get(&ready).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await;
+        let web_pid = web.pid();
+        // End every connection to the database but this test's own.
+        let ended: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()) t",
+        )
+        .bind(&database)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert!(ended >= 1, "the web role had a connection");
+        if exits {
+            let status = web.wait(Duration::from_secs(10));
+            assert_eq!(status.code(), Some(70), "{}", web.log_text());
+            assert!(
+                web.log_text().contains("ended this web role's connection"),
+                "{}",
+                web.log_text()
+            );
+        } else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let alive = client.get(&ready).send().await.map(|r| r.status());
+            assert!(
+                matches!(alive, Ok(s) if s == 200),
+                "web {web_pid} without the switch keeps serving: {alive:?}"
+            );
+            web.terminate(Duration::from_secs(10));
+        }
+    }
+}
