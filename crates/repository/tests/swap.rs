@@ -19,7 +19,19 @@ const CONNECT: Duration = Duration::from_secs(10);
 
 /// A cluster with `live` owned by a non-superuser role with CREATEDB, one row in `notes`.
 fn owned_cluster() -> Cluster {
-    let cluster = Cluster::start().expect("start a throwaway Postgres");
+    owned_cluster_with(&[])
+}
+
+/// `owned_cluster` with extra server settings.
+fn owned_cluster_with(settings: &[(&str, &str)]) -> Cluster {
+    let cluster = Cluster::start_with(ephemeral_pg::Options {
+        settings: settings
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..Default::default()
+    })
+    .expect("start a throwaway Postgres");
     for sql in [
         format!("CREATE ROLE {OWNER} LOGIN CREATEDB"),
         format!("CREATE DATABASE live OWNER {OWNER}"),
@@ -201,6 +213,21 @@ async fn a_session_it_may_not_end_is_named_and_nothing_changes() {
 
     // Once the session is gone, the same swap goes through.
     holdout.close().await.expect("close the holdout");
+    // Its server process exits a moment after the client closed.
+    ephemeral_pg::eventually(
+        "the holdout's backend to exit",
+        Duration::from_secs(10),
+        async || {
+            let n = cluster
+                .psql(
+                    "postgres",
+                    &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+                )
+                .ok()?;
+            (n.trim() == "0").then_some(())
+        },
+    )
+    .await;
     swap.swap().await.expect("swap once the session is gone");
     swap.close().await;
     live_and_open(&cluster, 2).await;
@@ -294,4 +321,55 @@ async fn a_swap_killed_midway_leaves_nothing_closed() {
             .expect("reopen"),
         []
     );
+}
+
+/// An autovacuum worker busy on the live database (it runs as no role, so the owner may not
+/// end it) does not fail the swap: the rename waits for it (Postgres cancels autovacuum for a
+/// rename), and the live database ends up swapped and accepting connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_autovacuum_worker_does_not_fail_the_swap() {
+    let cluster = owned_cluster_with(&[
+        ("autovacuum_naptime", "1"),
+        // Crawl, so the worker is still busy when the swap comes.
+        ("autovacuum_vacuum_cost_delay", "100"),
+        ("autovacuum_vacuum_cost_limit", "1"),
+    ]);
+    cluster
+        .psql(
+            "live",
+            &format!(
+                "SET ROLE {OWNER}; \
+                 CREATE TABLE churn (id int, pad text) WITH (autovacuum_vacuum_threshold = 0, \
+                 autovacuum_vacuum_scale_factor = 0); \
+                 INSERT INTO churn SELECT g, repeat('x', 200) FROM generate_series(1, 100000) g; \
+                 DELETE FROM churn;"
+            ),
+        )
+        .expect("leave many dead rows");
+    ephemeral_pg::eventually(
+        "an autovacuum worker on the live database",
+        Duration::from_secs(30),
+        async || {
+            let n = cluster
+                .psql(
+                    "postgres",
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = 'live' AND backend_type = 'autovacuum worker'",
+                )
+                .ok()?;
+            (n.trim() != "0").then_some(())
+        },
+    )
+    .await;
+    let mut swap = prepared(&cluster).await;
+    swap.swap()
+        .await
+        .expect("the swap waits out the autovacuum worker");
+    assert_eq!(
+        swap.state().await.expect("read the swap state"),
+        SwapState::Swapped
+    );
+    swap.close().await;
+    live_and_open(&cluster, 2).await;
+    assert!(exists(&cluster, &format!("live_pre_{TAG}")));
 }
