@@ -458,3 +458,78 @@ fn the_postgres_forms_of_the_contract_work_as_written() {
         &["--point last-tuesday"],
     );
 }
+
+/// `repo points` lists in commit order and flags a point committed while the clock ran 10
+/// minutes fast (libfaketime) instead of showing it as the newest, in text and in JSON.
+#[test]
+fn repo_points_flags_a_point_stamped_in_the_future() {
+    let faketime = std::process::Command::new("faketime")
+        .arg("--version")
+        .output();
+    if faketime.is_err() {
+        assert!(
+            !e2e::emulators_required(),
+            "faketime is not installed (apt-get install faketime) and \
+             ROLLCALL_REQUIRE_EMULATORS is set"
+        );
+        eprintln!("SKIPPED: faketime is not installed (apt-get install faketime)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    std::fs::write(live.join("a.bin"), b"object").unwrap();
+    let repo = format!("file://{}", dir.path().join("repo").display());
+    let store = format!("file://{}", live.display());
+    let snapshot = ["repo", "snapshot", "--store", &store, "--repo", &repo];
+
+    // Committed first, by a machine whose clock runs 10 minutes fast; then an ordinary one.
+    let fast = std::process::Command::new("faketime")
+        .args(["-f", "+10m"])
+        .arg(rollcall_bin())
+        .args(snapshot)
+        .env("DONT_FAKE_MONOTONIC", "1")
+        .output()
+        .unwrap();
+    let fast = ok(&fast, "snapshot with the clock 10 minutes fast")["point"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let real = ok(&rollcall(&snapshot), "snapshot")["point"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        fast > real,
+        "the fast point's id sorts later: {fast} {real}"
+    );
+
+    let listed = rollcall(&["repo", "points", "--repo", &repo]);
+    assert!(listed.status.success());
+    let text = String::from_utf8_lossy(&listed.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].starts_with(&fast), "commit order: {text}");
+    assert!(
+        lines[0].ends_with("#1  stamped 10m in the future (a clock ran fast when it was taken)"),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with(&real) && lines[1].ends_with("#2"),
+        "the last committed point is last, unflagged: {text}"
+    );
+
+    let listed = ok(
+        &rollcall(&["repo", "points", "--repo", &repo, "--json"]),
+        "repo points --json",
+    );
+    let points = listed["points"].as_array().unwrap();
+    assert_eq!(points[0]["id"], fast.as_str(), "{listed}");
+    assert_eq!(points[0]["sequence"], 1, "{listed}");
+    assert_eq!(points[0]["stamped_in_future"], true, "{listed}");
+    let ahead = points[0]["stamped_ahead_seconds"].as_u64().unwrap();
+    assert!((540..=600).contains(&ahead), "{listed}");
+    assert_eq!(points[1]["id"], real.as_str(), "{listed}");
+    assert_eq!(points[1]["sequence"], 2, "{listed}");
+    assert_eq!(points[1]["stamped_in_future"], false, "{listed}");
+}

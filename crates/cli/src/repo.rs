@@ -82,10 +82,14 @@ enum RepoCommand {
         #[arg(long)]
         full: bool,
     },
-    /// List the points of the repository.
+    /// List the points of the repository in commit order, oldest first; a point stamped in
+    /// the future (a clock ran fast) is marked.
     Points {
         #[arg(long)]
         env: Option<String>,
+        /// One JSON document instead of one line per point.
+        #[arg(long)]
+        json: bool,
     },
     /// Restore an object snapshot (--snapshot ID, or the one of --point ID) into a live
     /// store; displaced objects go to quarantine.
@@ -253,19 +257,9 @@ pub async fn run(args: RepoArgs) -> Result<()> {
             }
             None => verify_all(&repo, full, &repository::redact_url(repo_url)).await?,
         },
-        RepoCommand::Points { env } => {
+        RepoCommand::Points { env, json: as_json } => {
             let listing = repo.list_points(env.as_deref()).await?;
-            for d in &listing.damaged {
-                eprintln!("warning: damaged point file {}: {}", d.key, d.reason);
-            }
-            for p in &listing.points {
-                outln!(
-                    "{}  {}  {} bytes",
-                    p.id,
-                    p.created_at.format("%Y-%m-%d %H:%M:%S"),
-                    p.size_bytes()
-                );
-            }
+            list_points(&listing, as_json, chrono::Utc::now())?;
         }
         RepoCommand::RestoreObjects {
             snapshot,
@@ -401,6 +395,57 @@ async fn swap_in(
         "counts": prepared.map(|p| p.counts),
         "resumed": committed.resumed(),
     }))
+}
+
+/// `repo points`: one line per point in commit order (its number after `#`), or one JSON
+/// document; a point stamped ahead of `now` carries the marker instead of passing for new.
+fn list_points(
+    listing: &repository::PointListing,
+    as_json: bool,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<()> {
+    for d in &listing.damaged {
+        eprintln!("warning: damaged point file {}: {}", d.key, d.reason);
+    }
+    if as_json {
+        let points: Vec<_> = listing
+            .points
+            .iter()
+            .map(|p| {
+                let ahead = p.stamped_ahead(now);
+                serde_json::json!({
+                    "id": p.id, "environment": p.environment, "created_at": p.created_at,
+                    "sequence": p.sequence, "size_bytes": p.size_bytes(),
+                    "stamped_in_future": ahead.is_some(),
+                    "stamped_ahead_seconds": ahead.map_or(0, |d| d.as_secs()),
+                })
+            })
+            .collect();
+        let damaged: Vec<_> = listing
+            .damaged
+            .iter()
+            .map(|d| format!("{}: {}", d.key, d.reason))
+            .collect();
+        let out = serde_json::json!({ "points": points, "damaged": damaged });
+        outln!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    for p in &listing.points {
+        let sequence = p
+            .sequence
+            .map_or_else(|| "#-".to_owned(), |n| format!("#{n}"));
+        let marker = p
+            .stamped_ahead(now)
+            .map(|ahead| format!("  {}", crate::runs::stamped_ahead(ahead)))
+            .unwrap_or_default();
+        outln!(
+            "{}  {}  {} bytes  {sequence}{marker}",
+            p.id,
+            p.created_at.format("%Y-%m-%d %H:%M:%S"),
+            p.size_bytes()
+        );
+    }
+    Ok(())
 }
 
 /// What `repo restore-objects` restores: a snapshot by id, or a point's (checked against it).

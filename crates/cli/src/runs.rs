@@ -341,6 +341,9 @@ pub async fn points(connection: &Connection, env: Option<&str>, json: bool) -> R
                     "age_seconds": p.age_seconds, "postgres_bytes": p.postgres_bytes,
                     "objects": p.objects, "object_bytes": p.object_bytes,
                     "rpo_seconds": p.rpo_seconds, "stale": p.stale, "secret_refs": p.secret_refs,
+                    "sequence": (p.sequence > 0).then_some(p.sequence),
+                    "stamped_in_future": p.stamped_ahead_seconds > 0,
+                    "stamped_ahead_seconds": p.stamped_ahead_seconds,
                 })
             })
             .collect();
@@ -365,9 +368,19 @@ pub async fn points(connection: &Connection, env: Option<&str>, json: bool) -> R
         "OBJECT BYTES"
     );
     for p in &listing.points {
-        let age = humantime::format_duration(std::time::Duration::from_secs(p.age_seconds));
         let rpo = humantime::format_duration(std::time::Duration::from_secs(p.rpo_seconds));
-        let flag = if p.stale {
+        let ahead = std::time::Duration::from_secs(p.stamped_ahead_seconds);
+        let age = if ahead.is_zero() {
+            humantime::format_duration(std::time::Duration::from_secs(p.age_seconds)).to_string()
+        } else {
+            "unknown".to_owned()
+        };
+        let flag = if !ahead.is_zero() {
+            format!(
+                "{}: age unknown, not within RPO {rpo}",
+                stamped_ahead(ahead)
+            )
+        } else if p.stale {
             format!("OLDER THAN RPO {rpo}")
         } else {
             format!("within {rpo}")
@@ -376,13 +389,29 @@ pub async fn points(connection: &Connection, env: Option<&str>, json: bool) -> R
             "{:<40} {:<12} {:>10} {:>12} {:>9} {:>12}  {flag}",
             p.id,
             p.environment,
-            age.to_string(),
+            age,
             human::bytes(p.postgres_bytes),
             p.objects,
             human::bytes(p.object_bytes)
         );
     }
     Ok(())
+}
+
+/// The marker of a point stamped `ahead` of the reader's clock (`points`, `repo points`),
+/// to the nearest minute past one (seconds go by between the commit and the reading).
+pub fn stamped_ahead(ahead: std::time::Duration) -> String {
+    let secs = ahead.as_secs();
+    let secs = if secs >= 60 {
+        (secs + 30) / 60 * 60
+    } else {
+        secs
+    };
+    let ahead = std::time::Duration::from_secs(secs);
+    format!(
+        "stamped {} in the future (a clock ran fast when it was taken)",
+        humantime::format_duration(ahead)
+    )
 }
 
 /// `rollcall report ID [--format md|json] [--out PATH] [--follow-up TEXT@OWNER ...]`.

@@ -533,6 +533,8 @@ impl op::operator_service_server::OperatorService for OperatorApi {
                 rpo_seconds: s.rpo.as_secs(),
                 stale: s.stale,
                 secret_refs: s.point.secrets.len() as u32,
+                sequence: s.point.sequence.unwrap_or(0),
+                stamped_ahead_seconds: s.stamped_ahead.map_or(0, |d| d.as_secs()),
             })
             .collect();
         Ok(Response::new(op::ListPointsResponse {

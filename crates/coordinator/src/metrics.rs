@@ -72,8 +72,8 @@ pub struct RunMetrics {
     runs: Family<Labels<2>, Counter>,
     phases: Family<Labels<1>, Histogram>,
     restores: Family<Labels<2>, Histogram>,
-    /// environment → (newest point's creation, unix seconds; RPO seconds)
-    newest_point: Mutex<BTreeMap<String, (i64, u64)>>,
+    /// environment → its newest point in commit order and its RPO
+    newest_point: Mutex<BTreeMap<String, NewestPoint>>,
 }
 
 impl Default for RunMetrics {
@@ -114,19 +114,47 @@ impl RunMetrics {
             .observe(seconds);
     }
 
-    /// Records a point of `environment` if it is newer than the newest known.
-    pub fn point(&self, environment: &str, created_unix: i64, rpo_seconds: u64) {
+    /// Records a point of `environment` (its commit number and stamp, unix seconds) if it was
+    /// committed after the newest known: newest by commit number, never by stamp.
+    pub fn point(&self, environment: &str, sequence: Option<u64>, created_unix: i64, rpo: u64) {
+        let new = NewestPoint {
+            sequence,
+            created_unix,
+            rpo_seconds: rpo,
+        };
         let mut points = self.points();
-        let e = points
-            .entry(environment.to_owned())
-            .or_insert((created_unix, rpo_seconds));
-        if created_unix >= e.0 {
-            *e = (created_unix, rpo_seconds);
+        let e = points.entry(environment.to_owned()).or_insert(new);
+        if (sequence, created_unix) >= (e.sequence, e.created_unix) {
+            *e = new;
         }
     }
 
-    fn points(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (i64, u64)>> {
+    fn points(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, NewestPoint>> {
         self.newest_point.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The newest point of an environment as the metrics see it.
+#[derive(Debug, Clone, Copy)]
+struct NewestPoint {
+    sequence: Option<u64>,
+    created_unix: i64,
+    rpo_seconds: u64,
+}
+
+impl NewestPoint {
+    /// Seconds since the stamp; zero for a stamp ahead of `now`.
+    fn age(&self, now: i64) -> u64 {
+        (now - self.created_unix).max(0) as u64
+    }
+
+    /// Older than the RPO, or stamped further ahead of `now` than clocks may disagree: such a
+    /// stamp proves nothing about the point's age, so it counts as older than the RPO (until
+    /// real time passes the stamp or a newer point is committed) rather than hiding staleness
+    /// behind an age of zero.
+    fn older_than_rpo(&self, now: i64) -> bool {
+        let tolerance = repository::CLOCK_TOLERANCE.as_secs() as i64;
+        self.age(now) > self.rpo_seconds || self.created_unix - now > tolerance
     }
 }
 
@@ -304,15 +332,14 @@ impl Collector for AtScrape {
 
         let now = (self.clock)();
         let points = s.runs.points().clone();
-        let age = |created: i64| (now - created).max(0) as u64;
         let mut metric = encoder.encode_descriptor(
             "rollcall_newest_point_age_seconds",
             "Age of the newest recovery point per environment.",
             None,
             MetricType::Gauge,
         )?;
-        for (env, (created, _)) in &points {
-            ConstGauge::new(age(*created))
+        for (env, newest) in &points {
+            ConstGauge::new(newest.age(now))
                 .encode(metric.encode_family(&[("environment", env.as_str())])?)?;
         }
         let mut metric = encoder.encode_descriptor(
@@ -321,18 +348,19 @@ impl Collector for AtScrape {
             None,
             MetricType::Gauge,
         )?;
-        for (env, (_, rpo)) in &points {
-            ConstGauge::new(*rpo)
+        for (env, newest) in &points {
+            ConstGauge::new(newest.rpo_seconds)
                 .encode(metric.encode_family(&[("environment", env.as_str())])?)?;
         }
         let mut metric = encoder.encode_descriptor(
             "rollcall_newest_point_older_than_rpo",
-            "1 when the environment's newest recovery point is older than its RPO, else 0.",
+            "1 when the environment's newest recovery point (in commit order) is older than its \
+             RPO or stamped in the future, else 0.",
             None,
             MetricType::Gauge,
         )?;
-        for (env, (created, rpo)) in &points {
-            ConstGauge::new(u64::from(age(*created) > *rpo))
+        for (env, newest) in &points {
+            ConstGauge::new(u64::from(newest.older_than_rpo(now)))
                 .encode(metric.encode_family(&[("environment", env.as_str())])?)?;
         }
         Ok(())
@@ -444,9 +472,13 @@ mod tests {
         m.run_ended("backup", "blocked");
         m.phase_ended("restore-postgres", 1.5);
         m.phase_ended("restore-postgres", 0.5);
-        m.point("prod", 1_000, 3_600);
-        m.point("prod", 500, 3_600); // older: ignored
-        m.point("staging", 0, 60);
+        m.point("prod", Some(2), 1_000, 3_600);
+        // Committed before it, though stamped later (a fast clock): not the newest.
+        m.point("prod", Some(1), 1_050, 3_600);
+        m.point("staging", Some(7), 0, 60);
+        // Stamped 10 minutes ahead of the reader: its age reads zero, and it counts as stale.
+        m.point("skewed", Some(3), 1_100 + 600, 3_600);
+        m.point("near", Some(4), 1_100 + 30, 3_600);
         let out = encode(&registry_at(
             &sources(Registry::new(), m, Arc::default()),
             || 1_100,
@@ -459,6 +491,9 @@ mod tests {
             "rollcall_newest_point_age_seconds{environment=\"prod\"} 100",
             "rollcall_newest_point_older_than_rpo{environment=\"prod\"} 0",
             "rollcall_newest_point_older_than_rpo{environment=\"staging\"} 1",
+            "rollcall_newest_point_age_seconds{environment=\"skewed\"} 0",
+            "rollcall_newest_point_older_than_rpo{environment=\"skewed\"} 1",
+            "rollcall_newest_point_older_than_rpo{environment=\"near\"} 0",
         ] {
             assert!(out.contains(line), "{line} missing from:\n{out}");
         }
@@ -473,7 +508,7 @@ mod tests {
         runs.phase_ended("restore-postgres", 42.0);
         runs.run_succeeded("drill", "prod", 1_500.0);
         runs.run_succeeded("backup", "prod", 30.0); // no restore: not observed
-        runs.point("prod", 1_000, 3_600);
+        runs.point("prod", Some(1), 1_000, 3_600);
         let refusals = Arc::new(CallRefusals::default());
         refusals.attach_throttled();
         refusals.operator_refused("busy");

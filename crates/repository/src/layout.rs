@@ -11,6 +11,8 @@
 //! objects/blobs/<aa>/<sha256>         content-addressed bodies shared by all snapshots
 //! objects/staging/<snapshot-id>/...   large bodies being uploaded before their hash is known
 //! locks/<lock-id>.json                shared (snapshot) and exclusive (prune) repository locks
+//! sequence/<20-digit n>               the commit number n, claimed by one point (create-only
+//!                                     put); never deleted, so numbers are never reused
 //! ```
 //!
 //! A restore of objects keeps what it displaced in the target store (or, if asked, in the
@@ -29,6 +31,7 @@ pub(crate) const SNAPSHOTS: &str = "objects/snapshots";
 pub(crate) const BLOBS: &str = "objects/blobs";
 pub(crate) const STAGING: &str = "objects/staging";
 pub(crate) const LOCKS: &str = "locks";
+pub(crate) const SEQUENCE: &str = "sequence";
 
 /// Top-level prefix of the target store under which restores keep what they displaced.
 pub const QUARANTINE_ROOT: &str = "rollcall-quarantine";
@@ -39,6 +42,20 @@ const SUFFIX_LEN: usize = 8;
 
 pub(crate) fn point_key(id: &PointId) -> Path {
     Path::from(format!("{POINTS}/{id}.json"))
+}
+
+/// `sequence/<n>`, zero-padded so the keys list in numeric order.
+pub(crate) fn sequence_key(n: u64) -> Path {
+    Path::from(format!("{SEQUENCE}/{n:020}"))
+}
+
+/// The number a `sequence/` key names, if it is a well-formed one.
+pub(crate) fn sequence_of(key: &Path) -> Option<u64> {
+    let name = key.filename()?;
+    if name.len() != 20 || !name.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    name.parse().ok()
 }
 
 pub(crate) fn dump_key(id: &PointId, compressed: bool) -> Path {
@@ -303,5 +320,19 @@ mod tests {
         assert_eq!(key.as_ref(), format!("objects/blobs/ab/{sha}"));
         assert_eq!(blob_sha(&key), Some(sha));
         assert_eq!(blob_sha(&Path::from("objects/blobs/ab/nothex")), None);
+    }
+
+    #[test]
+    fn sequence_keys_sort_numerically_and_round_trip() {
+        let (a, b) = (sequence_key(9), sequence_key(10));
+        assert_eq!(b.as_ref(), "sequence/00000000000000000010");
+        assert!(a.as_ref() < b.as_ref());
+        assert_eq!(sequence_of(&b), Some(10));
+        assert_eq!(sequence_of(&sequence_key(u64::MAX)), Some(u64::MAX));
+        assert_eq!(sequence_of(&Path::from("sequence/12")), None);
+        assert_eq!(
+            sequence_of(&Path::from("sequence/0000000000000000001x")),
+            None
+        );
     }
 }

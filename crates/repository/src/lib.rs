@@ -27,13 +27,14 @@ mod repo;
 mod restore;
 mod scratch;
 mod secrets;
+mod sequence;
 mod snapshot;
 mod store;
 mod verify;
 
 pub use layout::{PointId, QUARANTINE_ROOT, SnapshotId, validate_environment};
 pub use object_key::{BadKey, check_object_key};
-pub use point::{DamagedPoint, NewPoint, Point, PointListing};
+pub use point::{CLOCK_TOLERANCE, DamagedPoint, NewPoint, Point, PointListing};
 pub use postgres::backup::{PgBackupOptions, backup_postgres};
 pub use postgres::catalog::{count_rows, missing_tables, table_columns};
 pub use postgres::fetch::fetch_dump;

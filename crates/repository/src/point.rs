@@ -2,8 +2,12 @@
 //! references and the table counts. The point file is written last, in one atomic put, after
 //! every part it names is checked to be complete; so a point exists only when it is whole, and
 //! listing never shows a partial one.
+//!
+//! Points are ordered by the number the repository gave them when it committed them
+//! (`sequence`, see `sequence.rs`), never by their stamps: the stamp is one machine's clock.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use chrono::{DateTime, Utc};
@@ -20,13 +24,23 @@ use crate::snapshot::ObjectSnapshotPart;
 
 pub(crate) const POINT_FORMAT: &str = "rollcall.point.v1";
 
+/// How far a point's stamp may be ahead of the reading machine's clock before it is flagged as
+/// stamped in the future (clocks kept by NTP agree far better than this).
+pub const CLOCK_TOLERANCE: Duration = Duration::from_secs(60);
+
 /// A recovery point as stored in `points/<id>.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Point {
     pub id: PointId,
     pub environment: String,
-    /// When the point was committed (after all its parts completed).
+    /// When the point was committed (after all its parts completed), by the clock of the
+    /// machine that committed it: for people, never for ordering (see `sequence`).
     pub created_at: DateTime<Utc>,
+    /// The repository's commit number: points are ordered by it, so a point committed later
+    /// is newer whatever the clocks said. `None` in points written before numbers existed;
+    /// they order before every numbered point, among themselves by stamp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
     /// The Postgres dump with the table counts taken in the dump's snapshot.
     pub postgres: Option<PgBackupPart>,
     /// The object-store snapshot.
@@ -48,6 +62,20 @@ impl Point {
     pub fn size_bytes(&self) -> u64 {
         self.postgres.as_ref().map_or(0, |p| p.size) + self.objects.as_ref().map_or(0, |o| o.bytes)
     }
+
+    /// The order of commits: by commit number (unnumbered points first), then stamp, then id.
+    /// The newest point is the greatest.
+    pub fn commit_order(&self) -> (Option<u64>, DateTime<Utc>, &str) {
+        (self.sequence, self.created_at, self.id.as_str())
+    }
+
+    /// How far the stamp is ahead of `now` when that is more than [`CLOCK_TOLERANCE`]: the
+    /// clock of the machine that committed the point ran fast (or the reader's runs slow), so
+    /// its age cannot be told from its stamp.
+    pub fn stamped_ahead(&self, now: DateTime<Utc>) -> Option<Duration> {
+        let ahead = (self.created_at - now).to_std().ok()?;
+        (ahead > CLOCK_TOLERANCE).then_some(ahead)
+    }
 }
 
 /// What [`Repository::write_point`] commits.
@@ -63,7 +91,7 @@ pub struct NewPoint {
 /// Result of [`Repository::list_points`].
 #[derive(Debug, Clone, Default)]
 pub struct PointListing {
-    /// Whole, checked points, oldest first.
+    /// Whole, checked points in commit order, oldest first: the last is the newest.
     pub points: Vec<Point>,
     /// Point files that could not be read as a point (truncated, edited, wrong format).
     pub damaged: Vec<DamagedPoint>,
@@ -79,8 +107,19 @@ pub struct DamagedPoint {
 
 impl Repository {
     /// Commits a point whose parts are complete. Checks that every part it names exists with
-    /// the recorded size, then writes `points/<id>.json` in one put.
+    /// the recorded size, claims the next commit number, then writes `points/<id>.json` in one
+    /// put, stamped with this machine's clock.
     pub async fn write_point(&self, new: NewPoint) -> Result<Point> {
+        self.write_point_stamped(new, Utc::now()).await
+    }
+
+    /// [`Repository::write_point`] with the stamp given: what a machine whose clock reads
+    /// `created_at` would write (tests of skewed clocks; the order never depends on it).
+    pub async fn write_point_stamped(
+        &self,
+        new: NewPoint,
+        created_at: DateTime<Utc>,
+    ) -> Result<Point> {
         let id = new.id;
         if new.postgres.is_none() && new.objects.is_none() {
             bail!("point {id} names neither a Postgres backup nor an object snapshot");
@@ -130,10 +169,16 @@ impl Repository {
                     .context(format!("check that point {id} is new in {}", self.label)));
             }
         }
+        // Claimed last, after every check, so the number orders commits, not attempts.
+        let sequence = self
+            .claim_sequence(&id)
+            .await
+            .with_context(|| format!("commit point {id}"))?;
         let point = Point {
             environment: id.environment().to_owned(),
             id,
-            created_at: Utc::now(),
+            created_at,
+            sequence: Some(sequence),
             postgres: new.postgres,
             objects: new.objects,
             secrets: new.secrets,
@@ -190,8 +235,8 @@ impl Repository {
         Ok(point)
     }
 
-    /// Lists points (of one environment, or all), oldest first. Damaged point files are
-    /// returned apart, never as points.
+    /// Lists points (of one environment, or all) in commit order, oldest first (see
+    /// [`Point::commit_order`]). Damaged point files are returned apart, never as points.
     pub async fn list_points(&self, environment: Option<&str>) -> Result<PointListing> {
         let prefix = Path::from(POINTS);
         let metas: Vec<_> = self
@@ -254,7 +299,7 @@ impl Repository {
         }
         listing
             .points
-            .sort_by(|a, b| (a.created_at, a.id.as_str()).cmp(&(b.created_at, b.id.as_str())));
+            .sort_by(|a, b| a.commit_order().cmp(&b.commit_order()));
         listing.damaged.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(listing)
     }

@@ -1,7 +1,8 @@
 //! Retention: delete an environment's points older than its window, then the dumps and
 //! manifests only they used, then every blob no remaining manifest references.
 //!
-//! Never deleted: the newest point of the environment (whatever its age), a point the caller
+//! Never deleted: the newest point of the environment in commit order (whatever its age or
+//! stamp), the commit-number markers (`sequence/`, so numbers are never reused), a point the caller
 //! says is in use, anything when some point or manifest cannot be read (we could not know
 //! what it references). Point files go first, so an interrupted prune leaves orphans that the
 //! next prune removes, never a point with missing parts. Runs under the exclusive repository
@@ -114,7 +115,7 @@ impl Repository {
             .points
             .iter()
             .filter(|p| p.environment == env)
-            .max_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)))
+            .max_by(|a, b| a.commit_order().cmp(&b.commit_order()))
             .map(|p| p.id.clone());
         let mut doomed: Vec<&Point> = Vec::new();
         let mut remaining: Vec<&Point> = Vec::new();

@@ -201,3 +201,70 @@ async fn s3_postgres_backup_streams_by_multipart_and_restores() {
     assert_eq!(n.trim(), "300000");
     assert_eq!(part.table_counts["sessions"], 300000);
 }
+
+/// Commit numbers on S3: the claim is a create-only put (`If-None-Match: *`), which the store
+/// refuses for a number already taken, so racing writers never share one; a number claimed by
+/// a writer that died before its point was written is skipped, never reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_commit_numbers_are_claimed_create_only() {
+    let Some(moto) = Moto::start() else {
+        return;
+    };
+    moto.create_bucket("live");
+    moto.create_bucket("backups");
+    let live = moto.store("live");
+    fill(&live, "uploads", 3, 64).await;
+    let repo = Repository::from_store(moto.store("backups"), "s3://backups", test_options());
+    let part = snapshot_objects(&repo, live, &SnapshotOptions::new("s3://live"), None)
+        .await
+        .expect("snapshot");
+    let now = chrono::Utc::now();
+    let write = |stamp: chrono::DateTime<chrono::Utc>| {
+        let part = part.clone();
+        let repo = repo.clone();
+        async move {
+            repo.write_point_stamped(
+                NewPoint {
+                    id: PointId::new("prod", stamp).expect("id"),
+                    postgres: None,
+                    objects: Some(part),
+                    secrets: vec![],
+                },
+                stamp,
+            )
+            .await
+            .expect("point")
+        }
+    };
+    let fast = write(now + chrono::Duration::minutes(10)).await;
+    assert_eq!(fast.sequence, Some(1));
+
+    // The store refuses a second claim of a number: no writer falls back to plain puts here.
+    let taken = Path::from("sequence/00000000000000000001");
+    let err = moto
+        .store("backups")
+        .put_opts(&taken, "other".into(), object_store::PutMode::Create.into())
+        .await
+        .expect_err("a claimed number cannot be claimed again");
+    assert!(
+        matches!(err, object_store::Error::AlreadyExists { .. }),
+        "{err}"
+    );
+    // Another writer claimed 2 and died before writing its point.
+    moto.store("backups")
+        .put(&Path::from("sequence/00000000000000000002"), "x".into())
+        .await
+        .expect("stray claim");
+
+    let base = moto.requests().len();
+    let real = write(now).await;
+    assert_eq!(real.sequence, Some(3));
+    let claims = moto.requests()[base..]
+        .iter()
+        .filter(|(m, p)| m == "PUT" && p.starts_with("/backups/sequence/"))
+        .count();
+    assert_eq!(claims, 1, "one claim per point when nobody races");
+    let listing = repo.list_points(Some("prod")).await.expect("list");
+    let ids: Vec<&PointId> = listing.points.iter().map(|p| &p.id).collect();
+    assert_eq!(ids, [&fast.id, &real.id], "latest is the last committed");
+}

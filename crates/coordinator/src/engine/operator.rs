@@ -34,7 +34,7 @@ pub struct RunDetail {
 /// The recovery points of one or every environment.
 #[derive(Debug, Clone, Default)]
 pub struct PointsListing {
-    /// Oldest first within each environment.
+    /// In commit order, oldest first, within each environment.
     pub points: Vec<PointStatus>,
     /// Point files that could not be read as a point: `key: reason`.
     pub damaged: Vec<String>,
@@ -46,18 +46,26 @@ pub struct PointStatus {
     pub point: repository::Point,
     /// Whole seconds since the point was taken (zero for a point from the future).
     pub age: Duration,
+    /// How far the point's stamp is ahead of this machine's clock, when that is more than
+    /// [`repository::CLOCK_TOLERANCE`]: a clock ran fast when it was taken, so its age is
+    /// unknown.
+    pub stamped_ahead: Option<Duration>,
     pub rpo: Duration,
-    /// Older than the RPO: restoring it would lose more than the environment allows.
+    /// Not shown to be within the RPO: older than it (restoring it would lose more than the
+    /// environment allows), or stamped in the future, whose age cannot be told. So a fast
+    /// clock never hides a missed RPO behind an age of zero.
     pub stale: bool,
 }
 
 impl PointStatus {
     pub fn at(point: repository::Point, rpo: Duration, now: DateTime<Utc>) -> PointStatus {
         let age = Duration::from_secs((now - point.created_at).num_seconds().max(0) as u64);
+        let stamped_ahead = point.stamped_ahead(now);
         PointStatus {
-            stale: age > rpo,
+            stale: age > rpo || stamped_ahead.is_some(),
             point,
             age,
+            stamped_ahead,
             rpo,
         }
     }
@@ -220,6 +228,7 @@ mod tests {
             id: repository::PointId::new("prod", created_at).expect("id"),
             environment: "prod".into(),
             created_at,
+            sequence: Some(1),
             postgres: None,
             objects: None,
             secrets: Vec::new(),
@@ -247,5 +256,18 @@ mod tests {
             Duration::ZERO,
             "clock skew never makes an age negative"
         );
+    }
+
+    #[test]
+    fn a_point_stamped_in_the_future_is_flagged_and_never_counts_as_fresh() {
+        let now = Utc::now();
+        let hour = Duration::from_secs(3600);
+        let ahead = PointStatus::at(point(now + chrono::Duration::minutes(10)), hour, now);
+        assert_eq!(ahead.stamped_ahead, Some(Duration::from_secs(600)));
+        assert!(ahead.stale, "a future stamp proves nothing about the RPO");
+        // Within the tolerance clocks may disagree by: an ordinary fresh point.
+        let near = PointStatus::at(point(now + chrono::Duration::seconds(30)), hour, now);
+        assert_eq!(near.stamped_ahead, None);
+        assert!(!near.stale);
     }
 }

@@ -12,7 +12,8 @@ use crate::link::AgentLink;
 use crate::plan::{Action, Plan};
 
 impl<L: AgentLink + Clone + 'static> Engine<L> {
-    /// Reads each environment's newest recovery point once, for the point-age metric.
+    /// Reads each environment's newest recovery point (in commit order) once, for the
+    /// point-age metric.
     pub async fn observe_points(&self) {
         for (name, env) in &self.inner.environments {
             let newest = match env.repository_ref.open().await {
@@ -23,11 +24,12 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 Err(e) => Err(e),
             };
             match newest {
-                Ok(Some(p)) => {
-                    self.inner
-                        .metrics
-                        .point(name, p.created_at.timestamp(), env.rpo.as_secs())
-                }
+                Ok(Some(p)) => self.inner.metrics.point(
+                    name,
+                    p.sequence,
+                    p.created_at.timestamp(),
+                    env.rpo.as_secs(),
+                ),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(environment = %name, "cannot list recovery points: {e:#}"),
             }
@@ -62,7 +64,8 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         repo.verify_point(&point, full).await
     }
 
-    /// The point a restore uses: `latest` is the environment's newest point; an id must exist and
+    /// The point a restore uses: `latest` is the environment's newest point in commit order
+    /// (the last one committed, whatever its stamp says); an id must exist and
     /// belong to the environment. Checked before the run exists, so a bad id touches nothing.
     pub(super) async fn resolve_point(
         &self,
@@ -169,6 +172,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             .await?;
         self.metrics.point(
             env.name.as_str(),
+            point.sequence,
             point.created_at.timestamp(),
             env.rpo.as_secs(),
         );

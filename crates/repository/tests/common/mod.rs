@@ -8,7 +8,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -20,7 +20,7 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
+    ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
 };
 use repository::{
     HttpStatus, NewPoint, PgBackupPart, PgRestoreOptions, Point, PointId, Repository,
@@ -94,6 +94,11 @@ pub struct Faults {
     /// Keys deleted just before they are read or copied (a role removing its scratch object
     /// while a restore looks at it).
     pub vanish_when_touched: std::sync::Mutex<Vec<Path>>,
+    /// Create-only puts answer `NotImplemented` (a store without conditional puts).
+    pub no_create_only: AtomicBool,
+    /// The next this-many create-only puts are applied, then answered with a 503 (an
+    /// acknowledgement lost on the way back).
+    pub lose_create_answers: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -147,6 +152,26 @@ impl ObjectStore for CountingStore {
     ) -> object_store::Result<PutResult> {
         self.counts.puts.fetch_add(1, Ordering::SeqCst);
         self.counts.record_write(location);
+        if matches!(opts.mode, PutMode::Create) {
+            if self.faults.no_create_only.load(Ordering::SeqCst) {
+                return Err(object_store::Error::NotImplemented {
+                    operation: "put_opts with PutMode::Create".into(),
+                    implementer: "fault".into(),
+                });
+            }
+            let lose = self
+                .faults
+                .lose_create_answers
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+                .is_ok();
+            if lose {
+                self.inner.put_opts(location, payload, opts).await?;
+                return Err(object_store::Error::Generic {
+                    store: "fault",
+                    source: Box::new(HttpStatus(503)),
+                });
+            }
+        }
         if is_blob(location) {
             let _in_flight = InFlight::enter(&self.counts.blob_puts_in_flight);
             let n = self.counts.blob_puts.fetch_add(1, Ordering::SeqCst) + 1;

@@ -124,6 +124,7 @@ pub(super) fn point() -> Point {
         }),
         secrets: vec![cookie_secret("v3")],
         tool_versions: BTreeMap::new(),
+        sequence: Some(1),
     }
 }
 
