@@ -429,7 +429,9 @@ impl Journal {
             measured_at: anchor,
             measured_at_label: anchor_label,
             point_age_ms: age,
-            met: age.map(|a| a <= rpo_ms as i64),
+            // A point stamped in the future (a clock ran fast when it was taken) has no
+            // knowable age, so it never meets the objective.
+            met: age.map(|a| a <= rpo_ms as i64 && !stamped_in_future(a)),
         };
 
         // Follow-ups: the operator's, then what the run itself left open.
@@ -870,6 +872,12 @@ fn repository_label(url: &str) -> String {
     } else {
         r(url)
     }
+}
+
+/// Whether a point age (measured at the report's anchor) is negative by more than clocks may
+/// disagree: the point's stamp is in the future.
+pub(super) fn stamped_in_future(age_ms: i64) -> bool {
+    age_ms < -(repository::CLOCK_TOLERANCE.as_millis() as i64)
 }
 
 #[cfg(test)]

@@ -400,7 +400,7 @@ impl DrillReport {
                     objective(self.rpo.objective_ms),
                     self.rpo
                         .point_age_ms
-                        .map_or(NOT_RECORDED.to_owned(), human_ms),
+                        .map_or(NOT_RECORDED.to_owned(), point_age),
                     format!("point taken ({})", time(self.rpo.point_created_at)),
                     format!(
                         "{} ({})",
@@ -461,6 +461,14 @@ impl Rto {
 impl Rpo {
     fn summary(&self) -> String {
         match self.point_age_ms {
+            Some(ms) if super::journal::stamped_in_future(ms) => format!(
+                "point stamped {} in the future at {} (a clock ran fast when it was taken): \
+                 its age is unknown — objective {} — {}",
+                human_ms(-ms),
+                self.measured_at_label,
+                objective(self.objective_ms),
+                met(self.met)
+            ),
             Some(ms) => format!(
                 "point {} old at {} — objective {} — {}",
                 human_ms(ms),
@@ -539,6 +547,18 @@ fn bytes(n: Option<u64>) -> String {
         None => NOT_RECORDED.to_owned(),
         Some(n) if n < 1024 => human::bytes(n),
         Some(n) => format!("{} ({n} bytes)", human::bytes(n)),
+    }
+}
+
+/// A point's age, or the marker of a point stamped in the future.
+fn point_age(ms: i64) -> String {
+    if super::journal::stamped_in_future(ms) {
+        format!(
+            "stamped {} in the future (a clock ran fast when it was taken)",
+            human_ms(-ms)
+        )
+    } else {
+        human_ms(ms)
     }
 }
 

@@ -402,6 +402,31 @@ async fn a_blocked_run_without_its_point_shows_the_gaps() {
     assert!(!json_text.contains(PASSWORD));
 }
 
+/// A point stamped 20 minutes after the drill froze the fleet (its clock ran fast): the RPO is
+/// never "met" by an age below zero, and the report says why.
+#[tokio::test]
+async fn a_point_stamped_in_the_future_does_not_meet_the_rpo() {
+    let j = journal().await;
+    full_drill(&j).await;
+    let mut point = point();
+    point.created_at = at(10, 20, 0);
+    let env = environment(vec![cookie_secret("v4")]);
+    let report = build(&*j.store, RUN, &env, Some(&point), &[], &[])
+        .await
+        .unwrap();
+    let v = report.to_json();
+    assert!(v["rpo"]["point_age_ms"].as_i64().unwrap() < -60_000, "{v}");
+    assert_eq!(v["rpo"]["met"], false);
+    let text = report.to_markdown();
+    assert!(
+        text.contains(
+            "point stamped 19m 20s in the future at start of phase freeze-writes (a clock ran \
+             fast when it was taken): its age is unknown"
+        ),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn refuses_another_environment_or_point() {
     let j = journal().await;
