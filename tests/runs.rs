@@ -484,3 +484,92 @@ async fn a_gate_that_cannot_pass_blocks_and_resume_completes_once_the_agent_is_b
     }
     c.stop().await;
 }
+
+/// `--point latest` takes the point the repository committed last, not the one with the latest
+/// stamp: a point committed while a clock ran 10 minutes fast no longer wins. The operator
+/// listing keeps commit order, flags the fast point and never counts it as within the RPO.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_is_the_last_committed_point_whatever_its_stamp() {
+    let f = Fleet3::new();
+    let repo_dir = f.dir.path().join("repository");
+    let c = InProcessCoordinator::start_full(
+        &f.certs,
+        &f.state_url,
+        Duration::from_secs(5),
+        Duration::from_millis(200),
+        environment_with(
+            &[("web", 1), ("worker", 1), ("objects", 1)],
+            &repo_dir,
+            include_str!("plans/objects-only.toml"),
+        ),
+    )
+    .await;
+    let repo_url = format!("file://{}", repo_dir.display());
+    let repo = repository::Repository::open(&repo_url, Default::default())
+        .await
+        .unwrap();
+    let live = f.dir.path().join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    std::fs::write(live.join("a.bin"), b"object").unwrap();
+    let (store, _) =
+        repository::store_from_url(&format!("file://{}", live.display()), &Default::default())
+            .unwrap();
+    let part = repository::snapshot_objects(
+        &repo,
+        store,
+        &repository::SnapshotOptions::new("file:///live"),
+        None,
+    )
+    .await
+    .unwrap();
+    let now = chrono::Utc::now();
+    let mut committed = Vec::new();
+    for stamp in [now + chrono::Duration::minutes(10), now] {
+        let point = repo
+            .write_point_stamped(
+                repository::NewPoint {
+                    id: repository::PointId::new("test", stamp).unwrap(),
+                    postgres: None,
+                    objects: Some(part.clone()),
+                    secrets: vec![],
+                },
+                stamp,
+            )
+            .await
+            .unwrap();
+        committed.push(point.id.to_string());
+    }
+    let (fast, real) = (&committed[0], &committed[1]);
+
+    let run = c
+        .handle
+        .engine
+        .start_run(StartRun {
+            point_id: Some("latest".into()),
+            ..start("test")
+        })
+        .await
+        .unwrap();
+    assert_eq!(run.point_id.as_deref(), Some(real.as_str()));
+    c.handle
+        .engine
+        .control(&run.id, Control::Abort)
+        .await
+        .unwrap();
+
+    let listing = c.handle.engine.list_points(Some("test")).await.unwrap();
+    let ids: Vec<String> = listing
+        .points
+        .iter()
+        .map(|s| s.point.id.to_string())
+        .collect();
+    assert_eq!(ids, [fast.clone(), real.clone()], "commit order");
+    let ahead = listing.points[0].stamped_ahead.unwrap();
+    assert!(ahead > Duration::from_secs(9 * 60), "{ahead:?}");
+    assert!(
+        listing.points[0].stale,
+        "a future stamp is not within the RPO"
+    );
+    assert!(!listing.points[1].stale && listing.points[1].stamped_ahead.is_none());
+    c.stop().await;
+}
