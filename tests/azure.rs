@@ -147,3 +147,55 @@ fn snapshot_verify_and_restore_on_azure_blob_storage() {
         ],
     );
 }
+
+/// Commit numbers on Azure: three `repo snapshot` processes committing to one `az://`
+/// repository at once each claim their own number (a create-only put, `If-None-Match: *`),
+/// and `repo points` lists them in that order.
+#[test]
+fn racing_snapshots_on_azure_get_distinct_commit_numbers() {
+    let Some(azurite) = Azurite::start() else {
+        return;
+    };
+    azurite.create_container("backups");
+    let env = azurite.env();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write(&src.join("a.bin"), b"object");
+    let store = format!("file://{}", src.display());
+    let repo = "az://backups/race";
+    let racers: Vec<_> = (0..3)
+        .map(|_| {
+            std::process::Command::new(e2e::rollcall_bin())
+                .args(["repo", "snapshot", "--store", &store, "--repo", repo])
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut points = Vec::new();
+    for racer in racers {
+        let out = racer.wait_with_output().unwrap();
+        points.push(
+            ok(&out, "racing snapshot")["point"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let listed = ok(
+        &rollcall_with_env(&["repo", "points", "--repo", repo, "--json"], &env),
+        "repo points --json",
+    );
+    let listed = listed["points"].as_array().unwrap();
+    let numbers: Vec<u64> = listed
+        .iter()
+        .map(|p| p["sequence"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, [1, 2, 3], "{listed:?}");
+    let mut ids: Vec<&str> = listed.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    points.sort_unstable();
+    assert_eq!(ids, points, "every racer's point is listed");
+}
