@@ -481,3 +481,25 @@ pub async fn verify(connection: &Connection, id: &str, full: bool) -> Result<()>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::stamped_ahead;
+
+    #[test]
+    fn a_future_stamp_reads_to_the_nearest_minute() {
+        let marker = |secs| stamped_ahead(Duration::from_secs(secs));
+        assert_eq!(
+            marker(599),
+            "stamped 10m in the future (a clock ran fast when it was taken)"
+        );
+        assert_eq!(
+            marker(600),
+            "stamped 10m in the future (a clock ran fast when it was taken)"
+        );
+        assert!(marker(89).starts_with("stamped 1m in"), "{}", marker(89));
+        assert!(marker(3 * 3600 + 10).starts_with("stamped 3h in"));
+    }
+}
