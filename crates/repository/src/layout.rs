@@ -74,6 +74,16 @@ pub(crate) fn dump_file_key(id: &PointId, name: &str, compressed: bool) -> Path 
     Path::from(format!("{POSTGRES}/{id}/{name}.{ext}"))
 }
 
+/// A short, stable tag for a run, fit for database names and repository prefixes: `r` + 8 hex
+/// digits of its id's sha256. A restore keeps the live database as `<db>_pre_<tag>` and its
+/// quarantine under `quarantine/<tag>/`; the agents and the coordinator (which names them to
+/// operators) must agree on it.
+pub fn run_tag(run_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(run_id.as_bytes());
+    format!("r{}", &hex::encode(digest)[..8])
+}
+
 /// The default quarantine of one restore: `rollcall-quarantine/<UTC time>-<snapshot-id>`.
 pub(crate) fn quarantine_prefix(snapshot: &SnapshotId, at: DateTime<Utc>) -> Path {
     Path::from(format!(

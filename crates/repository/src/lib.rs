@@ -30,9 +30,10 @@ mod secrets;
 mod sequence;
 mod snapshot;
 mod store;
+mod undo;
 mod verify;
 
-pub use layout::{PointId, QUARANTINE_ROOT, SnapshotId, validate_environment};
+pub use layout::{PointId, QUARANTINE_ROOT, SnapshotId, run_tag, validate_environment};
 pub use object_key::{BadKey, check_object_key};
 pub use point::{CLOCK_TOLERANCE, DamagedPoint, NewPoint, Point, PointListing};
 pub use postgres::backup::{PgBackupOptions, backup_postgres};
@@ -42,8 +43,8 @@ pub use postgres::restore::{
     PgRestoreOptions, PgRestoreReport, default_restore_jobs, restore_postgres,
 };
 pub use postgres::swap::{
-    Committed, DatabaseSwap, Prepared, Reopened, Session, SwapNames, SwapState, commit_swap,
-    prepare_swap, reopen_interrupted_swaps,
+    Committed, DatabaseSwap, Prepared, Reopened, Session, SwapNames, SwapState, Undone,
+    commit_swap, prepare_swap, reopen_interrupted_swaps, undo_swap,
 };
 pub use postgres::{
     Compression, CountSpec, DumpContent, DumpFile, PgBackupPart, PgProgress, PgProgressFn,
@@ -62,4 +63,8 @@ pub use snapshot::{
     TransferPhase, TransferProgress, snapshot_objects,
 };
 pub use store::{HttpStatus, RetryPolicy, S3Options, is_transient, store_from_url};
+pub use undo::{
+    Before, RESTORE_RECORD_VERSION, RecordedKey, RestoreRecord, UndoObjectsOptions,
+    UndoObjectsReport, read_records, records_prefix, undo_objects,
+};
 pub use verify::{RestoreTarget, SnapshotCheck, VerifyOptions, VerifyReport};

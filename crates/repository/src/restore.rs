@@ -28,6 +28,7 @@ use crate::snapshot::{
     read_hashed,
 };
 use crate::store::retry;
+use crate::undo::{Before, RESTORE_RECORD_VERSION, RecordedKey, RestoreRecord, write_record};
 
 /// One of `count` disjoint parts of a restore, by key hash. Shard `0/1` is the whole restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -116,7 +117,9 @@ pub struct RestoreObjectsOptions {
     /// Keys under [`QUARANTINE_ROOT`] are never treated as extra objects.
     pub quarantine_prefix: Option<Path>,
     /// Keep displaced objects in the repository (under `quarantine_prefix` there) instead of in
-    /// the target store: the live store then holds exactly the snapshot (default false).
+    /// the target store: the live store then holds exactly the snapshot (default false). The
+    /// restore then also records, before it writes, what it may change (`undo::RestoreRecord`,
+    /// beside the quarantine), so `undo_objects` can take it back.
     pub quarantine_in_repository: bool,
     /// Move objects the snapshot does not have into quarantine (default true: the target
     /// then matches the point in time).
@@ -361,6 +364,36 @@ async fn restore_manifest(
     } else {
         Vec::new()
     };
+    if options.quarantine_in_repository {
+        // Before anything changes: what the restore may write or remove, and what each key
+        // held, so `undo_objects` can put the live store back from the repository alone.
+        let mut keys: Vec<RecordedKey> = jobs
+            .iter()
+            .filter(|(entry, _, current)| compare_live(entry, current.as_ref()) != Live::Same)
+            .map(|(entry, _, current)| RecordedKey {
+                key: entry.key.clone(),
+                before: current
+                    .as_ref()
+                    .map_or(Before::Absent, |m| Before::Present { size: m.size }),
+            })
+            .collect();
+        keys.extend(extras.iter().map(|location| RecordedKey {
+            key: shared.relative(location),
+            before: Before::Present {
+                size: existing.get(location).map_or(0, |m| m.size),
+            },
+        }));
+        let record = RestoreRecord {
+            version: RESTORE_RECORD_VERSION,
+            snapshot: snapshot.to_string(),
+            shard: shard.index,
+            shards: shard.count,
+            recorded_at: Utc::now(),
+            target_prefix: target_prefix.to_string(),
+            keys,
+        };
+        write_record(repo, &quarantine, &record).await?;
+    }
     let task = shared.clone();
     let outcomes = for_each_parallel(
         jobs,

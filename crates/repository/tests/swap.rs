@@ -2,7 +2,7 @@
 //! superuser, with CREATEDB): a whole backup → restore → swap as that role, and the failures
 //! that must never leave the live database refusing connections — a superuser's session it may
 //! not end, a second rename that fails, and a swap killed after blocking or after its first
-//! rename.
+//! rename; and the undo of a swap, as that role, with the same guarantees.
 
 mod common;
 
@@ -372,4 +372,191 @@ async fn a_busy_autovacuum_worker_does_not_fail_the_swap() {
     swap.close().await;
     live_and_open(&cluster, 2).await;
     assert!(exists(&cluster, &format!("live_pre_{TAG}")));
+
+/// A swapped-in restore, as a finished commit leaves it: `live` holds the two restored notes,
+/// `live_pre_<TAG>` the one from before.
+async fn swapped(cluster: &Cluster) {
+    let mut swap = prepared(cluster).await;
+    swap.swap().await.expect("swap");
+    swap.close().await;
+    live_and_open(cluster, 2).await;
+}
+
+async fn undo(cluster: &Cluster) -> DatabaseSwap {
+    DatabaseSwap::connect_undo(&as_owner(cluster, "live"), TAG, CONNECT)
+        .await
+        .expect("connect as the owner")
+        .sessions_gone_within(Duration::from_secs(3))
+}
+
+fn notes(cluster: &Cluster, database: &str) -> String {
+    cluster
+        .psql(
+            database,
+            "SELECT string_agg(body, ',' ORDER BY id) FROM notes",
+        )
+        .expect("read notes")
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_role_undoes_a_swap_and_keeps_the_restored_database() {
+    let cluster = owned_cluster();
+    let (pre, undone) = (format!("live_pre_{TAG}"), format!("live_undone_{TAG}"));
+    // Nothing swapped yet: nothing to undo, nothing changes.
+    let mut nothing = undo(&cluster).await;
+    assert_eq!(
+        undo_swap(&mut nothing).await.expect("undo"),
+        Undone::NothingSwapped
+    );
+    nothing.close().await;
+    live_and_open(&cluster, 1).await;
+    assert!(!exists(&cluster, &undone));
+
+    swapped(&cluster).await;
+    // A write after the restore (after the unfreeze): it stays in the kept copy.
+    cluster
+        .psql("live", "INSERT INTO notes VALUES (3, 'after the unfreeze')")
+        .expect("write after the restore");
+    let mut swap = undo(&cluster).await;
+    assert_eq!(
+        swap.names(),
+        &SwapNames {
+            live: "live".into(),
+            restore: pre.clone(),
+            pre: undone.clone(),
+        }
+    );
+    assert_eq!(undo_swap(&mut swap).await.expect("undo"), Undone::Swapped);
+    assert_eq!(
+        undo_swap(&mut swap).await.expect("undo again"),
+        Undone::AlreadyUndone
+    );
+    swap.close().await;
+    live_and_open(&cluster, 1).await;
+    assert_eq!(notes(&cluster, "live"), "before the restore");
+    assert_eq!(
+        notes(&cluster, &undone),
+        "restored,restored,after the unfreeze",
+        "the restored database is kept whole, with what was written since"
+    );
+    assert!(!exists(&cluster, &pre));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undo_that_may_not_end_a_session_names_it_and_changes_nothing() {
+    let cluster = owned_cluster();
+    swapped(&cluster).await;
+    let (holdout, pid) = superuser_session(&cluster, "live").await;
+    let mut swap = undo(&cluster).await;
+    let err = format!(
+        "{:#}",
+        undo_swap(&mut swap)
+            .await
+            .expect_err("a superuser is in the way")
+    );
+    assert!(
+        err.contains(&format!("pid {pid} (postgres")) && err.contains("nothing was changed"),
+        "{err}"
+    );
+    live_and_open(&cluster, 2).await;
+    holdout.close().await.expect("close the holdout");
+    assert_eq!(undo_swap(&mut swap).await.expect("undo"), Undone::Swapped);
+    swap.close().await;
+    live_and_open(&cluster, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undo_killed_midway_leaves_the_live_database_open_and_a_second_one_finishes() {
+    let cluster = owned_cluster();
+    let (pre, undone) = (format!("live_pre_{TAG}"), format!("live_undone_{TAG}"));
+    swapped(&cluster).await;
+    let owner = as_owner(&cluster, "live");
+
+    // Killed after blocking connections: found when the agent starts.
+    cluster
+        .psql("postgres", "ALTER DATABASE live ALLOW_CONNECTIONS false")
+        .expect("block as the killed undo did");
+    assert_eq!(
+        reopen_interrupted_swaps(&owner, CONNECT)
+            .await
+            .expect("reopen"),
+        [Reopened::Connections {
+            database: "live".into()
+        }]
+    );
+    live_and_open(&cluster, 2).await;
+
+    // Killed after blocking, found by the next attempt, which finishes the undo.
+    cluster
+        .psql("postgres", "ALTER DATABASE live ALLOW_CONNECTIONS false")
+        .expect("block again");
+    let mut again = undo(&cluster).await;
+    assert_eq!(undo_swap(&mut again).await.expect("undo"), Undone::Swapped);
+    again.close().await;
+    live_and_open(&cluster, 1).await;
+
+    // Back to swapped, for the renames (a second restore of another tag would do the same).
+    for sql in [
+        format!("ALTER DATABASE live RENAME TO {pre}"),
+        format!("ALTER DATABASE {undone} RENAME TO live"),
+    ] {
+        cluster.psql("postgres", &sql).expect("swap back");
+    }
+    live_and_open(&cluster, 2).await;
+
+    // Killed after the first rename: the agent's start puts the live database back.
+    for sql in [
+        "ALTER DATABASE live ALLOW_CONNECTIONS false".to_owned(),
+        format!("ALTER DATABASE live RENAME TO {undone}"),
+    ] {
+        cluster
+            .psql("postgres", &sql)
+            .expect("rename as the killed undo did");
+    }
+    assert_eq!(
+        reopen_interrupted_swaps(&owner, CONNECT)
+            .await
+            .expect("reopen"),
+        [Reopened::Rename {
+            database: "live".into(),
+            from: undone.clone()
+        }]
+    );
+    live_and_open(&cluster, 2).await;
+
+    // Killed after the first rename, and the agent was not restarted: the next attempt
+    // finishes the undo from there.
+    for sql in [
+        "ALTER DATABASE live ALLOW_CONNECTIONS false".to_owned(),
+        format!("ALTER DATABASE live RENAME TO {undone}"),
+    ] {
+        cluster.psql("postgres", &sql).expect("rename again");
+    }
+    let mut last = undo(&cluster).await;
+    assert_eq!(
+        undo_swap(&mut last).await.expect("finish the undo"),
+        Undone::FinishedInterrupted
+    );
+    last.close().await;
+    live_and_open(&cluster, 1).await;
+    assert_eq!(
+        cluster
+            .psql(
+                "postgres",
+                &format!("SELECT datallowconn FROM pg_database WHERE datname = '{undone}'")
+            )
+            .expect("read datallowconn")
+            .trim(),
+        "t",
+        "the kept copy opens too"
+    );
+    assert!(!exists(&cluster, &pre));
+    assert_eq!(
+        reopen_interrupted_swaps(&owner, CONNECT)
+            .await
+            .expect("reopen"),
+        []
+    );
 }

@@ -13,6 +13,10 @@
 //! reopens the live database under its own name (undoing a first rename); and a swap killed
 //! mid-way is reopened by the next one of its tag, or by [`reopen_interrupted_swaps`] when the
 //! database agent starts.
+//!
+//! An undo is the same swap the other way ([`SwapNames::undo`], [`undo_swap`]): `<db>_pre_<tag>`
+//! takes the live name back and the restored database is kept as `<db>_undone_<tag>`, with the
+//! same guarantees; nothing is dropped.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -40,9 +44,12 @@ const RENAME_PAUSE: Duration = Duration::from_millis(100);
 pub struct SwapNames {
     /// The live database, as the URL names it.
     pub live: String,
-    /// Where the point is restored before the swap.
+    /// The database that takes the live name: where the point is restored before the swap
+    /// (`<db>_restore_<tag>`), or for an undo the database the restore replaced
+    /// (`<db>_pre_<tag>`).
     pub restore: String,
-    /// Where the live database is kept after the swap.
+    /// Where the live database is kept after the swap: `<db>_pre_<tag>`, or for an undo
+    /// `<db>_undone_<tag>`.
     pub pre: String,
 }
 
@@ -58,6 +65,26 @@ impl SwapNames {
         if names.pre.len() > MAX_IDENTIFIER || names.restore.len() > MAX_IDENTIFIER {
             bail!(
                 "database name {:?} is too long to derive restore names from (Postgres \
+                 allows {MAX_IDENTIFIER} bytes)",
+                names.live
+            );
+        }
+        Ok(names)
+    }
+
+    /// The names for undoing the swap of `tag`: the database it kept (`<db>_pre_<tag>`) takes
+    /// the live name again and the live one (the restored database) is kept as
+    /// `<db>_undone_<tag>`.
+    pub fn undo(live_url: &str, tag: &str) -> Result<SwapNames> {
+        let swapped = SwapNames::new(live_url, tag)?;
+        let names = SwapNames {
+            restore: swapped.pre,
+            pre: format!("{}_undone_{tag}", swapped.live),
+            live: swapped.live,
+        };
+        if names.pre.len() > MAX_IDENTIFIER {
+            bail!(
+                "database name {:?} is too long to derive the undo's names from (Postgres \
                  allows {MAX_IDENTIFIER} bytes)",
                 names.live
             );
@@ -123,6 +150,8 @@ impl std::fmt::Display for Session {
 pub struct DatabaseSwap {
     live_url: DbUrl,
     names: SwapNames,
+    /// The names of the restore's own swap when this one undoes it (see [`undo_swap`]).
+    undoes: Option<SwapNames>,
     admin: PgConnection,
     /// How long to wait for sessions to leave the live database once it is blocked.
     sessions_gone_within: Duration,
@@ -137,9 +166,24 @@ impl DatabaseSwap {
         Ok(DatabaseSwap {
             live_url: live,
             names,
+            undoes: None,
             admin,
             sessions_gone_within: SESSIONS_GONE_WITHIN,
         })
+    }
+
+    /// Like [`DatabaseSwap::connect`], for undoing the swap of `tag` ([`SwapNames::undo`]).
+    pub async fn connect_undo(
+        live_url: &str,
+        tag: &str,
+        timeout: Duration,
+    ) -> Result<DatabaseSwap> {
+        let mut swap = DatabaseSwap::connect(live_url, tag, timeout).await?;
+        swap.undoes = Some(std::mem::replace(
+            &mut swap.names,
+            SwapNames::undo(live_url, tag)?,
+        ));
+        Ok(swap)
     }
 
     /// How long a swap waits for the live database's last sessions to go (default 30 s).
@@ -551,6 +595,85 @@ pub async fn commit_swap(swap: &mut DatabaseSwap, point: &PointId) -> Result<Com
     Ok(Committed::Swapped)
 }
 
+/// What [`undo_swap`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Undone {
+    /// The database the restore replaced is live again; the restored one is kept.
+    Swapped,
+    /// An earlier execution had undone it.
+    AlreadyUndone,
+    /// An earlier execution died between the renames; this one finished the undo.
+    FinishedInterrupted,
+    /// The restore had not swapped anything in (no `<db>_pre_<tag>`): there is nothing to undo.
+    /// A restore swap interrupted between its renames is put back first.
+    NothingSwapped,
+}
+
+impl Undone {
+    /// How people read it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Undone::Swapped => "undone",
+            Undone::AlreadyUndone => "already undone",
+            Undone::FinishedInterrupted => "finished an interrupted undo",
+            Undone::NothingSwapped => "nothing to undo: the restore never swapped the database",
+        }
+    }
+}
+
+/// Puts the database a restore swap replaced back under the live name, keeping the restored
+/// one as `<db>_undone_<tag>`, over a swap made by [`DatabaseSwap::connect_undo`]. The same
+/// guarantees as the swap's: sessions it may not end are named before anything changes, any
+/// failure leaves the live database under its name accepting connections, and a second
+/// execution finishes or reports an earlier one. A restore swap of the tag that was itself
+/// interrupted between its renames is put back the way it was (the restore never finished).
+pub async fn undo_swap(swap: &mut DatabaseSwap) -> Result<Undone> {
+    let Some(restore_names) = swap.undoes.clone() else {
+        bail!("undo_swap needs a swap made by DatabaseSwap::connect_undo");
+    };
+    let names = swap.names().clone();
+    // The restore's own swap, killed between its renames: its live database (kept as pre) gets
+    // its name back, which is what undoing it means.
+    if !swap.exists(&names.live).await?
+        && swap.exists(&restore_names.pre).await?
+        && swap.exists(&restore_names.restore).await?
+        && !swap.exists(&names.pre).await?
+    {
+        reopen(&mut swap.admin, &restore_names).await?;
+        return Ok(Undone::NothingSwapped);
+    }
+    let done = match swap.state().await? {
+        SwapState::Swapped => Undone::AlreadyUndone,
+        SwapState::Interrupted => {
+            swap.finish_interrupted().await?;
+            Undone::FinishedInterrupted
+        }
+        SwapState::NoLive => bail!(no_live(&names)),
+        SwapState::Fresh {
+            stale_restore: false,
+        } => {
+            // The restore's swap may have blocked the live database before it was killed.
+            if swap.exists(&restore_names.restore).await?
+                && !allows_connections(&mut swap.admin, &names.live).await?
+            {
+                swap.allow_connections(&names.live, true).await?;
+            }
+            return Ok(Undone::NothingSwapped);
+        }
+        SwapState::Fresh {
+            stale_restore: true,
+        } => {
+            swap.swap().await?;
+            Undone::Swapped
+        }
+    };
+    // The kept database may have been left refusing connections; live now, it must not.
+    if !allows_connections(&mut swap.admin, &names.live).await? {
+        swap.allow_connections(&names.live, true).await?;
+    }
+    Ok(done)
+}
+
 fn no_live(names: &SwapNames) -> String {
     format!(
         "the live database {} does not exist (and no swap of this tag is under way); check \
@@ -586,9 +709,11 @@ impl std::fmt::Display for Reopened {
 
 /// Puts right what a swap killed mid-way left behind on the server of `live_url`, so the live
 /// database accepts connections again, without swapping anything in: a live database that
-/// refuses connections while a `<db>_restore_<tag>` exists is reopened, and a live database
-/// renamed to `<db>_pre_<tag>` whose restore copy never took its place gets its name back. The
-/// database agent runs this when it starts; a swap re-sent later starts over from there.
+/// refuses connections while a `<db>_restore_<tag>` exists (or a `<db>_pre_<tag>` not yet
+/// undone) is reopened, and a live database renamed to `<db>_pre_<tag>` whose restore copy
+/// never took its place (or, by an undo, to `<db>_undone_<tag>` while `<db>_pre_<tag>` never
+/// took its place) gets its name back. The database agent runs this when it starts; a swap
+/// re-sent later starts over from there.
 pub async fn reopen_interrupted_swaps(live_url: &str, timeout: Duration) -> Result<Vec<Reopened>> {
     let live = DbUrl::parse(live_url)?;
     let mut admin = maintenance(&live, timeout).await?;
@@ -608,24 +733,44 @@ pub async fn reopen_interrupted_swaps(live_url: &str, timeout: Duration) -> Resu
             .filter_map(|n| n.strip_prefix(&prefix).map(str::to_owned))
             .collect()
     };
-    let (restores, pres) = (tags("restore"), tags("pre"));
+    let (restores, pres, undones) = (tags("restore"), tags("pre"), tags("undone"));
+    // A swap may be under way while a restore copy waits, or (an undo) while a kept database
+    // has not been put back yet.
+    let swap_possible = !restores.is_empty() || pres.iter().any(|t| !undones.contains(t));
     let live_exists = exists(&mut admin, &db).await?;
     if live_exists {
-        if !restores.is_empty() && !allows_connections(&mut admin, &db).await? {
+        if swap_possible && !allows_connections(&mut admin, &db).await? {
             allow_connections(&mut admin, &db, true).await?;
             done.push(Reopened::Connections { database: db });
         }
-    } else if let [tag] = pres
-        .iter()
-        .filter(|t| restores.contains(t))
-        .collect::<Vec<_>>()[..]
-    {
-        let names = SwapNames::new(live_url, tag.as_str())?;
-        reopen(&mut admin, &names).await?;
-        done.push(Reopened::Rename {
-            database: names.live,
-            from: names.pre,
-        });
+    } else {
+        // The live database renamed away and nothing in its place: a restore's swap (kept as
+        // `_pre_`, beside its restore copy) or an undo's (kept as `_undone_`, beside `_pre_`).
+        let mut candidates = Vec::new();
+        for tag in &pres {
+            if restores.contains(tag) {
+                candidates.push(SwapNames::new(live_url, tag)?);
+            }
+            if undones.contains(tag) {
+                candidates.push(SwapNames::undo(live_url, tag)?);
+            }
+        }
+        match &candidates[..] {
+            [names] => {
+                reopen(&mut admin, names).await?;
+                done.push(Reopened::Rename {
+                    database: names.live.clone(),
+                    from: names.pre.clone(),
+                });
+            }
+            [] => {}
+            several => tracing::warn!(
+                database = %db,
+                "the live database is missing and several interrupted swaps could have renamed \
+                 it ({}); rename the right one back by hand",
+                several.iter().map(|n| n.pre.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        }
     }
     let _ = admin.close().await;
     Ok(done)
