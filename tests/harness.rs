@@ -18,6 +18,8 @@ pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+pub mod fleet;
+
 // Polling with a deadline lives in ephemeral-pg, which this harness and cowork-sim's both use.
 pub use ephemeral_pg::{eventually, eventually_explained};
 

@@ -365,6 +365,8 @@ impl Executor {
             | Action::RestorePostgres { .. }
             | Action::PreparePostgres { .. }
             | Action::CommitPostgres { .. }
+            | Action::UndoPostgres { .. }
+            | Action::UndoObjects { .. }
             | Action::RestoreObjects { .. } => {
                 let Some(data) = &self.data else {
                     return (
@@ -444,7 +446,7 @@ async fn control_action(
         Action::Unfreeze => (control.unfreeze().await?, None),
         Action::Restart => (control.restart().await?, None),
         Action::Scale(target) => {
-            let out = control.scale(*target, run_id).await?;
+            let out = control.scale(target.clone(), run_id).await?;
             (
                 format!("scaled from {} to {} replicas", out.before, out.now),
                 output_detail(ActionOutput::Scale(out)),
@@ -488,6 +490,18 @@ async fn data_action(
             shards,
         } => ActionOutput::RestoreObjects(
             data.restore_objects(repository, point, run_id, *shard, *shards, progress)
+                .await?,
+        ),
+        Action::UndoPostgres { undone_run } => {
+            ActionOutput::UndoPostgres(data.undo_postgres(undone_run).await?)
+        }
+        Action::UndoObjects {
+            repository,
+            undone_run,
+            shard,
+            shards,
+        } => ActionOutput::UndoObjects(
+            data.undo_objects(repository, undone_run, run_id, *shard, *shards)
                 .await?,
         ),
         _ => anyhow::bail!("{} is not a data action", action.name()),

@@ -236,6 +236,22 @@ enum RunCommand {
         #[command(flatten)]
         connection: operator::Connection,
     },
+    /// Start a run that takes a drill's or recovery's restore back (finished or blocked): the
+    /// database it replaced is live again (the restored one kept as <db>_undone_<tag>), the
+    /// objects it replaced or removed are back. Exit 0 only if the undo run succeeded (with
+    /// --watch) or started.
+    Undo {
+        id: String,
+        /// Follow the undo run until it ends or blocks.
+        #[arg(long)]
+        watch: bool,
+        /// Undo a run that unfroze the fleet: writes made since then stay only in the kept
+        /// copies.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        connection: operator::Connection,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -432,6 +448,12 @@ async fn run(cli: Cli) -> Result<()> {
                 RunCommand::Abort { id, connection } => {
                     runs::control(&connection, &id, RunControl::Abort).await
                 }
+                RunCommand::Undo {
+                    id,
+                    watch,
+                    force,
+                    connection,
+                } => runs::undo(&connection, &id, force, watch).await,
             }
         }
         Command::Plan { command } => {

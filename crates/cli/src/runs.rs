@@ -1,4 +1,4 @@
-//! `rollcall drill`, `rollcall runs` and `rollcall run show|watch|resume|retry|abort`.
+//! `rollcall drill`, `rollcall runs` and `rollcall run show|watch|resume|retry|abort|undo`.
 
 use std::path::PathBuf;
 
@@ -264,6 +264,7 @@ pub async fn control(connection: &Connection, id: &str, control: op::RunControl)
         .control_run(op::ControlRunRequest {
             id: id.to_owned(),
             control: control as i32,
+            force: false,
         })
         .await
         .map_err(status_error)?
@@ -272,6 +273,26 @@ pub async fn control(connection: &Connection, id: &str, control: op::RunControl)
     if !run.reason.is_empty() {
         outln!("  {}", run.reason);
     }
+    Ok(())
+}
+
+/// `rollcall run undo ID [--force] [--watch]`: starts the undo run (and follows it).
+pub async fn undo(connection: &Connection, id: &str, force: bool, follow: bool) -> Result<()> {
+    let mut client = connection.connect().await?;
+    let run = client
+        .control_run(op::ControlRunRequest {
+            id: id.to_owned(),
+            control: op::RunControl::Undo as i32,
+            force,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    outln!("undo run {} of run {id} started", run.id);
+    if follow {
+        return watch(connection, &run.id, false).await;
+    }
+    outln!("follow it with: rollcall run watch {}", run.id);
     Ok(())
 }
 

@@ -627,9 +627,10 @@ impl op::operator_service_server::OperatorService for OperatorApi {
             Ok(op::RunControl::Resume) => crate::engine::Control::Resume,
             Ok(op::RunControl::Retry) => crate::engine::Control::Retry,
             Ok(op::RunControl::Abort) => crate::engine::Control::Abort,
+            Ok(op::RunControl::Undo) => crate::engine::Control::Undo { force: r.force },
             _ => {
                 return Err(Status::invalid_argument(
-                    "control must be resume, retry or abort",
+                    "control must be resume, retry, abort or undo",
                 ));
             }
         };

@@ -372,6 +372,7 @@ async fn a_busy_autovacuum_worker_does_not_fail_the_swap() {
     swap.close().await;
     live_and_open(&cluster, 2).await;
     assert!(exists(&cluster, &format!("live_pre_{TAG}")));
+}
 
 /// A swapped-in restore, as a finished commit leaves it: `live` holds the two restored notes,
 /// `live_pre_<TAG>` the one from before.

@@ -232,7 +232,7 @@ impl RoleControl {
         let Some(scaler) = &self.scaler else {
             // Nothing was scaled, so there is nothing to return to: "restore prior replicas"
             // across all roles passes on agents that run no role processes (database, objects).
-            if target == ScaleTarget::Prior {
+            if matches!(target, ScaleTarget::Prior | ScaleTarget::PriorOf(_)) {
                 return Ok(ScaleOutput {
                     before: 0,
                     now: 0,
@@ -249,6 +249,8 @@ impl RoleControl {
         let now = match target {
             ScaleTarget::Replicas(n) => n,
             ScaleTarget::Prior => prior,
+            // An undo of a blocked run returns to the count before that run scaled the role.
+            ScaleTarget::PriorOf(other) => self.memory.prior_of(&other).unwrap_or(prior),
         };
         // Persist the intent first: a restart mid-scale converges on it.
         self.memory.set_desired(now)?;
@@ -361,6 +363,11 @@ impl Memory {
         Ok(())
     }
 
+    /// The prior count `run_id` recorded, if it scaled the role on this agent.
+    fn prior_of(&self, run_id: &str) -> Option<u32> {
+        self.lock().prior.get(run_id).copied()
+    }
+
     /// The prior count of `run_id`: recorded now as `current` if this is the run's first scale.
     fn remember_prior(&self, run_id: &str, current: u32) -> Result<u32> {
         let mut file = self.lock();
@@ -428,6 +435,7 @@ mod tests {
         assert_eq!(m.desired(), Some(0));
         assert_eq!(m.remember_prior("run-1", 0).unwrap(), 3);
         assert_eq!(m.remember_prior("run-2", 0).unwrap(), 0);
+        assert_eq!((m.prior_of("run-1"), m.prior_of("run-3")), (Some(3), None));
     }
 
     #[test]

@@ -184,12 +184,21 @@ impl DataPlane {
                     "restore-postgres",
                     "prepare-postgres",
                     "commit-postgres",
+                    "undo-postgres",
                 ]
                 .map(String::from),
             );
         }
         if self.objects.is_some() {
-            out.extend(["snapshot-objects", "restore-objects", "check-objects"].map(String::from));
+            out.extend(
+                [
+                    "snapshot-objects",
+                    "restore-objects",
+                    "check-objects",
+                    "undo-objects",
+                ]
+                .map(String::from),
+            );
         }
         if self.postgres.is_some() || self.objects.is_some() {
             out.push("preflight".into());
@@ -359,9 +368,7 @@ impl Postgres {
 
 /// A short, stable tag for a run, fit for database names: `r` + 8 hex digits of its hash.
 fn run_tag(run_id: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(run_id.as_bytes());
-    format!("r{}", &hex::encode(digest)[..8])
+    repository::run_tag(run_id)
 }
 
 /// Whether `name` has the shape of [`run_tag`]'s tags (so a directory so named is ours).

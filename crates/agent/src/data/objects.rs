@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use api::model::output::RestoreObjectsOutput;
+use api::model::output::{RestoreObjectsOutput, UndoObjectsOutput};
 use api::model::{Check, CheckKind, ObjectReferences, RepositoryRef};
 use repository::{
     BlobScratch, ObjectSnapshotPart, PointId, RestoreObjectsOptions, RestoreTarget, S3Options,
@@ -167,6 +167,43 @@ impl DataPlane {
             replaced: report.replaced.len() as u64,
             removed: report.removed.len() as u64,
             quarantine_prefix: report.quarantine_prefix,
+        })
+    }
+
+    /// Puts this shard of the live store back as it was before run `undone_run`'s object
+    /// restore, from the records and quarantine that restore left in the repository
+    /// (`quarantine/<its tag>`); what the undo displaces goes to `quarantine/<run_id's tag>`.
+    pub async fn undo_objects(
+        &self,
+        repo: &RepositoryRef,
+        undone_run: &str,
+        run_id: &str,
+        shard: u32,
+        shards: u32,
+    ) -> Result<UndoObjectsOutput> {
+        let objects = self.objects()?;
+        let shard = Shard::new(shard, shards).context("undo objects")?;
+        let repo = repo.open().await?;
+        let (live, label) = live_store(objects)?;
+        let quarantine =
+            |run: &str| object_store::path::Path::from(format!("quarantine/{}", run_tag(run)));
+        let options = repository::UndoObjectsOptions {
+            target_label: label,
+            restore_quarantine: quarantine(undone_run),
+            undo_quarantine: quarantine(run_id),
+            shard,
+            parallelism: objects.parallelism,
+        };
+        let report = repository::undo_objects(&repo, live, &options).await?;
+        Ok(UndoObjectsOutput {
+            shard: shard.index,
+            shards: shard.count,
+            records: report.records,
+            put_back: report.put_back.len() as u64,
+            removed: report.removed.len() as u64,
+            unchanged: report.unchanged,
+            displaced: report.displaced,
+            quarantine_prefix: options.undo_quarantine.to_string(),
         })
     }
 

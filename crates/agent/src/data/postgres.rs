@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use api::model::output::{Counts, PreparePostgresOutput, RestorePostgresOutput};
+use api::model::output::{
+    Counts, PreparePostgresOutput, RestorePostgresOutput, UndoPostgresOutput,
+};
 use api::model::{Check, CheckKind, RepositoryRef};
 use repository::{
     CountSpec, DatabaseSwap, PgBackupOptions, PgBackupPart, PgRestoreOptions, PointId, SwapState,
@@ -100,6 +102,34 @@ impl DataPlane {
         let done = self.commit(&mut swap, point, progress).await;
         swap.close().await;
         done
+    }
+
+    /// Undoes run `undone_run`'s swap: `<db>_pre_<tag>` takes the live name again and the
+    /// restored database is kept as `<db>_undone_<tag>`; nothing is dropped. Re-running after a
+    /// crash finishes it; a run that never swapped leaves everything as it is and says so.
+    pub async fn undo_postgres(&self, undone_run: &str) -> Result<UndoPostgresOutput> {
+        let started = Instant::now();
+        let pg = self.postgres()?;
+        let url = pg.url()?;
+        let mut swap =
+            DatabaseSwap::connect_undo(&url, &run_tag(undone_run), ADMIN_CONNECT_TIMEOUT).await?;
+        let undone = repository::undo_swap(&mut swap).await;
+        let names = swap.names().clone();
+        swap.close().await;
+        let undone = undone?;
+        // The database put back may lack tables (what the restore was for): count those it has.
+        let (counts, _) = live_state(&url, &pg.counts, None)
+            .await
+            .context("count the live database's rows after the undo")?;
+        let swapped = undone != repository::Undone::NothingSwapped;
+        Ok(UndoPostgresOutput {
+            database: names.live,
+            kept_as: if swapped { names.pre } else { String::new() },
+            undone: swapped,
+            detail: undone.describe().to_owned(),
+            counts,
+            elapsed_ms: millis(started),
+        })
     }
 
     async fn swap(&self, run_id: &str) -> Result<DatabaseSwap> {

@@ -64,6 +64,17 @@ pub enum Action {
         repository: RepositoryRef,
         point: String,
     },
+    /// Undo the database swap of run `undone_run` (its `<db>_pre_<tag>` live again, the
+    /// restored database kept as `<db>_undone_<tag>`).
+    UndoPostgres { undone_run: String },
+    /// Put this shard of the live store back as it was before run `undone_run`'s object
+    /// restore, from the repository's records and quarantine.
+    UndoObjects {
+        repository: RepositoryRef,
+        undone_run: String,
+        shard: u32,
+        shards: u32,
+    },
     RestoreObjects {
         repository: RepositoryRef,
         point: String,
@@ -176,6 +187,26 @@ fn repository(r: Option<pb::Repository>) -> Result<RepositoryRef, Invalid> {
     }
 }
 
+/// A run id named by a command (the run an undo takes back): same characters as a point id.
+fn required_run(r: String) -> Result<String, Invalid> {
+    if r.is_empty() || r.len() > 128 {
+        return Err(Invalid::new(
+            "undone_run_id",
+            "must hold 1 to 128 characters",
+        ));
+    }
+    if !r
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(Invalid::new(
+            "undone_run_id",
+            format!("{r:?} holds characters other than letters, digits, '-', '_' and '.'"),
+        ));
+    }
+    Ok(r)
+}
+
 /// Point ids are the repository's (`20261125T093740Z-prod-399b4d21`); the repository parses
 /// them fully, this only keeps the wire free of anything that is not an id.
 fn point_id(p: String) -> Result<String, Invalid> {
@@ -194,11 +225,14 @@ fn point_id(p: String) -> Result<String, Invalid> {
     Ok(p)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ScaleTarget {
     Replicas(u32),
     /// The count before this run first scaled the role.
     Prior,
+    /// The count before that run first scaled the role, when the agent remembers it (else
+    /// `Prior`).
+    PriorOf(String),
 }
 
 impl Action {
@@ -213,6 +247,8 @@ impl Action {
             | Action::RestorePostgres { .. }
             | Action::PreparePostgres { .. }
             | Action::CommitPostgres { .. }
+            | Action::UndoPostgres { .. }
+            | Action::UndoObjects { .. }
             | Action::RestoreObjects { .. } => true,
             // Checks change nothing; a smoke drives the role through one real operation.
             Action::Preflight { .. } | Action::Verify { .. } | Action::CheckObjects(_) => false,
@@ -235,6 +271,8 @@ impl Action {
             Action::RestorePostgres { .. } => ActionKind::RestorePostgres,
             Action::PreparePostgres { .. } => ActionKind::PreparePostgres,
             Action::CommitPostgres { .. } => ActionKind::CommitPostgres,
+            Action::UndoPostgres { .. } => ActionKind::UndoPostgres,
+            Action::UndoObjects { .. } => ActionKind::UndoObjects,
             Action::RestoreObjects { .. } => ActionKind::RestoreObjects,
             Action::Verify { .. } => ActionKind::Verify,
             Action::Smoke { .. } => ActionKind::Smoke,
@@ -263,6 +301,8 @@ pub enum ActionKind {
     RestorePostgres,
     PreparePostgres,
     CommitPostgres,
+    UndoPostgres,
+    UndoObjects,
     RestoreObjects,
     Verify,
     Smoke,
@@ -270,7 +310,7 @@ pub enum ActionKind {
 }
 
 impl ActionKind {
-    pub const ALL: [ActionKind; 16] = [
+    pub const ALL: [ActionKind; 18] = [
         ActionKind::Ping,
         ActionKind::Describe,
         ActionKind::Freeze,
@@ -283,6 +323,8 @@ impl ActionKind {
         ActionKind::RestorePostgres,
         ActionKind::PreparePostgres,
         ActionKind::CommitPostgres,
+        ActionKind::UndoPostgres,
+        ActionKind::UndoObjects,
         ActionKind::RestoreObjects,
         ActionKind::Verify,
         ActionKind::Smoke,
@@ -304,6 +346,8 @@ impl ActionKind {
             ActionKind::RestorePostgres => "restore-postgres",
             ActionKind::PreparePostgres => "prepare-postgres",
             ActionKind::CommitPostgres => "commit-postgres",
+            ActionKind::UndoPostgres => "undo-postgres",
+            ActionKind::UndoObjects => "undo-objects",
             ActionKind::RestoreObjects => "restore-objects",
             ActionKind::Verify => "verify",
             ActionKind::Smoke => "smoke",
@@ -379,6 +423,15 @@ impl TryFrom<pb::Command> for Command {
                 repository: repository(a.repository)?,
                 point: point_id(a.point_id)?,
             },
+            Some(pb::command::Action::UndoPostgres(a)) => Action::UndoPostgres {
+                undone_run: required_run(a.undone_run_id)?,
+            },
+            Some(pb::command::Action::UndoObjects(a)) => Action::UndoObjects {
+                repository: repository(a.repository)?,
+                undone_run: required_run(a.undone_run_id)?,
+                shard: a.shard,
+                shards: a.shards,
+            },
             Some(pb::command::Action::Verify(a)) => Action::Verify {
                 repository: repository(a.repository)?,
                 point: point_id(a.point_id)?,
@@ -410,6 +463,7 @@ impl TryFrom<pb::Command> for Command {
             Some(pb::command::Action::Scale(s)) => Action::Scale(match s.target {
                 Some(pb::scale::Target::Replicas(n)) => ScaleTarget::Replicas(n),
                 Some(pb::scale::Target::Prior(true)) => ScaleTarget::Prior,
+                Some(pb::scale::Target::PriorOf(run)) => ScaleTarget::PriorOf(required_run(run)?),
                 Some(pb::scale::Target::Prior(false)) | None => {
                     return Err(Invalid::new("scale target", "is missing"));
                 }
@@ -486,6 +540,22 @@ impl From<Command> for pb::Command {
                     point_id: point,
                 })
             }
+            Action::UndoPostgres { undone_run } => {
+                pb::command::Action::UndoPostgres(pb::UndoPostgres {
+                    undone_run_id: undone_run,
+                })
+            }
+            Action::UndoObjects {
+                repository,
+                undone_run,
+                shard,
+                shards,
+            } => pb::command::Action::UndoObjects(pb::UndoObjects {
+                repository: Some(repository.into()),
+                undone_run_id: undone_run,
+                shard,
+                shards,
+            }),
             Action::Verify { repository, point } => pb::command::Action::Verify(pb::Verify {
                 repository: Some(repository.into()),
                 point_id: point,
@@ -511,6 +581,7 @@ impl From<Command> for pb::Command {
                 target: Some(match target {
                     ScaleTarget::Replicas(n) => pb::scale::Target::Replicas(n),
                     ScaleTarget::Prior => pb::scale::Target::Prior(true),
+                    ScaleTarget::PriorOf(run) => pb::scale::Target::PriorOf(run),
                 }),
             }),
         };

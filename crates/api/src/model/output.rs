@@ -180,6 +180,44 @@ pub struct RestoreObjectsOutput {
     pub quarantine_prefix: String,
 }
 
+/// `undo-postgres`: the database a restore replaced put back under the live name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UndoPostgresOutput {
+    /// The live database's name.
+    pub database: String,
+    /// Where the restored database is kept (`<db>_undone_<tag>`); empty when nothing had been
+    /// swapped in.
+    pub kept_as: String,
+    /// False when the restore had not swapped the database in: nothing was undone.
+    pub undone: bool,
+    /// What happened, for people: `undone`, `already undone`, `finished an interrupted undo`,
+    /// or why there was nothing to undo.
+    pub detail: String,
+    /// The live database's counts after the undo.
+    pub counts: Counts,
+    pub elapsed_ms: u64,
+}
+
+/// `undo-objects`: one shard of the live store put back as it was before a restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UndoObjectsOutput {
+    pub shard: u32,
+    pub shards: u32,
+    /// Records the restore left (0: it never started writing; nothing was undone).
+    pub records: u64,
+    /// Objects the restore replaced or removed, put back from its quarantine.
+    pub put_back: u64,
+    /// Objects the restore created, moved to the undo's quarantine.
+    pub removed: u64,
+    /// Keys already as they were before the restore.
+    pub unchanged: u64,
+    /// Live objects (the restore's, or written since) the undo moved to its quarantine before
+    /// putting the old ones back.
+    pub displaced: u64,
+    /// Where in the repository the undo keeps what it displaced (`quarantine/<undo tag>`).
+    pub quarantine_prefix: String,
+}
+
 /// `verify`: the checks against the point, the live counts, and the object keys the restored
 /// rows refer to (for `check-objects` on the objects agents).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,6 +247,8 @@ pub enum ActionOutput {
     PreparePostgres(PreparePostgresOutput),
     /// `commit-postgres` reports what `restore-postgres` does.
     CommitPostgres(RestorePostgresOutput),
+    UndoPostgres(UndoPostgresOutput),
+    UndoObjects(UndoObjectsOutput),
     RestoreObjects(RestoreObjectsOutput),
     Verify(VerifyOutput),
     CheckObjects(ChecksOutput),
@@ -226,6 +266,8 @@ impl ActionOutput {
             ActionOutput::RestorePostgres(_) => ActionKind::RestorePostgres,
             ActionOutput::PreparePostgres(_) => ActionKind::PreparePostgres,
             ActionOutput::CommitPostgres(_) => ActionKind::CommitPostgres,
+            ActionOutput::UndoPostgres(_) => ActionKind::UndoPostgres,
+            ActionOutput::UndoObjects(_) => ActionKind::UndoObjects,
             ActionOutput::RestoreObjects(_) => ActionKind::RestoreObjects,
             ActionOutput::Verify(_) => ActionKind::Verify,
             ActionOutput::CheckObjects(_) => ActionKind::CheckObjects,
@@ -258,6 +300,8 @@ impl ActionOutput {
             ActionKind::RestorePostgres => ActionOutput::RestorePostgres(read(action, body)?),
             ActionKind::PreparePostgres => ActionOutput::PreparePostgres(read(action, body)?),
             ActionKind::CommitPostgres => ActionOutput::CommitPostgres(read(action, body)?),
+            ActionKind::UndoPostgres => ActionOutput::UndoPostgres(read(action, body)?),
+            ActionKind::UndoObjects => ActionOutput::UndoObjects(read(action, body)?),
             ActionKind::RestoreObjects => ActionOutput::RestoreObjects(read(action, body)?),
             ActionKind::Verify => ActionOutput::Verify(read(action, body)?),
             ActionKind::CheckObjects => ActionOutput::CheckObjects(read(action, body)?),
@@ -287,6 +331,8 @@ impl ActionOutput {
             | ActionOutput::RestorePostgres(_)
             | ActionOutput::PreparePostgres(_)
             | ActionOutput::CommitPostgres(_)
+            | ActionOutput::UndoPostgres(_)
+            | ActionOutput::UndoObjects(_)
             | ActionOutput::RestoreObjects(_) => &[],
         }
     }
@@ -361,6 +407,24 @@ mod tests {
                 archive_bytes: 0,
                 resumed: "already swapped".into(),
                 elapsed_ms: 100,
+            }),
+            ActionOutput::UndoPostgres(UndoPostgresOutput {
+                database: "cowork".into(),
+                kept_as: "cowork_undone_r1a2b3c4d".into(),
+                undone: true,
+                detail: "undone".into(),
+                counts: Counts::from([("sessions".into(), 2)]),
+                elapsed_ms: 90,
+            }),
+            ActionOutput::UndoObjects(UndoObjectsOutput {
+                shard: 0,
+                shards: 1,
+                records: 1,
+                put_back: 3,
+                removed: 1,
+                unchanged: 0,
+                displaced: 3,
+                quarantine_prefix: "quarantine/r9f8e7d6c".into(),
             }),
             ActionOutput::RestoreObjects(RestoreObjectsOutput {
                 snapshot: "20261125T073000Z-3f2a9c01".into(),

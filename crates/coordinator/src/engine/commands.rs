@@ -18,6 +18,33 @@ pub(super) struct RunContext {
     pub point: Option<String>,
     /// For `check-references`: the keys the database verifications returned.
     pub references: Vec<api::model::ObjectReferences>,
+    /// For undo runs: the run they take back.
+    pub undo: Option<UndoOf>,
+}
+
+/// The run an undo run takes back, as its journaled params hold it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UndoOf {
+    pub run: String,
+    /// Roles return to their counts from before that run scaled them (it never brought them
+    /// back: blocked or aborted), instead of their counts when the undo started.
+    pub prior_of_undone: bool,
+}
+
+/// A run's journaled params (`NewRun::params`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RunParams {
+    #[serde(default)]
+    pub plan: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undoes: Option<UndoOf>,
+}
+
+impl RunParams {
+    /// The params of a journaled run; a run journaled before params were typed reads as none.
+    pub fn of(value: &serde_json::Value) -> RunParams {
+        serde_json::from_value(value.clone()).unwrap_or_default()
+    }
 }
 
 pub(super) fn needs_point(action: Action) -> bool {
@@ -37,9 +64,20 @@ pub(super) fn agent_actions(
     phase: &Phase,
     ctx: &RunContext,
 ) -> std::result::Result<Vec<AgentAction>, String> {
-    let target = |r: Replicas| match r {
-        Replicas::Count(n) => ScaleTarget::Replicas(n),
-        Replicas::Prior => ScaleTarget::Prior,
+    let target = |r: Replicas| match (r, &ctx.undo) {
+        (Replicas::Count(n), _) => ScaleTarget::Replicas(n),
+        (Replicas::Prior, Some(undo)) if undo.prior_of_undone => {
+            ScaleTarget::PriorOf(undo.run.clone())
+        }
+        (Replicas::Prior, _) => ScaleTarget::Prior,
+    };
+    let undone = || {
+        ctx.undo.as_ref().map(|u| u.run.clone()).ok_or_else(|| {
+            format!(
+                "{} in run {} takes back another run's restore, so it runs only in an undo run                  (`rollcall run undo RUN`)",
+                phase.action, ctx.run_id
+            )
+        })
     };
     let repository = ctx.repository.clone();
     let point = || {
@@ -83,6 +121,15 @@ pub(super) fn agent_actions(
             repository,
             point: point()?,
         }],
+        Action::UndoPostgres => vec![AgentAction::UndoPostgres {
+            undone_run: undone()?,
+        }],
+        Action::UndoObjects => vec![AgentAction::UndoObjects {
+            repository,
+            undone_run: undone()?,
+            shard: 0,
+            shards: 1,
+        }],
         Action::RestoreObjects => vec![AgentAction::RestoreObjects {
             repository,
             point: point()?,
@@ -97,8 +144,9 @@ pub(super) fn agent_actions(
         // Start the replicas the smoke needs (workers never before objects are restored: plan
         // check orders that), then run the agent's smoke command.
         Action::Smoke => {
+            // After an undo the data is no longer the point's: the smoke is told no point.
             let smoke = AgentAction::Smoke {
-                point: ctx.point.clone(),
+                point: ctx.point.clone().filter(|_| ctx.undo.is_none()),
             };
             match phase.replicas {
                 Some(r) => vec![AgentAction::Scale(target(r)), smoke],
@@ -279,6 +327,7 @@ mod tests {
             repository: api::model::RepositoryRef::default(),
             point: Some("20261125T073000Z-prod-3f2a9c01".into()),
             references: vec![],
+            undo: None,
         };
         let sent = |action: Action| -> Vec<&'static str> {
             let phase = plan.phases.iter().find(|p| p.action == action).unwrap();
@@ -316,5 +365,54 @@ mod tests {
         };
         let err = agent_actions(restore, &without).unwrap_err();
         assert!(err.contains("needs a recovery point"), "{err}");
+    }
+
+    #[test]
+    fn undo_phases_name_the_run_they_take_back() {
+        let plan = crate::plan::Plan::undo_plan(&crate::plan::tests::fleet()).unwrap();
+        let phase = |name: &str| plan.phase(name).unwrap();
+        let drill = RunContext {
+            run_id: "undo-1".into(),
+            repository: api::model::RepositoryRef::default(),
+            point: Some("20261125T073000Z-prod-3f2a9c01".into()),
+            references: vec![],
+            undo: None,
+        };
+        let err = agent_actions(phase("undo-postgres"), &drill).unwrap_err();
+        assert!(err.contains("runs only in an undo run"), "{err}");
+        let undo = RunContext {
+            undo: Some(UndoOf {
+                run: "drill-1".into(),
+                prior_of_undone: true,
+            }),
+            ..drill.clone()
+        };
+        assert_eq!(
+            agent_actions(phase("undo-postgres"), &undo).unwrap(),
+            [AgentAction::UndoPostgres {
+                undone_run: "drill-1".into()
+            }]
+        );
+        // Roles return to where they were before the blocked run stopped them.
+        assert_eq!(
+            agent_actions(phase("start-web"), &undo).unwrap(),
+            [AgentAction::Scale(ScaleTarget::PriorOf("drill-1".into()))]
+        );
+        let finished = RunContext {
+            undo: Some(UndoOf {
+                run: "drill-1".into(),
+                prior_of_undone: false,
+            }),
+            ..drill.clone()
+        };
+        assert_eq!(
+            agent_actions(phase("start-web"), &finished).unwrap(),
+            [AgentAction::Scale(ScaleTarget::Prior)]
+        );
+        assert_eq!(
+            agent_actions(phase("worker-smoke"), &undo).unwrap()[1],
+            AgentAction::Smoke { point: None },
+            "after an undo the data is not the point's"
+        );
     }
 }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Inner;
-use super::commands::{RunContext, agent_actions, assign_shards};
+use super::commands::{RunContext, RunParams, agent_actions, assign_shards};
 use super::planner::{self, AgentStanding, Next, freeze_note};
 use super::send::run_steps;
 use crate::config::Environment;
@@ -96,8 +96,15 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                             .and_then(|p| p.started_at);
                         in_flight.insert(index);
                         let me = self.clone();
-                        let (plan, env, run_id) = (plan.clone(), env.clone(), id.to_owned());
-                        let point = run.point_id.clone();
+                        let (plan, env) = (plan.clone(), env.clone());
+                        // The references are read when the phase starts (check-references).
+                        let ctx = RunContext {
+                            run_id: id.to_owned(),
+                            repository: env.repository_ref.clone(),
+                            point: run.point_id.clone(),
+                            references: Vec::new(),
+                            undo: RunParams::of(&run.params).undoes,
+                        };
                         let span = tracing::info_span!(
                             "rollcall.phase",
                             phase = %plan.phases[index].name,
@@ -107,9 +114,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                         tasks.spawn(
                             async move {
                                 let result = me
-                                    .run_phase(
-                                        &run_id, &plan, &env, point, index, attempt, started_at,
-                                    )
+                                    .run_phase(ctx, &plan, &env, index, attempt, started_at)
                                     .await;
                                 (index, result)
                             }
@@ -197,17 +202,17 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn run_phase(
         &self,
-        run_id: &str,
+        mut ctx: RunContext,
         plan: &Plan,
         env: &Environment,
-        point: Option<String>,
         index: usize,
         attempt: u32,
         started_at: Option<DateTime<Utc>>,
     ) -> Result<()> {
+        let run_id = ctx.run_id.clone();
+        let run_id = run_id.as_str();
         let phase = &plan.phases[index];
         let started = started_at.unwrap_or_else(Utc::now);
         let mut record = PhaseRecord {
@@ -228,17 +233,9 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         )
         .await?;
 
-        let references = if phase.action == Action::CheckReferences {
-            self.verified_references(run_id).await?
-        } else {
-            Vec::new()
-        };
-        let ctx = RunContext {
-            run_id: run_id.to_owned(),
-            repository: env.repository_ref.clone(),
-            point,
-            references,
-        };
+        if phase.action == Action::CheckReferences {
+            ctx.references = self.verified_references(run_id).await?;
+        }
         let (passed, detail) = match phase.action {
             Action::Report => match self.write_report(run_id, env, &ctx).await {
                 Ok(where_) => (true, format!("drill report written: {where_}")),
@@ -302,7 +299,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         // Object restores split the keys by hash across the role's agents (DESIGN.md): each
         // agent gets a shard, and the number of shards is the declared count. A command id
         // names one command forever, so an agent keeps the shard the journal already holds.
-        let shard_of = if phase.action == Action::RestoreObjects {
+        let shard_of = if matches!(phase.action, Action::RestoreObjects | Action::UndoObjects) {
             let journaled = self.journaled_shards(run_id, phase.index, attempt).await?;
             let names: Vec<String> = targets
                 .iter()
@@ -324,7 +321,9 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             let mut steps = steps.clone();
             if let Some(&(index, count)) = shard_of.get(agent.name.as_str()) {
                 for step in &mut steps {
-                    if let AgentAction::RestoreObjects { shard, shards, .. } = step {
+                    if let AgentAction::RestoreObjects { shard, shards, .. }
+                    | AgentAction::UndoObjects { shard, shards, .. } = step
+                    {
                         (*shard, *shards) = (index, count);
                     }
                 }
@@ -411,7 +410,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         }
     }
 
-    /// The shards already journaled for a restore-objects phase attempt: agent → (shard, of).
+    /// The shards already journaled for a restore-objects (or undo-objects) phase attempt: agent → (shard, of).
     async fn journaled_shards(
         &self,
         run_id: &str,
@@ -422,13 +421,18 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         for (command, _) in self.store.commands(run_id).await? {
             if command.phase_index as usize != phase_index
                 || command.attempt != attempt
-                || command.action != ActionKind::RestoreObjects
+                || !matches!(
+                    command.action,
+                    ActionKind::RestoreObjects | ActionKind::UndoObjects
+                )
             {
                 continue;
             }
             let action: AgentAction = serde_json::from_value(command.payload.clone())
                 .with_context(|| format!("journaled command {}", command.command_id))?;
-            if let AgentAction::RestoreObjects { shard, shards, .. } = action {
+            if let AgentAction::RestoreObjects { shard, shards, .. }
+            | AgentAction::UndoObjects { shard, shards, .. } = action
+            {
                 out.insert(command.agent, (shard, shards));
             }
         }

@@ -21,6 +21,7 @@ pub mod operator;
 pub mod planner;
 mod points;
 mod send;
+mod undo;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -78,6 +79,9 @@ pub enum Control {
     Retry,
     /// Stop the run. Nothing is undone; a frozen fleet stays frozen.
     Abort,
+    /// Start an undo run that takes the run's restore back (`undo.rs`); `force` accepts that
+    /// writes made since the run unfroze stay only in the kept copies.
+    Undo { force: bool },
 }
 
 pub struct Engine<L> {
@@ -263,6 +267,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             repository: env.repository_ref.clone(),
             point: request.point_id.clone(),
             references: Vec::new(),
+            undo: None,
         };
         if let Err(why) = plan
             .phases
@@ -277,6 +282,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
     fn plan_for(&self, env: &Environment, request: &StartRun) -> Result<Plan> {
         Ok(match (&request.plan, request.kind) {
             (None, RunKind::Backup) => env.backup_plan.clone(),
+            (None, RunKind::Undo) => Plan::undo_plan(&env.fleet).map_err(|e| anyhow!("{e}"))?,
             (None, _) => env.plan.clone(),
             (Some((name, text)), _) => {
                 Plan::parse(Path::new(name), text, Some(&env.fleet)).map_err(|e| anyhow!("{e}"))?
@@ -365,6 +371,9 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
 
     /// Applies an operator's decision; returns the run as it now stands.
     pub async fn control(&self, id: &str, control: Control) -> Result<RunRecord> {
+        if let Control::Undo { force } = control {
+            return self.start_undo(id, force).await;
+        }
         let store = &self.inner.store;
         let run = store
             .run(id)
@@ -401,6 +410,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                     .event(id, "run.aborted", json!({ "frozen": frozen }))
                     .await?;
             }
+            Control::Undo { .. } => bail!("an undo starts a run of its own"),
             Control::Resume | Control::Retry => {
                 if run.state == RunState::Running && self.inner.drives_lock().contains_key(id) {
                     bail!("run {id} is running; resume and retry are for blocked runs");

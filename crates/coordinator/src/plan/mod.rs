@@ -20,6 +20,11 @@ pub const DEFAULT_PLAN_NAME: &str = "deploy/plans/default.toml";
 /// and embedded here; `Plan::backup_plan` drops the phases of roles a fleet does not declare.
 pub const BACKUP_PLAN: &str = include_str!("../../../../deploy/plans/backup.toml");
 
+/// The plan of undo runs (`rollcall run undo RUN`), shipped in `deploy/plans/undo.toml` and
+/// embedded here; `Plan::undo_plan` drops the phases of roles a fleet does not declare.
+pub const UNDO_PLAN: &str = include_str!("../../../../deploy/plans/undo.toml");
+pub const UNDO_PLAN_NAME: &str = "deploy/plans/undo.toml";
+
 /// The longest timeout a phase may have, in days. A phase (and its gate) that may take longer
 /// than a week is a mistake in the plan, not a restore; refusing it also keeps every deadline
 /// the engine computes from a timeout far inside what a clock can hold.
@@ -56,6 +61,11 @@ pub enum Action {
     PreparePostgres,
     /// Swap the prepared database in (the live one kept, renamed): the second half.
     CommitPostgres,
+    /// Undo the swap of the run an undo run takes back: `<db>_pre_<tag>` live again, the
+    /// restored database kept as `<db>_undone_<tag>` (undo runs only).
+    UndoPostgres,
+    /// Put the live store back as it was before that run's object restore (undo runs only).
+    UndoObjects,
     RestoreObjects,
     /// Health, operator endpoints, count parity, invariant checks.
     Verify,
@@ -76,7 +86,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 16] = [
+    pub const ALL: [Action; 18] = [
         Action::Preflight,
         Action::Freeze,
         Action::Scale,
@@ -84,6 +94,8 @@ impl Action {
         Action::RestorePostgres,
         Action::PreparePostgres,
         Action::CommitPostgres,
+        Action::UndoPostgres,
+        Action::UndoObjects,
         Action::RestoreObjects,
         Action::Verify,
         Action::CheckReferences,
@@ -104,6 +116,8 @@ impl Action {
             Action::RestorePostgres => "restore-postgres",
             Action::PreparePostgres => "prepare-postgres",
             Action::CommitPostgres => "commit-postgres",
+            Action::UndoPostgres => "undo-postgres",
+            Action::UndoObjects => "undo-objects",
             Action::RestoreObjects => "restore-objects",
             Action::Verify => "verify",
             Action::CheckReferences => "check-references",
@@ -126,10 +140,12 @@ impl Action {
             Action::RestorePostgres
             | Action::PreparePostgres
             | Action::CommitPostgres
+            | Action::UndoPostgres
             | Action::BackupPostgres => Some("database"),
-            Action::RestoreObjects | Action::SnapshotObjects | Action::CheckReferences => {
-                Some("objects")
-            }
+            Action::RestoreObjects
+            | Action::UndoObjects
+            | Action::SnapshotObjects
+            | Action::CheckReferences => Some("objects"),
             _ => None,
         }
     }
@@ -142,8 +158,17 @@ impl Action {
     fn is_restore(self) -> bool {
         matches!(
             self,
-            Action::RestorePostgres | Action::CommitPostgres | Action::RestoreObjects
+            Action::RestorePostgres
+                | Action::CommitPostgres
+                | Action::RestoreObjects
+                | Action::UndoPostgres
+                | Action::UndoObjects
         )
+    }
+
+    /// Whether the action takes back another run's restore (undo plans only).
+    pub fn is_undo(self) -> bool {
+        matches!(self, Action::UndoPostgres | Action::UndoObjects)
     }
 }
 
@@ -271,6 +296,15 @@ impl Plan {
         Plan::parse(Path::new("built-in backup plan"), &text, Some(fleet))
     }
 
+    /// The undo plan against `fleet`, without the phases of roles it does not declare.
+    pub fn undo_plan(fleet: &Fleet) -> Result<Plan, PlanErrors> {
+        Plan::parse(
+            Path::new(UNDO_PLAN_NAME),
+            &fit_to_fleet(UNDO_PLAN, fleet),
+            Some(fleet),
+        )
+    }
+
     /// The default plan against `roles` (None: the standard roles).
     pub fn default_plan(fleet: Option<&Fleet>) -> Result<Plan, PlanErrors> {
         Plan::parse(Path::new(DEFAULT_PLAN_NAME), DEFAULT_PLAN, fleet)
@@ -297,6 +331,36 @@ impl Plan {
     pub fn phase(&self, name: &str) -> Option<&Phase> {
         self.phases.iter().find(|p| p.name == name)
     }
+}
+
+/// A plan document without the roles `fleet` does not declare: they leave each phase's roles
+/// and per-role gate, and a phase left with no role is dropped (`drop_phase`).
+fn fit_to_fleet(text: &str, fleet: &Fleet) -> String {
+    let Ok(mut doc) = text.parse::<toml::Table>() else {
+        return text.to_owned();
+    };
+    let declared = |role: &str| role == "all" || fleet.get(role).copied().unwrap_or(0) > 0;
+    let mut emptied = Vec::new();
+    if let Some(toml::Value::Array(phases)) = doc.get_mut("phase") {
+        for p in phases.iter_mut() {
+            if let Some(toml::Value::Array(roles)) = p.get_mut("roles") {
+                roles.retain(|r| r.as_str().is_none_or(declared));
+                if roles.is_empty()
+                    && let Some(name) = p.get("name").and_then(|n| n.as_str())
+                {
+                    emptied.push(name.to_owned());
+                }
+            }
+            if let Some(toml::Value::Table(gate)) = p.get_mut("gate") {
+                gate.retain(|role, _| declared(role));
+            }
+        }
+    }
+    let mut text = toml::to_string(&doc).unwrap_or_else(|_| text.to_owned());
+    for name in emptied {
+        text = drop_phase(&text, &name);
+    }
+    text
 }
 
 /// Removes a phase from a plan document and from every `after` list.
@@ -427,6 +491,60 @@ pub(crate) mod tests {
                 .map(|p| p.name.as_str())
                 .collect::<Vec<_>>(),
             ["snapshot-objects", "write-point"]
+        );
+    }
+
+    #[test]
+    fn the_undo_plan_fits_the_fleet_and_keeps_the_default_plans_order() {
+        let names = |plan: &Plan| -> Vec<Vec<String>> {
+            plan.steps()
+                .iter()
+                .map(|s| s.iter().map(|&i| plan.phases[i].name.clone()).collect())
+                .collect()
+        };
+        let plan = Plan::undo_plan(&fleet()).unwrap();
+        assert_eq!(
+            names(&plan),
+            [
+                vec!["freeze-writes"],
+                vec!["scale-to-zero"],
+                vec!["undo-postgres", "undo-objects"],
+                vec!["start-web"],
+                vec!["verify"],
+                vec!["worker-smoke"],
+                vec!["scheduler-smoke"],
+                vec!["gateway-smoke"],
+                vec!["restore-replicas"],
+                vec!["report"],
+                vec!["unfreeze"],
+            ]
+        );
+        // A fleet without scheduler, gateway and objects: their phases and gates go.
+        let small: Fleet = [("web", 1), ("worker", 1), ("database", 1)]
+            .into_iter()
+            .map(|(r, n)| (r.to_owned(), n))
+            .collect();
+        let plan = Plan::undo_plan(&small).unwrap();
+        assert_eq!(
+            plan.phases
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>(),
+            [
+                "freeze-writes",
+                "scale-to-zero",
+                "undo-postgres",
+                "start-web",
+                "verify",
+                "worker-smoke",
+                "restore-replicas",
+                "report",
+                "unfreeze"
+            ]
+        );
+        assert_eq!(
+            plan.phase("scale-to-zero").unwrap().roles,
+            ["web", "worker"]
         );
     }
 

@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::types::{
     CheckRow, CountRow, DrillReport, EnvironmentInfo, FORMAT, FollowUp, NOT_RECORDED, ObjectsInfo,
-    PhaseRow, PostgresInfo, REQUIRED_COUNTS, Rpo, Rto, RunInfo, SecretRefRow, Target,
+    PhaseRow, PostgresInfo, REQUIRED_COUNTS, Rpo, Rto, RunInfo, SecretRefRow, Target, UndoInfo,
 };
 use crate::config::Environment;
 use crate::plan::{Action, Plan};
@@ -573,7 +573,46 @@ impl Journal {
             phases,
             rto,
             rpo,
+            undo: self.undo_info(&of(ActionKind::UndoPostgres), &of(ActionKind::UndoObjects)),
         }
+    }
+
+    /// What an undo run's undo-postgres and undo-objects reported (None for other runs).
+    fn undo_info(&self, db: &[&Exec<'_>], objects: &[&Exec<'_>]) -> Option<UndoInfo> {
+        if db.is_empty() && objects.is_empty() {
+            return None;
+        }
+        let r = |s: &str| redact(s).into_owned();
+        let mut info = UndoInfo {
+            undoes: db.iter().chain(objects).find_map(|e| {
+                match serde_json::from_value(e.command.payload.clone()).ok()? {
+                    api::model::Action::UndoPostgres { undone_run }
+                    | api::model::Action::UndoObjects { undone_run, .. } => Some(r(&undone_run)),
+                    _ => None,
+                }
+            }),
+            ..UndoInfo::default()
+        };
+        if let Some(ActionOutput::UndoPostgres(out)) = db.first().and_then(|e| e.output()) {
+            info.database = Some(r(&out.database));
+            info.database_detail = Some(r(&out.detail));
+            info.restored_database_kept_as = Some(r(&out.kept_as)).filter(|s| !s.is_empty());
+        }
+        let outs: Vec<_> = objects
+            .iter()
+            .filter_map(|e| match e.output() {
+                Some(ActionOutput::UndoObjects(o)) => Some(o),
+                _ => None,
+            })
+            .collect();
+        if !outs.is_empty() {
+            info.objects_put_back = Some(outs.iter().map(|o| o.put_back).sum());
+            info.objects_removed = Some(outs.iter().map(|o| o.removed).sum());
+            info.objects_unchanged = Some(outs.iter().map(|o| o.unchanged).sum());
+            info.objects_displaced = Some(outs.iter().map(|o| o.displaced).sum());
+            info.quarantine_prefix = outs.first().map(|o| r(&o.quarantine_prefix));
+        }
+        Some(info)
     }
 
     /// The action of each phase: from the journaled plan, else from the commands it sent.

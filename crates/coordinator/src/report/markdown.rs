@@ -352,6 +352,45 @@ impl DrillReport {
             ],
         );
 
+        if let Some(undo) = &self.undo {
+            md.section("Undo");
+            let n = |v: Option<u64>| v.map_or_else(|| NOT_RECORDED.to_owned(), |n| n.to_string());
+            md.table(
+                &["What", "Result"],
+                vec![
+                    vec!["Run taken back".into(), code(&undo.undoes)],
+                    vec![
+                        "Database".into(),
+                        format!("{}: {}", code(&undo.database), opt(&undo.database_detail)),
+                    ],
+                    vec![
+                        "The restored database, kept as".into(),
+                        code(&undo.restored_database_kept_as),
+                    ],
+                    vec![
+                        "Objects put back / created by the restore, moved out / already as before"
+                            .into(),
+                        format!(
+                            "{} / {} / {}",
+                            n(undo.objects_put_back),
+                            n(undo.objects_removed),
+                            n(undo.objects_unchanged)
+                        ),
+                    ],
+                    vec![
+                        "What the undo displaced, kept in".into(),
+                        format!(
+                            "{} ({} objects)",
+                            code(&undo.quarantine_prefix),
+                            n(undo
+                                .objects_displaced
+                                .map(|d| d + undo.objects_removed.unwrap_or(0)))
+                        ),
+                    ],
+                ],
+            );
+        }
+
         md.section("Phases");
         md.table(
             &[

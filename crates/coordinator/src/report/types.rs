@@ -55,6 +55,29 @@ pub struct DrillReport {
     pub phases: Vec<PhaseRow>,
     pub rto: Rto,
     pub rpo: Rpo,
+    /// What an undo run took back (undo runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub undo: Option<UndoInfo>,
+}
+
+/// What an undo run did, from its agents' outputs.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UndoInfo {
+    /// The run whose restore was taken back.
+    pub undoes: Option<String>,
+    /// The live database and what undo-postgres did (`undone`, `nothing to undo: ...`).
+    pub database: Option<String>,
+    pub database_detail: Option<String>,
+    /// Where the restored database is kept.
+    pub restored_database_kept_as: Option<String>,
+    /// Objects put back, objects the restore created (moved out), keys already as they were,
+    /// and live objects moved to the undo's quarantine first; summed over shards.
+    pub objects_put_back: Option<u64>,
+    pub objects_removed: Option<u64>,
+    pub objects_unchanged: Option<u64>,
+    pub objects_displaced: Option<u64>,
+    /// Where the undo keeps what it displaced.
+    pub quarantine_prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -43,12 +43,14 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// What a run does: restore in a drill or for real, or take a backup.
+/// What a run does: restore in a drill or for real, take a backup, or take a restore back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RunKind {
     Drill,
     Recovery,
     Backup,
+    /// Puts back what a drill or recovery replaced (`rollcall run undo RUN`).
+    Undo,
 }
 
 /// Where a run stands. `Blocked` waits for an operator (`retry`, `resume`, `abort`); the last
@@ -114,7 +116,7 @@ macro_rules! text_enum {
     };
 }
 
-text_enum!(RunKind { Drill => "drill", Recovery => "recovery", Backup => "backup" });
+text_enum!(RunKind { Drill => "drill", Recovery => "recovery", Backup => "backup", Undo => "undo" });
 text_enum!(RunState {
     Pending => "pending",
     Running => "running",

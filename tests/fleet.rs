@@ -1,0 +1,350 @@
+//! The fleet the restore and undo tests share (`tests/restore.rs`, `tests/undo.rs`): a
+//! throwaway Postgres cluster with cowork-sim's data, a file:// object store and repository,
+//! the `rollcall` coordinator and four agents over mTLS as real processes — web and worker
+//! supervising real `cowork-sim` roles, a database agent and an objects agent.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::*;
+
+pub const PLAN: &str = include_str!("plans/data-restore.toml");
+
+pub fn count(cluster: &ephemeral_pg::Cluster, db: &str, table: &str) -> i64 {
+    cluster
+        .psql(db, &format!("SELECT count(*) FROM {table}"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+pub async fn maintenance(web: SocketAddr, token: &str) -> String {
+    let (status, body) = http_request(web, "GET", "/admin/maintenance", Some(token), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The check of a drill report (`rollcall report ID --format json`) whose `key` is `value`.
+pub fn report_check<'a>(
+    report: &'a serde_json::Value,
+    key: &str,
+    value: &str,
+) -> &'a serde_json::Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c[key] == value)
+        .unwrap_or_else(|| panic!("no check with {key} {value:?} in {report}"))
+}
+
+/// The fleet the restore tests share: Postgres with cowork-sim data, a file:// object store
+/// and repository, the coordinator and four agents as real processes.
+pub struct Fleet {
+    pub cluster: ephemeral_pg::Cluster,
+    pub repo: std::path::PathBuf,
+    pub objects: std::path::PathBuf,
+    pub db_url: String,
+    pub objects_url: String,
+    pub operator_token: String,
+    pub certs: std::path::PathBuf,
+    pub config: std::path::PathBuf,
+    pub operator_addr: SocketAddr,
+    pub web_addr: SocketAddr,
+    /// While this file exists, the database agent's pg_restore fails (a full disk, say): only
+    /// with `Fleet::start_opts(.., true)`.
+    pub pg_restore_fails: std::path::PathBuf,
+    pub coordinator: Proc,
+    pub agents: Vec<Proc>,
+    // Last: removed after every process above has stopped.
+    pub dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    pub async fn start() -> Fleet {
+        Fleet::start_with("90s").await
+    }
+
+    /// A fleet whose worker smoke may take `smoke_timeout`.
+    pub async fn start_with(smoke_timeout: &str) -> Fleet {
+        Fleet::start_opts(smoke_timeout, false, &[]).await
+    }
+
+    /// `failing_pg_restore`: the database agent's Postgres tools are a directory whose
+    /// pg_restore fails while `pg_restore_fails` exists. `clocks`: processes (by name:
+    /// `coordinator`, `db-1`, ...) whose clock runs off by an offset (libfaketime's `+10m`).
+    pub async fn start_opts(
+        smoke_timeout: &str,
+        failing_pg_restore: bool,
+        clocks: &[(&str, &str)],
+    ) -> Fleet {
+        install_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = ephemeral_pg::Cluster::start().unwrap();
+        cluster.create_database("cowork").unwrap();
+        let db_url = cluster.url("cowork");
+        let objects = dir.path().join("objects");
+        let repo = dir.path().join("repository");
+        std::fs::create_dir_all(&objects).unwrap();
+        let objects_url = format!("file://{}", objects.display());
+        let data_env = [
+            ("DATABASE_URL", db_url.as_str()),
+            ("OBJECT_STORE_URL", objects_url.as_str()),
+        ];
+        cowork(&["migrate"], &data_env);
+        let tokens = dir.path().join("tokens.json");
+        cowork(
+            &[
+                "seed",
+                "--sessions",
+                "12",
+                "--tokens-out",
+                tokens.to_str().unwrap(),
+            ],
+            &data_env,
+        );
+        let operator_token = cowork(&["token", "--scope", "operator"], &data_env)["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        // The web agent's "operator diagnostics" check reads its bearer token from this file.
+        let token_file = dir.path().join("operator-token");
+        std::fs::write(&token_file, &operator_token).unwrap();
+
+        let certs = certs_init(
+            dir.path(),
+            &[
+                "web-1:web",
+                "worker-1:worker",
+                "db-1:database",
+                "obj-1:objects",
+            ],
+        );
+        let plan = dir.path().join("plan.toml");
+        std::fs::write(&plan, PLAN).unwrap();
+        let (agents_addr, operator_addr, web_addr) = (free_addr(), free_addr(), free_addr());
+        let env = format!(
+            r#"
+    [environments.test]
+    rpo = "1h"
+    rto = "1h"
+    retention = "7days"
+    repository = "file://{repo}"
+    plan = "{plan}"
+    fleet = {{ web = 1, worker = 1, database = 1, objects = 1 }}
+    [[environments.test.secret]]
+    name = "cookie-secret"
+    manager = "vault"
+    reference = "kv/cowork/cookie"
+    version = "7"
+    "#,
+            repo = repo.display(),
+            plan = plan.display()
+        );
+        let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, &env);
+        let spawn = |name: &str, args: &[&str], env: &[(&str, &str)]| {
+            let mut env = env.to_vec();
+            if let Some((_, offset)) = clocks.iter().find(|(n, _)| *n == name) {
+                env.extend([("LD_PRELOAD", libfaketime()), ("FAKETIME", *offset)]);
+            }
+            spawn_rollcall(name, dir.path(), args, &env)
+        };
+        let coordinator = spawn(
+            "coordinator",
+            &["coordinator", "--config", config.to_str().unwrap()],
+            &[],
+        );
+
+        let sim = cowork_sim_bin();
+        let web_control = format!(
+            r#"
+    [control]
+    scale = "process"
+    freeze = "http"
+    [control.process]
+    program = "{sim}"
+    args = ["web", "--listen", "{web_addr}"]
+    health_url = "http://{web_addr}/readyz"
+    stop_grace = "5s"
+    frozen_args = ["--maintenance"]
+    [control.http]
+    url = "http://{web_addr}/admin/maintenance"
+    token_env = "COWORK_OPERATOR_TOKEN"
+    [[check]]
+    name = "readyz"
+    url = "http://{web_addr}/readyz"
+    [[check]]
+    name = "operator diagnostics"
+    url = "http://{web_addr}/api/diagnostics"
+    token_file = "{token_file}"
+    [[check]]
+    name = "frozen while verified"
+    url = "http://{web_addr}/admin/maintenance"
+    token_env = "COWORK_OPERATOR_TOKEN"
+    expect = {{ maintenance = true }}
+    "#,
+            sim = sim.display(),
+            token_file = token_file.display(),
+        );
+        // The worker's smoke hangs while `hang-smoke` exists (a test of smoke timeouts).
+        let hang = dir.path().join("hang-smoke");
+        let worker_control = format!(
+            "[control]\nscale = \"process\"\n[control.process]\nprogram = \"{sim}\"\nargs = [\"worker\"]\nstop_grace = \"5s\"\n\
+             [smoke]\ncommand = [\"sh\", \"-c\", \"test -e {hang} && exec sleep 600; exec {sim} smoke worker --web-url http://{web_addr} --timeout 60s\"]\ntimeout = \"{smoke_timeout}\"\n",
+            sim = sim.display(),
+            hang = hang.display(),
+        );
+        let pg_restore_fails = dir.path().join("pg-restore-fails");
+        let bin_dir = if failing_pg_restore {
+            let bin = dir.path().join("pg-bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            for entry in std::fs::read_dir(cluster.bin_dir()).unwrap() {
+                let entry = entry.unwrap();
+                if entry.file_name() != "pg_restore" {
+                    std::os::unix::fs::symlink(entry.path(), bin.join(entry.file_name())).unwrap();
+                }
+            }
+            let wrapper = bin.join("pg_restore");
+            std::fs::write(
+                &wrapper,
+                format!(
+                    "#!/bin/sh
+if [ \"$1\" != --version ] && [ -e {switch} ]; then
+  \
+                     echo 'pg_restore: error: could not extend file: No space left on device' >&2
+  \
+                     exit 1
+fi
+exec {real} \"$@\"
+",
+                    switch = pg_restore_fails.display(),
+                    real = cluster.bin_dir().join("pg_restore").display()
+                ),
+            )
+            .unwrap();
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+            format!("bin_dir = \"{}\"\n", bin.display())
+        } else {
+            String::new()
+        };
+        let db_data = format!("\n    [postgres]\n    url_env = \"DATABASE_URL\"\n    {bin_dir}")
+            + r#"
+    [[invariant]]
+    name = "no projection ahead of its events"
+    sql = "SELECT p.session_id FROM session_projections p WHERE p.sequence > (SELECT coalesce(max(e.sequence), 0) FROM session_events e WHERE e.session_id = p.session_id)"
+    [[invariant]]
+    name = "no delivery cursor beyond its session's events"
+    sql = "SELECT c.binding_id FROM channel_session_bindings c WHERE c.last_event_sequence > (SELECT coalesce(max(e.sequence), 0) FROM session_events e WHERE e.session_id = c.session_id)"
+    [[reference]]
+    name = "artifact objects"
+    sql = "SELECT object_key FROM artifact_index"
+    "#;
+        // Scratch in the test's directory: other tests' objects agents are also named obj-1.
+        let obj_data = format!(
+            "[objects]\nurl = \"{objects_url}\"\nverify_ignore = [\"_probe/\"]\nscratch_dir = \"scratch/obj-1\"\n"
+        );
+        let agent_env = [
+            ("DATABASE_URL", db_url.as_str()),
+            ("OBJECT_STORE_URL", objects_url.as_str()),
+            ("COWORK_OPERATOR_TOKEN", operator_token.as_str()),
+        ];
+        let mut agents = Vec::new();
+        for (name, role, extra) in [
+            ("web-1", "web", web_control.as_str()),
+            ("worker-1", "worker", worker_control.as_str()),
+            ("db-1", "database", db_data.as_str()),
+            ("obj-1", "objects", obj_data.as_str()),
+        ] {
+            let cfg = write_agent_config(dir.path(), &certs, agents_addr, name, role, extra);
+            agents.push(spawn(
+                name,
+                &["agent", "--config", cfg.to_str().unwrap()],
+                &agent_env,
+            ));
+        }
+        let all = ["web-1", "worker-1", "db-1", "obj-1"];
+        fleet_ready(
+            operator_addr,
+            &certs,
+            &all,
+            dir.path(),
+            Duration::from_secs(60),
+        )
+        .await;
+        Fleet {
+            cluster,
+            repo,
+            objects,
+            db_url,
+            objects_url,
+            operator_token,
+            certs,
+            config,
+            operator_addr,
+            web_addr,
+            pg_restore_fails,
+            coordinator,
+            agents,
+            dir,
+        }
+    }
+
+    /// Stops the agents gracefully (they stop the roles they supervise), then the rest.
+    pub fn stop(mut self) {
+        for a in &mut self.agents {
+            a.terminate(Duration::from_secs(10));
+        }
+    }
+
+    /// An operator command against this fleet's coordinator.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        let operator = format!("https://{}", self.operator_addr);
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend_from_slice(&[
+            "--coordinator",
+            operator.as_str(),
+            "--certs",
+            self.certs.to_str().unwrap(),
+        ]);
+        rollcall(&all)
+    }
+
+    /// SIGKILLs the coordinator and starts a new one on the same config (same journal, same
+    /// addresses): a crash and a restart.
+    pub fn crash_and_restart_coordinator(&mut self) {
+        self.coordinator.kill();
+        let args = ["coordinator", "--config", self.config.to_str().unwrap()];
+        self.coordinator = spawn_rollcall("coordinator-restarted", self.dir.path(), &args, &[]);
+    }
+}
+
+/// Debian's libfaketime (package `faketime`, which `.ci/run` installs).
+pub fn libfaketime() -> &'static str {
+    const CANDIDATES: [&str; 2] = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    ];
+    CANDIDATES
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("libfaketime is not installed: apt-get install faketime")
+}
+
+/// The live objects, leaving out the web role's readiness probes (`_probe/`).
+pub fn live_objects(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut objects = files(dir);
+    objects.retain(|k, _| !k.starts_with("_probe/"));
+    objects
+}
+
+pub fn run_tag(run_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    format!("r{}", &hex::encode(Sha256::digest(run_id.as_bytes()))[..8])
+}
