@@ -1121,8 +1121,12 @@ async fn two_objects_agents_restore_a_point_in_two_shards() {
     now.sort();
     assert_eq!(now, at_point);
     assert_eq!(bodies(&now), expected);
-    let quarantined = walk(&repo.join("quarantine"));
+    // Beside the quarantine, each shard's record of what it was about to change (for undo).
+    let (records, quarantined): (Vec<String>, Vec<String>) = walk(&repo.join("quarantine"))
+        .into_iter()
+        .partition(|p| p.contains(".records/"));
     assert_eq!(quarantined.len(), 6 + 5, "junk and overwritten, once each");
+    assert_eq!(records.len(), 2, "one record per shard: {records:?}");
 
     // Each agent restored a different shard of 2; together every damaged object, once.
     let results: Vec<api::model::output::RestoreObjectsOutput> = ["obj-1", "obj-2"]

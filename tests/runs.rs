@@ -573,3 +573,164 @@ async fn latest_is_the_last_committed_point_whatever_its_stamp() {
     assert!(!listing.points[1].stale && listing.points[1].stamped_ahead.is_none());
     c.stop().await;
 }
+
+/// What `rollcall run undo` refuses, read from the journal before anything starts (the undos
+/// themselves run in tests/undo.rs): a run still going, a run that changed nothing live, a run
+/// a later restore replaced, a run that unfroze without --force; each refusal names why and
+/// starts no run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undo_refusals_are_read_from_the_journal_and_start_nothing() {
+    use api::model::Outcome;
+    use coordinator::store::{CommandRecord, NewRun, ResultRecord};
+
+    let f = Fleet3::new();
+    let c = f.coordinator(&[("web", 1), ("worker", 2)]).await;
+    let store = c.handle.store().clone();
+    let epoch = store.latest_epoch().await.unwrap().unwrap();
+    let base = chrono::Utc::now() - chrono::Duration::minutes(10);
+    // A drill journaled by hand: its commands (with a result each) and its final state.
+    let journal = async |id: &str, minutes: i64, actions: &[ActionKind], state: RunState| {
+        store
+            .create_run(&NewRun {
+                id: id.to_owned(),
+                kind: RunKind::Drill,
+                environment: "test".into(),
+                point_id: None,
+                plan: PLAN.to_owned(),
+                params: serde_json::json!({ "plan": "roles-only" }),
+                epoch,
+                created_at: base + chrono::Duration::minutes(minutes),
+            })
+            .await
+            .unwrap();
+        for (i, action) in actions.iter().enumerate() {
+            let command_id = format!("{id}/p{i}/web-1/a1/s0/r0");
+            store
+                .record_command(&CommandRecord {
+                    command_id: command_id.clone(),
+                    run_id: id.to_owned(),
+                    phase_index: i as u32,
+                    agent: "web-1".into(),
+                    action: *action,
+                    payload: serde_json::json!({}),
+                    attempt: 1,
+                    epoch,
+                    created_at: chrono::Utc::now(),
+                })
+                .await
+                .unwrap();
+            store
+                .record_result(
+                    &ResultRecord {
+                        command_id,
+                        agent: "web-1".into(),
+                        epoch,
+                        outcome: Outcome::Succeeded,
+                        replayed: false,
+                        detail: String::new(),
+                        output: None,
+                        received_at: chrono::Utc::now(),
+                    },
+                    epoch,
+                )
+                .await
+                .unwrap();
+        }
+        if state != RunState::Pending {
+            store
+                .set_run_state(
+                    id,
+                    state,
+                    Some("journaled by the test"),
+                    chrono::Utc::now(),
+                    epoch,
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let undo = async |id: &str, force: bool| {
+        let refused = c
+            .handle
+            .engine
+            .control(id, Control::Undo { force })
+            .await
+            .unwrap_err();
+        format!("{refused:#}")
+    };
+    use ActionKind::{CommitPostgres, Freeze, Preflight, RestoreObjects, Unfreeze};
+
+    journal("drill-test-nothing", 0, &[Preflight], RunState::Blocked).await;
+    let err = undo("drill-test-nothing", false).await;
+    assert!(
+        err.contains("run drill-test-nothing (blocked) changed nothing live")
+            && err.contains("no undo run was started"),
+        "{err}"
+    );
+    store
+        .set_run_state(
+            "drill-test-nothing",
+            RunState::Aborted,
+            None,
+            chrono::Utc::now(),
+            epoch,
+        )
+        .await
+        .unwrap();
+
+    journal(
+        "drill-test-older",
+        1,
+        &[Freeze, CommitPostgres, RestoreObjects, Unfreeze],
+        RunState::Succeeded,
+    )
+    .await;
+    journal(
+        "drill-test-going",
+        2,
+        &[Freeze, CommitPostgres],
+        RunState::Running,
+    )
+    .await;
+    let err = undo("drill-test-going", true).await;
+    assert!(
+        err.contains("run drill-test-going is running")
+            && err.contains("an undo takes back a run that has stopped"),
+        "{err}"
+    );
+    let err = undo("drill-test-older", true).await;
+    assert!(
+        err.contains("run drill-test-going restored environment test after run drill-test-older")
+            && err.contains("`rollcall run undo drill-test-going`"),
+        "{err}"
+    );
+    store
+        .set_run_state(
+            "drill-test-going",
+            RunState::Succeeded,
+            None,
+            chrono::Utc::now(),
+            epoch,
+        )
+        .await
+        .unwrap();
+    // A run whose unfreeze succeeded needs --force.
+    journal(
+        "drill-test-newest",
+        3,
+        &[Freeze, CommitPostgres, Unfreeze],
+        RunState::Succeeded,
+    )
+    .await;
+    let err = undo("drill-test-newest", false).await;
+    assert!(
+        err.contains("run drill-test-newest unfroze the fleet")
+            && err.contains("`rollcall run undo drill-test-newest --force`"),
+        "{err}"
+    );
+    let runs = store.list_runs(100).await.unwrap();
+    assert!(
+        runs.iter().all(|r| r.kind != RunKind::Undo),
+        "no undo run started: {runs:?}"
+    );
+}

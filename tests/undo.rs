@@ -220,6 +220,32 @@ async fn an_undo_after_a_finished_drill_needs_force_and_brings_back_what_was_the
     }
     let report = f.run(&["report", &undo_id, "--format", "json"]);
     assert!(report.status.success(), "{}", text(&report));
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    let undid = &report["undo"];
+    assert_eq!(
+        (
+            &undid["undoes"],
+            &undid["restored_database_kept_as"],
+            &undid["database_detail"]
+        ),
+        (
+            &drill_id.as_str().into(),
+            &undone.as_str().into(),
+            &"undone".into()
+        ),
+        "{report}"
+    );
+    assert!(
+        undid["objects_put_back"].as_u64().unwrap() > 0
+            && undid["objects_removed"].as_u64().unwrap() > 0,
+        "the junk the restore removed is back, the artifact it brought back is gone: {report}"
+    );
+    let markdown = f.run(&["report", &undo_id]);
+    assert!(
+        String::from_utf8_lossy(&markdown.stdout).contains("## Undo"),
+        "{}",
+        text(&markdown)
+    );
 
     // Once undone, the drill is not undone again, and an undo is not undone.
     let again = f.run(&["run", "undo", &drill_id, "--force"]);

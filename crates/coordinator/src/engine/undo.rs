@@ -10,10 +10,11 @@
 //!
 //! Refused: an unknown run, a backup (it changes nothing in the fleet), a run still going
 //! (pending or running), an undo (an undo is not undone: a new drill restores again), a run an
-//! earlier undo already took back, and — without `force` — a run that unfroze the fleet, since
-//! writes made after the unfreeze are in the restored data the undo replaces and stay only in
-//! the kept copies. A blocked run is aborted when its undo starts (the undo replaces deciding
-//! about it), so the environment holds only the undo.
+//! earlier undo already took back, a run a later restore (not undone) replaced, and — without
+//! `force` — a run that unfroze the fleet, since writes made after the unfreeze are in the
+//! restored data the undo replaces and stay only in the kept copies. A blocked run is aborted
+//! when its undo starts (the undo replaces deciding about it), so the environment holds only
+//! the undo.
 
 use anyhow::{Context, Result, bail};
 use api::model::{ActionKind, ActionOutput, Outcome};
@@ -104,16 +105,47 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             );
         }
         let runs = store.list_runs(1000).await?;
-        if let Some(done) = runs.iter().find(|r| {
-            r.kind == RunKind::Undo
-                && r.state == RunState::Succeeded
-                && RunParams::of(&r.params).undoes.is_some_and(|u| u.run == id)
-        }) {
+        let undone_by = |run: &str| {
+            runs.iter().find(|r| {
+                r.kind == RunKind::Undo
+                    && r.state == RunState::Succeeded
+                    && RunParams::of(&r.params)
+                        .undoes
+                        .is_some_and(|u| u.run == run)
+            })
+        };
+        if let Some(done) = undone_by(id) {
             bail!(
                 "run {id} was already undone by run {}; its restore is no longer live (to have \
                  it back, start a new drill or recovery)",
                 done.id
             );
+        }
+        // Only the newest restore still in place can be taken back: a later one replaced what
+        // this one wrote, and putting this one's kept data back would skip over it.
+        for later in runs.iter().filter(|r| {
+            r.environment == target.environment
+                && matches!(r.kind, RunKind::Drill | RunKind::Recovery)
+                && r.created_at > target.created_at
+                && undone_by(&r.id).is_none()
+        }) {
+            let restored = store.commands(&later.id).await?.iter().any(|(c, _)| {
+                matches!(
+                    c.action,
+                    ActionKind::CommitPostgres
+                        | ActionKind::RestorePostgres
+                        | ActionKind::RestoreObjects
+                )
+            });
+            if restored {
+                bail!(
+                    "run {} restored environment {} after run {id}: undo the newest restore \
+                     first (`rollcall run undo {}`), then this one",
+                    later.id,
+                    target.environment,
+                    later.id
+                );
+            }
         }
         if changed.unfrozen && !force {
             bail!(
