@@ -280,6 +280,89 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
     f.stop();
 }
 
+/// A coordinator whose clock runs 10 minutes fast takes a backup and drills it like any other;
+/// once its clock is corrected (restarted without the offset), the next point is `latest`
+/// although the first one is stamped 10 minutes later: points go by the order the repository
+/// committed them, and the fast one is flagged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_ten_minutes_fast_backs_up_and_drills_and_latest_survives_the_fix() {
+    let mut f = Fleet::start_opts("90s", false, &[("coordinator", "+10m")]).await;
+    let backup = |f: &Fleet| {
+        let out = f.run(&["backup", "--env", "test", "--wait", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["point"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    // The run list is by stamp, and a drill the fast coordinator started is stamped 10 minutes
+    // later than one the corrected coordinator starts: the new drill is the one not listed yet.
+    let drills = |f: &Fleet| -> Vec<serde_json::Value> {
+        let runs = f.run(&["runs", "--json"]);
+        let runs: serde_json::Value = serde_json::from_slice(&runs.stdout).unwrap();
+        runs.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["kind"] == "drill")
+            .cloned()
+            .collect()
+    };
+    let drill_latest = |f: &Fleet| -> String {
+        let before: Vec<serde_json::Value> = drills(f).iter().map(|r| r["id"].clone()).collect();
+        let out = f.run(&["drill", "--env", "test", "--point", "latest", "--watch"]);
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let new: Vec<serde_json::Value> = drills(f)
+            .into_iter()
+            .filter(|r| !before.contains(&r["id"]))
+            .collect();
+        assert_eq!(new.len(), 1, "{new:?}");
+        new[0]["point"].as_str().unwrap().to_owned()
+    };
+    let fast = backup(&f);
+    assert_eq!(drill_latest(&f), fast, "the fast coordinator's drill");
+
+    f.crash_and_restart_coordinator();
+    fleet_ready(
+        f.operator_addr,
+        &f.certs,
+        &["web-1", "worker-1", "db-1", "obj-1"],
+        f.dir.path(),
+        Duration::from_secs(60),
+    )
+    .await;
+    let corrected = backup(&f);
+    assert!(
+        fast.as_str() > corrected.as_str(),
+        "the first point's id is stamped later: {fast} {corrected}"
+    );
+    let points = f.run(&["points", "--env", "test", "--json"]);
+    let points: serde_json::Value = serde_json::from_slice(&points.stdout).unwrap();
+    let listed: Vec<&serde_json::Value> = points["points"].as_array().unwrap().iter().collect();
+    let ids: Vec<&str> = listed.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids,
+        [fast.as_str(), corrected.as_str()],
+        "commit order: {points}"
+    );
+    assert_eq!(listed[0]["stamped_in_future"], true, "{points}");
+    assert_eq!(listed[1]["stamped_in_future"], false, "{points}");
+    assert_eq!(
+        drill_latest(&f),
+        corrected,
+        "latest after the clock was fixed"
+    );
+    f.stop();
+}
+
 /// Clocks off by ten minutes either way change nothing: the database agent's clock runs 10
 /// minutes fast and the objects agent's 10 minutes slow (libfaketime), and a backup and a
 /// drill pass as with agreeing clocks (commands carry how long they may take, measured by each
