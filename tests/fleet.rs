@@ -303,6 +303,22 @@ exec {real} \"$@\"
         }
     }
 
+    /// A disaster's lost object: deletes from the live store the object of the first artifact
+    /// row (by key), and returns its key.
+    pub fn delete_first_artifact(&self) -> String {
+        let artifact = self
+            .cluster
+            .psql(
+                "cowork",
+                "SELECT object_key FROM artifact_index ORDER BY object_key LIMIT 1",
+            )
+            .unwrap()
+            .trim()
+            .to_owned();
+        std::fs::remove_file(self.objects.join(&artifact)).unwrap();
+        artifact
+    }
+
     /// An operator command against this fleet's coordinator.
     pub fn run(&self, args: &[&str]) -> std::process::Output {
         let operator = format!("https://{}", self.operator_addr);

@@ -80,15 +80,7 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
     cluster
         .psql("cowork", "DELETE FROM session_projections")
         .unwrap();
-    let artifact: String = cluster
-        .psql(
-            "cowork",
-            "SELECT object_key FROM artifact_index ORDER BY object_key LIMIT 1",
-        )
-        .unwrap()
-        .trim()
-        .to_owned();
-    std::fs::remove_file(objects.join(&artifact)).unwrap();
+    let artifact = f.delete_first_artifact();
     std::fs::create_dir_all(objects.join("junk")).unwrap();
     std::fs::write(objects.join("junk/extra.bin"), b"not in the point").unwrap();
     // And a column shipped after the point (the runbook: a rollback must not drop it silently).
@@ -451,16 +443,7 @@ async fn a_damaged_blob_blocks_the_drill_at_preflight_with_the_fleet_untouched()
         serde_json::from_slice(&std::fs::read(f.repo.join(manifest_key)).unwrap()).unwrap();
 
     // The disaster deletes an artifact; the point's blob of it has one byte flipped.
-    let artifact = f
-        .cluster
-        .psql(
-            "cowork",
-            "SELECT object_key FROM artifact_index ORDER BY object_key LIMIT 1",
-        )
-        .unwrap()
-        .trim()
-        .to_owned();
-    std::fs::remove_file(f.objects.join(&artifact)).unwrap();
+    let artifact = f.delete_first_artifact();
     let sha = manifest["body"]["objects"]
         .as_array()
         .unwrap()
@@ -612,16 +595,7 @@ async fn a_failed_prepare_blocks_with_the_fleet_untouched() {
     f.cluster
         .psql("cowork", "DELETE FROM session_projections")
         .unwrap();
-    let artifact: String = f
-        .cluster
-        .psql(
-            "cowork",
-            "SELECT object_key FROM artifact_index ORDER BY object_key LIMIT 1",
-        )
-        .unwrap()
-        .trim()
-        .to_owned();
-    std::fs::remove_file(f.objects.join(&artifact)).unwrap();
+    let artifact = f.delete_first_artifact();
 
     std::fs::write(&f.pg_restore_fails, b"").unwrap();
     let drill = f.run(&["drill", "--env", "test", "--point", "latest", "--watch"]);

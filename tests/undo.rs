@@ -102,16 +102,7 @@ fn disaster(f: &Fleet) {
              UPDATE workflows SET name = name || ' (edited after the point)'",
         )
         .unwrap();
-    let artifact: String = f
-        .cluster
-        .psql(
-            "cowork",
-            "SELECT object_key FROM artifact_index ORDER BY object_key LIMIT 1",
-        )
-        .unwrap()
-        .trim()
-        .to_owned();
-    std::fs::remove_file(f.objects.join(&artifact)).unwrap();
+    f.delete_first_artifact();
     std::fs::create_dir_all(f.objects.join("junk")).unwrap();
     std::fs::write(f.objects.join("junk/extra.bin"), b"not in the point").unwrap();
 }

@@ -363,7 +363,7 @@ mod tests {
 
     fn check(kind: CheckKind) -> Check {
         Check {
-            name: "count sessions".into(),
+            name: "count orders".into(),
             kind,
             required: true,
             passed: true,
@@ -381,7 +381,7 @@ mod tests {
             }),
             ActionOutput::Preflight(PreflightOutput {
                 verify: None,
-                live_counts: Some(Counts::from([("sessions".into(), 3)])),
+                live_counts: Some(Counts::from([("orders".into(), 3)])),
                 checks: vec![check(CheckKind::Schema)],
             }),
             ActionOutput::RestorePostgres(RestorePostgresOutput {
@@ -397,7 +397,7 @@ mod tests {
                 restore_database: "cowork_restore_r1a2b3c4d".into(),
                 point: "20261125T073000Z-prod-3f2a9c01".into(),
                 archive_bytes: 4096,
-                counts: Counts::from([("sessions".into(), 3)]),
+                counts: Counts::from([("orders".into(), 3)]),
                 elapsed_ms: 1100,
             }),
             ActionOutput::CommitPostgres(RestorePostgresOutput {
@@ -413,7 +413,7 @@ mod tests {
                 kept_as: "cowork_undone_r1a2b3c4d".into(),
                 undone: true,
                 detail: "undone".into(),
-                counts: Counts::from([("sessions".into(), 2)]),
+                counts: Counts::from([("orders".into(), 2)]),
                 elapsed_ms: 90,
             }),
             ActionOutput::UndoObjects(UndoObjectsOutput {
@@ -440,7 +440,7 @@ mod tests {
             }),
             ActionOutput::Verify(VerifyOutput {
                 checks: vec![check(CheckKind::Count)],
-                counts: Some(Counts::from([("sessions".into(), 3)])),
+                counts: Some(Counts::from([("orders".into(), 3)])),
                 references: vec![ObjectReferences {
                     name: "artifacts".into(),
                     keys: vec!["a/1".into()],
