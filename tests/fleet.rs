@@ -341,6 +341,119 @@ exec {real} \"$@\"
     }
 }
 
+impl Fleet {
+    /// SIGKILLs the agent `name` (`web-1`, `worker-1`, `db-1` or `obj-1`): no clean-up runs.
+    pub fn kill_agent(&mut self, name: &str) {
+        self.agent(name).kill();
+    }
+
+    /// Starts the agent `name` again on its config and environment (after `kill_agent`).
+    pub fn restart_agent(&mut self, name: &str) {
+        let config = self.dir.path().join(format!("{name}.toml"));
+        let args = ["agent", "--config", config.to_str().unwrap()];
+        let env = [
+            ("DATABASE_URL", self.db_url.as_str()),
+            ("OBJECT_STORE_URL", self.objects_url.as_str()),
+            ("COWORK_OPERATOR_TOKEN", self.operator_token.as_str()),
+        ];
+        let restarted = spawn_rollcall(&format!("{name}-restarted"), self.dir.path(), &args, &env);
+        *self.agent(name) = restarted;
+    }
+
+    fn agent(&mut self, name: &str) -> &mut Proc {
+        let i = ["web-1", "worker-1", "db-1", "obj-1"]
+            .iter()
+            .position(|n| *n == name)
+            .unwrap_or_else(|| panic!("no agent {name} in the fleet"));
+        &mut self.agents[i]
+    }
+}
+
+/// A superuser's open transaction that has updated `database`'s row in `pg_database` (a
+/// `GRANT CONNECT`), so any `ALTER DATABASE` of it waits until [`RowHold::release`]: a way to
+/// stop the database agent at one statement of a swap, from outside, with real Postgres.
+pub struct RowHold {
+    psql: std::process::Child,
+}
+
+impl RowHold {
+    pub fn take(cluster: &ephemeral_pg::Cluster, database: &str) -> RowHold {
+        use std::io::Write as _;
+        // Owned at once, so a failed step below ends it (Drop) instead of leaving a zombie.
+        let mut hold = RowHold {
+            psql: std::process::Command::new(cluster.bin_dir().join("psql"))
+                .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+                .arg(cluster.url("postgres"))
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        };
+        let psql = &mut hold.psql;
+        let application = format!("rowhold-{database}");
+        writeln!(
+            psql.stdin.as_mut().unwrap(),
+            "SET application_name = '{application}';\nBEGIN;\nGRANT CONNECT ON DATABASE \"{database}\" TO PUBLIC;"
+        )
+        .unwrap();
+        psql.stdin.as_mut().unwrap().flush().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let held = cluster
+                .psql(
+                    "postgres",
+                    &format!(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = \
+                         '{application}' AND state = 'idle in transaction' AND query LIKE 'GRANT%'"
+                    ),
+                )
+                .unwrap();
+            if held.trim() == "1" {
+                return hold;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "psql never held the row of {database}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Rolls the transaction back: a waiting `ALTER DATABASE` goes on.
+    pub fn release(mut self) {
+        use std::io::Write as _;
+        let stdin = self.psql.stdin.as_mut().unwrap();
+        writeln!(stdin, "ROLLBACK;").unwrap();
+        drop(self.psql.stdin.take());
+        assert!(
+            self.psql.wait().unwrap().success(),
+            "psql holding a row failed"
+        );
+    }
+}
+
+/// Waits until a session runs an `ALTER DATABASE` statement containing `text` and waits for a
+/// lock (a [`RowHold`]), and returns that backend's pid.
+pub async fn waiting_alter(cluster: &ephemeral_pg::Cluster, text: &str) -> i32 {
+    eventually(
+        &format!("an ALTER DATABASE ... {text} waiting for a lock"),
+        Duration::from_secs(90),
+        async || {
+            let pid = cluster
+                .psql(
+                    "postgres",
+                    &format!(
+                        "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                         AND query ILIKE 'ALTER DATABASE%' AND query LIKE '%{text}%'"
+                    ),
+                )
+                .ok()?;
+            pid.trim().parse().ok()
+        },
+    )
+    .await
+}
+
 /// Debian's libfaketime (package `faketime`, which `.ci/run` installs).
 pub fn libfaketime() -> &'static str {
     const CANDIDATES: [&str; 2] = [

@@ -576,7 +576,14 @@ pub async fn prepare_swap(
 pub async fn commit_swap(swap: &mut DatabaseSwap, point: &PointId) -> Result<Committed> {
     let names = swap.names().clone();
     match swap.state().await? {
-        SwapState::Swapped => return Ok(Committed::AlreadySwapped),
+        SwapState::Swapped => {
+            // Killed after its renames, the swap may have left the kept copy refusing
+            // connections: people (and an undo) read it.
+            if !allows_connections(&mut swap.admin, &names.pre).await? {
+                swap.allow_connections(&names.pre, true).await?;
+            }
+            return Ok(Committed::AlreadySwapped);
+        }
         SwapState::Interrupted => {
             swap.finish_interrupted().await?;
             return Ok(Committed::FinishedInterrupted);
