@@ -419,7 +419,8 @@ async fn agents_whose_clocks_are_ten_minutes_off_back_up_and_drill() {
 /// (so the restore would write it): the drill blocks at preflight naming the key, and the fleet
 /// is untouched — never frozen, no database swapped or prepared, the live objects and rows as
 /// they were. Repaired, `run retry` proves the blob again and the restore writes the objects
-/// from what preflight kept.
+/// from what preflight kept. Then a point whose manifest holds keys no store can hold (an
+/// absolute one, one with `//`) blocks the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_blob_blocks_the_drill_at_preflight_with_the_fleet_untouched() {
     let f = Fleet::start().await;
@@ -558,7 +559,98 @@ async fn a_damaged_blob_blocks_the_drill_at_preflight_with_the_fleet_untouched()
             .exists(),
         "the restore consumed its scratch"
     );
+
+    // A point whose manifest (consistent with the point's record of it) holds keys no store
+    // can hold as written: blocked at preflight naming both keys, the fleet untouched.
+    let backup = run(&["backup", "--env", "test", "--wait", "--json"]);
+    assert!(backup.status.success());
+    let point_id = serde_json::from_slice::<serde_json::Value>(&backup.stdout).unwrap()["point"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let point_file = f.repo.join(format!("points/{point_id}.json"));
+    let point: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&point_file).unwrap()).unwrap();
+    let manifest_file = f
+        .repo
+        .join(point["body"]["objects"]["manifest_key"].as_str().unwrap());
+    let (absolute, doubled) = ("/etc/rollcall-escape", "uploads//twice");
+    let (manifest_sha, manifest_size) = rewrite_document(&manifest_file, |m| {
+        m["objects"][0]["key"] = absolute.into();
+        m["objects"][1]["key"] = doubled.into();
+    });
+    rewrite_document(&point_file, |p| {
+        p["objects"]["manifest_sha256"] = manifest_sha.clone().into();
+        p["objects"]["manifest_size"] = manifest_size.into();
+    });
+    f.delete_first_artifact();
+    let objects_before = live_objects(&f.objects);
+    let sessions_before = count(&f.cluster, "cowork", "sessions");
+    let drill = run(&["drill", "--env", "test", "--point", &point_id, "--json"]);
+    assert!(drill.status.success());
+    let drill_id = serde_json::from_slice::<serde_json::Value>(&drill.stdout).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let watched = run(&["run", "watch", &drill_id]);
+    assert!(!watched.status.success());
+    let show = run(&["run", "show", &drill_id, "--json"]);
+    let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(show["run"]["state"], "blocked", "{show}");
+    let reason = show["run"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("phase preflight did not pass")
+            && reason.contains(&format!("object key {absolute:?} is absolute"))
+            && reason.contains(&format!("object key {doubled:?} has an empty segment"))
+            && reason.contains("traffic was not frozen"),
+        "{reason}"
+    );
+    let sent: Vec<&str> = show["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["action"].as_str().unwrap())
+        .collect();
+    assert!(sent.iter().all(|a| *a == "preflight"), "{sent:?}");
+    assert!(
+        maintenance(f.web_addr, &f.operator_token)
+            .await
+            .contains("\"maintenance\":false"),
+        "never frozen"
+    );
+    let tag = run_tag(&drill_id);
+    let databases = f
+        .cluster
+        .psql(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_database WHERE datname LIKE 'cowork\\_%{tag}'"),
+        )
+        .unwrap();
+    assert_eq!(databases.trim(), "0", "no database prepared or swapped");
+    assert_eq!(count(&f.cluster, "cowork", "sessions"), sessions_before);
+    assert_eq!(live_objects(&f.objects), objects_before);
+    assert!(!Path::new(absolute).exists());
     f.stop();
+}
+
+/// Rewrites a repository document (`{"format", "sha256", "body"}`) with `edit` applied to its
+/// body and a matching sha256, as a writer with a bug would; returns the file's sha256 and size.
+fn rewrite_document(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> (String, u64) {
+    use sha2::{Digest, Sha256};
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let mut body = doc["body"].clone();
+    edit(&mut body);
+    let body = serde_json::to_string(&body).unwrap();
+    let file = format!(
+        "{{\"format\":{},\"sha256\":\"{}\",\"body\":{body}}}\n",
+        doc["format"],
+        hex::encode(Sha256::digest(body.as_bytes()))
+    );
+    std::fs::write(path, &file).unwrap();
+    (
+        hex::encode(Sha256::digest(file.as_bytes())),
+        file.len() as u64,
+    )
 }
 
 fn walk(dir: &Path) -> Vec<String> {
