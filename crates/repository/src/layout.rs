@@ -12,11 +12,15 @@
 //! objects/staging/<snapshot-id>/...   large bodies being uploaded before their hash is known
 //! locks/<lock-id>.json                shared (snapshot) and exclusive (prune) repository locks
 //! sequence/<20-digit n>               the commit number n, claimed by one point (create-only
-//!                                     put); never deleted, so numbers are never reused
+//!                                     put); prune keeps the newest 64, so numbers only grow
+//! quarantine/<tag>/<key>              what a fleet restore (run tag) replaced or removed
+//! quarantine/<tag>.records/<..>.json  written before that restore changes anything: each key
+//!                                     it may write or remove and what it held (undo reads it)
 //! ```
 //!
-//! A restore of objects keeps what it displaced in the target store (or, if asked, in the
-//! repository) under `rollcall-quarantine/<UTC time>-<snapshot-id>/`; snapshots skip that prefix.
+//! A restore of objects by hand keeps what it displaced in the target store (or, if asked, in
+//! the repository) under `rollcall-quarantine/<UTC time>-<snapshot-id>/`, with the same
+//! `.records/` beside it; snapshots skip that prefix.
 
 use std::fmt;
 

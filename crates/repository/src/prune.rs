@@ -2,7 +2,7 @@
 //! manifests only they used, then every blob no remaining manifest references.
 //!
 //! Never deleted: the newest point of the environment in commit order (whatever its age or
-//! stamp), the commit-number markers (`sequence/`, so numbers are never reused), a point the caller
+//! stamp), the newest commit-number markers (`sequence/`, so numbers are never reused), a point the caller
 //! says is in use, anything when some point or manifest cannot be read (we could not know
 //! what it references). Point files go first, so an interrupted prune leaves orphans that the
 //! next prune removes, never a point with missing parts. Runs under the exclusive repository
@@ -62,6 +62,8 @@ pub struct PruneReport {
     pub deleted_blob_bytes: u64,
     /// Leftovers of interrupted snapshot uploads.
     pub deleted_staging: u64,
+    /// Commit-number markers (`sequence/<n>`) far below the highest.
+    pub deleted_sequence_markers: u64,
     /// Why dumps, manifests and blobs were not swept, when they were not.
     pub sweep_skipped: Option<String>,
 }
@@ -152,6 +154,9 @@ impl Repository {
             .collect();
         self.delete_all(doomed_keys, options.dry_run).await?;
         report.deleted_points = doomed.iter().map(|p| p.id.clone()).collect();
+        let markers = self.stale_sequence_markers().await?;
+        report.deleted_sequence_markers = markers.len() as u64;
+        self.delete_all(markers, options.dry_run).await?;
 
         if !listing.damaged.is_empty() {
             let names: Vec<&str> = listing.damaged.iter().map(|d| d.key.as_str()).collect();

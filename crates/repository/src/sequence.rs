@@ -17,7 +17,9 @@
 //! A store that cannot put create-only (`NotImplemented`/`NotSupported`) gets a plain put of
 //! the same marker: two racing writers may then share a number, and such ties are ordered by
 //! stamp, then id. An S3-compatible service that ignores `If-None-Match` behaves the same.
-//! Markers are never deleted (prune keeps them), so numbers only grow.
+//! Prune deletes old markers but always keeps the newest [`SEQUENCE_KEPT`], so the highest
+//! number is never deleted and numbers only grow; a point carries its own number, so a marker
+//! is not needed to order it once it is written.
 
 use anyhow::{Context, Result, bail};
 use chrono::{DateTime, Utc};
@@ -35,6 +37,10 @@ const FORMAT: &str = "rollcall.sequence.v1";
 /// Numbers tried past the highest listed before giving up (each failure means another writer
 /// committed meanwhile; this many in one commit means something is wrong).
 const CLAIM_ATTEMPTS: u64 = 64;
+
+/// Markers prune keeps below and including the highest: the highest keeps numbers growing, the
+/// rest keep recent claims recognisable to a writer retrying its own put.
+pub(crate) const SEQUENCE_KEPT: u64 = 64;
 
 /// What `sequence/<n>` holds: who claimed the number, so a writer whose put was acknowledged
 /// late (a retry after a lost answer) recognises its own claim.
@@ -59,6 +65,29 @@ impl Repository {
             .filter_map(|m| sequence_of(&m.location))
             .max()
             .unwrap_or(0))
+    }
+
+    /// The markers prune may delete: every one more than [`SEQUENCE_KEPT`] below the highest.
+    /// (A claim always goes above the highest listed, so deleting older markers never lets a
+    /// number be claimed twice.)
+    pub(crate) async fn stale_sequence_markers(&self) -> Result<Vec<Path>> {
+        let prefix = Path::from(SEQUENCE);
+        let numbered: Vec<(u64, Path)> = self
+            .store
+            .list(Some(&prefix))
+            .map_ok(|m| sequence_of(&m.location).map(|n| (n, m.location)))
+            .try_collect::<Vec<_>>()
+            .await
+            .with_context(|| format!("list commit numbers in repository {}", self.label))?
+            .into_iter()
+            .flatten()
+            .collect();
+        let highest = numbered.iter().map(|(n, _)| *n).max().unwrap_or(0);
+        Ok(numbered
+            .into_iter()
+            .filter(|(n, _)| n.saturating_add(SEQUENCE_KEPT) <= highest)
+            .map(|(_, key)| key)
+            .collect())
     }
 
     /// Claims the next commit number for `point` (see the module doc for the rule).

@@ -240,3 +240,45 @@ async fn prune_keeps_the_last_committed_point_though_an_earlier_one_is_stamped_l
     let next = point_at(&repo, "prod", &part, now).await;
     assert_eq!(next.sequence, Some(3));
 }
+
+/// Prune deletes commit-number markers far below the highest (one per point would otherwise
+/// pile up forever) and keeps the newest 64, so the next point still gets the next number.
+#[tokio::test]
+async fn prune_keeps_only_the_newest_commit_number_markers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo_dir = dir.path().join("repo");
+    let repo = file_repo(&repo_dir).await;
+    let part = snapshot(&repo, dir.path()).await;
+    let now = Utc::now();
+    for _ in 0..70 {
+        point_at(&repo, "prod", &part, now).await;
+    }
+    let markers = || -> Vec<u64> {
+        let mut found: Vec<u64> = std::fs::read_dir(repo_dir.join("sequence"))
+            .expect("sequence/")
+            .map(|e| {
+                let name = e.expect("entry").file_name();
+                name.to_str().expect("utf-8").parse().expect("a number")
+            })
+            .collect();
+        found.sort_unstable();
+        found
+    };
+    assert_eq!(markers(), (1..=70).collect::<Vec<u64>>());
+
+    let mut options = PruneOptions::new("prod", Duration::from_secs(24 * 3600));
+    options.now = Some(now);
+    options.dry_run = true;
+    let dry = repo.prune(&options).await.expect("dry run");
+    assert_eq!(dry.deleted_sequence_markers, 6);
+    assert_eq!(markers().len(), 70, "a dry run deletes nothing");
+    options.dry_run = false;
+    let report = repo.prune(&options).await.expect("prune");
+    assert_eq!(report.deleted_sequence_markers, 6, "{report:?}");
+    assert!(report.deleted_points.is_empty(), "all within the window");
+    assert_eq!(markers(), (7..=70).collect::<Vec<u64>>());
+    let next = point_at(&repo, "prod", &part, now).await;
+    assert_eq!(next.sequence, Some(71));
+    let again = repo.prune(&options).await.expect("prune again");
+    assert_eq!(again.deleted_sequence_markers, 1);
+}
