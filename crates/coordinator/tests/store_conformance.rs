@@ -165,6 +165,16 @@ async fn runs_move_forward_and_finished_runs_stay_finished(url: &str) {
     assert!(matches!(unknown, Err(Error::NotFound(_))), "{unknown:?}");
 
     assert_eq!(ids(s.unfinished_runs().await.unwrap()), ["run-b"]);
+
+    // Journaled third but stamped first (a coordinator whose clock ran slow): newer all the same.
+    s.create_run(&new_run("run-c", at(-100))).await.unwrap();
+    let c = s.run("run-c").await.unwrap().unwrap();
+    assert_eq!((a.seq, c.seq), (1, 3));
+    assert_eq!(
+        ids(s.list_runs(10).await.unwrap()),
+        ["run-c", "run-b", "run-a"]
+    );
+    assert_eq!(ids(s.unfinished_runs().await.unwrap()), ["run-b", "run-c"]);
 }
 
 async fn phases_are_replaced_in_place(url: &str) {

@@ -628,6 +628,7 @@ mod tests {
             created_at: Utc::now(),
             updated_at: Utc::now(),
             finished_at: None,
+            seq: 1,
         };
         for other in [Drill, Recovery, Backup] {
             for state in [Pending, Running, Blocked] {

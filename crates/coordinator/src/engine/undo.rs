@@ -126,7 +126,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         for later in runs.iter().filter(|r| {
             r.environment == target.environment
                 && matches!(r.kind, RunKind::Drill | RunKind::Recovery)
-                && r.created_at > target.created_at
+                && r.seq > target.seq
                 && undone_by(&r.id).is_none()
         }) {
             let restored = store.commands(&later.id).await?.iter().any(|(c, _)| {

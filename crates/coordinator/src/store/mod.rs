@@ -164,6 +164,9 @@ pub struct RunRecord {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The order in which the journal took runs (1, 2, ...): what "newer" means, never
+    /// `created_at`, a wall clock.
+    pub seq: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -30,7 +30,7 @@ const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 macro_rules! run_columns {
     () => {
         "id, kind, environment, point_id, plan, params, state, reason, epoch, created_at, \
-         updated_at, finished_at"
+         updated_at, finished_at, seq"
     };
 }
 macro_rules! command_columns {
@@ -200,6 +200,7 @@ macro_rules! sql_store {
                     created_at: from_ms(row.try_get("created_at")?)?,
                     updated_at: from_ms(row.try_get("updated_at")?)?,
                     finished_at: opt_ms(row.try_get("finished_at")?)?,
+                    seq: row.try_get("seq")?,
                 })
             }
 
@@ -305,8 +306,9 @@ macro_rules! sql_store {
                 let at = to_ms(run.created_at);
                 let result = sqlx::query(concat!(
                     "INSERT INTO runs (id, kind, environment, point_id, plan, params, state, \
-                     reason, epoch, created_at, updated_at, finished_at) \
-                     SELECT $1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, $9, NULL WHERE ",
+                     reason, epoch, created_at, updated_at, finished_at, seq) \
+                     SELECT $1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, $9, NULL, \
+                     (SELECT coalesce(max(seq), 0) + 1 FROM runs) WHERE ",
                     $fence,
                     " <= $8"
                 ))
@@ -344,7 +346,7 @@ macro_rules! sql_store {
                 let rows = sqlx::query(concat!(
                     "SELECT ",
                     run_columns!(),
-                    " FROM runs ORDER BY created_at DESC, id DESC LIMIT $1"
+                    " FROM runs ORDER BY seq DESC, id DESC LIMIT $1"
                 ))
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
@@ -357,7 +359,7 @@ macro_rules! sql_store {
                 let rows = sqlx::query(concat!(
                     "SELECT ",
                     run_columns!(),
-                    " FROM runs WHERE state NOT IN ($1, $2, $3) ORDER BY created_at, id"
+                    " FROM runs WHERE state NOT IN ($1, $2, $3) ORDER BY seq, id"
                 ))
                 .bind(RunState::FINAL[0].as_str())
                 .bind(RunState::FINAL[1].as_str())
