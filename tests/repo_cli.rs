@@ -533,3 +533,98 @@ fn repo_points_flags_a_point_stamped_in_the_future() {
     assert_eq!(points[1]["sequence"], 2, "{listed}");
     assert_eq!(points[1]["stamped_in_future"], false, "{listed}");
 }
+
+/// `rollcall plan check|show` against an environment without a gateway: the default plan fits
+/// the fleet (the gateway's smoke skipped, and said so), another plan file is checked against
+/// the fleet even while the environment's own plan is broken, and every problem of a broken
+/// plan gets a line of its own.
+#[test]
+fn plans_fit_the_fleet_and_each_problem_has_its_own_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rollcall.toml"),
+    )
+    .unwrap();
+    let no_gateway = shipped.replace(", gateway = 1", "");
+    assert_ne!(no_gateway, shipped, "the shipped fleet declares a gateway");
+    let config = dir.path().join("rollcall.toml");
+    std::fs::write(&config, &no_gateway).unwrap();
+    let config = config.to_str().unwrap();
+
+    let show = rollcall(&["plan", "show", "--env", "staging", "--config", config]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        show.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    assert!(
+        text.contains("skipped: gateway-smoke (the environment declares no gateway agents)")
+            && !text.contains("gateway×"),
+        "{text}"
+    );
+
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(
+        &broken,
+        "[[phase]]\nname = \"a\"\naction = \"freeze\"\nroles = [\"web\"]\n\n[[phase]]\n\
+         name = \"b\"\naction = \"verify\"\nroles = [\"gatewy\"]\ngate = \"all\"\n\
+         timeout = \"1m\"\n",
+    )
+    .unwrap();
+    let out = rollcall(&["plan", "check", broken.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!("error: 3 problems in {}", broken.display()),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with("  ") && lines[1].contains("broken.toml:1: phase a: no gate"),
+        "{err}"
+    );
+    assert!(lines[2].contains("phase a: no timeout"), "{err}");
+    assert!(
+        lines[3].contains("broken.toml:9: phase b: unknown role \"gatewy\""),
+        "{err}"
+    );
+
+    // The environment's own plan is broken: config loading says so, one problem a line, yet
+    // another plan is still checked against its fleet.
+    let with_plan = no_gateway.replace(
+        "[environments.staging]\n",
+        &format!("[environments.staging]\nplan = \"{}\"\n", broken.display()),
+    );
+    std::fs::write(dir.path().join("rollcall.toml"), with_plan).unwrap();
+    let shown = rollcall(&["plan", "show", "--env", "staging", "--config", config]);
+    let err = String::from_utf8_lossy(&shown.stderr);
+    assert!(!shown.status.success());
+    assert!(
+        err.lines().count() == 4 && err.contains("[environments.staging] plan\n  "),
+        "{err}"
+    );
+    let default =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/plans/default.toml");
+    let checked = rollcall(&[
+        "plan",
+        "check",
+        default.to_str().unwrap(),
+        "--env",
+        "staging",
+        "--config",
+        config,
+    ]);
+    let text = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(
+        text.contains("valid against environment staging")
+            && text.contains("skipped: gateway-smoke"),
+        "{text}"
+    );
+}

@@ -7,12 +7,34 @@
 
 use std::error::Error;
 
+/// Several problems found at once (every mistake in a plan file, say): shown one per line,
+/// never run together, by [`one_line`] too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problems(pub Vec<String>);
+
+impl std::fmt::Display for Problems {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("\n"))
+    }
+}
+
+impl Error for Problems {}
+
 /// The error and its causes on one line, outermost first, a cause skipped when the text so
-/// far already says it.
+/// far already says it. A [`Problems`] cause is the exception: each of its problems gets a
+/// line of its own, indented under the rest.
 pub fn one_line(error: &(dyn Error + 'static)) -> String {
     let mut text = String::new();
     let mut next = Some(error);
     while let Some(cause) = next {
+        if let Some(Problems(list)) = cause.downcast_ref::<Problems>() {
+            for problem in list {
+                text.push_str("\n  ");
+                text.push_str(&condense(problem));
+            }
+            next = cause.source();
+            continue;
+        }
         let part = condense(&cause.to_string());
         if !part.is_empty() && !text.contains(&part) {
             if !text.is_empty() {
@@ -107,6 +129,20 @@ mod tests {
     const AZURE_BODY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\" standalone=\"yes\"?>\n\
         <Error>\n  <Code>ContainerNotFound</Code>\n  <Message>The specified container does not \
         exist.\nRequestId:67389b95\nTime:2026-11-26T13:59:45.601Z</Message>\n</Error>";
+
+    #[test]
+    fn problems_get_a_line_each_under_their_context() {
+        let error = anyhow::Error::new(Problems(vec![
+            "plan.toml:3: phase a: no gate;  set gate = \"all\"".into(),
+            "plan.toml:9: phase b: no timeout; set timeout = \"10m\"".into(),
+        ]))
+        .context("rollcall.toml: [environments.prod] plan");
+        assert_eq!(
+            one_line(&*error),
+            "rollcall.toml: [environments.prod] plan\n  plan.toml:3: phase a: no gate; set gate = \
+             \"all\"\n  plan.toml:9: phase b: no timeout; set timeout = \"10m\""
+        );
+    }
 
     #[test]
     fn a_repeating_chain_with_an_xml_body_is_one_short_line() {

@@ -495,17 +495,25 @@ fn plan(command: PlanCommand) -> Result<()> {
     match command {
         PlanCommand::Check { file, env, config } => {
             let fleet = match &env {
-                Some(name) => Some(environment(config.as_deref(), name)?.fleet),
+                Some(name) => {
+                    let Some(config) = config.as_deref() else {
+                        anyhow::bail!(
+                            "--env {name} needs the coordinator config that declares it: pass \
+                             --config rollcall.toml or set ROLLCALL_CONFIG"
+                        );
+                    };
+                    Some(coordinator::config::declared_fleet(config, name)?)
+                }
                 None => None,
             };
             let plan = Plan::load(&file, fleet.as_ref()).map_err(|e| {
                 let n = e.errors.len();
-                anyhow::anyhow!(
-                    "{e}\n{} problem{} in {}",
+                anyhow::Error::new(api::errors::Problems::from(e)).context(format!(
+                    "{} problem{} in {}",
                     n,
                     if n == 1 { "" } else { "s" },
                     file.display()
-                )
+                ))
             })?;
             let against = match &env {
                 Some(name) => format!("environment {name}"),
@@ -518,6 +526,13 @@ fn plan(command: PlanCommand) -> Result<()> {
                 plan.phases.len(),
                 plan.steps().len()
             );
+            for s in &plan.skipped {
+                outln!(
+                    "  skipped: {} (the environment declares no {} agents)",
+                    s.phase,
+                    s.roles.join(" or ")
+                );
+            }
             Ok(())
         }
         PlanCommand::Show { env, config } => {

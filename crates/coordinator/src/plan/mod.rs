@@ -276,6 +276,17 @@ pub struct Plan {
     pub phases: Vec<Phase>,
     /// The document the plan was read from: a run journals it and resumes with it.
     pub source: String,
+    /// Phases left out because they target only roles the environment does not declare (a
+    /// plan that says `skip_undeclared_roles = true`, as the built-in ones do).
+    pub skipped: Vec<Skipped>,
+}
+
+/// A phase a plan left out for the fleet it was read against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub phase: String,
+    /// The roles it targets, none of which the environment declares.
+    pub roles: Vec<String>,
 }
 
 impl Plan {
@@ -298,11 +309,7 @@ impl Plan {
 
     /// The undo plan against `fleet`, without the phases of roles it does not declare.
     pub fn undo_plan(fleet: &Fleet) -> Result<Plan, PlanErrors> {
-        Plan::parse(
-            Path::new(UNDO_PLAN_NAME),
-            &fit_to_fleet(UNDO_PLAN, fleet),
-            Some(fleet),
-        )
+        Plan::parse(Path::new(UNDO_PLAN_NAME), UNDO_PLAN, Some(fleet))
     }
 
     /// The default plan against `roles` (None: the standard roles).
@@ -324,8 +331,72 @@ impl Plan {
 
     /// Parses and validates. With `fleet`, roles and gates are checked against the declared
     /// agents; without, roles must be standard ones and gates are checked for shape only.
+    ///
+    /// A plan that says `skip_undeclared_roles = true` fits itself to `fleet`: a standard role
+    /// the environment does not declare leaves every phase and per-role gate that names it, a
+    /// phase left with no role is skipped (listed in [`Plan::skipped`]), and phases that waited
+    /// for it wait for what it waited for. Any other unknown role is still an error.
     pub fn parse(path: &Path, text: &str, fleet: Option<&Fleet>) -> Result<Plan, PlanErrors> {
-        validate::parse(path, text, fleet)
+        let fits = text
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|doc| doc.get("skip_undeclared_roles").and_then(|v| v.as_bool()))
+            == Some(true);
+        let Some(fleet) = fleet.filter(|_| fits) else {
+            return validate::parse(path, text, fleet);
+        };
+        // The document as written first, so shape errors name its own lines.
+        let whole = validate::parse(path, text, None)?;
+        let (fitted, skipped) = fit_to_fleet(text, fleet);
+        // Fitting may leave out a smoke, never the plan's reason to exist.
+        let action_of = |name: &str| whole.phase(name).map(|p| p.action);
+        let mut vital = Vec::new();
+        for s in &skipped {
+            if let Some(action @ (Action::Freeze | Action::Unfreeze)) = action_of(&s.phase) {
+                vital.push(PlanError {
+                    line: phase_line(text, &s.phase),
+                    problem: format!(
+                        "phase {}: the environment declares no {} agents, and without them nothing would {action} traffic",
+                        s.phase,
+                        s.roles.join(" or ")
+                    ),
+                    fix: "declare the agents in the environment's fleet".into(),
+                });
+            }
+        }
+        let restores =
+            |phases: &mut dyn Iterator<Item = Action>| phases.filter(|a| a.is_restore()).count();
+        let written = restores(&mut whole.phases.iter().map(|p| p.action));
+        let left_out = restores(&mut skipped.iter().filter_map(|s| action_of(&s.phase)));
+        if written > 0 && left_out == written {
+            vital.push(PlanError {
+                line: None,
+                problem: "the environment declares no agents for any store this plan restores \
+                          (database, objects), so it would restore nothing"
+                    .into(),
+                fix: "declare the database and objects agents in the environment's fleet".into(),
+            });
+        }
+        if !vital.is_empty() {
+            return Err(PlanErrors {
+                file: path.display().to_string(),
+                errors: vital,
+            });
+        }
+        match validate::parse(path, &fitted, Some(fleet)) {
+            Ok(plan) => Ok(Plan { skipped, ..plan }),
+            Err(mut e) => {
+                // Lines of the fitted document mean nothing to the reader: name the phase's.
+                for error in &mut e.errors {
+                    error.line = error
+                        .problem
+                        .strip_prefix("phase ")
+                        .and_then(|rest| rest.split_once(':'))
+                        .and_then(|(name, _)| phase_line(text, name));
+                }
+                Err(e)
+            }
+        }
     }
 
     pub fn phase(&self, name: &str) -> Option<&Phase> {
@@ -333,52 +404,84 @@ impl Plan {
     }
 }
 
-/// A plan document without the roles `fleet` does not declare: they leave each phase's roles
-/// and per-role gate, and a phase left with no role is dropped (`drop_phase`).
-fn fit_to_fleet(text: &str, fleet: &Fleet) -> String {
+/// A plan document without the standard roles `fleet` does not declare (or declares none
+/// of): they leave each phase's roles and per-role gate, and a phase left with no role is
+/// dropped (`drop_phase`) and returned. Roles outside the standard ones are left for
+/// validation to name.
+fn fit_to_fleet(text: &str, fleet: &Fleet) -> (String, Vec<Skipped>) {
     let Ok(mut doc) = text.parse::<toml::Table>() else {
-        return text.to_owned();
+        return (text.to_owned(), Vec::new());
     };
-    let declared = |role: &str| role == "all" || fleet.get(role).copied().unwrap_or(0) > 0;
+    let absent =
+        |role: &str| STANDARD_ROLES.contains(&role) && fleet.get(role).copied().unwrap_or(0) == 0;
     let mut emptied = Vec::new();
     if let Some(toml::Value::Array(phases)) = doc.get_mut("phase") {
         for p in phases.iter_mut() {
+            let mut left_out = Vec::new();
             if let Some(toml::Value::Array(roles)) = p.get_mut("roles") {
-                roles.retain(|r| r.as_str().is_none_or(declared));
+                // "all" is every role the environment has agents of.
+                if roles.iter().any(|r| r.as_str() == Some("all")) {
+                    *roles = fleet
+                        .iter()
+                        .filter(|(_, n)| **n > 0)
+                        .map(|(role, _)| toml::Value::String(role.clone()))
+                        .collect();
+                }
+                roles.retain(|r| match r.as_str() {
+                    Some(role) if absent(role) => {
+                        left_out.push(role.to_owned());
+                        false
+                    }
+                    _ => true,
+                });
                 if roles.is_empty()
                     && let Some(name) = p.get("name").and_then(|n| n.as_str())
                 {
-                    emptied.push(name.to_owned());
+                    emptied.push(Skipped {
+                        phase: name.to_owned(),
+                        roles: left_out,
+                    });
                 }
             }
             if let Some(toml::Value::Table(gate)) = p.get_mut("gate") {
-                gate.retain(|role, _| declared(role));
+                gate.retain(|role, _| !absent(role));
             }
         }
     }
     let mut text = toml::to_string(&doc).unwrap_or_else(|_| text.to_owned());
-    for name in emptied {
-        text = drop_phase(&text, &name);
+    for skipped in &emptied {
+        text = drop_phase(&text, &skipped.phase);
     }
-    text
+    (text, emptied)
 }
 
-/// Removes a phase from a plan document and from every `after` list.
+/// The line of `name = "<phase>"` in a plan document.
+fn phase_line(text: &str, phase: &str) -> Option<usize> {
+    let wanted = format!("name = \"{phase}\"");
+    text.lines().position(|l| l.trim() == wanted).map(|i| i + 1)
+}
+
+/// Removes a phase from a plan document and from every `after` list: a phase that waited for
+/// it (by name, or by coming next with no `after`) waits for what it waited for.
 fn drop_phase(text: &str, name: &str) -> String {
     let Ok(mut doc) = text.parse::<toml::Table>() else {
         return text.to_owned();
     };
     if let Some(toml::Value::Array(phases)) = doc.get_mut("phase") {
         let named = |p: &toml::Value| p.get("name").and_then(|n| n.as_str()) == Some(name);
-        // Phases that waited for the dropped one wait for what it waited for.
-        let inherited: Vec<toml::Value> = phases
-            .iter()
-            .find(|p| named(p))
-            .and_then(|p| p.get("after"))
-            .and_then(|a| a.as_array())
-            .cloned()
-            .unwrap_or_default();
-        phases.retain(|p| !named(p));
+        let Some(at) = phases.iter().position(named) else {
+            return text.to_owned();
+        };
+        let inherited: Vec<toml::Value> = match phases[at].get("after").and_then(|a| a.as_array()) {
+            Some(after) => after.clone(),
+            // It waited for the phase written before it.
+            None => at
+                .checked_sub(1)
+                .and_then(|prev| phases[prev].get("name").cloned())
+                .into_iter()
+                .collect(),
+        };
+        phases.remove(at);
         for p in phases.iter_mut() {
             if let Some(toml::Value::Array(after)) = p.get_mut("after")
                 && after.iter().any(|a| a.as_str() == Some(name))
@@ -434,6 +537,13 @@ impl fmt::Display for PlanErrors {
 }
 
 impl std::error::Error for PlanErrors {}
+
+impl From<PlanErrors> for api::errors::Problems {
+    /// One problem per line when shown (`api::errors::one_line`).
+    fn from(e: PlanErrors) -> api::errors::Problems {
+        api::errors::Problems(e.to_string().lines().map(str::to_owned).collect())
+    }
+}
 
 #[cfg(test)]
 pub(crate) mod tests {

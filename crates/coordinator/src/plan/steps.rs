@@ -85,6 +85,13 @@ impl Plan {
                 ));
             }
         }
+        for s in &self.skipped {
+            out.push_str(&format!(
+                "skipped: {} (the environment declares no {} agents)\n",
+                s.phase,
+                s.roles.join(" or ")
+            ));
+        }
         out
     }
 }

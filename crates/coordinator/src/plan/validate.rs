@@ -50,6 +50,9 @@ pub(super) fn parse(path: &Path, text: &str, fleet: Option<&Fleet>) -> Result<Pl
 struct PlanFile {
     name: Option<String>,
     description: Option<String>,
+    /// Read by `Plan::parse`, which fits the document to the fleet before validation.
+    #[allow(dead_code)]
+    skip_undeclared_roles: Option<bool>,
     #[serde(default, rename = "phase")]
     phases: Vec<Spanned<PhaseFile>>,
 }
@@ -247,6 +250,7 @@ impl Validator<'_> {
             description: file.description.unwrap_or_default(),
             phases,
             source: String::new(),
+            skipped: Vec::new(),
         };
         if self.errors.is_empty() {
             self.ordering(&plan, &replicas_spans);
@@ -701,13 +705,106 @@ mod tests {
         check(&phase("\"50%\"")).unwrap();
         check(&phase("{ worker = \"majority\" }")).unwrap();
 
+        // A plan that does not fit itself to the fleet needs every role it names.
         let mut small = fleet();
         small.insert("gateway".into(), 0);
-        let err = Plan::default_plan(Some(&small)).unwrap_err().to_string();
+        let strict = crate::plan::DEFAULT_PLAN.replace("skip_undeclared_roles = true", "");
+        let err = Plan::parse(Path::new("strict.toml"), &strict, Some(&small))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("declares no gateway agents, so the gate could only pass vacuously"),
             "{err}"
         );
+    }
+
+    /// The built-in plans fit themselves to the fleet: a fleet without a gateway (or with
+    /// none declared) skips the gateway's smoke, drops it from the phases and gates that name
+    /// it with others, and keeps the order; other plans and unknown roles stay strict.
+    #[test]
+    fn the_default_plan_skips_the_phases_of_roles_the_fleet_lacks() {
+        let full = Plan::default_plan(Some(&fleet())).unwrap();
+        assert!(full.skipped.is_empty());
+        for lacking in [None, Some(0)] {
+            let mut small = fleet();
+            match lacking {
+                None => small.remove("gateway"),
+                Some(n) => small.insert("gateway".into(), n),
+            };
+            let plan = Plan::default_plan(Some(&small)).unwrap();
+            assert_eq!(
+                plan.skipped,
+                [crate::plan::Skipped {
+                    phase: "gateway-smoke".into(),
+                    roles: vec!["gateway".into()]
+                }]
+            );
+            assert_eq!(plan.phases.len(), full.phases.len() - 1);
+            assert!(plan.phase("gateway-smoke").is_none());
+            assert!(
+                plan.phases
+                    .iter()
+                    .all(|p| !p.roles.contains(&"gateway".to_owned()))
+            );
+            // The phase after the skipped one waits for the one before it.
+            let replicas = plan.phase("restore-replicas").unwrap();
+            let after: Vec<&str> = replicas
+                .after
+                .iter()
+                .map(|&i| plan.phases[i].name.as_str())
+                .collect();
+            assert_eq!(after, ["scheduler-smoke"]);
+            assert!(matches!(&replicas.gate, Gate::PerRole(per) if !per.contains_key("gateway")));
+            let shown = plan.render(Some(&small));
+            assert!(
+                shown.contains(
+                    "skipped: gateway-smoke (the environment declares no gateway agents)"
+                ),
+                "{shown}"
+            );
+            let undo = Plan::undo_plan(&small).unwrap();
+            assert!(
+                undo.skipped.iter().any(|s| s.roles == ["gateway"]),
+                "{undo:?}"
+            );
+        }
+        // Only web and the stores: every smoke but none of the data phases is skipped.
+        let stores: Fleet = [("web", 1), ("database", 1), ("objects", 1)]
+            .into_iter()
+            .map(|(r, n)| (r.to_owned(), n))
+            .collect();
+        let plan = Plan::default_plan(Some(&stores)).unwrap();
+        let skipped: Vec<&str> = plan.skipped.iter().map(|s| s.phase.as_str()).collect();
+        assert_eq!(
+            skipped,
+            ["worker-smoke", "scheduler-smoke", "gateway-smoke"]
+        );
+        assert!(plan.phase("commit-postgres").is_some());
+
+        // Never fitted away: the freeze, or every restore.
+        let mut no_web = fleet();
+        no_web.remove("web");
+        let err = Plan::default_plan(Some(&no_web)).unwrap_err().to_string();
+        assert!(
+            err.contains("phase freeze-writes: the environment declares no web agents, and without them nothing would freeze traffic"),
+            "{err}"
+        );
+        let mut no_stores = fleet();
+        no_stores.remove("database");
+        no_stores.remove("objects");
+        let err = Plan::default_plan(Some(&no_stores))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("so it would restore nothing"), "{err}");
+
+        // A typo is not a missing role: still an error, at its own line.
+        let typo =
+            crate::plan::DEFAULT_PLAN.replacen("roles = [\"gateway\"]", "roles = [\"gatewy\"]", 1);
+        let err = Plan::parse(Path::new("typo.toml"), &typo, Some(&fleet()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown role \"gatewy\""), "{err}");
+        assert!(err.starts_with("typo.toml:"), "{err}");
     }
 
     #[test]
