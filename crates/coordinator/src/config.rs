@@ -400,7 +400,11 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
 fn resolve_file_url(file: &Path, url: &str) -> String {
     match url.strip_prefix("file://") {
         Some(path) if !path.starts_with('/') => {
-            format!("file://{}", resolve(file, Path::new(path)).display())
+            // Absolute even when the config was named by a relative path (`--config
+            // deploy/rollcall.toml`): `file://deploy/...` would read `deploy` as a host.
+            let path = resolve(file, Path::new(path));
+            let path = std::path::absolute(&path).unwrap_or(path);
+            format!("file://{}", path.display())
         }
         _ => url.to_owned(),
     }
@@ -487,6 +491,16 @@ key = "certs/coordinator-key.pem"
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/rollcall.toml");
         let loaded = load(&example).expect("deploy/rollcall.toml loads");
         assert_eq!(loaded.environments["staging"].fleet["worker"], 2);
+        // Named relative to the working directory (tests run in the crate's directory), as
+        // `rollcall coordinator --config deploy/rollcall.toml` does: the repository's file://
+        // URL is still an absolute path the store accepts.
+        let loaded = load(Path::new("../../deploy/rollcall.toml")).expect("relative path");
+        let repository = &loaded.environments["staging"].repository;
+        assert!(repository.starts_with("file:///"), "{repository}");
+        assert!(
+            repository.ends_with("/deploy/repository/staging"),
+            "{repository}"
+        );
     }
 
     #[test]
