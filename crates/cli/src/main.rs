@@ -550,6 +550,7 @@ fn plan(command: PlanCommand) -> Result<()> {
 
 async fn run_coordinator(config: &std::path::Path) -> Result<()> {
     let loaded = coordinator::config::load(config)?;
+    loaded.check_repositories()?;
     let telemetry = telemetry::init("rollcall-coordinator", None, &loaded.config.telemetry)?;
     let result = async {
         let tls = coordinator::tls::TlsMaterial::load(&loaded.tls)?;

@@ -423,6 +423,48 @@ fn resolve_sqlite_url(file: &Path, url: &str) -> String {
     url.to_owned()
 }
 
+impl Loaded {
+    /// What a running coordinator needs of each environment beyond its config parsing: a
+    /// repository URL a store can be built from (for `file://`, a path; the first backup
+    /// creates the directory). No network call (a store that is briefly unreachable must not stop a coordinator from
+    /// starting); `rollcall coordinator` refuses to start on the first problem, naming it.
+    pub fn check_repositories(&self) -> Result<()> {
+        for (name, env) in &self.environments {
+            let key = format!("environments.{name}.repository");
+            let shown = repository::redact_url(&env.repository);
+            if let Some(path) = env.repository.strip_prefix("file://") {
+                // The first backup creates the directory; the URL must name one without a host.
+                if !path.starts_with('/') {
+                    bail!(ConfigError::new(
+                        &self.file,
+                        format!(
+                            "{key} {shown} names host {:?}, not a path",
+                            path.split('/').next().unwrap_or("")
+                        ),
+                        "write file:///absolute/dir, or file://relative/dir for a path relative to this file"
+                    ));
+                }
+                continue;
+            }
+            let r = &env.repository_ref;
+            let s3 = repository::S3Options::connection(
+                r.s3_endpoint.clone(),
+                r.s3_region.clone(),
+                r.s3_path_style,
+            );
+            if let Err(e) = repository::store_from_url(&env.repository, &s3) {
+                bail!(ConfigError::new(
+                    &self.file,
+                    format!("{key} {shown}: {}", api::errors::one_line(&*e)),
+                    "fix the URL (file:///dir, s3://bucket/prefix, gs://bucket/prefix or \
+                     az://container/prefix) and the s3_* settings"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The fleet environment `name` declares in the coordinator config `file`, read without
 /// resolving anything else of the environment (its own plan may be broken: `rollcall plan
 /// check FILE --env ENV` checks another plan against the fleet).
@@ -484,6 +526,32 @@ key = "certs/coordinator-key.pem"
         assert_eq!(limits.attaches, 500);
         assert_eq!(limits.operator_calls, 64);
         assert_eq!(limits.operator_call_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_repository_no_store_can_use_stops_the_coordinator_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let env = |url: &str| {
+            format!(
+                "{MINIMAL}\n[environments.prod]\nrpo = \"24h\"\nrto = \"4h\"\n\
+                 retention = \"30days\"\nrepository = \"{url}\"\n\
+                 fleet = {{ web = 1, database = 1, objects = 1 }}\n"
+            )
+        };
+        let loaded = load(&write(dir.path(), &env("file://repo/prod"))).expect("load");
+        loaded
+            .check_repositories()
+            .expect("a relative file:// path is fine");
+        let loaded = load(&write(dir.path(), &env("s3:///prefix"))).expect("load");
+        let err = loaded
+            .check_repositories()
+            .expect_err("no bucket")
+            .to_string();
+        assert!(
+            err.contains("environments.prod.repository s3:///prefix")
+                && err.contains("fix the URL"),
+            "{err}"
+        );
     }
 
     #[test]
