@@ -46,10 +46,10 @@ pub struct ProcessConfig {
     /// rotated secret is picked up; `env` wins over it. Checked when the agent starts.
     pub env_file: Option<PathBuf>,
     /// Added (over `env`) only to the processes that bring the role back after a restore: the
-    /// replicas a scale-up starts when the same run scaled the role to zero before (the
-    /// plan's "scale-to-zero" ... "start-web"/smoke/"restore-replicas"). Crash restarts,
-    /// `restart` commands, agent restarts and other runs' scale-ups do not get them.
-    /// E.g. `{ RUN_MIGRATIONS = "false" }`.
+    /// replicas started by a scale-up of the run that last scaled the role to zero (the
+    /// default plan's `start-web`, smoke replicas and `restore-replicas` after its
+    /// `scale-to-zero`). Crash restarts, `restart` commands, agent restarts and other runs'
+    /// scale-ups do not get them. E.g. `{ RUN_MIGRATIONS = "false" }`.
     #[serde(default)]
     pub first_start_env: EnvVars,
     /// Replicas to run when the agent first starts (later, the count it was last scaled to).
@@ -398,10 +398,8 @@ impl Shared {
     fn spawn(&self, inner: &mut Inner, replica: u32, after_restore: bool) -> Result<()> {
         let vars = self.vars(replica);
         let from_file = match &self.env_file {
-            Some(path) => read_env_file(path).context(
-                "read control.process.env_file (KEY=VALUE lines; fix the file, the role is \
-                 started again with backoff)",
-            )?,
+            Some(path) => read_env_file(path)
+                .context("read control.process.env_file (fix the file: KEY=VALUE lines)")?,
             None => EnvVars::default(),
         };
         let first_start = if after_restore {
