@@ -1,7 +1,8 @@
 //! Verification and smoke on an agent: the runbook's steps 6–10 as configured checks.
 //!
-//! * `[[check]]` — HTTP checks of the role (status, optional JSON field expectations), with an
-//!   operator bearer token read from an environment variable at call time, never logged.
+//! * `[[check]]` — HTTP checks of the role: the status (a code, a class, a list), comparisons
+//!   on JSON pointers and on Prometheus samples (`expect`), with an operator bearer token read
+//!   from an environment variable or file at call time, never logged.
 //! * `[[invariant]]` — named SQL queries on the database agent with an expectation.
 //! * `[[reference]]` — a SQL query on the database agent returning object keys that must exist
 //!   in the restored object store (artifact rows); the objects agent answers the existence
@@ -12,6 +13,7 @@
 //! manifest (objects agent). Every check reports `{name, kind, required, passed, detail}`;
 //! a failed required check fails the command (and so the phase's gate).
 
+pub(crate) mod expect;
 pub(crate) mod sql;
 
 use std::collections::BTreeMap;
@@ -23,6 +25,8 @@ use anyhow::{Context, Result, bail};
 use api::config::ConfigError;
 use serde::Deserialize;
 
+use expect::{JsonExpect, JsonRule, MetricExpect, MetricRule, StatusRule};
+
 pub use api::model::{Check, CheckKind};
 
 /// `[[check]]` in agent.toml.
@@ -31,8 +35,9 @@ pub use api::model::{Check, CheckKind};
 pub struct HttpCheck {
     pub name: String,
     pub url: String,
-    #[serde(default = "ok")]
-    pub status: u16,
+    /// The statuses that pass: a code (`200`, the default), a class (`"2xx"`), or a list of
+    /// them (`[200, 204]`).
+    pub status: Option<toml::Value>,
     /// Environment variable holding a bearer token for the request.
     pub token_env: Option<String>,
     /// Or a file holding it (relative to agent.toml), read at every check so a rotated token
@@ -41,12 +46,22 @@ pub struct HttpCheck {
     /// JSON fields the body must hold: dotted path → value, e.g. `{ "maintenance" = true }`.
     #[serde(default)]
     pub expect: BTreeMap<String, toml::Value>,
+    /// `[[check.expect_json]]`: comparisons on JSON pointers into the body.
+    #[serde(default)]
+    pub expect_json: Vec<JsonExpect>,
+    /// `[[check.expect_metric]]`: comparisons on samples of a Prometheus text body.
+    #[serde(default)]
+    pub expect_metric: Vec<MetricExpect>,
     #[serde(default = "yes")]
     pub required: bool,
 }
 
-fn ok() -> u16 {
-    200
+/// An HTTP check with its expectations parsed.
+struct HttpRun {
+    check: HttpCheck,
+    status: StatusRule,
+    json: Vec<JsonRule>,
+    metrics: Vec<MetricRule>,
 }
 
 fn yes() -> bool {
@@ -118,7 +133,7 @@ fn default_smoke_timeout() -> Duration {
 }
 
 pub struct Checks {
-    http: Vec<HttpCheck>,
+    http: Vec<HttpRun>,
     pub(crate) invariants: Vec<Invariant>,
     pub(crate) references: Vec<Reference>,
     smoke: Option<SmokeConfig>,
@@ -148,9 +163,36 @@ impl Checks {
                     "keep one of them"
                 ));
             }
-            let mut c = c.clone();
-            c.token_file = c.token_file.map(|p| api::config::resolve(file, &p));
-            resolved.push(c);
+            let refused = |p: expect::Problem| {
+                ConfigError::new(
+                    file,
+                    format!("check {:?}: {}: {}", c.name, p.key, p.problem),
+                    p.fix,
+                )
+            };
+            let status = StatusRule::parse(c.status.as_ref()).map_err(refused)?;
+            let mut json: Vec<JsonRule> = c
+                .expect
+                .iter()
+                .map(|(path, want)| JsonRule::dotted(path, want))
+                .collect();
+            for (i, e) in c.expect_json.iter().enumerate() {
+                json.push(JsonRule::parse(i, e).map_err(refused)?);
+            }
+            let metrics = c
+                .expect_metric
+                .iter()
+                .enumerate()
+                .map(|(i, e)| MetricRule::parse(i, e).map_err(refused))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut check = c.clone();
+            check.token_file = check.token_file.map(|p| api::config::resolve(file, &p));
+            resolved.push(HttpRun {
+                check,
+                status,
+                json,
+                metrics,
+            });
         }
         for i in invariants {
             if let InvariantExpect::Named(n) = &i.expect
@@ -211,15 +253,18 @@ impl Checks {
             }];
         };
         let mut out = Vec::new();
-        for c in &self.http {
-            let (passed, detail) = match run_http(&client, c).await {
+        for run in &self.http {
+            let (passed, detail) = match run_http(&client, run).await {
                 Ok(detail) => (true, detail),
-                Err(e) => (false, api::errors::one_line(&*e)),
+                Err(e) => (
+                    false,
+                    api::redact::redact(&api::errors::one_line(&*e)).into_owned(),
+                ),
             };
             out.push(Check {
-                name: c.name.clone(),
+                name: run.check.name.clone(),
                 kind: CheckKind::Http,
-                required: c.required,
+                required: run.check.required,
                 passed,
                 detail,
             });
@@ -290,7 +335,8 @@ impl Checks {
     }
 }
 
-async fn run_http(client: &reqwest::Client, c: &HttpCheck) -> Result<String> {
+async fn run_http(client: &reqwest::Client, run: &HttpRun) -> Result<String> {
+    let c = &run.check;
     let mut request = client.get(&c.url);
     if let Some(var) = &c.token_env {
         let token = std::env::var(var)
@@ -312,38 +358,44 @@ async fn run_http(client: &reqwest::Client, c: &HttpCheck) -> Result<String> {
         .with_context(|| format!("GET {} failed", c.url))?;
     let status = response.status().as_u16();
     let body = response.text().await.unwrap_or_default();
-    if status != c.status {
+    if !run.status.accepts(status) {
         bail!(
             "GET {} answered {status}, expected {}: {}",
             c.url,
-            c.status,
+            run.status,
             api::redact::redact(tail(body.trim(), 200))
         );
     }
     // The path, not the whole URL: the report shows which endpoint answered, and a query
     // string (a signed URL's, say) stays out of it.
     let answered = format!("GET {} answered {status}", url_path(&c.url));
-    if c.expect.is_empty() {
+    let expected = run.json.len() + run.metrics.len();
+    if expected == 0 {
         return Ok(answered);
     }
-    let json: serde_json::Value = serde_json::from_str(&body)
-        .with_context(|| format!("GET {} did not answer JSON", c.url))?;
-    for (path, want) in &c.expect {
-        let got = path
-            .split('.')
-            .try_fold(&json, |v, k| v.get(k))
-            .cloned()
-            .unwrap_or(serde_json::Value::Null);
-        let want = serde_json::to_value(want).unwrap_or(serde_json::Value::Null);
-        if got != want {
-            bail!("GET {}: {path} is {got}, expected {want}", c.url);
-        }
+    let mut failures = Vec::new();
+    if !run.json.is_empty() {
+        let json: serde_json::Value = serde_json::from_str(&body).with_context(|| {
+            format!(
+                "GET {} did not answer JSON: {}",
+                c.url,
+                api::redact::redact(tail(body.trim(), 200))
+            )
+        })?;
+        failures.extend(run.json.iter().filter_map(|rule| rule.check(&json)));
     }
-    let fields = match c.expect.len() {
-        1 => "1 field".to_owned(),
-        n => format!("{n} fields"),
+    if !run.metrics.is_empty() {
+        let samples = expect::parse_exposition(&body);
+        failures.extend(run.metrics.iter().filter_map(|rule| rule.check(&samples)));
+    }
+    if !failures.is_empty() {
+        bail!("GET {}: {}", c.url, failures.join("; "));
+    }
+    let what = match expected {
+        1 => "1 expectation met".to_owned(),
+        n => format!("{n} expectations met"),
     };
-    Ok(format!("{answered}, {fields} as expected"))
+    Ok(format!("{answered}, {what}"))
 }
 
 /// The path of an http(s) URL (`/` when it names none); the URL itself when it does not parse.
@@ -413,6 +465,236 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("expect = \"some\" is not understood")
+        );
+    }
+
+    /// A real HTTP/1.1 server on loopback answering `path -> (status, content type, body)`;
+    /// `/api/metrics` wants the bearer token `op-token`.
+    async fn serve(routes: Vec<(&'static str, u16, &'static str, String)>) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let routes = routes.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).to_lowercase();
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    let authorized = head
+                        .lines()
+                        .any(|l| l.trim() == "authorization: bearer op-token");
+                    let (status, kind, body) = match routes.iter().find(|r| r.0 == path) {
+                        Some(_) if path == "/api/metrics" && !authorized => {
+                            (401, "text/plain", "unauthorized".to_owned())
+                        }
+                        Some((_, status, kind, body)) => (*status, *kind, body.clone()),
+                        None => (404, "text/plain", "not found".to_owned()),
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: {kind}\r\ncontent-length: {}\r\n\
+                         connection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[derive(Deserialize)]
+    struct Only {
+        check: Vec<HttpCheck>,
+    }
+
+    /// `[[check]]` sections with expectations, against a real server: statuses, JSON
+    /// pointers, the older `expect` table and Prometheus samples, passing and failing.
+    #[tokio::test]
+    async fn http_checks_compare_pointers_statuses_and_metrics_of_a_real_server() {
+        let diagnostics = serde_json::json!({
+            "database": { "ok": true, "connections": 2 },
+            "version": "1.4.0",
+            "api_token": "cws_desktop_0123456789abcdef0123456789abcdef01234567",
+        })
+        .to_string();
+        let metrics = "# HELP cowork_sessions Sessions by status.\n# TYPE cowork_sessions gauge\n\
+                       cowork_sessions{status=\"open\"} 2\ncowork_sessions{status=\"closed\"} 7\n"
+            .to_owned();
+        let addr = serve(vec![
+            ("/api/diagnostics", 200, "application/json", diagnostics),
+            ("/api/metrics", 200, "text/plain; version=0.0.4", metrics),
+            ("/created", 201, "text/plain", "made".into()),
+        ])
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("operator-token"), "op-token\n").unwrap();
+        let base = format!("http://{addr}");
+        let text = format!(
+            r#"
+[[check]]
+name = "diagnostics"
+url = "{base}/api/diagnostics"
+status = "2xx"
+expect = {{ "database.ok" = true }}
+[[check.expect_json]]
+pointer = "/database/connections"
+op = ">="
+value = 1
+[[check.expect_json]]
+pointer = "/version"
+op = "matches"
+value = '^1\.\d+'
+[[check.expect_json]]
+pointer = "/maintenance"
+op = "absent"
+
+[[check]]
+name = "diagnostics, failing"
+url = "{base}/api/diagnostics"
+required = false
+[[check.expect_json]]
+pointer = "/database/connections"
+op = ">"
+value = 5
+[[check.expect_json]]
+pointer = "/api_token"
+op = "=="
+value = "something else"
+
+[[check]]
+name = "sessions"
+url = "{base}/api/metrics"
+token_file = "operator-token"
+[[check.expect_metric]]
+name = "cowork_sessions"
+labels = {{ status = "open" }}
+op = ">="
+value = 1
+[[check.expect_metric]]
+name = "cowork_sessions"
+op = "=="
+value = 9
+
+[[check]]
+name = "sessions, failing"
+url = "{base}/api/metrics"
+token_file = "operator-token"
+[[check.expect_metric]]
+name = "cowork_sessions"
+labels = {{ status = "open" }}
+op = ">"
+value = 5
+
+[[check]]
+name = "sessions without a token"
+url = "{base}/api/metrics"
+
+[[check]]
+name = "created"
+url = "{base}/created"
+status = [200, 201]
+
+[[check]]
+name = "created, only 200"
+url = "{base}/created"
+"#
+        );
+        let only: Only = toml::from_str(&text).unwrap();
+        let checks =
+            Checks::from_config(&dir.path().join("agent.toml"), &only.check, &[], &[], None)
+                .unwrap();
+        let got: Vec<(String, bool, String)> = checks
+            .http_checks()
+            .await
+            .into_iter()
+            .map(|c| (c.name, c.passed, c.detail))
+            .collect();
+        let want = [
+            (
+                "diagnostics",
+                true,
+                "GET /api/diagnostics answered 200, 4 expectations met".to_owned(),
+            ),
+            (
+                "diagnostics, failing",
+                false,
+                format!(
+                    "GET {base}/api/diagnostics: /database/connections is 2, expected > 5; \
+                     /api_token is [REDACTED], expected == \"something else\""
+                ),
+            ),
+            (
+                "sessions",
+                true,
+                "GET /api/metrics answered 200, 2 expectations met".to_owned(),
+            ),
+            (
+                "sessions, failing",
+                false,
+                format!(
+                    "GET {base}/api/metrics: cowork_sessions{{status=\"open\"}} is 2, expected > 5"
+                ),
+            ),
+            (
+                "sessions without a token",
+                false,
+                format!("GET {base}/api/metrics answered 401, expected 200: unauthorized"),
+            ),
+            ("created", true, "GET /created answered 201".to_owned()),
+            (
+                "created, only 200",
+                false,
+                format!("GET {base}/created answered 201, expected 200: made"),
+            ),
+        ];
+        let want: Vec<(String, bool, String)> = want
+            .into_iter()
+            .map(|(n, p, d)| (n.to_owned(), p, d))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(
+            failures(&checks.http_checks().await).map(|f| f.matches("(http)").count()),
+            Some(3),
+            "the optional failing check does not fail the command"
+        );
+    }
+
+    #[test]
+    fn bad_http_expectations_stop_the_agent_naming_file_check_and_key() {
+        let only: Only = toml::from_str(
+            "[[check]]\nname = \"diag\"\nurl = \"http://127.0.0.1:1/\"\n\
+             [[check.expect_json]]\npointer = \"/a\"\nop = \"~=\"\nvalue = 1\n",
+        )
+        .unwrap();
+        let err = Checks::from_config(Path::new("agent.toml"), &only.check, &[], &[], None)
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "agent.toml: check \"diag\": expect_json[0].op: \"~=\" is not an operator; \
+             use one of ==, !=, >=, <=, >, <, exists, absent, matches"
+        );
+        let only: Only = toml::from_str(
+            "[[check]]\nname = \"m\"\nurl = \"http://127.0.0.1:1/\"\nstatus = \"2xy\"\n",
+        )
+        .unwrap();
+        let err = Checks::from_config(Path::new("agent.toml"), &only.check, &[], &[], None)
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().starts_with(
+                "agent.toml: check \"m\": status: \"2xy\" is not a status; use a code"
+            ),
+            "{err}"
         );
     }
 

@@ -10,7 +10,13 @@
 //! `Scale(Prior)` returns to it. That memory and the desired count live in the state
 //! directory: an agent restarted in the middle of a restore does not start roles that the run
 //! scaled to zero.
+//!
+//! The same memory tells which start brings the role back after a restore: a scale-up in the
+//! run that scaled the role to zero before (the plans' `scale-to-zero`, then `start-web`, the
+//! smokes' replicas and `restore-replicas`). The `process` adapter gives the replicas such a
+//! scale starts its `first_start_env` (say, migrations off); restarts never get it.
 
+mod env;
 mod exec;
 mod http;
 mod process;
@@ -25,6 +31,7 @@ use api::model::{ScaleOutput, ScaleTarget};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+pub use env::EnvVars;
 pub use exec::ExecConfig;
 pub use http::HttpFreezeConfig;
 pub use process::ProcessConfig;
@@ -252,10 +259,19 @@ impl RoleControl {
             // An undo of a blocked run returns to the count before that run scaled the role.
             ScaleTarget::PriorOf(other) => self.memory.prior_of(&other).unwrap_or(prior),
         };
+        // Read before this scale records itself: scaling to zero marks the run.
+        let after_restore = now > before && self.memory.zeroed_by(run_id);
+        if after_restore {
+            tracing::info!(
+                run = run_id,
+                "run {run_id} scaled the role to zero before: the replicas this scale-up starts \
+                 bring it back after the restore"
+            );
+        }
         // Persist the intent first: a restart mid-scale converges on it.
-        self.memory.set_desired(now)?;
+        self.memory.set_desired(now, run_id)?;
         match scaler {
-            Scaler::Process(s) => s.scale(now).await?,
+            Scaler::Process(s) => s.scale(now, after_restore).await?,
             Scaler::Exec(e) => e.scale(now).await?,
         }
         if now > 0 {
@@ -305,6 +321,10 @@ struct MemoryFile {
     /// Frozen by a run and not unfrozen since.
     #[serde(default)]
     frozen: bool,
+    /// The run that last scaled the role to zero: its scale-ups bring the role back after
+    /// its restore (`first_start_env`).
+    #[serde(default)]
+    zeroed_by: Option<String>,
 }
 
 impl Memory {
@@ -354,13 +374,22 @@ impl Memory {
         Ok(())
     }
 
-    fn set_desired(&self, n: u32) -> Result<()> {
+    /// Records the desired count `run_id` scaled the role to.
+    fn set_desired(&self, n: u32, run_id: &str) -> Result<()> {
         let mut file = self.lock();
         let mut next = file.clone();
         next.desired = Some(n);
+        if n == 0 {
+            next.zeroed_by = Some(run_id.to_owned());
+        }
         self.save(&next)?;
         *file = next;
         Ok(())
+    }
+
+    /// Whether `run_id` is the run that last scaled the role to zero.
+    fn zeroed_by(&self, run_id: &str) -> bool {
+        self.lock().zeroed_by.as_deref() == Some(run_id)
     }
 
     /// The prior count `run_id` recorded, if it scaled the role on this agent.
@@ -429,13 +458,151 @@ mod tests {
         assert_eq!(m.remember_prior("run-1", 3).unwrap(), 3);
         // A later scale in the same run keeps the first prior.
         assert_eq!(m.remember_prior("run-1", 0).unwrap(), 3);
-        m.set_desired(0).unwrap();
+        m.set_desired(0, "run-1").unwrap();
         drop(m);
         let m = Memory::open(dir.path()).unwrap();
         assert_eq!(m.desired(), Some(0));
         assert_eq!(m.remember_prior("run-1", 0).unwrap(), 3);
         assert_eq!(m.remember_prior("run-2", 0).unwrap(), 0);
         assert_eq!((m.prior_of("run-1"), m.prior_of("run-3")), (Some(3), None));
+    }
+
+    /// The role's log of its own starts: one line per start, as the child saw the world.
+    fn starts(log: &Path) -> Vec<String> {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    async fn wait_for_starts(log: &Path, n: usize) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let lines = starts(log);
+            if lines.len() >= n {
+                return lines;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "expected {n} starts, saw {lines:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Real children: cwd, env, env_file, and `first_start_env` only on the starts that bring
+    /// the role back in the run that scaled it to zero, never on restarts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_start_after_a_restore_gets_first_start_env_and_restarts_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("conf");
+        std::fs::create_dir_all(conf.join("app")).unwrap();
+        std::fs::write(
+            conf.join("role.env"),
+            "# the role's secrets\nSECRET_KEY=from-file\nSHARED=file\n",
+        )
+        .unwrap();
+        let log = dir.path().join("starts.log");
+        let script = format!(
+            "echo \"pid=$$ replica=$ROLLCALL_REPLICA cwd=$(pwd) secret=$SECRET_KEY shared=$SHARED \
+             migrations=${{RUN_MIGRATIONS-unset}}\" >> {}; while true; do sleep 0.05; done",
+            log.display()
+        );
+        let control: ControlConfig = toml::from_str(&format!(
+            "scale = \"process\"\n[process]\nprogram = \"sh\"\nargs = [\"-c\", '{script}']\n\
+             replicas = 1\ncwd = \"app\"\nenv_file = \"role.env\"\nenv = {{ SHARED = \"env\" }}\n\
+             first_start_env = {{ RUN_MIGRATIONS = \"false\" }}\nstop_grace = \"300ms\"\n"
+        ))
+        .unwrap();
+        let file = conf.join("agent.toml");
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let app = std::fs::canonicalize(conf.join("app")).unwrap();
+        let line = |replica: u32, migrations: &str| {
+            format!(
+                "replica={replica} cwd={} secret=from-file shared=env migrations={migrations}",
+                app.display()
+            )
+        };
+        // Without the pid, which differs per start.
+        let seen = |lines: &[String]| -> Vec<String> {
+            lines
+                .iter()
+                .map(|l| l.split_once(' ').map(|(_, rest)| rest.to_owned()).unwrap())
+                .collect()
+        };
+
+        let ctl = RoleControl::from_config(&file, &control, &state).unwrap();
+        let cancel = CancellationToken::new();
+        ctl.start(cancel.clone()).await.unwrap();
+        // The agent's first start is no start after a restore.
+        let lines = wait_for_starts(&log, 1).await;
+        assert_eq!(seen(&lines), [line(0, "unset")]);
+
+        // A drill: scale-to-zero, then start-web (`prior`) in the same run.
+        ctl.scale(ScaleTarget::Replicas(0), "run-1").await.unwrap();
+        ctl.scale(ScaleTarget::Prior, "run-1").await.unwrap();
+        let lines = wait_for_starts(&log, 2).await;
+        assert_eq!(seen(&lines)[1], line(0, "false"));
+
+        // The role crashes: the supervisor's restart is no start after a restore.
+        let pid: i32 = lines[1]
+            .strip_prefix("pid=")
+            .and_then(|l| l.split(' ').next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let lines = wait_for_starts(&log, 3).await;
+        assert_eq!(seen(&lines)[2], line(0, "unset"));
+
+        // Another run scales up without having scaled to zero: not after a restore.
+        ctl.scale(ScaleTarget::Replicas(2), "run-2").await.unwrap();
+        let lines = wait_for_starts(&log, 4).await;
+        assert_eq!(seen(&lines)[3], line(1, "unset"));
+
+        // The agent restarts (its state directory says run-1 zeroed the role once): the
+        // desired replicas start without first_start_env.
+        ctl.stop().await;
+        cancel.cancel();
+        drop(ctl);
+        let ctl = RoleControl::from_config(&file, &control, &state).unwrap();
+        let cancel = CancellationToken::new();
+        ctl.start(cancel.clone()).await.unwrap();
+        let mut got = seen(&wait_for_starts(&log, 6).await)[4..].to_vec();
+        got.sort();
+        assert_eq!(got, [line(0, "unset"), line(1, "unset")]);
+
+        // A run that brings the role back in steps (a smoke's one replica, then the prior
+        // count), across an agent restart between scale-to-zero and the first step: every
+        // replica it starts gets first_start_env.
+        ctl.scale(ScaleTarget::Replicas(0), "run-3").await.unwrap();
+        ctl.stop().await;
+        cancel.cancel();
+        drop(ctl);
+        let ctl = RoleControl::from_config(&file, &control, &state).unwrap();
+        let cancel = CancellationToken::new();
+        ctl.start(cancel.clone()).await.unwrap();
+        ctl.scale(ScaleTarget::Replicas(1), "run-3").await.unwrap();
+        let lines = wait_for_starts(&log, 7).await;
+        assert_eq!(seen(&lines)[6], line(0, "false"));
+        let out = ctl.scale(ScaleTarget::Prior, "run-3").await.unwrap();
+        assert_eq!((out.before, out.now), (1, 2));
+        let lines = wait_for_starts(&log, 8).await;
+        assert_eq!(seen(&lines)[7], line(1, "false"));
+        // A restart command in the same run restarts; it does not bring anything back.
+        ctl.restart().await.unwrap();
+        let mut got = seen(&wait_for_starts(&log, 10).await)[8..].to_vec();
+        got.sort();
+        assert_eq!(got, [line(0, "unset"), line(1, "unset")]);
+        assert_eq!(starts(&log).len(), 10, "no start beyond those");
+        ctl.stop().await;
+        cancel.cancel();
     }
 
     #[test]

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use super::env::{EnvVars, read_env_file};
 use super::substitute;
 
 /// `[control.process]`
@@ -32,10 +33,25 @@ pub struct ProcessConfig {
     /// Arguments; `{replica}` (0, 1, ...) and `{port}` (base_port + replica) are substituted.
     #[serde(default)]
     pub args: Vec<String>,
-    /// Extra environment (placeholders substituted). Children inherit the agent's environment,
-    /// which is where secrets belong; never put secret values here.
+    /// The children's working directory (relative to agent.toml); must exist when the agent
+    /// starts. Default: the agent's own working directory.
+    pub cwd: Option<PathBuf>,
+    /// Extra environment (placeholders substituted), over the agent's own, which children
+    /// inherit. Values are never logged, but agent.toml is rarely a secret file: keep secret
+    /// values in `env_file` or the agent's environment.
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub env: EnvVars,
+    /// A file of `KEY=VALUE` lines (relative to agent.toml; `#` comments and blank lines
+    /// ignored, one pair of surrounding quotes taken off a value), read at every start so a
+    /// rotated secret is picked up; `env` wins over it. Checked when the agent starts.
+    pub env_file: Option<PathBuf>,
+    /// Added (over `env`) only to the processes that bring the role back after a restore: the
+    /// replicas started by a scale-up of the run that last scaled the role to zero (the
+    /// default plan's `start-web`, smoke replicas and `restore-replicas` after its
+    /// `scale-to-zero`). Crash restarts, `restart` commands, agent restarts and other runs'
+    /// scale-ups do not get them. E.g. `{ RUN_MIGRATIONS = "false" }`.
+    #[serde(default)]
+    pub first_start_env: EnvVars,
     /// Replicas to run when the agent first starts (later, the count it was last scaled to).
     #[serde(default = "one")]
     pub replicas: u32,
@@ -82,6 +98,10 @@ pub struct Supervisor {
 struct Shared {
     config: ProcessConfig,
     program: PathBuf,
+    /// `cwd`, resolved and checked to be a directory.
+    cwd: Option<PathBuf>,
+    /// `env_file`, resolved; read at every start.
+    env_file: Option<PathBuf>,
     log_dir: PathBuf,
     pid_file: PathBuf,
     client: reqwest::Client,
@@ -129,6 +149,7 @@ impl Supervisor {
             .args
             .iter()
             .chain(config.env.values())
+            .chain(config.first_start_env.values())
             .any(|a| a.contains("{port}"))
             || config
                 .health_url
@@ -141,6 +162,54 @@ impl Supervisor {
                 "set base_port = 8080 (replica N listens on base_port + N)"
             ));
         }
+        for (key, vars) in [
+            ("env", &config.env),
+            ("first_start_env", &config.first_start_env),
+        ] {
+            if let Some(problem) = vars.problem() {
+                bail!(ConfigError::new(
+                    file,
+                    format!("control.process.{key}: {problem}"),
+                    format!("fix that entry of control.process.{key}")
+                ));
+            }
+        }
+        let cwd = match &config.cwd {
+            None => None,
+            Some(dir) => {
+                let resolved = super::resolve_path(file, dir);
+                if !resolved.is_dir() {
+                    bail!(ConfigError::new(
+                        file,
+                        format!(
+                            "control.process.cwd = {}: {} is not a directory",
+                            dir.display(),
+                            resolved.display()
+                        ),
+                        "create the directory or fix the path (a relative cwd is resolved \
+                         against this file's directory)"
+                    ));
+                }
+                Some(resolved)
+            }
+        };
+        let env_file = match &config.env_file {
+            None => None,
+            Some(path) => {
+                let resolved = super::resolve_path(file, path);
+                // Checked now so a typo stops the agent, not the role's first start; read
+                // again at every start.
+                if let Err(e) = read_env_file(&resolved) {
+                    bail!(ConfigError::new(
+                        file,
+                        format!("control.process.env_file = {}: {e:#}", path.display()),
+                        "write one KEY=VALUE per line (# comments and blank lines are \
+                         ignored), or fix the path (relative to this file's directory)"
+                    ));
+                }
+                Some(resolved)
+            }
+        };
         let log_dir = match &config.log_dir {
             Some(d) => super::resolve_path(file, d),
             None => state_dir.join("logs"),
@@ -150,6 +219,8 @@ impl Supervisor {
             shared: Arc::new(Shared {
                 config: config.clone(),
                 program,
+                cwd,
+                env_file,
                 log_dir,
                 pid_file: state_dir.join("children.json"),
                 client,
@@ -185,7 +256,7 @@ impl Supervisor {
             inner.desired = desired;
             inner.started = true;
             for replica in 0..desired {
-                self.shared.spawn(&mut inner, replica)?;
+                self.shared.spawn(&mut inner, replica, false)?;
             }
             self.shared.save_pids(&inner);
         }
@@ -203,7 +274,9 @@ impl Supervisor {
         Ok(())
     }
 
-    pub async fn scale(&self, n: u32) -> Result<()> {
+    /// Runs `n` replicas. `after_restore`: the replicas this starts bring the role back after
+    /// a restore, and get `first_start_env`.
+    pub async fn scale(&self, n: u32, after_restore: bool) -> Result<()> {
         {
             let mut inner = self.shared.inner.lock().await;
             inner.desired = n;
@@ -216,7 +289,7 @@ impl Supervisor {
             for replica in 0..n {
                 if !inner.children.contains_key(&replica) {
                     inner.backoff.remove(&replica);
-                    self.shared.spawn(&mut inner, replica)?;
+                    self.shared.spawn(&mut inner, replica, after_restore)?;
                 }
             }
             self.shared.save_pids(&inner);
@@ -232,7 +305,7 @@ impl Supervisor {
                 if let Some(running) = inner.children.remove(&replica) {
                     self.shared.stop(replica, running).await;
                 }
-                self.shared.spawn(&mut inner, replica)?;
+                self.shared.spawn(&mut inner, replica, false)?;
             }
             self.shared.save_pids(&inner);
             inner.desired
@@ -321,8 +394,19 @@ impl Shared {
         vars
     }
 
-    fn spawn(&self, inner: &mut Inner, replica: u32) -> Result<()> {
+    /// Starts `replica`; with `after_restore`, with `first_start_env` too.
+    fn spawn(&self, inner: &mut Inner, replica: u32, after_restore: bool) -> Result<()> {
         let vars = self.vars(replica);
+        let from_file = match &self.env_file {
+            Some(path) => read_env_file(path)
+                .context("read control.process.env_file (fix the file: KEY=VALUE lines)")?,
+            None => EnvVars::default(),
+        };
+        let first_start = if after_restore {
+            &self.config.first_start_env
+        } else {
+            &EnvVars::default()
+        };
         let log_path = self.log_dir.join(format!("replica-{replica}.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -342,10 +426,13 @@ impl Shared {
         command
             .args(self.config.args.iter().map(|a| substitute(a, &vars)))
             .args(extra.iter().map(|a| substitute(a, &vars)))
+            // The agent's environment, then the file, then `env`, then the first start's.
+            .envs(from_file.iter())
             .envs(
                 self.config
                     .env
                     .iter()
+                    .chain(first_start.iter())
                     .map(|(k, v)| (k.clone(), substitute(v, &vars))),
             )
             .env("ROLLCALL_REPLICA", replica.to_string())
@@ -354,6 +441,9 @@ impl Shared {
             .stderr(log_err)
             // Its own process group, so stopping it reaches its children too.
             .process_group(0);
+        if let Some(dir) = &self.cwd {
+            command.current_dir(dir);
+        }
         let child = command.spawn().with_context(|| {
             format!(
                 "start {} (control.process.program); check the path and that it is executable",
@@ -361,7 +451,17 @@ impl Shared {
             )
         })?;
         let pid = child.id().unwrap_or(0);
-        tracing::info!(replica, pid, "started replica");
+        if after_restore && !first_start.is_empty() {
+            // Names only: values may be secrets.
+            tracing::info!(
+                replica,
+                pid,
+                first_start_env = %first_start.names(),
+                "started replica after the restore, with first_start_env"
+            );
+        } else {
+            tracing::info!(replica, pid, "started replica");
+        }
         inner.children.insert(
             replica,
             Running {
@@ -440,7 +540,7 @@ impl Shared {
                 .is_none_or(|(_, at)| Instant::now() >= *at);
             if due && inner.started {
                 inner.restarts += 1;
-                if let Err(e) = self.spawn(&mut inner, replica) {
+                if let Err(e) = self.spawn(&mut inner, replica, false) {
                     tracing::error!("cannot restart replica {replica}: {e:#}");
                     let quick = inner.backoff.get(&replica).map_or(1, |(q, _)| q + 1);
                     inner
@@ -515,7 +615,10 @@ mod tests {
         ProcessConfig {
             program: "sh".into(),
             args: vec!["-c".into(), script.into()],
-            env: BTreeMap::new(),
+            cwd: None,
+            env: EnvVars::default(),
+            env_file: None,
+            first_start_env: EnvVars::default(),
             replicas: 2,
             base_port: None,
             health_url: None,
@@ -570,7 +673,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
 
-        sup.scale(0).await.unwrap();
+        sup.scale(0, false).await.unwrap();
         assert_eq!(sup.readiness().await, (false, "scaled to 0".into()));
         assert!(!alive(pids[0]), "SIGKILL after the grace period stopped it");
         cancel.cancel();
@@ -624,11 +727,67 @@ mod tests {
         let sup = Supervisor::new(Path::new("agent.toml"), &cfg, dir.path()).unwrap();
         let cancel = CancellationToken::new();
         sup.start(1, cancel.clone()).await.unwrap();
-        sup.scale(2).await.unwrap();
+        sup.scale(2, false).await.unwrap();
         assert_eq!(sup.readiness().await, (true, "2 replicas ready".into()));
-        sup.scale(0).await.unwrap();
+        sup.scale(0, false).await.unwrap();
         assert_eq!(sup.readiness().await, (false, "scaled to 0".into()));
         cancel.cancel();
+    }
+
+    #[test]
+    fn a_missing_cwd_and_a_malformed_env_file_stop_the_agent_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        let mut cfg = config("true");
+        cfg.cwd = Some("srv/web".into());
+        let err = Supervisor::new(&file, &cfg, dir.path()).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: control.process.cwd = srv/web: {} is not a directory; create the directory \
+                 or fix the path (a relative cwd is resolved against this file's directory)",
+                file.display(),
+                dir.path().join("srv/web").display()
+            )
+        );
+        std::fs::create_dir_all(dir.path().join("srv/web")).unwrap();
+        assert!(Supervisor::new(&file, &cfg, dir.path()).is_ok());
+
+        cfg.env_file = Some("web.env".into());
+        std::fs::write(
+            dir.path().join("web.env"),
+            "# secrets\nAPI_KEY=abc\nsk-live-0123456789\n",
+        )
+        .unwrap();
+        let err = Supervisor::new(&file, &cfg, dir.path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{}: control.process.env_file = web.env: {}: line 3: not KEY=VALUE (no `=`); \
+                 write one KEY=VALUE per line",
+                file.display(),
+                dir.path().join("web.env").display()
+            )),
+            "{err}"
+        );
+        assert!(!err.contains("sk-live"), "the line is not quoted: {err}");
+        std::fs::remove_file(dir.path().join("web.env")).unwrap();
+        let err = Supervisor::new(&file, &cfg, dir.path()).err().unwrap();
+        assert!(
+            err.to_string().contains("cannot read"),
+            "a missing file is named too: {err}"
+        );
+
+        cfg.env_file = None;
+        cfg.env = EnvVars(BTreeMap::from([("RUN-MIGRATIONS".into(), "false".into())]));
+        let err = Supervisor::new(&file, &cfg, dir.path()).err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("control.process.env: \"RUN-MIGRATIONS\" is not a variable name"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
