@@ -947,7 +947,7 @@ async fn failed_checks_block_the_drill_and_name_what_failed() {
         .psql("postgres", "ALTER DATABASE cowork_away RENAME TO cowork")
         .unwrap();
     f.cluster.psql("cowork", "DROP TABLE usage_events").unwrap();
-    let (ok, text) = keep(&run(&["run", "retry", &drill]));
+    let (ok, text) = keep(&run(&["run", "retry", "--detach", &drill]));
     assert!(ok, "{text}");
     let (ok, text) = keep(&run(&["run", "watch", &drill]));
     assert!(!ok, "{text}");
@@ -979,7 +979,7 @@ async fn failed_checks_block_the_drill_and_name_what_failed() {
         )
         .unwrap();
     let retry_and_watch = |keep: &mut dyn FnMut(&std::process::Output) -> (bool, String)| {
-        let (ok, text) = keep(&run(&["run", "retry", &drill]));
+        let (ok, text) = keep(&run(&["run", "retry", "--detach", &drill]));
         assert!(ok, "{text}");
         keep(&run(&["run", "watch", &drill]))
     };

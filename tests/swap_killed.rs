@@ -37,6 +37,51 @@ fn terminate(f: &Fleet, pid: i32) {
         .unwrap();
 }
 
+/// Runs `rollcall run watch ID` until a line contains `needle` (at most 60 s); returns what it
+/// printed.
+fn watch_until(f: &Fleet, id: &str, needle: &str) -> String {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(rollcall_bin())
+        .args(["run", "watch", id, "--coordinator"])
+        .arg(format!("https://{}", f.operator_addr))
+        .arg("--certs")
+        .arg(&f.certs)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut out = String::new();
+    let found = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match seen.recv_timeout(left) {
+            Ok(line) => {
+                out.push_str(&line);
+                out.push('\n');
+                if line.contains(needle) {
+                    break Some(line);
+                }
+            }
+            Err(_) => break None,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    found.unwrap_or_else(|| panic!("run watch never printed {needle:?}; it printed:\n{out}"))
+}
+
 /// The live database takes connections again (the restarted agent reopens it when it starts).
 async fn live_accepts_connections(f: &Fleet) {
     eventually(
@@ -92,6 +137,12 @@ async fn a_database_agent_killed_at_each_step_of_the_swap_leaves_the_database_re
     );
     waiting_alter(&f.cluster, "ALLOW_CONNECTIONS false").await;
     f.kill_agent("db-1");
+    // While the agent is down, `run watch` says what the phase waits for.
+    let watched = watch_until(&f, &id, "waiting for db-1 (unavailable, last heard");
+    assert!(
+        watched.contains("phase commit-postgres running for"),
+        "{watched}"
+    );
     hold.release();
     eventually(
         "the orphaned ALTER DATABASE ... ALLOW_CONNECTIONS false to complete",

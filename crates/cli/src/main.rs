@@ -219,14 +219,22 @@ enum RunCommand {
         connection: operator::Connection,
     },
     /// Continue a blocked run after fixing the cause: commands that already ran are not re-run.
+    /// Follows the run like `run watch`; exits 0 only when it succeeds.
     Resume {
         id: String,
+        /// Return once the run is resumed instead of following it.
+        #[arg(long)]
+        detach: bool,
         #[command(flatten)]
         connection: operator::Connection,
     },
-    /// Re-run a blocked run's failed phases as a new attempt.
+    /// Re-run a blocked run's failed phases as a new attempt. Follows the run like `run
+    /// watch`; exits 0 only when it succeeds.
     Retry {
         id: String,
+        /// Return once the run is retried instead of following it.
+        #[arg(long)]
+        detach: bool,
         #[command(flatten)]
         connection: operator::Connection,
     },
@@ -439,14 +447,18 @@ async fn run(cli: Cli) -> Result<()> {
                     json,
                     connection,
                 } => runs::watch(&connection, &id, json).await,
-                RunCommand::Resume { id, connection } => {
-                    runs::control(&connection, &id, RunControl::Resume).await
-                }
-                RunCommand::Retry { id, connection } => {
-                    runs::control(&connection, &id, RunControl::Retry).await
-                }
+                RunCommand::Resume {
+                    id,
+                    detach,
+                    connection,
+                } => runs::control(&connection, &id, RunControl::Resume, !detach).await,
+                RunCommand::Retry {
+                    id,
+                    detach,
+                    connection,
+                } => runs::control(&connection, &id, RunControl::Retry, !detach).await,
                 RunCommand::Abort { id, connection } => {
-                    runs::control(&connection, &id, RunControl::Abort).await
+                    runs::control(&connection, &id, RunControl::Abort, false).await
                 }
                 RunCommand::Undo {
                     id,

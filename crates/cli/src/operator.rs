@@ -51,7 +51,7 @@ impl tonic::service::Interceptor for BearerToken {
     }
 }
 
-type Client = OperatorServiceClient<InterceptedService<Channel, BearerToken>>;
+pub type Client = OperatorServiceClient<InterceptedService<Channel, BearerToken>>;
 
 fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| {

@@ -222,7 +222,22 @@ pub async fn watch(connection: &Connection, id: &str, json: bool) -> Result<()> 
         .map_err(status_error)?
         .into_inner();
     let mut view = (!json).then(crate::watch::View::new);
-    while let Some(event) = stream.message().await.map_err(status_error)? {
+    // While nothing happens, say every few seconds what the run waits for.
+    let mut quiet_since = tokio::time::Instant::now();
+    let mut asker = client.clone();
+    loop {
+        let next = tokio::select! {
+            next = stream.message() => next.map_err(status_error)?,
+            () = tokio::time::sleep_until(quiet_since + WAITING_EVERY), if view.is_some() => {
+                quiet_since = tokio::time::Instant::now();
+                if let Some(line) = waiting(&mut asker, id).await {
+                    outln!("{} {line}", time(chrono::Utc::now().timestamp_millis()));
+                }
+                continue;
+            }
+        };
+        let Some(event) = next else { break };
+        quiet_since = tokio::time::Instant::now();
         let payload: serde_json::Value =
             serde_json::from_str(&event.payload_json).unwrap_or(serde_json::Value::Null);
         match view.as_mut() {
@@ -258,7 +273,79 @@ pub async fn watch(connection: &Connection, id: &str, json: bool) -> Result<()> 
     }
 }
 
-pub async fn control(connection: &Connection, id: &str, control: op::RunControl) -> Result<()> {
+/// How long `run watch` stays silent before it says what the run waits for.
+const WAITING_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the run waits for now, asked of the coordinator (None when it cannot say).
+async fn waiting(client: &mut crate::operator::Client, id: &str) -> Option<String> {
+    let detail = client
+        .get_run(op::GetRunRequest { id: id.to_owned() })
+        .await
+        .ok()?
+        .into_inner();
+    let agents = client
+        .list_agents(op::ListAgentsRequest {})
+        .await
+        .map(|r| r.into_inner().agents)
+        .unwrap_or_default();
+    waiting_for(&detail, &agents, chrono::Utc::now().timestamp_millis())
+}
+
+/// One line: each running phase, how long it has run, and the agents whose answer it still
+/// waits for, each unavailable (since when it was last heard) or busy.
+pub(crate) fn waiting_for(
+    detail: &op::RunDetail,
+    agents: &[op::AgentStatus],
+    now_ms: i64,
+) -> Option<String> {
+    let secs = |ms: i64| (now_ms - ms).max(0) / 1000;
+    let mut parts = Vec::new();
+    for phase in detail.phases.iter().filter(|p| p.state == "running") {
+        let mut pending: Vec<String> = detail
+            .commands
+            .iter()
+            .filter(|c| {
+                c.phase_index == phase.index && c.attempt == phase.attempt && c.outcome.is_empty()
+            })
+            .map(|c| {
+                let agent = agents.iter().find(|a| a.name == c.agent);
+                match agent {
+                    None => format!("{} (never connected)", c.agent),
+                    Some(a) if a.availability == op::Availability::Unavailable as i32 => format!(
+                        "{} (unavailable, last heard {}s ago)",
+                        c.agent,
+                        secs(a.last_heartbeat_unix_ms)
+                    ),
+                    Some(_) => format!("{} (busy)", c.agent),
+                }
+            })
+            .collect();
+        pending.sort();
+        pending.dedup();
+        let waited = if phase.started_unix_ms > 0 {
+            format!(" for {}s", secs(phase.started_unix_ms))
+        } else {
+            String::new()
+        };
+        parts.push(if pending.is_empty() {
+            format!("phase {} running{waited}, judging its gate", phase.name)
+        } else {
+            format!(
+                "phase {} running{waited}, waiting for {}",
+                phase.name,
+                pending.join(", ")
+            )
+        });
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+pub async fn control(
+    connection: &Connection,
+    id: &str,
+    control: op::RunControl,
+    follow: bool,
+) -> Result<()> {
     let mut client = connection.connect().await?;
     let run = client
         .control_run(op::ControlRunRequest {
@@ -272,6 +359,11 @@ pub async fn control(connection: &Connection, id: &str, control: op::RunControl)
     outln!("run {} is {}", run.id, run.state);
     if !run.reason.is_empty() {
         outln!("  {}", run.reason);
+    }
+    if follow && control != op::RunControl::Abort {
+        // Followed like `--watch`: exit 0 only when the run succeeds, so a run that blocks
+        // again a moment later is not mistaken for a fix.
+        return watch(connection, id, false).await;
     }
     Ok(())
 }
@@ -507,7 +599,7 @@ pub async fn verify(connection: &Connection, id: &str, full: bool) -> Result<()>
 mod tests {
     use std::time::Duration;
 
-    use super::stamped_ahead;
+    use super::*;
 
     #[test]
     fn a_future_stamp_reads_to_the_nearest_minute() {
@@ -522,5 +614,63 @@ mod tests {
         );
         assert!(marker(89).starts_with("stamped 1m in"), "{}", marker(89));
         assert!(marker(3 * 3600 + 10).starts_with("stamped 3h in"));
+    }
+
+    #[test]
+    fn waiting_names_the_running_phases_agents_busy_or_unavailable() {
+        let command = |phase_index, agent: &str, outcome: &str| op::CommandStatus {
+            phase_index,
+            agent: agent.into(),
+            attempt: 1,
+            outcome: outcome.into(),
+            ..Default::default()
+        };
+        let detail = op::RunDetail {
+            run: None,
+            phases: vec![
+                op::PhaseStatus {
+                    index: 0,
+                    name: "preflight".into(),
+                    state: "passed".into(),
+                    attempt: 1,
+                    ..Default::default()
+                },
+                op::PhaseStatus {
+                    index: 1,
+                    name: "commit-postgres".into(),
+                    state: "running".into(),
+                    attempt: 1,
+                    started_unix_ms: 10_000,
+                    ..Default::default()
+                },
+            ],
+            commands: vec![
+                command(0, "db-1", "succeeded"),
+                command(1, "db-1", ""),
+                command(1, "db-2", ""),
+                command(1, "db-3", ""),
+                command(1, "db-4", "succeeded"),
+            ],
+        };
+        let agent = |name: &str, availability: op::Availability| op::AgentStatus {
+            name: name.into(),
+            availability: availability as i32,
+            last_heartbeat_unix_ms: 20_000,
+            ..Default::default()
+        };
+        let agents = [
+            agent("db-1", op::Availability::Unavailable),
+            agent("db-2", op::Availability::Connected),
+        ];
+        assert_eq!(
+            waiting_for(&detail, &agents, 43_500).as_deref(),
+            Some(
+                "phase commit-postgres running for 33s, waiting for db-1 (unavailable, last \
+                 heard 23s ago), db-2 (busy), db-3 (never connected)"
+            )
+        );
+        let mut done = detail.clone();
+        done.phases[1].state = "passed".into();
+        assert_eq!(waiting_for(&done, &agents, 43_500), None);
     }
 }
