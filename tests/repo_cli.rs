@@ -238,18 +238,16 @@ fn the_postgres_forms_of_the_contract_work_as_written() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = ephemeral_pg::Cluster::start().unwrap();
     cluster.create_database("live").unwrap();
-    // The break-glass backup counts cowork-sim's tables (CountSpec::cowork_defaults).
+    // Not cowork-sim's schema: the break-glass backup counts every user table by default.
     cluster
         .psql(
             "live",
-            "CREATE TABLE sessions (id int); CREATE TABLE session_events (id int);
-             CREATE TABLE session_projections (id int); CREATE TABLE artifact_index (id int);
-             CREATE TABLE workflows (id int); CREATE TABLE channel_bindings (id int);
-             CREATE TABLE channel_deliveries (id int, status text);
-             CREATE TABLE byok_secrets (id int); CREATE TABLE usage_events (id int);
-             CREATE TABLE subscriptions (id int, status text);
+            "CREATE TABLE sessions (id int); CREATE TABLE channel_deliveries (id int, status text);
+             CREATE SCHEMA audit; CREATE TABLE audit.events (id int);
+             CREATE VIEW recent_sessions AS SELECT * FROM sessions;
              INSERT INTO sessions SELECT generate_series(1, 25);
-             INSERT INTO channel_deliveries VALUES (1, 'sent'), (2, 'pending');",
+             INSERT INTO channel_deliveries VALUES (1, 'sent'), (2, 'pending');
+             INSERT INTO audit.events VALUES (1), (2), (3);",
         )
         .unwrap();
     let repo = format!("file://{}", dir.path().join("repo").display());
@@ -268,10 +266,11 @@ fn the_postgres_forms_of_the_contract_work_as_written() {
     );
     let point = backup["point"].as_str().unwrap().to_owned();
     assert_eq!(
-        backup["postgres"]["table_counts"]["sessions"], 25,
+        backup["postgres"]["table_counts"],
+        serde_json::json!({ "sessions": 25, "channel_deliveries": 2, "audit.events": 3 }),
         "{backup}"
     );
-    // Other schemas name their own tables to count, or none.
+    // Or the tables named, or none.
     let counted = ok(
         &rollcall(&[
             "repo",

@@ -43,6 +43,7 @@ fn environment_with(
             ..Default::default()
         },
         secrets: Vec::new(),
+        report_rows: Vec::new(),
         fleet,
         plan,
     };

@@ -259,7 +259,10 @@ mod tests {
         let mut files = vec![deploy.join("agent.toml")];
         for entry in std::fs::read_dir(deploy.join("cowork-sim")).unwrap() {
             let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "toml") {
+            // rollcall.toml there is the coordinator's (loaded by its config tests).
+            if path.extension().is_some_and(|e| e == "toml")
+                && path.file_name().is_some_and(|n| n != "rollcall.toml")
+            {
                 files.push(path);
             }
         }

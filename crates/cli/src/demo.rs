@@ -294,6 +294,19 @@ retention = "7days"
 repository = "file://{repository}"
 fleet = {{ web = 1, worker = 2, scheduler = 1, gateway = 1, database = 1, objects = 1 }}
 
+# cowork-sim's runbook rows (deploy/cowork-sim/rollcall.toml).
+[environments.demo.report]
+rows = [
+  {{ label = "Sessions", count = "sessions" }},
+  {{ label = "Session projections", count = "session_projections" }},
+  {{ label = "Artifacts", count = "artifact_index" }},
+  {{ label = "Workflows", count = "workflows" }},
+  {{ label = "Channel bindings", count = "channel_bindings" }},
+  {{ label = "Pending deliveries", count = "channel_deliveries[status=pending]" }},
+  {{ label = "Failed deliveries", count = "channel_deliveries[status=failed]" }},
+  {{ label = "Dead deliveries", count = "channel_deliveries[status=dead]" }},
+]
+
 [[environments.demo.secret]]
 name = "cookie-secret"
 manager = "vault"
@@ -553,6 +566,10 @@ timeout = "90s"
         "database" => r#"
 [postgres]
 url_env = "DATABASE_URL"
+# cowork-sim's counts (deploy/cowork-sim/database.toml): the report's rows, BYOK and billing.
+counts = ["sessions", "session_events", "session_projections", "artifact_index",
+          "workflows", "channel_bindings", "channel_deliveries:status",
+          "byok_secrets", "subscriptions:status", "usage_events"]
 [[invariant]]
 name = "no projection ahead of its events"
 sql = "SELECT p.session_id FROM session_projections p WHERE p.sequence > (SELECT coalesce(max(e.sequence), 0) FROM session_events e WHERE e.session_id = p.session_id)"

@@ -54,10 +54,11 @@ enum RepoCommand {
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
         /// A table to count in the dump's snapshot (repeat it; TABLE:COLUMN counts rows per
-        /// value of COLUMN). Default: cowork-sim's restore tables.
+        /// value of COLUMN; SCHEMA.TABLE outside public). Default: every user table (ordinary
+        /// and partitioned tables outside the system schemas), counted in the dump's snapshot.
         #[arg(long = "count", value_name = "TABLE[:COLUMN]")]
         counts: Vec<String>,
-        /// Count no tables.
+        /// Count no tables (the point then records no counts to verify a restore against).
         #[arg(long, conflicts_with = "counts")]
         no_counts: bool,
     },
@@ -208,12 +209,14 @@ pub async fn run(args: RepoArgs) -> Result<()> {
             let id = PointId::new(&env, chrono::Utc::now())?;
             let mut options = PgBackupOptions::new(id.clone(), database_url);
             if no_counts {
-                options.counts = Vec::new();
+                options.counts = repository::CountSelection::none();
             } else if !counts.is_empty() {
-                options.counts = counts
-                    .iter()
-                    .map(|c| count_spec(c))
-                    .collect::<Result<_>>()?;
+                options.counts = repository::CountSelection::Listed(
+                    counts
+                        .iter()
+                        .map(|c| count_spec(c))
+                        .collect::<Result<_>>()?,
+                );
             }
             let part = repository::backup_postgres(&repo, &options).await?;
             let point = repo

@@ -69,6 +69,29 @@ pub struct EnvironmentConfig {
     pub secrets_file: Option<PathBuf>,
     #[serde(default, rename = "secret")]
     pub secrets: Vec<repository::SecretRef>,
+    /// How the drill report names this service's counts.
+    #[serde(default)]
+    pub report: ReportConfig,
+}
+
+/// `[environments.NAME.report]`: the drill report's runbook rows for this service.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportConfig {
+    /// The rows the runbook asks for, in its order, each a label and the count it shows. Counts
+    /// no row names follow, labelled by their key; with no rows, every count is listed so.
+    #[serde(default)]
+    pub rows: Vec<ReportRow>,
+}
+
+/// One runbook row of the drill report: `{ label = "Sessions", count = "sessions" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportRow {
+    pub label: String,
+    /// A key of a point's `table_counts`: `table`, `schema.table`, or `table[column=value]`
+    /// for the rows of a table counted by a column (the database agent's `"table:column"`).
+    pub count: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -206,6 +229,8 @@ pub struct Environment {
     pub backup_plan: Plan,
     pub repository_ref: api::model::RepositoryRef,
     pub secrets: Vec<repository::SecretRef>,
+    /// The drill report's runbook rows, validated; empty when none are configured.
+    pub report_rows: Vec<ReportRow>,
 }
 
 pub fn load(file: &Path) -> Result<Loaded> {
@@ -375,6 +400,7 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
     }
     let secrets = repository::load_secret_refs(&sources)
         .map_err(|e| e.context(format!("{}: [{key}] secrets", file.display())))?;
+    check_report_rows(file, &key, &env.report.rows)?;
     let repository_ref = api::model::RepositoryRef {
         url: repository.clone(),
         s3_endpoint: env.s3_endpoint.clone(),
@@ -393,7 +419,72 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
         backup_plan,
         repository_ref,
         secrets,
+        report_rows: env.report.rows.clone(),
     })
+}
+
+/// Refuses a report row with no label, a count that is no count key, or a count two rows show.
+fn check_report_rows(file: &Path, key: &str, rows: &[ReportRow]) -> Result<()> {
+    const FIX: &str = "name a key of a point's table_counts: `table`, `schema.table`, or \
+                       `table[column=value]` for a table counted by a column, e.g. \
+                       { label = \"Pending deliveries\", count = \"deliveries[status=pending]\" }";
+    for (i, row) in rows.iter().enumerate() {
+        let at = format!("{key}.report.rows[{i}]");
+        if row.label.trim().is_empty() {
+            bail!(ConfigError::new(
+                file,
+                format!("{at}.label is empty (count {:?})", row.count),
+                "give the row the label the report shows, e.g. label = \"Sessions\""
+            ));
+        }
+        if let Err(why) = check_count_key(&row.count) {
+            bail!(ConfigError::new(
+                file,
+                format!("{at}.count {:?} (row {:?}) {why}", row.count, row.label),
+                FIX
+            ));
+        }
+        if let Some(first) = rows[..i].iter().position(|r| r.count == row.count) {
+            bail!(ConfigError::new(
+                file,
+                format!(
+                    "{at}.count {:?} is already shown by {key}.report.rows[{first}] ({:?})",
+                    row.count, rows[first].label
+                ),
+                "show each count once: remove one of the rows"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `count` can be a key of a point's `table_counts`; the reason when it cannot.
+fn check_count_key(count: &str) -> std::result::Result<(), &'static str> {
+    if count.trim().is_empty() {
+        return Err("is empty");
+    }
+    if count.trim() != count {
+        return Err("has spaces around it");
+    }
+    let Some((table, rest)) = count.split_once('[') else {
+        return match count.contains([']', '=']) {
+            true => Err("has `]` or `=` without `table[column=value]` around them"),
+            false => Ok(()),
+        };
+    };
+    let Some(group) = rest.strip_suffix(']') else {
+        return Err("opens `[` but does not end with `]`");
+    };
+    let Some((column, _value)) = group.split_once('=') else {
+        return Err("has no `=` between the brackets (`table[column=value]`)");
+    };
+    if table.is_empty() || table.contains(']') {
+        return Err("names no table before `[`");
+    }
+    if column.is_empty() || column.contains(['[', ']']) {
+        return Err("names no column before `=`");
+    }
+    Ok(())
 }
 
 /// Makes a relative `file://` path relative to the config file.
@@ -572,6 +663,27 @@ key = "certs/coordinator-key.pem"
     }
 
     #[test]
+    fn the_cowork_sim_example_maps_the_runbook_rows() {
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/cowork-sim/rollcall.toml");
+        let loaded = load(&example).expect("deploy/cowork-sim/rollcall.toml loads");
+        let rows = &loaded.environments["staging"].report_rows;
+        assert_eq!(rows.len(), 8);
+        assert_eq!(
+            (rows[0].label.as_str(), rows[0].count.as_str()),
+            ("Sessions", "sessions")
+        );
+        assert_eq!(rows[7].count, "channel_deliveries[status=dead]");
+        // The generic example names no service's rows.
+        let generic = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/rollcall.toml");
+        assert!(
+            load(&generic).expect("loads").environments["staging"]
+                .report_rows
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn environments_resolve_their_repository_and_plan() {
         let dir = tempfile::tempdir().expect("tempdir");
         let text = format!(
@@ -587,6 +699,108 @@ key = "certs/coordinator-key.pem"
         );
         assert_eq!(env.plan.name, "default");
         assert_eq!(env.fleet["worker"], 2);
+    }
+
+    fn with_report(rows: &str) -> String {
+        format!(
+            "{MINIMAL}\n[environments.prod]\nrpo = \"24h\"\nrto = \"4h\"\nretention = \"14days\"\n\
+             repository = \"file://repo\"\n\
+             fleet = {{ web = 1, worker = 1, scheduler = 1, gateway = 1, database = 1, objects = 1 }}\n\
+             [environments.prod.report]\nrows = [{rows}]\n"
+        )
+    }
+
+    #[test]
+    fn report_rows_keep_their_order_and_default_to_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = with_report(
+            r#"{ label = "Orders", count = "orders" },
+               { label = "Audit", count = "audit.events" },
+               { label = "Failed jobs", count = "jobs[state=failed]" },
+               { label = "Untitled", count = "docs[title=]" }"#,
+        );
+        let loaded = load(&write(dir.path(), &text)).expect("load");
+        let rows = &loaded.environments["prod"].report_rows;
+        let pairs: Vec<(&str, &str)> = rows
+            .iter()
+            .map(|r| (r.label.as_str(), r.count.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("Orders", "orders"),
+                ("Audit", "audit.events"),
+                ("Failed jobs", "jobs[state=failed]"),
+                ("Untitled", "docs[title=]"),
+            ]
+        );
+
+        // No [report]: no rows, so no service's labels.
+        let text = with_report("").replace("[environments.prod.report]\nrows = []\n", "");
+        let loaded = load(&write(dir.path(), &text)).expect("load");
+        assert!(loaded.environments["prod"].report_rows.is_empty());
+    }
+
+    #[test]
+    fn bad_report_rows_are_refused_naming_environment_row_and_fix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (rows, problem) in [
+            (
+                r#"{ label = "", count = "orders" }"#,
+                "environments.prod.report.rows[0].label is empty (count \"orders\")",
+            ),
+            (
+                r#"{ label = "Orders", count = "orders" }, { label = "Jobs", count = "" }"#,
+                "environments.prod.report.rows[1].count \"\" (row \"Jobs\") is empty",
+            ),
+            (
+                r#"{ label = "Failed", count = "jobs[state=failed" }"#,
+                "rows[0].count \"jobs[state=failed\" (row \"Failed\") opens `[` but does not end with `]`",
+            ),
+            (
+                r#"{ label = "Failed", count = "jobs[failed]" }"#,
+                "has no `=` between the brackets",
+            ),
+            (
+                r#"{ label = "Failed", count = "jobs[=failed]" }"#,
+                "names no column before `=`",
+            ),
+            (
+                r#"{ label = "Failed", count = "[state=failed]" }"#,
+                "names no table before `[`",
+            ),
+            (
+                r#"{ label = "Failed", count = "jobs state=failed" }"#,
+                "has `]` or `=` without `table[column=value]` around them",
+            ),
+            (
+                r#"{ label = "Orders", count = " orders" }"#,
+                "has spaces around it",
+            ),
+            (
+                r#"{ label = "Orders", count = "orders" }, { label = "All orders", count = "orders" }"#,
+                "rows[1].count \"orders\" is already shown by environments.prod.report.rows[0] (\"Orders\")",
+            ),
+        ] {
+            let err = load(&write(dir.path(), &with_report(rows))).expect_err(rows);
+            let text = err.to_string();
+            assert!(text.contains(problem), "{rows}: {text}");
+            assert!(text.contains("rollcall.toml: "), "{text}");
+        }
+        // The fix names the key forms.
+        let err = load(&write(
+            dir.path(),
+            &with_report(r#"{ label = "Failed", count = "jobs[failed]" }"#),
+        ))
+        .expect_err("malformed");
+        assert!(err.to_string().contains("`table[column=value]`"), "{err}");
+        // A row with another field is refused by name.
+        let err = load(&write(
+            dir.path(),
+            &with_report(r#"{ label = "Orders", table = "orders" }"#),
+        ))
+        .expect_err("unknown field");
+        assert!(format!("{err:#}").contains("table"), "{err:#}");
     }
 
     #[test]

@@ -119,7 +119,7 @@ async fn run() {
         let id = PointId::new("bench", chrono::Utc::now()).expect("id");
         let mut options = PgBackupOptions::new(id, cluster.url("app"));
         options.bin_dir = Some(cluster.bin_dir().to_path_buf());
-        options.counts = counts.clone();
+        options.counts = CountSelection::Listed(counts.clone());
         options.compression = compression;
         options.jobs = jobs;
         let cpu = pg_dataset::busy_cpu();

@@ -54,12 +54,12 @@ async fn run() {
     let id = PointId::new("bench", chrono::Utc::now()).expect("id");
     let mut options = PgBackupOptions::new(id.clone(), cluster.url("app"));
     options.bin_dir = Some(cluster.bin_dir().to_path_buf());
-    options.counts = vec![
+    options.counts = CountSelection::Listed(vec![
         CountSpec::table("sessions"),
         CountSpec::table("session_events"),
         CountSpec::table("artifact_index"),
         CountSpec::table("channel_deliveries"),
-    ];
+    ]);
     let part = backup_postgres(&repo, &options).await.expect("backup");
     let point = repo
         .write_point(NewPoint {

@@ -34,14 +34,16 @@ async fn run() {
     let id = PointId::new("bench", chrono::Utc::now()).expect("id");
     let mut backup = PgBackupOptions::new(id.clone(), cluster.url("app"));
     backup.bin_dir = Some(cluster.bin_dir().to_path_buf());
-    backup.counts = [
-        "sessions",
-        "session_events",
-        "artifact_index",
-        "channel_deliveries",
-    ]
-    .map(CountSpec::table)
-    .to_vec();
+    backup.counts = CountSelection::Listed(
+        [
+            "sessions",
+            "session_events",
+            "artifact_index",
+            "channel_deliveries",
+        ]
+        .map(CountSpec::table)
+        .to_vec(),
+    );
     let part = backup_postgres(&repo, &backup).await.expect("backup");
     repo.write_point(NewPoint {
         id: id.clone(),

@@ -37,7 +37,7 @@ pub use layout::{PointId, QUARANTINE_ROOT, SnapshotId, run_tag, validate_environ
 pub use object_key::{BadKey, check_object_key};
 pub use point::{CLOCK_TOLERANCE, DamagedPoint, NewPoint, Point, PointListing};
 pub use postgres::backup::{PgBackupOptions, backup_postgres};
-pub use postgres::catalog::{count_rows, missing_tables, table_columns};
+pub use postgres::catalog::{count_rows, count_specs, missing_tables, table_columns, user_tables};
 pub use postgres::fetch::fetch_dump;
 pub use postgres::restore::{
     PgRestoreOptions, PgRestoreReport, default_restore_jobs, restore_postgres,
@@ -47,8 +47,8 @@ pub use postgres::swap::{
     commit_swap, prepare_swap, reopen_interrupted_swaps, undo_swap,
 };
 pub use postgres::{
-    Compression, CountSpec, DumpContent, DumpFile, PgBackupPart, PgProgress, PgProgressFn,
-    TableColumns,
+    Compression, CountSelection, CountSpec, DumpContent, DumpFile, PgBackupPart, PgProgress,
+    PgProgressFn, TableColumns,
 };
 pub use prune::{KeepReason, KeptPoint, PruneOptions, PruneReport};
 pub use redact::{URL_PASSWORD_MASK, redact_url};

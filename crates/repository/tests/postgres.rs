@@ -87,7 +87,7 @@ fn start_cluster() -> Cluster {
 fn backup_options(cluster: &Cluster, id: &PointId) -> PgBackupOptions {
     let mut options = PgBackupOptions::new(id.clone(), cluster.url("app"));
     options.bin_dir = Some(cluster.bin_dir().to_path_buf());
-    options.counts = counts();
+    options.counts = CountSelection::Listed(counts());
     options.jobs = 3;
     options.split_min_table_bytes = 0;
     options
@@ -275,6 +275,111 @@ async fn backup_and_restore_round_trip_with_counts_from_the_dump_snapshot() {
     }
     assert!(listing.contains("TABLE DATA public session_events"));
     assert!(listing.contains("CONSTRAINT public sessions sessions_pkey"));
+}
+
+/// A database that is not cowork-sim's: tables in `public` and in another schema, a partitioned
+/// table, an empty table, a quoted name, and relations that are not user tables.
+const ANY_SERVICE: &str = r#"
+CREATE TABLE orders (id bigint PRIMARY KEY, state text NOT NULL);
+INSERT INTO orders SELECT g, (ARRAY['open','paid'])[1 + g % 2] FROM generate_series(1, 300) g;
+CREATE TABLE "Line Items" (order_id bigint NOT NULL, sku text NOT NULL);
+INSERT INTO "Line Items" SELECT 1 + g % 300, 'sku-' || g FROM generate_series(1, 750) g;
+CREATE TABLE refunds (id bigint);
+CREATE SCHEMA audit;
+CREATE TABLE audit.events (at timestamptz NOT NULL, what text NOT NULL) PARTITION BY RANGE (at);
+CREATE TABLE audit.events_2025 PARTITION OF audit.events
+    FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE TABLE audit.events_2026 PARTITION OF audit.events
+    FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+INSERT INTO audit.events SELECT '2025-06-01'::timestamptz + g * interval '1 day', 'e'
+    FROM generate_series(1, 400) g;
+CREATE VIEW open_orders AS SELECT * FROM orders WHERE state = 'open';
+CREATE MATERIALIZED VIEW order_states AS SELECT state, count(*) FROM orders GROUP BY state;
+CREATE SEQUENCE invoice_numbers;
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn by_default_a_backup_counts_every_user_table_of_any_schema() {
+    let cluster = Cluster::start().expect("start a throwaway Postgres");
+    cluster.create_database("shop").expect("create shop");
+    cluster.psql("shop", ANY_SERVICE).expect("load schema");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = file_repo(&dir.path().join("repo")).await;
+
+    // The default: no list of tables, none of cowork-sim's names.
+    let id = PointId::new("shop", chrono::Utc::now()).expect("id");
+    let mut options = PgBackupOptions::new(id.clone(), cluster.url("shop"));
+    options.bin_dir = Some(cluster.bin_dir().to_path_buf());
+    assert_eq!(options.counts, CountSelection::AllTables);
+    let part = backup_postgres(&repo, &options).await.expect("backup");
+    // Public tables by name, others by schema; a partitioned table once, as its parent (its
+    // partitions' rows are its own); no view, materialized view, sequence or catalog table.
+    let want: BTreeMap<String, i64> = [
+        ("Line Items", 750),
+        ("audit.events", 400),
+        ("orders", 300),
+        ("refunds", 0),
+    ]
+    .into_iter()
+    .map(|(k, n)| (k.to_owned(), n))
+    .collect();
+    assert_eq!(part.table_counts, want);
+
+    // The counts describe what the dump holds: a restore has exactly those rows.
+    write_pg_point(&repo, &id, &part).await;
+    let mut restore = pg_restore_options(&cluster, "shop_restored");
+    restore.create_database = true;
+    restore_postgres(&repo, &id, &restore)
+        .await
+        .expect("restore");
+    let mut conn = sqlx::PgConnection::connect(&cluster.url("shop_restored"))
+        .await
+        .expect("connect to the restored copy");
+    let specs = count_specs(&mut conn, &CountSelection::AllTables)
+        .await
+        .expect("list the restored tables");
+    assert_eq!(
+        specs.iter().find(|s| s.name == "audit.events"),
+        Some(&CountSpec {
+            name: "audit.events".to_owned(),
+            table: "audit.events".to_owned(),
+            group_by: None,
+        })
+    );
+    let restored = count_rows(&mut conn, &specs).await.expect("count");
+    assert_eq!(restored, want);
+    conn.close().await.expect("close");
+
+    // Rows written after the backup are not in its counts; a table created after it neither.
+    cluster
+        .psql(
+            "shop",
+            "INSERT INTO orders VALUES (1000, 'open'); CREATE TABLE later (id int);",
+        )
+        .expect("write after the backup");
+    assert_eq!(part.table_counts["orders"], 300);
+    assert!(!part.table_counts.contains_key("later"));
+
+    // Counting nothing, or a list, when asked.
+    let id = PointId::new("shop", chrono::Utc::now()).expect("id");
+    let mut options = PgBackupOptions::new(id.clone(), cluster.url("shop"));
+    options.bin_dir = Some(cluster.bin_dir().to_path_buf());
+    options.counts = CountSelection::none();
+    let part = backup_postgres(&repo, &options).await.expect("backup");
+    assert!(part.table_counts.is_empty(), "{:?}", part.table_counts);
+    options.point = PointId::new("shop", chrono::Utc::now()).expect("id");
+    options.counts = CountSelection::Listed(vec![CountSpec::grouped("orders", "state")]);
+    let part = backup_postgres(&repo, &options).await.expect("backup");
+    assert_eq!(
+        part.table_counts,
+        [
+            ("orders".to_owned(), 301),
+            ("orders[state=open]".to_owned(), 151),
+            ("orders[state=paid]".to_owned(), 150),
+        ]
+        .into_iter()
+        .collect()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -615,7 +720,9 @@ async fn bad_urls_missing_tools_and_missing_tables_are_clear_errors() {
 
     // A table to count that does not exist.
     let mut options = backup_options(&cluster, &id);
-    options.counts.push(CountSpec::table("workflows"));
+    let mut listed = counts();
+    listed.push(CountSpec::table("workflows"));
+    options.counts = CountSelection::Listed(listed);
     let err = backup_postgres(&repo, &options)
         .await
         .expect_err("no such table");

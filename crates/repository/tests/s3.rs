@@ -163,7 +163,7 @@ async fn s3_postgres_backup_streams_by_multipart_and_restores() {
     let id = PointId::new("dev", chrono::Utc::now()).expect("id");
     let mut options = PgBackupOptions::new(id.clone(), cluster.url("app"));
     options.bin_dir = Some(cluster.bin_dir().to_path_buf());
-    options.counts = vec![CountSpec::table("sessions")];
+    options.counts = CountSelection::Listed(vec![CountSpec::table("sessions")]);
     options.part_size = 5 << 20;
     // Fast, weak compression so the dump spans several parts.
     options.compression = Compression::Zstd {

@@ -146,7 +146,7 @@ async fn the_owner_role_backs_up_restores_and_swaps() {
     let id = PointId::new("test", chrono::Utc::now()).expect("point id");
     let mut backup = PgBackupOptions::new(id.clone(), as_owner(&cluster, "live"));
     backup.bin_dir = Some(cluster.bin_dir().to_path_buf());
-    backup.counts = vec![CountSpec::table("notes")];
+    backup.counts = CountSelection::Listed(vec![CountSpec::table("notes")]);
     let part = backup_postgres(&repo, &backup)
         .await
         .expect("back up as the owner");

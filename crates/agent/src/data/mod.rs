@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use api::config::{ConfigError, resolve};
 use api::model::output::{Counts, PreflightOutput};
 use api::model::{Check, CheckKind, ObjectReferences, RepositoryRef};
-use repository::{CountSpec, PointId, VerifyOptions};
+use repository::{CountSelection, CountSpec, PointId, VerifyOptions};
 use serde::Deserialize;
 
 use objects::compare_with_manifest;
@@ -47,8 +47,9 @@ pub struct PostgresConfig {
     /// Where archives that must be files are staged: a parallel dump's schema archive (the
     /// system temporary directory when unset), an older single-archive dump for jobs > 1.
     pub scratch_dir: Option<PathBuf>,
-    /// Tables to count: "table" or "table:column" (counts per value of column). Default:
-    /// cowork-sim's restore-relevant tables.
+    /// Tables to count: "table", "schema.table" or "table:column" (counts per value of
+    /// column); `[]` counts none. Default: every user table, in the dump's snapshot at backup,
+    /// and then what the point counted.
     pub counts: Option<Vec<String>>,
 }
 
@@ -115,7 +116,21 @@ pub struct DataPlane {
 struct Postgres {
     config: PostgresConfig,
     url_file: Option<PathBuf>,
-    counts: Vec<CountSpec>,
+    counts: CountSelection,
+}
+
+impl Postgres {
+    /// What to count in a database to compare with a point that counted `at_point`: the
+    /// configured tables, or, when every user table is counted, what the point counted (the
+    /// live database may have gained or lost tables since).
+    fn counts_for(&self, at_point: Option<&Counts>) -> CountSelection {
+        match (&self.counts, at_point) {
+            (CountSelection::AllTables, Some(counted)) => {
+                CountSelection::Listed(CountSpec::for_keys(counted.keys()))
+            }
+            (selection, _) => selection.clone(),
+        }
+    }
 }
 
 impl DataPlane {
@@ -138,14 +153,15 @@ impl DataPlane {
                     ));
                 }
                 let counts = match &p.counts {
-                    None => CountSpec::cowork_defaults(),
-                    Some(list) => list
-                        .iter()
-                        .map(|c| match c.split_once(':') {
-                            Some((table, column)) => CountSpec::grouped(table, column),
-                            None => CountSpec::table(c),
-                        })
-                        .collect(),
+                    None => CountSelection::AllTables,
+                    Some(list) => CountSelection::Listed(
+                        list.iter()
+                            .map(|c| match c.split_once(':') {
+                                Some((table, column)) => CountSpec::grouped(table, column),
+                                None => CountSpec::table(c),
+                            })
+                            .collect(),
+                    ),
                 };
                 Some(Postgres {
                     config: p.clone(),
@@ -252,7 +268,8 @@ impl DataPlane {
             Some(pg) => {
                 let point = repo.read_point(&id).await?;
                 let at_point = point.postgres.as_ref().map(|p| &p.columns);
-                let (counts, checks) = live_state(&pg.url()?, &pg.counts, at_point).await?;
+                let counts = pg.counts_for(point.table_counts());
+                let (counts, checks) = live_state(&pg.url()?, &counts, at_point).await?;
                 (Some(counts), checks)
             }
             None => (None, Vec::new()),
@@ -287,7 +304,7 @@ impl DataPlane {
         let id = PointId::parse(point)?;
         let recorded = repo.read_point(&id).await?;
         if let Some(pg) = &self.postgres {
-            let live = count_tables(&pg.url()?, &pg.counts).await?;
+            let live = count_tables(&pg.url()?, &pg.counts_for(recorded.table_counts())).await?;
             match recorded.table_counts() {
                 None => checks.push(Check {
                     name: "count parity".into(),
@@ -383,6 +400,54 @@ fn is_run_tag(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn postgres(counts: Option<&[&str]>) -> Postgres {
+        let text = match counts {
+            None => "url_env = \"DATABASE_URL\"".to_owned(),
+            Some(list) => format!("url_env = \"DATABASE_URL\"\ncounts = {list:?}"),
+        };
+        let config: PostgresConfig = toml::from_str(&text).expect("parse [postgres]");
+        let plane =
+            DataPlane::from_config(Path::new("agent.toml"), "db-1", "prod", Some(&config), None)
+                .expect("a valid [postgres]");
+        plane.postgres.expect("a database agent")
+    }
+
+    #[test]
+    fn without_a_list_every_user_table_is_counted_then_what_the_point_counted() {
+        let pg = postgres(None);
+        assert_eq!(pg.counts, CountSelection::AllTables);
+        // Compared with a point: what the point counted, grouped keys by their column.
+        let at_point: Counts = [
+            ("orders", 3),
+            ("audit.events", 2),
+            ("jobs", 4),
+            ("jobs[state=done]", 4),
+        ]
+        .into_iter()
+        .map(|(k, n)| (k.to_owned(), n))
+        .collect();
+        assert_eq!(
+            pg.counts_for(Some(&at_point)),
+            CountSelection::Listed(vec![
+                CountSpec::table("audit.events"),
+                CountSpec::grouped("jobs", "state"),
+                CountSpec::table("orders"),
+            ])
+        );
+        // No point counts: every user table.
+        assert_eq!(pg.counts_for(None), CountSelection::AllTables);
+
+        // A list is kept as it is, point or not; [] counts nothing.
+        let pg = postgres(Some(&["orders", "jobs:state"]));
+        let listed = CountSelection::Listed(vec![
+            CountSpec::table("orders"),
+            CountSpec::grouped("jobs", "state"),
+        ]);
+        assert_eq!(pg.counts, listed);
+        assert_eq!(pg.counts_for(Some(&at_point)), listed);
+        assert_eq!(postgres(Some(&[])).counts, CountSelection::none());
+    }
 
     #[test]
     fn run_tags_are_short_and_stable() {

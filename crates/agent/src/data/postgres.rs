@@ -9,8 +9,8 @@ use api::model::output::{
 };
 use api::model::{Check, CheckKind, RepositoryRef};
 use repository::{
-    CountSpec, DatabaseSwap, PgBackupOptions, PgBackupPart, PgRestoreOptions, PointId, SwapState,
-    TableColumns,
+    CountSelection, CountSpec, DatabaseSwap, PgBackupOptions, PgBackupPart, PgRestoreOptions,
+    PointId, SwapState, TableColumns,
 };
 use sqlx::Connection as _;
 
@@ -153,8 +153,13 @@ impl DataPlane {
         options.copy_streams = pg.config.copy_streams;
         options.scratch_dir = pg.config.scratch_dir.clone();
         options.progress = Some(progress.postgres());
+        // Every user table counted: the copy is checked on what the point counted.
+        let counts = match &pg.counts {
+            CountSelection::AllTables => &[][..],
+            CountSelection::Listed(specs) => specs.as_slice(),
+        };
         let prepared =
-            repository::prepare_swap(&repo, &PointId::parse(point)?, swap, &options, &pg.counts)
+            repository::prepare_swap(&repo, &PointId::parse(point)?, swap, &options, counts)
                 .await?;
         let names = swap.names();
         Ok(PreparePostgresOutput {
@@ -201,7 +206,7 @@ fn millis(since: Instant) -> u64 {
 /// gone (no count; the restore brings them back) and the schema against the point's.
 pub(super) async fn live_state(
     url: &str,
-    specs: &[CountSpec],
+    selection: &CountSelection,
     at_point: Option<&TableColumns>,
 ) -> Result<(Counts, Vec<Check>)> {
     let shown = repository::redact_url(url);
@@ -214,7 +219,10 @@ pub(super) async fn live_state(
         ),
         Err(e) => return Err(e).with_context(|| format!("connect to {shown}")),
     };
-    let missing = repository::missing_tables(&mut conn, specs)
+    let specs = repository::count_specs(&mut conn, selection)
+        .await
+        .with_context(|| format!("list the tables to count in {shown}"))?;
+    let missing = repository::missing_tables(&mut conn, &specs)
         .await
         .with_context(|| format!("look up the counted tables in {shown}"))?;
     let present: Vec<CountSpec> = specs
@@ -297,12 +305,20 @@ fn schema_check(at_point: &TableColumns, live: &TableColumns) -> Check {
     }
 }
 
-/// Counts rows of the configured tables in the live database, keyed as a point's counts.
-pub(super) async fn count_tables(url: &str, specs: &[CountSpec]) -> Result<Counts> {
+/// Counts rows of the selected tables in the live database, keyed as a point's counts.
+pub(super) async fn count_tables(url: &str, selection: &CountSelection) -> Result<Counts> {
     let mut conn = sqlx::PgConnection::connect(url)
         .await
         .with_context(|| format!("connect to {}", repository::redact_url(url)))?;
-    repository::count_rows(&mut conn, specs)
+    let specs = repository::count_specs(&mut conn, selection)
+        .await
+        .with_context(|| {
+            format!(
+                "list the tables to count in {}",
+                repository::redact_url(url)
+            )
+        })?;
+    repository::count_rows(&mut conn, &specs)
         .await
         .with_context(|| format!("count tables in {}", repository::redact_url(url)))
 }

@@ -16,9 +16,9 @@ use serde_json::Value;
 
 use super::types::{
     CheckRow, CountRow, DrillReport, EnvironmentInfo, FORMAT, FollowUp, NOT_RECORDED, ObjectsInfo,
-    PhaseRow, PostgresInfo, REQUIRED_COUNTS, Rpo, Rto, RunInfo, SecretRefRow, Target, UndoInfo,
+    PhaseRow, PostgresInfo, Rpo, Rto, RunInfo, SecretRefRow, Target, UndoInfo,
 };
-use crate::config::Environment;
+use crate::config::{Environment, ReportRow};
 use crate::plan::{Action, Plan};
 use crate::store::{
     CommandRecord, EventRecord, PhaseRecord, PhaseState, ResultRecord, RunRecord, RunState, Store,
@@ -303,7 +303,7 @@ impl Journal {
                 }),
         );
         let at_point = point.and_then(Point::table_counts);
-        let counts = count_rows(before.as_ref(), at_point, after.as_ref());
+        let counts = count_rows(&env.report_rows, before.as_ref(), at_point, after.as_ref());
 
         // Checks, in phase order.
         let mut checks = Vec::new();
@@ -733,32 +733,36 @@ fn count_of(counts: &BTreeMap<String, i64>, key: &str) -> Option<i64> {
     (counted || counts.get(table) == Some(&0)).then_some(0)
 }
 
+/// The environment's runbook rows in their order, then every other count any source recorded,
+/// labelled by its key.
 fn count_rows(
+    configured: &[ReportRow],
     before: Option<&BTreeMap<String, i64>>,
     at_point: Option<&BTreeMap<String, i64>>,
     after: Option<&BTreeMap<String, i64>>,
 ) -> Vec<CountRow> {
     let sources = [before, at_point, after];
-    let mut keys: Vec<(String, String)> = REQUIRED_COUNTS
+    let mut keys: Vec<(String, String, bool)> = configured
         .iter()
-        .map(|(k, label)| ((*k).to_owned(), (*label).to_owned()))
+        .map(|row| (row.count.clone(), r(&row.label), true))
         .collect();
-    let required: BTreeSet<&str> = REQUIRED_COUNTS.iter().map(|(k, _)| *k).collect();
+    let shown: BTreeSet<&str> = configured.iter().map(|row| row.count.as_str()).collect();
     let others: BTreeSet<String> = sources
         .iter()
         .flatten()
         .flat_map(|m| m.keys())
-        .filter(|k| !required.contains(k.as_str()))
+        .filter(|k| !shown.contains(k.as_str()))
         .map(|k| r(k))
         .collect();
-    keys.extend(others.into_iter().map(|k| (k.clone(), k)));
+    keys.extend(others.into_iter().map(|k| (k.clone(), k, false)));
     keys.into_iter()
-        .map(|(key, label)| {
+        .map(|(key, label, configured)| {
             let [before, at_point, after] = sources.map(|s| s.and_then(|m| count_of(m, &key)));
             CountRow {
                 matches_point: at_point.zip(after).map(|(p, a)| p == a),
-                key,
+                key: r(&key),
                 label,
+                configured,
                 before,
                 at_point,
                 after,

@@ -269,34 +269,46 @@ impl DrillReport {
              After: the restored system at verify.",
         );
         md.blank();
+        if !self.counts.iter().any(|c| c.configured) {
+            md.line(&format!(
+                "No report rows are configured for environment {env} \
+                 (`[environments.{env}.report] rows`): every recorded count is listed by its key.",
+                env = self.environment.name
+            ));
+            md.blank();
+        }
         let count = |v: Option<i64>| v.map_or(NOT_RECORDED.to_owned(), |n| n.to_string());
-        md.table(
-            &[
-                "Data",
-                "Key",
-                "Before",
-                "At point",
-                "After",
-                "After = point",
-            ],
-            self.counts
-                .iter()
-                .map(|c| {
-                    vec![
-                        c.label.clone(),
-                        format!("`{}`", c.key),
-                        count(c.before),
-                        count(c.at_point),
-                        count(c.after),
-                        match c.matches_point {
-                            Some(true) => "yes".into(),
-                            Some(false) => "**no**".into(),
-                            None => NOT_RECORDED.into(),
-                        },
-                    ]
-                })
-                .collect(),
-        );
+        if self.counts.is_empty() {
+            md.line(&format!("No counts: {NOT_RECORDED}."));
+        } else {
+            md.table(
+                &[
+                    "Data",
+                    "Key",
+                    "Before",
+                    "At point",
+                    "After",
+                    "After = point",
+                ],
+                self.counts
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            c.label.clone(),
+                            format!("`{}`", c.key),
+                            count(c.before),
+                            count(c.at_point),
+                            count(c.after),
+                            match c.matches_point {
+                                Some(true) => "yes".into(),
+                                Some(false) => "**no**".into(),
+                                None => NOT_RECORDED.into(),
+                            },
+                        ]
+                    })
+                    .collect(),
+            );
+        }
 
         md.section("Checks and smoke commands");
         if self.checks.is_empty() {

@@ -14,19 +14,6 @@ pub const FORMAT: &str = "rollcall.drill-report.v1";
 /// What a missing value reads as.
 pub const NOT_RECORDED: &str = "not recorded";
 
-/// The counts the runbook requires, in its order, with the labels the report shows. Keys are
-/// those of a point's `table_counts` (grouped counts are `table[column=value]`).
-pub const REQUIRED_COUNTS: [(&str, &str); 8] = [
-    ("sessions", "Sessions"),
-    ("session_projections", "Session projections"),
-    ("artifact_index", "Artifacts"),
-    ("workflows", "Workflows"),
-    ("channel_bindings", "Channel bindings"),
-    ("channel_deliveries[status=pending]", "Pending deliveries"),
-    ("channel_deliveries[status=failed]", "Failed deliveries"),
-    ("channel_deliveries[status=dead]", "Dead deliveries"),
-];
-
 /// A filled-in drill report. Strings in it are already redacted.
 #[derive(Debug, Clone, Serialize)]
 pub struct DrillReport {
@@ -41,7 +28,9 @@ pub struct DrillReport {
     pub objects: ObjectsInfo,
     /// Secret names, managers, references, versions and KMS keys: never values.
     pub secret_refs: Vec<SecretRefRow>,
-    /// Before (live, at preflight) → at the point → after (at verify).
+    /// Before (live, at preflight) → at the point → after (at verify): the environment's
+    /// runbook rows (`[environments.NAME.report] rows`) in their order, then every other count
+    /// recorded, by key.
     pub counts: Vec<CountRow>,
     /// Every preflight, verify (HTTP, count, invariant) and smoke check with its result.
     pub checks: Vec<CheckRow>,
@@ -167,7 +156,11 @@ pub struct SecretRefRow {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CountRow {
     pub key: String,
+    /// The row's label in the environment's config; the key for a count no row names.
     pub label: String,
+    /// Whether the row is one of the environment's runbook rows (shown even when nothing
+    /// recorded its count).
+    pub configured: bool,
     pub before: Option<i64>,
     pub at_point: Option<i64>,
     pub after: Option<i64>,

@@ -20,10 +20,13 @@ use sqlx::{Connection, Executor};
 use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 
-use super::catalog::{TableSize, count_rows, list_tables, table_columns, table_exists};
+use super::catalog::{
+    TableSize, count_rows, count_specs, list_tables, table_columns, table_exists,
+};
 use super::conn::{DbUrl, collect_stderr, connect, last_lines, pick_tool, tool_candidates};
 use super::{
-    Compression, CountSpec, DumpContent, DumpFile, PgBackupPart, PgProgress, PgProgressFn, report,
+    Compression, CountSelection, CountSpec, DumpContent, DumpFile, PgBackupPart, PgProgress,
+    PgProgressFn, report,
 };
 use crate::layout::{PointId, dump_dir, dump_file_key};
 use crate::pipe::{ChunkSink, CountingReader, copy_large, widen_pipe};
@@ -40,8 +43,8 @@ pub struct PgBackupOptions {
     pub database_url: String,
     /// Directory of `pg_dump`; found on PATH or in `/usr/lib/postgresql/*/bin` when unset.
     pub bin_dir: Option<PathBuf>,
-    /// Tables to count in the dump's snapshot.
-    pub counts: Vec<CountSpec>,
+    /// Tables to count in the dump's snapshot (default: every user table).
+    pub counts: CountSelection,
     pub compression: Compression,
     /// Multipart part size (default 16 MiB; S3 needs at least 5 MiB).
     pub part_size: usize,
@@ -64,7 +67,7 @@ impl PgBackupOptions {
             point,
             database_url: database_url.into(),
             bin_dir: None,
-            counts: CountSpec::cowork_defaults(),
+            counts: CountSelection::AllTables,
             compression: Compression::default(),
             part_size: 16 << 20,
             jobs: std::thread::available_parallelism().map_or(2, |n| n.get() as u32),
@@ -116,7 +119,10 @@ pub async fn backup_postgres(repo: &Repository, options: &PgBackupOptions) -> Re
         .fetch_one(&mut conn)
         .await
         .context("export the backup snapshot with pg_export_snapshot()")?;
-    check_tables(&mut conn, &options.counts, &database).await?;
+    let counts = count_specs(&mut conn, &options.counts)
+        .await
+        .with_context(|| format!("list the tables of {} to count", db.display))?;
+    check_tables(&mut conn, &counts, &database).await?;
     let mut table_counts = BTreeMap::new();
 
     let tables = list_tables(&mut conn).await.with_context(|| {
@@ -222,7 +228,7 @@ pub async fn backup_postgres(repo: &Repository, options: &PgBackupOptions) -> Re
             (key, content, result)
         }
     }));
-    let (dumped, counted) = tokio::join!(dumps, count_tables(&mut conn, &options.counts));
+    let (dumped, counted) = tokio::join!(dumps, count_tables(&mut conn, &counts));
 
     let mut files = Vec::new();
     let mut failure: Option<anyhow::Error> = None;

@@ -9,7 +9,7 @@ use sqlx::AssertSqlSafe;
 use sqlx::postgres::PgConnection;
 
 use super::conn::DbUrl;
-use super::{CountSpec, TableColumns};
+use super::{CountSelection, CountSpec, TableColumns};
 
 /// A table whose data may get an archive of its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +55,58 @@ pub(super) async fn list_tables(conn: &mut PgConnection) -> Result<Vec<TableSize
             bytes: bytes.max(0) as u64,
         })
         .collect())
+}
+
+/// What `selection` counts on `conn`: its list, or every user table `conn` sees (in its
+/// transaction's snapshot, when one is open).
+pub async fn count_specs(
+    conn: &mut PgConnection,
+    selection: &CountSelection,
+) -> Result<Vec<CountSpec>> {
+    match selection {
+        CountSelection::Listed(specs) => Ok(specs.clone()),
+        CountSelection::AllTables => user_tables(conn).await,
+    }
+}
+
+/// One count per user table: ordinary and partitioned tables outside the system schemas,
+/// neither an extension's nor a partition (its parent's count holds its rows), keyed by name in
+/// `public` and as `schema.table` elsewhere. A name holding a `.` cannot be told from a schema
+/// in a key: such a table is left out, with a warning.
+pub async fn user_tables(conn: &mut PgConnection) -> Result<Vec<CountSpec>> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT n.nspname::text, c.relname::text \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence <> 't' \
+           AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%' \
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                           AND d.objid = c.oid AND d.deptype = 'e') \
+         ORDER BY 1, 2",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .context("list the user tables to count from pg_class")?;
+    let mut specs = Vec::with_capacity(rows.len());
+    for (schema, table) in rows {
+        if schema.contains('.') || table.contains('.') {
+            tracing::warn!(
+                schema,
+                table,
+                "not counting a table whose name holds a '.': list the tables to count to \
+                 include it"
+            );
+            continue;
+        }
+        specs.push(CountSpec {
+            name: match schema.as_str() {
+                "public" => table.clone(),
+                _ => format!("{schema}.{table}"),
+            },
+            table: format!("{schema}.{table}"),
+            group_by: None,
+        });
+    }
+    Ok(specs)
 }
 
 /// Whether `table` (`table` or `schema.table`, as [`CountSpec::table`]) exists on `conn`.

@@ -4,7 +4,8 @@
 //! public API from each part.
 //!
 //! Backup ([`backup`]): open a REPEATABLE READ transaction, export its snapshot
-//! (`pg_export_snapshot()`), count the configured tables in it, and run several
+//! (`pg_export_snapshot()`), count the configured tables in it (every user table by default),
+//! and run several
 //! `pg_dump --snapshot` processes on that same snapshot at once, so the counts describe exactly
 //! what the dump holds:
 //!
@@ -126,24 +127,25 @@ impl CountSpec {
         }
         specs
     }
+}
 
-    /// The runbook's counts for cowork-sim: the drill report's (sessions, events, projections,
-    /// artifacts, workflows, channel bindings, deliveries by status), and the rest of what its
-    /// step 7 verifies: BYOK metadata (`byok_secrets`) and billing state (subscriptions by
-    /// status, usage events).
-    pub fn cowork_defaults() -> Vec<CountSpec> {
-        vec![
-            CountSpec::table("sessions"),
-            CountSpec::table("session_events"),
-            CountSpec::table("session_projections"),
-            CountSpec::table("artifact_index"),
-            CountSpec::table("workflows"),
-            CountSpec::table("channel_bindings"),
-            CountSpec::grouped("channel_deliveries", "status"),
-            CountSpec::table("byok_secrets"),
-            CountSpec::grouped("subscriptions", "status"),
-            CountSpec::table("usage_events"),
-        ]
+/// Which tables to count: every user table, or a list (none when empty). Never a guessed list:
+/// a service's own tables come from its config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum CountSelection {
+    /// Every user table the counted snapshot holds: ordinary and partitioned tables outside
+    /// the system schemas, not an extension's, not a partition (its parent's count holds its
+    /// rows). Keys are table names for `public`, `schema.table` for any other schema.
+    #[default]
+    AllTables,
+    /// These counts; an empty list counts nothing.
+    Listed(Vec<CountSpec>),
+}
+
+impl CountSelection {
+    /// No counts at all.
+    pub fn none() -> CountSelection {
+        CountSelection::Listed(Vec::new())
     }
 }
 

@@ -17,7 +17,7 @@ use repository::{
 };
 use serde_json::json;
 
-use crate::config::Environment;
+use crate::config::{Environment, ReportRow};
 use crate::plan::Plan;
 use crate::store::{
     CommandRecord, NewRun, PhaseRecord, PhaseState, ResultRecord, RunKind, RunState, Store,
@@ -54,7 +54,29 @@ pub(super) fn environment(secrets: Vec<SecretRef>) -> Environment {
             s3_path_style: false,
         },
         secrets,
+        report_rows: cowork_rows(),
     }
+}
+
+/// cowork-sim's runbook rows, as its example configs map them (the fixture's data are
+/// cowork-sim's).
+pub(super) fn cowork_rows() -> Vec<ReportRow> {
+    [
+        ("Sessions", "sessions"),
+        ("Session projections", "session_projections"),
+        ("Artifacts", "artifact_index"),
+        ("Workflows", "workflows"),
+        ("Channel bindings", "channel_bindings"),
+        ("Pending deliveries", "channel_deliveries[status=pending]"),
+        ("Failed deliveries", "channel_deliveries[status=failed]"),
+        ("Dead deliveries", "channel_deliveries[status=dead]"),
+    ]
+    .into_iter()
+    .map(|(label, count)| ReportRow {
+        label: label.to_owned(),
+        count: count.to_owned(),
+    })
+    .collect()
 }
 
 pub(super) fn cookie_secret(version: &str) -> SecretRef {

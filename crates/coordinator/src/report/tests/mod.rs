@@ -9,6 +9,7 @@ use repository::PointId;
 use serde_json::json;
 
 use super::*;
+use crate::config::Environment;
 use crate::store::{PhaseState, RunState};
 
 mod fixture;
@@ -76,7 +77,7 @@ async fn a_full_drill_fills_every_required_field_from_the_journal() {
         "arn:aws:kms:us-east-1:123456789012:key/1234abcd"
     );
 
-    // Counts before → point → after, required keys first and in the runbook's order.
+    // Counts before → point → after, the environment's runbook rows first and in its order.
     let row = |key: &str| {
         report
             .counts
@@ -91,7 +92,12 @@ async fn a_full_drill_fills_every_required_field_from_the_journal() {
         .take(8)
         .map(|c| c.key.as_str())
         .collect();
-    assert_eq!(keys, REQUIRED_COUNTS.map(|(k, _)| k));
+    let configured: Vec<String> = cowork_rows().into_iter().map(|r| r.count).collect();
+    assert_eq!(keys, configured);
+    assert!(report.counts.iter().take(8).all(|c| c.configured));
+    assert!(report.counts.iter().skip(8).all(|c| !c.configured));
+    assert_eq!(v["counts"][0]["label"], "Sessions");
+    assert_eq!(v["counts"][0]["configured"], true);
     let sessions = row("sessions");
     assert_eq!(
         (
@@ -269,6 +275,126 @@ async fn a_full_drill_fills_every_required_field_from_the_journal() {
     }
     // The message with the password is not a check here, but a phase detail could carry it.
     assert!(!md.contains("hunter2"));
+}
+
+/// Labels and keys of the report's count rows, with whether each is configured.
+fn count_labels(report: &DrillReport) -> Vec<(String, String, bool)> {
+    report
+        .counts
+        .iter()
+        .map(|c| (c.label.clone(), c.key.clone(), c.configured))
+        .collect()
+}
+
+#[tokio::test]
+async fn without_report_rows_every_recorded_count_is_listed_by_its_key() {
+    let j = journal().await;
+    full_drill(&j).await;
+    let env = Environment {
+        report_rows: Vec::new(),
+        ..environment(Vec::new())
+    };
+    let report = build(&*j.store, RUN, &env, Some(&point()), &[], &[])
+        .await
+        .unwrap();
+    // Every key any source recorded, each once, sorted, labelled by itself.
+    let mut recorded: Vec<String> = point()
+        .table_counts()
+        .unwrap()
+        .keys()
+        .chain(live_counts().keys())
+        .cloned()
+        .collect();
+    recorded.sort();
+    recorded.dedup();
+    let want: Vec<(String, String, bool)> = recorded
+        .iter()
+        .map(|k| (k.clone(), k.clone(), false))
+        .collect();
+    assert_eq!(count_labels(&report), want);
+    let dead = report
+        .counts
+        .iter()
+        .find(|c| c.key == "channel_deliveries[status=dead]")
+        .unwrap();
+    assert_eq!((dead.before, dead.at_point), (Some(1), Some(0)));
+
+    // Neither rendering carries another service's labels.
+    let md = report.to_markdown();
+    let json = report.to_json().to_string();
+    for label in cowork_rows().iter().map(|r| &r.label) {
+        assert!(!md.contains(&format!("| {label} |")), "{label}: {md}");
+        assert!(!json.contains(&format!("\"{label}\"")), "{label}: {json}");
+    }
+    assert!(
+        md.contains(
+            "No report rows are configured for environment prod \
+             (`[environments.prod.report] rows`)"
+        ),
+        "{md}"
+    );
+    assert!(
+        md.contains("| sessions | `sessions` | 131 | 120 | 120 | yes |"),
+        "{md}"
+    );
+    assert_eq!(report.to_json()["counts"][0]["configured"], false);
+}
+
+#[tokio::test]
+async fn report_rows_name_another_services_counts_in_their_order() {
+    let j = journal().await;
+    full_drill(&j).await;
+    let row = |label: &str, count: &str| crate::config::ReportRow {
+        label: label.to_owned(),
+        count: count.to_owned(),
+    };
+    let env = Environment {
+        report_rows: vec![
+            row("Failed deliveries", "channel_deliveries[status=failed]"),
+            row("Conversations", "sessions"),
+            row("Invoices", "billing.invoices"),
+        ],
+        ..environment(Vec::new())
+    };
+    let report = build(&*j.store, RUN, &env, Some(&point()), &[], &[])
+        .await
+        .unwrap();
+    let labels = count_labels(&report);
+    assert_eq!(
+        labels[..3],
+        [
+            (
+                "Failed deliveries".to_owned(),
+                "channel_deliveries[status=failed]".to_owned(),
+                true
+            ),
+            ("Conversations".to_owned(), "sessions".to_owned(), true),
+            ("Invoices".to_owned(), "billing.invoices".to_owned(), true),
+        ]
+    );
+    // The rest: recorded keys no row shows, by key; none twice.
+    assert!(labels[3..].iter().all(|(l, k, c)| l == k && !c));
+    assert!(!labels[3..].iter().any(|(_, k, _)| k == "sessions"));
+    assert!(labels[3..].iter().any(|(_, k, _)| k == "session_events"));
+
+    let md = report.to_markdown();
+    assert!(
+        md.contains("| Conversations | `sessions` | 131 | 120 | 120 | yes |"),
+        "{md}"
+    );
+    // A configured count nothing recorded is shown, as a gap.
+    assert!(
+        md.contains(
+            "| Invoices | `billing.invoices` | not recorded | not recorded | not recorded | \
+             not recorded |"
+        ),
+        "{md}"
+    );
+    assert!(!md.contains("No report rows are configured"), "{md}");
+    let v = report.to_json();
+    assert_eq!(v["counts"][2]["label"], "Invoices");
+    assert_eq!(v["counts"][2]["at_point"], serde_json::Value::Null);
+    assert_eq!(v["counts"][2]["configured"], true);
 }
 
 #[tokio::test]
