@@ -32,6 +32,14 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
     );
     let backup: serde_json::Value = serde_json::from_slice(&backup.stdout).unwrap();
     let point_id = backup["point"].as_str().unwrap().to_owned();
+    // A dry run names the point `latest` is.
+    let dry = run(&["drill", "--env", "test", "--point", "latest", "--dry-run"]);
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        dry.status.success() && text.contains(&format!("to point latest, which is {point_id}")),
+        "{text}{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
     let points = run(&["points", "--env", "test", "--json"]);
     let points: serde_json::Value = serde_json::from_slice(&points.stdout).unwrap();
     let listed = &points["points"][0];
@@ -115,6 +123,27 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
             && out.contains("phase commit-postgres passed")
             && out.contains("phase restore-objects passed"),
         "{out}"
+    );
+    // The copy stored in the repository was written again once the run finished: it tells
+    // the whole run (the unfreeze included) and measures the RTO as `rollcall report` does.
+    let runs = run(&["runs", "--json"]);
+    let runs: serde_json::Value = serde_json::from_slice(&runs.stdout).unwrap();
+    let drill_id = runs[0]["id"].as_str().unwrap().to_owned();
+    let stored: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(repo.join(format!("reports/{drill_id}.json"))).unwrap(),
+    )
+    .unwrap();
+    // (With a warning: the schema column the disaster added is rolled back.)
+    assert_eq!(stored["outcome"], "passed with warnings", "{stored}");
+    assert_eq!(stored["run"]["state"], "succeeded", "{stored}");
+    assert_eq!(stored["rto"]["until_phase"], "unfreeze", "{stored}");
+    let markdown = std::fs::read_to_string(repo.join(format!("reports/{drill_id}.md"))).unwrap();
+    assert!(!markdown.contains("still running"), "{markdown}");
+    let asked = run(&["report", &drill_id, "--format", "json"]);
+    let asked: serde_json::Value = serde_json::from_slice(&asked.stdout).unwrap();
+    assert_eq!(
+        asked["rto"]["until_at"], stored["rto"]["until_at"],
+        "{asked}"
     );
     // The agents' progress reached the watcher: off a terminal, one line per stage.
     let progress: Vec<&str> = out

@@ -612,6 +612,7 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         let text = self
             .engine
             .dry_run(&start)
+            .await
             .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
         Ok(Response::new(op::DryRunResponse { text }))
     }

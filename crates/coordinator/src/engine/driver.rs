@@ -149,6 +149,9 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                         .set_run_state(id, RunState::Succeeded, None, Utc::now(), self.link.epoch())
                         .await?;
                     self.event(id, "run.succeeded", json!({})).await?;
+                    let journal = self.store.phases(id).await?;
+                    self.store_final_report(id, &plan, &env, run.point_id.as_deref(), &journal)
+                        .await;
                     self.metrics.run_succeeded(
                         run.kind.as_str(),
                         &run.environment,
@@ -195,6 +198,8 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                     )
                     .await?;
                     tracing::warn!(run_id = %id, "run blocked: {reason}");
+                    self.store_final_report(id, &plan, &env, run.point_id.as_deref(), &journal)
+                        .await;
                     self.metrics.run_ended(run.kind.as_str(), "blocked");
                     return Ok(());
                 }
@@ -507,15 +512,29 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         env: &Environment,
         ctx: &RunContext,
     ) -> Result<String> {
+        let json = self.store_report(run_id, env, ctx.point.as_deref()).await?;
+        self.event(run_id, "report", json).await?;
+        Ok(format!(
+            "reports/{run_id}.md in the repository, and the run's journal"
+        ))
+    }
+
+    /// Builds the drill report as the journal stands and stores both forms in the repository
+    /// (`reports/<run>.md|json`, replacing an earlier copy); returns its JSON.
+    async fn store_report(
+        &self,
+        run_id: &str,
+        env: &Environment,
+        point: Option<&str>,
+    ) -> Result<serde_json::Value> {
         let repo = env.repository_ref.open().await?;
-        let point = match &ctx.point {
+        let point = match point {
             Some(p) => Some(repo.read_point(&repository::PointId::parse(p)?).await?),
             None => None,
         };
         let report =
             crate::report::build(&*self.store, run_id, env, point.as_ref(), &[], &[]).await?;
         let json = report.to_json();
-        self.event(run_id, "report", json.clone()).await?;
         let md_key = format!("reports/{run_id}.md");
         let json_key = format!("reports/{run_id}.json");
         use object_store::ObjectStoreExt as _;
@@ -534,7 +553,32 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             )
             .await
             .with_context(|| format!("store {json_key} in the repository"))?;
-        Ok(format!("{md_key} in the repository, and the run's journal"))
+        Ok(json)
+    }
+
+    /// Once a run whose report phase passed ends (succeeded, or blocked after it), the stored
+    /// copy is written again: the one written at the report phase said "still running" and
+    /// knew nothing of the unfreeze. A failure to store it is logged; the run stands.
+    async fn store_final_report(
+        &self,
+        run_id: &str,
+        plan: &Plan,
+        env: &Environment,
+        point: Option<&str>,
+        journal: &[crate::store::PhaseRecord],
+    ) {
+        let reported = plan.phases.iter().any(|p| {
+            p.action == Action::Report
+                && journal
+                    .iter()
+                    .any(|j| j.index as usize == p.index && j.state == PhaseState::Passed)
+        });
+        if !reported {
+            return;
+        }
+        if let Err(e) = self.store_report(run_id, env, point).await {
+            tracing::warn!(run_id, "the final drill report was not stored: {e:#}");
+        }
     }
 }
 

@@ -210,9 +210,21 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
     }
 
     /// What `start_run` would do, as text for an operator; touches nothing.
-    pub fn dry_run(&self, request: &StartRun) -> Result<String> {
+    pub async fn dry_run(&self, request: &StartRun) -> Result<String> {
         let env = self.environment(&request.environment)?;
         let plan = self.plan_for(env, request)?;
+        // The point the run would restore: `latest` named, a bad one said, not hidden.
+        let point = match request.point_id.as_deref() {
+            None => "(none given)".to_owned(),
+            Some(asked) => match self.resolve_point(env, Some(asked)).await {
+                Ok(id) if asked == "latest" => format!("latest, which is {id}"),
+                Ok(id) => id,
+                Err(e) => format!(
+                    "{asked} (it cannot be used: {})",
+                    api::errors::one_line(&*e)
+                ),
+            },
+        };
         let agents: Vec<AgentStatus> = self
             .inner
             .directory
@@ -222,9 +234,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             .collect();
         let mut out = format!(
             "dry run: a {} of environment {} to point {}; nothing is changed\n",
-            request.kind,
-            env.name,
-            request.point_id.as_deref().unwrap_or("(none given)")
+            request.kind, env.name, point
         );
         out.push_str(&format!(
             "objectives: RPO {}, RTO {}; repository {}\n",
