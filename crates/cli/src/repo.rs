@@ -234,6 +234,7 @@ pub async fn run(args: RepoArgs) -> Result<()> {
             let live = live_store(&store, &s3)?;
             let mut options = SnapshotOptions::new(repository::redact_url(&store));
             options.environment = Some(env);
+            options.local_root = repository::local_dir(&store);
             let part = repository::snapshot_objects(&repo, live, &options, None).await?;
             let point = repo
                 .write_point(repository::NewPoint {
@@ -290,6 +291,7 @@ pub async fn run(args: RepoArgs) -> Result<()> {
             let (target, prefix) = repository::store_from_url(&store, &s3)?;
             let mut options =
                 repository::RestoreObjectsOptions::new(repository::redact_url(&store));
+            options.local_root = repository::local_dir(&store);
             if !prefix.as_ref().is_empty() {
                 options.target_prefix = Some(prefix);
             }

@@ -62,7 +62,7 @@ pub use snapshot::{
     Manifest, ManifestEntry, ObjectSnapshotPart, PreviousSnapshot, ProgressFn, SnapshotOptions,
     TransferPhase, TransferProgress, snapshot_objects,
 };
-pub use store::{HttpStatus, RetryPolicy, S3Options, is_transient, store_from_url};
+pub use store::{HttpStatus, RetryPolicy, S3Options, is_transient, local_dir, store_from_url};
 pub use undo::{
     Before, RESTORE_RECORD_VERSION, RecordedKey, RestoreRecord, UndoObjectsOptions,
     UndoObjectsReport, read_records, records_prefix, undo_objects,

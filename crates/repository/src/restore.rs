@@ -136,6 +136,9 @@ pub struct RestoreObjectsOptions {
     /// Blob bodies a preflight kept: a body found there is hashed again and written from it
     /// instead of being read from the repository (default: none).
     pub scratch: Option<BlobScratch>,
+    /// The directory of a `file://` target ([`crate::local_dir`]): objects get the permission
+    /// bits the manifest recorded, written or unchanged (default: none).
+    pub local_root: Option<std::path::PathBuf>,
 }
 
 impl RestoreObjectsOptions {
@@ -152,6 +155,7 @@ impl RestoreObjectsOptions {
             progress: None,
             shard: None,
             scratch: None,
+            local_root: None,
         }
     }
 }
@@ -354,6 +358,7 @@ async fn restore_manifest(
         part_size: options.part_size.max(5 << 20),
         progress: progress.clone(),
         scratch: options.scratch.clone(),
+        local_root: options.local_root.clone(),
     });
     let extras: Vec<Path> = if options.remove_extra {
         existing
@@ -492,9 +497,28 @@ struct Shared {
     part_size: usize,
     progress: Arc<Progress>,
     scratch: Option<BlobScratch>,
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl Shared {
+    /// Gives a restored (or unchanged) file the permission bits the manifest recorded.
+    fn apply_mode(&self, entry: &ManifestEntry, location: &Path) -> Result<()> {
+        let (Some(root), Some(mode)) = (&self.local_root, entry.mode) else {
+            return Ok(());
+        };
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = root.join(location.as_ref());
+        if crate::snapshot::file_mode(&path) == Some(mode) {
+            return Ok(());
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).with_context(|| {
+            format!(
+                "give {} mode {mode:o} as the point recorded",
+                path.display()
+            )
+        })
+    }
+
     fn relative(&self, location: &Path) -> String {
         if self.target_prefix.is_root() {
             return location.to_string();
@@ -555,11 +579,13 @@ async fn restore_one(
         Live::Missing => false,
         Live::Differs => true,
         Live::Same => {
+            shared.apply_mode(entry, location)?;
             shared.progress.done(entry.size, false);
             return Ok(Action::Unchanged);
         }
         Live::Unknown => match read_hashed(&shared.target, location).await {
             Ok((_, sha, _)) if sha == entry.sha256 => {
+                shared.apply_mode(entry, location)?;
                 shared.progress.done(entry.size, false);
                 return Ok(Action::Unchanged);
             }
@@ -584,6 +610,7 @@ async fn restore_one(
             return Err(shared.repo.damaged("blob", &blob, reason).into());
         }
     }
+    shared.apply_mode(entry, location)?;
     shared.progress.done(entry.size, true);
     Ok(Action::Write {
         replaced,
@@ -763,6 +790,7 @@ mod tests {
         );
         let target: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         let entry = |key: &str| ManifestEntry {
+            mode: None,
             key: key.to_owned(),
             size: 1,
             sha256: "ab".repeat(32),

@@ -59,6 +59,10 @@ pub struct ManifestEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
     pub last_modified: DateTime<Utc>,
+    /// The file's permission bits (`0o600`), for a `file://` source; a `file://` restore
+    /// gives them back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
 }
 
 /// Which earlier snapshot may vouch for unchanged objects (saving their GETs).
@@ -93,6 +97,9 @@ pub struct SnapshotOptions {
     /// Keys under these prefixes of the live store are left out (default: the quarantine
     /// root that object restores move replaced objects to).
     pub exclude: Vec<Path>,
+    /// The directory of a `file://` live store ([`crate::local_dir`]): each object's
+    /// permission bits are recorded (default: none).
+    pub local_root: Option<std::path::PathBuf>,
 }
 
 impl SnapshotOptions {
@@ -107,6 +114,7 @@ impl SnapshotOptions {
             memory_budget: 256 << 20,
             previous: PreviousSnapshot::Auto,
             exclude: vec![Path::from(QUARANTINE_ROOT)],
+            local_root: None,
         }
     }
 }
@@ -417,6 +425,17 @@ async fn run_snapshot(
 
     ctx.report(TransferPhase::WritingManifest);
     entries.sort_by(|a, b| a.key.cmp(&b.key));
+    // Read for every entry, vouched-for ones too (a mode may change with no content change);
+    // never carried over from an earlier snapshot.
+    let mode_root = options
+        .local_root
+        .as_ref()
+        .map(|root| root.join(source_prefix.as_ref()));
+    for entry in &mut entries {
+        entry.mode = mode_root
+            .as_ref()
+            .and_then(|root| file_mode(&root.join(&entry.key)));
+    }
     let bytes = entries.iter().map(|e| e.size).sum();
     let manifest = Manifest {
         id: id.clone(),
@@ -560,7 +579,16 @@ async fn copy_object(ctx: &Ctx, key: &str, listed: &ObjectMeta) -> Result<Option
         etag: meta.e_tag,
         version: meta.version,
         last_modified: meta.last_modified,
+        mode: None,
     }))
+}
+
+/// The permission bits of a file, if it can be read.
+pub(crate) fn file_mode(path: &std::path::Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o7777)
 }
 
 fn check_length(read: u64, expected: u64) -> Result<()> {

@@ -330,6 +330,15 @@ where
         .await
 }
 
+/// The directory a `file://` URL names (None for any other store): where file modes are read
+/// and given back.
+pub fn local_dir(url: &str) -> Option<std::path::PathBuf> {
+    let parsed = url::Url::parse(url).ok()?;
+    (parsed.scheme() == "file")
+        .then(|| parsed.to_file_path().ok())
+        .flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1322,3 +1322,71 @@ async fn preflight_and_restore_refuse_keys_no_store_can_hold() {
         );
     }
 }
+
+/// A `file://` store's permission bits travel with the snapshot: a checkpoint the service
+/// wrote 0600 comes back 0600 whether the restore rewrites it (deleted) or finds its content
+/// unchanged (only its mode was loosened).
+#[tokio::test]
+async fn file_modes_are_recorded_and_given_back() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live_dir = dir.path().join("live");
+    let live = local_store(&live_dir);
+    fill(&live, "checkpoints", 3, 100).await;
+    let mode = |key: &str| {
+        std::fs::metadata(live_dir.join(key))
+            .expect("file")
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    let set = |key: &str, m: u32| {
+        std::fs::set_permissions(live_dir.join(key), std::fs::Permissions::from_mode(m))
+            .expect("chmod");
+    };
+    set("checkpoints/00000", 0o600);
+    set("checkpoints/00001", 0o640);
+    let repo = file_repo(&dir.path().join("repo")).await;
+    let mut options = snapshot_options("file:///live");
+    options.local_root = repository::local_dir(&format!("file://{}", live_dir.display()));
+    assert_eq!(options.local_root.as_deref(), Some(live_dir.as_path()));
+    let part = snapshot_objects(&repo, live.clone(), &options, None)
+        .await
+        .expect("snapshot");
+    let manifest = repo
+        .read_manifest(&part.snapshot_id)
+        .await
+        .expect("manifest");
+    let recorded: Vec<Option<u32>> = manifest.objects.iter().map(|e| e.mode).collect();
+    assert_eq!(recorded[..2], [Some(0o600), Some(0o640)]);
+
+    // The disaster: one checkpoint deleted, another loosened to 0644 (same bytes).
+    std::fs::remove_file(live_dir.join("checkpoints/00000")).expect("delete");
+    set("checkpoints/00001", 0o644);
+    let mut restore = RestoreObjectsOptions::new("file:///live");
+    restore.local_root = Some(live_dir.clone());
+    let report = restore_objects(&repo, &part.snapshot_id, live.clone(), &restore)
+        .await
+        .expect("restore");
+    assert_eq!((report.restored, report.unchanged), (1, 2), "{report:?}");
+    assert_eq!(mode("checkpoints/00000"), 0o600, "rewritten with its mode");
+    assert_eq!(
+        mode("checkpoints/00001"),
+        0o640,
+        "unchanged bytes, mode given back"
+    );
+
+    // A store that is not a directory records no modes, and manifests without them restore.
+    let plain = snapshot_objects(&repo, live.clone(), &snapshot_options("file:///live"), None)
+        .await
+        .expect("snapshot");
+    let manifest = repo
+        .read_manifest(&plain.snapshot_id)
+        .await
+        .expect("manifest");
+    assert!(manifest.objects.iter().all(|e| e.mode.is_none()));
+    restore_objects(&repo, &plain.snapshot_id, live.clone(), &restore)
+        .await
+        .expect("restore without modes");
+    assert_eq!(mode("checkpoints/00000"), 0o600);
+}

@@ -33,6 +33,7 @@ impl DataPlane {
         let (live, label) = live_store(objects)?;
         let mut options = SnapshotOptions::new(label);
         options.environment = Some(self.environment.clone());
+        options.local_root = repository::local_dir(&objects.url);
         options.parallelism = objects.parallelism;
         repository::snapshot_objects(&repo, live, &options, Some(progress.transfers())).await
     }
@@ -129,6 +130,7 @@ impl DataPlane {
         let (live, label) = live_store(objects)?;
         let mut options = RestoreObjectsOptions::new(label);
         options.parallelism = objects.parallelism;
+        options.local_root = repository::local_dir(&objects.url);
         options.progress = Some(progress.transfers());
         // What the restore replaces or removes is kept in the repository, under
         // quarantine/<run tag>/, so the live store ends equal to the point.
