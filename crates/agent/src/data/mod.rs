@@ -185,6 +185,8 @@ impl DataPlane {
                     "prepare-postgres",
                     "commit-postgres",
                     "undo-postgres",
+                    "list-kept",
+                    "prune-kept",
                 ]
                 .map(String::from),
             );
