@@ -176,6 +176,13 @@ async fn kept_copies_are_listed_and_the_oldest_pruned_while_the_newest_two_stay(
             .contains("newest finished restore"),
         "{dry:#}"
     );
+    let dry_text = text(&f.run(&["kept", "prune", "--env", "test", "--dry-run"]));
+    assert!(
+        dry_text.contains("would prune")
+            && dry_text.contains("kept: the newest finished restore's")
+            && dry_text.contains("would free"),
+        "{dry_text}"
+    );
     assert_eq!(kept_databases(&f).len(), 3, "a dry run drops nothing");
 
     // A database in use is never chosen, whatever retention says.

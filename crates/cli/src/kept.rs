@@ -20,7 +20,7 @@ pub async fn list(connection: &Connection, env: &str, json: bool) -> Result<()> 
         .await
         .map_err(status_error)?
         .into_inner();
-    print(&listing, json, false)?;
+    print(&listing, json, Mode::List)?;
     Ok(())
 }
 
@@ -50,7 +50,11 @@ pub async fn prune(connection: &Connection, p: Prune) -> Result<()> {
         .await
         .map_err(status_error)?
         .into_inner();
-    print(&outcome, p.json, true)?;
+    print(
+        &outcome,
+        p.json,
+        if p.dry_run { Mode::DryRun } else { Mode::Prune },
+    )?;
     let failed: Vec<&str> = outcome
         .copies
         .iter()
@@ -83,7 +87,15 @@ fn parse_age(text: &str) -> Result<Duration> {
     }
 }
 
-fn print(listing: &op::KeptResponse, json: bool, prune: bool) -> Result<()> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    List,
+    DryRun,
+    Prune,
+}
+
+fn print(listing: &op::KeptResponse, json: bool, mode: Mode) -> Result<()> {
+    let prune = mode != Mode::List;
     if json {
         let copies: Vec<_> = listing
             .copies
@@ -166,7 +178,22 @@ fn print(listing: &op::KeptResponse, json: bool, prune: bool) -> Result<()> {
             outln!("{:<16} └ {decision}", "");
         }
     }
-    outln!("total {}", human::bytes(total));
+    let of = |decision: &str| -> u64 {
+        listing
+            .copies
+            .iter()
+            .filter(|c| c.decision == decision)
+            .map(|c| c.bytes)
+            .sum()
+    };
+    match mode {
+        Mode::List => outln!("total {}", human::bytes(total)),
+        Mode::DryRun => outln!(
+            "would free {} (dry run: nothing deleted)",
+            human::bytes(of("prune"))
+        ),
+        Mode::Prune => outln!("freed {}", human::bytes(of("pruned"))),
+    }
     Ok(())
 }
 

@@ -441,6 +441,10 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             }
         }
         let mut outcome: BTreeMap<String, Verdict> = BTreeMap::new();
+        // Copies that may be gone although no one said so: the agent's answer was lost, or a
+        // quarantine's deletion stopped part way. An agent's refusal is certain (it refuses
+        // before `DROP DATABASE`, which either drops or does not).
+        let mut uncertain: Vec<String> = Vec::new();
         for (agent, names) in per_agent {
             match self.agent_prune(&agent, names.clone()).await {
                 Ok(out) => {
@@ -453,7 +457,8 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 }
                 Err(e) => {
                     for name in names {
-                        outcome.insert(name, Verdict::Failed(format!("{e:#}")));
+                        outcome.insert(name.clone(), Verdict::Failed(format!("{e:#}")));
+                        uncertain.push(name);
                     }
                 }
             }
@@ -465,7 +470,10 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             if *verdict == Verdict::Prune && copy.kind == CopyKind::Quarantine {
                 let result = match repo.delete_quarantine(&copy.tag).await {
                     Ok(_) => Verdict::Pruned,
-                    Err(e) => Verdict::Failed(format!("{e:#}")),
+                    Err(e) => {
+                        uncertain.push(copy.name.clone());
+                        Verdict::Failed(format!("{e:#}"))
+                    }
                 };
                 outcome.insert(copy.name.clone(), result);
             }
@@ -487,12 +495,13 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             };
             let deleted = of_run(|v| *v == Verdict::Pruned);
             let failed = of_run(|v| matches!(v, Verdict::Failed(_)));
+            let maybe: Vec<&String> = failed.iter().filter(|n| uncertain.contains(n)).collect();
             if let Err(e) = self
                 .inner
                 .event(
                     &run,
                     PRUNED_EVENT,
-                    json!({ "deleted": deleted, "failed": failed }),
+                    json!({ "deleted": deleted, "failed": failed, "uncertain": maybe }),
                 )
                 .await
             {
@@ -536,6 +545,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 PRUNED_EVENT => {
                     asked = None;
                     deleted.extend(names("deleted"));
+                    deleted.extend(names("uncertain"));
                 }
                 _ => {}
             }
@@ -543,8 +553,8 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         Ok(if !deleted.is_empty() {
             Some(format!(
                 "its kept copies were pruned (`rollcall kept prune`: {}), so there is nothing \
-                 to put back; to have that data again, restore a recovery point (`rollcall \
-                 drill` or a recovery)",
+                 (or not all) to put back; to have that data again, restore a recovery point \
+                 (`rollcall drill` or a recovery)",
                 deleted.join(", ")
             ))
         } else {
