@@ -378,7 +378,9 @@ impl Executor {
             | Action::CommitPostgres { .. }
             | Action::UndoPostgres { .. }
             | Action::UndoObjects { .. }
-            | Action::RestoreObjects { .. } => {
+            | Action::RestoreObjects { .. }
+            | Action::ListKept
+            | Action::PruneKept { .. } => {
                 let Some(data) = &self.data else {
                     return (
                         Outcome::Unsupported,
@@ -515,6 +517,10 @@ async fn data_action(
             data.undo_objects(repository, undone_run, run_id, *shard, *shards)
                 .await?,
         ),
+        Action::ListKept => ActionOutput::ListKept(data.list_kept().await?),
+        Action::PruneKept { databases } => {
+            ActionOutput::PruneKept(data.prune_kept(databases).await)
+        }
         _ => anyhow::bail!("{} is not a data action", action.name()),
     })
 }

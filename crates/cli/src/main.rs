@@ -31,6 +31,7 @@ macro_rules! out {
 }
 
 mod demo;
+mod kept;
 mod operator;
 mod output;
 mod repo;
@@ -140,6 +141,12 @@ enum Command {
         #[command(flatten)]
         connection: operator::Connection,
     },
+    /// The databases (<db>_pre_<tag>, <db>_undone_<tag>) and repository quarantines restores
+    /// and undos kept: list them with size, age and run, or prune old ones.
+    Kept {
+        #[command(subcommand)]
+        command: KeptCommand,
+    },
     /// Break-glass: the data plane by hand, without a coordinator.
     Repo(repo::RepoArgs),
     /// The drill report of a run, built from the journal (secrets redacted).
@@ -195,6 +202,41 @@ enum PointsCommand {
         /// Re-hash every blob body too.
         #[arg(long)]
         full: bool,
+        #[command(flatten)]
+        connection: operator::Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeptCommand {
+    /// Every kept copy of the environment: kind, name, size, age (since the run that made it
+    /// ended) and the run it belongs to.
+    List {
+        #[arg(long)]
+        env: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: operator::Connection,
+    },
+    /// Delete the kept copies of older restores. Never those of the newest finished restore,
+    /// of an unfinished run, of a restore an undo could still take back, of a run the journal
+    /// does not know, or a database with sessions; exit 1 if a chosen copy could not go.
+    Prune {
+        #[arg(long)]
+        env: String,
+        /// Print what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep the copies of this many newest restores that changed live data.
+        #[arg(long, value_name = "N", default_value_t = 2)]
+        keep_last: u32,
+        /// Delete only copies older than this (e.g. 7d, 36h), measured from the end of the run
+        /// that made them.
+        #[arg(long, value_name = "DURATION")]
+        older_than: Option<String>,
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         connection: operator::Connection,
     },
@@ -413,6 +455,33 @@ async fn run(cli: Cli) -> Result<()> {
                     full,
                     connection,
                 }) => runs::verify(&connection, &id, full).await,
+            }
+        }
+        Command::Kept { command } => {
+            telemetry::init_quiet();
+            match command {
+                KeptCommand::List {
+                    env,
+                    json,
+                    connection,
+                } => kept::list(&connection, &env, json).await,
+                KeptCommand::Prune {
+                    env,
+                    dry_run,
+                    keep_last,
+                    older_than,
+                    json,
+                    connection,
+                } => {
+                    let prune = kept::Prune {
+                        env,
+                        dry_run,
+                        keep_last: Some(keep_last),
+                        older_than,
+                        json,
+                    };
+                    kept::prune(&connection, prune).await
+                }
             }
         }
         Command::Repo(args) => {

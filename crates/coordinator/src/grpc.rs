@@ -643,6 +643,92 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         .map_err(|e| status_of(&e))?;
         Ok(Response::new(run_to_pb(run)))
     }
+
+    #[tracing::instrument(name = "coordinator.grpc.list_kept", skip_all)]
+    async fn list_kept(
+        &self,
+        request: Request<op::ListKeptRequest>,
+    ) -> Result<Response<op::KeptResponse>, Status> {
+        let r = request.into_inner();
+        let listing = self
+            .engine
+            .list_kept(&r.environment)
+            .await
+            .map_err(|e| status_of(&e))?;
+        let now = chrono::Utc::now();
+        Ok(Response::new(op::KeptResponse {
+            copies: listing
+                .copies
+                .iter()
+                .map(|c| kept_to_pb(c, None, now))
+                .collect(),
+            problems: listing.problems,
+        }))
+    }
+
+    #[tracing::instrument(name = "coordinator.grpc.prune_kept", skip_all, fields(operator))]
+    async fn prune_kept(
+        &self,
+        request: Request<op::PruneKeptRequest>,
+    ) -> Result<Response<op::KeptResponse>, Status> {
+        record_caller(&request);
+        let r = request.into_inner();
+        let rules = crate::engine::kept::PruneRules {
+            keep_last: r
+                .keep_last
+                .unwrap_or(crate::engine::kept::DEFAULT_KEEP_LAST),
+            older_than: (r.older_than_seconds > 0)
+                .then(|| Duration::from_secs(r.older_than_seconds)),
+        };
+        let outcome = finish_even_if_abandoned({
+            let engine = self.engine.clone();
+            async move { engine.prune_kept(&r.environment, r.dry_run, rules).await }
+        })
+        .await?
+        .map_err(|e| status_of(&e))?;
+        let now = chrono::Utc::now();
+        Ok(Response::new(op::KeptResponse {
+            copies: outcome
+                .decisions
+                .iter()
+                .map(|(c, v)| kept_to_pb(c, Some(v), now))
+                .collect(),
+            problems: outcome.problems,
+        }))
+    }
+}
+
+fn kept_to_pb(
+    c: &crate::engine::kept::KeptCopy,
+    verdict: Option<&crate::engine::kept::Verdict>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> op::KeptCopy {
+    use crate::engine::kept::Verdict;
+    let (decision, reason) = match verdict {
+        None => ("", String::new()),
+        Some(Verdict::Prune) => ("prune", String::new()),
+        Some(Verdict::Pruned) => ("pruned", String::new()),
+        Some(Verdict::Keep(why)) => ("keep", why.clone()),
+        Some(Verdict::Failed(why)) => ("failed", why.clone()),
+    };
+    op::KeptCopy {
+        kind: c.kind.as_str().to_owned(),
+        name: c.name.clone(),
+        agent: c.agent.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+        tag: c.tag.clone(),
+        bytes: c.bytes,
+        objects: c.objects,
+        sessions: c.sessions,
+        run_id: c.run.clone().unwrap_or_default(),
+        run_state: c.run_state.map(|s| s.to_string()).unwrap_or_default(),
+        undo_run_id: c.undo_run.clone().unwrap_or_default(),
+        made_unix_ms: c.made_at.map_or(0, |t| t.timestamp_millis()),
+        age_seconds: c
+            .made_at
+            .map_or(0, |t| (now - t).num_seconds().max(0) as u64),
+        decision: decision.to_owned(),
+        reason,
+    }
 }
 
 #[cfg(test)]

@@ -40,5 +40,12 @@ impl Limits {
 
 /// Operator calls without a deadline: `WatchRun` streams for as long as its run goes on;
 /// `VerifyPoint` (`--full` reads every byte of a point) and `PrunePoints` (sweeps a repository)
-/// take as long as the repository is large.
-pub const LONG_CALLS: [&str; 3] = ["WatchRun", "VerifyPoint", "PrunePoints"];
+/// take as long as the repository is large; `ListKept` and `PruneKept` wait for the database
+/// agents (sizing and dropping databases) and walk the repository's quarantine.
+pub const LONG_CALLS: [&str; 5] = [
+    "WatchRun",
+    "VerifyPoint",
+    "PrunePoints",
+    "ListKept",
+    "PruneKept",
+];

@@ -36,6 +36,8 @@ pub(crate) const BLOBS: &str = "objects/blobs";
 pub(crate) const STAGING: &str = "objects/staging";
 pub(crate) const LOCKS: &str = "locks";
 pub(crate) const SEQUENCE: &str = "sequence";
+/// Where fleet restores and undos keep what they displaced, one prefix per run tag.
+pub(crate) const QUARANTINE: &str = "quarantine";
 
 /// Top-level prefix of the target store under which restores keep what they displaced.
 pub const QUARANTINE_ROOT: &str = "rollcall-quarantine";
@@ -86,6 +88,16 @@ pub fn run_tag(run_id: &str) -> String {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(run_id.as_bytes());
     format!("r{}", &hex::encode(digest)[..8])
+}
+
+/// Whether `name` has the shape of [`run_tag`]'s tags, so a database or prefix so named is a
+/// run's.
+pub fn is_run_tag(name: &str) -> bool {
+    name.len() == 9
+        && name.starts_with('r')
+        && name[1..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The default quarantine of one restore: `rollcall-quarantine/<UTC time>-<snapshot-id>`.

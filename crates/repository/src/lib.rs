@@ -15,6 +15,7 @@
 //! ```
 
 mod body;
+mod kept;
 mod layout;
 mod lock;
 mod object_key;
@@ -33,12 +34,16 @@ mod store;
 mod undo;
 mod verify;
 
-pub use layout::{PointId, QUARANTINE_ROOT, SnapshotId, run_tag, validate_environment};
+pub use kept::KeptQuarantine;
+pub use layout::{PointId, QUARANTINE_ROOT, SnapshotId, is_run_tag, run_tag, validate_environment};
 pub use object_key::{BadKey, check_object_key};
 pub use point::{CLOCK_TOLERANCE, DamagedPoint, NewPoint, Point, PointListing};
 pub use postgres::backup::{PgBackupOptions, backup_postgres};
 pub use postgres::catalog::{count_rows, count_specs, missing_tables, table_columns, user_tables};
 pub use postgres::fetch::fetch_dump;
+pub use postgres::kept::{
+    KeptDatabase, KeptKind, drop_kept_database, kept_name, list_kept_databases,
+};
 pub use postgres::restore::{
     PgRestoreOptions, PgRestoreReport, default_restore_jobs, restore_postgres,
 };

@@ -201,6 +201,8 @@ impl DataPlane {
                     "prepare-postgres",
                     "commit-postgres",
                     "undo-postgres",
+                    "list-kept",
+                    "prune-kept",
                 ]
                 .map(String::from),
             );

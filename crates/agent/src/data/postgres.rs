@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use api::model::output::{
-    Counts, PreparePostgresOutput, RestorePostgresOutput, UndoPostgresOutput,
+    Counts, KeptRefusal, ListKeptOutput, PreparePostgresOutput, PruneKeptOutput,
+    RestorePostgresOutput, UndoPostgresOutput,
 };
 use api::model::{Check, CheckKind, RepositoryRef};
 use repository::{
@@ -130,6 +131,55 @@ impl DataPlane {
             counts,
             elapsed_ms: millis(started),
         })
+    }
+
+    /// The databases restores and undos kept beside the live one, with sizes and sessions.
+    pub async fn list_kept(&self) -> Result<ListKeptOutput> {
+        let pg = self.postgres()?;
+        let (database, kept) =
+            repository::list_kept_databases(&pg.url()?, ADMIN_CONNECT_TIMEOUT).await?;
+        Ok(ListKeptOutput { database, kept })
+    }
+
+    /// Drops the kept databases the coordinator's prune chose, one at a time; each one the
+    /// server-side rules refuse (`repository::drop_kept_database`) is reported with its reason
+    /// and the rest go on.
+    pub async fn prune_kept(&self, databases: &[String]) -> PruneKeptOutput {
+        let mut out = PruneKeptOutput {
+            dropped: Vec::new(),
+            gone: Vec::new(),
+            refused: Vec::new(),
+        };
+        let url = match self.postgres().and_then(|pg| pg.url()) {
+            Ok(url) => url,
+            Err(e) => {
+                out.refused = databases
+                    .iter()
+                    .map(|d| KeptRefusal {
+                        database: d.clone(),
+                        reason: api::errors::one_line(&*e),
+                    })
+                    .collect();
+                return out;
+            }
+        };
+        for name in databases {
+            match repository::drop_kept_database(&url, name, ADMIN_CONNECT_TIMEOUT).await {
+                Ok(true) => {
+                    tracing::info!(database = %name, "dropped a kept database");
+                    out.dropped.push(name.clone());
+                }
+                Ok(false) => out.gone.push(name.clone()),
+                Err(e) => {
+                    tracing::warn!(database = %name, "kept database not dropped: {e:#}");
+                    out.refused.push(KeptRefusal {
+                        database: name.clone(),
+                        reason: api::errors::one_line(&*e),
+                    });
+                }
+            }
+        }
+        out
     }
 
     async fn swap(&self, run_id: &str) -> Result<DatabaseSwap> {

@@ -67,6 +67,10 @@ pub enum Action {
     /// Undo the database swap of run `undone_run` (its `<db>_pre_<tag>` live again, the
     /// restored database kept as `<db>_undone_<tag>`).
     UndoPostgres { undone_run: String },
+    /// List the databases restores and undos kept (`<db>_pre_<tag>`, `<db>_undone_<tag>`).
+    ListKept,
+    /// Drop these kept databases, named exactly as `ListKept` reported them.
+    PruneKept { databases: Vec<String> },
     /// Put this shard of the live store back as it was before run `undone_run`'s object
     /// restore, from the repository's records and quarantine.
     UndoObjects {
@@ -207,6 +211,18 @@ fn required_run(r: String) -> Result<String, Invalid> {
     Ok(r)
 }
 
+/// A database a prune-kept names: a Postgres identifier (at most 63 bytes), nothing else. The
+/// agent checks that it is a kept copy of its live database.
+fn kept_database(name: String) -> Result<String, Invalid> {
+    if name.is_empty() || name.len() > 63 || name.chars().any(|c| c.is_control()) {
+        return Err(Invalid::new(
+            "prune_kept database",
+            format!("{name:?} is not a database name (1 to 63 bytes, no control characters)"),
+        ));
+    }
+    Ok(name)
+}
+
 /// Point ids are the repository's (`20261125T093740Z-prod-399b4d21`); the repository parses
 /// them fully, this only keeps the wire free of anything that is not an id.
 fn point_id(p: String) -> Result<String, Invalid> {
@@ -240,7 +256,8 @@ impl Action {
     /// recorded durably (fsync) before they are reported.
     pub fn has_side_effects(&self) -> bool {
         match self {
-            Action::Ping { .. } | Action::Describe => false,
+            Action::Ping { .. } | Action::Describe | Action::ListKept => false,
+            Action::PruneKept { .. } => true,
             Action::Freeze | Action::Unfreeze | Action::Scale(_) | Action::Restart => true,
             Action::BackupPostgres { .. }
             | Action::SnapshotObjects { .. }
@@ -273,6 +290,8 @@ impl Action {
             Action::CommitPostgres { .. } => ActionKind::CommitPostgres,
             Action::UndoPostgres { .. } => ActionKind::UndoPostgres,
             Action::UndoObjects { .. } => ActionKind::UndoObjects,
+            Action::ListKept => ActionKind::ListKept,
+            Action::PruneKept { .. } => ActionKind::PruneKept,
             Action::RestoreObjects { .. } => ActionKind::RestoreObjects,
             Action::Verify { .. } => ActionKind::Verify,
             Action::Smoke { .. } => ActionKind::Smoke,
@@ -307,10 +326,12 @@ pub enum ActionKind {
     Verify,
     Smoke,
     CheckObjects,
+    ListKept,
+    PruneKept,
 }
 
 impl ActionKind {
-    pub const ALL: [ActionKind; 18] = [
+    pub const ALL: [ActionKind; 20] = [
         ActionKind::Ping,
         ActionKind::Describe,
         ActionKind::Freeze,
@@ -329,6 +350,8 @@ impl ActionKind {
         ActionKind::Verify,
         ActionKind::Smoke,
         ActionKind::CheckObjects,
+        ActionKind::ListKept,
+        ActionKind::PruneKept,
     ];
 
     /// The action's name in command ids' logs, the journal and the drill report.
@@ -352,6 +375,8 @@ impl ActionKind {
             ActionKind::Verify => "verify",
             ActionKind::Smoke => "smoke",
             ActionKind::CheckObjects => "check-objects",
+            ActionKind::ListKept => "list-kept",
+            ActionKind::PruneKept => "prune-kept",
         }
     }
 }
@@ -431,6 +456,14 @@ impl TryFrom<pb::Command> for Command {
                 undone_run: required_run(a.undone_run_id)?,
                 shard: a.shard,
                 shards: a.shards,
+            },
+            Some(pb::command::Action::ListKept(_)) => Action::ListKept,
+            Some(pb::command::Action::PruneKept(a)) => Action::PruneKept {
+                databases: a
+                    .databases
+                    .into_iter()
+                    .map(kept_database)
+                    .collect::<Result<_, _>>()?,
             },
             Some(pb::command::Action::Verify(a)) => Action::Verify {
                 repository: repository(a.repository)?,
@@ -556,6 +589,10 @@ impl From<Command> for pb::Command {
                 shard,
                 shards,
             }),
+            Action::ListKept => pb::command::Action::ListKept(pb::ListKept {}),
+            Action::PruneKept { databases } => {
+                pb::command::Action::PruneKept(pb::PruneKept { databases })
+            }
             Action::Verify { repository, point } => pb::command::Action::Verify(pb::Verify {
                 repository: Some(repository.into()),
                 point_id: point,

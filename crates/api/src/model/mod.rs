@@ -260,6 +260,42 @@ mod tests {
         assert_eq!(Command::try_from(wire), Ok(check));
     }
 
+    #[test]
+    fn kept_copy_commands_round_trip_and_refuse_what_is_no_database_name() {
+        for action in [
+            Action::ListKept,
+            Action::PruneKept {
+                databases: vec![
+                    "cowork_pre_r1a2b3c4d".into(),
+                    "cowork_undone_r1a2b3c4d".into(),
+                ],
+            },
+        ] {
+            let kept = Command {
+                action,
+                ..command()
+            };
+            let wire: pb::Command = kept.clone().into();
+            assert_eq!(Command::try_from(wire), Ok(kept));
+        }
+        assert!(!Action::ListKept.has_side_effects());
+        assert!(Action::PruneKept { databases: vec![] }.has_side_effects());
+        for bad in [String::new(), "d".repeat(64), "cowork\n_pre".into()] {
+            let wire: pb::Command = Command {
+                action: Action::PruneKept {
+                    databases: vec![bad.clone()],
+                },
+                ..command()
+            }
+            .into();
+            let err = Command::try_from(wire).expect_err("not a database name");
+            assert!(
+                err.to_string().contains("not a database name"),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
     /// A command carries how long it may take, not when it must end: a receiver whose clock is
     /// off by hours reads the same limit. A command from an older coordinator (an absolute
     /// deadline only) is read by the old rule, against this machine's clock.

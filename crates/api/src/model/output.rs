@@ -218,6 +218,30 @@ pub struct UndoObjectsOutput {
     pub quarantine_prefix: String,
 }
 
+/// `list-kept`: the databases restores and undos kept beside the live one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListKeptOutput {
+    /// The live database's name.
+    pub database: String,
+    pub kept: Vec<repository::KeptDatabase>,
+}
+
+/// `prune-kept`: what was dropped, and what was refused and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PruneKeptOutput {
+    pub dropped: Vec<String>,
+    /// Named databases that were already gone.
+    pub gone: Vec<String>,
+    pub refused: Vec<KeptRefusal>,
+}
+
+/// A kept database the agent would not drop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptRefusal {
+    pub database: String,
+    pub reason: String,
+}
+
 /// `verify`: the checks against the point, the live counts, and the object keys the restored
 /// rows refer to (for `check-objects` on the objects agents).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,6 +277,8 @@ pub enum ActionOutput {
     Verify(VerifyOutput),
     CheckObjects(ChecksOutput),
     Smoke(ChecksOutput),
+    ListKept(ListKeptOutput),
+    PruneKept(PruneKeptOutput),
 }
 
 impl ActionOutput {
@@ -272,6 +298,8 @@ impl ActionOutput {
             ActionOutput::Verify(_) => ActionKind::Verify,
             ActionOutput::CheckObjects(_) => ActionKind::CheckObjects,
             ActionOutput::Smoke(_) => ActionKind::Smoke,
+            ActionOutput::ListKept(_) => ActionKind::ListKept,
+            ActionOutput::PruneKept(_) => ActionKind::PruneKept,
         }
     }
 
@@ -306,6 +334,8 @@ impl ActionOutput {
             ActionKind::Verify => ActionOutput::Verify(read(action, body)?),
             ActionKind::CheckObjects => ActionOutput::CheckObjects(read(action, body)?),
             ActionKind::Smoke => ActionOutput::Smoke(read(action, body)?),
+            ActionKind::ListKept => ActionOutput::ListKept(read(action, body)?),
+            ActionKind::PruneKept => ActionOutput::PruneKept(read(action, body)?),
             ActionKind::Ping
             | ActionKind::Describe
             | ActionKind::Freeze
@@ -333,7 +363,9 @@ impl ActionOutput {
             | ActionOutput::CommitPostgres(_)
             | ActionOutput::UndoPostgres(_)
             | ActionOutput::UndoObjects(_)
-            | ActionOutput::RestoreObjects(_) => &[],
+            | ActionOutput::RestoreObjects(_)
+            | ActionOutput::ListKept(_)
+            | ActionOutput::PruneKept(_) => &[],
         }
     }
 }
@@ -415,6 +447,24 @@ mod tests {
                 detail: "undone".into(),
                 counts: Counts::from([("orders".into(), 2)]),
                 elapsed_ms: 90,
+            }),
+            ActionOutput::ListKept(ListKeptOutput {
+                database: "cowork".into(),
+                kept: vec![repository::KeptDatabase {
+                    name: "cowork_pre_r1a2b3c4d".into(),
+                    kind: repository::KeptKind::Pre,
+                    tag: "r1a2b3c4d".into(),
+                    bytes: 8_000_000,
+                    sessions: 0,
+                }],
+            }),
+            ActionOutput::PruneKept(PruneKeptOutput {
+                dropped: vec!["cowork_pre_r1a2b3c4d".into()],
+                gone: vec![],
+                refused: vec![KeptRefusal {
+                    database: "cowork_undone_r1a2b3c4d".into(),
+                    reason: "has 1 session(s) right now".into(),
+                }],
             }),
             ActionOutput::UndoObjects(UndoObjectsOutput {
                 shard: 0,

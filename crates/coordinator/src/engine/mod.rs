@@ -13,10 +13,12 @@
 //! agent's commands with retries; `points` resolves and writes recovery points; `planner` and
 //! `commands` are the pure decisions (next phases, gates, conflicts, the commands a phase
 //! sends, shards and ids), table-tested without I/O; `operator` answers the operator API's
-//! reads (runs, their detail and events, points with their age against the RPO).
+//! reads (runs, their detail and events, points with their age against the RPO); `kept` lists
+//! and prunes the copies restores and undos kept (its selection is a pure function too).
 
 mod commands;
 mod driver;
+pub mod kept;
 pub mod operator;
 pub mod planner;
 mod points;

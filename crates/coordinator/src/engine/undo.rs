@@ -12,7 +12,8 @@
 //! (pending or running), an undo (an undo is not undone: a new drill restores again), a run an
 //! earlier undo already took back, a run a later restore (not undone) replaced, and — without
 //! `force` — a run that unfroze the fleet, since writes made after the unfreeze are in the
-//! restored data the undo replaces and stay only in the kept copies. A blocked run is aborted
+//! restored data the undo replaces and stay only in the kept copies; and a run whose kept copies
+//! `rollcall kept prune` deleted (or may have: `kept::pruned_copies`). A blocked run is aborted
 //! when its undo starts (the undo replaces deciding about it), so the environment holds only
 //! the undo.
 
@@ -120,6 +121,9 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                  it back, start a new drill or recovery)",
                 done.id
             );
+        }
+        if let Some(why) = self.pruned_copies(id).await? {
+            bail!("run {id} cannot be undone: {why}");
         }
         // Only the newest restore still in place can be taken back: a later one replaced what
         // this one wrote, and putting this one's kept data back would skip over it.

@@ -122,7 +122,7 @@ impl Session {
     /// refusing. A role without `pg_read_all_stats` sees neither the role nor the backend type
     /// of a background process: a session with neither is taken for one (the rename still
     /// fails, naming it, if it is something else that stays).
-    fn is_autovacuum(&self) -> bool {
+    pub(super) fn is_autovacuum(&self) -> bool {
         self.backend_type == "autovacuum worker"
             || (self.user.is_empty() && self.backend_type.is_empty())
     }
@@ -791,7 +791,7 @@ async fn reopen(admin: &mut PgConnection, names: &SwapNames) -> Result<()> {
     allow_connections(admin, &names.live, true).await
 }
 
-async fn maintenance(live: &DbUrl, timeout: Duration) -> Result<PgConnection> {
+pub(super) async fn maintenance(live: &DbUrl, timeout: Duration) -> Result<PgConnection> {
     let mut maintenance = live.clone();
     maintenance.full = with_database(&live.full, "postgres")?;
     connect(&maintenance, timeout).await.with_context(|| {
