@@ -129,10 +129,16 @@ async fn a_backup_and_a_drill_bring_back_rows_and_objects_and_keep_what_they_rep
     let runs = run(&["runs", "--json"]);
     let runs: serde_json::Value = serde_json::from_slice(&runs.stdout).unwrap();
     let drill_id = runs[0]["id"].as_str().unwrap().to_owned();
-    let stored: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(repo.join(format!("reports/{drill_id}.json"))).unwrap(),
+    let stored = eventually(
+        "the stored report rewritten once the drill succeeded",
+        Duration::from_secs(30),
+        async || {
+            let text = std::fs::read(repo.join(format!("reports/{drill_id}.json"))).ok()?;
+            let stored: serde_json::Value = serde_json::from_slice(&text).ok()?;
+            (stored["run"]["state"] == "succeeded").then_some(stored)
+        },
     )
-    .unwrap();
+    .await;
     // (With a warning: the schema column the disaster added is rolled back.)
     assert_eq!(stored["outcome"], "passed with warnings", "{stored}");
     assert_eq!(stored["run"]["state"], "succeeded", "{stored}");

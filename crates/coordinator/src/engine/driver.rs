@@ -148,10 +148,11 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                     self.store
                         .set_run_state(id, RunState::Succeeded, None, Utc::now(), self.link.epoch())
                         .await?;
-                    self.event(id, "run.succeeded", json!({})).await?;
+                    // The final report is stored before the event a watcher ends on.
                     let journal = self.store.phases(id).await?;
                     self.store_final_report(id, &plan, &env, run.point_id.as_deref(), &journal)
                         .await;
+                    self.event(id, "run.succeeded", json!({})).await?;
                     self.metrics.run_succeeded(
                         run.kind.as_str(),
                         &run.environment,
