@@ -296,16 +296,7 @@ fleet = {{ web = 1, worker = 2, scheduler = 1, gateway = 1, database = 1, object
 
 # cowork-sim's runbook rows (deploy/cowork-sim/rollcall.toml).
 [environments.demo.report]
-rows = [
-  {{ label = "Sessions", count = "sessions" }},
-  {{ label = "Session projections", count = "session_projections" }},
-  {{ label = "Artifacts", count = "artifact_index" }},
-  {{ label = "Workflows", count = "workflows" }},
-  {{ label = "Channel bindings", count = "channel_bindings" }},
-  {{ label = "Pending deliveries", count = "channel_deliveries[status=pending]" }},
-  {{ label = "Failed deliveries", count = "channel_deliveries[status=failed]" }},
-  {{ label = "Dead deliveries", count = "channel_deliveries[status=dead]" }},
-]
+{report_rows}
 
 [[environments.demo.secret]]
 name = "cookie-secret"
@@ -313,7 +304,11 @@ manager = "vault"
 reference = "kv/cowork/demo/cookie"
 version = "3"
 "#,
-            repository = repository.display()
+            repository = repository.display(),
+            report_rows = cowork_example(
+                COWORK_COORDINATOR,
+                &["environments", "staging", "report", "rows"]
+            )?,
         ),
     )?;
 
@@ -325,7 +320,7 @@ version = "3"
     fleet.spawn("coordinator", &logs, cmd)?;
     let exe_s = exe.display().to_string();
     for (name, role) in FLEET {
-        let extra = agent_extra(role, &exe_s, web_addr, &sink, &db_url, &objects_url);
+        let extra = agent_extra(role, &exe_s, web_addr, &sink, &db_url, &objects_url)?;
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(
             &path,
@@ -479,10 +474,10 @@ fn agent_extra(
     sink: &Path,
     db_url: &str,
     objects_url: &str,
-) -> String {
+) -> Result<String> {
     let _ = db_url;
     let sink = sink.display();
-    match role {
+    Ok(match role {
         "web" => format!(
             r#"
 [control]
@@ -563,14 +558,11 @@ command = ["{exe}", "cowork-sim", "smoke", "gateway", "--sink-jsonl", "{sink}", 
 timeout = "90s"
 "#
         ),
-        "database" => r#"
-[postgres]
-url_env = "DATABASE_URL"
-# cowork-sim's counts (deploy/cowork-sim/database.toml): the report's rows, BYOK and billing.
-counts = ["sessions", "session_events", "session_projections", "artifact_index",
-          "workflows", "channel_bindings", "channel_deliveries:status",
-          "byok_secrets", "subscriptions:status", "usage_events"]
-[[invariant]]
+        "database" => {
+            format!(
+                "\n[postgres]\nurl_env = \"DATABASE_URL\"\n# cowork-sim's counts (deploy/cowork-sim/database.toml).\n{}\n",
+                cowork_example(COWORK_DATABASE, &["postgres", "counts"])?
+            ) + r#"[[invariant]]
 name = "no projection ahead of its events"
 sql = "SELECT p.session_id FROM session_projections p WHERE p.sequence > (SELECT coalesce(max(e.sequence), 0) FROM session_events e WHERE e.session_id = p.session_id)"
 [[invariant]]
@@ -580,13 +572,33 @@ sql = "SELECT c.binding_id FROM channel_session_bindings c WHERE c.last_event_se
 name = "artifact objects"
 sql = "SELECT object_key FROM artifact_index"
 "#
-        .to_owned(),
+        }
         // Preflight keeps the blobs it proved beside the demo's other files.
         "objects" => format!(
             "\n[objects]\nurl = \"{objects_url}\"\nverify_ignore = [\"_probe/\"]\nscratch_dir = \"scratch/objects\"\n"
         ),
         _ => String::new(),
+    })
+}
+
+/// cowork-sim's example configs, where its table names live: the demo takes its report rows
+/// and counts from them rather than naming the tables again.
+const COWORK_COORDINATOR: &str = include_str!("../../../deploy/cowork-sim/rollcall.toml");
+const COWORK_DATABASE: &str = include_str!("../../../deploy/cowork-sim/database.toml");
+
+/// `key = value` for the value at `path` of an example config, as TOML.
+fn cowork_example(text: &str, path: &[&str]) -> Result<String> {
+    let mut value = toml::Value::Table(text.parse().context("parse a cowork-sim example config")?);
+    for key in path {
+        value = value
+            .get(key)
+            .cloned()
+            .with_context(|| format!("the cowork-sim example config lacks {}", path.join(".")))?;
     }
+    Ok(format!(
+        "{} = {value}",
+        path.last().copied().unwrap_or_default()
+    ))
 }
 
 async fn wait_ready(connection: &Connection, timeout: Duration) -> Result<()> {
@@ -758,4 +770,36 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_takes_cowork_sims_rows_and_counts_from_its_example_configs() {
+        let rows = cowork_example(
+            COWORK_COORDINATOR,
+            &["environments", "staging", "report", "rows"],
+        )
+        .expect("rows");
+        let rows: toml::Table = rows.parse().expect("TOML");
+        assert_eq!(rows["rows"].as_array().expect("array").len(), 8);
+        let web: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let db = agent_extra("database", "rollcall", web, Path::new("/sink"), "", "").expect("db");
+        let db: toml::Table = db.parse().expect("TOML");
+        let counts = db["postgres"]["counts"].as_array().expect("counts");
+        assert!(
+            counts
+                .iter()
+                .any(|c| c.as_str() == Some("channel_deliveries:status"))
+        );
+        assert_eq!(db["invariant"].as_array().expect("invariants").len(), 2);
+        let missing =
+            cowork_example(COWORK_DATABASE, &["postgres", "nope"]).expect_err("no such key");
+        assert!(
+            missing.to_string().contains("lacks postgres.nope"),
+            "{missing}"
+        );
+    }
 }
