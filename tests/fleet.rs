@@ -360,6 +360,24 @@ impl Fleet {
         *self.agent(name) = restarted;
     }
 
+    /// Waits for run `id` to succeed and returns `run show --json` of it; panics naming the
+    /// state and reason if it ends any other way.
+    pub async fn succeeded(&self, id: &str, within: Duration) -> serde_json::Value {
+        eventually(&format!("run {id} succeeded"), within, async || {
+            let out = self.run(&["run", "show", id, "--json"]);
+            let show: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            match show["run"]["state"].as_str()? {
+                "succeeded" => Some(show),
+                "blocked" | "failed" | "aborted" => panic!(
+                    "run {id} ended {}: {}",
+                    show["run"]["state"], show["run"]["reason"]
+                ),
+                _ => None,
+            }
+        })
+        .await
+    }
+
     fn agent(&mut self, name: &str) -> &mut Proc {
         let i = ["web-1", "worker-1", "db-1", "obj-1"]
             .iter()
@@ -369,57 +387,75 @@ impl Fleet {
     }
 }
 
-/// A superuser's open transaction that has updated `database`'s row in `pg_database` (a
-/// `GRANT CONNECT`), so any `ALTER DATABASE` of it waits until [`RowHold::release`]: a way to
-/// stop the database agent at one statement of a swap, from outside, with real Postgres.
-pub struct RowHold {
+/// A `psql` session connected to a database, holding whatever its statements left open (a
+/// transaction, locks) until [`HeldSession::release`] or drop.
+pub struct HeldSession {
     psql: std::process::Child,
 }
 
-impl RowHold {
-    pub fn take(cluster: &ephemeral_pg::Cluster, database: &str) -> RowHold {
+impl HeldSession {
+    /// Connects to `database` as the cluster's superuser and runs `sql`; returns once the
+    /// server shows every statement of it done.
+    pub async fn open(cluster: &ephemeral_pg::Cluster, database: &str, sql: &str) -> HeldSession {
         use std::io::Write as _;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
         // Owned at once, so a failed step below ends it (Drop) instead of leaving a zombie.
-        let mut hold = RowHold {
+        let mut held = HeldSession {
             psql: std::process::Command::new(cluster.bin_dir().join("psql"))
                 .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
-                .arg(cluster.url("postgres"))
+                .arg(cluster.url(database))
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::null())
                 .spawn()
                 .unwrap(),
         };
-        let psql = &mut hold.psql;
-        let application = format!("rowhold-{database}");
+        let application = format!(
+            "held-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        // The marker runs last: once the server shows it done, so is everything before it.
         writeln!(
-            psql.stdin.as_mut().unwrap(),
-            "SET application_name = '{application}';\nBEGIN;\nGRANT CONNECT ON DATABASE \"{database}\" TO PUBLIC;"
+            held.psql.stdin.as_mut().unwrap(),
+            "SET application_name = '{application}';\n{sql}\nSELECT 'held-marker';"
         )
         .unwrap();
-        psql.stdin.as_mut().unwrap().flush().unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let held = cluster
-                .psql(
-                    "postgres",
-                    &format!(
-                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = \
-                         '{application}' AND state = 'idle in transaction' AND query LIKE 'GRANT%'"
-                    ),
-                )
-                .unwrap();
-            if held.trim() == "1" {
-                return hold;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "psql never held the row of {database}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        held.psql.stdin.as_mut().unwrap().flush().unwrap();
+        eventually(
+            &format!("psql to run {sql:?} on {database}"),
+            Duration::from_secs(20),
+            async || {
+                let done = cluster
+                    .psql(
+                        "postgres",
+                        &format!(
+                            "SELECT count(*) FROM pg_stat_activity WHERE application_name = \
+                             '{application}' AND state LIKE 'idle%' AND query LIKE '%held-marker%'"
+                        ),
+                    )
+                    .ok()?;
+                (done.trim() == "1").then_some(())
+            },
+        )
+        .await;
+        held
     }
 
-    /// Rolls the transaction back: a waiting `ALTER DATABASE` goes on.
+    /// A superuser's open transaction that has updated `database`'s row in `pg_database` (a
+    /// `GRANT CONNECT`), so any `ALTER DATABASE` of it waits until release: a way to stop the
+    /// database agent at one statement of a swap, from outside, with real Postgres.
+    pub async fn holding_row(cluster: &ephemeral_pg::Cluster, database: &str) -> HeldSession {
+        let database = database.replace('"', "\"\"");
+        HeldSession::open(
+            cluster,
+            "postgres",
+            &format!("BEGIN;\nGRANT CONNECT ON DATABASE \"{database}\" TO PUBLIC;"),
+        )
+        .await
+    }
+
+    /// Rolls back what is open and ends the session: a waiting `ALTER DATABASE` goes on.
     pub fn release(mut self) {
         use std::io::Write as _;
         let stdin = self.psql.stdin.as_mut().unwrap();
@@ -427,13 +463,21 @@ impl RowHold {
         drop(self.psql.stdin.take());
         assert!(
             self.psql.wait().unwrap().success(),
-            "psql holding a row failed"
+            "the held psql session failed"
         );
     }
 }
 
+impl Drop for HeldSession {
+    fn drop(&mut self) {
+        // After release() this finds the process gone; otherwise the session ends with it.
+        let _ = self.psql.kill();
+        let _ = self.psql.wait();
+    }
+}
+
 /// Waits until a session runs an `ALTER DATABASE` statement containing `text` and waits for a
-/// lock (a [`RowHold`]), and returns that backend's pid.
+/// lock (a [`HeldSession::holding_row`]), and returns that backend's pid.
 pub async fn waiting_alter(cluster: &ephemeral_pg::Cluster, text: &str) -> i32 {
     eventually(
         &format!("an ALTER DATABASE ... {text} waiting for a lock"),

@@ -8,8 +8,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
-
 use e2e::fleet::*;
 
 fn text(out: &std::process::Output) -> String {
@@ -51,50 +49,6 @@ fn copy<'a>(listing: &'a serde_json::Value, name: &str) -> &'a serde_json::Value
         .iter()
         .find(|c| c["name"] == name)
         .unwrap_or_else(|| panic!("no copy {name} in {listing:#}"))
-}
-
-/// A psql session connected to `database`, open until dropped.
-struct Session(std::process::Child);
-
-impl Session {
-    fn open(cluster: &ephemeral_pg::Cluster, database: &str) -> Session {
-        use std::io::Write as _;
-        let mut child = std::process::Command::new(cluster.bin_dir().join("psql"))
-            .args(["-X", "-q", "-d"])
-            .arg(cluster.url(database))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.as_mut().unwrap();
-        writeln!(stdin, "SET application_name = 'kept-test';").unwrap();
-        stdin.flush().unwrap();
-        let session = Session(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let n = cluster
-                .psql(
-                    "postgres",
-                    &format!(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}' \
-                         AND application_name = 'kept-test'"
-                    ),
-                )
-                .unwrap();
-            if n.trim() == "1" {
-                return session;
-            }
-            assert!(std::time::Instant::now() < deadline, "psql never connected");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,7 +140,7 @@ async fn kept_copies_are_listed_and_the_oldest_pruned_while_the_newest_two_stay(
     assert_eq!(kept_databases(&f).len(), 3, "a dry run drops nothing");
 
     // A database in use is never chosen, whatever retention says.
-    let session = Session::open(&f.cluster, &pre(1));
+    let session = HeldSession::open(&f.cluster, &pre(1), "").await;
     let busy = json(&f.run(&[
         "kept",
         "prune",

@@ -825,23 +825,7 @@ async fn a_coordinator_killed_mid_drill_is_replaced_and_the_drill_finishes_once(
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         f.crash_and_restart_coordinator();
 
-        let show = eventually(
-            &format!("drill {id} finished after the crash"),
-            Duration::from_secs(120),
-            async || {
-                let out = f.run(&["run", "show", &id, "--json"]);
-                let show: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-                match show["run"]["state"].as_str()? {
-                    "succeeded" => Some(show),
-                    "blocked" | "failed" | "aborted" => panic!(
-                        "drill {id} ended {}: {}",
-                        show["run"]["state"], show["run"]["reason"]
-                    ),
-                    _ => None,
-                }
-            },
-        )
-        .await;
+        let show = f.succeeded(&id, Duration::from_secs(120)).await;
         let restores: Vec<&serde_json::Value> = show["commands"]
             .as_array()
             .unwrap()

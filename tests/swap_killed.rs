@@ -4,7 +4,7 @@
 //! swapped in exactly once and the replaced database kept.
 //!
 //! The agent is stopped at a statement from outside: a superuser's open transaction that has
-//! updated the database's catalog row ([`RowHold`]) makes the agent's `ALTER DATABASE` of it
+//! updated the database's catalog row ([`HeldSession::holding_row`]) makes the agent's `ALTER DATABASE` of it
 //! wait. Killed there, the agent's server-side statement either never happens (the test ends
 //! the orphaned backend) or completes after the kill (the test releases the hold first).
 
@@ -120,7 +120,7 @@ async fn a_database_agent_killed_at_each_step_of_the_swap_leaves_the_database_re
 
     // 1. Killed while blocking connections to the live database; the statement completes after
     //    the kill, so the live database is left refusing connections.
-    let hold = RowHold::take(&f.cluster, "cowork");
+    let hold = HeldSession::holding_row(&f.cluster, "cowork").await;
     let started = f.run(&["drill", "--env", "test", "--point", &point, "--json"]);
     assert!(
         started.status.success(),
@@ -157,7 +157,7 @@ async fn a_database_agent_killed_at_each_step_of_the_swap_leaves_the_database_re
     // 2. Restarted: the live database is reopened, and the re-sent swap renames it away, then
     //    is killed renaming the restored copy in. That rename never happens: no database has
     //    the live name.
-    let hold = RowHold::take(&f.cluster, &restore);
+    let hold = HeldSession::holding_row(&f.cluster, &restore).await;
     f.restart_agent("db-1");
     live_accepts_connections(&f).await;
     let pid = waiting_alter(&f.cluster, "RENAME TO").await;
@@ -172,7 +172,7 @@ async fn a_database_agent_killed_at_each_step_of_the_swap_leaves_the_database_re
 
     // 3. Restarted: the live database gets its name back (the disaster's rows still in it), and
     //    the re-sent swap is killed at the same rename, which this time completes after the kill.
-    let hold = RowHold::take(&f.cluster, &restore);
+    let hold = HeldSession::holding_row(&f.cluster, &restore).await;
     f.restart_agent("db-1");
     live_accepts_connections(&f).await;
     assert_eq!(count(&f.cluster, "cowork", "session_projections"), 0);
@@ -191,23 +191,7 @@ async fn a_database_agent_killed_at_each_step_of_the_swap_leaves_the_database_re
     // 4. Restarted: the swap is found done, the kept copy accepts connections again, and the
     //    drill finishes.
     f.restart_agent("db-1");
-    let show = eventually(
-        &format!("drill {id} finished"),
-        Duration::from_secs(180),
-        async || {
-            let out = f.run(&["run", "show", &id, "--json"]);
-            let show: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            match show["run"]["state"].as_str()? {
-                "succeeded" => Some(show),
-                "blocked" | "failed" | "aborted" => panic!(
-                    "drill {id} ended {}: {}",
-                    show["run"]["state"], show["run"]["reason"]
-                ),
-                _ => None,
-            }
-        },
-    )
-    .await;
+    let show = f.succeeded(&id, Duration::from_secs(180)).await;
     let commits: Vec<&serde_json::Value> = show["commands"]
         .as_array()
         .unwrap()
