@@ -523,15 +523,12 @@ impl Loaded {
         for (name, env) in &self.environments {
             let key = format!("environments.{name}.repository");
             let shown = repository::redact_url(&env.repository);
-            if let Some(path) = env.repository.strip_prefix("file://") {
-                // The first backup creates the directory; the URL must name one without a host.
-                if !path.starts_with('/') {
+            if env.repository.starts_with("file:") {
+                // The first backup creates the directory; the URL must name one (no host).
+                if repository::local_dir(&env.repository).is_none() {
                     bail!(ConfigError::new(
                         &self.file,
-                        format!(
-                            "{key} {shown} names host {:?}, not a path",
-                            path.split('/').next().unwrap_or("")
-                        ),
+                        format!("{key} {shown} is not a local directory path"),
                         "write file:///absolute/dir, or file://relative/dir for a path relative to this file"
                     ));
                 }

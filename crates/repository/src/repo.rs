@@ -104,12 +104,9 @@ impl Repository {
         let label = redact_url(url);
         let mut durable_root = None;
         let (store, prefix): (Arc<dyn ObjectStore>, Path) = if url.starts_with("file:") {
-            let dir = url::Url::parse(url)
-                .ok()
-                .and_then(|u| u.to_file_path().ok())
-                .with_context(|| {
-                    format!("repository URL {label} is not an absolute file:// path")
-                })?;
+            let dir = crate::store::local_dir(url).with_context(|| {
+                format!("repository URL {label} is not an absolute file:// path")
+            })?;
             if options.create {
                 std::fs::create_dir_all(&dir).with_context(|| {
                     format!(

@@ -16,7 +16,7 @@ use sqlx::postgres::PgConnection;
 
 use super::catalog::quote_ident;
 use super::conn::DbUrl;
-use super::swap::{Session, maintenance};
+use super::swap::{Session, exists, maintenance};
 use crate::layout::is_run_tag;
 
 /// What a kept database holds.
@@ -179,14 +179,6 @@ async fn drop_checked(admin: &mut PgConnection, live: &str, name: &str, tag: &st
     .await
     .with_context(|| format!("drop database {name}"))?;
     Ok(true)
-}
-
-async fn exists(conn: &mut PgConnection, name: &str) -> Result<bool> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(name)
-        .fetch_one(conn)
-        .await
-        .context("query pg_database")
 }
 
 #[cfg(test)]

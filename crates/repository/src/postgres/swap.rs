@@ -803,7 +803,7 @@ pub(super) async fn maintenance(live: &DbUrl, timeout: Duration) -> Result<PgCon
     })
 }
 
-async fn exists(conn: &mut PgConnection, name: &str) -> Result<bool> {
+pub(super) async fn exists(conn: &mut PgConnection, name: &str) -> Result<bool> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
         .bind(name)
         .fetch_one(conn)
