@@ -134,6 +134,15 @@ impl RoleControl {
         })
     }
 
+    /// The freeze adapter, as freeze outputs name it ("http", "exec"), if any.
+    pub fn freezer_kind(&self) -> Option<&'static str> {
+        match self.freezer {
+            Some(Freezer::Http(_)) => Some("http"),
+            Some(Freezer::Exec(_)) => Some("exec"),
+            None => None,
+        }
+    }
+
     /// Capabilities to announce in the hello.
     pub fn capabilities(&self) -> Vec<String> {
         let mut out = Vec::new();
