@@ -44,6 +44,7 @@ fn environment_with(
         },
         secrets: Vec::new(),
         report_rows: Vec::new(),
+        report_excluded: Vec::new(),
         fleet,
         plan,
     };
@@ -149,6 +150,7 @@ fn start(env: &str) -> StartRun {
         kind: RunKind::Drill,
         point_id: None,
         plan: None,
+        excluded: Vec::new(),
     }
 }
 
