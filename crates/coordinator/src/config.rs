@@ -679,6 +679,10 @@ key = "certs/coordinator-key.pem"
             ("Sessions", "sessions")
         );
         assert_eq!(rows[7].count, "channel_deliveries[status=dead]");
+        assert_eq!(
+            loaded.environments["staging"].report_excluded,
+            ["local Desktop threads (they stay local unless users import them)"]
+        );
         // The generic example names no service's rows.
         let generic = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/rollcall.toml");
         assert!(
@@ -738,6 +742,17 @@ key = "certs/coordinator-key.pem"
                 ("Failed jobs", "jobs[state=failed]"),
                 ("Untitled", "docs[title=]"),
             ]
+        );
+
+        // Declared exclusions are kept as written, in order.
+        let text = format!(
+            "{}excluded = [\"local Desktop threads\", \"diagnostics bundles\"]\n",
+            with_report("")
+        );
+        let loaded = load(&write(dir.path(), &text)).expect("load");
+        assert_eq!(
+            loaded.environments["prod"].report_excluded,
+            ["local Desktop threads", "diagnostics bundles"]
         );
 
         // No [report]: no rows, so no service's labels.
