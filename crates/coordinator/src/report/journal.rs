@@ -729,10 +729,7 @@ impl Journal {
         }
 
         // Commands re-sent after a failure (a phase's `retries`): one incident per command.
-        let mut tries: BTreeMap<
-            (u32, &str, u32, &str),
-            Vec<&(CommandRecord, Option<ResultRecord>)>,
-        > = BTreeMap::new();
+        let mut tries: BTreeMap<(u32, &str, u32, &str), Vec<&JournaledCommand>> = BTreeMap::new();
         for entry in &self.commands {
             let command = &entry.0;
             let Some((step, _)) = step_and_retry(&command.command_id) else {
@@ -1186,6 +1183,9 @@ impl Journal {
             .and_then(Value::as_i64)
     }
 }
+
+/// A journaled command with its result, when it has one.
+type JournaledCommand = (CommandRecord, Option<ResultRecord>);
 
 /// What the managed-worker drill reads.
 struct WorkerInputs<'a> {

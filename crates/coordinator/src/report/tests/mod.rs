@@ -903,12 +903,13 @@ async fn incidents_tell_blocked_attempts_retries_takeovers_and_lost_agents() {
     let report = build(&*j.store, RUN, &env, Some(&point()), &[], &[])
         .await
         .unwrap();
-    let got: Vec<(
+    type Seen<'a> = (
         Option<chrono::DateTime<chrono::Utc>>,
-        &str,
-        Option<&str>,
-        Option<&str>,
-    )> = report
+        &'a str,
+        Option<&'a str>,
+        Option<&'a str>,
+    );
+    let got: Vec<Seen<'_>> = report
         .incidents
         .iter()
         .map(|i| {
