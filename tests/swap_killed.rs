@@ -121,7 +121,16 @@ async fn a_database_agent_killed_at_each_step_of_the_swap_leaves_the_database_re
     // 1. Killed while blocking connections to the live database; the statement completes after
     //    the kill, so the live database is left refusing connections.
     let hold = HeldSession::holding_row(&f.cluster, "cowork").await;
-    let started = f.run(&["drill", "--env", "test", "--point", &point, "--json"]);
+    let started = f.run(&[
+        "drill",
+        "--env",
+        "test",
+        "--point",
+        &point,
+        "--exclude",
+        "diagnostics bundles",
+        "--json",
+    ]);
     assert!(
         started.status.success(),
         "{}",
@@ -231,6 +240,11 @@ async fn a_database_agent_killed_at_each_step_of_the_swap_leaves_the_database_re
     assert_eq!(
         seen,
         [("agent lost", "db-1"), ("agent back", "db-1")].repeat(3),
+        "{report}"
+    );
+    // What the operator excluded at the start travelled with the run (CLI → StartRun → params).
+    assert_eq!(
+        report["excluded"][0], "diagnostics bundles (declared by the operator)",
         "{report}"
     );
     let markdown = f.run(&["report", &id]);

@@ -449,14 +449,13 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             if matches!(run.state, RunState::Pending | RunState::Running) {
                 tracing::info!(run_id = %run.id, "resuming unfinished run");
                 // The report's incidents: this coordinator took the run over from one that
-                // stopped (or was replaced) before it finished.
-                self.inner
-                    .event(
-                        &run.id,
-                        "run.taken_over",
-                        json!({ "epoch": self.inner.link.epoch().get(), "state": run.state.as_str() }),
-                    )
-                    .await?;
+                // stopped (or was replaced) before it finished. Not journaling it only leaves
+                // the report to infer it from the commands' epochs; the run goes on either way.
+                let took =
+                    json!({ "epoch": self.inner.link.epoch().get(), "state": run.state.as_str() });
+                if let Err(e) = self.inner.event(&run.id, "run.taken_over", took).await {
+                    tracing::warn!(run_id = %run.id, "cannot journal the takeover: {e:#}");
+                }
                 self.spawn_drive(run.id);
                 n += 1;
             }
