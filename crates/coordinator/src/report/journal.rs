@@ -22,7 +22,8 @@ use super::types::{
 use crate::config::{Environment, ReportRow};
 use crate::plan::{Action, Plan};
 use crate::store::{
-    CommandRecord, EventRecord, PhaseRecord, PhaseState, ResultRecord, RunRecord, RunState, Store,
+    CommandRecord, EventRecord, PhaseRecord, PhaseState, ResultRecord, RunKind, RunRecord,
+    RunState, Store,
 };
 
 /// Builds the report of `run_id` from the journal in `store`. `point` is the run's recovery
@@ -557,19 +558,24 @@ impl Journal {
 
         let secret_refs = secret_rows(point, env);
         let incidents = self.incidents(&phase_name);
-        let workers = plan.as_ref().filter(|pl| has_worker_phases(pl)).map(|pl| {
-            self.worker_drill(WorkerInputs {
-                plan: pl,
-                env,
-                point,
-                execs: &execs,
-                checks: &checks,
-                phases: &phases,
-                objects: &objects,
-                counts: &counts,
-                secret_refs: &secret_refs,
-            })
-        });
+        // The runbook's managed-worker drill is a restore's: not a backup's or an undo's.
+        let restore = matches!(run.kind, RunKind::Drill | RunKind::Recovery);
+        let workers = plan
+            .as_ref()
+            .filter(|pl| restore && has_worker_phases(pl))
+            .map(|pl| {
+                self.worker_drill(WorkerInputs {
+                    plan: pl,
+                    env,
+                    point,
+                    execs: &execs,
+                    checks: &checks,
+                    phases: &phases,
+                    objects: &objects,
+                    counts: &counts,
+                    secret_refs: &secret_refs,
+                })
+            });
 
         DrillReport {
             format: FORMAT,

@@ -52,7 +52,8 @@ pub struct DrillReport {
     /// lost and back. Empty when the run went straight through.
     pub incidents: Vec<Incident>,
     /// The runbook's managed-worker drill (worker recovery, checkpoint restore, workflow
-    /// consistency, BYOK secret-reference integrity), when the plan has worker phases.
+    /// consistency, BYOK secret-reference integrity), for a drill or recovery whose plan has
+    /// worker phases.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<Vec<WorkerDrillRow>>,
     /// Data intentionally left out of the restore: what was declared (the run's exclusions,

@@ -1183,7 +1183,32 @@ async fn no_worker_phases_no_managed_worker_section() {
     let report = build(&*j.store, RUN, &environment(vec![]), None, &[], &[])
         .await
         .unwrap();
+    assert_eq!(
+        report.run.plan.as_deref(),
+        Some("db-only"),
+        "the plan was read"
+    );
     assert!(report.workers.is_none());
     assert!(!report.to_markdown().contains("Managed-worker drill"));
     assert!(report.to_json().get("workers").is_none());
+
+    // Nor has an undo, whatever its plan scales: the drill template is a restore's.
+    let j = journal().await;
+    j.store
+        .create_run(&crate::store::NewRun {
+            id: RUN.to_owned(),
+            kind: crate::store::RunKind::Undo,
+            environment: "prod".to_owned(),
+            point_id: Some(POINT.to_owned()),
+            plan: ONE_PHASE_PLAN.to_owned(),
+            params: json!({}),
+            epoch: api::model::Epoch::new(3).unwrap(),
+            created_at: at(9, 59, 50),
+        })
+        .await
+        .unwrap();
+    let report = build(&*j.store, RUN, &environment(vec![]), None, &[], &[])
+        .await
+        .unwrap();
+    assert!(report.workers.is_none());
 }
