@@ -138,6 +138,14 @@ async fn archived_wal_recovers_a_base_backup_to_a_time_between_two_commits() {
         "no push failed"
     );
 
+    // The archive runs without gaps up to the last segment.
+    let verified = rollcall(&["repo", "verify", "--repo", &repo_url]);
+    let text = String::from_utf8_lossy(&verified.stdout);
+    assert!(
+        verified.status.success() && text.contains(&format!(".. {last}")),
+        "{verified:?}"
+    );
+
     // The same segment again: a success; other bytes under its name: refused.
     let segment = dir.path().join(&last);
     std::fs::copy(source.dir().join("data/pg_wal").join(&last), &segment).unwrap();

@@ -516,6 +516,25 @@ async fn verify_all(repo: &Repository, full: bool, label: &str) -> Result<()> {
         }
     }
     let total = listing.points.len() + listing.damaged.len();
+    // The archived WAL, when there is any: a gap or a damaged file stops recovery there.
+    let wal = repository::wal_verify(repo, full).await?;
+    for (first, last) in &wal.ranges {
+        outln!("wal      {first} .. {last}");
+    }
+    for (first, last) in &wal.gaps {
+        outln!("wal gap  {first} .. {last}: recovery cannot pass it");
+    }
+    for problem in &wal.damaged {
+        outln!("damaged  wal {problem}");
+    }
+    if !wal.is_ok() {
+        bail!(
+            "the archived WAL has {} gap(s) and {} damaged file(s): a recovery to a time \
+             after the first problem stops there (the lines above name each)",
+            wal.gaps.len(),
+            wal.damaged.len()
+        );
+    }
     if damaged > 0 {
         bail!(
             "{damaged} of {total} recovery points failed verification; do not restore from \

@@ -75,4 +75,4 @@ pub use undo::{
     UndoObjectsReport, read_records, records_prefix, undo_objects,
 };
 pub use verify::{RestoreTarget, SnapshotCheck, VerifyOptions, VerifyReport};
-pub use wal::{Pushed, WalError, WalRecord, wal_fetch, wal_list, wal_push};
+pub use wal::{Pushed, WalError, WalRecord, WalReport, wal_fetch, wal_list, wal_push, wal_verify};

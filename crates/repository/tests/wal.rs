@@ -135,3 +135,62 @@ async fn a_damaged_body_is_refused_and_nothing_is_written() {
 fn zstd_of(bytes: &[u8]) -> Vec<u8> {
     zstd::bulk::compress(bytes, 3).expect("compress")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_gaps_and_missing_or_damaged_bodies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("repo");
+    let repo = file_repo(&root).await;
+    assert_eq!(
+        wal_verify(&repo, true).await.expect("verify"),
+        WalReport::default()
+    );
+    let pg_wal = dir.path().join("pg_wal");
+    std::fs::create_dir_all(&pg_wal).expect("pg_wal");
+    for (name, fill) in [
+        ("0000000100000000000000FE", 1),
+        ("0000000100000000000000FF", 2),
+        ("000000010000000100000000", 3),
+        ("000000010000000100000003", 4),
+        ("000000020000000100000003", 5),
+    ] {
+        wal_push(&repo, &wal_file(&pg_wal, name, fill))
+            .await
+            .expect("push");
+    }
+    let report = wal_verify(&repo, true).await.expect("verify");
+    assert_eq!(report.segments, 5);
+    assert_eq!(
+        report.gaps,
+        [(
+            "000000010000000100000001".to_owned(),
+            "000000010000000100000002".to_owned()
+        )],
+        "the segments after a log file's last carry over to the next log file"
+    );
+    assert_eq!(report.ranges.len(), 2, "{:?}", report.ranges);
+    assert!(report.damaged.is_empty(), "{:?}", report.damaged);
+
+    // One body gone, another altered: both named; only a full check reads bodies.
+    let bodies = files_named(&root, ".zst");
+    let gone = bodies
+        .iter()
+        .find(|b| b.contains("0000000100000000000000FE"))
+        .expect("a body");
+    std::fs::remove_file(root.join(gone)).expect("remove");
+    let altered = bodies
+        .iter()
+        .find(|b| b.contains("000000020000000100000003"))
+        .expect("a body");
+    std::fs::write(root.join(altered), zstd_of(&vec![6u8; 1 << 20])).expect("alter");
+    let quick = wal_verify(&repo, false).await.expect("verify");
+    assert_eq!(quick.damaged.len(), 1, "{:?}", quick.damaged);
+    assert!(
+        quick.damaged[0].contains("is missing"),
+        "{:?}",
+        quick.damaged
+    );
+    let full = wal_verify(&repo, true).await.expect("verify");
+    assert_eq!(full.damaged.len(), 2, "{:?}", full.damaged);
+    assert!(!full.is_ok());
+}
