@@ -24,6 +24,7 @@ pub mod cli;
 pub mod gateway;
 pub mod load;
 pub mod objects;
+pub mod profile;
 pub mod projection;
 pub mod scheduler;
 pub mod schema;
@@ -41,6 +42,7 @@ use object_store::ObjectStore;
 use sqlx::PgPool;
 
 pub use objects::{ObjectStoreOptions, open_object_store};
+pub use profile::{Overlay, Profile};
 pub use store::{DeliveryCounts, RestoreCounts, connect, counts};
 
 /// The two things every role works on: the control-plane database and the object store.
@@ -50,6 +52,8 @@ pub struct Deps {
     pub objects: Arc<dyn ObjectStore>,
     /// The object store URL, for diagnostics (it carries no credentials).
     pub objects_url: String,
+    /// Which service this is: its table names and its behaviour.
+    pub profile: Profile,
 }
 
 impl Deps {
@@ -58,6 +62,7 @@ impl Deps {
         database_url: &str,
         object_store_url: &str,
         options: &ObjectStoreOptions,
+        profile: Profile,
     ) -> Result<Deps> {
         let objects = open_object_store(object_store_url, options)?;
         let pool = connect(database_url).await?;
@@ -65,6 +70,7 @@ impl Deps {
             pool,
             objects,
             objects_url: object_store_url.to_owned(),
+            profile,
         })
     }
 }

@@ -173,7 +173,22 @@ pub async fn object_exists(store: &dyn ObjectStore, key: &str) -> Result<bool> {
 
 /// Writes and deletes a small probe object: proves the store accepts writes.
 pub async fn write_probe(store: &dyn ObjectStore, name: &str) -> Result<()> {
-    let key = format!("_probe/{name}");
+    write_probe_at(store, &format!("_probe/{name}")).await
+}
+
+/// The real profile's readiness probe key, as the real service names it:
+/// `health/readiness/<date>/<uuid>.txt` (a verification that lists the store ignores the prefix).
+pub fn readiness_probe_key() -> String {
+    format!(
+        "health/readiness/{}/{}.txt",
+        chrono::Utc::now().format("%Y-%m-%d"),
+        uuid::Uuid::new_v4()
+    )
+}
+
+/// Writes and deletes a small probe object at `key`.
+pub async fn write_probe_at(store: &dyn ObjectStore, key: &str) -> Result<()> {
+    let key = key.to_owned();
     put_object(store, &key, Bytes::from_static(b"probe")).await?;
     let path = parse_key(&key)?;
     match store.delete(&path).await {

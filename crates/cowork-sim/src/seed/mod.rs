@@ -130,10 +130,10 @@ pub struct Seeded {
 /// Seeds the database and object store.
 pub async fn run(deps: &Deps, config: &SeedConfig) -> Result<Seeded> {
     config.validate()?;
-    schema::ensure_current(&deps.pool).await?;
+    schema::ensure_current(&deps.pool, deps.profile).await?;
     let started = Instant::now();
     let now = Utc::now();
-    let plan = Plan::new(config, now);
+    let plan = Plan::new(config, now, deps.profile);
     let mut report = SeedReport {
         rng_seed: config.rng_seed,
         ..SeedReport::default()
@@ -193,7 +193,7 @@ pub async fn run(deps: &Deps, config: &SeedConfig) -> Result<Seeded> {
                 .sum::<u64>();
             report.bound_sessions += chunk.bound_sessions;
             add_counts(&mut report.deliveries, &chunk.deliveries);
-            chunk.copy_into(&mut tx).await?;
+            chunk.copy_into(&mut tx, deps.profile).await?;
             if object_tx.send(chunk.objects).await.is_err() {
                 break; // the uploader failed; its error is reported below
             }

@@ -64,10 +64,17 @@ pub async fn env(label: &str) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let objects_dir = dir.path().join("objects");
     let objects_url = format!("file://{}", objects_dir.display());
-    let deps = Deps::connect(&db.url, &objects_url, &ObjectStoreOptions::default())
+    let deps = Deps::connect(
+        &db.url,
+        &objects_url,
+        &ObjectStoreOptions::default(),
+        cowork_sim::Profile::Kind,
+    )
+    .await
+    .unwrap();
+    cowork_sim::schema::migrate(&deps.pool, deps.profile)
         .await
         .unwrap();
-    cowork_sim::schema::migrate(&deps.pool).await.unwrap();
     Env {
         db,
         deps,
@@ -84,17 +91,25 @@ pub struct Tenant {
 }
 
 pub async fn tenant(deps: &Deps, slug: &str) -> Tenant {
-    let id = cowork_sim::store::create_tenant(&deps.pool, slug, &format!("Tenant {slug}"))
-        .await
-        .unwrap();
-    let desktop = auth::issue_token(&deps.pool, Scope::Desktop, Some(&id), None, "test")
-        .await
-        .unwrap();
+    let id =
+        cowork_sim::store::create_tenant(&deps.pool, deps.profile, slug, &format!("Tenant {slug}"))
+            .await
+            .unwrap();
+    let desktop = auth::issue_token(
+        &deps.pool,
+        deps.profile,
+        Scope::Desktop,
+        Some(&id),
+        None,
+        "test",
+    )
+    .await
+    .unwrap();
     Tenant { id, desktop }
 }
 
 pub async fn token(deps: &Deps, scope: Scope) -> IssuedToken {
-    auth::issue_token(&deps.pool, scope, None, None, "test")
+    auth::issue_token(&deps.pool, deps.profile, scope, None, None, "test")
         .await
         .unwrap()
 }
