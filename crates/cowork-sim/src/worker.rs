@@ -407,6 +407,9 @@ impl Worker {
             Bytes::from(serde_json::to_vec_pretty(&manifest).context("encode a checkpoint")?),
         )
         .await?;
+        if self.deps.profile == crate::Profile::Real {
+            objects::make_private(&self.deps.objects_url, &checkpoint.key)?;
+        }
 
         let events = [
             (

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use cowork_sim::auth::{self, IssuedToken, Scope};
 use cowork_sim::web::{WebConfig, WebState};
-use cowork_sim::{Deps, ObjectStoreOptions};
+use cowork_sim::{Deps, ObjectStoreOptions, Profile};
 use ephemeral_pg::Cluster;
 use tokio_util::sync::CancellationToken;
 
@@ -60,6 +60,11 @@ pub struct Env {
 }
 
 pub async fn env(label: &str) -> Env {
+    env_with(label, Profile::Kind).await
+}
+
+/// [`env`] in `profile`, migrated with its names.
+pub async fn env_with(label: &str, profile: Profile) -> Env {
     let db = fresh_db(label);
     let dir = tempfile::tempdir().unwrap();
     let objects_dir = dir.path().join("objects");
@@ -68,7 +73,7 @@ pub async fn env(label: &str) -> Env {
         &db.url,
         &objects_url,
         &ObjectStoreOptions::default(),
-        cowork_sim::Profile::Kind,
+        profile,
     )
     .await
     .unwrap();
@@ -189,9 +194,33 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, log_dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        Proc::start(name, log_dir, None, args, envs)
+    }
+
+    /// [`Proc::spawn`] with `cwd` as the working directory (where the overlay file is read).
+    pub fn spawn_in(
+        name: &str,
+        log_dir: &Path,
+        cwd: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Proc {
+        Proc::start(name, log_dir, Some(cwd), args, envs)
+    }
+
+    fn start(
+        name: &str,
+        log_dir: &Path,
+        cwd: Option<&Path>,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Proc {
         let log = log_dir.join(format!("{name}.log"));
         let stdout = log_dir.join(format!("{name}.out"));
         let mut cmd = Command::new(bin());
+        if let Some(cwd) = cwd {
+            cmd.current_dir(cwd);
+        }
         cmd.args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -271,7 +300,27 @@ impl Drop for Proc {
 
 /// Runs the binary to completion; returns (status, stdout, stderr).
 pub fn run_bin(args: &[&str], envs: &[(&str, &str)]) -> (ExitStatus, String, String) {
+    run_bin_at(None, args, envs)
+}
+
+/// [`run_bin`] in the working directory `cwd`.
+pub fn run_bin_in(
+    cwd: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (ExitStatus, String, String) {
+    run_bin_at(Some(cwd), args, envs)
+}
+
+fn run_bin_at(
+    cwd: Option<&Path>,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (ExitStatus, String, String) {
     let mut cmd = Command::new(bin());
+    if let Some(cwd) = cwd {
+        cmd.current_dir(cwd);
+    }
     cmd.args(args).stdin(Stdio::null());
     for (k, v) in envs {
         cmd.env(k, v);
