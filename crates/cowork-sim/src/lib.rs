@@ -5,19 +5,31 @@
 //! shows: missing artifacts, projections that disagree with events, double-fired workflows,
 //! duplicate channel deliveries.
 //!
+//! Two profiles ([`profile`]): `kind` (the default: maintenance mode, bare table names,
+//! `/healthz`) and `real`, which behaves like the real service behind the runbook (`cloud_`
+//! tables, no maintenance mode, migrations on boot, exits when Postgres terminates its
+//! connection, an overlay file in every role's working directory). [`Deps::profile`] carries it
+//! to every statement.
+//!
 //! Codemap:
-//! - [`schema`]: the embedded migrations (`migrations/`, table `schema_migrations`).
+//! - [`profile`]: the profiles, the overlay file (`./cowork-sim.toml`, env `COWORK_PROFILE`),
+//!   and the one place that names relations per profile ([`Profile::sql`] expands `{table}`).
+//! - [`schema`]: the embedded migrations (`migrations/`, relation names in braces), recorded in
+//!   `schema_migrations` (kind) or `cloud_migrations` (real).
 //! - [`store`]: connecting, ids, and the checks Rollcall relies on: [`store::counts`],
 //!   [`store::verify_artifacts`], [`store::verify_projections`].
 //! - [`projection`]: the session view folded from events.
 //! - [`auth`]: API tokens (stored as SHA-256) and their scopes.
 //! - [`objects`]: opening an object store from a URL (`file:///dir`, `s3://bucket/prefix`).
-//! - [`web`]: the HTTP role (health, operator and session APIs, maintenance mode).
+//! - [`web`]: the HTTP role (health, operator and session APIs, maintenance mode in the kind
+//!   profile; in the real one no maintenance, no `/healthz`, named `/readyz` checks).
 //! - [`worker`]: turns prompt commands into events, projections, artifacts and checkpoints.
 //! - [`scheduler`]: claims due workflows, one run per due time.
 //! - [`gateway`]: delivers channel deliveries in order to a sink, with retries and cursors.
 //! - [`sink`]: the receiving end of the gateway (HTTP server or JSONL file) that counts duplicates.
 //! - [`seed`]: realistic data at any scale. [`load`]: a write-load client for drills.
+//! - [`smoke`]: the bounded post-restore checks (the real profile's worker smoke writes its
+//!   prompt to the database with a connection that may write while web's role is frozen).
 
 pub mod auth;
 pub mod cli;
