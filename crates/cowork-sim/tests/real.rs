@@ -3,6 +3,8 @@
 //! Postgres terminates its connection, and a worker smoke that passes while web's database role
 //! is frozen read-only.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt as _;
