@@ -164,9 +164,9 @@ pub struct Overlay {
 impl Overlay {
     /// Reads `./cowork-sim.toml` from the current directory and `COWORK_PROFILE`.
     pub fn load() -> Result<Overlay> {
-        let dir = std::env::current_dir().context("read the current directory")?;
+        // "." rather than the resolved directory: a removed working directory has no overlay.
         let env = std::env::var(PROFILE_ENV).ok();
-        Overlay::load_from(&dir, env.as_deref())
+        Overlay::load_from(Path::new("."), env.as_deref())
     }
 
     /// Reads `<dir>/cowork-sim.toml`; the file's `profile` wins over `env`, which wins over
