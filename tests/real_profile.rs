@@ -260,6 +260,14 @@ async fn a_real_profile_fleet_drills_with_the_default_plan_frozen_at_the_databas
         assert_eq!(smoke["passed"], true, "{smoke}");
     }
 
+    // Web has no maintenance mode: the freeze ended its sessions, it exited (as the real
+    // service does), and its agent restarted it read-only.
+    let web_agent_log = std::fs::read_to_string(f.dir.path().join("web-1.log")).unwrap();
+    assert!(
+        web_agent_log.contains("replica exited"),
+        "web never exited: {web_agent_log}"
+    );
+
     // The restored data equals the point; the objects too, the junk quarantined.
     assert_eq!(fingerprint(cluster, &sessions), at_point);
     let now = live_objects(&f.objects);
