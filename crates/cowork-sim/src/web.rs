@@ -3,6 +3,11 @@
 //!
 //! Maintenance mode lives in the process, not the database: restoring the database must not
 //! flip it, and Rollcall starts a restored web role already frozen (`--maintenance`).
+//!
+//! The real profile ([`crate::profile`]) has none of that, like the real service: no
+//! maintenance mode, no `/healthz`, no smoke hook; `/readyz` lists named checks and probes
+//! `health/readiness/<date>/<uuid>.txt`; a write on a database frozen read-only answers 503;
+//! and the `cowork-sim web` process exits when Postgres terminates its connection.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
