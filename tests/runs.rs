@@ -572,6 +572,25 @@ async fn latest_is_the_last_committed_point_whatever_its_stamp() {
         "a future stamp is not within the RPO"
     );
     assert!(!listing.points[1].stale && listing.points[1].stamped_ahead.is_none());
+
+    // Kept copies of an environment without a database: its quarantines alone, no complaint
+    // about database agents it does not declare, and a prune goes ahead.
+    let kept = c.handle.engine.list_kept("test").await.unwrap();
+    assert!(kept.problems.is_empty(), "{:?}", kept.problems);
+    let pruned = c
+        .handle
+        .engine
+        .prune_kept(
+            "test",
+            false,
+            coordinator::engine::kept::PruneRules {
+                keep_last: 2,
+                older_than: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(pruned.problems.is_empty(), "{:?}", pruned.problems);
     c.stop().await;
 }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use api::model::output::{ChecksOutput, VerifyOutput};
+use api::model::output::{ChecksOutput, FreezeOutput, VerifyOutput};
 use api::model::{
     Action, ActionOutput, AgentName, Command, CommandId, CommandResult, Description, Environment,
     Epoch, Outcome, ResultDetail, Role,
@@ -400,7 +400,28 @@ impl Executor {
                     Err(e) => (Outcome::Failed, api::errors::one_line(&*e), None),
                 }
             }
-            Action::Freeze | Action::Unfreeze | Action::Scale(_) | Action::Restart => {
+            Action::Freeze | Action::Unfreeze => {
+                let freezing = matches!(action, Action::Freeze);
+                match Box::pin(freeze_action(
+                    self.control.as_deref(),
+                    self.data.as_deref(),
+                    freezing,
+                ))
+                .await
+                {
+                    Ok(out) => (
+                        Outcome::Succeeded,
+                        out.detail.clone(),
+                        output_detail(if freezing {
+                            ActionOutput::Freeze(out)
+                        } else {
+                            ActionOutput::Unfreeze(out)
+                        }),
+                    ),
+                    Err(e) => (Outcome::Failed, api::errors::one_line(&*e), None),
+                }
+            }
+            Action::Scale(_) | Action::Restart => {
                 let Some(control) = &self.control else {
                     return (
                         Outcome::Unsupported,
@@ -449,14 +470,67 @@ impl Executor {
     }
 }
 
+/// Freezes (or thaws) writes with what this agent has: the role's freeze adapter, the
+/// database freeze, both, or neither (an agent with nothing to freeze says so, and the
+/// coordinator checks that some agent of the phase froze).
+async fn freeze_action(
+    control: Option<&RoleControl>,
+    data: Option<&DataPlane>,
+    freeze: bool,
+) -> anyhow::Result<FreezeOutput> {
+    let mut done: Vec<FreezeOutput> = Vec::new();
+    if let Some(control) = control
+        && let Some(by) = control.freezer_kind()
+    {
+        let detail = if freeze {
+            control.freeze().await?
+        } else {
+            control.unfreeze().await?
+        };
+        done.push(FreezeOutput {
+            by: by.to_owned(),
+            frozen: freeze,
+            detail: if detail.is_empty() {
+                format!("{} by {by}", if freeze { "frozen" } else { "unfrozen" })
+            } else {
+                detail
+            },
+        });
+    }
+    if let Some(data) = data
+        && data.freezes()
+    {
+        done.push(if freeze {
+            data.freeze_database().await?
+        } else {
+            data.thaw_database().await?
+        });
+    }
+    Ok(match done.len() {
+        0 => FreezeOutput::nothing(),
+        1 => done.remove(0),
+        _ => FreezeOutput {
+            by: done
+                .iter()
+                .map(|d| d.by.as_str())
+                .collect::<Vec<_>>()
+                .join("+"),
+            frozen: freeze,
+            detail: done
+                .iter()
+                .map(|d| d.detail.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        },
+    })
+}
+
 async fn control_action(
     control: &RoleControl,
     action: &Action,
     run_id: &str,
 ) -> anyhow::Result<(String, Option<ResultDetail>)> {
     Ok(match action {
-        Action::Freeze => (control.freeze().await?, None),
-        Action::Unfreeze => (control.unfreeze().await?, None),
         Action::Restart => (control.restart().await?, None),
         Action::Scale(target) => {
             let out = control.scale(target.clone(), run_id).await?;

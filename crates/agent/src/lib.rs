@@ -60,13 +60,16 @@ impl Agent {
             &settings.control,
             &settings.state_dir,
         )?);
-        let data = Arc::new(crate::data::DataPlane::from_config(
-            &settings.config_file,
-            settings.name.as_str(),
-            settings.environment.as_str(),
-            settings.postgres.as_ref(),
-            settings.objects.as_ref(),
-        )?);
+        let data = Arc::new(
+            crate::data::DataPlane::from_config(
+                &settings.config_file,
+                settings.name.as_str(),
+                settings.environment.as_str(),
+                settings.postgres.as_ref(),
+                settings.objects.as_ref(),
+            )?
+            .with_state_dir(&settings.state_dir)?,
+        );
         let checks = Arc::new(crate::checks::Checks::from_config(
             &settings.config_file,
             &settings.checks,

@@ -41,6 +41,7 @@ pub use point::{CLOCK_TOLERANCE, DamagedPoint, NewPoint, Point, PointListing};
 pub use postgres::backup::{PgBackupOptions, backup_postgres};
 pub use postgres::catalog::{count_rows, count_specs, missing_tables, table_columns, user_tables};
 pub use postgres::fetch::fetch_dump;
+pub use postgres::freeze::{DatabaseFreeze, FreezeChange};
 pub use postgres::kept::{
     KeptDatabase, KeptKind, drop_kept_database, kept_name, list_kept_databases,
 };

@@ -2,7 +2,9 @@
 //! superuser, with CREATEDB): a whole backup → restore → swap as that role, and the failures
 //! that must never leave the live database refusing connections — a superuser's session it may
 //! not end, a second rename that fails, and a swap killed after blocking or after its first
-//! rename; and the undo of a swap, as that role, with the same guarantees.
+//! rename; and the undo of a swap, as that role, with the same guarantees. Also the freeze at
+//! the database for services without a maintenance mode: held across a swap, thawed, and
+//! refused without changing anything when it could not hold.
 
 mod common;
 
@@ -123,6 +125,21 @@ async fn prepared(cluster: &Cluster) -> DatabaseSwap {
     swap
 }
 
+/// Waits until no session matching `filter` (a condition on `pg_stat_activity`) is left: a
+/// server process exits a moment after its client closed.
+async fn backends_gone(cluster: &Cluster, filter: &str) {
+    let sql = format!("SELECT count(*) FROM pg_stat_activity WHERE {filter}");
+    ephemeral_pg::eventually(
+        "the closed sessions' backends to exit",
+        Duration::from_secs(10),
+        async || {
+            let n = cluster.psql("postgres", &sql).ok()?;
+            (n.trim() == "0").then_some(())
+        },
+    )
+    .await;
+}
+
 /// A superuser's session on `database`, named `holdout`, held until dropped.
 async fn superuser_session(cluster: &Cluster, database: &str) -> (sqlx::PgConnection, i32) {
     let mut conn = sqlx::PgConnection::connect(&format!(
@@ -213,21 +230,7 @@ async fn a_session_it_may_not_end_is_named_and_nothing_changes() {
 
     // Once the session is gone, the same swap goes through.
     holdout.close().await.expect("close the holdout");
-    // Its server process exits a moment after the client closed.
-    ephemeral_pg::eventually(
-        "the holdout's backend to exit",
-        Duration::from_secs(10),
-        async || {
-            let n = cluster
-                .psql(
-                    "postgres",
-                    &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
-                )
-                .ok()?;
-            (n.trim() == "0").then_some(())
-        },
-    )
-    .await;
+    backends_gone(&cluster, "application_name = 'holdout'").await;
     swap.swap().await.expect("swap once the session is gone");
     swap.close().await;
     live_and_open(&cluster, 2).await;
@@ -251,6 +254,7 @@ async fn a_failed_second_rename_puts_the_live_database_back() {
     live_and_open(&cluster, 1).await;
     assert!(!exists(&cluster, &format!("live_pre_{TAG}")));
     holdout.close().await.expect("close the holdout");
+    backends_gone(&cluster, "application_name = 'holdout'").await;
     swap.swap().await.expect("swap once the copy is free");
     swap.close().await;
     live_and_open(&cluster, 2).await;
@@ -463,6 +467,7 @@ async fn an_undo_that_may_not_end_a_session_names_it_and_changes_nothing() {
     );
     live_and_open(&cluster, 2).await;
     holdout.close().await.expect("close the holdout");
+    backends_gone(&cluster, "application_name = 'holdout'").await;
     assert_eq!(undo_swap(&mut swap).await.expect("undo"), Undone::Swapped);
     swap.close().await;
     live_and_open(&cluster, 1).await;
@@ -560,4 +565,185 @@ async fn an_undo_killed_midway_leaves_the_live_database_open_and_a_second_one_fi
             .expect("reopen"),
         []
     );
+}
+
+/// A session of the owner role on `database` named `application`.
+async fn owner_session(cluster: &Cluster, database: &str, application: &str) -> sqlx::PgConnection {
+    sqlx::PgConnection::connect(&format!(
+        "{}?application_name={application}",
+        as_owner(cluster, database)
+    ))
+    .await
+    .expect("the owner connects")
+}
+
+/// Whether a write through `conn` is refused as a write in a read-only transaction.
+async fn write_refused(conn: &mut sqlx::PgConnection) -> bool {
+    match sqlx::query("INSERT INTO notes VALUES (100, 'while frozen?') ON CONFLICT DO NOTHING")
+        .execute(&mut *conn)
+        .await
+    {
+        Ok(_) => false,
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("25006") => true,
+        Err(e) => panic!("a write failed otherwise than read-only: {e}"),
+    }
+}
+
+async fn freeze_as_owner(cluster: &Cluster, roles: &[&str]) -> anyhow::Result<DatabaseFreeze> {
+    let roles: Vec<String> = roles.iter().map(|r| (*r).to_owned()).collect();
+    DatabaseFreeze::connect(&as_owner(cluster, "live"), &roles, CONNECT).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_freeze_holds_writes_across_a_swap_until_the_thaw() {
+    let cluster = owned_cluster();
+    // The service's web connected before the freeze, as the same role the agent uses (the
+    // real service runs as the database's owner).
+    let mut web = owner_session(&cluster, "live", "web").await;
+    let mut freeze = freeze_as_owner(&cluster, &[OWNER])
+        .await
+        .expect("the owner may freeze itself");
+    let frozen = freeze.freeze(None).await.expect("freeze");
+    assert_eq!(frozen.database, "live");
+    assert_eq!(
+        frozen
+            .ended
+            .iter()
+            .map(|s| s.application.as_str())
+            .collect::<Vec<_>>(),
+        ["web"],
+        "the web session is ended so it reconnects read-only: {:?}",
+        frozen.ended
+    );
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut web).await.is_err(),
+        "the ended session is gone"
+    );
+    let mut web = owner_session(&cluster, "live", "web").await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
+        .fetch_one(&mut web)
+        .await
+        .expect("reads keep working while frozen");
+    assert_eq!(n, 1);
+    assert!(
+        write_refused(&mut web).await,
+        "writes are refused while frozen"
+    );
+    // A process that must write while frozen (a worker running a smoke) opts out.
+    let mut worker = sqlx::PgConnection::connect(&format!(
+        "{}?options=-c%20default_transaction_read_only%3Doff",
+        as_owner(&cluster, "live")
+    ))
+    .await
+    .expect("a worker connects opting out");
+    assert!(
+        !write_refused(&mut worker).await,
+        "an opted-out session writes"
+    );
+    drop(worker);
+
+    // Repeated (a re-sent command): sessions that reconnected read-only since stay.
+    let again = freeze
+        .freeze(Some(frozen.since_us))
+        .await
+        .expect("freeze again");
+    assert!(again.ended.is_empty(), "{:?}", again.ended);
+    assert!(write_refused(&mut web).await);
+    drop(web);
+
+    // The restored database takes the live name frozen; the kept copy stays frozen too.
+    let mut swap = prepared(&cluster)
+        .await
+        .carry_freeze(&[OWNER.to_owned()], true);
+    swap.swap().await.expect("swap while frozen");
+    swap.close().await;
+    let mut web = owner_session(&cluster, "live", "web").await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
+        .fetch_one(&mut web)
+        .await
+        .expect("read the restored rows");
+    assert_eq!(n, 2, "the restored database is live");
+    assert!(
+        write_refused(&mut web).await,
+        "the freeze was carried onto the restored database"
+    );
+
+    // The thaw ends the sessions that began frozen, so they reconnect writable.
+    let thawed = freeze.thaw().await.expect("thaw");
+    assert_eq!(thawed.ended.len(), 1, "{:?}", thawed.ended);
+    freeze.close().await;
+    let mut web = owner_session(&cluster, "live", "web").await;
+    assert!(!write_refused(&mut web).await, "writes work after the thaw");
+    let mut kept = owner_session(&cluster, &format!("live_pre_{TAG}"), "psql").await;
+    assert!(
+        write_refused(&mut kept).await,
+        "the copy kept while frozen stays read-only for the application"
+    );
+    kept.close().await.expect("close");
+    web.close().await.expect("close");
+
+    // Undone after the thaw, the kept copy comes back writable.
+    let mut swap = undo(&cluster)
+        .await
+        .carry_freeze(&[OWNER.to_owned()], false);
+    assert_eq!(undo_swap(&mut swap).await.expect("undo"), Undone::Swapped);
+    swap.close().await;
+    let mut web = owner_session(&cluster, "live", "web").await;
+    assert!(
+        !write_refused(&mut web).await,
+        "the database put back is writable once thawed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freeze_it_may_not_apply_changes_nothing() {
+    let cluster = owned_cluster();
+    cluster
+        .psql(
+            "postgres",
+            "CREATE ROLE web_app LOGIN; GRANT CONNECT ON DATABASE live TO web_app",
+        )
+        .expect("a second application role");
+
+    let err = freeze_as_owner(&cluster, &[OWNER, "no_such_role"])
+        .await
+        .err()
+        .expect("an unknown role is refused");
+    assert!(
+        format!("{err:#}").contains("no role named no_such_role"),
+        "{err:#}"
+    );
+
+    // A session of a role the owner may not end: named, and nothing changed.
+    let mut other =
+        sqlx::PgConnection::connect(&cluster.url("live").replacen("postgres@", "web_app@", 1))
+            .await
+            .expect("web_app connects");
+    let mut freeze = freeze_as_owner(&cluster, &[OWNER, "web_app"])
+        .await
+        .expect("connect");
+    let err = freeze.freeze(None).await.expect_err("refused");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("may not end")
+            && text.contains("web_app")
+            && text.contains("nothing was changed"),
+        "{text}"
+    );
+    let mut web = owner_session(&cluster, "live", "web").await;
+    assert!(!write_refused(&mut web).await, "the owner still writes");
+    sqlx::query("SELECT 1")
+        .execute(&mut other)
+        .await
+        .expect("the other role's session was left alone");
+    other.close().await.expect("close");
+    backends_gone(&cluster, "usename = 'web_app'").await;
+
+    // No session in the way, but the owner may not alter another role (no CREATEROLE): the
+    // one transaction leaves the owner's own setting unchanged too.
+    let err = freeze.freeze(None).await.expect_err("refused");
+    let text = format!("{err:#}");
+    assert!(text.contains("CREATEROLE"), "{text}");
+    freeze.close().await;
+    assert!(!write_refused(&mut web).await, "nothing was frozen");
 }

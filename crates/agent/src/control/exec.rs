@@ -1,7 +1,13 @@
 //! The `exec` adapter: operator-supplied commands (systemd, kubectl, a cloud CLI) for freeze,
 //! unfreeze, scale, restart and status. Each runs with a timeout; its output is captured and
 //! its tail reported.
+//!
+//! A scale that brings the role back after a restore (see `control`) runs its command with
+//! `ROLLCALL_AFTER_RESTORE=true` and `first_start_env` in its environment, so the operator's
+//! command can start the role with, say, migrations off (`kubectl set env …` first); other
+//! scales see `ROLLCALL_AFTER_RESTORE=false`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -23,6 +29,9 @@ pub struct ExecConfig {
     /// Prints the current replica count as the last line of its output.
     pub status: Option<Vec<String>>,
     pub restart: Option<Vec<String>>,
+    /// Environment of the `scale` command when it brings the role back after a restore.
+    #[serde(default)]
+    pub first_start_env: BTreeMap<String, String>,
     #[serde(with = "humantime_serde", default = "super::default_timeout")]
     pub timeout: Duration,
 }
@@ -86,13 +95,27 @@ impl Exec {
         self.run(key, argv, &[]).await
     }
 
-    pub async fn scale(&self, replicas: u32) -> Result<()> {
+    /// Sets the replica count; `after_restore`: this scale brings the role back after a
+    /// restore (its command gets `first_start_env`).
+    pub async fn scale(&self, replicas: u32, after_restore: bool) -> Result<()> {
         let argv = self
             .config
             .scale
             .as_ref()
             .context("control.exec.scale is not configured")?;
-        self.run("scale", argv, &[("replicas", replicas.to_string())])
+        let mut env: Vec<(&str, &str)> = vec![(
+            "ROLLCALL_AFTER_RESTORE",
+            if after_restore { "true" } else { "false" },
+        )];
+        if after_restore {
+            env.extend(
+                self.config
+                    .first_start_env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            );
+        }
+        self.run_with_env("scale", argv, &[("replicas", replicas.to_string())], &env)
             .await?;
         Ok(())
     }
@@ -127,10 +150,21 @@ impl Exec {
     }
 
     async fn run(&self, key: &str, argv: &[String], vars: &[(&str, String)]) -> Result<String> {
+        self.run_with_env(key, argv, vars, &[]).await
+    }
+
+    async fn run_with_env(
+        &self,
+        key: &str,
+        argv: &[String],
+        vars: &[(&str, String)],
+        env: &[(&str, &str)],
+    ) -> Result<String> {
         let argv: Vec<String> = argv.iter().map(|a| substitute(a, vars)).collect();
         let mut command = tokio::process::Command::new(&argv[0]);
         command
             .args(&argv[1..])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -196,11 +230,12 @@ mod tests {
             scale: Some(sh(&format!("echo {{replicas}} > {}", count.display()))),
             status: Some(sh(&format!("echo checking; cat {}", count.display()))),
             restart: None,
+            first_start_env: BTreeMap::new(),
             timeout: Duration::from_millis(500),
         };
         let exec = Exec::new(Path::new("agent.toml"), &config).unwrap();
         assert_eq!(exec.status().await.unwrap(), 2);
-        exec.scale(0).await.unwrap();
+        exec.scale(0, false).await.unwrap();
         assert_eq!(exec.status().await.unwrap(), 0);
         assert_eq!(exec.freeze(true).await.unwrap().trim(), "frozen");
         let err = exec.freeze(false).await.unwrap_err().to_string();
@@ -221,5 +256,30 @@ mod tests {
         .unwrap();
         let err = slow.freeze(true).await.unwrap_err().to_string();
         assert!(err.contains("did not finish within 500ms"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_scale_after_a_restore_runs_with_first_start_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = dir.path().join("seen");
+        let config = ExecConfig {
+            freeze: None,
+            unfreeze: None,
+            scale: Some(sh(&format!(
+                "echo \"{{replicas}} $ROLLCALL_AFTER_RESTORE ${{RUN_MIGRATIONS:-unset}}\" >> {}",
+                seen.display()
+            ))),
+            status: Some(sh("echo 1")),
+            restart: None,
+            first_start_env: BTreeMap::from([("RUN_MIGRATIONS".into(), "false".into())]),
+            timeout: Duration::from_secs(5),
+        };
+        let exec = Exec::new(Path::new("agent.toml"), &config).unwrap();
+        exec.scale(0, false).await.unwrap();
+        exec.scale(2, true).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&seen).unwrap(),
+            "0 false unset\n2 true false\n"
+        );
     }
 }

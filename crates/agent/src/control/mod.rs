@@ -14,7 +14,8 @@
 //! The same memory tells which start brings the role back after a restore: a scale-up in the
 //! run that scaled the role to zero before (the plans' `scale-to-zero`, then `start-web`, the
 //! smokes' replicas and `restore-replicas`). The `process` adapter gives the replicas such a
-//! scale starts its `first_start_env` (say, migrations off); restarts never get it.
+//! scale starts its `first_start_env` (say, migrations off); the `exec` adapter runs its scale
+//! command with its `first_start_env` and `ROLLCALL_AFTER_RESTORE=true`; restarts never get it.
 
 mod env;
 mod exec;
@@ -132,6 +133,15 @@ impl RoleControl {
             freezer,
             memory,
         })
+    }
+
+    /// The freeze adapter, as freeze outputs name it ("http", "exec"), if any.
+    pub fn freezer_kind(&self) -> Option<&'static str> {
+        match self.freezer {
+            Some(Freezer::Http(_)) => Some("http"),
+            Some(Freezer::Exec(_)) => Some("exec"),
+            None => None,
+        }
     }
 
     /// Capabilities to announce in the hello.
@@ -272,7 +282,7 @@ impl RoleControl {
         self.memory.set_desired(now, run_id)?;
         match scaler {
             Scaler::Process(s) => s.scale(now, after_restore).await?,
-            Scaler::Exec(e) => e.scale(now).await?,
+            Scaler::Exec(e) => e.scale(now, after_restore).await?,
         }
         if now > 0 {
             self.keep_frozen().await?;

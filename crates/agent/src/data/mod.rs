@@ -9,6 +9,10 @@
 //!   agent's scratch directory for that run's restore. Restores make it equal the point's
 //!   manifest; objects the restore replaces or removes are kept in the repository's
 //!   `quarantine/<run>/` first.
+//! * `[postgres.freeze]` ([`postgres`]): freezing writes at the database for services without
+//!   a maintenance mode (`repository::DatabaseFreeze`); whether it is frozen is remembered in
+//!   the state directory, so a swap carries the freeze onto the restored database until the
+//!   unfreeze, across agent restarts.
 
 mod objects;
 mod postgres;
@@ -51,6 +55,19 @@ pub struct PostgresConfig {
     /// column); `[]` counts none. Default: every user table, in the dump's snapshot at backup,
     /// and then what the point counted.
     pub counts: Option<Vec<String>>,
+    /// Freezing writes at the database: the application's login roles become read-only in the
+    /// live database on `freeze`, until `unfreeze`.
+    pub freeze: Option<DbFreezeConfig>,
+}
+
+/// `[postgres.freeze]` in agent.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DbFreezeConfig {
+    /// The login roles the application connects as (not this agent's own connections, which
+    /// opt out). Processes that must write while frozen connect with the startup option
+    /// `default_transaction_read_only=off`.
+    pub roles: Vec<String>,
 }
 
 /// `[objects]` in agent.toml.
@@ -107,6 +124,9 @@ fn default_scratch_limit_mib() -> u64 {
 
 pub struct DataPlane {
     postgres: Option<Postgres>,
+    /// Whether writes are frozen at the database (`[postgres.freeze]`), kept in the state
+    /// directory ([`DataPlane::with_state_dir`]).
+    frozen: Option<postgres::FrozenMemory>,
     objects: Option<ObjectsConfig>,
     /// The objects agent's scratch directory (holding one directory per run).
     scratch_root: PathBuf,
@@ -152,6 +172,15 @@ impl DataPlane {
                          URL holds a password, so it never goes in agent.toml)"
                     ));
                 }
+                if let Some(freeze) = &p.freeze
+                    && (freeze.roles.is_empty() || freeze.roles.iter().any(|r| r.trim().is_empty()))
+                {
+                    bail!(ConfigError::new(
+                        file,
+                        "postgres.freeze.roles must name at least one role, none empty",
+                        "list the login roles the application connects as, e.g. roles = [\"app\"]"
+                    ));
+                }
                 let counts = match &p.counts {
                     None => CountSelection::AllTables,
                     Some(list) => CountSelection::Listed(
@@ -185,14 +214,32 @@ impl DataPlane {
         };
         Ok(DataPlane {
             postgres,
+            frozen: None,
             objects: objects.cloned(),
             scratch_root,
             environment: environment.to_owned(),
         })
     }
 
+    /// Opens what this data plane remembers in the agent's state directory (whether writes
+    /// are frozen at the database).
+    pub fn with_state_dir(mut self, state_dir: &Path) -> Result<DataPlane> {
+        self.frozen = Some(postgres::FrozenMemory::open(state_dir)?);
+        Ok(self)
+    }
+
+    /// Whether this agent freezes writes at the database (`[postgres.freeze]`).
+    pub fn freezes(&self) -> bool {
+        self.postgres
+            .as_ref()
+            .is_some_and(|p| p.config.freeze.is_some())
+    }
+
     pub fn capabilities(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if self.freezes() {
+            out.extend(["freeze".to_owned(), "unfreeze".to_owned()]);
+        }
         if self.postgres.is_some() {
             out.extend(
                 [
@@ -449,6 +496,26 @@ mod tests {
         assert_eq!(pg.counts, listed);
         assert_eq!(pg.counts_for(Some(&at_point)), listed);
         assert_eq!(postgres(Some(&[])).counts, CountSelection::none());
+    }
+
+    #[test]
+    fn a_database_freeze_names_its_roles() {
+        let plane = |freeze: &str| {
+            let config: PostgresConfig =
+                toml::from_str(&format!("url_env = \"DATABASE_URL\"\n[freeze]\n{freeze}"))
+                    .expect("parse [postgres]");
+            DataPlane::from_config(Path::new("agent.toml"), "db-1", "prod", Some(&config), None)
+        };
+        let ok = plane("roles = [\"app\"]").expect("a valid freeze");
+        assert!(ok.freezes());
+        assert!(ok.capabilities().contains(&"freeze".to_owned()));
+        for bad in ["roles = []", "roles = [\"app\", \" \"]"] {
+            let err = plane(bad).err().expect("refused").to_string();
+            assert!(
+                err.contains("agent.toml") && err.contains("postgres.freeze.roles"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

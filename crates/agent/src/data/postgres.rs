@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use api::model::output::{
-    Counts, KeptRefusal, ListKeptOutput, PreparePostgresOutput, PruneKeptOutput,
+    Counts, FreezeOutput, KeptRefusal, ListKeptOutput, PreparePostgresOutput, PruneKeptOutput,
     RestorePostgresOutput, UndoPostgresOutput,
 };
 use api::model::{Check, CheckKind, RepositoryRef};
@@ -112,8 +112,9 @@ impl DataPlane {
         let started = Instant::now();
         let pg = self.postgres()?;
         let url = pg.url()?;
-        let mut swap =
+        let swap =
             DatabaseSwap::connect_undo(&url, &run_tag(undone_run), ADMIN_CONNECT_TIMEOUT).await?;
+        let mut swap = self.carry_freeze(swap);
         let undone = repository::undo_swap(&mut swap).await;
         let names = swap.names().clone();
         swap.close().await;
@@ -184,7 +185,85 @@ impl DataPlane {
 
     async fn swap(&self, run_id: &str) -> Result<DatabaseSwap> {
         let pg = self.postgres()?;
-        DatabaseSwap::connect(&pg.url()?, &run_tag(run_id), ADMIN_CONNECT_TIMEOUT).await
+        let swap =
+            DatabaseSwap::connect(&pg.url()?, &run_tag(run_id), ADMIN_CONNECT_TIMEOUT).await?;
+        Ok(self.carry_freeze(swap))
+    }
+
+    /// A swap gives the database that takes the live name the freeze as it stands now.
+    fn carry_freeze(&self, swap: DatabaseSwap) -> DatabaseSwap {
+        match (
+            self.postgres
+                .as_ref()
+                .and_then(|p| p.config.freeze.as_ref()),
+            &self.frozen,
+        ) {
+            (Some(freeze), Some(memory)) => swap.carry_freeze(&freeze.roles, memory.frozen()),
+            _ => swap,
+        }
+    }
+
+    /// Freezes writes at the database: the `[postgres.freeze]` roles read-only in the live
+    /// database, their older sessions ended. Remembered before anything changes, so a swap
+    /// after a crash mid-freeze still carries it; a repeat leaves sessions that reconnected
+    /// read-only since alone.
+    pub async fn freeze_database(&self) -> Result<FreezeOutput> {
+        let (pg, roles, memory) = self.database_freeze()?;
+        let earlier = memory.since_us();
+        memory.set(true, earlier)?;
+        let mut freeze =
+            repository::DatabaseFreeze::connect(&pg.url()?, roles, ADMIN_CONNECT_TIMEOUT).await?;
+        let changed = freeze.freeze(earlier).await;
+        freeze.close().await;
+        let changed = changed?;
+        memory.set(true, Some(changed.since_us))?;
+        Ok(FreezeOutput {
+            by: "database".into(),
+            frozen: true,
+            detail: format!(
+                "role{} {} read-only in {}; {} session{} ended to reconnect read-only",
+                if roles.len() == 1 { "" } else { "s" },
+                roles.join(", "),
+                changed.database,
+                changed.ended.len(),
+                if changed.ended.len() == 1 { "" } else { "s" },
+            ),
+        })
+    }
+
+    /// Thaws writes at the database: the roles' setting reset in the live database and their
+    /// sessions that began frozen ended, so they reconnect writable. Forgotten only once done.
+    pub async fn thaw_database(&self) -> Result<FreezeOutput> {
+        let (pg, roles, memory) = self.database_freeze()?;
+        let mut freeze =
+            repository::DatabaseFreeze::connect(&pg.url()?, roles, ADMIN_CONNECT_TIMEOUT).await?;
+        let changed = freeze.thaw().await;
+        freeze.close().await;
+        let changed = changed?;
+        memory.set(false, None)?;
+        Ok(FreezeOutput {
+            by: "database".into(),
+            frozen: false,
+            detail: format!(
+                "role{} {} writable again in {}; {} session{} ended to reconnect writable",
+                if roles.len() == 1 { "" } else { "s" },
+                roles.join(", "),
+                changed.database,
+                changed.ended.len(),
+                if changed.ended.len() == 1 { "" } else { "s" },
+            ),
+        })
+    }
+
+    fn database_freeze(&self) -> Result<(&super::Postgres, &[String], &FrozenMemory)> {
+        let pg = self.postgres()?;
+        let Some(freeze) = &pg.config.freeze else {
+            bail!("this agent has no [postgres.freeze]; list the application's roles there");
+        };
+        let Some(memory) = &self.frozen else {
+            bail!("this agent's data plane was built without its state directory");
+        };
+        Ok((pg, &freeze.roles, memory))
     }
 
     async fn prepare(
@@ -244,6 +323,64 @@ impl DataPlane {
             resumed: committed.resumed().to_owned(),
             elapsed_ms: millis(started),
         })
+    }
+}
+
+/// Whether writes are frozen at the database, in the state directory (`database-freeze.json`,
+/// written atomically and fsync'd), with when the freeze began on the server's clock.
+pub(super) struct FrozenMemory {
+    path: std::path::PathBuf,
+    inner: std::sync::Mutex<FrozenFile>,
+}
+
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
+struct FrozenFile {
+    frozen: bool,
+    /// Microseconds since the Unix epoch on the database server's clock.
+    since_us: Option<i64>,
+}
+
+impl FrozenMemory {
+    pub(super) fn open(state_dir: &std::path::Path) -> Result<FrozenMemory> {
+        let path = state_dir.join("database-freeze.json");
+        let file = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "{} is corrupt; it remembers whether writes are frozen at the database — \
+                     fix it, or remove it and run the unfreeze again",
+                    path.display()
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => FrozenFile::default(),
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
+        Ok(FrozenMemory {
+            path,
+            inner: std::sync::Mutex::new(file),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FrozenFile> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn frozen(&self) -> bool {
+        self.lock().frozen
+    }
+
+    fn since_us(&self) -> Option<i64> {
+        let file = self.lock();
+        file.since_us.filter(|_| file.frozen)
+    }
+
+    fn set(&self, frozen: bool, since_us: Option<i64>) -> Result<()> {
+        let mut file = self.lock();
+        let next = FrozenFile { frozen, since_us };
+        let bytes = serde_json::to_vec_pretty(&next).context("encode the freeze state")?;
+        crate::state::write_atomic(&self.path, &bytes, true)
+            .with_context(|| format!("write {}", self.path.display()))?;
+        *file = next;
+        Ok(())
     }
 }
 

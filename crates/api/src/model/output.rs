@@ -259,11 +259,38 @@ pub struct ChecksOutput {
     pub checks: Vec<Check>,
 }
 
+/// `freeze` and `unfreeze`: what holds writes at this agent. An agent with nothing to freeze
+/// (no `control.freeze`, no `[postgres.freeze]`) answers with `by` empty, so a plan may name
+/// every role that could freeze and the coordinator checks that one did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreezeOutput {
+    /// What froze or thawed writes: "http", "exec", "database"; empty for nothing.
+    pub by: String,
+    /// Whether writes are frozen at this agent now.
+    pub frozen: bool,
+    /// What it did, for people ("made role app read-only in cowork, ended 3 sessions").
+    #[serde(default)]
+    pub detail: String,
+}
+
+impl FreezeOutput {
+    /// An agent with nothing to freeze.
+    pub fn nothing() -> FreezeOutput {
+        FreezeOutput {
+            by: String::new(),
+            frozen: false,
+            detail: "nothing to freeze here: no control.freeze and no [postgres.freeze]".into(),
+        }
+    }
+}
+
 /// The typed output of one action.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum ActionOutput {
     Scale(ScaleOutput),
+    Freeze(FreezeOutput),
+    Unfreeze(FreezeOutput),
     BackupPostgres(Box<repository::PgBackupPart>),
     SnapshotObjects(Box<repository::ObjectSnapshotPart>),
     Preflight(PreflightOutput),
@@ -286,6 +313,8 @@ impl ActionOutput {
     pub fn kind(&self) -> ActionKind {
         match self {
             ActionOutput::Scale(_) => ActionKind::Scale,
+            ActionOutput::Freeze(_) => ActionKind::Freeze,
+            ActionOutput::Unfreeze(_) => ActionKind::Unfreeze,
             ActionOutput::BackupPostgres(_) => ActionKind::BackupPostgres,
             ActionOutput::SnapshotObjects(_) => ActionKind::SnapshotObjects,
             ActionOutput::Preflight(_) => ActionKind::Preflight,
@@ -322,6 +351,8 @@ impl ActionOutput {
         let body = &output.body;
         Ok(match action {
             ActionKind::Scale => ActionOutput::Scale(read(action, body)?),
+            ActionKind::Freeze => ActionOutput::Freeze(read(action, body)?),
+            ActionKind::Unfreeze => ActionOutput::Unfreeze(read(action, body)?),
             ActionKind::BackupPostgres => ActionOutput::BackupPostgres(read(action, body)?),
             ActionKind::SnapshotObjects => ActionOutput::SnapshotObjects(read(action, body)?),
             ActionKind::Preflight => ActionOutput::Preflight(read(action, body)?),
@@ -336,11 +367,7 @@ impl ActionOutput {
             ActionKind::Smoke => ActionOutput::Smoke(read(action, body)?),
             ActionKind::ListKept => ActionOutput::ListKept(read(action, body)?),
             ActionKind::PruneKept => ActionOutput::PruneKept(read(action, body)?),
-            ActionKind::Ping
-            | ActionKind::Describe
-            | ActionKind::Freeze
-            | ActionKind::Unfreeze
-            | ActionKind::Restart => {
+            ActionKind::Ping | ActionKind::Describe | ActionKind::Restart => {
                 return Err(Invalid::new(
                     "output",
                     format!("{action} reports no output, yet one came"),
@@ -356,6 +383,8 @@ impl ActionOutput {
             ActionOutput::Verify(o) => &o.checks,
             ActionOutput::CheckObjects(o) | ActionOutput::Smoke(o) => &o.checks,
             ActionOutput::Scale(_)
+            | ActionOutput::Freeze(_)
+            | ActionOutput::Unfreeze(_)
             | ActionOutput::BackupPostgres(_)
             | ActionOutput::SnapshotObjects(_)
             | ActionOutput::RestorePostgres(_)
@@ -411,6 +440,12 @@ mod tests {
                 now: 0,
                 prior: 2,
             }),
+            ActionOutput::Freeze(FreezeOutput {
+                by: "database".into(),
+                frozen: true,
+                detail: "made app read-only in cowork".into(),
+            }),
+            ActionOutput::Unfreeze(FreezeOutput::nothing()),
             ActionOutput::Preflight(PreflightOutput {
                 verify: None,
                 live_counts: Some(Counts::from([("orders".into(), 3)])),
@@ -568,7 +603,7 @@ mod tests {
                 .starts_with("invalid output: of restore-postgres does not read"),
             "{err}"
         );
-        let err = ActionOutput::decode(ActionKind::Freeze, &wrong).unwrap_err();
+        let err = ActionOutput::decode(ActionKind::Restart, &wrong).unwrap_err();
         assert!(err.reason.contains("reports no output"), "{err}");
     }
 }

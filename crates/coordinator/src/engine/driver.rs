@@ -410,6 +410,16 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                 if !missing.is_empty() && !verdict.passed {
                     detail.push_str(&format!("; never connected: {}", missing.join(", ")));
                 }
+                if verdict.passed
+                    && phase.action == Action::Freeze
+                    && !planner::froze_something(
+                        &self.store.commands(run_id).await?,
+                        phase.index,
+                        attempt,
+                    )
+                {
+                    return Ok((false, format!("{detail}; {}", planner::NOTHING_FROZE)));
+                }
                 return Ok((verdict.passed, detail));
             }
             tokio::time::sleep(GATE_POLL).await;

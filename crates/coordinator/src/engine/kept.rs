@@ -304,7 +304,12 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
     pub async fn list_kept(&self, environment: &str) -> Result<KeptListing> {
         let env = self.environment(environment)?.clone();
         let mut listing = KeptListing::default();
-        let agents = self.database_agents(env.name.as_str(), &mut listing.problems);
+        // An environment without a database (objects only) keeps quarantines alone.
+        let agents = if env.fleet.get("database").copied().unwrap_or(0) > 0 {
+            self.database_agents(env.name.as_str(), &mut listing.problems)
+        } else {
+            Vec::new()
+        };
         for agent in &agents {
             match self.agent_kept(agent).await {
                 Ok(out) => listing

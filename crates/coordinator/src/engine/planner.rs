@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::plan::{Action, Gate, Phase, Plan, Quorum, Replicas};
-use api::model::{ActionKind, Outcome};
+use api::model::{ActionKind, ActionOutput, Outcome};
 
 use crate::store::{
     CommandRecord, PhaseRecord, PhaseState, ResultRecord, RunKind, RunRecord, RunState,
@@ -163,6 +163,39 @@ fn judge(label: &str, q: Quorum, passing: u32, declared: u32) -> (bool, String) 
     };
     (ok, format!("{label} {passing}/{declared}{need}"))
 }
+
+/// Whether some agent of freeze phase `phase_index` (attempt `attempt`) froze writes: a plan
+/// names every role that could freeze (web's maintenance mode, the database's read-only
+/// roles) and agents with nothing to freeze answer so, but a freeze that froze nothing must
+/// not pass. An agent from before freeze outputs reported none: its success froze.
+pub(super) fn froze_something(
+    journal: &[(CommandRecord, Option<ResultRecord>)],
+    phase_index: usize,
+    attempt: u32,
+) -> bool {
+    journal.iter().any(|(command, result)| {
+        command.phase_index as usize == phase_index
+            && command.attempt == attempt
+            && command.action == ActionKind::Freeze
+            && match result {
+                Some(ResultRecord {
+                    outcome: Outcome::Succeeded,
+                    output,
+                    ..
+                }) => match output {
+                    None => true,
+                    Some(ActionOutput::Freeze(out)) => out.frozen,
+                    Some(_) => false,
+                },
+                _ => false,
+            }
+    })
+}
+
+/// What a freeze that froze nothing says.
+pub(super) const NOTHING_FROZE: &str = "no agent froze writes: give the web agents a freeze \
+    adapter (control.freeze) or the database agent the application's roles ([postgres.freeze]); \
+    see the README, \"Freezing writes\"";
 
 /// Whether an unfinished run `other` of the same environment keeps a new run of `kind` from
 /// starting. A drill or recovery changes the fleet, so it runs alone: nothing else may be
@@ -539,6 +572,51 @@ mod tests {
             received_at: Utc::now(),
         });
         (command, result)
+    }
+
+    #[test]
+    fn a_freeze_passes_only_when_some_agent_froze() {
+        use api::model::output::FreezeOutput;
+        let answered = |frozen: Option<bool>| {
+            let (command, result) = sent(ActionKind::Freeze, Some(Outcome::Succeeded));
+            let result = result.map(|r| ResultRecord {
+                output: frozen.map(|frozen| {
+                    ActionOutput::Freeze(FreezeOutput {
+                        by: if frozen {
+                            "database".into()
+                        } else {
+                            String::new()
+                        },
+                        frozen,
+                        detail: String::new(),
+                    })
+                }),
+                ..r
+            });
+            (command, result)
+        };
+        // web with nothing to freeze, the database froze its roles.
+        assert!(froze_something(
+            &[answered(Some(false)), answered(Some(true))],
+            0,
+            1
+        ));
+        // Nobody froze anything: the freeze must not pass.
+        assert!(!froze_something(&[answered(Some(false))], 0, 1));
+        assert!(!froze_something(&[], 0, 1));
+        // A failed or unanswered freeze froze nothing; another attempt or phase is not this one.
+        assert!(!froze_something(
+            &[
+                sent(ActionKind::Freeze, Some(Outcome::Failed)),
+                sent(ActionKind::Freeze, None)
+            ],
+            0,
+            1
+        ));
+        assert!(!froze_something(&[answered(Some(true))], 0, 2));
+        assert!(!froze_something(&[answered(Some(true))], 3, 1));
+        // An agent from before freeze outputs: its success froze.
+        assert!(froze_something(&[answered(None)], 0, 1));
     }
 
     #[test]

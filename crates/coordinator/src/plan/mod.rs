@@ -482,6 +482,13 @@ fn drop_phase(text: &str, name: &str) -> String {
                 .collect(),
         };
         phases.remove(at);
+        // The phase written after it, with no `after`, waited for it by coming next.
+        if let Some(toml::Value::Table(next)) = phases.get_mut(at)
+            && !next.contains_key("after")
+            && !inherited.is_empty()
+        {
+            next.insert("after".into(), toml::Value::Array(inherited.clone()));
+        }
         for p in phases.iter_mut() {
             if let Some(toml::Value::Array(after)) = p.get_mut("after")
                 && after.iter().any(|a| a.as_str() == Some(name))

@@ -781,12 +781,25 @@ mod tests {
         );
         assert!(plan.phase("commit-postgres").is_some());
 
-        // Never fitted away: the freeze, or every restore.
+        // Without web, the database freezes writes; the phases after start-web wait for what
+        // it waited for (both restores), not for the phase written before it.
         let mut no_web = fleet();
         no_web.remove("web");
+        let plan = Plan::default_plan(Some(&no_web)).unwrap();
+        assert_eq!(plan.phase("freeze-writes").unwrap().roles, ["database"]);
+        let verify = plan.phase("verify").unwrap();
+        let after: Vec<&str> = verify
+            .after
+            .iter()
+            .map(|&i| plan.phases[i].name.as_str())
+            .collect();
+        assert_eq!(after, ["commit-postgres", "restore-objects"]);
+
+        // Never fitted away: the freeze, or every restore.
+        no_web.remove("database");
         let err = Plan::default_plan(Some(&no_web)).unwrap_err().to_string();
         assert!(
-            err.contains("phase freeze-writes: the environment declares no web agents, and without them nothing would freeze traffic"),
+            err.contains("phase freeze-writes: the environment declares no web or database agents, and without them nothing would freeze traffic"),
             "{err}"
         );
         let mut no_stores = fleet();

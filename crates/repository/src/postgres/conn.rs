@@ -107,7 +107,10 @@ pub(super) async fn connect(db: &DbUrl, timeout: Duration) -> Result<PgConnectio
                 db.display
             )
         })?
-        .application_name("rollcall-repository");
+        .application_name("rollcall-repository")
+        // A database freeze makes the application's roles read-only by default (`freeze`);
+        // Rollcall's own sessions, which may connect as one of them, opt out.
+        .options([("default_transaction_read_only", "off")]);
     match tokio::time::timeout(timeout, PgConnection::connect_with(&options)).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(anyhow::anyhow!(

@@ -39,6 +39,7 @@ pub(crate) mod backup;
 pub(crate) mod catalog;
 mod conn;
 pub(crate) mod fetch;
+pub(crate) mod freeze;
 pub(crate) mod kept;
 mod parallel_copy;
 pub(crate) mod restore;

@@ -39,6 +39,15 @@ const MAX_IDENTIFIER: usize = 63;
 const SESSIONS_GONE_WITHIN: Duration = Duration::from_secs(30);
 const RENAME_PAUSE: Duration = Duration::from_millis(100);
 
+/// Whether this role may end session `a` of `pg_stat_activity` (joined with its role as `r`):
+/// `pg_terminate_backend` lets a superuser end any session; another role only sessions of
+/// roles it is a member of, or (with `pg_signal_backend`) any session but a superuser's;
+/// background processes without a role, such as autovacuum workers, only a superuser.
+pub(super) const MAY_END: &str = "coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false) \
+     OR (a.usesysid IS NOT NULL AND NOT coalesce(r.rolsuper, false) \
+         AND (pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') \
+              OR pg_has_role(current_user, a.usesysid, 'MEMBER')))";
+
 /// The three databases of one swap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SwapNames {
@@ -155,6 +164,9 @@ pub struct DatabaseSwap {
     admin: PgConnection,
     /// How long to wait for sessions to leave the live database once it is blocked.
     sessions_gone_within: Duration,
+    /// A database freeze to carry onto the database that takes the live name
+    /// ([`DatabaseSwap::carry_freeze`]).
+    carry: Option<(Vec<String>, bool)>,
 }
 
 impl DatabaseSwap {
@@ -169,6 +181,7 @@ impl DatabaseSwap {
             undoes: None,
             admin,
             sessions_gone_within: SESSIONS_GONE_WITHIN,
+            carry: None,
         })
     }
 
@@ -190,6 +203,30 @@ impl DatabaseSwap {
     pub fn sessions_gone_within(mut self, wait: Duration) -> DatabaseSwap {
         self.sessions_gone_within = wait;
         self
+    }
+
+    /// The login roles a database freeze makes read-only in the live database, and whether
+    /// writes are frozen now: before the database that takes the live name gets it, the
+    /// roles' `default_transaction_read_only` is set on it (frozen) or reset (not frozen), so
+    /// a freeze holds across the swap and a copy kept while frozen is writable when it comes
+    /// back after the thaw (see `freeze`).
+    pub fn carry_freeze(mut self, roles: &[String], frozen: bool) -> DatabaseSwap {
+        if !roles.is_empty() {
+            self.carry = Some((roles.to_vec(), frozen));
+        }
+        self
+    }
+
+    /// Gives `db` the live database's freeze setting before it takes the live name.
+    async fn carry_onto(&mut self, db: &str) -> Result<()> {
+        if let Some((roles, frozen)) = self.carry.clone() {
+            super::freeze::set_read_only(&mut self.admin, db, &roles, frozen)
+                .await
+                .with_context(|| {
+                    format!("carry the database freeze onto {db} before it takes the live name")
+                })?;
+        }
+        Ok(())
     }
 
     pub fn names(&self) -> &SwapNames {
@@ -221,6 +258,7 @@ impl DatabaseSwap {
     /// Finishes a swap interrupted between its renames: the restore copy takes the live name.
     pub async fn finish_interrupted(&mut self) -> Result<()> {
         let names = self.names.clone();
+        self.carry_onto(&names.restore).await?;
         self.rename(&names.restore, &names.live).await?;
         self.allow_connections(&names.pre, true).await
     }
@@ -284,18 +322,14 @@ impl DatabaseSwap {
     /// (with `pg_signal_backend`) any session but a superuser's; background processes without
     /// a role, such as autovacuum workers, only a superuser.
     pub async fn sessions_it_may_not_end(&mut self) -> Result<Vec<Session>> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT a.pid, coalesce(a.usename, '') AS usename, \
                     coalesce(a.application_name, '') AS application_name, \
                     coalesce(a.backend_type, '') AS backend_type \
              FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid \
-             WHERE a.datname = $1 AND a.pid <> pg_backend_pid() \
-               AND NOT coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false) \
-               AND NOT (a.usesysid IS NOT NULL AND NOT coalesce(r.rolsuper, false) \
-                        AND (pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') \
-                             OR pg_has_role(current_user, a.usesysid, 'MEMBER'))) \
-             ORDER BY a.pid",
-        )
+             WHERE a.datname = $1 AND a.pid <> pg_backend_pid() AND NOT ({MAY_END}) \
+             ORDER BY a.pid"
+        )))
         .bind(&self.names.live)
         .fetch_all(&mut self.admin)
         .await
@@ -336,6 +370,8 @@ impl DatabaseSwap {
                 list(&in_the_way)
             );
         }
+        // Before anything live changes: a role this one may not alter fails the swap here.
+        self.carry_onto(&names.restore).await?;
         self.allow_connections(&names.live, false).await?;
         let swapped = self.disconnect_and_rename(&names).await;
         if let Err(e) = swapped {
@@ -367,15 +403,11 @@ impl DatabaseSwap {
     async fn disconnect_and_rename(&mut self, names: &SwapNames) -> Result<()> {
         let until = Instant::now() + self.sessions_gone_within;
         loop {
-            sqlx::query(
+            sqlx::query(AssertSqlSafe(format!(
                 "SELECT pg_terminate_backend(a.pid) \
                  FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid \
-                 WHERE a.datname = $1 AND a.pid <> pg_backend_pid() \
-                   AND (coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false) \
-                        OR (a.usesysid IS NOT NULL AND NOT coalesce(r.rolsuper, false) \
-                            AND (pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') \
-                                 OR pg_has_role(current_user, a.usesysid, 'MEMBER'))))",
-            )
+                 WHERE a.datname = $1 AND a.pid <> pg_backend_pid() AND ({MAY_END})"
+            )))
             .bind(&names.live)
             .execute(&mut self.admin)
             .await
@@ -861,7 +893,7 @@ fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-fn list(sessions: &[Session]) -> String {
+pub(super) fn list(sessions: &[Session]) -> String {
     sessions
         .iter()
         .map(Session::to_string)
