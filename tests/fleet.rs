@@ -598,7 +598,9 @@ impl Fleet {
     /// of its database, 12 sessions seeded, the default plan (no plan file). The report rows,
     /// counts, invariants, references and the freeze come from `deploy/cowork-sim-real/`; web
     /// connects as the app role (frozen with it), the worker and the scheduler with a URL that
-    /// opts out of the freeze, the database agent as the cluster's superuser.
+    /// opts out of the freeze, the database agent as the app role too (a managed Postgres gives
+    /// no superuser: a restore as one would leave the tables owned by someone else, since
+    /// dumps are restored `--no-owner`).
     pub async fn start_real() -> Fleet {
         install_crypto();
         let dir = tempfile::tempdir().unwrap();
@@ -780,7 +782,7 @@ impl Fleet {
                 scheduler_control.as_str(),
                 writer_url.as_str(),
             ),
-            ("db-1", "database", db_data.as_str(), db_url.as_str()),
+            ("db-1", "database", db_data.as_str(), app_url.as_str()),
             ("obj-1", "objects", obj_data.as_str(), db_url.as_str()),
         ] {
             let cfg = write_agent_config(dir.path(), &certs, agents_addr, name, role, extra);

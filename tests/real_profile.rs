@@ -262,10 +262,11 @@ async fn a_real_profile_fleet_drills_with_the_default_plan_frozen_at_the_databas
 
     // Web has no maintenance mode: the freeze ended its sessions, it exited (as the real
     // service does), and its agent restarted it read-only.
-    let web_agent_log = std::fs::read_to_string(f.dir.path().join("web-1.log")).unwrap();
+    let web_log =
+        std::fs::read_to_string(f.dir.path().join("state/web-1/logs/replica-0.log")).unwrap();
     assert!(
-        web_agent_log.contains("replica exited"),
-        "web never exited: {web_agent_log}"
+        web_log.contains("the database ended this web role's connection"),
+        "web never exited: {web_log}"
     );
 
     // The restored data equals the point; the objects too, the junk quarantined.
@@ -281,7 +282,8 @@ async fn a_real_profile_fleet_drills_with_the_default_plan_frozen_at_the_databas
             "cowork",
             &format!(
                 "SELECT count(*) FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole \
-                 WHERE r.rolname = '{REAL_APP_ROLE}'"
+                 JOIN pg_database d ON d.oid = s.setdatabase \
+                 WHERE r.rolname = '{REAL_APP_ROLE}' AND d.datname = 'cowork'"
             ),
         )
         .unwrap();
