@@ -44,6 +44,7 @@ fn environment_with(
         },
         secrets: Vec::new(),
         report_rows: Vec::new(),
+        report_excluded: Vec::new(),
         fleet,
         plan,
     };
@@ -149,6 +150,7 @@ fn start(env: &str) -> StartRun {
         kind: RunKind::Drill,
         point_id: None,
         plan: None,
+        excluded: Vec::new(),
     }
 }
 
@@ -204,6 +206,34 @@ async fn a_run_executes_its_phases_in_order_and_restores_prior_replicas() {
         .join(format!("repository/reports/{}.md", run.id));
     let markdown = std::fs::read_to_string(&stored).unwrap();
     assert!(markdown.contains("scale-to-zero"), "{markdown}");
+    // One RTO definition: the copy stored once the run finished and the report asked for now
+    // measure to the same phase, the unfreeze.
+    let stored: serde_json::Value = eventually(
+        "the stored report rewritten once the run succeeded",
+        Duration::from_secs(10),
+        async || {
+            let text = std::fs::read(stored.with_extension("json")).ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+            (v["run"]["state"] == "succeeded").then_some(v)
+        },
+    )
+    .await;
+    let asked = c
+        .handle
+        .engine
+        .report(&run.id, &[])
+        .await
+        .unwrap()
+        .to_json();
+    assert_eq!(stored["rto"]["until_phase"], "unfreeze", "{stored}");
+    assert_eq!(asked["rto"]["until_phase"], stored["rto"]["until_phase"]);
+    assert_eq!(asked["rto"]["until_at"], stored["rto"]["until_at"]);
+    assert_eq!(asked["rto"]["measured_ms"], stored["rto"]["measured_ms"]);
+    assert_eq!(
+        asked["incidents"],
+        serde_json::json!([]),
+        "a run straight through"
+    );
 
     // The drill's time from start to success is observed once, beside its phases' durations.
     let metrics_addr = c.handle.metrics_addr.unwrap();
@@ -353,6 +383,22 @@ async fn a_replaced_coordinator_finishes_the_run_without_executing_a_command_twi
         second.handle.epoch(),
         "re-sent under the new epoch"
     );
+    // The report tells the takeover, though the run passed.
+    let report = second.handle.engine.report(&run.id, &[]).await.unwrap();
+    let kinds: Vec<&str> = report.incidents.iter().map(|i| i.kind.as_str()).collect();
+    assert_eq!(kinds, ["coordinator took over"], "{:?}", report.incidents);
+    assert!(
+        report.incidents[0]
+            .detail
+            .contains(&format!("(epoch {})", second.handle.epoch().get())),
+        "{:?}",
+        report.incidents
+    );
+    assert!(
+        report.to_markdown().contains("| coordinator took over |"),
+        "{}",
+        report.to_markdown()
+    );
 
     for a in agents {
         a.stop().await;
@@ -440,7 +486,15 @@ async fn a_gate_that_cannot_pass_blocks_and_resume_completes_once_the_agent_is_b
     // worker-2's agent dies before the run.
     agents.pop().unwrap().stop().await;
 
-    let run = c.handle.engine.start_run(start("test")).await.unwrap();
+    let run = c
+        .handle
+        .engine
+        .start_run(StartRun {
+            excluded: vec!["local Desktop threads (stay local)".into()],
+            ..start("test")
+        })
+        .await
+        .unwrap();
     let blocked = wait_state(&c, &run.id, RunState::Blocked).await;
     let reason = blocked.reason.unwrap();
     assert!(
@@ -478,6 +532,28 @@ async fn a_gate_that_cannot_pass_blocks_and_resume_completes_once_the_agent_is_b
         scale_downs.len(),
         2,
         "one scale-down per worker: {scale_downs:?}"
+    );
+    // The report tells the blocked attempt, the agent back and the resume, in that order; and
+    // what the operator excluded at the start.
+    let report = c.handle.engine.report(&run.id, &[]).await.unwrap();
+    let kinds: Vec<&str> = report.incidents.iter().map(|i| i.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["phase blocked", "agent back", "operator resume"],
+        "{:?}",
+        report.incidents
+    );
+    assert_eq!(report.incidents[0].phase.as_deref(), Some("scale-to-zero"));
+    assert!(
+        report.incidents[0].detail.starts_with("attempt 1: ")
+            && report.incidents[0].detail.contains("worker-2"),
+        "{:?}",
+        report.incidents
+    );
+    assert_eq!(report.incidents[1].agent.as_deref(), Some("worker-2"));
+    assert_eq!(
+        report.excluded,
+        ["local Desktop threads (stay local) (declared by the operator)"]
     );
 
     for a in agents {

@@ -121,7 +121,16 @@ async fn a_database_agent_killed_at_each_step_of_the_swap_leaves_the_database_re
     // 1. Killed while blocking connections to the live database; the statement completes after
     //    the kill, so the live database is left refusing connections.
     let hold = HeldSession::holding_row(&f.cluster, "cowork").await;
-    let started = f.run(&["drill", "--env", "test", "--point", &point, "--json"]);
+    let started = f.run(&[
+        "drill",
+        "--env",
+        "test",
+        "--point",
+        &point,
+        "--exclude",
+        "diagnostics bundles",
+        "--json",
+    ]);
     assert!(
         started.status.success(),
         "{}",
@@ -211,6 +220,42 @@ async fn a_database_agent_killed_at_each_step_of_the_swap_leaves_the_database_re
         count(&f.cluster, &pre, "workflows"),
         0,
         "the disaster, kept"
+    );
+
+    // The drill passed, and its report tells the agent lost and back three times, in order.
+    let report = f.run(&["report", &id, "--format", "json"]);
+    assert!(
+        report.status.success(),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    let seen: Vec<(&str, &str)> = report["incidents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["kind"] == "agent lost" || i["kind"] == "agent back")
+        .map(|i| (i["kind"].as_str().unwrap(), i["agent"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        seen,
+        [("agent lost", "db-1"), ("agent back", "db-1")].repeat(3),
+        "{report}"
+    );
+    // What the operator excluded at the start travelled with the run (CLI → StartRun → params).
+    assert_eq!(
+        report["excluded"][0], "diagnostics bundles (declared by the operator)",
+        "{report}"
+    );
+    let markdown = f.run(&["report", &id]);
+    let markdown = String::from_utf8_lossy(&markdown.stdout);
+    assert!(
+        markdown.contains("| agent lost |  | db-1 | database agent unavailable: "),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains("| Incidents | 3 agent lost, 3 agent back"),
+        "{markdown}"
     );
     f.stop();
 }

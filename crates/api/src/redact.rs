@@ -59,17 +59,18 @@ pub fn redact(text: &str) -> Cow<'_, str> {
 /// *reference* to a secret (`token_env`, `password_file`, `secret_refs`, `kms_key`, a
 /// secret's `name` or `version`) keep their values.
 pub fn redact_json(value: &mut Value) {
-    walk(value, false);
+    walk_with(value, false, &|s| redact(s));
 }
 
-fn walk(value: &mut Value, secret: bool) {
+/// Redacts the strings of `value` with `text`, blanking those under secret keys.
+fn walk_with(value: &mut Value, secret: bool, text: &dyn Fn(&str) -> Cow<'_, str>) {
     match value {
         Value::String(s) => {
             if secret {
                 if !s.is_empty() && s != MARKER {
                     *s = MARKER.to_owned();
                 }
-            } else if let Cow::Owned(redacted) = redact(s) {
+            } else if let Cow::Owned(redacted) = text(s) {
                 *s = redacted;
             }
         }
@@ -78,7 +79,7 @@ fn walk(value: &mut Value, secret: bool) {
         Value::Number(_) | Value::Bool(_) | Value::Null => {}
         Value::Array(items) => {
             for item in items {
-                walk(item, secret);
+                walk_with(item, secret, text);
             }
         }
         Value::Object(map) => {
@@ -88,7 +89,7 @@ fn walk(value: &mut Value, secret: bool) {
                     KeyClass::Reference => false,
                     KeyClass::Plain => secret,
                 };
-                walk(item, inner);
+                walk_with(item, inner, text);
             }
         }
     }
@@ -485,6 +486,12 @@ static KEY_VALUE: LazyLock<Regex> = LazyLock::new(|| {
 });
 
 fn key_values(text: &str) -> Cow<'_, str> {
+    key_values_with(text, false)
+}
+
+/// [`key_values`]; with `in_reference`, a pair keyed only by `secret`/`secrets` is a secret
+/// manager's address (`secret:prod/cookie`, `secret=gateway/token`), not a value.
+fn key_values_with(text: &str, in_reference: bool) -> Cow<'_, str> {
     replace(&KEY_VALUE, text, |text, caps| {
         let raw_key = group(caps, "key");
         let sep = group(caps, "sep");
@@ -493,9 +500,13 @@ fn key_values(text: &str) -> Cow<'_, str> {
         let start = caps.name("key").map_or(0, |m| m.start());
         // `arn:aws:secretsmanager:...:secret:name` is a colon path (ARN, URN), not a pair.
         let colon_path = sep == ":" && text[..start].ends_with(':');
-        if key_class(key) != KeyClass::Secret || colon_path {
+        let address = in_reference
+            && key_words(key)
+                .iter()
+                .all(|w| w == "secret" || w == "secrets");
+        if key_class(key) != KeyClass::Secret || colon_path || address {
             // Not a secret key, but its value may still hold a pair (`x:password=...`).
-            return match key_values(value) {
+            return match key_values_with(value, in_reference) {
                 Cow::Owned(inner) => Some(format!("{raw_key}{sep}{inner}")),
                 Cow::Borrowed(_) => None,
             };
@@ -616,6 +627,93 @@ fn emails(text: &str) -> Cow<'_, str> {
         }
         Some(format!("***@{}", group(caps, "domain")))
     })
+}
+
+// ---- Secret references -------------------------------------------------------------------
+
+/// What a secret reference that holds a local path reads as in a report.
+pub const LOCAL_PATH_WITHHELD: &str = "[local path withheld]";
+
+/// A secret *reference* (its name, manager, reference, version or KMS key) made fit for a
+/// report. References are names, not secrets: `cookie-secret`, `secret:prod/cookie` or an ARN
+/// print as they are, where [`redact`] would take a `secret:`/`secret=` pair for a credential.
+/// A local filesystem path anywhere in it ([`holds_local_path`]) withholds the whole reference
+/// ([`LOCAL_PATH_WITHHELD`]): the runbook forbids local paths in reports. Credentials that
+/// should never have been there still go: private keys, URL passwords and signed queries,
+/// authorization headers, bearer and known-prefix tokens, `password=`/`token=` pairs, long
+/// random strings after a secret word, email addresses.
+pub fn redact_reference(text: &str) -> Cow<'_, str> {
+    if holds_local_path(text) {
+        return Cow::Owned(LOCAL_PATH_WITHHELD.to_owned());
+    }
+    const PASSES: [Pass; 8] = [
+        pem_blocks,
+        urls,
+        authorization_headers,
+        bearer_tokens,
+        known_tokens,
+        reference_key_values,
+        after_secret_words,
+        emails,
+    ];
+    let mut text = Cow::Borrowed(text);
+    for pass in PASSES {
+        text = apply(text, pass);
+    }
+    text
+}
+
+fn reference_key_values(text: &str) -> Cow<'_, str> {
+    key_values_with(text, true)
+}
+
+/// [`redact_json`] for a document of secret references (the report's `secret_refs`): every
+/// string passes [`redact_reference`], and a value under a key that names a secret
+/// (`password`, `token`, ...) is still blanked.
+pub fn redact_reference_json(value: &mut Value) {
+    walk_with(value, false, &|s| redact_reference(s));
+}
+
+/// Directories and forms that only name a place on some machine's disk: `file:` URLs, home
+/// directories, the usual system roots, `~/`, `./`, `../` and Windows drives. A path in a
+/// secret manager's own namespace (`secret/data/prod/cookie`, `projects/p/secrets/s`, an SSM
+/// parameter `/prod/app/cookie`) is not one.
+pub fn holds_local_path(text: &str) -> bool {
+    const ROOTS: &[&str] = &[
+        "/home/",
+        "/Users/",
+        "/root/",
+        "/etc/",
+        "/var/",
+        "/tmp/",
+        "/opt/",
+        "/srv/",
+        "/run/",
+        "/usr/",
+        "/mnt/",
+        "/media/",
+        "/private/",
+        "/Volumes/",
+        "/proc/",
+        "/dev/",
+        "~/",
+        "./",
+        "../",
+    ];
+    if text.to_ascii_lowercase().contains("file:") {
+        return true;
+    }
+    text.split(|c: char| c.is_whitespace() || "=;,:'\"()[]".contains(c))
+        .chain(std::iter::once(text))
+        .any(|part| {
+            let bytes = part.as_bytes();
+            let drive = bytes.len() >= 3
+                && bytes[0].is_ascii_alphabetic()
+                && bytes[1] == b':'
+                && bytes[2] == b'\\';
+            drive || ROOTS.iter().any(|root| part.starts_with(root))
+        })
+        || text.contains(":\\Users\\")
 }
 
 // ---- Local host paths ---------------------------------------------------------------------
@@ -1040,5 +1138,51 @@ mod tests {
         }
         assert!(out.contains("2026-11-25T10:00:00Z WARN connect postgres://app:***@db/app failed"));
         assert_eq!(redact(&out), out);
+    }
+
+    #[test]
+    fn secret_references_are_names_but_local_paths_are_withheld() {
+        for reference in [
+            "cookie-secret",
+            "stripe-webhook-secret",
+            "arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/cookie",
+            "secret:prod/stripe-webhook",
+            "secret=gateway/service-token",
+            "secret/data/cowork/cookie",
+            "projects/cowork/secrets/oidc-client-secret/versions/3",
+            "/prod/app/cookie",
+            "arn:aws:kms:us-east-1:123456789012:key/1234abcd",
+        ] {
+            assert_eq!(redact_reference(reference), reference);
+        }
+        for local in [
+            "/home/alice/secrets/x",
+            "/etc/app/secret.key",
+            "file:///var/lib/app/secrets/billing.enc",
+            "sops:/var/lib/app/secrets.enc",
+            "~/secrets/cookie",
+            r"C:\Users\carol\secret.txt",
+        ] {
+            assert_eq!(redact_reference(local), LOCAL_PATH_WITHHELD, "{local}");
+        }
+        // A credential pasted where a reference belongs still goes.
+        assert_eq!(
+            redact_reference("vault://app:hunter2@vault.internal/v1/secret/cookie"),
+            "vault://app:***@vault.internal/v1/secret/cookie"
+        );
+        assert_eq!(redact_reference("token=s3cr3t-t0ken"), "token=[REDACTED]");
+        assert_eq!(
+            redact_reference("password: hunter2"),
+            "password: [REDACTED]"
+        );
+        assert_eq!(redact_reference("whsec_MfKQ9r8GKYqrTwjUPD8I"), MARKER);
+        let mut doc = json!([{ "name": "cookie-secret", "reference": "secret:prod/cookie",
+                               "password": "oops-plaintext", "path": "/etc/app/cookie" }]);
+        redact_reference_json(&mut doc);
+        assert_eq!(
+            doc,
+            json!([{ "name": "cookie-secret", "reference": "secret:prod/cookie",
+                     "password": MARKER, "path": LOCAL_PATH_WITHHELD }])
+        );
     }
 }

@@ -109,6 +109,11 @@ enum Command {
         /// Print what would happen (the point, each phase, the agents it touches); change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Data this run leaves out of the restore on purpose, for the drill report's "data
+        /// intentionally excluded" (repeatable; added to the environment's
+        /// `[environments.NAME.report] excluded`).
+        #[arg(long = "exclude", value_name = "TEXT")]
+        excluded: Vec<String>,
         /// Follow the run until it ends; exit 0 only if it succeeded.
         #[arg(long)]
         watch: bool,
@@ -412,6 +417,7 @@ async fn run(cli: Cli) -> Result<()> {
             point,
             plan,
             dry_run,
+            excluded,
             watch,
             json,
             connection,
@@ -422,6 +428,7 @@ async fn run(cli: Cli) -> Result<()> {
                 point,
                 plan,
                 dry_run,
+                excluded,
                 watch,
                 json,
             };

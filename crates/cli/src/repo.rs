@@ -119,6 +119,22 @@ enum RepoCommand {
         #[arg(long, value_name = "NAME")]
         quarantine: Option<String>,
     },
+    /// Archive one WAL file into the repository, as Postgres' archive_command:
+    /// `archive_command = 'rollcall repo wal-push --repo URL %p'`. The same file pushed again
+    /// succeeds; other contents under a name already archived are refused (exit 1).
+    WalPush {
+        /// The WAL file (`%p`, relative to the data directory, where Postgres runs it).
+        path: std::path::PathBuf,
+    },
+    /// Write an archived WAL file to DEST, as Postgres' restore_command:
+    /// `restore_command = 'rollcall repo wal-fetch --repo URL %f %p'`. Exit 1 when the
+    /// repository does not hold it (recovery ends there) or its body is damaged.
+    WalFetch {
+        /// The WAL file's name (`%f`).
+        name: String,
+        /// Where to write it (`%p`).
+        dest: std::path::PathBuf,
+    },
     /// Restore a point's dump into a database (the runbook's `createdb` first: the target
     /// must be a new, empty database; nothing is dropped).
     RestorePostgres {
@@ -261,6 +277,21 @@ pub async fn run(args: RepoArgs) -> Result<()> {
             }
             None => verify_all(&repo, full, &repository::redact_url(repo_url)).await?,
         },
+        RepoCommand::WalPush { path } => {
+            let pushed = repository::wal_push(&repo, &path).await?;
+            outln!(
+                "{} {}",
+                match pushed {
+                    repository::Pushed::Archived => "archived",
+                    repository::Pushed::AlreadyArchived => "already archived",
+                },
+                path.display()
+            );
+        }
+        RepoCommand::WalFetch { name, dest } => {
+            let record = repository::wal_fetch(&repo, &name, &dest).await?;
+            outln!("fetched {} ({} bytes)", record.name, record.size);
+        }
         RepoCommand::Points { env, json: as_json } => {
             let listing = repo.list_points(env.as_deref()).await?;
             list_points(&listing, as_json, chrono::Utc::now())?;

@@ -13,6 +13,8 @@ pub struct Drill {
     pub point: Option<String>,
     pub plan: Option<PathBuf>,
     pub dry_run: bool,
+    /// `--exclude TEXT`, for the report's "data intentionally excluded".
+    pub excluded: Vec<String>,
     pub watch: bool,
     pub json: bool,
 }
@@ -36,6 +38,7 @@ fn start_request(d: &Drill) -> Result<op::StartRunRequest> {
         point: d.point.clone().unwrap_or_default(),
         plan_toml,
         plan_name,
+        excluded: d.excluded.clone(),
     })
 }
 

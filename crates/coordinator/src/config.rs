@@ -82,6 +82,11 @@ pub struct ReportConfig {
     /// no row names follow, labelled by their key; with no rows, every count is listed so.
     #[serde(default)]
     pub rows: Vec<ReportRow>,
+    /// Data this service leaves out of every restore on purpose (the runbook's "data
+    /// intentionally excluded"), e.g. "local Desktop threads (stay local)"; `rollcall drill
+    /// --exclude TEXT` adds to it for one run.
+    #[serde(default)]
+    pub excluded: Vec<String>,
 }
 
 /// One runbook row of the drill report: `{ label = "Sessions", count = "sessions" }`.
@@ -231,6 +236,8 @@ pub struct Environment {
     pub secrets: Vec<repository::SecretRef>,
     /// The drill report's runbook rows, validated; empty when none are configured.
     pub report_rows: Vec<ReportRow>,
+    /// Data left out of every restore on purpose (`[environments.NAME.report] excluded`).
+    pub report_excluded: Vec<String>,
 }
 
 pub fn load(file: &Path) -> Result<Loaded> {
@@ -420,6 +427,7 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
         repository_ref,
         secrets,
         report_rows: env.report.rows.clone(),
+        report_excluded: env.report.excluded.clone(),
     })
 }
 
@@ -671,6 +679,10 @@ key = "certs/coordinator-key.pem"
             ("Sessions", "sessions")
         );
         assert_eq!(rows[7].count, "channel_deliveries[status=dead]");
+        assert_eq!(
+            loaded.environments["staging"].report_excluded,
+            ["local Desktop threads (they stay local unless users import them)"]
+        );
         // The generic example names no service's rows.
         let generic = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/rollcall.toml");
         assert!(
@@ -730,6 +742,17 @@ key = "certs/coordinator-key.pem"
                 ("Failed jobs", "jobs[state=failed]"),
                 ("Untitled", "docs[title=]"),
             ]
+        );
+
+        // Declared exclusions are kept as written, in order.
+        let text = format!(
+            "{}excluded = [\"local Desktop threads\", \"diagnostics bundles\"]\n",
+            with_report("")
+        );
+        let loaded = load(&write(dir.path(), &text)).expect("load");
+        assert_eq!(
+            loaded.environments["prod"].report_excluded,
+            ["local Desktop threads", "diagnostics bundles"]
         );
 
         // No [report]: no rows, so no service's labels.

@@ -350,6 +350,7 @@ fn start_request(r: op::StartRunRequest) -> Result<crate::engine::StartRun, Stat
         kind,
         point_id: (!r.point.is_empty()).then_some(r.point),
         plan,
+        excluded: r.excluded,
     })
 }
 

@@ -310,6 +310,14 @@ impl Coordinator {
                     () = engine.journal_progress(reports) => {}
                 }
             });
+            let (engine, changes) = (handle.engine.clone(), handle.registry.subscribe_presence());
+            let stop = cancel.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    () = engine.journal_presence(changes) => {}
+                }
+            });
         }
 
         let servers = async {

@@ -11,12 +11,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use api::model::{
     AgentName, AgentStatus, Availability, CommandId, CommandProgress, CommandResult,
-    CoordinatorMessage, Heartbeat, Hello, to_unix_ms,
+    CoordinatorMessage, Environment, Heartbeat, Hello, Role, to_unix_ms,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// Progress reports not yet taken by the journal; beyond this the oldest are dropped.
 const PROGRESS_BACKLOG: usize = 1024;
+
+/// Presence changes not yet taken by the journal; beyond this the oldest are dropped.
+const PRESENCE_BACKLOG: usize = 1024;
 
 /// Identifies one attachment of an agent; a stale connection cannot touch a newer one.
 pub type Generation = u64;
@@ -25,6 +28,27 @@ pub type Generation = u64;
 pub struct Registry {
     inner: Arc<Mutex<Table>>,
     progress: broadcast::Sender<(AgentName, CommandProgress)>,
+    presence: broadcast::Sender<Presence>,
+}
+
+/// An agent known to this registry lost its connection, or came back after one. The first
+/// attachment of an agent since the coordinator started is neither.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub agent: AgentName,
+    pub role: Role,
+    pub environment: Environment,
+    pub change: PresenceChange,
+    pub at: SystemTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceChange {
+    /// Its stream ended or went silent: why.
+    Lost(String),
+    /// It attached again after it was lost; `replaced` when its previous connection had not
+    /// been seen to end (it restarted, or its connection was cut without a word).
+    Back { replaced: bool },
 }
 
 #[derive(Default)]
@@ -76,7 +100,24 @@ impl Registry {
         Registry {
             inner: Arc::new(Mutex::new(Table::default())),
             progress: broadcast::channel(PROGRESS_BACKLOG).0,
+            presence: broadcast::channel(PRESENCE_BACKLOG).0,
         }
+    }
+
+    /// Agents lost and back, as they happen (the engine journals them on unfinished runs).
+    pub fn subscribe_presence(&self) -> broadcast::Receiver<Presence> {
+        self.presence.subscribe()
+    }
+
+    fn publish(&self, hello: &Hello, change: PresenceChange, at: SystemTime) {
+        // Nobody listening is fine: the journal's view of presence is best effort.
+        let _ = self.presence.send(Presence {
+            agent: hello.name.clone(),
+            role: hello.role.clone(),
+            environment: hello.environment.clone(),
+            change,
+            at,
+        });
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
@@ -110,10 +151,15 @@ impl Registry {
                 pending: HashMap::new(),
             }),
         };
-        if let Some(old) = table.agents.insert(name.clone(), entry)
-            && old.conn.is_some()
-        {
-            tracing::warn!(agent = %name, "agent attached again; dropping its previous connection");
+        let back = table.agents.insert(name.clone(), entry).map(|old| {
+            if old.conn.is_some() {
+                tracing::warn!(agent = %name, "agent attached again; dropping its previous connection");
+            }
+            (old.hello, old.conn.is_some())
+        });
+        drop(table);
+        if let Some((hello, replaced)) = back {
+            self.publish(&hello, PresenceChange::Back { replaced }, now);
         }
         generation
     }
@@ -221,6 +267,13 @@ impl Registry {
             entry.ready = false;
             entry.detail = reason.to_owned();
             tracing::info!(agent = %name, "agent unavailable: {reason}");
+            let hello = entry.hello.clone();
+            drop(table);
+            self.publish(
+                &hello,
+                PresenceChange::Lost(reason.to_owned()),
+                SystemTime::now(),
+            );
         }
     }
 
@@ -273,13 +326,20 @@ impl Registry {
     pub fn expire(&self, timeout: Duration) -> Vec<AgentName> {
         let mut table = self.lock();
         let mut expired = Vec::new();
+        let mut lost = Vec::new();
         for (name, entry) in table.agents.iter_mut() {
             if entry.conn.is_some() && entry.last_heartbeat.elapsed() > timeout {
                 entry.conn = None;
                 entry.ready = false;
                 entry.detail = format!("no heartbeat for {}", humantime::format_duration(timeout));
                 expired.push(name.clone());
+                lost.push((entry.hello.clone(), entry.detail.clone()));
             }
+        }
+        drop(table);
+        let now = SystemTime::now();
+        for (hello, why) in lost {
+            self.publish(&hello, PresenceChange::Lost(why), now);
         }
         expired
     }
@@ -381,6 +441,49 @@ mod tests {
         registry.detach(&name, new, "stream ended");
         assert!(!registry.is_connected(&name));
         assert_eq!(registry.list()[0].availability, Availability::Unavailable);
+    }
+
+    #[test]
+    fn agents_lost_and_back_are_published_but_a_first_attach_is_not() {
+        let registry = Registry::new();
+        let mut presence = registry.subscribe_presence();
+        let name = AgentName::parse("web-1").expect("name");
+        let (tx, _rx) = mpsc::channel(4);
+        let first = registry.attach(hello("web-1"), None, tx);
+        assert!(presence.try_recv().is_err(), "a first attach is no return");
+        registry.detach(&name, first, "stream lost: reset");
+        let lost = presence.try_recv().expect("lost");
+        assert_eq!(
+            (lost.agent.as_str(), lost.environment.as_str(), lost.change),
+            (
+                "web-1",
+                "dev",
+                PresenceChange::Lost("stream lost: reset".into())
+            )
+        );
+        // A stale connection's end is not news.
+        registry.detach(&name, first, "again");
+        assert!(presence.try_recv().is_err());
+        let (tx, _rx2) = mpsc::channel(4);
+        let second = registry.attach(hello("web-1"), None, tx);
+        assert_eq!(
+            presence.try_recv().expect("back").change,
+            PresenceChange::Back { replaced: false }
+        );
+        // Attached again while the old stream still looked open: back, replacing it.
+        let (tx, _rx3) = mpsc::channel(4);
+        registry.attach(hello("web-1"), None, tx);
+        assert_eq!(
+            presence.try_recv().expect("back").change,
+            PresenceChange::Back { replaced: true }
+        );
+        registry.detach(&name, second, "replaced stream ended");
+        assert!(presence.try_recv().is_err());
+        assert_eq!(registry.expire(Duration::ZERO), vec![name]);
+        assert!(matches!(
+            presence.try_recv().expect("expired").change,
+            PresenceChange::Lost(why) if why.starts_with("no heartbeat")
+        ));
     }
 
     #[test]

@@ -58,6 +58,7 @@ async fn start_backup<L: AgentLink + Clone + 'static>(engine: &Engine<L>, env: &
             kind: RunKind::Backup,
             point_id: None,
             plan: None,
+            excluded: Vec::new(),
         })
         .await;
     match started {

@@ -16,6 +16,9 @@
 //! quarantine/<tag>/<key>              what a fleet restore (run tag) replaced or removed
 //! quarantine/<tag>.records/<..>.json  written before that restore changes anything: each key
 //!                                     it may write or remove and what it held (undo reads it)
+//! wal/<timeline>/<name>-<sha256>.zst  archived WAL (`wal`): the body, then its record
+//! wal/<timeline>/<name>.json          (create-only) that commits it; wal/history/ for
+//!                                     timeline history files
 //! ```
 //!
 //! A restore of objects by hand keeps what it displaced in the target store (or, if asked, in

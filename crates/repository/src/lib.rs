@@ -33,6 +33,7 @@ mod snapshot;
 mod store;
 mod undo;
 mod verify;
+mod wal;
 
 pub use kept::KeptQuarantine;
 pub use layout::{PointId, QUARANTINE_ROOT, SnapshotId, is_run_tag, run_tag, validate_environment};
@@ -74,3 +75,4 @@ pub use undo::{
     UndoObjectsReport, read_records, records_prefix, undo_objects,
 };
 pub use verify::{RestoreTarget, SnapshotCheck, VerifyOptions, VerifyReport};
+pub use wal::{Pushed, WalError, WalRecord, wal_fetch, wal_list, wal_push};

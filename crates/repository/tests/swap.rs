@@ -722,6 +722,17 @@ async fn a_freeze_it_may_not_apply_changes_nothing() {
     let mut freeze = freeze_as_owner(&cluster, &[OWNER, "web_app"])
         .await
         .expect("connect");
+    // What preflight asks, changing nothing.
+    let err = format!("{:#}", freeze.check().await.expect_err("could not hold"));
+    assert!(
+        err.contains("may not make role web_app read-only")
+            && err.contains("may not end role web_app's sessions")
+            && !err.contains("role app_owner read-only"),
+        "{err}"
+    );
+    let mut own = freeze_as_owner(&cluster, &[OWNER]).await.expect("connect");
+    own.check().await.expect("the owner may freeze itself");
+    own.close().await;
     let err = freeze.freeze(None).await.expect_err("refused");
     let text = format!("{err:#}");
     assert!(

@@ -297,6 +297,10 @@ impl DataPlane {
         point: &str,
         run_id: &str,
     ) -> Result<PreflightOutput> {
+        // Before anything else: a freeze that could not hold blocks here, nothing changed.
+        if self.freezes() {
+            self.check_database_freeze().await?;
+        }
         let repo = repo.open().await?;
         let id = PointId::parse(point)?;
         let options = VerifyOptions {

@@ -255,6 +255,17 @@ impl DataPlane {
         })
     }
 
+    /// Whether the freeze could hold (the roles exist, this role may alter them and end their
+    /// sessions), changing nothing: what preflight asks.
+    pub(super) async fn check_database_freeze(&self) -> Result<()> {
+        let (pg, roles, _) = self.database_freeze()?;
+        let mut freeze =
+            repository::DatabaseFreeze::connect(&pg.url()?, roles, ADMIN_CONNECT_TIMEOUT).await?;
+        let checked = freeze.check().await;
+        freeze.close().await;
+        checked
+    }
+
     fn database_freeze(&self) -> Result<(&super::Postgres, &[String], &FrozenMemory)> {
         let pg = self.postgres()?;
         let Some(freeze) = &pg.config.freeze else {

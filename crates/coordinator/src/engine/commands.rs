@@ -38,6 +38,10 @@ pub struct RunParams {
     pub plan: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub undoes: Option<UndoOf>,
+    /// Data left out of the restore on purpose (the environment's list and the operator's),
+    /// for the drill report; its shape is the report's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<crate::report::Exclusion>,
 }
 
 impl RunParams {

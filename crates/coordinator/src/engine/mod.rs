@@ -41,7 +41,7 @@ use crate::config::Environment;
 use crate::link::AgentLink;
 use crate::plan::{Action, Plan};
 use crate::store::{self, NewRun, PhaseRecord, PhaseState, RunKind, RunRecord, RunState, Store};
-use commands::{CommandKey, RunContext, RunId, agent_actions, needs_point};
+use commands::{CommandKey, RunContext, RunId, RunParams, agent_actions, needs_point};
 use planner::conflicts;
 
 /// The agents the coordinator knows, connected or not.
@@ -63,6 +63,9 @@ pub struct StartRun {
     pub point_id: Option<String>,
     /// A plan document and the name to report errors under; the environment's plan when None.
     pub plan: Option<(String, String)>,
+    /// Data the operator leaves out of the restore on purpose (`--exclude`), journaled in the
+    /// run's params with the environment's `[environments.NAME.report] excluded`.
+    pub excluded: Vec<String>,
 }
 
 /// Why a run cannot start now: another run of the same environment is unfinished (see
@@ -176,6 +179,72 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 .await
             {
                 tracing::debug!("cannot journal progress of {command}: {e:#}");
+            }
+        }
+    }
+
+    /// Journals agents lost and back (the registry's presence changes) as `agent.lost` and
+    /// `agent.back` events of every unfinished run of the agent's environment, so the drill
+    /// report can tell them, until the registry goes away. Changes that arrive together (a
+    /// reconnect storm) are journaled after one read of the unfinished runs.
+    pub async fn journal_presence(
+        &self,
+        mut changes: tokio::sync::broadcast::Receiver<crate::registry::Presence>,
+    ) {
+        use crate::registry::PresenceChange;
+        use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+        loop {
+            let mut batch = match changes.recv().await {
+                Ok(change) => vec![change],
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(
+                        missed,
+                        "agents lost or back were not journaled: the journal fell behind"
+                    );
+                    continue;
+                }
+                Err(RecvError::Closed) => return,
+            };
+            loop {
+                match changes.try_recv() {
+                    Ok(change) => batch.push(change),
+                    Err(TryRecvError::Lagged(missed)) => tracing::warn!(
+                        missed,
+                        "agents lost or back were not journaled: the journal fell behind"
+                    ),
+                    Err(_) => break,
+                }
+            }
+            let runs = match self.inner.store.unfinished_runs().await {
+                Ok(runs) => runs,
+                Err(e) => {
+                    tracing::warn!("cannot journal agents lost or back: {e:#}");
+                    continue;
+                }
+            };
+            for change in batch {
+                let (kind, mut payload) = match &change.change {
+                    PresenceChange::Lost(why) => ("agent.lost", json!({ "reason": why })),
+                    PresenceChange::Back { replaced } => {
+                        ("agent.back", json!({ "replaced": replaced }))
+                    }
+                };
+                payload["agent"] = json!(change.agent.as_str());
+                payload["role"] = json!(change.role.as_str());
+                let at = chrono::DateTime::<Utc>::from(change.at);
+                for run in runs
+                    .iter()
+                    .filter(|r| r.environment == change.environment.as_str())
+                {
+                    if let Err(e) = self
+                        .inner
+                        .store
+                        .append_event(&run.id, at, kind, &payload, self.inner.link.epoch())
+                        .await
+                    {
+                        tracing::warn!(run_id = %run.id, "cannot journal {kind}: {e:#}");
+                    }
+                }
             }
         }
     }
@@ -347,7 +416,12 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             environment: env.name.to_string(),
             point_id: point_id.clone(),
             plan: plan.source.clone(),
-            params: json!({ "plan": plan.name }),
+            params: serde_json::to_value(RunParams {
+                plan: plan.name.clone(),
+                undoes: None,
+                excluded: exclusions(env, &request.excluded),
+            })
+            .context("encode the run's params")?,
             epoch: self.inner.link.epoch(),
             created_at: now,
         };
@@ -374,6 +448,14 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         for run in runs {
             if matches!(run.state, RunState::Pending | RunState::Running) {
                 tracing::info!(run_id = %run.id, "resuming unfinished run");
+                // The report's incidents: this coordinator took the run over from one that
+                // stopped (or was replaced) before it finished. Not journaling it only leaves
+                // the report to infer it from the commands' epochs; the run goes on either way.
+                let took =
+                    json!({ "epoch": self.inner.link.epoch().get(), "state": run.state.as_str() });
+                if let Err(e) = self.inner.event(&run.id, "run.taken_over", took).await {
+                    tracing::warn!(run_id = %run.id, "cannot journal the takeover: {e:#}");
+                }
                 self.spawn_drive(run.id);
                 n += 1;
             }
@@ -546,6 +628,31 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// What a run leaves out on purpose: the environment's declared exclusions, then the
+/// operator's (blank ones dropped, each once).
+fn exclusions(env: &Environment, operator: &[String]) -> Vec<crate::report::Exclusion> {
+    let mut out: Vec<crate::report::Exclusion> = Vec::new();
+    let declared = env
+        .report_excluded
+        .iter()
+        .map(|t| (t, crate::report::EXCLUDED_BY_CONFIG))
+        .chain(
+            operator
+                .iter()
+                .map(|t| (t, crate::report::EXCLUDED_BY_OPERATOR)),
+        );
+    for (text, source) in declared {
+        let text = text.trim();
+        if !text.is_empty() && !out.iter().any(|e| e.text == text) {
+            out.push(crate::report::Exclusion {
+                text: text.to_owned(),
+                source: source.to_owned(),
+            });
+        }
+    }
+    out
 }
 
 fn phase_passed(phases: &[PhaseRecord], run: &RunRecord, action: Action) -> bool {

@@ -182,6 +182,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         let params = RunParams {
             plan: plan.name.clone(),
             undoes: Some(undoes),
+            excluded: Vec::new(),
         };
         let epoch = self.inner.link.epoch();
         store

@@ -15,13 +15,15 @@ use repository::Point;
 use serde_json::Value;
 
 use super::types::{
-    CheckRow, CountRow, DrillReport, EnvironmentInfo, FORMAT, FollowUp, NOT_RECORDED, ObjectsInfo,
-    PhaseRow, PostgresInfo, Rpo, Rto, RunInfo, SecretRefRow, Target, UndoInfo,
+    CheckRow, CountRow, DrillReport, EXCLUDED_BY_CONFIG, EnvironmentInfo, Exclusion, FORMAT,
+    FollowUp, Incident, NOT_RECORDED, ObjectsInfo, PhaseRow, PostgresInfo, Rpo, Rto, RunInfo,
+    SecretRefRow, Target, UndoInfo, WorkerDrillRow,
 };
 use crate::config::{Environment, ReportRow};
 use crate::plan::{Action, Plan};
 use crate::store::{
-    CommandRecord, EventRecord, PhaseRecord, PhaseState, ResultRecord, RunRecord, RunState, Store,
+    CommandRecord, EventRecord, PhaseRecord, PhaseState, ResultRecord, RunKind, RunRecord,
+    RunState, Store,
 };
 
 /// Builds the report of `run_id` from the journal in `store`. `point` is the run's recovery
@@ -521,8 +523,26 @@ impl Journal {
             _ => "passed",
         };
 
-        // Data left out of the restore: the operator's list and the quarantine.
-        let mut excluded: Vec<String> = excluded.iter().map(|s| r(s)).collect();
+        // Data left out of the restore: what the run journaled (the environment's list and
+        // the operator's `--exclude`), the caller's, and the quarantine.
+        let journaled: Vec<Exclusion> = run
+            .params
+            .get("excluded")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default();
+        let mut excluded: Vec<String> = journaled
+            .iter()
+            .map(|e| {
+                let by = if e.source == EXCLUDED_BY_CONFIG {
+                    "declared in the environment config"
+                } else {
+                    "declared by the operator"
+                };
+                format!("{} ({by})", r(&e.text))
+            })
+            .chain(excluded.iter().map(|s| r(s)))
+            .collect();
+        let exclusions_declared = !excluded.is_empty();
         if let Some(prefix) = &objects.quarantine_prefix {
             excluded.push(format!(
                 "objects the restore replaced ({}) or removed ({}) are not in the live store: \
@@ -535,6 +555,27 @@ impl Journal {
                     .map_or(NOT_RECORDED.to_owned(), |n| n.to_string()),
             ));
         }
+
+        let secret_refs = secret_rows(point, env);
+        let incidents = self.incidents(&phase_name);
+        // The runbook's managed-worker drill is a restore's: not a backup's or an undo's.
+        let restore = matches!(run.kind, RunKind::Drill | RunKind::Recovery);
+        let workers = plan
+            .as_ref()
+            .filter(|pl| restore && has_worker_phases(pl))
+            .map(|pl| {
+                self.worker_drill(WorkerInputs {
+                    plan: pl,
+                    env,
+                    point,
+                    execs: &execs,
+                    checks: &checks,
+                    phases: &phases,
+                    objects: &objects,
+                    counts: &counts,
+                    secret_refs: &secret_refs,
+                })
+            });
 
         DrillReport {
             format: FORMAT,
@@ -565,9 +606,12 @@ impl Journal {
             quarantine_prefix: objects.quarantine_prefix.clone(),
             postgres,
             objects,
-            secret_refs: secret_rows(point, env),
+            secret_refs,
+            exclusions_declared,
             counts,
             checks,
+            incidents,
+            workers,
             excluded,
             follow_ups: follow,
             phases,
@@ -575,6 +619,476 @@ impl Journal {
             rpo,
             undo: self.undo_info(&of(ActionKind::UndoPostgres), &of(ActionKind::UndoObjects)),
         }
+    }
+
+    /// The run's incidents in time order, from its events (phases blocked, operators' retries
+    /// and resumes, coordinators taking over, agents lost and back) and its commands (re-sent
+    /// after a failure; sent under a newer epoch than the run's when no event says why).
+    fn incidents(&self, phase_name: &dyn Fn(u32) -> String) -> Vec<Incident> {
+        let text = |e: &EventRecord, key: &str| {
+            e.payload
+                .get(key)
+                .and_then(Value::as_str)
+                .map(r)
+                .filter(|s| !s.is_empty())
+        };
+        let mut incidents = Vec::new();
+        let mut attempts: BTreeMap<String, u64> = BTreeMap::new();
+        let mut taken_over = false;
+        let mut operator = false;
+        for e in &self.events {
+            let phase = text(e, "phase");
+            let agent = text(e, "agent");
+            let mut push = |kind: &str, phase: Option<String>, agent, detail: String| {
+                incidents.push(Incident {
+                    at: Some(e.at),
+                    kind: kind.to_owned(),
+                    phase,
+                    agent,
+                    detail,
+                })
+            };
+            match e.kind.as_str() {
+                "phase.started" => {
+                    if let (Some(name), Some(n)) =
+                        (phase, e.payload.get("attempt").and_then(Value::as_u64))
+                    {
+                        attempts.insert(name, n);
+                    }
+                }
+                "phase.finished" if text(e, "state").as_deref() == Some("blocked") => {
+                    let attempt = phase
+                        .as_ref()
+                        .and_then(|p| attempts.get(p))
+                        .map_or(String::new(), |n| format!("attempt {n}: "));
+                    let detail = text(e, "detail").unwrap_or_else(|| NOT_RECORDED.to_owned());
+                    push("phase blocked", phase, None, format!("{attempt}{detail}"));
+                }
+                // A run blocked by its phase is told by the phase; one blocked otherwise (the
+                // coordinator could not continue) by the run.
+                "run.blocked" if phase.is_none() => {
+                    let reason = text(e, "reason").unwrap_or_else(|| NOT_RECORDED.to_owned());
+                    push("run blocked", None, None, reason);
+                }
+                "run.retried" => {
+                    operator = true;
+                    push(
+                        "operator retry",
+                        None,
+                        None,
+                        "the blocked phases ran again as a new attempt (new command ids: \
+                         everything ran again)"
+                            .to_owned(),
+                    );
+                }
+                "run.resumed" => {
+                    operator = true;
+                    push(
+                        "operator resume",
+                        None,
+                        None,
+                        "the blocked phases ran again with the same command ids (what had run \
+                         was answered from the agents' records)"
+                            .to_owned(),
+                    );
+                }
+                "run.taken_over" => {
+                    taken_over = true;
+                    let epoch = e
+                        .payload
+                        .get("epoch")
+                        .and_then(Value::as_u64)
+                        .map_or(NOT_RECORDED.to_owned(), |n| n.to_string());
+                    push(
+                        "coordinator took over",
+                        None,
+                        None,
+                        format!(
+                            "a restarted or replacement coordinator (epoch {epoch}) found the run \
+                             unfinished and drove it on, re-sending its commands with the same \
+                             ids"
+                        ),
+                    );
+                }
+                "agent.lost" => {
+                    let role = text(e, "role").unwrap_or_else(|| "agent".to_owned());
+                    let why = text(e, "reason").unwrap_or_else(|| NOT_RECORDED.to_owned());
+                    push(
+                        "agent lost",
+                        None,
+                        agent,
+                        format!("{role} agent unavailable: {why}"),
+                    );
+                }
+                "agent.back" => {
+                    let role = text(e, "role").unwrap_or_else(|| "agent".to_owned());
+                    let how = if e.payload.get("replaced").and_then(Value::as_bool) == Some(true) {
+                        "attached again while its previous connection still looked open (it \
+                         restarted or its connection was cut)"
+                    } else {
+                        "attached again"
+                    };
+                    push("agent back", None, agent, format!("{role} agent {how}"));
+                }
+                _ => {}
+            }
+        }
+
+        // Commands re-sent after a failure (a phase's `retries`): one incident per command.
+        let mut tries: BTreeMap<(u32, &str, u32, &str), Vec<&JournaledCommand>> = BTreeMap::new();
+        for entry in &self.commands {
+            let command = &entry.0;
+            let Some((step, _)) = step_and_retry(&command.command_id) else {
+                continue;
+            };
+            tries
+                .entry((
+                    command.phase_index,
+                    command.agent.as_str(),
+                    command.attempt,
+                    step,
+                ))
+                .or_default()
+                .push(entry);
+        }
+        for ((phase, agent, attempt, _), mut sent) in tries {
+            sent.sort_by_key(|(c, _)| step_and_retry(&c.command_id).map_or(0, |(_, r)| r));
+            if sent.len() < 2 {
+                continue;
+            }
+            let outcome = |result: &Option<ResultRecord>| match result {
+                Some(res) if res.detail.is_empty() => res.outcome.as_str().to_owned(),
+                Some(res) => format!("{}: {}", res.outcome, r(&res.detail)),
+                None => "never answered".to_owned(),
+            };
+            let (first, last) = (sent[0], sent[sent.len() - 1]);
+            incidents.push(Incident {
+                at: Some(last.0.created_at),
+                kind: "command re-sent".to_owned(),
+                phase: Some(r(&phase_name(phase))),
+                agent: Some(r(agent)),
+                detail: format!(
+                    "{} sent {} times in attempt {attempt}: the first try {}; the last {}",
+                    last.0.action,
+                    sent.len(),
+                    outcome(&first.1),
+                    outcome(&last.1)
+                ),
+            });
+        }
+
+        // Journals from before `run.taken_over`: a command sent under a newer epoch than the
+        // run's was sent by a coordinator that took the run over.
+        if !taken_over && !operator {
+            let mut newer: BTreeMap<u64, Option<DateTime<Utc>>> = BTreeMap::new();
+            for (command, result) in &self.commands {
+                if command.epoch > self.run.epoch {
+                    let first = newer.entry(command.epoch.get()).or_default();
+                    let at = result
+                        .as_ref()
+                        .filter(|res| res.epoch == command.epoch)
+                        .map(|res| res.received_at);
+                    *first = match (*first, at) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
+            }
+            for (epoch, at) in newer {
+                incidents.push(Incident {
+                    at,
+                    kind: "coordinator took over".to_owned(),
+                    phase: None,
+                    agent: None,
+                    detail: format!(
+                        "commands were sent under coordinator epoch {epoch} (the run started \
+                         under epoch {}): another coordinator drove the run on",
+                        self.run.epoch
+                    ),
+                });
+            }
+        }
+        // In time order; an incident without a time last.
+        incidents.sort_by_key(|i| (i.at.is_none(), i.at));
+        incidents
+    }
+
+    /// The runbook's managed-worker drill, each line from what the journal holds: worker
+    /// recovery (the worker phases' smoke results and replicas back), checkpoint restore (the
+    /// object restore and the reference checks), workflow consistency (the scheduler's smoke
+    /// and the invariant checks), BYOK secret-reference integrity (the point's references
+    /// against the environment's, and any BYOK count).
+    fn worker_drill(&self, i: WorkerInputs<'_>) -> Vec<WorkerDrillRow> {
+        let targets = |index: u32, role: &str| {
+            i.plan
+                .phases
+                .get(index as usize)
+                .is_some_and(|p| p.roles.iter().any(|r| r == role))
+        };
+        let phase_state = |name: &str| {
+            i.phases
+                .iter()
+                .find(|p| p.name == name)
+                .map_or(NOT_RECORDED, |p| p.state.as_str())
+        };
+        let check_text = |c: &CheckRow| {
+            let result = match c.passed {
+                Some(true) => "passed",
+                Some(false) => "failed",
+                None => NOT_RECORDED,
+            };
+            format!("{} on {} {result} ({})", c.name, c.agent, c.detail)
+        };
+
+        // Worker recovery. The agents of worker-only phases are the workers.
+        let worker_phases: Vec<&crate::plan::Phase> = i
+            .plan
+            .phases
+            .iter()
+            .filter(|p| {
+                matches!(p.action, Action::Smoke | Action::Scale)
+                    && p.roles.iter().any(|r| r == "worker")
+            })
+            .collect();
+        let workers: BTreeSet<&str> = i
+            .execs
+            .iter()
+            .filter(|e| {
+                i.plan
+                    .phases
+                    .get(e.command.phase_index as usize)
+                    .is_some_and(|p| p.roles.iter().all(|r| r == "worker"))
+            })
+            .map(|e| e.command.agent.as_str())
+            .collect();
+        let smoke_phases: BTreeSet<String> = worker_phases
+            .iter()
+            .filter(|p| p.action == Action::Smoke)
+            .map(|p| r(&p.name))
+            .collect();
+        let smokes: Vec<&CheckRow> = i
+            .checks
+            .iter()
+            .filter(|c| smoke_phases.contains(&c.phase))
+            .collect();
+        let mut evidence: Vec<String> = smokes
+            .iter()
+            .map(|c| format!("{}: {}", c.phase, check_text(c)))
+            .collect();
+        for exec in i.execs.iter().filter(|e| {
+            e.command.action == ActionKind::Scale && workers.contains(e.command.agent.as_str())
+        }) {
+            if let Some(ActionOutput::Scale(out)) = exec.output()
+                && out.now > 0
+            {
+                evidence.push(format!(
+                    "{}: {} at {} replicas ({} before the run)",
+                    r(&self.phase_name_of(exec.command.phase_index, i.plan)),
+                    r(&exec.command.agent),
+                    out.now,
+                    out.prior
+                ));
+            }
+        }
+        let blocked: Vec<String> = worker_phases
+            .iter()
+            .filter(|p| matches!(phase_state(&p.name), "blocked" | "failed"))
+            .map(|p| format!("phase {} {}", r(&p.name), phase_state(&p.name)))
+            .collect();
+        evidence.extend(blocked.iter().cloned());
+        let recovery = if !blocked.is_empty() || smokes.iter().any(|c| c.passed == Some(false)) {
+            "failed"
+        } else if !smokes.is_empty() && smokes.iter().all(|c| c.passed == Some(true)) {
+            "passed"
+        } else {
+            NOT_RECORDED
+        };
+        let declared = i.env.fleet.get("worker").copied().unwrap_or(0);
+        let mut rows = vec![WorkerDrillRow {
+            item: "worker recovery".to_owned(),
+            result: recovery.to_owned(),
+            evidence: if evidence.is_empty() {
+                format!("no worker smoke or scale result recorded ({declared} workers declared)")
+            } else {
+                format!("{declared} workers declared; {}", evidence.join("; "))
+            },
+        }];
+
+        // Checkpoint restore: the object restore, then the reference checks.
+        let restores: Vec<&Exec<'_>> = i
+            .execs
+            .iter()
+            .filter(|e| e.command.action == ActionKind::RestoreObjects)
+            .collect();
+        let references: Vec<&CheckRow> =
+            i.checks.iter().filter(|c| c.kind == "reference").collect();
+        let n = |v: Option<u64>| v.map_or(NOT_RECORDED.to_owned(), |n| n.to_string());
+        let mut evidence = Vec::new();
+        if !restores.is_empty() {
+            let o = i.objects;
+            evidence.push(format!(
+                "restore-objects on {}: {} (snapshot {}; {} written, {} already matching, {} \
+                 replaced, {} removed)",
+                o.restore_agent.as_deref().unwrap_or(NOT_RECORDED),
+                if restores.iter().all(|e| e.succeeded()) {
+                    "succeeded"
+                } else {
+                    "did not succeed"
+                },
+                o.snapshot_id.as_deref().unwrap_or(NOT_RECORDED),
+                n(o.restored),
+                n(o.unchanged),
+                n(o.replaced),
+                n(o.removed)
+            ));
+        }
+        evidence.extend(
+            references
+                .iter()
+                .map(|c| format!("{}: {}", c.phase, check_text(c))),
+        );
+        let checkpoint = if restores
+            .iter()
+            .any(|e| e.result.is_some() && !e.succeeded())
+            || references.iter().any(|c| c.passed == Some(false))
+        {
+            "failed"
+        } else if !restores.is_empty() && restores.iter().all(|e| e.succeeded()) {
+            "passed"
+        } else {
+            NOT_RECORDED
+        };
+        if references.is_empty() && !restores.is_empty() {
+            evidence.push("no reference check recorded".to_owned());
+        }
+        rows.push(WorkerDrillRow {
+            item: "checkpoint restore".to_owned(),
+            result: checkpoint.to_owned(),
+            evidence: if evidence.is_empty() {
+                "no object restore recorded".to_owned()
+            } else {
+                evidence.join("; ")
+            },
+        });
+
+        // Workflow consistency: the scheduler's smoke and the invariant checks.
+        let scheduler_phases: BTreeSet<String> = i
+            .plan
+            .phases
+            .iter()
+            .filter(|p| p.action == Action::Smoke && targets(p.index as u32, "scheduler"))
+            .map(|p| r(&p.name))
+            .collect();
+        let workflow: Vec<&CheckRow> = i
+            .checks
+            .iter()
+            .filter(|c| scheduler_phases.contains(&c.phase) || c.kind == "invariant")
+            .collect();
+        rows.push(WorkerDrillRow {
+            item: "workflow consistency".to_owned(),
+            result: verdict(&workflow).to_owned(),
+            evidence: if workflow.is_empty() {
+                "no scheduler smoke or invariant check recorded".to_owned()
+            } else {
+                workflow
+                    .iter()
+                    .map(|c| format!("{}: {}", c.phase, check_text(c)))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            },
+        });
+
+        // BYOK secret-reference integrity: the references the point recorded at backup time
+        // against the environment's now, and any BYOK count.
+        let recorded: Vec<&SecretRefRow> = i
+            .secret_refs
+            .iter()
+            .filter(|s| s.source == "recovery point")
+            .collect();
+        let differing: Vec<&SecretRefRow> = i
+            .secret_refs
+            .iter()
+            .filter(|s| s.source != "recovery point")
+            .collect();
+        let point_kms: BTreeSet<&str> = i
+            .point
+            .map(|p| {
+                p.secrets
+                    .iter()
+                    .filter_map(|s| s.kms_key.as_deref())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let env_kms: BTreeSet<&str> = i
+            .env
+            .secrets
+            .iter()
+            .filter_map(|s| s.kms_key.as_deref())
+            .collect();
+        let lost_kms = point_kms.difference(&env_kms).count();
+        let byok: Vec<&CountRow> = i
+            .counts
+            .iter()
+            .filter(|c| c.key.to_ascii_lowercase().contains("byok"))
+            .collect();
+        let mut evidence = Vec::new();
+        if i.point.is_some() {
+            evidence.push(format!(
+                "{} references recorded in the point, {} with a KMS key",
+                recorded.len(),
+                recorded.iter().filter(|s| s.kms_key.is_some()).count()
+            ));
+            if lost_kms > 0 {
+                evidence.push(format!(
+                    "{lost_kms} KMS keys the point recorded are no longer in the environment's \
+                     references: data restored from it may not decrypt"
+                ));
+            }
+        } else {
+            evidence
+                .push("the point file was not read: its references are not recorded".to_owned());
+        }
+        for s in &differing {
+            evidence.push(format!(
+                "{} in the environment config differs from the point (version {}, KMS key {})",
+                s.name,
+                s.version.as_deref().unwrap_or(NOT_RECORDED),
+                s.kms_key.as_deref().unwrap_or(NOT_RECORDED)
+            ));
+        }
+        let count = |v: Option<i64>| v.map_or(NOT_RECORDED.to_owned(), |n| n.to_string());
+        for c in &byok {
+            evidence.push(format!(
+                "{}: {} at the point, {} after",
+                c.label,
+                count(c.at_point),
+                count(c.after)
+            ));
+        }
+        let integrity = if lost_kms > 0 || byok.iter().any(|c| c.matches_point == Some(false)) {
+            "failed"
+        } else if i.point.is_some_and(|p| !p.secrets.is_empty())
+            || (!byok.is_empty() && byok.iter().all(|c| c.matches_point == Some(true)))
+        {
+            "passed"
+        } else {
+            NOT_RECORDED
+        };
+        rows.push(WorkerDrillRow {
+            item: "BYOK secret-reference integrity".to_owned(),
+            result: integrity.to_owned(),
+            evidence: evidence.join("; "),
+        });
+        rows
+    }
+
+    fn phase_name_of(&self, index: u32, plan: &Plan) -> String {
+        self.phases
+            .iter()
+            .find(|p| p.index == index)
+            .map(|p| p.name.clone())
+            .or_else(|| plan.phases.get(index as usize).map(|p| p.name.clone()))
+            .unwrap_or_else(|| format!("phase {index}"))
     }
 
     /// What an undo run's undo-postgres and undo-objects reported (None for other runs).
@@ -674,6 +1188,50 @@ impl Journal {
             .and_then(|e| e.payload.get("duration_ms"))
             .and_then(Value::as_i64)
     }
+}
+
+/// A journaled command with its result, when it has one.
+type JournaledCommand = (CommandRecord, Option<ResultRecord>);
+
+/// What the managed-worker drill reads.
+struct WorkerInputs<'a> {
+    plan: &'a Plan,
+    env: &'a Environment,
+    point: Option<&'a Point>,
+    execs: &'a [Exec<'a>],
+    checks: &'a [CheckRow],
+    phases: &'a [PhaseRow],
+    objects: &'a ObjectsInfo,
+    counts: &'a [CountRow],
+    secret_refs: &'a [SecretRefRow],
+}
+
+/// Whether the plan has worker phases (a smoke or scale phase targeting `worker`): the
+/// runbook's managed-worker drill applies.
+fn has_worker_phases(plan: &Plan) -> bool {
+    plan.phases.iter().any(|p| {
+        matches!(p.action, Action::Smoke | Action::Scale) && p.roles.iter().any(|r| r == "worker")
+    })
+}
+
+/// `failed` when a check failed, `passed` when some were recorded and all passed, else
+/// `not recorded`.
+fn verdict(checks: &[&CheckRow]) -> &'static str {
+    if checks.iter().any(|c| c.passed == Some(false)) {
+        "failed"
+    } else if !checks.is_empty() && checks.iter().all(|c| c.passed == Some(true)) {
+        "passed"
+    } else {
+        NOT_RECORDED
+    }
+}
+
+/// The step and retry of a command id (`run/phase/agent/aN/sK/rR`); None for another shape.
+fn step_and_retry(id: &str) -> Option<(&str, u32)> {
+    let mut parts = id.rsplit('/');
+    let retry = parts.next()?.strip_prefix('r')?.parse().ok()?;
+    let step = parts.next().filter(|s| s.starts_with('s'))?;
+    Some((step, retry))
 }
 
 /// Redacts a string from the journal, an operator or the config.
@@ -888,6 +1446,8 @@ fn parse_follow_up(raw: &str) -> FollowUp {
 /// The point's references as recorded at backup time, then any reference of the environment
 /// the point lacks or records differently (a rotation since, a new secret).
 fn secret_rows(point: Option<&Point>, env: &Environment) -> Vec<SecretRefRow> {
+    // References are names, not secrets; a local path in one is withheld.
+    let r = |s: &str| api::redact::redact_reference(s).into_owned();
     let row = |s: &repository::SecretRef, source: &str| SecretRefRow {
         name: r(&s.name),
         manager: r(&s.manager),

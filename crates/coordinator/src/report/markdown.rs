@@ -118,6 +118,7 @@ impl DrillReport {
                          warnings (optional checks that failed), {checks_unknown} not recorded"
                     ),
                 ],
+                vec!["Incidents".into(), self.incidents_summary()],
                 vec!["Follow-ups".into(), self.follow_ups.len().to_string()],
             ],
         );
@@ -196,7 +197,7 @@ impl DrillReport {
                     code(&pg.pre_restore_database),
                 ],
                 vec![
-                    "Resumed".into(),
+                    "Restore completed after an interruption".into(),
                     pg.resumed.clone().unwrap_or_else(|| "no".into()),
                 ],
             ],
@@ -340,13 +341,68 @@ impl DrillReport {
             );
         }
 
-        md.section("Data intentionally excluded");
-        if self.excluded.is_empty() {
-            md.line("None declared.");
+        md.section("Incidents");
+        if self.incidents.is_empty() {
+            md.line(
+                "Incidents: none. No phase blocked, no command was re-sent, no coordinator took \
+                 the run over and no agent of the environment was lost while it ran.",
+            );
         } else {
-            for item in &self.excluded {
-                md.line(&format!("- {}", inline(item)));
+            md.table(
+                &["Time", "Incident", "Phase", "Agent", "Detail"],
+                self.incidents
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            time(i.at),
+                            i.kind.clone(),
+                            i.phase.clone().unwrap_or_default(),
+                            i.agent.clone().unwrap_or_default(),
+                            i.detail.clone(),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+
+        if let Some(rows) = &self.workers {
+            md.section("Managed-worker drill");
+            md.line(
+                "The runbook's worker-restore template: each line from what the journal holds, \
+                 never assumed.",
+            );
+            md.blank();
+            md.table(
+                &["Item", "Result", "Evidence"],
+                rows.iter()
+                    .map(|w| {
+                        vec![
+                            w.item.clone(),
+                            if w.result == "failed" {
+                                "**failed**".to_owned()
+                            } else {
+                                w.result.clone()
+                            },
+                            w.evidence.clone(),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+
+        md.section("Data intentionally excluded");
+        if !self.exclusions_declared {
+            md.line(&format!(
+                "None declared (`rollcall drill --exclude TEXT`, or `[environments.{}.report] \
+                 excluded` in the coordinator config).",
+                self.environment.name
+            ));
+            if !self.excluded.is_empty() {
+                md.blank();
             }
+        }
+        for item in &self.excluded {
+            md.line(&format!("- {}", inline(item)));
         }
 
         md.section("Pre-restore data kept");
@@ -482,6 +538,24 @@ impl DrillReport {
             );
         }
         md.0
+    }
+}
+
+impl DrillReport {
+    /// `none`, or how many of each kind (`1 phase blocked, 1 operator retry`).
+    fn incidents_summary(&self) -> String {
+        if self.incidents.is_empty() {
+            return "none".to_owned();
+        }
+        let mut kinds: Vec<(&str, usize)> = Vec::new();
+        for i in &self.incidents {
+            match kinds.iter_mut().find(|(k, _)| *k == i.kind) {
+                Some((_, n)) => *n += 1,
+                None => kinds.push((&i.kind, 1)),
+            }
+        }
+        let list: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        format!("{} (see Incidents)", list.join(", "))
     }
 }
 

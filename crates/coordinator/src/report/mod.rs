@@ -5,6 +5,13 @@
 //!
 //! Every string that came from command output, an operator or the config passes through
 //! `api::redact::redact` while the report is built, so both renderings are safe to publish.
+//! Secret references are names, not secrets: they pass `api::redact::redact_reference`
+//! instead (printed as recorded, a local path in one withheld).
+//!
+//! Beside the runbook's fields the report tells the run's incidents (phases that blocked,
+//! operators' retries and resumes, commands re-sent, coordinators that took the run over,
+//! agents lost and back) and, when the plan has worker phases, the runbook's managed-worker
+//! drill (worker recovery, checkpoint restore, workflow consistency, BYOK references).
 //! Data the journal does not hold is shown as "not recorded", never left out: a gap in a drill
 //! report must be visible.
 //!

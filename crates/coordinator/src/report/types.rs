@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use api::redact::redact_json;
+use api::redact::{redact_json, redact_reference_json};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
@@ -13,6 +13,19 @@ pub const FORMAT: &str = "rollcall.drill-report.v1";
 
 /// What a missing value reads as.
 pub const NOT_RECORDED: &str = "not recorded";
+
+/// The sources of a declared exclusion.
+pub const EXCLUDED_BY_OPERATOR: &str = "operator";
+pub const EXCLUDED_BY_CONFIG: &str = "environment config";
+
+/// Data a run leaves out of the restore on purpose, as journaled in the run's params when it
+/// started: the environment's `[environments.NAME.report] excluded` and `--exclude TEXT`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Exclusion {
+    pub text: String,
+    /// [`EXCLUDED_BY_OPERATOR`] or [`EXCLUDED_BY_CONFIG`].
+    pub source: String,
+}
 
 /// A filled-in drill report. Strings in it are already redacted.
 #[derive(Debug, Clone, Serialize)]
@@ -34,8 +47,20 @@ pub struct DrillReport {
     pub counts: Vec<CountRow>,
     /// Every preflight, verify (HTTP, count, invariant) and smoke check with its result.
     pub checks: Vec<CheckRow>,
-    /// Data intentionally left out of the restore.
+    /// What happened on the way, in time order: phases that blocked, operators' retries and
+    /// resumes, commands re-sent after a failure, coordinators that took the run over, agents
+    /// lost and back. Empty when the run went straight through.
+    pub incidents: Vec<Incident>,
+    /// The runbook's managed-worker drill (worker recovery, checkpoint restore, workflow
+    /// consistency, BYOK secret-reference integrity), for a drill or recovery whose plan has
+    /// worker phases.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<Vec<WorkerDrillRow>>,
+    /// Data intentionally left out of the restore: what was declared (the run's exclusions,
+    /// journaled at its start, with their source), then what the restore moved aside.
     pub excluded: Vec<String>,
+    /// Whether the operator or the environment declared any exclusion.
+    pub exclusions_declared: bool,
     /// The live database before the restore, kept under this name.
     pub pre_restore_database: Option<String>,
     /// Where objects the restore replaced or removed were moved.
@@ -181,6 +206,29 @@ pub struct CheckRow {
     pub detail: String,
 }
 
+/// One incident of the run, from the journal.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Incident {
+    pub at: Option<DateTime<Utc>>,
+    /// `phase blocked`, `run blocked`, `operator retry`, `operator resume`, `command re-sent`,
+    /// `coordinator took over`, `agent lost`, `agent back`.
+    pub kind: String,
+    pub phase: Option<String>,
+    pub agent: Option<String>,
+    pub detail: String,
+}
+
+/// One line of the managed-worker drill: what was checked, its result and the evidence.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkerDrillRow {
+    /// `worker recovery`, `checkpoint restore`, `workflow consistency`,
+    /// `BYOK secret-reference integrity`.
+    pub item: String,
+    /// `passed`, `failed` or `not recorded`.
+    pub result: String,
+    pub evidence: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FollowUp {
     pub text: String,
@@ -245,7 +293,13 @@ impl DrillReport {
     pub fn to_json(&self) -> Value {
         let mut value =
             serde_json::to_value(self).expect("a drill report has string keys and serializes");
+        // Secret references are names, not secrets: their own rule (local paths withheld).
+        let refs = value.get_mut("secret_refs").map(Value::take);
         redact_json(&mut value);
+        if let Some(mut refs) = refs {
+            redact_reference_json(&mut refs);
+            value["secret_refs"] = refs;
+        }
         value
     }
 }

@@ -93,6 +93,52 @@ impl DatabaseFreeze {
         &self.live.database
     }
 
+    /// Whether this role could freeze and thaw the roles, changing nothing: it may alter each
+    /// of them (it is the role itself, a superuser, or has CREATEROLE and the role is not a
+    /// superuser) and end their sessions (a member of the role or of `pg_signal_backend`, or
+    /// a superuser; a superuser's sessions only a superuser). What a drill's preflight asks
+    /// before anything is frozen.
+    pub async fn check(&mut self) -> Result<()> {
+        let rows = sqlx::query(
+            "SELECT r.rolname::text AS role, \
+                    (me.rolsuper OR r.rolname = current_user \
+                     OR (me.rolcreaterole AND NOT r.rolsuper)) AS may_alter, \
+                    (me.rolsuper OR (NOT r.rolsuper \
+                     AND (pg_has_role(current_user, r.oid, 'MEMBER') \
+                          OR pg_has_role(current_user, 'pg_signal_backend', 'MEMBER')))) AS may_end \
+             FROM pg_roles r, pg_roles me \
+             WHERE r.rolname = ANY($1) AND me.rolname = current_user ORDER BY r.rolname",
+        )
+        .bind(&self.roles)
+        .fetch_all(&mut self.admin)
+        .await
+        .context("read what this role may do to the roles to freeze")?;
+        let mut problems = Vec::new();
+        for row in &rows {
+            let role: String = row.try_get("role")?;
+            if !row.try_get::<bool, _>("may_alter")? {
+                problems.push(format!(
+                    "may not make role {role} read-only (it must be {role} itself, a superuser, \
+                     or have CREATEROLE)"
+                ));
+            }
+            if !row.try_get::<bool, _>("may_end")? {
+                problems.push(format!(
+                    "may not end role {role}'s sessions (grant it {role} or pg_signal_backend)"
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            bail!(
+                "the database freeze of {} could not hold: {} {}",
+                self.live.database,
+                current_user(&mut self.admin).await,
+                problems.join("; ")
+            );
+        }
+        Ok(())
+    }
+
     /// Makes the roles read-only in the live database and ends their sessions that began
     /// before (or before `since_us`, the time of an earlier freeze this one repeats). Refuses,
     /// changing nothing, while a session of the roles is one this role may not end.

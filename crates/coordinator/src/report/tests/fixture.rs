@@ -55,6 +55,7 @@ pub(super) fn environment(secrets: Vec<SecretRef>) -> Environment {
         },
         secrets,
         report_rows: cowork_rows(),
+        report_excluded: Vec::new(),
     }
 }
 
@@ -169,6 +170,17 @@ impl TestJournal {
 
     /// The run, started at 10:00 under `plan`, in `state`.
     pub(super) async fn run_with(&self, plan: &str, state: RunState, reason: Option<&str>) {
+        self.run_with_params(plan, json!({}), state, reason).await;
+    }
+
+    /// [`Self::run_with`] with the run's journaled params.
+    pub(super) async fn run_with_params(
+        &self,
+        plan: &str,
+        params: serde_json::Value,
+        state: RunState,
+        reason: Option<&str>,
+    ) {
         self.store
             .create_run(&NewRun {
                 id: RUN.to_owned(),
@@ -176,7 +188,7 @@ impl TestJournal {
                 environment: "prod".to_owned(),
                 point_id: Some(POINT.to_owned()),
                 plan: plan.to_owned(),
-                params: json!({}),
+                params,
                 epoch: Epoch::new(3).unwrap(),
                 created_at: at(9, 59, 50),
             })
@@ -218,6 +230,14 @@ impl TestJournal {
                 .await
                 .unwrap();
         }
+    }
+
+    /// An event of the run at `at`.
+    pub(super) async fn event(&self, at: DateTime<Utc>, kind: &str, payload: serde_json::Value) {
+        self.store
+            .append_event(RUN, at, kind, &payload, Epoch::new(3).unwrap())
+            .await
+            .unwrap();
     }
 
     pub(super) async fn phase(

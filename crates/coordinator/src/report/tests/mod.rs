@@ -712,3 +712,503 @@ async fn a_prepared_and_committed_restore_reads_as_one() {
         "{md}"
     );
 }
+
+/// References are names, not secrets: the report prints them as recorded (a harmless name or
+/// reference that merely mentions "secret" or "token" is not a credential), but a local path
+/// inside a reference is withheld, as the runbook forbids local paths in reports.
+#[tokio::test]
+async fn secret_references_print_as_they_are_and_local_paths_are_withheld() {
+    let j = journal().await;
+    full_drill(&j).await;
+    let reference =
+        |name: &str, manager: &str, reference: &str, kms: Option<&str>| repository::SecretRef {
+            name: name.to_owned(),
+            manager: manager.to_owned(),
+            reference: reference.to_owned(),
+            version: Some("AWSCURRENT".to_owned()),
+            kms_key: kms.map(str::to_owned),
+            rotated_at: None,
+        };
+    let shown = [
+        reference(
+            "cookie-secret",
+            "aws-secrets-manager",
+            "arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/cookie",
+            Some("arn:aws:kms:us-east-1:123456789012:key/1234abcd"),
+        ),
+        reference(
+            "stripe-webhook-secret",
+            "vault",
+            "secret:prod/stripe-webhook",
+            None,
+        ),
+        reference(
+            "gateway-service-token",
+            "kubernetes",
+            "secret=gateway/service-token",
+            None,
+        ),
+        reference(
+            "oidc-client-secret",
+            "gcp-secret-manager",
+            "projects/cowork/secrets/oidc-client-secret/versions/3",
+            Some("projects/cowork/locations/global/keyRings/r/cryptoKeys/byok"),
+        ),
+    ];
+    let local = [
+        reference("channel-token", "file", "/home/alice/secrets/x", None),
+        reference("tls-key", "file", "/etc/app/secret.key", None),
+        reference(
+            "billing",
+            "sops",
+            "file:///var/lib/app/secrets/billing.enc",
+            None,
+        ),
+    ];
+    let env = environment(shown.iter().chain(&local).cloned().collect());
+    let mut point = point();
+    point.secrets = Vec::new();
+    let report = build(&*j.store, RUN, &env, Some(&point), &[], &[])
+        .await
+        .unwrap();
+    let md = report.to_markdown();
+    let json = report.to_json();
+    let rows = json["secret_refs"].as_array().unwrap();
+    for (i, s) in shown.iter().enumerate() {
+        let row = format!(
+            "| {} | {} | `{}` | AWSCURRENT | {} |",
+            s.name,
+            s.manager,
+            s.reference,
+            s.kms_key
+                .as_ref()
+                .map_or("not recorded".to_owned(), |k| format!("`{k}`"))
+        );
+        assert!(md.contains(&row), "{row} missing:\n{md}");
+        assert_eq!(rows[i]["name"], s.name.as_str());
+        assert_eq!(rows[i]["reference"], s.reference.as_str(), "{}", rows[i]);
+        assert_eq!(rows[i]["kms_key"], json!(s.kms_key));
+    }
+    for (i, s) in local.iter().enumerate() {
+        let row = format!(
+            "| {} | {} | `[local path withheld]` | AWSCURRENT |",
+            s.name, s.manager
+        );
+        assert!(md.contains(&row), "{row} missing:\n{md}");
+        assert_eq!(rows[shown.len() + i]["reference"], "[local path withheld]");
+    }
+    let text = format!("{md}{json}");
+    for leak in ["/home/", "alice", "/etc/app", "/var/lib/app"] {
+        assert!(!text.contains(leak), "{leak} leaked:\n{text}");
+    }
+}
+
+/// A drill that blocked on a lost agent, was retried by an operator, taken over by a restarted
+/// coordinator and re-sent a failed command reads "passed" only beside its incidents, in time
+/// order, with what the journal said about each.
+#[tokio::test]
+async fn incidents_tell_blocked_attempts_retries_takeovers_and_lost_agents() {
+    let j = journal().await;
+    full_drill(&j).await;
+    let env = environment(vec![]);
+    // Straight through: no incident.
+    let report = build(&*j.store, RUN, &env, Some(&point()), &[], &[])
+        .await
+        .unwrap();
+    assert!(report.incidents.is_empty(), "{:?}", report.incidents);
+    let md = report.to_markdown();
+    assert!(md.contains("| Incidents | none |"), "{md}");
+    assert!(md.contains("Incidents: none."), "{md}");
+
+    j.event(
+        at(10, 1, 0),
+        "phase.started",
+        json!({ "phase": "restore-postgres", "action": "restore-postgres", "attempt": 1 }),
+    )
+    .await;
+    j.event(
+        at(10, 1, 30),
+        "agent.lost",
+        json!({ "agent": "db-1", "role": "database", "reason": "stream lost: connection reset" }),
+    )
+    .await;
+    let detail = format!(
+        "0 of 1 database succeeded; db-1: restore-postgres failed: connect to \
+         postgres://rollcall:{PASSWORD}@db.internal/cowork refused"
+    );
+    j.event(
+        at(10, 2, 0),
+        "phase.finished",
+        json!({ "phase": "restore-postgres", "state": "blocked", "detail": detail }),
+    )
+    .await;
+    j.event(
+        at(10, 2, 0),
+        "run.blocked",
+        json!({ "phase": "restore-postgres", "reason": format!("phase restore-postgres did not pass: {detail}") }),
+    )
+    .await;
+    j.event(
+        at(10, 2, 30),
+        "agent.back",
+        json!({ "agent": "db-1", "role": "database", "replaced": false }),
+    )
+    .await;
+    j.event(at(10, 3, 0), "run.retried", json!({})).await;
+    j.event(
+        at(10, 3, 1),
+        "phase.started",
+        json!({ "phase": "restore-postgres", "action": "restore-postgres", "attempt": 2 }),
+    )
+    .await;
+    j.event(
+        at(10, 4, 0),
+        "run.taken_over",
+        json!({ "epoch": 4, "state": "running" }),
+    )
+    .await;
+    // The gateway's smoke timed out and was sent again (the phase's `retries`).
+    let resent = format!("{RUN}/gateway-smoke/gateway-1/a1/s1/r1");
+    j.store
+        .record_command(&crate::store::CommandRecord {
+            command_id: resent.clone(),
+            run_id: RUN.to_owned(),
+            phase_index: 10,
+            agent: "gateway-1".to_owned(),
+            action: ActionKind::Smoke,
+            payload: json!({}),
+            attempt: 1,
+            epoch: api::model::Epoch::new(3).unwrap(),
+            created_at: at(10, 10, 59),
+        })
+        .await
+        .unwrap();
+    j.store
+        .record_result(
+            &crate::store::ResultRecord {
+                command_id: resent,
+                agent: "gateway-1".to_owned(),
+                epoch: api::model::Epoch::new(3).unwrap(),
+                outcome: Outcome::Failed,
+                replayed: false,
+                detail: "no delivery resumed".to_owned(),
+                output: None,
+                received_at: at(10, 11, 0),
+            },
+            api::model::Epoch::new(3).unwrap(),
+        )
+        .await
+        .unwrap();
+
+    let report = build(&*j.store, RUN, &env, Some(&point()), &[], &[])
+        .await
+        .unwrap();
+    type Seen<'a> = (
+        Option<chrono::DateTime<chrono::Utc>>,
+        &'a str,
+        Option<&'a str>,
+        Option<&'a str>,
+    );
+    let got: Vec<Seen<'_>> = report
+        .incidents
+        .iter()
+        .map(|i| {
+            (
+                i.at,
+                i.kind.as_str(),
+                i.phase.as_deref(),
+                i.agent.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (Some(at(10, 1, 30)), "agent lost", None, Some("db-1")),
+            (
+                Some(at(10, 2, 0)),
+                "phase blocked",
+                Some("restore-postgres"),
+                None
+            ),
+            (Some(at(10, 2, 30)), "agent back", None, Some("db-1")),
+            (Some(at(10, 3, 0)), "operator retry", None, None),
+            (Some(at(10, 4, 0)), "coordinator took over", None, None),
+            (
+                Some(at(10, 10, 59)),
+                "command re-sent",
+                Some("gateway-smoke"),
+                Some("gateway-1")
+            ),
+        ]
+    );
+    assert_eq!(
+        report.incidents[0].detail,
+        "database agent unavailable: stream lost: connection reset"
+    );
+    assert_eq!(
+        report.incidents[1].detail,
+        "attempt 1: 0 of 1 database succeeded; db-1: restore-postgres failed: connect to \
+         postgres://rollcall:***@db.internal/cowork refused"
+    );
+    assert!(
+        report.incidents[4].detail.contains("(epoch 4)"),
+        "{}",
+        report.incidents[4].detail
+    );
+    assert_eq!(
+        report.incidents[5].detail,
+        "smoke sent 2 times in attempt 1: the first try timed_out: smoke did not finish \
+         within 1m; owner ***@cowork.example; the last failed: no delivery resumed"
+    );
+    let md = report.to_markdown();
+    assert!(
+        md.contains(
+            "| Incidents | 1 agent lost, 1 phase blocked, 1 agent back, 1 operator retry, 1 \
+             coordinator took over, 1 command re-sent (see Incidents) |"
+        ),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "| 2026-11-25 10:02:00 UTC | phase blocked | restore-postgres |  | attempt 1: 0 of 1 \
+             database succeeded;"
+        ),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "| 2026-11-25 10:01:30 UTC | agent lost |  | db-1 | database agent unavailable"
+        ),
+        "{md}"
+    );
+    assert!(!md.contains(PASSWORD) && !report.to_json().to_string().contains(PASSWORD));
+    assert_eq!(report.to_json()["incidents"].as_array().unwrap().len(), 6);
+}
+
+/// A journal from before `run.taken_over`: commands sent under a newer epoch than the run's
+/// still tell that another coordinator drove the run on.
+#[tokio::test]
+async fn commands_under_a_newer_epoch_tell_a_takeover_without_its_event() {
+    let j = journal().await;
+    full_drill(&j).await;
+    // The verify command re-sent by a coordinator of epoch 5 (the journal raises its epoch).
+    j.store
+        .record_command(&crate::store::CommandRecord {
+            command_id: format!("{RUN}/verify/db-1/a1/s0/r0"),
+            run_id: RUN.to_owned(),
+            phase_index: 6,
+            agent: "db-1".to_owned(),
+            action: ActionKind::Verify,
+            payload: json!({}),
+            attempt: 1,
+            epoch: api::model::Epoch::new(5).unwrap(),
+            created_at: at(10, 7, 20),
+        })
+        .await
+        .unwrap();
+    let report = build(&*j.store, RUN, &environment(vec![]), None, &[], &[])
+        .await
+        .unwrap();
+    assert_eq!(report.incidents.len(), 1, "{:?}", report.incidents);
+    assert_eq!(report.incidents[0].kind, "coordinator took over");
+    assert!(
+        report.incidents[0].detail.starts_with(
+            "commands were sent under coordinator epoch 5 (the run started under epoch 3)"
+        ),
+        "{}",
+        report.incidents[0].detail
+    );
+}
+
+/// What the operator (`--exclude`) and the environment config declared, journaled in the run's
+/// params when it started, is what the report says was left out; nothing declared reads so.
+#[tokio::test]
+async fn declared_exclusions_come_from_the_runs_params() {
+    let j = journal().await;
+    j.run_with_params(
+        ONE_PHASE_PLAN,
+        json!({ "plan": "default", "excluded": [
+            { "text": "local Desktop threads (stay local)", "source": "environment config" },
+            { "text": "diagnostics bundles older than 7 days", "source": "operator" },
+        ] }),
+        RunState::Running,
+        None,
+    )
+    .await;
+    let env = environment(vec![]);
+    let report = build(&*j.store, RUN, &env, None, &[], &[]).await.unwrap();
+    assert_eq!(
+        report.excluded,
+        [
+            "local Desktop threads (stay local) (declared in the environment config)",
+            "diagnostics bundles older than 7 days (declared by the operator)",
+        ]
+    );
+    assert!(report.exclusions_declared);
+    let md = report.to_markdown();
+    assert!(
+        md.contains(
+            "## Data intentionally excluded\n\n- local Desktop threads (stay local) (declared in \
+             the environment config)\n- diagnostics bundles older than 7 days (declared by the \
+             operator)\n"
+        ),
+        "{md}"
+    );
+
+    let j = journal().await;
+    j.run(RunState::Running, None).await;
+    let report = build(&*j.store, RUN, &env, None, &[], &[]).await.unwrap();
+    assert!(report.excluded.is_empty() && !report.exclusions_declared);
+    assert!(
+        report.to_markdown().contains(
+            "None declared (`rollcall drill --exclude TEXT`, or `[environments.prod.report] \
+             excluded` in the coordinator config)."
+        ),
+        "{}",
+        report.to_markdown()
+    );
+}
+
+/// The runbook's managed-worker drill, when the plan has worker phases: every line from what
+/// the journal holds, failed where it failed, "not recorded" where nothing was recorded.
+#[tokio::test]
+async fn the_managed_worker_drill_is_filled_from_the_journal() {
+    let j = journal().await;
+    full_drill(&j).await;
+    let env = environment(vec![cookie_secret("v4")]);
+    let report = build(&*j.store, RUN, &env, Some(&point()), &[], &[])
+        .await
+        .unwrap();
+    let rows = report.workers.clone().expect("the plan has worker phases");
+    let results: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|w| (w.item.as_str(), w.result.as_str()))
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("worker recovery", "passed"),
+            ("checkpoint restore", "passed"),
+            ("workflow consistency", "passed"),
+            ("BYOK secret-reference integrity", "passed"),
+        ]
+    );
+    assert_eq!(
+        rows[0].evidence,
+        "2 workers declared; worker-smoke: worker smoke on worker-1 passed (cowork-sim smoke \
+         worker --token [REDACTED]: 1 prompt, 4 events); worker-smoke: worker-1 at 1 replicas \
+         (2 before the run)"
+    );
+    assert_eq!(
+        rows[1].evidence,
+        "restore-objects on objects-1: succeeded (snapshot 20261125T073000Z-3f2a9c01; 12 \
+         written, 328 already matching, 3 replaced, 9 removed); check-references: artifact \
+         objects on objects-1 passed (every object present; checked all 40 rows)"
+    );
+    assert_eq!(
+        rows[2].evidence,
+        "verify: no projection ahead of its events on db-1 passed (0 rows); scheduler-smoke: \
+         scheduler smoke on scheduler-1 passed (2 due workflows claimed once)"
+    );
+    assert_eq!(
+        rows[3].evidence,
+        "1 references recorded in the point, 1 with a KMS key; cookie-secret in the environment \
+         config differs from the point (version v4, KMS key \
+         arn:aws:kms:us-east-1:123456789012:key/1234abcd)"
+    );
+    let md = report.to_markdown();
+    assert!(md.contains("## Managed-worker drill"), "{md}");
+    assert!(
+        md.contains("| worker recovery | passed | 2 workers declared;"),
+        "{md}"
+    );
+
+    // A worker smoke that failed, and nothing else recorded: failed and not recorded, never
+    // passed.
+    let j = journal().await;
+    j.run(RunState::Blocked, Some("phase worker-smoke did not pass"))
+        .await;
+    j.phase(
+        8,
+        "worker-smoke",
+        PhaseState::Blocked,
+        at(10, 7, 31),
+        Some(at(10, 9, 0)),
+        "0 of 2 worker",
+    )
+    .await;
+    j.command(
+        (8, "worker-smoke"),
+        "worker-1",
+        ActionKind::Smoke,
+        1,
+        Some(Outcome::Failed),
+        "prompt never processed",
+        None,
+        at(10, 8, 59),
+    )
+    .await;
+    let report = build(&*j.store, RUN, &environment(vec![]), None, &[], &[])
+        .await
+        .unwrap();
+    let rows = report.workers.unwrap();
+    let results: Vec<&str> = rows.iter().map(|w| w.result.as_str()).collect();
+    assert_eq!(
+        results,
+        ["failed", "not recorded", "not recorded", "not recorded"]
+    );
+    assert_eq!(
+        rows[0].evidence,
+        "2 workers declared; worker-smoke: smoke on worker-1 failed (failed: prompt never \
+         processed); phase worker-smoke blocked"
+    );
+    assert_eq!(rows[1].evidence, "no object restore recorded");
+    assert_eq!(
+        rows[3].evidence,
+        "the point file was not read: its references are not recorded"
+    );
+}
+
+/// A plan without worker phases has no managed-worker section.
+#[tokio::test]
+async fn no_worker_phases_no_managed_worker_section() {
+    let j = journal().await;
+    j.run_with(
+        "name = \"db-only\"\n[[phase]]\nname = \"preflight\"\naction = \"preflight\"\nroles = [\"database\"]\ngate = \"all\"\ntimeout = \"1m\"\n",
+        RunState::Running,
+        None,
+    )
+    .await;
+    let report = build(&*j.store, RUN, &environment(vec![]), None, &[], &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        report.run.plan.as_deref(),
+        Some("db-only"),
+        "the plan was read"
+    );
+    assert!(report.workers.is_none());
+    assert!(!report.to_markdown().contains("Managed-worker drill"));
+    assert!(report.to_json().get("workers").is_none());
+
+    // Nor has an undo, whatever its plan scales: the drill template is a restore's.
+    let j = journal().await;
+    j.store
+        .create_run(&crate::store::NewRun {
+            id: RUN.to_owned(),
+            kind: crate::store::RunKind::Undo,
+            environment: "prod".to_owned(),
+            point_id: Some(POINT.to_owned()),
+            plan: ONE_PHASE_PLAN.to_owned(),
+            params: json!({}),
+            epoch: api::model::Epoch::new(3).unwrap(),
+            created_at: at(9, 59, 50),
+        })
+        .await
+        .unwrap();
+    let report = build(&*j.store, RUN, &environment(vec![]), None, &[], &[])
+        .await
+        .unwrap();
+    assert!(report.workers.is_none());
+}

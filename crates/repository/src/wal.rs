@@ -1,0 +1,334 @@
+//! WAL archiving into the repository: what Postgres' `archive_command` pushes and its
+//! `restore_command` fetches (`rollcall repo wal-push`, `rollcall repo wal-fetch`).
+//!
+//! ```text
+//! wal/<timeline>/<name>-<sha256>.zst   the file's body, zstd-compressed; the hash is of the
+//!                                      uncompressed bytes, so two different bodies never share
+//!                                      a key
+//! wal/<timeline>/<name>.json           its record (size, sha256, body key, when), written
+//!                                      create-only after the body: the record is the commit
+//! wal/history/<name>.zst, .json        timeline history files (`00000002.history`)
+//! ```
+//!
+//! `<timeline>` is the first 8 hex digits of a segment's name (also of its `.partial` and
+//! `.backup` files). Pushing is idempotent: the same name with the same bytes again is a
+//! success (Postgres retries a push whose answer it missed), and a different body under a name
+//! already archived is refused loudly, changing nothing (two servers archiving into one
+//! repository, or a reused timeline). Fetching checks the body against its record's sha256 and
+//! writes the file atomically; a name the repository does not hold is [`WalError::NotFound`],
+//! which `restore_command` reports with a non-zero exit so recovery ends there.
+
+use std::path::Path as FsPath;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use object_store::path::Path;
+use object_store::{ObjectStoreExt as _, PutMode, PutPayload};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::repo::{Repository, is_not_found};
+
+pub(crate) const WAL: &str = "wal";
+/// zstd level for WAL: segments are mostly compressible page images, and pushing must keep up
+/// with the server.
+const LEVEL: i32 = 3;
+
+/// One archived WAL file, as its record says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalRecord {
+    pub name: String,
+    /// Uncompressed size.
+    pub size: u64,
+    /// sha256 of the uncompressed bytes, hex.
+    pub sha256: String,
+    /// The compressed body's key in the repository.
+    pub body: String,
+    pub compressed_size: u64,
+    pub pushed_at: DateTime<Utc>,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Archived now.
+    Archived,
+    /// The same bytes were archived before: nothing to do.
+    AlreadyArchived,
+}
+
+/// Why a fetch found nothing to give.
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error("WAL file {name} is not in the repository {repository}")]
+    NotFound { name: String, repository: String },
+}
+
+/// The kind of WAL file a name is, checked before anything is read or written: a name from
+/// Postgres is one of these, and anything else (a path, `..`) is refused.
+fn check_name(name: &str) -> Result<&str> {
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let segment = |s: &str| s.len() == 24 && hex(s);
+    let ok = segment(name)
+        || name.strip_suffix(".partial").is_some_and(segment)
+        || name
+            .strip_suffix(".history")
+            .is_some_and(|t| t.len() == 8 && hex(t))
+        || name.strip_suffix(".backup").is_some_and(|rest| {
+            rest.split_once('.')
+                .is_some_and(|(seg, offset)| segment(seg) && offset.len() == 8 && hex(offset))
+        });
+    if !ok {
+        bail!(
+            "{name:?} is not the name of a WAL file (a 24-hex-digit segment, its .partial or \
+             .backup file, or a timeline's .history): pass %f, or the file at %p"
+        );
+    }
+    Ok(name)
+}
+
+/// The prefix a WAL file's keys live under: its timeline's, or `wal/history`.
+fn prefix(name: &str) -> String {
+    if name.ends_with(".history") {
+        format!("{WAL}/history")
+    } else {
+        format!("{WAL}/{}", &name[..8])
+    }
+}
+
+fn record_key(name: &str) -> Path {
+    Path::from(format!("{}/{name}.json", prefix(name)))
+}
+
+fn body_key(name: &str, sha256: &str) -> Path {
+    Path::from(format!("{}/{name}-{sha256}.zst", prefix(name)))
+}
+
+/// Archives the WAL file at `path` (Postgres' `%p`, relative to its data directory) under its
+/// file name.
+pub async fn wal_push(repo: &Repository, path: &FsPath) -> Result<Pushed> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    let name = check_name(name)?.to_owned();
+    let bytes = tokio::fs::read(path)
+        .await
+        .with_context(|| format!("read the WAL file {}", path.display()))?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let size = bytes.len() as u64;
+
+    if let Some(earlier) = read_record(repo, &name).await? {
+        return if earlier.sha256 == sha256 && earlier.size == size {
+            Ok(Pushed::AlreadyArchived)
+        } else {
+            bail!(
+                "WAL file {name} is already archived in {} with other contents (sha256 {} of \
+                 {} bytes; this one {sha256} of {size} bytes); nothing was written. Is another \
+                 server archiving into this repository, or was the cluster re-created? Give \
+                 each cluster its own repository",
+                repo.label(),
+                earlier.sha256,
+                earlier.size
+            );
+        };
+    }
+
+    let compressed = tokio::task::spawn_blocking(move || zstd::bulk::compress(&bytes, LEVEL))
+        .await
+        .context("compress the WAL file")?
+        .context("compress the WAL file")?;
+    let body = body_key(&name, &sha256);
+    let compressed_size = compressed.len() as u64;
+    repo.store()
+        .put(&body, PutPayload::from(compressed))
+        .await
+        .with_context(|| format!("write {body} to {}", repo.label()))?;
+    // The body is on disk before the record that commits it.
+    repo.make_durable().await?;
+    let record = WalRecord {
+        name: name.clone(),
+        size,
+        sha256: sha256.clone(),
+        body: body.to_string(),
+        compressed_size,
+        pushed_at: Utc::now(),
+    };
+    let key = record_key(&name);
+    let encoded = Bytes::from(serde_json::to_vec_pretty(&record).context("encode the record")?);
+    match repo
+        .store()
+        .put_opts(
+            &key,
+            PutPayload::from_bytes(encoded.clone()),
+            PutMode::Create.into(),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(object_store::Error::AlreadyExists { .. }) => {
+            // A push of the same file raced this one: fine if it archived the same bytes.
+            return match read_record(repo, &name).await? {
+                Some(r) if r.sha256 == sha256 => Ok(Pushed::AlreadyArchived),
+                _ => bail!(
+                    "WAL file {name} was archived in {} with other contents while this push \
+                     ran; nothing of this one is committed",
+                    repo.label()
+                ),
+            };
+        }
+        Err(
+            object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. },
+        ) => {
+            repo.store()
+                .put(&key, PutPayload::from_bytes(encoded))
+                .await
+                .with_context(|| format!("write {key} to {}", repo.label()))?;
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e))
+                .with_context(|| format!("write {key} to {}", repo.label()));
+        }
+    }
+    repo.make_durable().await?;
+    Ok(Pushed::Archived)
+}
+
+/// Writes the archived WAL file `name` (Postgres' `%f`) to `dest` (`%p`): checked against its
+/// record's sha256, written to a temporary file beside `dest`, then renamed into place. A
+/// name the repository does not hold is [`WalError::NotFound`].
+pub async fn wal_fetch(repo: &Repository, name: &str, dest: &FsPath) -> Result<WalRecord> {
+    let name = check_name(name)?;
+    let Some(record) = read_record(repo, name).await? else {
+        return Err(WalError::NotFound {
+            name: name.to_owned(),
+            repository: repo.label().to_owned(),
+        }
+        .into());
+    };
+    let body = repo
+        .get_bytes(&Path::from(record.body.as_str()), "WAL file")
+        .await?;
+    let expected = record.clone();
+    let bytes = tokio::task::spawn_blocking(move || {
+        let bytes = zstd::bulk::decompress(&body, expected.size as usize)
+            .context("decompress the archived body")?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        if sha256 != expected.sha256 || bytes.len() as u64 != expected.size {
+            bail!(
+                "the archived body of {} is damaged: sha256 {sha256} of {} bytes, the record \
+                 says {} of {} bytes",
+                expected.name,
+                bytes.len(),
+                expected.sha256,
+                expected.size
+            );
+        }
+        Ok(bytes)
+    })
+    .await
+    .context("check the archived body")??;
+    let tmp = dest.with_file_name(format!(
+        ".{}.rollcall-{}",
+        dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal"),
+        std::process::id()
+    ));
+    tokio::fs::write(&tmp, &bytes)
+        .await
+        .with_context(|| format!("write {}", tmp.display()))?;
+    if let Err(e) = tokio::fs::rename(&tmp, dest).await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(e).with_context(|| format!("move the WAL file into {}", dest.display()));
+    }
+    Ok(record)
+}
+
+/// The records of every archived WAL file, in name order (timelines, then segments).
+pub async fn wal_list(repo: &Repository) -> Result<Vec<WalRecord>> {
+    use futures::TryStreamExt;
+    let prefix = Path::from(WAL);
+    let metas: Vec<_> = repo
+        .store()
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .with_context(|| format!("list {prefix}/ in {}", repo.label()))?;
+    let mut out = Vec::new();
+    for meta in metas {
+        if meta.location.extension() != Some("json") {
+            continue;
+        }
+        let bytes = repo.get_bytes(&meta.location, "WAL record").await?;
+        let record: WalRecord = serde_json::from_slice(&bytes).map_err(|e| {
+            repo.damaged("WAL record", &meta.location, format!("does not read: {e}"))
+        })?;
+        out.push(record);
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+async fn read_record(repo: &Repository, name: &str) -> Result<Option<WalRecord>> {
+    let key = record_key(name);
+    match repo.get_bytes(&key, "WAL record").await {
+        Ok(bytes) => {
+            let record: WalRecord = serde_json::from_slice(&bytes)
+                .map_err(|e| repo.damaged("WAL record", &key, format!("does not read: {e}")))?;
+            if record.name != name {
+                return Err(repo
+                    .damaged(
+                        "WAL record",
+                        &key,
+                        format!("names {} instead of {name}", record.name),
+                    )
+                    .into());
+            }
+            Ok(Some(record))
+        }
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn only_wal_file_names_are_taken() {
+        for ok in [
+            "000000010000000000000002",
+            "00000001000000000000000A.partial",
+            "000000010000000000000002.00000028.backup",
+            "00000002.history",
+        ] {
+            assert_eq!(check_name(ok).unwrap(), ok);
+        }
+        for bad in [
+            "",
+            "../000000010000000000000002",
+            "00000001000000000000002",
+            "0000000100000000000000zz",
+            "00000002.history.x",
+            "000000010000000000000002.backup",
+            "pg_wal/000000010000000000000002",
+        ] {
+            let err = check_name(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("is not the name of a WAL file"),
+                "{bad}: {err}"
+            );
+        }
+        assert_eq!(
+            record_key("000000020000000000000003").to_string(),
+            "wal/00000002/000000020000000000000003.json"
+        );
+        assert_eq!(
+            record_key("00000002.history").to_string(),
+            "wal/history/00000002.history.json"
+        );
+    }
+}
