@@ -156,7 +156,12 @@ async fn a_real_profile_fleet_drills_with_the_default_plan_frozen_at_the_databas
     let sessions = cluster
         .psql(
             "cowork",
-            "SELECT string_agg(quote_literal(id), ',' ORDER BY id) FROM cloud_sessions",
+            // The seeded sessions: a workflow's session may be mid-command at the point, and
+            // the worker processes it again after the restore (new events, new artifact rows).
+            "SELECT string_agg(quote_literal(s.id), ',' ORDER BY s.id) FROM cloud_sessions s \
+             WHERE NOT EXISTS (SELECT 1 FROM cloud_workflow_runs r WHERE r.session_id = s.id) \
+             AND NOT EXISTS (SELECT 1 FROM cloud_session_commands c \
+                             WHERE c.session_id = s.id AND c.status <> 'acked')",
         )
         .unwrap()
         .trim()
