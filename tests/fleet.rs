@@ -2,6 +2,10 @@
 //! throwaway Postgres cluster with cowork-sim's data, a file:// object store and repository,
 //! the `rollcall` coordinator and four agents over mTLS as real processes — web and worker
 //! supervising real `cowork-sim` roles, a database agent and an objects agent.
+//!
+//! [`Fleet::start_real`] builds the same kind of fleet around cowork-sim's real profile
+//! (`tests/real_profile.rs`): `cloud_` tables, no maintenance mode (writes are frozen at the
+//! database), a scheduler agent, no gateway.
 
 #![allow(clippy::unwrap_used)]
 
@@ -62,6 +66,11 @@ pub struct Fleet {
     pub pg_restore_fails: std::path::PathBuf,
     pub coordinator: Proc,
     pub agents: Vec<Proc>,
+    /// The agents' names, in the order of `agents`.
+    pub agent_names: Vec<String>,
+    /// Each agent's environment when it is not the one every agent of [`Fleet::start`] gets
+    /// (the real profile's: per role database URLs).
+    pub agent_envs: std::collections::BTreeMap<String, Vec<(String, String)>>,
     // Last: removed after every process above has stopped.
     pub dir: tempfile::TempDir,
 }
@@ -292,6 +301,8 @@ exec {real} \"$@\"
             pg_restore_fails,
             coordinator,
             agents,
+            agent_names: all.iter().map(|n| (*n).to_owned()).collect(),
+            agent_envs: std::collections::BTreeMap::new(),
             dir,
         }
     }
@@ -351,11 +362,14 @@ impl Fleet {
     pub fn restart_agent(&mut self, name: &str) {
         let config = self.dir.path().join(format!("{name}.toml"));
         let args = ["agent", "--config", config.to_str().unwrap()];
-        let env = [
-            ("DATABASE_URL", self.db_url.as_str()),
-            ("OBJECT_STORE_URL", self.objects_url.as_str()),
-            ("COWORK_OPERATOR_TOKEN", self.operator_token.as_str()),
-        ];
+        let env: Vec<(&str, &str)> = match self.agent_envs.get(name) {
+            Some(env) => env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+            None => vec![
+                ("DATABASE_URL", self.db_url.as_str()),
+                ("OBJECT_STORE_URL", self.objects_url.as_str()),
+                ("COWORK_OPERATOR_TOKEN", self.operator_token.as_str()),
+            ],
+        };
         let restarted = spawn_rollcall(&format!("{name}-restarted"), self.dir.path(), &args, &env);
         *self.agent(name) = restarted;
     }
@@ -379,9 +393,10 @@ impl Fleet {
     }
 
     fn agent(&mut self, name: &str) -> &mut Proc {
-        let i = ["web-1", "worker-1", "db-1", "obj-1"]
+        let i = self
+            .agent_names
             .iter()
-            .position(|n| *n == name)
+            .position(|n| n == name)
             .unwrap_or_else(|| panic!("no agent {name} in the fleet"));
         &mut self.agents[i]
     }
@@ -520,4 +535,293 @@ pub fn live_objects(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 pub fn run_tag(run_id: &str) -> String {
     use sha2::{Digest, Sha256};
     format!("r{}", &hex::encode(Sha256::digest(run_id.as_bytes()))[..8])
+}
+
+/// cowork-sim's real profile: its tools take the profile from this variable (its roles from
+/// the overlay file in their working directory).
+pub const REAL_PROFILE: (&str, &str) = ("COWORK_PROFILE", "real");
+
+/// The login role the real profile's service runs as: the database's owner, not a superuser
+/// (`deploy/cowork-sim-real/database.toml` freezes it).
+pub const REAL_APP_ROLE: &str = "cowork";
+
+/// A TOML file of `deploy/cowork-sim-real/`, parsed.
+pub fn real_profile_deploy(file: &str) -> toml::Table {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/cowork-sim-real")
+        .join(file);
+    std::fs::read_to_string(&path)
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `value` as a TOML literal, for writing configs.
+fn toml_value(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => format!("{s:?}"),
+        toml::Value::Array(items) => {
+            let items: Vec<String> = items.iter().map(toml_value).collect();
+            format!("[{}]", items.join(", "))
+        }
+        toml::Value::Table(table) => {
+            let pairs: Vec<String> = table
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", toml_value(v)))
+                .collect();
+            format!("{{ {} }}", pairs.join(", "))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The `[[invariant]]`/`[[reference]]` (`key`) entries of a deploy file as TOML text.
+fn toml_entries(file: &toml::Table, key: &str) -> String {
+    let mut out = String::new();
+    for entry in file
+        .get(key)
+        .and_then(toml::Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        out.push_str(&format!("[[{key}]]\n"));
+        for (k, v) in entry.as_table().unwrap() {
+            out.push_str(&format!("{k} = {}\n", toml_value(v)));
+        }
+    }
+    out
+}
+
+impl Fleet {
+    /// A fleet of cowork-sim's real profile as real processes: web, worker, scheduler,
+    /// database and objects agents (no gateway), the service running as a non-superuser owner
+    /// of its database, 12 sessions seeded, the default plan (no plan file). The report rows,
+    /// counts, invariants, references and the freeze come from `deploy/cowork-sim-real/`; web
+    /// connects as the app role (frozen with it), the worker and the scheduler with a URL that
+    /// opts out of the freeze, the database agent as the app role too (a managed Postgres gives
+    /// no superuser: a restore as one would leave the tables owned by someone else, since
+    /// dumps are restored `--no-owner`).
+    pub async fn start_real() -> Fleet {
+        install_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = ephemeral_pg::Cluster::start().unwrap();
+        cluster
+            .psql(
+                "postgres",
+                &format!("CREATE ROLE {REAL_APP_ROLE} LOGIN CREATEDB"),
+            )
+            .unwrap();
+        cluster.create_database("cowork").unwrap();
+        cluster
+            .psql(
+                "postgres",
+                &format!("ALTER DATABASE cowork OWNER TO {REAL_APP_ROLE}"),
+            )
+            .unwrap();
+        let db_url = cluster.url("cowork");
+        let app_url = format!(
+            "postgres://{REAL_APP_ROLE}@127.0.0.1:{}/cowork",
+            cluster.port()
+        );
+        let writer_url = format!("{app_url}?options=-c%20default_transaction_read_only%3Doff");
+        let objects = dir.path().join("objects");
+        let repo = dir.path().join("repository");
+        std::fs::create_dir_all(&objects).unwrap();
+        let objects_url = format!("file://{}", objects.display());
+        let overlay = dir.path().join("overlay");
+        std::fs::create_dir_all(&overlay).unwrap();
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../deploy/cowork-sim-real/overlay/cowork-sim.toml"),
+            overlay.join("cowork-sim.toml"),
+        )
+        .unwrap();
+        let data_env = [
+            ("DATABASE_URL", app_url.as_str()),
+            ("OBJECT_STORE_URL", objects_url.as_str()),
+            REAL_PROFILE,
+        ];
+        cowork(&["migrate"], &data_env);
+        let tokens = dir.path().join("tokens.json");
+        cowork(
+            &[
+                "seed",
+                "--sessions",
+                "12",
+                "--bind-every",
+                "2",
+                "--tokens-out",
+                tokens.to_str().unwrap(),
+            ],
+            &data_env,
+        );
+        let operator_token = cowork(&["token", "--scope", "operator"], &data_env)["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let token_file = dir.path().join("operator-token");
+        std::fs::write(&token_file, &operator_token).unwrap();
+
+        let names = ["web-1", "worker-1", "sched-1", "db-1", "obj-1"];
+        let certs = certs_init(
+            dir.path(),
+            &[
+                "web-1:web",
+                "worker-1:worker",
+                "sched-1:scheduler",
+                "db-1:database",
+                "obj-1:objects",
+            ],
+        );
+        let deploy_rollcall = real_profile_deploy("rollcall.toml");
+        let rows = deploy_rollcall["environments"]["staging"]["report"]["rows"].clone();
+        let (agents_addr, operator_addr, web_addr) = (free_addr(), free_addr(), free_addr());
+        let env = format!(
+            r#"
+    [environments.test]
+    rpo = "1h"
+    rto = "1h"
+    retention = "7days"
+    repository = "file://{repo}"
+    fleet = {{ web = 1, worker = 1, scheduler = 1, database = 1, objects = 1 }}
+    [environments.test.report]
+    rows = {rows}
+    "#,
+            repo = repo.display(),
+            rows = toml_value(&rows),
+        );
+        let config = write_coordinator_config(dir.path(), &certs, agents_addr, operator_addr, &env);
+        let coordinator = spawn_rollcall(
+            "coordinator",
+            dir.path(),
+            &["coordinator", "--config", config.to_str().unwrap()],
+            &[],
+        );
+
+        let sim = cowork_sim_bin();
+        let web_control = format!(
+            r#"
+    [control]
+    scale = "process"
+    [control.process]
+    program = "{sim}"
+    args = ["web", "--listen", "{web_addr}"]
+    cwd = "{overlay}"
+    first_start_env = {{ COWORK_MIGRATE_ON_BOOT = "false" }}
+    health_url = "http://{web_addr}/readyz"
+    stop_grace = "5s"
+    [[check]]
+    name = "livez"
+    url = "http://{web_addr}/livez"
+    [[check]]
+    name = "readyz"
+    url = "http://{web_addr}/readyz"
+    expect = {{ status = "ready" }}
+    [[check]]
+    name = "operator diagnostics"
+    url = "http://{web_addr}/api/diagnostics"
+    token_file = "{token_file}"
+    "#,
+            sim = sim.display(),
+            overlay = overlay.display(),
+            token_file = token_file.display(),
+        );
+        let role_control = |role: &str, smoke: &str| {
+            format!(
+                "[control]\nscale = \"process\"\n[control.process]\nprogram = \"{sim}\"\n\
+                 args = [\"{role}\"]\ncwd = \"{overlay}\"\nstop_grace = \"5s\"\n\
+                 [smoke]\ncommand = [\"env\", \"COWORK_PROFILE=real\", \"{sim}\", \"smoke\", {smoke}]\n\
+                 timeout = \"90s\"\n",
+                sim = sim.display(),
+                overlay = overlay.display(),
+            )
+        };
+        let worker_control = role_control(
+            "worker",
+            &format!("\"worker\", \"--web-url\", \"http://{web_addr}\", \"--timeout\", \"60s\""),
+        );
+        let scheduler_control = role_control("scheduler", "\"scheduler\", \"--timeout\", \"60s\"");
+        let database = real_profile_deploy("database.toml");
+        let postgres = database["postgres"].as_table().unwrap();
+        let db_data = format!(
+            "[postgres]\nurl_env = \"DATABASE_URL\"\ncounts = {counts}\n[postgres.freeze]\n{freeze}\n{invariants}{references}",
+            counts = toml_value(&postgres["counts"]),
+            freeze = postgres["freeze"]
+                .as_table()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", toml_value(v)))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            invariants = toml_entries(&database, "invariant"),
+            references = toml_entries(&database, "reference"),
+        );
+        let obj_data = format!(
+            "[objects]\nurl = \"{objects_url}\"\nverify_ignore = [\"health/\"]\nscratch_dir = \"scratch/obj-1\"\n"
+        );
+        let with_db = |url: &str| {
+            vec![
+                ("DATABASE_URL".to_owned(), url.to_owned()),
+                ("OBJECT_STORE_URL".to_owned(), objects_url.clone()),
+                ("COWORK_OPERATOR_TOKEN".to_owned(), operator_token.clone()),
+            ]
+        };
+        let mut agent_envs = std::collections::BTreeMap::new();
+        let mut agents = Vec::new();
+        for (name, role, extra, url) in [
+            ("web-1", "web", web_control.as_str(), app_url.as_str()),
+            (
+                "worker-1",
+                "worker",
+                worker_control.as_str(),
+                writer_url.as_str(),
+            ),
+            (
+                "sched-1",
+                "scheduler",
+                scheduler_control.as_str(),
+                writer_url.as_str(),
+            ),
+            ("db-1", "database", db_data.as_str(), app_url.as_str()),
+            ("obj-1", "objects", obj_data.as_str(), db_url.as_str()),
+        ] {
+            let cfg = write_agent_config(dir.path(), &certs, agents_addr, name, role, extra);
+            let env = with_db(url);
+            let pairs: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            agents.push(spawn_rollcall(
+                name,
+                dir.path(),
+                &["agent", "--config", cfg.to_str().unwrap()],
+                &pairs,
+            ));
+            agent_envs.insert(name.to_owned(), env);
+        }
+        fleet_ready(
+            operator_addr,
+            &certs,
+            &names,
+            dir.path(),
+            Duration::from_secs(60),
+        )
+        .await;
+        Fleet {
+            cluster,
+            repo,
+            objects,
+            db_url,
+            objects_url,
+            operator_token,
+            certs,
+            config,
+            operator_addr,
+            web_addr,
+            pg_restore_fails: dir.path().join("pg-restore-fails"),
+            coordinator,
+            agents,
+            agent_names: names.iter().map(|n| (*n).to_owned()).collect(),
+            agent_envs,
+            dir,
+        }
+    }
 }

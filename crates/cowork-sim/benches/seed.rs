@@ -45,9 +45,10 @@ fn main() -> Result<()> {
             &cluster.url("bench"),
             &format!("file://{}", objects_dir.path().display()),
             &ObjectStoreOptions::default(),
+            cowork_sim::Profile::Kind,
         )
         .await?;
-        cowork_sim::schema::migrate(&deps.pool).await?;
+        cowork_sim::schema::migrate(&deps.pool, deps.profile).await?;
         let mut config = SeedConfig::new(sessions);
         config.events_per_session = events_per_session;
         config.rng_seed = 42;
@@ -58,14 +59,14 @@ fn main() -> Result<()> {
         let r = &seeded.report;
 
         let started = Instant::now();
-        let counts = cowork_sim::counts(&deps.pool).await?;
+        let counts = cowork_sim::counts(&deps.pool, deps.profile).await?;
         let counts_ms = started.elapsed().as_secs_f64() * 1000.0;
         let started = Instant::now();
-        let projections = cowork_sim::store::verify_projections(&deps.pool).await?;
+        let projections = cowork_sim::store::verify_projections(&deps.pool, deps.profile).await?;
         let projections_ms = started.elapsed().as_secs_f64() * 1000.0;
         let started = Instant::now();
         let artifacts =
-            cowork_sim::store::verify_artifacts(&deps.pool, deps.objects.as_ref(), None).await?;
+            cowork_sim::store::verify_artifacts(&deps.pool, deps.profile, deps.objects.as_ref(), None).await?;
         let verify_secs = started.elapsed().as_secs_f64();
         let db_bytes: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
             .fetch_one(&deps.pool)

@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use sqlx::Row as _;
 
+use crate::Profile;
 use crate::store::new_id;
 
 /// What a token may do.
@@ -79,6 +80,7 @@ pub fn generate_token(scope: Scope) -> String {
 /// Issues a token. Desktop tokens need a tenant; operator and gateway tokens may be fleet-wide.
 pub async fn issue_token(
     pool: &PgPool,
+    profile: Profile,
     scope: Scope,
     tenant_id: Option<&str>,
     account_id: Option<&str>,
@@ -89,10 +91,10 @@ pub async fn issue_token(
     }
     let token = generate_token(scope);
     let id = new_id("tok");
-    sqlx::query(
-        "INSERT INTO api_tokens (id, tenant_id, account_id, name, token_sha256, scope)
+    sqlx::query(profile.sql(
+        "INSERT INTO {api_tokens} (id, tenant_id, account_id, name, token_sha256, scope)
          VALUES ($1, $2, $3, $4, $5, $6)",
-    )
+    ))
     .bind(&id)
     .bind(tenant_id)
     .bind(account_id)
@@ -127,11 +129,15 @@ pub struct Principal {
 }
 
 /// Looks a presented token up by its hash; `None` when unknown or revoked.
-pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Option<Principal>> {
-    let row = sqlx::query(
-        "SELECT id, scope, tenant_id, account_id FROM api_tokens
+pub async fn authenticate(
+    pool: &PgPool,
+    profile: Profile,
+    token: &str,
+) -> Result<Option<Principal>> {
+    let row = sqlx::query(profile.sql(
+        "SELECT id, scope, tenant_id, account_id FROM {api_tokens}
          WHERE token_sha256 = $1 AND revoked_at IS NULL",
-    )
+    ))
     .bind(hash_token(token))
     .fetch_optional(pool)
     .await

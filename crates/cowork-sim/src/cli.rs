@@ -14,7 +14,7 @@ use crate::seed::SeedConfig;
 use crate::sink::{SinkHandle, SinkServerConfig};
 use crate::web::{WebConfig, WebState};
 use crate::worker::{Worker, WorkerConfig, hostname};
-use crate::{Deps, ObjectStoreOptions};
+use crate::{Deps, ObjectStoreOptions, Overlay, Profile};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
@@ -64,7 +64,8 @@ impl Store {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Apply the schema migrations (table schema_migrations).
+    /// Apply the schema migrations (ledger schema_migrations, or cloud_migrations in the real
+    /// profile).
     Migrate {
         #[command(flatten)]
         db: Db,
@@ -77,14 +78,24 @@ enum Command {
         store: Store,
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
-        /// Start in maintenance mode: writes answer 503 until an operator lifts it.
+        /// Start in maintenance mode: writes answer 503 until an operator lifts it (kind
+        /// profile only: the real profile has no maintenance mode and refuses it).
         #[arg(long, env = "COWORK_MAINTENANCE")]
         maintenance: bool,
+        /// Apply pending migrations before serving (default: true in the real profile, false
+        /// in the kind one). Accepts true/false, 1/0, yes/no.
+        #[arg(
+            long,
+            env = "COWORK_MIGRATE_ON_BOOT",
+            value_parser = clap::builder::BoolishValueParser::new()
+        )]
+        migrate_on_boot: Option<bool>,
         #[arg(long)]
         instance_id: Option<String>,
         /// Exit (status 70) when the database ends the role's connection, as services whose
         /// database client treats a terminated connection as fatal do (a Node.js `pg` client
-        /// without an error handler): a restore that terminates it crashes the role.
+        /// without an error handler): a restore that terminates it crashes the role. Always on
+        /// in the real profile.
         #[arg(long, env = "COWORK_EXIT_ON_DB_LOSS")]
         exit_on_db_loss: bool,
     },
@@ -245,8 +256,13 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum SmokeRole {
-    /// One prompt end to end: created by web's smoke hook, processed by a worker, projected.
+    /// One prompt end to end: created by web's smoke hook (kind profile) or directly in the
+    /// database (real profile, --database-url: a URL that may write while web is frozen),
+    /// processed by a worker, its projection read through web.
     Worker {
+        /// The service database (real profile only; required there).
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
         #[arg(long, env = "COWORK_WEB_URL")]
         web_url: String,
         /// An operator token.
@@ -315,8 +331,14 @@ where
     }
 }
 
-async fn deps(db: &Db, store: &Store) -> Result<Deps> {
-    Deps::connect(&db.database_url, &store.object_store, &store.options()).await
+async fn deps(db: &Db, store: &Store, profile: Profile) -> Result<Deps> {
+    Deps::connect(
+        &db.database_url,
+        &store.object_store,
+        &store.options(),
+        profile,
+    )
+    .await
 }
 
 fn default_id(role: &str) -> String {
@@ -324,12 +346,15 @@ fn default_id(role: &str) -> String {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let overlay = Overlay::load()?;
+    let profile = overlay.profile;
+    tracing::debug!(%profile, file = ?overlay.file, "profile");
     match cli.command {
         Command::Migrate { db } => {
             let pool = crate::connect(&db.database_url).await?;
-            crate::schema::migrate(&pool).await?;
-            let status = crate::schema::status(&pool).await?;
-            tracing::info!(applied = ?status.applied, "schema is current");
+            crate::schema::migrate(&pool, profile).await?;
+            let status = crate::schema::status(&pool, profile).await?;
+            tracing::info!(applied = ?status.applied, %profile, "schema is current");
             Ok(())
         }
         Command::Web {
@@ -337,11 +362,30 @@ async fn run(cli: Cli) -> Result<()> {
             store,
             listen,
             maintenance,
+            migrate_on_boot,
             instance_id,
             exit_on_db_loss,
         } => {
-            let deps = deps(&db, &store).await?;
-            if exit_on_db_loss {
+            overlay.require_for_role("web")?;
+            if profile == Profile::Real && maintenance {
+                anyhow::bail!(
+                    "the real profile has no maintenance mode: drop --maintenance (and \
+                     COWORK_MAINTENANCE); freeze writes from outside (the ingress, stopping web, \
+                     or the database)"
+                );
+            }
+            let deps = deps(&db, &store, profile).await?;
+            if migrate_on_boot.unwrap_or(profile == Profile::Real) {
+                migrate_on_boot_if_behind(&deps).await?;
+            } else {
+                tracing::info!(
+                    "not migrating on boot (COWORK_MIGRATE_ON_BOOT / --migrate-on-boot)"
+                );
+            }
+            if profile == Profile::Real {
+                crate::web::exit_on_admin_shutdown();
+            }
+            if exit_on_db_loss || profile == Profile::Real {
                 crate::web::exit_on_db_loss(&db.database_url).await?;
             }
             let listener = tokio::net::TcpListener::bind(listen)
@@ -367,7 +411,8 @@ async fn run(cli: Cli) -> Result<()> {
             max_attempts,
             artifact_bytes,
         } => {
-            let deps = deps(&db, &store).await?;
+            overlay.require_for_role("worker")?;
+            let deps = deps(&db, &store, profile).await?;
             let mut config = WorkerConfig::new(worker_id.unwrap_or_else(|| default_id("worker")));
             config.max_commands = max_commands;
             config.max_wait = max_wait.map(Into::into);
@@ -394,7 +439,8 @@ async fn run(cli: Cli) -> Result<()> {
             scheduler_id,
             tick,
         } => {
-            let deps = deps(&db, &store).await?;
+            overlay.require_for_role("scheduler")?;
+            let deps = deps(&db, &store, profile).await?;
             let mut config =
                 SchedulerConfig::new(scheduler_id.unwrap_or_else(|| default_id("scheduler")));
             config.tick = tick.into();
@@ -417,7 +463,8 @@ async fn run(cli: Cli) -> Result<()> {
                 (None, Some(path)) => SinkTarget::Jsonl(path),
                 (None, None) => anyhow::bail!("pass --sink-url URL or --sink-jsonl FILE"),
             };
-            let deps = deps(&db, &store).await?;
+            overlay.require_for_role("gateway")?;
+            let deps = deps(&db, &store, profile).await?;
             let mut config =
                 GatewayConfig::new(gateway_id.unwrap_or_else(|| default_id("gateway")), sink);
             config.max_attempts = max_attempts;
@@ -455,7 +502,7 @@ async fn run(cli: Cli) -> Result<()> {
             object_concurrency,
             tokens_out,
         } => {
-            let deps = deps(&db, &store).await?;
+            let deps = deps(&db, &store, profile).await?;
             let mut config = SeedConfig::new(sessions);
             config.tenants = tenants;
             config.events_per_session = events_per_session;
@@ -498,19 +545,38 @@ async fn run(cli: Cli) -> Result<()> {
             let scope: crate::auth::Scope = scope.parse()?;
             let pool = crate::connect(&db.database_url).await?;
             let issued =
-                crate::auth::issue_token(&pool, scope, tenant.as_deref(), None, &name).await?;
+                crate::auth::issue_token(&pool, profile, scope, tenant.as_deref(), None, &name)
+                    .await?;
             print_json(&issued)
         }
         Command::Smoke { role } => {
             let report = match role {
                 SmokeRole::Worker {
+                    database_url,
                     web_url,
                     token,
                     timeout,
-                } => crate::smoke::worker(&web_url, &token, timeout).await?,
+                } => match profile {
+                    Profile::Kind => crate::smoke::worker(&web_url, &token, timeout).await?,
+                    Profile::Real => {
+                        let url = database_url.context(
+                            "the real profile's worker smoke writes its prompt to the database: \
+                             pass --database-url (env DATABASE_URL), one that may write while \
+                             web is frozen (e.g. ?options=-c%20default_transaction_read_only%3Doff)",
+                        )?;
+                        let pool = crate::connect(&url).await?;
+                        crate::smoke::worker_direct(
+                            &pool,
+                            profile,
+                            Some((&web_url, &token)),
+                            timeout,
+                        )
+                        .await?
+                    }
+                },
                 SmokeRole::Scheduler { db, grace, timeout } => {
                     let pool = crate::connect(&db.database_url).await?;
-                    crate::smoke::scheduler(&pool, grace, timeout).await?
+                    crate::smoke::scheduler(&pool, profile, grace, timeout).await?
                 }
                 SmokeRole::Gateway {
                     db,
@@ -519,20 +585,21 @@ async fn run(cli: Cli) -> Result<()> {
                     timeout,
                 } => {
                     let pool = crate::connect(&db.database_url).await?;
-                    crate::smoke::gateway(&pool, &sink_jsonl, point_time, timeout).await?
+                    crate::smoke::gateway(&pool, profile, &sink_jsonl, point_time, timeout).await?
                 }
             };
             print_json(&report)
         }
         Command::Counts { db } => {
             let pool = crate::connect(&db.database_url).await?;
-            print_json(&crate::counts(&pool).await?)
+            print_json(&crate::counts(&pool, profile).await?)
         }
         Command::Verify { db, store, limit } => {
-            let deps = deps(&db, &store).await?;
+            let deps = deps(&db, &store, profile).await?;
             let artifacts =
-                crate::store::verify_artifacts(&deps.pool, deps.objects.as_ref(), limit).await?;
-            let projections = crate::store::verify_projections(&deps.pool).await?;
+                crate::store::verify_artifacts(&deps.pool, profile, deps.objects.as_ref(), limit)
+                    .await?;
+            let projections = crate::store::verify_projections(&deps.pool, profile).await?;
             print_json(&serde_json::json!({
                 "artifacts": artifacts,
                 "projections": projections,
@@ -553,6 +620,18 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Web's migrations on boot: applied only when the ledger is behind, so a web whose database
+/// role is frozen read-only (which refuses the migrator's DDL) still starts when nothing is due.
+async fn migrate_on_boot_if_behind(deps: &Deps) -> Result<()> {
+    let status = crate::schema::status(&deps.pool, deps.profile).await?;
+    if status.current {
+        tracing::info!(applied = ?status.applied, "migrations on boot: none pending");
+        return Ok(());
+    }
+    tracing::info!(applied = ?status.applied, expected = ?status.expected, "migrating on boot");
+    crate::schema::migrate(&deps.pool, deps.profile).await
 }
 
 #[allow(clippy::print_stdout)]

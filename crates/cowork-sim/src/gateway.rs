@@ -170,7 +170,7 @@ impl Gateway {
             "--max-attempts must be at least 1, got {}",
             self.config.max_attempts
         );
-        schema::ensure_current(&self.deps.pool).await?;
+        schema::ensure_current(&self.deps.pool, self.deps.profile).await?;
         let mut sink = Sink::open(&self.config.sink, self.config.send_timeout)?;
         tracing::info!(gateway = %self.config.gateway_id, sink = ?self.config.sink, "gateway started");
         let mut report = GatewayReport::default();
@@ -216,21 +216,22 @@ impl Gateway {
     }
 
     async fn claim(&self) -> Result<Vec<Claimed>> {
+        let profile = self.deps.profile;
         let ttl_ms = i64::try_from(self.config.claim_ttl.as_millis()).unwrap_or(i64::MAX);
-        let rows = sqlx::query(
+        let rows = sqlx::query(profile.sql(
             "WITH heads AS (
                 SELECT h.id
-                FROM channel_session_bindings c
-                JOIN channel_bindings b ON b.id = c.binding_id AND b.status = 'active'
+                FROM {channel_session_bindings} c
+                JOIN {channel_bindings} b ON b.id = c.binding_id AND b.status = 'active'
                 CROSS JOIN LATERAL (
-                    SELECT d.id FROM channel_deliveries d
+                    SELECT d.id FROM {channel_deliveries} d
                     WHERE d.binding_id = c.binding_id AND d.session_id = c.session_id
                       AND d.status IN ('pending', 'claimed', 'failed')
                     ORDER BY d.event_sequence
                     LIMIT 1
                 ) h
              ), due AS (
-                SELECT d.id FROM channel_deliveries d
+                SELECT d.id FROM {channel_deliveries} d
                 WHERE d.id IN (SELECT id FROM heads)
                   AND ((d.status IN ('pending', 'failed') AND d.next_attempt_at <= now())
                        OR (d.status = 'claimed' AND d.claim_expires_at < now()))
@@ -238,14 +239,14 @@ impl Gateway {
                 LIMIT $2
                 FOR UPDATE OF d SKIP LOCKED
              )
-             UPDATE channel_deliveries d
+             UPDATE {channel_deliveries} d
              SET status = 'claimed', claimed_by = $1,
                  claim_expires_at = now() + $3 * interval '1 millisecond', updated_at = now()
-             FROM due, channel_bindings b
+             FROM due, {channel_bindings} b
              WHERE d.id = due.id AND b.id = d.binding_id
              RETURNING d.id, d.public_delivery_id, d.binding_id, d.session_id, d.event_sequence,
                        d.payload, d.attempt_count, b.channel, b.target",
-        )
+        ))
         .bind(&self.config.gateway_id)
         .bind(self.config.batch)
         .bind(ttl_ms)
@@ -281,11 +282,12 @@ impl Gateway {
         delivery: Claimed,
         report: &mut GatewayReport,
     ) -> Result<()> {
+        let profile = self.deps.profile;
         let m = &delivery.message;
-        let cursor: Option<i64> = sqlx::query_scalar(
-            "SELECT last_event_sequence FROM channel_session_bindings
+        let cursor: Option<i64> = sqlx::query_scalar(profile.sql(
+            "SELECT last_event_sequence FROM {channel_session_bindings}
              WHERE binding_id = $1 AND session_id = $2",
-        )
+        ))
         .bind(&m.binding_id)
         .bind(&m.session_id)
         .fetch_optional(&self.deps.pool)
@@ -367,6 +369,7 @@ impl Gateway {
     /// Marks a claimed delivery final (`sent` or `dead`) and moves the cursor forward to it.
     /// Returns false when the claim was lost (another gateway owns it now).
     async fn finish(&self, delivery: &Claimed, status: &str, note: Option<&str>) -> Result<bool> {
+        let profile = self.deps.profile;
         let m = &delivery.message;
         let mut tx = self
             .deps
@@ -374,13 +377,13 @@ impl Gateway {
             .begin()
             .await
             .context("begin finishing a delivery")?;
-        let updated = sqlx::query(
-            "UPDATE channel_deliveries
+        let updated = sqlx::query(profile.sql(
+            "UPDATE {channel_deliveries}
              SET status = $3, attempt_count = attempt_count + CASE WHEN $5 THEN 1 ELSE 0 END,
                  sent_at = CASE WHEN $3 = 'sent' THEN now() ELSE sent_at END,
                  last_error = $4, claimed_by = NULL, claim_expires_at = NULL, updated_at = now()
              WHERE id = $1 AND status = 'claimed' AND claimed_by = $2",
-        )
+        ))
         .bind(delivery.id)
         .bind(&self.config.gateway_id)
         .bind(status)
@@ -397,14 +400,14 @@ impl Gateway {
             );
             return Ok(false);
         }
-        sqlx::query(
-            "INSERT INTO channel_session_bindings (binding_id, session_id, last_event_sequence)
+        sqlx::query(profile.sql(
+            "INSERT INTO {channel_session_bindings} (binding_id, session_id, last_event_sequence)
              VALUES ($1, $2, $3)
              ON CONFLICT (binding_id, session_id) DO UPDATE
-             SET last_event_sequence = GREATEST(channel_session_bindings.last_event_sequence,
+             SET last_event_sequence = GREATEST({channel_session_bindings}.last_event_sequence,
                                                 EXCLUDED.last_event_sequence),
                  updated_at = now()",
-        )
+        ))
         .bind(&m.binding_id)
         .bind(&m.session_id)
         .bind(m.event_sequence)
@@ -421,14 +424,15 @@ impl Gateway {
         problem: &str,
         after: Duration,
     ) -> Result<bool> {
+        let profile = self.deps.profile;
         let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
-        let updated = sqlx::query(
-            "UPDATE channel_deliveries
+        let updated = sqlx::query(profile.sql(
+            "UPDATE {channel_deliveries}
              SET status = 'failed', attempt_count = attempt_count + 1, last_error = $3,
                  next_attempt_at = now() + $4 * interval '1 millisecond',
                  claimed_by = NULL, claim_expires_at = NULL, updated_at = now()
              WHERE id = $1 AND status = 'claimed' AND claimed_by = $2",
-        )
+        ))
         .bind(delivery.id)
         .bind(&self.config.gateway_id)
         .bind(problem)

@@ -5,25 +5,38 @@
 //! shows: missing artifacts, projections that disagree with events, double-fired workflows,
 //! duplicate channel deliveries.
 //!
+//! Two profiles ([`profile`]): `kind` (the default: maintenance mode, bare table names,
+//! `/healthz`) and `real`, which behaves like the real service behind the runbook (`cloud_`
+//! tables, no maintenance mode, migrations on boot, exits when Postgres terminates its
+//! connection, an overlay file in every role's working directory). [`Deps::profile`] carries it
+//! to every statement.
+//!
 //! Codemap:
-//! - [`schema`]: the embedded migrations (`migrations/`, table `schema_migrations`).
+//! - [`profile`]: the profiles, the overlay file (`./cowork-sim.toml`, env `COWORK_PROFILE`),
+//!   and the one place that names relations per profile ([`Profile::sql`] expands `{table}`).
+//! - [`schema`]: the embedded migrations (`migrations/`, relation names in braces), recorded in
+//!   `schema_migrations` (kind) or `cloud_migrations` (real).
 //! - [`store`]: connecting, ids, and the checks Rollcall relies on: [`store::counts`],
 //!   [`store::verify_artifacts`], [`store::verify_projections`].
 //! - [`projection`]: the session view folded from events.
 //! - [`auth`]: API tokens (stored as SHA-256) and their scopes.
 //! - [`objects`]: opening an object store from a URL (`file:///dir`, `s3://bucket/prefix`).
-//! - [`web`]: the HTTP role (health, operator and session APIs, maintenance mode).
+//! - [`web`]: the HTTP role (health, operator and session APIs, maintenance mode in the kind
+//!   profile; in the real one no maintenance, no `/healthz`, named `/readyz` checks).
 //! - [`worker`]: turns prompt commands into events, projections, artifacts and checkpoints.
 //! - [`scheduler`]: claims due workflows, one run per due time.
 //! - [`gateway`]: delivers channel deliveries in order to a sink, with retries and cursors.
 //! - [`sink`]: the receiving end of the gateway (HTTP server or JSONL file) that counts duplicates.
 //! - [`seed`]: realistic data at any scale. [`load`]: a write-load client for drills.
+//! - [`smoke`]: the bounded post-restore checks (the real profile's worker smoke writes its
+//!   prompt to the database with a connection that may write while web's role is frozen).
 
 pub mod auth;
 pub mod cli;
 pub mod gateway;
 pub mod load;
 pub mod objects;
+pub mod profile;
 pub mod projection;
 pub mod scheduler;
 pub mod schema;
@@ -41,6 +54,7 @@ use object_store::ObjectStore;
 use sqlx::PgPool;
 
 pub use objects::{ObjectStoreOptions, open_object_store};
+pub use profile::{Overlay, Profile};
 pub use store::{DeliveryCounts, RestoreCounts, connect, counts};
 
 /// The two things every role works on: the control-plane database and the object store.
@@ -50,6 +64,8 @@ pub struct Deps {
     pub objects: Arc<dyn ObjectStore>,
     /// The object store URL, for diagnostics (it carries no credentials).
     pub objects_url: String,
+    /// Which service this is: its table names and its behaviour.
+    pub profile: Profile,
 }
 
 impl Deps {
@@ -58,6 +74,7 @@ impl Deps {
         database_url: &str,
         object_store_url: &str,
         options: &ObjectStoreOptions,
+        profile: Profile,
     ) -> Result<Deps> {
         let objects = open_object_store(object_store_url, options)?;
         let pool = connect(database_url).await?;
@@ -65,6 +82,7 @@ impl Deps {
             pool,
             objects,
             objects_url: object_store_url.to_owned(),
+            profile,
         })
     }
 }

@@ -137,6 +137,24 @@ pub async fn put_object(store: &dyn ObjectStore, key: &str, body: Bytes) -> Resu
     Ok(stored)
 }
 
+/// Whether `key` is a worker checkpoint (`tenants/<t>/sessions/<s>/checkpoints/...`).
+pub fn is_checkpoint(key: &str) -> bool {
+    key.contains("/checkpoints/")
+}
+
+/// On a `file://` store, makes the object at `key` readable by its owner only (mode 0600), as
+/// the real service writes its checkpoints; other stores have no file modes, and nothing
+/// changes there.
+pub fn make_private(objects_url: &str, key: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some(dir) = objects_url.strip_prefix("file://") else {
+        return Ok(());
+    };
+    let path = std::path::Path::new(dir).join(key);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("make {} private (mode 0600)", path.display()))
+}
+
 /// Reads an object; `None` when it does not exist.
 pub async fn get_object(store: &dyn ObjectStore, key: &str) -> Result<Option<Bytes>> {
     let path = parse_key(key)?;
@@ -173,7 +191,22 @@ pub async fn object_exists(store: &dyn ObjectStore, key: &str) -> Result<bool> {
 
 /// Writes and deletes a small probe object: proves the store accepts writes.
 pub async fn write_probe(store: &dyn ObjectStore, name: &str) -> Result<()> {
-    let key = format!("_probe/{name}");
+    write_probe_at(store, &format!("_probe/{name}")).await
+}
+
+/// The real profile's readiness probe key, as the real service names it:
+/// `health/readiness/<date>/<uuid>.txt` (a verification that lists the store ignores the prefix).
+pub fn readiness_probe_key() -> String {
+    format!(
+        "health/readiness/{}/{}.txt",
+        chrono::Utc::now().format("%Y-%m-%d"),
+        uuid::Uuid::new_v4()
+    )
+}
+
+/// Writes and deletes a small probe object at `key`.
+pub async fn write_probe_at(store: &dyn ObjectStore, key: &str) -> Result<()> {
+    let key = key.to_owned();
     put_object(store, &key, Bytes::from_static(b"probe")).await?;
     let path = parse_key(&key)?;
     match store.delete(&path).await {

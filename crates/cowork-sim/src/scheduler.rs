@@ -60,7 +60,7 @@ impl Scheduler {
     }
 
     pub async fn run(self, cancel: CancellationToken) -> Result<SchedulerReport> {
-        schema::ensure_current(&self.deps.pool).await?;
+        schema::ensure_current(&self.deps.pool, self.deps.profile).await?;
         tracing::info!(scheduler = %self.config.scheduler_id, "scheduler started");
         let mut report = SchedulerReport::default();
         loop {
@@ -83,6 +83,7 @@ impl Scheduler {
 
     /// Claims due workflows once and fires their runs.
     pub async fn tick(&self) -> Result<SchedulerReport> {
+        let profile = self.deps.profile;
         let mut report = SchedulerReport::default();
         let mut tx = self
             .deps
@@ -90,15 +91,15 @@ impl Scheduler {
             .begin()
             .await
             .context("begin a scheduler tick")?;
-        let due = sqlx::query(
+        let due = sqlx::query(profile.sql(
             "SELECT id, tenant_id, name, prompt,
                     (extract(epoch FROM next_run_at) * 1000)::bigint AS due_ms
-             FROM workflows
+             FROM {workflows}
              WHERE status = 'active' AND next_run_at <= now()
              ORDER BY next_run_at, id
              LIMIT $1
              FOR UPDATE SKIP LOCKED",
-        )
+        ))
         .bind(self.config.batch)
         .fetch_all(&mut *tx)
         .await
@@ -111,13 +112,13 @@ impl Scheduler {
             let due_ms: i64 = row.try_get("due_ms")?;
             let key = format!("{workflow_id}@{due_ms}");
             let run_id = new_id("run");
-            let inserted: Option<String> = sqlx::query_scalar(
-                "INSERT INTO workflow_runs (id, workflow_id, due_at, idempotency_key, claimed_by,
+            let inserted: Option<String> = sqlx::query_scalar(profile.sql(
+                "INSERT INTO {workflow_runs} (id, workflow_id, due_at, idempotency_key, claimed_by,
                                             status)
                  VALUES ($1, $2, to_timestamp($3::float8 / 1000), $4, $5, 'queued')
                  ON CONFLICT (idempotency_key) DO NOTHING
                  RETURNING id",
-            )
+            ))
             .bind(&run_id)
             .bind(&workflow_id)
             .bind(due_ms)
@@ -146,14 +147,14 @@ impl Scheduler {
                 );
                 report.duplicates_refused += 1;
             }
-            sqlx::query(
-                "UPDATE workflows
+            sqlx::query(profile.sql(
+                "UPDATE {workflows}
                  SET last_run_at = next_run_at,
                      next_run_at = next_run_at
                          + (floor(extract(epoch FROM (now() - next_run_at)) / schedule_seconds)
                             + 1) * schedule_seconds * interval '1 second'
                  WHERE id = $1",
-            )
+            ))
             .bind(&workflow_id)
             .execute(&mut *tx)
             .await
@@ -178,20 +179,21 @@ impl Scheduler {
         prompt: &str,
         due_ms: i64,
     ) -> Result<()> {
+        let profile = self.deps.profile;
         let session_id = new_id("ses");
         let title = format!("{name} (scheduled run)");
-        sqlx::query(
-            "INSERT INTO sessions (id, tenant_id, title, status) VALUES ($1, $2, $3, 'idle')",
-        )
+        sqlx::query(profile.sql(
+            "INSERT INTO {sessions} (id, tenant_id, title, status) VALUES ($1, $2, $3, 'idle')",
+        ))
         .bind(&session_id)
         .bind(tenant_id)
         .bind(&title)
         .execute(&mut *tx)
         .await
         .context("open the run's session")?;
-        sqlx::query(
-            "INSERT INTO session_projections (session_id, sequence, view) VALUES ($1, 0, $2)",
-        )
+        sqlx::query(profile.sql(
+            "INSERT INTO {session_projections} (session_id, sequence, view) VALUES ($1, 0, $2)",
+        ))
         .bind(&session_id)
         .bind(SessionView::new(&title).to_json())
         .execute(&mut *tx)
@@ -212,11 +214,11 @@ impl Scheduler {
         let object = objects::put_object(self.deps.objects.as_ref(), &key, Bytes::from(body))
             .await
             .context("upload the workflow input")?;
-        sqlx::query(
-            "INSERT INTO artifact_index
+        sqlx::query(profile.sql(
+            "INSERT INTO {artifact_index}
                  (id, tenant_id, session_id, kind, object_key, size_bytes, sha256, content_type)
              VALUES ($1, $2, $3, 'upload', $4, $5, $6, 'application/json')",
-        )
+        ))
         .bind(new_id("art"))
         .bind(tenant_id)
         .bind(&session_id)
@@ -226,26 +228,26 @@ impl Scheduler {
         .execute(&mut *tx)
         .await
         .context("index the workflow input")?;
-        sqlx::query(
-            "INSERT INTO session_commands (id, session_id, kind, payload, status)
+        sqlx::query(profile.sql(
+            "INSERT INTO {session_commands} (id, session_id, kind, payload, status)
              VALUES ($1, $2, 'prompt', $3, 'pending')",
-        )
+        ))
         .bind(new_id("cmd"))
         .bind(&session_id)
         .bind(json!({ "text": prompt, "workflow_run_id": run_id }))
         .execute(&mut *tx)
         .await
         .context("queue the run's prompt")?;
-        sqlx::query("UPDATE workflow_runs SET session_id = $2 WHERE id = $1")
+        sqlx::query(profile.sql("UPDATE {workflow_runs} SET session_id = $2 WHERE id = $1"))
             .bind(run_id)
             .bind(&session_id)
             .execute(&mut *tx)
             .await
             .context("link the run to its session")?;
-        sqlx::query(
-            "INSERT INTO audit_events (tenant_id, actor, action, target, details)
+        sqlx::query(profile.sql(
+            "INSERT INTO {audit_events} (tenant_id, actor, action, target, details)
              VALUES ($1, $2, 'workflow.run', $3, $4)",
-        )
+        ))
         .bind(tenant_id)
         .bind(&self.config.scheduler_id)
         .bind(workflow_id)

@@ -3,6 +3,10 @@
 //! * `worker`: one prompt end to end — web's operator smoke hook creates a session with a
 //!   prompt (allowed while frozen), and a worker must claim it, append events and bring the
 //!   projection level with them.
+//!   In the real profile web has no smoke hook and may be frozen read-only at the database, so
+//!   [`worker_direct`] queues the prompt with its own connection (one that opts out of the
+//!   freeze) and checks "the command was acked and the projection caught up", reading the
+//!   projection through web.
 //! * `scheduler`: no active workflow stays overdue (a started scheduler claims what is due;
 //!   the unique idempotency key makes a second run per due time impossible).
 //! * `gateway`: no delivery stays due unattempted, none arrived out of order, and none that
@@ -12,6 +16,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::Profile;
 use anyhow::{Context, Result, bail};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -79,6 +84,100 @@ pub async fn worker(web_url: &str, token: &str, timeout: Duration) -> Result<Smo
     }
 }
 
+/// The real profile's worker smoke: queues a smoke prompt directly in the database through
+/// `pool` (a connection that may write while web's role is frozen read-only), then waits until
+/// a worker acked it and the projection caught up. A worker may retry a command, so it checks
+/// "acked, projection level with the events", never an exact event count. The projection is
+/// read through web (`web`: base URL and operator token) when given, else from the database.
+pub async fn worker_direct(
+    pool: &PgPool,
+    profile: Profile,
+    web: Option<(&str, &str)>,
+    timeout: Duration,
+) -> Result<SmokeReport> {
+    let started = Instant::now();
+    crate::objects::install_crypto_provider();
+    let created = crate::store::create_smoke_session(pool, profile, "cowork-sim smoke")
+        .await?
+        .context("there is no tenant to run a smoke session in; seed the service first")?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .context("build the smoke HTTP client")?;
+    let session = &created.session_id;
+    loop {
+        let (status, error): (String, Option<String>) = sqlx::query_as(
+            profile.sql("SELECT status, last_error FROM {session_commands} WHERE id = $1"),
+        )
+        .bind(&created.command_id)
+        .fetch_one(pool)
+        .await
+        .with_context(|| format!("read the smoke command {}", created.command_id))?;
+        if status == "failed" {
+            bail!(
+                "the worker failed the smoke prompt of session {session}: {}",
+                error.unwrap_or_default()
+            );
+        }
+        let projection = if status == "acked" {
+            Some(match web {
+                Some((base, token)) => {
+                    let base = base.trim_end_matches('/');
+                    let url = format!("{base}/api/sessions/{session}/projection-status");
+                    client
+                        .get(&url)
+                        .bearer_auth(token)
+                        .send()
+                        .await
+                        .with_context(|| format!("GET {url}"))?
+                        .error_for_status()
+                        .with_context(|| format!("GET {url}"))?
+                        .json::<Value>()
+                        .await
+                        .with_context(|| format!("GET {url}: not JSON"))?
+                }
+                None => json!(crate::store::projection_status(pool, profile, session, None).await?),
+            })
+        } else {
+            None
+        };
+        if let Some(projection) = &projection {
+            let events = projection
+                .get("event_count")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            let lag = projection
+                .get("lag")
+                .and_then(Value::as_i64)
+                .unwrap_or(i64::MAX);
+            if events > 0 && lag == 0 {
+                return Ok(SmokeReport {
+                    role: "worker",
+                    detail: json!({
+                        "session": session,
+                        "command": created.command_id,
+                        "command_status": status,
+                        "projection": projection,
+                        "read_through": if web.is_some() { "web" } else { "database" },
+                    }),
+                    elapsed_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+        }
+        if started.elapsed() > timeout {
+            bail!(
+                "no worker processed the smoke prompt of session {session} within {} (command \
+                 {status}{})",
+                humantime::format_duration(timeout),
+                projection
+                    .map(|p| format!(", projection {p}"))
+                    .unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 async fn post(client: &reqwest::Client, url: &str, token: &str, body: Value) -> Result<Value> {
     let response = client
         .post(url)
@@ -96,14 +195,19 @@ async fn post(client: &reqwest::Client, url: &str, token: &str, body: Value) -> 
 }
 
 /// Waits until no active workflow is overdue by more than `grace`.
-pub async fn scheduler(pool: &PgPool, grace: Duration, timeout: Duration) -> Result<SmokeReport> {
+pub async fn scheduler(
+    pool: &PgPool,
+    profile: Profile,
+    grace: Duration,
+    timeout: Duration,
+) -> Result<SmokeReport> {
     let started = Instant::now();
     loop {
-        let overdue = crate::store::overdue_workflows(pool, grace).await?;
-        let duplicates: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM (SELECT idempotency_key FROM workflow_runs \
+        let overdue = crate::store::overdue_workflows(pool, profile, grace).await?;
+        let duplicates: i64 = sqlx::query_scalar(profile.sql(
+            "SELECT count(*) FROM (SELECT idempotency_key FROM {workflow_runs} \
              GROUP BY idempotency_key HAVING count(*) > 1) d",
-        )
+        ))
         .fetch_one(pool)
         .await
         .context("look for duplicate workflow runs")?;
@@ -135,6 +239,7 @@ pub const SENT_COMMIT_MARGIN: Duration = Duration::from_secs(1);
 /// (given the point's time) nothing received before the point received again.
 pub async fn gateway(
     pool: &PgPool,
+    profile: Profile,
     sink: &Path,
     point_time: Option<DateTime<Utc>>,
     timeout: Duration,
@@ -142,7 +247,7 @@ pub async fn gateway(
     let started = Instant::now();
     loop {
         let due: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM channel_deliveries WHERE status = 'pending' AND next_attempt_at <= now()",
+            profile.sql("SELECT count(*) FROM {channel_deliveries} WHERE status = 'pending' AND next_attempt_at <= now()"),
         )
         .fetch_one(pool)
         .await

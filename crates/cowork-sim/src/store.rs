@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use sqlx::Row as _;
 use sqlx::postgres::PgPoolOptions;
 
+use crate::Profile;
 use crate::objects;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -117,15 +118,15 @@ impl RestoreCounts {
 }
 
 /// Counts the restore-relevant tables in one snapshot (one statement).
-pub async fn counts(pool: &PgPool) -> Result<RestoreCounts> {
-    let row = sqlx::query(
+pub async fn counts(pool: &PgPool, profile: Profile) -> Result<RestoreCounts> {
+    let row = sqlx::query(profile.sql(
         "SELECT
-            (SELECT count(*) FROM sessions) AS sessions,
-            (SELECT count(*) FROM session_events) AS session_events,
-            (SELECT count(*) FROM session_projections) AS session_projections,
-            (SELECT count(*) FROM artifact_index) AS artifact_index,
-            (SELECT count(*) FROM workflows) AS workflows,
-            (SELECT count(*) FROM channel_bindings) AS channel_bindings,
+            (SELECT count(*) FROM {sessions}) AS sessions,
+            (SELECT count(*) FROM {session_events}) AS session_events,
+            (SELECT count(*) FROM {session_projections}) AS session_projections,
+            (SELECT count(*) FROM {artifact_index}) AS artifact_index,
+            (SELECT count(*) FROM {workflows}) AS workflows,
+            (SELECT count(*) FROM {channel_bindings}) AS channel_bindings,
             d.pending, d.claimed, d.sent, d.failed, d.dead
          FROM (SELECT
                 count(*) FILTER (WHERE status = 'pending') AS pending,
@@ -133,8 +134,8 @@ pub async fn counts(pool: &PgPool) -> Result<RestoreCounts> {
                 count(*) FILTER (WHERE status = 'sent') AS sent,
                 count(*) FILTER (WHERE status = 'failed') AS failed,
                 count(*) FILTER (WHERE status = 'dead') AS dead
-               FROM channel_deliveries) d",
-    )
+               FROM {channel_deliveries}) d",
+    ))
     .fetch_one(pool)
     .await
     .context("count the restore-relevant tables (is the schema migrated?)")?;
@@ -156,15 +157,15 @@ pub async fn counts(pool: &PgPool) -> Result<RestoreCounts> {
 }
 
 /// Deliveries by status, on their own (cheap: no event count).
-pub async fn delivery_counts(pool: &PgPool) -> Result<DeliveryCounts> {
-    let row = sqlx::query(
+pub async fn delivery_counts(pool: &PgPool, profile: Profile) -> Result<DeliveryCounts> {
+    let row = sqlx::query(profile.sql(
         "SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
                 count(*) FILTER (WHERE status = 'claimed') AS claimed,
                 count(*) FILTER (WHERE status = 'sent') AS sent,
                 count(*) FILTER (WHERE status = 'failed') AS failed,
                 count(*) FILTER (WHERE status = 'dead') AS dead
-         FROM channel_deliveries",
-    )
+         FROM {channel_deliveries}",
+    ))
     .fetch_one(pool)
     .await
     .context("count channel deliveries by status")?;
@@ -202,12 +203,13 @@ impl ArtifactCheck {
 /// and sha256 with the row.
 pub async fn verify_artifacts(
     pool: &PgPool,
+    profile: Profile,
     store: &dyn ObjectStore,
     limit: Option<i64>,
 ) -> Result<ArtifactCheck> {
-    let rows = sqlx::query(
-        "SELECT object_key, size_bytes, sha256 FROM artifact_index ORDER BY object_key LIMIT $1",
-    )
+    let rows = sqlx::query(profile.sql(
+        "SELECT object_key, size_bytes, sha256 FROM {artifact_index} ORDER BY object_key LIMIT $1",
+    ))
     .bind(limit.unwrap_or(i64::MAX))
     .fetch_all(pool)
     .await
@@ -271,8 +273,8 @@ impl ProjectionCheck {
     }
 }
 
-pub async fn verify_projections(pool: &PgPool) -> Result<ProjectionCheck> {
-    let row = sqlx::query(
+pub async fn verify_projections(pool: &PgPool, profile: Profile) -> Result<ProjectionCheck> {
+    let row = sqlx::query(profile.sql(
         "SELECT count(*) AS sessions,
                 count(*) FILTER (WHERE p.session_id IS NULL) AS missing,
                 count(*) FILTER (WHERE p.sequence < s.next_event_sequence - 1) AS lagging,
@@ -280,11 +282,11 @@ pub async fn verify_projections(pool: &PgPool) -> Result<ProjectionCheck> {
                 count(*) FILTER (WHERE coalesce(e.n, 0) <> s.next_event_sequence - 1
                                     OR coalesce(e.max_seq, 0) <> s.next_event_sequence - 1)
                     AS event_gaps
-         FROM sessions s
-         LEFT JOIN session_projections p ON p.session_id = s.id
+         FROM {sessions} s
+         LEFT JOIN {session_projections} p ON p.session_id = s.id
          LEFT JOIN (SELECT session_id, count(*) AS n, max(sequence) AS max_seq
-                    FROM session_events GROUP BY session_id) e ON e.session_id = s.id",
-    )
+                    FROM {session_events} GROUP BY session_id) e ON e.session_id = s.id",
+    ))
     .fetch_one(pool)
     .await
     .context("compare projections with session events")?;
@@ -310,18 +312,19 @@ pub struct ProjectionStatus {
 /// The projection status of a session, if it exists (and belongs to `tenant` when given).
 pub async fn projection_status(
     pool: &PgPool,
+    profile: Profile,
     session_id: &str,
     tenant: Option<&str>,
 ) -> Result<Option<ProjectionStatus>> {
-    let row = sqlx::query(
+    let row = sqlx::query(profile.sql(
         "SELECT s.id,
-                (SELECT count(*) FROM session_events e WHERE e.session_id = s.id) AS event_count,
-                (SELECT coalesce(max(sequence), 0) FROM session_events e
+                (SELECT count(*) FROM {session_events} e WHERE e.session_id = s.id) AS event_count,
+                (SELECT coalesce(max(sequence), 0) FROM {session_events} e
                   WHERE e.session_id = s.id) AS latest,
                 coalesce(p.sequence, 0) AS projected
-         FROM sessions s LEFT JOIN session_projections p ON p.session_id = s.id
+         FROM {sessions} s LEFT JOIN {session_projections} p ON p.session_id = s.id
          WHERE s.id = $1 AND ($2::text IS NULL OR s.tenant_id = $2)",
-    )
+    ))
     .bind(session_id)
     .bind(tenant)
     .fetch_optional(pool)
@@ -341,12 +344,12 @@ pub async fn projection_status(
 
 /// Active workflows due for longer than `grace`: after a scheduler has run for a while this
 /// should be zero ("due workflow claims" in the runbook).
-pub async fn overdue_workflows(pool: &PgPool, grace: Duration) -> Result<i64> {
+pub async fn overdue_workflows(pool: &PgPool, profile: Profile, grace: Duration) -> Result<i64> {
     let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
-    sqlx::query_scalar(
-        "SELECT count(*) FROM workflows
+    sqlx::query_scalar(profile.sql(
+        "SELECT count(*) FROM {workflows}
          WHERE status = 'active' AND next_run_at < now() - $1 * interval '1 millisecond'",
-    )
+    ))
     .bind(grace_ms)
     .fetch_one(pool)
     .await
@@ -357,14 +360,15 @@ pub async fn overdue_workflows(pool: &PgPool, grace: Duration) -> Result<i64> {
 /// role's session writes, the seed's members and keys).
 pub async fn audit(
     conn: &mut sqlx::PgConnection,
+    profile: Profile,
     tenant_id: &str,
     actor: &str,
     action: &str,
     target: &str,
 ) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO audit_events (tenant_id, actor, action, target) VALUES ($1, $2, $3, $4)",
-    )
+    sqlx::query(profile.sql(
+        "INSERT INTO {audit_events} (tenant_id, actor, action, target) VALUES ($1, $2, $3, $4)",
+    ))
     .bind(tenant_id)
     .bind(actor)
     .bind(action)
@@ -375,21 +379,93 @@ pub async fn audit(
     Ok(())
 }
 
+/// A smoke session: one pending prompt for a worker to process end to end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SmokeSession {
+    pub session_id: String,
+    pub command_id: String,
+    pub tenant_id: String,
+}
+
+/// Creates a session with one pending prompt in the first tenant (by id), in one transaction;
+/// `None` when there is no tenant. Web's smoke hook (kind profile) and `cowork-sim smoke
+/// worker` of the real profile, which writes with its own connection, both use it.
+pub async fn create_smoke_session(
+    pool: &PgPool,
+    profile: Profile,
+    actor: &str,
+) -> Result<Option<SmokeSession>> {
+    let mut tx = pool.begin().await.context("begin the smoke transaction")?;
+    let tenant: Option<String> =
+        sqlx::query_scalar(profile.sql("SELECT id FROM {tenants} ORDER BY id LIMIT 1"))
+            .fetch_optional(&mut *tx)
+            .await
+            .context("find a tenant for the smoke session")?;
+    let Some(tenant) = tenant else {
+        return Ok(None);
+    };
+    let title = "rollcall smoke";
+    let id = new_id("ses");
+    let command_id = new_id("cmd");
+    sqlx::query(profile.sql(
+        "INSERT INTO {sessions} (id, tenant_id, account_id, title, status)
+         VALUES ($1, $2, NULL, $3, 'idle')",
+    ))
+    .bind(&id)
+    .bind(&tenant)
+    .bind(title)
+    .execute(&mut *tx)
+    .await
+    .context("create the smoke session")?;
+    sqlx::query(
+        profile.sql(
+            "INSERT INTO {session_projections} (session_id, sequence, view) VALUES ($1, 0, $2)",
+        ),
+    )
+    .bind(&id)
+    .bind(crate::projection::SessionView::new(title).to_json())
+    .execute(&mut *tx)
+    .await
+    .context("create the smoke session's projection")?;
+    sqlx::query(profile.sql(
+        "INSERT INTO {session_commands} (id, session_id, kind, payload, status)
+         VALUES ($1, $2, 'prompt', $3, 'pending')",
+    ))
+    .bind(&command_id)
+    .bind(&id)
+    .bind(serde_json::json!({ "text": "rollcall smoke prompt" }))
+    .execute(&mut *tx)
+    .await
+    .context("queue the smoke prompt")?;
+    audit(&mut tx, profile, &tenant, actor, "session.smoke", &id).await?;
+    tx.commit().await.context("commit the smoke session")?;
+    Ok(Some(SmokeSession {
+        session_id: id,
+        command_id,
+        tenant_id: tenant,
+    }))
+}
+
 /// Creates a tenant (with a subscription) and returns its id.
-pub async fn create_tenant(pool: &PgPool, slug: &str, name: &str) -> Result<String> {
+pub async fn create_tenant(
+    pool: &PgPool,
+    profile: Profile,
+    slug: &str,
+    name: &str,
+) -> Result<String> {
     let id = new_id("ten");
     let mut tx = pool.begin().await.context("begin a transaction")?;
-    sqlx::query("INSERT INTO tenants (id, slug, name) VALUES ($1, $2, $3)")
+    sqlx::query(profile.sql("INSERT INTO {tenants} (id, slug, name) VALUES ($1, $2, $3)"))
         .bind(&id)
         .bind(slug)
         .bind(name)
         .execute(&mut *tx)
         .await
         .with_context(|| format!("create tenant {slug:?} (is the slug already taken?)"))?;
-    sqlx::query(
-        "INSERT INTO subscriptions (id, tenant_id, plan, status, seats, current_period_end)
+    sqlx::query(profile.sql(
+        "INSERT INTO {subscriptions} (id, tenant_id, plan, status, seats, current_period_end)
          VALUES ($1, $2, 'team', 'active', 5, now() + interval '30 days')",
-    )
+    ))
     .bind(new_id("sub"))
     .bind(&id)
     .execute(&mut *tx)
@@ -403,6 +479,7 @@ pub async fn create_tenant(pool: &PgPool, slug: &str, name: &str) -> Result<Stri
 /// `schedule_seconds`; returns its id.
 pub async fn create_workflow(
     pool: &PgPool,
+    profile: Profile,
     tenant_id: &str,
     name: &str,
     prompt: &str,
@@ -415,8 +492,8 @@ pub async fn create_workflow(
     );
     let id = new_id("wf");
     sqlx::query(
-        "INSERT INTO workflows (id, tenant_id, name, prompt, schedule_seconds, status, next_run_at)
-         VALUES ($1, $2, $3, $4, $5, 'active', to_timestamp($6::float8 / 1000))",
+        profile.sql("INSERT INTO {workflows} (id, tenant_id, name, prompt, schedule_seconds, status, next_run_at)
+         VALUES ($1, $2, $3, $4, $5, 'active', to_timestamp($6::float8 / 1000))"),
     )
     .bind(&id)
     .bind(tenant_id)
@@ -433,15 +510,16 @@ pub async fn create_workflow(
 /// Creates an active channel binding for a tenant; returns its id.
 pub async fn create_channel_binding(
     pool: &PgPool,
+    profile: Profile,
     tenant_id: &str,
     channel: &str,
     target: &str,
 ) -> Result<String> {
     let id = new_id("chb");
-    sqlx::query(
-        "INSERT INTO channel_bindings (id, tenant_id, channel, target, status)
+    sqlx::query(profile.sql(
+        "INSERT INTO {channel_bindings} (id, tenant_id, channel, target, status)
          VALUES ($1, $2, $3, $4, 'active')",
-    )
+    ))
     .bind(&id)
     .bind(tenant_id)
     .bind(channel)

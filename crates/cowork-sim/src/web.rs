@@ -3,6 +3,11 @@
 //!
 //! Maintenance mode lives in the process, not the database: restoring the database must not
 //! flip it, and Rollcall starts a restored web role already frozen (`--maintenance`).
+//!
+//! The real profile ([`crate::profile`]) has none of that, like the real service: no
+//! maintenance mode, no `/healthz`, no smoke hook; `/readyz` lists named checks and probes
+//! `health/readiness/<date>/<uuid>.txt`; a write on a database frozen read-only answers 503;
+//! and the `cowork-sim web` process exits when Postgres terminates its connection.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -82,6 +87,10 @@ impl WebState {
         &self.0.deps.pool
     }
 
+    pub fn profile(&self) -> crate::Profile {
+        self.0.deps.profile
+    }
+
     /// Postgres answers, the schema is current and the object store accepts a write.
     pub async fn readiness(&self) -> Readiness {
         let postgres = match tokio::time::timeout(
@@ -95,7 +104,7 @@ impl WebState {
             Err(_) => Check::failed(format!("no answer within {PROBE_TIMEOUT:?}")),
         };
         let migrations = if postgres.ok {
-            match schema::status(self.pool()).await {
+            match schema::status(self.pool(), self.profile()).await {
                 Ok(s) if s.current => Check::ok(format!("current ({:?})", s.applied)),
                 Ok(s) => Check::failed(format!(
                     "applied {:?}, expected {:?}{}: run `cowork-sim migrate`",
@@ -108,8 +117,11 @@ impl WebState {
         } else {
             Check::failed("postgres is not answering")
         };
-        let probe_name = format!("web-{}", self.0.instance_id);
-        let probe = objects::write_probe(self.0.deps.objects.as_ref(), &probe_name);
+        let probe_key = match self.profile() {
+            crate::Profile::Kind => format!("_probe/web-{}", self.0.instance_id),
+            crate::Profile::Real => objects::readiness_probe_key(),
+        };
+        let probe = objects::write_probe_at(self.0.deps.objects.as_ref(), &probe_key);
         let object_store = match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
             Ok(Ok(())) => Check::ok("accepts writes"),
             Ok(Err(e)) => Check::failed(format!("{e:#}")),
@@ -134,6 +146,24 @@ pub struct Readiness {
     pub object_store: Check,
 }
 
+impl Readiness {
+    /// The real profile's answer: a status and a list of named checks (no maintenance mode).
+    pub fn named(&self) -> Value {
+        let checks: Vec<Value> = [
+            ("postgres", &self.postgres),
+            ("migrations", &self.migrations),
+            ("object_store", &self.object_store),
+        ]
+        .into_iter()
+        .map(|(name, check)| json!({ "name": name, "ok": check.ok, "detail": check.detail }))
+        .collect();
+        json!({
+            "status": if self.ready { "ready" } else { "not_ready" },
+            "checks": checks,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Check {
     pub ok: bool,
@@ -156,11 +186,11 @@ impl Check {
     }
 }
 
-/// The router of the web role.
+/// The router of the web role. The real profile has no `/healthz`, no maintenance mode and no
+/// smoke hook: those paths answer 404 there, as on the real service.
 pub fn router(state: WebState) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/livez", get(livez))
-        .route("/healthz", get(livez))
         .route("/readyz", get(readyz))
         .route("/api/workspace", get(workspace))
         .route("/api/diagnostics", get(diagnostics))
@@ -171,12 +201,17 @@ pub fn router(state: WebState) -> Router {
             get(projection_status),
         )
         .route("/api/sessions/{id}/prompt", post(prompt))
-        .route("/api/channels/status", get(channel_status))
-        .route(
-            "/admin/maintenance",
-            get(get_maintenance).post(set_maintenance),
-        )
-        .route("/admin/smoke", post(admin_smoke))
+        .route("/api/channels/status", get(channel_status));
+    if state.profile() == crate::Profile::Kind {
+        router = router
+            .route("/healthz", get(livez))
+            .route(
+                "/admin/maintenance",
+                get(get_maintenance).post(set_maintenance),
+            )
+            .route("/admin/smoke", post(admin_smoke));
+    }
+    router
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -273,8 +308,41 @@ impl ApiError {
     }
 }
 
+/// Set by the `cowork-sim web` command in the real profile (never in-process, where exiting
+/// would end the host): a query that meets "terminating connection due to administrator
+/// command" ends the process, as the real service's unhandled client error does.
+static EXIT_ON_ADMIN_SHUTDOWN: AtomicBool = AtomicBool::new(false);
+
+/// Makes this process exit (status 70) when any web query sees SQLSTATE 57P01.
+pub fn exit_on_admin_shutdown() {
+    EXIT_ON_ADMIN_SHUTDOWN.store(true, Ordering::SeqCst);
+}
+
+fn sqlstate(e: &anyhow::Error) -> Option<String> {
+    e.chain()
+        .find_map(|cause| match cause.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+            _ => None,
+        })
+}
+
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> ApiError {
+        let code = sqlstate(&e);
+        if code.as_deref() == Some("57P01") && EXIT_ON_ADMIN_SHUTDOWN.load(Ordering::SeqCst) {
+            tracing::error!(
+                "Postgres terminated this web role's connection ({e:#}); exiting, as the \
+                 real service does"
+            );
+            std::process::exit(70);
+        }
+        if code.as_deref() == Some("25006") {
+            tracing::warn!("web write refused, the database is read-only: {e:#}");
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database is read-only (writes are frozen); retry later",
+            );
+        }
         let unavailable = e.chain().any(|cause| {
             matches!(
                 cause.downcast_ref::<sqlx::Error>(),
@@ -336,7 +404,7 @@ impl FromRequestParts<WebState> for Caller {
             .ok_or_else(|| {
                 ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
             })?;
-        match auth::authenticate(state.pool(), token).await? {
+        match auth::authenticate(state.pool(), state.profile(), token).await? {
             Some(principal) => Ok(Caller(principal)),
             None => Err(ApiError::unauthorized("unknown or revoked token")),
         }
@@ -386,22 +454,26 @@ async fn readyz(State(state): State<WebState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(report)).into_response()
+    match state.profile() {
+        crate::Profile::Kind => (status, Json(report)).into_response(),
+        crate::Profile::Real => (status, Json(report.named())).into_response(),
+    }
 }
 
 async fn workspace(State(state): State<WebState>, caller: Caller) -> ApiResult<Json<Value>> {
+    let profile = state.profile();
     caller.require(&[Scope::Desktop, Scope::Operator])?;
     let tenant = if caller.0.scope == Scope::Desktop {
         caller.tenant()
     } else {
         None
     };
-    let rows = sqlx::query(
+    let rows = sqlx::query(profile.sql(
         "SELECT t.id, t.slug, t.name,
-                (SELECT count(*) FROM memberships m WHERE m.tenant_id = t.id) AS members,
-                (SELECT count(*) FROM sessions s WHERE s.tenant_id = t.id) AS sessions,
-                (SELECT count(*) FROM workflows w WHERE w.tenant_id = t.id) AS workflows,
-                (SELECT count(*) FROM channel_bindings b WHERE b.tenant_id = t.id)
+                (SELECT count(*) FROM {memberships} m WHERE m.tenant_id = t.id) AS members,
+                (SELECT count(*) FROM {sessions} s WHERE s.tenant_id = t.id) AS sessions,
+                (SELECT count(*) FROM {workflows} w WHERE w.tenant_id = t.id) AS workflows,
+                (SELECT count(*) FROM {channel_bindings} b WHERE b.tenant_id = t.id)
                     AS channel_bindings,
                 sub.plan, sub.status AS subscription_status, sub.seats,
                 (SELECT coalesce(jsonb_agg(jsonb_build_object(
@@ -410,11 +482,11 @@ async fn workspace(State(state): State<WebState>, caller: Caller) -> ApiResult<J
                                             ELSE 'kms_ref' END,
                             'key_version', k.key_version) ORDER BY k.provider, k.id),
                          '[]'::jsonb)
-                   FROM byok_secrets k WHERE k.tenant_id = t.id) AS byok
-         FROM tenants t LEFT JOIN subscriptions sub ON sub.tenant_id = t.id
+                   FROM {byok_secrets} k WHERE k.tenant_id = t.id) AS byok
+         FROM {tenants} t LEFT JOIN {subscriptions} sub ON sub.tenant_id = t.id
          WHERE ($1::text IS NULL OR t.id = $1)
          ORDER BY t.slug LIMIT 100",
-    )
+    ))
     .bind(tenant)
     .fetch_all(state.pool())
     .await?;
@@ -443,17 +515,18 @@ async fn workspace(State(state): State<WebState>, caller: Caller) -> ApiResult<J
 }
 
 async fn diagnostics(State(state): State<WebState>, caller: Caller) -> ApiResult<Json<Value>> {
+    let profile = state.profile();
     caller.require(&[Scope::Operator])?;
     let pool = state.pool();
     let server_version: String = sqlx::query_scalar("SHOW server_version")
         .fetch_one(pool)
         .await?;
-    let migrations = schema::status(pool).await?;
-    let workers = sqlx::query(
+    let migrations = schema::status(pool, profile).await?;
+    let workers = sqlx::query(profile.sql(
         "SELECT worker_id, status, commands_processed,
                 extract(epoch FROM now() - last_seen_at)::float8 AS age
-         FROM worker_heartbeats ORDER BY worker_id LIMIT 100",
-    )
+         FROM {worker_heartbeats} ORDER BY worker_id LIMIT 100",
+    ))
     .fetch_all(pool)
     .await?
     .into_iter()
@@ -468,26 +541,29 @@ async fn diagnostics(State(state): State<WebState>, caller: Caller) -> ApiResult
     .collect::<Result<Vec<Value>, sqlx::Error>>()?;
     let commands = status_counts(
         pool,
-        "SELECT status, count(*) AS n FROM session_commands GROUP BY status",
+        profile.sql("SELECT status, count(*) AS n FROM {session_commands} GROUP BY status"),
     )
     .await?;
     let workflows = status_counts(
         pool,
-        "SELECT status, count(*) AS n FROM workflows GROUP BY status",
+        profile.sql("SELECT status, count(*) AS n FROM {workflows} GROUP BY status"),
     )
     .await?;
-    let deliveries = store::delivery_counts(pool).await?;
-    let lagging: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM sessions s JOIN session_projections p ON p.session_id = s.id
+    let deliveries = store::delivery_counts(pool, profile).await?;
+    let lagging: i64 = sqlx::query_scalar(profile.sql(
+        "SELECT count(*) FROM {sessions} s JOIN {session_projections} p ON p.session_id = s.id
          WHERE p.sequence < s.next_event_sequence - 1",
-    )
+    ))
     .fetch_one(pool)
     .await?;
     let probe = tokio::time::timeout(
         PROBE_TIMEOUT,
-        objects::write_probe(
+        objects::write_probe_at(
             state.0.deps.objects.as_ref(),
-            &format!("web-{}", state.0.instance_id),
+            &match state.profile() {
+                crate::Profile::Kind => format!("_probe/web-{}", state.0.instance_id),
+                crate::Profile::Real => objects::readiness_probe_key(),
+            },
         ),
     )
     .await;
@@ -531,6 +607,7 @@ async fn status_counts(pool: &sqlx::PgPool, sql: &'static str) -> ApiResult<Valu
 }
 
 async fn metrics(State(state): State<WebState>, caller: Caller) -> ApiResult<Response> {
+    let profile = state.profile();
     caller.require(&[Scope::Operator])?;
     let pool = state.pool();
     let mut out = String::new();
@@ -569,25 +646,25 @@ async fn metrics(State(state): State<WebState>, caller: Caller) -> ApiResult<Res
         (
             "cowork_sessions",
             "Sessions by status.",
-            "SELECT status, count(*) AS n FROM sessions GROUP BY status",
+            "SELECT status, count(*) AS n FROM {sessions} GROUP BY status",
         ),
         (
             "cowork_session_commands",
             "Session commands by status.",
-            "SELECT status, count(*) AS n FROM session_commands GROUP BY status",
+            "SELECT status, count(*) AS n FROM {session_commands} GROUP BY status",
         ),
         (
             "cowork_workflows",
             "Workflows by status.",
-            "SELECT status, count(*) AS n FROM workflows GROUP BY status",
+            "SELECT status, count(*) AS n FROM {workflows} GROUP BY status",
         ),
         (
             "cowork_channel_deliveries",
             "Channel deliveries by status.",
-            "SELECT status, count(*) AS n FROM channel_deliveries GROUP BY status",
+            "SELECT status, count(*) AS n FROM {channel_deliveries} GROUP BY status",
         ),
     ] {
-        let rows = sqlx::query(sql).fetch_all(pool).await?;
+        let rows = sqlx::query(profile.sql(sql)).fetch_all(pool).await?;
         let mut samples = Vec::with_capacity(rows.len());
         for row in rows {
             let status: String = row.try_get("status")?;
@@ -597,7 +674,7 @@ async fn metrics(State(state): State<WebState>, caller: Caller) -> ApiResult<Res
         gauge(name, help, "gauge", &samples);
     }
     let events: i64 = sqlx::query_scalar(
-        "SELECT coalesce(sum(next_event_sequence - 1), 0)::bigint FROM sessions",
+        profile.sql("SELECT coalesce(sum(next_event_sequence - 1), 0)::bigint FROM {sessions}"),
     )
     .fetch_one(pool)
     .await?;
@@ -607,10 +684,10 @@ async fn metrics(State(state): State<WebState>, caller: Caller) -> ApiResult<Res
         "gauge",
         &[(String::new(), events as f64)],
     );
-    let lagging: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM sessions s JOIN session_projections p ON p.session_id = s.id
+    let lagging: i64 = sqlx::query_scalar(profile.sql(
+        "SELECT count(*) FROM {sessions} s JOIN {session_projections} p ON p.session_id = s.id
          WHERE p.sequence < s.next_event_sequence - 1",
-    )
+    ))
     .fetch_one(pool)
     .await?;
     gauge(
@@ -637,6 +714,7 @@ async fn list_sessions(
     caller: Caller,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
+    let profile = state.profile();
     caller.require(&[Scope::Desktop, Scope::Operator])?;
     let Query(query) = query.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let limit = query.limit.unwrap_or(50);
@@ -658,15 +736,15 @@ async fn list_sessions(
         Scope::Desktop => caller.tenant().map(str::to_owned),
         _ => query.tenant,
     };
-    let rows = sqlx::query(
+    let rows = sqlx::query(profile.sql(
         "SELECT id, tenant_id, title, status, next_event_sequence - 1 AS event_count,
                 to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
                     AS created_at
-         FROM sessions
+         FROM {sessions}
          WHERE ($1::text IS NULL OR tenant_id = $1) AND ($2::text IS NULL OR status = $2)
          ORDER BY created_at DESC, id
          LIMIT $3",
-    )
+    ))
     .bind(tenant)
     .bind(query.status)
     .bind(limit)
@@ -697,7 +775,7 @@ async fn projection_status(
     } else {
         None
     };
-    store::projection_status(state.pool(), &id, tenant)
+    store::projection_status(state.pool(), state.profile(), &id, tenant)
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no session {id}")))
@@ -715,6 +793,7 @@ async fn create_session(
     caller: Caller,
     body: Result<Json<CreateSession>, JsonRejection>,
 ) -> ApiResult<Response> {
+    let profile = state.profile();
     let tenant = caller.desktop_tenant()?.to_owned();
     let Json(body) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let title = body
@@ -730,12 +809,13 @@ async fn create_session(
     let id = new_id("ses");
     let mut tx = state.pool().begin().await?;
     if let Some(binding) = &body.channel_binding_id {
-        let found: Option<i32> =
-            sqlx::query_scalar("SELECT 1 FROM channel_bindings WHERE id = $1 AND tenant_id = $2")
-                .bind(binding)
-                .bind(&tenant)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let found: Option<i32> = sqlx::query_scalar(
+            profile.sql("SELECT 1 FROM {channel_bindings} WHERE id = $1 AND tenant_id = $2"),
+        )
+        .bind(binding)
+        .bind(&tenant)
+        .fetch_optional(&mut *tx)
+        .await?;
         if found.is_none() {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -743,31 +823,43 @@ async fn create_session(
             ));
         }
     }
-    sqlx::query(
-        "INSERT INTO sessions (id, tenant_id, account_id, title, status)
+    sqlx::query(profile.sql(
+        "INSERT INTO {sessions} (id, tenant_id, account_id, title, status)
          VALUES ($1, $2, $3, $4, 'idle')",
-    )
+    ))
     .bind(&id)
     .bind(&tenant)
     .bind(caller.0.account_id.as_deref())
     .bind(&title)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("INSERT INTO session_projections (session_id, sequence, view) VALUES ($1, 0, $2)")
-        .bind(&id)
-        .bind(SessionView::new(&title).to_json())
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        profile.sql(
+            "INSERT INTO {session_projections} (session_id, sequence, view) VALUES ($1, 0, $2)",
+        ),
+    )
+    .bind(&id)
+    .bind(SessionView::new(&title).to_json())
+    .execute(&mut *tx)
+    .await?;
     if let Some(binding) = &body.channel_binding_id {
-        sqlx::query(
-            "INSERT INTO channel_session_bindings (binding_id, session_id) VALUES ($1, $2)",
-        )
+        sqlx::query(profile.sql(
+            "INSERT INTO {channel_session_bindings} (binding_id, session_id) VALUES ($1, $2)",
+        ))
         .bind(binding)
         .bind(&id)
         .execute(&mut *tx)
         .await?;
     }
-    store::audit(&mut tx, &tenant, &caller.0.token_id, "session.create", &id).await?;
+    store::audit(
+        &mut tx,
+        profile,
+        &tenant,
+        &caller.0.token_id,
+        "session.create",
+        &id,
+    )
+    .await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
@@ -794,6 +886,7 @@ async fn prompt(
     Path(id): Path<String>,
     body: Result<Json<PromptBody>, JsonRejection>,
 ) -> ApiResult<Response> {
+    let profile = state.profile();
     let tenant = caller.desktop_tenant()?.to_owned();
     let Json(body) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     if body.text.trim().is_empty() {
@@ -804,12 +897,13 @@ async fn prompt(
             "text is longer than {MAX_PROMPT_BYTES} bytes"
         )));
     }
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM sessions WHERE id = $1 AND tenant_id = $2")
-            .bind(&id)
-            .bind(&tenant)
-            .fetch_optional(state.pool())
-            .await?;
+    let status: Option<String> = sqlx::query_scalar(
+        profile.sql("SELECT status FROM {sessions} WHERE id = $1 AND tenant_id = $2"),
+    )
+    .bind(&id)
+    .bind(&tenant)
+    .fetch_optional(state.pool())
+    .await?;
     match status.as_deref() {
         None => return Err(ApiError::not_found(format!("no session {id}"))),
         Some("closed") => {
@@ -821,10 +915,10 @@ async fn prompt(
         Some(_) => {}
     }
     let command_id = new_id("cmd");
-    sqlx::query(
-        "INSERT INTO session_commands (id, session_id, kind, payload, status)
+    sqlx::query(profile.sql(
+        "INSERT INTO {session_commands} (id, session_id, kind, payload, status)
          VALUES ($1, $2, 'prompt', $3, 'pending')",
-    )
+    ))
     .bind(&command_id)
     .bind(&id)
     .bind(json!({ "text": body.text }))
@@ -838,14 +932,15 @@ async fn prompt(
 }
 
 async fn channel_status(State(state): State<WebState>, caller: Caller) -> ApiResult<Json<Value>> {
+    let profile = state.profile();
     caller.require(&[Scope::Gateway, Scope::Operator])?;
-    let deliveries = store::delivery_counts(state.pool()).await?;
-    let row = sqlx::query(
-        "SELECT (SELECT count(*) FROM channel_bindings) AS bindings,
-                (SELECT count(*) FROM channel_session_bindings) AS cursors,
+    let deliveries = store::delivery_counts(state.pool(), profile).await?;
+    let row = sqlx::query(profile.sql(
+        "SELECT (SELECT count(*) FROM {channel_bindings}) AS bindings,
+                (SELECT count(*) FROM {channel_session_bindings}) AS cursors,
                 (SELECT coalesce(sum(last_event_sequence), 0)::bigint
-                   FROM channel_session_bindings) AS cursor_sum",
-    )
+                   FROM {channel_session_bindings}) AS cursor_sum",
+    ))
     .fetch_one(state.pool())
     .await?;
     Ok(Json(json!({
@@ -860,49 +955,15 @@ async fn channel_status(State(state): State<WebState>, caller: Caller) -> ApiRes
 /// with one prompt in the first tenant, for a worker to process end to end.
 async fn admin_smoke(State(state): State<WebState>, caller: Caller) -> ApiResult<Response> {
     caller.require(&[Scope::Operator])?;
-    let tenant: Option<String> = sqlx::query_scalar("SELECT id FROM tenants ORDER BY id LIMIT 1")
-        .fetch_optional(state.pool())
-        .await?;
-    let Some(tenant) = tenant else {
+    let created =
+        store::create_smoke_session(state.pool(), state.profile(), &caller.0.token_id).await?;
+    let Some(created) = created else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "there is no tenant to run a smoke session in; seed the service first".to_owned(),
         ));
     };
-    let title = "rollcall smoke";
-    let id = new_id("ses");
-    let command_id = new_id("cmd");
-    let mut tx = state.pool().begin().await?;
-    sqlx::query(
-        "INSERT INTO sessions (id, tenant_id, account_id, title, status)
-         VALUES ($1, $2, NULL, $3, 'idle')",
-    )
-    .bind(&id)
-    .bind(&tenant)
-    .bind(title)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("INSERT INTO session_projections (session_id, sequence, view) VALUES ($1, 0, $2)")
-        .bind(&id)
-        .bind(SessionView::new(title).to_json())
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(
-        "INSERT INTO session_commands (id, session_id, kind, payload, status)
-         VALUES ($1, $2, 'prompt', $3, 'pending')",
-    )
-    .bind(&command_id)
-    .bind(&id)
-    .bind(json!({ "text": "rollcall smoke prompt" }))
-    .execute(&mut *tx)
-    .await?;
-    store::audit(&mut tx, &tenant, &caller.0.token_id, "session.smoke", &id).await?;
-    tx.commit().await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "session_id": id, "command_id": command_id, "tenant_id": tenant })),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, Json(json!(created))).into_response())
 }
 
 async fn get_maintenance(State(state): State<WebState>, caller: Caller) -> ApiResult<Json<Value>> {

@@ -18,6 +18,7 @@ use sqlx::Row as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::Deps;
+use crate::Profile;
 use crate::objects::{self, StoredObject};
 use crate::projection::{SessionView, kind};
 use crate::schema;
@@ -122,14 +123,16 @@ impl Worker {
     /// Runs until cancelled or, with `max_commands`, until that many commands were processed.
     pub async fn run(self, cancel: CancellationToken) -> Result<WorkerReport> {
         let pool = self.deps.pool.clone();
-        schema::ensure_current(&pool).await?;
+        let profile = self.deps.profile;
+        schema::ensure_current(&pool, profile).await?;
         let processed = Arc::new(AtomicU64::new(0));
-        heartbeat(&pool, &self.config.worker_id, "running", 0, true)
+        heartbeat(&pool, profile, &self.config.worker_id, "running", 0, true)
             .await
             .context("record the first worker heartbeat")?;
         let beats = CancellationToken::new();
         let beat_task = tokio::spawn(heartbeat_loop(
             pool.clone(),
+            profile,
             self.config.worker_id.clone(),
             self.config.heartbeat_interval,
             processed.clone(),
@@ -141,6 +144,7 @@ impl Worker {
         let _ = beat_task.await;
         if let Err(e) = heartbeat(
             &pool,
+            profile,
             &self.config.worker_id,
             "stopped",
             processed.load(Ordering::Relaxed),
@@ -185,7 +189,7 @@ impl Worker {
             }
             if last_catch_up.is_none_or(|t| t.elapsed() >= CATCH_UP_EVERY) {
                 last_catch_up = Some(Instant::now());
-                match catch_up_lagging(&self.deps.pool).await {
+                match catch_up_lagging(&self.deps.pool, self.deps.profile).await {
                     Ok(n) => report.projections_caught_up += n,
                     Err(e) => tracing::warn!("catch up lagging projections: {e:#}"),
                 }
@@ -245,7 +249,8 @@ impl Worker {
             }
         };
         if outcome == Outcome::Acked
-            && let Err(e) = catch_up_projection(&self.deps.pool, &claimed.session_id).await
+            && let Err(e) =
+                catch_up_projection(&self.deps.pool, self.deps.profile, &claimed.session_id).await
         {
             // The periodic catch-up pass retries it.
             tracing::warn!(session = %claimed.session_id, "advance projection: {e:#}");
@@ -254,37 +259,38 @@ impl Worker {
     }
 
     async fn claim(&self) -> Result<Option<Claimed>> {
+        let profile = self.deps.profile;
         let lease_token = new_id("lease");
         let ttl_ms = i64::try_from(self.config.lease_ttl.as_millis()).unwrap_or(i64::MAX);
         let mut tx = self.deps.pool.begin().await.context("begin a claim")?;
         // The oldest open command whose session has no earlier open command and no live lease
         // held by another worker: commands of one session run in order, one at a time.
-        let row = sqlx::query(
+        let row = sqlx::query(profile.sql(
             "WITH candidate AS (
-                SELECT c.id FROM session_commands c
+                SELECT c.id FROM {session_commands} c
                 WHERE (c.status = 'pending'
                        OR (c.status = 'running' AND c.lease_expires_at < now()))
                   AND NOT EXISTS (
-                      SELECT 1 FROM session_commands e
+                      SELECT 1 FROM {session_commands} e
                       WHERE e.session_id = c.session_id
                         AND e.status IN ('pending', 'running')
                         AND (e.created_at, e.id) < (c.created_at, c.id))
                   AND NOT EXISTS (
-                      SELECT 1 FROM worker_leases l
+                      SELECT 1 FROM {worker_leases} l
                       WHERE l.session_id = c.session_id AND l.expires_at > now()
                         AND l.worker_id <> $1)
                 ORDER BY c.created_at, c.id
                 LIMIT 1
                 FOR UPDATE OF c SKIP LOCKED
              )
-             UPDATE session_commands c
+             UPDATE {session_commands} c
              SET status = 'running', claimed_by = $1, lease_token = $2,
                  lease_expires_at = now() + $3 * interval '1 millisecond',
                  attempt_count = c.attempt_count + 1, updated_at = now()
-             FROM candidate, sessions s
+             FROM candidate, {sessions} s
              WHERE c.id = candidate.id AND s.id = c.session_id
              RETURNING c.id, c.session_id, s.tenant_id, c.payload",
-        )
+        ))
         .bind(&self.config.worker_id)
         .bind(&lease_token)
         .bind(ttl_ms)
@@ -299,16 +305,16 @@ impl Worker {
             payload: row.try_get("payload")?,
             lease_token,
         };
-        let leased: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO worker_leases (session_id, worker_id, lease_token, expires_at)
+        let leased: Option<i64> = sqlx::query_scalar(profile.sql(
+            "INSERT INTO {worker_leases} (session_id, worker_id, lease_token, expires_at)
              VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond')
              ON CONFLICT (session_id) DO UPDATE
              SET worker_id = EXCLUDED.worker_id, lease_token = EXCLUDED.lease_token,
                  expires_at = EXCLUDED.expires_at, updated_at = now()
-             WHERE worker_leases.expires_at <= now()
-                OR worker_leases.worker_id = EXCLUDED.worker_id
+             WHERE {worker_leases}.expires_at <= now()
+                OR {worker_leases}.worker_id = EXCLUDED.worker_id
              RETURNING checkpoint_version",
-        )
+        ))
         .bind(&claimed.session_id)
         .bind(&self.config.worker_id)
         .bind(&claimed.lease_token)
@@ -321,17 +327,21 @@ impl Worker {
             tx.rollback().await.context("give back a claim")?;
             return Ok(None);
         }
-        sqlx::query("UPDATE sessions SET status = 'running', updated_at = now() WHERE id = $1")
-            .bind(&claimed.session_id)
-            .execute(&mut *tx)
-            .await
-            .context("mark the session running")?;
+        sqlx::query(
+            profile
+                .sql("UPDATE {sessions} SET status = 'running', updated_at = now() WHERE id = $1"),
+        )
+        .bind(&claimed.session_id)
+        .execute(&mut *tx)
+        .await
+        .context("mark the session running")?;
         tx.commit().await.context("commit the claim")?;
         tracing::debug!(command = %claimed.command_id, session = %claimed.session_id, "claimed");
         Ok(Some(claimed))
     }
 
     async fn execute(&self, claimed: &Claimed) -> Result<(), CommandError> {
+        let profile = self.deps.profile;
         let text = claimed
             .payload
             .get("text")
@@ -358,18 +368,19 @@ impl Worker {
         .await?;
 
         let mut tx = self.deps.pool.begin().await?;
-        let next: i64 =
-            sqlx::query_scalar("SELECT next_event_sequence FROM sessions WHERE id = $1 FOR UPDATE")
-                .bind(&claimed.session_id)
-                .fetch_one(&mut *tx)
-                .await?;
-        let version: Option<i64> = sqlx::query_scalar(
-            "SELECT l.checkpoint_version FROM worker_leases l
-             JOIN session_commands c ON c.session_id = l.session_id
+        let next: i64 = sqlx::query_scalar(
+            profile.sql("SELECT next_event_sequence FROM {sessions} WHERE id = $1 FOR UPDATE"),
+        )
+        .bind(&claimed.session_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let version: Option<i64> = sqlx::query_scalar(profile.sql(
+            "SELECT l.checkpoint_version FROM {worker_leases} l
+             JOIN {session_commands} c ON c.session_id = l.session_id
              WHERE l.session_id = $1 AND l.lease_token = $2
                AND c.id = $3 AND c.lease_token = $2 AND c.status = 'running'
              FOR UPDATE OF l",
-        )
+        ))
         .bind(&claimed.session_id)
         .bind(&claimed.lease_token)
         .bind(&claimed.command_id)
@@ -396,6 +407,9 @@ impl Worker {
             Bytes::from(serde_json::to_vec_pretty(&manifest).context("encode a checkpoint")?),
         )
         .await?;
+        if self.deps.profile == crate::Profile::Real {
+            objects::make_private(&self.deps.objects_url, &checkpoint.key)?;
+        }
 
         let events = [
             (
@@ -421,11 +435,11 @@ impl Worker {
                         "sha256": checkpoint.sha256 }),
             ),
         ];
-        sqlx::query(
-            "INSERT INTO session_events (session_id, sequence, kind, payload)
+        sqlx::query(profile.sql(
+            "INSERT INTO {session_events} (session_id, sequence, kind, payload)
              SELECT $1, u.seq, u.kind, u.payload::jsonb
              FROM UNNEST($2::bigint[], $3::text[], $4::text[]) AS u(seq, kind, payload)",
-        )
+        ))
         .bind(&claimed.session_id)
         .bind(events.iter().map(|e| e.0).collect::<Vec<i64>>())
         .bind(
@@ -446,48 +460,48 @@ impl Worker {
             (&artifact, "artifact", "text/markdown"),
             (&checkpoint, "checkpoint", "application/json"),
         ] {
-            index_object(&mut tx, claimed, object, kind, content_type).await?;
+            index_object(&mut tx, claimed, object, kind, content_type, profile).await?;
         }
-        sqlx::query(
-            "UPDATE sessions SET next_event_sequence = $2, status = 'idle', updated_at = now()
+        sqlx::query(profile.sql(
+            "UPDATE {sessions} SET next_event_sequence = $2, status = 'idle', updated_at = now()
              WHERE id = $1",
-        )
+        ))
         .bind(&claimed.session_id)
         .bind(seq_checkpoint + 1)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE worker_leases SET checkpoint_version = $3, expires_at = now(), updated_at = now()
-             WHERE session_id = $1 AND lease_token = $2",
+            profile.sql("UPDATE {worker_leases} SET checkpoint_version = $3, expires_at = now(), updated_at = now()
+             WHERE session_id = $1 AND lease_token = $2"),
         )
         .bind(&claimed.session_id)
         .bind(&claimed.lease_token)
         .bind(version)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "UPDATE session_commands
+        sqlx::query(profile.sql(
+            "UPDATE {session_commands}
              SET status = 'acked', lease_expires_at = NULL, last_error = NULL, updated_at = now()
              WHERE id = $1",
-        )
+        ))
         .bind(&claimed.command_id)
         .execute(&mut *tx)
         .await?;
         // One delivery per active channel bound to the session, for the assistant's reply.
         // The public id is derived from (binding, session, sequence) as in
         // `gateway::public_delivery_id`: a retry cannot mint a second id for one message.
-        sqlx::query(
-            "INSERT INTO channel_deliveries
+        sqlx::query(profile.sql(
+            "INSERT INTO {channel_deliveries}
                  (public_delivery_id, binding_id, session_id, event_sequence, payload, status)
              SELECT 'dlv_' || left(encode(sha256(convert_to(
                         csb.binding_id || ':' || csb.session_id || ':' || $2::text, 'UTF8')),
                         'hex'), 32),
                     csb.binding_id, csb.session_id, $2, $3, 'pending'
-             FROM channel_session_bindings csb
-             JOIN channel_bindings b ON b.id = csb.binding_id AND b.status = 'active'
+             FROM {channel_session_bindings} csb
+             JOIN {channel_bindings} b ON b.id = csb.binding_id AND b.status = 'active'
              WHERE csb.session_id = $1
              ON CONFLICT DO NOTHING",
-        )
+        ))
         .bind(&claimed.session_id)
         .bind(seq_reply)
         .bind(json!({
@@ -497,10 +511,10 @@ impl Worker {
         }))
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO usage_events (tenant_id, session_id, kind, quantity)
+        sqlx::query(profile.sql(
+            "INSERT INTO {usage_events} (tenant_id, session_id, kind, quantity)
              VALUES ($1, $2, 'prompt_words', $3)",
-        )
+        ))
         .bind(&claimed.tenant_id)
         .bind(&claimed.session_id)
         .bind(i64::try_from(text.split_whitespace().count()).unwrap_or(i64::MAX))
@@ -523,20 +537,21 @@ impl Worker {
         reason: &str,
         permanent: bool,
     ) -> Result<Outcome> {
+        let profile = self.deps.profile;
         let mut tx = self
             .deps
             .pool
             .begin()
             .await
             .context("begin recording a failure")?;
-        let status: Option<String> = sqlx::query_scalar(
-            "UPDATE session_commands
+        let status: Option<String> = sqlx::query_scalar(profile.sql(
+            "UPDATE {session_commands}
              SET status = CASE WHEN $3 OR attempt_count >= $4 THEN 'failed' ELSE 'pending' END,
                  last_error = $2, claimed_by = NULL, lease_token = NULL,
                  lease_expires_at = NULL, updated_at = now()
              WHERE id = $1 AND lease_token = $5
              RETURNING status",
-        )
+        ))
         .bind(&claimed.command_id)
         .bind(reason)
         .bind(permanent)
@@ -545,10 +560,10 @@ impl Worker {
         .fetch_optional(&mut *tx)
         .await
         .context("record a failed command attempt")?;
-        sqlx::query(
-            "UPDATE worker_leases SET expires_at = now(), updated_at = now()
+        sqlx::query(profile.sql(
+            "UPDATE {worker_leases} SET expires_at = now(), updated_at = now()
              WHERE session_id = $1 AND lease_token = $2",
-        )
+        ))
         .bind(&claimed.session_id)
         .bind(&claimed.lease_token)
         .execute(&mut *tx)
@@ -556,9 +571,9 @@ impl Worker {
         .context("release the session lease")?;
         let outcome = match status.as_deref() {
             Some("failed") => {
-                sqlx::query(
-                    "UPDATE sessions SET status = 'errored', updated_at = now() WHERE id = $1",
-                )
+                sqlx::query(profile.sql(
+                    "UPDATE {sessions} SET status = 'errored', updated_at = now() WHERE id = $1",
+                ))
                 .bind(&claimed.session_id)
                 .execute(&mut *tx)
                 .await
@@ -567,9 +582,9 @@ impl Worker {
                 Outcome::Failed
             }
             Some(_) => {
-                sqlx::query(
-                    "UPDATE sessions SET status = 'idle', updated_at = now() WHERE id = $1",
-                )
+                sqlx::query(profile.sql(
+                    "UPDATE {sessions} SET status = 'idle', updated_at = now() WHERE id = $1",
+                ))
                 .bind(&claimed.session_id)
                 .execute(&mut *tx)
                 .await
@@ -589,14 +604,15 @@ async fn index_object(
     object: &StoredObject,
     kind: &str,
     content_type: &str,
+    profile: Profile,
 ) -> Result<(), CommandError> {
-    sqlx::query(
-        "INSERT INTO artifact_index
+    sqlx::query(profile.sql(
+        "INSERT INTO {artifact_index}
              (id, tenant_id, session_id, kind, object_key, size_bytes, sha256, content_type)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
          ON CONFLICT (object_key) DO UPDATE
          SET size_bytes = EXCLUDED.size_bytes, sha256 = EXCLUDED.sha256",
-    )
+    ))
     .bind(new_id("art"))
     .bind(&claimed.tenant_id)
     .bind(&claimed.session_id)
@@ -633,24 +649,24 @@ pub fn artifact_body(command_id: &str, prompt: &str, size: usize) -> Vec<u8> {
 }
 
 /// Folds any events past the session's projection into it; returns the events applied.
-pub async fn catch_up_projection(pool: &PgPool, session_id: &str) -> Result<u64> {
+pub async fn catch_up_projection(pool: &PgPool, profile: Profile, session_id: &str) -> Result<u64> {
     let mut applied = 0u64;
     loop {
         let mut tx = pool.begin().await.context("begin a projection update")?;
-        sqlx::query(
-            "INSERT INTO session_projections (session_id, sequence, view)
-             SELECT id, 0, jsonb_build_object('title', title) FROM sessions WHERE id = $1
+        sqlx::query(profile.sql(
+            "INSERT INTO {session_projections} (session_id, sequence, view)
+             SELECT id, 0, jsonb_build_object('title', title) FROM {sessions} WHERE id = $1
              ON CONFLICT (session_id) DO NOTHING",
-        )
+        ))
         .bind(session_id)
         .execute(&mut *tx)
         .await
         .context("create a missing projection")?;
-        let row = sqlx::query(
-            "SELECT p.sequence, p.view, s.title FROM session_projections p
-             JOIN sessions s ON s.id = p.session_id
+        let row = sqlx::query(profile.sql(
+            "SELECT p.sequence, p.view, s.title FROM {session_projections} p
+             JOIN {sessions} s ON s.id = p.session_id
              WHERE p.session_id = $1 FOR UPDATE OF p",
-        )
+        ))
         .bind(session_id)
         .fetch_optional(&mut *tx)
         .await
@@ -672,10 +688,10 @@ pub async fn catch_up_projection(pool: &PgPool, session_id: &str) -> Result<u64>
                 SessionView::new(&title)
             }
         };
-        let events = sqlx::query(
-            "SELECT sequence, kind, payload FROM session_events
+        let events = sqlx::query(profile.sql(
+            "SELECT sequence, kind, payload FROM {session_events}
              WHERE session_id = $1 AND sequence > $2 ORDER BY sequence LIMIT $3",
-        )
+        ))
         .bind(session_id)
         .bind(sequence)
         .bind(PROJECTION_BATCH)
@@ -694,10 +710,10 @@ pub async fn catch_up_projection(pool: &PgPool, session_id: &str) -> Result<u64>
             sequence = seq;
             applied += 1;
         }
-        sqlx::query(
-            "UPDATE session_projections SET sequence = $2, view = $3, updated_at = now()
+        sqlx::query(profile.sql(
+            "UPDATE {session_projections} SET sequence = $2, view = $3, updated_at = now()
              WHERE session_id = $1",
-        )
+        ))
         .bind(session_id)
         .bind(sequence)
         .bind(view.to_json())
@@ -712,18 +728,18 @@ pub async fn catch_up_projection(pool: &PgPool, session_id: &str) -> Result<u64>
 }
 
 /// Catches up every session whose projection is behind or missing; returns sessions fixed.
-pub async fn catch_up_lagging(pool: &PgPool) -> Result<u64> {
-    let ids: Vec<String> = sqlx::query_scalar(
-        "SELECT s.id FROM sessions s LEFT JOIN session_projections p ON p.session_id = s.id
+pub async fn catch_up_lagging(pool: &PgPool, profile: Profile) -> Result<u64> {
+    let ids: Vec<String> = sqlx::query_scalar(profile.sql(
+        "SELECT s.id FROM {sessions} s LEFT JOIN {session_projections} p ON p.session_id = s.id
          WHERE coalesce(p.sequence, -1) < s.next_event_sequence - 1
          LIMIT 100",
-    )
+    ))
     .fetch_all(pool)
     .await
     .context("find lagging projections")?;
     let mut fixed = 0;
     for id in ids {
-        catch_up_projection(pool, &id).await?;
+        catch_up_projection(pool, profile, &id).await?;
         fixed += 1;
     }
     Ok(fixed)
@@ -731,19 +747,20 @@ pub async fn catch_up_lagging(pool: &PgPool) -> Result<u64> {
 
 async fn heartbeat(
     pool: &PgPool,
+    profile: Profile,
     worker_id: &str,
     status: &str,
     processed: u64,
     restart: bool,
 ) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO worker_heartbeats (worker_id, hostname, pid, status, commands_processed)
+    sqlx::query(profile.sql(
+        "INSERT INTO {worker_heartbeats} (worker_id, hostname, pid, status, commands_processed)
          VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (worker_id) DO UPDATE
          SET hostname = EXCLUDED.hostname, pid = EXCLUDED.pid, status = EXCLUDED.status,
              commands_processed = EXCLUDED.commands_processed, last_seen_at = now(),
-             started_at = CASE WHEN $6 THEN now() ELSE worker_heartbeats.started_at END",
-    )
+             started_at = CASE WHEN $6 THEN now() ELSE {worker_heartbeats}.started_at END",
+    ))
     .bind(worker_id)
     .bind(hostname())
     .bind(i32::try_from(std::process::id()).unwrap_or(i32::MAX))
@@ -758,6 +775,7 @@ async fn heartbeat(
 
 async fn heartbeat_loop(
     pool: PgPool,
+    profile: Profile,
     worker_id: String,
     every: Duration,
     processed: Arc<AtomicU64>,
@@ -769,7 +787,7 @@ async fn heartbeat_loop(
             () = tokio::time::sleep(every) => {}
         }
         let n = processed.load(Ordering::Relaxed);
-        if let Err(e) = heartbeat(&pool, &worker_id, "running", n, false).await {
+        if let Err(e) = heartbeat(&pool, profile, &worker_id, "running", n, false).await {
             tracing::warn!("{e:#}");
         }
     }

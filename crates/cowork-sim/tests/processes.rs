@@ -66,9 +66,17 @@ async fn two_scheduler_processes_fire_exactly_one_run_per_due_time() {
     let mut workflows = BTreeMap::new();
     for i in 0..4 {
         let due = first + i * 100;
-        let id = store::create_workflow(&env.deps.pool, &t.id, &format!("wf{i}"), "tick", 1, due)
-            .await
-            .unwrap();
+        let id = store::create_workflow(
+            &env.deps.pool,
+            env.deps.profile,
+            &t.id,
+            &format!("wf{i}"),
+            "tick",
+            1,
+            due,
+        )
+        .await
+        .unwrap();
         workflows.insert(id, due);
     }
     let pool = env.deps.pool.clone();
@@ -122,9 +130,14 @@ async fn two_scheduler_processes_fire_exactly_one_run_per_due_time() {
             .collect();
         assert_eq!(dues, &expected, "runs of {wf}");
     }
-    let check = store::verify_artifacts(&env.deps.pool, env.deps.objects.as_ref(), None)
-        .await
-        .unwrap();
+    let check = store::verify_artifacts(
+        &env.deps.pool,
+        env.deps.profile,
+        env.deps.objects.as_ref(),
+        None,
+    )
+    .await
+    .unwrap();
     assert!(
         check.ok() && check.checked == runs.len() as u64,
         "{check:?}"
@@ -135,9 +148,15 @@ async fn two_scheduler_processes_fire_exactly_one_run_per_due_time() {
 async fn gateway_resumes_from_its_cursors_after_sigkill_without_resending() {
     let env = env("gw_kill").await;
     let t = tenant(&env.deps, "kill").await;
-    let binding = store::create_channel_binding(&env.deps.pool, &t.id, "webhook", "https://x/y")
-        .await
-        .unwrap();
+    let binding = store::create_channel_binding(
+        &env.deps.pool,
+        env.deps.profile,
+        &t.id,
+        "webhook",
+        "https://x/y",
+    )
+    .await
+    .unwrap();
     const SESSIONS: i64 = 4;
     const PER_SESSION: i64 = 400;
     sqlx::query(
@@ -431,7 +450,12 @@ async fn load_sees_503s_while_web_is_frozen_and_every_role_stops_on_sigterm() {
     let (status, stdout, stderr) = run_bin(&["counts"], &db_env);
     assert!(status.success(), "counts: {stderr}");
     let counts: cowork_sim::RestoreCounts = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(counts, cowork_sim::counts(&pool).await.unwrap());
+    assert_eq!(
+        counts,
+        cowork_sim::counts(&pool, cowork_sim::Profile::Kind)
+            .await
+            .unwrap()
+    );
 
     // Bad input gets one clear line, not a panic.
     let (status, _, stderr) = run_bin(

@@ -66,9 +66,10 @@ fn quick_worker(id: &str, max: u64) -> WorkerConfig {
 async fn worker_turns_prompts_into_events_projections_and_verified_artifacts() {
     let env = env("worker").await;
     let t = tenant(&env.deps, "acme").await;
-    let binding = store::create_channel_binding(&env.deps.pool, &t.id, "slack", "#acme")
-        .await
-        .unwrap();
+    let binding =
+        store::create_channel_binding(&env.deps.pool, env.deps.profile, &t.id, "slack", "#acme")
+            .await
+            .unwrap();
     let web = Web::start(&env.deps).await;
     let client = http();
     let session = create_session(&client, &web, &t.desktop.token, Some(&binding)).await;
@@ -106,9 +107,14 @@ async fn worker_turns_prompts_into_events_projections_and_verified_artifacts() {
     assert_eq!(view["checkpoint_version"], 3);
 
     // Every indexed object is in the store with the bytes its sha256 promises.
-    let check = store::verify_artifacts(&env.deps.pool, env.deps.objects.as_ref(), None)
-        .await
-        .unwrap();
+    let check = store::verify_artifacts(
+        &env.deps.pool,
+        env.deps.profile,
+        env.deps.objects.as_ref(),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(check.checked, 6, "3 artifacts + 3 checkpoints: {check:?}");
     assert!(check.ok(), "{check:?}");
     let manifest_key = format!(
@@ -135,7 +141,9 @@ async fn worker_turns_prompts_into_events_projections_and_verified_artifacts() {
     assert_eq!(manifest["event_sequence"], 12);
 
     // A reply per prompt is queued for the bound channel; the worker heartbeat says stopped.
-    let deliveries = store::delivery_counts(&env.deps.pool).await.unwrap();
+    let deliveries = store::delivery_counts(&env.deps.pool, env.deps.profile)
+        .await
+        .unwrap();
     assert_eq!(deliveries.pending, 3);
     let (status, processed): (String, i64) = sqlx::query_as(
         "SELECT status, commands_processed FROM worker_heartbeats WHERE worker_id = 'w1'",
@@ -157,9 +165,14 @@ async fn worker_turns_prompts_into_events_projections_and_verified_artifacts() {
         .delete(&manifest_key.as_str().into())
         .await
         .unwrap();
-    let check = store::verify_artifacts(&env.deps.pool, env.deps.objects.as_ref(), None)
-        .await
-        .unwrap();
+    let check = store::verify_artifacts(
+        &env.deps.pool,
+        env.deps.profile,
+        env.deps.objects.as_ref(),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!((check.missing, check.mismatched), (1, 1), "{check:?}");
     assert_eq!(check.missing_keys, vec![manifest_key]);
     web.stop().await;
@@ -214,7 +227,9 @@ async fn two_workers_keep_each_sessions_commands_in_order() {
         .unwrap();
         assert_eq!(prompts, ["step 0", "step 1", "step 2", "step 3"]);
     }
-    let projections = store::verify_projections(&env.deps.pool).await.unwrap();
+    let projections = store::verify_projections(&env.deps.pool, env.deps.profile)
+        .await
+        .unwrap();
     assert!(
         projections.consistent() && projections.lagging == 0,
         "{projections:?}"
@@ -265,16 +280,16 @@ async fn a_prompt_without_text_fails_for_good_and_a_lagging_projection_catches_u
         .execute(&env.deps.pool)
         .await
         .unwrap();
-    let lagging = store::projection_status(&env.deps.pool, &session, None)
+    let lagging = store::projection_status(&env.deps.pool, env.deps.profile, &session, None)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(lagging.lag, 1);
-    let fixed = cowork_sim::worker::catch_up_lagging(&env.deps.pool)
+    let fixed = cowork_sim::worker::catch_up_lagging(&env.deps.pool, env.deps.profile)
         .await
         .unwrap();
     assert_eq!(fixed, 1);
-    let status = store::projection_status(&env.deps.pool, &session, None)
+    let status = store::projection_status(&env.deps.pool, env.deps.profile, &session, None)
         .await
         .unwrap()
         .unwrap();
@@ -289,6 +304,7 @@ async fn a_due_time_fires_once_even_when_the_workflow_is_rewound() {
     let due_ms = chrono_now_ms() - 1_000;
     let wf = store::create_workflow(
         &env.deps.pool,
+        env.deps.profile,
         &t.id,
         "digest",
         "Summarise today",
@@ -297,7 +313,7 @@ async fn a_due_time_fires_once_even_when_the_workflow_is_rewound() {
     )
     .await
     .unwrap();
-    let overdue = store::overdue_workflows(&env.deps.pool, Duration::ZERO)
+    let overdue = store::overdue_workflows(&env.deps.pool, env.deps.profile, Duration::ZERO)
         .await
         .unwrap();
     assert_eq!(overdue, 1);
@@ -306,7 +322,7 @@ async fn a_due_time_fires_once_even_when_the_workflow_is_rewound() {
     let (ra, rb) = tokio::join!(a.tick(), b.tick());
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
     assert_eq!(ra.runs_created + rb.runs_created, 1);
-    let overdue = store::overdue_workflows(&env.deps.pool, Duration::ZERO)
+    let overdue = store::overdue_workflows(&env.deps.pool, env.deps.profile, Duration::ZERO)
         .await
         .unwrap();
     assert_eq!(overdue, 0);
@@ -339,9 +355,14 @@ async fn a_due_time_fires_once_even_when_the_workflow_is_rewound() {
     .await
     .unwrap();
     assert_eq!(pending, 1);
-    let check = store::verify_artifacts(&env.deps.pool, env.deps.objects.as_ref(), None)
-        .await
-        .unwrap();
+    let check = store::verify_artifacts(
+        &env.deps.pool,
+        env.deps.profile,
+        env.deps.objects.as_ref(),
+        None,
+    )
+    .await
+    .unwrap();
     assert!(check.ok() && check.checked == 1, "{check:?}");
     // The next due time is in the future: another tick fires nothing.
     assert_eq!(b.tick().await.unwrap().runs_created, 0);
@@ -360,12 +381,19 @@ fn chrono_now_ms() -> i64 {
 /// Sessions bound to channels with `prompts` replies each, processed by a worker.
 async fn deliveries_fixture(env: &common::Env, sessions: usize, prompts: usize) -> usize {
     let t = tenant(&env.deps, "chan").await;
-    let slack = store::create_channel_binding(&env.deps.pool, &t.id, "slack", "#a")
-        .await
-        .unwrap();
-    let hook = store::create_channel_binding(&env.deps.pool, &t.id, "webhook", "https://h/x")
-        .await
-        .unwrap();
+    let slack =
+        store::create_channel_binding(&env.deps.pool, env.deps.profile, &t.id, "slack", "#a")
+            .await
+            .unwrap();
+    let hook = store::create_channel_binding(
+        &env.deps.pool,
+        env.deps.profile,
+        &t.id,
+        "webhook",
+        "https://h/x",
+    )
+    .await
+    .unwrap();
     let web = Web::start(&env.deps).await;
     let client = http();
     for i in 0..sessions {
@@ -517,7 +545,14 @@ async fn gateway_smoke_fails_when_a_delivery_sent_before_the_point_arrives_again
     // A point taken after every delivery reached the sink (by more than the commit margin).
     let point = chrono::Utc::now() + chrono::Duration::seconds(2);
     let smoke = async |point| {
-        cowork_sim::smoke::gateway(&env.deps.pool, &jsonl, point, Duration::from_secs(10)).await
+        cowork_sim::smoke::gateway(
+            &env.deps.pool,
+            env.deps.profile,
+            &jsonl,
+            point,
+            Duration::from_secs(10),
+        )
+        .await
     };
     let clean = smoke(Some(point)).await.unwrap();
     assert_eq!(clean.detail["resent_before_point"], 0, "{:?}", clean.detail);
@@ -873,6 +908,7 @@ async fn readyz_needs_postgres_migrations_and_a_writable_object_store() {
         &db.url,
         &format!("file://{}", objects_dir.display()),
         &cowork_sim::ObjectStoreOptions::default(),
+        cowork_sim::Profile::Kind,
     )
     .await
     .unwrap();
@@ -889,7 +925,9 @@ async fn readyz_needs_postgres_migrations_and_a_writable_object_store() {
             .contains("cowork-sim migrate")
     );
 
-    cowork_sim::schema::migrate(&deps.pool).await.unwrap();
+    cowork_sim::schema::migrate(&deps.pool, deps.profile)
+        .await
+        .unwrap();
     let r = client.get(web.url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 
@@ -918,7 +956,9 @@ async fn seed_writes_consistent_data_that_the_roles_carry_on_from() {
     config.rng_seed = 11;
     let seeded = cowork_sim::seed::run(&env.deps, &config).await.unwrap();
     let r = &seeded.report;
-    let counts = cowork_sim::counts(&env.deps.pool).await.unwrap();
+    let counts = cowork_sim::counts(&env.deps.pool, env.deps.profile)
+        .await
+        .unwrap();
     assert_eq!(counts.sessions, 40);
     assert_eq!(counts.session_events, 800);
     assert_eq!(counts.session_events as u64, r.events);
@@ -932,11 +972,18 @@ async fn seed_writes_consistent_data_that_the_roles_carry_on_from() {
         d.pending > 0 && d.claimed > 0 && d.sent > 0 && d.failed > 0 && d.dead > 0,
         "{d:?}"
     );
-    let check = store::verify_artifacts(&env.deps.pool, env.deps.objects.as_ref(), None)
+    let check = store::verify_artifacts(
+        &env.deps.pool,
+        env.deps.profile,
+        env.deps.objects.as_ref(),
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(check.ok() && check.checked == 80, "{check:?}");
+    let projections = store::verify_projections(&env.deps.pool, env.deps.profile)
         .await
         .unwrap();
-    assert!(check.ok() && check.checked == 80, "{check:?}");
-    let projections = store::verify_projections(&env.deps.pool).await.unwrap();
     assert!(
         projections.consistent() && projections.lagging == 0,
         "{projections:?}"
@@ -1006,7 +1053,7 @@ async fn seed_writes_consistent_data_that_the_roles_carry_on_from() {
     let stats = cowork_sim::sink::jsonl_stats(&jsonl).unwrap();
     assert_eq!((stats.duplicates, stats.out_of_order), (0, 0), "{stats:?}");
     assert_eq!(stats.unique, gw.sent);
-    let after = cowork_sim::counts(&env.deps.pool)
+    let after = cowork_sim::counts(&env.deps.pool, env.deps.profile)
         .await
         .unwrap()
         .channel_deliveries;
@@ -1016,8 +1063,13 @@ async fn seed_writes_consistent_data_that_the_roles_carry_on_from() {
         "{after:?}"
     );
     assert!(after.sent > d.sent, "{after:?}");
-    let check = store::verify_artifacts(&env.deps.pool, env.deps.objects.as_ref(), None)
-        .await
-        .unwrap();
+    let check = store::verify_artifacts(
+        &env.deps.pool,
+        env.deps.profile,
+        env.deps.objects.as_ref(),
+        None,
+    )
+    .await
+    .unwrap();
     assert!(check.ok(), "{check:?}");
 }

@@ -22,14 +22,18 @@ async fn seed_web_worker_and_verify_work_on_s3() {
     };
     let db = fresh_db("s3");
     let url = format!("s3://{}/fleet-a", moto.bucket);
-    let deps = Deps::connect(&db.url, &url, &moto.options()).await.unwrap();
-    cowork_sim::schema::migrate(&deps.pool).await.unwrap();
+    let deps = Deps::connect(&db.url, &url, &moto.options(), cowork_sim::Profile::Kind)
+        .await
+        .unwrap();
+    cowork_sim::schema::migrate(&deps.pool, deps.profile)
+        .await
+        .unwrap();
 
     let mut config = cowork_sim::seed::SeedConfig::new(6);
     config.bind_every = 2;
     config.rng_seed = 3;
     let seeded = cowork_sim::seed::run(&deps, &config).await.unwrap();
-    let check = store::verify_artifacts(&deps.pool, deps.objects.as_ref(), None)
+    let check = store::verify_artifacts(&deps.pool, deps.profile, deps.objects.as_ref(), None)
         .await
         .unwrap();
     assert!(check.ok() && check.checked == 12, "{check:?}");

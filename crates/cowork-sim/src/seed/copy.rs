@@ -2,6 +2,8 @@
 //! table, and is streamed into its tables parents first.
 
 use anyhow::{Context, Result};
+
+use crate::Profile;
 use bytes::Bytes;
 
 use crate::store::DeliveryCounts;
@@ -28,47 +30,51 @@ pub(super) struct Chunk {
 
 impl Chunk {
     /// Streams the chunk into its tables, parents before children.
-    pub(super) async fn copy_into(&self, conn: &mut sqlx::PgConnection) -> Result<()> {
-        let tables: [(&str, &Vec<u8>); 9] = [
+    pub(super) async fn copy_into(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        profile: Profile,
+    ) -> Result<()> {
+        let tables: [(&'static str, &Vec<u8>); 9] = [
             (
-                "COPY sessions (id, tenant_id, account_id, title, status, next_event_sequence, \
+                "COPY {sessions} (id, tenant_id, account_id, title, status, next_event_sequence, \
                  created_at, updated_at) FROM STDIN",
                 &self.sessions_copy,
             ),
             (
-                "COPY session_events (session_id, sequence, kind, payload, created_at) FROM STDIN",
+                "COPY {session_events} (session_id, sequence, kind, payload, created_at) FROM STDIN",
                 &self.events_copy,
             ),
             (
-                "COPY session_projections (session_id, sequence, view, updated_at) FROM STDIN",
+                "COPY {session_projections} (session_id, sequence, view, updated_at) FROM STDIN",
                 &self.projections_copy,
             ),
             (
-                "COPY session_commands (id, session_id, kind, payload, status, claimed_by, \
+                "COPY {session_commands} (id, session_id, kind, payload, status, claimed_by, \
                  attempt_count, created_at, updated_at) FROM STDIN",
                 &self.commands_copy,
             ),
             (
-                "COPY worker_leases (session_id, worker_id, lease_token, expires_at, \
+                "COPY {worker_leases} (session_id, worker_id, lease_token, expires_at, \
                  checkpoint_version) FROM STDIN",
                 &self.leases_copy,
             ),
             (
-                "COPY artifact_index (id, tenant_id, session_id, kind, object_key, size_bytes, \
+                "COPY {artifact_index} (id, tenant_id, session_id, kind, object_key, size_bytes, \
                  sha256, content_type, created_at) FROM STDIN",
                 &self.artifacts_copy,
             ),
             (
-                "COPY usage_events (tenant_id, session_id, kind, quantity) FROM STDIN",
+                "COPY {usage_events} (tenant_id, session_id, kind, quantity) FROM STDIN",
                 &self.usage_copy,
             ),
             (
-                "COPY channel_session_bindings (binding_id, session_id, last_event_sequence) \
+                "COPY {channel_session_bindings} (binding_id, session_id, last_event_sequence) \
                  FROM STDIN",
                 &self.cursors_copy,
             ),
             (
-                "COPY channel_deliveries (public_delivery_id, binding_id, session_id, \
+                "COPY {channel_deliveries} (public_delivery_id, binding_id, session_id, \
                  event_sequence, payload, status, attempt_count, next_attempt_at, claimed_by, \
                  claim_expires_at, last_error, sent_at) FROM STDIN",
                 &self.deliveries_copy,
@@ -78,6 +84,7 @@ impl Chunk {
             if data.is_empty() {
                 continue;
             }
+            let statement = profile.sql(statement);
             let table = statement.split_whitespace().nth(1).unwrap_or("?");
             let mut copy = conn
                 .copy_in_raw(statement)

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use super::SeedConfig;
 use super::copy::{Chunk, Row};
+use crate::Profile;
 use crate::gateway::public_delivery_id;
 use crate::objects::{self, sha256_hex};
 use crate::projection::{SessionView, kind};
@@ -24,6 +25,7 @@ pub(super) struct Plan {
     pub(super) tag: u32,
     pub(super) now: DateTime<Utc>,
     pub(super) tenants: Vec<TenantPlan>,
+    pub(super) profile: Profile,
 }
 
 #[derive(Clone)]
@@ -56,7 +58,7 @@ const VERBS: [&str; 6] = [
 const TEAMS: [&str; 5] = ["finance", "platform", "support", "sales", "research"];
 
 impl Plan {
-    pub(super) fn new(config: &SeedConfig, now: DateTime<Utc>) -> Plan {
+    pub(super) fn new(config: &SeedConfig, now: DateTime<Utc>, profile: Profile) -> Plan {
         let tag = StdRng::seed_from_u64(config.rng_seed).random::<u32>();
         let tenants = (0..config.tenants)
             .map(|t| {
@@ -81,6 +83,7 @@ impl Plan {
             tag,
             now,
             tenants,
+            profile,
         }
     }
 
@@ -449,7 +452,7 @@ mod tests {
         let mut config = SeedConfig::new(40);
         config.bind_every = 2;
         config.rng_seed = 7;
-        let plan = Plan::new(&config, Utc::now());
+        let plan = Plan::new(&config, Utc::now(), crate::Profile::Kind);
         let chunk = plan.render(0..40);
         assert_eq!(chunk.sessions, 40);
         assert_eq!(chunk.events, 40 * 20);

@@ -20,9 +20,10 @@ impl Plan {
         tx: &mut sqlx::PgConnection,
         report: &mut SeedReport,
     ) -> Result<()> {
+        let profile = self.profile;
         let mut rng = StdRng::seed_from_u64(self.config.rng_seed ^ 0x7e7a);
         for (t, tenant) in self.tenants.iter().enumerate() {
-            sqlx::query("INSERT INTO tenants (id, slug, name, created_at) VALUES ($1, $2, $3, $4::timestamptz)")
+            sqlx::query(profile.sql("INSERT INTO {tenants} (id, slug, name, created_at) VALUES ($1, $2, $3, $4::timestamptz)"))
                 .bind(&tenant.id)
                 .bind(&tenant.slug)
                 .bind(format!("Sim Tenant {t} ({:08x})", self.tag))
@@ -39,29 +40,41 @@ impl Plan {
             report.tenants += 1;
             for (a, account) in tenant.accounts.iter().enumerate() {
                 let role = ["owner", "admin", "member"][a % 3];
-                sqlx::query("INSERT INTO accounts (id, email, display_name) VALUES ($1, $2, $3)")
-                    .bind(account)
-                    .bind(format!("user{a}@{}.example", tenant.slug))
-                    .bind(format!("Sim User {a}"))
-                    .execute(&mut *tx)
-                    .await
-                    .context("create an account")?;
                 sqlx::query(
-                    "INSERT INTO memberships (tenant_id, account_id, role) VALUES ($1, $2, $3)",
+                    profile.sql(
+                        "INSERT INTO {accounts} (id, email, display_name) VALUES ($1, $2, $3)",
+                    ),
                 )
+                .bind(account)
+                .bind(format!("user{a}@{}.example", tenant.slug))
+                .bind(format!("Sim User {a}"))
+                .execute(&mut *tx)
+                .await
+                .context("create an account")?;
+                sqlx::query(profile.sql(
+                    "INSERT INTO {memberships} (tenant_id, account_id, role) VALUES ($1, $2, $3)",
+                ))
                 .bind(&tenant.id)
                 .bind(account)
                 .bind(role)
                 .execute(&mut *tx)
                 .await
                 .context("create a membership")?;
-                audit(&mut *tx, &tenant.id, "seed", "member.add", account).await?;
+                audit(
+                    &mut *tx,
+                    self.profile,
+                    &tenant.id,
+                    "seed",
+                    "member.add",
+                    account,
+                )
+                .await?;
                 report.accounts += 1;
             }
             let plan = ["free", "team", "enterprise"][t % 3];
             sqlx::query(
-                "INSERT INTO subscriptions (id, tenant_id, plan, status, seats, current_period_end)
-                 VALUES ($1, $2, $3, $4, $5, now() + interval '20 days')",
+                profile.sql("INSERT INTO {subscriptions} (id, tenant_id, plan, status, seats, current_period_end)
+                 VALUES ($1, $2, $3, $4, $5, now() + interval '20 days')"),
             )
             .bind(format!("sub_{:08x}{t:016x}", self.tag))
             .bind(&tenant.id)
@@ -95,8 +108,8 @@ impl Plan {
                 };
                 let id = format!("byok_{:08x}{t:012x}{k:04x}", self.tag);
                 sqlx::query(
-                    "INSERT INTO byok_secrets (id, tenant_id, provider, ciphertext, kms_ref, last4)
-                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    profile.sql("INSERT INTO {byok_secrets} (id, tenant_id, provider, ciphertext, kms_ref, last4)
+                     VALUES ($1, $2, $3, $4, $5, $6)"),
                 )
                 .bind(&id)
                 .bind(&tenant.id)
@@ -107,7 +120,15 @@ impl Plan {
                 .execute(&mut *tx)
                 .await
                 .context("create a BYOK secret")?;
-                audit(&mut *tx, &tenant.id, "seed", "byok.create", &id).await?;
+                audit(
+                    &mut *tx,
+                    self.profile,
+                    &tenant.id,
+                    "seed",
+                    "byok.create",
+                    &id,
+                )
+                .await?;
             }
             for (b, binding) in tenant.bindings.iter().enumerate() {
                 let (channel, target) = if b == 0 {
@@ -118,10 +139,10 @@ impl Plan {
                         format!("https://hooks.{}.example/cowork", tenant.slug),
                     )
                 };
-                sqlx::query(
-                    "INSERT INTO channel_bindings (id, tenant_id, channel, target, status)
+                sqlx::query(profile.sql(
+                    "INSERT INTO {channel_bindings} (id, tenant_id, channel, target, status)
                      VALUES ($1, $2, $3, $4, 'active')",
-                )
+                ))
                 .bind(binding)
                 .bind(&tenant.id)
                 .bind(channel)
@@ -133,13 +154,13 @@ impl Plan {
             }
         }
         for w in 1..=2 {
-            sqlx::query(
-                "INSERT INTO worker_heartbeats (worker_id, hostname, pid, status,
+            sqlx::query(profile.sql(
+                "INSERT INTO {worker_heartbeats} (worker_id, hostname, pid, status,
                                                 commands_processed, started_at, last_seen_at)
                  VALUES ($1, 'seed-host', $2, 'stopped', $3, now() - interval '2 days',
                          now() - interval '1 day')
                  ON CONFLICT (worker_id) DO NOTHING",
-            )
+            ))
             .bind(format!("worker-seed-{w}"))
             .bind(1000 + w)
             .bind(i64::from(w) * 100)
@@ -151,15 +172,16 @@ impl Plan {
     }
 
     pub(super) async fn insert_pending_commands(&self, tx: &mut sqlx::PgConnection) -> Result<()> {
+        let profile = self.profile;
         let idle: Vec<u64> = (0..self.config.sessions)
             .filter(|idx| idx % 10 <= 5)
             .take(usize::try_from(self.config.pending_commands).unwrap_or(usize::MAX))
             .collect();
         for (n, idx) in idle.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO session_commands (id, session_id, kind, payload, status)
+            sqlx::query(profile.sql(
+                "INSERT INTO {session_commands} (id, session_id, kind, payload, status)
                  VALUES ($1, $2, 'prompt', $3, 'pending')",
-            )
+            ))
             .bind(format!("cmd_{:08x}{idx:012x}ffff", self.tag))
             .bind(self.session_id(*idx))
             .bind(json!({ "text": format!("Follow up on the last answer, please (#{n})") }))
@@ -175,6 +197,7 @@ impl Plan {
         tx: &mut sqlx::PgConnection,
         report: &mut SeedReport,
     ) -> Result<()> {
+        let profile = self.profile;
         const SCHEDULES: [i64; 4] = [60, 300, 3600, 86_400];
         let now_ms = self.now.timestamp_millis();
         for w in 0..self.config.workflows {
@@ -188,12 +211,12 @@ impl Plan {
                 _ => "failed",
             };
             let next_ms = now_ms + (i64::from(w) * 37 % 600 + 60) * 1000;
-            sqlx::query(
-                "INSERT INTO workflows (id, tenant_id, name, prompt, schedule_seconds, status,
+            sqlx::query(profile.sql(
+                "INSERT INTO {workflows} (id, tenant_id, name, prompt, schedule_seconds, status,
                                         next_run_at, last_run_at)
                  VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7::float8 / 1000),
                          to_timestamp($8::float8 / 1000))",
-            )
+            ))
             .bind(&id)
             .bind(&tenant.id)
             .bind(format!(
@@ -214,11 +237,11 @@ impl Plan {
             report.workflows += 1;
             for past in 1..=3i64 {
                 let due_ms = next_ms - past * schedule * 1000;
-                sqlx::query(
-                    "INSERT INTO workflow_runs (id, workflow_id, due_at, idempotency_key,
+                sqlx::query(profile.sql(
+                    "INSERT INTO {workflow_runs} (id, workflow_id, due_at, idempotency_key,
                                                 claimed_by, status)
                      VALUES ($1, $2, to_timestamp($3::float8 / 1000), $4, 'scheduler-seed', $5)",
-                )
+                ))
                 .bind(format!("run_{:08x}{w:012x}{past:04x}", self.tag))
                 .bind(&id)
                 .bind(due_ms)
@@ -238,14 +261,30 @@ impl Plan {
     }
 
     pub(super) async fn issue_tokens(&self, pool: &PgPool) -> Result<SeedTokens> {
-        let operator =
-            auth::issue_token(pool, Scope::Operator, None, None, "seed operator").await?;
-        let gateway = auth::issue_token(pool, Scope::Gateway, None, None, "seed gateway").await?;
+        let operator = auth::issue_token(
+            pool,
+            self.profile,
+            Scope::Operator,
+            None,
+            None,
+            "seed operator",
+        )
+        .await?;
+        let gateway = auth::issue_token(
+            pool,
+            self.profile,
+            Scope::Gateway,
+            None,
+            None,
+            "seed gateway",
+        )
+        .await?;
         let mut desktop = Vec::with_capacity(self.tenants.len());
         for tenant in &self.tenants {
             desktop.push(
                 auth::issue_token(
                     pool,
+                    self.profile,
                     Scope::Desktop,
                     Some(&tenant.id),
                     Some(&tenant.owner),

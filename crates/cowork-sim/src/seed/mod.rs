@@ -130,10 +130,10 @@ pub struct Seeded {
 /// Seeds the database and object store.
 pub async fn run(deps: &Deps, config: &SeedConfig) -> Result<Seeded> {
     config.validate()?;
-    schema::ensure_current(&deps.pool).await?;
+    schema::ensure_current(&deps.pool, deps.profile).await?;
     let started = Instant::now();
     let now = Utc::now();
-    let plan = Plan::new(config, now);
+    let plan = Plan::new(config, now, deps.profile);
     let mut report = SeedReport {
         rng_seed: config.rng_seed,
         ..SeedReport::default()
@@ -163,6 +163,8 @@ pub async fn run(deps: &Deps, config: &SeedConfig) -> Result<Seeded> {
     };
     let (object_tx, object_rx) = tokio::sync::mpsc::channel::<Vec<(String, Bytes)>>(4);
     let store = deps.objects.clone();
+    // The real profile's checkpoints are private files on a file:// store (mode 0600).
+    let private_url = (deps.profile == crate::Profile::Real).then(|| deps.objects_url.clone());
     let concurrency = config.object_concurrency;
     let uploader = tokio::spawn(async move {
         futures::stream::unfold(object_rx, |mut rx| async move {
@@ -173,7 +175,14 @@ pub async fn run(deps: &Deps, config: &SeedConfig) -> Result<Seeded> {
         .flatten()
         .map(|(key, body)| {
             let store = store.clone();
-            async move { objects::put_object(store.as_ref(), &key, body).await }
+            let private_url = private_url.clone();
+            async move {
+                objects::put_object(store.as_ref(), &key, body).await?;
+                match private_url {
+                    Some(url) if objects::is_checkpoint(&key) => objects::make_private(&url, &key),
+                    _ => Ok(()),
+                }
+            }
         })
         .buffer_unordered(concurrency)
         .try_for_each(|_| async { Ok(()) })
@@ -193,7 +202,7 @@ pub async fn run(deps: &Deps, config: &SeedConfig) -> Result<Seeded> {
                 .sum::<u64>();
             report.bound_sessions += chunk.bound_sessions;
             add_counts(&mut report.deliveries, &chunk.deliveries);
-            chunk.copy_into(&mut tx).await?;
+            chunk.copy_into(&mut tx, deps.profile).await?;
             if object_tx.send(chunk.objects).await.is_err() {
                 break; // the uploader failed; its error is reported below
             }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use cowork_sim::auth::{self, IssuedToken, Scope};
 use cowork_sim::web::{WebConfig, WebState};
-use cowork_sim::{Deps, ObjectStoreOptions};
+use cowork_sim::{Deps, ObjectStoreOptions, Profile};
 use ephemeral_pg::Cluster;
 use tokio_util::sync::CancellationToken;
 
@@ -60,14 +60,26 @@ pub struct Env {
 }
 
 pub async fn env(label: &str) -> Env {
+    env_with(label, Profile::Kind).await
+}
+
+/// [`env`] in `profile`, migrated with its names.
+pub async fn env_with(label: &str, profile: Profile) -> Env {
     let db = fresh_db(label);
     let dir = tempfile::tempdir().unwrap();
     let objects_dir = dir.path().join("objects");
     let objects_url = format!("file://{}", objects_dir.display());
-    let deps = Deps::connect(&db.url, &objects_url, &ObjectStoreOptions::default())
+    let deps = Deps::connect(
+        &db.url,
+        &objects_url,
+        &ObjectStoreOptions::default(),
+        profile,
+    )
+    .await
+    .unwrap();
+    cowork_sim::schema::migrate(&deps.pool, deps.profile)
         .await
         .unwrap();
-    cowork_sim::schema::migrate(&deps.pool).await.unwrap();
     Env {
         db,
         deps,
@@ -84,17 +96,25 @@ pub struct Tenant {
 }
 
 pub async fn tenant(deps: &Deps, slug: &str) -> Tenant {
-    let id = cowork_sim::store::create_tenant(&deps.pool, slug, &format!("Tenant {slug}"))
-        .await
-        .unwrap();
-    let desktop = auth::issue_token(&deps.pool, Scope::Desktop, Some(&id), None, "test")
-        .await
-        .unwrap();
+    let id =
+        cowork_sim::store::create_tenant(&deps.pool, deps.profile, slug, &format!("Tenant {slug}"))
+            .await
+            .unwrap();
+    let desktop = auth::issue_token(
+        &deps.pool,
+        deps.profile,
+        Scope::Desktop,
+        Some(&id),
+        None,
+        "test",
+    )
+    .await
+    .unwrap();
     Tenant { id, desktop }
 }
 
 pub async fn token(deps: &Deps, scope: Scope) -> IssuedToken {
-    auth::issue_token(&deps.pool, scope, None, None, "test")
+    auth::issue_token(&deps.pool, deps.profile, scope, None, None, "test")
         .await
         .unwrap()
 }
@@ -174,9 +194,33 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, log_dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        Proc::start(name, log_dir, None, args, envs)
+    }
+
+    /// [`Proc::spawn`] with `cwd` as the working directory (where the overlay file is read).
+    pub fn spawn_in(
+        name: &str,
+        log_dir: &Path,
+        cwd: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Proc {
+        Proc::start(name, log_dir, Some(cwd), args, envs)
+    }
+
+    fn start(
+        name: &str,
+        log_dir: &Path,
+        cwd: Option<&Path>,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Proc {
         let log = log_dir.join(format!("{name}.log"));
         let stdout = log_dir.join(format!("{name}.out"));
         let mut cmd = Command::new(bin());
+        if let Some(cwd) = cwd {
+            cmd.current_dir(cwd);
+        }
         cmd.args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -256,7 +300,27 @@ impl Drop for Proc {
 
 /// Runs the binary to completion; returns (status, stdout, stderr).
 pub fn run_bin(args: &[&str], envs: &[(&str, &str)]) -> (ExitStatus, String, String) {
+    run_bin_at(None, args, envs)
+}
+
+/// [`run_bin`] in the working directory `cwd`.
+pub fn run_bin_in(
+    cwd: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (ExitStatus, String, String) {
+    run_bin_at(Some(cwd), args, envs)
+}
+
+fn run_bin_at(
+    cwd: Option<&Path>,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (ExitStatus, String, String) {
     let mut cmd = Command::new(bin());
+    if let Some(cwd) = cwd {
+        cmd.current_dir(cwd);
+    }
     cmd.args(args).stdin(Stdio::null());
     for (k, v) in envs {
         cmd.env(k, v);
