@@ -40,7 +40,9 @@ pub use layout::{PointId, QUARANTINE_ROOT, SnapshotId, is_run_tag, run_tag, vali
 pub use object_key::{BadKey, check_object_key};
 pub use point::{CLOCK_TOLERANCE, DamagedPoint, NewPoint, Point, PointListing};
 pub use postgres::backup::{PgBackupOptions, backup_postgres};
-pub use postgres::catalog::{count_rows, count_specs, missing_tables, table_columns, user_tables};
+pub use postgres::catalog::{
+    count_rows, count_specs, missing_tables, table_columns, tables_owned_by_others, user_tables,
+};
 pub use postgres::fetch::fetch_dump;
 pub use postgres::freeze::{DatabaseFreeze, FreezeChange};
 pub use postgres::kept::{

@@ -758,3 +758,26 @@ async fn a_freeze_it_may_not_apply_changes_nothing() {
     freeze.close().await;
     assert!(!write_refused(&mut web).await, "nothing was frozen");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_another_role_owns_are_named() {
+    let cluster = owned_cluster();
+    // A superuser restoring would own every restored table: the owner's `notes` is named.
+    let mut as_superuser = sqlx::PgConnection::connect(&cluster.url("live"))
+        .await
+        .expect("connect");
+    assert_eq!(
+        tables_owned_by_others(&mut as_superuser, 10)
+            .await
+            .expect("owners"),
+        [("public.notes".to_owned(), OWNER.to_owned())]
+    );
+    let mut owner = owner_session(&cluster, "live", "agent").await;
+    assert!(
+        tables_owned_by_others(&mut owner, 10)
+            .await
+            .expect("owners")
+            .is_empty(),
+        "the owner restores what it owns"
+    );
+}

@@ -319,6 +319,7 @@ impl DataPlane {
         }
         let (live_counts, checks) = match &self.postgres {
             Some(pg) => {
+                postgres::restorable_as_this_role(&pg.url()?).await?;
                 let point = repo.read_point(&id).await?;
                 let at_point = point.postgres.as_ref().map(|p| &p.columns);
                 let counts = pg.counts_for(point.table_counts());

@@ -402,6 +402,41 @@ fn millis(since: Instant) -> u64 {
 /// What preflight reads from the live database before anything is frozen: the counts of the
 /// tables it still has (the report's "before"), and the checks on what a disaster left: tables
 /// gone (no count; the restore brings them back) and the schema against the point's.
+/// Refuses a restore that would lock the application out: a restore makes the agent's role own
+/// every table it creates (`--no-owner --no-acl`), so every user table must already be that
+/// role's. Checked by preflight, before anything changes.
+pub(super) async fn restorable_as_this_role(url: &str) -> Result<()> {
+    let shown = repository::redact_url(url);
+    let mut conn = match sqlx::PgConnection::connect(url).await {
+        Ok(conn) => conn,
+        // The live database's absence is live_state's to explain.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("connect to {shown}")),
+    };
+    let others = repository::tables_owned_by_others(&mut conn, 6)
+        .await
+        .with_context(|| format!("read the table owners in {shown}"))?;
+    let _ = conn.close().await;
+    if others.is_empty() {
+        return Ok(());
+    }
+    let owners: std::collections::BTreeSet<&str> = others.iter().map(|(_, o)| o.as_str()).collect();
+    bail!(
+        "the live database's tables belong to {} ({}{}), not to the role the database agent \
+         connects as: a restore would make that role own every restored table and grant \
+         nothing, locking the application out. Connect the database agent as the role that \
+         owns the tables (the application's owner role, with CREATEDB); nothing was changed",
+        owners.into_iter().collect::<Vec<_>>().join(", "),
+        others
+            .iter()
+            .take(5)
+            .map(|(t, o)| format!("{t} of {o}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if others.len() > 5 { ", ..." } else { "" }
+    )
+}
+
 pub(super) async fn live_state(
     url: &str,
     selection: &CountSelection,

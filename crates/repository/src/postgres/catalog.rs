@@ -109,6 +109,30 @@ pub async fn user_tables(conn: &mut PgConnection) -> Result<Vec<CountSpec>> {
     Ok(specs)
 }
 
+/// The user tables on `conn` owned by a role other than the connected one, with their owners
+/// (at most `limit`). A restore (`pg_restore --no-owner --no-acl`, as the runbook's) makes the
+/// restoring role own every table it creates and grants nothing: a role that owned a table
+/// before, or read it through a grant, cannot read it after the swap.
+pub async fn tables_owned_by_others(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<(String, String)>> {
+    sqlx::query_as(
+        "SELECT format('%I.%I', n.nspname, c.relname), pg_get_userbyid(c.relowner)::text \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND c.relpersistence <> 't' \
+           AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%' \
+           AND c.relowner <> (SELECT oid FROM pg_roles WHERE rolname = current_user) \
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                           AND d.objid = c.oid AND d.deptype = 'e') \
+         ORDER BY 1 LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await
+    .context("read the owners of the user tables")
+}
+
 /// Whether `table` (`table` or `schema.table`, as [`CountSpec::table`]) exists on `conn`.
 pub(super) async fn table_exists(conn: &mut PgConnection, table: &str) -> Result<bool> {
     sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
