@@ -265,15 +265,17 @@ async fn a_real_profile_fleet_drills_with_the_default_plan_frozen_at_the_databas
         assert_eq!(smoke["passed"], true, "{smoke}");
     }
 
-    // Web has no maintenance mode: the freeze ended its sessions, it exited (as the real
-    // service does), and its agent restarted it read-only.
+    // Web has no maintenance mode: the freeze ended its sessions (it exits on that, as the real
+    // service does, unless the scale-to-zero stops it first).
     let web_log =
         std::fs::read_to_string(f.dir.path().join("state/web-1/logs/replica-0.log")).unwrap();
     assert!(
-        // Either way it notices first: its watched connection, or a request's query.
+        // It exits when it notices (its watched connection, or a request's query); the
+        // scale-to-zero may stop it first, but its connections were ended either way.
         web_log.contains("the database ended this web role's connection")
-            || web_log.contains("Postgres terminated this web role's connection"),
-        "web never exited: {web_log}"
+            || web_log.contains("Postgres terminated this web role's connection")
+            || web_log.contains("terminating connection due to administrator command"),
+        "the freeze never ended web's connections: {web_log}"
     );
 
     // The restored data equals the point; the objects too, the junk quarantined.
