@@ -265,18 +265,9 @@ async fn a_real_profile_fleet_drills_with_the_default_plan_frozen_at_the_databas
         assert_eq!(smoke["passed"], true, "{smoke}");
     }
 
-    // Web has no maintenance mode: the freeze ended its sessions (it exits on that, as the real
-    // service does, unless the scale-to-zero stops it first).
-    let web_log =
-        std::fs::read_to_string(f.dir.path().join("state/web-1/logs/replica-0.log")).unwrap();
-    assert!(
-        // It exits when it notices (its watched connection, or a request's query); the
-        // scale-to-zero may stop it first, but its connections were ended either way.
-        web_log.contains("the database ended this web role's connection")
-            || web_log.contains("Postgres terminated this web role's connection")
-            || web_log.contains("terminating connection due to administrator command"),
-        "the freeze never ended web's connections: {web_log}"
-    );
+    // Whether web noticed the freeze's ended connections before the scale-to-zero stopped it
+    // is a race (it polls every 250 ms), so it is not asserted here: ending the sessions is
+    // proven in tests/db_freeze.rs and crates/repository/tests/swap.rs.
 
     // The restored data equals the point; the objects too, the junk quarantined.
     assert_eq!(fingerprint(cluster, &sessions), at_point);
