@@ -781,3 +781,40 @@ async fn tables_another_role_owns_are_named() {
         "the owner restores what it owns"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_swap_that_cannot_carry_the_freeze_puts_the_live_database_back() {
+    let cluster = owned_cluster();
+    cluster
+        .psql("postgres", "CREATE ROLE web_app LOGIN")
+        .expect("a role the owner may not alter");
+    let swap = prepared(&cluster).await;
+    swap.close().await;
+    // Killed between the renames: no database has the live name.
+    cluster
+        .psql(
+            "postgres",
+            &format!("ALTER DATABASE live RENAME TO live_pre_{TAG}"),
+        )
+        .expect("the first rename");
+    let mut swap = DatabaseSwap::connect(&as_owner(&cluster, "live"), TAG, CONNECT)
+        .await
+        .expect("connect")
+        .carry_freeze(&["web_app".to_owned()], true);
+    let err = format!(
+        "{:#}",
+        swap.finish_interrupted()
+            .await
+            .expect_err("the freeze cannot be carried")
+    );
+    swap.close().await;
+    assert!(
+        err.contains("CREATEROLE") && err.contains("live is live again"),
+        "{err}"
+    );
+    live_and_open(&cluster, 1).await;
+    assert!(
+        exists(&cluster, &format!("live_restore_{TAG}")),
+        "the copy stays"
+    );
+}

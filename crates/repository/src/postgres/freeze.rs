@@ -26,7 +26,7 @@ use sqlx::{AssertSqlSafe, Connection as _, Row as _};
 
 use super::catalog::quote_ident;
 use super::conn::DbUrl;
-use super::swap::{Session, maintenance};
+use super::swap::{MAY_END, SESSION_COLUMNS, Session, maintenance};
 
 /// How long a freeze or thaw waits for the sessions it ended to go.
 const ENDED_WITHIN: Duration = Duration::from_secs(15);
@@ -224,16 +224,14 @@ impl DatabaseFreeze {
     /// a session counts as older.
     async fn sessions(&mut self, db: &str, before_us: i64, may_end: bool) -> Result<Vec<Session>> {
         let sql = format!(
-            "SELECT a.pid, coalesce(a.usename, '') AS usename, \
-                    coalesce(a.application_name, '') AS application_name, \
-                    coalesce(a.backend_type, '') AS backend_type \
-             FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid \
+            "SELECT {} FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid \
              WHERE a.datname = $1 AND a.usename = ANY($2) AND a.pid <> pg_backend_pid() \
                AND coalesce(a.application_name, '') NOT LIKE 'rollcall%' \
                AND coalesce(a.backend_start < to_timestamp($3::float8 / 1e6), true) \
                AND {} ({}) ORDER BY a.pid",
+            SESSION_COLUMNS,
             if may_end { "" } else { "NOT" },
-            super::swap::MAY_END
+            MAY_END
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(db)
@@ -242,17 +240,7 @@ impl DatabaseFreeze {
             .fetch_all(&mut self.admin)
             .await
             .with_context(|| format!("list the roles' sessions on {db}"))?;
-        rows.iter()
-            .map(|row| {
-                Ok(Session {
-                    pid: row.try_get("pid")?,
-                    user: row.try_get("usename")?,
-                    application: row.try_get("application_name")?,
-                    backend_type: row.try_get("backend_type")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .with_context(|| format!("read the roles' sessions on {db}"))
+        Session::from_rows(&rows).with_context(|| format!("read the roles' sessions on {db}"))
     }
 
     /// Ends the session to the maintenance database.

@@ -126,7 +126,26 @@ pub struct Session {
     pub backend_type: String,
 }
 
+/// The columns of `pg_stat_activity a` that [`Session::from_rows`] reads.
+pub(super) const SESSION_COLUMNS: &str = "a.pid, coalesce(a.usename, '') AS usename, \
+     coalesce(a.application_name, '') AS application_name, \
+     coalesce(a.backend_type, '') AS backend_type";
+
 impl Session {
+    /// The sessions of rows selected with [`SESSION_COLUMNS`].
+    pub(super) fn from_rows(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<Session>, sqlx::Error> {
+        rows.iter()
+            .map(|row| {
+                Ok(Session {
+                    pid: row.try_get("pid")?,
+                    user: row.try_get("usename")?,
+                    application: row.try_get("application_name")?,
+                    backend_type: row.try_get("backend_type")?,
+                })
+            })
+            .collect()
+    }
+
     /// An autovacuum worker, which the swap waits for (a rename cancels autovacuum) instead of
     /// refusing. A role without `pg_read_all_stats` sees neither the role nor the backend type
     /// of a background process: a session with neither is taken for one (the rename still
@@ -258,7 +277,21 @@ impl DatabaseSwap {
     /// Finishes a swap interrupted between its renames: the restore copy takes the live name.
     pub async fn finish_interrupted(&mut self) -> Result<()> {
         let names = self.names.clone();
-        self.carry_onto(&names.restore).await?;
+        if let Err(e) = self.carry_onto(&names.restore).await {
+            // The restore copy would go live without the freeze: the database it replaces
+            // takes its name back instead, accepting connections, and the swap can be retried.
+            return match reopen(&mut self.admin, &names).await {
+                Ok(()) => Err(e.context(format!(
+                    "the swap was not finished; {} is live again under its own name",
+                    names.live
+                ))),
+                Err(undo) => Err(e.context(format!(
+                    "and putting {} back under the live name failed too ({undo:#}): rename \
+                     {} to {} by hand",
+                    names.pre, names.pre, names.live
+                ))),
+            };
+        }
         self.rename(&names.restore, &names.live).await?;
         self.allow_connections(&names.pre, true).await
     }
@@ -323,9 +356,7 @@ impl DatabaseSwap {
     /// a role, such as autovacuum workers, only a superuser.
     pub async fn sessions_it_may_not_end(&mut self) -> Result<Vec<Session>> {
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT a.pid, coalesce(a.usename, '') AS usename, \
-                    coalesce(a.application_name, '') AS application_name, \
-                    coalesce(a.backend_type, '') AS backend_type \
+            "SELECT {SESSION_COLUMNS} \
              FROM pg_stat_activity a LEFT JOIN pg_roles r ON r.oid = a.usesysid \
              WHERE a.datname = $1 AND a.pid <> pg_backend_pid() AND NOT ({MAY_END}) \
              ORDER BY a.pid"
@@ -334,17 +365,7 @@ impl DatabaseSwap {
         .fetch_all(&mut self.admin)
         .await
         .context("list the sessions on the live database")?;
-        rows.iter()
-            .map(|row| {
-                Ok(Session {
-                    pid: row.try_get("pid")?,
-                    user: row.try_get("usename")?,
-                    application: row.try_get("application_name")?,
-                    backend_type: row.try_get("backend_type")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .context("read the sessions on the live database")
+        Session::from_rows(&rows).context("read the sessions on the live database")
     }
 
     /// The swap itself: no new sessions on the live database, end the current ones, rename
@@ -459,26 +480,14 @@ impl DatabaseSwap {
     }
 
     async fn sessions_on(&mut self, db: &str) -> Result<Vec<Session>> {
-        let rows = sqlx::query(
-            "SELECT pid, coalesce(usename, '') AS usename, \
-                    coalesce(application_name, '') AS application_name, \
-                    coalesce(backend_type, '') AS backend_type \
-             FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() ORDER BY pid",
-        )
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS} FROM pg_stat_activity a \
+             WHERE a.datname = $1 AND a.pid <> pg_backend_pid() ORDER BY a.pid"
+        )))
         .bind(db)
         .fetch_all(&mut self.admin)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Session {
-                    pid: row.try_get("pid")?,
-                    user: row.try_get("usename")?,
-                    application: row.try_get("application_name")?,
-                    backend_type: row.try_get("backend_type")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+        Ok(Session::from_rows(&rows)?)
     }
 
     async fn exists(&mut self, name: &str) -> Result<bool> {
