@@ -106,25 +106,7 @@ impl Fleet {
             ("DATABASE_URL", db_url.as_str()),
             ("OBJECT_STORE_URL", objects_url.as_str()),
         ];
-        cowork(&["migrate"], &data_env);
-        let tokens = dir.path().join("tokens.json");
-        cowork(
-            &[
-                "seed",
-                "--sessions",
-                "12",
-                "--tokens-out",
-                tokens.to_str().unwrap(),
-            ],
-            &data_env,
-        );
-        let operator_token = cowork(&["token", "--scope", "operator"], &data_env)["token"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        // The web agent's "operator diagnostics" check reads its bearer token from this file.
-        let token_file = dir.path().join("operator-token");
-        std::fs::write(&token_file, &operator_token).unwrap();
+        let (operator_token, token_file) = seed_service(dir.path(), &data_env, &[]);
 
         let certs = certs_init(
             dir.path(),
@@ -641,26 +623,8 @@ impl Fleet {
             ("OBJECT_STORE_URL", objects_url.as_str()),
             REAL_PROFILE,
         ];
-        cowork(&["migrate"], &data_env);
-        let tokens = dir.path().join("tokens.json");
-        cowork(
-            &[
-                "seed",
-                "--sessions",
-                "12",
-                "--bind-every",
-                "2",
-                "--tokens-out",
-                tokens.to_str().unwrap(),
-            ],
-            &data_env,
-        );
-        let operator_token = cowork(&["token", "--scope", "operator"], &data_env)["token"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let token_file = dir.path().join("operator-token");
-        std::fs::write(&token_file, &operator_token).unwrap();
+        let (operator_token, token_file) =
+            seed_service(dir.path(), &data_env, &["--bind-every", "2"]);
 
         let names = ["web-1", "worker-1", "sched-1", "db-1", "obj-1"];
         let certs = certs_init(
@@ -824,4 +788,27 @@ impl Fleet {
             dir,
         }
     }
+}
+
+/// Migrates and seeds the service (12 sessions, plus `seed_args`) with `data_env`, and mints an
+/// operator token, also written to `<dir>/operator-token` (the web agent's "operator
+/// diagnostics" check reads its bearer token from that file). Returns the token and the file.
+fn seed_service(
+    dir: &Path,
+    data_env: &[(&str, &str)],
+    seed_args: &[&str],
+) -> (String, std::path::PathBuf) {
+    cowork(&["migrate"], data_env);
+    let tokens = dir.join("tokens.json");
+    let mut seed = vec!["seed", "--sessions", "12"];
+    seed.extend_from_slice(seed_args);
+    seed.extend(["--tokens-out", tokens.to_str().unwrap()]);
+    cowork(&seed, data_env);
+    let operator_token = cowork(&["token", "--scope", "operator"], data_env)["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let token_file = dir.join("operator-token");
+    std::fs::write(&token_file, &operator_token).unwrap();
+    (operator_token, token_file)
 }

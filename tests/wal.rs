@@ -107,7 +107,15 @@ async fn archived_wal_recovers_a_base_backup_to_a_time_between_two_commits() {
         "INSERT INTO notes (id) SELECT generate_series(101, 200)",
     );
     let target = psql(&source, "SELECT clock_timestamp()");
-    std::thread::sleep(Duration::from_millis(50));
+    // The next commit must be stamped after T: wait until the server's clock has passed it.
+    eventually(
+        "the server's clock to pass T",
+        Duration::from_secs(5),
+        async || {
+            (psql(&source, &format!("SELECT clock_timestamp() > '{target}'")) == "t").then_some(())
+        },
+    )
+    .await;
     psql(
         &source,
         "INSERT INTO notes (id) SELECT generate_series(201, 300)",

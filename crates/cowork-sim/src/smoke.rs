@@ -32,42 +32,63 @@ pub struct SmokeReport {
     pub elapsed_ms: u64,
 }
 
+fn smoke_client() -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .context("build the smoke HTTP client")
+}
+
+/// A session's projection status as web reports it (`base` without a trailing slash).
+async fn projection_over_http(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    session: &str,
+) -> Result<Value> {
+    let url = format!("{base}/api/sessions/{session}/projection-status");
+    client
+        .get(&url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?
+        .error_for_status()
+        .with_context(|| format!("GET {url}"))?
+        .json()
+        .await
+        .with_context(|| format!("GET {url}: not JSON"))
+}
+
+/// A worker processed the prompt: events were appended and the projection is level with them.
+fn caught_up(projection: &Value) -> bool {
+    let events = projection
+        .get("event_count")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    let lag = projection
+        .get("lag")
+        .and_then(Value::as_i64)
+        .unwrap_or(i64::MAX);
+    events > 0 && lag == 0
+}
+
 /// Asks web's operator smoke hook for a session with one prompt (it works while web is frozen)
 /// and waits until a worker has processed it: events appended, projection level with them.
 pub async fn worker(web_url: &str, token: &str, timeout: Duration) -> Result<SmokeReport> {
     let started = Instant::now();
     crate::objects::install_crypto_provider();
     let base = web_url.trim_end_matches('/');
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .context("build the smoke HTTP client")?;
+    let client = smoke_client()?;
     let created: Value = post(&client, &format!("{base}/admin/smoke"), token, json!({})).await?;
     let session = created
         .get("session_id")
         .and_then(Value::as_str)
         .with_context(|| format!("web answered a smoke without a session: {created}"))?
         .to_owned();
-    let url = format!("{base}/api/sessions/{session}/projection-status");
     loop {
-        let status: Value = client
-            .get(&url)
-            .bearer_auth(token)
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?
-            .json()
-            .await
-            .with_context(|| format!("GET {url}: not JSON"))?;
-        let events = status
-            .get("event_count")
-            .and_then(Value::as_i64)
-            .unwrap_or(0);
-        let lag = status
-            .get("lag")
-            .and_then(Value::as_i64)
-            .unwrap_or(i64::MAX);
-        if events > 0 && lag == 0 {
+        let status = projection_over_http(&client, base, token, &session).await?;
+        if caught_up(&status) {
             return Ok(SmokeReport {
                 role: "worker",
                 detail: json!({ "session": session, "projection": status }),
@@ -100,10 +121,7 @@ pub async fn worker_direct(
     let created = crate::store::create_smoke_session(pool, profile, "cowork-sim smoke")
         .await?
         .context("there is no tenant to run a smoke session in; seed the service first")?;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .context("build the smoke HTTP client")?;
+    let client = smoke_client()?;
     let session = &created.session_id;
     loop {
         let (status, error): (String, Option<String>) = sqlx::query_as(
@@ -122,47 +140,26 @@ pub async fn worker_direct(
         let projection = if status == "acked" {
             Some(match web {
                 Some((base, token)) => {
-                    let base = base.trim_end_matches('/');
-                    let url = format!("{base}/api/sessions/{session}/projection-status");
-                    client
-                        .get(&url)
-                        .bearer_auth(token)
-                        .send()
-                        .await
-                        .with_context(|| format!("GET {url}"))?
-                        .error_for_status()
-                        .with_context(|| format!("GET {url}"))?
-                        .json::<Value>()
-                        .await
-                        .with_context(|| format!("GET {url}: not JSON"))?
+                    projection_over_http(&client, base.trim_end_matches('/'), token, session)
+                        .await?
                 }
                 None => json!(crate::store::projection_status(pool, profile, session, None).await?),
             })
         } else {
             None
         };
-        if let Some(projection) = &projection {
-            let events = projection
-                .get("event_count")
-                .and_then(Value::as_i64)
-                .unwrap_or(0);
-            let lag = projection
-                .get("lag")
-                .and_then(Value::as_i64)
-                .unwrap_or(i64::MAX);
-            if events > 0 && lag == 0 {
-                return Ok(SmokeReport {
-                    role: "worker",
-                    detail: json!({
-                        "session": session,
-                        "command": created.command_id,
-                        "command_status": status,
-                        "projection": projection,
-                        "read_through": if web.is_some() { "web" } else { "database" },
-                    }),
-                    elapsed_ms: started.elapsed().as_millis() as u64,
-                });
-            }
+        if let Some(projection) = projection.as_ref().filter(|p| caught_up(p)) {
+            return Ok(SmokeReport {
+                role: "worker",
+                detail: json!({
+                    "session": session,
+                    "command": created.command_id,
+                    "command_status": status,
+                    "projection": projection,
+                    "read_through": if web.is_some() { "web" } else { "database" },
+                }),
+                elapsed_ms: started.elapsed().as_millis() as u64,
+            });
         }
         if started.elapsed() > timeout {
             bail!(
