@@ -401,8 +401,17 @@ async fn prove_blob(
             Some(scratch) => scratch.keep(sha, job.size).await,
             None => None,
         };
-        let (read, actual) = hash_body(got, keeper.as_mut()).await?;
-        Ok((read, actual, keeper))
+        match hash_body(got, keeper.as_mut()).await {
+            Ok((read, actual)) => Ok((read, actual, keeper)),
+            Err(e) => {
+                // Removed before the error is returned, not by the drop's background task, so
+                // nothing half-written is left behind when the proof ends.
+                if let Some(mut keeper) = keeper {
+                    keeper.abandon().await;
+                }
+                Err(e)
+            }
+        }
     })
     .await;
     let objects = job.named();
@@ -418,15 +427,20 @@ async fn prove_blob(
                 problem: None,
             }
         }
-        Ok((read, actual, _)) => Proof {
-            hashed: read,
-            kept: 0,
-            problem: Some(format!(
-                "blob {blob} ({objects}) is corrupt: its content hashes to {actual} ({read} \
+        Ok((read, actual, keeper)) => {
+            if let Some(mut keeper) = keeper {
+                keeper.abandon().await;
+            }
+            Proof {
+                hashed: read,
+                kept: 0,
+                problem: Some(format!(
+                    "blob {blob} ({objects}) is corrupt: its content hashes to {actual} ({read} \
                  bytes), the manifest expects sha256 {sha} ({} bytes)",
-                job.size
-            )),
-        },
+                    job.size
+                )),
+            }
+        }
         Err(e) if is_not_found(&e) => Proof {
             hashed: 0,
             kept: 0,
