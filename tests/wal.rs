@@ -1,9 +1,13 @@
-//! WAL archiving into the repository with a real Postgres 15: `rollcall repo wal-push` as the
-//! server's archive_command, then a base backup (`pg_basebackup -X none`, so every WAL byte
-//! comes from the repository) recovered to a time between two commits with `rollcall repo
-//! wal-fetch` as restore_command: every row committed at or before it is there, none after.
-//! And the refusals: the same segment pushed twice is fine, other bytes under an archived
-//! name are refused, a name the repository lacks ends recovery (exit 1).
+//! Point-in-time recovery with a real Postgres 15: `rollcall repo wal-push` as the server's
+//! archive_command, `rollcall repo base-backup` (pg_basebackup's tar streamed into the
+//! repository, no WAL in it: every WAL byte comes from the archive), then `rollcall repo
+//! restore-postgres --to-time T --data-dir DIR` writes a data directory recovered to a time
+//! between two commits (with `rollcall repo wal-fetch` as restore_command): every row committed
+//! at or before T is there, none after, and it starts on another port. And the refusals: the
+//! same segment pushed twice is fine, other bytes under an archived name are refused, a name
+//! the repository lacks ends recovery (exit 1); a time before the first base backup or past
+//! the archive, a data directory that is not empty and a damaged base backup are refused with
+//! nothing written; a server that does not archive gets no base backup.
 
 #![allow(clippy::unwrap_used)]
 
@@ -40,6 +44,10 @@ fn runnable_rollcall(dir: &Path) -> PathBuf {
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     bin
 }
+
+/// The server's clock as RFC 3339 in UTC, as `--to-time` takes it.
+const NOW_RFC3339: &str = "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', \
+                           'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
 
 fn psql(cluster: &Cluster, sql: &str) -> String {
     cluster.psql("postgres", sql).unwrap().trim().to_owned()
@@ -80,33 +88,35 @@ async fn archived_wal_recovers_a_base_backup_to_a_time_between_two_commits() {
         "INSERT INTO notes (id) SELECT generate_series(1, 100)",
     );
 
-    let base = dir.path().join("restored");
-    std::fs::create_dir_all(&base).unwrap();
-    let out = Command::new(source.bin_dir().join("pg_basebackup"))
-        .args([
-            "-d",
-            &source.url("postgres"),
-            "-X",
-            "none",
-            "-c",
-            "fast",
-            "-D",
-        ])
-        .arg(base.join("data"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_basebackup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let run = |args: &[&str]| {
+        Command::new(&bin)
+            .args(args)
+            .env_remove("ROLLCALL_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let before_base = psql(&source, NOW_RFC3339);
+    let backed = run(&[
+        "repo",
+        "base-backup",
+        "--repo",
+        &repo_url,
+        "--database-url",
+        &source.url("postgres"),
+        "--env",
+        "dev",
+    ]);
+    assert!(backed.status.success(), "{backed:?}");
+    let record: serde_json::Value = serde_json::from_slice(&backed.stdout).unwrap();
+    let base_id = record["id"].as_str().unwrap().to_owned();
+    assert_eq!(record["timeline"], 1, "{record}");
 
     // Rows 101..200 commit before T, 201..300 after.
     psql(
         &source,
         "INSERT INTO notes (id) SELECT generate_series(101, 200)",
     );
-    let target = psql(&source, "SELECT clock_timestamp()");
+    let target = psql(&source, NOW_RFC3339);
     // The next commit must be stamped after T: wait until the server's clock has passed it.
     eventually(
         "the server's clock to pass T",
@@ -199,36 +209,110 @@ async fn archived_wal_recovers_a_base_backup_to_a_time_between_two_commits() {
     assert!(!dir.path().join("fetched").exists());
     drop(source);
 
-    // Recover the base backup to T from the repository alone.
-    let data = base.join("data");
-    std::fs::write(data.join("recovery.signal"), "").unwrap();
-    let mut conf = std::fs::read_to_string(data.join("postgresql.auto.conf")).unwrap();
-    conf.push_str(&format!(
-        "restore_command = '{} repo wal-fetch --repo {repo_url} %f %p'\n\
-         recovery_target_time = '{target}'\n\
-         recovery_target_action = 'promote'\n\
-         archive_mode = 'off'\n",
-        bin.display()
-    ));
-    std::fs::write(data.join("postgresql.auto.conf"), conf).unwrap();
-    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // Recover the base backup to T from the repository alone, into a directory that does not
+    // exist yet (its parent belongs to the user the server runs as).
+    let base = dir.path().join("restored");
+    std::fs::create_dir_all(&base).unwrap();
     give_to_postgres(&base);
+    let data = base.join("data");
+    let target_utc = target.clone();
+    let restored = run(&[
+        "repo",
+        "restore-postgres",
+        "--repo",
+        &repo_url,
+        "--to-time",
+        &target_utc,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(restored.status.success(), "{restored:?}");
+    let report: serde_json::Value = serde_json::from_slice(&restored.stdout).unwrap();
+    assert_eq!(report["base_backup"], base_id.as_str(), "{report}");
+    assert_eq!(report["recovered"], true, "{report}");
+    assert_eq!(report["timeline"], 2, "{report}");
+    assert!(
+        report["verified"]
+            .as_str()
+            .unwrap()
+            .contains("pg_verifybackup"),
+        "{report}"
+    );
+    assert!(!data.join("recovery.signal").exists(), "recovery ended");
     let restored = Cluster::start_with(ephemeral_pg::Options {
         dir: Some(base.clone()),
         settings: Vec::new(),
     })
     .unwrap();
-    eventually(
-        "the restored server to promote",
-        Duration::from_secs(30),
-        async || (psql(&restored, "SELECT pg_is_in_recovery()") == "f").then_some(()),
-    )
-    .await;
+    assert_eq!(psql(&restored, "SELECT pg_is_in_recovery()"), "f");
     assert_eq!(
         psql(&restored, "SELECT count(*), min(id), max(id) FROM notes"),
         "200|1|200",
         "every row committed at or before T, none after"
     );
+    // The restored copy does not archive into the production repository.
+    assert_eq!(psql(&restored, "SHOW archive_mode"), "off");
+    let not_archiving = run(&[
+        "repo",
+        "base-backup",
+        "--repo",
+        &repo_url,
+        "--database-url",
+        &restored.url("postgres"),
+    ]);
+    fails_with(
+        &not_archiving,
+        &["does not archive its WAL", "archive_mode"],
+    );
+    drop(restored);
+
+    // Refusals, each leaving nothing behind.
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    give_to_postgres(&elsewhere);
+    let attempt = |at: &str, into: &Path| {
+        run(&[
+            "repo",
+            "restore-postgres",
+            "--repo",
+            &repo_url,
+            "--to-time",
+            at,
+            "--data-dir",
+            into.to_str().unwrap(),
+        ])
+    };
+    let early = attempt(&before_base, &elsewhere.join("early"));
+    fails_with(&early, &["before the earliest time", &base_id]);
+    let late = attempt("2999-01-01T00:00:00Z", &elsewhere.join("late"));
+    fails_with(&late, &["later than the archived WAL reaches"]);
+    let occupied = elsewhere.join("occupied");
+    std::fs::create_dir_all(&occupied).unwrap();
+    std::fs::write(occupied.join("keep.txt"), "mine").unwrap();
+    fails_with(&attempt(&target_utc, &occupied), &["is not empty"]);
+    assert_eq!(
+        std::fs::read_to_string(occupied.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    let body = repo.join(record["key"].as_str().unwrap());
+    flip_last_byte(&body);
+    fails_with(
+        &attempt(&target_utc, &elsewhere.join("damaged")),
+        &["does not match", "damaged"],
+    );
+    let checked = run(&["repo", "verify", "--repo", &repo_url, "--full"]);
+    fails_with(&checked, &["failed verification"]);
+    assert!(
+        String::from_utf8_lossy(&checked.stdout)
+            .contains(&format!("damaged  base backup {base_id}: its body")),
+        "{checked:?}"
+    );
+    let mut left: Vec<_> = std::fs::read_dir(&elsewhere)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["occupied"], "no partial directory or tar left");
 }
 
 fn flip_last_byte(path: &Path) {

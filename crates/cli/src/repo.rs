@@ -135,16 +135,60 @@ enum RepoCommand {
         /// Where to write it (`%p`).
         dest: std::path::PathBuf,
     },
-    /// Restore a point's dump into a database (the runbook's `createdb` first: the target
-    /// must be a new, empty database; nothing is dropped).
-    RestorePostgres {
-        #[arg(long = "point", value_name = "ID")]
-        point: Option<String>,
-        /// The point, positionally (older form of --point).
-        #[arg(hide = true, conflicts_with = "point")]
-        point_arg: Option<String>,
+    /// Take a physical base backup (pg_basebackup's tar, streamed) for point-in-time
+    /// recovery; committed once the WAL it needs is archived (`wal-push`). The role needs
+    /// REPLICATION. Prints the base backup's record as JSON.
+    BaseBackup {
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
+        /// The environment it is recorded under.
+        #[arg(long)]
+        env: Option<String>,
+        /// How long to wait for the server to archive the WAL the backup needs.
+        #[arg(long, value_name = "SECS", default_value_t = 120)]
+        wal_timeout: u64,
+    },
+    /// List the base backups and the window Postgres can be restored to (`--json`).
+    BaseBackups {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a point's dump into a database (the runbook's `createdb` first: the target
+    /// must be a new, empty database; nothing is dropped). With --to-time and --data-dir:
+    /// write a new data directory recovered to that time from a base backup and the archived
+    /// WAL (point-in-time recovery); the directory starts on any port.
+    RestorePostgres {
+        #[arg(long = "point", value_name = "ID", conflicts_with = "to_time")]
+        point: Option<String>,
+        /// The point, positionally (older form of --point).
+        #[arg(hide = true, conflicts_with_all = ["point", "to_time"])]
+        point_arg: Option<String>,
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+        /// Point-in-time recovery to this time (RFC 3339, e.g. 2026-12-06T08:00:00Z).
+        #[arg(long, value_name = "RFC3339", requires = "data_dir")]
+        to_time: Option<String>,
+        /// The data directory to write (must not exist, or be empty).
+        #[arg(long, value_name = "DIR", requires = "to_time")]
+        data_dir: Option<std::path::PathBuf>,
+        /// The base backup to start from (default: the newest consistent before --to-time).
+        #[arg(long, value_name = "ID", requires = "to_time")]
+        base: Option<String>,
+        /// Only write the directory and its recovery settings; it recovers when first started.
+        #[arg(long, requires = "to_time")]
+        no_recover: bool,
+        /// The user the recovery's server runs as when rollcall runs as root (default: the
+        /// owner of the data directory's parent, else `postgres`).
+        #[arg(long, value_name = "USER", requires = "to_time")]
+        run_as: Option<String>,
+        /// The longest the recovery may take.
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value_t = 3600,
+            requires = "to_time"
+        )]
+        recovery_timeout: u64,
         /// Create the target database first.
         #[arg(long, conflicts_with = "swap")]
         create: bool,
@@ -176,6 +220,24 @@ fn point_of(flag: Option<String>, positional: Option<String>, command: &str) -> 
     PointId::parse(&text).with_context(|| format!("--point {text}"))
 }
 
+/// Postgres' restore_command for a point-in-time recovery: this very binary's `repo wal-fetch`
+/// on the same repository (the server runs it through the shell, as its own user: that user
+/// needs the repository's credentials in its environment for a cloud repository).
+fn wal_fetch_command(repo_url: &str, flags: &[String]) -> Result<String> {
+    let exe = std::env::current_exe().context("find the rollcall binary for restore_command")?;
+    let quote = |word: &str| format!("'{}'", word.replace('\'', "'\\''"));
+    let mut words = vec![
+        quote(&exe.to_string_lossy()),
+        "repo".to_owned(),
+        "wal-fetch".to_owned(),
+        "--repo".to_owned(),
+        quote(repo_url),
+    ];
+    words.extend(flags.iter().map(|f| quote(f)));
+    words.extend(["%f".to_owned(), "%p".to_owned()]);
+    Ok(words.join(" "))
+}
+
 /// `store_from_url`, with a URL's path prefix applied.
 fn live_store(url: &str, s3: &S3Options) -> Result<Arc<dyn ObjectStore>> {
     let (store, prefix) = repository::store_from_url(url, s3)?;
@@ -190,6 +252,17 @@ pub async fn run(args: RepoArgs) -> Result<()> {
     let Some(repo_url) = args.repo.as_deref() else {
         bail!("--repo URL is required (or set ROLLCALL_REPOSITORY)");
     };
+    // The same connection flags for the wal-fetch a point-in-time recovery's server runs.
+    let mut s3_flags = Vec::new();
+    if let Some(endpoint) = &args.s3_endpoint {
+        s3_flags.extend(["--s3-endpoint".to_owned(), endpoint.clone()]);
+    }
+    if let Some(region) = &args.s3_region {
+        s3_flags.extend(["--s3-region".to_owned(), region.clone()]);
+    }
+    if args.s3_path_style {
+        s3_flags.push("--s3-path-style".to_owned());
+    }
     let s3 = S3Options::connection(
         args.s3_endpoint.clone(),
         args.s3_region.clone(),
@@ -362,6 +435,81 @@ pub async fn run(args: RepoArgs) -> Result<()> {
             };
             json(serde_json::to_value(&report)?);
         }
+        RepoCommand::BaseBackup {
+            database_url,
+            env,
+            wal_timeout,
+        } => {
+            if let Some(env) = &env {
+                repository::validate_environment(env).with_context(|| format!("--env {env}"))?;
+            }
+            let mut options = repository::BaseBackupOptions::new(database_url);
+            options.env = env;
+            options.wal_timeout = std::time::Duration::from_secs(wal_timeout);
+            let backup = repository::base_backup(&repo, &options).await?;
+            json(serde_json::to_value(&backup)?);
+        }
+        RepoCommand::BaseBackups { json: as_json } => {
+            let bases = repository::list_base_backups(&repo).await?;
+            let window = repository::recovery_window(&repo).await?;
+            if as_json {
+                json(serde_json::json!({ "base_backups": bases, "window": window }));
+            } else {
+                for b in &bases {
+                    outln!(
+                        "{}  consistent {}  timeline {}  WAL {}..{}  {} bytes",
+                        b.id,
+                        b.consistent_at.to_rfc3339(),
+                        b.timeline,
+                        b.start_wal,
+                        b.end_wal,
+                        b.size
+                    );
+                }
+                match window {
+                    Some(w) => outln!(
+                        "restorable from {} to {} (newest segment {}{})",
+                        w.earliest.to_rfc3339(),
+                        w.latest.to_rfc3339(),
+                        w.newest_segment,
+                        w.gap_at
+                            .map(|g| format!("; WAL gap at {g}"))
+                            .unwrap_or_default()
+                    ),
+                    None => outln!(
+                        "no base backups: take one with `rollcall repo base-backup --repo URL \
+                         --database-url URL`"
+                    ),
+                }
+            }
+        }
+        RepoCommand::RestorePostgres {
+            to_time: Some(to_time),
+            data_dir: Some(data_dir),
+            base,
+            no_recover,
+            run_as,
+            recovery_timeout,
+            ..
+        } => {
+            let at = chrono::DateTime::parse_from_rfc3339(&to_time)
+                .with_context(|| {
+                    format!("--to-time {to_time}: write it as RFC 3339, e.g. 2026-12-06T08:00:00Z")
+                })?
+                .with_timezone(&chrono::Utc);
+            let options = repository::PitrOptions {
+                to_time: at,
+                data_dir,
+                base,
+                restore_command: wal_fetch_command(repo_url, &s3_flags)?,
+                recover: !no_recover,
+                run_as,
+                bin_dir: None,
+                timeout: std::time::Duration::from_secs(recovery_timeout),
+            };
+            let report = repository::restore_to_time(&repo, &options).await?;
+            json(serde_json::to_value(&report)?);
+        }
         RepoCommand::RestorePostgres {
             point,
             point_arg,
@@ -371,8 +519,15 @@ pub async fn run(args: RepoArgs) -> Result<()> {
             tag,
             jobs,
             copy_streams,
+            ..
         } => {
             let id = point_of(point, point_arg, "restore-postgres")?;
+            let Some(database_url) = database_url else {
+                bail!(
+                    "--database-url URL (or DATABASE_URL) is required for `rollcall repo \
+                     restore-postgres --point ID`"
+                );
+            };
             let mut options = repository::PgRestoreOptions::new(database_url.clone());
             options.create_database = create;
             options.jobs = jobs.unwrap_or_else(repository::default_restore_jobs);
@@ -515,7 +670,22 @@ async fn verify_all(repo: &Repository, full: bool, label: &str) -> Result<()> {
             }
         }
     }
-    let total = listing.points.len() + listing.damaged.len();
+    // Base backups: each body present with its size (--full: its sha256).
+    let bases = repository::verify_base_backups(repo, full).await?;
+    for (base, problem) in &bases {
+        match problem {
+            None => outln!(
+                "ok       base backup {}  (consistent {})",
+                base.id,
+                base.consistent_at.to_rfc3339()
+            ),
+            Some(problem) => {
+                damaged += 1;
+                outln!("damaged  base backup {}: {problem}", base.id);
+            }
+        }
+    }
+    let total = listing.points.len() + listing.damaged.len() + bases.len();
     // The archived WAL, when there is any: a gap or a damaged file stops recovery there.
     let wal = repository::wal_verify(repo, full).await?;
     for (first, last) in &wal.ranges {
@@ -537,8 +707,8 @@ async fn verify_all(repo: &Repository, full: bool, label: &str) -> Result<()> {
     }
     if damaged > 0 {
         bail!(
-            "{damaged} of {total} recovery points failed verification; do not restore from \
-             them (the lines above name each problem)"
+            "{damaged} of {total} recovery points and base backups failed verification; do \
+             not restore from them (the lines above name each problem)"
         );
     }
     if total == 0 {

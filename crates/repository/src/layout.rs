@@ -19,6 +19,8 @@
 //! wal/<timeline>/<name>-<sha256>.zst  archived WAL (`wal`): the body, then its record
 //! wal/<timeline>/<name>.json          (create-only) that commits it; wal/history/ for
 //!                                     timeline history files
+//! base/<id>/base.tar.zst              physical base backups (`postgres::physical`): the tar,
+//! base/<id>.json                      then its record (create-only) once its WAL is archived
 //! ```
 //!
 //! A restore of objects by hand keeps what it displaced in the target store (or, if asked, in
@@ -288,7 +290,7 @@ impl std::str::FromStr for SnapshotId {
     }
 }
 
-fn random_suffix() -> String {
+pub(crate) fn random_suffix() -> String {
     let bytes: [u8; SUFFIX_LEN / 2] = rand::random();
     hex::encode(bytes)
 }

@@ -48,6 +48,10 @@ pub use postgres::freeze::{DatabaseFreeze, FreezeChange};
 pub use postgres::kept::{
     KeptDatabase, KeptKind, drop_kept_database, kept_name, list_kept_databases,
 };
+pub use postgres::physical::{
+    BaseBackup, BaseBackupOptions, PitrOptions, PitrReport, RecoveryWindow, base_backup,
+    list_base_backups, read_base_backup, recovery_window, restore_to_time, verify_base_backups,
+};
 pub use postgres::restore::{
     PgRestoreOptions, PgRestoreReport, default_restore_jobs, restore_postgres,
 };

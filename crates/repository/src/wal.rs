@@ -377,7 +377,7 @@ pub async fn wal_verify(repo: &Repository, full: bool) -> Result<WalReport> {
     Ok(report)
 }
 
-async fn read_record(repo: &Repository, name: &str) -> Result<Option<WalRecord>> {
+pub(crate) async fn read_record(repo: &Repository, name: &str) -> Result<Option<WalRecord>> {
     let key = record_key(name);
     match repo.get_bytes(&key, "WAL record").await {
         Ok(bytes) => {

@@ -42,6 +42,7 @@ pub(crate) mod fetch;
 pub(crate) mod freeze;
 pub(crate) mod kept;
 mod parallel_copy;
+pub(crate) mod physical;
 pub(crate) mod restore;
 pub(crate) mod swap;
 mod toc;
