@@ -95,6 +95,60 @@ async fn archived_wal_recovers_a_base_backup_to_a_time_between_two_commits() {
             .output()
             .unwrap()
     };
+    // A base backup killed while the server waits for its WAL to be archived commits nothing.
+    psql(&source, "ALTER SYSTEM SET archive_command = 'false'");
+    psql(&source, "SELECT pg_reload_conf()");
+    let mut killed = Command::new(&bin)
+        .args(["repo", "base-backup", "--repo", &repo_url, "--database-url"])
+        .arg(source.url("postgres"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(
+        "the base backup to wait for WAL archiving",
+        Duration::from_secs(60),
+        async || {
+            (psql(
+                &source,
+                "SELECT count(*) FROM pg_stat_progress_basebackup \
+                 WHERE phase ILIKE 'waiting for wal archiving%'",
+            ) == "1")
+                .then_some(())
+        },
+    )
+    .await;
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    psql(
+        &source,
+        &format!(
+            "ALTER SYSTEM SET archive_command = '{} repo wal-push --repo {repo_url} %p'",
+            bin.display()
+        ),
+    );
+    psql(&source, "SELECT pg_reload_conf()");
+    // Count the pushes that fail from here on, once one has succeeded with the restored
+    // command (the segment the killed backup waited for).
+    eventually(
+        "a push to succeed after the failures",
+        Duration::from_secs(60),
+        async || {
+            (psql(
+                &source,
+                "SELECT coalesce(last_archived_time > last_failed_time, false) \
+                 FROM pg_stat_archiver",
+            ) == "t")
+                .then_some(())
+        },
+    )
+    .await;
+    psql(&source, "SELECT pg_stat_reset_shared('archiver')");
+    let listed = run(&["repo", "base-backups", "--repo", &repo_url, "--json"]);
+    assert!(listed.status.success(), "{listed:?}");
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed["base_backups"], serde_json::json!([]), "{listed}");
+
     let before_base = psql(&source, NOW_RFC3339);
     let backed = run(&[
         "repo",
@@ -216,6 +270,35 @@ async fn archived_wal_recovers_a_base_backup_to_a_time_between_two_commits() {
     give_to_postgres(&base);
     let data = base.join("data");
     let target_utc = target.clone();
+    // Killed while its recovery server runs: nothing at DIR; the next restore stops the
+    // orphaned server and starts over.
+    let mut killed = Command::new(&bin)
+        .args(["repo", "restore-postgres", "--repo", &repo_url, "--to-time"])
+        .arg(&target_utc)
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let partial = base.join(".data.rollcall-partial");
+    eventually(
+        "the recovery server to run",
+        Duration::from_secs(120),
+        async || partial.join("postmaster.pid").exists().then_some(()),
+    )
+    .await;
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let orphan: i32 = std::fs::read_to_string(partial.join("postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(!data.exists(), "nothing at DIR after the kill");
     let restored = run(&[
         "repo",
         "restore-postgres",
@@ -239,6 +322,11 @@ async fn archived_wal_recovers_a_base_backup_to_a_time_between_two_commits() {
         "{report}"
     );
     assert!(!data.join("recovery.signal").exists(), "recovery ended");
+    assert!(!partial.exists());
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(orphan), None).is_err(),
+        "the killed restore's recovery server was stopped"
+    );
     let restored = Cluster::start_with(ephemeral_pg::Options {
         dir: Some(base.clone()),
         settings: Vec::new(),
@@ -248,7 +336,8 @@ async fn archived_wal_recovers_a_base_backup_to_a_time_between_two_commits() {
     assert_eq!(
         psql(&restored, "SELECT count(*), min(id), max(id) FROM notes"),
         "200|1|200",
-        "every row committed at or before T, none after"
+        "every row committed at or before T ({target_utc}), none after: {report}\n{}",
+        std::fs::read_to_string(base.join("data.rollcall-recovery.log")).unwrap_or_default()
     );
     // The restored copy does not archive into the production repository.
     assert_eq!(psql(&restored, "SHOW archive_mode"), "off");

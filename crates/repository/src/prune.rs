@@ -1,5 +1,7 @@
 //! Retention: delete an environment's points older than its window, then the dumps and
-//! manifests only they used, then every blob no remaining manifest references.
+//! manifests only they used, then every blob no remaining manifest references; and the
+//! environment's base backups past the window with the WAL only they needed
+//! (`postgres::physical::prune_physical`).
 //!
 //! Never deleted: the newest point of the environment in commit order (whatever its age or
 //! stamp), the newest commit-number markers (`sequence/`, so numbers are never reused), a point the caller
@@ -66,6 +68,10 @@ pub struct PruneReport {
     pub deleted_sequence_markers: u64,
     /// Why dumps, manifests and blobs were not swept, when they were not.
     pub sweep_skipped: Option<String>,
+    /// Base backups of the environment past the window (the newest of those stays).
+    pub deleted_base_backups: Vec<String>,
+    /// Archived WAL files older than every remaining base backup.
+    pub deleted_wal_files: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -157,6 +163,12 @@ impl Repository {
         let markers = self.stale_sequence_markers().await?;
         report.deleted_sequence_markers = markers.len() as u64;
         self.delete_all(markers, options.dry_run).await?;
+
+        // Base backups and the WAL only they need: the same window.
+        let physical =
+            crate::postgres::physical::prune_physical(self, env, cutoff, options.dry_run).await?;
+        report.deleted_base_backups = physical.deleted_base_backups;
+        report.deleted_wal_files = physical.deleted_wal_files;
 
         if !listing.damaged.is_empty() {
             let names: Vec<&str> = listing.damaged.iter().map(|d| d.key.as_str()).collect();

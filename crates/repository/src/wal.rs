@@ -97,7 +97,7 @@ fn prefix(name: &str) -> String {
     }
 }
 
-fn record_key(name: &str) -> Path {
+pub(crate) fn record_key(name: &str) -> Path {
     Path::from(format!("{}/{name}.json", prefix(name)))
 }
 

@@ -425,7 +425,18 @@ pub async fn restore_to_time(repo: &Repository, options: &PitrOptions) -> Result
     let partial = parent.join(format!(".{name}.rollcall-partial"));
     let tar = parent.join(format!(".{name}.rollcall-base.tar"));
     let log = parent.join(format!("{name}.rollcall-recovery.log"));
-    // Left by an earlier restore that died: ours by name, never the operator's.
+    // Left by an earlier restore that died: ours by name, never the operator's. Its recovery
+    // server may outlive it: stop that first.
+    if partial.join("postmaster.pid").exists()
+        && let Some(pg_ctl) = server_tool("pg_ctl", options.bin_dir.as_deref(), major).await
+    {
+        let _ = as_user(&pg_ctl, run_as.as_ref())
+            .args(["stop", "-m", "immediate", "-w", "-t", "60", "-D"])
+            .arg(&partial)
+            .stdin(Stdio::null())
+            .output()
+            .await;
+    }
     let _ = std::fs::remove_dir_all(&partial);
     let _ = std::fs::remove_file(&tar);
 
@@ -752,7 +763,11 @@ async fn recover(
     let mut seen_running = false;
     let outcome = loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        if !dir.join("recovery.signal").exists() {
+        // The signal file goes when the server picks its new timeline; it is open for
+        // writes once its end-of-recovery checkpoint is done.
+        if !dir.join("recovery.signal").exists()
+            && text.contains("database system is ready to accept connections")
+        {
             break Ok(text);
         }
         let running = dir.join("postmaster.pid").exists();
@@ -790,6 +805,37 @@ async fn recover(
         bail!(
             "the recovery server did not stop; stop it with pg_ctl stop -D {}",
             dir.display()
+        );
+    }
+    // A directory stopped in the middle of its end of recovery would replay on its next start
+    // whatever WAL it holds, past the target: only a clean shutdown on the new timeline is
+    // a recovered directory.
+    let controldata = server_tool("pg_controldata", options.bin_dir.as_deref(), major)
+        .await
+        .with_context(|| format!("pg_controldata of PostgreSQL {major} was not found"))?;
+    let out = Command::new(&controldata)
+        .arg(dir)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("run {}", controldata.display()))?;
+    let control = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        control
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+    };
+    let state = field("Database cluster state:").unwrap_or_default();
+    let timeline: Option<u32> =
+        field("Latest checkpoint's TimeLineID:").and_then(|v| v.parse().ok());
+    if state != "shut down" || timeline.is_none() || timeline != report.timeline {
+        bail!(
+            "the recovered directory was not shut down cleanly on its new timeline (state \
+             {state:?}, timeline {timeline:?}, the recovery chose {:?}); its log: {}",
+            report.timeline,
+            log.display()
         );
     }
     report.recovered = true;
@@ -1120,6 +1166,68 @@ pub async fn verify_base_backups(
     Ok(out)
 }
 
+/// What retention removed of the physical backups.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PhysicalPrune {
+    pub(crate) deleted_base_backups: Vec<String>,
+    pub(crate) deleted_wal_files: u64,
+}
+
+/// Retention for base backups and WAL, one window with the points: `env`'s base backups
+/// consistent before `cutoff` go, except the newest of them (a restore to the window's first
+/// moment starts from it); then every archived WAL file older than the first segment the
+/// oldest remaining base backup (of any environment) needs. With no base backup left, no WAL
+/// is deleted. Records go before bodies, so an interrupted prune leaves orphans, never a
+/// record without its body.
+pub(crate) async fn prune_physical(
+    repo: &Repository,
+    env: &str,
+    cutoff: DateTime<Utc>,
+    dry_run: bool,
+) -> Result<PhysicalPrune> {
+    let bases = list_base_backups(repo).await?;
+    let anchor = bases
+        .iter()
+        .rev()
+        .find(|b| b.env.as_deref() == Some(env) && b.consistent_at <= cutoff)
+        .map(|b| b.id.clone());
+    let (doomed, remaining): (Vec<&BaseBackup>, Vec<&BaseBackup>) = bases.iter().partition(|b| {
+        b.env.as_deref() == Some(env) && b.consistent_at < cutoff && Some(&b.id) != anchor.as_ref()
+    });
+    let mut report = PhysicalPrune::default();
+    for base in &doomed {
+        if !dry_run {
+            delete(repo, &record_key(&base.id)).await?;
+            delete(repo, &Path::from(base.key.as_str())).await?;
+        }
+        report.deleted_base_backups.push(base.id.clone());
+    }
+    // A segment's place regardless of timeline: its log and segment numbers, fixed-width hex.
+    let Some(oldest_needed) = remaining.iter().map(|b| b.start_wal[8..].to_owned()).min() else {
+        return Ok(report);
+    };
+    for record in crate::wal::wal_list(repo).await? {
+        let place = record.name.get(8..24).filter(|_| record.name.len() >= 24);
+        if place.is_none_or(|p| p >= oldest_needed.as_str()) {
+            continue; // history files, and what a remaining base backup needs
+        }
+        if !dry_run {
+            delete(repo, &crate::wal::record_key(&record.name)).await?;
+            delete(repo, &Path::from(record.body.as_str())).await?;
+        }
+        report.deleted_wal_files += 1;
+    }
+    Ok(report)
+}
+
+async fn delete(repo: &Repository, key: &Path) -> Result<()> {
+    match repo.store().delete(key).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(anyhow::Error::new(e))
+            .with_context(|| format!("delete {key} from {}", repo.label())),
+    }
+}
+
 /// Whether `id` names a committed base backup.
 pub async fn read_base_backup(repo: &Repository, id: &str) -> Result<Option<BaseBackup>> {
     let key = record_key(id);
@@ -1169,6 +1277,134 @@ mod tests {
             "WAL-Ranges": [{"Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000100"}]}"#;
         assert_eq!(parse_manifest_end(manifest).unwrap(), 0x200_0100);
         assert!(parse_manifest_end(r#"{"WAL-Ranges": []}"#).is_err());
+    }
+
+    fn base(id: &str, env: &str, consistent: &str, start_wal: &str) -> BaseBackup {
+        BaseBackup {
+            id: id.into(),
+            env: Some(env.into()),
+            system_identifier: "1".into(),
+            server_version_num: 150000,
+            wal_segment_size: 16 << 20,
+            timeline: 1,
+            start_lsn: "0/0".into(),
+            end_lsn: "0/0".into(),
+            start_wal: start_wal.into(),
+            end_wal: start_wal.into(),
+            started_at: consistent.parse().unwrap(),
+            consistent_at: consistent.parse().unwrap(),
+            key: format!("{BASE}/{id}/base.tar.zst"),
+            size: 1,
+            sha256: String::new(),
+            tar_size: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_the_base_backup_the_window_starts_from_and_the_wal_it_needs() {
+        let repo = Repository::from_store(
+            std::sync::Arc::new(object_store::memory::InMemory::new()),
+            "memory",
+            crate::RepositoryOptions::default(),
+        );
+        let bases = [
+            base(
+                "b1",
+                "prod",
+                "2026-12-01T00:00:00Z",
+                "000000010000000000000002",
+            ),
+            base(
+                "b2",
+                "prod",
+                "2026-12-02T00:00:00Z",
+                "000000010000000000000005",
+            ),
+            base(
+                "b3",
+                "prod",
+                "2026-12-04T00:00:00Z",
+                "000000020000000000000009",
+            ),
+            base(
+                "other",
+                "dev",
+                "2026-11-01T00:00:00Z",
+                "000000010000000000000004",
+            ),
+        ];
+        for b in &bases {
+            let body = serde_json::to_vec(b).unwrap();
+            repo.store()
+                .put(&record_key(&b.id), PutPayload::from(body))
+                .await
+                .unwrap();
+            repo.store()
+                .put(&Path::from(b.key.as_str()), PutPayload::from_static(b"x"))
+                .await
+                .unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "000000010000000000000001",
+            "000000010000000000000002",
+            "000000010000000000000003",
+            "000000010000000000000004",
+            "000000010000000000000005",
+            "000000010000000000000005.00000028.backup",
+            "000000020000000000000009",
+            "00000002.history",
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, name.as_bytes()).unwrap();
+            crate::wal::wal_push(&repo, &path).await.unwrap();
+        }
+        let cutoff: DateTime<Utc> = "2026-12-03T00:00:00Z".parse().unwrap();
+
+        let dry = prune_physical(&repo, "prod", cutoff, true).await.unwrap();
+        assert_eq!(dry.deleted_base_backups, ["b1"]);
+        assert_eq!(list_base_backups(&repo).await.unwrap().len(), 4, "dry run");
+
+        // b2 is the newest before the cutoff: it stays; dev's base keeps segment 4 and on.
+        let done = prune_physical(&repo, "prod", cutoff, false).await.unwrap();
+        assert_eq!(done.deleted_base_backups, ["b1"]);
+        assert_eq!(done.deleted_wal_files, 3);
+        let ids: Vec<String> = list_base_backups(&repo)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| b.id)
+            .collect();
+        assert_eq!(ids, ["other", "b2", "b3"]);
+        assert!(
+            repo.store()
+                .head(&Path::from(format!("{BASE}/b1/base.tar.zst")))
+                .await
+                .is_err()
+        );
+        let names: Vec<String> = crate::wal::wal_list(&repo)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "000000010000000000000004",
+                "000000010000000000000005",
+                "000000010000000000000005.00000028.backup",
+                "00000002.history",
+                "000000020000000000000009",
+            ]
+        );
+        assert!(
+            crate::wal::wal_verify(&repo, true)
+                .await
+                .unwrap()
+                .damaged
+                .is_empty()
+        );
     }
 
     #[test]
