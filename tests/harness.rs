@@ -190,6 +190,7 @@ impl InProcessCoordinator {
             operator_token_hashes: vec![coordinator::grpc::token_hash("test-operator-token")],
             environments,
             limits,
+            notify: Vec::new(),
         };
         let c = coordinator::Coordinator::start(settings, listeners, store)
             .await

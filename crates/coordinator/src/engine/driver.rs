@@ -24,6 +24,7 @@ use super::planner::{self, AgentStanding, Next, freeze_note};
 use super::send::run_steps;
 use crate::config::Environment;
 use crate::link::AgentLink;
+use crate::notify::RunEvent;
 use crate::plan::{Action, Phase, Plan};
 use crate::store::{PhaseRecord, PhaseState, ResultRecord, RunState};
 
@@ -153,11 +154,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                     self.store_final_report(id, &plan, &env, run.point_id.as_deref(), &journal)
                         .await;
                     self.event(id, "run.succeeded", json!({})).await?;
-                    self.metrics.run_succeeded(
-                        run.kind.as_str(),
-                        &run.environment,
-                        (Utc::now() - run.created_at).num_milliseconds() as f64 / 1000.0,
-                    );
+                    self.ended(&run, RunEvent::Finished, RunState::Succeeded, None);
                     tracing::info!(run_id = %id, "run succeeded");
                     return Ok(());
                 }
@@ -201,7 +198,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                     tracing::warn!(run_id = %id, "run blocked: {reason}");
                     self.store_final_report(id, &plan, &env, run.point_id.as_deref(), &journal)
                         .await;
-                    self.metrics.run_ended(run.kind.as_str(), "blocked");
+                    self.ended(&run, RunEvent::Blocked, RunState::Blocked, Some(&reason));
                     return Ok(());
                 }
             }

@@ -218,9 +218,12 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             store
                 .set_run_state(id, RunState::Aborted, Some(&reason), Utc::now(), epoch)
                 .await?;
-            self.inner
-                .metrics
-                .run_ended(target.kind.as_str(), "aborted");
+            self.inner.ended(
+                &target,
+                crate::notify::RunEvent::Finished,
+                RunState::Aborted,
+                Some(&reason),
+            );
             self.inner
                 .event(id, "run.aborted", json!({ "undo": undo_id }))
                 .await?;
