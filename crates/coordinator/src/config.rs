@@ -1072,7 +1072,9 @@ key = "certs/coordinator-key.pem"
             ),
         ] {
             let text = format!("{MINIMAL}\n[[notify]]\n{table}\n");
-            let err = load(&write(dir.path(), &text)).expect_err(table).to_string();
+            let err = load(&write(dir.path(), &text))
+                .expect_err(table)
+                .to_string();
             assert!(err.contains(problem), "{table}: {err}");
             assert!(err.contains(fix), "{table}: {err}");
             assert!(err.contains("rollcall.toml"), "{err}");
@@ -1082,14 +1084,22 @@ key = "certs/coordinator-key.pem"
         let text = format!(
             "{MINIMAL}\n[[notify]]\nurl = \"https://h.example.com/\"\nsecret = \"file:empty.key\"\n"
         );
-        let err = load(&write(dir.path(), &text)).expect_err("empty").to_string();
-        assert!(err.contains("notify[0].secret \"file:empty.key\" is empty"), "{err}");
+        let err = load(&write(dir.path(), &text))
+            .expect_err("empty")
+            .to_string();
+        assert!(
+            err.contains("notify[0].secret \"file:empty.key\" is empty"),
+            "{err}"
+        );
         // Another key in the table is refused by name.
         let text = format!(
             "{MINIMAL}\n[[notify]]\nurl = \"https://h.example.com/\"\nsecret = \"env:PATH\"\nheaders = 1\n"
         );
         let err = load(&write(dir.path(), &text)).expect_err("unknown key");
-        assert!(format!("{err:#}").contains("unknown field `headers`"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("unknown field `headers`"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -448,7 +448,8 @@ impl Collector for AtScrape {
             MetricType::Gauge,
         )?;
         for (env, rpo) in &rpos {
-            ConstGauge::new(*rpo).encode(metric.encode_family(&[("environment", env.as_str())])?)?;
+            ConstGauge::new(*rpo)
+                .encode(metric.encode_family(&[("environment", env.as_str())])?)?;
         }
         let mut metric = encoder.encode_descriptor(
             "rollcall_newest_point_older_than_rpo",
@@ -463,7 +464,8 @@ impl Collector for AtScrape {
         }
 
         let verdicts = lock(&s.runs.verdicts).clone();
-        let labels = |(env, kind): &(String, String)| [("environment", env.clone()), ("kind", kind.clone())];
+        let labels =
+            |(env, kind): &(String, String)| [("environment", env.clone()), ("kind", kind.clone())];
         let mut metric = encoder.encode_descriptor(
             "rollcall_last_run_succeeded",
             "1 when the newest run of this kind in the environment that ended (blocked, aborted \
@@ -755,7 +757,10 @@ mod tests {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
         // No point yet: no point timestamp (the rules tell "no point" by its absence).
-        assert!(!text.contains("rollcall_newest_point_timestamp_seconds{"), "{text}");
+        assert!(
+            !text.contains("rollcall_newest_point_timestamp_seconds{"),
+            "{text}"
+        );
         m.point("prod", Some(3), 2_500, 86_400);
         let text = encode(&registry_at(&s, || 3_000));
         assert!(
@@ -765,7 +770,14 @@ mod tests {
         // A later success replaces the success and the result.
         m.ending(end("prod", "drill", true, 2_900.0, 2_960.0));
         let text = encode(&registry_at(&s, || 3_000));
-        assert!(text.contains("rollcall_last_run_succeeded{environment=\"prod\",kind=\"drill\"} 1"));
-        assert!(text.contains("rollcall_last_success_duration_seconds{environment=\"prod\",kind=\"drill\"} 60.0"), "{text}");
+        assert!(
+            text.contains("rollcall_last_run_succeeded{environment=\"prod\",kind=\"drill\"} 1")
+        );
+        assert!(
+            text.contains(
+                "rollcall_last_success_duration_seconds{environment=\"prod\",kind=\"drill\"} 60.0"
+            ),
+            "{text}"
+        );
     }
 }

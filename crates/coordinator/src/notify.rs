@@ -170,7 +170,10 @@ fn summary(n: &Notice, reason: Option<&str>, seconds: f64) -> String {
         .as_deref()
         .map(|p| format!(" (point {p})"))
         .unwrap_or_default();
-    let head = format!("{} {} of {}{point}", n.run.kind, n.run.id, n.run.environment);
+    let head = format!(
+        "{} {} of {}{point}",
+        n.run.kind, n.run.id, n.run.environment
+    );
     match (n.event, n.state, reason) {
         (_, RunState::Succeeded, _) => format!("{head} succeeded in {took}"),
         (RunEvent::Blocked, _, Some(why)) => format!("{head} blocked after {took}: {why}"),
@@ -258,7 +261,11 @@ impl Notifier {
     /// drops the notice for that webhook (logged, counted `dropped`).
     pub fn notify(&self, notice: &Notice) {
         let mut body = None;
-        for q in self.queues.iter().filter(|q| q.events.contains(&notice.event)) {
+        for q in self
+            .queues
+            .iter()
+            .filter(|q| q.events.contains(&notice.event))
+        {
             let delivery = body
                 .get_or_insert_with(|| {
                     let id = hex::encode(rand::random::<[u8; 16]>());
@@ -429,7 +436,11 @@ mod tests {
         assert_ne!(got, signature(&s, 1_700_000_000, br#"{"a":2}"#));
         assert_ne!(
             got,
-            signature(&Secret::new(b"other".to_vec()), 1_700_000_000, br#"{"a":1}"#)
+            signature(
+                &Secret::new(b"other".to_vec()),
+                1_700_000_000,
+                br#"{"a":1}"#
+            )
         );
     }
 

@@ -528,7 +528,13 @@ async fn newest_verdicts_per_environment_and_kind(url: &str) {
         ("d4", RunKind::Drill, "prod", 30, None), // still running: no verdict yet
         ("b1", RunKind::Backup, "prod", 5, Some(RunState::Succeeded)),
         ("b2", RunKind::Backup, "prod", 15, Some(RunState::Aborted)),
-        ("s1", RunKind::Drill, "staging", 1, Some(RunState::Succeeded)),
+        (
+            "s1",
+            RunKind::Drill,
+            "staging",
+            1,
+            Some(RunState::Succeeded),
+        ),
     ] {
         s.create_run(&run(id, kind, env, t)).await.unwrap();
         s.set_run_state(id, RunState::Running, None, at(t + 1), w())
