@@ -830,6 +830,35 @@ key = "certs/coordinator-key.pem"
         );
     }
 
+    /// The commented `[[notify]]` example, uncommented, loads as documented.
+    #[test]
+    fn the_shipped_notify_example_loads_uncommented() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/rollcall.toml");
+        let text = std::fs::read_to_string(example).expect("read the example");
+        let (before, notify) = text
+            .split_once("# [[notify]]")
+            .expect("a [[notify]] example");
+        let notify: String = notify
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n")
+            // A variable every test process has.
+            .replace("env:ROLLCALL_WEBHOOK_SECRET", "env:PATH");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let loaded =
+            load(&write(dir.path(), &format!("{before}[[notify]]{notify}\n"))).expect("loads");
+        let [hook] = &loaded.notify[..] else {
+            panic!("one webhook: {:?}", loaded.notify)
+        };
+        assert_eq!(hook.url.as_str(), "https://hooks.example.com/rollcall");
+        assert_eq!(hook.events, crate::notify::RunEvent::ALL);
+        assert_eq!(
+            (hook.timeout, hook.retries, hook.backoff),
+            (Duration::from_secs(10), 5, Duration::from_secs(1))
+        );
+    }
+
     #[test]
     fn the_cowork_sim_example_maps_the_runbook_rows() {
         let example =
