@@ -504,6 +504,61 @@ mod tests {
         assert_eq!(RunEvent::parse("finished"), None);
     }
 
+    /// A webhook that never answers holds one delivery in flight and [`QUEUE`] waiting; more
+    /// notices are dropped and counted at once, and `notify` never waits for any of it.
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_without_waiting() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted_tx, mut accepted) = mpsc::channel(1);
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+                let _ = accepted_tx.try_send(());
+            }
+        });
+        let counters = Arc::new(NotifyCounters::default());
+        let cancel = CancellationToken::new();
+        let notifier = Notifier::start(
+            vec![Webhook {
+                name: "notify[0] (127.0.0.1)".into(),
+                url: format!("http://{addr}/hook").parse().unwrap(),
+                events: vec![RunEvent::Blocked],
+                secret: Secret::new(b"k".to_vec()),
+                timeout: Duration::from_secs(600),
+                retries: 0,
+                backoff: Duration::from_millis(10),
+            }],
+            counters.clone(),
+            cancel.clone(),
+        )
+        .unwrap();
+        let notice = |event| Notice {
+            event,
+            run: run(),
+            state: RunState::Blocked,
+            reason: Some("gate".into()),
+            at: Utc::now(),
+        };
+        notifier.notify(&notice(RunEvent::Blocked));
+        // The first is in flight (the receiver holds its connection) ...
+        accepted.recv().await.unwrap();
+        let started = std::time::Instant::now();
+        for _ in 0..QUEUE + 3 {
+            notifier.notify(&notice(RunEvent::Blocked));
+        }
+        // ... a webhook that does not want an event is not offered it ...
+        notifier.notify(&notice(RunEvent::Finished));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // ... and the three past the queue were dropped.
+        assert_eq!(counters.get("run.blocked", "dropped"), 3);
+        assert_eq!(counters.get("run.finished", "dropped"), 0);
+        assert_eq!(counters.get("run.blocked", "delivered"), 0);
+        cancel.cancel();
+        hold.abort();
+    }
+
     #[test]
     fn a_secret_is_never_printed() {
         let s = Secret::new(b"hunter2".to_vec());

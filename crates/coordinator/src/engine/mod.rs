@@ -517,17 +517,23 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 } else {
                     "aborted by an operator"
                 };
+                let at = Utc::now();
                 store
                     .set_run_state(
                         id,
                         RunState::Aborted,
                         Some(reason),
-                        Utc::now(),
+                        at,
                         self.inner.link.epoch(),
                     )
                     .await?;
-                self.inner
-                    .ended(&run, RunEvent::Finished, RunState::Aborted, Some(reason));
+                self.inner.ended(
+                    &run,
+                    RunEvent::Finished,
+                    RunState::Aborted,
+                    Some(reason),
+                    at,
+                );
                 self.inner
                     .event(id, "run.aborted", json!({ "frozen": frozen }))
                     .await?;
@@ -627,13 +633,14 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                     "the coordinator could not continue: {}",
                     api::errors::one_line(&*e)
                 );
+                let at = Utc::now();
                 let _ = inner
                     .store
                     .set_run_state(
                         &id,
                         RunState::Blocked,
                         Some(&reason),
-                        Utc::now(),
+                        at,
                         inner.link.epoch(),
                     )
                     .await;
@@ -642,7 +649,8 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                     .await;
                 match inner.store.run(&id).await {
                     Ok(Some(run)) => {
-                        inner.ended(&run, RunEvent::Failed, RunState::Blocked, Some(&reason));
+                        let reason = Some(reason.as_str());
+                        inner.ended(&run, RunEvent::Failed, RunState::Blocked, reason, at);
                     }
                     _ => inner.metrics.run_ended("unknown", "blocked"),
                 }
@@ -712,9 +720,15 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
 
     /// A run reached `state` (blocked, or a final state): counted in the metrics (runs by
     /// outcome, the verdict gauges, a restore's duration) and handed to the webhooks, which
-    /// never wait. Called after the state is journaled.
-    fn ended(&self, run: &RunRecord, event: RunEvent, state: RunState, reason: Option<&str>) {
-        let at = Utc::now();
+    /// never wait. Called after the state is journaled `at`.
+    fn ended(
+        &self,
+        run: &RunRecord,
+        event: RunEvent,
+        state: RunState,
+        reason: Option<&str>,
+        at: chrono::DateTime<Utc>,
+    ) {
         let seconds = (at - run.created_at).num_milliseconds() as f64 / 1000.0;
         let kind = run.kind.as_str();
         if state == RunState::Succeeded {
