@@ -468,6 +468,18 @@ fn webhook(file: &Path, i: usize, n: &NotifyConfig) -> Result<crate::notify::Web
             "set it to e.g. \"10s\", or remove it for the default"
         ));
     }
+    if n.retries > crate::notify::MAX_RETRIES {
+        bail!(ConfigError::new(
+            file,
+            format!(
+                "{key}.retries ({}) is more than {}: one delivery would hold the webhook's \
+                 later ones for hours",
+                n.retries,
+                crate::notify::MAX_RETRIES
+            ),
+            "retry a few times (the default is 5); a failed delivery is logged and counted"
+        ));
+    }
     Ok(Webhook {
         name,
         url,
@@ -1098,6 +1110,11 @@ key = "certs/coordinator-key.pem"
                 "url = \"https://hooks.example.com/x\"\nsecret = \"env:PATH\"\ntimeout = \"0s\"",
                 "notify[0].timeout must be positive",
                 "\"10s\"",
+            ),
+            (
+                "url = \"https://hooks.example.com/x\"\nsecret = \"env:PATH\"\nretries = 21",
+                "notify[0].retries (21) is more than 20",
+                "the default is 5",
             ),
         ] {
             let text = format!("{MINIMAL}\n[[notify]]\n{table}\n");

@@ -4,7 +4,10 @@
 //! Counters and histograms are `prometheus-client` families kept here. What other parts already
 //! hold — agents by role and readiness (the registry), TLS refusals (`tls::Rejections`) and the
 //! age of each environment's newest recovery point — is read by a collector at scrape time, so
-//! it cannot drift from what `rollcall agents` shows.
+//! it cannot drift from what `rollcall agents` shows. The verdicts per environment and run
+//! kind (the newest ending, the newest success and its duration) are kept here, fed as runs end
+//! and, at start-up, from the journal, so a restart does not reset what the alert rules in
+//! `deploy/prometheus/` read.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -108,8 +111,8 @@ pub struct Ending<'a> {
 }
 
 /// What runs did, for scrapes: runs by kind and outcome, phase durations by action, restore
-/// durations by environment and kind, and the newest recovery point of each environment
-/// against its RPO.
+/// durations by environment and kind, the newest recovery point of each environment against
+/// its RPO, and how each environment's newest runs of each kind ended.
 #[derive(Debug)]
 pub struct RunMetrics {
     runs: Family<Labels<2>, Counter>,

@@ -32,6 +32,8 @@ use crate::store::{RunRecord, RunState};
 pub const QUEUE: usize = 64;
 /// The longest wait between two attempts of one delivery.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// The most retries a webhook may ask for: with [`MAX_BACKOFF`], about 20 minutes.
+pub const MAX_RETRIES: usize = 20;
 /// The version of the body's shape, sent as `version`.
 pub const BODY_VERSION: u32 = 1;
 
