@@ -216,8 +216,8 @@ struct Delivery {
 }
 
 impl Notifier {
-    /// Starts one delivery task per webhook; they stop when `cancel` fires (a delivery in
-    /// progress is dropped then, and logged).
+    /// Starts one delivery task per webhook; they stop when `cancel` fires (the coordinator
+    /// stopping): a delivery in progress and the notices still queued are not sent then.
     pub fn start(
         webhooks: Vec<Webhook>,
         counters: Arc<NotifyCounters>,
