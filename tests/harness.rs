@@ -168,13 +168,52 @@ impl InProcessCoordinator {
         agents: SocketAddr,
         limits: coordinator::layers::Limits,
     ) -> InProcessCoordinator {
-        let tls = coordinator::tls::TlsMaterial::load(&coordinator::tls::TlsPaths {
+        let settings = coordinator::Settings {
+            tls: Self::tls(certs),
+            heartbeat_interval,
+            agent_timeout,
+            operator_token_hashes: vec![coordinator::grpc::token_hash("test-operator-token")],
+            environments,
+            limits,
+            notify: Vec::new(),
+        };
+        Self::launch(settings, state_url, agents).await
+    }
+
+    /// With environments and `[[notify]]` webhooks (agent timeout 5 s, heartbeats 200 ms).
+    pub async fn start_notifying(
+        certs: &Path,
+        state_url: &str,
+        environments: BTreeMap<String, coordinator::config::Environment>,
+        notify: Vec<coordinator::notify::Webhook>,
+    ) -> InProcessCoordinator {
+        let settings = coordinator::Settings {
+            tls: Self::tls(certs),
+            heartbeat_interval: Duration::from_millis(200),
+            agent_timeout: Duration::from_secs(5),
+            operator_token_hashes: vec![coordinator::grpc::token_hash("test-operator-token")],
+            environments,
+            limits: coordinator::layers::Limits::default(),
+            notify,
+        };
+        Self::launch(settings, state_url, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    fn tls(certs: &Path) -> coordinator::tls::TlsMaterial {
+        coordinator::tls::TlsMaterial::load(&coordinator::tls::TlsPaths {
             ca: certs.join("ca.pem"),
             cert: certs.join("coordinator.pem"),
             key: certs.join("coordinator-key.pem"),
             key_prefix: "tls",
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    async fn launch(
+        settings: coordinator::Settings,
+        state_url: &str,
+        agents: SocketAddr,
+    ) -> InProcessCoordinator {
         let store = coordinator::store::open(state_url).await.unwrap();
         let listeners = coordinator::Listeners::bind(
             agents,
@@ -183,14 +222,6 @@ impl InProcessCoordinator {
         )
         .await
         .unwrap();
-        let settings = coordinator::Settings {
-            tls,
-            heartbeat_interval,
-            agent_timeout,
-            operator_token_hashes: vec![coordinator::grpc::token_hash("test-operator-token")],
-            environments,
-            limits,
-        };
         let c = coordinator::Coordinator::start(settings, listeners, store)
             .await
             .unwrap();
@@ -340,6 +371,120 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
         bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
     }
     Ok(body.to_owned())
+}
+
+// ---------------------------------------------------------------------------------------------
+// A webhook receiver
+
+/// One request a [`WebhookReceiver`] got: its headers (names lower-cased) and exact body.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+/// A real HTTP/1.1 server on loopback that records every request it gets. It answers 503 to
+/// the first `fail_first` requests and 204 to the rest; with `hang`, it reads each request and
+/// never answers.
+pub struct WebhookReceiver {
+    pub addr: SocketAddr,
+    got: Arc<Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WebhookReceiver {
+    pub async fn start(fail_first: usize, hang: bool) -> WebhookReceiver {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let seen = got.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                // One request per connection is all a client needs to see here.
+                let Ok(request) = read_request(&mut stream).await else {
+                    continue;
+                };
+                let n = {
+                    let mut all = seen.lock().unwrap();
+                    all.push(request);
+                    all.len()
+                };
+                if hang {
+                    held.push(stream);
+                    continue;
+                }
+                let status = if n <= fail_first {
+                    "503 Service Unavailable"
+                } else {
+                    "204 No Content"
+                };
+                let _ = stream
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            }
+        });
+        WebhookReceiver { addr, got, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/hooks/rollcall", self.addr)
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn received(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+impl Drop for WebhookReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn read_request(stream: &mut tokio::net::TcpStream) -> Result<Received> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed before the request's head ended");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut headers = BTreeMap::new();
+    for line in head.lines().skip(1) {
+        if let Some((k, v)) = line.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+        }
+    }
+    let length: usize = headers
+        .get("content-length")
+        .context("a request without content-length")?
+        .parse()?;
+    while buf.len() < head_end + length {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed before the body ended");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(Received {
+        headers,
+        body: buf[head_end..head_end + length].to_vec(),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 //! Scheduled backups end to end with real processes: a coordinator whose environment backs up
 //! every few seconds (`backup_schedule`), a database agent over a throwaway Postgres cluster
 //! holding cowork-sim's data and an objects agent over a file:// store. Without any operator
-//! command, points appear, each complete (a verified dump and snapshot), and the newest point's
-//! age is served as a metric.
+//! command, points appear, each complete (a verified dump and snapshot), the newest point's
+//! age and the last backup's verdict are served as metrics, and a `[[notify]]` webhook hears of
+//! each backup, signed.
 
 #![allow(clippy::unwrap_used)]
 
@@ -58,10 +59,34 @@ fleet = {{ database = 1, objects = 1 }}
     );
     std::fs::write(&config, text).unwrap();
 
+    // A webhook for finished runs, its secret from the coordinator's environment. Named but
+    // unset, the coordinator refuses to start, saying which table and what to do.
+    let receiver = WebhookReceiver::start(0, false).await;
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[[notify]]\nurl = \"{}\"\nevents = [\"run.finished\"]\n\
+         secret = \"env:ROLLCALL_TEST_WEBHOOK_SECRET\"\n",
+        receiver.url()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let refused = rollcall(&["coordinator", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "notify[0].secret \"env:ROLLCALL_TEST_WEBHOOK_SECRET\": \
+                         ROLLCALL_TEST_WEBHOOK_SECRET is not set in the coordinator's environment"
+        ) && stderr.contains("set ROLLCALL_TEST_WEBHOOK_SECRET for the coordinator"),
+        "{stderr}"
+    );
+    let secret = "scheduled-backup-webhook-secret";
+
     let spawn = |name: &str, args: &[&str]| spawn_rollcall(name, dir.path(), args, &data_env);
-    let _coordinator = spawn(
+    let _coordinator = spawn_rollcall(
         "coordinator",
+        dir.path(),
         &["coordinator", "--config", config.to_str().unwrap()],
+        &[("ROLLCALL_TEST_WEBHOOK_SECRET", secret)],
     );
     let mut agents = Vec::new();
     for (name, role, extra) in [
@@ -174,6 +199,54 @@ fleet = {{ database = 1, objects = 1 }}
     )
     .await;
     assert!((0.0..60.0).contains(&age), "age {age}");
+    let text = http_get(metrics_addr, "/metrics").await.unwrap();
+    assert!(
+        text.contains("rollcall_last_run_succeeded{environment=\"test\",kind=\"backup\"} 1\n"),
+        "{text}"
+    );
+
+    // Each backup was told to the webhook: signed with the secret over timestamp.body, naming
+    // the backup run and the point it wrote.
+    let got = eventually(
+        "two run.finished webhooks",
+        Duration::from_secs(30),
+        async || {
+            let got = receiver.received();
+            (got.len() >= 2).then_some(got)
+        },
+    )
+    .await;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    for r in &got[..2] {
+        let mut signed = format!("{}.", r.headers["x-rollcall-timestamp"]).into_bytes();
+        signed.extend_from_slice(&r.body);
+        let signature = r.headers["x-rollcall-signature"]
+            .strip_prefix("sha256=")
+            .unwrap();
+        ring::hmac::verify(&key, &signed, &hex::decode(signature).unwrap())
+            .expect("signed with the configured secret");
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            (
+                &body["event"],
+                &body["kind"],
+                &body["state"],
+                &body["environment"]
+            ),
+            (
+                &"run.finished".into(),
+                &"backup".into(),
+                &"succeeded".into(),
+                &"test".into()
+            ),
+            "{body}"
+        );
+        let point = body["point"].as_str().unwrap();
+        assert!(
+            repo.join(format!("points/{point}.json")).exists(),
+            "the body names a point the backup wrote: {body}"
+        );
+    }
 
     for a in &mut agents {
         a.terminate(Duration::from_secs(10));

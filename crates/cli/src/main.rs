@@ -656,6 +656,7 @@ async fn run_coordinator(config: &std::path::Path) -> Result<()> {
             operator_token_hashes: loaded.token_hashes.clone(),
             environments: loaded.environments.clone(),
             limits: loaded.limits(),
+            notify: loaded.notify.clone(),
         };
         let coordinator = coordinator::Coordinator::start(settings, listeners, store).await?;
         coordinator.run(shutdown_signal()).await

@@ -32,6 +32,44 @@ pub struct CoordinatorConfig {
     /// One table per environment: objectives, repository, schedule, declared fleet.
     #[serde(default)]
     pub environments: BTreeMap<String, EnvironmentConfig>,
+    /// `[[notify]]`: webhooks told when runs finish, block or fail.
+    #[serde(default)]
+    pub notify: Vec<NotifyConfig>,
+}
+
+/// `[[notify]]`: a webhook the coordinator POSTs signed run events to (see `notify`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// `https://...` (or `http://`, for a receiver on a trusted network).
+    pub url: String,
+    /// Which of `run.finished`, `run.blocked`, `run.failed`; all when unset.
+    pub events: Option<Vec<String>>,
+    /// The signing key, as a reference, never the value: `env:NAME` (a variable of the
+    /// coordinator's environment) or `file:PATH` (relative to this file; one trailing newline
+    /// is ignored).
+    pub secret: Option<String>,
+    /// One attempt's limit.
+    #[serde(with = "humantime_serde", default = "default_notify_timeout")]
+    pub timeout: Duration,
+    /// Attempts after a first one that failed for a reason that may pass.
+    #[serde(default = "default_notify_retries")]
+    pub retries: usize,
+    /// The wait before the first retry; it doubles, with jitter, up to a minute.
+    #[serde(with = "humantime_serde", default = "default_notify_backoff")]
+    pub backoff: Duration,
+}
+
+fn default_notify_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_notify_retries() -> usize {
+    5
+}
+
+fn default_notify_backoff() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// `[environments.NAME]`: what an environment promises (RPO, RTO, retention), where its
@@ -206,6 +244,8 @@ pub struct Loaded {
     pub state_url: String,
     pub token_hashes: Vec<[u8; 32]>,
     pub environments: BTreeMap<String, Environment>,
+    /// The `[[notify]]` webhooks, their secrets read.
+    pub notify: Vec<crate::notify::Webhook>,
 }
 
 impl Loaded {
@@ -306,6 +346,12 @@ pub fn load(file: &Path) -> Result<Loaded> {
     for (name, env) in &config.environments {
         environments.insert(name.clone(), environment(file, name, env)?);
     }
+    let notify = config
+        .notify
+        .iter()
+        .enumerate()
+        .map(|(i, n)| webhook(file, i, n))
+        .collect::<Result<_>>()?;
     Ok(Loaded {
         file: file.to_path_buf(),
         config,
@@ -313,6 +359,135 @@ pub fn load(file: &Path) -> Result<Loaded> {
         state_url,
         token_hashes,
         environments,
+        notify,
+    })
+}
+
+/// Checks one `[[notify]]` table and reads its secret.
+fn webhook(file: &Path, i: usize, n: &NotifyConfig) -> Result<crate::notify::Webhook> {
+    use crate::notify::{RunEvent, Secret, Webhook};
+    let key = format!("notify[{i}]");
+    let url = reqwest::Url::parse(&n.url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
+    let Some(url) = url else {
+        bail!(ConfigError::new(
+            file,
+            format!(
+                "{key}.url {:?} is not an http:// or https:// URL",
+                api::redact::redact(&n.url)
+            ),
+            "write the receiver's URL, e.g. url = \"https://hooks.example.com/rollcall\""
+        ));
+    };
+    let name = format!("{key} ({})", url.host_str().unwrap_or_default());
+    let events = match &n.events {
+        None => RunEvent::ALL.to_vec(),
+        Some(list) => {
+            let mut events = Vec::new();
+            for text in list {
+                match RunEvent::parse(text) {
+                    Some(e) if !events.contains(&e) => events.push(e),
+                    Some(_) => {}
+                    None => bail!(ConfigError::new(
+                        file,
+                        format!("{key}.events: {text:?} is not a run event"),
+                        "name run.finished, run.blocked or run.failed (all three when events is \
+                         left out)"
+                    )),
+                }
+            }
+            if events.is_empty() {
+                bail!(ConfigError::new(
+                    file,
+                    format!("{key}.events is empty: the webhook would never be called"),
+                    "name run.finished, run.blocked or run.failed, or remove the [[notify]] table"
+                ));
+            }
+            events
+        }
+    };
+    const SECRET_FIX: &str = "give the signing key as a reference: secret = \"env:NAME\" (a \
+                              variable of the coordinator's environment) or secret = \
+                              \"file:PATH\" (a file only the coordinator can read)";
+    let Some(reference) = n.secret.as_deref() else {
+        bail!(ConfigError::new(
+            file,
+            format!("{key} has no secret: its deliveries could not be signed"),
+            SECRET_FIX
+        ));
+    };
+    let bytes = if let Some(var) = reference.strip_prefix("env:") {
+        match std::env::var_os(var) {
+            Some(v) => v.into_encoded_bytes(),
+            None => bail!(ConfigError::new(
+                file,
+                format!(
+                    "{key}.secret {reference:?}: {var} is not set in the coordinator's environment"
+                ),
+                format!("set {var} for the coordinator, or point secret at another reference")
+            )),
+        }
+    } else if let Some(path) = reference.strip_prefix("file:") {
+        let path = resolve(file, Path::new(path));
+        let mut bytes = std::fs::read(&path).map_err(|e| {
+            ConfigError::new(
+                file,
+                format!("{key}.secret: cannot read {} ({e})", path.display()),
+                "create the file with the signing key, or fix the path (relative to this file)",
+            )
+        })?;
+        if bytes.ends_with(b"\n") {
+            bytes.pop();
+            if bytes.ends_with(b"\r") {
+                bytes.pop();
+            }
+        }
+        bytes
+    } else {
+        bail!(ConfigError::new(
+            file,
+            format!(
+                "{key}.secret is not a reference (env:NAME or file:PATH); a secret's value never \
+                 goes in this file"
+            ),
+            SECRET_FIX
+        ));
+    };
+    if bytes.is_empty() {
+        bail!(ConfigError::new(
+            file,
+            format!("{key}.secret {reference:?} is empty"),
+            "put the signing key there (at least 16 random bytes, e.g. `openssl rand -hex 32`)"
+        ));
+    }
+    if n.timeout.is_zero() {
+        bail!(ConfigError::new(
+            file,
+            format!("{key}.timeout must be positive"),
+            "set it to e.g. \"10s\", or remove it for the default"
+        ));
+    }
+    if n.retries > crate::notify::MAX_RETRIES {
+        bail!(ConfigError::new(
+            file,
+            format!(
+                "{key}.retries ({}) is more than {}: one delivery would hold the webhook's \
+                 later ones for hours",
+                n.retries,
+                crate::notify::MAX_RETRIES
+            ),
+            "retry a few times (the default is 5); a failed delivery is logged and counted"
+        ));
+    }
+    Ok(Webhook {
+        name,
+        url,
+        events,
+        secret: Secret::new(bytes),
+        timeout: n.timeout,
+        retries: n.retries,
+        backoff: n.backoff,
     })
 }
 
@@ -667,6 +842,35 @@ key = "certs/coordinator-key.pem"
         );
     }
 
+    /// The commented `[[notify]]` example, uncommented, loads as documented.
+    #[test]
+    fn the_shipped_notify_example_loads_uncommented() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/rollcall.toml");
+        let text = std::fs::read_to_string(example).expect("read the example");
+        let (before, notify) = text
+            .split_once("# [[notify]]")
+            .expect("a [[notify]] example");
+        let notify: String = notify
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n")
+            // A variable every test process has.
+            .replace("env:ROLLCALL_WEBHOOK_SECRET", "env:PATH");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let loaded =
+            load(&write(dir.path(), &format!("{before}[[notify]]{notify}\n"))).expect("loads");
+        let [hook] = &loaded.notify[..] else {
+            panic!("one webhook: {:?}", loaded.notify)
+        };
+        assert_eq!(hook.url.as_str(), "https://hooks.example.com/rollcall");
+        assert_eq!(hook.events, crate::notify::RunEvent::ALL);
+        assert_eq!(
+            (hook.timeout, hook.retries, hook.backoff),
+            (Duration::from_secs(10), 5, Duration::from_secs(1))
+        );
+    }
+
     #[test]
     fn the_cowork_sim_example_maps_the_runbook_rows() {
         let example =
@@ -821,6 +1025,127 @@ key = "certs/coordinator-key.pem"
         ))
         .expect_err("unknown field");
         assert!(format!("{err:#}").contains("table"), "{err:#}");
+    }
+
+    #[test]
+    fn notify_webhooks_load_with_their_secret_and_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("hook.key"), "k3y\n").expect("write key");
+        let text = format!(
+            "{MINIMAL}\n[[notify]]\nurl = \"https://hooks.example.com/rollcall?t=1\"\n\
+             secret = \"file:hook.key\"\n\
+             [[notify]]\nurl = \"http://127.0.0.1:9/hook\"\nevents = [\"run.blocked\", \"run.failed\"]\n\
+             secret = \"env:PATH\"\ntimeout = \"2s\"\nretries = 1\nbackoff = \"50ms\"\n"
+        );
+        let loaded = load(&write(dir.path(), &text)).expect("load");
+        let [all, some] = &loaded.notify[..] else {
+            panic!("two webhooks: {:?}", loaded.notify)
+        };
+        assert_eq!(all.name, "notify[0] (hooks.example.com)");
+        assert_eq!(all.events, crate::notify::RunEvent::ALL);
+        assert_eq!(
+            (all.timeout, all.retries, all.backoff),
+            (Duration::from_secs(10), 5, Duration::from_secs(1))
+        );
+        // The file's trailing newline is not part of the key: same signature as "k3y".
+        assert_eq!(
+            crate::notify::signature(&all.secret, 1, b"x"),
+            crate::notify::signature(&crate::notify::Secret::new(b"k3y".to_vec()), 1, b"x")
+        );
+        use crate::notify::RunEvent;
+        assert_eq!(some.events, [RunEvent::Blocked, RunEvent::Failed]);
+        assert_eq!(
+            (some.timeout, some.retries, some.backoff),
+            (Duration::from_secs(2), 1, Duration::from_millis(50))
+        );
+        // The secret never shows in the config's Debug form.
+        assert!(!format!("{loaded:?}").contains("k3y"));
+    }
+
+    #[test]
+    fn bad_notify_tables_are_refused_naming_the_key_and_the_fix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (table, problem, fix) in [
+            (
+                "url = \"ftp://hooks.example.com/x\"\nsecret = \"env:PATH\"",
+                "notify[0].url \"ftp://hooks.example.com/x\" is not an http:// or https:// URL",
+                "e.g. url = ",
+            ),
+            (
+                "url = \"hooks.example.com/x\"\nsecret = \"env:PATH\"",
+                "notify[0].url \"hooks.example.com/x\" is not an http:// or https:// URL",
+                "e.g. url = ",
+            ),
+            (
+                "url = \"https://hooks.example.com/x\"",
+                "notify[0] has no secret",
+                "secret = \"env:NAME\"",
+            ),
+            (
+                "url = \"https://hooks.example.com/x\"\nsecret = \"hunter2\"",
+                "notify[0].secret is not a reference (env:NAME or file:PATH)",
+                "secret = \"file:PATH\"",
+            ),
+            (
+                "url = \"https://hooks.example.com/x\"\nsecret = \"env:ROLLCALL_TEST_SURELY_UNSET_9F2\"",
+                "ROLLCALL_TEST_SURELY_UNSET_9F2 is not set in the coordinator's environment",
+                "set ROLLCALL_TEST_SURELY_UNSET_9F2 for the coordinator",
+            ),
+            (
+                "url = \"https://hooks.example.com/x\"\nsecret = \"file:missing.key\"",
+                "notify[0].secret: cannot read",
+                "create the file",
+            ),
+            (
+                "url = \"https://hooks.example.com/x\"\nsecret = \"env:PATH\"\nevents = [\"run.done\"]",
+                "notify[0].events: \"run.done\" is not a run event",
+                "run.finished, run.blocked or run.failed",
+            ),
+            (
+                "url = \"https://hooks.example.com/x\"\nsecret = \"env:PATH\"\nevents = []",
+                "notify[0].events is empty",
+                "remove the [[notify]] table",
+            ),
+            (
+                "url = \"https://hooks.example.com/x\"\nsecret = \"env:PATH\"\ntimeout = \"0s\"",
+                "notify[0].timeout must be positive",
+                "\"10s\"",
+            ),
+            (
+                "url = \"https://hooks.example.com/x\"\nsecret = \"env:PATH\"\nretries = 21",
+                "notify[0].retries (21) is more than 20",
+                "the default is 5",
+            ),
+        ] {
+            let text = format!("{MINIMAL}\n[[notify]]\n{table}\n");
+            let err = load(&write(dir.path(), &text))
+                .expect_err(table)
+                .to_string();
+            assert!(err.contains(problem), "{table}: {err}");
+            assert!(err.contains(fix), "{table}: {err}");
+            assert!(err.contains("rollcall.toml"), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        std::fs::write(dir.path().join("empty.key"), "\n").expect("write");
+        let text = format!(
+            "{MINIMAL}\n[[notify]]\nurl = \"https://h.example.com/\"\nsecret = \"file:empty.key\"\n"
+        );
+        let err = load(&write(dir.path(), &text))
+            .expect_err("empty")
+            .to_string();
+        assert!(
+            err.contains("notify[0].secret \"file:empty.key\" is empty"),
+            "{err}"
+        );
+        // Another key in the table is refused by name.
+        let text = format!(
+            "{MINIMAL}\n[[notify]]\nurl = \"https://h.example.com/\"\nsecret = \"env:PATH\"\nheaders = 1\n"
+        );
+        let err = load(&write(dir.path(), &text)).expect_err("unknown key");
+        assert!(
+            format!("{err:#}").contains("unknown field `headers`"),
+            "{err:#}"
+        );
     }
 
     #[test]

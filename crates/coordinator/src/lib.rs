@@ -13,6 +13,7 @@ pub mod layers;
 pub mod limits;
 pub mod link;
 pub mod metrics;
+pub mod notify;
 pub mod plan;
 pub mod registry;
 pub mod report;
@@ -53,6 +54,8 @@ pub struct Settings {
     pub environments: std::collections::BTreeMap<String, config::Environment>,
     /// Attach rate, operator calls in flight and their deadline.
     pub limits: Limits,
+    /// The `[[notify]]` webhooks told of runs that finish, block or fail.
+    pub notify: Vec<notify::Webhook>,
 }
 
 pub struct Listeners {
@@ -119,6 +122,8 @@ pub struct Handle {
     pub operator_rejections: Arc<Rejections>,
     /// Attachments and operator calls the gRPC layers refused.
     pub call_refusals: Arc<metrics::CallRefusals>,
+    /// Webhook deliveries by event and outcome.
+    pub notifications: Arc<metrics::NotifyCounters>,
 }
 
 impl Handle {
@@ -150,6 +155,16 @@ impl Coordinator {
         let registry = Registry::new();
         let link = StreamLink::new(registry.clone(), epoch, Arc::default());
         let engine_shutdown = CancellationToken::new();
+        let notifications = Arc::new(metrics::NotifyCounters::default());
+        let notifier = notify::Notifier::start(
+            settings.notify.clone(),
+            notifications.clone(),
+            engine_shutdown.clone(),
+        )?;
+        let run_metrics = Arc::new(metrics::RunMetrics::default());
+        for (name, env) in &settings.environments {
+            run_metrics.environment(name, env.rpo.as_secs());
+        }
         let engine = engine::Engine::new(
             store.clone(),
             link.clone(),
@@ -157,8 +172,16 @@ impl Coordinator {
             settings.environments.clone(),
             engine_shutdown.clone(),
             settings.agent_timeout,
-            Arc::default(),
+            engine::Observers {
+                metrics: run_metrics,
+                notifier,
+            },
         );
+        // The verdict gauges start from the journal, so a restart does not forget them.
+        match engine.observe_verdicts().await {
+            Ok(n) => tracing::debug!(runs = n, "verdict metrics read from the journal"),
+            Err(e) => tracing::warn!("cannot read the newest runs' verdicts for /metrics: {e:#}"),
+        }
         let handle = Handle {
             link,
             engine,
@@ -174,6 +197,7 @@ impl Coordinator {
             agent_rejections: Arc::default(),
             operator_rejections: Arc::default(),
             call_refusals: Arc::default(),
+            notifications,
         };
         tracing::info!(
             %epoch,
@@ -279,6 +303,7 @@ impl Coordinator {
                 runs: handle.engine.metrics().clone(),
                 commands: handle.link.commands.clone(),
                 refusals: handle.call_refusals.clone(),
+                notifications: handle.notifications.clone(),
                 agent_rejections: handle.agent_rejections.clone(),
                 operator_rejections: handle.operator_rejections.clone(),
             };

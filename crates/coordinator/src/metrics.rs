@@ -4,7 +4,10 @@
 //! Counters and histograms are `prometheus-client` families kept here. What other parts already
 //! hold — agents by role and readiness (the registry), TLS refusals (`tls::Rejections`) and the
 //! age of each environment's newest recovery point — is read by a collector at scrape time, so
-//! it cannot drift from what `rollcall agents` shows.
+//! it cannot drift from what `rollcall agents` shows. The verdicts per environment and run
+//! kind (the newest ending, the newest success and its duration) are kept here, fed as runs end
+//! and, at start-up, from the journal, so a restart does not reset what the alert rules in
+//! `deploy/prometheus/` read.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -64,9 +67,52 @@ impl CommandCounters {
     }
 }
 
+/// Webhook deliveries (`notify`), by event and outcome: `delivered`, `failed` (refused, or
+/// retries used up) or `dropped` (the webhook's queue was full).
+#[derive(Debug, Default)]
+pub struct NotifyCounters {
+    outcomes: Family<[(&'static str, &'static str); 2], Counter>,
+}
+
+impl NotifyCounters {
+    pub fn count(&self, event: &'static str, outcome: &'static str) {
+        self.outcomes
+            .get_or_create(&[("event", event), ("outcome", outcome)])
+            .inc();
+    }
+
+    /// Deliveries of `event` that ended as `outcome` so far.
+    pub fn get(&self, event: &'static str, outcome: &'static str) -> u64 {
+        self.outcomes
+            .get(&[("event", event), ("outcome", outcome)])
+            .map_or(0, |c| c.get())
+    }
+}
+
+/// How the newest run of one kind in one environment ended, for the verdict gauges: the
+/// alert rules in `deploy/prometheus/` read them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Verdict {
+    /// When the newest run that ended (blocked included) ended, unix seconds.
+    ended: f64,
+    succeeded: bool,
+    /// When the newest successful run ended, and how long it took from its start.
+    success: Option<(f64, f64)>,
+}
+
+/// One run's ending, as the verdict gauges take it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ending<'a> {
+    pub environment: &'a str,
+    pub kind: &'a str,
+    pub succeeded: bool,
+    pub started_unix: f64,
+    pub ended_unix: f64,
+}
+
 /// What runs did, for scrapes: runs by kind and outcome, phase durations by action, restore
-/// durations by environment and kind, and the newest recovery point of each environment
-/// against its RPO.
+/// durations by environment and kind, the newest recovery point of each environment against
+/// its RPO, and how each environment's newest runs of each kind ended.
 #[derive(Debug)]
 pub struct RunMetrics {
     runs: Family<Labels<2>, Counter>,
@@ -74,6 +120,10 @@ pub struct RunMetrics {
     restores: Family<Labels<2>, Histogram>,
     /// environment → its newest point in commit order and its RPO
     newest_point: Mutex<BTreeMap<String, NewestPoint>>,
+    /// (environment, kind) → how its newest runs ended
+    verdicts: Mutex<BTreeMap<(String, String), Verdict>>,
+    /// environment → its RPO in seconds, for every configured environment
+    rpos: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Default for RunMetrics {
@@ -83,6 +133,8 @@ impl Default for RunMetrics {
             phases: Family::new_with_constructor(phase_histogram),
             restores: Family::new_with_constructor(restore_histogram),
             newest_point: Mutex::default(),
+            verdicts: Mutex::default(),
+            rpos: Mutex::default(),
         }
     }
 }
@@ -132,6 +184,33 @@ impl RunMetrics {
     fn points(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, NewestPoint>> {
         self.newest_point.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// A configured environment and its RPO: `rollcall_rpo_seconds` is exposed for it before
+    /// it has any point, so a rule can tell "no point at all".
+    pub fn environment(&self, environment: &str, rpo: u64) {
+        lock(&self.rpos).insert(environment.to_owned(), rpo);
+    }
+
+    /// A run ended (blocked counts: the verdict is what an operator sees now). Only a newer
+    /// ending than the one known replaces it, so the journal's runs read at start-up and the
+    /// runs that end meanwhile can come in any order.
+    pub fn ending(&self, e: Ending<'_>) {
+        let mut verdicts = lock(&self.verdicts);
+        let v = verdicts
+            .entry((e.environment.to_owned(), e.kind.to_owned()))
+            .or_default();
+        if e.ended_unix >= v.ended {
+            v.ended = e.ended_unix;
+            v.succeeded = e.succeeded;
+        }
+        if e.succeeded && v.success.is_none_or(|(at, _)| e.ended_unix >= at) {
+            v.success = Some((e.ended_unix, (e.ended_unix - e.started_unix).max(0.0)));
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The newest point of an environment as the metrics see it.
@@ -197,6 +276,7 @@ pub struct Sources {
     pub runs: Arc<RunMetrics>,
     pub commands: Arc<CommandCounters>,
     pub refusals: Arc<CallRefusals>,
+    pub notifications: Arc<NotifyCounters>,
     pub agent_rejections: Arc<Rejections>,
     pub operator_rejections: Arc<Rejections>,
 }
@@ -245,6 +325,12 @@ fn registry_at(sources: &Sources, clock: fn() -> i64) -> prometheus_client::regi
         "Operator calls refused for operator.max_concurrent_calls (busy) or operator.call_timeout \
          (timeout), by reason",
         sources.refusals.operator.clone(),
+    );
+    r.register(
+        "rollcall_coordinator_notifications",
+        "Webhook deliveries ([[notify]]), by event and outcome: delivered, failed (refused, or \
+         retries used up), dropped (the webhook's queue was full)",
+        sources.notifications.outcomes.clone(),
     );
     r.register_collector(Box::new(AtScrape {
         sources: sources.clone(),
@@ -343,13 +429,29 @@ impl Collector for AtScrape {
                 .encode(metric.encode_family(&[("environment", env.as_str())])?)?;
         }
         let mut metric = encoder.encode_descriptor(
+            "rollcall_newest_point_timestamp_seconds",
+            "When the newest recovery point (in commit order) per environment was taken, unix \
+             seconds.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (env, newest) in &points {
+            ConstGauge::new(newest.created_unix)
+                .encode(metric.encode_family(&[("environment", env.as_str())])?)?;
+        }
+        // Every configured environment, and any other a point was seen for.
+        let mut rpos = lock(&s.runs.rpos).clone();
+        for (env, newest) in &points {
+            rpos.entry(env.clone()).or_insert(newest.rpo_seconds);
+        }
+        let mut metric = encoder.encode_descriptor(
             "rollcall_rpo_seconds",
             "The environment's recovery point objective.",
             None,
             MetricType::Gauge,
         )?;
-        for (env, newest) in &points {
-            ConstGauge::new(newest.rpo_seconds)
+        for (env, rpo) in &rpos {
+            ConstGauge::new(*rpo)
                 .encode(metric.encode_family(&[("environment", env.as_str())])?)?;
         }
         let mut metric = encoder.encode_descriptor(
@@ -362,6 +464,56 @@ impl Collector for AtScrape {
         for (env, newest) in &points {
             ConstGauge::new(u64::from(newest.older_than_rpo(now)))
                 .encode(metric.encode_family(&[("environment", env.as_str())])?)?;
+        }
+
+        let verdicts = lock(&s.runs.verdicts).clone();
+        let labels =
+            |(env, kind): &(String, String)| [("environment", env.clone()), ("kind", kind.clone())];
+        let mut metric = encoder.encode_descriptor(
+            "rollcall_last_run_succeeded",
+            "1 when the newest run of this kind in the environment that ended (blocked, aborted \
+             or failed included) succeeded, else 0. kind=\"drill\" is the last drill (in a \
+             restore-test environment, the last restore test); kind=\"backup\" the last backup.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (key, v) in &verdicts {
+            ConstGauge::new(u64::from(v.succeeded)).encode(metric.encode_family(&labels(key))?)?;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "rollcall_last_run_end_timestamp_seconds",
+            "When the newest run of this kind in the environment that ended (blocked included) \
+             ended, unix seconds.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (key, v) in &verdicts {
+            ConstGauge::new(v.ended).encode(metric.encode_family(&labels(key))?)?;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "rollcall_last_success_timestamp_seconds",
+            "When the newest successful run of this kind in the environment finished, unix \
+             seconds (kind=\"drill\": the last successful drill or restore test).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (key, v) in &verdicts {
+            if let Some((at, _)) = v.success {
+                ConstGauge::new(at).encode(metric.encode_family(&labels(key))?)?;
+            }
+        }
+        let mut metric = encoder.encode_descriptor(
+            "rollcall_last_success_duration_seconds",
+            "How long the newest successful run of this kind in the environment took from its \
+             start to success (kind=\"drill\": the measured restore time of the last \
+             successful drill or restore test).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (key, v) in &verdicts {
+            if let Some((_, took)) = v.success {
+                ConstGauge::new(took).encode(metric.encode_family(&labels(key))?)?;
+            }
         }
         Ok(())
     }
@@ -415,6 +567,7 @@ mod tests {
             runs,
             commands,
             refusals: Arc::default(),
+            notifications: Arc::default(),
             agent_rejections: Arc::default(),
             operator_rejections: Arc::default(),
         }
@@ -516,6 +669,7 @@ mod tests {
         commands.count("ping", "succeeded");
         let mut s = sources(Registry::new(), runs, commands);
         s.refusals = refusals;
+        s.notifications.count("run.blocked", "dropped");
         let text = encode(&registry_at(&s, || 1_100));
 
         for line in [
@@ -531,6 +685,12 @@ mod tests {
             "# TYPE rollcall_newest_point_older_than_rpo gauge",
             "# TYPE rollcall_coordinator_attaches_throttled_total counter",
             "# TYPE rollcall_coordinator_operator_calls_refused_total counter",
+            "# TYPE rollcall_coordinator_notifications_total counter",
+            "# TYPE rollcall_newest_point_timestamp_seconds gauge",
+            "# TYPE rollcall_last_run_succeeded gauge",
+            "# TYPE rollcall_last_run_end_timestamp_seconds gauge",
+            "# TYPE rollcall_last_success_timestamp_seconds gauge",
+            "# TYPE rollcall_last_success_duration_seconds gauge",
             // A sub-second phase falls in the first bucket; buckets are cumulative.
             "rollcall_phase_duration_seconds_bucket{action=\"freeze\",le=\"1\"} 1",
             "rollcall_phase_duration_seconds_bucket{action=\"restore-postgres\",le=\"30\"} 0",
@@ -554,6 +714,73 @@ mod tests {
         assert!(!text.contains("kind=\"backup\",le="), "{text}");
         // Every family is declared once.
         let declared = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(declared, 12, "{text}");
+        assert_eq!(declared, 18, "{text}");
+    }
+
+    /// The verdict gauges the alert rules read: the newest ending of each environment and
+    /// kind, its result, and the newest success with its duration, whatever order they come in.
+    #[test]
+    fn verdicts_keep_the_newest_ending_and_the_newest_success() {
+        let m = Arc::new(RunMetrics::default());
+        m.environment("prod", 86_400);
+        m.environment("staging", 3_600);
+        let end = |env, kind, succeeded, started_unix, ended_unix| Ending {
+            environment: env,
+            kind,
+            succeeded,
+            started_unix,
+            ended_unix,
+        };
+        m.ending(end("prod", "drill", true, 900.0, 1_000.0));
+        m.ending(end("prod", "drill", false, 1_900.0, 2_000.0));
+        // Read from the journal after the blocked one was seen: older, changes nothing.
+        m.ending(end("prod", "drill", true, 400.0, 500.0));
+        m.ending(end("prod", "backup", true, 1_990.0, 2_000.5));
+        let notifications = Arc::new(NotifyCounters::default());
+        notifications.count("run.blocked", "delivered");
+        notifications.count("run.finished", "failed");
+        notifications.count("run.finished", "failed");
+        let mut s = sources(Registry::new(), m.clone(), Arc::default());
+        s.notifications = notifications;
+        let text = encode(&registry_at(&s, || 3_000));
+        for line in [
+            "rollcall_last_run_succeeded{environment=\"prod\",kind=\"drill\"} 0",
+            "rollcall_last_run_end_timestamp_seconds{environment=\"prod\",kind=\"drill\"} 2000.0",
+            "rollcall_last_success_timestamp_seconds{environment=\"prod\",kind=\"drill\"} 1000.0",
+            "rollcall_last_success_duration_seconds{environment=\"prod\",kind=\"drill\"} 100.0",
+            "rollcall_last_run_succeeded{environment=\"prod\",kind=\"backup\"} 1",
+            "rollcall_last_success_timestamp_seconds{environment=\"prod\",kind=\"backup\"} 2000.5",
+            "rollcall_last_success_duration_seconds{environment=\"prod\",kind=\"backup\"} 10.5",
+            // Every configured environment has its RPO, with or without a point.
+            "rollcall_rpo_seconds{environment=\"prod\"} 86400",
+            "rollcall_rpo_seconds{environment=\"staging\"} 3600",
+            "rollcall_coordinator_notifications_total{event=\"run.blocked\",outcome=\"delivered\"} 1",
+            "rollcall_coordinator_notifications_total{event=\"run.finished\",outcome=\"failed\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        // No point yet: no point timestamp (the rules tell "no point" by its absence).
+        assert!(
+            !text.contains("rollcall_newest_point_timestamp_seconds{"),
+            "{text}"
+        );
+        m.point("prod", Some(3), 2_500, 86_400);
+        let text = encode(&registry_at(&s, || 3_000));
+        assert!(
+            text.contains("rollcall_newest_point_timestamp_seconds{environment=\"prod\"} 2500\n"),
+            "{text}"
+        );
+        // A later success replaces the success and the result.
+        m.ending(end("prod", "drill", true, 2_900.0, 2_960.0));
+        let text = encode(&registry_at(&s, || 3_000));
+        assert!(
+            text.contains("rollcall_last_run_succeeded{environment=\"prod\",kind=\"drill\"} 1")
+        );
+        assert!(
+            text.contains(
+                "rollcall_last_success_duration_seconds{environment=\"prod\",kind=\"drill\"} 60.0"
+            ),
+            "{text}"
+        );
     }
 }

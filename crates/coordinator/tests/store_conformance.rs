@@ -46,6 +46,7 @@ async fn conformance(fresh: &mut dyn FnMut() -> String) {
     commands_are_journaled_once_and_results_first_wins(&fresh()).await;
     events_come_back_in_order(&fresh()).await;
     a_replaced_coordinator_changes_nothing(&fresh()).await;
+    newest_verdicts_per_environment_and_kind(&fresh()).await;
 }
 
 async fn epochs_strictly_increase_across_reopen(url: &str) {
@@ -508,4 +509,59 @@ async fn unusable_urls_say_what_to_fix() {
     assert!(msg.contains("connect to the Postgres state store"), "{msg}");
     assert!(msg.contains("rollcall:***@127.0.0.1"), "{msg}");
     assert!(!msg.contains("hunter2"), "{msg}");
+}
+
+/// The verdict metrics' start: per environment and kind, the newest ended run (blocked
+/// counts) and the newest success; running runs and older ones are not returned.
+async fn newest_verdicts_per_environment_and_kind(url: &str) {
+    let s = store::open(url).await.unwrap();
+    assert!(s.newest_verdicts().await.unwrap().is_empty());
+    let run = |id: &str, kind: RunKind, env: &str, t: i64| NewRun {
+        kind,
+        environment: env.into(),
+        ..new_run(id, at(t))
+    };
+    for (id, kind, env, t, state) in [
+        ("d1", RunKind::Drill, "prod", 0, Some(RunState::Succeeded)),
+        ("d2", RunKind::Drill, "prod", 10, Some(RunState::Succeeded)),
+        ("d3", RunKind::Drill, "prod", 20, Some(RunState::Blocked)),
+        ("d4", RunKind::Drill, "prod", 30, None), // still running: no verdict yet
+        ("b1", RunKind::Backup, "prod", 5, Some(RunState::Succeeded)),
+        ("b2", RunKind::Backup, "prod", 15, Some(RunState::Aborted)),
+        (
+            "s1",
+            RunKind::Drill,
+            "staging",
+            1,
+            Some(RunState::Succeeded),
+        ),
+    ] {
+        s.create_run(&run(id, kind, env, t)).await.unwrap();
+        s.set_run_state(id, RunState::Running, None, at(t + 1), w())
+            .await
+            .unwrap();
+        if let Some(state) = state {
+            s.set_run_state(id, state, None, at(t + 2), w())
+                .await
+                .unwrap();
+        }
+    }
+    let mut got: Vec<(String, RunState)> = s
+        .newest_verdicts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.id, r.state))
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        got,
+        [
+            ("b1".to_owned(), RunState::Succeeded),
+            ("b2".to_owned(), RunState::Aborted),
+            ("d2".to_owned(), RunState::Succeeded),
+            ("d3".to_owned(), RunState::Blocked),
+            ("s1".to_owned(), RunState::Succeeded),
+        ]
+    );
 }

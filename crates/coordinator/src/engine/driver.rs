@@ -24,6 +24,7 @@ use super::planner::{self, AgentStanding, Next, freeze_note};
 use super::send::run_steps;
 use crate::config::Environment;
 use crate::link::AgentLink;
+use crate::notify::RunEvent;
 use crate::plan::{Action, Phase, Plan};
 use crate::store::{PhaseRecord, PhaseState, ResultRecord, RunState};
 
@@ -145,19 +146,16 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                     }
                 }
                 Next::Done => {
+                    let at = Utc::now();
                     self.store
-                        .set_run_state(id, RunState::Succeeded, None, Utc::now(), self.link.epoch())
+                        .set_run_state(id, RunState::Succeeded, None, at, self.link.epoch())
                         .await?;
                     // The final report is stored before the event a watcher ends on.
                     let journal = self.store.phases(id).await?;
                     self.store_final_report(id, &plan, &env, run.point_id.as_deref(), &journal)
                         .await;
                     self.event(id, "run.succeeded", json!({})).await?;
-                    self.metrics.run_succeeded(
-                        run.kind.as_str(),
-                        &run.environment,
-                        (Utc::now() - run.created_at).num_milliseconds() as f64 / 1000.0,
-                    );
+                    self.ended(&run, RunEvent::Finished, RunState::Succeeded, None, at);
                     tracing::info!(run_id = %id, "run succeeded");
                     return Ok(());
                 }
@@ -183,14 +181,9 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                         "phase {} did not pass: {detail}{frozen}{changes} — {next}",
                         plan.phases[phase].name
                     );
+                    let at = Utc::now();
                     self.store
-                        .set_run_state(
-                            id,
-                            RunState::Blocked,
-                            Some(&reason),
-                            Utc::now(),
-                            self.link.epoch(),
-                        )
+                        .set_run_state(id, RunState::Blocked, Some(&reason), at, self.link.epoch())
                         .await?;
                     self.event(
                         id,
@@ -201,7 +194,13 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                     tracing::warn!(run_id = %id, "run blocked: {reason}");
                     self.store_final_report(id, &plan, &env, run.point_id.as_deref(), &journal)
                         .await;
-                    self.metrics.run_ended(run.kind.as_str(), "blocked");
+                    self.ended(
+                        &run,
+                        RunEvent::Blocked,
+                        RunState::Blocked,
+                        Some(&reason),
+                        at,
+                    );
                     return Ok(());
                 }
             }

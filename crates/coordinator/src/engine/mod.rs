@@ -39,6 +39,7 @@ use tracing::Instrument;
 
 use crate::config::Environment;
 use crate::link::AgentLink;
+use crate::notify::RunEvent;
 use crate::plan::{Action, Plan};
 use crate::store::{self, NewRun, PhaseRecord, PhaseState, RunKind, RunRecord, RunState, Store};
 use commands::{CommandKey, RunContext, RunId, RunParams, agent_actions, needs_point};
@@ -89,6 +90,13 @@ pub enum Control {
     Undo { force: bool },
 }
 
+/// Who hears how runs end: the metrics, and the `[[notify]]` webhooks.
+#[derive(Clone, Default)]
+pub struct Observers {
+    pub metrics: Arc<crate::metrics::RunMetrics>,
+    pub notifier: crate::notify::Notifier,
+}
+
 pub struct Engine<L> {
     inner: Arc<Inner<L>>,
 }
@@ -115,6 +123,7 @@ struct Inner<L> {
     /// coordinator restart they reconnect within about this long).
     attach_grace: Duration,
     metrics: Arc<crate::metrics::RunMetrics>,
+    notifier: crate::notify::Notifier,
 }
 
 impl<L: AgentLink + Clone + 'static> Engine<L> {
@@ -125,7 +134,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         environments: BTreeMap<String, Environment>,
         shutdown: CancellationToken,
         attach_grace: Duration,
-        metrics: Arc<crate::metrics::RunMetrics>,
+        observers: Observers,
     ) -> Engine<L> {
         Engine {
             inner: Arc::new(Inner {
@@ -137,13 +146,31 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 starting: tokio::sync::Mutex::new(()),
                 shutdown,
                 attach_grace,
-                metrics,
+                metrics: observers.metrics,
+                notifier: observers.notifier,
             }),
         }
     }
 
     pub fn metrics(&self) -> &Arc<crate::metrics::RunMetrics> {
         &self.inner.metrics
+    }
+
+    /// Feeds the verdict gauges the journal's newest ended and newest successful run of
+    /// each environment and kind; returns how many runs were read.
+    pub async fn observe_verdicts(&self) -> Result<usize> {
+        let runs = self.inner.store.newest_verdicts().await?;
+        for run in &runs {
+            let ended = run.finished_at.unwrap_or(run.updated_at);
+            self.inner.metrics.ending(crate::metrics::Ending {
+                environment: &run.environment,
+                kind: run.kind.as_str(),
+                succeeded: run.state == RunState::Succeeded,
+                started_unix: unix_seconds(run.created_at),
+                ended_unix: unix_seconds(ended),
+            });
+        }
+        Ok(runs.len())
     }
 
     /// Journals agents' progress reports as `command.progress` events of their runs, so
@@ -490,16 +517,23 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 } else {
                     "aborted by an operator"
                 };
+                let at = Utc::now();
                 store
                     .set_run_state(
                         id,
                         RunState::Aborted,
                         Some(reason),
-                        Utc::now(),
+                        at,
                         self.inner.link.epoch(),
                     )
                     .await?;
-                self.inner.metrics.run_ended(run.kind.as_str(), "aborted");
+                self.inner.ended(
+                    &run,
+                    RunEvent::Finished,
+                    RunState::Aborted,
+                    Some(reason),
+                    at,
+                );
                 self.inner
                     .event(id, "run.aborted", json!({ "frozen": frozen }))
                     .await?;
@@ -599,20 +633,27 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                     "the coordinator could not continue: {}",
                     api::errors::one_line(&*e)
                 );
+                let at = Utc::now();
                 let _ = inner
                     .store
                     .set_run_state(
                         &id,
                         RunState::Blocked,
                         Some(&reason),
-                        Utc::now(),
+                        at,
                         inner.link.epoch(),
                     )
                     .await;
-                inner.metrics.run_ended("unknown", "blocked");
                 let _ = inner
                     .event(&id, "run.blocked", json!({ "reason": reason }))
                     .await;
+                match inner.store.run(&id).await {
+                    Ok(Some(run)) => {
+                        let reason = Some(reason.as_str());
+                        inner.ended(&run, RunEvent::Failed, RunState::Blocked, reason, at);
+                    }
+                    _ => inner.metrics.run_ended("unknown", "blocked"),
+                }
             }
         });
     }
@@ -655,6 +696,10 @@ fn exclusions(env: &Environment, operator: &[String]) -> Vec<crate::report::Excl
     out
 }
 
+fn unix_seconds(at: chrono::DateTime<Utc>) -> f64 {
+    at.timestamp_millis() as f64 / 1000.0
+}
+
 fn phase_passed(phases: &[PhaseRecord], run: &RunRecord, action: Action) -> bool {
     let Ok(plan) = Plan::parse(Path::new("journal"), &run.plan, None) else {
         return false;
@@ -671,6 +716,40 @@ fn phase_passed(phases: &[PhaseRecord], run: &RunRecord, action: Action) -> bool
 impl<L: AgentLink + Clone + 'static> Inner<L> {
     fn drives_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
         self.drives.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A run reached `state` (blocked, or a final state): counted in the metrics (runs by
+    /// outcome, the verdict gauges, a restore's duration) and handed to the webhooks, which
+    /// never wait. Called after the state is journaled `at`.
+    fn ended(
+        &self,
+        run: &RunRecord,
+        event: RunEvent,
+        state: RunState,
+        reason: Option<&str>,
+        at: chrono::DateTime<Utc>,
+    ) {
+        let seconds = (at - run.created_at).num_milliseconds() as f64 / 1000.0;
+        let kind = run.kind.as_str();
+        if state == RunState::Succeeded {
+            self.metrics.run_succeeded(kind, &run.environment, seconds);
+        } else {
+            self.metrics.run_ended(kind, state.as_str());
+        }
+        self.metrics.ending(crate::metrics::Ending {
+            environment: &run.environment,
+            kind,
+            succeeded: state == RunState::Succeeded,
+            started_unix: unix_seconds(run.created_at),
+            ended_unix: unix_seconds(at),
+        });
+        self.notifier.notify(&crate::notify::Notice {
+            event,
+            run: run.clone(),
+            state,
+            reason: reason.map(str::to_owned),
+            at,
+        });
     }
 
     async fn event(&self, run_id: &str, kind: &str, payload: serde_json::Value) -> Result<()> {

@@ -215,12 +215,17 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         if target.state == RunState::Blocked {
             let reason =
                 format!("taken back by undo run {undo_id} (`rollcall run show {undo_id}`)");
+            let at = Utc::now();
             store
-                .set_run_state(id, RunState::Aborted, Some(&reason), Utc::now(), epoch)
+                .set_run_state(id, RunState::Aborted, Some(&reason), at, epoch)
                 .await?;
-            self.inner
-                .metrics
-                .run_ended(target.kind.as_str(), "aborted");
+            self.inner.ended(
+                &target,
+                crate::notify::RunEvent::Finished,
+                RunState::Aborted,
+                Some(&reason),
+                at,
+            );
             self.inner
                 .event(id, "run.aborted", json!({ "undo": undo_id }))
                 .await?;

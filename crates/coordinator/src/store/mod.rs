@@ -248,6 +248,11 @@ pub trait Store: Send + Sync {
     /// Runs not in a final state, oldest first: what a restarted coordinator resumes.
     async fn unfinished_runs(&self) -> Result<Vec<RunRecord>>;
 
+    /// For each environment and kind, the newest run (by `seq`) that ended, blocked included,
+    /// and the newest that succeeded (once when they are the same run), in no particular
+    /// order: what the per-environment verdict metrics start from after a restart.
+    async fn newest_verdicts(&self) -> Result<Vec<RunRecord>>;
+
     /// Moves a run to `state`. `NotFound` for an unknown run; `Conflict` when the run is
     /// already final (a finished run is never reopened).
     async fn set_run_state(

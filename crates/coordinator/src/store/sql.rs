@@ -370,6 +370,31 @@ macro_rules! sql_store {
                 Ok(rows.iter().map(Self::run_from_row).collect::<anyhow::Result<_>>()?)
             }
 
+            async fn newest_verdicts(&self) -> Result<Vec<RunRecord>> {
+                // Row values in `IN` (SQLite 3.15+, Postgres); UNION ALL, deduplicated below.
+                let rows = sqlx::query(concat!(
+                    "SELECT ", run_columns!(), " FROM runs WHERE (environment, kind, seq) IN \
+                     (SELECT environment, kind, MAX(seq) FROM runs \
+                      WHERE state IN ($1, $2, $3, $4) GROUP BY environment, kind) \
+                     UNION ALL SELECT ", run_columns!(), " FROM runs \
+                     WHERE (environment, kind, seq) IN \
+                     (SELECT environment, kind, MAX(seq) FROM runs \
+                      WHERE state = $2 GROUP BY environment, kind)"
+                ))
+                .bind(RunState::Blocked.as_str())
+                .bind(RunState::Succeeded.as_str())
+                .bind(RunState::Failed.as_str())
+                .bind(RunState::Aborted.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend("read the newest ended runs"))?;
+                let mut runs: Vec<RunRecord> =
+                    rows.iter().map(Self::run_from_row).collect::<anyhow::Result<_>>()?;
+                runs.sort_by(|a, b| a.id.cmp(&b.id));
+                runs.dedup_by(|a, b| a.id == b.id);
+                Ok(runs)
+            }
+
             async fn set_run_state(
                 &self,
                 id: &str,
