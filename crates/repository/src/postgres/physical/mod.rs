@@ -1,0 +1,481 @@
+//! Physical backups for point-in-time recovery: base backups streamed from `pg_basebackup`
+//! into the repository, and restores of a data directory to any time the archived WAL
+//! ([`crate::wal`]) reaches.
+//!
+//! ```text
+//! base/<id>/base.tar.zst   pg_basebackup's tar (with its backup_manifest), zstd-compressed
+//! base/<id>.json           its record, written create-only once the WAL the backup needs is
+//!                          archived: the record is the commit
+//! ```
+//!
+//! A base backup restores to any time from its `consistent_at` (the server's clock once the
+//! backup ended and its WAL was in the repository: never earlier than the backup's end) up to
+//! where the archived WAL reaches. A restore never writes into a directory that holds
+//! anything: it builds the data directory beside its destination (`.<name>.rollcall-partial`),
+//! checks the tar's sha256 before unpacking anything and `pg_verifybackup` before recovery,
+//! runs the recovery on a private socket (no TCP) until the server promotes, stops it cleanly,
+//! and only then renames the directory into place.
+
+use anyhow::{Context, Result, bail};
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::repo::{Repository, is_not_found};
+
+mod backup;
+mod recover;
+
+pub use backup::{BaseBackupOptions, base_backup};
+pub use recover::{PitrOptions, PitrReport, restore_to_time};
+
+pub(crate) const BASE: &str = "base";
+
+/// One committed base backup, as its record says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseBackup {
+    pub id: String,
+    pub env: Option<String>,
+    /// The cluster's `pg_control_system().system_identifier`: WAL of another cluster never
+    /// recovers it.
+    pub system_identifier: String,
+    /// `server_version_num` of the server backed up; a restore needs the same major version.
+    pub server_version_num: u32,
+    pub wal_segment_size: u64,
+    pub timeline: u32,
+    pub start_lsn: String,
+    pub end_lsn: String,
+    /// The first and last WAL segments recovery needs to reach consistency.
+    pub start_wal: String,
+    pub end_wal: String,
+    /// The server's clock when the backup started.
+    pub started_at: DateTime<Utc>,
+    /// The server's clock after the backup ended and its WAL was archived: the earliest time
+    /// it restores to.
+    pub consistent_at: DateTime<Utc>,
+    /// The compressed tar in the repository, its size and sha256.
+    pub key: String,
+    pub size: u64,
+    pub sha256: String,
+    /// The tar's own size.
+    pub tar_size: u64,
+}
+
+fn record_key(id: &str) -> Path {
+    Path::from(format!("{BASE}/{id}.json"))
+}
+
+fn body_key(id: &str) -> Path {
+    Path::from(format!("{BASE}/{id}/base.tar.zst"))
+}
+
+/// Every committed base backup, oldest first.
+pub async fn list_base_backups(repo: &Repository) -> Result<Vec<BaseBackup>> {
+    let prefix = Path::from(BASE);
+    let metas: Vec<_> = repo
+        .store()
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .with_context(|| format!("list {prefix}/ in {}", repo.label()))?;
+    let mut out = Vec::new();
+    for meta in metas {
+        // Records sit directly under base/; the bodies one level down.
+        if meta.location.extension() != Some("json") || meta.location.parts().count() != 2 {
+            continue;
+        }
+        let bytes = repo.get_bytes(&meta.location, "base backup record").await?;
+        let record: BaseBackup = serde_json::from_slice(&bytes).map_err(|e| {
+            repo.damaged(
+                "base backup record",
+                &meta.location,
+                format!("does not read: {e}"),
+            )
+        })?;
+        out.push(record);
+    }
+    out.sort_by(|a, b| a.consistent_at.cmp(&b.consistent_at).then(a.id.cmp(&b.id)));
+    Ok(out)
+}
+
+/// The times the repository can restore Postgres to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecoveryWindow {
+    /// The oldest base backup's `consistent_at`.
+    pub earliest: DateTime<Utc>,
+    /// When the newest WAL segment reachable without a gap from the newest base backup was
+    /// archived: WAL written before then is restorable.
+    pub latest: DateTime<Utc>,
+    /// The newest segment of that run, and the first one missing after it if the archive has
+    /// a gap before its newest segment.
+    pub newest_segment: String,
+    pub gap_at: Option<String>,
+    pub base_backups: usize,
+}
+
+/// The window the base backups and the archived WAL cover, `None` without a base backup.
+pub async fn recovery_window(repo: &Repository) -> Result<Option<RecoveryWindow>> {
+    let bases = list_base_backups(repo).await?;
+    let (Some(oldest), Some(newest)) = (bases.first(), bases.last()) else {
+        return Ok(None);
+    };
+    let wal = crate::wal::wal_list(repo).await?;
+    let reach = wal_reach(newest, &wal)?;
+    Ok(Some(RecoveryWindow {
+        earliest: oldest.consistent_at,
+        latest: reach.pushed_at.max(newest.consistent_at),
+        newest_segment: reach.segment,
+        gap_at: reach.gap_at,
+        base_backups: bases.len(),
+    }))
+}
+
+struct Reach {
+    segment: String,
+    pushed_at: DateTime<Utc>,
+    gap_at: Option<String>,
+}
+
+/// How far the archive runs without a gap from `base`'s first segment, on its timeline.
+fn wal_reach(base: &BaseBackup, wal: &[crate::wal::WalRecord]) -> Result<Reach> {
+    let per_log = 0x1_0000_0000u64 / base.wal_segment_size.max(1);
+    let timeline = format!("{:08X}", base.timeline);
+    let number = |name: &str| -> Option<u64> {
+        if name.len() != 24 || !name.starts_with(&timeline) {
+            return None;
+        }
+        let log = u64::from_str_radix(&name[8..16], 16).ok()?;
+        let seg = u64::from_str_radix(&name[16..24], 16).ok()?;
+        Some(log * per_log + seg)
+    };
+    let segments: std::collections::BTreeMap<u64, &crate::wal::WalRecord> = wal
+        .iter()
+        .filter_map(|r| number(&r.name).map(|n| (n, r)))
+        .collect();
+    let first = number(&base.start_wal).context("the base backup's first segment name")?;
+    let mut n = first;
+    let mut last = None;
+    while let Some(record) = segments.get(&n) {
+        last = Some(*record);
+        n += 1;
+    }
+    let Some(last) = last else {
+        bail!(
+            "the archive does not hold {}, the first WAL segment base backup {} needs",
+            base.start_wal,
+            base.id
+        );
+    };
+    let gap_at = segments
+        .range(n..)
+        .next()
+        .map(|_| format!("{timeline}{:08X}{:08X}", n / per_log, n % per_log));
+    Ok(Reach {
+        segment: last.name.clone(),
+        pushed_at: last.pushed_at,
+        gap_at,
+    })
+}
+
+/// `0/2000028` → its position.
+fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.trim().split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+fn segment_name(timeline: u32, lsn: u64, segment_size: u64) -> String {
+    let per_log = 0x1_0000_0000u64 / segment_size.max(1);
+    let n = lsn / segment_size.max(1);
+    format!("{timeline:08X}{:08X}{:08X}", n / per_log, n % per_log)
+}
+
+/// Checks every base backup's body: present with its recorded size, and (`full`) its sha256.
+/// Returns each backup with the problem found, if any.
+pub async fn verify_base_backups(
+    repo: &Repository,
+    full: bool,
+) -> Result<Vec<(BaseBackup, Option<String>)>> {
+    use futures::StreamExt;
+    let mut out = Vec::new();
+    for base in list_base_backups(repo).await? {
+        let key = Path::from(base.key.as_str());
+        let problem = match repo.store().head(&key).await {
+            Err(object_store::Error::NotFound { .. }) => Some(format!("its body {key} is missing")),
+            Err(e) => Some(format!("its body {key} is unreadable: {e}")),
+            Ok(meta) if meta.size != base.size => Some(format!(
+                "its body {key} has {} bytes, the record says {}",
+                meta.size, base.size
+            )),
+            Ok(_) if full => {
+                let got = repo
+                    .store()
+                    .get(&key)
+                    .await
+                    .with_context(|| format!("read {key} from {}", repo.label()))?;
+                let mut stream = crate::body::body_stream(got);
+                let mut hasher = Sha256::new();
+                let mut failed = None;
+                while let Some(chunk) = stream.next().await {
+                    match chunk {
+                        Ok(chunk) => hasher.update(&chunk),
+                        Err(e) => {
+                            failed = Some(format!("its body {key} is unreadable: {e}"));
+                            break;
+                        }
+                    }
+                }
+                failed.or_else(|| {
+                    let actual = hex::encode(hasher.finalize());
+                    (actual != base.sha256).then(|| {
+                        format!(
+                            "its body {key} hashes to {actual}, the record says {}",
+                            base.sha256
+                        )
+                    })
+                })
+            }
+            Ok(_) => None,
+        };
+        out.push((base, problem));
+    }
+    Ok(out)
+}
+
+/// What retention removed of the physical backups.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PhysicalPrune {
+    pub(crate) deleted_base_backups: Vec<String>,
+    pub(crate) deleted_wal_files: u64,
+}
+
+/// Retention for base backups and WAL, one window with the points: `env`'s base backups
+/// consistent before `cutoff` go, except the newest of them (a restore to the window's first
+/// moment starts from it); then every archived WAL file older than the first segment the
+/// oldest remaining base backup (of any environment) needs. With no base backup left, no WAL
+/// is deleted. Records go before bodies, so an interrupted prune leaves orphans, never a
+/// record without its body.
+pub(crate) async fn prune_physical(
+    repo: &Repository,
+    env: &str,
+    cutoff: DateTime<Utc>,
+    dry_run: bool,
+) -> Result<PhysicalPrune> {
+    let bases = list_base_backups(repo).await?;
+    let anchor = bases
+        .iter()
+        .rev()
+        .find(|b| b.env.as_deref() == Some(env) && b.consistent_at <= cutoff)
+        .map(|b| b.id.clone());
+    let (doomed, remaining): (Vec<&BaseBackup>, Vec<&BaseBackup>) = bases.iter().partition(|b| {
+        b.env.as_deref() == Some(env) && b.consistent_at < cutoff && Some(&b.id) != anchor.as_ref()
+    });
+    let mut report = PhysicalPrune::default();
+    for base in &doomed {
+        if !dry_run {
+            delete(repo, &record_key(&base.id)).await?;
+            delete(repo, &Path::from(base.key.as_str())).await?;
+        }
+        report.deleted_base_backups.push(base.id.clone());
+    }
+    // A segment's place regardless of timeline: its log and segment numbers, fixed-width hex.
+    let Some(oldest_needed) = remaining.iter().map(|b| b.start_wal[8..].to_owned()).min() else {
+        return Ok(report);
+    };
+    for record in crate::wal::wal_list(repo).await? {
+        let place = record.name.get(8..24).filter(|_| record.name.len() >= 24);
+        if place.is_none_or(|p| p >= oldest_needed.as_str()) {
+            continue; // history files, and what a remaining base backup needs
+        }
+        if !dry_run {
+            delete(repo, &crate::wal::record_key(&record.name)).await?;
+            delete(repo, &Path::from(record.body.as_str())).await?;
+        }
+        report.deleted_wal_files += 1;
+    }
+    Ok(report)
+}
+
+async fn delete(repo: &Repository, key: &Path) -> Result<()> {
+    match repo.store().delete(key).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(anyhow::Error::new(e))
+            .with_context(|| format!("delete {key} from {}", repo.label())),
+    }
+}
+
+/// Whether `id` names a committed base backup.
+pub async fn read_base_backup(repo: &Repository, id: &str) -> Result<Option<BaseBackup>> {
+    let key = record_key(id);
+    match repo.get_bytes(&key, "base backup record").await {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {
+            repo.damaged("base backup record", &key, format!("does not read: {e}"))
+        })?)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use object_store::PutPayload;
+
+    use super::*;
+
+    #[test]
+    fn lsns_and_segment_names() {
+        assert_eq!(parse_lsn("0/2000028"), Some(0x200_0028));
+        assert_eq!(parse_lsn("1/0"), Some(1 << 32));
+        assert_eq!(parse_lsn("x/1"), None);
+        assert_eq!(format_lsn(0x1_0200_0028), "1/2000028");
+        let mb16 = 16 << 20;
+        assert_eq!(
+            segment_name(1, 0x200_0028, mb16),
+            "000000010000000000000002"
+        );
+        assert_eq!(
+            segment_name(2, (1 << 32) + 0xFF00_0000, mb16),
+            "0000000200000001000000FF"
+        );
+        assert_eq!(
+            segment_name(1, 0x300_0000 - 1, mb16),
+            "000000010000000000000002"
+        );
+    }
+
+    fn base(id: &str, env: &str, consistent: &str, start_wal: &str) -> BaseBackup {
+        BaseBackup {
+            id: id.into(),
+            env: Some(env.into()),
+            system_identifier: "1".into(),
+            server_version_num: 150000,
+            wal_segment_size: 16 << 20,
+            timeline: 1,
+            start_lsn: "0/0".into(),
+            end_lsn: "0/0".into(),
+            start_wal: start_wal.into(),
+            end_wal: start_wal.into(),
+            started_at: consistent.parse().unwrap(),
+            consistent_at: consistent.parse().unwrap(),
+            key: format!("{BASE}/{id}/base.tar.zst"),
+            size: 1,
+            sha256: String::new(),
+            tar_size: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_the_base_backup_the_window_starts_from_and_the_wal_it_needs() {
+        let repo = Repository::from_store(
+            std::sync::Arc::new(object_store::memory::InMemory::new()),
+            "memory",
+            crate::RepositoryOptions::default(),
+        );
+        let bases = [
+            base(
+                "b1",
+                "prod",
+                "2026-12-01T00:00:00Z",
+                "000000010000000000000002",
+            ),
+            base(
+                "b2",
+                "prod",
+                "2026-12-02T00:00:00Z",
+                "000000010000000000000005",
+            ),
+            base(
+                "b3",
+                "prod",
+                "2026-12-04T00:00:00Z",
+                "000000020000000000000009",
+            ),
+            base(
+                "other",
+                "dev",
+                "2026-11-01T00:00:00Z",
+                "000000010000000000000004",
+            ),
+        ];
+        for b in &bases {
+            let body = serde_json::to_vec(b).unwrap();
+            repo.store()
+                .put(&record_key(&b.id), PutPayload::from(body))
+                .await
+                .unwrap();
+            repo.store()
+                .put(&Path::from(b.key.as_str()), PutPayload::from_static(b"x"))
+                .await
+                .unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "000000010000000000000001",
+            "000000010000000000000002",
+            "000000010000000000000003",
+            "000000010000000000000004",
+            "000000010000000000000005",
+            "000000010000000000000005.00000028.backup",
+            "000000020000000000000009",
+            "00000002.history",
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, name.as_bytes()).unwrap();
+            crate::wal::wal_push(&repo, &path).await.unwrap();
+        }
+        let cutoff: DateTime<Utc> = "2026-12-03T00:00:00Z".parse().unwrap();
+
+        let dry = prune_physical(&repo, "prod", cutoff, true).await.unwrap();
+        assert_eq!(dry.deleted_base_backups, ["b1"]);
+        assert_eq!(list_base_backups(&repo).await.unwrap().len(), 4, "dry run");
+
+        // b2 is the newest before the cutoff: it stays; dev's base keeps segment 4 and on.
+        let done = prune_physical(&repo, "prod", cutoff, false).await.unwrap();
+        assert_eq!(done.deleted_base_backups, ["b1"]);
+        assert_eq!(done.deleted_wal_files, 3);
+        let ids: Vec<String> = list_base_backups(&repo)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| b.id)
+            .collect();
+        assert_eq!(ids, ["other", "b2", "b3"]);
+        assert!(
+            repo.store()
+                .head(&Path::from(format!("{BASE}/b1/base.tar.zst")))
+                .await
+                .is_err()
+        );
+        let names: Vec<String> = crate::wal::wal_list(&repo)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "000000010000000000000004",
+                "000000010000000000000005",
+                "000000010000000000000005.00000028.backup",
+                "00000002.history",
+                "000000020000000000000009",
+            ]
+        );
+        assert!(
+            crate::wal::wal_verify(&repo, true)
+                .await
+                .unwrap()
+                .damaged
+                .is_empty()
+        );
+    }
+}
