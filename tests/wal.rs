@@ -210,6 +210,19 @@ async fn archived_wal_recovers_a_base_backup_to_a_time_between_two_commits() {
         "no push failed"
     );
 
+    // The window: from the base backup's consistent time to the newest segment's archiving.
+    let listed = run(&["repo", "base-backups", "--repo", &repo_url, "--json"]);
+    assert!(listed.status.success(), "{listed:?}");
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let window = &listed["window"];
+    assert_eq!(window["earliest"], record["consistent_at"], "{listed}");
+    assert_eq!(window["base_backups"], 1, "{listed}");
+    assert_eq!(window["gap_at"], serde_json::Value::Null, "{listed}");
+    assert!(
+        window["newest_segment"].as_str().unwrap() >= last.as_str(),
+        "{listed}"
+    );
+
     // The archive runs without gaps up to the last segment.
     let verified = rollcall(&["repo", "verify", "--repo", &repo_url]);
     let text = String::from_utf8_lossy(&verified.stdout);

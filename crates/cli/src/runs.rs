@@ -463,12 +463,47 @@ pub async fn points(connection: &Connection, env: Option<&str>, json: bool) -> R
                 })
             })
             .collect();
-        let out = serde_json::json!({ "points": points, "damaged": listing.damaged });
+        let windows: Vec<_> = listing
+            .windows
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "environment": w.environment,
+                    "earliest": unix_ms_rfc3339(w.earliest_unix_ms),
+                    "latest": unix_ms_rfc3339(w.latest_unix_ms),
+                    "newest_segment": w.newest_segment,
+                    "gap_at": (!w.gap_at.is_empty()).then_some(&w.gap_at),
+                    "base_backups": w.base_backups,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "points": points, "damaged": listing.damaged, "windows": windows,
+        });
         outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     for d in &listing.damaged {
         eprintln!("warning: damaged point file, not listed: {d}");
+    }
+    for w in &listing.windows {
+        outln!(
+            "{}: Postgres restorable to any time from {} to {} ({} base backup(s), newest WAL \
+             segment {}){}",
+            w.environment,
+            unix_ms_rfc3339(w.earliest_unix_ms),
+            unix_ms_rfc3339(w.latest_unix_ms),
+            w.base_backups,
+            w.newest_segment,
+            if w.gap_at.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; WAL gap at {}: later segments are unreachable until a new base backup",
+                    w.gap_at
+                )
+            }
+        );
     }
     if listing.points.is_empty() {
         outln!("no recovery points; take one with `rollcall backup --env ENV`");
@@ -512,6 +547,12 @@ pub async fn points(connection: &Connection, env: Option<&str>, json: bool) -> R
         );
     }
     Ok(())
+}
+
+fn unix_ms_rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| format!("{ms} ms"))
 }
 
 /// The marker of a point stamped `ahead` of the reader's clock (`points`, `repo points`),

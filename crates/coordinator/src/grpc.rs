@@ -538,9 +538,22 @@ impl op::operator_service_server::OperatorService for OperatorApi {
                 stamped_ahead_seconds: s.stamped_ahead.map_or(0, |d| d.as_secs()),
             })
             .collect();
+        let windows = listing
+            .windows
+            .into_iter()
+            .map(|(environment, w)| op::RecoveryWindow {
+                environment,
+                earliest_unix_ms: w.earliest.timestamp_millis(),
+                latest_unix_ms: w.latest.timestamp_millis(),
+                newest_segment: w.newest_segment,
+                gap_at: w.gap_at.unwrap_or_default(),
+                base_backups: w.base_backups as u32,
+            })
+            .collect();
         Ok(Response::new(op::ListPointsResponse {
             points,
             damaged: listing.damaged,
+            windows,
         }))
     }
 

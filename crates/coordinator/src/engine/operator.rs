@@ -38,6 +38,8 @@ pub struct PointsListing {
     pub points: Vec<PointStatus>,
     /// Point files that could not be read as a point: `key: reason`.
     pub damaged: Vec<String>,
+    /// Environments with base backups: the times a point-in-time recovery reaches.
+    pub windows: Vec<(String, repository::RecoveryWindow)>,
 }
 
 /// A recovery point and how it stands against its environment's RPO.
@@ -163,6 +165,12 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                     .into_iter()
                     .map(|d| format!("{}: {}", d.key, d.reason)),
             );
+            if let Some(window) = repository::recovery_window(&repo, Some(name))
+                .await
+                .map_err(PointsError::Repository)?
+            {
+                out.windows.push((name.clone(), window));
+            }
         }
         Ok(out)
     }

@@ -116,9 +116,14 @@ pub struct RecoveryWindow {
     pub base_backups: usize,
 }
 
-/// The window the base backups and the archived WAL cover, `None` without a base backup.
-pub async fn recovery_window(repo: &Repository) -> Result<Option<RecoveryWindow>> {
-    let bases = list_base_backups(repo).await?;
+/// The window the base backups (of `env`, or all) and the archived WAL cover, `None` without
+/// a base backup.
+pub async fn recovery_window(
+    repo: &Repository,
+    env: Option<&str>,
+) -> Result<Option<RecoveryWindow>> {
+    let mut bases = list_base_backups(repo).await?;
+    bases.retain(|b| env.is_none_or(|e| b.env.as_deref() == Some(e)));
     let (Some(oldest), Some(newest)) = (bases.first(), bases.last()) else {
         return Ok(None);
     };
