@@ -33,12 +33,7 @@ impl Setup {
         let certs = certs_with_operators(
             dir.path(),
             &["web-1:web", "worker-1:worker"],
-            &[
-                "vera:viewer",
-                "oscar:operator",
-                "ada:admin",
-                "adam:admin",
-            ],
+            &["vera:viewer", "oscar:operator", "ada:admin", "adam:admin"],
         );
         let state_url = format!("sqlite://{}/state.db", dir.path().display());
         Setup {
@@ -98,7 +93,8 @@ impl Setup {
     }
 
     async fn coordinator(&self, env: Environment) -> InProcessCoordinator {
-        self.coordinator_at(env, "127.0.0.1:0".parse().unwrap()).await
+        self.coordinator_at(env, "127.0.0.1:0".parse().unwrap())
+            .await
     }
 
     fn agents(&self, url: &str) -> Vec<InProcessAgent> {
@@ -196,11 +192,20 @@ async fn roles_from_certificates_and_tokens_decide_who_may_drill() {
             "that needs the operator role",
         ],
     );
-    ok(&cli(&s, &c, As::Cert("vera"), &["runs", "--json"]), "viewer lists runs");
-    ok(&cli(&s, &c, As::Cert("vera"), &["agents", "--json"]), "viewer lists agents");
+    ok(
+        &cli(&s, &c, As::Cert("vera"), &["runs", "--json"]),
+        "viewer lists runs",
+    );
+    ok(
+        &cli(&s, &c, As::Cert("vera"), &["agents", "--json"]),
+        "viewer lists agents",
+    );
     fails_with(
         &cli(&s, &c, As::Token("viewer-token"), &drill),
-        &["operator tvera has the viewer role", "needs the operator role"],
+        &[
+            "operator tvera has the viewer role",
+            "needs the operator role",
+        ],
     );
     let id = started(&cli(&s, &c, As::Cert("oscar"), &drill));
     wait_state(&c, &id, RunState::Succeeded).await;
@@ -212,7 +217,12 @@ async fn roles_from_certificates_and_tokens_decide_who_may_drill() {
     assert_eq!(show["run"]["started_by_role"], "operator", "{show}");
     // Prunes take an admin (a dry run only reads).
     fails_with(
-        &cli(&s, &c, As::Cert("oscar"), &["kept", "prune", "--env", "test"]),
+        &cli(
+            &s,
+            &c,
+            As::Cert("oscar"),
+            &["kept", "prune", "--env", "test"],
+        ),
         &["may not prune kept copies: that needs the admin role"],
     );
     let agents_addr = c.handle.agents_addr;
@@ -232,7 +242,10 @@ async fn roles_from_certificates_and_tokens_decide_who_may_drill() {
     );
     fails_with(
         &cli(&s, &c, As::Token("operator-token"), &drill),
-        &["operator toscar has the operator role", "needs the admin role"],
+        &[
+            "operator toscar has the operator role",
+            "needs the admin role",
+        ],
     );
     fails_with(
         &cli(&s, &c, As::Cert("vera"), &drill),
@@ -323,11 +336,16 @@ async fn a_protected_drill_waits_for_another_operators_approval() {
     // The starter cannot approve their own run; an operator is refused by role.
     fails_with(
         &cli(&s, &c, As::Cert("ada"), &["run", "approve", &id]),
-        &[&format!("operator ada started run {id} and cannot approve it")],
+        &[&format!(
+            "operator ada started run {id} and cannot approve it"
+        )],
     );
     fails_with(
         &cli(&s, &c, As::Cert("oscar"), &["run", "approve", &id]),
-        &["may not approve a drill run of environment test", "needs the admin role"],
+        &[
+            "may not approve a drill run of environment test",
+            "needs the admin role",
+        ],
     );
     // A token's role applies the same way: an admin token approves.
     let approved = cli(&s, &c, As::Token("admin-token"), &["run", "approve", &id]);
@@ -340,7 +358,12 @@ async fn a_protected_drill_waits_for_another_operators_approval() {
     wait_state(&c, &id, RunState::Succeeded).await;
     assert_eq!(s.frozen_log(), "frozen\nunfrozen\n");
     let report = ok(
-        &cli(&s, &c, As::Cert("vera"), &["report", &id, "--format", "json"]),
+        &cli(
+            &s,
+            &c,
+            As::Cert("vera"),
+            &["report", &id, "--format", "json"],
+        ),
         "report",
     );
     assert_eq!(report["approvals_required"], 1, "{report}");
@@ -348,7 +371,10 @@ async fn a_protected_drill_waits_for_another_operators_approval() {
     assert_eq!(report["approvals"][0]["decision"], "approved", "{report}");
     let md = cli(&s, &c, As::Cert("vera"), &["report", &id]);
     let md = String::from_utf8_lossy(&md.stdout);
-    assert!(md.contains("## Approvals") && md.contains("| tada | admin | approved |"), "{md}");
+    assert!(
+        md.contains("## Approvals") && md.contains("| tada | admin | approved |"),
+        "{md}"
+    );
     // A decision once the run went on is refused.
     fails_with(
         &cli(&s, &c, As::Cert("adam"), &["run", "approve", &id]),
@@ -372,7 +398,11 @@ async fn a_protected_drill_waits_for_another_operators_approval() {
             && reason.contains("nothing was frozen or changed"),
         "{reason}"
     );
-    assert_eq!(s.frozen_log(), "frozen\nunfrozen\n", "the rejected run froze nothing");
+    assert_eq!(
+        s.frozen_log(),
+        "frozen\nunfrozen\n",
+        "the rejected run froze nothing"
+    );
     let watch = cli(&s, &c, As::Cert("vera"), &["run", "watch", &id]);
     let text = format!(
         "{}{}",
@@ -386,7 +416,12 @@ async fn a_protected_drill_waits_for_another_operators_approval() {
         "{text}"
     );
     let report = ok(
-        &cli(&s, &c, As::Cert("vera"), &["report", &id, "--format", "json"]),
+        &cli(
+            &s,
+            &c,
+            As::Cert("vera"),
+            &["report", &id, "--format", "json"],
+        ),
         "report",
     );
     assert_eq!(report["approvals"][0]["decision"], "rejected", "{report}");
@@ -394,7 +429,10 @@ async fn a_protected_drill_waits_for_another_operators_approval() {
         report["approvals"][0]["reason"], "not during the sale",
         "{report}"
     );
-    ok(&cli(&s, &c, As::Cert("ada"), &["run", "abort", &id]), "abort");
+    ok(
+        &cli(&s, &c, As::Cert("ada"), &["run", "abort", &id]),
+        "abort",
+    );
 
     for a in agents {
         a.stop().await;
@@ -449,10 +487,7 @@ async fn an_unapproved_run_blocks_at_its_timeout_and_a_retry_waits_again() {
         .control(&run.id, coordinator::engine::Control::Retry)
         .await
         .unwrap();
-    engine
-        .decide(&run.id, &as_("bea"), true, "")
-        .await
-        .unwrap();
+    engine.decide(&run.id, &as_("bea"), true, "").await.unwrap();
     wait_state(&c, &run.id, RunState::Succeeded).await;
     assert_eq!(s.frozen_log(), "frozen\nunfrozen\n");
 
@@ -460,4 +495,71 @@ async fn an_unapproved_run_blocks_at_its_timeout_and_a_retry_waits_again() {
         a.stop().await;
     }
     c.stop().await;
+}
+
+#[test]
+fn certs_init_adds_operators_with_their_role_beside_operator_pem() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let out = rollcall(&[
+        "certs",
+        "init",
+        "--dir",
+        certs.to_str().unwrap(),
+        "--operator",
+        "boss",
+        "--operator",
+        "kim:viewer",
+        "--operator",
+        "lee:operator",
+    ]);
+    ok(&out, "certs init");
+    let ids = |path: PathBuf| api::identity::in_certificate_pem(&std::fs::read(path).unwrap());
+    use api::identity::{Identity, OperatorRole};
+    let operator = |name: &str, role| Identity::Operator {
+        name: name.into(),
+        role,
+    };
+    assert_eq!(
+        ids(certs.join("operator.pem")),
+        [operator("boss", OperatorRole::Admin)]
+    );
+    assert_eq!(
+        ids(certs.join("operators/kim.pem")),
+        [operator("kim", OperatorRole::Viewer)]
+    );
+    assert_eq!(
+        ids(certs.join("operators/lee.pem")),
+        [operator("lee", OperatorRole::Operator)]
+    );
+    assert!(certs.join("operators/kim-key.pem").exists());
+
+    fails_with(
+        &rollcall(&[
+            "certs",
+            "init",
+            "--dir",
+            certs.to_str().unwrap(),
+            "--operator",
+            "kim:root",
+        ]),
+        &[
+            "--operator \"kim:root\"",
+            "not one of viewer, operator, admin",
+        ],
+    );
+    // An operator without a certificate is named, with the command that issues one.
+    fails_with(
+        &rollcall(&[
+            "runs",
+            "--certs",
+            certs.to_str().unwrap(),
+            "--operator",
+            "nobody",
+        ]),
+        &[
+            "no certificate for operator nobody",
+            "--operator nobody:ROLE",
+        ],
+    );
 }

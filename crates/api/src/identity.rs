@@ -215,7 +215,10 @@ mod tests {
         assert!(OperatorRole::Operator < OperatorRole::Admin);
         assert_eq!(OperatorRole::parse("admin"), Ok(OperatorRole::Admin));
         let e = OperatorRole::parse("root").expect_err("unknown role");
-        assert!(e.contains("\"root\"") && e.contains("viewer, operator, admin"), "{e}");
+        assert!(
+            e.contains("\"root\"") && e.contains("viewer, operator, admin"),
+            "{e}"
+        );
         assert!(check_operator_name("alice.b-1_x").is_ok());
         for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(65)] {
             assert!(check_operator_name(bad).is_err(), "{bad:?}");

@@ -35,9 +35,9 @@ pub enum Call<'a> {
 /// The role a call needs.
 pub fn needed(call: &Call<'_>) -> OperatorRole {
     match *call {
-        Call::Read
-        | Call::PrunePoints { dry_run: true }
-        | Call::PruneKept { dry_run: true } => OperatorRole::Viewer,
+        Call::Read | Call::PrunePoints { dry_run: true } | Call::PruneKept { dry_run: true } => {
+            OperatorRole::Viewer
+        }
         Call::Run {
             kind: RunKind::Backup,
             ..
@@ -145,8 +145,9 @@ mod tests {
         assert!(authorize(&caller(OperatorRole::Operator), &open).is_ok());
         let e = authorize(&caller(OperatorRole::Operator), &protected).expect_err("operator");
         assert!(
-            e.message()
-                .contains("drill run of environment prod (a protected environment): that needs the admin role"),
+            e.message().contains(
+                "drill run of environment prod (a protected environment): that needs the admin role"
+            ),
             "{}",
             e.message()
         );

@@ -47,8 +47,10 @@ pub fn parse_operator_spec(spec: &str) -> Result<(String, OperatorRole)> {
     let Some((name, role)) = spec.split_once(':') else {
         bail!("--operator {spec:?}: expected NAME:ROLE, e.g. alice:viewer");
     };
-    api::identity::check_operator_name(name).map_err(|e| anyhow::anyhow!("--operator {spec:?}: {e}"))?;
-    let role = OperatorRole::parse(role).map_err(|e| anyhow::anyhow!("--operator {spec:?}: {e}"))?;
+    api::identity::check_operator_name(name)
+        .map_err(|e| anyhow::anyhow!("--operator {spec:?}: {e}"))?;
+    let role =
+        OperatorRole::parse(role).map_err(|e| anyhow::anyhow!("--operator {spec:?}: {e}"))?;
     Ok((name.to_owned(), role))
 }
 
@@ -319,7 +321,8 @@ mod tests {
             parse_operator_spec("ada:admin").expect("spec"),
         ];
         init(&req).expect("init");
-        let ids = |path: PathBuf| api::identity::in_certificate_pem(&std::fs::read(path).expect("cert"));
+        let ids =
+            |path: PathBuf| api::identity::in_certificate_pem(&std::fs::read(path).expect("cert"));
         assert_eq!(
             ids(operator_files(dir.path(), "vera").0),
             vec![Identity::Operator {
@@ -346,7 +349,8 @@ mod tests {
         req.operators = vec![parse_operator_spec("vera:admin").expect("spec")];
         let err = init(&req).expect_err("role change");
         assert!(
-            err.to_string().contains("already exists for another identity"),
+            err.to_string()
+                .contains("already exists for another identity"),
             "{err:#}"
         );
         for bad in ["vera", "vera:root", "../x:viewer"] {

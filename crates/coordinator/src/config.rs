@@ -511,7 +511,10 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
     if env.approvals > MAX_APPROVALS {
         bail!(ConfigError::new(
             file,
-            format!("{key}.approvals = {} is more than {MAX_APPROVALS}", env.approvals),
+            format!(
+                "{key}.approvals = {} is more than {MAX_APPROVALS}",
+                env.approvals
+            ),
             "ask for 1 or 2 approvals"
         ));
     }
@@ -1010,7 +1013,11 @@ key = "certs/coordinator-key.pem"
                  repository = \"file://repo\"\nfleet = {{ web = 1, database = 1, objects = 1 }}\n{extra}"
             )
         };
-        let loaded = load(&write(dir.path(), &env("protected = true\napprovals = 1\n"))).expect("load");
+        let loaded = load(&write(
+            dir.path(),
+            &env("protected = true\napprovals = 1\n"),
+        ))
+        .expect("load");
         assert_eq!(loaded.token_hashes.len(), 1, "the unnamed list still works");
         assert_eq!(loaded.tokens.len(), 1);
         assert_eq!(loaded.tokens[0].name, "alice");
@@ -1026,8 +1033,9 @@ key = "certs/coordinator-key.pem"
 
         let err = load(&write(dir.path(), &env("approvals = 1\n"))).expect_err("not protected");
         assert!(
-            err.to_string()
-                .contains("environments.prod.approvals = 1 on an environment that is not protected"),
+            err.to_string().contains(
+                "environments.prod.approvals = 1 on an environment that is not protected"
+            ),
             "{err}"
         );
         let err = load(&write(
@@ -1036,7 +1044,8 @@ key = "certs/coordinator-key.pem"
         ))
         .expect_err("zero timeout");
         assert!(
-            err.to_string().contains("environments.prod.approval_timeout (0s)"),
+            err.to_string()
+                .contains("environments.prod.approval_timeout (0s)"),
             "{err}"
         );
 

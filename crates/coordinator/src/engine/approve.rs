@@ -48,7 +48,10 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             .await?
             .with_context(|| format!("no run {id}; `rollcall runs` lists them"))?;
         if run.state.is_final() {
-            bail!("run {id} is already {}; there is nothing to decide", run.state);
+            bail!(
+                "run {id} is already {}; there is nothing to decide",
+                run.state
+            );
         }
         let env = self.environment(&run.environment)?;
         let plan = Plan::parse(Path::new("journaled plan"), &run.plan, Some(&env.fleet))
@@ -85,7 +88,10 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             let what = if approve { "approved" } else { "rejected" };
             return Ok((
                 run,
-                format!("operator {} {what} run {id} already; it counts once", by.name),
+                format!(
+                    "operator {} {what} run {id} already; it counts once",
+                    by.name
+                ),
             ));
         }
         let decision = Decision {
@@ -142,9 +148,10 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             after = last.seq;
             for e in &page {
                 if matches!(e.kind.as_str(), "run.approved" | "run.rejected") {
-                    let d: Decision = serde_json::from_value(e.payload.clone()).with_context(
-                        || format!("journaled decision {} of run {id} does not read", e.seq),
-                    )?;
+                    let d: Decision =
+                        serde_json::from_value(e.payload.clone()).with_context(|| {
+                            format!("journaled decision {} of run {id} does not read", e.seq)
+                        })?;
                     out.push(d);
                 }
             }
@@ -166,8 +173,8 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         let id = run.id.as_str();
         let starter = RunParams::of(&run.params).started_by.map(|s| s.name);
         let need = phase.approvals();
-        let deadline = started
-            + chrono::Duration::from_std(phase.timeout).unwrap_or(chrono::Duration::MAX);
+        let deadline =
+            started + chrono::Duration::from_std(phase.timeout).unwrap_or(chrono::Duration::MAX);
         self.event(
             id,
             "approval.waiting",

@@ -42,9 +42,9 @@ use crate::config::Environment;
 use crate::link::AgentLink;
 use crate::plan::{Action, Plan};
 use crate::store::{self, NewRun, PhaseRecord, PhaseState, RunKind, RunRecord, RunState, Store};
-use commands::{CommandKey, RunContext, RunId, RunParams, agent_actions, needs_point};
 pub use approve::DecisionRefused;
 pub use commands::Starter;
+use commands::{CommandKey, RunContext, RunId, RunParams, agent_actions, needs_point};
 use planner::conflicts;
 
 /// The agents the coordinator knows, connected or not.

@@ -785,7 +785,11 @@ mod tests {
             by: by.into(),
             role: "admin".into(),
             approve,
-            reason: if approve { String::new() } else { "not tonight".into() },
+            reason: if approve {
+                String::new()
+            } else {
+                "not tonight".into()
+            },
         }
     }
 
@@ -799,7 +803,10 @@ mod tests {
         assert_eq!(approval(1, Some("alice"), &[], false), waiting(&[]));
         assert_eq!(
             approval(1, Some("alice"), &[], true),
-            Approval::TimedOut { by: vec![], need: 1 }
+            Approval::TimedOut {
+                by: vec![],
+                need: 1
+            }
         );
         // The starter's own approval never counts (the engine refuses it before it is
         // journaled; this holds even for a journal that has one).

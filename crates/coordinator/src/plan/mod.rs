@@ -773,10 +773,17 @@ pub(crate) mod tests {
         waits[approve.index] = true;
         for p in &plan.phases[approve.index + 1..] {
             waits[p.index] = p.after.iter().any(|&d| waits[d]);
-            assert!(waits[p.index], "phase {} does not wait for approval", p.name);
+            assert!(
+                waits[p.index],
+                "phase {} does not wait for approval",
+                p.name
+            );
         }
         // A second pass leaves the plan as it is; the undo plan gets one too.
-        assert_eq!(with_approval(&text, 1, Duration::from_secs(60)).unwrap(), text);
+        assert_eq!(
+            with_approval(&text, 1, Duration::from_secs(60)).unwrap(),
+            text
+        );
         let undo = Plan::undo_plan(&fleet()).unwrap();
         let text = with_approval(&undo.source, 1, Duration::from_secs(60)).unwrap();
         let undo = Plan::parse(Path::new("undo"), &text, Some(&fleet())).unwrap();
@@ -797,13 +804,24 @@ pub(crate) mod tests {
                 "{head}[[phase]]\nname = \"ok\"\naction = \"approve\"\ntimeout = \"1h\"\n{params}"
             )
         };
-        let check = |t: &str| Plan::parse(Path::new("p.toml"), t, Some(&fleet())).map_err(|e| e.to_string());
+        let check = |t: &str| {
+            Plan::parse(Path::new("p.toml"), t, Some(&fleet())).map_err(|e| e.to_string())
+        };
         assert!(check(&phase("params = { approvals = 1 }")).is_ok());
         let err = check(&phase("")).unwrap_err();
-        assert!(err.contains("phase ok: approve needs params.approvals"), "{err}");
+        assert!(
+            err.contains("phase ok: approve needs params.approvals"),
+            "{err}"
+        );
         let err = check(&phase("params = { approvals = 0 }")).unwrap_err();
-        assert!(err.contains("params.approvals = 0 is not a count from 1 to 10"), "{err}");
+        assert!(
+            err.contains("params.approvals = 0 is not a count from 1 to 10"),
+            "{err}"
+        );
         let err = check(&phase("roles = [\"web\"]\nparams = { approvals = 1 }")).unwrap_err();
-        assert!(err.contains("runs on the coordinator and targets no roles"), "{err}");
+        assert!(
+            err.contains("runs on the coordinator and targets no roles"),
+            "{err}"
+        );
     }
 }

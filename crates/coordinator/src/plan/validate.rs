@@ -521,7 +521,8 @@ impl Validator<'_> {
     fn approvals(&mut self, name: &str, action: Action, params: &toml::Table, at: usize) {
         let max = crate::config::MAX_APPROVALS;
         match (action, params.get("approvals")) {
-            (Action::Approve, Some(toml::Value::Integer(n))) if (1..=i64::from(max)).contains(n) => {}
+            (Action::Approve, Some(toml::Value::Integer(n)))
+                if (1..=i64::from(max)).contains(n) => {}
             (Action::Approve, Some(other)) => self.error(
                 at,
                 format!("phase {name}: params.approvals = {other} is not a count from 1 to {max}"),

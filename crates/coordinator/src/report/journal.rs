@@ -15,9 +15,9 @@ use repository::Point;
 use serde_json::Value;
 
 use super::types::{
-    ApprovalRow, CheckRow, CountRow, DrillReport, EXCLUDED_BY_CONFIG, EnvironmentInfo, Exclusion, FORMAT,
-    FollowUp, Incident, NOT_RECORDED, ObjectsInfo, PhaseRow, PostgresInfo, Rpo, Rto, RunInfo,
-    SecretRefRow, Target, UndoInfo, WorkerDrillRow,
+    ApprovalRow, CheckRow, CountRow, DrillReport, EXCLUDED_BY_CONFIG, EnvironmentInfo, Exclusion,
+    FORMAT, FollowUp, Incident, NOT_RECORDED, ObjectsInfo, PhaseRow, PostgresInfo, Rpo, Rto,
+    RunInfo, SecretRefRow, Target, UndoInfo, WorkerDrillRow,
 };
 use crate::config::{Environment, ReportRow};
 use crate::plan::{Action, Plan};
