@@ -73,7 +73,8 @@ pub fn authorize(operator: &Operator, call: &Call<'_>) -> Result<(), Status> {
             } else {
                 ""
             };
-            format!("{verb} a {kind} run of environment {environment}{protected}")
+            let article = if kind == RunKind::Undo { "an" } else { "a" };
+            format!("{verb} {article} {kind} run of environment {environment}{protected}")
         }
         Call::PrunePoints { .. } => "prune recovery points".to_owned(),
         Call::PruneKept { .. } => "prune kept copies".to_owned(),
@@ -153,5 +154,21 @@ mod tests {
         );
         assert!(authorize(&caller(OperatorRole::Admin), &protected).is_ok());
         assert!(authorize(&caller(OperatorRole::Viewer), &Call::Read).is_ok());
+        let e = authorize(
+            &caller(OperatorRole::Operator),
+            &Call::Run {
+                verb: "start",
+                kind: RunKind::Undo,
+                environment: "prod",
+                protected: true,
+            },
+        )
+        .expect_err("operator undo of a protected environment");
+        assert!(
+            e.message()
+                .contains("may not start an undo run of environment prod"),
+            "{}",
+            e.message()
+        );
     }
 }
