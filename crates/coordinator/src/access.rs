@@ -25,6 +25,9 @@ pub enum Call<'a> {
         kind: RunKind,
         environment: &'a str,
         protected: bool,
+        /// The run follows a plan the caller sent (`--plan FILE`): a plan can do anything, so
+        /// a backup with its own plan needs what a drill needs.
+        own_plan: bool,
     },
     /// Deleting recovery points past retention (`points prune`); a dry run only reads.
     PrunePoints { dry_run: bool },
@@ -40,6 +43,7 @@ pub fn needed(call: &Call<'_>) -> OperatorRole {
         }
         Call::Run {
             kind: RunKind::Backup,
+            own_plan: false,
             ..
         } => OperatorRole::Operator,
         Call::Run {
@@ -67,14 +71,17 @@ pub fn authorize(operator: &Operator, call: &Call<'_>) -> Result<(), Status> {
             kind,
             environment,
             protected,
+            own_plan,
         } => {
-            let protected = if protected && kind != RunKind::Backup {
+            let backup = kind == RunKind::Backup && !own_plan;
+            let protected = if protected && !backup {
                 " (a protected environment)"
             } else {
                 ""
             };
             let article = if kind == RunKind::Undo { "an" } else { "a" };
-            format!("{verb} {article} {kind} run of environment {environment}{protected}")
+            let plan = if own_plan { " with its own plan" } else { "" };
+            format!("{verb} {article} {kind} run{plan} of environment {environment}{protected}")
         }
         Call::PrunePoints { .. } => "prune recovery points".to_owned(),
         Call::PruneKept { .. } => "prune kept copies".to_owned(),
@@ -97,6 +104,7 @@ mod tests {
             kind,
             environment: "prod",
             protected,
+            own_plan: false,
         }
     }
 
@@ -113,6 +121,27 @@ mod tests {
             (run(RunKind::Drill, true), Admin),
             (run(RunKind::Recovery, true), Admin),
             (run(RunKind::Undo, true), Admin),
+            // A backup run with a plan of the caller's could restore: a drill's role.
+            (
+                Call::Run {
+                    verb: "start",
+                    kind: RunKind::Backup,
+                    environment: "prod",
+                    protected: true,
+                    own_plan: true,
+                },
+                Admin,
+            ),
+            (
+                Call::Run {
+                    verb: "start",
+                    kind: RunKind::Backup,
+                    environment: "prod",
+                    protected: false,
+                    own_plan: true,
+                },
+                Operator,
+            ),
             (Call::PrunePoints { dry_run: true }, Viewer),
             (Call::PrunePoints { dry_run: false }, Admin),
             (Call::PruneKept { dry_run: true }, Viewer),
@@ -161,6 +190,7 @@ mod tests {
                 kind: RunKind::Undo,
                 environment: "prod",
                 protected: true,
+                own_plan: false,
             },
         )
         .expect_err("operator undo of a protected environment");

@@ -471,6 +471,7 @@ impl op::operator_service_server::OperatorService for OperatorApi {
                 kind: start.kind,
                 environment: &start.environment,
                 protected,
+                own_plan: start.plan.is_some(),
             },
         )?;
         let by = crate::engine::Starter::of(&operator);
@@ -847,6 +848,7 @@ impl OperatorApi {
                 kind: kind.unwrap_or(run.kind),
                 environment: &run.environment,
                 protected,
+                own_plan: false,
             },
         )
     }

@@ -372,7 +372,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 Plan::parse(Path::new(name), text, Some(&env.fleet)).map_err(|e| anyhow!("{e}"))?
             }
         };
-        approving(env, request.kind, plan)
+        approving(env, request.kind, request.plan.is_some(), plan)
     }
 
     /// Validates the request, journals the run, and starts driving it. Fails with
@@ -661,15 +661,16 @@ pub fn started_by(params: &serde_json::Value) -> Option<Starter> {
 }
 
 /// Whether a run of `kind` must wait for approvals in `env`: drills, recoveries and undos of
-/// an environment with `approvals` (backups change nothing in the fleet).
-pub fn needs_approval(env: &Environment, kind: RunKind) -> bool {
-    env.approvals > 0 && kind != RunKind::Backup
+/// an environment with `approvals`, and a backup with a plan of the caller's (a plan can do
+/// anything); the built-in backup plan changes nothing in the fleet.
+pub fn needs_approval(env: &Environment, kind: RunKind, own_plan: bool) -> bool {
+    env.approvals > 0 && (kind != RunKind::Backup || own_plan)
 }
 
 /// The plan a run of `kind` follows in `env`: `plan`, with an approve phase when the run
 /// needs approvals ([`crate::plan::with_approval`]).
-fn approving(env: &Environment, kind: RunKind, plan: Plan) -> Result<Plan> {
-    if !needs_approval(env, kind) {
+fn approving(env: &Environment, kind: RunKind, own_plan: bool, plan: Plan) -> Result<Plan> {
+    if !needs_approval(env, kind, own_plan) {
         return Ok(plan);
     }
     let text = crate::plan::with_approval(&plan.source, env.approvals, env.approval_timeout)

@@ -177,7 +177,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         }
 
         let plan = Plan::undo_plan(&env.fleet).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let plan = super::approving(&env, RunKind::Undo, plan)?;
+        let plan = super::approving(&env, RunKind::Undo, false, plan)?;
         let now = Utc::now();
         let undo_id = RunId::new(RunKind::Undo, env.name.as_str(), now, rand::random()).to_string();
         let undoes = UndoOf {

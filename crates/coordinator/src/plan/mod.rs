@@ -447,7 +447,30 @@ pub fn with_approval(text: &str, approvals: u32, timeout: Duration) -> Result<St
         .iter()
         .any(|p| action(p).as_deref() == Some(Action::Approve.as_str()))
     {
-        return Ok(text.to_owned());
+        // The plan's own approve phases ask for at least what the environment asks for.
+        let mut raised = false;
+        for p in phases.iter_mut() {
+            if action(p).as_deref() != Some(Action::Approve.as_str()) {
+                continue;
+            }
+            let Some(table) = p.as_table_mut() else {
+                continue;
+            };
+            let params = table
+                .entry("params")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let Some(params) = params.as_table_mut() {
+                let has = params.get("approvals").and_then(|v| v.as_integer());
+                if has.is_none_or(|n| n < i64::from(approvals)) {
+                    params.insert("approvals".into(), i64::from(approvals).into());
+                    raised = true;
+                }
+            }
+        }
+        if !raised {
+            return Ok(text.to_owned());
+        }
+        return toml::to_string(&doc).map_err(|e| format!("write the plan's approvals: {e}"));
     }
     if phases
         .iter()
