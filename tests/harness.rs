@@ -68,6 +68,12 @@ pub fn free_addr() -> SocketAddr {
 
 /// A certificate directory from `certs init`, for the named `NAME:ROLE` agents.
 pub fn certs(dir: &Path, agents: &[&str]) -> PathBuf {
+    certs_with_operators(dir, agents, &[])
+}
+
+/// Like [`certs`], with operator certificates for the named `NAME:ROLE` operators too
+/// (`operators/NAME.pem`).
+pub fn certs_with_operators(dir: &Path, agents: &[&str], operators: &[&str]) -> PathBuf {
     let certs = dir.join("certs");
     coordinator::certs::init(&coordinator::certs::InitRequest {
         dir: certs.clone(),
@@ -77,9 +83,32 @@ pub fn certs(dir: &Path, agents: &[&str]) -> PathBuf {
             .collect(),
         coordinator_hosts: vec![],
         operator: "ops".into(),
+        operators: operators
+            .iter()
+            .map(|s| coordinator::certs::parse_operator_spec(s).unwrap())
+            .collect(),
     })
     .unwrap();
     certs
+}
+
+/// The named bearer tokens every in-process coordinator accepts besides
+/// `test-operator-token` (an admin named `token`): (token, name, role).
+pub const TEST_TOKENS: [(&str, &str, &str); 3] = [
+    ("viewer-token", "tvera", "viewer"),
+    ("operator-token", "toscar", "operator"),
+    ("admin-token", "tada", "admin"),
+];
+
+fn test_operator_tokens() -> Vec<coordinator::grpc::OperatorToken> {
+    TEST_TOKENS
+        .iter()
+        .map(|(token, name, role)| coordinator::grpc::OperatorToken {
+            name: (*name).to_owned(),
+            role: api::identity::OperatorRole::parse(role).unwrap(),
+            sha256: coordinator::grpc::token_hash(token),
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -173,6 +202,7 @@ impl InProcessCoordinator {
             heartbeat_interval,
             agent_timeout,
             operator_token_hashes: vec![coordinator::grpc::token_hash("test-operator-token")],
+            operator_tokens: test_operator_tokens(),
             environments,
             limits,
             notify: Vec::new(),
@@ -192,6 +222,7 @@ impl InProcessCoordinator {
             heartbeat_interval: Duration::from_millis(200),
             agent_timeout: Duration::from_secs(5),
             operator_token_hashes: vec![coordinator::grpc::token_hash("test-operator-token")],
+            operator_tokens: test_operator_tokens(),
             environments,
             limits: coordinator::layers::Limits::default(),
             notify,

@@ -38,6 +38,9 @@ fn environment(repository: &Path) -> BTreeMap<String, Environment> {
         secrets: Vec::new(),
         report_rows: Vec::new(),
         report_excluded: Vec::new(),
+        protected: false,
+        approvals: 0,
+        approval_timeout: std::time::Duration::from_secs(3600),
         fleet,
         plan,
     };

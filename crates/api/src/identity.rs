@@ -14,8 +14,9 @@ const PREFIX: &str = "spiffe://rollcall/";
 pub enum Identity {
     /// `spiffe://rollcall/agent/<role>/<name>`
     Agent { name: AgentName, role: Role },
-    /// `spiffe://rollcall/operator/<name>`
-    Operator { name: String },
+    /// `spiffe://rollcall/operator/<name>` (an admin, as every operator certificate issued
+    /// before roles was) or `spiffe://rollcall/operator/<role>/<name>`.
+    Operator { name: String, role: OperatorRole },
     /// `spiffe://rollcall/coordinator`
     Coordinator,
 }
@@ -32,6 +33,11 @@ impl Identity {
             }),
             ["operator", name] if !name.is_empty() => Some(Identity::Operator {
                 name: (*name).to_owned(),
+                role: OperatorRole::Admin,
+            }),
+            ["operator", role, name] if !name.is_empty() => Some(Identity::Operator {
+                name: (*name).to_owned(),
+                role: OperatorRole::parse(role).ok()?,
             }),
             ["coordinator"] => Some(Identity::Coordinator),
             _ => None,
@@ -47,9 +53,78 @@ impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Identity::Agent { name, role } => write!(f, "{PREFIX}agent/{role}/{name}"),
-            Identity::Operator { name } => write!(f, "{PREFIX}operator/{name}"),
+            // An admin keeps the form from before roles, so older coordinators read it too.
+            Identity::Operator {
+                name,
+                role: OperatorRole::Admin,
+            } => write!(f, "{PREFIX}operator/{name}"),
+            Identity::Operator { name, role } => write!(f, "{PREFIX}operator/{role}/{name}"),
             Identity::Coordinator => write!(f, "{PREFIX}coordinator"),
         }
+    }
+}
+
+/// What an operator may do (DESIGN.md, "Security"); each includes the ones before it.
+///
+/// * `viewer`: agents, runs, watch, report, points;
+/// * `operator`: also backups, and drills and restore tests of environments that are not
+///   `protected`;
+/// * `admin`: also drills, recoveries and undos of protected environments, and prunes.
+///
+/// Which call needs which role is decided in one table, the coordinator's `access` module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum OperatorRole {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl OperatorRole {
+    pub const ALL: [OperatorRole; 3] = [
+        OperatorRole::Viewer,
+        OperatorRole::Operator,
+        OperatorRole::Admin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatorRole::Viewer => "viewer",
+            OperatorRole::Operator => "operator",
+            OperatorRole::Admin => "admin",
+        }
+    }
+
+    /// Parses `viewer`, `operator` or `admin`; the error names the input and the choices.
+    pub fn parse(s: &str) -> Result<OperatorRole, String> {
+        OperatorRole::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("operator role {s:?} is not one of viewer, operator, admin"))
+    }
+}
+
+impl fmt::Display for OperatorRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// Checks an operator's name as certificates, file names and the journal carry it: letters,
+/// digits, `.`, `-` and `_`, not starting with `.`, at most 64 characters.
+pub fn check_operator_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "operator name {name:?} must be 1 to 64 letters, digits, '.', '-' or '_', not \
+             starting with '.'"
+        ))
     }
 }
 
@@ -94,11 +169,59 @@ mod tests {
             },
             Identity::Operator {
                 name: "alice".into(),
+                role: OperatorRole::Admin,
+            },
+            Identity::Operator {
+                name: "bob".into(),
+                role: OperatorRole::Viewer,
+            },
+            Identity::Operator {
+                name: "carol".into(),
+                role: OperatorRole::Operator,
             },
             Identity::Coordinator,
         ];
         for id in ids {
             assert_eq!(Identity::from_uri(&id.to_uri()), Some(id.clone()), "{id}");
+        }
+    }
+
+    #[test]
+    fn operator_certificates_from_before_roles_are_admins() {
+        assert_eq!(
+            Identity::from_uri("spiffe://rollcall/operator/ops"),
+            Some(Identity::Operator {
+                name: "ops".into(),
+                role: OperatorRole::Admin
+            })
+        );
+        let admin = Identity::Operator {
+            name: "ops".into(),
+            role: OperatorRole::Admin,
+        };
+        assert_eq!(admin.to_uri(), "spiffe://rollcall/operator/ops");
+        assert_eq!(
+            Identity::from_uri("spiffe://rollcall/operator/viewer/bob"),
+            Some(Identity::Operator {
+                name: "bob".into(),
+                role: OperatorRole::Viewer
+            })
+        );
+    }
+
+    #[test]
+    fn operator_roles_and_names_are_checked() {
+        assert!(OperatorRole::Viewer < OperatorRole::Operator);
+        assert!(OperatorRole::Operator < OperatorRole::Admin);
+        assert_eq!(OperatorRole::parse("admin"), Ok(OperatorRole::Admin));
+        let e = OperatorRole::parse("root").expect_err("unknown role");
+        assert!(
+            e.contains("\"root\"") && e.contains("viewer, operator, admin"),
+            "{e}"
+        );
+        assert!(check_operator_name("alice.b-1_x").is_ok());
+        for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(65)] {
+            assert!(check_operator_name(bad).is_err(), "{bad:?}");
         }
     }
 
@@ -111,6 +234,8 @@ mod tests {
             "spiffe://rollcall/agent/web/w1/extra",
             "spiffe://rollcall/agent/WEB!/w1",
             "spiffe://rollcall/operator/",
+            "spiffe://rollcall/operator/root/alice",
+            "spiffe://rollcall/operator/viewer/",
         ] {
             assert_eq!(Identity::from_uri(uri), None, "{uri}");
         }

@@ -263,6 +263,7 @@ async fn demo(exe: &Path, dir: &Path, args: &DemoArgs, fleet: &mut Fleet) -> Res
         agents,
         coordinator_hosts: Vec::new(),
         operator: "demo-operator".into(),
+        operators: Vec::new(),
     })?;
 
     let (agents_addr, operator_addr, web_addr) = (free_port()?, free_port()?, free_port()?);
@@ -357,6 +358,7 @@ max = "2s"
     let connection = Connection {
         coordinator: format!("https://{operator_addr}"),
         certs: Some(certs.clone()),
+        operator: None,
         ca: None,
         server_name: None,
     };

@@ -307,6 +307,23 @@ enum RunCommand {
         #[command(flatten)]
         connection: operator::Connection,
     },
+    /// Approve a run that waits at its approve phase (a protected environment's two-person
+    /// rule). The operator who started the run cannot approve it.
+    Approve {
+        id: String,
+        #[command(flatten)]
+        connection: operator::Connection,
+    },
+    /// Reject a run that waits for approval: it blocks at its approve phase, with nothing
+    /// frozen or changed.
+    Reject {
+        id: String,
+        /// Why, for the journal and the drill report.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        connection: operator::Connection,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -344,9 +361,11 @@ enum CertsCommand {
         /// Another DNS name or IP the coordinator is reached at (repeatable).
         #[arg(long = "coordinator-host", value_name = "HOST")]
         coordinator_hosts: Vec<String>,
-        /// The name in the operator certificate.
-        #[arg(long, default_value = "operator")]
-        operator: String,
+        /// NAME: the name in the operator certificate (operator.pem, an admin; default
+        /// "operator"). NAME:ROLE (repeatable; roles: viewer, operator, admin): an operator
+        /// certificate with that role in operators/NAME.pem, picked with `--operator NAME`.
+        #[arg(long = "operator", value_name = "NAME[:ROLE]")]
+        operators: Vec<String>,
     },
 }
 
@@ -402,11 +421,11 @@ async fn run(cli: Cli) -> Result<()> {
                     dir,
                     agents,
                     coordinator_hosts,
-                    operator,
+                    operators,
                 },
         } => {
             telemetry::init_quiet();
-            certs_init(dir, &agents, coordinator_hosts, operator)
+            certs_init(dir, &agents, coordinator_hosts, &operators)
         }
         Command::Agents { json, connection } => {
             telemetry::init_quiet();
@@ -542,6 +561,14 @@ async fn run(cli: Cli) -> Result<()> {
                     force,
                     connection,
                 } => runs::undo(&connection, &id, force, watch).await,
+                RunCommand::Approve { id, connection } => {
+                    runs::decide(&connection, &id, true, "").await
+                }
+                RunCommand::Reject {
+                    id,
+                    reason,
+                    connection,
+                } => runs::decide(&connection, &id, false, &reason).await,
             }
         }
         Command::Plan { command } => {
@@ -654,6 +681,7 @@ async fn run_coordinator(config: &std::path::Path) -> Result<()> {
             heartbeat_interval: loaded.config.agents.heartbeat_interval,
             agent_timeout: loaded.config.agents.timeout,
             operator_token_hashes: loaded.token_hashes.clone(),
+            operator_tokens: loaded.tokens.clone(),
             environments: loaded.environments.clone(),
             limits: loaded.limits(),
             notify: loaded.notify.clone(),
@@ -686,17 +714,38 @@ fn certs_init(
     dir: PathBuf,
     agents: &[String],
     coordinator_hosts: Vec<String>,
-    operator: String,
+    operator_specs: &[String],
 ) -> Result<()> {
     let agents = agents
         .iter()
         .map(|spec| coordinator::certs::parse_agent_spec(spec))
+        .collect::<Result<Vec<_>>>()?;
+    // A plain NAME names operator.pem's operator, as before roles; NAME:ROLE adds one.
+    let (plain, with_role): (Vec<&String>, Vec<&String>) =
+        operator_specs.iter().partition(|s| !s.contains(':'));
+    let operator = match plain.as_slice() {
+        [] => "operator".to_owned(),
+        [name] => (*name).clone(),
+        [..] => anyhow::bail!(
+            "--operator without a role names operator.pem's operator and may be given once (got \
+             {}); give the others as NAME:ROLE",
+            plain
+                .iter()
+                .map(|s| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let operators = with_role
+        .iter()
+        .map(|spec| coordinator::certs::parse_operator_spec(spec))
         .collect::<Result<Vec<_>>>()?;
     let report = coordinator::certs::init(&coordinator::certs::InitRequest {
         dir: dir.clone(),
         agents,
         coordinator_hosts,
         operator,
+        operators,
     })
     .with_context(|| format!("create certificates in {}", dir.display()))?;
     for path in &report.created {

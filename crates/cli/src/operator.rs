@@ -25,6 +25,11 @@ pub struct Connection {
     /// A directory from `rollcall certs init`: ca.pem, operator.pem, operator-key.pem.
     #[arg(long, env = "ROLLCALL_CERTS")]
     pub certs: Option<PathBuf>,
+    /// Authenticate as this operator: `operators/NAME.pem` and `operators/NAME-key.pem` of the
+    /// --certs directory (from `rollcall certs init --operator NAME:ROLE`) instead of
+    /// operator.pem.
+    #[arg(long = "operator", env = "ROLLCALL_OPERATOR", value_name = "NAME")]
+    pub operator: Option<String>,
     /// The CA certificate, when authenticating with a token instead of a certificate.
     #[arg(long, env = "ROLLCALL_CA")]
     pub ca: Option<PathBuf>,
@@ -82,18 +87,41 @@ impl Connection {
         let token = std::env::var("ROLLCALL_TOKEN")
             .ok()
             .filter(|t| !t.is_empty());
+        let operator = self.operator.as_deref().filter(|n| !n.is_empty());
         match (&self.certs, &self.ca) {
             (Some(dir), ca) => {
                 let ca = ca.clone().unwrap_or_else(|| dir.join("ca.pem"));
                 tls = tls.ca_certificate(Certificate::from_pem(read(&ca, "CA certificate")?));
-                let cert = dir.join("operator.pem");
-                let key = dir.join("operator-key.pem");
-                if cert.exists() || token.is_none() {
+                let (cert, key) = match operator {
+                    Some(name) => {
+                        api::identity::check_operator_name(name)
+                            .map_err(|e| anyhow!("--operator: {e}"))?;
+                        let operators = dir.join("operators");
+                        let cert = operators.join(format!("{name}.pem"));
+                        if !cert.exists() {
+                            return Err(anyhow!(
+                                "no certificate for operator {name}: {} does not exist; issue \
+                                 one with `rollcall certs init --dir {} --operator {name}:ROLE`",
+                                cert.display(),
+                                dir.display()
+                            ));
+                        }
+                        (cert, operators.join(format!("{name}-key.pem")))
+                    }
+                    None => (dir.join("operator.pem"), dir.join("operator-key.pem")),
+                };
+                if cert.exists() || token.is_none() || operator.is_some() {
                     tls = tls.identity(Identity::from_pem(
                         read(&cert, "operator certificate")?,
                         read(&key, "operator key")?,
                     ));
                 }
+            }
+            (None, Some(_)) if operator.is_some() => {
+                return Err(anyhow!(
+                    "--operator picks a certificate from --certs DIR; pass --certs (or use \
+                     ROLLCALL_TOKEN with --ca and no --operator)"
+                ));
             }
             (None, Some(ca)) => {
                 tls = tls.ca_certificate(Certificate::from_pem(read(ca, "CA certificate")?));

@@ -671,6 +671,7 @@ async fn verify_all(repo: &Repository, full: bool, label: &str) -> Result<()> {
         }
     }
     // Base backups: each body present with its size (--full: its sha256).
+    let mut damaged_bases = 0;
     let bases = repository::verify_base_backups(repo, full).await?;
     for (base, problem) in &bases {
         match problem {
@@ -680,12 +681,12 @@ async fn verify_all(repo: &Repository, full: bool, label: &str) -> Result<()> {
                 base.consistent_at.to_rfc3339()
             ),
             Some(problem) => {
-                damaged += 1;
+                damaged_bases += 1;
                 outln!("damaged  base backup {}: {problem}", base.id);
             }
         }
     }
-    let total = listing.points.len() + listing.damaged.len() + bases.len();
+    let total = listing.points.len() + listing.damaged.len();
     // The archived WAL, when there is any: a gap or a damaged file stops recovery there.
     let wal = repository::wal_verify(repo, full).await?;
     for (first, last) in &wal.ranges {
@@ -707,11 +708,18 @@ async fn verify_all(repo: &Repository, full: bool, label: &str) -> Result<()> {
     }
     if damaged > 0 {
         bail!(
-            "{damaged} of {total} recovery points and base backups failed verification; do \
-             not restore from them (the lines above name each problem)"
+            "{damaged} of {total} recovery points failed verification; do not restore from \
+             them (the lines above name each problem)"
         );
     }
-    if total == 0 {
+    if damaged_bases > 0 {
+        bail!(
+            "{damaged_bases} of {} base backups failed verification; do not restore from them \
+             (the lines above name each problem)",
+            bases.len()
+        );
+    }
+    if total == 0 && bases.is_empty() {
         outln!("no recovery points in {label}");
     }
     Ok(())

@@ -89,6 +89,8 @@ fn run_json(r: &op::Run) -> serde_json::Value {
         "reason": r.reason,
         "epoch": r.epoch,
         "plan": r.plan_name,
+        "started_by": r.started_by,
+        "started_by_role": r.started_by_role,
         "created_unix_ms": r.created_unix_ms,
         "updated_unix_ms": r.updated_unix_ms,
         "finished_unix_ms": r.finished_unix_ms,
@@ -192,6 +194,9 @@ pub async fn show(connection: &Connection, id: &str, json: bool) -> Result<()> {
         run.epoch,
         run.plan_name
     );
+    if !run.started_by.is_empty() {
+        outln!("  started by {} ({})", run.started_by, run.started_by_role);
+    }
     for p in &detail.phases {
         let took = if p.finished_unix_ms > 0 && p.started_unix_ms > 0 {
             format!(
@@ -368,6 +373,23 @@ pub async fn control(
         // again a moment later is not mistaken for a fix.
         return watch(connection, id, false).await;
     }
+    Ok(())
+}
+
+/// `rollcall run approve|reject ID [--reason TEXT]`: one operator's decision on a run that
+/// waits at its approve phase (the two-person rule).
+pub async fn decide(connection: &Connection, id: &str, approve: bool, reason: &str) -> Result<()> {
+    let mut client = connection.connect().await?;
+    let answer = client
+        .decide_run(op::DecideRunRequest {
+            id: id.to_owned(),
+            approve,
+            reason: reason.to_owned(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    outln!("{}", answer.message);
     Ok(())
 }
 

@@ -208,6 +208,26 @@ pub fn describe(kind: &str, p: &Value) -> String {
             None => format!("progress {p}"),
         },
         "run.blocked" => format!("run blocked: {}", s("reason")),
+        "approval.waiting" => format!(
+            "waiting for {} approval(s) from operators other than {} (`rollcall run approve RUN`), \
+             for at most {}",
+            p["approvals"],
+            p.get("started_by")
+                .and_then(|v| v.as_str())
+                .unwrap_or("the one who started it"),
+            humantime::format_duration(std::time::Duration::from_millis(
+                p.get("timeout_ms").and_then(|v| v.as_u64()).unwrap_or(0)
+            ))
+        ),
+        "run.approved" => format!("approved by {} ({})", s("by"), s("role")),
+        "run.rejected" => {
+            let reason = s("reason");
+            if reason.is_empty() {
+                format!("rejected by {} ({})", s("by"), s("role"))
+            } else {
+                format!("rejected by {} ({}): {reason}", s("by"), s("role"))
+            }
+        }
         "report" => "report written".to_owned(),
         other => format!(
             "{other} {}",
@@ -223,6 +243,23 @@ pub fn describe(kind: &str, p: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn approval_events_read_as_lines() {
+        let waiting = serde_json::json!({
+            "approvals": 1, "started_by": "ada", "timeout_ms": 3_600_000
+        });
+        assert_eq!(
+            describe("approval.waiting", &waiting),
+            "waiting for 1 approval(s) from operators other than ada (`rollcall run approve \
+             RUN`), for at most 1h"
+        );
+        let rejected = serde_json::json!({ "by": "bob", "role": "admin", "approve": false, "reason": "not now" });
+        assert_eq!(
+            describe("run.rejected", &rejected),
+            "rejected by bob (admin): not now"
+        );
+    }
     use serde_json::json;
 
     fn progress(stage: &str, done: u64) -> Value {

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use api::identity::Identity;
+use api::identity::{Identity, OperatorRole};
 use api::model::{AgentName, Role};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -32,6 +32,28 @@ pub fn agent_files(dir: &Path, name: &AgentName) -> (PathBuf, PathBuf) {
     )
 }
 
+/// Where the certificate and key of operator `name` (`--operator NAME:ROLE`) live inside a
+/// certs directory.
+pub fn operator_files(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let operators = dir.join("operators");
+    (
+        operators.join(format!("{name}.pem")),
+        operators.join(format!("{name}-key.pem")),
+    )
+}
+
+/// Parses `NAME:ROLE` as given to `--operator` (roles: viewer, operator, admin).
+pub fn parse_operator_spec(spec: &str) -> Result<(String, OperatorRole)> {
+    let Some((name, role)) = spec.split_once(':') else {
+        bail!("--operator {spec:?}: expected NAME:ROLE, e.g. alice:viewer");
+    };
+    api::identity::check_operator_name(name)
+        .map_err(|e| anyhow::anyhow!("--operator {spec:?}: {e}"))?;
+    let role =
+        OperatorRole::parse(role).map_err(|e| anyhow::anyhow!("--operator {spec:?}: {e}"))?;
+    Ok((name.to_owned(), role))
+}
+
 #[derive(Debug, Clone)]
 pub struct InitRequest {
     pub dir: PathBuf,
@@ -39,8 +61,10 @@ pub struct InitRequest {
     /// Extra DNS names or IP addresses for the coordinator certificate (localhost,
     /// 127.0.0.1 and ::1 are always included).
     pub coordinator_hosts: Vec<String>,
-    /// Name carried by the operator certificate.
+    /// Name carried by the operator certificate (`operator.pem`, an admin).
     pub operator: String,
+    /// Operator certificates with a role, in `operators/NAME.pem`.
+    pub operators: Vec<(String, OperatorRole)>,
 }
 
 /// What `init` did, for the CLI to report.
@@ -132,6 +156,7 @@ pub fn init(req: &InitRequest) -> Result<InitReport> {
 
     let operator = Identity::Operator {
         name: req.operator.clone(),
+        role: OperatorRole::Admin,
     };
     leaf(
         &issuer,
@@ -143,28 +168,35 @@ pub fn init(req: &InitRequest) -> Result<InitReport> {
         &mut report,
     )?;
 
+    if !req.operators.is_empty() {
+        std::fs::create_dir_all(dir.join("operators"))
+            .with_context(|| format!("create {}", dir.join("operators").display()))?;
+    }
+    for (name, role) in &req.operators {
+        let id = Identity::Operator {
+            name: name.clone(),
+            role: *role,
+        };
+        let (cert, key) = operator_files(dir, name);
+        same_identity(&cert, &id, &format!("{name}:{role}"))?;
+        leaf(
+            &issuer,
+            &format!("rollcall operator {name} ({role})"),
+            vec![SanType::URI(id.to_uri().as_str().try_into()?)],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &cert,
+            &key,
+            &mut report,
+        )?;
+    }
+
     for (name, role) in &req.agents {
         let id = Identity::Agent {
             name: name.clone(),
             role: role.clone(),
         };
         let (cert, key) = agent_files(dir, name);
-        if cert.exists() {
-            let existing =
-                std::fs::read(&cert).with_context(|| format!("read {}", cert.display()))?;
-            let ids = api::identity::in_certificate_pem(&existing);
-            if !ids.contains(&id) {
-                bail!(
-                    "{} already exists for another identity ({}); delete it to issue a \
-                     certificate for {name}:{role}",
-                    cert.display(),
-                    ids.iter()
-                        .map(Identity::to_uri)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            }
-        }
+        same_identity(&cert, &id, &format!("{name}:{role}"))?;
         leaf(
             &issuer,
             &format!("rollcall agent {name} ({role})"),
@@ -176,6 +208,28 @@ pub fn init(req: &InitRequest) -> Result<InitReport> {
         )?;
     }
     Ok(report)
+}
+
+/// Refuses to keep an existing certificate at `cert` that carries another identity than `id`
+/// (`spec` as the operator wrote it).
+fn same_identity(cert: &Path, id: &Identity, spec: &str) -> Result<()> {
+    if !cert.exists() {
+        return Ok(());
+    }
+    let existing = std::fs::read(cert).with_context(|| format!("read {}", cert.display()))?;
+    let ids = api::identity::in_certificate_pem(&existing);
+    if !ids.contains(id) {
+        bail!(
+            "{} already exists for another identity ({}); delete it to issue a certificate \
+             for {spec}",
+            cert.display(),
+            ids.iter()
+                .map(Identity::to_uri)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
 }
 
 fn leaf(
@@ -254,6 +308,54 @@ mod tests {
                 .collect(),
             coordinator_hosts: vec!["coord.internal".into(), "10.0.0.5".into()],
             operator: "ops".into(),
+            operators: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn operators_get_certificates_with_their_role() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut req = request(dir.path(), &[]);
+        req.operators = vec![
+            parse_operator_spec("vera:viewer").expect("spec"),
+            parse_operator_spec("ada:admin").expect("spec"),
+        ];
+        init(&req).expect("init");
+        let ids =
+            |path: PathBuf| api::identity::in_certificate_pem(&std::fs::read(path).expect("cert"));
+        assert_eq!(
+            ids(operator_files(dir.path(), "vera").0),
+            vec![Identity::Operator {
+                name: "vera".into(),
+                role: OperatorRole::Viewer
+            }]
+        );
+        assert_eq!(
+            ids(operator_files(dir.path(), "ada").0),
+            vec![Identity::Operator {
+                name: "ada".into(),
+                role: OperatorRole::Admin
+            }]
+        );
+        // operator.pem stays an admin.
+        assert_eq!(
+            ids(dir.path().join(OPERATOR_CERT)),
+            vec![Identity::Operator {
+                name: "ops".into(),
+                role: OperatorRole::Admin
+            }]
+        );
+        // The same name for another role is refused, not silently kept.
+        req.operators = vec![parse_operator_spec("vera:admin").expect("spec")];
+        let err = init(&req).expect_err("role change");
+        assert!(
+            err.to_string()
+                .contains("already exists for another identity"),
+            "{err:#}"
+        );
+        for bad in ["vera", "vera:root", "../x:viewer"] {
+            let err = parse_operator_spec(bad).expect_err(bad);
+            assert!(format!("{err:#}").contains(&format!("{bad:?}")), "{err:#}");
         }
     }
 

@@ -16,6 +16,9 @@ use crate::tls::TlsPaths;
 
 pub const EXAMPLE: &str = "deploy/rollcall.toml";
 
+/// The most approvals an environment may ask for: more is a typo, not a policy.
+pub const MAX_APPROVALS: u32 = 10;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorConfig {
@@ -110,6 +113,22 @@ pub struct EnvironmentConfig {
     /// How the drill report names this service's counts.
     #[serde(default)]
     pub report: ReportConfig,
+    /// Drills, recoveries and undos of a protected environment take an admin
+    /// (`access::needed`).
+    #[serde(default)]
+    pub protected: bool,
+    /// The two-person rule: a drill, recovery or undo of this (protected) environment waits
+    /// at an `approve` phase, before anything is frozen, until this many operators other
+    /// than the one who started it ran `rollcall run approve RUN`. 0: none.
+    #[serde(default)]
+    pub approvals: u32,
+    /// How long a run waits for its approvals before it blocks.
+    #[serde(with = "humantime_serde", default = "default_approval_timeout")]
+    pub approval_timeout: Duration,
+}
+
+fn default_approval_timeout() -> Duration {
+    Duration::from_secs(3600)
 }
 
 /// `[environments.NAME.report]`: the drill report's runbook rows for this service.
@@ -205,9 +224,13 @@ impl Default for AgentsConfig {
 #[serde(deny_unknown_fields)]
 pub struct OperatorConfig {
     /// SHA-256 (hex) of each accepted operator bearer token; never the token itself.
-    /// `printf %s "$TOKEN" | sha256sum` prints one.
+    /// `printf %s "$TOKEN" | sha256sum` prints one. These tokens are admins named `token`.
     #[serde(default)]
     pub token_sha256: Vec<String>,
+    /// Named tokens with a role: `[[operator.token]] name = "alice", role = "viewer",
+    /// sha256 = "..."`.
+    #[serde(default, rename = "token")]
+    pub tokens: Vec<TokenConfig>,
     /// How long an operator call may take; `run watch`, `points verify` and `points prune`
     /// are exempt (`limits::LONG_CALLS`).
     #[serde(with = "humantime_serde", default = "default_call_timeout")]
@@ -215,6 +238,16 @@ pub struct OperatorConfig {
     /// Operator calls served at once; one more is refused at once, asking to try again.
     #[serde(default = "default_max_concurrent_calls")]
     pub max_concurrent_calls: usize,
+}
+
+/// `[[operator.token]]`: one operator's bearer token (its SHA-256), name and role.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+    pub sha256: String,
 }
 
 fn default_call_timeout() -> Duration {
@@ -229,6 +262,7 @@ impl Default for OperatorConfig {
     fn default() -> Self {
         OperatorConfig {
             token_sha256: Vec::new(),
+            tokens: Vec::new(),
             call_timeout: default_call_timeout(),
             max_concurrent_calls: default_max_concurrent_calls(),
         }
@@ -242,7 +276,10 @@ pub struct Loaded {
     pub config: CoordinatorConfig,
     pub tls: TlsPaths,
     pub state_url: String,
+    /// The unnamed `operator.token_sha256` (admins).
     pub token_hashes: Vec<[u8; 32]>,
+    /// The named `[[operator.token]]`s.
+    pub tokens: Vec<crate::grpc::OperatorToken>,
     pub environments: BTreeMap<String, Environment>,
     /// The `[[notify]]` webhooks, their secrets read.
     pub notify: Vec<crate::notify::Webhook>,
@@ -278,6 +315,11 @@ pub struct Environment {
     pub report_rows: Vec<ReportRow>,
     /// Data left out of every restore on purpose (`[environments.NAME.report] excluded`).
     pub report_excluded: Vec<String>,
+    /// Drills, recoveries and undos take an admin.
+    pub protected: bool,
+    /// Approvals a drill, recovery or undo waits for (0: none), and for how long.
+    pub approvals: u32,
+    pub approval_timeout: Duration,
 }
 
 pub fn load(file: &Path) -> Result<Loaded> {
@@ -341,6 +383,7 @@ pub fn load(file: &Path) -> Result<Loaded> {
             )),
         }
     }
+    let tokens = named_tokens(file, &config.operator.tokens)?;
     let state_url = resolve_sqlite_url(file, &config.state.url);
     let mut environments = BTreeMap::new();
     for (name, env) in &config.environments {
@@ -358,6 +401,7 @@ pub fn load(file: &Path) -> Result<Loaded> {
         tls,
         state_url,
         token_hashes,
+        tokens,
         environments,
         notify,
     })
@@ -491,6 +535,51 @@ fn webhook(file: &Path, i: usize, n: &NotifyConfig) -> Result<crate::notify::Web
     })
 }
 
+/// `[[operator.token]]` checked: a valid name, once; a known role; a SHA-256.
+fn named_tokens(file: &Path, tokens: &[TokenConfig]) -> Result<Vec<crate::grpc::OperatorToken>> {
+    let mut out: Vec<crate::grpc::OperatorToken> = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let at = format!("operator.token[{i}]");
+        if let Err(e) = api::identity::check_operator_name(&t.name) {
+            bail!(ConfigError::new(
+                file,
+                format!("{at}.name: {e}"),
+                "name the operator who holds the token, e.g. name = \"alice\""
+            ));
+        }
+        if out.iter().any(|o| o.name == t.name) {
+            bail!(ConfigError::new(
+                file,
+                format!("{at}.name {:?} is given to another token too", t.name),
+                "give each operator's token its own name (approvals count per name)"
+            ));
+        }
+        let role = api::identity::OperatorRole::parse(&t.role).map_err(|e| {
+            ConfigError::new(
+                file,
+                format!("{at}.role: {e}"),
+                "set role = \"viewer\", \"operator\" or \"admin\"",
+            )
+        })?;
+        let Some(sha256) = hex::decode(t.sha256.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        else {
+            bail!(ConfigError::new(
+                file,
+                format!("{at}.sha256 (token {:?}) is not 64 hex characters", t.name),
+                "store the SHA-256 of the token (printf %s \"$TOKEN\" | sha256sum), never the token"
+            ));
+        };
+        out.push(crate::grpc::OperatorToken {
+            name: t.name.clone(),
+            role,
+            sha256,
+        });
+    }
+    Ok(out)
+}
+
 fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Environment> {
     let key = format!("environments.{name}");
     let parsed = api::model::Environment::parse(name).map_err(|e| {
@@ -583,6 +672,38 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
     let secrets = repository::load_secret_refs(&sources)
         .map_err(|e| e.context(format!("{}: [{key}] secrets", file.display())))?;
     check_report_rows(file, &key, &env.report.rows)?;
+    if env.approvals > 0 && !env.protected {
+        bail!(ConfigError::new(
+            file,
+            format!(
+                "{key}.approvals = {} on an environment that is not protected",
+                env.approvals
+            ),
+            "set protected = true too (approvals are the two-person rule of protected \
+             environments), or remove approvals"
+        ));
+    }
+    if env.approvals > MAX_APPROVALS {
+        bail!(ConfigError::new(
+            file,
+            format!(
+                "{key}.approvals = {} is more than {MAX_APPROVALS}",
+                env.approvals
+            ),
+            "ask for 1 or 2 approvals"
+        ));
+    }
+    if env.approval_timeout.is_zero() || env.approval_timeout > crate::plan::MAX_PHASE_TIMEOUT {
+        bail!(ConfigError::new(
+            file,
+            format!(
+                "{key}.approval_timeout ({}) must be positive and at most {} days",
+                humantime::format_duration(env.approval_timeout),
+                crate::plan::MAX_PHASE_TIMEOUT_DAYS
+            ),
+            "set a duration such as \"1h\", or remove it for the default (1h)"
+        ));
+    }
     let repository_ref = api::model::RepositoryRef {
         url: repository.clone(),
         s3_endpoint: env.s3_endpoint.clone(),
@@ -603,6 +724,9 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
         secrets,
         report_rows: env.report.rows.clone(),
         report_excluded: env.report.excluded.clone(),
+        protected: env.protected,
+        approvals: env.approvals,
+        approval_timeout: env.approval_timeout,
     })
 }
 
@@ -1200,5 +1324,69 @@ key = "certs/coordinator-key.pem"
         let text = MINIMAL.replace("[tls]", "[tls]\ncafile = \"x\"");
         let err = load(&write(dir.path(), &text)).expect_err("unknown key");
         assert!(err.to_string().contains("unknown field `cafile`"), "{err}");
+    }
+
+    #[test]
+    fn named_tokens_and_protected_environments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hash = "a".repeat(64);
+        let env = |extra: &str| {
+            format!(
+                "{MINIMAL}\n[operator]\ntoken_sha256 = [\"{hash}\"]\n\
+                 [[operator.token]]\nname = \"alice\"\nrole = \"viewer\"\nsha256 = \"{hash}\"\n\
+                 [environments.prod]\nrpo = \"24h\"\nrto = \"4h\"\nretention = \"30days\"\n\
+                 repository = \"file://repo\"\nfleet = {{ web = 1, database = 1, objects = 1 }}\n{extra}"
+            )
+        };
+        let loaded = load(&write(
+            dir.path(),
+            &env("protected = true\napprovals = 1\n"),
+        ))
+        .expect("load");
+        assert_eq!(loaded.token_hashes.len(), 1, "the unnamed list still works");
+        assert_eq!(loaded.tokens.len(), 1);
+        assert_eq!(loaded.tokens[0].name, "alice");
+        assert_eq!(loaded.tokens[0].role, api::identity::OperatorRole::Viewer);
+        let prod = &loaded.environments["prod"];
+        assert!(prod.protected);
+        assert_eq!(prod.approvals, 1);
+        assert_eq!(prod.approval_timeout, Duration::from_secs(3600));
+
+        let unprotected = load(&write(dir.path(), &env(""))).expect("load");
+        assert!(!unprotected.environments["prod"].protected);
+        assert_eq!(unprotected.environments["prod"].approvals, 0);
+
+        let err = load(&write(dir.path(), &env("approvals = 1\n"))).expect_err("not protected");
+        assert!(
+            err.to_string().contains(
+                "environments.prod.approvals = 1 on an environment that is not protected"
+            ),
+            "{err}"
+        );
+        let err = load(&write(
+            dir.path(),
+            &env("protected = true\napprovals = 1\napproval_timeout = \"0s\"\n"),
+        ))
+        .expect_err("zero timeout");
+        assert!(
+            err.to_string()
+                .contains("environments.prod.approval_timeout (0s)"),
+            "{err}"
+        );
+
+        let bad_role = env("").replace("role = \"viewer\"", "role = \"root\"");
+        let err = load(&write(dir.path(), &bad_role)).expect_err("unknown role");
+        assert!(
+            err.to_string()
+                .contains("operator.token[0].role: operator role \"root\" is not one of viewer, operator, admin"),
+            "{err}"
+        );
+        let bad_hash = env("").replace(&format!("sha256 = \"{hash}\""), "sha256 = \"token\"");
+        let err = load(&write(dir.path(), &bad_hash)).expect_err("not a hash");
+        assert!(
+            err.to_string()
+                .contains("operator.token[0].sha256 (token \"alice\") is not 64 hex characters"),
+            "{err}"
+        );
     }
 }

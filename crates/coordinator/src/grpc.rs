@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use api::identity::Identity;
+use api::identity::{Identity, OperatorRole};
 use api::model::{
     Action, AgentMessage, AgentName, AgentStatus, CommandId, CoordinatorMessage, Epoch, Hello,
     ResultDetail, Welcome,
@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::access::{self, Call};
 use crate::engine::operator::PointsError;
 use crate::link::{AgentLink, Outgoing, StreamLink};
 use crate::registry::{Generation, Registry};
@@ -205,21 +206,37 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 }
 
 /// Who made an operator call, as the authentication layer established it; handlers find it in
-/// the request's extensions ([`caller`]).
+/// the request's extensions ([`caller`]) and ask `access::authorize` about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Operator {
-    /// An operator certificate (`spiffe://rollcall/operator/<name>`).
-    Certificate(String),
-    /// A bearer token whose SHA-256 is in `operator.token_sha256`.
+pub struct Operator {
+    /// The certificate's operator name, or the token's configured name (`token` for the
+    /// unnamed `operator.token_sha256` list).
+    pub name: String,
+    pub role: OperatorRole,
+    pub via: Via,
+}
+
+/// How an operator authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// An operator certificate (`spiffe://rollcall/operator/[<role>/]<name>`).
+    Certificate,
+    /// A bearer token whose SHA-256 is configured.
     Token,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Certificate => "certificate",
+            Via::Token => "token",
+        }
+    }
 }
 
 impl std::fmt::Display for Operator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Operator::Certificate(name) => f.write_str(name),
-            Operator::Token => f.write_str("token"),
-        }
+        write!(f, "{} ({})", self.name, self.role)
     }
 }
 
@@ -236,26 +253,51 @@ fn record_caller<T>(request: &Request<T>) {
     }
 }
 
+/// The caller of a request, admitted to `call` by `access::authorize`.
+fn authorized<T>(request: &Request<T>, call: &Call<'_>) -> Result<Operator, Status> {
+    let operator = caller(request).cloned().ok_or_else(|| {
+        // The authentication layer puts a caller on every call it lets through.
+        Status::unauthenticated("operator call without an authenticated caller")
+    })?;
+    if let Err(status) = access::authorize(&operator, call) {
+        tracing::warn!(operator = %operator, "refused: {}", status.message());
+        return Err(status);
+    }
+    Ok(operator)
+}
+
+/// An accepted bearer token: the SHA-256 of its value, and who presents it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorToken {
+    pub name: String,
+    pub role: OperatorRole,
+    pub sha256: [u8; 32],
+}
+
 /// Admits operator calls made with an operator certificate or a known bearer token.
 #[derive(Clone)]
 pub struct OperatorAuth {
-    pub token_hashes: Arc<Vec<[u8; 32]>>,
+    pub tokens: Arc<Vec<OperatorToken>>,
 }
 
 impl OperatorAuth {
     /// Decides on a call from the identities in the client's certificate and the request's
-    /// headers: an operator certificate, else a bearer token, is admitted; an agent
-    /// certificate is refused.
+    /// headers: an operator certificate, else a bearer token, is admitted with the role it
+    /// carries; an agent certificate is refused.
     pub fn check(
         &self,
         identities: &[Identity],
         headers: &http::HeaderMap,
     ) -> Result<Operator, Status> {
-        if let Some(name) = identities.iter().find_map(|id| match id {
-            Identity::Operator { name } => Some(name),
+        if let Some((name, role)) = identities.iter().find_map(|id| match id {
+            Identity::Operator { name, role } => Some((name, *role)),
             _ => None,
         }) {
-            return Ok(Operator::Certificate(name.clone()));
+            return Ok(Operator {
+                name: name.clone(),
+                role,
+                via: Via::Certificate,
+            });
         }
         if let Some(value) = headers.get(http::header::AUTHORIZATION) {
             let token = value
@@ -267,16 +309,23 @@ impl OperatorAuth {
                 })?;
             let hash = token_hash(token.trim());
             // Compare every stored hash in full so timing does not reveal a prefix match.
-            let known = self
-                .token_hashes
-                .iter()
-                .fold(false, |found, h| found | constant_eq(h, &hash));
-            if known {
-                return Ok(Operator::Token);
+            let known = self.tokens.iter().fold(None, |found, t| {
+                if constant_eq(&t.sha256, &hash) && found.is_none() {
+                    Some(t)
+                } else {
+                    found
+                }
+            });
+            if let Some(t) = known {
+                return Ok(Operator {
+                    name: t.name.clone(),
+                    role: t.role,
+                    via: Via::Token,
+                });
             }
             return Err(Status::unauthenticated(
                 "operator token not recognised; check ROLLCALL_TOKEN against \
-                 `operator.token_sha256` in the coordinator config",
+                 `operator.token_sha256` or `[[operator.token]]` in the coordinator config",
             ));
         }
         if identities
@@ -311,7 +360,13 @@ fn run_to_pb(r: crate::store::RunRecord) -> op::Run {
         .and_then(|p| p.as_str())
         .unwrap_or_default()
         .to_owned();
+    let started_by = crate::engine::started_by(&r.params);
     op::Run {
+        started_by: started_by
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default(),
+        started_by_role: started_by.map(|s| s.role).unwrap_or_default(),
         id: r.id,
         kind: r.kind.as_str().to_owned(),
         environment: r.environment,
@@ -382,8 +437,9 @@ impl op::operator_service_server::OperatorService for OperatorApi {
     #[tracing::instrument(name = "coordinator.grpc.list_agents", skip_all)]
     async fn list_agents(
         &self,
-        _request: Request<op::ListAgentsRequest>,
+        request: Request<op::ListAgentsRequest>,
     ) -> Result<Response<op::ListAgentsResponse>, Status> {
+        authorized(&request, &Call::Read)?;
         let agents = self
             .registry
             .list()
@@ -402,10 +458,26 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         request: Request<op::StartRunRequest>,
     ) -> Result<Response<op::Run>, Status> {
         record_caller(&request);
-        let start = start_request(request.into_inner())?;
+        let start = start_request(request.get_ref().clone())?;
+        let protected = self
+            .engine
+            .environments()
+            .get(&start.environment)
+            .is_some_and(|e| e.protected);
+        let operator = authorized(
+            &request,
+            &Call::Run {
+                verb: "start",
+                kind: start.kind,
+                environment: &start.environment,
+                protected,
+                own_plan: start.plan.is_some(),
+            },
+        )?;
+        let by = crate::engine::Starter::of(&operator);
         let run = finish_even_if_abandoned({
             let engine = self.engine.clone();
-            async move { engine.start_run(start).await }
+            async move { engine.start_run_by(start, Some(by)).await }
         })
         .await?
         .map_err(|e| {
@@ -424,6 +496,7 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<op::ListRunsRequest>,
     ) -> Result<Response<op::ListRunsResponse>, Status> {
+        authorized(&request, &Call::Read)?;
         let runs = self
             .engine
             .list_runs(request.into_inner().limit)
@@ -439,6 +512,7 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<op::GetRunRequest>,
     ) -> Result<Response<op::RunDetail>, Status> {
+        authorized(&request, &Call::Read)?;
         let detail = self
             .engine
             .run_detail(&request.into_inner().id)
@@ -488,6 +562,7 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<op::WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
+        authorized(&request, &Call::Read)?;
         let r = request.into_inner();
         let events = self
             .engine
@@ -511,6 +586,7 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<op::ListPointsRequest>,
     ) -> Result<Response<op::ListPointsResponse>, Status> {
+        authorized(&request, &Call::Read)?;
         let wanted = request.into_inner().environment;
         let listing = self
             .engine
@@ -563,6 +639,8 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         request: Request<op::PrunePointsRequest>,
     ) -> Result<Response<op::JsonResponse>, Status> {
         record_caller(&request);
+        let dry_run = request.get_ref().dry_run;
+        authorized(&request, &Call::PrunePoints { dry_run })?;
         let r = request.into_inner();
         let report = self
             .engine
@@ -579,6 +657,7 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<op::VerifyPointRequest>,
     ) -> Result<Response<op::JsonResponse>, Status> {
+        authorized(&request, &Call::Read)?;
         let r = request.into_inner();
         let report = self
             .engine
@@ -598,6 +677,7 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<op::GetReportRequest>,
     ) -> Result<Response<op::GetReportResponse>, Status> {
+        authorized(&request, &Call::Read)?;
         let r = request.into_inner();
         let report = self
             .engine
@@ -622,6 +702,7 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<op::StartRunRequest>,
     ) -> Result<Response<op::DryRunResponse>, Status> {
+        authorized(&request, &Call::Read)?;
         let start = start_request(request.into_inner())?;
         let text = self
             .engine
@@ -637,7 +718,7 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         request: Request<op::ControlRunRequest>,
     ) -> Result<Response<op::Run>, Status> {
         record_caller(&request);
-        let r = request.into_inner();
+        let r = request.get_ref().clone();
         let control = match op::RunControl::try_from(r.control) {
             Ok(op::RunControl::Resume) => crate::engine::Control::Resume,
             Ok(op::RunControl::Retry) => crate::engine::Control::Retry,
@@ -649,13 +730,49 @@ impl op::operator_service_server::OperatorService for OperatorApi {
                 ));
             }
         };
+        let (verb, kind) = match control {
+            crate::engine::Control::Resume => ("resume", None),
+            crate::engine::Control::Retry => ("retry", None),
+            crate::engine::Control::Abort => ("abort", None),
+            crate::engine::Control::Undo { .. } => ("start", Some(crate::store::RunKind::Undo)),
+        };
+        let operator = self.authorize_on_run(&request, &r.id, verb, kind).await?;
+        let by = crate::engine::Starter::of(&operator);
         let run = finish_even_if_abandoned({
             let engine = self.engine.clone();
-            async move { engine.control(&r.id, control).await }
+            async move { engine.control_by(&r.id, control, Some(by)).await }
         })
         .await?
         .map_err(|e| status_of(&e))?;
         Ok(Response::new(run_to_pb(run)))
+    }
+
+    #[tracing::instrument(name = "coordinator.grpc.decide_run", skip_all, fields(operator))]
+    async fn decide_run(
+        &self,
+        request: Request<op::DecideRunRequest>,
+    ) -> Result<Response<op::DecideRunResponse>, Status> {
+        record_caller(&request);
+        let r = request.get_ref().clone();
+        let verb = if r.approve { "approve" } else { "reject" };
+        let operator = self.authorize_on_run(&request, &r.id, verb, None).await?;
+        let by = crate::engine::Starter::of(&operator);
+        let (run, message) = finish_even_if_abandoned({
+            let engine = self.engine.clone();
+            async move { engine.decide(&r.id, &by, r.approve, &r.reason).await }
+        })
+        .await?
+        .map_err(|e| {
+            if e.downcast_ref::<crate::engine::DecisionRefused>().is_some() {
+                Status::permission_denied(format!("{e:#}"))
+            } else {
+                status_of(&e)
+            }
+        })?;
+        Ok(Response::new(op::DecideRunResponse {
+            run: Some(run_to_pb(run)),
+            message,
+        }))
     }
 
     #[tracing::instrument(name = "coordinator.grpc.list_kept", skip_all)]
@@ -663,6 +780,7 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<op::ListKeptRequest>,
     ) -> Result<Response<op::KeptResponse>, Status> {
+        authorized(&request, &Call::Read)?;
         let r = request.into_inner();
         let listing = self
             .engine
@@ -686,6 +804,8 @@ impl op::operator_service_server::OperatorService for OperatorApi {
         request: Request<op::PruneKeptRequest>,
     ) -> Result<Response<op::KeptResponse>, Status> {
         record_caller(&request);
+        let dry_run = request.get_ref().dry_run;
+        authorized(&request, &Call::PruneKept { dry_run })?;
         let r = request.into_inner();
         let rules = crate::engine::kept::PruneRules {
             keep_last: r
@@ -709,6 +829,41 @@ impl op::operator_service_server::OperatorService for OperatorApi {
                 .collect(),
             problems: outcome.problems,
         }))
+    }
+}
+
+impl OperatorApi {
+    /// Admits the caller to `verb` run `id` (of `kind`, else the run's own kind), by the
+    /// role its environment asks for; an unknown run is `NotFound`.
+    async fn authorize_on_run<T>(
+        &self,
+        request: &Request<T>,
+        id: &str,
+        verb: &str,
+        kind: Option<crate::store::RunKind>,
+    ) -> Result<Operator, Status> {
+        let run = self
+            .engine
+            .store()
+            .run(id)
+            .await
+            .map_err(|e| status_of(&e.into()))?
+            .ok_or_else(|| Status::not_found(format!("no run {id}; `rollcall runs` lists them")))?;
+        let protected = self
+            .engine
+            .environments()
+            .get(&run.environment)
+            .is_some_and(|e| e.protected);
+        authorized(
+            request,
+            &Call::Run {
+                verb,
+                kind: kind.unwrap_or(run.kind),
+                environment: &run.environment,
+                protected,
+                own_plan: false,
+            },
+        )
     }
 }
 
@@ -784,7 +939,10 @@ mod tests {
             e.message()
         );
         let e = authorize_agent(
-            &[Identity::Operator { name: "ops".into() }],
+            &[Identity::Operator {
+                name: "ops".into(),
+                role: OperatorRole::Admin,
+            }],
             &hello("w-1", "web"),
         )
         .expect_err("operator cert");
@@ -798,7 +956,18 @@ mod tests {
     #[test]
     fn operator_needs_a_certificate_or_a_known_token() {
         let auth = OperatorAuth {
-            token_hashes: Arc::new(vec![token_hash("s3cret")]),
+            tokens: Arc::new(vec![
+                OperatorToken {
+                    name: "vera".into(),
+                    role: OperatorRole::Viewer,
+                    sha256: token_hash("look"),
+                },
+                OperatorToken {
+                    name: "token".into(),
+                    role: OperatorRole::Admin,
+                    sha256: token_hash("s3cret"),
+                },
+            ]),
         };
         let bearer = |token: &str| {
             let mut headers = http::HeaderMap::new();
@@ -816,17 +985,48 @@ mod tests {
 
         assert_eq!(
             auth.check(&[], &bearer("s3cret")).expect("known token"),
-            Operator::Token
+            Operator {
+                name: "token".into(),
+                role: OperatorRole::Admin,
+                via: Via::Token
+            }
+        );
+        // A named token carries its name and role.
+        assert_eq!(
+            auth.check(&[], &bearer("look")).expect("named token"),
+            Operator {
+                name: "vera".into(),
+                role: OperatorRole::Viewer,
+                via: Via::Token
+            }
         );
 
         let e = auth.check(&[], &bearer("nope")).expect_err("wrong token");
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
         assert!(!e.message().contains("nope"), "never echo a token");
 
-        let ops = Identity::Operator { name: "ops".into() };
+        let ops = Identity::Operator {
+            name: "ops".into(),
+            role: OperatorRole::Admin,
+        };
         assert_eq!(
             auth.check(&[ops], &bare).expect("operator certificate"),
-            Operator::Certificate("ops".into())
+            Operator {
+                name: "ops".into(),
+                role: OperatorRole::Admin,
+                via: Via::Certificate
+            }
+        );
+        // A certificate's role wins over any token sent with it.
+        let bob = Identity::Operator {
+            name: "bob".into(),
+            role: OperatorRole::Viewer,
+        };
+        assert_eq!(
+            auth.check(&[bob], &bearer("s3cret"))
+                .expect("viewer certificate")
+                .role,
+            OperatorRole::Viewer
         );
 
         let e = auth

@@ -220,12 +220,16 @@ fn per_second(limits: &Limits) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::grpc::{Operator, token_hash};
+    use crate::grpc::{Operator, OperatorToken, Via, token_hash};
     use std::sync::Mutex;
 
     fn auth_layer() -> OperatorAuthLayer {
         OperatorAuthLayer::new(OperatorAuth {
-            token_hashes: Arc::new(vec![token_hash("s3cret")]),
+            tokens: Arc::new(vec![OperatorToken {
+                name: "token".into(),
+                role: api::identity::OperatorRole::Admin,
+                sha256: token_hash("s3cret"),
+            }]),
         })
     }
 
@@ -293,7 +297,14 @@ mod tests {
 
         let admitted = status_of(service, with_token(Some("s3cret"))).await;
         assert!(admitted.is_none(), "{admitted:?}");
-        assert_eq!(*seen.lock().expect("lock"), vec![Some(Operator::Token)]);
+        assert_eq!(
+            *seen.lock().expect("lock"),
+            vec![Some(Operator {
+                name: "token".into(),
+                role: api::identity::OperatorRole::Admin,
+                via: Via::Token
+            })]
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! `Coordinator::start` takes already-bound listeners and an opened store, so every test tier
 //! can run the real thing in-process on `127.0.0.1:0`.
 
+pub mod access;
 pub mod certs;
 pub mod config;
 pub mod cron;
@@ -48,8 +49,11 @@ pub struct Settings {
     pub tls: TlsMaterial,
     pub heartbeat_interval: Duration,
     pub agent_timeout: Duration,
-    /// SHA-256 of each accepted operator bearer token.
+    /// SHA-256 of each accepted operator bearer token of `operator.token_sha256`: admins
+    /// named `token`.
     pub operator_token_hashes: Vec<[u8; 32]>,
+    /// The named tokens of `[[operator.token]]`, each with its role.
+    pub operator_tokens: Vec<grpc::OperatorToken>,
     /// The environments runs can target.
     pub environments: std::collections::BTreeMap<String, config::Environment>,
     /// Attach rate, operator calls in flight and their deadline.
@@ -265,8 +269,16 @@ impl Coordinator {
             }))
             .serve_with_incoming_shutdown(agent_incoming, cancel.clone().cancelled_owned());
 
+        let legacy = settings
+            .operator_token_hashes
+            .iter()
+            .map(|&sha256| grpc::OperatorToken {
+                name: "token".into(),
+                role: api::identity::OperatorRole::Admin,
+                sha256,
+            });
         let auth = OperatorAuth {
-            token_hashes: Arc::new(settings.operator_token_hashes),
+            tokens: Arc::new(settings.operator_tokens.into_iter().chain(legacy).collect()),
         };
         let operator_server = tonic::transport::Server::builder()
             // Authentication first, so a refused call uses up no capacity; then at most

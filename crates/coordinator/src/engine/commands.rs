@@ -42,6 +42,35 @@ pub struct RunParams {
     /// for the drill report; its shape is the report's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub excluded: Vec<crate::report::Exclusion>,
+    /// Who started the run (none for scheduled backups and runs journaled before roles).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_by: Option<Starter>,
+}
+
+/// The operator who started a run, as the operator API authenticated them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Starter {
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+    /// `certificate` or `token`.
+    pub via: String,
+}
+
+impl Starter {
+    pub fn of(operator: &crate::grpc::Operator) -> Starter {
+        Starter {
+            name: operator.name.clone(),
+            role: operator.role.as_str().to_owned(),
+            via: operator.via.as_str().to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for Starter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}, by {})", self.name, self.role, self.via)
+    }
 }
 
 impl RunParams {
@@ -100,7 +129,7 @@ pub(super) fn agent_actions(
             Some(r) => vec![AgentAction::Scale(target(r))],
             None => return Err("scale phase without replicas (plan check refuses this)".into()),
         },
-        Action::Report | Action::WritePoint => Vec::new(),
+        Action::Report | Action::WritePoint | Action::Approve => Vec::new(),
         Action::BackupPostgres => vec![AgentAction::BackupPostgres {
             repository,
             point: point()?,

@@ -177,10 +177,15 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                     let failed = planner::a_command_failed(&commands, phase, attempt);
                     let (changes, changed) = planner::changes_note(&plan, &commands);
                     let next = planner::next_steps(id, failed, changed);
-                    let reason = format!(
-                        "phase {} did not pass: {detail}{frozen}{changes} — {next}",
-                        plan.phases[phase].name
-                    );
+                    let reason = if plan.phases[phase].action == Action::Approve {
+                        // Its detail says what was decided and what to do; nothing changed.
+                        format!("phase {} did not pass: {detail}", plan.phases[phase].name)
+                    } else {
+                        format!(
+                            "phase {} did not pass: {detail}{frozen}{changes} — {next}",
+                            plan.phases[phase].name
+                        )
+                    };
                     let at = Utc::now();
                     self.store
                         .set_run_state(id, RunState::Blocked, Some(&reason), at, self.link.epoch())
@@ -246,6 +251,14 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                 Ok(where_) => (true, format!("drill report written: {where_}")),
                 Err(e) => (false, api::errors::one_line(&*e)),
             },
+            Action::Approve => {
+                let run = self
+                    .store
+                    .run(run_id)
+                    .await?
+                    .with_context(|| format!("no run {run_id}"))?;
+                self.await_approval(&run, phase, started).await?
+            }
             Action::WritePoint => match self.write_point(run_id, plan, env, &ctx).await {
                 Ok(id) => {
                     self.event(run_id, "point.written", json!({ "point": id }))

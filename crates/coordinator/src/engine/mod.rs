@@ -16,6 +16,7 @@
 //! reads (runs, their detail and events, points with their age against the RPO); `kept` lists
 //! and prunes the copies restores and undos kept (its selection is a pure function too).
 
+mod approve;
 mod commands;
 mod driver;
 pub mod kept;
@@ -42,6 +43,8 @@ use crate::link::AgentLink;
 use crate::notify::RunEvent;
 use crate::plan::{Action, Plan};
 use crate::store::{self, NewRun, PhaseRecord, PhaseState, RunKind, RunRecord, RunState, Store};
+pub use approve::DecisionRefused;
+pub use commands::Starter;
 use commands::{CommandKey, RunContext, RunId, RunParams, agent_actions, needs_point};
 use planner::conflicts;
 
@@ -388,19 +391,29 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
     }
 
     fn plan_for(&self, env: &Environment, request: &StartRun) -> Result<Plan> {
-        Ok(match (&request.plan, request.kind) {
+        let plan = match (&request.plan, request.kind) {
             (None, RunKind::Backup) => env.backup_plan.clone(),
             (None, RunKind::Undo) => Plan::undo_plan(&env.fleet).map_err(|e| anyhow!("{e}"))?,
             (None, _) => env.plan.clone(),
             (Some((name, text)), _) => {
                 Plan::parse(Path::new(name), text, Some(&env.fleet)).map_err(|e| anyhow!("{e}"))?
             }
-        })
+        };
+        approving(env, request.kind, request.plan.is_some(), plan)
     }
 
     /// Validates the request, journals the run, and starts driving it. Fails with
     /// [`RunConflict`] while another run of the environment is in the way ([`conflicts`]).
     pub async fn start_run(&self, request: StartRun) -> Result<RunRecord> {
+        self.start_run_by(request, None).await
+    }
+
+    /// [`Engine::start_run`], journaling who started the run (the operator API's caller).
+    pub async fn start_run_by(
+        &self,
+        request: StartRun,
+        started_by: Option<Starter>,
+    ) -> Result<RunRecord> {
         let env = self.environment(&request.environment)?;
         let plan = self.plan_for(env, &request)?;
         // One decision at a time: two runs started at once must not both find the way clear.
@@ -447,6 +460,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 plan: plan.name.clone(),
                 undoes: None,
                 excluded: exclusions(env, &request.excluded),
+                started_by: started_by.clone(),
             })
             .context("encode the run's params")?,
             epoch: self.inner.link.epoch(),
@@ -457,7 +471,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             .event(
                 &id,
                 "run.created",
-                json!({ "plan": plan.name, "point": point_id }),
+                json!({ "plan": plan.name, "point": point_id, "started_by": started_by }),
             )
             .await?;
         self.spawn_drive(id.clone());
@@ -492,8 +506,18 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
 
     /// Applies an operator's decision; returns the run as it now stands.
     pub async fn control(&self, id: &str, control: Control) -> Result<RunRecord> {
+        self.control_by(id, control, None).await
+    }
+
+    /// [`Engine::control`], journaling who asked (an undo run records its starter).
+    pub async fn control_by(
+        &self,
+        id: &str,
+        control: Control,
+        by: Option<Starter>,
+    ) -> Result<RunRecord> {
         if let Control::Undo { force } = control {
-            return self.start_undo(id, force).await;
+            return self.start_undo(id, force, by).await;
         }
         let store = &self.inner.store;
         let run = store
@@ -669,6 +693,30 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// Who started a journaled run, from its params (none for scheduled backups and runs from
+/// before roles).
+pub fn started_by(params: &serde_json::Value) -> Option<Starter> {
+    RunParams::of(params).started_by
+}
+
+/// Whether a run of `kind` must wait for approvals in `env`: drills, recoveries and undos of
+/// an environment with `approvals`, and a backup with a plan of the caller's (a plan can do
+/// anything); the built-in backup plan changes nothing in the fleet.
+pub fn needs_approval(env: &Environment, kind: RunKind, own_plan: bool) -> bool {
+    env.approvals > 0 && (kind != RunKind::Backup || own_plan)
+}
+
+/// The plan a run of `kind` follows in `env`: `plan`, with an approve phase when the run
+/// needs approvals ([`crate::plan::with_approval`]).
+fn approving(env: &Environment, kind: RunKind, own_plan: bool, plan: Plan) -> Result<Plan> {
+    if !needs_approval(env, kind, own_plan) {
+        return Ok(plan);
+    }
+    let text = crate::plan::with_approval(&plan.source, env.approvals, env.approval_timeout)
+        .map_err(|e| anyhow!("plan {}: {e}", plan.name))?;
+    Plan::parse(Path::new(&plan.name), &text, Some(&env.fleet)).map_err(|e| anyhow!("{e}"))
 }
 
 /// What a run leaves out on purpose: the environment's declared exclusions, then the

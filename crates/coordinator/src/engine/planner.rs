@@ -334,6 +334,60 @@ pub(super) fn next_steps(id: &str, command_failed: bool, changed: bool) -> Strin
     format!("{first}{undo}, or `rollcall run abort {id}` (ends the run as it stands)")
 }
 
+/// One operator's decision about a run that waits for approval, as journaled (`run.approved`,
+/// `run.rejected`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Decision {
+    /// The operator's name (a certificate's, or a token's configured name).
+    pub by: String,
+    pub role: String,
+    pub approve: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// Where a run's approvals stand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Approval {
+    /// Enough operators other than the starter approved (each once, in journal order).
+    Approved { by: Vec<String> },
+    /// An operator rejected the run: it does not go on, whatever others approved.
+    Rejected { by: String, reason: String },
+    /// Not enough approvals yet.
+    Waiting { by: Vec<String>, need: u32 },
+    /// Not enough approvals before the approve phase's timeout.
+    TimedOut { by: Vec<String>, need: u32 },
+}
+
+/// The two-person rule: `need` approvals from operators other than `starter`, each operator
+/// counted once; a rejection stands; past the timeout, waiting ends blocked.
+pub fn approval(
+    need: u32,
+    starter: Option<&str>,
+    decisions: &[Decision],
+    timed_out: bool,
+) -> Approval {
+    if let Some(r) = decisions.iter().find(|d| !d.approve) {
+        return Approval::Rejected {
+            by: r.by.clone(),
+            reason: r.reason.clone(),
+        };
+    }
+    let mut by: Vec<String> = Vec::new();
+    for d in decisions {
+        if Some(d.by.as_str()) != starter && !by.contains(&d.by) {
+            by.push(d.by.clone());
+        }
+    }
+    if by.len() as u64 >= u64::from(need) {
+        Approval::Approved { by }
+    } else if timed_out {
+        Approval::TimedOut { by, need }
+    } else {
+        Approval::Waiting { by, need }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -724,5 +778,73 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn decision(by: &str, approve: bool) -> Decision {
+        Decision {
+            by: by.into(),
+            role: "admin".into(),
+            approve,
+            reason: if approve {
+                String::new()
+            } else {
+                "not tonight".into()
+            },
+        }
+    }
+
+    #[test]
+    fn approvals_come_from_others_each_once_and_a_rejection_stands() {
+        let waiting = |by: &[&str]| Approval::Waiting {
+            by: by.iter().map(|s| s.to_string()).collect(),
+            need: 1,
+        };
+        // Nobody yet: waiting, and past the timeout blocked.
+        assert_eq!(approval(1, Some("alice"), &[], false), waiting(&[]));
+        assert_eq!(
+            approval(1, Some("alice"), &[], true),
+            Approval::TimedOut {
+                by: vec![],
+                need: 1
+            }
+        );
+        // The starter's own approval never counts (the engine refuses it before it is
+        // journaled; this holds even for a journal that has one).
+        assert_eq!(
+            approval(1, Some("alice"), &[decision("alice", true)], false),
+            waiting(&[])
+        );
+        // A second operator's approval lets it run.
+        assert_eq!(
+            approval(1, Some("alice"), &[decision("bob", true)], false),
+            Approval::Approved {
+                by: vec!["bob".into()]
+            }
+        );
+        // The same operator twice counts once.
+        let twice = [decision("bob", true), decision("bob", true)];
+        assert_eq!(
+            approval(2, Some("alice"), &twice, false),
+            Approval::Waiting {
+                by: vec!["bob".into()],
+                need: 2
+            }
+        );
+        let two = [decision("bob", true), decision("carol", true)];
+        assert_eq!(
+            approval(2, Some("alice"), &two, true),
+            Approval::Approved {
+                by: vec!["bob".into(), "carol".into()]
+            }
+        );
+        // A rejection blocks it, even next to enough approvals.
+        let rejected = [decision("bob", true), decision("carol", false)];
+        assert_eq!(
+            approval(1, Some("alice"), &rejected, false),
+            Approval::Rejected {
+                by: "carol".into(),
+                reason: "not tonight".into()
+            }
+        );
     }
 }

@@ -42,7 +42,12 @@ struct Changed {
 
 impl<L: AgentLink + Clone + 'static> Engine<L> {
     /// Starts an undo run taking back run `id`'s restore (see the module doc); returns it.
-    pub async fn start_undo(&self, id: &str, force: bool) -> Result<RunRecord> {
+    pub async fn start_undo(
+        &self,
+        id: &str,
+        force: bool,
+        started_by: Option<super::Starter>,
+    ) -> Result<RunRecord> {
         let store = self.inner.store.clone();
         let _starting = self.inner.starting.lock().await;
         let target = store
@@ -172,6 +177,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         }
 
         let plan = Plan::undo_plan(&env.fleet).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let plan = super::approving(&env, RunKind::Undo, false, plan)?;
         let now = Utc::now();
         let undo_id = RunId::new(RunKind::Undo, env.name.as_str(), now, rand::random()).to_string();
         let undoes = UndoOf {
@@ -183,6 +189,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             plan: plan.name.clone(),
             undoes: Some(undoes),
             excluded: Vec::new(),
+            started_by: started_by.clone(),
         };
         let epoch = self.inner.link.epoch();
         store
@@ -209,6 +216,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                     "objects_restore_sent": changed.objects,
                     "unfrozen": changed.unfrozen,
                     "forced": force,
+                    "started_by": started_by,
                 }),
             )
             .await?;

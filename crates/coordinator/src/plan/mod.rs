@@ -83,10 +83,15 @@ pub enum Action {
     SnapshotObjects,
     /// Commit the recovery point from the parts the backup phases produced; coordinator-side.
     WritePoint,
+    /// Wait for `params.approvals` operators other than the run's starter to approve it (the
+    /// two-person rule); coordinator-side, changes nothing. The engine puts one before the
+    /// first phase that may change anything of an environment with `approvals`
+    /// ([`with_approval`]).
+    Approve,
 }
 
 impl Action {
-    pub const ALL: [Action; 18] = [
+    pub const ALL: [Action; 19] = [
         Action::Preflight,
         Action::Freeze,
         Action::Scale,
@@ -105,6 +110,7 @@ impl Action {
         Action::BackupPostgres,
         Action::SnapshotObjects,
         Action::WritePoint,
+        Action::Approve,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -127,6 +133,7 @@ impl Action {
             Action::BackupPostgres => "backup-postgres",
             Action::SnapshotObjects => "snapshot-objects",
             Action::WritePoint => "write-point",
+            Action::Approve => "approve",
         }
     }
 
@@ -151,7 +158,7 @@ impl Action {
     }
 
     pub fn targets_agents(self) -> bool {
-        !matches!(self, Action::Report | Action::WritePoint)
+        !matches!(self, Action::Report | Action::WritePoint | Action::Approve)
     }
 
     /// Whether the action changes live data (and so needs writes frozen and roles stopped).
@@ -402,6 +409,99 @@ impl Plan {
     pub fn phase(&self, name: &str) -> Option<&Phase> {
         self.phases.iter().find(|p| p.name == name)
     }
+
+    /// Whether the plan waits for approvals.
+    pub fn approves(&self) -> bool {
+        self.phases.iter().any(|p| p.action == Action::Approve)
+    }
+}
+
+impl Phase {
+    /// An approve phase's `params.approvals` (validated to be 1 to
+    /// [`crate::config::MAX_APPROVALS`]); 0 for any other phase.
+    pub fn approvals(&self) -> u32 {
+        match (self.action, self.params.get("approvals")) {
+            (Action::Approve, Some(toml::Value::Integer(n))) => u32::try_from(*n).unwrap_or(0),
+            _ => 0,
+        }
+    }
+}
+
+/// The name of the approve phase [`with_approval`] adds.
+pub const APPROVE_PHASE: &str = "approve";
+
+/// A plan document that waits for `approvals` approvals (for at most `timeout`) before the
+/// first phase that may change anything: an approve phase is put before the first phase that
+/// is not a preflight or a prepare-postgres (which only read, or restore beside the live
+/// database), and every later phase waits for it (by coming next, or in its `after`). A plan
+/// that has an approve phase already is left as it is.
+pub fn with_approval(text: &str, approvals: u32, timeout: Duration) -> Result<String, String> {
+    let mut doc = text
+        .parse::<toml::Table>()
+        .map_err(|e| format!("the plan is not TOML: {e}"))?;
+    let Some(toml::Value::Array(phases)) = doc.get_mut("phase") else {
+        return Err("the plan has no phases".into());
+    };
+    let action = |p: &toml::Value| p.get("action").and_then(|a| a.as_str()).map(str::to_owned);
+    if phases
+        .iter()
+        .any(|p| action(p).as_deref() == Some(Action::Approve.as_str()))
+    {
+        // The plan's own approve phases ask for at least what the environment asks for.
+        let mut raised = false;
+        for p in phases.iter_mut() {
+            if action(p).as_deref() != Some(Action::Approve.as_str()) {
+                continue;
+            }
+            let Some(table) = p.as_table_mut() else {
+                continue;
+            };
+            let params = table
+                .entry("params")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let Some(params) = params.as_table_mut() {
+                let has = params.get("approvals").and_then(|v| v.as_integer());
+                if has.is_none_or(|n| n < i64::from(approvals)) {
+                    params.insert("approvals".into(), i64::from(approvals).into());
+                    raised = true;
+                }
+            }
+        }
+        if !raised {
+            return Ok(text.to_owned());
+        }
+        return toml::to_string(&doc).map_err(|e| format!("write the plan's approvals: {e}"));
+    }
+    if phases
+        .iter()
+        .any(|p| p.get("name").and_then(|n| n.as_str()) == Some(APPROVE_PHASE))
+    {
+        return Err(format!(
+            "the plan has a phase named {APPROVE_PHASE:?} that is not an approve phase; rename it"
+        ));
+    }
+    let reads_only = [Action::Preflight.as_str(), Action::PreparePostgres.as_str()];
+    let at = phases
+        .iter()
+        .position(|p| !action(p).is_some_and(|a| reads_only.contains(&a.as_str())))
+        .unwrap_or(phases.len());
+    let mut approve = toml::Table::new();
+    approve.insert("name".into(), APPROVE_PHASE.into());
+    approve.insert("action".into(), Action::Approve.as_str().into());
+    approve.insert(
+        "timeout".into(),
+        humantime::format_duration(timeout).to_string().into(),
+    );
+    let mut params = toml::Table::new();
+    params.insert("approvals".into(), i64::from(approvals).into());
+    approve.insert("params".into(), params.into());
+    for p in phases.iter_mut().skip(at) {
+        if let Some(toml::Value::Array(after)) = p.get_mut("after") {
+            after.push(APPROVE_PHASE.into());
+        }
+    }
+    phases.insert(at, approve.into());
+    toml::to_string(&doc).map_err(|e| format!("write the plan with its approve phase: {e}"))
 }
 
 /// A plan document without the standard roles `fleet` does not declare (or declares none
@@ -672,5 +772,79 @@ pub(crate) mod tests {
         assert_eq!(Quorum::Percent(50).required(3), 2);
         assert_eq!(Quorum::Percent(100).required(7), 7);
         assert_eq!(Quorum::All.required(4), 4);
+    }
+
+    #[test]
+    fn an_approve_phase_comes_before_anything_changes_and_everything_after_waits_for_it() {
+        let base = Plan::default_plan(Some(&fleet())).unwrap();
+        let text = with_approval(&base.source, 2, Duration::from_secs(1800)).unwrap();
+        let plan = Plan::parse(Path::new("approving"), &text, Some(&fleet())).unwrap();
+        assert!(plan.approves() && !base.approves());
+        let approve = plan.phase(APPROVE_PHASE).unwrap();
+        assert_eq!(approve.action, Action::Approve);
+        assert_eq!(approve.approvals(), 2);
+        assert_eq!(approve.timeout, Duration::from_secs(1800));
+        assert_eq!(approve.roles, Vec::<String>::new());
+        // Only what reads (preflight) or restores beside the live data (prepare) comes first.
+        let before: Vec<Action> = plan.phases[..approve.index]
+            .iter()
+            .map(|p| p.action)
+            .collect();
+        assert_eq!(before, [Action::Preflight, Action::PreparePostgres]);
+        // Every later phase waits for it, directly or through the phases it waits for.
+        let mut waits = vec![false; plan.phases.len()];
+        waits[approve.index] = true;
+        for p in &plan.phases[approve.index + 1..] {
+            waits[p.index] = p.after.iter().any(|&d| waits[d]);
+            assert!(
+                waits[p.index],
+                "phase {} does not wait for approval",
+                p.name
+            );
+        }
+        // A second pass leaves the plan as it is; the undo plan gets one too.
+        assert_eq!(
+            with_approval(&text, 1, Duration::from_secs(60)).unwrap(),
+            text
+        );
+        let undo = Plan::undo_plan(&fleet()).unwrap();
+        let text = with_approval(&undo.source, 1, Duration::from_secs(60)).unwrap();
+        let undo = Plan::parse(Path::new("undo"), &text, Some(&fleet())).unwrap();
+        assert!(undo.approves());
+        let first_change = undo
+            .phases
+            .iter()
+            .position(|p| matches!(p.action, Action::Freeze | Action::Scale) || p.action.is_undo())
+            .unwrap();
+        assert!(undo.phase(APPROVE_PHASE).unwrap().index < first_change);
+    }
+
+    #[test]
+    fn approve_phases_are_validated() {
+        let head = "name = \"t\"\n";
+        let phase = |params: &str| {
+            format!(
+                "{head}[[phase]]\nname = \"ok\"\naction = \"approve\"\ntimeout = \"1h\"\n{params}"
+            )
+        };
+        let check = |t: &str| {
+            Plan::parse(Path::new("p.toml"), t, Some(&fleet())).map_err(|e| e.to_string())
+        };
+        assert!(check(&phase("params = { approvals = 1 }")).is_ok());
+        let err = check(&phase("")).unwrap_err();
+        assert!(
+            err.contains("phase ok: approve needs params.approvals"),
+            "{err}"
+        );
+        let err = check(&phase("params = { approvals = 0 }")).unwrap_err();
+        assert!(
+            err.contains("params.approvals = 0 is not a count from 1 to 10"),
+            "{err}"
+        );
+        let err = check(&phase("roles = [\"web\"]\nparams = { approvals = 1 }")).unwrap_err();
+        assert!(
+            err.contains("runs on the coordinator and targets no roles"),
+            "{err}"
+        );
     }
 }

@@ -227,6 +227,7 @@ impl Validator<'_> {
             };
             let params = p.params.map(|t| t.into_inner()).unwrap_or_default();
             let replicas = self.replicas(&name, action, &params, at);
+            self.approvals(&name, action, &params, at);
             replicas_spans.push(at);
             phases.push(Phase {
                 index: phases.len(),
@@ -513,6 +514,31 @@ impl Validator<'_> {
                 None
             }
             (_, None) => None,
+        }
+    }
+
+    /// An approve phase's `params.approvals`: 1 to `MAX_APPROVALS`; no other phase takes it.
+    fn approvals(&mut self, name: &str, action: Action, params: &toml::Table, at: usize) {
+        let max = crate::config::MAX_APPROVALS;
+        match (action, params.get("approvals")) {
+            (Action::Approve, Some(toml::Value::Integer(n)))
+                if (1..=i64::from(max)).contains(n) => {}
+            (Action::Approve, Some(other)) => self.error(
+                at,
+                format!("phase {name}: params.approvals = {other} is not a count from 1 to {max}"),
+                "write params = { approvals = 1 }",
+            ),
+            (Action::Approve, None) => self.error(
+                at,
+                format!("phase {name}: approve needs params.approvals"),
+                "write params = { approvals = 1 }",
+            ),
+            (_, Some(_)) => self.error(
+                at,
+                format!("phase {name}: action {action} takes no approvals"),
+                "remove params.approvals, or use an approve phase",
+            ),
+            (_, None) => {}
         }
     }
 

@@ -15,9 +15,9 @@ use repository::Point;
 use serde_json::Value;
 
 use super::types::{
-    CheckRow, CountRow, DrillReport, EXCLUDED_BY_CONFIG, EnvironmentInfo, Exclusion, FORMAT,
-    FollowUp, Incident, NOT_RECORDED, ObjectsInfo, PhaseRow, PostgresInfo, Rpo, Rto, RunInfo,
-    SecretRefRow, Target, UndoInfo, WorkerDrillRow,
+    ApprovalRow, CheckRow, CountRow, DrillReport, EXCLUDED_BY_CONFIG, EnvironmentInfo, Exclusion,
+    FORMAT, FollowUp, Incident, NOT_RECORDED, ObjectsInfo, PhaseRow, PostgresInfo, Rpo, Rto,
+    RunInfo, SecretRefRow, Target, UndoInfo, WorkerDrillRow,
 };
 use crate::config::{Environment, ReportRow};
 use crate::plan::{Action, Plan};
@@ -596,6 +596,7 @@ impl Journal {
                 created_at: run.created_at,
                 started_at,
                 finished_at: run.finished_at,
+                started_by: crate::engine::started_by(&run.params).map(|s| r(&s.to_string())),
             },
             target: Target {
                 point_id: point_id.as_deref().map(r),
@@ -618,7 +619,31 @@ impl Journal {
             rto,
             rpo,
             undo: self.undo_info(&of(ActionKind::UndoPostgres), &of(ActionKind::UndoObjects)),
+            approvals_required: plan
+                .as_ref()
+                .and_then(|pl| pl.phases.iter().find(|p| p.action == Action::Approve))
+                .map_or(0, |p| p.approvals()),
+            approvals: self.approvals(),
         }
+    }
+
+    /// The operators' approvals and rejections of the run, in journal order.
+    fn approvals(&self) -> Vec<ApprovalRow> {
+        self.events
+            .iter()
+            .filter(|e| matches!(e.kind.as_str(), "run.approved" | "run.rejected"))
+            .filter_map(|e| {
+                let d: crate::engine::planner::Decision =
+                    serde_json::from_value(e.payload.clone()).ok()?;
+                Some(ApprovalRow {
+                    at: e.at,
+                    by: r(&d.by),
+                    role: r(&d.role),
+                    decision: if d.approve { "approved" } else { "rejected" }.to_owned(),
+                    reason: Some(d.reason).filter(|s| !s.is_empty()).map(|s| r(&s)),
+                })
+            })
+            .collect()
     }
 
     /// The run's incidents in time order, from its events (phases blocked, operators' retries

@@ -79,6 +79,12 @@ impl DrillReport {
                         None => run.state.clone(),
                     },
                 ],
+                vec![
+                    "Started by".into(),
+                    run.started_by
+                        .clone()
+                        .unwrap_or_else(|| NOT_RECORDED.to_owned()),
+                ],
                 vec!["Run started".into(), time(run.started_at)],
                 vec![
                     "Run finished".into(),
@@ -339,6 +345,34 @@ impl DrillReport {
                     })
                     .collect(),
             );
+        }
+
+        if self.approvals_required > 0 || !self.approvals.is_empty() {
+            md.section("Approvals");
+            md.line(&format!(
+                "The environment is protected: the run waited for {} approval(s) from operators \
+                 other than the one who started it.",
+                self.approvals_required
+            ));
+            if self.approvals.is_empty() {
+                md.line("No operator approved or rejected the run.");
+            } else {
+                md.table(
+                    &["At", "Operator", "Role", "Decision", "Reason"],
+                    self.approvals
+                        .iter()
+                        .map(|a| {
+                            vec![
+                                time(Some(a.at)),
+                                a.by.clone(),
+                                a.role.clone(),
+                                a.decision.clone(),
+                                a.reason.clone().unwrap_or_default(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
         }
 
         md.section("Incidents");

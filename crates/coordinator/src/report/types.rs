@@ -72,6 +72,9 @@ pub struct DrillReport {
     /// What an undo run took back (undo runs only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub undo: Option<UndoInfo>,
+    /// Approvals a run of a protected environment waited for (0: none), and the decisions.
+    pub approvals_required: u32,
+    pub approvals: Vec<ApprovalRow>,
 }
 
 /// What an undo run did, from its agents' outputs.
@@ -116,6 +119,20 @@ pub struct RunInfo {
     /// The `run.started` event (the first phase's start when that event is missing).
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The operator who started the run: name, role and how they authenticated (none for a
+    /// scheduled backup or a run from before roles).
+    pub started_by: Option<String>,
+}
+
+/// One operator's approval or rejection of the run (the two-person rule), in journal order.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApprovalRow {
+    pub at: DateTime<Utc>,
+    pub by: String,
+    pub role: String,
+    /// `approved` or `rejected`.
+    pub decision: String,
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -56,6 +56,9 @@ pub(super) fn environment(secrets: Vec<SecretRef>) -> Environment {
         secrets,
         report_rows: cowork_rows(),
         report_excluded: Vec::new(),
+        protected: false,
+        approvals: 0,
+        approval_timeout: std::time::Duration::from_secs(3600),
     }
 }
 
