@@ -1,0 +1,102 @@
+#!/bin/sh
+# Point-in-time recovery benchmark (issue 21). A throwaway cluster archives its WAL into a
+# file:// repository with `rollcall repo wal-push`; pgbench data at BENCH_SCALE (default 30,
+# about 450 MB); then `rollcall repo base-backup`, BENCH_LOAD_SECONDS (default 60) of pgbench
+# load with archiving on, the time T, 10 s more load, and `rollcall repo restore-postgres
+# --to-time T` into a new data directory. Prints the base backup's time and rate, the WAL the
+# load wrote and how far the archive lagged behind it, the restore's time, and checks that the
+# restored pgbench_history holds exactly the rows committed by T. ROLLCALL=PATH picks the
+# binary (default: a release build of this tree).
+set -eu
+cd "$(dirname "$0")/.."
+SCALE=${BENCH_SCALE:-30}
+LOAD=${BENCH_LOAD_SECONDS:-60}
+if [ -z "${ROLLCALL:-}" ]; then
+  cargo build --release -q -p cli
+  ROLLCALL=$PWD/target/release/rollcall
+fi
+
+dir=$(mktemp -d /tmp/rollcall-pitr-bench.XXXXXX)
+chmod 755 "$dir"
+cp "$ROLLCALL" "$dir/rollcall"
+chmod 755 "$dir/rollcall"
+mkdir "$dir/repo"
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+if [ "$(id -u)" = 0 ]; then chown -R postgres "$dir"; fi
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+port=$(free_port)
+restored_port=$(free_port)
+cleanup() {
+  as_pg pg_ctl -D "$dir/restored" -m immediate stop >/dev/null 2>&1 || true
+  as_pg pg_ctl -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT INT TERM
+
+as_pg initdb -D "$dir/data" -U postgres -A trust >/dev/null
+cat >>"$dir/data/postgresql.auto.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$dir'
+wal_level = replica
+archive_mode = on
+archive_command = '$dir/rollcall repo wal-push --repo file://$dir/repo %p'
+max_wal_size = '1GB'
+EOF
+as_pg pg_ctl -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
+url="postgresql://postgres@127.0.0.1:$port/postgres"
+q() { psql -X -q -At -d "$url" -c "$1"; }
+now() { date +%s.%N; }
+secs() { printf "%.2f" "$(echo "$2 - $1" | bc)"; }
+
+pgbench -q -i -s "$SCALE" "$url" >/dev/null 2>&1
+db_bytes=$(q "SELECT pg_database_size('postgres')")
+echo "database: $((db_bytes / 1048576)) MB (pgbench scale $SCALE)"
+
+t0=$(now)
+"$dir/rollcall" repo base-backup --repo "file://$dir/repo" --database-url "$url" >"$dir/base.json"
+t1=$(now)
+base_s=$(secs "$t0" "$t1")
+stored=$(python3 -c "import json,sys; b=json.load(open('$dir/base.json')); print(b['size'], b['tar_size'])")
+echo "base backup: ${base_s} s, $(echo "$db_bytes / 1048576 / $base_s" | bc) MB/s of database; stored $(echo "$stored" | cut -d' ' -f1) bytes (tar $(echo "$stored" | cut -d' ' -f2))"
+
+lsn0=$(q "SELECT pg_current_wal_lsn()")
+tps=$(pgbench -n -c 2 -j 2 -T "$LOAD" "$url" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
+lsn1=$(q "SELECT pg_current_wal_lsn()")
+wal_mb=$(q "SELECT round(pg_wal_lsn_diff('$lsn1', '$lsn0') / 1048576)")
+lag=$(q "SELECT pg_walfile_name('$lsn1') || ' written, ' || coalesce(last_archived_wal, 'none') || ' archived' FROM pg_stat_archiver")
+echo "load: ${LOAD} s of pgbench at $(printf "%.0f" "$tps") tps wrote ${wal_mb} MB of WAL; at its end: $lag"
+
+target=$(q "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+expected=$(q "SELECT count(*) FROM pgbench_history")
+sleep 1
+pgbench -n -c 2 -j 2 -T 10 "$url" >/dev/null 2>&1
+last=$(q "SELECT pg_walfile_name(pg_switch_wal())")
+t2=$(now)
+while [ "$(q "SELECT coalesce(last_archived_wal, '') >= '$last' FROM pg_stat_archiver")" != t ]; do
+  sleep 0.2
+done
+t3=$(now)
+failed=$(q "SELECT failed_count FROM pg_stat_archiver")
+echo "archive caught up $(secs "$t2" "$t3") s after the last switch; failed pushes: $failed"
+
+t4=$(now)
+"$dir/rollcall" repo restore-postgres --repo "file://$dir/repo" --to-time "$target" \
+  --data-dir "$dir/restored" >"$dir/restore.json"
+t5=$(now)
+fetched=$(grep -c 'restored log file' "$dir/restored.rollcall-recovery.log" || true)
+echo "restore to T: $(secs "$t4" "$t5") s ($fetched WAL segments fetched and replayed)"
+
+as_pg pg_ctl -D "$dir/restored" -l "$dir/restored.log" \
+  -o "-p $restored_port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir" -w start >/dev/null
+got=$(psql -X -At -d "postgresql://postgres@127.0.0.1:$restored_port/postgres" -c "SELECT count(*) FROM pgbench_history")
+if [ "$got" = "$expected" ]; then
+  echo "check: pgbench_history holds $got rows, exactly those committed by T"
+else
+  echo "check FAILED: pgbench_history holds $got rows, $expected were committed by T" >&2
+  exit 1
+fi
