@@ -73,13 +73,22 @@ echo "load: ${LOAD} s of pgbench at $(printf "%.0f" "$tps") tps wrote ${wal_mb} 
 
 target=$(q "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
 expected=$(q "SELECT count(*) FROM pgbench_history")
-sleep 1
+# Polls with a deadline: every later commit must be stamped after T.
+until_true() {
+  deadline=$(($(date +%s) + $2))
+  while [ "$(q "$1")" != t ]; do
+    if [ "$(date +%s)" -gt "$deadline" ]; then
+      echo "gave up after $2 s waiting for: $1" >&2
+      exit 1
+    fi
+    sleep 0.1
+  done
+}
+until_true "SELECT clock_timestamp() > '$target'" 10
 pgbench -n -c 2 -j 2 -T 10 "$url" >/dev/null 2>&1
 last=$(q "SELECT pg_walfile_name(pg_switch_wal())")
 t2=$(now)
-while [ "$(q "SELECT coalesce(last_archived_wal, '') >= '$last' FROM pg_stat_archiver")" != t ]; do
-  sleep 0.2
-done
+until_true "SELECT coalesce(last_archived_wal, '') >= '$last' FROM pg_stat_archiver" 300
 t3=$(now)
 failed=$(q "SELECT failed_count FROM pg_stat_archiver")
 echo "archive caught up $(secs "$t2" "$t3") s after the last switch; failed pushes: $failed"

@@ -451,7 +451,7 @@ pub async fn run(args: RepoArgs) -> Result<()> {
         }
         RepoCommand::BaseBackups { json: as_json } => {
             let bases = repository::list_base_backups(&repo).await?;
-            let window = repository::recovery_window(&repo, None).await?;
+            let window = repository::recovery_window(&repo, &bases).await?;
             if as_json {
                 json(serde_json::json!({ "base_backups": bases, "window": window }));
             } else {

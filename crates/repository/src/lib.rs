@@ -50,7 +50,7 @@ pub use postgres::kept::{
 };
 pub use postgres::physical::{
     BaseBackup, BaseBackupOptions, PitrOptions, PitrReport, RecoveryWindow, base_backup,
-    list_base_backups, read_base_backup, recovery_window, restore_to_time, verify_base_backups,
+    list_base_backups, recovery_window, restore_to_time, verify_base_backups,
 };
 pub use postgres::restore::{
     PgRestoreOptions, PgRestoreReport, default_restore_jobs, restore_postgres,

@@ -302,7 +302,7 @@ impl Repository {
     }
 
     /// Deletes keys in batches (S3: DeleteObjects); already-missing keys are fine.
-    async fn delete_all(&self, keys: Vec<Path>, dry_run: bool) -> Result<()> {
+    pub(crate) async fn delete_all(&self, keys: Vec<Path>, dry_run: bool) -> Result<()> {
         if dry_run || keys.is_empty() {
             return Ok(());
         }

@@ -339,6 +339,70 @@ pub fn local_dir(url: &str) -> Option<std::path::PathBuf> {
         .flatten()
 }
 
+/// A multipart upload hashed as it goes: a streamed body (a dump, a base backup) and the size
+/// and sha256 the repository records of it, with no local copy.
+pub(crate) struct HashedUpload {
+    writer: object_store::WriteMultipart,
+    hasher: sha2::Sha256,
+    size: u64,
+}
+
+impl HashedUpload {
+    /// Starts uploading `key` (retried like every repository request) in parts of `part`
+    /// bytes (at least 5 MiB, S3's smallest).
+    pub(crate) async fn start(
+        repo: &crate::repo::Repository,
+        key: &object_store::path::Path,
+        part: usize,
+    ) -> anyhow::Result<HashedUpload> {
+        use anyhow::Context;
+        use object_store::ObjectStoreExt;
+        use sha2::Digest;
+        let upload = retry(&repo.options.retry, "start an upload", || async {
+            repo.store
+                .put_multipart(key)
+                .await
+                .map_err(anyhow::Error::from)
+        })
+        .await
+        .with_context(|| format!("start uploading {key} to repository {}", repo.label))?;
+        Ok(HashedUpload {
+            writer: object_store::WriteMultipart::new_with_chunk_size(upload, part.max(5 << 20)),
+            hasher: sha2::Sha256::new(),
+            size: 0,
+        })
+    }
+
+    /// Adds a chunk, waiting while too many parts are in flight.
+    pub(crate) async fn put(&mut self, chunk: bytes::Bytes) -> object_store::Result<()> {
+        use sha2::Digest;
+        self.hasher.update(&chunk);
+        self.size += chunk.len() as u64;
+        self.writer.wait_for_capacity(4).await?;
+        self.writer.put(chunk);
+        Ok(())
+    }
+
+    /// Completes the upload; returns the body's size and sha256.
+    pub(crate) async fn finish(
+        self,
+        key: &object_store::path::Path,
+    ) -> anyhow::Result<(u64, String)> {
+        use anyhow::Context;
+        use sha2::Digest;
+        self.writer
+            .finish()
+            .await
+            .with_context(|| format!("complete the upload of {key}"))?;
+        Ok((self.size, hex::encode(self.hasher.finalize())))
+    }
+
+    /// Gives the upload up: an aborted multipart upload never becomes an object.
+    pub(crate) async fn abort(self) {
+        let _ = self.writer.abort().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -456,7 +456,7 @@ async fn prove_blob(
 
 /// Hashes a body as it streams by, handing each chunk to `keeper` too. Returns its length and
 /// sha256.
-async fn hash_body(
+pub(crate) async fn hash_body(
     got: object_store::GetResult,
     mut keeper: Option<&mut crate::scratch::Keeper>,
 ) -> Result<(u64, String)> {

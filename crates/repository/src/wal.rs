@@ -292,22 +292,81 @@ impl WalReport {
 /// Segments per log file with the default 16 MiB segments (`0x1_0000_0000 / 16 MiB`).
 const SEGMENTS_PER_LOG: u64 = 0x100;
 
-/// A segment's position on its timeline: `log * 256 + seg`.
+/// Segments per log file with segments of `segment_size` bytes.
+pub(crate) fn segments_per_log(segment_size: u64) -> u64 {
+    0x1_0000_0000 / segment_size.max(1)
+}
+
+/// A segment's timeline and position on it: `log * 256 + seg` (16 MiB segments).
 fn segment_number(name: &str) -> Option<(String, u64)> {
+    segment_number_in(name, SEGMENTS_PER_LOG)
+}
+
+/// A segment's timeline and position on it with `per_log` segments per log file.
+pub(crate) fn segment_number_in(name: &str, per_log: u64) -> Option<(String, u64)> {
     if name.len() != 24 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let log = u64::from_str_radix(&name[8..16], 16).ok()?;
     let seg = u64::from_str_radix(&name[16..24], 16).ok()?;
-    Some((name[..8].to_owned(), log * SEGMENTS_PER_LOG + seg))
+    Some((name[..8].to_owned(), log * per_log + seg))
 }
 
 fn segment_name(timeline: &str, n: u64) -> String {
-    format!(
-        "{timeline}{:08X}{:08X}",
-        n / SEGMENTS_PER_LOG,
-        n % SEGMENTS_PER_LOG
-    )
+    segment_name_in(timeline, n, SEGMENTS_PER_LOG)
+}
+
+/// The name of segment `n` of `timeline` (8 hex digits) with `per_log` segments per log file.
+pub(crate) fn segment_name_in(timeline: &str, n: u64, per_log: u64) -> String {
+    format!("{timeline}{:08X}{:08X}", n / per_log, n % per_log)
+}
+
+/// One archived WAL file as the repository's listing shows it, its record not read.
+#[derive(Debug, Clone)]
+pub(crate) struct ListedWal {
+    pub(crate) name: String,
+    /// When its record was written (the store's clock): when the file was archived.
+    pub(crate) archived_at: DateTime<Utc>,
+    pub(crate) record: Path,
+    /// Its bodies: one, or more when a push of other bytes died before its record.
+    pub(crate) bodies: Vec<Path>,
+}
+
+/// The archived WAL files (those with a record), in name order, from one listing: no record
+/// is read, so a window over thousands of segments costs one list, not a read per segment.
+pub(crate) async fn wal_listing(repo: &Repository) -> Result<Vec<ListedWal>> {
+    use futures::TryStreamExt;
+    let metas: Vec<_> = repo
+        .store()
+        .list(Some(&Path::from(WAL)))
+        .try_collect()
+        .await
+        .with_context(|| format!("list {WAL}/ in {}", repo.label()))?;
+    let mut bodies: std::collections::HashMap<String, Vec<Path>> = Default::default();
+    let mut listed = Vec::new();
+    for meta in metas {
+        let Some(file) = meta.location.filename().map(str::to_owned) else {
+            continue;
+        };
+        if let Some(name) = file.strip_suffix(".json") {
+            listed.push(ListedWal {
+                name: name.to_owned(),
+                archived_at: meta.last_modified,
+                record: meta.location,
+                bodies: Vec::new(),
+            });
+        } else if let Some((name, _)) = file.strip_suffix(".zst").and_then(|f| f.rsplit_once('-')) {
+            bodies
+                .entry(name.to_owned())
+                .or_default()
+                .push(meta.location);
+        }
+    }
+    for wal in &mut listed {
+        wal.bodies = bodies.remove(&wal.name).unwrap_or_default();
+    }
+    listed.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(listed)
 }
 
 /// Checks the archived WAL: every record's body is there (`full`: and decompresses to the

@@ -165,7 +165,11 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                     .into_iter()
                     .map(|d| format!("{}: {}", d.key, d.reason)),
             );
-            if let Some(window) = repository::recovery_window(&repo, Some(name))
+            let mut bases = repository::list_base_backups(&repo)
+                .await
+                .map_err(PointsError::Repository)?;
+            bases.retain(|b| b.env.as_deref() == Some(name.as_str()));
+            if let Some(window) = repository::recovery_window(&repo, &bases)
                 .await
                 .map_err(PointsError::Repository)?
             {

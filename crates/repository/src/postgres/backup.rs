@@ -12,8 +12,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use chrono::Utc;
+use object_store::ObjectStoreExt;
 use object_store::path::Path;
-use object_store::{ObjectStoreExt, WriteMultipart};
 use sha2::{Digest, Sha256};
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Executor};
@@ -31,7 +31,7 @@ use super::{
 use crate::layout::{PointId, dump_dir, dump_file_key};
 use crate::pipe::{ChunkSink, CountingReader, copy_large, widen_pipe};
 use crate::repo::Repository;
-use crate::store::retry;
+use crate::store::HashedUpload;
 
 /// What [`backup_postgres`] does.
 #[derive(Debug, Clone)]
@@ -385,17 +385,7 @@ async fn run_and_upload(
         Ok(input.count)
     });
 
-    let upload = retry(&repo.options.retry, "start dump upload", || async {
-        repo.store
-            .put_multipart(key)
-            .await
-            .map_err(anyhow::Error::from)
-    })
-    .await
-    .with_context(|| format!("start uploading {key} to repository {}", repo.label))?;
-    let mut writer = WriteMultipart::new_with_chunk_size(upload, options.part_size.max(5 << 20));
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
+    let mut upload = HashedUpload::start(repo, key, options.part_size).await?;
     let mut upload_error = None;
     let mut was_stopped = false;
     loop {
@@ -408,13 +398,10 @@ async fn run_and_upload(
             }
         };
         let Some(chunk) = chunk else { break };
-        hasher.update(&chunk);
-        size += chunk.len() as u64;
-        if let Err(e) = writer.wait_for_capacity(4).await {
+        if let Err(e) = upload.put(chunk).await {
             upload_error = Some(e);
             break;
         }
-        writer.put(chunk);
     }
     // Stop the producer if the upload failed, then wait for everyone.
     drop(rx);
@@ -443,21 +430,12 @@ async fn run_and_upload(
         Ok(n) => n,
         Err(e) => {
             // Leave nothing behind: an aborted multipart upload never becomes an object.
-            let _ = writer.abort().await;
+            upload.abort().await;
             return Err(e);
         }
     };
-    writer
-        .finish()
-        .await
-        .with_context(|| format!("complete the upload of {key}"))?;
-    Ok((
-        Stored {
-            size,
-            sha256: hex::encode(hasher.finalize()),
-        },
-        dump_size,
-    ))
+    let (size, sha256) = upload.finish(key).await?;
+    Ok((Stored { size, sha256 }, dump_size))
 }
 
 /// Returns once `stopped` turns true; never if its sender goes away first.

@@ -179,15 +179,10 @@ pub(super) async fn pick_tool(
 ) -> Result<(PathBuf, String)> {
     let mut seen = Vec::new();
     for path in candidates {
-        let out = Command::new(path)
-            .arg("--version")
-            .stdin(Stdio::null())
-            .output()
+        let (major, version) = tool_version(path)
             .await
             .with_context(|| format!("run {} --version", path.display()))?;
-        let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let major = major_of(&version).unwrap_or(0);
-        if out.status.success() && major >= min_major {
+        if major >= min_major {
             return Ok((path.clone(), version));
         }
         seen.push(format!("{} ({version})", path.display()));
@@ -197,6 +192,22 @@ pub(super) async fn pick_tool(
          PostgreSQL {min_major} client tools or configure their directory",
         seen.join(", ")
     )
+}
+
+/// What `path --version` says, and its major version (0 when it fails or says none).
+pub(super) async fn tool_version(path: &FsPath) -> std::io::Result<(u32, String)> {
+    let out = Command::new(path)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let major = if out.status.success() {
+        major_of(&version).unwrap_or(0)
+    } else {
+        0
+    };
+    Ok((major, version))
 }
 
 /// `pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)` → 15.

@@ -10,16 +10,15 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use object_store::path::Path;
-use object_store::{ObjectStoreExt, PutMode, PutPayload, WriteMultipart};
+use object_store::{ObjectStoreExt, PutMode, PutPayload};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
 use crate::pipe::{ChunkSink, copy_large, widen_pipe};
 use crate::postgres::conn::{DbUrl, collect_stderr, connect, last_lines, tool_candidates};
 use crate::repo::Repository;
-use crate::store::retry;
+use crate::store::HashedUpload;
 
 use super::{BaseBackup, body_key, format_lsn, parse_lsn, record_key, segment_name};
 
@@ -323,26 +322,13 @@ async fn stream_into(repo: &Repository, key: &Path, mut cmd: Command) -> Result<
         Ok((tee.count, label, manifest))
     });
 
-    let upload = retry(&repo.options.retry, "start base backup upload", || async {
-        repo.store
-            .put_multipart(key)
-            .await
-            .map_err(anyhow::Error::from)
-    })
-    .await
-    .with_context(|| format!("start uploading {key} to repository {}", repo.label))?;
-    let mut writer = WriteMultipart::new_with_chunk_size(upload, 16 << 20);
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
+    let mut upload = HashedUpload::start(repo, key, 16 << 20).await?;
     let mut upload_error = None;
     while let Some(chunk) = rx.recv().await {
-        hasher.update(&chunk);
-        size += chunk.len() as u64;
-        if let Err(e) = writer.wait_for_capacity(4).await {
+        if let Err(e) = upload.put(chunk).await {
             upload_error = Some(e);
             break;
         }
-        writer.put(chunk);
     }
     drop(rx);
     let compressed = compress.await;
@@ -374,12 +360,12 @@ async fn stream_into(repo: &Repository, key: &Path, mut cmd: Command) -> Result<
     let (tar_size, label, manifest) = match outcome {
         Ok(read) => read,
         Err(e) => {
-            let _ = writer.abort().await;
+            upload.abort().await;
             return Err(e);
         }
     };
     if label.is_empty() || manifest.is_empty() {
-        let _ = writer.abort().await;
+        upload.abort().await;
         bail!(
             "pg_basebackup's tar has no {}: is it PostgreSQL 13 or newer?",
             if label.is_empty() {
@@ -389,13 +375,10 @@ async fn stream_into(repo: &Repository, key: &Path, mut cmd: Command) -> Result<
             }
         );
     }
-    writer
-        .finish()
-        .await
-        .with_context(|| format!("complete the upload of {key}"))?;
+    let (size, sha256) = upload.finish(key).await?;
     Ok(Streamed {
         size,
-        sha256: hex::encode(hasher.finalize()),
+        sha256,
         tar_size,
         label,
         manifest,

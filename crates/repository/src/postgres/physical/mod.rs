@@ -22,9 +22,9 @@ use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::repo::{Repository, is_not_found};
+use crate::repo::Repository;
+use crate::wal::{ListedWal, segment_name_in, segment_number_in, segments_per_log};
 
 mod backup;
 mod recover;
@@ -116,22 +116,20 @@ pub struct RecoveryWindow {
     pub base_backups: usize,
 }
 
-/// The window the base backups (of `env`, or all) and the archived WAL cover, `None` without
-/// a base backup.
+/// The window `bases` (one environment's, or all) and the archived WAL cover, `None`
+/// without a base backup.
 pub async fn recovery_window(
     repo: &Repository,
-    env: Option<&str>,
+    bases: &[BaseBackup],
 ) -> Result<Option<RecoveryWindow>> {
-    let mut bases = list_base_backups(repo).await?;
-    bases.retain(|b| env.is_none_or(|e| b.env.as_deref() == Some(e)));
     let (Some(oldest), Some(newest)) = (bases.first(), bases.last()) else {
         return Ok(None);
     };
-    let wal = crate::wal::wal_list(repo).await?;
+    let wal = crate::wal::wal_listing(repo).await?;
     let reach = wal_reach(newest, &wal)?;
     Ok(Some(RecoveryWindow {
         earliest: oldest.consistent_at,
-        latest: reach.pushed_at.max(newest.consistent_at),
+        latest: reach.archived_at.max(newest.consistent_at),
         newest_segment: reach.segment,
         gap_at: reach.gap_at,
         base_backups: bases.len(),
@@ -140,31 +138,28 @@ pub async fn recovery_window(
 
 struct Reach {
     segment: String,
-    pushed_at: DateTime<Utc>,
+    archived_at: DateTime<Utc>,
     gap_at: Option<String>,
 }
 
 /// How far the archive runs without a gap from `base`'s first segment, on its timeline.
-fn wal_reach(base: &BaseBackup, wal: &[crate::wal::WalRecord]) -> Result<Reach> {
-    let per_log = 0x1_0000_0000u64 / base.wal_segment_size.max(1);
+fn wal_reach(base: &BaseBackup, wal: &[ListedWal]) -> Result<Reach> {
+    let per_log = segments_per_log(base.wal_segment_size);
     let timeline = format!("{:08X}", base.timeline);
-    let number = |name: &str| -> Option<u64> {
-        if name.len() != 24 || !name.starts_with(&timeline) {
-            return None;
-        }
-        let log = u64::from_str_radix(&name[8..16], 16).ok()?;
-        let seg = u64::from_str_radix(&name[16..24], 16).ok()?;
-        Some(log * per_log + seg)
+    let number = |name: &str| {
+        segment_number_in(name, per_log)
+            .filter(|(t, _)| *t == timeline)
+            .map(|(_, n)| n)
     };
-    let segments: std::collections::BTreeMap<u64, &crate::wal::WalRecord> = wal
+    let segments: std::collections::BTreeMap<u64, &ListedWal> = wal
         .iter()
-        .filter_map(|r| number(&r.name).map(|n| (n, r)))
+        .filter_map(|w| number(&w.name).map(|n| (n, w)))
         .collect();
     let first = number(&base.start_wal).context("the base backup's first segment name")?;
     let mut n = first;
     let mut last = None;
-    while let Some(record) = segments.get(&n) {
-        last = Some(*record);
+    while let Some(wal) = segments.get(&n) {
+        last = Some(*wal);
         n += 1;
     }
     let Some(last) = last else {
@@ -177,10 +172,10 @@ fn wal_reach(base: &BaseBackup, wal: &[crate::wal::WalRecord]) -> Result<Reach> 
     let gap_at = segments
         .range(n..)
         .next()
-        .map(|_| format!("{timeline}{:08X}{:08X}", n / per_log, n % per_log));
+        .map(|_| segment_name_in(&timeline, n, per_log));
     Ok(Reach {
         segment: last.name.clone(),
-        pushed_at: last.pushed_at,
+        archived_at: last.archived_at,
         gap_at,
     })
 }
@@ -195,10 +190,13 @@ fn format_lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
+/// The segment holding `lsn` on `timeline`.
 fn segment_name(timeline: u32, lsn: u64, segment_size: u64) -> String {
-    let per_log = 0x1_0000_0000u64 / segment_size.max(1);
-    let n = lsn / segment_size.max(1);
-    format!("{timeline:08X}{:08X}{:08X}", n / per_log, n % per_log)
+    segment_name_in(
+        &format!("{timeline:08X}"),
+        lsn / segment_size.max(1),
+        segments_per_log(segment_size),
+    )
 }
 
 /// Checks every base backup's body: present with its recorded size, and (`full`) its sha256.
@@ -207,7 +205,6 @@ pub async fn verify_base_backups(
     repo: &Repository,
     full: bool,
 ) -> Result<Vec<(BaseBackup, Option<String>)>> {
-    use futures::StreamExt;
     let mut out = Vec::new();
     for base in list_base_backups(repo).await? {
         let key = Path::from(base.key.as_str());
@@ -219,32 +216,19 @@ pub async fn verify_base_backups(
                 meta.size, base.size
             )),
             Ok(_) if full => {
-                let got = repo
-                    .store()
-                    .get(&key)
-                    .await
-                    .with_context(|| format!("read {key} from {}", repo.label()))?;
-                let mut stream = crate::body::body_stream(got);
-                let mut hasher = Sha256::new();
-                let mut failed = None;
-                while let Some(chunk) = stream.next().await {
-                    match chunk {
-                        Ok(chunk) => hasher.update(&chunk),
-                        Err(e) => {
-                            failed = Some(format!("its body {key} is unreadable: {e}"));
-                            break;
-                        }
-                    }
+                let hashed = async {
+                    let got = repo.store().get(&key).await?;
+                    crate::verify::hash_body(got, None).await
                 }
-                failed.or_else(|| {
-                    let actual = hex::encode(hasher.finalize());
-                    (actual != base.sha256).then(|| {
-                        format!(
-                            "its body {key} hashes to {actual}, the record says {}",
-                            base.sha256
-                        )
-                    })
-                })
+                .await;
+                match hashed {
+                    Err(e) => Some(format!("its body {key} is unreadable: {e:#}")),
+                    Ok((_, actual)) if actual != base.sha256 => Some(format!(
+                        "its body {key} hashes to {actual}, the record says {}",
+                        base.sha256
+                    )),
+                    Ok(_) => None,
+                }
             }
             Ok(_) => None,
         };
@@ -281,50 +265,32 @@ pub(crate) async fn prune_physical(
     let (doomed, remaining): (Vec<&BaseBackup>, Vec<&BaseBackup>) = bases.iter().partition(|b| {
         b.env.as_deref() == Some(env) && b.consistent_at < cutoff && Some(&b.id) != anchor.as_ref()
     });
-    let mut report = PhysicalPrune::default();
-    for base in &doomed {
-        if !dry_run {
-            delete(repo, &record_key(&base.id)).await?;
-            delete(repo, &Path::from(base.key.as_str())).await?;
-        }
-        report.deleted_base_backups.push(base.id.clone());
-    }
+    let mut report = PhysicalPrune {
+        deleted_base_backups: doomed.iter().map(|b| b.id.clone()).collect(),
+        deleted_wal_files: 0,
+    };
+    // Records before bodies: an interrupted prune leaves orphan bodies, never a record
+    // without its body.
+    let records = doomed.iter().map(|b| record_key(&b.id)).collect();
+    let bodies = doomed.iter().map(|b| Path::from(b.key.as_str())).collect();
+    repo.delete_all(records, dry_run).await?;
+    repo.delete_all(bodies, dry_run).await?;
     // A segment's place regardless of timeline: its log and segment numbers, fixed-width hex.
     let Some(oldest_needed) = remaining.iter().map(|b| b.start_wal[8..].to_owned()).min() else {
         return Ok(report);
     };
-    for record in crate::wal::wal_list(repo).await? {
-        let place = record.name.get(8..24).filter(|_| record.name.len() >= 24);
-        if place.is_none_or(|p| p >= oldest_needed.as_str()) {
-            continue; // history files, and what a remaining base backup needs
-        }
-        if !dry_run {
-            delete(repo, &crate::wal::record_key(&record.name)).await?;
-            delete(repo, &Path::from(record.body.as_str())).await?;
-        }
-        report.deleted_wal_files += 1;
-    }
+    let old: Vec<ListedWal> = crate::wal::wal_listing(repo)
+        .await?
+        .into_iter()
+        // History files have no place, and what a remaining base backup needs stays.
+        .filter(|w| w.name.len() >= 24 && w.name[8..24] < *oldest_needed)
+        .collect();
+    report.deleted_wal_files = old.len() as u64;
+    repo.delete_all(old.iter().map(|w| w.record.clone()).collect(), dry_run)
+        .await?;
+    repo.delete_all(old.into_iter().flat_map(|w| w.bodies).collect(), dry_run)
+        .await?;
     Ok(report)
-}
-
-async fn delete(repo: &Repository, key: &Path) -> Result<()> {
-    match repo.store().delete(key).await {
-        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-        Err(e) => Err(anyhow::Error::new(e))
-            .with_context(|| format!("delete {key} from {}", repo.label())),
-    }
-}
-
-/// Whether `id` names a committed base backup.
-pub async fn read_base_backup(repo: &Repository, id: &str) -> Result<Option<BaseBackup>> {
-    let key = record_key(id);
-    match repo.get_bytes(&key, "base backup record").await {
-        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {
-            repo.damaged("base backup record", &key, format!("does not read: {e}"))
-        })?)),
-        Err(e) if is_not_found(&e) => Ok(None),
-        Err(e) => Err(e),
-    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio::process::Command;
 
 use crate::postgres::Archive;
-use crate::postgres::conn::{last_lines, major_of, tool_candidates};
+use crate::postgres::conn::{last_lines, tool_candidates, tool_version};
 use crate::repo::Repository;
 
 use super::{BaseBackup, list_base_backups, wal_reach};
@@ -87,9 +87,9 @@ pub async fn restore_to_time(repo: &Repository, options: &PitrOptions) -> Result
 
     let bases = list_base_backups(repo).await?;
     let base = choose_base(&bases, options.to_time, options.base.as_deref(), repo)?;
-    let wal = crate::wal::wal_list(repo).await?;
+    let wal = crate::wal::wal_listing(repo).await?;
     let reach = wal_reach(base, &wal)?;
-    if options.to_time > reach.pushed_at {
+    if options.to_time > reach.archived_at {
         let gap = reach
             .gap_at
             .as_ref()
@@ -102,7 +102,7 @@ pub async fn restore_to_time(repo: &Repository, options: &PitrOptions) -> Result
             options.to_time.to_rfc3339(),
             base.id,
             reach.segment,
-            reach.pushed_at.to_rfc3339(),
+            reach.archived_at.to_rfc3339(),
             repo.label()
         );
     }
@@ -307,13 +307,7 @@ async fn verify_unpacked(dir: &FsPath, bin_dir: Option<&FsPath>, major: u32) -> 
 /// A server tool of exactly `major` (the data directory's version).
 async fn server_tool(name: &str, bin_dir: Option<&FsPath>, major: u32) -> Option<PathBuf> {
     for path in tool_candidates(name, bin_dir).ok()? {
-        let out = Command::new(&path)
-            .arg("--version")
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .ok()?;
-        if out.status.success() && major_of(&String::from_utf8_lossy(&out.stdout)) == Some(major) {
+        if tool_version(&path).await.is_ok_and(|(m, _)| m == major) {
             return Some(path);
         }
     }
