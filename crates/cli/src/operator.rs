@@ -96,8 +96,7 @@ impl Connection {
                     Some(name) => {
                         api::identity::check_operator_name(name)
                             .map_err(|e| anyhow!("--operator: {e}"))?;
-                        let operators = dir.join("operators");
-                        let cert = operators.join(format!("{name}.pem"));
+                        let (cert, key) = coordinator::certs::operator_files(dir, name);
                         if !cert.exists() {
                             return Err(anyhow!(
                                 "no certificate for operator {name}: {} does not exist; issue \
@@ -106,7 +105,7 @@ impl Connection {
                                 dir.display()
                             ));
                         }
-                        (cert, operators.join(format!("{name}-key.pem")))
+                        (cert, key)
                     }
                     None => (dir.join("operator.pem"), dir.join("operator-key.pem")),
                 };

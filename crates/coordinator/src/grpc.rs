@@ -849,11 +849,13 @@ impl OperatorApi {
             .await
             .map_err(|e| status_of(&e.into()))?
             .ok_or_else(|| Status::not_found(format!("no run {id}; `rollcall runs` lists them")))?;
-        let protected = self
-            .engine
-            .environments()
-            .get(&run.environment)
-            .is_some_and(|e| e.protected);
+        let env = self.engine.environments().get(&run.environment);
+        let protected = env.is_some_and(|e| e.protected);
+        // A backup that does not follow the built-in backup plan was sent with a plan of its
+        // starter's: acting on it takes what starting it took (the text differs too when the
+        // fleet changed since, which only asks for more).
+        let own_plan = run.kind == crate::store::RunKind::Backup
+            && env.is_none_or(|e| e.backup_plan.source != run.plan);
         authorized(
             request,
             &Call::Run {
@@ -861,7 +863,7 @@ impl OperatorApi {
                 kind: kind.unwrap_or(run.kind),
                 environment: &run.environment,
                 protected,
-                own_plan: false,
+                own_plan,
             },
         )
     }

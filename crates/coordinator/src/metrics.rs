@@ -81,6 +81,16 @@ impl NotifyCounters {
             .inc();
     }
 
+    /// Creates the series of `event` for every outcome at zero, so a rate or increase over
+    /// them sees the first delivery that fails (a series that first appears at 1 shows none).
+    pub fn declare(&self, event: &'static str) {
+        for outcome in ["delivered", "failed", "dropped"] {
+            let _ = self
+                .outcomes
+                .get_or_create(&[("event", event), ("outcome", outcome)]);
+        }
+    }
+
     /// Deliveries of `event` that ended as `outcome` so far.
     pub fn get(&self, event: &'static str, outcome: &'static str) -> u64 {
         self.outcomes

@@ -239,6 +239,9 @@ impl Notifier {
             .context("build the webhooks' HTTP client")?;
         let mut queues = Vec::new();
         for hook in webhooks {
+            for event in &hook.events {
+                counters.declare(event.as_str());
+            }
             let (tx, rx) = mpsc::channel(QUEUE);
             queues.push(Queue {
                 name: hook.name.clone(),

@@ -113,6 +113,15 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         let need = phase.approvals();
         let message =
             match planner::approval(need, starter.as_ref().map(|s| s.name.as_str()), &all, false) {
+                // Blocked already (its wait timed out): the approval stands, the run waits for
+                // an operator to go on.
+                Approval::Approved { by } if run.state == crate::store::RunState::Blocked => {
+                    format!(
+                        "run {id} is approved ({}); it blocked when its wait timed out: `rollcall \
+                     run retry {id}` continues it",
+                        by.join(", ")
+                    )
+                }
                 Approval::Approved { by } => format!(
                     "run {id} is approved ({}); it goes on past its approve phase",
                     by.join(", ")

@@ -47,15 +47,17 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                  [environments.{}] table and resume",
                 run.environment, run.environment
             );
+            let at = Utc::now();
             self.store
-                .set_run_state(
-                    id,
-                    RunState::Blocked,
-                    Some(&reason),
-                    Utc::now(),
-                    self.link.epoch(),
-                )
+                .set_run_state(id, RunState::Blocked, Some(&reason), at, self.link.epoch())
                 .await?;
+            self.ended(
+                &run,
+                RunEvent::Blocked,
+                RunState::Blocked,
+                Some(&reason),
+                at,
+            );
             return Ok(());
         };
         // The run follows the plan it was started with, whatever the files say now.

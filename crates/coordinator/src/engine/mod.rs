@@ -163,7 +163,11 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
     /// each environment and kind; returns how many runs were read.
     pub async fn observe_verdicts(&self) -> Result<usize> {
         let runs = self.inner.store.newest_verdicts().await?;
-        for run in &runs {
+        // An environment no longer configured has no verdict to alert on.
+        for run in runs
+            .iter()
+            .filter(|r| self.inner.environments.contains_key(&r.environment))
+        {
             let ended = run.finished_at.unwrap_or(run.updated_at);
             self.inner.metrics.ending(crate::metrics::Ending {
                 environment: &run.environment,

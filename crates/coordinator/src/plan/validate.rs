@@ -615,6 +615,32 @@ impl Validator<'_> {
                 }
             }
         }
+        // An approve phase holds back everything that may change the fleet: only what reads
+        // (preflight) or restores beside the live database (prepare-postgres) may run before
+        // it, so a plan cannot put its approval after the restore.
+        let approves = of(Action::Approve);
+        if !approves.is_empty() {
+            for p in &plan.phases {
+                let before_allowed = matches!(
+                    p.action,
+                    Action::Approve | Action::Preflight | Action::PreparePostgres
+                );
+                if !before_allowed && !approves.iter().any(|a| before[p.index].contains(a)) {
+                    self.error(
+                        spans[p.index],
+                        format!(
+                            "phase {} may change the fleet before the plan's approval",
+                            p.name
+                        ),
+                        format!(
+                            "add \"{}\" to its `after` (only preflight and prepare-postgres \
+                             may run before an approve phase)",
+                            plan.phases[approves[0]].name
+                        ),
+                    );
+                }
+            }
+        }
         // A commit swaps in what a prepare restored and checked.
         for &c in &of(Action::CommitPostgres) {
             if !of(Action::PreparePostgres)
