@@ -433,8 +433,10 @@ impl WebhookReceiver {
         let task = tokio::spawn(async move {
             let mut held = Vec::new();
             while let Ok((mut stream, _)) = listener.accept().await {
-                // One request per connection is all a client needs to see here.
-                let Ok(request) = read_request(&mut stream).await else {
+                // One request per connection is all a client needs to see here; a client that
+                // stalls mid-request is dropped rather than holding up the ones after it.
+                let read = tokio::time::timeout(Duration::from_secs(10), read_request(&mut stream));
+                let Ok(Ok(request)) = read.await else {
                     continue;
                 };
                 let n = {
@@ -581,6 +583,42 @@ fn workspace_bin_in(package: &str, bin: &str, profile: &str) -> PathBuf {
     target.join(profile).join(bin)
 }
 
+/// Environment `name` on the file:// repository in `repository`, declaring `fleet` and
+/// following the plan `plan_text`: hour-long RPO and RTO, a day's retention, no schedule, not
+/// protected. Tests set what they are about on the result (`Environment { protected: true,
+/// ..test_environment(..) }`).
+pub fn test_environment(
+    name: &str,
+    fleet: &[(&str, u32)],
+    repository: &Path,
+    plan_text: &str,
+) -> coordinator::config::Environment {
+    use coordinator::plan::{Fleet, Plan};
+    let repository = format!("file://{}", repository.display());
+    let fleet: Fleet = fleet.iter().map(|(r, n)| ((*r).to_owned(), *n)).collect();
+    coordinator::config::Environment {
+        name: api::model::Environment::parse(name).unwrap(),
+        rpo: Duration::from_secs(3600),
+        rto: Duration::from_secs(3600),
+        retention: Duration::from_secs(86400),
+        repository: repository.clone(),
+        backup_schedule: None,
+        backup_plan: Plan::backup_plan(&fleet).unwrap(),
+        repository_ref: api::model::RepositoryRef {
+            url: repository,
+            ..Default::default()
+        },
+        secrets: Vec::new(),
+        report_rows: Vec::new(),
+        report_excluded: Vec::new(),
+        protected: false,
+        approvals: 0,
+        approval_timeout: Duration::from_secs(3600),
+        plan: Plan::parse(Path::new("plan.toml"), plan_text, Some(&fleet)).unwrap(),
+        fleet,
+    }
+}
+
 pub fn rollcall(args: &[&str]) -> Output {
     rollcall_with_env(args, &[])
 }
@@ -589,7 +627,10 @@ pub fn rollcall(args: &[&str]) -> Output {
 pub fn rollcall_with_env(args: &[&str], env: &[(String, String)]) -> Output {
     Command::new(rollcall_bin())
         .args(args)
+        // The developer's own credentials never stand in for the test's.
         .env_remove("ROLLCALL_TOKEN")
+        .env_remove("ROLLCALL_OPERATOR")
+        .env_remove("ROLLCALL_CERTS")
         .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .expect("run rollcall")

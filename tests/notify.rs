@@ -12,7 +12,6 @@ use std::time::Duration;
 use coordinator::config::Environment;
 use coordinator::engine::{Control, StartRun};
 use coordinator::notify::{RunEvent, Secret, Webhook};
-use coordinator::plan::{Fleet, Plan};
 use coordinator::store::{RunKind, RunRecord, RunState};
 use e2e::*;
 
@@ -20,30 +19,7 @@ const PLAN: &str = include_str!("plans/roles-only.toml");
 const SECRET: &[u8] = b"webhook-test-secret-0123456789";
 
 fn environment(repository: &Path) -> BTreeMap<String, Environment> {
-    let repository = format!("file://{}", repository.display());
-    let fleet: Fleet = [("web".to_owned(), 1), ("worker".to_owned(), 2)].into();
-    let plan = Plan::parse(Path::new("roles-only.toml"), PLAN, Some(&fleet)).unwrap();
-    let env = Environment {
-        name: api::model::Environment::parse("test").unwrap(),
-        rpo: Duration::from_secs(3600),
-        rto: Duration::from_secs(3600),
-        retention: Duration::from_secs(86400),
-        repository: repository.clone(),
-        backup_schedule: None,
-        backup_plan: Plan::backup_plan(&fleet).unwrap(),
-        repository_ref: api::model::RepositoryRef {
-            url: repository,
-            ..Default::default()
-        },
-        secrets: Vec::new(),
-        report_rows: Vec::new(),
-        report_excluded: Vec::new(),
-        protected: false,
-        approvals: 0,
-        approval_timeout: std::time::Duration::from_secs(3600),
-        fleet,
-        plan,
-    };
+    let env = test_environment("test", &[("web", 1), ("worker", 2)], repository, PLAN);
     BTreeMap::from([("test".to_owned(), env)])
 }
 

@@ -8,13 +8,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
 use coordinator::config::Environment;
 use coordinator::engine::{StartRun, Starter};
-use coordinator::plan::{Fleet, Plan};
 use coordinator::store::{PhaseState, RunKind, RunState};
 use e2e::*;
 
@@ -53,28 +52,16 @@ impl Setup {
 
     /// Environment `test`: web and one worker, the roles-only plan.
     fn environment(&self, protected: bool, approvals: u32, timeout: Duration) -> Environment {
-        let repository = format!("file://{}", self.dir.path().join("repository").display());
-        let fleet: Fleet = [("web".to_owned(), 1), ("worker".to_owned(), 1)].into();
         Environment {
-            name: api::model::Environment::parse("test").unwrap(),
-            rpo: Duration::from_secs(3600),
-            rto: Duration::from_secs(3600),
-            retention: Duration::from_secs(86400),
-            repository: repository.clone(),
-            backup_schedule: None,
-            backup_plan: Plan::backup_plan(&fleet).unwrap(),
-            repository_ref: api::model::RepositoryRef {
-                url: repository,
-                ..Default::default()
-            },
-            secrets: Vec::new(),
-            report_rows: Vec::new(),
-            report_excluded: Vec::new(),
             protected,
             approvals,
             approval_timeout: timeout,
-            plan: Plan::parse(Path::new("roles-only.toml"), PLAN, Some(&fleet)).unwrap(),
-            fleet,
+            ..test_environment(
+                "test",
+                &[("web", 1), ("worker", 1)],
+                &self.dir.path().join("repository"),
+                PLAN,
+            )
         }
     }
 

@@ -12,7 +12,6 @@ use std::time::Duration;
 use api::model::{ActionKind, ActionOutput, ScaleOutput};
 use coordinator::config::Environment;
 use coordinator::engine::{Control, RunConflict, StartRun};
-use coordinator::plan::{Fleet, Plan};
 use coordinator::store::{PhaseState, RunKind, RunState};
 use e2e::*;
 
@@ -27,30 +26,7 @@ fn environment_with(
     repository: &Path,
     plan_text: &str,
 ) -> BTreeMap<String, Environment> {
-    let repository = format!("file://{}", repository.display());
-    let fleet: Fleet = fleet.iter().map(|(r, n)| ((*r).to_owned(), *n)).collect();
-    let plan = Plan::parse(Path::new("roles-only.toml"), plan_text, Some(&fleet)).unwrap();
-    let env = Environment {
-        name: api::model::Environment::parse("test").unwrap(),
-        rpo: Duration::from_secs(3600),
-        rto: Duration::from_secs(3600),
-        retention: Duration::from_secs(86400),
-        repository: repository.clone(),
-        backup_schedule: None,
-        backup_plan: Plan::backup_plan(&fleet).unwrap(),
-        repository_ref: api::model::RepositoryRef {
-            url: repository,
-            ..Default::default()
-        },
-        secrets: Vec::new(),
-        report_rows: Vec::new(),
-        report_excluded: Vec::new(),
-        protected: false,
-        approvals: 0,
-        approval_timeout: std::time::Duration::from_secs(3600),
-        fleet,
-        plan,
-    };
+    let env = test_environment("test", fleet, repository, plan_text);
     BTreeMap::from([("test".to_owned(), env)])
 }
 

@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::process::Command;
 use std::time::Duration;
 
 use e2e::*;
@@ -69,7 +70,12 @@ fleet = {{ database = 1, objects = 1 }}
         receiver.url()
     ));
     std::fs::write(&config, text).unwrap();
-    let refused = rollcall(&["coordinator", "--config", config.to_str().unwrap()]);
+    // Unset here whatever the shell running the tests has, or the coordinator would start.
+    let refused = Command::new(rollcall_bin())
+        .args(["coordinator", "--config", config.to_str().unwrap()])
+        .env_remove("ROLLCALL_TEST_WEBHOOK_SECRET")
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{stderr}");
     assert!(

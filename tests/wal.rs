@@ -225,7 +225,7 @@ async fn archived_wal_recovers_a_base_backup_to_a_time_between_two_commits() {
 
     // The coordinator's `rollcall points` shows the same window for the environment the base
     // backup was taken under, and none for another.
-    let coordinator = coordinator_for(dir.path(), &repo_url).await;
+    let coordinator = coordinator_for(dir.path(), &repo).await;
     let listing = coordinator
         .handle
         .engine
@@ -443,42 +443,22 @@ async fn archived_wal_recovers_a_base_backup_to_a_time_between_two_commits() {
     assert_eq!(left, ["occupied"], "no partial directory or tar left");
 }
 
-/// An in-process coordinator with environments `dev` and `other` on the repository.
-async fn coordinator_for(dir: &Path, repo_url: &str) -> InProcessCoordinator {
-    use coordinator::config::Environment;
-    use coordinator::plan::{Fleet, Plan};
+/// An in-process coordinator with environments `dev` and `other` on the repository in
+/// `repository`.
+async fn coordinator_for(dir: &Path, repository: &Path) -> InProcessCoordinator {
     install_crypto();
     let certs = certs(&dir.join("certs"), &["objects-1:objects"]);
     let state_url = format!("sqlite://{}/state.db", dir.display());
-    let fleet: Fleet = [("web", 1), ("worker", 1), ("objects", 1)]
-        .iter()
-        .map(|(r, n)| ((*r).to_owned(), *n))
-        .collect();
-    let plan_text = include_str!("plans/objects-only.toml");
-    let environment = |name: &str| Environment {
-        name: api::model::Environment::parse(name).unwrap(),
-        rpo: Duration::from_secs(3600),
-        rto: Duration::from_secs(3600),
-        retention: Duration::from_secs(86400),
-        repository: repo_url.to_owned(),
-        backup_schedule: None,
-        backup_plan: Plan::backup_plan(&fleet).unwrap(),
-        repository_ref: api::model::RepositoryRef {
-            url: repo_url.to_owned(),
-            ..Default::default()
-        },
-        secrets: Vec::new(),
-        report_rows: Vec::new(),
-        report_excluded: Vec::new(),
-        protected: false,
-        approvals: 0,
-        approval_timeout: Duration::from_secs(3600),
-        fleet: fleet.clone(),
-        plan: Plan::parse(Path::new("objects-only.toml"), plan_text, Some(&fleet)).unwrap(),
-    };
     let environments = ["dev", "other"]
         .into_iter()
-        .map(|name| (name.to_owned(), environment(name)))
+        .map(|name| {
+            let fleet = [("web", 1), ("worker", 1), ("objects", 1)];
+            let plan = include_str!("plans/objects-only.toml");
+            (
+                name.to_owned(),
+                test_environment(name, &fleet, repository, plan),
+            )
+        })
         .collect();
     InProcessCoordinator::start_full(
         &certs,
