@@ -846,5 +846,16 @@ pub(crate) mod tests {
             err.contains("runs on the coordinator and targets no roles"),
             "{err}"
         );
+        // A plan cannot put its approval after something that changes the fleet.
+        let late = format!(
+            "{head}[[phase]]\nname = \"freeze\"\naction = \"freeze\"\nroles = [\"web\"]\ngate = \"all\"\n\
+             timeout = \"1m\"\n[[phase]]\nname = \"ok\"\naction = \"approve\"\n\
+             timeout = \"1h\"\nparams = {{ approvals = 1 }}\n"
+        );
+        let err = check(&late).unwrap_err();
+        assert!(
+            err.contains("phase freeze may change the fleet before the plan's approval"),
+            "{err}"
+        );
     }
 }
