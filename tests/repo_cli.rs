@@ -626,4 +626,32 @@ fn plans_fit_the_fleet_and_each_problem_has_its_own_line() {
             && text.contains("skipped: gateway-smoke"),
         "{text}"
     );
+
+    // On its own (no --env), every shipped plan is valid, and so is a plan for a custom role,
+    // which is said to be unchecked; a near miss of a standard role stays an error (above).
+    for plan in ["default", "backup", "undo"] {
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../deploy/plans/{plan}.toml"));
+        let out = rollcall(&["plan", "check", file.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("is valid against the standard roles"),
+            "{plan}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let custom = dir.path().join("custom.toml");
+    std::fs::write(
+        &custom,
+        "[[phase]]\nname = \"reindex\"\naction = \"smoke\"\nroles = [\"indexer\"]\n\
+         gate = \"all\"\ntimeout = \"1m\"\n",
+    )
+    .unwrap();
+    let out = rollcall(&["plan", "check", custom.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("not checked: role indexer"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

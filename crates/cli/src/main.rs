@@ -648,6 +648,18 @@ fn plan(command: PlanCommand) -> Result<()> {
                     s.roles.join(" or ")
                 );
             }
+            if !plan.unchecked_roles.is_empty() {
+                outln!(
+                    "  not checked: role{} {} (not standard roles; pass --env ENV --config FILE \
+                     to check the plan against the fleet that declares them)",
+                    if plan.unchecked_roles.len() == 1 {
+                        ""
+                    } else {
+                        "s"
+                    },
+                    plan.unchecked_roles.join(", ")
+                );
+            }
             Ok(())
         }
         PlanCommand::Show { env, config } => {

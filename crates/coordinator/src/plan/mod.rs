@@ -286,6 +286,9 @@ pub struct Plan {
     /// Phases left out because they target only roles the environment does not declare (a
     /// plan that says `skip_undeclared_roles = true`, as the built-in ones do).
     pub skipped: Vec<Skipped>,
+    /// Custom roles the plan names that were not checked, because it was read without a fleet
+    /// (`rollcall plan check FILE` without `--env`).
+    pub unchecked_roles: Vec<String>,
 }
 
 /// A phase a plan left out for the fleet it was read against.

@@ -2,7 +2,7 @@
 //! roles, gate, timeout and dependencies, then the runbook's ordering rules on the dependency
 //! graph. Every problem is collected with its line and what to do, so one run names them all.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -30,11 +30,14 @@ pub(super) fn parse(path: &Path, text: &str, fleet: Option<&Fleet>) -> Result<Pl
     let mut v = Validator {
         text,
         errors: Vec::new(),
+        fleetless: fleet.is_none(),
+        unchecked_roles: BTreeSet::new(),
     };
     let plan = v.resolve(file, fleet);
     if v.errors.is_empty() {
         Ok(Plan {
             source: text.to_owned(),
+            unchecked_roles: std::mem::take(&mut v.unchecked_roles).into_iter().collect(),
             ..plan
         })
     } else {
@@ -75,9 +78,43 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+/// Whether a role a plan read without a fleet names may be a custom role (an agent may declare
+/// any role name): a well-formed name that is not a near miss of a standard one (`webb`,
+/// `gatewy` stay errors, since a typo would otherwise target no agent at all): one edit away,
+/// or two from a name of six letters or more.
+fn custom_role(role: &str) -> bool {
+    api::model::Role::parse(role).is_ok()
+        && !STANDARD_ROLES.iter().any(|s| {
+            let d = edit_distance(role, s);
+            d <= 1 || (d == 2 && s.len() >= 6)
+        })
+}
+
+/// Levenshtein distance between two short ASCII names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + usize::from(ca != *cb))
+                .min(above + 1)
+                .min(row[j] + 1);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
 struct Validator<'a> {
     text: &'a str,
     errors: Vec<PlanError>,
+    /// Read without a fleet (`plan check FILE`): custom role names are accepted, unchecked.
+    fleetless: bool,
+    /// Custom roles a plan read without a fleet names: only a fleet can say whether they exist.
+    unchecked_roles: BTreeSet<String>,
 }
 
 impl Validator<'_> {
@@ -252,6 +289,7 @@ impl Validator<'_> {
             phases,
             source: String::new(),
             skipped: Vec::new(),
+            unchecked_roles: Vec::new(),
         };
         if self.errors.is_empty() {
             self.ordering(&plan, &replicas_spans);
@@ -293,6 +331,9 @@ impl Validator<'_> {
             if r == "all" {
                 out.extend(known.iter().cloned());
             } else if known.iter().any(|k| k == r) {
+                out.push(r.clone());
+            } else if self.fleetless && custom_role(r) {
+                self.unchecked_roles.insert(r.clone());
                 out.push(r.clone());
             } else {
                 self.error(
@@ -870,6 +911,52 @@ mod tests {
             .to_string();
         assert!(err.contains("unknown role \"gatewy\""), "{err}");
         assert!(err.starts_with("typo.toml:"), "{err}");
+    }
+
+    #[test]
+    fn without_a_fleet_custom_roles_are_accepted_unchecked_and_near_misses_refused() {
+        let plan = |role: &str| {
+            let text = format!(
+                "[[phase]]\nname = \"p\"\naction = \"smoke\"\nroles = [\"{role}\", \"web\"]\n\
+                 gate = \"all\"\ntimeout = \"1m\"\n"
+            );
+            Plan::parse(Path::new("p.toml"), &text, None)
+        };
+        let ok = plan("indexer").unwrap();
+        assert_eq!(ok.unchecked_roles, ["indexer"]);
+        assert_eq!(ok.phases[0].roles, ["indexer", "web"]);
+        assert!(plan("web").unwrap().unchecked_roles.is_empty());
+        for custom in ["db", "web-admin", "worker-gpu"] {
+            assert_eq!(plan(custom).unwrap().unchecked_roles, [custom]);
+        }
+        for typo in [
+            "webb",
+            "wrker",
+            "gatewy",
+            "object",
+            "databses",
+            "schedular",
+            "Web",
+            "a b",
+        ] {
+            let err = plan(typo).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("unknown role {typo:?}")),
+                "{typo}: {err}"
+            );
+        }
+        // Against a fleet, only what it declares.
+        let err = Plan::parse(
+            Path::new("p.toml"),
+            "[[phase]]\nname = \"p\"\naction = \"smoke\"\nroles = [\"indexer\"]\n\
+             gate = \"all\"\ntimeout = \"1m\"\n",
+            Some(&fleet()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown role \"indexer\""), "{err}");
+        assert_eq!(edit_distance("gatewy", "gateway"), 1);
+        assert_eq!(edit_distance("", "web"), 3);
     }
 
     #[test]
