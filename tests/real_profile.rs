@@ -252,13 +252,27 @@ async fn a_real_profile_fleet_drills_with_the_default_plan_frozen_at_the_databas
     );
     assert_eq!(dead_row["at_point"], dead, "{dead_row}");
     let markdown = std::fs::read_to_string(f.repo.join(format!("reports/{drill_id}.md"))).unwrap();
-    for (label, _) in [("| Sessions |", ()), ("| Dead deliveries |", ())] {
+    for row in &rows {
+        let label = format!("| {} |", row["label"].as_str().unwrap());
         let line = markdown
             .lines()
-            .find(|l| l.starts_with(label))
+            .find(|l| l.starts_with(&label))
             .unwrap_or_else(|| panic!("no {label} row: {markdown}"));
         assert!(!line.contains("not recorded"), "{line}");
     }
+    // Web came back after the restore without migrating (its first_start_env), where its
+    // first start migrated on boot.
+    let web_logs = replica_logs(f.dir.path(), "web");
+    assert!(
+        !web_logs.is_empty(),
+        "no web replica log under {}",
+        f.dir.path().display()
+    );
+    assert!(
+        web_logs.iter().any(|l| l.contains("not migrating on boot")),
+        "{}",
+        web_logs.join("\n---\n")
+    );
     // The smokes ran and passed: the worker's wrote its prompt while web was frozen.
     for phase in ["worker-smoke", "scheduler-smoke"] {
         let smoke = report_check(&report, "phase", phase);
@@ -309,4 +323,28 @@ async fn a_real_profile_fleet_drills_with_the_default_plan_frozen_at_the_databas
     )
     .await;
     f.stop();
+}
+
+/// The replica logs of the agents whose state directory names `role`.
+fn replica_logs(dir: &Path, role: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("replica-"))
+                && path.to_string_lossy().contains(role)
+            {
+                found.push(std::fs::read_to_string(&path).unwrap_or_default());
+            }
+        }
+    }
+    found
 }
