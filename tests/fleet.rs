@@ -239,7 +239,8 @@ exec {real} \"$@\"
     "#;
         // Scratch in the test's directory: other tests' objects agents are also named obj-1.
         let obj_data = format!(
-            "[objects]\nurl = \"{objects_url}\"\nverify_ignore = [\"_probe/\"]\nscratch_dir = \"scratch/obj-1\"\n"
+            "[objects]\nurl = \"{objects_url}\"\nverify_ignore = [\"_probe/\"]\nscratch_dir = \"scratch/obj-1\"\n\
+             scratch = \"always\"\n"
         );
         let agent_env = [
             ("DATABASE_URL", db_url.as_str()),

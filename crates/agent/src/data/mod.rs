@@ -101,6 +101,34 @@ pub struct ObjectsConfig {
     /// by the restore; 0 keeps none.
     #[serde(default = "default_scratch_limit_mib")]
     pub scratch_limit_mib: u64,
+    /// Whether preflight keeps the blobs it proved for the restore: `auto` (default) when the
+    /// repository is not a local directory (a second read from a bucket costs a transfer; a
+    /// second read from a local disk costs less than writing the scratch: bench/README.md),
+    /// `always`, or `never`.
+    #[serde(default)]
+    pub scratch: ScratchMode,
+}
+
+/// `[objects] scratch`: when preflight keeps the blobs it read for the restore.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScratchMode {
+    /// For repositories that are not `file://` directories.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl ScratchMode {
+    /// Whether to keep the blobs read from the repository at `repository_url`.
+    pub fn keeps_for(self, repository_url: &str) -> bool {
+        match self {
+            ScratchMode::Always => true,
+            ScratchMode::Never => false,
+            ScratchMode::Auto => !repository_url.starts_with("file:"),
+        }
+    }
 }
 
 /// `[objects] verify`: what preflight hashes.
@@ -301,12 +329,16 @@ impl DataPlane {
         if self.freezes() {
             self.check_database_freeze().await?;
         }
+        let repo_ref = repo;
         let repo = repo.open().await?;
         let id = PointId::parse(point)?;
         let options = VerifyOptions {
             full: false,
             restore_target: match &self.objects {
-                Some(objects) => Some(self.restore_target(objects, run_id).await?),
+                Some(objects) => Some(
+                    self.restore_target(objects, run_id, objects.scratch.keeps_for(&repo_ref.url))
+                        .await?,
+                ),
                 None => None,
             },
         };
@@ -501,6 +533,24 @@ mod tests {
         assert_eq!(pg.counts, listed);
         assert_eq!(pg.counts_for(Some(&at_point)), listed);
         assert_eq!(postgres(Some(&[])).counts, CountSelection::none());
+    }
+
+    #[test]
+    fn blobs_are_kept_for_the_restore_when_a_second_read_would_be_a_transfer() {
+        let parse =
+            |text: &str| toml::from_str::<ObjectsConfig>(&format!("url = \"file:///x\"\n{text}"));
+        let auto = parse("").unwrap();
+        assert_eq!(auto.scratch, ScratchMode::Auto);
+        for url in ["s3://bucket/repo", "gs://b/r", "az://c/r"] {
+            assert!(auto.scratch.keeps_for(url), "{url}");
+        }
+        assert!(!auto.scratch.keeps_for("file:///var/backups/repo"));
+        let always = parse("scratch = \"always\"").unwrap().scratch;
+        assert!(always.keeps_for("file:///var/backups/repo"));
+        let never = parse("scratch = \"never\"").unwrap().scratch;
+        assert!(!never.keeps_for("s3://bucket/repo"));
+        let err = parse("scratch = \"sometimes\"").unwrap_err().to_string();
+        assert!(err.contains("auto") && err.contains("never"), "{err}");
     }
 
     #[test]

@@ -39,16 +39,18 @@ impl DataPlane {
     }
 
     /// The live store as preflight's restore target, with run `run_id`'s scratch directory
-    /// (the other runs' removed first). Without a scratch (limit 0, or it cannot be made) the
-    /// blobs are proved all the same and the restore reads them again.
+    /// when `keep` (the other runs' removed first). Without a scratch (not kept, limit 0, or it
+    /// cannot be made) the blobs are proved all the same and the restore reads them again.
     pub(super) async fn restore_target(
         &self,
         objects: &ObjectsConfig,
         run_id: &str,
+        keep: bool,
     ) -> Result<RestoreTarget> {
         let (store, label) = live_store(objects)?;
         self.remove_other_scratch(run_id);
         let scratch = match objects.scratch_limit_mib {
+            _ if !keep => None,
             0 => None,
             mib => {
                 let dir = self.scratch_dir(run_id);
@@ -398,6 +400,8 @@ mod tests {
             verify: VerifyMode::Delta,
             scratch_dir: Some("scratch".into()),
             scratch_limit_mib: 16,
+            // A file:// repository: `auto` would keep nothing.
+            scratch: crate::data::ScratchMode::Always,
         };
         let data = DataPlane::from_config(
             &dir.path().join("agent.toml"),
