@@ -438,7 +438,7 @@ fleet = {{ database = 1, objects = 1 }}
     );
     let tag = run_tag(&rt_run);
     assert!(!repo.join("quarantine").join(&tag).exists());
-    println!("measured: restore test of {point_id} restored in {restore_ms} ms");
+    eprintln!("measured: restore test of {point_id} restored in {restore_ms} ms");
 
     // teardown = "never": the restored data stay in the target for inspection.
     let keep = run(&["drill", "--env", "rt-keep", "--point", &point_id, "--watch"]);

@@ -1756,10 +1756,7 @@ key = "certs/coordinator-key.pem"
                     "environments.rt.drill_schedule is set, but rt is not a restore-test environment",
                 ],
             ),
-            (
-                format!("{fleet}"),
-                &["environments.rt.repository is missing"],
-            ),
+            (fleet.to_owned(), &["environments.rt.repository is missing"]),
         ];
         for (rt, needles) in cases {
             let err = load(&write(dir.path(), &restore_test_config(&rt)))
