@@ -45,6 +45,42 @@ fn the_demo_passes_reports_its_numbers_and_cleans_up() {
     let fleet = dir.path().join("fleet");
     let stdout = demo(&["--sessions", "12", "--dir", fleet.to_str().unwrap()]);
     assert!(stdout.contains("succeeded"), "{stdout}");
+    // The restore test after the drill: the same point, into demo-restore-test, torn down.
+    let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap();
+    assert!(
+        last.contains("restore test drill-demo-restore-test-") && last.ends_with(" succeeded"),
+        "{stdout}"
+    );
+    let tested: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fleet.join("restore-test-report.json")).unwrap())
+            .unwrap();
+    let rt = &tested["restore_test"];
+    assert_eq!(
+        (
+            &rt["source"],
+            &rt["target"],
+            &rt["source_untouched"],
+            &rt["teardown"]
+        ),
+        (
+            &"demo".into(),
+            &"demo-restore-test".into(),
+            &true.into(),
+            &"done".into()
+        ),
+        "{tested}"
+    );
+    assert_eq!(
+        rt["agents_commanded"],
+        serde_json::json!(["rt-database-1", "rt-objects-1"]),
+        "{tested}"
+    );
+    // Verification counted the point's rows in the target.
+    let counts = tested["counts"].as_array().unwrap();
+    assert!(
+        !counts.is_empty() && counts.iter().all(|c| c["matches_point"] == true),
+        "{tested}"
+    );
 
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fleet.join("summary.json")).unwrap()).unwrap();

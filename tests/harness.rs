@@ -321,6 +321,7 @@ pub fn agent_settings(
         invariants: Vec::new(),
         references: Vec::new(),
         smoke: None,
+        teardown_allowed: false,
         config_file: state.join(format!("{name}.toml")),
         reconnect: agent::config::ReconnectConfig {
             initial: Duration::from_millis(50),
@@ -614,6 +615,7 @@ pub fn test_environment(
         protected: false,
         approvals: 0,
         approval_timeout: Duration::from_secs(3600),
+        restore_test: None,
         plan: Plan::parse(Path::new("plan.toml"), plan_text, Some(&fleet)).unwrap(),
         fleet,
     }

@@ -44,6 +44,20 @@ pub struct AgentConfig {
     pub references: Vec<crate::checks::Reference>,
     /// The role's bounded smoke command.
     pub smoke: Option<crate::checks::SmokeConfig>,
+    /// `[restore_test]`: this agent serves a restore-test environment.
+    #[serde(default)]
+    pub restore_test: RestoreTestConfig,
+}
+
+/// `[restore_test]`: what this agent lets a restore test do beyond a drill.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreTestConfig {
+    /// Allow `teardown-postgres`/`teardown-objects`: after a restore test, drop the database
+    /// and delete the objects the run restored. Off by default, so no coordinator, however
+    /// configured, can make an agent of a live environment drop its data.
+    #[serde(default)]
+    pub teardown: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -111,6 +125,8 @@ pub struct Settings {
     pub invariants: Vec<crate::checks::Invariant>,
     pub references: Vec<crate::checks::Reference>,
     pub smoke: Option<crate::checks::SmokeConfig>,
+    /// `[restore_test] teardown = true`: teardown commands are obeyed.
+    pub teardown_allowed: bool,
     /// The file `control` paths are relative to.
     pub config_file: PathBuf,
 }
@@ -188,6 +204,7 @@ pub fn load(file: &Path) -> Result<(Settings, TelemetryConfig)> {
         invariants: config.invariants.clone(),
         references: config.references.clone(),
         smoke: config.smoke.clone(),
+        teardown_allowed: config.restore_test.teardown,
         config_file: file.to_path_buf(),
     };
     crate::checks::Checks::from_config(

@@ -380,6 +380,8 @@ impl Executor {
             | Action::UndoObjects { .. }
             | Action::RestoreObjects { .. }
             | Action::ListKept
+            | Action::TeardownPostgres
+            | Action::TeardownObjects { .. }
             | Action::PruneKept { .. } => {
                 let Some(data) = &self.data else {
                     return (
@@ -589,6 +591,17 @@ async fn data_action(
             shards,
         } => ActionOutput::UndoObjects(
             data.undo_objects(repository, undone_run, run_id, *shard, *shards)
+                .await?,
+        ),
+        Action::TeardownPostgres => {
+            ActionOutput::TeardownPostgres(data.teardown_postgres(run_id).await?)
+        }
+        Action::TeardownObjects {
+            repository,
+            shard,
+            shards,
+        } => ActionOutput::TeardownObjects(
+            data.teardown_objects(repository, run_id, *shard, *shards)
                 .await?,
         ),
         Action::ListKept => ActionOutput::ListKept(data.list_kept().await?),

@@ -68,7 +68,8 @@ impl Agent {
                 settings.postgres.as_ref(),
                 settings.objects.as_ref(),
             )?
-            .with_state_dir(&settings.state_dir)?,
+            .with_state_dir(&settings.state_dir)?
+            .with_teardown(settings.teardown_allowed),
         );
         let checks = Arc::new(crate::checks::Checks::from_config(
             &settings.config_file,

@@ -2,8 +2,9 @@
 //! store and repository, the coordinator and one agent per role (web, two workers, scheduler,
 //! gateway, database, objects) as real processes over mTLS, each agent supervising its
 //! cowork-sim role. Seeds data, writes through web, takes a recovery point, keeps writing,
-//! breaks things, and runs the default plan as a drill. Exit 0 only when every required gate
-//! passed. Every process it starts is stopped on the way out (Ctrl-C and failures included)
+//! breaks things, and runs the default plan as a drill; then a restore test restores the same
+//! point into `demo-restore-test` (another database on the cluster, another directory),
+//! verifies it and tears it down. Exit 0 only when both passed. Every process it starts is stopped on the way out (Ctrl-C and failures included)
 //! unless `--keep`.
 
 use std::collections::BTreeMap;
@@ -24,7 +25,7 @@ pub struct DemoArgs {
     pub sessions: u64,
 }
 
-const FLEET: [(&str, &str); 7] = [
+const FLEET: [(&str, &str); 9] = [
     ("web-1", "web"),
     ("worker-1", "worker"),
     ("worker-2", "worker"),
@@ -32,7 +33,23 @@ const FLEET: [(&str, &str); 7] = [
     ("gateway-1", "gateway"),
     ("database-1", "database"),
     ("objects-1", "objects"),
+    // demo-restore-test's: another database on the cluster, another directory.
+    ("rt-database-1", "database"),
+    ("rt-objects-1", "objects"),
 ];
+
+/// The restore-test environment of the demo (`restore_from = "demo"`) and its targets.
+const RESTORE_TEST_ENV: &str = "demo-restore-test";
+const RESTORE_TEST_DB: &str = "cowork_restore_test";
+
+/// Which environment an agent of [`FLEET`] belongs to.
+fn environment_of(name: &str) -> &'static str {
+    if name.starts_with("rt-") {
+        RESTORE_TEST_ENV
+    } else {
+        "demo"
+    }
+}
 
 /// Child processes, stopped (SIGTERM, then SIGKILL) when dropped unless kept.
 struct Fleet {
@@ -176,6 +193,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         state,
         reason,
         cluster,
+        restore_test: (test_id, test_state, test_reason),
         ..
     } = outcome?;
     if args.keep {
@@ -185,16 +203,21 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         drop(cluster);
     }
     outln_lossy!(
-        "\ndemo finished in {:.1}s: drill {run_id} {state}",
+        "\ndemo finished in {:.1}s: drill {run_id} {state}; restore test {test_id} {test_state}",
         started.elapsed().as_secs_f64(),
     );
     if state != "succeeded" {
         bail!("the drill did not pass: {reason}");
     }
+    if test_state != "succeeded" {
+        bail!("the restore test did not pass: {test_reason}");
+    }
     Ok(())
 }
 
 struct Outcome {
+    /// The restore test's run, its state and reason.
+    restore_test: (String, String, String),
     run_id: String,
     state: String,
     reason: String,
@@ -213,7 +236,13 @@ async fn demo(exe: &Path, dir: &Path, args: &DemoArgs, fleet: &mut Fleet) -> Res
     })
     .context("start PostgreSQL for the demo")?;
     cluster.create_database("cowork")?;
+    // The restore test's target: an empty database the point is swapped into, then out.
+    cluster.create_database(RESTORE_TEST_DB)?;
     let db_url = cluster.url("cowork");
+    let rt_db_url = cluster.url(RESTORE_TEST_DB);
+    let rt_objects = dir.join("objects-restore-test");
+    std::fs::create_dir_all(&rt_objects)?;
+    let rt_objects_url = format!("file://{}", rt_objects.display());
     let objects = dir.join("objects");
     let repository = dir.join("repository");
     std::fs::create_dir_all(&objects)?;
@@ -304,6 +333,18 @@ name = "cookie-secret"
 manager = "vault"
 reference = "kv/cowork/demo/cookie"
 version = "3"
+
+# A restore test of demo: its points restored into another database and directory, verified,
+# then torn down; demo's own agents get no command.
+[environments.{RESTORE_TEST_ENV}]
+rpo = "24h"
+rto = "15m"
+retention = "7days"
+restore_from = "demo"
+fleet = {{ database = 1, objects = 1 }}
+
+[environments.{RESTORE_TEST_ENV}.report]
+{report_rows}
 "#,
             repository = repository.display(),
             report_rows = cowork_example(
@@ -313,7 +354,9 @@ version = "3"
         ),
     )?;
 
-    say("starting the coordinator and seven agents (mTLS on loopback)");
+    say(
+        "starting the coordinator and nine agents (mTLS on loopback; two of them serve the restore test)",
+    );
     let mut cmd = Command::new(exe);
     cmd.args(["coordinator", "--config"])
         .arg(&config)
@@ -321,14 +364,33 @@ version = "3"
     fleet.spawn("coordinator", &logs, cmd)?;
     let exe_s = exe.display().to_string();
     for (name, role) in FLEET {
-        let extra = agent_extra(role, &exe_s, web_addr, &sink, &db_url, &objects_url)?;
+        let environment = environment_of(name);
+        let restore_test = environment == RESTORE_TEST_ENV;
+        let (agent_db_url, agent_objects_url) = if restore_test {
+            (rt_db_url.as_str(), rt_objects_url.as_str())
+        } else {
+            (db_url.as_str(), objects_url.as_str())
+        };
+        let mut extra = agent_extra(
+            role,
+            &exe_s,
+            web_addr,
+            &sink,
+            agent_db_url,
+            agent_objects_url,
+        )?;
+        if restore_test {
+            // Only the restore test's agents obey a teardown; demo's refuse one.
+            extra = extra.replace("scratch/objects", "scratch/rt-objects")
+                + "\n[restore_test]\nteardown = true\n";
+        }
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(
             &path,
             format!(
                 r#"name = "{name}"
 role = "{role}"
-environment = "demo"
+environment = "{environment}"
 state_dir = "state/{name}"
 
 [coordinator]
@@ -350,8 +412,8 @@ max = "2s"
         cmd.args(["agent", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")
-            .env("DATABASE_URL", &db_url)
-            .env("OBJECT_STORE_URL", &objects_url)
+            .env("DATABASE_URL", agent_db_url)
+            .env("OBJECT_STORE_URL", agent_objects_url)
             .env("COWORK_OPERATOR_TOKEN", &operator_token);
         fleet.spawn(name, &logs, cmd)?;
     }
@@ -460,7 +522,46 @@ max = "2s"
         std::fs::write(dir.join(file), text)?;
     }
     outln_lossy!("    report: {}", dir.join("report.md").display());
+
+    say(&format!(
+        "restore test: the same point restored into {RESTORE_TEST_ENV} (another database and \
+         directory), verified, torn down; demo is not touched"
+    ));
+    let test = client
+        .start_run(op::StartRunRequest {
+            environment: RESTORE_TEST_ENV.into(),
+            kind: "drill".into(),
+            point: "latest".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let tested = wait_run(&connection, &test.id).await?;
+    let text = client
+        .get_report(op::GetReportRequest {
+            id: test.id.clone(),
+            format: "json".into(),
+            follow_ups: Vec::new(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .text;
+    std::fs::write(dir.join("restore-test-report.json"), &text)?;
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let rt = &report["restore_test"];
+    outln_lossy!(
+        "    {} of point {} ({}): restored in {:.1}s, demo untouched: {}, teardown: {}",
+        test.id,
+        test.point_id,
+        report["outcome"].as_str().unwrap_or("no report"),
+        rt["restore_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+        rt["source_untouched"].as_bool().unwrap_or(false),
+        rt["teardown"].as_str().unwrap_or("unknown"),
+    );
     Ok(Outcome {
+        restore_test: (test.id, tested.state, tested.reason),
         run_id: drill.id,
         state: result.state,
         reason: result.reason,

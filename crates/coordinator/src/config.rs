@@ -90,8 +90,9 @@ pub struct EnvironmentConfig {
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
     /// The backup repository: an object_store URL (`file://` relative to this file, `s3://`,
-    /// `gs://`, `az://`).
-    pub repository: String,
+    /// `gs://`, `az://`). A restore-test environment has none of its own: it reads its
+    /// source's points from the source's repository.
+    pub repository: Option<String>,
     /// When the coordinator takes backups: a cron expression (minute hour day month weekday).
     pub backup_schedule: Option<String>,
     /// The restore plan; the embedded default plan when unset.
@@ -125,6 +126,19 @@ pub struct EnvironmentConfig {
     /// How long a run waits for its approvals before it blocks.
     #[serde(with = "humantime_serde", default = "default_approval_timeout")]
     pub approval_timeout: Duration,
+    /// A restore-test environment: its drills restore the points of this environment into
+    /// this environment's own fleet (never the source's), verify them, and tear down.
+    pub restore_from: Option<String>,
+    /// A restore test's teardown: `always`, `on-success` (the default) or `never`.
+    pub teardown: Option<String>,
+    /// When the coordinator runs a restore test (restore-test environments only): a cron
+    /// expression like `backup_schedule`'s.
+    pub drill_schedule: Option<String>,
+    /// Which point a scheduled restore test takes: `latest` (the default).
+    pub point: Option<String>,
+    /// Or a random point of the source committed within this long before the run.
+    #[serde(rename = "random-within", with = "humantime_serde", default)]
+    pub random_within: Option<Duration>,
 }
 
 fn default_approval_timeout() -> Duration {
@@ -320,6 +334,55 @@ pub struct Environment {
     /// Approvals a drill, recovery or undo waits for (0: none), and for how long.
     pub approvals: u32,
     pub approval_timeout: Duration,
+    /// Set on a restore-test environment (`restore_from`).
+    pub restore_test: Option<RestoreTest>,
+}
+
+/// What makes an environment a restore-test environment: whose points it restores, what its
+/// teardown drops, and when it runs by itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreTest {
+    /// The environment whose points are restored here; never commanded by these runs.
+    pub source: String,
+    pub teardown: Teardown,
+    /// `drill_schedule`, validated.
+    pub schedule: Option<String>,
+    pub pick: PointPick,
+}
+
+/// When a restore test tears down what it restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Teardown {
+    Always,
+    OnSuccess,
+    Never,
+}
+
+impl Teardown {
+    pub fn parse(text: &str) -> Option<Teardown> {
+        match text {
+            "always" => Some(Teardown::Always),
+            "on-success" => Some(Teardown::OnSuccess),
+            "never" => Some(Teardown::Never),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Teardown::Always => "always",
+            Teardown::OnSuccess => "on-success",
+            Teardown::Never => "never",
+        }
+    }
+}
+
+/// Which point of the source a scheduled restore test restores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PointPick {
+    Latest,
+    /// A random point committed within this long before the run starts.
+    RandomWithin(Duration),
 }
 
 pub fn load(file: &Path) -> Result<Loaded> {
@@ -389,6 +452,7 @@ pub fn load(file: &Path) -> Result<Loaded> {
     for (name, env) in &config.environments {
         environments.insert(name.clone(), environment(file, name, env)?);
     }
+    restore_tests(file, &config.environments, &mut environments)?;
     let notify = config
         .notify
         .iter()
@@ -639,23 +703,43 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
             "fix the expression, or remove backup_schedule to back up only on demand"
         ));
     }
-    let repository = resolve_file_url(file, &env.repository);
-    if !["file://", "s3://", "gs://", "az://", "azure://"]
-        .iter()
-        .any(|p| repository.starts_with(p))
+    let repository = match (&env.repository, &env.restore_from) {
+        (Some(url), None) => resolve_file_url(file, url),
+        (None, None) => bail!(ConfigError::new(
+            file,
+            format!("{key}.repository is missing"),
+            "name the backup repository, e.g. repository = \"s3://bucket/prefix\" (or make the \
+             environment a restore test with restore_from = \"SOURCE\")"
+        )),
+        (Some(_), Some(source)) => bail!(ConfigError::new(
+            file,
+            format!(
+                "{key}.repository is set on a restore-test environment (restore_from = \
+                 {source:?})"
+            ),
+            format!(
+                "remove it: a restore test reads {source}'s points from \
+                 environments.{source}.repository"
+            )
+        )),
+        // Filled in from the source by `restore_tests`.
+        (None, Some(_)) => String::new(),
+    };
+    if env.restore_from.is_none()
+        && !["file://", "s3://", "gs://", "az://", "azure://"]
+            .iter()
+            .any(|p| repository.starts_with(p))
     {
         bail!(ConfigError::new(
             file,
-            format!(
-                "{key}.repository {:?} is not a supported URL",
-                env.repository
-            ),
+            format!("{key}.repository {repository:?} is not a supported URL",),
             "use file:///path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"
         ));
     }
-    let plan = match &env.plan {
-        Some(path) => Plan::load(&resolve(file, path), Some(&env.fleet)),
-        None => Plan::default_plan(Some(&env.fleet)),
+    let plan = match (&env.plan, &env.restore_from) {
+        (Some(path), _) => Plan::load(&resolve(file, path), Some(&env.fleet)),
+        (None, None) => Plan::default_plan(Some(&env.fleet)),
+        (None, Some(_)) => Plan::restore_test_plan(&env.fleet),
     }
     .map_err(|e| {
         anyhow::Error::new(api::errors::Problems::from(e))
@@ -704,6 +788,40 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
             "set a duration such as \"1h\", or remove it for the default (1h)"
         ));
     }
+    if plan.restore_test && env.restore_from.is_none() {
+        bail!(ConfigError::new(
+            file,
+            format!(
+                "{key}.plan {} restores without freezing (restore_test = true), but {name} is \
+                 not a restore-test environment",
+                plan.name
+            ),
+            format!(
+                "use such a plan only on an environment with restore_from = \"SOURCE\"; drills \
+                 of {name} itself need a plan that freezes writes"
+            )
+        ));
+    }
+    if env.restore_from.is_none() {
+        for (what, set) in [
+            ("teardown", env.teardown.is_some()),
+            ("drill_schedule", env.drill_schedule.is_some()),
+            ("point", env.point.is_some()),
+            ("random-within", env.random_within.is_some()),
+        ] {
+            if set {
+                bail!(ConfigError::new(
+                    file,
+                    format!("{key}.{what} is set, but {name} is not a restore-test environment"),
+                    format!(
+                        "add restore_from = \"SOURCE\" to restore SOURCE's points into {name}'s \
+                         own fleet, or remove {what} (scheduled drills in place would roll {name} \
+                         back; they are not offered)"
+                    )
+                ));
+            }
+        }
+    }
     let repository_ref = api::model::RepositoryRef {
         url: repository.clone(),
         s3_endpoint: env.s3_endpoint.clone(),
@@ -727,7 +845,142 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
         protected: env.protected,
         approvals: env.approvals,
         approval_timeout: env.approval_timeout,
+        restore_test: None,
     })
+}
+
+/// The second pass over the environments: each restore-test environment's source is checked
+/// (declared, not itself, not a restore test), its repository taken from the source, and its
+/// teardown, schedule and point choice read.
+fn restore_tests(
+    file: &Path,
+    configs: &BTreeMap<String, EnvironmentConfig>,
+    environments: &mut BTreeMap<String, Environment>,
+) -> Result<()> {
+    for (name, env) in configs {
+        let Some(source) = &env.restore_from else {
+            continue;
+        };
+        let key = format!("environments.{name}");
+        let fix_source = format!(
+            "set restore_from to the environment whose points {name} tests (declared: {})",
+            configs
+                .iter()
+                .filter(|(n, c)| *n != name && c.restore_from.is_none())
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if source == name {
+            bail!(ConfigError::new(
+                file,
+                format!("{key}.restore_from names {name} itself"),
+                fix_source
+            ));
+        }
+        let Some(source_config) = configs.get(source) else {
+            bail!(ConfigError::new(
+                file,
+                format!("{key}.restore_from names {source:?}, which is not a declared environment"),
+                fix_source
+            ));
+        };
+        if let Some(further) = &source_config.restore_from {
+            bail!(ConfigError::new(
+                file,
+                format!(
+                    "{key}.restore_from names {source}, which is itself a restore test (of \
+                     {further}) and has no points of its own"
+                ),
+                format!("set restore_from = {further:?} to test {further}'s points")
+            ));
+        }
+        for role in ["database", "objects"] {
+            if env.fleet.get(role).copied().unwrap_or(0) == 0
+                && source_config.fleet.get(role).copied().unwrap_or(0) > 0
+            {
+                bail!(ConfigError::new(
+                    file,
+                    format!(
+                        "{key}.fleet declares no {role} agent, but {source}'s points hold {role} \
+                         data a restore test must restore"
+                    ),
+                    format!(
+                        "declare a {role} agent of {name}, pointed at a target that is not \
+                         {source}'s (another database or bucket), e.g. fleet = {{ database = 1, \
+                         objects = 1 }}"
+                    )
+                ));
+            }
+        }
+        if env.backup_schedule.is_some() {
+            bail!(ConfigError::new(
+                file,
+                format!("{key}.backup_schedule is set on a restore-test environment"),
+                format!(
+                    "remove it: {name} holds restored copies of {source}'s data, and its points \
+                     are {source}'s (back up {source})"
+                )
+            ));
+        }
+        let teardown = match env.teardown.as_deref() {
+            None => Teardown::OnSuccess,
+            Some(text) => Teardown::parse(text).ok_or_else(|| {
+                ConfigError::new(
+                    file,
+                    format!("{key}.teardown {text:?} is not a teardown"),
+                    "write teardown = \"always\", \"on-success\" (the default) or \"never\"",
+                )
+            })?,
+        };
+        if let Some(expr) = &env.drill_schedule
+            && let Err(e) = BackupSchedule::parse(expr)
+        {
+            bail!(ConfigError::new(
+                file,
+                format!(
+                    "{key}.drill_schedule: {}",
+                    api::errors::one_line(&*e).replace("backup_schedule ", "")
+                ),
+                "fix the expression (e.g. \"0 4 * * *\": daily at 04:00 UTC), or remove \
+                 drill_schedule to run restore tests only on demand"
+            ));
+        }
+        let pick = match (env.point.as_deref(), env.random_within) {
+            (Some("latest") | None, None) => PointPick::Latest,
+            (None, Some(window)) if !window.is_zero() => PointPick::RandomWithin(window),
+            (None, Some(_)) => bail!(ConfigError::new(
+                file,
+                format!("{key}.random-within must be positive"),
+                "set a window such as \"7d\", or remove it to test the latest point"
+            )),
+            (Some(other), None) => bail!(ConfigError::new(
+                file,
+                format!("{key}.point {other:?} is not a point choice"),
+                "write point = \"latest\", or random-within = \"7d\" for a random recent point"
+            )),
+            (Some(_), Some(_)) => bail!(ConfigError::new(
+                file,
+                format!("{key} sets both point and random-within"),
+                "keep one: point = \"latest\" or random-within = \"7d\""
+            )),
+        };
+        let (repository, repository_ref) = match environments.get(source) {
+            Some(s) => (s.repository.clone(), s.repository_ref.clone()),
+            None => bail!("environment {source} was not loaded before its restore test {name}"),
+        };
+        if let Some(target) = environments.get_mut(name) {
+            target.repository = repository;
+            target.repository_ref = repository_ref;
+            target.restore_test = Some(RestoreTest {
+                source: source.clone(),
+                teardown,
+                schedule: env.drill_schedule.clone(),
+                pick,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a report row with no label, a count that is no count key, or a count two rows show.
@@ -827,7 +1080,12 @@ impl Loaded {
     /// creates the directory). No network call (a store that is briefly unreachable must not stop a coordinator from
     /// starting); `rollcall coordinator` refuses to start on the first problem, naming it.
     pub fn check_repositories(&self) -> Result<()> {
-        for (name, env) in &self.environments {
+        // A restore-test environment's repository is its source's, checked under the source.
+        for (name, env) in self
+            .environments
+            .iter()
+            .filter(|(_, e)| e.restore_test.is_none())
+        {
             let key = format!("environments.{name}.repository");
             let shown = repository::redact_url(&env.repository);
             if env.repository.starts_with("file:") {
@@ -1386,6 +1644,155 @@ key = "certs/coordinator-key.pem"
         assert!(
             err.to_string()
                 .contains("operator.token[0].sha256 (token \"alice\") is not 64 hex characters"),
+            "{err}"
+        );
+    }
+
+    fn restore_test_config(rt: &str) -> String {
+        format!(
+            "{MINIMAL}\n[environments.prod]\nrpo = \"24h\"\nrto = \"4h\"\nretention = \"30days\"\n\
+             repository = \"file://repo\"\nfleet = {{ web = 1, database = 1, objects = 1 }}\n\
+             [environments.rt]\nrpo = \"24h\"\nrto = \"4h\"\nretention = \"30days\"\n{rt}\n"
+        )
+    }
+
+    #[test]
+    fn a_restore_test_environment_reads_its_source_repository_with_its_own_plan() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = restore_test_config(
+            "restore_from = \"prod\"\nfleet = { database = 1, objects = 1 }\n\
+             drill_schedule = \"*/10 * * * * *\"\nrandom-within = \"7d\"\n",
+        );
+        let loaded = load(&write(dir.path(), &text)).expect("load");
+        let (prod, rt) = (&loaded.environments["prod"], &loaded.environments["rt"]);
+        assert_eq!(rt.repository, prod.repository);
+        assert_eq!(rt.repository_ref, prod.repository_ref);
+        assert_eq!(
+            rt.restore_test,
+            Some(RestoreTest {
+                source: "prod".into(),
+                teardown: Teardown::OnSuccess,
+                schedule: Some("*/10 * * * * *".into()),
+                pick: PointPick::RandomWithin(Duration::from_secs(7 * 86400)),
+            })
+        );
+        assert!(rt.plan.restore_test && rt.plan.name == "restore-test");
+        assert!(prod.restore_test.is_none() && !prod.plan.restore_test);
+        loaded.check_repositories().expect("checked under prod");
+        let text = restore_test_config(
+            "restore_from = \"prod\"\nfleet = { database = 1, objects = 1 }\nteardown = \"never\"\n",
+        );
+        let loaded = load(&write(dir.path(), &text)).expect("load");
+        let test = loaded.environments["rt"].restore_test.clone().expect("rt");
+        assert_eq!(
+            (test.teardown, test.pick),
+            (Teardown::Never, PointPick::Latest)
+        );
+    }
+
+    #[test]
+    fn restore_test_mistakes_are_one_line_naming_the_key_and_the_fix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fleet = "fleet = { database = 1, objects = 1 }\n";
+        let cases: Vec<(String, &[&str])> = vec![
+            (
+                format!("restore_from = \"staging\"\n{fleet}"),
+                &[
+                    "environments.rt.restore_from names \"staging\", which is not a declared environment",
+                    "prod",
+                ],
+            ),
+            (
+                format!("restore_from = \"rt\"\n{fleet}"),
+                &["environments.rt.restore_from names rt itself"],
+            ),
+            (
+                "restore_from = \"prod\"\nfleet = { database = 1 }\n".into(),
+                &[
+                    "environments.rt.fleet declares no objects agent",
+                    "declare a objects agent of rt",
+                ],
+            ),
+            (
+                format!("restore_from = \"prod\"\n{fleet}repository = \"file://other\"\n"),
+                &[
+                    "environments.rt.repository is set on a restore-test environment",
+                    "remove it",
+                ],
+            ),
+            (
+                format!("restore_from = \"prod\"\n{fleet}teardown = \"sometimes\"\n"),
+                &[
+                    "environments.rt.teardown \"sometimes\" is not a teardown",
+                    "on-success",
+                ],
+            ),
+            (
+                format!("restore_from = \"prod\"\n{fleet}drill_schedule = \"every day\"\n"),
+                &["environments.rt.drill_schedule", "fix the expression"],
+            ),
+            (
+                format!(
+                    "restore_from = \"prod\"\n{fleet}point = \"latest\"\nrandom-within = \"7d\"\n"
+                ),
+                &["environments.rt sets both point and random-within"],
+            ),
+            (
+                format!("restore_from = \"prod\"\n{fleet}point = \"oldest\"\n"),
+                &["environments.rt.point \"oldest\" is not a point choice"],
+            ),
+            (
+                format!("restore_from = \"prod\"\n{fleet}backup_schedule = \"0 3 * * *\"\n"),
+                &[
+                    "environments.rt.backup_schedule is set on a restore-test environment",
+                    "back up prod",
+                ],
+            ),
+            (
+                "repository = \"file://r\"\nfleet = { web = 1, database = 1, objects = 1 }\n\
+                 drill_schedule = \"0 3 * * *\"\n"
+                    .into(),
+                &[
+                    "environments.rt.drill_schedule is set, but rt is not a restore-test environment",
+                ],
+            ),
+            (fleet.to_owned(), &["environments.rt.repository is missing"]),
+        ];
+        for (rt, needles) in cases {
+            let err = load(&write(dir.path(), &restore_test_config(&rt)))
+                .expect_err(&rt)
+                .to_string();
+            assert_eq!(err.lines().count(), 1, "{err}");
+            for needle in needles {
+                assert!(err.contains(needle), "{needle:?} in {err}");
+            }
+        }
+        // A restore test of a restore test.
+        let text = restore_test_config(&format!("restore_from = \"prod\"\n{fleet}"))
+            + "[environments.rt2]\nrpo = \"24h\"\nrto = \"4h\"\nretention = \"30days\"\n\
+               restore_from = \"rt\"\nfleet = { database = 1, objects = 1 }\n";
+        let err = load(&write(dir.path(), &text))
+            .expect_err("chain")
+            .to_string();
+        assert!(
+            err.contains(
+                "environments.rt2.restore_from names rt, which is itself a restore test (of prod)"
+            ) && err.contains("restore_from = \"prod\""),
+            "{err}"
+        );
+        // The restore-test plan (no freeze) on an environment that serves traffic.
+        let plan = dir.path().join("rt-plan.toml");
+        std::fs::write(&plan, crate::plan::RESTORE_TEST_PLAN).expect("write plan");
+        let text = restore_test_config(&format!(
+            "repository = \"file://r\"\nfleet = {{ web = 1, database = 1, objects = 1 }}\n\
+             plan = \"{}\"\n",
+            plan.display()
+        ));
+        let err = load(&write(dir.path(), &text))
+            .expect_err("plan")
+            .to_string();
+        assert!(
+            err.contains("restores without freezing (restore_test = true), but rt is not a restore-test environment"),
             "{err}"
         );
     }

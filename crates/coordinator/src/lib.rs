@@ -168,6 +168,9 @@ impl Coordinator {
         let run_metrics = Arc::new(metrics::RunMetrics::default());
         for (name, env) in &settings.environments {
             run_metrics.environment(name, env.rpo.as_secs());
+            if let Some(test) = &env.restore_test {
+                run_metrics.restore_test(name, &test.source);
+            }
         }
         let engine = engine::Engine::new(
             store.clone(),

@@ -134,6 +134,8 @@ pub struct RunMetrics {
     verdicts: Mutex<BTreeMap<(String, String), Verdict>>,
     /// environment → its RPO in seconds, for every configured environment
     rpos: Mutex<BTreeMap<String, u64>>,
+    /// restore-test environment → the environment whose points it tests
+    restore_tests: Mutex<BTreeMap<String, String>>,
 }
 
 impl Default for RunMetrics {
@@ -145,6 +147,7 @@ impl Default for RunMetrics {
             newest_point: Mutex::default(),
             verdicts: Mutex::default(),
             rpos: Mutex::default(),
+            restore_tests: Mutex::default(),
         }
     }
 }
@@ -199,6 +202,12 @@ impl RunMetrics {
     /// it has any point, so a rule can tell "no point at all".
     pub fn environment(&self, environment: &str, rpo: u64) {
         lock(&self.rpos).insert(environment.to_owned(), rpo);
+    }
+
+    /// A restore-test environment and its source: `rollcall_restore_test_source` tells the
+    /// alert rules that it has no points of its own (its points are its source's).
+    pub fn restore_test(&self, environment: &str, source: &str) {
+        lock(&self.restore_tests).insert(environment.to_owned(), source.to_owned());
     }
 
     /// A run ended (blocked counts: the verdict is what an operator sees now). Only a newer
@@ -465,6 +474,19 @@ impl Collector for AtScrape {
                 .encode(metric.encode_family(&[("environment", env.as_str())])?)?;
         }
         let mut metric = encoder.encode_descriptor(
+            "rollcall_restore_test_source",
+            "1 for each restore-test environment (restore_from), labelled with the environment \
+             whose points it restores; it has no points of its own.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (env, source) in lock(&s.runs.restore_tests).iter() {
+            ConstGauge::new(1u64).encode(
+                metric
+                    .encode_family(&[("environment", env.as_str()), ("source", source.as_str())])?,
+            )?;
+        }
+        let mut metric = encoder.encode_descriptor(
             "rollcall_newest_point_older_than_rpo",
             "1 when the environment's newest recovery point (in commit order) is older than its \
              RPO or stamped in the future, else 0.",
@@ -724,7 +746,7 @@ mod tests {
         assert!(!text.contains("kind=\"backup\",le="), "{text}");
         // Every family is declared once.
         let declared = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(declared, 18, "{text}");
+        assert_eq!(declared, 19, "{text}");
     }
 
     /// The verdict gauges the alert rules read: the newest ending of each environment and

@@ -159,6 +159,8 @@ pub struct DataPlane {
     /// The objects agent's scratch directory (holding one directory per run).
     scratch_root: PathBuf,
     environment: String,
+    /// `[restore_test] teardown = true`: teardown commands are obeyed.
+    teardown_allowed: bool,
 }
 
 struct Postgres {
@@ -246,7 +248,27 @@ impl DataPlane {
             objects: objects.cloned(),
             scratch_root,
             environment: environment.to_owned(),
+            teardown_allowed: false,
         })
+    }
+
+    /// Whether this agent obeys a restore test's teardown (`[restore_test] teardown = true`).
+    pub fn with_teardown(mut self, allowed: bool) -> DataPlane {
+        self.teardown_allowed = allowed;
+        self
+    }
+
+    /// Refuses a teardown unless this agent's own config allows it: a coordinator that sends
+    /// one to the wrong agent (a live environment's) must not make it drop anything.
+    fn check_teardown_allowed(&self, what: &str) -> Result<()> {
+        if !self.teardown_allowed {
+            bail!(
+                "{what} refused: this agent does not allow restore-test teardowns; if it serves a \
+                 restore-test environment (never a live one), add [restore_test] teardown = true \
+                 to its agent.toml and restart it"
+            );
+        }
+        Ok(())
     }
 
     /// Opens what this data plane remembers in the agent's state directory (whether writes

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use api::model::output::{RestoreObjectsOutput, UndoObjectsOutput};
+use api::model::output::{RestoreObjectsOutput, TeardownObjectsOutput, UndoObjectsOutput};
 use api::model::{Check, CheckKind, ObjectReferences, RepositoryRef};
 use repository::{
     BlobScratch, ObjectSnapshotPart, PointId, RestoreObjectsOptions, RestoreTarget, S3Options,
@@ -208,6 +208,59 @@ impl DataPlane {
             unchanged: report.unchanged,
             displaced: report.displaced,
             quarantine_prefix: options.undo_quarantine.to_string(),
+        })
+    }
+
+    /// A restore test's teardown of this shard of run `run_id`'s object restore: the target
+    /// store is put back as it was before the run (objects the restore created are taken out,
+    /// ones it replaced or removed put back, from the run's records and quarantine), then the
+    /// run's quarantine and the teardown's own are deleted from the repository. Nothing the
+    /// run did not write is touched. Refused unless the agent allows teardowns.
+    pub async fn teardown_objects(
+        &self,
+        repo: &RepositoryRef,
+        run_id: &str,
+        shard: u32,
+        shards: u32,
+    ) -> Result<TeardownObjectsOutput> {
+        self.check_teardown_allowed("teardown-objects")?;
+        let started = std::time::Instant::now();
+        let objects = self.objects()?;
+        let shard = Shard::new(shard, shards).context("teardown objects")?;
+        let repo = repo.open().await?;
+        let (live, label) = live_store(objects)?;
+        let restore_tag = run_tag(run_id);
+        // What the undo moves out of the target lands in a quarantine of its own, deleted next.
+        let teardown_tag = run_tag(&format!("{run_id}/teardown"));
+        let quarantine = |tag: &str| object_store::path::Path::from(format!("quarantine/{tag}"));
+        let options = repository::UndoObjectsOptions {
+            target_label: label,
+            restore_quarantine: quarantine(&restore_tag),
+            undo_quarantine: quarantine(&teardown_tag),
+            shard,
+            parallelism: objects.parallelism,
+        };
+        let report = repository::undo_objects(&repo, live, &options)
+            .await
+            .context("take the restored objects out of the target store")?;
+        let mut deleted = 0;
+        // One shard's teardown must not delete the records the other shards still read: only
+        // a whole (single-shard) teardown deletes the run's quarantines.
+        if shard.count == 1 {
+            for tag in [&teardown_tag, &restore_tag] {
+                deleted += repo
+                    .delete_quarantine(tag)
+                    .await
+                    .with_context(|| format!("delete quarantine/{tag} of the restore test"))?;
+            }
+        }
+        Ok(TeardownObjectsOutput {
+            shard: shard.index,
+            shards: shard.count,
+            deleted: report.removed.len() as u64,
+            put_back: report.put_back.len() as u64,
+            quarantine_keys_deleted: deleted,
+            elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         })
     }
 

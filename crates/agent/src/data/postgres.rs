@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use api::model::output::{
     Counts, FreezeOutput, KeptRefusal, ListKeptOutput, PreparePostgresOutput, PruneKeptOutput,
-    RestorePostgresOutput, UndoPostgresOutput,
+    RestorePostgresOutput, TeardownPostgresOutput, UndoPostgresOutput,
 };
 use api::model::{Check, CheckKind, RepositoryRef};
 use repository::{
@@ -130,6 +130,41 @@ impl DataPlane {
             undone: swapped,
             detail: undone.describe().to_owned(),
             counts,
+            elapsed_ms: millis(started),
+        })
+    }
+
+    /// A restore test's teardown of run `run_id`'s swap: the database the swap kept
+    /// (`<db>_pre_<tag>`) takes the live name again, and the restored database, kept as
+    /// `<db>_undone_<tag>` by that undo, is dropped. Only what the run created goes; a run that
+    /// never swapped leaves everything and says so. Refused unless the agent allows teardowns.
+    pub async fn teardown_postgres(&self, run_id: &str) -> Result<TeardownPostgresOutput> {
+        self.check_teardown_allowed("teardown-postgres")?;
+        let started = Instant::now();
+        let pg = self.postgres()?;
+        let url = pg.url()?;
+        let swap =
+            DatabaseSwap::connect_undo(&url, &run_tag(run_id), ADMIN_CONNECT_TIMEOUT).await?;
+        let mut swap = self.carry_freeze(swap);
+        let undone = repository::undo_swap(&mut swap).await;
+        let names = swap.names().clone();
+        swap.close().await;
+        let undone = undone.context("put the database from before the restore test back")?;
+        let mut dropped = Vec::new();
+        // `names.pre` of an undo's names is where the restored database went.
+        if repository::drop_kept_database(&url, &names.pre, ADMIN_CONNECT_TIMEOUT)
+            .await
+            .with_context(|| format!("drop the restored database {}", names.pre))?
+        {
+            tracing::info!(database = %names.pre, "restore test torn down: restored database dropped");
+            dropped.push(names.pre.clone());
+        }
+        let put_back = undone != repository::Undone::NothingSwapped;
+        Ok(TeardownPostgresOutput {
+            database: names.live,
+            dropped,
+            put_back,
+            detail: undone.describe().to_owned(),
             elapsed_ms: millis(started),
         })
     }

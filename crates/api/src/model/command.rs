@@ -67,6 +67,16 @@ pub enum Action {
     /// Undo the database swap of run `undone_run` (its `<db>_pre_<tag>` live again, the
     /// restored database kept as `<db>_undone_<tag>`).
     UndoPostgres { undone_run: String },
+    /// A restore test's teardown of what its own run's swap did: the database the swap kept
+    /// takes the live name again and the restored one is dropped (restore-test agents only).
+    TeardownPostgres,
+    /// A restore test's teardown of this shard of what its own run's object restore did, and
+    /// of the run's quarantines (restore-test agents only).
+    TeardownObjects {
+        repository: RepositoryRef,
+        shard: u32,
+        shards: u32,
+    },
     /// List the databases restores and undos kept (`<db>_pre_<tag>`, `<db>_undone_<tag>`).
     ListKept,
     /// Drop these kept databases, named exactly as `ListKept` reported them.
@@ -266,6 +276,8 @@ impl Action {
             | Action::CommitPostgres { .. }
             | Action::UndoPostgres { .. }
             | Action::UndoObjects { .. }
+            | Action::TeardownPostgres
+            | Action::TeardownObjects { .. }
             | Action::RestoreObjects { .. } => true,
             // Checks change nothing; a smoke drives the role through one real operation.
             Action::Preflight { .. } | Action::Verify { .. } | Action::CheckObjects(_) => false,
@@ -290,6 +302,8 @@ impl Action {
             Action::CommitPostgres { .. } => ActionKind::CommitPostgres,
             Action::UndoPostgres { .. } => ActionKind::UndoPostgres,
             Action::UndoObjects { .. } => ActionKind::UndoObjects,
+            Action::TeardownPostgres => ActionKind::TeardownPostgres,
+            Action::TeardownObjects { .. } => ActionKind::TeardownObjects,
             Action::ListKept => ActionKind::ListKept,
             Action::PruneKept { .. } => ActionKind::PruneKept,
             Action::RestoreObjects { .. } => ActionKind::RestoreObjects,
@@ -328,10 +342,12 @@ pub enum ActionKind {
     CheckObjects,
     ListKept,
     PruneKept,
+    TeardownPostgres,
+    TeardownObjects,
 }
 
 impl ActionKind {
-    pub const ALL: [ActionKind; 20] = [
+    pub const ALL: [ActionKind; 22] = [
         ActionKind::Ping,
         ActionKind::Describe,
         ActionKind::Freeze,
@@ -352,6 +368,8 @@ impl ActionKind {
         ActionKind::CheckObjects,
         ActionKind::ListKept,
         ActionKind::PruneKept,
+        ActionKind::TeardownPostgres,
+        ActionKind::TeardownObjects,
     ];
 
     /// The action's name in command ids' logs, the journal and the drill report.
@@ -377,6 +395,8 @@ impl ActionKind {
             ActionKind::CheckObjects => "check-objects",
             ActionKind::ListKept => "list-kept",
             ActionKind::PruneKept => "prune-kept",
+            ActionKind::TeardownPostgres => "teardown-postgres",
+            ActionKind::TeardownObjects => "teardown-objects",
         }
     }
 }
@@ -454,6 +474,12 @@ impl TryFrom<pb::Command> for Command {
             Some(pb::command::Action::UndoObjects(a)) => Action::UndoObjects {
                 repository: repository(a.repository)?,
                 undone_run: required_run(a.undone_run_id)?,
+                shard: a.shard,
+                shards: a.shards,
+            },
+            Some(pb::command::Action::TeardownPostgres(_)) => Action::TeardownPostgres,
+            Some(pb::command::Action::TeardownObjects(a)) => Action::TeardownObjects {
+                repository: repository(a.repository)?,
                 shard: a.shard,
                 shards: a.shards,
             },
@@ -586,6 +612,18 @@ impl From<Command> for pb::Command {
             } => pb::command::Action::UndoObjects(pb::UndoObjects {
                 repository: Some(repository.into()),
                 undone_run_id: undone_run,
+                shard,
+                shards,
+            }),
+            Action::TeardownPostgres => {
+                pb::command::Action::TeardownPostgres(pb::TeardownPostgres {})
+            }
+            Action::TeardownObjects {
+                repository,
+                shard,
+                shards,
+            } => pb::command::Action::TeardownObjects(pb::TeardownObjects {
+                repository: Some(repository.into()),
                 shard,
                 shards,
             }),

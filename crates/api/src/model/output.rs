@@ -218,6 +218,37 @@ pub struct UndoObjectsOutput {
     pub quarantine_prefix: String,
 }
 
+/// `teardown-postgres`: what a restore test's teardown did to the database its run restored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeardownPostgresOutput {
+    /// The live database's name.
+    pub database: String,
+    /// The databases dropped: the restored one (as `<db>_undone_<tag>` once it left the live
+    /// name), and nothing else.
+    pub dropped: Vec<String>,
+    /// Whether the database the run's swap kept (`<db>_pre_<tag>`) took the live name again.
+    pub put_back: bool,
+    /// What happened, for people.
+    pub detail: String,
+    pub elapsed_ms: u64,
+}
+
+/// `teardown-objects`: one shard of a restore test's objects taken out of the target store,
+/// and the run's quarantines deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeardownObjectsOutput {
+    pub shard: u32,
+    pub shards: u32,
+    /// Objects the run's restore created, deleted from the target store.
+    pub deleted: u64,
+    /// Objects the restore replaced or removed, put back as they were before the run.
+    pub put_back: u64,
+    /// Repository keys deleted from the run's quarantines (`quarantine/<tag>` and the
+    /// teardown's own), with their restore records.
+    pub quarantine_keys_deleted: u64,
+    pub elapsed_ms: u64,
+}
+
 /// `list-kept`: the databases restores and undos kept beside the live one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListKeptOutput {
@@ -306,6 +337,8 @@ pub enum ActionOutput {
     Smoke(ChecksOutput),
     ListKept(ListKeptOutput),
     PruneKept(PruneKeptOutput),
+    TeardownPostgres(TeardownPostgresOutput),
+    TeardownObjects(TeardownObjectsOutput),
 }
 
 impl ActionOutput {
@@ -329,6 +362,8 @@ impl ActionOutput {
             ActionOutput::Smoke(_) => ActionKind::Smoke,
             ActionOutput::ListKept(_) => ActionKind::ListKept,
             ActionOutput::PruneKept(_) => ActionKind::PruneKept,
+            ActionOutput::TeardownPostgres(_) => ActionKind::TeardownPostgres,
+            ActionOutput::TeardownObjects(_) => ActionKind::TeardownObjects,
         }
     }
 
@@ -367,6 +402,8 @@ impl ActionOutput {
             ActionKind::Smoke => ActionOutput::Smoke(read(action, body)?),
             ActionKind::ListKept => ActionOutput::ListKept(read(action, body)?),
             ActionKind::PruneKept => ActionOutput::PruneKept(read(action, body)?),
+            ActionKind::TeardownPostgres => ActionOutput::TeardownPostgres(read(action, body)?),
+            ActionKind::TeardownObjects => ActionOutput::TeardownObjects(read(action, body)?),
             ActionKind::Ping | ActionKind::Describe | ActionKind::Restart => {
                 return Err(Invalid::new(
                     "output",
@@ -394,7 +431,9 @@ impl ActionOutput {
             | ActionOutput::UndoObjects(_)
             | ActionOutput::RestoreObjects(_)
             | ActionOutput::ListKept(_)
-            | ActionOutput::PruneKept(_) => &[],
+            | ActionOutput::PruneKept(_)
+            | ActionOutput::TeardownPostgres(_)
+            | ActionOutput::TeardownObjects(_) => &[],
         }
     }
 }
@@ -539,6 +578,21 @@ mod tests {
             }),
             ActionOutput::Smoke(ChecksOutput {
                 checks: vec![check(CheckKind::Smoke)],
+            }),
+            ActionOutput::TeardownPostgres(TeardownPostgresOutput {
+                database: "cowork_rt".into(),
+                dropped: vec!["cowork_rt_undone_r1a2b3c4d".into()],
+                put_back: true,
+                detail: "undone".into(),
+                elapsed_ms: 40,
+            }),
+            ActionOutput::TeardownObjects(TeardownObjectsOutput {
+                shard: 0,
+                shards: 1,
+                deleted: 12,
+                put_back: 1,
+                quarantine_keys_deleted: 14,
+                elapsed_ms: 30,
             }),
         ];
         for output in outputs {

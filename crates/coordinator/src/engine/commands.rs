@@ -20,6 +20,8 @@ pub(super) struct RunContext {
     pub references: Vec<api::model::ObjectReferences>,
     /// For undo runs: the run they take back.
     pub undo: Option<UndoOf>,
+    /// For restore tests: whose point, and the teardown setting.
+    pub restore_test: Option<RestoreTestOf>,
 }
 
 /// The run an undo run takes back, as its journaled params hold it.
@@ -45,6 +47,25 @@ pub struct RunParams {
     /// Who started the run (none for scheduled backups and runs journaled before roles).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_by: Option<Starter>,
+    /// A restore test (the environment's `restore_from`, as it was when the run started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_test: Option<RestoreTestOf>,
+}
+
+/// What a restore test's run journals of its environment's `restore_from`: whose point it
+/// restores, and its teardown setting.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RestoreTestOf {
+    pub source: String,
+    /// `always`, `on-success` or `never`.
+    pub teardown: String,
+}
+
+impl RestoreTestOf {
+    /// The restore test a journaled run's params describe; None for other runs.
+    pub fn of_params(params: &serde_json::Value) -> Option<RestoreTestOf> {
+        RunParams::of(params).restore_test
+    }
 }
 
 /// The operator who started a run, as the operator API authenticated them.
@@ -160,6 +181,12 @@ pub(super) fn agent_actions(
         Action::UndoObjects => vec![AgentAction::UndoObjects {
             repository,
             undone_run: undone()?,
+            shard: 0,
+            shards: 1,
+        }],
+        Action::TeardownPostgres => vec![AgentAction::TeardownPostgres],
+        Action::TeardownObjects => vec![AgentAction::TeardownObjects {
+            repository,
             shard: 0,
             shards: 1,
         }],
@@ -361,6 +388,7 @@ mod tests {
             point: Some("20261125T073000Z-prod-3f2a9c01".into()),
             references: vec![],
             undo: None,
+            restore_test: None,
         };
         let sent = |action: Action| -> Vec<&'static str> {
             let phase = plan.phases.iter().find(|p| p.action == action).unwrap();
@@ -410,6 +438,7 @@ mod tests {
             point: Some("20261125T073000Z-prod-3f2a9c01".into()),
             references: vec![],
             undo: None,
+            restore_test: None,
         };
         let err = agent_actions(phase("undo-postgres"), &drill).unwrap_err();
         assert!(err.contains("runs only in an undo run"), "{err}");

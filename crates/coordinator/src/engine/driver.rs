@@ -107,6 +107,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                             point: run.point_id.clone(),
                             references: Vec::new(),
                             undo: RunParams::of(&run.params).undoes,
+                            restore_test: RunParams::of(&run.params).restore_test,
                         };
                         let span = tracing::info_span!(
                             "rollcall.phase",
@@ -167,6 +168,36 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                         .find(|p| p.index as usize == phase)
                         .and_then(|p| p.detail.clone())
                         .unwrap_or_default();
+                    // A restore test with teardown = "always" tears down what it restored
+                    // even when it failed, and then ends failed (nothing is left to resume).
+                    if let Some(torn) = self
+                        .teardown_after_failure(&run, &plan, &env, phase, &journal)
+                        .await?
+                    {
+                        let reason = format!(
+                            "phase {} did not pass: {detail}; {torn}",
+                            plan.phases[phase].name
+                        );
+                        let at = Utc::now();
+                        self.store
+                            .set_run_state(
+                                id,
+                                RunState::Failed,
+                                Some(&reason),
+                                at,
+                                self.link.epoch(),
+                            )
+                            .await?;
+                        self.event(
+                            id,
+                            "run.failed",
+                            json!({ "phase": plan.phases[phase].name, "reason": reason }),
+                        )
+                        .await?;
+                        tracing::warn!(run_id = %id, "restore test failed: {reason}");
+                        self.ended(&run, RunEvent::Failed, RunState::Failed, Some(&reason), at);
+                        return Ok(());
+                    }
                     let frozen = freeze_note(&plan, &journal);
                     // An agent keeps the result of a command it ran: `resume` re-sends the
                     // phase's commands and gets a failure back as it was. After fixing what
@@ -214,6 +245,66 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         }
     }
 
+    /// For a restore test with `teardown = "always"` that blocked before its teardown: runs
+    /// the plan's teardown phases now, one after the other, and says what they did. None when
+    /// the run is no such restore test, the teardown already ran, or a teardown phase did not
+    /// pass (the run then blocks like any other, naming it).
+    async fn teardown_after_failure(
+        &self,
+        run: &crate::store::RunRecord,
+        plan: &Plan,
+        env: &Environment,
+        blocked: usize,
+        journal: &[crate::store::PhaseRecord],
+    ) -> Result<Option<String>> {
+        let params = RunParams::of(&run.params);
+        let always = params
+            .restore_test
+            .as_ref()
+            .is_some_and(|t| t.teardown == crate::config::Teardown::Always.as_str());
+        let teardowns: Vec<&Phase> = plan
+            .phases
+            .iter()
+            .filter(|p| p.action.is_teardown())
+            .collect();
+        let started = |index: usize| journal.iter().any(|j| j.index as usize == index);
+        if !always
+            || teardowns.is_empty()
+            || plan.phases[blocked].action.is_teardown()
+            || teardowns.iter().any(|t| started(t.index))
+        {
+            return Ok(None);
+        }
+        let ctx = RunContext {
+            run_id: run.id.clone(),
+            repository: env.repository_ref.clone(),
+            point: run.point_id.clone(),
+            references: Vec::new(),
+            undo: None,
+            restore_test: params.restore_test.clone(),
+        };
+        self.event(
+            &run.id,
+            "restore_test.teardown",
+            json!({ "after_failure_of": plan.phases[blocked].name }),
+        )
+        .await?;
+        for t in &teardowns {
+            self.run_phase(ctx.clone(), plan, env, t.index, 1, None)
+                .await?;
+        }
+        let phases = self.store.phases(&run.id).await?;
+        let passed = teardowns.iter().all(|t| {
+            phases
+                .iter()
+                .any(|j| j.index as usize == t.index && j.state == PhaseState::Passed)
+        });
+        Ok(passed.then(|| {
+            "torn down all the same (teardown = \"always\"): the restored data were dropped"
+                .to_owned()
+        }))
+    }
+
     async fn run_phase(
         &self,
         mut ctx: RunContext,
@@ -248,6 +339,7 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         if phase.action == Action::CheckReferences {
             ctx.references = self.verified_references(run_id).await?;
         }
+        let mut skipped = false;
         let (passed, detail) = match phase.action {
             Action::Report => match self.write_report(run_id, env, &ctx).await {
                 Ok(where_) => (true, format!("drill report written: {where_}")),
@@ -269,13 +361,24 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                 }
                 Err(e) => (false, api::errors::one_line(&*e)),
             },
+            action if action.is_teardown() && !tears_down(&ctx) => {
+                skipped = true;
+                (
+                    true,
+                    "kept for inspection: the environment's teardown = \"never\" (nothing was \
+                     dropped or deleted)"
+                        .to_owned(),
+                )
+            }
             _ => {
                 self.command_phase(run_id, phase, env, &ctx, attempt)
                     .await?
             }
         };
 
-        record.state = if passed {
+        record.state = if skipped {
+            PhaseState::Skipped
+        } else if passed {
             PhaseState::Passed
         } else if phase.required {
             PhaseState::Blocked
@@ -319,7 +422,10 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         // Object restores split the keys by hash across the role's agents (DESIGN.md): each
         // agent gets a shard, and the number of shards is the declared count. A command id
         // names one command forever, so an agent keeps the shard the journal already holds.
-        let shard_of = if matches!(phase.action, Action::RestoreObjects | Action::UndoObjects) {
+        let shard_of = if matches!(
+            phase.action,
+            Action::RestoreObjects | Action::UndoObjects | Action::TeardownObjects
+        ) {
             let journaled = self.journaled_shards(run_id, phase.index, attempt).await?;
             let names: Vec<String> = targets
                 .iter()
@@ -342,7 +448,8 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             if let Some(&(index, count)) = shard_of.get(agent.name.as_str()) {
                 for step in &mut steps {
                     if let AgentAction::RestoreObjects { shard, shards, .. }
-                    | AgentAction::UndoObjects { shard, shards, .. } = step
+                    | AgentAction::UndoObjects { shard, shards, .. }
+                    | AgentAction::TeardownObjects { shard, shards, .. } = step
                     {
                         (*shard, *shards) = (index, count);
                     }
@@ -453,7 +560,9 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                 || command.attempt != attempt
                 || !matches!(
                     command.action,
-                    ActionKind::RestoreObjects | ActionKind::UndoObjects
+                    ActionKind::RestoreObjects
+                        | ActionKind::UndoObjects
+                        | ActionKind::TeardownObjects
                 )
             {
                 continue;
@@ -461,7 +570,8 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             let action: AgentAction = serde_json::from_value(command.payload.clone())
                 .with_context(|| format!("journaled command {}", command.command_id))?;
             if let AgentAction::RestoreObjects { shard, shards, .. }
-            | AgentAction::UndoObjects { shard, shards, .. } = action
+            | AgentAction::UndoObjects { shard, shards, .. }
+            | AgentAction::TeardownObjects { shard, shards, .. } = action
             {
                 out.insert(command.agent, (shard, shards));
             }
@@ -557,8 +667,9 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             Some(p) => Some(repo.read_point(&repository::PointId::parse(p)?).await?),
             None => None,
         };
-        let report =
-            crate::report::build(&*self.store, run_id, env, point.as_ref(), &[], &[]).await?;
+        let report = crate::report::build(&*self.store, run_id, env, point.as_ref(), &[], &[])
+            .await?
+            .with_source_agents(&self.source_agents(env));
         let json = report.to_json();
         let md_key = format!("reports/{run_id}.md");
         let json_key = format!("reports/{run_id}.json");
@@ -605,6 +716,14 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             tracing::warn!(run_id, "the final drill report was not stored: {e:#}");
         }
     }
+}
+
+/// Whether a restore test's teardown phases send their commands (all but `teardown =
+/// "never"`); runs that are no restore tests never reach one (plan check).
+fn tears_down(ctx: &RunContext) -> bool {
+    ctx.restore_test
+        .as_ref()
+        .is_none_or(|t| t.teardown != crate::config::Teardown::Never.as_str())
 }
 
 /// Roles the environment declares more agents of than have ever connected.

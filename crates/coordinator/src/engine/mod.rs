@@ -44,6 +44,7 @@ use crate::notify::RunEvent;
 use crate::plan::{Action, Plan};
 use crate::store::{self, NewRun, PhaseRecord, PhaseState, RunKind, RunRecord, RunState, Store};
 pub use approve::DecisionRefused;
+pub use commands::RestoreTestOf;
 pub use commands::Starter;
 use commands::{CommandKey, RunContext, RunId, RunParams, agent_actions, needs_point};
 use planner::conflicts;
@@ -311,12 +312,17 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             }
             None => None,
         };
-        crate::report::build(&*self.inner.store, id, env, point.as_ref(), follow_ups, &[]).await
+        Ok(
+            crate::report::build(&*self.inner.store, id, env, point.as_ref(), follow_ups, &[])
+                .await?
+                .with_source_agents(&self.inner.source_agents(env)),
+        )
     }
 
     /// What `start_run` would do, as text for an operator; touches nothing.
     pub async fn dry_run(&self, request: &StartRun) -> Result<String> {
         let env = self.environment(&request.environment)?;
+        restore_test_kind(env, request.kind)?;
         let plan = self.plan_for(env, request)?;
         // The point the run would restore: `latest` named, a bad one said, not hidden.
         let point = match request.point_id.as_deref() {
@@ -383,6 +389,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             point: request.point_id.clone(),
             references: Vec::new(),
             undo: None,
+            restore_test: None,
         };
         if let Err(why) = plan
             .phases
@@ -403,6 +410,17 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 Plan::parse(Path::new(name), text, Some(&env.fleet)).map_err(|e| anyhow!("{e}"))?
             }
         };
+        if plan.restore_test && env.restore_test.is_none() {
+            bail!(
+                "plan {} restores without freezing (restore_test = true), but environment {} is \
+                 not a restore-test environment; drill {} with a plan that freezes writes, or \
+                 restore into an environment with restore_from = \"{}\"",
+                plan.name,
+                env.name,
+                env.name,
+                env.name
+            );
+        }
         approving(env, request.kind, request.plan.is_some(), plan)
     }
 
@@ -419,6 +437,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         started_by: Option<Starter>,
     ) -> Result<RunRecord> {
         let env = self.environment(&request.environment)?;
+        restore_test_kind(env, request.kind)?;
         let plan = self.plan_for(env, &request)?;
         // One decision at a time: two runs started at once must not both find the way clear.
         let _starting = self.inner.starting.lock().await;
@@ -465,6 +484,10 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 undoes: None,
                 excluded: exclusions(env, &request.excluded),
                 started_by: started_by.clone(),
+                restore_test: env.restore_test.as_ref().map(|t| RestoreTestOf {
+                    source: t.source.clone(),
+                    teardown: t.teardown.as_str().to_owned(),
+                }),
             })
             .context("encode the run's params")?,
             epoch: self.inner.link.epoch(),
@@ -705,6 +728,33 @@ pub fn started_by(params: &serde_json::Value) -> Option<Starter> {
     RunParams::of(params).started_by
 }
 
+/// A restore-test environment runs drills (restore tests) and undos of them, nothing else: its
+/// data are copies of its source's, so a backup of it would only store them again under
+/// another name (back up the source), and a recovery restores a live environment in place.
+fn restore_test_kind(env: &Environment, kind: RunKind) -> Result<()> {
+    let Some(test) = &env.restore_test else {
+        return Ok(());
+    };
+    match kind {
+        RunKind::Drill | RunKind::Undo => Ok(()),
+        RunKind::Backup => bail!(
+            "environment {} is a restore test of {} (restore_from): it has no points of its own \
+             and is not backed up; back up {} (`rollcall backup --env {}`)",
+            env.name,
+            test.source,
+            test.source,
+            test.source
+        ),
+        other => bail!(
+            "environment {} is a restore test of {} (restore_from): it runs restore tests \
+             (`rollcall drill --env {} --point latest`), not a {other}",
+            env.name,
+            test.source,
+            env.name
+        ),
+    }
+}
+
 /// Whether a run of `kind` must wait for approvals in `env`: drills, recoveries and undos of
 /// an environment with `approvals`, and a backup with a plan of the caller's (a plan can do
 /// anything); the built-in backup plan changes nothing in the fleet.
@@ -766,6 +816,20 @@ fn phase_passed(phases: &[PhaseRecord], run: &RunRecord, action: Action) -> bool
 }
 
 impl<L: AgentLink + Clone + 'static> Inner<L> {
+    /// The agents of a restore-test environment's source the coordinator knows (attached or
+    /// lost), by name; none for other environments.
+    fn source_agents(&self, env: &Environment) -> Vec<String> {
+        let Some(test) = &env.restore_test else {
+            return Vec::new();
+        };
+        self.directory
+            .agents()
+            .into_iter()
+            .filter(|a| a.environment.as_str() == test.source)
+            .map(|a| a.name.to_string())
+            .collect()
+    }
+
     fn drives_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
         self.drives.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -15,7 +15,13 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
     /// Reads each environment's newest recovery point (in commit order) once, for the
     /// point-age metric.
     pub async fn observe_points(&self) {
-        for (name, env) in &self.inner.environments {
+        // A restore-test environment's points are its source's, observed under the source.
+        for (name, env) in self
+            .inner
+            .environments
+            .iter()
+            .filter(|(_, e)| e.restore_test.is_none())
+        {
             let newest = match env.repository_ref.open().await {
                 Ok(repo) => repo
                     .list_points(Some(name))
@@ -64,57 +70,161 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         repo.verify_point(&point, full).await
     }
 
-    /// The point a restore uses: `latest` is the environment's newest point in commit order
-    /// (the last one committed, whatever its stamp says); an id must exist and
-    /// belong to the environment. Checked before the run exists, so a bad id touches nothing.
+    /// The point a restore uses: `latest` is the newest point in commit order (the last one
+    /// committed, whatever its stamp says) of the environment whose points it restores (its
+    /// own, or a restore-test environment's source); an id must exist and belong to that
+    /// environment. Checked before the run exists, so a bad id touches nothing.
     pub(super) async fn resolve_point(
         &self,
         env: &Environment,
         point: Option<&str>,
     ) -> Result<String> {
+        let owner = points_of(env);
         let Some(point) = point else {
             bail!(
                 "this plan restores data: name the recovery point with --point ID or --point latest \
-                 (`rollcall points --env {}` lists them)",
-                env.name
+                 (`rollcall points --env {owner}` lists them)"
             );
         };
         let repo = env.repository_ref.open().await?;
         if point == "latest" {
-            let listing = repo.list_points(Some(env.name.as_str())).await?;
+            let listing = repo.list_points(Some(owner)).await?;
             return listing
                 .points
                 .last()
                 .map(|p| p.id.to_string())
                 .with_context(|| {
                     format!(
-                        "environment {} has no recovery points yet; take one with `rollcall backup \
-                     --env {}`",
-                        env.name, env.name
+                        "environment {owner} has no recovery points yet; take one with `rollcall \
+                         backup --env {owner}`"
                     )
                 });
         }
         let id = repository::PointId::parse(point).with_context(|| {
             format!(
-                "--point {point:?} is not a point id (`rollcall points --env {}` lists them)",
-                env.name
+                "--point {point:?} is not a point id (`rollcall points --env {owner}` lists them)"
             )
         })?;
+        // A point of another environment is refused before its repository is read.
+        if id.environment() != owner {
+            bail!(cross_environment(
+                &self.inner.environments,
+                env,
+                point,
+                id.environment()
+            ));
+        }
         let found = repo.read_point(&id).await.with_context(|| {
             format!(
-                "recovery point {point} cannot be used (`rollcall points --env {}` lists them)",
-                env.name
+                "recovery point {point} cannot be used (`rollcall points --env {owner}` lists them)"
             )
         })?;
-        if found.environment != env.name.as_str() {
-            bail!(
-                "recovery point {point} belongs to environment {}, not {}",
-                found.environment,
-                env.name
-            );
+        if found.environment != owner {
+            bail!(cross_environment(
+                &self.inner.environments,
+                env,
+                point,
+                &found.environment
+            ));
         }
         Ok(id.to_string())
     }
+
+    /// Picks a random point of `environment`'s source committed within `window` before `now`
+    /// (`random-within`), with `choose(n)` giving an index below `n`.
+    pub async fn random_point(
+        &self,
+        environment: &str,
+        window: std::time::Duration,
+        now: chrono::DateTime<chrono::Utc>,
+        choose: impl FnOnce(usize) -> usize,
+    ) -> Result<String> {
+        let env = self.environment(environment)?;
+        let owner = points_of(env);
+        let repo = env.repository_ref.open().await?;
+        let listing = repo.list_points(Some(owner)).await?;
+        let stamps: Vec<(String, chrono::DateTime<chrono::Utc>)> = listing
+            .points
+            .iter()
+            .map(|p| (p.id.to_string(), p.created_at))
+            .collect();
+        pick_within(&stamps, window, now, choose).with_context(|| {
+            format!(
+                "environment {owner} has no recovery point committed in the last {} \
+                 (random-within); take one with `rollcall backup --env {owner}` or widen the window",
+                humantime::format_duration(window)
+            )
+        })
+    }
+}
+
+/// Whose points a run of `env` restores: a restore-test environment's source's, else its own.
+pub(super) fn points_of(env: &Environment) -> &str {
+    match &env.restore_test {
+        Some(test) => test.source.as_str(),
+        None => env.name.as_str(),
+    }
+}
+
+/// Why a point of `owner` cannot be restored into `env`: only a restore-test environment
+/// whose `restore_from` names `owner` takes another environment's points.
+fn cross_environment(
+    environments: &std::collections::BTreeMap<String, Environment>,
+    env: &Environment,
+    point: &str,
+    owner: &str,
+) -> String {
+    let testers: Vec<&str> = environments
+        .values()
+        .filter(|e| e.restore_test.as_ref().is_some_and(|t| t.source == owner))
+        .map(|e| e.name.as_str())
+        .collect();
+    let into = match &env.restore_test {
+        Some(test) => format!(
+            "{} is a restore test of {} and restores only {}'s points",
+            env.name, test.source, test.source
+        ),
+        None => format!(
+            "a drill of {} restores only {}'s own points",
+            env.name, env.name
+        ),
+    };
+    let elsewhere = if testers.is_empty() {
+        format!(
+            "a point of {owner} is restored into another environment only when that one says \
+             restore_from = \"{owner}\""
+        )
+    } else {
+        format!("to test it, drill {}", testers.join(" or "))
+    };
+    format!(
+        "recovery point {point} belongs to environment {owner}, not {}: {into}; {elsewhere}",
+        points_of(env)
+    )
+}
+
+/// The id of a point chosen by `choose` among `points` (id, commit stamp) created within
+/// `window` before `now`; None when none was.
+pub(crate) fn pick_within(
+    points: &[(String, chrono::DateTime<chrono::Utc>)],
+    window: std::time::Duration,
+    now: chrono::DateTime<chrono::Utc>,
+    choose: impl FnOnce(usize) -> usize,
+) -> Option<String> {
+    let window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+    let since = now
+        .checked_sub_signed(window)
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+    let within: Vec<&String> = points
+        .iter()
+        .filter(|(_, at)| *at >= since && *at <= now)
+        .map(|(id, _)| id)
+        .collect();
+    if within.is_empty() {
+        return None;
+    }
+    let i = choose(within.len()).min(within.len() - 1);
+    Some(within[i].clone())
 }
 
 impl<L: AgentLink + Clone + 'static> Inner<L> {
@@ -177,5 +287,49 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             env.rpo.as_secs(),
         );
         Ok(point.id.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use chrono::{TimeZone, Utc};
+
+    use super::pick_within;
+
+    #[test]
+    fn random_within_picks_only_points_committed_in_the_window() {
+        let at = |d: u32| Utc.with_ymd_and_hms(2026, 12, d, 3, 0, 0).unwrap();
+        let points: Vec<(String, _)> = [1, 3, 5, 6]
+            .iter()
+            .map(|&d| (format!("p{d}"), at(d)))
+            .collect();
+        let now = at(6) + chrono::Duration::hours(1);
+        let week = std::time::Duration::from_secs(4 * 86400);
+        // Within 4 days of Dec 6 04:00: Dec 3, 5 and 6, in commit order; the choice indexes them.
+        let mut offered = 0;
+        let first = pick_within(&points, week, now, |n| {
+            offered = n;
+            0
+        });
+        assert_eq!((first.as_deref(), offered), (Some("p3"), 3));
+        assert_eq!(
+            pick_within(&points, week, now, |_| 2).as_deref(),
+            Some("p6")
+        );
+        // An index out of range takes the last one rather than panicking.
+        assert_eq!(
+            pick_within(&points, week, now, |_| 9).as_deref(),
+            Some("p6")
+        );
+        // Nothing in the window: no point (the caller names the window).
+        let hour = std::time::Duration::from_secs(1800);
+        assert_eq!(pick_within(&points, hour, now, |_| 0), None);
+        // A point stamped after now (a fast clock) is not in the window either.
+        assert_eq!(
+            pick_within(&points, week, at(5), |n| n - 1).as_deref(),
+            Some("p5")
+        );
     }
 }

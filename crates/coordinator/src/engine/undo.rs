@@ -190,6 +190,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             undoes: Some(undoes),
             excluded: Vec::new(),
             started_by: started_by.clone(),
+            restore_test: None,
         };
         let epoch = self.inner.link.epoch();
         store

@@ -25,6 +25,11 @@ pub const BACKUP_PLAN: &str = include_str!("../../../../deploy/plans/backup.toml
 pub const UNDO_PLAN: &str = include_str!("../../../../deploy/plans/undo.toml");
 pub const UNDO_PLAN_NAME: &str = "deploy/plans/undo.toml";
 
+/// The plan of restore-test environments (`restore_from`), shipped in
+/// `deploy/plans/restore-test.toml` and embedded here.
+pub const RESTORE_TEST_PLAN: &str = include_str!("../../../../deploy/plans/restore-test.toml");
+pub const RESTORE_TEST_PLAN_NAME: &str = "deploy/plans/restore-test.toml";
+
 /// The longest timeout a phase may have, in days. A phase (and its gate) that may take longer
 /// than a week is a mistake in the plan, not a restore; refusing it also keeps every deadline
 /// the engine computes from a timeout far inside what a clock can hold.
@@ -88,10 +93,14 @@ pub enum Action {
     /// first phase that may change anything of an environment with `approvals`
     /// ([`with_approval`]).
     Approve,
+    /// A restore test's teardown of the database its run swapped in (restore-test plans only).
+    TeardownPostgres,
+    /// A restore test's teardown of the objects its run restored (restore-test plans only).
+    TeardownObjects,
 }
 
 impl Action {
-    pub const ALL: [Action; 19] = [
+    pub const ALL: [Action; 21] = [
         Action::Preflight,
         Action::Freeze,
         Action::Scale,
@@ -111,6 +120,8 @@ impl Action {
         Action::SnapshotObjects,
         Action::WritePoint,
         Action::Approve,
+        Action::TeardownPostgres,
+        Action::TeardownObjects,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -133,6 +144,8 @@ impl Action {
             Action::BackupPostgres => "backup-postgres",
             Action::SnapshotObjects => "snapshot-objects",
             Action::WritePoint => "write-point",
+            Action::TeardownPostgres => "teardown-postgres",
+            Action::TeardownObjects => "teardown-objects",
             Action::Approve => "approve",
         }
     }
@@ -148,9 +161,11 @@ impl Action {
             | Action::PreparePostgres
             | Action::CommitPostgres
             | Action::UndoPostgres
+            | Action::TeardownPostgres
             | Action::BackupPostgres => Some("database"),
             Action::RestoreObjects
             | Action::UndoObjects
+            | Action::TeardownObjects
             | Action::SnapshotObjects
             | Action::CheckReferences => Some("objects"),
             _ => None,
@@ -171,6 +186,11 @@ impl Action {
                 | Action::UndoPostgres
                 | Action::UndoObjects
         )
+    }
+
+    /// Whether the action tears a restore test down (restore-test plans only).
+    pub fn is_teardown(self) -> bool {
+        matches!(self, Action::TeardownPostgres | Action::TeardownObjects)
     }
 
     /// Whether the action takes back another run's restore (undo plans only).
@@ -289,6 +309,9 @@ pub struct Plan {
     /// Custom roles the plan names that were not checked, because it was read without a fleet
     /// (`rollcall plan check FILE` without `--env`).
     pub unchecked_roles: Vec<String>,
+    /// `restore_test = true`: restores into a restore-test environment's fleet, which serves
+    /// nobody, without a freeze first.
+    pub restore_test: bool,
 }
 
 /// A phase a plan left out for the fleet it was read against.
@@ -320,6 +343,15 @@ impl Plan {
     /// The undo plan against `fleet`, without the phases of roles it does not declare.
     pub fn undo_plan(fleet: &Fleet) -> Result<Plan, PlanErrors> {
         Plan::parse(Path::new(UNDO_PLAN_NAME), UNDO_PLAN, Some(fleet))
+    }
+
+    /// The built-in plan of a restore-test environment, fitted to its fleet.
+    pub fn restore_test_plan(fleet: &Fleet) -> Result<Plan, PlanErrors> {
+        Plan::parse(
+            Path::new(RESTORE_TEST_PLAN_NAME),
+            RESTORE_TEST_PLAN,
+            Some(fleet),
+        )
     }
 
     /// The default plan against `roles` (None: the standard roles).
@@ -858,6 +890,67 @@ pub(crate) mod tests {
         let err = check(&late).unwrap_err();
         assert!(
             err.contains("phase freeze may change the fleet before the plan's approval"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_restore_test_plan_fits_a_data_only_fleet_and_a_whole_one_without_a_freeze() {
+        let data: Fleet = [("database".to_owned(), 1), ("objects".to_owned(), 1)].into();
+        let small = Plan::restore_test_plan(&data).unwrap();
+        assert!(small.restore_test);
+        let names: Vec<&str> = small.phases.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "preflight",
+                "prepare-postgres",
+                "commit-postgres",
+                "restore-objects",
+                "verify",
+                "check-references",
+                "restore-replicas",
+                "report",
+                "teardown-postgres",
+                "teardown-objects",
+                "start-roles"
+            ]
+        );
+        let whole = Plan::restore_test_plan(&fleet()).unwrap();
+        assert!(
+            whole
+                .phases
+                .iter()
+                .all(|p| !matches!(p.action, Action::Freeze | Action::Unfreeze))
+        );
+        // Roles stop before the data changes, and come back for the smokes.
+        let index = |name: &str| whole.phase(name).unwrap().index;
+        assert!(
+            whole
+                .phase("commit-postgres")
+                .unwrap()
+                .after
+                .contains(&index("scale-to-zero")),
+            "{:?}",
+            whole.phase("commit-postgres")
+        );
+        // The teardown waits for the report, and for the roles to stop.
+        for t in ["teardown-postgres", "teardown-objects"] {
+            let after = &whole.phase(t).unwrap().after;
+            assert!(after.contains(&index("stop-roles")), "{t}: {after:?}");
+            assert!(index(t) > index("report"));
+        }
+        // The same document without `restore_test = true` is refused: it restores unfrozen.
+        let plain = RESTORE_TEST_PLAN.replace("restore_test = true", "");
+        let err = Plan::parse(Path::new("p.toml"), &plain, Some(&fleet()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("restores data before writes are frozen"),
+            "{err}"
+        );
+        assert!(
+            err.contains("teardown-postgres is for restore-test plans only"),
             "{err}"
         );
     }

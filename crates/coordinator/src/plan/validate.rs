@@ -56,6 +56,9 @@ struct PlanFile {
     /// Read by `Plan::parse`, which fits the document to the fleet before validation.
     #[allow(dead_code)]
     skip_undeclared_roles: Option<bool>,
+    /// A plan for restore-test environments: it restores into a fleet that serves nobody, so
+    /// no freeze has to come first (config accepts it only on such environments).
+    restore_test: Option<bool>,
     #[serde(default, rename = "phase")]
     phases: Vec<Spanned<PhaseFile>>,
 }
@@ -290,6 +293,7 @@ impl Validator<'_> {
             source: String::new(),
             skipped: Vec::new(),
             unchecked_roles: Vec::new(),
+            restore_test: file.restore_test.unwrap_or(false),
         };
         if self.errors.is_empty() {
             self.ordering(&plan, &replicas_spans);
@@ -622,14 +626,16 @@ impl Validator<'_> {
             .collect();
         for &r in &restores {
             let name = &plan.phases[r].name;
-            if !of(Action::Freeze).iter().any(|f| before[r].contains(f)) {
+            if !plan.restore_test && !of(Action::Freeze).iter().any(|f| before[r].contains(f)) {
                 self.error(
                     spans[r],
                     format!("phase {name} restores data before writes are frozen"),
                     "add `after` on a freeze phase (the runbook freezes writes first)",
                 );
             }
-            if !scale_downs.iter().any(|s| before[r].contains(s)) {
+            // A restore-test plan's target serves nobody; it orders its own scale-down,
+            // which a fleet of only database and objects agents fits away.
+            if !plan.restore_test && !scale_downs.iter().any(|s| before[r].contains(s)) {
                 self.error(
                     spans[r],
                     format!("phase {name} restores data while roles may still be running"),
@@ -712,6 +718,32 @@ impl Validator<'_> {
                         plan.phases[c].name
                     ),
                     "add `after` on a verify phase whose roles include \"database\"",
+                );
+            }
+        }
+        // A teardown drops what a restore test restored: only in restore-test plans, and
+        // after the report has recorded what was verified.
+        for p in plan.phases.iter().filter(|p| p.action.is_teardown()) {
+            if !plan.restore_test {
+                self.error(
+                    spans[p.index],
+                    format!(
+                        "phase {}: {} is for restore-test plans only (restore_test = true)",
+                        p.name, p.action
+                    ),
+                    "remove the phase: a drill in place keeps the restored data live",
+                );
+            } else if !of(Action::Report)
+                .iter()
+                .any(|r| before[p.index].contains(r))
+            {
+                self.error(
+                    spans[p.index],
+                    format!(
+                        "phase {} tears the restore down before the report is written",
+                        p.name
+                    ),
+                    "add `after` on the report phase",
                 );
             }
         }

@@ -16,8 +16,8 @@ use serde_json::Value;
 
 use super::types::{
     ApprovalRow, CheckRow, CountRow, DrillReport, EXCLUDED_BY_CONFIG, EnvironmentInfo, Exclusion,
-    FORMAT, FollowUp, Incident, NOT_RECORDED, ObjectsInfo, PhaseRow, PostgresInfo, Rpo, Rto,
-    RunInfo, SecretRefRow, Target, UndoInfo, WorkerDrillRow,
+    FORMAT, FollowUp, Incident, NOT_RECORDED, ObjectsInfo, PhaseRow, PostgresInfo, RestoreTestInfo,
+    Rpo, Rto, RunInfo, SecretRefRow, Target, UndoInfo, WorkerDrillRow,
 };
 use crate::config::{Environment, ReportRow};
 use crate::plan::{Action, Plan};
@@ -619,6 +619,12 @@ impl Journal {
             rto,
             rpo,
             undo: self.undo_info(&of(ActionKind::UndoPostgres), &of(ActionKind::UndoObjects)),
+            restore_test: self.restore_test_info(
+                env,
+                plan.as_ref(),
+                &of(ActionKind::TeardownPostgres),
+                &of(ActionKind::TeardownObjects),
+            ),
             approvals_required: plan
                 .as_ref()
                 .and_then(|pl| pl.phases.iter().find(|p| p.action == Action::Approve))
@@ -1150,6 +1156,115 @@ impl Journal {
             info.objects_unchanged = Some(outs.iter().map(|o| o.unchanged).sum());
             info.objects_displaced = Some(outs.iter().map(|o| o.displaced).sum());
             info.quarantine_prefix = outs.first().map(|o| r(&o.quarantine_prefix));
+        }
+        Some(info)
+    }
+
+    /// What a restore test tested and tore down, from its params (journaled at its start),
+    /// its commands, its phases and its teardown outputs. None for other runs.
+    fn restore_test_info(
+        &self,
+        env: &Environment,
+        plan: Option<&Plan>,
+        db: &[&Exec<'_>],
+        objects: &[&Exec<'_>],
+    ) -> Option<RestoreTestInfo> {
+        let test = crate::engine::RestoreTestOf::of_params(&self.run.params)?;
+        let r = |s: &str| redact(s).into_owned();
+        let agents: BTreeSet<&str> = self
+            .commands
+            .iter()
+            .map(|(c, _)| c.agent.as_str())
+            .collect();
+        // The restore's span: the phases whose action restores data, by the journaled plan.
+        let restoring = |index: u32| {
+            plan.and_then(|p| p.phases.get(index as usize))
+                .is_some_and(|p| {
+                    matches!(
+                        p.action,
+                        Action::PreparePostgres
+                            | Action::CommitPostgres
+                            | Action::RestorePostgres
+                            | Action::RestoreObjects
+                    )
+                })
+        };
+        let spans: Vec<&PhaseRecord> = self.phases.iter().filter(|p| restoring(p.index)).collect();
+        let from = spans.iter().filter_map(|p| p.started_at).min();
+        let until = spans
+            .iter()
+            .map(|p| p.finished_at)
+            .collect::<Option<Vec<_>>>();
+        let restore_ms = match (from, until) {
+            (Some(from), Some(until)) if !spans.is_empty() => until
+                .into_iter()
+                .max()
+                .map(|u| (u - from).num_milliseconds()),
+            _ => None,
+        };
+        let teardown_phases: Vec<&PhaseRecord> = self
+            .phases
+            .iter()
+            .filter(|p| {
+                plan.and_then(|pl| pl.phases.get(p.index as usize))
+                    .is_some_and(|ph| ph.action.is_teardown())
+            })
+            .collect();
+        let teardown = if teardown_phases.is_empty() {
+            "not reached".to_owned()
+        } else if teardown_phases
+            .iter()
+            .all(|p| p.state == PhaseState::Skipped)
+        {
+            "kept (teardown = never)".to_owned()
+        } else if let Some(bad) = teardown_phases
+            .iter()
+            .find(|p| matches!(p.state, PhaseState::Blocked | PhaseState::Failed))
+        {
+            format!(
+                "failed: phase {} did not pass: {}",
+                bad.name,
+                bad.detail.as_deref().map(r).unwrap_or_default()
+            )
+        } else if teardown_phases
+            .iter()
+            .all(|p| p.state == PhaseState::Passed)
+        {
+            "done".to_owned()
+        } else {
+            "running".to_owned()
+        };
+        let mut info = RestoreTestInfo {
+            source: r(&test.source),
+            target: r(env.name.as_str()),
+            agents_commanded: agents.iter().map(|a| r(a)).collect(),
+            source_agents_commanded: Vec::new(),
+            source_agents_known: None,
+            source_untouched: true,
+            restore_ms,
+            teardown_setting: r(&test.teardown),
+            teardown,
+            ..RestoreTestInfo::default()
+        };
+        for e in db {
+            if let Some(ActionOutput::TeardownPostgres(out)) = e.output() {
+                info.databases_dropped
+                    .extend(out.dropped.iter().map(|d| r(d)));
+                info.database_put_back = Some(out.put_back);
+            }
+        }
+        let outs: Vec<_> = objects
+            .iter()
+            .filter_map(|e| match e.output() {
+                Some(ActionOutput::TeardownObjects(o)) => Some(o),
+                _ => None,
+            })
+            .collect();
+        if !outs.is_empty() {
+            info.objects_deleted = Some(outs.iter().map(|o| o.deleted).sum());
+            info.objects_put_back = Some(outs.iter().map(|o| o.put_back).sum());
+            info.quarantine_keys_deleted =
+                Some(outs.iter().map(|o| o.quarantine_keys_deleted).sum());
         }
         Some(info)
     }

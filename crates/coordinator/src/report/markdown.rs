@@ -454,6 +454,69 @@ impl DrillReport {
             ],
         );
 
+        if let Some(test) = &self.restore_test {
+            md.section("Restore test");
+            let n = |v: Option<u64>| v.map_or_else(|| NOT_RECORDED.to_owned(), |n| n.to_string());
+            let untouched = match (&test.source_agents_known, test.source_untouched) {
+                (Some(known), true) => format!(
+                    "yes: none of its {} agent(s) got a command (the run commanded {})",
+                    known.len(),
+                    test.agents_commanded.join(", ")
+                ),
+                (None, true) => format!(
+                    "no command to any agent outside {} (the run commanded {})",
+                    test.target,
+                    test.agents_commanded.join(", ")
+                ),
+                (_, false) => format!(
+                    "NO: commands went to {}",
+                    test.source_agents_commanded.join(", ")
+                ),
+            };
+            md.table(
+                &["What", "Result"],
+                vec![
+                    vec![
+                        "Point of environment".into(),
+                        code(&Some(test.source.clone())),
+                    ],
+                    vec![
+                        "Restored into environment".into(),
+                        code(&Some(test.target.clone())),
+                    ],
+                    vec![format!("{} untouched", test.source), untouched],
+                    vec![
+                        "Restore time".into(),
+                        test.restore_ms.map_or_else(
+                            || NOT_RECORDED.to_owned(),
+                            |ms| format!("{:.1} s", ms as f64 / 1000.0),
+                        ),
+                    ],
+                    vec![
+                        format!("Teardown ({})", test.teardown_setting),
+                        test.teardown.clone(),
+                    ],
+                    vec![
+                        "Databases dropped".into(),
+                        if test.databases_dropped.is_empty() {
+                            "none".into()
+                        } else {
+                            test.databases_dropped.join(", ")
+                        },
+                    ],
+                    vec![
+                        "Objects deleted / put back / quarantine keys deleted".into(),
+                        format!(
+                            "{} / {} / {}",
+                            n(test.objects_deleted),
+                            n(test.objects_put_back),
+                            n(test.quarantine_keys_deleted)
+                        ),
+                    ],
+                ],
+            );
+        }
+
         if let Some(undo) = &self.undo {
             md.section("Undo");
             let n = |v: Option<u64>| v.map_or_else(|| NOT_RECORDED.to_owned(), |n| n.to_string());

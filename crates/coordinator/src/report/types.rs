@@ -72,9 +72,47 @@ pub struct DrillReport {
     /// What an undo run took back (undo runs only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub undo: Option<UndoInfo>,
+    /// What a restore test tested and tore down (runs of restore-test environments only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_test: Option<RestoreTestInfo>,
     /// Approvals a run of a protected environment waited for (0: none), and the decisions.
     pub approvals_required: u32,
     pub approvals: Vec<ApprovalRow>,
+}
+
+/// A restore test: whose point it restored into which environment, the proof that the source
+/// was not commanded, how long the restore took, and the teardown.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RestoreTestInfo {
+    /// The environment whose point was tested.
+    pub source: String,
+    /// The restore-test environment the point was restored into.
+    pub target: String,
+    /// Every agent the run's journal holds a command for, by name.
+    pub agents_commanded: Vec<String>,
+    /// The source's agents (as the coordinator knows them when the report is built) that the
+    /// journal holds a command for: empty when the source was not touched.
+    pub source_agents_commanded: Vec<String>,
+    /// The source's agents the coordinator knew when the report was built (the comparison's
+    /// other side); None when it was not given them.
+    pub source_agents_known: Option<Vec<String>>,
+    /// True when no command of the run went to an agent of the source.
+    pub source_untouched: bool,
+    /// From the start of the first phase that restores (prepare-postgres, commit-postgres,
+    /// restore-postgres, restore-objects) to the end of the last of them.
+    pub restore_ms: Option<i64>,
+    /// The environment's teardown setting when the run started: always, on-success, never.
+    pub teardown_setting: String,
+    /// `done`, `kept (teardown = never)`, `not reached`, `failed: ...`, `running`.
+    pub teardown: String,
+    /// Databases the teardown dropped, and whether the target's previous database is live again.
+    pub databases_dropped: Vec<String>,
+    pub database_put_back: Option<bool>,
+    /// Objects the teardown deleted from the target store, objects it put back, and repository
+    /// keys of the run's quarantines it deleted; summed over shards.
+    pub objects_deleted: Option<u64>,
+    pub objects_put_back: Option<u64>,
+    pub quarantine_keys_deleted: Option<u64>,
 }
 
 /// What an undo run did, from its agents' outputs.
@@ -307,6 +345,27 @@ pub struct Rpo {
 impl DrillReport {
     /// The report as JSON (stable field names; `format` names the version). Redacted again as
     /// a whole, so a field added later cannot carry a secret out.
+    /// Checks a restore test's commanded agents against the source's agents the coordinator
+    /// knows (`source_agents`): the report then says which of them, if any, got a command.
+    pub fn with_source_agents(mut self, source_agents: &[String]) -> DrillReport {
+        if let Some(test) = &mut self.restore_test {
+            let mut known: Vec<String> = source_agents
+                .iter()
+                .map(|a| api::redact::redact(a).into_owned())
+                .collect();
+            known.sort();
+            test.source_agents_commanded = test
+                .agents_commanded
+                .iter()
+                .filter(|a| known.contains(a))
+                .cloned()
+                .collect();
+            test.source_untouched = test.source_agents_commanded.is_empty();
+            test.source_agents_known = Some(known);
+        }
+        self
+    }
+
     pub fn to_json(&self) -> Value {
         let mut value =
             serde_json::to_value(self).expect("a drill report has string keys and serializes");

@@ -59,6 +59,7 @@ pub(super) fn environment(secrets: Vec<SecretRef>) -> Environment {
         protected: false,
         approvals: 0,
         approval_timeout: std::time::Duration::from_secs(3600),
+        restore_test: None,
     }
 }
 
