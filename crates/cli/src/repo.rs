@@ -247,7 +247,11 @@ fn key_from_env(var: &str, file_var: &str, what: &str) -> Result<repository::Rep
 
 /// `repo init` and `repo key rotate`: they work on the repository's config object, before
 /// (or instead of) opening it.
-async fn configure(repo_url: &str, options: RepositoryOptions, command: &RepoCommand) -> Result<()> {
+async fn configure(
+    repo_url: &str,
+    options: RepositoryOptions,
+    command: &RepoCommand,
+) -> Result<()> {
     let label = repository::redact_url(repo_url);
     match command {
         RepoCommand::Init { encrypt } => {
@@ -284,10 +288,16 @@ async fn configure(repo_url: &str, options: RepositoryOptions, command: &RepoCom
                 "rollcall repo key rotate needs the new key",
             )?;
             if old.id() == new.id() {
-                bail!("the new key is the current key (key {}): nothing to rotate", old.id());
+                bail!(
+                    "the new key is the current key (key {}): nothing to rotate",
+                    old.id()
+                );
             }
             let config = Repository::rotate_key(repo_url, options, &old, &new).await?;
-            let id = config.encryption.as_ref().map_or("?", |e| e.key_id.as_str());
+            let id = config
+                .encryption
+                .as_ref()
+                .map_or("?", |e| e.key_id.as_str());
             outln!(
                 "repository {label} is now encrypted with key {id} (was {}); give the new key to \
                  every process that uses it",
@@ -369,7 +379,10 @@ pub async fn run(args: RepoArgs) -> Result<()> {
         s3: s3.clone(),
         ..RepositoryOptions::default()
     };
-    if matches!(args.command, RepoCommand::Init { .. } | RepoCommand::Key { .. }) {
+    if matches!(
+        args.command,
+        RepoCommand::Init { .. } | RepoCommand::Key { .. }
+    ) {
         return configure(repo_url, options, &args.command).await;
     }
     let repo = Repository::open(repo_url, options).await?;

@@ -326,9 +326,8 @@ impl std::fmt::Debug for DataKey {
 impl DataKey {
     fn new(secret: &[u8; 32], chunk: usize) -> DataKey {
         let root = hmac::Key::new(hmac::HMAC_SHA256, secret);
-        let sub = |label: &[u8]| {
-            hmac::Key::new(hmac::HMAC_SHA256, hmac::sign(&root, label).as_ref())
-        };
+        let sub =
+            |label: &[u8]| hmac::Key::new(hmac::HMAC_SHA256, hmac::sign(&root, label).as_ref());
         DataKey {
             secret: Secret(*secret),
             derive: sub(b"rollcall object keys v1"),
@@ -579,7 +578,12 @@ mod tests {
         out
     }
 
-    fn open(key: &Arc<DataKey>, aad: &[u8], sealed: &[u8], pieces: usize) -> Result<Vec<u8>, OpenError> {
+    fn open(
+        key: &Arc<DataKey>,
+        aad: &[u8],
+        sealed: &[u8],
+        pieces: usize,
+    ) -> Result<Vec<u8>, OpenError> {
         let mut opener = key.opener(aad.to_vec());
         let mut out = Vec::new();
         for piece in sealed.chunks(pieces.max(1)) {
@@ -624,7 +628,10 @@ mod tests {
         // Cut at a chunk boundary: the last chunk left is not a final one.
         let cut = &sealed[..HEADER_LEN + 2 * chunk];
         assert_eq!(open(&key, aad, cut, 4096), Err(OpenError::Truncated(1)));
-        assert_eq!(plain_size(cut.len() as u64, CHUNK as u64), Some(2 * CHUNK as u64));
+        assert_eq!(
+            plain_size(cut.len() as u64, CHUNK as u64),
+            Some(2 * CHUNK as u64)
+        );
         // Cut inside a chunk.
         let cut = &sealed[..sealed.len() - 3];
         assert!(open(&key, aad, cut, 4096).is_err());
@@ -633,7 +640,10 @@ mod tests {
             open(&key, aad, &sealed[..HEADER_LEN], 4096),
             Err(OpenError::Truncated(0))
         );
-        assert_eq!(open(&key, aad, &sealed[..10], 4096), Err(OpenError::NoHeader));
+        assert_eq!(
+            open(&key, aad, &sealed[..10], 4096),
+            Err(OpenError::NoHeader)
+        );
 
         // Two chunks swapped.
         let mut swapped = sealed.clone();
@@ -692,7 +702,11 @@ mod tests {
 
         // Rotation keeps the data key: what one seals the other opens; the old key is refused.
         let rotated = enc.rewrap(&kek, &other, "file:///r").expect("rewrap");
-        let data2 = Arc::new(rotated.unwrap_key(&other, "file:///r", "env").expect("new key"));
+        let data2 = Arc::new(
+            rotated
+                .unwrap_key(&other, "file:///r", "env")
+                .expect("new key"),
+        );
         assert!(rotated.unwrap_key(&kek, "file:///r", "env").is_err());
         let sealed = seal(&data, b"x", b"hello", 3);
         assert_eq!(open(&data2, b"x", &sealed, 2).as_deref(), Ok(&b"hello"[..]));
@@ -703,7 +717,9 @@ mod tests {
         let mut raw = BASE64.decode(&tampered.wrapped_key).expect("b64");
         raw[20] ^= 1;
         tampered.wrapped_key = BASE64.encode(raw);
-        let err = tampered.unwrap_key(&other, "file:///r", "env").expect_err("damaged");
+        let err = tampered
+            .unwrap_key(&other, "file:///r", "env")
+            .expect_err("damaged");
         assert!(err.to_string().contains("modified or damaged"), "{err}");
     }
 

@@ -174,7 +174,9 @@ impl Repository {
         label: impl Into<String>,
         options: RepositoryOptions,
     ) -> Result<Repository> {
-        Repository::from_store(store, label, options).configure().await
+        Repository::from_store(store, label, options)
+            .configure()
+            .await
     }
 
     /// The config object, if the repository has one.
@@ -193,7 +195,10 @@ impl Repository {
             .bytes()
             .await
             .with_context(|| format!("read {CONFIG_KEY} from repository {}", self.label))?;
-        Ok(Some((RepositoryConfig::from_bytes(&bytes, &self.label)?, etag)))
+        Ok(Some((
+            RepositoryConfig::from_bytes(&bytes, &self.label)?,
+            etag,
+        )))
     }
 
     /// Applies the config object: an encrypted repository gets its sealing store.
@@ -290,7 +295,10 @@ impl Repository {
             );
         };
         let Some(encryption) = &config.encryption else {
-            bail!("repository {} is not encrypted: nothing to rotate", repo.label);
+            bail!(
+                "repository {} is not encrypted: nothing to rotate",
+                repo.label
+            );
         };
         config.encryption = Some(encryption.rewrap(old, new, &repo.label)?);
         repo.put_config(&config, Some(etag)).await?;

@@ -18,9 +18,8 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use object_store::path::Path;
 use object_store::{
-    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload,
-    ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult,
-    RenameOptions, UploadPart,
+    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
+    ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, UploadPart,
 };
 
 use crate::cipher::{CONFIG_KEY, DataKey, Opener, Sealer, plain_size};
@@ -177,7 +176,10 @@ impl ObjectStore for SealedStore {
         Ok(GetResult {
             payload,
             meta,
-            range: Range { start: 0, end: size },
+            range: Range {
+                start: 0,
+                end: size,
+            },
             attributes,
             extensions,
         })
@@ -292,10 +294,7 @@ fn open_stream(
                             return Some((Err(fail(e.to_string())), (None, None, fail)));
                         }
                         if !out.is_empty() {
-                            return Some((
-                                Ok(Bytes::from(out)),
-                                (Some(body), Some(opener), fail),
-                            ));
+                            return Some((Ok(Bytes::from(out)), (Some(body), Some(opener), fail)));
                         }
                     }
                     Some(Err(e)) => return Some((Err(e), (None, None, fail))),

@@ -558,7 +558,12 @@ async fn copy_object(ctx: &Ctx, key: &str, listed: &ObjectMeta) -> Result<Option
             .context("complete the upload of its blob")?;
         sha = hex::encode(hasher.finalize());
         if ctx.claim(&sha) {
-            if let Err(e) = ctx.repo.store.rename(&staging, &ctx.repo.blob_key(&sha)).await {
+            if let Err(e) = ctx
+                .repo
+                .store
+                .rename(&staging, &ctx.repo.blob_key(&sha))
+                .await
+            {
                 ctx.unclaim(&sha);
                 let _ = ctx.repo.store.delete(&staging).await;
                 return Err(anyhow::Error::new(e).context("move its blob into place"));

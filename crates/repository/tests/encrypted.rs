@@ -121,8 +121,15 @@ async fn prune_of_an_encrypted_repository_keeps_referenced_blobs_and_deletes_the
         vec![old.id.as_str()],
         "{report:?}"
     );
-    assert_eq!(report.deleted_blobs, 1, "only the old body goes: {report:?}");
-    assert_eq!(report.deleted_blob_bytes, old_only.len() as u64, "{report:?}");
+    assert_eq!(
+        report.deleted_blobs, 1,
+        "only the old body goes: {report:?}"
+    );
+    assert_eq!(
+        report.deleted_blob_bytes,
+        old_only.len() as u64,
+        "{report:?}"
+    );
     assert_eq!(blob_files().len(), 2);
 
     // What is left verifies in full and restores exactly.
