@@ -11,6 +11,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[allow(dead_code)] // shared by the Postgres benches; this one opens its own repositories
 mod pg_dataset;
 mod support;
 
