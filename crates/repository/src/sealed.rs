@@ -376,3 +376,108 @@ impl MultipartUpload for SealedUpload {
         self.inner.abort().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+    use object_store::{ObjectStoreExt, PutMode, WriteMultipart};
+
+    const CHUNK: usize = 1024;
+
+    fn stores() -> (Arc<dyn ObjectStore>, SealedStore) {
+        let raw: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let sealed = SealedStore::new(raw.clone(), DataKey::for_tests(CHUNK), "memory://t".into());
+        (raw, sealed)
+    }
+
+    #[tokio::test]
+    async fn puts_are_sealed_and_reads_sizes_and_listings_are_plaintext() {
+        let (raw, sealed) = stores();
+        let body: Vec<u8> = (0..3 * CHUNK + 5).map(|i| (i % 256) as u8).collect();
+        let key = Path::from("points/p.json");
+        sealed
+            .put(&key, PutPayload::from(body.clone()))
+            .await
+            .expect("put");
+        let stored = raw
+            .get(&key)
+            .await
+            .expect("raw")
+            .bytes()
+            .await
+            .expect("raw");
+        assert!(stored.starts_with(b"RCE1"));
+        assert!(
+            !stored.windows(64).any(|w| w == &body[..64]),
+            "plaintext stored"
+        );
+        assert_eq!(
+            sealed.head(&key).await.expect("head").size,
+            body.len() as u64
+        );
+        let listed: Vec<ObjectMeta> = futures::TryStreamExt::try_collect(sealed.list(None))
+            .await
+            .expect("list");
+        assert_eq!(listed[0].size, body.len() as u64);
+        let got = sealed.get(&key).await.expect("get");
+        assert_eq!(got.meta.size, body.len() as u64);
+        assert_eq!(got.bytes().await.expect("bytes").as_ref(), &body[..]);
+
+        // Create-only keeps its meaning.
+        let again = sealed
+            .put_opts(&key, PutPayload::from_static(b"x"), PutMode::Create.into())
+            .await;
+        assert!(
+            matches!(again, Err(object_store::Error::AlreadyExists { .. })),
+            "{again:?}"
+        );
+        // Range reads, moves to another name and writes of the config object are refused.
+        assert!(sealed.get_range(&key, 0..10).await.is_err());
+        assert!(
+            sealed
+                .copy(&key, &Path::from("points/q.json"))
+                .await
+                .is_err()
+        );
+        assert!(
+            sealed
+                .put(&Path::from(CONFIG_KEY), PutPayload::from_static(b"{}"))
+                .await
+                .is_err()
+        );
+
+        // A body stored under another name does not open there.
+        raw.put(&Path::from("points/q.json"), PutPayload::from(stored))
+            .await
+            .expect("raw put");
+        let moved = sealed.get(&Path::from("points/q.json")).await.expect("get");
+        let err = moved.bytes().await.expect_err("another name");
+        assert!(err.to_string().contains("points/q.json"), "{err}");
+        assert!(err.to_string().contains("memory://t"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn multipart_uploads_send_large_parts_and_read_back_whole() {
+        let (raw, sealed) = stores();
+        let staged = Path::from("objects/staging/s/1");
+        let upload = sealed.put_multipart(&staged).await.expect("start");
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, 5 << 20);
+        let body: Vec<u8> = (0..(12 << 20) + 3).map(|i| (i % 253) as u8).collect();
+        for piece in body.chunks(777_777) {
+            writer.write(piece);
+        }
+        writer.finish().await.expect("finish");
+        // Staged then moved into blobs/: one class name, so it still opens.
+        let blob = Path::from("objects/blobs/ab/abcd");
+        sealed.rename(&staged, &blob).await.expect("rename");
+        let stored = raw.head(&blob).await.expect("raw head").size;
+        assert_eq!(
+            stored,
+            crate::cipher::sealed_size(body.len() as u64, CHUNK as u64)
+        );
+        let got = sealed.get(&blob).await.expect("get");
+        assert_eq!(got.meta.size, body.len() as u64);
+        assert!(got.bytes().await.expect("bytes").as_ref() == &body[..]);
+    }
+}
