@@ -78,16 +78,8 @@ impl SealedStore {
         self.key.chunk_size() as u64
     }
 
-    /// A listed or read object's metadata with its plaintext size. A size no object seals to
-    /// (cut or grown) is left as stored: it differs from what the repository recorded, and
-    /// reading the object fails naming it.
-    fn plain_meta(&self, mut meta: ObjectMeta) -> ObjectMeta {
-        if !is_config(&meta.location)
-            && let Some(size) = plain_size(meta.size, self.chunk())
-        {
-            meta.size = size;
-        }
-        meta
+    fn plain_meta(&self, meta: ObjectMeta) -> ObjectMeta {
+        plain_meta(meta, self.chunk())
     }
 
     fn seal_error(&self, location: &Path, e: anyhow::Error) -> object_store::Error {
@@ -255,6 +247,9 @@ impl ObjectStore for SealedStore {
     }
 }
 
+/// A listed or read object's metadata with its plaintext size. A size no object seals to (cut
+/// or grown) is left as stored: it differs from what the repository recorded, and reading the
+/// object fails naming it.
 fn plain_meta(mut meta: ObjectMeta, chunk: u64) -> ObjectMeta {
     if !is_config(&meta.location)
         && let Some(size) = plain_size(meta.size, chunk)
