@@ -685,10 +685,17 @@ pub fn certs_init(dir: &Path, agents: &[&str]) -> PathBuf {
     certs
 }
 
+/// Environment every process [`spawn_rollcall`] starts gets (an encrypted repository's key,
+/// say): a test binary sets it before it starts its fleet.
+pub static SPAWN_ENV: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
 /// `rollcall args` as a child process logging at info into `dir`, with extra environment.
 pub fn spawn_rollcall(name: &str, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(rollcall_bin());
     cmd.args(args).env("RUST_LOG", "info");
+    if let Ok(common) = SPAWN_ENV.lock() {
+        cmd.envs(common.iter().map(|(k, v)| (k, v)));
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -44,6 +44,20 @@ pub struct RepoArgs {
 
 #[derive(Debug, Subcommand)]
 enum RepoCommand {
+    /// Initialise a new, empty repository: write its config object (create-only). With
+    /// --encrypt everything later written to it is encrypted under a random data key that the
+    /// key in ROLLCALL_REPOSITORY_KEY (32 bytes, base64) or ROLLCALL_REPOSITORY_KEY_FILE wraps;
+    /// every process using the repository then needs that key. Without --encrypt it records a
+    /// plaintext repository (a repository with no config object works as before).
+    Init {
+        #[arg(long)]
+        encrypt: bool,
+    },
+    /// The key of an encrypted repository.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
     /// Dump a database into the repository and commit a point holding it (and nothing else).
     BackupPostgres {
         /// Environment the point belongs to (default `manual`: a break-glass point that no
@@ -212,6 +226,89 @@ enum RepoCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Rewrap the data key from the current key (ROLLCALL_REPOSITORY_KEY[_FILE]) to a new one
+    /// (ROLLCALL_REPOSITORY_NEW_KEY[_FILE]); no data is rewritten. The old key is refused
+    /// afterwards: give every agent, coordinator and archive_command the new one.
+    Rotate,
+}
+
+/// A key from the environment, or an error naming what to set.
+fn key_from_env(var: &str, file_var: &str, what: &str) -> Result<repository::RepositoryKey> {
+    match repository::RepositoryKey::from_env(var, file_var)? {
+        Some((key, _)) => Ok(key),
+        None => bail!(
+            "{what}: set {var} (32 random bytes in base64, e.g. from `openssl rand -base64 32`) \
+             or {file_var} (a file holding it)"
+        ),
+    }
+}
+
+/// `repo init` and `repo key rotate`: they work on the repository's config object, before
+/// (or instead of) opening it.
+async fn configure(
+    repo_url: &str,
+    options: RepositoryOptions,
+    command: &RepoCommand,
+) -> Result<()> {
+    let label = repository::redact_url(repo_url);
+    match command {
+        RepoCommand::Init { encrypt } => {
+            let key = if *encrypt {
+                Some(key_from_env(
+                    repository::KEY_ENV,
+                    repository::KEY_FILE_ENV,
+                    "rollcall repo init --encrypt needs the repository key",
+                )?)
+            } else {
+                None
+            };
+            let config = Repository::init(repo_url, options, key.as_ref()).await?;
+            match &config.encryption {
+                Some(e) => outln!(
+                    "initialised encrypted repository {label} (key {}); keep the key: without it \
+                     nothing in the repository can be read",
+                    e.key_id
+                ),
+                None => outln!("initialised repository {label} (not encrypted)"),
+            }
+        }
+        RepoCommand::Key {
+            command: KeyCommand::Rotate,
+        } => {
+            let old = key_from_env(
+                repository::KEY_ENV,
+                repository::KEY_FILE_ENV,
+                "rollcall repo key rotate needs the current key",
+            )?;
+            let new = key_from_env(
+                repository::NEW_KEY_ENV,
+                repository::NEW_KEY_FILE_ENV,
+                "rollcall repo key rotate needs the new key",
+            )?;
+            if old.id() == new.id() {
+                bail!(
+                    "the new key is the current key (key {}): nothing to rotate",
+                    old.id()
+                );
+            }
+            let config = Repository::rotate_key(repo_url, options, &old, &new).await?;
+            let id = config
+                .encryption
+                .as_ref()
+                .map_or("?", |e| e.key_id.as_str());
+            outln!(
+                "repository {label} is now encrypted with key {id} (was {}); give the new key to \
+                 every process that uses it",
+                old.id()
+            );
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// The point of a subcommand that takes it as `--point ID` or (older form) positionally.
 fn point_of(flag: Option<String>, positional: Option<String>, command: &str) -> Result<PointId> {
     let Some(text) = flag.or(positional) else {
@@ -278,14 +375,17 @@ pub async fn run(args: RepoArgs) -> Result<()> {
         ),
         _ => None,
     };
-    let repo = Repository::open(
-        repo_url,
-        RepositoryOptions {
-            s3: s3.clone(),
-            ..RepositoryOptions::default()
-        },
-    )
-    .await?;
+    let options = RepositoryOptions {
+        s3: s3.clone(),
+        ..RepositoryOptions::default()
+    };
+    if matches!(
+        args.command,
+        RepoCommand::Init { .. } | RepoCommand::Key { .. }
+    ) {
+        return configure(repo_url, options, &args.command).await;
+    }
+    let repo = Repository::open(repo_url, options).await?;
     let json =
         |v: serde_json::Value| outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     match args.command {
@@ -350,6 +450,10 @@ pub async fn run(args: RepoArgs) -> Result<()> {
             }
             None => verify_all(&repo, full, &repository::redact_url(repo_url)).await?,
         },
+        RepoCommand::Init { .. } | RepoCommand::Key { .. } => {
+            // `configure` ran them before the repository was opened.
+            bail!("repo init and repo key work on the config object before opening")
+        }
         RepoCommand::WalPush { path } => {
             let pushed = repository::wal_push(&repo, &path).await?;
             outln!(

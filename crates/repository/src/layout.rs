@@ -8,7 +8,8 @@
 //! postgres/<point-id>/data.dump.zst   ... the data of every table not split off ...
 //! postgres/<point-id>/data-<n>.dump.zst ... and of the tables split off into part n
 //! objects/snapshots/<snapshot-id>.json manifest: key -> size, sha256, etag, version
-//! objects/blobs/<aa>/<sha256>         content-addressed bodies shared by all snapshots
+//! objects/blobs/<aa>/<sha256>         content-addressed bodies shared by all snapshots (in an
+//!                                     encrypted repository named by a keyed hash instead)
 //! objects/staging/<snapshot-id>/...   large bodies being uploaded before their hash is known
 //! locks/<lock-id>.json                shared (snapshot) and exclusive (prune) repository locks
 //! sequence/<20-digit n>               the commit number n, claimed by one point (create-only
@@ -21,6 +22,9 @@
 //!                                     timeline history files
 //! base/<id>/base.tar.zst              physical base backups (`postgres::physical`): the tar,
 //! base/<id>.json                      then its record (create-only) once its WAL is archived
+//! rollcall-repository.json            the config object (`repo init`): plaintext, or the
+//!                                     wrapped data key of an encrypted repository (`cipher`);
+//!                                     every other object is then sealed (`sealed`)
 //! ```
 //!
 //! A restore of objects by hand keeps what it displaced in the target store (or, if asked, in
@@ -117,15 +121,17 @@ pub(crate) fn manifest_key(id: &SnapshotId) -> Path {
     Path::from(format!("{SNAPSHOTS}/{id}.json"))
 }
 
-/// `objects/blobs/<first two hex digits>/<sha256>`: the fan-out keeps directories small on
-/// file systems and spreads S3 key prefixes.
-pub(crate) fn blob_key(sha256: &str) -> Path {
-    let fan = sha256.get(..2).unwrap_or("00");
-    Path::from(format!("{BLOBS}/{fan}/{sha256}"))
+/// `objects/blobs/<first two hex digits>/<id>`: the fan-out keeps directories small on file
+/// systems and spreads S3 key prefixes. The id is the content's sha256, or in an encrypted
+/// repository its keyed hash: [`crate::Repository::blob_id`] is the one mapping every reader,
+/// writer and pruner of blobs uses.
+pub(crate) fn blob_path(id: &str) -> Path {
+    let fan = id.get(..2).unwrap_or("00");
+    Path::from(format!("{BLOBS}/{fan}/{id}"))
 }
 
-/// The sha256 a blob key names, if it is a well-formed blob key.
-pub(crate) fn blob_sha(key: &Path) -> Option<String> {
+/// The id a blob key names (see [`blob_path`]), if it is a well-formed blob key.
+pub(crate) fn blob_id_of(key: &Path) -> Option<String> {
     let name = key.filename()?;
     is_sha256_hex(name).then(|| name.to_owned())
 }
@@ -347,10 +353,10 @@ mod tests {
     #[test]
     fn blob_keys_fan_out_by_prefix() {
         let sha = "ab".repeat(32);
-        let key = blob_key(&sha);
+        let key = blob_path(&sha);
         assert_eq!(key.as_ref(), format!("objects/blobs/ab/{sha}"));
-        assert_eq!(blob_sha(&key), Some(sha));
-        assert_eq!(blob_sha(&Path::from("objects/blobs/ab/nothex")), None);
+        assert_eq!(blob_id_of(&key), Some(sha));
+        assert_eq!(blob_id_of(&Path::from("objects/blobs/ab/nothex")), None);
     }
 
     #[test]

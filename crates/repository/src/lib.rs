@@ -15,6 +15,7 @@
 //! ```
 
 mod body;
+mod cipher;
 mod kept;
 mod layout;
 mod lock;
@@ -27,6 +28,7 @@ mod redact;
 mod repo;
 mod restore;
 mod scratch;
+mod sealed;
 mod secrets;
 mod sequence;
 mod snapshot;
@@ -35,6 +37,10 @@ mod undo;
 mod verify;
 mod wal;
 
+pub use cipher::{
+    CONFIG_KEY, EncryptionConfig, KEY_ENV, KEY_FILE_ENV, NEW_KEY_ENV, NEW_KEY_FILE_ENV,
+    RepositoryConfig, RepositoryKey,
+};
 pub use kept::KeptQuarantine;
 pub use layout::{PointId, QUARANTINE_ROOT, SnapshotId, is_run_tag, run_tag, validate_environment};
 pub use object_key::{BadKey, check_object_key};

@@ -20,7 +20,7 @@ use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore};
 use serde::Serialize;
 
-use crate::layout::{POSTGRES, PointId, STAGING, SnapshotId, blob_key, validate_environment};
+use crate::layout::{POSTGRES, PointId, STAGING, SnapshotId, validate_environment};
 use crate::lock::LockKind;
 use crate::point::Point;
 use crate::repo::{RepoError, Repository};
@@ -275,17 +275,18 @@ impl Repository {
         .await?;
 
         // 5. Blobs no remaining manifest references (whatever its environment).
-        let live_blobs: HashSet<&str> = manifests
+        // By id: in an encrypted repository a blob's name is a keyed hash of its sha256.
+        let live_blobs: HashSet<String> = manifests
             .values()
-            .flat_map(|m| m.objects.iter().map(|e| e.sha256.as_str()))
+            .flat_map(|m| m.objects.iter().map(|e| self.blob_id(&e.sha256)))
             .collect();
         let blobs = list_blob_sizes(self).await?;
         let mut dead_blobs = Vec::new();
-        for (sha, size) in &blobs {
-            if !live_blobs.contains(sha.as_str()) {
+        for (id, size) in &blobs {
+            if !live_blobs.contains(id) {
                 report.deleted_blobs += 1;
                 report.deleted_blob_bytes += size;
-                dead_blobs.push(blob_key(sha));
+                dead_blobs.push(crate::layout::blob_path(id));
             }
         }
         self.delete_all(dead_blobs, options.dry_run).await?;

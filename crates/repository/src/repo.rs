@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
+use crate::cipher::{CONFIG_KEY, DataKey, KEY_ENV, KEY_FILE_ENV, RepositoryConfig, RepositoryKey};
 use crate::redact::redact_url;
 use crate::store::{RetryPolicy, S3Options, retry, store_from_url};
 
@@ -72,6 +73,9 @@ pub struct RepositoryOptions {
     pub lock_ttl: Duration,
     /// How long to wait for a conflicting lock to go away (default 2 min).
     pub lock_wait: Duration,
+    /// The key of an encrypted repository; `None` reads it, when the repository is encrypted,
+    /// from `ROLLCALL_REPOSITORY_KEY` or `ROLLCALL_REPOSITORY_KEY_FILE`.
+    pub key: Option<RepositoryKey>,
 }
 
 impl Default for RepositoryOptions {
@@ -83,6 +87,7 @@ impl Default for RepositoryOptions {
             retry: RetryPolicy::default(),
             lock_ttl: Duration::from_secs(300),
             lock_wait: Duration::from_secs(120),
+            key: None,
         }
     }
 }
@@ -95,12 +100,24 @@ pub struct Repository {
     pub(crate) options: RepositoryOptions,
     /// The directory of a `file://` repository whose durability we manage with syncfs.
     durable_root: Option<std::path::PathBuf>,
+    /// An encrypted repository's data key (`store` then seals everything) and its key's id.
+    data_key: Option<(Arc<DataKey>, String)>,
 }
 
 impl Repository {
     /// Opens the repository at `url` (`file:///dir`, `s3://bucket/prefix`, `gs://...`,
     /// `az://...`) and checks that it answers.
+    ///
+    /// A repository whose config object says it is encrypted is opened with its key
+    /// ([`RepositoryOptions::key`], else the environment): everything then read and written
+    /// through it is sealed. Without the key, or with another, opening fails with one line.
     pub async fn open(url: &str, options: RepositoryOptions) -> Result<Repository> {
+        Repository::open_raw(url, options).await?.configure().await
+    }
+
+    /// The repository at `url` as stored, its config object not applied (`repo init`, key
+    /// rotation).
+    async fn open_raw(url: &str, options: RepositoryOptions) -> Result<Repository> {
         let label = redact_url(url);
         let mut durable_root = None;
         let (store, prefix): (Arc<dyn ObjectStore>, Path) = if url.starts_with("file:") {
@@ -144,9 +161,214 @@ impl Repository {
             label: label.into(),
             options,
             durable_root,
+            data_key: None,
         };
         repo.check_reachable().await?;
         Ok(repo)
+    }
+
+    /// [`Repository::from_store`], with the store's config object applied (an encrypted
+    /// repository is opened with its key, as [`Repository::open`] does).
+    pub async fn from_store_configured(
+        store: Arc<dyn ObjectStore>,
+        label: impl Into<String>,
+        options: RepositoryOptions,
+    ) -> Result<Repository> {
+        Repository::from_store(store, label, options)
+            .configure()
+            .await
+    }
+
+    /// The config object, if the repository has one.
+    async fn read_config(&self) -> Result<Option<(RepositoryConfig, Option<String>)>> {
+        let key = Path::from(CONFIG_KEY);
+        let got = match self.store.get(&key).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("read {CONFIG_KEY} from repository {}", self.label)));
+            }
+        };
+        let etag = got.meta.e_tag.clone();
+        let bytes = got
+            .bytes()
+            .await
+            .with_context(|| format!("read {CONFIG_KEY} from repository {}", self.label))?;
+        Ok(Some((
+            RepositoryConfig::from_bytes(&bytes, &self.label)?,
+            etag,
+        )))
+    }
+
+    /// Applies the config object: an encrypted repository gets its sealing store.
+    async fn configure(mut self) -> Result<Repository> {
+        let Some((config, _)) = self.read_config().await? else {
+            return Ok(self);
+        };
+        let Some(encryption) = config.encryption else {
+            return Ok(self);
+        };
+        let (kek, source) = match &self.options.key {
+            Some(key) => (key.clone(), "the key given".to_owned()),
+            None => match RepositoryKey::from_env(KEY_ENV, KEY_FILE_ENV)
+                .with_context(|| format!("open encrypted repository {}", self.label))?
+            {
+                Some(found) => found,
+                None => bail!(
+                    "repository {} is encrypted (key {}): set {KEY_ENV} (its 32-byte key in                      base64) or {KEY_FILE_ENV} (a file holding it) in this process's environment",
+                    self.label,
+                    encryption.key_id
+                ),
+            },
+        };
+        let data = Arc::new(encryption.unwrap_key(&kek, &self.label, &source)?);
+        self.store = Arc::new(crate::sealed::SealedStore::new(
+            self.store.clone(),
+            data.clone(),
+            self.label.clone(),
+        ));
+        self.data_key = Some((data, encryption.key_id));
+        Ok(self)
+    }
+
+    /// Writes the repository's config object (`rollcall repo init`): plaintext, or, with `key`,
+    /// encrypted under a fresh data key that `key` wraps. Refuses a repository that already
+    /// has a config object or holds anything.
+    pub async fn init(
+        url: &str,
+        options: RepositoryOptions,
+        key: Option<&RepositoryKey>,
+    ) -> Result<RepositoryConfig> {
+        let repo = Repository::open_raw(url, options).await?;
+        if let Some((config, _)) = repo.read_config().await? {
+            bail!(
+                "repository {} is already initialised ({}): nothing was changed",
+                repo.label,
+                match &config.encryption {
+                    Some(e) => format!("encrypted with key {}", e.key_id),
+                    None => "not encrypted".to_owned(),
+                }
+            );
+        }
+        let listed = repo
+            .store
+            .list_with_delimiter(None)
+            .await
+            .with_context(|| format!("list repository {}", repo.label))?;
+        let held: Vec<String> = listed
+            .common_prefixes
+            .iter()
+            .map(|p| format!("{p}/"))
+            .chain(listed.objects.iter().map(|m| m.location.to_string()))
+            .take(3)
+            .collect();
+        if !held.is_empty() {
+            bail!(
+                "repository {} already holds data ({}): a repository is initialised (and                  encrypted) before anything is written to it; init an empty location instead",
+                repo.label,
+                held.join(", ")
+            );
+        }
+        let config = match key {
+            Some(key) => RepositoryConfig::encrypted(key)?,
+            None => RepositoryConfig::plain(),
+        };
+        repo.put_config(&config, None).await?;
+        repo.make_durable().await?;
+        Ok(config)
+    }
+
+    /// Rewraps an encrypted repository's data key from `old` to `new` (`rollcall repo key
+    /// rotate`); no data is rewritten. Returns the new config.
+    pub async fn rotate_key(
+        url: &str,
+        options: RepositoryOptions,
+        old: &RepositoryKey,
+        new: &RepositoryKey,
+    ) -> Result<RepositoryConfig> {
+        let repo = Repository::open_raw(url, options).await?;
+        let Some((mut config, etag)) = repo.read_config().await? else {
+            bail!(
+                "repository {} has no config object, so it is not encrypted: nothing to rotate",
+                repo.label
+            );
+        };
+        let Some(encryption) = &config.encryption else {
+            bail!(
+                "repository {} is not encrypted: nothing to rotate",
+                repo.label
+            );
+        };
+        config.encryption = Some(encryption.rewrap(old, new, &repo.label)?);
+        repo.put_config(&config, Some(etag)).await?;
+        repo.make_durable().await?;
+        Ok(config)
+    }
+
+    /// Writes the config object: create-only, or (`replacing`) only over the version read.
+    async fn put_config(
+        &self,
+        config: &RepositoryConfig,
+        replacing: Option<Option<String>>,
+    ) -> Result<()> {
+        use object_store::{PutMode, UpdateVersion};
+        let key = Path::from(CONFIG_KEY);
+        let payload = PutPayload::from(config.to_bytes()?);
+        let mode = match &replacing {
+            None => PutMode::Create,
+            Some(e_tag) => PutMode::Update(UpdateVersion {
+                e_tag: e_tag.clone(),
+                version: None,
+            }),
+        };
+        match self
+            .store
+            .put_opts(&key, payload.clone(), mode.into())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) => bail!(
+                "repository {} was initialised by someone else meanwhile: nothing was changed",
+                self.label
+            ),
+            Err(object_store::Error::Precondition { .. }) => bail!(
+                "the config object of repository {} changed while the key was rotated: run the                  rotation again",
+                self.label
+            ),
+            // Stores without conditional writes (a local directory for updates).
+            Err(
+                object_store::Error::NotImplemented { .. }
+                | object_store::Error::NotSupported { .. },
+            ) if replacing.is_some() => self
+                .store
+                .put(&key, payload)
+                .await
+                .map(|_| ())
+                .with_context(|| format!("write {CONFIG_KEY} to repository {}", self.label)),
+            Err(e) => Err(anyhow::Error::new(e)
+                .context(format!("write {CONFIG_KEY} to repository {}", self.label))),
+        }
+    }
+
+    /// Whether the repository is encrypted, and with which key (its id).
+    pub fn encryption_key_id(&self) -> Option<&str> {
+        self.data_key.as_ref().map(|(_, id)| id.as_str())
+    }
+
+    /// The id a blob whose content has `sha256` is stored under: the sha256 itself, or in an
+    /// encrypted repository its keyed hash. Every reader, writer and pruner of blobs maps
+    /// through this one function.
+    pub(crate) fn blob_id(&self, sha256: &str) -> String {
+        match &self.data_key {
+            Some((key, _)) => key.blob_id(sha256),
+            None => sha256.to_owned(),
+        }
+    }
+
+    /// Where the blob whose content has `sha256` is stored.
+    pub(crate) fn blob_key(&self, sha256: &str) -> Path {
+        crate::layout::blob_path(&self.blob_id(sha256))
     }
 
     /// A repository over a store the caller built (tests, request-counting wrappers, stores
@@ -161,6 +383,7 @@ impl Repository {
             label: label.into().into(),
             options,
             durable_root: None,
+            data_key: None,
         }
     }
 

@@ -19,7 +19,7 @@ use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, WriteMul
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::layout::{PointId, QUARANTINE_ROOT, SnapshotId, blob_key, quarantine_prefix};
+use crate::layout::{PointId, QUARANTINE_ROOT, SnapshotId, quarantine_prefix};
 use crate::object_key::check_object_key;
 use crate::repo::Repository;
 use crate::scratch::BlobScratch;
@@ -599,7 +599,7 @@ async fn restore_one(
     }
     let from_scratch = write_from_scratch(shared, entry, location).await;
     if !from_scratch {
-        let blob = blob_key(&entry.sha256);
+        let blob = shared.repo.blob_key(&entry.sha256);
         let got = shared.repo.store.get(&blob).await.with_context(|| {
             format!(
                 "read blob {blob} from repository {} (verify the point: it may be incomplete)",

@@ -24,7 +24,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::layout::{
-    BLOBS, QUARANTINE_ROOT, SNAPSHOTS, STAGING, SnapshotId, blob_key, blob_sha, manifest_key,
+    BLOBS, QUARANTINE_ROOT, SNAPSHOTS, STAGING, SnapshotId, blob_id_of, manifest_key,
 };
 use crate::lock::LockKind;
 use crate::object_key::check_object_key;
@@ -262,7 +262,8 @@ struct Ctx {
     staging: Path,
     multipart_threshold: u64,
     part_size: usize,
-    /// Blobs known to exist or being uploaded by this snapshot.
+    /// Blobs known to exist or being uploaded by this snapshot, by id
+    /// ([`Repository::blob_id`]).
     known: Mutex<HashSet<String>>,
     memory: Arc<Semaphore>,
     memory_units: u32,
@@ -279,20 +280,20 @@ impl Ctx {
     fn claim(&self, sha: &str) -> bool {
         self.known
             .lock()
-            .map(|mut known| known.insert(sha.to_owned()))
+            .map(|mut known| known.insert(self.repo.blob_id(sha)))
             .unwrap_or(false)
     }
 
     fn unclaim(&self, sha: &str) {
         if let Ok(mut known) = self.known.lock() {
-            known.remove(sha);
+            known.remove(&self.repo.blob_id(sha));
         }
     }
 
     fn has_blob(&self, sha: &str) -> bool {
         self.known
             .lock()
-            .map(|known| known.contains(sha))
+            .map(|known| known.contains(&self.repo.blob_id(sha)))
             .unwrap_or(false)
     }
 
@@ -513,7 +514,7 @@ async fn copy_object(ctx: &Ctx, key: &str, listed: &ObjectMeta) -> Result<Option
             let put = ctx
                 .repo
                 .store
-                .put(&blob_key(&sha), PutPayload::from_iter(chunks))
+                .put(&ctx.repo.blob_key(&sha), PutPayload::from_iter(chunks))
                 .await;
             if let Err(e) = put {
                 ctx.unclaim(&sha);
@@ -557,7 +558,12 @@ async fn copy_object(ctx: &Ctx, key: &str, listed: &ObjectMeta) -> Result<Option
             .context("complete the upload of its blob")?;
         sha = hex::encode(hasher.finalize());
         if ctx.claim(&sha) {
-            if let Err(e) = ctx.repo.store.rename(&staging, &blob_key(&sha)).await {
+            if let Err(e) = ctx
+                .repo
+                .store
+                .rename(&staging, &ctx.repo.blob_key(&sha))
+                .await
+            {
                 ctx.unclaim(&sha);
                 let _ = ctx.repo.store.delete(&staging).await;
                 return Err(anyhow::Error::new(e).context("move its blob into place"));
@@ -601,7 +607,8 @@ fn check_length(read: u64, expected: u64) -> Result<()> {
     Ok(())
 }
 
-/// Every blob in the repository, with its size.
+/// Every blob in the repository by id ([`Repository::blob_id`], the sha256 in a plaintext
+/// repository), with its size.
 pub(crate) async fn list_blob_sizes(repo: &Repository) -> Result<HashMap<String, u64>> {
     let prefix = Path::from(BLOBS);
     let mut blobs = HashMap::new();
@@ -611,8 +618,8 @@ pub(crate) async fn list_blob_sizes(repo: &Repository) -> Result<HashMap<String,
         .await
         .with_context(|| format!("list blobs in repository {}", repo.label))?
     {
-        if let Some(sha) = blob_sha(&meta.location) {
-            blobs.insert(sha, meta.size);
+        if let Some(id) = blob_id_of(&meta.location) {
+            blobs.insert(id, meta.size);
         }
     }
     Ok(blobs)

@@ -22,7 +22,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::layout::{PointId, SnapshotId, blob_key};
+use crate::layout::{PointId, SnapshotId};
 use crate::postgres::Archive;
 use crate::postgres::fetch::download_dump;
 use crate::repo::{Repository, is_not_found};
@@ -251,8 +251,8 @@ impl Repository {
                 None => false,
             };
             check.delta_objects += u64::from(in_delta);
-            let blob = blob_key(&entry.sha256);
-            match blobs.get(&entry.sha256) {
+            let blob = self.blob_key(&entry.sha256);
+            match blobs.get(&self.blob_id(&entry.sha256)) {
                 None => check
                     .problems
                     .push(format!("blob {blob} (object {}) is missing", entry.key)),
@@ -380,7 +380,7 @@ async fn prove_blob(
     job: &ToProve,
     scratch: Option<&BlobScratch>,
 ) -> Proof {
-    let blob = blob_key(sha);
+    let blob = repo.blob_key(sha);
     if let Some(scratch) = scratch
         && let Some(got) = scratch.get(sha, job.size).await
     {

@@ -4,7 +4,7 @@
 //! ```text
 //! wal/<timeline>/<name>-<sha256>.zst   the file's body, zstd-compressed; the hash is of the
 //!                                      uncompressed bytes, so two different bodies never share
-//!                                      a key
+//!                                      a key (its keyed hash in an encrypted repository)
 //! wal/<timeline>/<name>.json           its record (size, sha256, body key, when), written
 //!                                      create-only after the body: the record is the commit
 //! wal/history/<name>.zst, .json        timeline history files (`00000002.history`)
@@ -139,7 +139,8 @@ pub async fn wal_push(repo: &Repository, path: &FsPath) -> Result<Pushed> {
         .await
         .context("compress the WAL file")?
         .context("compress the WAL file")?;
-    let body = body_key(&name, &sha256);
+    // An encrypted repository names the body by a keyed hash: no name carries a content hash.
+    let body = body_key(&name, &repo.blob_id(&sha256));
     let compressed_size = compressed.len() as u64;
     repo.store()
         .put(&body, PutPayload::from(compressed))
