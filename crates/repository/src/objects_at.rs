@@ -378,19 +378,29 @@ pub struct SnapshotRestoreReport {
 }
 
 /// The snapshot the snapshot rule picks for store `source` (as the manifests name it) at
-/// `to_time`: the newest finished at or before it. Refuses a time before the first.
+/// `to_time`: of those finished at or before it, the one started last. Refuses a time before
+/// the first.
 pub async fn snapshot_at(
     repo: &Repository,
     source: &str,
     to_time: DateTime<Utc>,
 ) -> Result<crate::snapshot::Manifest> {
-    let ids = repo.list_snapshots().await?; // newest first
+    // Newest first by id, which is stamped (to the second) when its snapshot started.
+    let ids = repo.list_snapshots().await?;
     let mut later = Vec::new();
+    let mut best: Option<crate::snapshot::Manifest> = None;
     for id in &ids {
-        // An id is stamped when its snapshot started: one started after T cannot be it.
+        // One started after T cannot be it.
         if id.timestamp() > to_time {
             later.push(id);
             continue;
+        }
+        // Ids of one second are in no particular order: look at all of the best one's second.
+        if best
+            .as_ref()
+            .is_some_and(|b| id.timestamp() < b.id.timestamp())
+        {
+            break;
         }
         let manifest = repo
             .read_manifest(id)
@@ -399,25 +409,51 @@ pub async fn snapshot_at(
         if manifest.source != source {
             continue;
         }
-        if manifest.finished_at <= to_time {
-            return Ok(manifest);
+        if manifest.finished_at > to_time {
+            later.push(id);
+            continue;
         }
-        later.push(id);
+        let newer = best.as_ref().is_none_or(|b| {
+            (manifest.started_at, manifest.finished_at) > (b.started_at, b.finished_at)
+        });
+        if newer {
+            best = Some(manifest);
+        }
     }
-    // No snapshot of the store at T: name the first one after it (or that there is none).
-    for id in later.into_iter().rev() {
-        let manifest = repo.read_manifest(id).await?;
-        if manifest.source == source {
-            bail!(
-                "{to_time} is before the first snapshot of {source} that finished (snapshot \
-                 {id}, {} to {}): nothing in repository {} shows the store at that time; \
-                 choose a time at or after {}",
-                manifest.started_at.to_rfc3339(),
-                manifest.finished_at.to_rfc3339(),
-                repo.label(),
-                manifest.finished_at.to_rfc3339()
-            );
+    if let Some(best) = best {
+        return Ok(best);
+    }
+    // No snapshot of the store at T: name the one finished first after it (or that there is
+    // none). Ids in one second are in no particular order, so read on until past its finish.
+    later.sort();
+    let mut first: Option<crate::snapshot::Manifest> = None;
+    for id in later {
+        if first
+            .as_ref()
+            .is_some_and(|f| id.timestamp() > f.finished_at)
+        {
+            break;
         }
+        let manifest = repo.read_manifest(id).await?;
+        if manifest.source == source
+            && first
+                .as_ref()
+                .is_none_or(|f| manifest.finished_at < f.finished_at)
+        {
+            first = Some(manifest);
+        }
+    }
+    if let Some(first) = first {
+        bail!(
+            "{to_time} is before the first snapshot of {source} that finished (snapshot {}, \
+             {} to {}): nothing in repository {} shows the store at that time; choose a time \
+             at or after {}",
+            first.id,
+            first.started_at.to_rfc3339(),
+            first.finished_at.to_rfc3339(),
+            repo.label(),
+            first.finished_at.to_rfc3339()
+        );
     }
     bail!(
         "repository {} holds no object snapshot of {source} finished at or before {to_time} \
