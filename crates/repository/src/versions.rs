@@ -407,19 +407,25 @@ impl VersionedBucket {
     pub async fn require_versioning(&self) -> Result<()> {
         match self.versioning().await? {
             Versioning::Enabled => Ok(()),
-            state => bail!(
-                "bucket {} has versioning {}: a restore to a time needs every version kept. \
-                 Enable it (aws s3api put-bucket-versioning --bucket {} \
-                 --versioning-configuration Status=Enabled; restores can then reach any time \
-                 after that), or restore from the repository's snapshots (--repo URL)",
-                self.bucket,
-                match state {
-                    Versioning::Suspended => "suspended",
-                    _ => "never enabled",
-                },
-                self.bucket
-            ),
+            state => Err(self.refusal(state)),
         }
+    }
+
+    /// Why a bucket in `state` cannot be restored to a time from its versions, and what to do.
+    pub fn refusal(&self, state: Versioning) -> anyhow::Error {
+        anyhow::anyhow!(
+            "bucket {} has versioning {}: a restore to a time needs every version kept. \
+             Enable it (aws s3api put-bucket-versioning --bucket {} \
+             --versioning-configuration Status=Enabled; restores can then reach any time \
+             after that), or restore from the repository's snapshots (--repo URL)",
+            self.bucket,
+            match state {
+                Versioning::Enabled => "enabled",
+                Versioning::Suspended => "suspended",
+                Versioning::Off => "never enabled",
+            },
+            self.bucket
+        )
     }
 
     /// Every version and delete marker of the keys under the prefix, page by page.
