@@ -217,6 +217,51 @@ async fn versioned_bucket_restores_each_key_to_its_version_at_the_time() {
     );
     let last = version_ids(&bucket.list_versions().await.expect("list"));
     assert!(added.is_subset(&last), "no version was destroyed");
+
+    // Cut short: runs dropped once their writes began (the listing in one page, then a
+    // growing delay) until one was cut with some keys written and others not; then a whole
+    // run ends where one run would have: at T1.
+    bucket.page_size = 1000;
+    let started = std::time::Instant::now();
+    let _ = restore(&bucket, t1, true).await;
+    let listing = started.elapsed();
+    let mut cut_halfway = false;
+    for extra_ms in [2u64, 5, 10, 20, 40, 80, 160] {
+        let before_cut = bucket.list_versions().await.expect("list").len();
+        let cut = tokio::time::timeout(
+            listing + Duration::from_millis(extra_ms),
+            restore_versions_to_time(&bucket, &VersionsRestoreOptions::new(t1)),
+        )
+        .await;
+        let written = bucket.list_versions().await.expect("list").len() - before_cut;
+        if cut.is_ok() {
+            break;
+        }
+        if written > 0 && written < 4 {
+            cut_halfway = true;
+            break;
+        }
+    }
+    assert!(
+        cut_halfway,
+        "no run was cut between its first and last write"
+    );
+    let finished = restore(&bucket, t1, false).await;
+    assert_eq!(
+        finished.brought_back.len() + finished.removed.len() + finished.unchanged as usize,
+        7
+    );
+    assert_eq!(body(&live, a).await.as_deref(), Some(&b"a first"[..]));
+    assert_eq!(body(&live, b).await.as_deref(), Some(&b"b first"[..]));
+    assert_eq!(body(&live, c).await, None);
+    assert!(
+        body(&live, big).await == Some(big1),
+        "big has its first body again"
+    );
+    let end = version_ids(&bucket.list_versions().await.expect("list"));
+    assert!(last.is_subset(&end), "no version was destroyed");
+    let settled = restore(&bucket, t1, true).await;
+    assert_eq!(keys_of(&settled), (vec![], vec![]), "nothing left to do");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
