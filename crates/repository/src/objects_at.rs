@@ -134,12 +134,19 @@ pub(crate) fn decide(history: &[ObjectVersion], at: DateTime<Utc>) -> Decision {
 
 /// The key as object_store names it, refused (with what to do) when it cannot.
 fn object_path(key: &str, label: &str) -> Result<Path> {
-    Path::parse(key).with_context(|| {
+    let refuse = || {
         format!(
             "key {key:?} in {label} is not a key rollcall can restore (empty or '.'/'..' path \
-             segments): restore it by hand, or narrow the store URL's prefix to leave it out"
+             segments, a slash at either end, or control characters): restore it by hand, or \
+             narrow the store URL's prefix to leave it out"
         )
-    })
+    };
+    let path = Path::parse(key).with_context(refuse)?;
+    // Path::parse drops a slash at either end: that would name another key.
+    if path.as_ref() != key {
+        bail!(refuse());
+    }
+    Ok(path)
 }
 
 /// Restores the keys under the bucket's prefix to `options.to_time` from their versions.
@@ -526,6 +533,19 @@ mod tests {
             etag: None,
             size: 0,
             ..v(id, second, latest, "", 0)
+        }
+    }
+
+    #[test]
+    fn names_keys_object_store_cannot_address() {
+        assert!(object_path("app/b c/é 日本.txt", "s3://live/app").is_ok());
+        for bad in ["app//x", "app/../x", "app/x/", "/app/x", "app/\u{1}x"] {
+            let err = object_path(bad, "s3://live/app").expect_err(bad);
+            let text = format!("{err:#}");
+            assert!(
+                text.contains("not a key rollcall can restore") && text.contains("s3://live/app"),
+                "{text}"
+            );
         }
     }
 

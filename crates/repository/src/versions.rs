@@ -319,9 +319,10 @@ impl VersionedBucket {
         let region = get(AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".to_owned());
         let virtual_hosted = get(AmazonS3ConfigKey::VirtualHostedStyleRequest)
             .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        // As object_store places the bucket: an endpoint given with virtual-hosted requests
-        // already names the bucket.
-        let endpoint = match (get(AmazonS3ConfigKey::Endpoint), virtual_hosted) {
+        // As object_store places the bucket (AWS_ENDPOINT_URL_S3 first): an endpoint given
+        // with virtual-hosted requests already names the bucket.
+        let endpoint = get(AmazonS3ConfigKey::S3Endpoint).or(get(AmazonS3ConfigKey::Endpoint));
+        let endpoint = match (endpoint, virtual_hosted) {
             (Some(endpoint), true) => endpoint.trim_end_matches('/').to_owned(),
             (Some(endpoint), false) => format!("{}/{bucket}", endpoint.trim_end_matches('/')),
             (None, true) => format!("https://{bucket}.s3.{region}.amazonaws.com"),
