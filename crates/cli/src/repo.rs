@@ -412,8 +412,8 @@ pub async fn run(args: RepoArgs) -> Result<()> {
                     PointId::parse(&text).with_context(|| format!("--point {text}"))?,
                 ),
                 (None, None) => bail!(
-                    "--snapshot ID, --point ID or --to-time T is required for `rollcall repo \
-                     restore-objects` (see `rollcall repo points`)"
+                    "--snapshot ID or --point ID is required for `rollcall repo \
+                     restore-objects` (see `rollcall repo points`), or --to-time T"
                 ),
             };
             let (target, options) = restore_target(&store, &s3, shard, parallelism, quarantine)?;
