@@ -132,6 +132,22 @@ enum RepoCommand {
         /// UTC time and the snapshot id). Give every shard of one restore the same NAME.
         #[arg(long, value_name = "NAME")]
         quarantine: Option<String>,
+        /// Bring the store to this time (RFC 3339), the same T as `restore-postgres
+        /// --to-time`: from an s3:// bucket with versioning, each key's newest version at or
+        /// before it (no --repo needed); from any other store, the newest snapshot in --repo
+        /// finished at or before it, with the uncertainty window reported.
+        #[arg(
+            long,
+            value_name = "RFC3339",
+            conflicts_with_all = ["snapshot", "point", "point_arg"]
+        )]
+        to_time: Option<String>,
+        /// With --to-time: print what would change, change nothing.
+        #[arg(long, requires = "to_time")]
+        dry_run: bool,
+        /// With --to-time: print the summary as JSON.
+        #[arg(long, requires = "to_time")]
+        json: bool,
     },
     /// Archive one WAL file into the repository, as Postgres' archive_command:
     /// `archive_command = 'rollcall repo wal-push --repo URL %p'`. The same file pushed again
@@ -346,6 +362,13 @@ fn live_store(url: &str, s3: &S3Options) -> Result<Arc<dyn ObjectStore>> {
 }
 
 pub async fn run(args: RepoArgs) -> Result<()> {
+    if let RepoCommand::RestoreObjects {
+        to_time: Some(_), ..
+    } = &args.command
+    {
+        // Needs no repository for a versioned bucket.
+        return restore_objects_to_time(args).await;
+    }
     let Some(repo_url) = args.repo.as_deref() else {
         bail!("--repo URL is required (or set ROLLCALL_REPOSITORY)");
     };
@@ -481,6 +504,7 @@ pub async fn run(args: RepoArgs) -> Result<()> {
             shard: _,
             parallelism,
             quarantine,
+            ..
         } => {
             // From a point: the manifest must be the very one the point recorded (its
             // sha256), checked by `restore_point_objects` before anything is written.
@@ -493,42 +517,10 @@ pub async fn run(args: RepoArgs) -> Result<()> {
                 ),
                 (None, None) => bail!(
                     "--snapshot ID or --point ID is required for `rollcall repo \
-                     restore-objects` (see `rollcall repo points`)"
+                     restore-objects` (see `rollcall repo points`), or --to-time T"
                 ),
             };
-            let (target, prefix) = repository::store_from_url(&store, &s3)?;
-            let mut options =
-                repository::RestoreObjectsOptions::new(repository::redact_url(&store));
-            options.local_root = repository::local_dir(&store);
-            if !prefix.as_ref().is_empty() {
-                options.target_prefix = Some(prefix);
-            }
-            if let Some(parallelism) = parallelism {
-                if parallelism == 0 {
-                    bail!("--parallelism 0: at least one object must be in flight");
-                }
-                options.parallelism = parallelism;
-            }
-            options.shard = shard;
-            if let Some(name) = quarantine {
-                let valid = !name.is_empty()
-                    && name
-                        .split('/')
-                        .all(|part| !part.is_empty() && part != "." && part != "..");
-                if !valid {
-                    bail!(
-                        "--quarantine {name:?}: give a name such as \"restore-2026-11-26\" \
-                         (path segments, no empty, '.' or '..' ones)"
-                    );
-                }
-                options.quarantine_prefix = Some(
-                    object_store::path::Path::parse(format!(
-                        "{}/{name}",
-                        repository::QUARANTINE_ROOT
-                    ))
-                    .with_context(|| format!("--quarantine {name:?}"))?,
-                );
-            }
+            let (target, options) = restore_target(&store, &s3, shard, parallelism, quarantine)?;
             let report = match source {
                 ObjectsSource::Point(point) => {
                     repository::restore_point_objects(&repo, &point, target, &options).await?
@@ -645,6 +637,222 @@ pub async fn run(args: RepoArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The live store of `repo restore-objects` and the restore's options from its flags.
+fn restore_target(
+    store: &str,
+    s3: &S3Options,
+    shard: Option<Shard>,
+    parallelism: Option<usize>,
+    quarantine: Option<String>,
+) -> Result<(Arc<dyn ObjectStore>, repository::RestoreObjectsOptions)> {
+    let (target, prefix) = repository::store_from_url(store, s3)?;
+    let mut options = repository::RestoreObjectsOptions::new(repository::redact_url(store));
+    options.local_root = repository::local_dir(store);
+    if !prefix.as_ref().is_empty() {
+        options.target_prefix = Some(prefix);
+    }
+    if let Some(parallelism) = parallelism {
+        if parallelism == 0 {
+            bail!("--parallelism 0: at least one object must be in flight");
+        }
+        options.parallelism = parallelism;
+    }
+    options.shard = shard;
+    if let Some(name) = quarantine {
+        let valid = !name.is_empty()
+            && name
+                .split('/')
+                .all(|part| !part.is_empty() && part != "." && part != "..");
+        if !valid {
+            bail!(
+                "--quarantine {name:?}: give a name such as \"restore-2026-11-26\" \
+                 (path segments, no empty, '.' or '..' ones)"
+            );
+        }
+        options.quarantine_prefix = Some(
+            object_store::path::Path::parse(format!("{}/{name}", repository::QUARANTINE_ROOT))
+                .with_context(|| format!("--quarantine {name:?}"))?,
+        );
+    }
+    Ok((target, options))
+}
+
+/// `repo restore-objects --to-time T`: from the bucket's versions when it keeps them, else
+/// from the newest snapshot in the repository finished at or before T.
+async fn restore_objects_to_time(args: RepoArgs) -> Result<()> {
+    let RepoCommand::RestoreObjects {
+        store,
+        shard,
+        parallelism,
+        quarantine,
+        to_time: Some(to_time),
+        dry_run,
+        json,
+        ..
+    } = args.command
+    else {
+        bail!("restore_objects_to_time called for another command");
+    };
+    let at = chrono::DateTime::parse_from_rfc3339(&to_time)
+        .with_context(|| {
+            format!("--to-time {to_time}: write it as RFC 3339, e.g. 2026-12-06T08:00:00Z")
+        })?
+        .with_timezone(&chrono::Utc);
+    let shard = shard
+        .map(|text| {
+            text.parse::<Shard>()
+                .with_context(|| format!("--shard {text}"))
+        })
+        .transpose()?;
+    let s3 = S3Options::connection(args.s3_endpoint, args.s3_region, args.s3_path_style);
+    let print = |value: serde_json::Value| {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+    };
+    // Why the snapshot rule is used, when the store is a bucket that could have had versions.
+    let mut no_versions = None;
+    if store.starts_with("s3://") || store.starts_with("s3a://") {
+        let bucket = repository::VersionedBucket::open(&store, &s3)?;
+        match bucket.versioning().await? {
+            repository::Versioning::Enabled => {
+                if shard.is_some() || quarantine.is_some() {
+                    bail!(
+                        "--shard and --quarantine are for restores from snapshots: bucket {} \
+                         keeps every version, so a restore to a time from its versions \
+                         displaces nothing and runs whole; drop them",
+                        store
+                    );
+                }
+                let mut options = repository::VersionsRestoreOptions::new(at);
+                options.dry_run = dry_run;
+                if let Some(parallelism) = parallelism {
+                    if parallelism == 0 {
+                        bail!("--parallelism 0: at least one object must be in flight");
+                    }
+                    options.parallelism = parallelism;
+                }
+                let report = repository::restore_versions_to_time(&bucket, &options).await?;
+                if json {
+                    print(serde_json::to_value(&report)?);
+                } else {
+                    print_versions_report(&report);
+                }
+                return Ok(());
+            }
+            state => {
+                if args.repo.is_none() {
+                    return Err(bucket.refusal(state));
+                }
+                no_versions = Some(format!(
+                    "bucket versioning {}",
+                    match state {
+                        repository::Versioning::Suspended => "suspended",
+                        _ => "never enabled",
+                    }
+                ));
+            }
+        }
+    }
+    let Some(repo_url) = args.repo.as_deref() else {
+        bail!(
+            "--repo URL is required for `restore-objects --to-time` on {}: only an s3:// bucket \
+             with versioning can be restored to a time without the repository's snapshots",
+            repository::redact_url(&store)
+        );
+    };
+    let repo = Repository::open(
+        repo_url,
+        RepositoryOptions {
+            s3: s3.clone(),
+            ..RepositoryOptions::default()
+        },
+    )
+    .await?;
+    let (target, options) = restore_target(&store, &s3, shard, parallelism, quarantine)?;
+    let report = repository::restore_snapshot_to_time(&repo, target, &options, at, dry_run).await?;
+    let why = no_versions.unwrap_or_else(|| "the store keeps no versions".to_owned());
+    if json {
+        let mut value = serde_json::to_value(&report)?;
+        if let Some(map) = value.as_object_mut() {
+            map.insert("rule_reason".to_owned(), serde_json::Value::String(why));
+        }
+        print(value);
+    } else {
+        print_snapshot_report(&report, &why);
+    }
+    Ok(())
+}
+
+fn print_versions_report(report: &repository::VersionsRestoreReport) {
+    outln!(
+        "rule: versions (each key's newest version at or before {}; the bucket keeps every \
+         version)",
+        report.to_time.to_rfc3339()
+    );
+    outln!(
+        "{}{}: bring back {}, remove {}, unchanged {} ({} keys, {} versions listed)",
+        if report.dry_run {
+            "dry run, nothing changed; "
+        } else {
+            ""
+        },
+        report.store,
+        report.brought_back.len(),
+        report.removed.len(),
+        report.unchanged,
+        report.keys,
+        report.versions
+    );
+    for b in &report.brought_back {
+        outln!(
+            "  bring back {:?} (version {} of {}, {} bytes)",
+            b.key,
+            b.version_id,
+            b.last_modified.to_rfc3339(),
+            b.size
+        );
+    }
+    for key in &report.removed {
+        outln!("  remove {key:?} (a delete marker; its versions stay)");
+    }
+}
+
+fn print_snapshot_report(report: &repository::SnapshotRestoreReport, why: &str) {
+    outln!(
+        "rule: snapshot ({why}: the newest snapshot of {} finished at or before {})",
+        report.store,
+        report.to_time.to_rfc3339()
+    );
+    outln!(
+        "snapshot {} taken {} to {} ({} objects)",
+        report.snapshot_id,
+        report.snapshot_started_at.to_rfc3339(),
+        report.snapshot_finished_at.to_rfc3339(),
+        report.objects
+    );
+    outln!(
+        "uncertainty window: {} to {} ({:.1} s): objects changed in it are not restored",
+        report.uncertainty.from.to_rfc3339(),
+        report.uncertainty.to.to_rfc3339(),
+        report.uncertainty.seconds
+    );
+    match &report.restore {
+        None => outln!("dry run: nothing restored"),
+        Some(r) => outln!(
+            "restored {} ({} bytes), unchanged {}, replaced {}, removed {} (displaced objects \
+             in {})",
+            r.restored,
+            r.restored_bytes,
+            r.unchanged,
+            r.replaced.len(),
+            r.removed.len(),
+            r.quarantine_prefix
+        ),
+    }
 }
 
 /// `repo restore-postgres --swap`: prepare the copy (unless an earlier run got further), then

@@ -20,6 +20,7 @@ mod kept;
 mod layout;
 mod lock;
 mod object_key;
+mod objects_at;
 mod pipe;
 mod point;
 mod postgres;
@@ -35,6 +36,7 @@ mod snapshot;
 mod store;
 mod undo;
 mod verify;
+mod versions;
 mod wal;
 
 pub use cipher::{
@@ -44,6 +46,10 @@ pub use cipher::{
 pub use kept::KeptQuarantine;
 pub use layout::{PointId, QUARANTINE_ROOT, SnapshotId, is_run_tag, run_tag, validate_environment};
 pub use object_key::{BadKey, check_object_key};
+pub use objects_at::{
+    BroughtBack, SnapshotRestoreReport, UncertaintyWindow, VersionsRestoreOptions,
+    VersionsRestoreReport, restore_snapshot_to_time, restore_versions_to_time, snapshot_at,
+};
 pub use point::{CLOCK_TOLERANCE, DamagedPoint, NewPoint, Point, PointListing};
 pub use postgres::backup::{PgBackupOptions, backup_postgres};
 pub use postgres::catalog::{
@@ -87,4 +93,5 @@ pub use undo::{
     UndoObjectsReport, read_records, records_prefix, undo_objects,
 };
 pub use verify::{RestoreTarget, SnapshotCheck, VerifyOptions, VerifyReport};
+pub use versions::{ObjectVersion, VersionedBucket, Versioning};
 pub use wal::{Pushed, WalError, WalRecord, WalReport, wal_fetch, wal_list, wal_push, wal_verify};

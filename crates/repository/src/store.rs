@@ -403,6 +403,42 @@ impl HashedUpload {
     }
 }
 
+/// The builder `store_from_url` configures for an `s3://` URL's bucket (the same options and
+/// credentials), for code that needs what object_store's trait does not offer: object
+/// versions ([`crate::versions`]).
+pub(crate) fn s3_builder(bucket: &str, s3: &S3Options) -> Result<AmazonS3Builder> {
+    install_crypto_provider();
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_retry(retry_config(s3))
+        .with_client_options(client_options(s3));
+    if let Some(endpoint) = &s3.endpoint {
+        builder = builder.with_endpoint(endpoint);
+    }
+    let allow_http = s3.allow_http.unwrap_or_else(|| {
+        s3.endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"))
+    });
+    builder = builder.with_allow_http(allow_http);
+    if let Some(region) = &s3.region {
+        builder = builder.with_region(region);
+    }
+    if s3.path_style {
+        builder = builder.with_virtual_hosted_style_request(false);
+    }
+    if let Some(var) = &s3.access_key_id_env {
+        builder = builder.with_access_key_id(env_reference(var, "access key id")?);
+    }
+    if let Some(var) = &s3.secret_access_key_env {
+        builder = builder.with_secret_access_key(env_reference(var, "secret access key")?);
+    }
+    if let Some(var) = &s3.session_token_env {
+        builder = builder.with_token(env_reference(var, "session token")?);
+    }
+    Ok(builder)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
