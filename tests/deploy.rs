@@ -5,6 +5,8 @@
 //! `deploy/agent.toml`'s commented examples, uncommented. The systemd units and
 //! `local-fleet.sh` are not configs Rollcall reads; the script is syntax-checked (`bash -n`).
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 fn deploy() -> PathBuf {

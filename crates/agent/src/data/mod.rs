@@ -561,17 +561,19 @@ mod tests {
     fn blobs_are_kept_for_the_restore_when_a_second_read_would_be_a_transfer() {
         let parse =
             |text: &str| toml::from_str::<ObjectsConfig>(&format!("url = \"file:///x\"\n{text}"));
-        let auto = parse("").unwrap();
+        let auto = parse("").expect("scratch defaults to auto");
         assert_eq!(auto.scratch, ScratchMode::Auto);
         for url in ["s3://bucket/repo", "gs://b/r", "az://c/r"] {
             assert!(auto.scratch.keeps_for(url), "{url}");
         }
         assert!(!auto.scratch.keeps_for("file:///var/backups/repo"));
-        let always = parse("scratch = \"always\"").unwrap().scratch;
+        let always = parse("scratch = \"always\"").expect("always").scratch;
         assert!(always.keeps_for("file:///var/backups/repo"));
-        let never = parse("scratch = \"never\"").unwrap().scratch;
+        let never = parse("scratch = \"never\"").expect("never").scratch;
         assert!(!never.keeps_for("s3://bucket/repo"));
-        let err = parse("scratch = \"sometimes\"").unwrap_err().to_string();
+        let err = parse("scratch = \"sometimes\"")
+            .expect_err("not a mode")
+            .to_string();
         assert!(err.contains("auto") && err.contains("never"), "{err}");
     }
 
