@@ -45,7 +45,7 @@ fn the_demo_passes_reports_its_numbers_and_cleans_up() {
     let fleet = dir.path().join("fleet");
     let stdout = demo(&["--sessions", "12", "--dir", fleet.to_str().unwrap()]);
     assert!(stdout.contains("succeeded"), "{stdout}");
-    // The restore test after the drill: the same point, into demo-restore-test, torn down.
+    // The restore test before the drill: the same point, into demo-restore-test, torn down.
     let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap();
     assert!(
         last.contains("restore test drill-demo-restore-test-") && last.ends_with(" succeeded"),

@@ -1,10 +1,10 @@
 //! `rollcall demo`: the whole runbook on one machine — a throwaway Postgres, a file:// object
 //! store and repository, the coordinator and one agent per role (web, two workers, scheduler,
 //! gateway, database, objects) as real processes over mTLS, each agent supervising its
-//! cowork-sim role. Seeds data, writes through web, takes a recovery point, keeps writing,
-//! breaks things, and runs the default plan as a drill; then a restore test restores the same
-//! point into `demo-restore-test` (another database on the cluster, another directory),
-//! verifies it and tears it down. Exit 0 only when both passed. Every process it starts is stopped on the way out (Ctrl-C and failures included)
+//! cowork-sim role. Seeds data, writes through web, takes a recovery point, restores it in a
+//! restore test into `demo-restore-test` (another database on the cluster, another directory),
+//! verifies it and tears it down while demo keeps serving; then keeps writing, breaks things,
+//! and runs the default plan as a drill in place. Exit 0 only when both passed. Every process it starts is stopped on the way out (Ctrl-C and failures included)
 //! unless `--keep`.
 
 use std::collections::BTreeMap;
@@ -456,6 +456,44 @@ max = "2s"
     }
     outln_lossy!("    recovery point {}", backup.point_id);
 
+    say(&format!(
+        "restore test first: the point restored into {RESTORE_TEST_ENV} (another database and \
+         directory), verified, torn down, while demo keeps serving untouched"
+    ));
+    let test = client
+        .start_run(op::StartRunRequest {
+            environment: RESTORE_TEST_ENV.into(),
+            kind: "drill".into(),
+            point: "latest".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let tested = wait_run(&connection, &test.id).await?;
+    let text = client
+        .get_report(op::GetReportRequest {
+            id: test.id.clone(),
+            format: "json".into(),
+            follow_ups: Vec::new(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .text;
+    std::fs::write(dir.join("restore-test-report.json"), &text)?;
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let rt = &report["restore_test"];
+    outln_lossy!(
+        "    {} of point {} ({}): restored in {:.1}s, demo untouched: {}, teardown: {}",
+        test.id,
+        test.point_id,
+        report["outcome"].as_str().unwrap_or("no report"),
+        rt["restore_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+        rt["source_untouched"].as_bool().unwrap_or(false),
+        rt["teardown"].as_str().unwrap_or("unknown"),
+    );
+
     say("writing for two more seconds, then the disaster: rows and objects deleted");
     tokio::time::sleep(Duration::from_secs(2)).await;
     fleet.stop("load");
@@ -523,43 +561,6 @@ max = "2s"
     }
     outln_lossy!("    report: {}", dir.join("report.md").display());
 
-    say(&format!(
-        "restore test: the same point restored into {RESTORE_TEST_ENV} (another database and \
-         directory), verified, torn down; demo is not touched"
-    ));
-    let test = client
-        .start_run(op::StartRunRequest {
-            environment: RESTORE_TEST_ENV.into(),
-            kind: "drill".into(),
-            point: "latest".into(),
-            ..Default::default()
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let tested = wait_run(&connection, &test.id).await?;
-    let text = client
-        .get_report(op::GetReportRequest {
-            id: test.id.clone(),
-            format: "json".into(),
-            follow_ups: Vec::new(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner()
-        .text;
-    std::fs::write(dir.join("restore-test-report.json"), &text)?;
-    let report: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    let rt = &report["restore_test"];
-    outln_lossy!(
-        "    {} of point {} ({}): restored in {:.1}s, demo untouched: {}, teardown: {}",
-        test.id,
-        test.point_id,
-        report["outcome"].as_str().unwrap_or("no report"),
-        rt["restore_ms"].as_f64().unwrap_or(0.0) / 1000.0,
-        rt["source_untouched"].as_bool().unwrap_or(false),
-        rt["teardown"].as_str().unwrap_or("unknown"),
-    );
     Ok(Outcome {
         restore_test: (test.id, tested.state, tested.reason),
         run_id: drill.id,

@@ -681,6 +681,13 @@ fn restore_target(
 
 /// `repo restore-objects --to-time T`: from the bucket's versions when it keeps them, else
 /// from the newest snapshot in the repository finished at or before T.
+/// Whether URL `inner` names `outer` or a prefix under it (trailing slashes ignored).
+fn url_within(inner: &str, outer: &str) -> bool {
+    let inner = inner.trim_end_matches('/');
+    let outer = outer.trim_end_matches('/');
+    inner == outer || inner.starts_with(&format!("{outer}/"))
+}
+
 async fn restore_objects_to_time(args: RepoArgs) -> Result<()> {
     let RepoCommand::RestoreObjects {
         store,
@@ -713,6 +720,18 @@ async fn restore_objects_to_time(args: RepoArgs) -> Result<()> {
             serde_json::to_string_pretty(&value).unwrap_or_default()
         );
     };
+    // A repository kept inside the store would be taken back to the time with it: the WAL
+    // and points written since would be removed from under the restores that need them.
+    if let Some(repo_url) = args.repo.as_deref()
+        && url_within(repo_url, &store)
+    {
+        bail!(
+            "repository {} lies inside store {store}: restoring the store to a time would \
+             take the repository back with it; keep the repository outside the service's \
+             store (another bucket or prefix)",
+            repository::redact_url(repo_url)
+        );
+    }
     // Why the snapshot rule is used, when the store is a bucket that could have had versions.
     let mut no_versions = None;
     if store.starts_with("s3://") || store.starts_with("s3a://") {
@@ -818,6 +837,21 @@ fn print_versions_report(report: &repository::VersionsRestoreReport) {
     }
     for key in &report.removed {
         outln!("  remove {key:?} (a delete marker; its versions stay)");
+    }
+    if !report.ambiguous.is_empty() {
+        outln!(
+            "{} key(s) changed within the second of {} (S3 keeps whole seconds), so their \
+             state at that instant is uncertain; a delete there was not applied: {}",
+            report.ambiguous.len(),
+            report.to_time.to_rfc3339(),
+            report
+                .ambiguous
+                .iter()
+                .take(10)
+                .map(|k| format!("{k:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
 }
 

@@ -386,6 +386,25 @@ fn file_store_to_a_time_uses_the_snapshot_before_it() {
         ]),
         &["--repo URL is required for `restore-objects --to-time`"],
     );
+    // A repository inside the store it would take back is refused, the store untouched.
+    let inner = format!("{store}/backups");
+    fails_with(
+        &rollcall(&[
+            "repo",
+            "restore-objects",
+            "--store",
+            &store,
+            "--to-time",
+            &t,
+            "--repo",
+            &inner,
+        ]),
+        &["lies inside store", "keep the repository outside"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(live.join("a.txt")).unwrap(),
+        "a first"
+    );
     fails_with(
         &rollcall(&[
             "repo",

@@ -29,7 +29,9 @@ use crate::layout::{QUARANTINE_ROOT, SnapshotId};
 use crate::repo::Repository;
 use crate::restore::{RestoreObjectsOptions, RestoreObjectsReport, restore_objects};
 use crate::snapshot::for_each_parallel;
-use crate::versions::{ObjectVersion, VersionedBucket, by_key, current, version_at};
+use crate::versions::{
+    ObjectVersion, VersionedBucket, ambiguous_at, by_key, current, version_to_restore,
+};
 
 /// Bodies at least this large are written back in parts.
 const MULTIPART_AT: u64 = 8 << 20;
@@ -81,6 +83,10 @@ pub struct VersionsRestoreReport {
     pub removed: Vec<String>,
     /// Keys already as they were at the time (present or absent).
     pub unchanged: u64,
+    /// Keys with a version stamped in the time's own second (S3 keeps whole seconds), so what
+    /// they held at the time cannot be told from what they held a moment later: a delete
+    /// there was not applied (sorted by key).
+    pub ambiguous: Vec<String>,
 }
 
 /// What one key needs, decided from its versions alone.
@@ -103,7 +109,7 @@ pub(crate) enum Decision {
 
 /// The decision for one key's history (newest first).
 pub(crate) fn decide(history: &[ObjectVersion], at: DateTime<Utc>) -> Decision {
-    let wanted = version_at(history, at).filter(|v| !v.delete_marker);
+    let wanted = version_to_restore(history, at).filter(|v| !v.delete_marker);
     let live = current(history).filter(|v| !v.delete_marker);
     match (wanted, live) {
         (None, None) => Decision::Unchanged,
@@ -175,6 +181,7 @@ pub async fn restore_versions_to_time(
         brought_back: Vec::new(),
         removed: Vec::new(),
         unchanged: 0,
+        ambiguous: Vec::new(),
     };
     // Decide every key first, and check that every key to change can be named, before
     // anything is written.
@@ -185,6 +192,9 @@ pub async fn restore_versions_to_time(
             continue;
         }
         report.keys += 1;
+        if ambiguous_at(history, options.to_time) {
+            report.ambiguous.push(key.clone());
+        }
         let decision = decide(history, options.to_time);
         if decision != Decision::Unchanged {
             work.push((object_path(key, &bucket.label)?, key.clone(), decision));
@@ -249,6 +259,7 @@ pub async fn restore_versions_to_time(
         }
     }
     report.removed.sort();
+    report.ambiguous.sort();
     report.brought_back.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(report)
 }
@@ -580,6 +591,21 @@ mod tests {
             v("1", 1, false, "a", 3),
         ];
         assert_eq!(decide(&rewritten, at(6)), Decision::Remove);
+        // A delete stamped in T's own second may have come just after T: not applied, and
+        // the key is ambiguous; a delete in an earlier second is.
+        let same_second = [marker("2", 2, true), v("1", 1, false, "a", 3)];
+        let t = at(2) + chrono::Duration::milliseconds(300);
+        assert_eq!(
+            decide(&same_second, t),
+            Decision::BringBack(same_second[1].clone())
+        );
+        assert!(crate::versions::ambiguous_at(&same_second, t));
+        assert!(!crate::versions::ambiguous_at(&same_second, at(3)));
+        assert_eq!(
+            decide(&same_second, at(3)),
+            Decision::Unchanged,
+            "deleted before T"
+        );
         // Not written yet at T: removed; already removed: unchanged.
         assert_eq!(decide(&overwritten, at(0)), Decision::Remove);
         let removed = [marker("9", 9, true), v("1", 1, false, "a", 3)];

@@ -182,19 +182,22 @@ impl Repository {
     /// The config object, if the repository has one.
     async fn read_config(&self) -> Result<Option<(RepositoryConfig, Option<String>)>> {
         let key = Path::from(CONFIG_KEY);
-        let got = match self.store.get(&key).await {
-            Ok(got) => got,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => {
-                return Err(anyhow::Error::new(e)
-                    .context(format!("read {CONFIG_KEY} from repository {}", self.label)));
-            }
+        let what = format!("read {CONFIG_KEY} from repository {}", self.label);
+        // Every open reads it, so a transient store error is retried like any other read.
+        let got = crate::store::retry(&self.options.retry, &what, || async {
+            let got = match self.store.get(&key).await {
+                Ok(got) => got,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(anyhow::Error::new(e).context(what.clone())),
+            };
+            let etag = got.meta.e_tag.clone();
+            let bytes = got.bytes().await.with_context(|| what.clone())?;
+            Ok(Some((bytes, etag)))
+        })
+        .await?;
+        let Some((bytes, etag)) = got else {
+            return Ok(None);
         };
-        let etag = got.meta.e_tag.clone();
-        let bytes = got
-            .bytes()
-            .await
-            .with_context(|| format!("read {CONFIG_KEY} from repository {}", self.label))?;
         Ok(Some((
             RepositoryConfig::from_bytes(&bytes, &self.label)?,
             etag,
@@ -203,10 +206,32 @@ impl Repository {
 
     /// Applies the config object: an encrypted repository gets its sealing store.
     async fn configure(mut self) -> Result<Repository> {
-        let Some((config, _)) = self.read_config().await? else {
-            return Ok(self);
-        };
-        let Some(encryption) = config.encryption else {
+        let config = self.read_config().await?;
+        let has_config = config.is_some();
+        let Some(encryption) = config.and_then(|(c, _)| c.encryption) else {
+            // A process that holds a repository key expects an encrypted repository: one that
+            // reads as plaintext had its config object deleted or replaced, and writing to it
+            // (or trusting what is in it) would silently undo the encryption.
+            let key_source = match &self.options.key {
+                Some(_) => Some("a repository key was given".to_owned()),
+                None => RepositoryKey::from_env(KEY_ENV, KEY_FILE_ENV)
+                    .with_context(|| format!("open repository {}", self.label))?
+                    .map(|(_, source)| format!("{source} holds a repository key")),
+            };
+            if let Some(source) = key_source {
+                bail!(
+                    "repository {} reads as not encrypted ({}), but {source}: if it was \
+                     encrypted, its config object was deleted or replaced, so restore \
+                     {CONFIG_KEY} from a copy and write nothing to it until then; if it is a \
+                     plaintext repository, unset {KEY_ENV} and {KEY_FILE_ENV} for this process",
+                    self.label,
+                    if has_config {
+                        format!("its {CONFIG_KEY} says plaintext")
+                    } else {
+                        format!("it has no {CONFIG_KEY}")
+                    }
+                );
+            }
             return Ok(self);
         };
         let (kek, source) = match &self.options.key {
@@ -216,7 +241,8 @@ impl Repository {
             {
                 Some(found) => found,
                 None => bail!(
-                    "repository {} is encrypted (key {}): set {KEY_ENV} (its 32-byte key in                      base64) or {KEY_FILE_ENV} (a file holding it) in this process's environment",
+                    "repository {} is encrypted (key {}): set {KEY_ENV} (its 32-byte key in \
+                     base64) or {KEY_FILE_ENV} (a file holding it) in this process's environment",
                     self.label,
                     encryption.key_id
                 ),
@@ -265,7 +291,8 @@ impl Repository {
             .collect();
         if !held.is_empty() {
             bail!(
-                "repository {} already holds data ({}): a repository is initialised (and                  encrypted) before anything is written to it; init an empty location instead",
+                "repository {} already holds data ({}): a repository is initialised (and \
+                 encrypted) before anything is written to it; init an empty location instead",
                 repo.label,
                 held.join(", ")
             );
@@ -333,7 +360,8 @@ impl Repository {
                 self.label
             ),
             Err(object_store::Error::Precondition { .. }) => bail!(
-                "the config object of repository {} changed while the key was rotated: run the                  rotation again",
+                "the config object of repository {} changed while the key was rotated: run the \
+                 rotation again",
                 self.label
             ),
             // Stores without conditional writes (a local directory for updates).

@@ -223,8 +223,36 @@ pub(crate) fn unquote(etag: &str) -> &str {
 /// The version `history` (one key's versions, newest first as S3 lists them) had at `at`: the
 /// newest whose LastModified is at or before `at`. `None`: the key did not exist yet. A delete
 /// marker: it had been deleted.
+#[cfg(test)]
 pub(crate) fn version_at(history: &[ObjectVersion], at: DateTime<Utc>) -> Option<&ObjectVersion> {
     history.iter().find(|v| v.last_modified <= at)
+}
+
+/// Whether `stamp` (a LastModified: S3 keeps whole seconds) falls in `at`'s own second, so the
+/// change it stamps may have been made just after `at`.
+pub(crate) fn in_second_of(stamp: DateTime<Utc>, at: DateTime<Utc>) -> bool {
+    stamp.timestamp() == at.timestamp()
+}
+
+/// The version to restore for `at`: the newest at or before it, except that a delete marker stamped in
+/// `at`'s own second is passed over for what came before it. The delete may have happened just
+/// after `at`, and a row committed at `at` must not name an object the restore removed; an
+/// object kept that was deleted a moment before `at` is only an extra. Keys with any version
+/// in that second are reported as ambiguous ([`ambiguous_at`]).
+pub(crate) fn version_to_restore(
+    history: &[ObjectVersion],
+    at: DateTime<Utc>,
+) -> Option<&ObjectVersion> {
+    history
+        .iter()
+        .filter(|v| v.last_modified <= at)
+        .find(|v| !(v.delete_marker && in_second_of(v.last_modified, at)))
+}
+
+/// Whether one of the key's versions is stamped in `at`'s own second: what it held at `at`
+/// cannot be told apart from what it held a moment later.
+pub(crate) fn ambiguous_at(history: &[ObjectVersion], at: DateTime<Utc>) -> bool {
+    history.iter().any(|v| in_second_of(v.last_modified, at))
 }
 
 /// The key's current version or delete marker (`None`: no version at all).

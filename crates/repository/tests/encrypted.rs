@@ -287,3 +287,44 @@ async fn an_encrypted_repository_on_s3_round_trips_multipart_bodies() {
     );
     assert!(stored.iter().any(|m| m.size > big.len() as u64));
 }
+
+/// Deleting the config object must not turn the encryption off for a process that holds the
+/// key: it refuses to open (and so to write plaintext into, or trust, the repository).
+#[tokio::test]
+async fn a_deleted_or_replaced_config_object_is_refused_while_a_key_is_held() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = RepositoryKey::generate().expect("key");
+    let repo_dir = dir.path().join("repo");
+    encrypted_repo(&repo_dir, &key).await;
+    let url = format!("file://{}", repo_dir.display());
+    let config = repo_dir.join("rollcall-repository.json");
+    let kept = std::fs::read(&config).expect("config object");
+    std::fs::remove_file(&config).expect("delete the config object");
+    let err = Repository::open(&url, options(&key))
+        .await
+        .expect_err("opened without its config object");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("reads as not encrypted (it has no rollcall-repository.json)")
+            && text.contains("restore rollcall-repository.json from a copy"),
+        "{text}"
+    );
+    // Replaced by a plaintext config object (this repository holds nothing else yet, so init
+    // writes one): refused the same way.
+    Repository::init(&url, options(&key), None)
+        .await
+        .expect("a plaintext config object written");
+    let err = Repository::open(&url, options(&key))
+        .await
+        .expect_err("opened with a plaintext config object and a key held");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("reads as not encrypted (its rollcall-repository.json says plaintext)"),
+        "{text}"
+    );
+    // Put back, it opens again.
+    std::fs::write(&config, kept).expect("restore the config object");
+    Repository::open(&url, options(&key))
+        .await
+        .expect("open again");
+}

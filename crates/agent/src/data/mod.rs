@@ -332,6 +332,35 @@ impl DataPlane {
             .context("this agent has no [postgres] section; it is not a database agent")
     }
 
+    /// A point of another environment (a restore test) restored into the store it was taken
+    /// from, or one overlapping it, would overwrite the source's live objects with no freeze:
+    /// refused before anything is read or changed.
+    async fn refuse_restoring_onto_the_source(
+        &self,
+        repo: &repository::Repository,
+        id: &PointId,
+        objects: &ObjectsConfig,
+    ) -> Result<()> {
+        let point = repo.read_point(id).await?;
+        let Some(part) = &point.objects else {
+            return Ok(());
+        };
+        if point.environment == self.environment {
+            return Ok(());
+        }
+        let ours = repository::redact_url(&objects.url);
+        if stores_overlap(&ours, &part.source) {
+            bail!(
+                "point {id} of environment {} was taken from object store {}, and this agent's \
+                 store {ours} is that store or overlaps it: a restore test must restore into \
+                 another bucket or a prefix outside the source's (fix [objects] url)",
+                point.environment,
+                part.source
+            );
+        }
+        Ok(())
+    }
+
     fn objects(&self) -> Result<&ObjectsConfig> {
         self.objects
             .as_ref()
@@ -354,6 +383,10 @@ impl DataPlane {
         let repo_ref = repo;
         let repo = repo.open().await?;
         let id = PointId::parse(point)?;
+        if let Some(objects) = &self.objects {
+            self.refuse_restoring_onto_the_source(&repo, &id, objects)
+                .await?;
+        }
         let options = VerifyOptions {
             full: false,
             restore_target: match &self.objects {
@@ -505,9 +538,29 @@ fn is_run_tag(name: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// Whether two store URLs name the same place or one lies inside the other.
+fn stores_overlap(a: &str, b: &str) -> bool {
+    let a = a.trim_end_matches('/');
+    let b = b.trim_end_matches('/');
+    a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stores_overlap_when_equal_or_nested() {
+        assert!(stores_overlap("s3://b/app", "s3://b/app/"));
+        assert!(stores_overlap("s3://b", "s3://b/app"));
+        assert!(stores_overlap(
+            "file:///srv/objects/app",
+            "file:///srv/objects"
+        ));
+        assert!(!stores_overlap("s3://b/app", "s3://b/app2"));
+        assert!(!stores_overlap("s3://b/app", "s3://other/app"));
+        assert!(!stores_overlap("file:///srv/a", "file:///srv/b"));
+    }
 
     fn postgres(counts: Option<&[&str]>) -> Postgres {
         let text = match counts {

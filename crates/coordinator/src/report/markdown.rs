@@ -458,6 +458,12 @@ impl DrillReport {
             md.section("Restore test");
             let n = |v: Option<u64>| v.map_or_else(|| NOT_RECORDED.to_owned(), |n| n.to_string());
             let untouched = match (&test.source_agents_known, test.source_untouched) {
+                (Some(known), _) if known.is_empty() => format!(
+                    "unknown: the coordinator knew none of {}'s agents when the report was built \
+                     (the run commanded {})",
+                    test.source,
+                    test.agents_commanded.join(", ")
+                ),
                 (Some(known), true) => format!(
                     "yes: none of its {} agent(s) got a command (the run commanded {})",
                     known.len(),

@@ -96,7 +96,8 @@ pub struct RestoreTestInfo {
     /// The source's agents the coordinator knew when the report was built (the comparison's
     /// other side); None when it was not given them.
     pub source_agents_known: Option<Vec<String>>,
-    /// True when no command of the run went to an agent of the source.
+    /// True when no command of the run went to an agent of the source (and the coordinator
+    /// knew the source's agents to compare with).
     pub source_untouched: bool,
     /// From the start of the first phase that restores (prepare-postgres, commit-postgres,
     /// restore-postgres, restore-objects) to the end of the last of them.
@@ -360,7 +361,9 @@ impl DrillReport {
                 .filter(|a| known.contains(a))
                 .cloned()
                 .collect();
-            test.source_untouched = test.source_agents_commanded.is_empty();
+            // With none of the source's agents known (a coordinator restarted before they
+            // attached again) there is nothing to compare with: not claimed untouched.
+            test.source_untouched = !known.is_empty() && test.source_agents_commanded.is_empty();
             test.source_agents_known = Some(known);
         }
         self
