@@ -104,36 +104,8 @@ pub fn store_from_url(url: &str, s3: &S3Options) -> Result<(Arc<dyn ObjectStore>
         }
         "memory" => Ok((Arc::new(InMemory::new()), prefix()?)),
         "s3" | "s3a" => {
-            install_crypto_provider();
             let bucket = bucket_of(&parsed, url)?;
-            let mut builder = AmazonS3Builder::from_env()
-                .with_bucket_name(bucket)
-                .with_retry(retry_config(s3))
-                .with_client_options(client_options(s3));
-            if let Some(endpoint) = &s3.endpoint {
-                builder = builder.with_endpoint(endpoint);
-            }
-            let allow_http = s3.allow_http.unwrap_or_else(|| {
-                s3.endpoint
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with("http://"))
-            });
-            builder = builder.with_allow_http(allow_http);
-            if let Some(region) = &s3.region {
-                builder = builder.with_region(region);
-            }
-            if s3.path_style {
-                builder = builder.with_virtual_hosted_style_request(false);
-            }
-            if let Some(var) = &s3.access_key_id_env {
-                builder = builder.with_access_key_id(env_reference(var, "access key id")?);
-            }
-            if let Some(var) = &s3.secret_access_key_env {
-                builder = builder.with_secret_access_key(env_reference(var, "secret access key")?);
-            }
-            if let Some(var) = &s3.session_token_env {
-                builder = builder.with_token(env_reference(var, "session token")?);
-            }
+            let builder = s3_builder(&bucket, s3)?;
             let store = builder
                 .build()
                 .with_context(|| format!("configure S3 store for {}", redact_url(url)))?;
@@ -191,12 +163,12 @@ pub fn store_from_url(url: &str, s3: &S3Options) -> Result<(Arc<dyn ObjectStore>
 }
 
 /// reqwest/rustls need a process-wide crypto provider; we use ring only (no cmake).
-fn install_crypto_provider() {
+pub(crate) fn install_crypto_provider() {
     // Err means another provider is already installed, which is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn bucket_of(parsed: &url::Url, url: &str) -> Result<String> {
+pub(crate) fn bucket_of(parsed: &url::Url, url: &str) -> Result<String> {
     match parsed.host_str() {
         Some(host) if !host.is_empty() => Ok(host.to_owned()),
         _ => bail!(

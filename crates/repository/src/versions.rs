@@ -323,13 +323,8 @@ impl VersionedBucket {
                 redact_url(url)
             );
         }
-        let Some(bucket) = parsed.host_str().filter(|h| !h.is_empty()) else {
-            bail!(
-                "store URL {} names no bucket: write it as s3://BUCKET/optional/prefix",
-                redact_url(url)
-            );
-        };
-        let builder = crate::store::s3_builder(bucket, s3)?;
+        let bucket = crate::store::bucket_of(&parsed, url)?;
+        let builder = crate::store::s3_builder(&bucket, s3)?;
         VersionedBucket::from_builder(builder, parsed.path(), &redact_url(url))
     }
 
@@ -339,7 +334,7 @@ impl VersionedBucket {
         prefix: &str,
         label: &str,
     ) -> Result<VersionedBucket> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::store::install_crypto_provider();
         let get = |key| builder.get_config_value(&key);
         let Some(bucket) = get(AmazonS3ConfigKey::Bucket) else {
             bail!("no bucket configured for {label}");
