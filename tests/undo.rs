@@ -258,7 +258,7 @@ async fn an_undo_after_a_finished_drill_needs_force_and_brings_back_what_was_the
 }
 
 /// A drill that changed nothing (its prepare failed) is not undone: the refusal says so and no
-/// run starts. A drill that blocked after the swap and the object restore (its worker smoke
+/// run starts; aborted, the copy its prepare began is listed as kept and pruned at once. A drill that blocked after the swap and the object restore (its worker smoke
 /// hangs) is undone without --force, since traffic never resumed: the rows and objects from
 /// before it are back, roles run as before it, traffic resumes, and the drill is ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,6 +286,46 @@ async fn an_undo_after_a_blocked_drill_takes_back_what_it_changed() {
     let aborted = f.run(&["run", "abort", &unchanged_id]);
     assert!(aborted.status.success(), "{}", text(&aborted));
     std::fs::remove_file(&f.pg_restore_fails).unwrap();
+    // The copy its prepare began stays (nothing is dropped unasked): the abort says so, `kept
+    // list` shows it, and a prune drops it at once (it holds only the point), the live
+    // database untouched.
+    let prepared = format!("cowork_restore_{}", run_tag(&unchanged_id));
+    assert_eq!(
+        databases(&f.cluster, &format!("cowork_%{}", run_tag(&unchanged_id))),
+        std::slice::from_ref(&prepared)
+    );
+    let show = f.run(&["run", "show", &unchanged_id, "--json"]);
+    let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let reason = show["run"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("_restore_{}", run_tag(&unchanged_id)))
+            && reason.contains("rollcall kept prune --env test"),
+        "{show}"
+    );
+    let listed = f.run(&["kept", "list", "--env", "test", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let copy = listed["copies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == prepared.as_str())
+        .unwrap_or_else(|| panic!("{prepared} not listed: {listed:#}"));
+    assert_eq!(copy["kind"], "database_prepared", "{listed:#}");
+    assert_eq!(copy["run"], unchanged_id.as_str(), "{listed:#}");
+    assert_eq!(copy["run_state"], "aborted", "{listed:#}");
+    let live_rows = rows(&f.cluster, "cowork");
+    let pruned = f.run(&["kept", "prune", "--env", "test", "--json"]);
+    assert!(pruned.status.success(), "{}", text(&pruned));
+    assert!(
+        databases(&f.cluster, &format!("cowork_%{}", run_tag(&unchanged_id))).is_empty(),
+        "{}",
+        text(&pruned)
+    );
+    assert_eq!(
+        rows(&f.cluster, "cowork"),
+        live_rows,
+        "the live database untouched"
+    );
 
     // Blocked after the swap and the object restore: the worker's smoke hangs.
     let rows_before = rows(&f.cluster, "cowork");

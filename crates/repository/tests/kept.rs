@@ -1,8 +1,10 @@
 //! Kept databases against a throwaway cluster, as the application's owner role (not a
 //! superuser, with CREATEDB), the way the database agent runs: the listing names only kept
-//! copies of the live database, with sizes and sessions; a drop refuses any other name, a
-//! database with a session (named), and any drop while the live database is missing or a swap
-//! of the tag may be under way; and drops exactly the named copy otherwise.
+//! copies of the live database (the `_pre_` and `_undone_` databases swaps kept, and the
+//! `_restore_` copies a restore prepared and never swapped in), with sizes and sessions; a drop
+//! refuses any other name, a database with a session (named), and any drop while the live
+//! database is missing or a swap of the tag may be under way; and drops exactly the named copy
+//! otherwise.
 
 use std::time::Duration;
 
@@ -45,6 +47,7 @@ async fn kept_databases_are_listed_and_only_idle_kept_copies_dropped() {
         "live_undone_r0000000b",
         "live_pre_r0000000c",
         "live_restore_r0000000c",
+        "live_restore_r0000000e",
         "live_pre_notatag",
         "lively_pre_r0000000d",
     ] {
@@ -66,6 +69,8 @@ async fn kept_databases_are_listed_and_only_idle_kept_copies_dropped() {
             ("live_pre_r0000000a", KeptKind::Pre, "r0000000a"),
             ("live_pre_r0000000b", KeptKind::Pre, "r0000000b"),
             ("live_pre_r0000000c", KeptKind::Pre, "r0000000c"),
+            ("live_restore_r0000000c", KeptKind::Prepared, "r0000000c"),
+            ("live_restore_r0000000e", KeptKind::Prepared, "r0000000e"),
             ("live_undone_r0000000b", KeptKind::Undone, "r0000000b"),
         ]
     );
@@ -75,7 +80,7 @@ async fn kept_databases_are_listed_and_only_idle_kept_copies_dropped() {
     // Names that are not kept copies of the live database: refused, nothing dropped.
     for name in [
         "live",
-        "live_restore_r0000000c",
+        "live_restore_",
         "live_pre_notatag",
         "lively_pre_r0000000d",
     ] {
@@ -94,6 +99,20 @@ async fn kept_databases_are_listed_and_only_idle_kept_copies_dropped() {
     assert!(
         format!("{err:#}").contains("live_restore_r0000000c exists"),
         "{err:#}"
+    );
+    // And the other way: a prepared copy whose tag's `_pre_` exists.
+    let err = drop_kept_database(&url, "live_restore_r0000000c", CONNECT)
+        .await
+        .expect_err("a kept database of its tag exists");
+    assert!(
+        format!("{err:#}").contains("live_pre_r0000000c exists"),
+        "{err:#}"
+    );
+    // A prepared copy alone (a run aborted after its prepare) goes.
+    assert!(
+        drop_kept_database(&url, "live_restore_r0000000e", CONNECT)
+            .await
+            .expect("drop the prepared copy")
     );
 
     // A session on it: counted in the listing, named by the refusal.

@@ -2,7 +2,10 @@
 //! is ever destroyed — the databases they replaced (`<db>_pre_<tag>`, `<db>_undone_<tag>`, on
 //! the environment's database agents) and the objects they displaced (`quarantine/<tag>/` with
 //! its records, in the repository, which the coordinator opens itself) — listed with size, age
-//! and run, and pruned by retention.
+//! and run, and pruned by retention. Also listed: the copies restores prepared and never swapped
+//! in (`<db>_restore_<tag>`, left by a run aborted or blocked after `prepare-postgres`), which
+//! hold nothing the point does not; a prune drops one once its run is finished and never sent
+//! its commit, whatever `--keep-last` says.
 //!
 //! Each copy belongs to one restore run (drill or recovery): `_pre_<tag>` and
 //! `quarantine/<tag>/` to the restore of that tag, `_undone_<tag>` to the restore an undo took
@@ -58,6 +61,8 @@ pub enum CopyKind {
     DatabaseUndone,
     /// `quarantine/<tag>/` and its records: the objects a restore or undo displaced.
     Quarantine,
+    /// `<db>_restore_<tag>`: the point a restore prepared and never swapped in.
+    DatabasePrepared,
 }
 
 impl CopyKind {
@@ -66,6 +71,7 @@ impl CopyKind {
             CopyKind::DatabasePre => "database_pre",
             CopyKind::DatabaseUndone => "database_undone",
             CopyKind::Quarantine => "quarantine",
+            CopyKind::DatabasePrepared => "database_prepared",
         }
     }
 }
@@ -140,6 +146,9 @@ pub struct RunFacts {
     pub changed_live: bool,
     /// For an undo run: the restore it takes back.
     pub undoes: Option<String>,
+    /// A `commit-postgres` command was sent: the agent may have swapped (or be swapping) its
+    /// prepared copy in.
+    pub sent_commit: bool,
 }
 
 /// Decides, for each copy, whether a prune deletes it (see the module doc). Pure: the copies
@@ -216,15 +225,27 @@ pub fn select(
             }) {
                 return Verdict::Keep(format!("undo run {} of it is {}", u.id, u.state));
             }
-            if newest_finished.contains(&run) {
+            // A prepared copy holds only the point (the repository has it): no undo ever needs
+            // it, so retention by runs does not apply. Unless the run sent its commit: then the
+            // database agent may be swapping it in, and it stays until the agent's listing no
+            // longer shows it.
+            if copy.kind == CopyKind::DatabasePrepared {
+                if by_id.get(run).is_some_and(|r| r.sent_commit) {
+                    return Verdict::Keep(format!(
+                        "run {run} sent its commit: the database agent may swap it in; drop it \
+                         by hand once you know no swap of {} is under way",
+                        copy.tag
+                    ));
+                }
+            } else if newest_finished.contains(&run) {
                 return Verdict::Keep("the newest finished restore's".into());
             }
-            if undoable.contains(&run) {
+            if copy.kind != CopyKind::DatabasePrepared && undoable.contains(&run) {
                 return Verdict::Keep(format!(
                     "an undo could still need it (`rollcall run undo {run}`)"
                 ));
             }
-            if last.contains(&run) {
+            if copy.kind != CopyKind::DatabasePrepared && last.contains(&run) {
                 return Verdict::Keep(format!(
                     "among the last {} restores (--keep-last)",
                     rules.keep_last
@@ -291,7 +312,9 @@ pub fn attribute(copies: &mut [KeptCopy], runs: &[RunRecord]) {
         let maker = match copy.kind {
             CopyKind::DatabaseUndone => undo,
             // A quarantine is its tag's run's: the restore's, or the undo's own.
-            CopyKind::DatabasePre | CopyKind::Quarantine => Some(tagged),
+            CopyKind::DatabasePre | CopyKind::Quarantine | CopyKind::DatabasePrepared => {
+                Some(tagged)
+            }
         };
         if let Some(made) = maker.and_then(ended) {
             copy.made_at = Some(made);
@@ -318,6 +341,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                         kind: match db.kind {
                             repository::KeptKind::Pre => CopyKind::DatabasePre,
                             repository::KeptKind::Undone => CopyKind::DatabaseUndone,
+                            repository::KeptKind::Prepared => CopyKind::DatabasePrepared,
                         },
                         name: db.name,
                         agent: Some(agent.clone()),
@@ -384,21 +408,29 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         let runs = self.environment_runs(environment).await?;
         let mut facts = Vec::with_capacity(runs.len());
         for r in &runs {
-            let changed_live = matches!(r.kind, RunKind::Drill | RunKind::Recovery)
-                && self
-                    .inner
+            let restore = matches!(r.kind, RunKind::Drill | RunKind::Recovery);
+            let sent: Vec<ActionKind> = if restore {
+                self.inner
                     .store
                     .commands(&r.id)
                     .await?
                     .iter()
-                    .any(|(c, _)| {
-                        matches!(
-                            c.action,
-                            ActionKind::CommitPostgres
-                                | ActionKind::RestorePostgres
-                                | ActionKind::RestoreObjects
-                        )
-                    });
+                    .map(|(c, _)| c.action)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let changed_live = sent.iter().any(|a| {
+                matches!(
+                    a,
+                    ActionKind::CommitPostgres
+                        | ActionKind::RestorePostgres
+                        | ActionKind::RestoreObjects
+                )
+            });
+            let sent_commit = sent
+                .iter()
+                .any(|a| matches!(a, ActionKind::CommitPostgres | ActionKind::RestorePostgres));
             facts.push(RunFacts {
                 id: r.id.clone(),
                 kind: r.kind,
@@ -406,6 +438,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 seq: r.seq,
                 changed_live,
                 undoes: RunParams::of(&r.params).undoes.map(|u| u.run),
+                sent_commit,
             });
         }
         let verdicts = select(&listing.copies, &facts, rules, Utc::now());
@@ -702,6 +735,7 @@ mod tests {
             seq,
             changed_live: changed,
             undoes: None,
+            sent_commit: changed,
         }
     }
 
@@ -746,6 +780,69 @@ mod tests {
             .filter(|(v, _)| *v == Verdict::Prune)
             .map(|(_, c)| c.run.clone().unwrap_or_default())
             .collect()
+    }
+
+    fn prepared(run: &str) -> KeptCopy {
+        KeptCopy {
+            kind: CopyKind::DatabasePrepared,
+            name: format!("cowork_restore_{}", repository::run_tag(run)),
+            ..pre(run, 1)
+        }
+    }
+
+    #[test]
+    fn a_prepared_copy_goes_once_its_run_ended_without_a_commit_whatever_retention_says() {
+        let aborted = |id: &str, seq| run(id, RunKind::Drill, RunState::Aborted, seq, false);
+        let runs = [
+            drill("d1", 1),
+            aborted("a2", 2),
+            // Blocked after its prepare: a retry still needs the copy.
+            run("b3", RunKind::Drill, RunState::Blocked, 3, false),
+            // Aborted after its commit went out: the agent may be swapping it in.
+            RunFacts {
+                sent_commit: true,
+                ..aborted("c4", 4)
+            },
+            aborted("a5", 5),
+        ];
+        let copies = [
+            prepared("a2"),
+            prepared("b3"),
+            prepared("c4"),
+            prepared("a5"),
+        ];
+        // a5 is the newest run and a2 among the last two restores: neither rule keeps a
+        // prepared copy.
+        assert_eq!(
+            pruned(&copies, &runs, rules(DEFAULT_KEEP_LAST)),
+            ["a2", "a5"]
+        );
+        let verdicts = select(&copies, &runs, rules(DEFAULT_KEEP_LAST), Utc::now());
+        assert_eq!(verdicts[1], Verdict::Keep("run b3 is blocked".into()));
+        assert!(
+            matches!(&verdicts[2], Verdict::Keep(why) if why.contains("sent its commit")),
+            "{:?}",
+            verdicts[2]
+        );
+        // --older-than and sessions still hold.
+        let young = select(
+            &copies,
+            &runs,
+            PruneRules {
+                keep_last: 0,
+                older_than: Some(Duration::from_secs(7 * 86_400)),
+            },
+            Utc::now(),
+        );
+        assert!(matches!(&young[0], Verdict::Keep(why) if why.contains("younger")));
+        let busy = KeptCopy {
+            sessions: 1,
+            ..prepared("a2")
+        };
+        assert!(matches!(
+            &select(&[busy], &runs, rules(0), Utc::now())[0],
+            Verdict::Keep(why) if why.contains("session")
+        ));
     }
 
     #[test]

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use api::model::{AgentName, AgentStatus, Availability};
+use api::model::{ActionKind, AgentName, AgentStatus, Availability};
 use chrono::Utc;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -562,12 +562,34 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 let phases = store.phases(id).await?;
                 let frozen = phase_passed(&phases, &run, Action::Freeze)
                     && !phase_passed(&phases, &run, Action::Unfreeze);
-                let reason = if frozen {
+                let sent: Vec<ActionKind> = store
+                    .commands(id)
+                    .await?
+                    .into_iter()
+                    .map(|(c, _)| c.action)
+                    .collect();
+                // A copy prepare-postgres made and no commit took: it stays on the database
+                // server (nothing is ever dropped unasked) until a prune.
+                let prepared_left = sent.contains(&ActionKind::PreparePostgres)
+                    && !sent.iter().any(|a| {
+                        matches!(a, ActionKind::CommitPostgres | ActionKind::RestorePostgres)
+                    });
+                let mut reason = if frozen {
                     "aborted by an operator; the fleet stays frozen (writes are off) until an \
                      operator unfreezes it"
+                        .to_owned()
                 } else {
-                    "aborted by an operator"
+                    "aborted by an operator".to_owned()
                 };
+                if prepared_left {
+                    reason.push_str(&format!(
+                        "; the database the run prepared (<db>_restore_{}) stays beside the live \
+                         one until `rollcall kept prune --env {}` drops it",
+                        repository::run_tag(id),
+                        run.environment
+                    ));
+                }
+                let reason = reason.as_str();
                 let at = Utc::now();
                 store
                     .set_run_state(

@@ -1,5 +1,7 @@
 //! The databases restores and undos kept (`<db>_pre_<tag>`, `<db>_undone_<tag>`; see
-//! [`super::swap`]): listing them with their sizes, and dropping one an operator's prune chose.
+//! [`super::swap`]) and the copies restores prepared but never swapped in (`<db>_restore_<tag>`:
+//! a run aborted, or blocked, after `prepare-postgres`): listing them with their sizes, and
+//! dropping one an operator's prune chose.
 //!
 //! Which copies may go is the coordinator's decision (it has the journal); this side only
 //! refuses what is never safe on the server itself: a name that is not a kept copy of the live
@@ -27,6 +29,9 @@ pub enum KeptKind {
     Pre,
     /// `<db>_undone_<tag>`: the restored database an undo of restore `<tag>` replaced.
     Undone,
+    /// `<db>_restore_<tag>`: the point restore `<tag>` prepared (or began to) and never swapped
+    /// in. It holds nothing the repository's point does not.
+    Prepared,
 }
 
 impl KeptKind {
@@ -34,6 +39,7 @@ impl KeptKind {
         match self {
             KeptKind::Pre => "pre",
             KeptKind::Undone => "undone",
+            KeptKind::Prepared => "prepared",
         }
     }
 }
@@ -52,13 +58,16 @@ pub struct KeptDatabase {
 }
 
 /// The kind and tag of `name` when it is a kept copy of database `live`
-/// (`<live>_pre_<tag>` or `<live>_undone_<tag>` with a run tag), else None.
+/// (`<live>_pre_<tag>`, `<live>_undone_<tag>` or `<live>_restore_<tag>` with a run tag), else
+/// None.
 pub fn kept_name(live: &str, name: &str) -> Option<(KeptKind, String)> {
     let rest = name.strip_prefix(live)?.strip_prefix('_')?;
     let (kind, tag) = if let Some(tag) = rest.strip_prefix("pre_") {
         (KeptKind::Pre, tag)
     } else if let Some(tag) = rest.strip_prefix("undone_") {
         (KeptKind::Undone, tag)
+    } else if let Some(tag) = rest.strip_prefix("restore_") {
+        (KeptKind::Prepared, tag)
     } else {
         return None;
     };
@@ -108,20 +117,26 @@ async fn list(admin: &mut PgConnection, live: &str) -> Result<Vec<KeptDatabase>>
 /// Returns false when there was nothing to drop.
 pub async fn drop_kept_database(live_url: &str, name: &str, timeout: Duration) -> Result<bool> {
     let live = DbUrl::parse(live_url)?;
-    let Some((_, tag)) = kept_name(&live.database, name) else {
+    let Some((kind, tag)) = kept_name(&live.database, name) else {
         bail!(
-            "{name:?} is not a kept copy of database {} (<db>_pre_<tag> or <db>_undone_<tag>); \
-             refusing to drop it — `rollcall kept list` names the copies",
+            "{name:?} is not a kept copy of database {} (<db>_pre_<tag>, <db>_undone_<tag> or \
+             <db>_restore_<tag>); refusing to drop it — `rollcall kept list` names the copies",
             live.database
         );
     };
     let mut admin = maintenance(&live, timeout).await?;
-    let dropped = drop_checked(&mut admin, &live.database, name, &tag).await;
+    let dropped = drop_checked(&mut admin, &live.database, name, kind, &tag).await;
     let _ = admin.close().await;
     dropped
 }
 
-async fn drop_checked(admin: &mut PgConnection, live: &str, name: &str, tag: &str) -> Result<bool> {
+async fn drop_checked(
+    admin: &mut PgConnection,
+    live: &str,
+    name: &str,
+    kind: KeptKind,
+    tag: &str,
+) -> Result<bool> {
     if !exists(admin, name).await? {
         return Ok(false);
     }
@@ -132,10 +147,15 @@ async fn drop_checked(admin: &mut PgConnection, live: &str, name: &str, tag: &st
              interrupted swaps when it starts)"
         );
     }
-    let restore = format!("{live}_restore_{tag}");
-    if exists(admin, &restore).await? {
+    // The other database of the tag's swap: while both exist, a swap of the tag may be under
+    // way (or was interrupted), and either may be what it puts back.
+    let other = match kind {
+        KeptKind::Prepared => format!("{live}_pre_{tag}"),
+        KeptKind::Pre | KeptKind::Undone => format!("{live}_restore_{tag}"),
+    };
+    if exists(admin, &other).await? {
         bail!(
-            "{restore} exists: a swap of {tag} may be under way; {name} is not dropped while it \
+            "{other} exists: a swap of {tag} may be under way; {name} is not dropped while it \
              does"
         );
     }
@@ -195,9 +215,13 @@ mod tests {
             kept_name("cowork", "cowork_undone_r1a2b3c4d"),
             Some((KeptKind::Undone, "r1a2b3c4d".into()))
         );
+        assert_eq!(
+            kept_name("cowork", "cowork_restore_r1a2b3c4d"),
+            Some((KeptKind::Prepared, "r1a2b3c4d".into()))
+        );
         for other in [
             "cowork",
-            "cowork_restore_r1a2b3c4d",
+            "cowork_restore_r1a2b3c4",
             "cowork_pre_r1a2b3c4",
             "cowork_pre_r1a2b3c4dz",
             "cowork_pre_R1A2B3C4D",
