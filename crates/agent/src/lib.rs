@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use api::model::{AgentMessage, CommandProgress, CoordinatorMessage, Heartbeat, Hello};
+use api::model::{ActionKind, AgentMessage, CommandProgress, CoordinatorMessage, Heartbeat, Hello};
 use api::pb::agent as pb;
 use api::pb::agent::agent_service_client::AgentServiceClient;
 use backon::BackoffBuilder;
@@ -336,13 +336,36 @@ impl Agent {
                         let _ = out_tx.try_send(message.into());
                     })
                 };
+                // Role control changes what the role's readiness is: its heartbeat goes up
+                // first, so a gate that needs the role ready sees it with the result instead of
+                // a heartbeat interval (plus a readiness interval) later.
+                let readiness = matches!(
+                    command.action.kind(),
+                    ActionKind::Scale
+                        | ActionKind::Restart
+                        | ActionKind::Freeze
+                        | ActionKind::Unfreeze
+                        | ActionKind::Smoke
+                )
+                .then(|| (self.control.clone(), self.readiness.clone()));
                 tokio::spawn(async move {
                     let result = executor.execute_reporting(command, reporter).await;
                     // If this session ended meanwhile, the result is recorded: the coordinator
                     // re-sends the command id and gets it replayed.
-                    if !session.is_cancelled() {
-                        let _ = out_tx.send(AgentMessage::Result(result).into()).await;
+                    if session.is_cancelled() {
+                        return;
                     }
+                    if let Some((control, shared)) = readiness {
+                        let (ready, detail) = control.readiness().await;
+                        *shared.lock().unwrap_or_else(|p| p.into_inner()) = (ready, detail.clone());
+                        let hb = Heartbeat {
+                            ready,
+                            detail,
+                            sent_at: Some(std::time::SystemTime::now()),
+                        };
+                        let _ = out_tx.send(AgentMessage::Heartbeat(hb).into()).await;
+                    }
+                    let _ = out_tx.send(AgentMessage::Result(result).into()).await;
                 });
             }
             Ok(CoordinatorMessage::Welcome(_)) => {
