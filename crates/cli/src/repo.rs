@@ -46,7 +46,8 @@ pub struct RepoArgs {
 enum RepoCommand {
     /// Initialise a new, empty repository: write its config object (create-only). With
     /// --encrypt everything later written to it is encrypted under a random data key that the
-    /// key in ROLLCALL_REPOSITORY_KEY (32 bytes, base64) or ROLLCALL_REPOSITORY_KEY_FILE wraps;
+    /// key in ROLLCALL_REPOSITORY_KEY (32 bytes, base64), ROLLCALL_REPOSITORY_KEY_FILE or
+    /// ROLLCALL_REPOSITORY_KEY_COMMAND (a command printing it) wraps;
     /// every process using the repository then needs that key. Without --encrypt it records a
     /// plaintext repository (a repository with no config object works as before).
     Init {
@@ -244,19 +245,22 @@ enum RepoCommand {
 
 #[derive(Debug, Subcommand)]
 enum KeyCommand {
-    /// Rewrap the data key from the current key (ROLLCALL_REPOSITORY_KEY[_FILE]) to a new one
-    /// (ROLLCALL_REPOSITORY_NEW_KEY[_FILE]); no data is rewritten. The old key is refused
-    /// afterwards: give every agent, coordinator and archive_command the new one.
+    /// Rewrap the data key from the current key (ROLLCALL_REPOSITORY_KEY[_FILE|_COMMAND]) to a
+    /// new one (ROLLCALL_REPOSITORY_NEW_KEY[_FILE|_COMMAND]); no data is rewritten. The old key
+    /// is refused afterwards: give every agent, coordinator and archive_command the new one.
     Rotate,
 }
 
 /// A key from the environment, or an error naming what to set.
-fn key_from_env(var: &str, file_var: &str, what: &str) -> Result<repository::RepositoryKey> {
-    match repository::RepositoryKey::from_env(var, file_var)? {
+fn key_from_env(vars: &repository::KeyVars, what: &str) -> Result<repository::RepositoryKey> {
+    match repository::RepositoryKey::from_env(vars)? {
         Some((key, _)) => Ok(key),
         None => bail!(
-            "{what}: set {var} (32 random bytes in base64, e.g. from `openssl rand -base64 32`) \
-             or {file_var} (a file holding it)"
+            "{what}: set {} (32 random bytes in base64, e.g. from `openssl rand -base64 32`), {} \
+             (a file holding it) or {} (a command printing it, e.g. a KMS or Vault CLI)",
+            vars.value,
+            vars.file,
+            vars.command
         ),
     }
 }
@@ -273,8 +277,7 @@ async fn configure(
         RepoCommand::Init { encrypt } => {
             let key = if *encrypt {
                 Some(key_from_env(
-                    repository::KEY_ENV,
-                    repository::KEY_FILE_ENV,
+                    &repository::KEY_VARS,
                     "rollcall repo init --encrypt needs the repository key",
                 )?)
             } else {
@@ -294,13 +297,11 @@ async fn configure(
             command: KeyCommand::Rotate,
         } => {
             let old = key_from_env(
-                repository::KEY_ENV,
-                repository::KEY_FILE_ENV,
+                &repository::KEY_VARS,
                 "rollcall repo key rotate needs the current key",
             )?;
             let new = key_from_env(
-                repository::NEW_KEY_ENV,
-                repository::NEW_KEY_FILE_ENV,
+                &repository::NEW_KEY_VARS,
                 "rollcall repo key rotate needs the new key",
             )?;
             if old.id() == new.id() {

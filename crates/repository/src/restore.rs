@@ -606,7 +606,15 @@ async fn restore_one(
                 shared.repo.label
             )
         })?;
-        if let Err(reason) = write_body(shared, entry, location, got).await? {
+        let reason = match write_body(shared, entry, location, got).await {
+            Ok(Ok(())) => None,
+            Ok(Err(reason)) => Some(reason),
+            Err(e) => match crate::sealed::broken_seal(&e) {
+                Some(broken) => Some(crate::repo::unsealed_reason(broken)),
+                None => return Err(e),
+            },
+        };
+        if let Some(reason) = reason {
             return Err(shared.repo.damaged("blob", &blob, reason).into());
         }
     }

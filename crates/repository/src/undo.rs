@@ -100,14 +100,7 @@ pub async fn read_records(repo: &Repository, quarantine: &Path) -> Result<Vec<Re
     listed.sort();
     let mut records = Vec::new();
     for location in listed {
-        let body = repo
-            .store()
-            .get(&location)
-            .await
-            .with_context(|| format!("read the restore record {location}"))?
-            .bytes()
-            .await
-            .with_context(|| format!("read the restore record {location}"))?;
+        let body = repo.get_bytes(&location, "restore record").await?;
         let record: RestoreRecord = serde_json::from_slice(&body).with_context(|| {
             format!("restore record {location} is not a record this version reads")
         })?;
@@ -238,7 +231,7 @@ async fn undo_one(
             let copy = join(&options.restore_quarantine, key)?;
             match read(repo.store(), &copy)
                 .await
-                .with_context(|| format!("read the quarantined copy {copy}"))?
+                .map_err(|e| repo.read_failure("quarantined object", &copy, e))?
             {
                 Some(body) => Some(body),
                 // Never copied to the quarantine: the restore never displaced it.
