@@ -310,6 +310,7 @@ async fn configure(
                     old.id()
                 );
             }
+            let s3 = options.s3.clone();
             let config = Repository::rotate_key(repo_url, options, &old, &new).await?;
             let id = config
                 .encryption
@@ -320,10 +321,44 @@ async fn configure(
                  every process that uses it",
                 old.id()
             );
+            if let Some(note) = old_config_versions_note(repo_url, &s3).await {
+                outln!("{note}");
+            }
         }
         _ => {}
     }
     Ok(())
+}
+
+/// After a rotation on an S3 bucket that keeps versions: the bucket still holds the config
+/// object as it was, whose wrapped data key the old key opens, so rotating does not retire a
+/// leaked old key there. `None` for other stores and buckets without versioning.
+async fn old_config_versions_note(repo_url: &str, s3: &repository::S3Options) -> Option<String> {
+    if !(repo_url.starts_with("s3://") || repo_url.starts_with("s3a://")) {
+        return None;
+    }
+    let kept = "so the old key still opens the data key through the earlier version of \
+                rollcall-repository.json, and with it everything in the repository: rotation \
+                retires a key that is lost, not one that leaked. Delete the config object's \
+                noncurrent versions (or let a lifecycle rule expire them) if the old key may have \
+                leaked; the data key itself only changes with a new repository";
+    let checked = match repository::VersionedBucket::open(repo_url, s3) {
+        Ok(bucket) => bucket.versioning().await,
+        Err(e) => Err(e),
+    };
+    match checked {
+        Ok(repository::Versioning::Enabled) => {
+            Some(format!("note: the bucket keeps versions, {kept}"))
+        }
+        Ok(repository::Versioning::Suspended) => Some(format!(
+            "note: the bucket's versioning is suspended but may hold versions from before, {kept}"
+        )),
+        Ok(repository::Versioning::Off) => None,
+        Err(e) => Some(format!(
+            "note: could not read the bucket's versioning ({}); if it keeps versions, {kept}",
+            api::errors::one_line(&*e)
+        )),
+    }
 }
 
 /// The point of a subcommand that takes it as `--point ID` or (older form) positionally.

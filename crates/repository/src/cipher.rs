@@ -2,11 +2,14 @@
 //! the wrapped data key, and the chunked framing every stored object is sealed in.
 //!
 //! * The **key-encryption key** (KEK) is 32 random bytes the operator keeps
-//!   (`ROLLCALL_REPOSITORY_KEY`, base64, or a file holding that text). Its id is a fingerprint
+//!   (`ROLLCALL_REPOSITORY_KEY`, base64, or a file holding that text, or a command printing it:
+//!   [`KeyVars`]). Its id is a fingerprint
 //!   (the first 16 hex digits of a sha256 over a label and the key), so a wrong key is named as
 //!   such instead of failing as "damaged".
 //! * The **data key** is 32 random bytes drawn at `repo init --encrypt`, stored only sealed by
-//!   the KEK (AES-256-GCM) in [`CONFIG_KEY`]. Rotating the KEK rewraps it; no data changes.
+//!   the KEK (AES-256-GCM) in [`CONFIG_KEY`], the wrap's associated data binding the key id,
+//!   the cipher and the chunk size ([`WRAP_VERSION`]). Rotating the KEK rewraps it; no data
+//!   changes.
 //! * Every object is sealed under its own key, HMAC-SHA256(data key, "object" ‖ 32-byte random
 //!   salt): the salt opens the object (the header), so nonces never repeat across objects and
 //!   a nonce is just the chunk counter and a final-chunk flag. The plaintext is cut into
@@ -14,7 +17,8 @@
 //!   object's name as associated data, so a chunk moved, dropped, reordered, cut off at the end
 //!   or put under another name does not open.
 //! * Blob names are HMAC-SHA256(name key, content sha256) instead of the sha256, the name key
-//!   derived from the data key ([`DataKey::blob_id`]).
+//!   derived from the data key ([`DataKey::blob_id`]); objects quarantined in the repository
+//!   are named likewise by their live key ([`DataKey::quarantine_name`]).
 //!
 //! ```text
 //! object  = "RCE1" salt[32] chunk*            chunk = AES-256-GCM(plaintext[≤ chunk_size]) tag[16]
@@ -484,6 +488,8 @@ pub struct DataKey {
     derive: hmac::Key,
     /// HMAC key of blob names.
     names: hmac::Key,
+    /// HMAC key of the names of objects quarantined in the repository.
+    quarantine_names: hmac::Key,
     chunk: usize,
 }
 
@@ -504,6 +510,7 @@ impl DataKey {
             secret: Secret(*secret),
             derive: sub(b"rollcall object keys v1"),
             names: sub(b"rollcall blob names v1"),
+            quarantine_names: sub(b"rollcall quarantine names v1"),
             chunk,
         }
     }
@@ -522,6 +529,13 @@ impl DataKey {
     /// repository's file names say nothing about contents.
     pub(crate) fn blob_id(&self, sha256: &str) -> String {
         hex::encode(hmac::sign(&self.names, sha256.as_bytes()).as_ref())
+    }
+
+    /// The name a live store's object `key` is quarantined under in the repository: a keyed
+    /// hash, so the repository's names do not list the live store's keys (the sealed restore
+    /// records say which key each one was).
+    pub(crate) fn quarantine_name(&self, key: &str) -> String {
+        hex::encode(hmac::sign(&self.quarantine_names, key.as_bytes()).as_ref())
     }
 
     fn object_key(&self, salt: &[u8]) -> LessSafeKey {

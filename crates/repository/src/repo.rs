@@ -485,6 +485,17 @@ impl Repository {
         }
     }
 
+    /// Where a quarantine in the repository keeps the live object `key` (relative to the
+    /// restore's prefix): `<quarantine>/<key>`, or in an encrypted repository
+    /// `<quarantine>/<keyed hash of key>`, so no name in the repository lists the live store's
+    /// keys. Restores write and undos read through this one function.
+    pub(crate) fn quarantine_entry(&self, quarantine: &Path, key: &str) -> Result<Path> {
+        match &self.data_key {
+            Some((data, _)) => Ok(quarantine.clone().join(data.quarantine_name(key))),
+            None => crate::restore::join(quarantine, key),
+        }
+    }
+
     /// Where the blob whose content has `sha256` is stored.
     pub(crate) fn blob_key(&self, sha256: &str) -> Path {
         crate::layout::blob_path(&self.blob_id(sha256))

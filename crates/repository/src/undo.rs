@@ -228,7 +228,7 @@ async fn undo_one(
     let kept = match before {
         Before::Absent => None,
         Before::Present { .. } => {
-            let copy = join(&options.restore_quarantine, key)?;
+            let copy = repo.quarantine_entry(&options.restore_quarantine, key)?;
             match read(repo.store(), &copy)
                 .await
                 .map_err(|e| repo.read_failure("quarantined object", &copy, e))?
@@ -245,7 +245,7 @@ async fn undo_one(
     // What the live store holds now (the restore's object, or a write since) is kept first.
     let displaced = match &live {
         Some(body) => {
-            let to = join(&options.undo_quarantine, key)?;
+            let to = repo.quarantine_entry(&options.undo_quarantine, key)?;
             repo.store()
                 .put(&to, PutPayload::from_bytes(body.clone()))
                 .await

@@ -508,3 +508,72 @@ async fn an_object_that_does_not_open_is_damaged_and_the_rest_still_lists_and_pr
     );
     assert!(!dir.path().join("out").exists());
 }
+
+/// A fleet restore's quarantine in an encrypted repository names what it keeps by keyed
+/// hashes, not by the live store's keys, and the undo finds them through the sealed records.
+#[tokio::test]
+async fn quarantined_objects_are_named_by_keyed_hashes_and_undo_puts_them_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = RepositoryKey::generate().expect("key");
+    let repo_dir = dir.path().join("repo");
+    let repo = encrypted_repo(&repo_dir, &key).await;
+    let live = local_store(&dir.path().join("live"));
+    put(&live, "hr/salaries-2026.csv", content("pay", 0, 700)).await;
+    put(&live, "hr/unchanged.txt", content("same", 0, 300)).await;
+    let snapshot = snapshot_objects(
+        &repo,
+        live.clone(),
+        &SnapshotOptions::new("file:///live"),
+        None,
+    )
+    .await
+    .expect("snapshot")
+    .snapshot_id;
+    put(&live, "hr/salaries-2026.csv", content("pay", 1, 900)).await;
+    put(&live, "hr/layoffs-plan.txt", content("new", 0, 100)).await;
+    let before = digest_store(&live).await;
+
+    let mut options = RestoreObjectsOptions::new("file:///live");
+    options.quarantine_in_repository = true;
+    options.quarantine_prefix = Some(Path::from("quarantine/rdrill"));
+    restore_objects(&repo, &snapshot, live.clone(), &options)
+        .await
+        .expect("restore");
+    let quarantined: Vec<String> = files_under(&repo_dir)
+        .into_iter()
+        .filter(|f| f.starts_with("quarantine/rdrill/"))
+        .collect();
+    assert_eq!(quarantined.len(), 2, "{quarantined:?}");
+    for name in files_under(&repo_dir) {
+        assert!(
+            !name.contains("salaries") && !name.contains("layoffs") && !name.contains("hr/"),
+            "a repository name shows a live key: {name}"
+        );
+    }
+
+    let undone = repository::undo_objects(
+        &repo,
+        live.clone(),
+        &repository::UndoObjectsOptions {
+            target_label: "file:///live".into(),
+            restore_quarantine: Path::from("quarantine/rdrill"),
+            undo_quarantine: Path::from("quarantine/rundo"),
+            shard: repository::Shard::WHOLE,
+            parallelism: 4,
+        },
+    )
+    .await
+    .expect("undo");
+    assert!(
+        undone.put_back.contains(&"hr/salaries-2026.csv".to_owned()),
+        "{undone:?}"
+    );
+    assert_eq!(digest_store(&live).await, before);
+    // What the undo displaced is kept under keyed names too.
+    assert!(
+        files_under(&repo_dir)
+            .iter()
+            .filter(|f| f.starts_with("quarantine/rundo/"))
+            .all(|f| !f.contains("salaries"))
+    );
+}
