@@ -464,6 +464,32 @@ fn a_missing_or_wrong_key_and_a_flipped_byte_are_refused_with_the_live_data_unto
     );
     flip(&dump);
     assert_eq!(live_files.len(), files(&live).len());
+
+    // A flipped byte in a point file: that point is listed apart as damaged while the other
+    // still lists, and `repo verify` names it and fails.
+    let point_file = format!("points/{pg_point}.json");
+    flip(&point_file);
+    let points = rollcall_keyed(&["repo", "points", "--repo", &repo, "--json"], &with_key);
+    let listed = ok(&points, "points despite a damaged point file");
+    let damaged = listed["damaged"].to_string();
+    assert!(
+        damaged.contains(&point_file) && damaged.contains("does not open"),
+        "{listed}"
+    );
+    assert_eq!(
+        listed["points"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    let verify = rollcall_keyed(&["repo", "verify", "--repo", &repo], &with_key);
+    assert!(!verify.status.success());
+    let said = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("damaged") && l.contains(&point_file)),
+        "{said}"
+    );
+    flip(&point_file);
 }
 
 /// A stand-in for a KMS or Vault CLI: prints the file named by its first argument, or with
