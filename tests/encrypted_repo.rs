@@ -25,6 +25,8 @@ fn rollcall_keyed(args: &[&str], env: &[(&str, &str)]) -> Output {
         .env_remove("ROLLCALL_REPOSITORY_KEY_FILE")
         .env_remove("ROLLCALL_REPOSITORY_NEW_KEY")
         .env_remove("ROLLCALL_REPOSITORY_NEW_KEY_FILE")
+        .env_remove("ROLLCALL_REPOSITORY_KEY_COMMAND")
+        .env_remove("ROLLCALL_REPOSITORY_NEW_KEY_COMMAND")
         .envs(env.iter().copied())
         .output()
         .expect("run rollcall")
@@ -462,4 +464,161 @@ fn a_missing_or_wrong_key_and_a_flipped_byte_are_refused_with_the_live_data_unto
     );
     flip(&dump);
     assert_eq!(live_files.len(), files(&live).len());
+
+    // A flipped byte in a point file: that point is listed apart as damaged while the other
+    // still lists, and `repo verify` names it and fails.
+    let point_file = format!("points/{pg_point}.json");
+    flip(&point_file);
+    let points = rollcall_keyed(&["repo", "points", "--repo", &repo, "--json"], &with_key);
+    let listed = ok(&points, "points despite a damaged point file");
+    let damaged = listed["damaged"].to_string();
+    assert!(
+        damaged.contains(&point_file) && damaged.contains("does not open"),
+        "{listed}"
+    );
+    assert_eq!(
+        listed["points"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    let verify = rollcall_keyed(&["repo", "verify", "--repo", &repo], &with_key);
+    assert!(!verify.status.success());
+    let said = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("damaged") && l.contains(&point_file)),
+        "{said}"
+    );
+    flip(&point_file);
+}
+
+/// A stand-in for a KMS or Vault CLI: prints the file named by its first argument, or with
+/// `--deny` says "AccessDenied" on stderr and exits 7.
+fn kms_script(dir: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = dir.join("fake-kms");
+    std::fs::write(
+        &path,
+        "#!/bin/sh\nif [ \"$1\" = --deny ]; then echo 'AccessDenied: not allowed' >&2; exit 7; fi\n\
+         exec cat \"$1\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.display().to_string()
+}
+
+/// `ROLLCALL_REPOSITORY_KEY_COMMAND` and `ROLLCALL_REPOSITORY_NEW_KEY_COMMAND`: a command's
+/// stdout is the key (init, backup, restore, rotation); a failing command is one line naming
+/// the variable and the exit status after the command's own message, never the key.
+#[test]
+fn a_key_command_supplies_the_key_and_its_failure_names_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let kms = kms_script(dir.path());
+    let (old_key, new_key) = (new_key(), new_key());
+    let old_file = dir.path().join("old.key");
+    let new_file = dir.path().join("new.key");
+    std::fs::write(&old_file, format!("{old_key}\n")).unwrap();
+    std::fs::write(&new_file, &new_key).unwrap();
+    let old_cmd = format!("{kms} {}", old_file.display());
+    let new_cmd = format!("{kms} {}", new_file.display());
+    let repo_dir = dir.path().join("repo");
+    let repo = format!("file://{}", repo_dir.display());
+    let live = dir.path().join("live");
+    live_store(&live);
+    let store = format!("file://{}", live.display());
+    let via_old = [("ROLLCALL_REPOSITORY_KEY_COMMAND", old_cmd.as_str())];
+    ok(
+        &rollcall_keyed(&["repo", "init", "--repo", &repo, "--encrypt"], &via_old),
+        "init through the key command",
+    );
+    let snap = ok(
+        &rollcall_keyed(
+            &["repo", "snapshot", "--store", &store, "--repo", &repo],
+            &via_old,
+        ),
+        "snapshot",
+    );
+    let snapshot = snap["objects"]["snapshot_id"].as_str().unwrap().to_owned();
+    // The same key given directly opens it: the command's output was the key.
+    ok(
+        &rollcall_keyed(
+            &["repo", "points", "--repo", &repo, "--json"],
+            &[("ROLLCALL_REPOSITORY_KEY", old_key.as_str())],
+        ),
+        "points with the key itself",
+    );
+
+    // A failing command: its own message, then one line of ours naming the variable and the
+    // exit status; the key appears nowhere.
+    let denied = format!("{kms} --deny");
+    let out = rollcall_keyed(
+        &["repo", "points", "--repo", &repo],
+        &[("ROLLCALL_REPOSITORY_KEY_COMMAND", denied.as_str())],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(lines[0].contains("AccessDenied"), "{stderr}");
+    for needle in [
+        "ROLLCALL_REPOSITORY_KEY_COMMAND",
+        "fake-kms",
+        "exit status: 7",
+        &repo,
+    ] {
+        assert!(lines[1].contains(needle), "{needle:?} in {stderr}");
+    }
+    for out_text in [&out.stdout[..], &out.stderr[..]] {
+        assert!(!contains(out_text, old_key.as_bytes()));
+        assert!(!contains(out_text, new_key.as_bytes()));
+    }
+    // A program that does not exist: one line naming the variable.
+    fails_with(
+        &rollcall_keyed(
+            &["repo", "points", "--repo", &repo],
+            &[("ROLLCALL_REPOSITORY_KEY_COMMAND", "/nonexistent/kms get")],
+        ),
+        &["ROLLCALL_REPOSITORY_KEY_COMMAND", "/nonexistent/kms"],
+    );
+
+    // Rotation with both keys from commands; afterwards the new command opens it, the old
+    // one is refused as the wrong key, and a restore through the new command is exact.
+    let both = [
+        ("ROLLCALL_REPOSITORY_KEY_COMMAND", old_cmd.as_str()),
+        ("ROLLCALL_REPOSITORY_NEW_KEY_COMMAND", new_cmd.as_str()),
+    ];
+    let rotated = rollcall_keyed(&["repo", "key", "rotate", "--repo", &repo], &both);
+    assert!(
+        rotated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    fails_with(
+        &rollcall_keyed(&["repo", "points", "--repo", &repo], &via_old),
+        &[
+            &repo,
+            "is encrypted with key",
+            "ROLLCALL_REPOSITORY_KEY_COMMAND",
+        ],
+    );
+    let target = dir.path().join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    let via_new = [("ROLLCALL_REPOSITORY_KEY_COMMAND", new_cmd.as_str())];
+    ok(
+        &rollcall_keyed(
+            &[
+                "repo",
+                "restore-objects",
+                "--repo",
+                &repo,
+                "--snapshot",
+                &snapshot,
+                "--store",
+                &format!("file://{}", target.display()),
+            ],
+            &via_new,
+        ),
+        "restore through the new key command",
+    );
+    assert_eq!(files(&target), files(&live));
 }

@@ -46,7 +46,8 @@ pub struct RepoArgs {
 enum RepoCommand {
     /// Initialise a new, empty repository: write its config object (create-only). With
     /// --encrypt everything later written to it is encrypted under a random data key that the
-    /// key in ROLLCALL_REPOSITORY_KEY (32 bytes, base64) or ROLLCALL_REPOSITORY_KEY_FILE wraps;
+    /// key in ROLLCALL_REPOSITORY_KEY (32 bytes, base64), ROLLCALL_REPOSITORY_KEY_FILE or
+    /// ROLLCALL_REPOSITORY_KEY_COMMAND (a command printing it) wraps;
     /// every process using the repository then needs that key. Without --encrypt it records a
     /// plaintext repository (a repository with no config object works as before).
     Init {
@@ -244,19 +245,22 @@ enum RepoCommand {
 
 #[derive(Debug, Subcommand)]
 enum KeyCommand {
-    /// Rewrap the data key from the current key (ROLLCALL_REPOSITORY_KEY[_FILE]) to a new one
-    /// (ROLLCALL_REPOSITORY_NEW_KEY[_FILE]); no data is rewritten. The old key is refused
-    /// afterwards: give every agent, coordinator and archive_command the new one.
+    /// Rewrap the data key from the current key (ROLLCALL_REPOSITORY_KEY[_FILE|_COMMAND]) to a
+    /// new one (ROLLCALL_REPOSITORY_NEW_KEY[_FILE|_COMMAND]); no data is rewritten. The old key
+    /// is refused afterwards: give every agent, coordinator and archive_command the new one.
     Rotate,
 }
 
 /// A key from the environment, or an error naming what to set.
-fn key_from_env(var: &str, file_var: &str, what: &str) -> Result<repository::RepositoryKey> {
-    match repository::RepositoryKey::from_env(var, file_var)? {
+fn key_from_env(vars: &repository::KeyVars, what: &str) -> Result<repository::RepositoryKey> {
+    match repository::RepositoryKey::from_env(vars)? {
         Some((key, _)) => Ok(key),
         None => bail!(
-            "{what}: set {var} (32 random bytes in base64, e.g. from `openssl rand -base64 32`) \
-             or {file_var} (a file holding it)"
+            "{what}: set {} (32 random bytes in base64, e.g. from `openssl rand -base64 32`), {} \
+             (a file holding it) or {} (a command printing it, e.g. a KMS or Vault CLI)",
+            vars.value,
+            vars.file,
+            vars.command
         ),
     }
 }
@@ -273,8 +277,7 @@ async fn configure(
         RepoCommand::Init { encrypt } => {
             let key = if *encrypt {
                 Some(key_from_env(
-                    repository::KEY_ENV,
-                    repository::KEY_FILE_ENV,
+                    &repository::KEY_VARS,
                     "rollcall repo init --encrypt needs the repository key",
                 )?)
             } else {
@@ -294,13 +297,11 @@ async fn configure(
             command: KeyCommand::Rotate,
         } => {
             let old = key_from_env(
-                repository::KEY_ENV,
-                repository::KEY_FILE_ENV,
+                &repository::KEY_VARS,
                 "rollcall repo key rotate needs the current key",
             )?;
             let new = key_from_env(
-                repository::NEW_KEY_ENV,
-                repository::NEW_KEY_FILE_ENV,
+                &repository::NEW_KEY_VARS,
                 "rollcall repo key rotate needs the new key",
             )?;
             if old.id() == new.id() {
@@ -309,6 +310,7 @@ async fn configure(
                     old.id()
                 );
             }
+            let s3 = options.s3.clone();
             let config = Repository::rotate_key(repo_url, options, &old, &new).await?;
             let id = config
                 .encryption
@@ -319,10 +321,44 @@ async fn configure(
                  every process that uses it",
                 old.id()
             );
+            if let Some(note) = old_config_versions_note(repo_url, &s3).await {
+                outln!("{note}");
+            }
         }
         _ => {}
     }
     Ok(())
+}
+
+/// After a rotation on an S3 bucket that keeps versions: the bucket still holds the config
+/// object as it was, whose wrapped data key the old key opens, so rotating does not retire a
+/// leaked old key there. `None` for other stores and buckets without versioning.
+async fn old_config_versions_note(repo_url: &str, s3: &repository::S3Options) -> Option<String> {
+    if !(repo_url.starts_with("s3://") || repo_url.starts_with("s3a://")) {
+        return None;
+    }
+    let kept = "so the old key still opens the data key through the earlier version of \
+                rollcall-repository.json, and with it everything in the repository: rotation \
+                retires a key that is lost, not one that leaked. Delete the config object's \
+                noncurrent versions (or let a lifecycle rule expire them) if the old key may have \
+                leaked; the data key itself only changes with a new repository";
+    let checked = match repository::VersionedBucket::open(repo_url, s3) {
+        Ok(bucket) => bucket.versioning().await,
+        Err(e) => Err(e),
+    };
+    match checked {
+        Ok(repository::Versioning::Enabled) => {
+            Some(format!("note: the bucket keeps versions, {kept}"))
+        }
+        Ok(repository::Versioning::Suspended) => Some(format!(
+            "note: the bucket's versioning is suspended but may hold versions from before, {kept}"
+        )),
+        Ok(repository::Versioning::Off) => None,
+        Err(e) => Some(format!(
+            "note: could not read the bucket's versioning ({}); if it keeps versions, {kept}",
+            api::errors::one_line(&*e)
+        )),
+    }
 }
 
 /// The point of a subcommand that takes it as `--point ID` or (older form) positionally.

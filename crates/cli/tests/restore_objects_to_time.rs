@@ -419,3 +419,65 @@ fn file_store_to_a_time_uses_the_snapshot_before_it() {
         &["--to-time yesterday", "RFC 3339"],
     );
 }
+
+/// `repo key rotate` on a bucket that keeps versions says that the old config object (which
+/// the old key opens) is still there; on a bucket without versioning it says nothing of it.
+/// Here because this file holds the CLI's moto harness.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_on_a_versioned_bucket_says_the_old_config_is_kept() {
+    let Some(moto) = Moto::start() else {
+        return;
+    };
+    let _ = moto.bucket("vault", true);
+    let _ = moto.bucket("plain", false);
+    let keys = [
+        repository::RepositoryKey::generate().unwrap().to_base64(),
+        repository::RepositoryKey::generate().unwrap().to_base64(),
+    ];
+    let key = |n: usize| keys[n - 1].clone();
+    let endpoint = moto.endpoint();
+    let keyed = |args: &[&str], env: &[(&str, String)]| {
+        let mut all = vec!["repo", "--s3-endpoint", &endpoint, "--s3-path-style"];
+        all.extend_from_slice(args);
+        Command::new(env!("CARGO_BIN_EXE_rollcall"))
+            .args(&all)
+            .env_remove("ROLLCALL_REPOSITORY")
+            .env_remove("ROLLCALL_REPOSITORY_KEY_FILE")
+            .env_remove("ROLLCALL_REPOSITORY_KEY_COMMAND")
+            .env_remove("ROLLCALL_REPOSITORY_NEW_KEY_FILE")
+            .env_remove("ROLLCALL_REPOSITORY_NEW_KEY_COMMAND")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .unwrap()
+    };
+    for (bucket, versioned) in [("vault", true), ("plain", false)] {
+        let url = format!("s3://{bucket}/repo");
+        let old = [("ROLLCALL_REPOSITORY_KEY", key(1))];
+        stdout(
+            &keyed(&["init", "--repo", &url, "--encrypt"], &old),
+            "init --encrypt",
+        );
+        let both = [
+            ("ROLLCALL_REPOSITORY_KEY", key(1)),
+            ("ROLLCALL_REPOSITORY_NEW_KEY", key(2)),
+        ];
+        let said = stdout(&keyed(&["key", "rotate", "--repo", &url], &both), "rotate");
+        assert!(said.contains("is now encrypted with key"), "{said}");
+        assert_eq!(
+            said.contains("note: the bucket keeps versions")
+                && said.contains("the old key still opens"),
+            versioned,
+            "{bucket}: {said}"
+        );
+        // The new key opens it, the old one is refused.
+        let new = [("ROLLCALL_REPOSITORY_KEY", key(2))];
+        stdout(&keyed(&["points", "--repo", &url], &new), "points");
+        fails_with(
+            &keyed(&["points", "--repo", &url], &old),
+            &["is encrypted with key"],
+        );
+    }
+}

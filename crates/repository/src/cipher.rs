@@ -2,11 +2,14 @@
 //! the wrapped data key, and the chunked framing every stored object is sealed in.
 //!
 //! * The **key-encryption key** (KEK) is 32 random bytes the operator keeps
-//!   (`ROLLCALL_REPOSITORY_KEY`, base64, or a file holding that text). Its id is a fingerprint
+//!   (`ROLLCALL_REPOSITORY_KEY`, base64, or a file holding that text, or a command printing it:
+//!   [`KeyVars`]). Its id is a fingerprint
 //!   (the first 16 hex digits of a sha256 over a label and the key), so a wrong key is named as
 //!   such instead of failing as "damaged".
 //! * The **data key** is 32 random bytes drawn at `repo init --encrypt`, stored only sealed by
-//!   the KEK (AES-256-GCM) in [`CONFIG_KEY`]. Rotating the KEK rewraps it; no data changes.
+//!   the KEK (AES-256-GCM) in [`CONFIG_KEY`], the wrap's associated data binding the key id,
+//!   the cipher and the chunk size ([`WRAP_VERSION`]). Rotating the KEK rewraps it; no data
+//!   changes.
 //! * Every object is sealed under its own key, HMAC-SHA256(data key, "object" ‖ 32-byte random
 //!   salt): the salt opens the object (the header), so nonces never repeat across objects and
 //!   a nonce is just the chunk counter and a final-chunk flag. The plaintext is cut into
@@ -14,7 +17,8 @@
 //!   object's name as associated data, so a chunk moved, dropped, reordered, cut off at the end
 //!   or put under another name does not open.
 //! * Blob names are HMAC-SHA256(name key, content sha256) instead of the sha256, the name key
-//!   derived from the data key ([`DataKey::blob_id`]).
+//!   derived from the data key ([`DataKey::blob_id`]); objects quarantined in the repository
+//!   are named likewise by their live key ([`DataKey::quarantine_name`]).
 //!
 //! ```text
 //! object  = "RCE1" salt[32] chunk*            chunk = AES-256-GCM(plaintext[≤ chunk_size]) tag[16]
@@ -40,10 +44,51 @@ pub const CONFIG_KEY: &str = "rollcall-repository.json";
 pub const KEY_ENV: &str = "ROLLCALL_REPOSITORY_KEY";
 /// A file holding [`KEY_ENV`]'s text.
 pub const KEY_FILE_ENV: &str = "ROLLCALL_REPOSITORY_KEY_FILE";
+/// A command printing [`KEY_ENV`]'s text on stdout (a KMS, Vault or secret-manager CLI).
+pub const KEY_COMMAND_ENV: &str = "ROLLCALL_REPOSITORY_KEY_COMMAND";
 /// The new key of `repo key rotate`.
 pub const NEW_KEY_ENV: &str = "ROLLCALL_REPOSITORY_NEW_KEY";
 /// A file holding [`NEW_KEY_ENV`]'s text.
 pub const NEW_KEY_FILE_ENV: &str = "ROLLCALL_REPOSITORY_NEW_KEY_FILE";
+/// A command printing [`NEW_KEY_ENV`]'s text.
+pub const NEW_KEY_COMMAND_ENV: &str = "ROLLCALL_REPOSITORY_NEW_KEY_COMMAND";
+
+/// The environment variables one key may come from, in order of precedence: the first one set
+/// (and not empty) is used, the others are not looked at.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyVars {
+    /// The key's text.
+    pub value: &'static str,
+    /// A file holding it.
+    pub file: &'static str,
+    /// A command printing it: the program and its arguments split at whitespace, run without
+    /// a shell (no quoting, no expansion; point it at a script for anything more).
+    pub command: &'static str,
+}
+
+/// Where the repository key comes from.
+pub const KEY_VARS: KeyVars = KeyVars {
+    value: KEY_ENV,
+    file: KEY_FILE_ENV,
+    command: KEY_COMMAND_ENV,
+};
+
+/// Where `repo key rotate`'s new key comes from.
+pub const NEW_KEY_VARS: KeyVars = KeyVars {
+    value: NEW_KEY_ENV,
+    file: NEW_KEY_FILE_ENV,
+    command: NEW_KEY_COMMAND_ENV,
+};
+
+impl KeyVars {
+    /// "A, B or C", for messages.
+    pub fn names(&self) -> String {
+        format!("{}, {} or {}", self.value, self.file, self.command)
+    }
+}
+
+/// How long a key command may run.
+const KEY_COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 const CONFIG_FORMAT: &str = "rollcall.repository.v1";
 const CIPHER: &str = "aes-256-gcm-chunked.v1";
@@ -55,6 +100,10 @@ const SALT_LEN: usize = 32;
 pub(crate) const HEADER_LEN: usize = MAGIC.len() + SALT_LEN;
 const TAG_LEN: usize = 16;
 const WRAP_AAD: &[u8] = b"rollcall repository data key v1";
+/// How the data key's wrap is bound to the config: 1 binds the key id only (repositories
+/// made before version 2; still read, and rewrapped as 2 by the next rotation), 2 binds the
+/// key id, the cipher and the chunk size, so editing either is refused as damage.
+const WRAP_VERSION: u32 = 2;
 
 /// 32 secret bytes; never printed.
 #[derive(Clone)]
@@ -99,30 +148,44 @@ impl RepositoryKey {
         BASE64.encode(self.0.0)
     }
 
-    /// The key from `var`, or from the file `file_var` names, with where it came from; `None`
-    /// when neither is set.
-    pub fn from_env(var: &str, file_var: &str) -> Result<Option<(RepositoryKey, String)>> {
-        if let Ok(text) = std::env::var(var)
-            && !text.trim().is_empty()
-        {
+    /// The key from the process environment (see [`KeyVars`]), with where it came from;
+    /// `None` when none of the variables is set. A key command blocks while it runs.
+    pub fn from_env(vars: &KeyVars) -> Result<Option<(RepositoryKey, String)>> {
+        RepositoryKey::from_vars(vars, |name| std::env::var_os(name))
+    }
+
+    /// [`RepositoryKey::from_env`] with the variables read through `lookup`.
+    fn from_vars(
+        vars: &KeyVars,
+        lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Option<(RepositoryKey, String)>> {
+        let set = |name: &str| lookup(name).filter(|v| !v.to_string_lossy().trim().is_empty());
+        if let Some(text) = set(vars.value) {
+            let var = vars.value;
+            let text = text
+                .into_string()
+                .map_err(|_| anyhow::anyhow!("environment variable {var} is not UTF-8 text"))?;
             let source = format!("environment variable {var}");
             return RepositoryKey::from_base64(&text, &source).map(|k| Some((k, source)));
         }
-        match std::env::var_os(file_var) {
-            Some(path) if !path.is_empty() => {
-                let path = std::path::PathBuf::from(path);
-                let text = std::fs::read_to_string(&path).with_context(|| {
-                    format!(
-                        "read the repository key from {} ({file_var}): check the path and its \
-                         permissions",
-                        path.display()
-                    )
-                })?;
-                let source = format!("the key file {} ({file_var})", path.display());
-                RepositoryKey::from_base64(&text, &source).map(|k| Some((k, source)))
-            }
-            _ => Ok(None),
+        if let Some(path) = set(vars.file) {
+            let file_var = vars.file;
+            let path = std::path::PathBuf::from(path);
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "read the repository key from {} ({file_var}): check the path and its \
+                     permissions",
+                    path.display()
+                )
+            })?;
+            let source = format!("the key file {} ({file_var})", path.display());
+            return RepositoryKey::from_base64(&text, &source).map(|k| Some((k, source)));
         }
+        if let Some(line) = set(vars.command) {
+            return run_key_command(vars.command, &line.to_string_lossy(), KEY_COMMAND_TIMEOUT)
+                .map(Some);
+        }
+        Ok(None)
     }
 
     /// A short public fingerprint naming the key in the config object and in errors.
@@ -138,6 +201,84 @@ impl RepositoryKey {
             .map_err(|_| anyhow::anyhow!("build the key-encryption cipher"))?;
         Ok(LessSafeKey::new(unbound))
     }
+}
+
+/// Runs the key command `line` (from variable `var`): split at whitespace, no shell, stdin
+/// empty, stderr passed through to ours (a KMS CLI's own explanation), stdout the key's text.
+/// Messages name the variable, the program and the exit status, never what it printed.
+fn run_key_command(
+    var: &str,
+    line: &str,
+    timeout: std::time::Duration,
+) -> Result<(RepositoryKey, String)> {
+    use std::io::Read as _;
+    use std::process::{Command, Stdio};
+    let mut words = line.split_whitespace();
+    let Some(program) = words.next() else {
+        bail!("{var} is empty: set it to a command that prints the repository key");
+    };
+    let source = format!("the output of {var} (`{program}`)");
+    let mut child = Command::new(program)
+        .args(words)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "run the repository key command `{program}` ({var}): check that it exists and is \
+                 executable (it runs without a shell: program and arguments split at spaces)"
+            )
+        })?;
+    let mut stdout = child
+        .stdout
+        .take()
+        .context("take the key command's stdout")?;
+    // Read on a thread so a command that prints much cannot block on a full pipe while we wait.
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        stdout.read_to_end(&mut out).map(|_| out)
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the repository key command `{program}` ({var}) did not finish within {} s: \
+                     it was stopped; check that it does not wait for input",
+                    timeout.as_secs()
+                );
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "wait for the repository key command `{program}` ({var})"
+                )));
+            }
+        }
+    };
+    let out = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("read the output of {var}"))?
+        .with_context(|| format!("read the output of {var}"))?;
+    if !status.success() {
+        bail!(
+            "the repository key command `{program}` ({var}) failed ({status}): its own message, if \
+             any, is above; it must print the repository key (32 bytes in base64) on stdout and \
+             exit 0"
+        );
+    }
+    let text = String::from_utf8(out)
+        .map_err(|_| anyhow::anyhow!("{source} is not text: it must be the key in base64"))?;
+    if text.trim().is_empty() {
+        bail!("{source} is empty: it must print the repository key (32 bytes in base64)");
+    }
+    RepositoryKey::from_base64(&text, &source).map(|k| (k, source))
 }
 
 fn random_bytes<const N: usize>() -> Result<[u8; N]> {
@@ -172,6 +313,14 @@ pub struct EncryptionConfig {
     pub wrapped_key: String,
     /// When the data key was last wrapped (`repo init`, `repo key rotate`).
     pub wrapped_at: chrono::DateTime<chrono::Utc>,
+    /// What the wrap's associated data binds ([`WRAP_VERSION`]); absent in configs written
+    /// before it existed, which are version 1.
+    #[serde(default = "wrap_version_1")]
+    pub wrap_version: u32,
+}
+
+fn wrap_version_1() -> u32 {
+    1
 }
 
 impl RepositoryConfig {
@@ -190,7 +339,12 @@ impl RepositoryConfig {
         Ok(RepositoryConfig {
             format: CONFIG_FORMAT.into(),
             created_at: chrono::Utc::now(),
-            encryption: Some(EncryptionConfig::wrap(&data, kek)?),
+            encryption: Some(EncryptionConfig::wrap(
+                &data,
+                kek,
+                CHUNK_SIZE as u64,
+                WRAP_VERSION,
+            )?),
         })
     }
 
@@ -223,6 +377,13 @@ impl RepositoryConfig {
                     e.cipher
                 );
             }
+            if e.wrap_version == 0 || e.wrap_version > WRAP_VERSION {
+                bail!(
+                    "repository {repo}: its config object {CONFIG_KEY} has wrap version {}, this \
+                     rollcall reads 1 to {WRAP_VERSION}: upgrade rollcall",
+                    e.wrap_version
+                );
+            }
             if e.chunk_size == 0 || e.chunk_size > 64 << 20 {
                 bail!(
                     "repository {repo}: its config object {CONFIG_KEY} names a chunk size of {} \
@@ -236,26 +397,46 @@ impl RepositoryConfig {
 }
 
 impl EncryptionConfig {
-    fn wrap(data: &[u8; 32], kek: &RepositoryKey) -> Result<EncryptionConfig> {
+    fn wrap(
+        data: &[u8; 32],
+        kek: &RepositoryKey,
+        chunk_size: u64,
+        wrap_version: u32,
+    ) -> Result<EncryptionConfig> {
         let nonce: [u8; NONCE_LEN] = random_bytes()?;
         let mut sealed = data.to_vec();
-        let key_id = kek.id();
+        let mut config = EncryptionConfig {
+            cipher: CIPHER.into(),
+            chunk_size,
+            key_id: kek.id(),
+            wrapped_key: String::new(),
+            wrapped_at: chrono::Utc::now(),
+            wrap_version,
+        };
         kek.aead()?
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(wrap_aad(&key_id)),
+                Aad::from(config.wrap_aad()),
                 &mut sealed,
             )
             .map_err(|_| anyhow::anyhow!("seal the data key"))?;
         let mut wrapped = nonce.to_vec();
         wrapped.extend_from_slice(&sealed);
-        Ok(EncryptionConfig {
-            cipher: CIPHER.into(),
-            chunk_size: CHUNK_SIZE as u64,
-            key_id,
-            wrapped_key: BASE64.encode(wrapped),
-            wrapped_at: chrono::Utc::now(),
-        })
+        config.wrapped_key = BASE64.encode(wrapped);
+        Ok(config)
+    }
+
+    /// The associated data of the data key's wrap: what it binds.
+    fn wrap_aad(&self) -> Vec<u8> {
+        let mut aad = WRAP_AAD.to_vec();
+        aad.extend_from_slice(self.key_id.as_bytes());
+        if self.wrap_version >= 2 {
+            aad.extend_from_slice(b"\0v2\0");
+            aad.extend_from_slice(self.cipher.as_bytes());
+            aad.push(0);
+            aad.extend_from_slice(&self.chunk_size.to_be_bytes());
+        }
+        aad
     }
 
     /// The data key, opened with `kek`. A key that is not the repository's is named as such.
@@ -263,15 +444,17 @@ impl EncryptionConfig {
         let given = kek.id();
         if given != self.key_id {
             bail!(
-                "repository {repo} is encrypted with key {}, but {source} holds key {given}: set \
-                 ROLLCALL_REPOSITORY_KEY (or ROLLCALL_REPOSITORY_KEY_FILE) to the repository's key",
-                self.key_id
+                "repository {repo} is encrypted with key {}, but {source} holds key {given}: give \
+                 the repository's key ({})",
+                self.key_id,
+                KEY_VARS.names()
             );
         }
         let damaged = || {
             anyhow::anyhow!(
                 "repository {repo}: the wrapped data key in {CONFIG_KEY} does not open with key \
-                 {given} (the config object was modified or damaged): restore it from a copy"
+                 {given} (the config object was modified or damaged: its key, cipher and chunk \
+                 size are checked together): restore it from a copy"
             )
         };
         let wrapped = BASE64.decode(&self.wrapped_key).map_err(|_| damaged())?;
@@ -283,26 +466,19 @@ impl EncryptionConfig {
         let mut sealed = sealed.to_vec();
         let data = kek
             .aead()?
-            .open_in_place(nonce, Aad::from(wrap_aad(&self.key_id)), &mut sealed)
+            .open_in_place(nonce, Aad::from(self.wrap_aad()), &mut sealed)
             .map_err(|_| damaged())?;
         let data: [u8; 32] = data.try_into().map_err(|_| damaged())?;
         let chunk = usize::try_from(self.chunk_size).map_err(|_| damaged())?;
         Ok(DataKey::new(&data, chunk))
     }
 
-    /// The same data key wrapped by `new` instead (key rotation).
+    /// The same data key wrapped by `new` instead (key rotation), bound as this rollcall
+    /// binds (a version 1 wrap becomes version 2).
     pub fn rewrap(&self, old: &RepositoryKey, new: &RepositoryKey, repo: &str) -> Result<Self> {
         let data = self.unwrap_key(old, repo, "the current key")?;
-        let mut out = EncryptionConfig::wrap(&data.secret.0, new)?;
-        out.chunk_size = self.chunk_size;
-        Ok(out)
+        EncryptionConfig::wrap(&data.secret.0, new, self.chunk_size, WRAP_VERSION)
     }
-}
-
-fn wrap_aad(key_id: &str) -> Vec<u8> {
-    let mut aad = WRAP_AAD.to_vec();
-    aad.extend_from_slice(key_id.as_bytes());
-    aad
 }
 
 /// An open repository's data key: seals and opens objects, and names blobs.
@@ -312,6 +488,8 @@ pub struct DataKey {
     derive: hmac::Key,
     /// HMAC key of blob names.
     names: hmac::Key,
+    /// HMAC key of the names of objects quarantined in the repository.
+    quarantine_names: hmac::Key,
     chunk: usize,
 }
 
@@ -332,6 +510,7 @@ impl DataKey {
             secret: Secret(*secret),
             derive: sub(b"rollcall object keys v1"),
             names: sub(b"rollcall blob names v1"),
+            quarantine_names: sub(b"rollcall quarantine names v1"),
             chunk,
         }
     }
@@ -350,6 +529,13 @@ impl DataKey {
     /// repository's file names say nothing about contents.
     pub(crate) fn blob_id(&self, sha256: &str) -> String {
         hex::encode(hmac::sign(&self.names, sha256.as_bytes()).as_ref())
+    }
+
+    /// The name a live store's object `key` is quarantined under in the repository: a keyed
+    /// hash, so the repository's names do not list the live store's keys (the sealed restore
+    /// records say which key each one was).
+    pub(crate) fn quarantine_name(&self, key: &str) -> String {
+        hex::encode(hmac::sign(&self.quarantine_names, key.as_bytes()).as_ref())
     }
 
     fn object_key(&self, salt: &[u8]) -> LessSafeKey {
@@ -721,6 +907,146 @@ mod tests {
             .unwrap_key(&other, "file:///r", "env")
             .expect_err("damaged");
         assert!(err.to_string().contains("modified or damaged"), "{err}");
+    }
+
+    #[test]
+    fn the_cipher_and_chunk_size_are_bound_to_the_wrap_and_version_1_still_opens() {
+        let kek = RepositoryKey::generate().expect("key");
+        let config = RepositoryConfig::encrypted(&kek).expect("config");
+        let enc = config.encryption.clone().expect("encrypted");
+        assert_eq!(enc.wrap_version, WRAP_VERSION);
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&config.to_bytes().expect("encode")).expect("json");
+        json["encryption"]["chunk_size"] = serde_json::json!(4096);
+        let edited = RepositoryConfig::from_bytes(json.to_string().as_bytes(), "file:///r")
+            .expect("an edited chunk size still parses");
+        let err = edited
+            .encryption
+            .expect("encrypted")
+            .unwrap_key(&kek, "file:///r", "env")
+            .expect_err("an edited chunk size must not open");
+        assert!(err.to_string().contains("modified or damaged"), "{err}");
+        // Dropping the version field (a downgrade to version 1's binding) is refused too.
+        let mut downgraded = enc.clone();
+        downgraded.wrap_version = 1;
+        assert!(downgraded.unwrap_key(&kek, "file:///r", "env").is_err());
+
+        // A config written before the binding (no wrap_version: version 1) still opens,
+        // and rotation rewraps it as version 2.
+        let data = [9u8; 32];
+        let old = EncryptionConfig::wrap(&data, &kek, CHUNK_SIZE as u64, 1).expect("v1");
+        let mut json = serde_json::to_value(&old).expect("json");
+        json.as_object_mut().expect("object").remove("wrap_version");
+        let read: EncryptionConfig = serde_json::from_value(json).expect("v1 reads");
+        assert_eq!(read.wrap_version, 1);
+        let opened = read.unwrap_key(&kek, "file:///r", "env").expect("v1 opens");
+        assert_eq!(opened.secret.0, data);
+        let other = RepositoryKey::generate().expect("key");
+        let rotated = read.rewrap(&kek, &other, "file:///r").expect("rewrap");
+        assert_eq!(rotated.wrap_version, WRAP_VERSION);
+        let again = rotated.unwrap_key(&other, "file:///r", "env").expect("v2");
+        assert_eq!(again.secret.0, data);
+    }
+
+    /// A stand-in for a KMS CLI: a script printing `body` and exiting with `status`.
+    fn key_script(dir: &std::path::Path, name: &str, body: &str, status: i32) -> String {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\nprintf '%s' '{body}'\nexit {status}\n"),
+        )
+        .expect("write script");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path.display().to_string()
+    }
+
+    fn lookup(
+        vars: &[(&'static str, String)],
+    ) -> impl Fn(&str) -> Option<std::ffi::OsString> + use<> {
+        let vars: Vec<(&'static str, String)> = vars.to_vec();
+        move |name| vars.iter().find(|(n, _)| *n == name).map(|(_, v)| v.into())
+    }
+
+    #[test]
+    fn a_key_command_is_run_without_a_shell_and_its_failures_name_the_variable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = RepositoryKey::generate().expect("key");
+        let good = key_script(dir.path(), "kms", &key.to_base64(), 0);
+        // Arguments are split at whitespace and passed as they are (no shell: `$HOME` stays).
+        let (got, source) = RepositoryKey::from_vars(
+            &KEY_VARS,
+            lookup(&[(KEY_COMMAND_ENV, format!("  {good} get  $HOME "))]),
+        )
+        .expect("runs")
+        .expect("a key");
+        assert_eq!(got.id(), key.id());
+        assert!(source.contains(KEY_COMMAND_ENV), "{source}");
+
+        // Precedence: the value, then the file, then the command.
+        let other = RepositoryKey::generate().expect("key");
+        let (got, _) = RepositoryKey::from_vars(
+            &KEY_VARS,
+            lookup(&[
+                (KEY_COMMAND_ENV, good.clone()),
+                (KEY_ENV, other.to_base64()),
+            ]),
+        )
+        .expect("value")
+        .expect("a key");
+        assert_eq!(got.id(), other.id());
+        let file = dir.path().join("key.txt");
+        std::fs::write(&file, other.to_base64()).expect("key file");
+        let (got, _) = RepositoryKey::from_vars(
+            &KEY_VARS,
+            lookup(&[
+                (KEY_COMMAND_ENV, good.clone()),
+                (KEY_FILE_ENV, file.display().to_string()),
+            ]),
+        )
+        .expect("file")
+        .expect("a key");
+        assert_eq!(got.id(), other.id());
+        assert!(
+            RepositoryKey::from_vars(&KEY_VARS, lookup(&[(KEY_COMMAND_ENV, " ".into())]))
+                .expect("blank is unset")
+                .is_none()
+        );
+
+        // A failing command: the variable, the program and the status; never its output.
+        let secret = key.to_base64();
+        let failing = key_script(dir.path(), "kms-denied", &secret, 3);
+        let err = RepositoryKey::from_vars(&KEY_VARS, lookup(&[(KEY_COMMAND_ENV, failing)]))
+            .expect_err("exit 3");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains(KEY_COMMAND_ENV) && text.contains("kms-denied") && text.contains("3"),
+            "{text}"
+        );
+        assert!(!text.contains(&secret), "{text}");
+        assert_eq!(text.lines().count(), 1, "{text}");
+
+        // Output that is not a key, a program that does not exist, a command that hangs.
+        let garbage = key_script(dir.path(), "kms-garbage", "c2hvcnQ=", 0);
+        let err =
+            RepositoryKey::from_vars(&NEW_KEY_VARS, lookup(&[(NEW_KEY_COMMAND_ENV, garbage)]))
+                .expect_err("5 bytes");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains(NEW_KEY_COMMAND_ENV) && text.contains("holds 5 bytes"),
+            "{text}"
+        );
+        let missing = dir.path().join("no-such-kms").display().to_string();
+        let err = RepositoryKey::from_vars(&KEY_VARS, lookup(&[(KEY_COMMAND_ENV, missing)]))
+            .expect_err("missing");
+        assert!(format!("{err:#}").contains(KEY_COMMAND_ENV), "{err:#}");
+        let err = run_key_command(
+            KEY_COMMAND_ENV,
+            "sleep 30",
+            std::time::Duration::from_millis(200),
+        )
+        .expect_err("hangs");
+        assert!(format!("{err:#}").contains("did not finish"), "{err:#}");
     }
 
     #[test]

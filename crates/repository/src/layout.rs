@@ -14,7 +14,9 @@
 //! locks/<lock-id>.json                shared (snapshot) and exclusive (prune) repository locks
 //! sequence/<20-digit n>               the commit number n, claimed by one point (create-only
 //!                                     put); prune keeps the newest 64, so numbers only grow
-//! quarantine/<tag>/<key>              what a fleet restore (run tag) replaced or removed
+//! quarantine/<tag>/<key>              what a fleet restore (run tag) replaced or removed (in
+//!                                     an encrypted repository <key> is its keyed hash:
+//!                                     `Repository::quarantine_entry`)
 //! quarantine/<tag>.records/<..>.json  written before that restore changes anything: each key
 //!                                     it may write or remove and what it held (undo reads it)
 //! wal/<timeline>/<name>-<sha256>.zst  archived WAL (`wal`): the body, then its record

@@ -40,8 +40,9 @@ mod versions;
 mod wal;
 
 pub use cipher::{
-    CONFIG_KEY, EncryptionConfig, KEY_ENV, KEY_FILE_ENV, NEW_KEY_ENV, NEW_KEY_FILE_ENV,
-    RepositoryConfig, RepositoryKey,
+    CONFIG_KEY, EncryptionConfig, KEY_COMMAND_ENV, KEY_ENV, KEY_FILE_ENV, KEY_VARS, KeyVars,
+    NEW_KEY_COMMAND_ENV, NEW_KEY_ENV, NEW_KEY_FILE_ENV, NEW_KEY_VARS, RepositoryConfig,
+    RepositoryKey,
 };
 pub use kept::KeptQuarantine;
 pub use layout::{PointId, QUARANTINE_ROOT, SnapshotId, is_run_tag, run_tag, validate_environment};

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-use crate::cipher::{CONFIG_KEY, DataKey, KEY_ENV, KEY_FILE_ENV, RepositoryConfig, RepositoryKey};
+use crate::cipher::{CONFIG_KEY, DataKey, KEY_VARS, RepositoryConfig, RepositoryKey};
 use crate::redact::redact_url;
 use crate::store::{RetryPolicy, S3Options, retry, store_from_url};
 
@@ -74,7 +74,8 @@ pub struct RepositoryOptions {
     /// How long to wait for a conflicting lock to go away (default 2 min).
     pub lock_wait: Duration,
     /// The key of an encrypted repository; `None` reads it, when the repository is encrypted,
-    /// from `ROLLCALL_REPOSITORY_KEY` or `ROLLCALL_REPOSITORY_KEY_FILE`.
+    /// from `ROLLCALL_REPOSITORY_KEY`, `ROLLCALL_REPOSITORY_KEY_FILE` or (run)
+    /// `ROLLCALL_REPOSITORY_KEY_COMMAND`, the first one set.
     pub key: Option<RepositoryKey>,
 }
 
@@ -181,6 +182,17 @@ impl Repository {
 
     /// The config object, if the repository has one.
     async fn read_config(&self) -> Result<Option<(RepositoryConfig, Option<String>)>> {
+        let Some((bytes, etag)) = self.read_config_bytes().await? else {
+            return Ok(None);
+        };
+        Ok(Some((
+            RepositoryConfig::from_bytes(&bytes, &self.label)?,
+            etag,
+        )))
+    }
+
+    /// The config object's bytes and etag, if the repository has one.
+    async fn read_config_bytes(&self) -> Result<Option<(Bytes, Option<String>)>> {
         let key = Path::from(CONFIG_KEY);
         let what = format!("read {CONFIG_KEY} from repository {}", self.label);
         // Every open reads it, so a transient store error is retried like any other read.
@@ -195,13 +207,7 @@ impl Repository {
             Ok(Some((bytes, etag)))
         })
         .await?;
-        let Some((bytes, etag)) = got else {
-            return Ok(None);
-        };
-        Ok(Some((
-            RepositoryConfig::from_bytes(&bytes, &self.label)?,
-            etag,
-        )))
+        Ok(got)
     }
 
     /// Applies the config object: an encrypted repository gets its sealing store.
@@ -212,39 +218,49 @@ impl Repository {
             // A process that holds a repository key expects an encrypted repository: one that
             // reads as plaintext had its config object deleted or replaced, and writing to it
             // (or trusting what is in it) would silently undo the encryption.
+            // The variables are looked at, not read: a key command is not run for this.
             let key_source = match &self.options.key {
                 Some(_) => Some("a repository key was given".to_owned()),
-                None => RepositoryKey::from_env(KEY_ENV, KEY_FILE_ENV)
-                    .with_context(|| format!("open repository {}", self.label))?
-                    .map(|(_, source)| format!("{source} holds a repository key")),
+                None => [KEY_VARS.value, KEY_VARS.file, KEY_VARS.command]
+                    .into_iter()
+                    .find(|var| std::env::var_os(var).is_some_and(|v| !v.is_empty()))
+                    .map(|var| format!("environment variable {var} is set")),
             };
             if let Some(source) = key_source {
                 bail!(
                     "repository {} reads as not encrypted ({}), but {source}: if it was \
                      encrypted, its config object was deleted or replaced, so restore \
                      {CONFIG_KEY} from a copy and write nothing to it until then; if it is a \
-                     plaintext repository, unset {KEY_ENV} and {KEY_FILE_ENV} for this process",
+                     plaintext repository, unset {} for this process",
                     self.label,
                     if has_config {
                         format!("its {CONFIG_KEY} says plaintext")
                     } else {
                         format!("it has no {CONFIG_KEY}")
-                    }
+                    },
+                    KEY_VARS.names()
                 );
             }
             return Ok(self);
         };
         let (kek, source) = match &self.options.key {
             Some(key) => (key.clone(), "the key given".to_owned()),
-            None => match RepositoryKey::from_env(KEY_ENV, KEY_FILE_ENV)
+            // A key command may take a while (a KMS round trip): off the async workers.
+            None => match tokio::task::spawn_blocking(|| RepositoryKey::from_env(&KEY_VARS))
+                .await
+                .context("read the repository key")?
                 .with_context(|| format!("open encrypted repository {}", self.label))?
             {
                 Some(found) => found,
                 None => bail!(
-                    "repository {} is encrypted (key {}): set {KEY_ENV} (its 32-byte key in \
-                     base64) or {KEY_FILE_ENV} (a file holding it) in this process's environment",
+                    "repository {} is encrypted (key {}): set {} (its 32-byte key in base64), {} \
+                     (a file holding it) or {} (a command printing it) in this process's \
+                     environment",
                     self.label,
-                    encryption.key_id
+                    encryption.key_id,
+                    KEY_VARS.value,
+                    KEY_VARS.file,
+                    KEY_VARS.command
                 ),
             },
         };
@@ -266,7 +282,26 @@ impl Repository {
         options: RepositoryOptions,
         key: Option<&RepositoryKey>,
     ) -> Result<RepositoryConfig> {
-        let repo = Repository::open_raw(url, options).await?;
+        Repository::open_raw(url, options)
+            .await?
+            .init_here(key)
+            .await
+    }
+
+    /// [`Repository::init`] of a store the caller built (see [`Repository::from_store`]).
+    pub async fn init_store(
+        store: Arc<dyn ObjectStore>,
+        label: impl Into<String>,
+        options: RepositoryOptions,
+        key: Option<&RepositoryKey>,
+    ) -> Result<RepositoryConfig> {
+        Repository::from_store(store, label, options)
+            .init_here(key)
+            .await
+    }
+
+    async fn init_here(self, key: Option<&RepositoryKey>) -> Result<RepositoryConfig> {
+        let repo = self;
         if let Some((config, _)) = repo.read_config().await? {
             bail!(
                 "repository {} is already initialised ({}): nothing was changed",
@@ -314,7 +349,31 @@ impl Repository {
         old: &RepositoryKey,
         new: &RepositoryKey,
     ) -> Result<RepositoryConfig> {
-        let repo = Repository::open_raw(url, options).await?;
+        Repository::open_raw(url, options)
+            .await?
+            .rotate_here(old, new)
+            .await
+    }
+
+    /// [`Repository::rotate_key`] of a store the caller built (see [`Repository::from_store`]).
+    pub async fn rotate_key_store(
+        store: Arc<dyn ObjectStore>,
+        label: impl Into<String>,
+        options: RepositoryOptions,
+        old: &RepositoryKey,
+        new: &RepositoryKey,
+    ) -> Result<RepositoryConfig> {
+        Repository::from_store(store, label, options)
+            .rotate_here(old, new)
+            .await
+    }
+
+    async fn rotate_here(
+        self,
+        old: &RepositoryKey,
+        new: &RepositoryKey,
+    ) -> Result<RepositoryConfig> {
+        let repo = self;
         let Some((mut config, etag)) = repo.read_config().await? else {
             bail!(
                 "repository {} has no config object, so it is not encrypted: nothing to rotate",
@@ -334,6 +393,8 @@ impl Repository {
     }
 
     /// Writes the config object: create-only, or (`replacing`) only over the version read.
+    /// Transient failures are retried; a conflict whose winner is exactly what we wrote (the
+    /// answer to an earlier attempt was lost, the write itself was not) is success.
     async fn put_config(
         &self,
         config: &RepositoryConfig,
@@ -341,7 +402,8 @@ impl Repository {
     ) -> Result<()> {
         use object_store::{PutMode, UpdateVersion};
         let key = Path::from(CONFIG_KEY);
-        let payload = PutPayload::from(config.to_bytes()?);
+        let bytes = Bytes::from(config.to_bytes()?);
+        let payload = PutPayload::from_bytes(bytes.clone());
         let mode = match &replacing {
             None => PutMode::Create,
             Some(e_tag) => PutMode::Update(UpdateVersion {
@@ -349,33 +411,62 @@ impl Repository {
                 version: None,
             }),
         };
-        match self
-            .store
-            .put_opts(&key, payload.clone(), mode.into())
-            .await
+        let what = format!("write {CONFIG_KEY} to repository {}", self.label);
+        let written = retry(&self.options.retry, &what, || async {
+            self.store
+                .put_opts(&key, payload.clone(), mode.clone().into())
+                .await
+                .map_err(anyhow::Error::from)
+        })
+        .await;
+        let err = match written {
+            Ok(_) => return Ok(()),
+            Err(e) => match e.downcast::<object_store::Error>() {
+                Ok(err) => err,
+                Err(e) => return Err(e.context(what)),
+            },
+        };
+        let conflict = matches!(
+            err,
+            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }
+        );
+        if conflict
+            && let Some((now, _)) = self.read_config_bytes().await?
+            && now == bytes
         {
-            Ok(_) => Ok(()),
-            Err(object_store::Error::AlreadyExists { .. }) => bail!(
+            tracing::info!(
+                repository = %self.label,
+                "{CONFIG_KEY} already holds what this write put there (an earlier attempt \
+                 succeeded and its answer was lost)"
+            );
+            return Ok(());
+        }
+        match err {
+            object_store::Error::AlreadyExists { .. } => bail!(
                 "repository {} was initialised by someone else meanwhile: nothing was changed",
                 self.label
             ),
-            Err(object_store::Error::Precondition { .. }) => bail!(
+            object_store::Error::Precondition { .. } => bail!(
                 "the config object of repository {} changed while the key was rotated: run the \
                  rotation again",
                 self.label
             ),
             // Stores without conditional writes (a local directory for updates).
-            Err(
-                object_store::Error::NotImplemented { .. }
-                | object_store::Error::NotSupported { .. },
-            ) if replacing.is_some() => self
-                .store
-                .put(&key, payload)
+            object_store::Error::NotImplemented { .. }
+            | object_store::Error::NotSupported { .. }
+                if replacing.is_some() =>
+            {
+                retry(&self.options.retry, &what, || async {
+                    self.store
+                        .put(&key, payload.clone())
+                        .await
+                        .map_err(anyhow::Error::from)
+                })
                 .await
                 .map(|_| ())
-                .with_context(|| format!("write {CONFIG_KEY} to repository {}", self.label)),
-            Err(e) => Err(anyhow::Error::new(e)
-                .context(format!("write {CONFIG_KEY} to repository {}", self.label))),
+                .with_context(|| what.clone())
+            }
+            e => Err(anyhow::Error::new(e).context(what)),
         }
     }
 
@@ -391,6 +482,17 @@ impl Repository {
         match &self.data_key {
             Some((key, _)) => key.blob_id(sha256),
             None => sha256.to_owned(),
+        }
+    }
+
+    /// Where a quarantine in the repository keeps the live object `key` (relative to the
+    /// restore's prefix): `<quarantine>/<key>`, or in an encrypted repository
+    /// `<quarantine>/<keyed hash of key>`, so no name in the repository lists the live store's
+    /// keys. Restores write and undos read through this one function.
+    pub(crate) fn quarantine_entry(&self, quarantine: &Path, key: &str) -> Result<Path> {
+        match &self.data_key {
+            Some((data, _)) => Ok(quarantine.clone().join(data.quarantine_name(key))),
+            None => crate::restore::join(quarantine, key),
         }
     }
 
@@ -566,15 +668,32 @@ impl Repository {
         .await;
         match result {
             Ok(bytes) => Ok(bytes),
-            Err(e) if is_not_found(&e) => Err(RepoError::NotFound {
+            Err(e) => Err(self.read_failure(what, key, e)),
+        }
+    }
+
+    /// What a failed read of `key` is: [`RepoError::NotFound`] when it is missing,
+    /// [`RepoError::Damaged`] when it is an encrypted repository's object that does not open
+    /// (changed, cut short, or stored under another name), else the store's error.
+    pub(crate) fn read_failure(
+        &self,
+        what: &'static str,
+        key: &Path,
+        e: anyhow::Error,
+    ) -> anyhow::Error {
+        if is_not_found(&e) {
+            return RepoError::NotFound {
                 what,
                 key: key.to_string(),
                 repo: self.label.to_string(),
                 hint: not_found_hint(what),
             }
-            .into()),
-            Err(e) => Err(e.context(format!("read {key} from repository {}", self.label))),
+            .into();
         }
+        if let Some(broken) = crate::sealed::broken_seal(&e) {
+            return self.damaged(what, key, unsealed_reason(broken)).into();
+        }
+        e.context(format!("read {key} from repository {}", self.label))
     }
 
     pub(crate) fn damaged(&self, what: &'static str, key: &Path, reason: String) -> RepoError {
@@ -587,7 +706,15 @@ impl Repository {
     }
 }
 
-/// Whether an error means "no such object", from the store or from us.
+/// The `Damaged` reason of an object that does not open.
+pub(crate) fn unsealed_reason(broken: &crate::sealed::BrokenSeal) -> String {
+    format!(
+        "it does not open with the repository's data key: {}; it was modified, cut short or \
+         stored under another object's name",
+        broken.reason
+    )
+}
+
 /// Bytes a copy writes between two background flushes.
 pub(crate) const FLUSH_EVERY: u64 = 32 << 20;
 
@@ -630,6 +757,7 @@ fn sync_filesystem(_root: &std::path::Path) -> Result<()> {
     Ok(()) // every file was fsync'd as it was written
 }
 
+/// Whether an error means "no such object", from the store or from us.
 pub(crate) fn is_not_found(e: &anyhow::Error) -> bool {
     matches!(
         e.downcast_ref::<object_store::Error>(),
@@ -739,6 +867,180 @@ mod tests {
 
         let err = decode_document::<Doc>(&bytes, "test.v2").expect_err("format");
         assert!(err.contains("format is"), "{err}");
+    }
+
+    /// A store that carries out the first `lose` writes of the config object but answers
+    /// each with a 503, as if the answer were lost on the way back.
+    #[derive(Debug)]
+    struct LostAnswers {
+        inner: Arc<dyn ObjectStore>,
+        lose: std::sync::atomic::AtomicUsize,
+    }
+
+    impl std::fmt::Display for LostAnswers {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "LostAnswers({})", self.inner)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for LostAnswers {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            let done = self.inner.put_opts(location, payload, opts).await?;
+            if location.as_ref() == CONFIG_KEY
+                && self
+                    .lose
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                return Err(object_store::Error::Generic {
+                    store: "LostAnswers",
+                    source: Box::new(crate::store::HttpStatus(503)),
+                });
+            }
+            Ok(done)
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<Path>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<Path>> {
+            self.inner.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&Path>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &Path,
+            to: &Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_config_write_whose_answer_was_lost_is_not_reported_as_a_conflict() {
+        let raw: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let store: Arc<dyn ObjectStore> = Arc::new(LostAnswers {
+            inner: raw.clone(),
+            lose: 1.into(),
+        });
+        let options = RepositoryOptions {
+            retry: RetryPolicy {
+                attempts: 3,
+                min_delay: Duration::from_millis(1),
+                max_delay: Duration::from_millis(5),
+            },
+            ..RepositoryOptions::default()
+        };
+        let key = RepositoryKey::generate().expect("key");
+        // init: the create happened, its answer was lost, the retry meets our own object.
+        let config =
+            Repository::init_store(store.clone(), "memory://t", options.clone(), Some(&key))
+                .await
+                .expect("init despite the lost answer");
+        let stored = raw
+            .get(&Path::from(CONFIG_KEY))
+            .await
+            .expect("config")
+            .bytes()
+            .await
+            .expect("bytes");
+        assert_eq!(
+            stored.as_ref(),
+            config.to_bytes().expect("encode").as_slice()
+        );
+
+        // rotate: the conditional update happened, its answer was lost; the retry's
+        // precondition fails against our own write, which is success.
+        let store: Arc<dyn ObjectStore> = Arc::new(LostAnswers {
+            inner: raw.clone(),
+            lose: 1.into(),
+        });
+        let new = RepositoryKey::generate().expect("key");
+        let rotated =
+            Repository::rotate_key_store(store.clone(), "memory://t", options.clone(), &key, &new)
+                .await
+                .expect("rotate despite the lost answer");
+        assert_eq!(
+            rotated.encryption.as_ref().map(|e| e.key_id.clone()),
+            Some(new.id())
+        );
+        let reopened = Repository::from_store_configured(
+            raw.clone(),
+            "memory://t",
+            RepositoryOptions {
+                key: Some(new.clone()),
+                ..options.clone()
+            },
+        )
+        .await
+        .expect("opens with the new key");
+        assert_eq!(reopened.encryption_key_id(), Some(new.id().as_str()));
+
+        // A real conflict is still one: someone else's rotation in between.
+        let third = RepositoryKey::generate().expect("key");
+        let err = Repository::init_store(raw.clone(), "memory://t", options.clone(), Some(&third))
+            .await
+            .expect_err("already initialised");
+        assert!(
+            format!("{err:#}").contains("already initialised"),
+            "{err:#}"
+        );
+        let (current, etag) = Repository::from_store(raw.clone(), "memory://t", options.clone())
+            .read_config()
+            .await
+            .expect("read")
+            .expect("config");
+        let theirs = current
+            .encryption
+            .as_ref()
+            .expect("encrypted")
+            .rewrap(&new, &third, "memory://t")
+            .expect("rewrap");
+        let mut theirs_config = current.clone();
+        theirs_config.encryption = Some(theirs);
+        let repo = Repository::from_store(raw.clone(), "memory://t", options.clone());
+        let stale = Some(Some("not-the-etag".to_owned()));
+        assert!(etag.is_some());
+        let err = repo
+            .put_config(&theirs_config, stale)
+            .await
+            .expect_err("a stale etag");
+        assert!(
+            format!("{err:#}").contains("changed while the key was rotated"),
+            "{err:#}"
+        );
     }
 
     #[tokio::test]

@@ -536,8 +536,10 @@ impl Shared {
 
     /// Copies an object into the quarantine; false if it no longer exists.
     async fn quarantine_copy(&self, location: &Path) -> Result<bool> {
-        let destination = join(&self.quarantine, &self.relative(location))?;
         if self.quarantine_in_repository {
+            let destination = self
+                .repo
+                .quarantine_entry(&self.quarantine, &self.relative(location))?;
             let got = match self.target.get(location).await {
                 Ok(got) => got,
                 Err(object_store::Error::NotFound { .. }) => return Ok(false),
@@ -560,6 +562,7 @@ impl Shared {
                 })?;
             return Ok(true);
         }
+        let destination = join(&self.quarantine, &self.relative(location))?;
         match self.target.copy(location, &destination).await {
             Ok(()) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -606,7 +609,15 @@ async fn restore_one(
                 shared.repo.label
             )
         })?;
-        if let Err(reason) = write_body(shared, entry, location, got).await? {
+        let reason = match write_body(shared, entry, location, got).await {
+            Ok(Ok(())) => None,
+            Ok(Err(reason)) => Some(reason),
+            Err(e) => match crate::sealed::broken_seal(&e) {
+                Some(broken) => Some(crate::repo::unsealed_reason(broken)),
+                None => return Err(e),
+            },
+        };
+        if let Some(reason) = reason {
             return Err(shared.repo.damaged("blob", &blob, reason).into());
         }
     }

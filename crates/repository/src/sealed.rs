@@ -22,7 +22,7 @@ use object_store::{
     ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, UploadPart,
 };
 
-use crate::cipher::{CONFIG_KEY, DataKey, Opener, Sealer, plain_size};
+use crate::cipher::{CONFIG_KEY, DataKey, OpenError, Opener, Sealer, plain_size};
 use crate::layout::{BLOBS, STAGING};
 
 const STORE: &str = "rollcall-encryption";
@@ -259,6 +259,34 @@ fn plain_meta(mut meta: ObjectMeta, chunk: u64) -> ObjectMeta {
     meta
 }
 
+/// An object of an encrypted repository that does not open with the data key: a byte was
+/// changed, it was cut short or grown, or it is stored under another object's name. It travels
+/// inside `object_store::Error::Generic`; [`broken_seal`] finds it so readers report the object
+/// as damaged (`RepoError::Damaged`) rather than failing as if the store had.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "object {location} of encrypted repository {repo} does not open: {reason}; it was modified \
+     or damaged after it was written: do not restore from it"
+)]
+pub(crate) struct BrokenSeal {
+    pub(crate) location: String,
+    pub(crate) repo: String,
+    pub(crate) reason: OpenError,
+}
+
+/// The [`BrokenSeal`] an error carries, however it was wrapped on the way (anyhow context,
+/// `object_store::Error`, `std::io::Error` from a stream reader).
+pub(crate) fn broken_seal(e: &anyhow::Error) -> Option<&BrokenSeal> {
+    e.chain().find_map(|cause| {
+        cause.downcast_ref::<BrokenSeal>().or_else(|| {
+            cause
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<BrokenSeal>())
+        })
+    })
+}
+
 /// The plaintext of a sealed body, chunk by chunk; an error names the object.
 fn open_stream(
     body: BoxStream<'static, object_store::Result<Bytes>>,
@@ -266,13 +294,13 @@ fn open_stream(
     location: Path,
     label: Arc<str>,
 ) -> BoxStream<'static, object_store::Result<Bytes>> {
-    let fail = move |reason: String| object_store::Error::Generic {
+    let fail = move |reason: OpenError| object_store::Error::Generic {
         store: STORE,
-        source: format!(
-            "object {location} of encrypted repository {label} does not open: {reason}; it was \
-             modified or damaged after it was written: do not restore from it"
-        )
-        .into(),
+        source: Box::new(BrokenSeal {
+            location: location.to_string(),
+            repo: label.to_string(),
+            reason,
+        }),
     };
     futures::stream::unfold(
         (Some(body), Some(opener), fail),
@@ -286,7 +314,7 @@ fn open_stream(
                 match body.next().await {
                     Some(Ok(bytes)) => {
                         if let Err(e) = opener.push(&bytes, &mut out) {
-                            return Some((Err(fail(e.to_string())), (None, None, fail)));
+                            return Some((Err(fail(e)), (None, None, fail)));
                         }
                         if !out.is_empty() {
                             return Some((Ok(Bytes::from(out)), (Some(body), Some(opener), fail)));
@@ -296,7 +324,7 @@ fn open_stream(
                     None => {
                         return match opener.finish(&mut out) {
                             Ok(()) => Some((Ok(Bytes::from(out)), (None, None, fail))),
-                            Err(e) => Some((Err(fail(e.to_string())), (None, None, fail))),
+                            Err(e) => Some((Err(fail(e)), (None, None, fail))),
                         };
                     }
                 }

@@ -100,14 +100,7 @@ pub async fn read_records(repo: &Repository, quarantine: &Path) -> Result<Vec<Re
     listed.sort();
     let mut records = Vec::new();
     for location in listed {
-        let body = repo
-            .store()
-            .get(&location)
-            .await
-            .with_context(|| format!("read the restore record {location}"))?
-            .bytes()
-            .await
-            .with_context(|| format!("read the restore record {location}"))?;
+        let body = repo.get_bytes(&location, "restore record").await?;
         let record: RestoreRecord = serde_json::from_slice(&body).with_context(|| {
             format!("restore record {location} is not a record this version reads")
         })?;
@@ -235,10 +228,10 @@ async fn undo_one(
     let kept = match before {
         Before::Absent => None,
         Before::Present { .. } => {
-            let copy = join(&options.restore_quarantine, key)?;
+            let copy = repo.quarantine_entry(&options.restore_quarantine, key)?;
             match read(repo.store(), &copy)
                 .await
-                .with_context(|| format!("read the quarantined copy {copy}"))?
+                .map_err(|e| repo.read_failure("quarantined object", &copy, e))?
             {
                 Some(body) => Some(body),
                 // Never copied to the quarantine: the restore never displaced it.
@@ -252,7 +245,7 @@ async fn undo_one(
     // What the live store holds now (the restore's object, or a write since) is kept first.
     let displaced = match &live {
         Some(body) => {
-            let to = join(&options.undo_quarantine, key)?;
+            let to = repo.quarantine_entry(&options.undo_quarantine, key)?;
             repo.store()
                 .put(&to, PutPayload::from_bytes(body.clone()))
                 .await

@@ -325,7 +325,7 @@ impl Repository {
         let mut size = 0u64;
         while let Some(chunk) = stream.next().await {
             let chunk =
-                chunk.map_err(|e| anyhow::Error::new(e).context(format!("read dump {key}")))?;
+                chunk.map_err(|e| self.read_failure("dump", &key, anyhow::Error::new(e)))?;
             hasher.update(&chunk);
             size += chunk.len() as u64;
         }
@@ -449,7 +449,13 @@ async fn prove_blob(
         Err(e) => Proof {
             hashed: 0,
             kept: 0,
-            problem: Some(format!("blob {blob} ({objects}) unreadable: {e:#}")),
+            problem: Some(match crate::sealed::broken_seal(&e) {
+                Some(broken) => format!(
+                    "blob {blob} ({objects}) is damaged: {}",
+                    crate::repo::unsealed_reason(broken)
+                ),
+                None => format!("blob {blob} ({objects}) unreadable: {e:#}"),
+            }),
         },
     }
 }

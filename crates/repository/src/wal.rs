@@ -245,8 +245,18 @@ pub async fn wal_fetch(repo: &Repository, name: &str, dest: &FsPath) -> Result<W
     Ok(record)
 }
 
-/// The records of every archived WAL file, in name order (timelines, then segments).
+/// The records of every archived WAL file, in name order (timelines, then segments). A
+/// damaged record fails the listing ([`RepoError::Damaged`](crate::RepoError::Damaged)).
 pub async fn wal_list(repo: &Repository) -> Result<Vec<WalRecord>> {
+    let (records, damaged) = wal_records(repo).await?;
+    match damaged.into_iter().next() {
+        Some((_, e)) => Err(e.into()),
+        None => Ok(records),
+    }
+}
+
+/// The records that read, in name order, and the damaged ones apart with their errors.
+async fn wal_records(repo: &Repository) -> Result<(Vec<WalRecord>, Vec<(Path, crate::RepoError)>)> {
     use futures::TryStreamExt;
     let prefix = Path::from(WAL);
     let metas: Vec<_> = repo
@@ -256,18 +266,30 @@ pub async fn wal_list(repo: &Repository) -> Result<Vec<WalRecord>> {
         .await
         .with_context(|| format!("list {prefix}/ in {}", repo.label()))?;
     let mut out = Vec::new();
+    let mut damaged = Vec::new();
     for meta in metas {
         if meta.location.extension() != Some("json") {
             continue;
         }
-        let bytes = repo.get_bytes(&meta.location, "WAL record").await?;
-        let record: WalRecord = serde_json::from_slice(&bytes).map_err(|e| {
-            repo.damaged("WAL record", &meta.location, format!("does not read: {e}"))
-        })?;
-        out.push(record);
+        let read = match repo.get_bytes(&meta.location, "WAL record").await {
+            Ok(bytes) => serde_json::from_slice::<WalRecord>(&bytes).map_err(|e| {
+                repo.damaged("WAL record", &meta.location, format!("does not read: {e}"))
+            }),
+            // Deleted by a prune between our listing and our read.
+            Err(e) if is_not_found(&e) => continue,
+            Err(e) => match e.downcast::<crate::RepoError>() {
+                Ok(damage @ crate::RepoError::Damaged { .. }) => Err(damage),
+                Ok(other) => return Err(other.into()),
+                Err(e) => return Err(e),
+            },
+        };
+        match read {
+            Ok(record) => out.push(record),
+            Err(damage) => damaged.push((meta.location, damage)),
+        }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
+    Ok((out, damaged))
 }
 
 /// What [`wal_verify`] found.
@@ -375,7 +397,7 @@ pub(crate) async fn wal_listing(repo: &Repository) -> Result<Vec<ListedWal>> {
 /// its last (assuming 16 MiB segments, Postgres' default).
 pub async fn wal_verify(repo: &Repository, full: bool) -> Result<WalReport> {
     use futures::TryStreamExt;
-    let records = wal_list(repo).await?;
+    let (records, unreadable) = wal_records(repo).await?;
     let present: std::collections::BTreeSet<String> = repo
         .store()
         .list(Some(&Path::from(WAL)))
@@ -384,6 +406,11 @@ pub async fn wal_verify(repo: &Repository, full: bool) -> Result<WalReport> {
         .await
         .with_context(|| format!("list {WAL}/ in {}", repo.label()))?;
     let mut report = WalReport::default();
+    report.damaged.extend(
+        unreadable
+            .into_iter()
+            .map(|(key, e)| format!("record {key}: {e}")),
+    );
     let mut timelines: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
     for record in &records {
         if let Some((timeline, n)) = segment_number(&record.name) {
@@ -396,9 +423,17 @@ pub async fn wal_verify(repo: &Repository, full: bool) -> Result<WalReport> {
                 record.name, record.body
             ));
         } else if full {
-            let body = repo
+            let body = match repo
                 .get_bytes(&Path::from(record.body.as_str()), "WAL file")
-                .await?;
+                .await
+            {
+                Ok(body) => body,
+                Err(e) if matches!(e.downcast_ref(), Some(crate::RepoError::Damaged { .. })) => {
+                    report.damaged.push(format!("{}: {e}", record.name));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let expected = record.clone();
             let problem = tokio::task::spawn_blocking(move || {
                 match zstd::bulk::decompress(&body, expected.size as usize) {

@@ -328,3 +328,252 @@ async fn a_deleted_or_replaced_config_object_is_refused_while_a_key_is_held() {
         .await
         .expect("open again");
 }
+
+/// One object that does not open is that object damaged, not the repository failing: a point
+/// file with a flipped byte, cut short, or another point's file under its name is listed
+/// apart as damaged while the others list, and prune still deletes what is out of its window;
+/// a manifest, a lock, a WAL record and a WAL body that do not open are each named as damaged
+/// where they are read.
+#[tokio::test]
+async fn an_object_that_does_not_open_is_damaged_and_the_rest_still_lists_and_prunes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = RepositoryKey::generate().expect("key");
+    let repo_dir = dir.path().join("repo");
+    let repo = encrypted_repo(&repo_dir, &key).await;
+    let live = local_store(&dir.path().join("live"));
+    put(&live, "a.bin", content("a", 0, 5000)).await;
+    let now = Utc::now();
+    let mut points = Vec::new();
+    for days in [5i64, 3, 2, 1, 0] {
+        let at = now - chrono::Duration::days(days);
+        let mut snap = SnapshotOptions::new("file:///live");
+        snap.environment = Some("prod".into());
+        let part = snapshot_objects(&repo, live.clone(), &snap, None)
+            .await
+            .expect("snapshot");
+        let point = repo
+            .write_point_stamped(
+                NewPoint {
+                    id: PointId::new("prod", at).expect("id"),
+                    postgres: None,
+                    objects: Some(part),
+                    secrets: vec![],
+                },
+                at,
+            )
+            .await
+            .expect("point");
+        points.push(point);
+    }
+    let file_of = |id: &PointId| repo_dir.join(format!("points/{id}.json"));
+    // Flipped, cut short, and another point's (sealed) file put under this one's name.
+    flip_byte(&file_of(&points[1].id));
+    let cut = std::fs::read(file_of(&points[2].id)).expect("read");
+    std::fs::write(file_of(&points[2].id), &cut[..cut.len() - 5]).expect("truncate");
+    std::fs::copy(file_of(&points[4].id), file_of(&points[3].id)).expect("copy");
+
+    let listing = repo
+        .list_points(Some("prod"))
+        .await
+        .expect("list despite damage");
+    let listed: Vec<&str> = listing.points.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(listed, vec![points[0].id.as_str(), points[4].id.as_str()]);
+    let damaged: Vec<&str> = listing.damaged.iter().map(|d| d.key.as_str()).collect();
+    let expect: Vec<String> = points[1..4]
+        .iter()
+        .map(|p| format!("points/{}.json", p.id))
+        .collect();
+    assert_eq!(
+        damaged,
+        expect.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    for d in &listing.damaged {
+        assert!(d.reason.contains("does not open"), "{}", d.reason);
+    }
+    let err = repo.read_point(&points[1].id).await.expect_err("damaged");
+    assert!(
+        matches!(
+            err.downcast_ref::<repository::RepoError>(),
+            Some(repository::RepoError::Damaged { .. })
+        ),
+        "{err:#}"
+    );
+    assert!(format!("{err:#}").contains(&format!("points/{}.json", points[1].id)));
+
+    // Prune deletes the point out of its window; the blob sweep waits for the damaged files.
+    let mut prune = PruneOptions::new("prod", Duration::from_secs(4 * 24 * 3600));
+    prune.now = Some(now);
+    let report = repo.prune(&prune).await.expect("prune despite damage");
+    assert_eq!(
+        report
+            .deleted_points
+            .iter()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>(),
+        vec![points[0].id.as_str()],
+        "{report:?}"
+    );
+    let skipped = report.sweep_skipped.clone().unwrap_or_default();
+    assert!(skipped.contains(&expect[0]), "{report:?}");
+
+    // A manifest that does not open: damaged, named.
+    let snapshot = &points[4].objects.as_ref().expect("objects").snapshot_id;
+    flip_byte(&repo_dir.join(format!("objects/snapshots/{snapshot}.json")));
+    let err = repo.read_manifest(snapshot).await.expect_err("damaged");
+    assert!(
+        matches!(
+            err.downcast_ref::<repository::RepoError>(),
+            Some(repository::RepoError::Damaged { .. })
+        ),
+        "{err:#}"
+    );
+    let verified = repo
+        .verify_point(&points[4].id, false)
+        .await
+        .expect("verify");
+    assert!(
+        verified
+            .problems
+            .join("; ")
+            .contains(&format!("{snapshot}.json")),
+        "{verified:?}"
+    );
+
+    // A lock file that does not open counts as held (it may be a live exclusive lock) until
+    // it is older than any live lock, and is named.
+    repo.store()
+        .put(
+            &Path::from("locks/x.json"),
+            bytes::Bytes::from_static(b"{}").into(),
+        )
+        .await
+        .expect("a sealed lock file");
+    flip_byte(&repo_dir.join("locks/x.json"));
+    let err = repo.prune(&prune).await.expect_err("busy");
+    assert!(
+        format!("{err:#}").contains("unreadable lock file locks/x.json"),
+        "{err:#}"
+    );
+    std::fs::remove_file(repo_dir.join("locks/x.json")).expect("remove");
+
+    // WAL: a record that does not open is damaged in verify and in fetch; a body likewise.
+    let wal_dir = dir.path().join("pg_wal");
+    std::fs::create_dir_all(&wal_dir).expect("wal dir");
+    let names = ["000000010000000000000001", "000000010000000000000002"];
+    for (i, name) in names.iter().enumerate() {
+        std::fs::write(wal_dir.join(name), vec![i as u8 + 1; 1 << 16]).expect("wal file");
+        repository::wal_push(&repo, &wal_dir.join(name))
+            .await
+            .expect("push");
+    }
+    let record = format!("wal/00000001/{}.json", names[0]);
+    flip_byte(&repo_dir.join(&record));
+    let report = repository::wal_verify(&repo, true)
+        .await
+        .expect("verify the WAL");
+    assert_eq!(report.damaged.len(), 1, "{report:?}");
+    assert!(report.damaged[0].contains(&record), "{report:?}");
+    let err = repository::wal_fetch(&repo, names[0], &dir.path().join("out"))
+        .await
+        .expect_err("damaged record");
+    assert!(
+        matches!(
+            err.downcast_ref::<repository::RepoError>(),
+            Some(repository::RepoError::Damaged { .. })
+        ),
+        "{err:#}"
+    );
+    let body = files_under(&repo_dir)
+        .into_iter()
+        .find(|f| f.starts_with(&format!("wal/00000001/{}-", names[1])) && f.ends_with(".zst"))
+        .expect("the second body");
+    flip_byte(&repo_dir.join(&body));
+    let report = repository::wal_verify(&repo, true)
+        .await
+        .expect("verify the WAL");
+    assert_eq!(report.damaged.len(), 2, "{report:?}");
+    assert!(
+        report.damaged.iter().any(|d| d.contains(&body)),
+        "{report:?}"
+    );
+    let err = repository::wal_fetch(&repo, names[1], &dir.path().join("out"))
+        .await
+        .expect_err("damaged body");
+    assert!(
+        matches!(
+            err.downcast_ref::<repository::RepoError>(),
+            Some(repository::RepoError::Damaged { .. })
+        ),
+        "{err:#}"
+    );
+    assert!(!dir.path().join("out").exists());
+}
+
+/// A fleet restore's quarantine in an encrypted repository names what it keeps by keyed
+/// hashes, not by the live store's keys, and the undo finds them through the sealed records.
+#[tokio::test]
+async fn quarantined_objects_are_named_by_keyed_hashes_and_undo_puts_them_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = RepositoryKey::generate().expect("key");
+    let repo_dir = dir.path().join("repo");
+    let repo = encrypted_repo(&repo_dir, &key).await;
+    let live = local_store(&dir.path().join("live"));
+    put(&live, "hr/salaries-2026.csv", content("pay", 0, 700)).await;
+    put(&live, "hr/unchanged.txt", content("same", 0, 300)).await;
+    let snapshot = snapshot_objects(
+        &repo,
+        live.clone(),
+        &SnapshotOptions::new("file:///live"),
+        None,
+    )
+    .await
+    .expect("snapshot")
+    .snapshot_id;
+    put(&live, "hr/salaries-2026.csv", content("pay", 1, 900)).await;
+    put(&live, "hr/layoffs-plan.txt", content("new", 0, 100)).await;
+    let before = digest_store(&live).await;
+
+    let mut options = RestoreObjectsOptions::new("file:///live");
+    options.quarantine_in_repository = true;
+    options.quarantine_prefix = Some(Path::from("quarantine/rdrill"));
+    restore_objects(&repo, &snapshot, live.clone(), &options)
+        .await
+        .expect("restore");
+    let quarantined: Vec<String> = files_under(&repo_dir)
+        .into_iter()
+        .filter(|f| f.starts_with("quarantine/rdrill/"))
+        .collect();
+    assert_eq!(quarantined.len(), 2, "{quarantined:?}");
+    for name in files_under(&repo_dir) {
+        assert!(
+            !name.contains("salaries") && !name.contains("layoffs") && !name.contains("hr/"),
+            "a repository name shows a live key: {name}"
+        );
+    }
+
+    let undone = repository::undo_objects(
+        &repo,
+        live.clone(),
+        &repository::UndoObjectsOptions {
+            target_label: "file:///live".into(),
+            restore_quarantine: Path::from("quarantine/rdrill"),
+            undo_quarantine: Path::from("quarantine/rundo"),
+            shard: repository::Shard::WHOLE,
+            parallelism: 4,
+        },
+    )
+    .await
+    .expect("undo");
+    assert!(
+        undone.put_back.contains(&"hr/salaries-2026.csv".to_owned()),
+        "{undone:?}"
+    );
+    assert_eq!(digest_store(&live).await, before);
+    // What the undo displaced is kept under keyed names too.
+    assert!(
+        files_under(&repo_dir)
+            .iter()
+            .filter(|f| f.starts_with("quarantine/rundo/"))
+            .all(|f| !f.contains("salaries"))
+    );
+}

@@ -160,7 +160,7 @@ pub(crate) async fn download_dump(
             }
             Err(e) => {
                 let _ = tx.send(Err("reading the dump failed".into())).await;
-                failure = Some(anyhow::Error::new(e).context(format!("read dump {key}")));
+                failure = Some(repo.read_failure("dump", &key, anyhow::Error::new(e)));
                 break;
             }
         }
