@@ -218,7 +218,12 @@ fn run_key_command(
         bail!("{var} is empty: set it to a command that prints the repository key");
     };
     let source = format!("the output of {var} (`{program}`)");
-    let mut child = Command::new(program)
+    // The command gets no key of ours: during a rotation the other key may be in a variable.
+    let mut command = Command::new(program);
+    for held in [KEY_ENV, NEW_KEY_ENV] {
+        command.env_remove(held);
+    }
+    let mut child = command
         .args(words)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -234,10 +239,13 @@ fn run_key_command(
         .stdout
         .take()
         .context("take the key command's stdout")?;
-    // Read on a thread so a command that prints much cannot block on a full pipe while we wait.
-    let reader = std::thread::spawn(move || {
+    // Read on a thread so a command that prints much cannot block on a full pipe while we wait;
+    // its answer comes through a channel so a process the command left holding stdout open
+    // cannot hold us past the deadline either.
+    let (sent, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut out = Vec::new();
-        stdout.read_to_end(&mut out).map(|_| out)
+        let _ = sent.send(stdout.read_to_end(&mut out).map(|_| out));
     });
     let deadline = std::time::Instant::now() + timeout;
     let status = loop {
@@ -262,9 +270,15 @@ fn run_key_command(
             }
         }
     };
-    let out = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("read the output of {var}"))?
+    let out = output
+        .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the repository key command `{program}` ({var}) exited but its output did not \
+                 end within {} s: a process it started still holds its stdout",
+                timeout.as_secs()
+            )
+        })?
         .with_context(|| format!("read the output of {var}"))?;
     if !status.success() {
         bail!(
@@ -982,6 +996,59 @@ mod tests {
         .expect("a key");
         assert_eq!(got.id(), key.id());
         assert!(source.contains(KEY_COMMAND_ENV), "{source}");
+        // What the command received, word for word: nothing a shell would have expanded or run.
+        let seen = dir.path().join("argv");
+        let marker = dir.path().join("marker");
+        let recording = dir.path().join("recording-kms");
+        std::fs::write(
+            &recording,
+            format!(
+                "#!/bin/sh\nprintf '%s|' \"$@\" > '{}'\nprintf '%s' '{}'\n",
+                seen.display(),
+                key.to_base64()
+            ),
+        )
+        .expect("write script");
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&recording, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
+        let line = format!(
+            "{} $HOME $(touch {}) ;echo",
+            recording.display(),
+            marker.display()
+        );
+        let (got, _) = run_key_command(KEY_COMMAND_ENV, &line, std::time::Duration::from_secs(20))
+            .expect("runs");
+        assert_eq!(got.id(), key.id());
+        assert_eq!(
+            std::fs::read_to_string(&seen).expect("argv recorded"),
+            format!("$HOME|$(touch|{})|;echo|", marker.display())
+        );
+        assert!(!marker.exists(), "no shell ran the substitution");
+        // A command that exits while a process it started holds its stdout: the deadline holds.
+        let lingering = key_script(dir.path(), "lingering", "", 0);
+        std::fs::write(
+            &lingering,
+            format!(
+                "#!/bin/sh\n(sleep 30) &\nprintf '%s' '{}'\n",
+                key.to_base64()
+            ),
+        )
+        .expect("write script");
+        let started = std::time::Instant::now();
+        let err = run_key_command(
+            KEY_COMMAND_ENV,
+            &lingering,
+            std::time::Duration::from_secs(1),
+        )
+        .expect_err("the output never ends");
+        assert!(
+            format!("{err:#}").contains("still holds its stdout"),
+            "{err:#}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
 
         // Precedence: the value, then the file, then the command.
         let other = RepositoryKey::generate().expect("key");

@@ -489,6 +489,17 @@ impl Repository {
     /// restore's prefix): `<quarantine>/<key>`, or in an encrypted repository
     /// `<quarantine>/<keyed hash of key>`, so no name in the repository lists the live store's
     /// keys. Restores write and undos read through this one function.
+    /// Where a quarantine may hold `key`'s copy, newest naming first: an encrypted repository's
+    /// keyed name, then the plain name quarantines of encrypted repositories had before keyed
+    /// names (an undo of such a restore must still find what it kept).
+    pub(crate) fn quarantine_entries(&self, quarantine: &Path, key: &str) -> Result<Vec<Path>> {
+        let mut at = vec![self.quarantine_entry(quarantine, key)?];
+        if self.data_key.is_some() {
+            at.push(crate::restore::join(quarantine, key)?);
+        }
+        Ok(at)
+    }
+
     pub(crate) fn quarantine_entry(&self, quarantine: &Path, key: &str) -> Result<Path> {
         match &self.data_key {
             Some((data, _)) => Ok(quarantine.clone().join(data.quarantine_name(key))),

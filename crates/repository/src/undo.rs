@@ -228,11 +228,17 @@ async fn undo_one(
     let kept = match before {
         Before::Absent => None,
         Before::Present { .. } => {
-            let copy = repo.quarantine_entry(&options.restore_quarantine, key)?;
-            match read(repo.store(), &copy)
-                .await
-                .map_err(|e| repo.read_failure("quarantined object", &copy, e))?
-            {
+            let mut found = None;
+            for copy in repo.quarantine_entries(&options.restore_quarantine, key)? {
+                if let Some(body) = read(repo.store(), &copy)
+                    .await
+                    .map_err(|e| repo.read_failure("quarantined object", &copy, e))?
+                {
+                    found = Some(body);
+                    break;
+                }
+            }
+            match found {
                 Some(body) => Some(body),
                 // Never copied to the quarantine: the restore never displaced it.
                 None => return Ok(Undid::Unchanged),

@@ -570,10 +570,63 @@ async fn quarantined_objects_are_named_by_keyed_hashes_and_undo_puts_them_back()
     );
     assert_eq!(digest_store(&live).await, before);
     // What the undo displaced is kept under keyed names too.
+    let displaced: Vec<String> = files_under(&repo_dir)
+        .into_iter()
+        .filter(|f| f.starts_with("quarantine/rundo/"))
+        .collect();
+    assert!(!displaced.is_empty(), "the undo kept what it displaced");
     assert!(
-        files_under(&repo_dir)
-            .iter()
-            .filter(|f| f.starts_with("quarantine/rundo/"))
-            .all(|f| !f.contains("salaries"))
+        displaced.iter().all(|f| !f.contains("salaries")),
+        "{displaced:?}"
     );
+
+    // A quarantine written before keyed names (its copy under the live key's plain name,
+    // sealed like every object): the undo still finds it and puts it back.
+    let legacy = Path::from("quarantine/rlegacy/hr/salaries-2026.csv");
+    let original = content("pay", 7, 800);
+    put(&live, "hr/salaries-2026.csv", content("pay", 8, 800)).await;
+    put(repo.store(), legacy.as_ref(), original.clone()).await;
+    let record = repository::RestoreRecord {
+        version: repository::RESTORE_RECORD_VERSION,
+        snapshot: snapshot.to_string(),
+        shard: 0,
+        shards: 1,
+        recorded_at: chrono::Utc::now(),
+        target_prefix: String::new(),
+        keys: vec![repository::RecordedKey {
+            key: "hr/salaries-2026.csv".into(),
+            before: repository::Before::Present { size: 800 },
+        }],
+    };
+    let records = repository::records_prefix(&Path::from("quarantine/rlegacy"));
+    put(
+        repo.store(),
+        records
+            .join("20260101T000000.000000Z-shard-0-of-1-00000001.json")
+            .as_ref(),
+        serde_json::to_vec(&record).expect("encode").into(),
+    )
+    .await;
+    let undone = repository::undo_objects(
+        &repo,
+        live.clone(),
+        &repository::UndoObjectsOptions {
+            target_label: "file:///live".into(),
+            restore_quarantine: Path::from("quarantine/rlegacy"),
+            undo_quarantine: Path::from("quarantine/rundo2"),
+            shard: repository::Shard::WHOLE,
+            parallelism: 4,
+        },
+    )
+    .await
+    .expect("undo the legacy restore");
+    assert_eq!(undone.put_back, ["hr/salaries-2026.csv"], "{undone:?}");
+    let back = live
+        .get(&Path::from("hr/salaries-2026.csv"))
+        .await
+        .expect("read")
+        .bytes()
+        .await
+        .expect("body");
+    assert_eq!(back, original);
 }
