@@ -482,7 +482,10 @@ fleet = {{ database = 1, objects = 2 }}
     assert!(!repo.join("quarantine").join(&tag).exists());
     eprintln!("measured: restore test of {point_id} restored in {restore_ms} ms");
 
-    // teardown = "never": the restored data stay in the target for inspection.
+    // teardown = "never": the restored data stay in the target for inspection. An object
+    // the target held before is not in the point: the restore moves it into the run's
+    // quarantine, in prod's repository.
+    std::fs::write(targets[1].objects.join("stale-before-the-test.txt"), b"old").unwrap();
     let keep = run(&["drill", "--env", "rt-keep", "--point", &point_id, "--watch"]);
     assert!(
         keep.status.success(),
@@ -1101,7 +1104,8 @@ async fn failed_restore_tests_tear_down_when_always_and_a_damaged_point_blocks_a
         dir.path().join("objects-always"),
         dir.path().join("objects-dmg"),
     );
-    for d in [&objects, &always_objects, &dmg_objects] {
+    let copied_objects = dir.path().join("objects-copied");
+    for d in [&objects, &always_objects, &dmg_objects, &copied_objects] {
         std::fs::create_dir_all(d).unwrap();
     }
     let objects_url = format!("file://{}", objects.display());
@@ -1121,6 +1125,8 @@ async fn failed_restore_tests_tear_down_when_always_and_a_damaged_point_blocks_a
             "worker-always:worker",
             "db-dmg:database",
             "obj-dmg:objects",
+            "db-copied:database",
+            "obj-copied:objects",
         ],
     );
     let repo = dir.path().join("repository");
@@ -1152,6 +1158,13 @@ teardown = "always"
 fleet = {{ worker = 1, database = 1, objects = 1 }}
 
 [environments.rt-dmg]
+rpo = "1h"
+rto = "1h"
+retention = "7days"
+restore_from = "prod"
+fleet = {{ database = 1, objects = 1 }}
+
+[environments.rt-copied]
 rpo = "1h"
 rto = "1h"
 retention = "7days"
@@ -1230,6 +1243,21 @@ fleet = {{ database = 1, objects = 1 }}
             "objects",
             "rt-dmg",
             obj(&dmg_objects, "obj-dmg", opt_in),
+            vec![],
+        ),
+        // A restore test whose database URL was copied from prod's.
+        (
+            "db-copied",
+            "database",
+            "rt-copied",
+            db(opt_in),
+            vec![("DATABASE_URL", db_url.as_str())],
+        ),
+        (
+            "obj-copied",
+            "objects",
+            "rt-copied",
+            obj(&copied_objects, "obj-copied", opt_in),
             vec![],
         ),
     ];
@@ -1360,6 +1388,32 @@ fleet = {{ database = 1, objects = 1 }}
         "{dbs:?}"
     );
     assert!(files(&always_objects).is_empty());
+
+    // A restore test into prod's own database (its URL copied): refused at preflight, prod
+    // as it was.
+    let prod_tables = table_digests(&cluster, "cowork");
+    let copied = run(&[
+        "drill",
+        "--env",
+        "rt-copied",
+        "--point",
+        &point_id,
+        "--watch",
+    ]);
+    assert!(!copied.status.success());
+    let err = String::from_utf8_lossy(&copied.stderr);
+    assert!(
+        err.contains("phase preflight did not pass")
+            && err.contains(&format!(
+                "point {point_id} of environment prod was dumped from database cowork on the \
+                 server this agent's database"
+            ))
+            && err.contains("a restore test must restore into another database or server"),
+        "{err}"
+    );
+    assert_eq!(table_digests(&cluster, "cowork"), prod_tables);
+    let dbs = databases(&cluster);
+    assert!(!dbs.iter().any(|d| d.starts_with("cowork_pre_")), "{dbs:?}");
 
     // A damaged point: one byte of prod's dump flipped in the repository.
     let dump = std::fs::read_dir(repo.join("postgres"))
