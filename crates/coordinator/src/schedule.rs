@@ -3,7 +3,9 @@
 //! environment, restoring its source's `latest` point or a random one of `random-within`).
 //! Both are cron expressions (5 fields: minute hour day-of-month month day-of-week, UTC; or 6
 //! fields with seconds first). A slot whose run cannot start because another run of the
-//! environment is in the way is skipped and logged, never queued.
+//! environment is in the way is skipped and logged, never queued. A restore-test slot that
+//! finds no point to restore (none yet, or none within `random-within`) is journaled as a
+//! failed run: the backups it proves are missing, and that must show like any failure.
 
 use std::time::Duration;
 
@@ -13,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::PointPick;
 use crate::cron::BackupSchedule;
-use crate::engine::{Engine, RunConflict, StartRun};
+use crate::engine::{Engine, NoPoint, RunConflict, StartRun};
 use crate::link::AgentLink;
 use crate::store::RunKind;
 
@@ -84,33 +86,65 @@ async fn start<L: AgentLink + Clone + 'static>(
     env: &str,
     scheduled: Scheduled,
 ) -> Result<()> {
+    let request = |kind, point_id| StartRun {
+        environment: env.to_owned(),
+        kind,
+        point_id,
+        plan: None,
+        excluded: Vec::new(),
+    };
+    let what = scheduled.what();
     let (kind, point_id) = match scheduled {
         Scheduled::Backup => (RunKind::Backup, None),
         Scheduled::RestoreTest(PointPick::Latest) => (RunKind::Drill, Some("latest".to_owned())),
         Scheduled::RestoreTest(PointPick::RandomWithin(window)) => {
-            let point = engine
+            match engine
                 .random_point(env, window, Utc::now(), |n| rand::random_range(0..n))
-                .await?;
-            (RunKind::Drill, Some(point))
+                .await
+            {
+                Ok(point) => (RunKind::Drill, Some(point)),
+                Err(e) => return no_point(engine, env, request(RunKind::Drill, None), e).await,
+            }
         }
     };
-    let what = scheduled.what();
-    let started = engine
-        .start_run(StartRun {
-            environment: env.to_owned(),
-            kind,
-            point_id,
-            plan: None,
-            excluded: Vec::new(),
-        })
-        .await;
+    let started = engine.start_run(request(kind, point_id)).await;
     match started {
+        Err(e) if e.downcast_ref::<NoPoint>().is_some() => {
+            no_point(engine, env, request(kind, None), e).await
+        }
         Ok(run) => {
             tracing::info!(environment = %env, run_id = %run.id, point = ?run.point_id, "scheduled {what} started");
             Ok(())
         }
         Err(e) if e.downcast_ref::<RunConflict>().is_some() => {
             tracing::warn!(environment = %env, "skipping this scheduled {what}: {e:#}");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A scheduled restore test with no point to restore (none at all, or none within
+/// `random-within`): the backups it exists to prove are missing, so it is a failed restore
+/// test — journaled as a failed run (`Engine::fail_unstarted`), which the run list, the
+/// `run.failed` webhook and the last-result metrics show — not a log line. Other errors pass.
+async fn no_point<L: AgentLink + Clone + 'static>(
+    engine: &Engine<L>,
+    env: &str,
+    request: StartRun,
+    e: anyhow::Error,
+) -> Result<()> {
+    let Some(NoPoint(why)) = e.downcast_ref::<NoPoint>() else {
+        return Err(e);
+    };
+    let reason = format!("scheduled restore test found no point to restore: {why}");
+    match engine.fail_unstarted(request, &reason).await {
+        Ok(run) => {
+            tracing::warn!(environment = %env, run_id = %run.id, "{reason}");
+            Ok(())
+        }
+        Err(e) if e.downcast_ref::<RunConflict>().is_some() => {
+            tracing::warn!(environment = %env, "skipping this scheduled restore test: {e:#}");
             Ok(())
         }
         Err(e) => Err(e),

@@ -74,7 +74,7 @@ pub use postgres::swap::{
 };
 pub use postgres::{
     Compression, CountSelection, CountSpec, DumpContent, DumpFile, PgBackupPart, PgProgress,
-    PgProgressFn, TableColumns,
+    PgProgressFn, ServerIdentity, TableColumns,
 };
 pub use prune::{KeepReason, KeptPoint, PruneOptions, PruneReport};
 pub use redact::{URL_PASSWORD_MASK, redact_url};

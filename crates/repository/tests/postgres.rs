@@ -525,6 +525,7 @@ async fn a_single_archive_point_still_restores() {
                 finished_at: chrono::Utc::now(),
                 table_counts: counts,
                 columns: Default::default(),
+                server: None,
             }),
             objects: None,
             secrets: vec![],

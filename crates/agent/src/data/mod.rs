@@ -406,8 +406,11 @@ impl DataPlane {
         }
         let (live_counts, checks) = match &self.postgres {
             Some(pg) => {
-                postgres::restorable_as_this_role(&pg.url()?).await?;
                 let point = repo.read_point(&id).await?;
+                if point.environment != self.environment {
+                    postgres::refuse_the_source_database(&pg.url()?, &point).await?;
+                }
+                postgres::restorable_as_this_role(&pg.url()?).await?;
                 let at_point = point.postgres.as_ref().map(|p| &p.columns);
                 let counts = pg.counts_for(point.table_counts());
                 let (counts, checks) = live_state(&pg.url()?, &counts, at_point).await?;

@@ -440,6 +440,44 @@ fn millis(since: Instant) -> u64 {
 /// Refuses a restore that would lock the application out: a restore makes the agent's role own
 /// every table it creates (`--no-owner --no-acl`), so every user table must already be that
 /// role's. Checked by preflight, before anything changes.
+/// A restore test whose database URL was copied from the source's would restore into the
+/// source's live database, unfrozen: refused when this agent's database has the name the
+/// point was dumped from on the server it was dumped on (`ServerIdentity::same_server`: the
+/// cluster's system identifier, else its address and port). A point that recorded no server,
+/// or servers that cannot be told apart, pass (the report's source check still stands).
+pub(super) async fn refuse_the_source_database(url: &str, point: &repository::Point) -> Result<()> {
+    let Some(part) = &point.postgres else {
+        return Ok(());
+    };
+    let Some(recorded) = &part.server else {
+        return Ok(());
+    };
+    let shown = repository::redact_url(url);
+    let mut conn = match sqlx::PgConnection::connect(url).await {
+        Ok(conn) => conn,
+        // A database that does not exist is not the source's.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("connect to {shown}")),
+    };
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut conn)
+        .await
+        .with_context(|| format!("read the database name of {shown}"))?;
+    let ours = repository::ServerIdentity::read(&mut conn).await;
+    let _ = conn.close().await;
+    if database == part.database && ours.same_server(recorded) == Some(true) {
+        bail!(
+            "point {} of environment {} was dumped from database {database} on the server this \
+             agent's database {shown} is on: that is the source's live database, and a restore \
+             test must restore into another database or server (fix [postgres] url); nothing was \
+             changed",
+            point.id,
+            point.environment
+        );
+    }
+    Ok(())
+}
+
 pub(super) async fn restorable_as_this_role(url: &str) -> Result<()> {
     let shown = repository::redact_url(url);
     let mut conn = match sqlx::PgConnection::connect(url).await {

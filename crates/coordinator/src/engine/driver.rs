@@ -246,9 +246,10 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
     }
 
     /// For a restore test with `teardown = "always"` that blocked before its teardown: runs
-    /// the plan's teardown phases now, one after the other, and says what they did. None when
-    /// the run is no such restore test, the teardown already ran, or a teardown phase did not
-    /// pass (the run then blocks like any other, naming it).
+    /// the plan's teardown section now, in plan order — the roles stopped, the teardowns, the
+    /// roles started again (`teardown_section`) — skipping what already passed (a coordinator
+    /// that stopped halfway), and says what it did: `Ok(None)` when the run is no such restore
+    /// test or the blocked phase is itself part of the teardown.
     async fn teardown_after_failure(
         &self,
         run: &crate::store::RunRecord,
@@ -262,17 +263,8 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             .restore_test
             .as_ref()
             .is_some_and(|t| t.teardown == crate::config::Teardown::Always.as_str());
-        let teardowns: Vec<&Phase> = plan
-            .phases
-            .iter()
-            .filter(|p| p.action.is_teardown())
-            .collect();
-        let started = |index: usize| journal.iter().any(|j| j.index as usize == index);
-        if !always
-            || teardowns.is_empty()
-            || plan.phases[blocked].action.is_teardown()
-            || teardowns.iter().any(|t| started(t.index))
-        {
+        let section = teardown_section(plan);
+        if !always || section.is_empty() || section.contains(&blocked) {
             return Ok(None);
         }
         let ctx = RunContext {
@@ -283,25 +275,54 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             undo: None,
             restore_test: params.restore_test.clone(),
         };
+        let resumed = section
+            .iter()
+            .any(|&i| journal.iter().any(|j| j.index as usize == i));
         self.event(
             &run.id,
             "restore_test.teardown",
-            json!({ "after_failure_of": plan.phases[blocked].name }),
+            json!({ "after_failure_of": plan.phases[blocked].name, "resumed": resumed }),
         )
         .await?;
-        for t in &teardowns {
-            self.run_phase(ctx.clone(), plan, env, t.index, 1, None)
+        let mut failed = None;
+        for &index in &section {
+            let phases = self.store.phases(&run.id).await?;
+            let journaled = phases.iter().find(|j| j.index as usize == index);
+            if journaled.is_some_and(|j| j.state == PhaseState::Passed) {
+                continue;
+            }
+            // A phase a stopped coordinator left running is the same attempt; one that ended
+            // not passed is tried again as a new one (its agents keep the old result).
+            let attempt = match journaled {
+                Some(j) if j.state == PhaseState::Running => j.attempt.max(1),
+                Some(j) => j.attempt + 1,
+                None => 1,
+            };
+            self.run_phase(ctx.clone(), plan, env, index, attempt, None)
                 .await?;
+            let phases = self.store.phases(&run.id).await?;
+            let ended = phases.iter().find(|j| j.index as usize == index);
+            if !ended.is_some_and(|j| matches!(j.state, PhaseState::Passed | PhaseState::Skipped)) {
+                let detail = ended.and_then(|j| j.detail.clone()).unwrap_or_default();
+                failed = Some(format!("{}: {detail}", plan.phases[index].name));
+                break;
+            }
         }
-        let phases = self.store.phases(&run.id).await?;
-        let passed = teardowns.iter().all(|t| {
-            phases
-                .iter()
-                .any(|j| j.index as usize == t.index && j.state == PhaseState::Passed)
-        });
-        Ok(passed.then(|| {
-            "torn down all the same (teardown = \"always\"): the restored data were dropped"
-                .to_owned()
+        let names: Vec<&str> = section
+            .iter()
+            .map(|&i| plan.phases[i].name.as_str())
+            .collect();
+        Ok(Some(match failed {
+            None => format!(
+                "torn down all the same (teardown = \"always\"; ran {}): the restored data \
+                 were dropped",
+                names.join(", ")
+            ),
+            Some(why) => format!(
+                "the teardown after it (teardown = \"always\") did not pass either, at phase \
+                 {why}; the restored data may still be in the target: inspect it and drop them \
+                 by hand"
+            ),
         }))
     }
 
@@ -340,6 +361,12 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
             ctx.references = self.verified_references(run_id).await?;
         }
         let mut skipped = false;
+        let refused = teardown_refused(
+            run_id,
+            ctx.restore_test.as_ref(),
+            env.name.as_str(),
+            env.restore_test.as_ref().map(|t| t.source.as_str()),
+        );
         let (passed, detail) = match phase.action {
             Action::Report => match self.write_report(run_id, env, &ctx).await {
                 Ok(where_) => (true, format!("drill report written: {where_}")),
@@ -361,6 +388,9 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                 }
                 Err(e) => (false, api::errors::one_line(&*e)),
             },
+            action if action.is_teardown() && refused.is_some() => {
+                (false, refused.unwrap_or_default())
+            }
             action if action.is_teardown() && !tears_down(&ctx) => {
                 skipped = true;
                 (
@@ -371,8 +401,15 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                 )
             }
             _ => {
-                self.command_phase(run_id, phase, env, &ctx, attempt)
-                    .await?
+                let (passed, detail) = self
+                    .command_phase(run_id, phase, env, &ctx, attempt)
+                    .await?;
+                if passed && phase.action == Action::TeardownObjects {
+                    self.sharded_quarantines(run_id, phase, env, attempt, detail)
+                        .await?
+                } else {
+                    (passed, detail)
+                }
             }
         };
 
@@ -547,6 +584,85 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
         }
     }
 
+    /// After a sharded teardown-objects phase passed: each shard took its own objects out of
+    /// the target, but none may delete the run's quarantines (the other shards still read
+    /// their records), so the coordinator deletes them once every shard succeeded — the
+    /// restore's and the teardown's, in the repository it holds — and journals how many keys
+    /// (`restore_test.quarantines_deleted`, which the report adds). A whole (one-shard)
+    /// teardown deleted them itself; a deletion that fails fails the phase, naming it.
+    async fn sharded_quarantines(
+        &self,
+        run_id: &str,
+        phase: &Phase,
+        env: &Environment,
+        attempt: u32,
+        detail: String,
+    ) -> Result<(bool, String)> {
+        let mut shards = BTreeSet::new();
+        let mut done = BTreeSet::new();
+        for (command, result) in self.store.commands(run_id).await? {
+            if command.phase_index as usize != phase.index || command.attempt != attempt {
+                continue;
+            }
+            if let Ok(AgentAction::TeardownObjects {
+                shard, shards: n, ..
+            }) = serde_json::from_value::<AgentAction>(command.payload.clone())
+            {
+                shards.extend(0..n);
+                if result.is_some_and(|r| r.outcome == Outcome::Succeeded) {
+                    done.insert(shard);
+                }
+            }
+        }
+        if shards.len() <= 1 {
+            return Ok((true, detail));
+        }
+        if done != shards {
+            return Ok((
+                false,
+                format!(
+                    "{detail}; {} of {} shards tore down, so the run's quarantines were kept \
+                     (their records are what a retry reads): retry the run",
+                    done.len(),
+                    shards.len()
+                ),
+            ));
+        }
+        let repo = env.repository_ref.open().await?;
+        let mut keys = 0;
+        for tag in [
+            repository::run_tag(&format!("{run_id}/teardown")),
+            repository::run_tag(run_id),
+        ] {
+            match repo.delete_quarantine(&tag).await {
+                Ok(n) => keys += n,
+                Err(e) => {
+                    return Ok((
+                        false,
+                        format!(
+                            "{detail}; quarantine/{tag} of the restore test not deleted: {}; \
+                             retry the run",
+                            api::errors::one_line(&*e)
+                        ),
+                    ));
+                }
+            }
+        }
+        self.event(
+            run_id,
+            "restore_test.quarantines_deleted",
+            json!({ "keys": keys, "shards": shards.len() }),
+        )
+        .await?;
+        Ok((
+            true,
+            format!(
+                "{detail}; the run's quarantines deleted once all {} shards were done ({keys} keys)",
+                shards.len()
+            ),
+        ))
+    }
+
     /// The shards already journaled for a restore-objects (or undo-objects) phase attempt: agent → (shard, of).
     async fn journaled_shards(
         &self,
@@ -719,11 +835,62 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
 }
 
 /// Whether a restore test's teardown phases send their commands (all but `teardown =
-/// "never"`); runs that are no restore tests never reach one (plan check).
+/// "never"`). A run without restore-test params never sends one.
 fn tears_down(ctx: &RunContext) -> bool {
     ctx.restore_test
         .as_ref()
-        .is_none_or(|t| t.teardown != crate::config::Teardown::Never.as_str())
+        .is_some_and(|t| t.teardown != crate::config::Teardown::Never.as_str())
+}
+
+/// Why a teardown phase of this run must not send anything, checked each time one starts
+/// (a resumed run too): the run journaled no restore-test params, or the environment is no
+/// longer a restore test of the same source in the config the coordinator runs now (a
+/// teardown drops the target's database; it must never reach a live environment).
+fn teardown_refused(
+    run_id: &str,
+    test: Option<&super::RestoreTestOf>,
+    env: &str,
+    source_now: Option<&str>,
+) -> Option<String> {
+    let Some(test) = test else {
+        return Some(format!(
+            "run {run_id} is no restore test (its journal has no restore-test parameters): a \
+             teardown is never sent for it; abort the run"
+        ));
+    };
+    if source_now == Some(test.source.as_str()) {
+        return None;
+    }
+    Some(format!(
+        "environment {env} is no longer a restore test of {} in the coordinator's config: its \
+         teardown is not sent; put `restore_from = \"{}\"` back and resume, or abort the run",
+        test.source, test.source
+    ))
+}
+
+/// The phases a restore test runs to tear down, in plan order: its teardown phases, the
+/// scale-downs they wait for directly (the roles stopped first) and the scale phases that
+/// wait for them directly (the roles started again).
+fn teardown_section(plan: &Plan) -> Vec<usize> {
+    let teardowns: BTreeSet<usize> = plan
+        .phases
+        .iter()
+        .filter(|p| p.action.is_teardown())
+        .map(|p| p.index)
+        .collect();
+    plan.phases
+        .iter()
+        .filter(|p| {
+            teardowns.contains(&p.index)
+                || (p.action == Action::Scale
+                    && (p.after.iter().any(|a| teardowns.contains(a))
+                        || plan
+                            .phases
+                            .iter()
+                            .any(|t| teardowns.contains(&t.index) && t.after.contains(&p.index))))
+        })
+        .map(|p| p.index)
+        .collect()
 }
 
 /// Roles the environment declares more agents of than have ever connected.
@@ -737,4 +904,66 @@ fn declared_missing(env: &Environment, phase: &Phase, seen: &[AgentStatus]) -> V
             (known < declared).then(|| format!("{} of {declared} {role}", declared - known))
         })
         .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::plan::tests::fleet;
+
+    #[test]
+    fn the_teardown_section_stops_the_roles_first_and_starts_them_after() {
+        let names = |plan: &Plan| -> Vec<String> {
+            teardown_section(plan)
+                .into_iter()
+                .map(|i| plan.phases[i].name.clone())
+                .collect()
+        };
+        let whole = Plan::restore_test_plan(&fleet()).unwrap();
+        assert_eq!(
+            names(&whole),
+            [
+                "stop-roles",
+                "teardown-postgres",
+                "teardown-objects",
+                "start-roles"
+            ]
+        );
+        let data: crate::plan::Fleet =
+            [("database".to_owned(), 1), ("objects".to_owned(), 1)].into();
+        let small = Plan::restore_test_plan(&data).unwrap();
+        assert_eq!(
+            names(&small),
+            ["teardown-postgres", "teardown-objects", "start-roles"]
+        );
+        // A plan without teardown phases has no section (a drill in place).
+        let default = Plan::default_plan(Some(&fleet())).unwrap();
+        assert!(teardown_section(&default).is_empty());
+    }
+
+    #[test]
+    fn a_teardown_is_sent_only_for_a_restore_test_the_config_still_declares() {
+        let test = super::super::RestoreTestOf {
+            source: "prod".into(),
+            teardown: "on-success".into(),
+        };
+        assert_eq!(
+            teardown_refused("r1", Some(&test), "rt", Some("prod")),
+            None
+        );
+        let none = teardown_refused("r1", None, "rt", Some("prod")).unwrap();
+        assert!(
+            none.contains("run r1 is no restore test") && none.contains("abort the run"),
+            "{none}"
+        );
+        for now in [None, Some("staging")] {
+            let moved = teardown_refused("r1", Some(&test), "rt", now).unwrap();
+            assert!(
+                moved.contains("environment rt is no longer a restore test of prod")
+                    && moved.contains("restore_from = \"prod\""),
+                "{moved}"
+            );
+        }
+    }
 }

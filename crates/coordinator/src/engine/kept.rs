@@ -377,6 +377,12 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 made_at: q.oldest,
             }));
         let runs = self.environment_runs(env.name.as_str()).await?;
+        // A restore test keeps its quarantines in its source's repository: each environment
+        // sharing those points lists (and prunes) only its own, never the others' runs'.
+        let others = self.sharing_tags(&env).await?;
+        listing
+            .copies
+            .retain(|c| c.kind != CopyKind::Quarantine || !others.contains(&c.tag));
         // A quarantine's oldest object stands in for its age only when no run is known.
         for copy in listing.copies.iter_mut().filter(|c| {
             c.kind == CopyKind::Quarantine
@@ -604,6 +610,40 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 )
             })
         })
+    }
+
+    /// The quarantine tags of the runs of every other environment whose points are the same
+    /// as `env`'s (a restore test and its source, or two restore tests of one source): a run's
+    /// own tag and its teardown's (`agent/src/data/objects.rs` `teardown_objects`).
+    async fn sharing_tags(
+        &self,
+        env: &crate::config::Environment,
+    ) -> Result<std::collections::BTreeSet<String>> {
+        let owner = super::points::points_of(env);
+        let sharing: Vec<&str> = self
+            .inner
+            .environments
+            .values()
+            .filter(|e| e.name != env.name && super::points::points_of(e) == owner)
+            .map(|e| e.name.as_str())
+            .collect();
+        if sharing.is_empty() {
+            return Ok(Default::default());
+        }
+        Ok(self
+            .inner
+            .store
+            .list_runs(u32::MAX)
+            .await?
+            .into_iter()
+            .filter(|r| sharing.contains(&r.environment.as_str()))
+            .flat_map(|r| {
+                [
+                    repository::run_tag(&r.id),
+                    repository::run_tag(&format!("{}/teardown", r.id)),
+                ]
+            })
+            .collect())
     }
 
     /// The environment's runs, oldest first.

@@ -48,6 +48,7 @@ pub use commands::RestoreTestOf;
 pub use commands::Starter;
 use commands::{CommandKey, RunContext, RunId, RunParams, agent_actions, needs_point};
 use planner::conflicts;
+pub use points::NoPoint;
 
 /// The agents the coordinator knows, connected or not.
 pub trait Directory: Send + Sync + 'static {
@@ -507,6 +508,85 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             .run(&id)
             .await?
             .with_context(|| format!("run {id} vanished after it was created"))
+    }
+
+    /// A scheduled run that could not start for want of a point (`NoPoint`), journaled as a
+    /// run that failed at once, so it shows where every verdict does: `rollcall runs`, the
+    /// `run.failed` webhook, the environment's last-result metrics. Not while another run
+    /// of the environment is in the way ([`RunConflict`]: the slot is skipped as usual).
+    pub async fn fail_unstarted(&self, request: StartRun, reason: &str) -> Result<RunRecord> {
+        let env = self.environment(&request.environment)?;
+        let plan = self.plan_for(env, &request)?;
+        let _starting = self.inner.starting.lock().await;
+        let unfinished = self.inner.store.unfinished_runs().await?;
+        if let Some(other) = unfinished
+            .iter()
+            .find(|r| r.environment == env.name.as_str() && conflicts(request.kind, r))
+        {
+            return Err(RunConflict(format!(
+                "environment {} has an unfinished {} run {}",
+                env.name, other.kind, other.id
+            ))
+            .into());
+        }
+        let now = Utc::now();
+        let id = RunId::new(request.kind, env.name.as_str(), now, rand::random()).to_string();
+        let run = NewRun {
+            id: id.clone(),
+            kind: request.kind,
+            environment: env.name.to_string(),
+            point_id: None,
+            plan: plan.source.clone(),
+            params: serde_json::to_value(RunParams {
+                plan: plan.name.clone(),
+                undoes: None,
+                excluded: Vec::new(),
+                started_by: None,
+                restore_test: env.restore_test.as_ref().map(|t| RestoreTestOf {
+                    source: t.source.clone(),
+                    teardown: t.teardown.as_str().to_owned(),
+                }),
+            })
+            .context("encode the run's params")?,
+            epoch: self.inner.link.epoch(),
+            created_at: now,
+        };
+        self.inner.store.create_run(&run).await?;
+        self.inner
+            .event(
+                &id,
+                "run.created",
+                json!({ "plan": plan.name, "point": null }),
+            )
+            .await?;
+        let at = Utc::now();
+        self.inner
+            .store
+            .set_run_state(
+                &id,
+                RunState::Failed,
+                Some(reason),
+                at,
+                self.inner.link.epoch(),
+            )
+            .await?;
+        self.inner
+            .event(&id, "run.failed", json!({ "reason": reason }))
+            .await?;
+        let record = self
+            .inner
+            .store
+            .run(&id)
+            .await?
+            .with_context(|| format!("run {id} vanished after it was created"))?;
+        self.inner.ended(
+            &record,
+            crate::notify::RunEvent::Failed,
+            RunState::Failed,
+            Some(reason),
+            at,
+        );
+        Ok(record)
     }
 
     /// Drives every run the journal says is unfinished and not waiting for an operator.

@@ -93,11 +93,12 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 .points
                 .last()
                 .map(|p| p.id.to_string())
-                .with_context(|| {
-                    format!(
+                .ok_or_else(|| {
+                    NoPoint(format!(
                         "environment {owner} has no recovery points yet; take one with `rollcall \
                          backup --env {owner}`"
-                    )
+                    ))
+                    .into()
                 });
         }
         let id = repository::PointId::parse(point).with_context(|| {
@@ -148,15 +149,22 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             .iter()
             .map(|p| (p.id.to_string(), p.created_at))
             .collect();
-        pick_within(&stamps, window, now, choose).with_context(|| {
-            format!(
+        pick_within(&stamps, window, now, choose).ok_or_else(|| {
+            NoPoint(format!(
                 "environment {owner} has no recovery point committed in the last {} \
                  (random-within); take one with `rollcall backup --env {owner}` or widen the window",
                 humantime::format_duration(window)
-            )
+            ))
+            .into()
         })
     }
 }
+
+/// No point to restore: the environment has none yet, or none within a restore test's
+/// `random-within` window. A scheduled restore test records it as a failed run.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NoPoint(pub String);
 
 /// Whose points a run of `env` restores: a restore-test environment's source's, else its own.
 pub(super) fn points_of(env: &Environment) -> &str {

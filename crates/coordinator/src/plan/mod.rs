@@ -954,4 +954,59 @@ pub(crate) mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn a_restore_test_plan_with_roles_still_stops_them_before_it_restores() {
+        // The built-in plan without its scale-down before the restores: for a fleet with web
+        // and worker agents the restores would replace data under running roles.
+        let unordered = RESTORE_TEST_PLAN.replace(
+            "after = [\"scale-to-zero\"]",
+            "after = [\"prepare-postgres\"]",
+        );
+        let err = Plan::parse(Path::new("p.toml"), &unordered, Some(&fleet()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("phase commit-postgres restores data while roles may still be running")
+                && err.contains(
+                    "phase restore-objects restores data while roles may still be running"
+                ),
+            "{err}"
+        );
+        // The document is checked as written, whatever fleet it is fitted to.
+        let data: Fleet = [("database".to_owned(), 1), ("objects".to_owned(), 1)].into();
+        assert!(Plan::parse(Path::new("p.toml"), &unordered, Some(&data)).is_err());
+        // A restore-test plan that names no role but the data has none to stop: accepted.
+        let data_only = r#"
+name = "data-only restore test"
+restore_test = true
+[[phase]]
+gate = "all"
+timeout = "10m"
+name = "preflight"
+action = "preflight"
+roles = ["database", "objects"]
+[[phase]]
+gate = "all"
+timeout = "10m"
+name = "restore-postgres"
+action = "restore-postgres"
+roles = ["database"]
+[[phase]]
+gate = "all"
+timeout = "10m"
+name = "restore-objects"
+action = "restore-objects"
+roles = ["objects"]
+after = ["preflight"]
+[[phase]]
+gate = "all"
+timeout = "10m"
+name = "verify"
+action = "verify"
+roles = ["database", "objects"]
+after = ["restore-postgres", "restore-objects"]
+"#;
+        Plan::parse(Path::new("p.toml"), data_only, Some(&data)).unwrap();
+    }
 }

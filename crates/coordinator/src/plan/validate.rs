@@ -624,6 +624,11 @@ impl Validator<'_> {
             .filter(|p| p.action == Action::Scale && p.replicas == Some(Replicas::Count(0)))
             .map(|p| p.index)
             .collect();
+        let runs_roles = plan.phases.iter().any(|p| {
+            p.roles
+                .iter()
+                .any(|r| !matches!(r.as_str(), "database" | "objects" | "all"))
+        });
         for &r in &restores {
             let name = &plan.phases[r].name;
             if !plan.restore_test && !of(Action::Freeze).iter().any(|f| before[r].contains(f)) {
@@ -633,9 +638,12 @@ impl Validator<'_> {
                     "add `after` on a freeze phase (the runbook freezes writes first)",
                 );
             }
-            // A restore-test plan's target serves nobody; it orders its own scale-down,
-            // which a fleet of only database and objects agents fits away.
-            if !plan.restore_test && !scale_downs.iter().any(|s| before[r].contains(s)) {
+            // A restore-test plan's target serves nobody, but roles it runs (web, worker,
+            // ...) still read the data a restore replaces: it scales them down first like any
+            // plan. One for a fleet of only database and objects agents has none to stop.
+            if (!plan.restore_test || runs_roles)
+                && !scale_downs.iter().any(|s| before[r].contains(s))
+            {
                 self.error(
                     spans[r],
                     format!("phase {name} restores data while roles may still be running"),

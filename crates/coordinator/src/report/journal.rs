@@ -1263,8 +1263,15 @@ impl Journal {
         if !outs.is_empty() {
             info.objects_deleted = Some(outs.iter().map(|o| o.deleted).sum());
             info.objects_put_back = Some(outs.iter().map(|o| o.put_back).sum());
+            // A sharded teardown's quarantines are deleted by the coordinator (its event).
+            let by_coordinator: u64 = self
+                .events
+                .iter()
+                .filter(|e| e.kind == "restore_test.quarantines_deleted")
+                .filter_map(|e| e.payload["keys"].as_u64())
+                .sum();
             info.quarantine_keys_deleted =
-                Some(outs.iter().map(|o| o.quarantine_keys_deleted).sum());
+                Some(outs.iter().map(|o| o.quarantine_keys_deleted).sum::<u64>() + by_coordinator);
         }
         Some(info)
     }

@@ -104,6 +104,7 @@ pub async fn backup_postgres(repo: &Repository, options: &PgBackupOptions) -> Re
     .fetch_one(&mut conn)
     .await
     .with_context(|| format!("read the server version of {}", db.display))?;
+    let server = super::ServerIdentity::read(&mut conn).await;
     let server_major = (server_num / 10000) as u32;
     let (pg_dump, pg_dump_version) = pick_tool(&candidates, "pg_dump", server_major).await?;
 
@@ -294,6 +295,7 @@ pub async fn backup_postgres(repo: &Repository, options: &PgBackupOptions) -> Re
         finished_at: Utc::now(),
         table_counts,
         columns,
+        server: Some(server),
     })
 }
 

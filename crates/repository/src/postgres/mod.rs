@@ -213,6 +213,59 @@ pub struct PgBackupPart {
     /// database with it: what the live schema has and the point lacks, a restore rolls back.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub columns: TableColumns,
+    /// The server the dump was taken on, as far as the backup's role could see it (none for
+    /// points taken before it was recorded): a restore test's preflight refuses to restore
+    /// into that server's database of the same name, the source itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerIdentity>,
+}
+
+/// Which PostgreSQL server a session is connected to: its cluster's system identifier
+/// (`pg_control_system()`, which a role may not be allowed to call) and the address and port
+/// the server answered on (none over a Unix socket). Each part is None when unknown.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerIdentity {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_identifier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i32>,
+}
+
+impl ServerIdentity {
+    /// What this session can see of its server; a part it may not read stays None. Run
+    /// outside a transaction (a refused call must not abort one).
+    pub async fn read(conn: &mut sqlx::PgConnection) -> ServerIdentity {
+        let system_identifier: Option<String> =
+            sqlx::query_scalar("SELECT system_identifier::text FROM pg_control_system()")
+                .fetch_one(&mut *conn)
+                .await
+                .ok();
+        let (address, port): (Option<String>, Option<i32>) =
+            sqlx::query_as("SELECT host(inet_server_addr()), inet_server_port()")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap_or((None, None));
+        ServerIdentity {
+            system_identifier,
+            address,
+            port,
+        }
+    }
+
+    /// Some(true) when both are surely one server (the same system identifier, or, when
+    /// either lacks one, the same address and port), Some(false) surely not, None when too
+    /// little is known to say.
+    pub fn same_server(&self, other: &ServerIdentity) -> Option<bool> {
+        if let (Some(a), Some(b)) = (&self.system_identifier, &other.system_identifier) {
+            return Some(a == b);
+        }
+        match (&self.address, self.port, &other.address, other.port) {
+            (Some(a), Some(p), Some(b), Some(q)) => Some(a == b && p == q),
+            _ => None,
+        }
+    }
 }
 
 /// One custom-format archive of a parallel dump.
@@ -276,3 +329,42 @@ impl PgBackupPart {
 
 /// Tables and their columns: `schema.table` → column names in their order.
 pub type TableColumns = BTreeMap<String, Vec<String>>;
+
+#[cfg(test)]
+mod tests {
+    use super::ServerIdentity;
+
+    fn server(id: Option<&str>, at: Option<(&str, i32)>) -> ServerIdentity {
+        ServerIdentity {
+            system_identifier: id.map(str::to_owned),
+            address: at.map(|(a, _)| a.to_owned()),
+            port: at.map(|(_, p)| p),
+        }
+    }
+
+    #[test]
+    fn one_server_by_its_system_identifier_else_by_address_and_port() {
+        let a = server(Some("7301"), Some(("10.0.0.5", 5432)));
+        // The system identifier decides when both have one, whatever the addresses.
+        assert_eq!(
+            a.same_server(&server(Some("7301"), Some(("10.9.9.9", 6000)))),
+            Some(true)
+        );
+        assert_eq!(
+            a.same_server(&server(Some("9999"), Some(("10.0.0.5", 5432)))),
+            Some(false)
+        );
+        // Else the address and port.
+        assert_eq!(
+            a.same_server(&server(None, Some(("10.0.0.5", 5432)))),
+            Some(true)
+        );
+        assert_eq!(
+            a.same_server(&server(None, Some(("10.0.0.5", 5433)))),
+            Some(false)
+        );
+        // A Unix socket without the identifier: cannot tell.
+        assert_eq!(a.same_server(&server(None, None)), None);
+        assert_eq!(server(None, None).same_server(&server(None, None)), None);
+    }
+}

@@ -134,6 +134,7 @@ pub(super) fn point() -> Point {
             finished_at: at(7, 30, 40),
             table_counts: counts,
             columns: Default::default(),
+            server: None,
         }),
         objects: Some(ObjectSnapshotPart {
             snapshot_id: SnapshotId::parse("20261125T073000Z-3f2a9c01").unwrap(),
