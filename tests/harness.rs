@@ -322,6 +322,7 @@ pub fn agent_settings(
         references: Vec::new(),
         smoke: None,
         teardown_allowed: false,
+        another_server: false,
         config_file: state.join(format!("{name}.toml")),
         reconnect: agent::config::ReconnectConfig {
             initial: Duration::from_millis(50),

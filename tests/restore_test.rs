@@ -620,7 +620,19 @@ fleet = {{ database = 1, objects = 2 }}
     let report = ok(&run(&["report", id, "--format", "json"]), "report");
     assert_eq!(report["restore_test"]["teardown"], "done", "{report}");
     assert_eq!(report["restore_test"]["source_untouched"], true, "{report}");
-    assert!(files(&targets[3].objects).is_empty());
+    // Torn down: empty between two of its runs (the schedule goes on firing).
+    eventually(
+        "rt-sched's target empty with no restore test under way",
+        Duration::from_secs(60),
+        async || {
+            let runs = ok(&run(&["runs", "--json"]), "runs");
+            let idle = runs_of(&runs, "rt-sched").iter().all(|r| {
+                ["succeeded", "failed", "aborted"].contains(&r["state"].as_str().unwrap_or(""))
+            });
+            (idle && files(&targets[3].objects).is_empty()).then_some(())
+        },
+    )
+    .await;
     let runs = ok(&run(&["runs", "--json"]), "runs");
     for early in runs_of(&runs, "rt-sched")
         .iter()
@@ -1036,9 +1048,23 @@ url = "http://{web_addr}/readyz"
             test["restore_ms"]
         );
     }
-    // Torn down each time: the target is empty again.
-    assert!(table_digests(&cluster, "cowork_rt").is_empty());
-    assert!(files(&target_objects).is_empty());
+    // Torn down each time: the target is empty again. The schedule goes on firing, so look
+    // between two runs: when none of rt's runs is unfinished.
+    eventually(
+        "the target empty with no restore test under way",
+        Duration::from_secs(120),
+        async || {
+            let runs = ok(&run(&["runs", "--json"]), "runs");
+            let idle = runs_of(&runs, "rt").iter().all(|r| {
+                ["succeeded", "failed", "aborted"].contains(&r["state"].as_str().unwrap_or(""))
+            });
+            (idle
+                && table_digests(&cluster, "cowork_rt").is_empty()
+                && files(&target_objects).is_empty())
+            .then_some(())
+        },
+    )
+    .await;
 
     // prod never noticed: the same web process, never in maintenance, every answer a 200.
     assert!(answers.len() > 20, "polled {} times", answers.len());

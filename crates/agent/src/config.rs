@@ -58,6 +58,12 @@ pub struct RestoreTestConfig {
     /// configured, can make an agent of a live environment drop its data.
     #[serde(default)]
     pub teardown: bool,
+    /// This agent's database has the name the source's points were dumped from, and the
+    /// operator vouches that it is on another server: the check that refuses the source's own
+    /// database cannot prove it (the role may not read `pg_control_system()`, or the server is
+    /// a clone of the source's, which keeps its system identifier).
+    #[serde(default)]
+    pub another_server: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,6 +133,8 @@ pub struct Settings {
     pub smoke: Option<crate::checks::SmokeConfig>,
     /// `[restore_test] teardown = true`: teardown commands are obeyed.
     pub teardown_allowed: bool,
+    /// `[restore_test] another_server = true`.
+    pub another_server: bool,
     /// The file `control` paths are relative to.
     pub config_file: PathBuf,
 }
@@ -205,6 +213,7 @@ pub fn load(file: &Path) -> Result<(Settings, TelemetryConfig)> {
         references: config.references.clone(),
         smoke: config.smoke.clone(),
         teardown_allowed: config.restore_test.teardown,
+        another_server: config.restore_test.another_server,
         config_file: file.to_path_buf(),
     };
     crate::checks::Checks::from_config(

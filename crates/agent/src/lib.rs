@@ -69,7 +69,8 @@ impl Agent {
                 settings.objects.as_ref(),
             )?
             .with_state_dir(&settings.state_dir)?
-            .with_teardown(settings.teardown_allowed),
+            .with_teardown(settings.teardown_allowed)
+            .with_another_server(settings.another_server),
         );
         let checks = Arc::new(crate::checks::Checks::from_config(
             &settings.config_file,

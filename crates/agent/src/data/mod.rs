@@ -161,6 +161,9 @@ pub struct DataPlane {
     environment: String,
     /// `[restore_test] teardown = true`: teardown commands are obeyed.
     teardown_allowed: bool,
+    /// `[restore_test] another_server = true`: a database of the source's name is vouched to
+    /// be on another server.
+    another_server: bool,
 }
 
 struct Postgres {
@@ -249,12 +252,20 @@ impl DataPlane {
             scratch_root,
             environment: environment.to_owned(),
             teardown_allowed: false,
+            another_server: false,
         })
     }
 
     /// Whether this agent obeys a restore test's teardown (`[restore_test] teardown = true`).
     pub fn with_teardown(mut self, allowed: bool) -> DataPlane {
         self.teardown_allowed = allowed;
+        self
+    }
+
+    /// Whether the operator vouches that this agent's database, named like the source's, is on
+    /// another server (`[restore_test] another_server = true`).
+    pub fn with_another_server(mut self, vouched: bool) -> DataPlane {
+        self.another_server = vouched;
         self
     }
 
@@ -408,7 +419,8 @@ impl DataPlane {
             Some(pg) => {
                 let point = repo.read_point(&id).await?;
                 if point.environment != self.environment {
-                    postgres::refuse_the_source_database(&pg.url()?, &point).await?;
+                    postgres::refuse_the_source_database(&pg.url()?, &point, self.another_server)
+                        .await?;
                 }
                 postgres::restorable_as_this_role(&pg.url()?).await?;
                 let at_point = point.postgres.as_ref().map(|p| &p.columns);

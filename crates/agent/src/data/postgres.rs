@@ -159,6 +159,16 @@ impl DataPlane {
             tracing::info!(database = %names.pre, "restore test torn down: restored database dropped");
             dropped.push(names.pre.clone());
         }
+        // A run that failed before its commit left what it prepared (or began to) beside the
+        // target: it holds only the point's data.
+        let prepared = format!("{}_restore_{}", names.live, run_tag(run_id));
+        if repository::drop_kept_database(&url, &prepared, ADMIN_CONNECT_TIMEOUT)
+            .await
+            .with_context(|| format!("drop the prepared copy {prepared}"))?
+        {
+            tracing::info!(database = %prepared, "restore test torn down: prepared copy dropped");
+            dropped.push(prepared);
+        }
         let put_back = undone != repository::Undone::NothingSwapped;
         Ok(TeardownPostgresOutput {
             database: names.live,
@@ -441,15 +451,16 @@ fn millis(since: Instant) -> u64 {
 /// every table it creates (`--no-owner --no-acl`), so every user table must already be that
 /// role's. Checked by preflight, before anything changes.
 /// A restore test whose database URL was copied from the source's would restore into the
-/// source's live database, unfrozen: refused when this agent's database has the name the
-/// point was dumped from on the server it was dumped on (`ServerIdentity::same_server`: the
-/// cluster's system identifier, else its address and port). A point that recorded no server,
-/// or servers that cannot be told apart, pass (the report's source check still stands).
-pub(super) async fn refuse_the_source_database(url: &str, point: &repository::Point) -> Result<()> {
+/// source's live database, unfrozen: when this agent's database has the name the point was
+/// dumped from, it is refused unless the two servers' system identifiers prove them different
+/// (`ServerIdentity::same_server`; addresses prove nothing), or the operator vouched for it
+/// (`another_server`: the identifier cannot be read by the role, or the server is a clone).
+pub(super) async fn refuse_the_source_database(
+    url: &str,
+    point: &repository::Point,
+    another_server: bool,
+) -> Result<()> {
     let Some(part) = &point.postgres else {
-        return Ok(());
-    };
-    let Some(recorded) = &part.server else {
         return Ok(());
     };
     let shown = repository::redact_url(url);
@@ -465,17 +476,38 @@ pub(super) async fn refuse_the_source_database(url: &str, point: &repository::Po
         .with_context(|| format!("read the database name of {shown}"))?;
     let ours = repository::ServerIdentity::read(&mut conn).await;
     let _ = conn.close().await;
-    if database == part.database && ours.same_server(recorded) == Some(true) {
-        bail!(
+    if database != part.database {
+        return Ok(());
+    }
+    let same = part
+        .server
+        .as_ref()
+        .and_then(|recorded| ours.same_server(recorded));
+    match same {
+        Some(true) => bail!(
             "point {} of environment {} was dumped from database {database} on the server this \
-             agent's database {shown} is on: that is the source's live database, and a restore \
-             test must restore into another database or server (fix [postgres] url); nothing was \
-             changed",
+             agent's database {shown} is on (the same system identifier): that is the source's \
+             live database, and a restore test must restore into another database or server \
+             (fix [postgres] url); nothing was changed. A clone of the source's server keeps its \
+             identifier: if this is one, set [restore_test] another_server = true in this \
+             agent's agent.toml",
             point.id,
             point.environment
-        );
+        ),
+        Some(false) => Ok(()),
+        None if another_server => Ok(()),
+        None => bail!(
+            "point {} of environment {} was dumped from a database named {database}, the name \
+             of this agent's database {shown}, and nothing proves the servers differ (the point \
+             or this role cannot read the cluster's system identifier, pg_control_system()): \
+             it may be the source's live database, which a restore test must never touch; \
+             nothing was changed. Restore into a database of another name, grant the role \
+             pg_monitor, or, if this is certainly another server, set [restore_test] \
+             another_server = true in this agent's agent.toml",
+            point.id,
+            point.environment
+        ),
     }
-    Ok(())
 }
 
 pub(super) async fn restorable_as_this_role(url: &str) -> Result<()> {

@@ -275,9 +275,16 @@ pub fn select(
 
 /// Fills each copy's run, undo run and age from the environment's runs.
 pub fn attribute(copies: &mut [KeptCopy], runs: &[RunRecord]) {
+    // A restore test's teardown quarantines under a tag of its own (`<run>/teardown`): what
+    // a teardown displaced belongs to its run too.
     let by_tag: BTreeMap<String, &RunRecord> = runs
         .iter()
-        .map(|r| (repository::run_tag(&r.id), r))
+        .flat_map(|r| {
+            [
+                (repository::run_tag(&r.id), r),
+                (repository::run_tag(&format!("{}/teardown", r.id)), r),
+            ]
+        })
         .collect();
     let undoes = |r: &RunRecord| RunParams::of(&r.params).undoes.map(|u| u.run);
     let ended = |r: &RunRecord| r.finished_at.filter(|_| r.state.is_final());
@@ -1051,6 +1058,8 @@ mod tests {
             copy(CopyKind::Quarantine, "d1"),
             copy(CopyKind::Quarantine, "u1"),
             copy(CopyKind::Quarantine, "elsewhere"),
+            // What a restore test's teardown displaced, under `<run>/teardown`'s tag.
+            copy(CopyKind::Quarantine, "d1/teardown"),
         ];
         attribute(&mut copies, &runs);
         let got: Vec<_> = copies
@@ -1065,6 +1074,7 @@ mod tests {
                 (Some("d1"), Some("u1"), d1),
                 (Some("d1"), Some("u1"), u1),
                 (None, None, None),
+                (Some("d1"), Some("u1"), d1),
             ]
         );
     }

@@ -254,15 +254,14 @@ impl ServerIdentity {
         }
     }
 
-    /// Some(true) when both are surely one server (the same system identifier, or, when
-    /// either lacks one, the same address and port), Some(false) surely not, None when too
-    /// little is known to say.
+    /// Some(true) when both carry the same system identifier, Some(false) when both carry one
+    /// and they differ, None otherwise. Addresses prove nothing either way: one server answers
+    /// on several (a host address and loopback, a pooler, a Service), and one address names
+    /// different servers on different hosts (127.0.0.1). A clone of a server (a restored base
+    /// backup, a promoted replica) keeps its identifier: Some(true) for another server.
     pub fn same_server(&self, other: &ServerIdentity) -> Option<bool> {
-        if let (Some(a), Some(b)) = (&self.system_identifier, &other.system_identifier) {
-            return Some(a == b);
-        }
-        match (&self.address, self.port, &other.address, other.port) {
-            (Some(a), Some(p), Some(b), Some(q)) => Some(a == b && p == q),
+        match (&self.system_identifier, &other.system_identifier) {
+            (Some(a), Some(b)) => Some(a == b),
             _ => None,
         }
     }
@@ -343,7 +342,7 @@ mod tests {
     }
 
     #[test]
-    fn one_server_by_its_system_identifier_else_by_address_and_port() {
+    fn one_server_only_by_its_system_identifier() {
         let a = server(Some("7301"), Some(("10.0.0.5", 5432)));
         // The system identifier decides when both have one, whatever the addresses.
         assert_eq!(
@@ -354,15 +353,10 @@ mod tests {
             a.same_server(&server(Some("9999"), Some(("10.0.0.5", 5432)))),
             Some(false)
         );
-        // Else the address and port.
-        assert_eq!(
-            a.same_server(&server(None, Some(("10.0.0.5", 5432)))),
-            Some(true)
-        );
-        assert_eq!(
-            a.same_server(&server(None, Some(("10.0.0.5", 5433)))),
-            Some(false)
-        );
+        // Without both identifiers nothing is known, whatever the addresses say: one server
+        // answers on several, one loopback address names a server per host.
+        assert_eq!(a.same_server(&server(None, Some(("10.0.0.5", 5432)))), None);
+        assert_eq!(a.same_server(&server(None, Some(("10.0.0.5", 5433)))), None);
         // A Unix socket without the identifier: cannot tell.
         assert_eq!(a.same_server(&server(None, None)), None);
         assert_eq!(server(None, None).same_server(&server(None, None)), None);
