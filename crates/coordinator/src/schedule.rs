@@ -102,6 +102,7 @@ async fn start<L: AgentLink + Clone + 'static>(
             point_id,
             plan: None,
             excluded: Vec::new(),
+            to_time: None,
         })
         .await;
     match started {

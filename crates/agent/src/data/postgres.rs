@@ -344,6 +344,7 @@ impl DataPlane {
             archive_bytes: prepared.archive_bytes,
             counts: prepared.counts,
             elapsed_ms: millis(started),
+            physical: None,
         })
     }
 
@@ -368,6 +369,7 @@ impl DataPlane {
             archive_bytes: 0,
             resumed: committed.resumed().to_owned(),
             elapsed_ms: millis(started),
+            physical: None,
         })
     }
 }
