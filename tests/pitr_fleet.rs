@@ -109,10 +109,192 @@ fn failing_start_tools(dir: &Path, real: &Path, live: &Path, switch: &Path) -> P
     bin
 }
 
+/// The live object store of the test: a directory (the snapshot rule) or a versioned bucket
+/// on moto (the versions rule).
+enum Store {
+    Dir(PathBuf),
+    Bucket(Moto),
+}
+
+impl Store {
+    fn url(&self) -> String {
+        match self {
+            Store::Dir(dir) => format!("file://{}", dir.display()),
+            Store::Bucket(_) => "s3://live/app".to_owned(),
+        }
+    }
+
+    /// `[objects]` connection settings, and the CLI flags that say the same.
+    fn s3_config(&self) -> (String, Vec<String>) {
+        match self {
+            Store::Dir(_) => (String::new(), Vec::new()),
+            Store::Bucket(moto) => (
+                format!(
+                    "s3_endpoint = \"{}\"\ns3_region = \"us-east-1\"\ns3_path_style = true\n",
+                    moto.endpoint()
+                ),
+                vec![
+                    "--s3-endpoint".into(),
+                    moto.endpoint(),
+                    "--s3-region".into(),
+                    "us-east-1".into(),
+                    "--s3-path-style".into(),
+                ],
+            ),
+        }
+    }
+
+    fn put(&self, key: &str, body: &[u8]) {
+        match self {
+            Store::Dir(dir) => std::fs::write(dir.join(key), body).unwrap(),
+            Store::Bucket(moto) => moto.request("PUT", &format!("/live/app/{key}"), body, "200"),
+        }
+    }
+
+    fn delete(&self, key: &str) {
+        match self {
+            Store::Dir(dir) => std::fs::remove_file(dir.join(key)).unwrap(),
+            Store::Bucket(moto) => moto.request("DELETE", &format!("/live/app/{key}"), b"", "204"),
+        }
+    }
+
+    /// Every key and its body.
+    fn objects(&self, keys: &[&str]) -> std::collections::BTreeMap<String, Vec<u8>> {
+        match self {
+            Store::Dir(dir) => fleet::live_objects(dir),
+            Store::Bucket(moto) => keys
+                .iter()
+                .filter_map(|k| {
+                    moto.get(&format!("/live/app/{k}"))
+                        .map(|b| ((*k).to_owned(), b))
+                })
+                .collect(),
+        }
+    }
+
+    fn rule(&self) -> &'static str {
+        match self {
+            Store::Dir(_) => "snapshot",
+            Store::Bucket(_) => "versions",
+        }
+    }
+}
+
+/// Moto checks no signature, but refuses a DELETE without credentials.
+const MOTO_AUTH: &str = "AWS4-HMAC-SHA256 Credential=test/20261206/us-east-1/s3/aws4_request, \
+                         SignedHeaders=host, Signature=00";
+
+/// A moto S3 server with bucket `live`, versioning enabled.
+struct Moto {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Moto {
+    fn start() -> Option<Moto> {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join("moto_server").is_file()))
+            .unwrap_or(false);
+        if !found {
+            assert!(
+                std::env::var_os("ROLLCALL_REQUIRE_EMULATORS")
+                    .is_none_or(|v| v.is_empty() || v == "0"),
+                "moto_server is not installed and ROLLCALL_REQUIRE_EMULATORS is set"
+            );
+            eprintln!(
+                "SKIPPED: moto_server is not installed; the versioned-bucket drill did not run"
+            );
+            return None;
+        }
+        let port = free_addr().port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let moto = Moto { child, port };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "moto did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        moto.request("PUT", "/live", b"", "200");
+        moto.request(
+            "PUT",
+            "/live?versioning",
+            br#"<VersioningConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Status>Enabled</Status></VersioningConfiguration>"#,
+            "200",
+        );
+        Some(moto)
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn send(&self, method: &str, path: &str, body: &[u8]) -> (String, Vec<u8>) {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\n\
+             Authorization: {MOTO_AUTH}\r\nConnection: close\r\n\r\n",
+            self.port,
+            body.len()
+        )
+        .unwrap();
+        stream.write_all(body).unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).unwrap();
+        let split = answer
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or(answer.len());
+        let head = String::from_utf8_lossy(&answer[..split]).into_owned();
+        let body = answer.get(split + 4..).unwrap_or_default().to_vec();
+        (head, body)
+    }
+
+    fn request(&self, method: &str, path: &str, body: &[u8], status: &str) {
+        let (head, _) = self.send(method, path, body);
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status}")),
+            "{method} {path}: {head}"
+        );
+    }
+
+    fn get(&self, path: &str) -> Option<Vec<u8>> {
+        let (head, body) = self.send("GET", path, b"");
+        head.starts_with("HTTP/1.1 200").then_some(body)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fleet_drill_to_a_time_restores_postgres_and_objects_to_it() {
-    install_crypto();
+async fn a_fleet_drill_to_a_time_restores_postgres_and_objects_from_snapshots() {
     let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("objects");
+    std::fs::create_dir_all(&store).unwrap();
+    drill_to_a_time(dir, Store::Dir(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_drill_to_a_time_restores_postgres_and_a_versioned_bucket() {
+    let Some(moto) = Moto::start() else {
+        return;
+    };
+    drill_to_a_time(tempfile::tempdir().unwrap(), Store::Bucket(moto)).await;
+}
+
+async fn drill_to_a_time(dir: tempfile::TempDir, store: Store) {
+    install_crypto();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     // A rollcall binary the postgres user may run (archive and restore commands).
     let bin = dir.path().join("rollcall");
@@ -122,9 +304,14 @@ async fn a_fleet_drill_to_a_time_restores_postgres_and_objects_to_it() {
     std::fs::create_dir_all(&repo).unwrap();
     give_to_postgres(&repo);
     let repo_url = format!("file://{}", repo.display());
-    let store = dir.path().join("objects");
-    std::fs::create_dir_all(&store).unwrap();
-    let store_url = format!("file://{}", store.display());
+    let store_url = store.url();
+    let (s3_config, s3_flags) = store.s3_config();
+    // Moto takes any credentials; the agents and the CLI read them from the environment.
+    let s3_env = [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+    ];
 
     let pg_root = dir.path().join("pg");
     let cluster = Cluster::start_with(ephemeral_pg::Options {
@@ -161,7 +348,7 @@ async fn a_fleet_drill_to_a_time_restores_postgres_and_objects_to_it() {
     );
 
     let cli = |args: &[&str]| {
-        let out = Command::new(&bin).args(args).output().unwrap();
+        let out = Command::new(&bin).args(args).envs(s3_env).output().unwrap();
         assert!(out.status.success(), "rollcall {args:?}: {out:?}");
         out
     };
@@ -187,18 +374,20 @@ async fn a_fleet_drill_to_a_time_restores_postgres_and_objects_to_it() {
     // Objects: a.txt before T, b.txt before T (snapshotted after it), c.txt and a.txt's
     // deletion after T.
     let snapshot = || {
-        cli(&[
+        let mut args = vec![
             "repo", "snapshot", "--repo", &repo_url, "--env", "test", "--store", &store_url,
-        ]);
+        ];
+        args.extend(s3_flags.iter().map(String::as_str));
+        cli(&args);
     };
-    std::fs::write(store.join("a.txt"), b"a at first").unwrap();
+    store.put("a.txt", b"a at first");
     snapshot();
     psql(
         &cluster,
         "app",
         "INSERT INTO notes (id) SELECT generate_series(101, 110)",
     );
-    std::fs::write(store.join("b.txt"), b"b before T").unwrap();
+    store.put("b.txt", b"b before T");
     snapshot();
     let target = psql(&cluster, "app", NOW_RFC3339);
     after(&cluster, &target).await;
@@ -210,8 +399,8 @@ async fn a_fleet_drill_to_a_time_restores_postgres_and_objects_to_it() {
         "app",
         "INSERT INTO notes (id) SELECT generate_series(111, 120)",
     );
-    std::fs::write(store.join("c.txt"), b"c after T").unwrap();
-    std::fs::remove_file(store.join("a.txt")).unwrap();
+    store.put("c.txt", b"c after T");
+    store.delete("a.txt");
     snapshot();
     let last = psql(&cluster, "app", "SELECT pg_walfile_name(pg_switch_wal())");
     eventually(
@@ -267,7 +456,8 @@ async fn a_fleet_drill_to_a_time_restores_postgres_and_objects_to_it() {
         live = live.display(),
         bin = bin.display()
     );
-    let obj = format!("[objects]\nurl = \"{store_url}\"\nscratch_dir = \"scratch/obj-1\"\n");
+    let obj =
+        format!("[objects]\nurl = \"{store_url}\"\nscratch_dir = \"scratch/obj-1\"\n{s3_config}");
     let db_url = cluster.url("app");
     let worker = "[control]\nscale = \"process\"\n[control.process]\nprogram = \"/bin/sleep\"\n\
                   args = [\"600\"]\nstop_grace = \"2s\"\n[smoke]\ncommand = [\"/bin/true\"]\n\
@@ -282,7 +472,12 @@ async fn a_fleet_drill_to_a_time_restores_postgres_and_objects_to_it() {
             name,
             dir.path(),
             &["agent", "--config", cfg.to_str().unwrap()],
-            &[("DATABASE_URL", db_url.as_str())],
+            &[
+                ("DATABASE_URL", db_url.as_str()),
+                s3_env[0],
+                s3_env[1],
+                s3_env[2],
+            ],
         ));
     }
     fleet_ready(
@@ -459,7 +654,7 @@ async fn a_fleet_drill_to_a_time_restores_postgres_and_objects_to_it() {
     .await;
 
     // Objects: the newest snapshot finished at or before T.
-    let live_objects = fleet::live_objects(&store);
+    let live_objects = store.objects(&["a.txt", "b.txt", "c.txt"]);
     let names: Vec<&String> = live_objects.keys().collect();
     assert_eq!(names, ["a.txt", "b.txt"], "{live_objects:?}");
     assert_eq!(live_objects["a.txt"], b"a at first");
@@ -476,10 +671,18 @@ async fn a_fleet_drill_to_a_time_restores_postgres_and_objects_to_it() {
     );
     assert!(t["kept_dir"].as_str().is_some(), "{report}");
     assert!(
-        t["objects_rule"].as_str().unwrap().starts_with("snapshot"),
+        t["objects_rule"]
+            .as_str()
+            .unwrap()
+            .starts_with(store.rule()),
         "{report}"
     );
-    assert!(t["objects_uncertainty"].as_str().is_some(), "{report}");
+    // The snapshot rule reports its uncertainty window; versions have none.
+    assert_eq!(
+        t["objects_uncertainty"].as_str().is_some(),
+        store.rule() == "snapshot",
+        "{report}"
+    );
     let md = run(&["report", &run_id]);
     let md = String::from_utf8_lossy(&md.stdout).into_owned();
     assert!(
