@@ -111,6 +111,7 @@ fn drill() -> StartRun {
         point_id: None,
         plan: None,
         excluded: Vec::new(),
+        to_time: None,
     }
 }
 

@@ -449,6 +449,7 @@ async fn an_unapproved_run_blocks_at_its_timeout_and_a_retry_waits_again() {
                 point_id: None,
                 plan: None,
                 excluded: Vec::new(),
+                to_time: None,
             },
             Some(as_("ada")),
         )

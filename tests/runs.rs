@@ -130,6 +130,7 @@ fn start(env: &str) -> StartRun {
         point_id: None,
         plan: None,
         excluded: Vec::new(),
+        to_time: None,
     }
 }
 

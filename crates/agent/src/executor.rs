@@ -284,7 +284,11 @@ impl Executor {
         progress: &Reporter,
     ) -> (Outcome, String, Option<ResultDetail>) {
         match action {
-            Action::Verify { repository, point } => {
+            Action::Verify {
+                repository,
+                point,
+                to_time,
+            } => {
                 let mut checks = match &self.checks {
                     Some(c) => Box::pin(c.http_checks()).await,
                     None => Vec::new(),
@@ -294,7 +298,15 @@ impl Executor {
                 let mut counts = None;
                 let mut referenced = Vec::new();
                 if let Some(data) = &self.data {
-                    match Box::pin(data.verify(repository, point, invariants, references)).await {
+                    let verified = match to_time {
+                        Some(at) => {
+                            Box::pin(data.verify_to_time(*at, invariants, references)).await
+                        }
+                        None => {
+                            Box::pin(data.verify(repository, point, invariants, references)).await
+                        }
+                    };
+                    match verified {
                         Ok(verified) => {
                             checks.extend(verified.checks);
                             counts = verified.counts;
@@ -558,29 +570,54 @@ async fn data_action(
         Action::SnapshotObjects { repository, point } => ActionOutput::SnapshotObjects(Box::new(
             data.snapshot_objects(repository, point, progress).await?,
         )),
-        Action::Preflight { repository, point } => {
-            ActionOutput::Preflight(data.preflight(repository, point, run_id).await?)
-        }
+        Action::Preflight {
+            repository,
+            point,
+            to_time,
+        } => ActionOutput::Preflight(match to_time {
+            Some(at) => data.preflight_to_time(repository, *at).await?,
+            None => data.preflight(repository, point, run_id).await?,
+        }),
         Action::RestorePostgres { repository, point } => ActionOutput::RestorePostgres(
             data.restore_postgres(repository, point, run_id, progress)
                 .await?,
         ),
-        Action::PreparePostgres { repository, point } => ActionOutput::PreparePostgres(
-            data.prepare_postgres(repository, point, run_id, progress)
-                .await?,
-        ),
-        Action::CommitPostgres { point, .. } => {
-            ActionOutput::CommitPostgres(data.commit_postgres(point, run_id, progress).await?)
+        Action::PreparePostgres {
+            repository,
+            point,
+            to_time,
+        } => ActionOutput::PreparePostgres(match to_time {
+            Some(at) => {
+                data.prepare_to_time(repository, *at, run_id, progress)
+                    .await?
+            }
+            None => {
+                data.prepare_postgres(repository, point, run_id, progress)
+                    .await?
+            }
+        }),
+        Action::CommitPostgres { point, to_time, .. } => {
+            ActionOutput::CommitPostgres(match to_time {
+                Some(at) => data.commit_to_time(*at, run_id, progress).await?,
+                None => data.commit_postgres(point, run_id, progress).await?,
+            })
         }
         Action::RestoreObjects {
             repository,
             point,
             shard,
             shards,
-        } => ActionOutput::RestoreObjects(
-            data.restore_objects(repository, point, run_id, *shard, *shards, progress)
-                .await?,
-        ),
+            to_time,
+        } => ActionOutput::RestoreObjects(match to_time {
+            Some(at) => {
+                data.restore_objects_to_time(repository, *at, run_id, *shard, *shards, progress)
+                    .await?
+            }
+            None => {
+                data.restore_objects(repository, point, run_id, *shard, *shards, progress)
+                    .await?
+            }
+        }),
         Action::UndoPostgres { undone_run } => {
             ActionOutput::UndoPostgres(data.undo_postgres(undone_run).await?)
         }

@@ -139,6 +139,16 @@ impl Agent {
                 api::errors::one_line(&*e)
             ),
         }
+        // A restore to a time killed mid-swap may have left the server stopped, or its data
+        // directory renamed: a server runs from the live directory before anything else.
+        match self.data.finish_interrupted_data_dir_swap().await {
+            Ok(repository::Interrupted::Nothing) => {}
+            Ok(done) => tracing::warn!("an interrupted data directory swap was finished: {done:?}"),
+            Err(e) => tracing::error!(
+                "cannot finish an interrupted data directory swap: {}",
+                api::errors::one_line(&*e)
+            ),
+        }
         let supervision = cancel.child_token();
         self.control.start(supervision.clone()).await?;
         self.control.refreeze_after_start(supervision.clone());

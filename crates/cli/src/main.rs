@@ -101,8 +101,13 @@ enum Command {
         #[arg(long)]
         env: String,
         /// A recovery point id, or "latest".
-        #[arg(long)]
+        #[arg(long, conflicts_with = "to_time")]
         point: Option<String>,
+        /// Restore to this time instead of a point (RFC 3339, e.g. 2026-12-06T08:00:00Z):
+        /// Postgres from the environment's base backups and archived WAL, objects to the same
+        /// time. Refused outside the recoverable window (`rollcall points --env ENV`).
+        #[arg(long, value_name = "T")]
+        to_time: Option<String>,
         /// A plan file instead of the environment's plan.
         #[arg(long)]
         plan: Option<PathBuf>,
@@ -434,6 +439,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Drill {
             env,
             point,
+            to_time,
             plan,
             dry_run,
             excluded,
@@ -445,6 +451,7 @@ async fn run(cli: Cli) -> Result<()> {
             let drill = runs::Drill {
                 env,
                 point,
+                to_time,
                 plan,
                 dry_run,
                 excluded,

@@ -11,6 +11,8 @@ use crate::operator::{Connection, status_error};
 pub struct Drill {
     pub env: String,
     pub point: Option<String>,
+    /// `--to-time T` (RFC 3339), checked here and by the coordinator.
+    pub to_time: Option<String>,
     pub plan: Option<PathBuf>,
     pub dry_run: bool,
     /// `--exclude TEXT`, for the report's "data intentionally excluded".
@@ -32,6 +34,15 @@ fn start_request(d: &Drill) -> Result<op::StartRunRequest> {
         ),
         None => (String::new(), String::new()),
     };
+    let to_time = match &d.to_time {
+        Some(text) => chrono::DateTime::parse_from_rfc3339(text)
+            .with_context(|| {
+                format!("--to-time {text}: write it as RFC 3339, e.g. 2026-12-06T08:00:00Z")
+            })?
+            .with_timezone(&chrono::Utc)
+            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+        None => String::new(),
+    };
     Ok(op::StartRunRequest {
         environment: d.env.clone(),
         kind: "drill".into(),
@@ -39,6 +50,7 @@ fn start_request(d: &Drill) -> Result<op::StartRunRequest> {
         plan_toml,
         plan_name,
         excluded: d.excluded.clone(),
+        to_time,
     })
 }
 

@@ -400,12 +400,24 @@ fn start_request(r: op::StartRunRequest) -> Result<crate::engine::StartRun, Stat
         };
         (name, r.plan_toml)
     });
+    let to_time = if r.to_time.is_empty() {
+        None
+    } else {
+        let at = chrono::DateTime::parse_from_rfc3339(&r.to_time).map_err(|e| {
+            Status::invalid_argument(format!(
+                "to_time {:?} is not RFC 3339 ({e}): write it like 2026-12-06T08:00:00Z",
+                r.to_time
+            ))
+        })?;
+        Some(at.with_timezone(&chrono::Utc))
+    };
     Ok(crate::engine::StartRun {
         environment: r.environment,
         kind,
         point_id: (!r.point.is_empty()).then_some(r.point),
         plan,
         excluded: r.excluded,
+        to_time,
     })
 }
 

@@ -92,6 +92,7 @@ async fn start<L: AgentLink + Clone + 'static>(
         point_id,
         plan: None,
         excluded: Vec::new(),
+        to_time: None,
     };
     let what = scheduled.what();
     let (kind, point_id) = match scheduled {

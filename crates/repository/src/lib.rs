@@ -62,8 +62,10 @@ pub use postgres::kept::{
     KeptDatabase, KeptKind, drop_kept_database, kept_name, list_kept_databases,
 };
 pub use postgres::physical::{
-    BaseBackup, BaseBackupOptions, PitrOptions, PitrReport, RecoveryWindow, base_backup,
-    list_base_backups, recovery_window, restore_to_time, verify_base_backups,
+    BaseBackup, BaseBackupOptions, DataDirSwap, Interrupted, PitrOptions, PitrReport,
+    RecoveryWindow, ServerTools, SwapMarker, Swapped, base_backup, finish_interrupted_swap,
+    list_base_backups, recovery_window, restore_to_time, start_options, swap_data_dir,
+    verify_base_backups,
 };
 pub use postgres::restore::{
     PgRestoreOptions, PgRestoreReport, default_restore_jobs, restore_postgres,

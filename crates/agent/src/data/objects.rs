@@ -10,8 +10,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use api::model::output::{RestoreObjectsOutput, TeardownObjectsOutput, UndoObjectsOutput};
+use api::model::output::{
+    ObjectsAtTime, RestoreObjectsOutput, TeardownObjectsOutput, UndoObjectsOutput,
+};
 use api::model::{Check, CheckKind, ObjectReferences, RepositoryRef};
+use chrono::{DateTime, Utc};
 use repository::{
     BlobScratch, ObjectSnapshotPart, PointId, RestoreObjectsOptions, RestoreTarget, S3Options,
     Shard, SnapshotOptions,
@@ -20,7 +23,155 @@ use repository::{
 use super::{DataPlane, ObjectsConfig, VerifyMode, is_run_tag, run_tag};
 use crate::progress::Reporter;
 
+/// The rule that brings a store to a time: its bucket's versions, or (`None`) the newest
+/// snapshot finished before it; with why.
+async fn rule_at(objects: &ObjectsConfig) -> Result<(Option<repository::VersionedBucket>, String)> {
+    if !(objects.url.starts_with("s3://") || objects.url.starts_with("s3a://")) {
+        return Ok((None, "the store keeps no versions".to_owned()));
+    }
+    let s3 = S3Options::connection(
+        objects.s3_endpoint.clone(),
+        objects.s3_region.clone(),
+        objects.s3_path_style,
+    );
+    let bucket = repository::VersionedBucket::open(&objects.url, &s3)?;
+    Ok(match bucket.versioning().await? {
+        repository::Versioning::Enabled => (Some(bucket), "bucket versioning enabled".to_owned()),
+        repository::Versioning::Suspended => (None, "bucket versioning suspended".to_owned()),
+        _ => (None, "bucket versioning never enabled".to_owned()),
+    })
+}
+
+fn shown(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
 impl DataPlane {
+    /// Preflight of a run to a time: which rule brings the store there, and for the snapshot
+    /// rule that a snapshot of this store finished at or before the time exists.
+    pub(super) async fn preflight_objects_at(
+        &self,
+        repo: &RepositoryRef,
+        at: DateTime<Utc>,
+    ) -> Result<Check> {
+        let objects = self.objects()?;
+        let (bucket, reason) = rule_at(objects).await?;
+        let detail = match bucket {
+            Some(_) => format!(
+                "rule versions ({reason}): each key's newest version at or before {}",
+                shown(at)
+            ),
+            None => {
+                let repo = repo.open().await?;
+                let (_, label) = live_store(objects)?;
+                let manifest = repository::snapshot_at(&repo, &label, at).await?;
+                format!(
+                    "rule snapshot ({reason}): snapshot {} finished {}, so the store is known \
+                     as of {} and may have changed until {} unseen",
+                    manifest.id,
+                    manifest.finished_at.to_rfc3339(),
+                    manifest.started_at.to_rfc3339(),
+                    shown(at)
+                )
+            }
+        };
+        Ok(Check {
+            name: format!("objects restorable to {}", shown(at)),
+            kind: CheckKind::Objects,
+            required: true,
+            passed: true,
+            detail,
+        })
+    }
+
+    /// Brings the live store to time `at`: a versioned bucket's keys to their newest version
+    /// at or before it (shard 0 does the whole bucket: no version is deleted, nothing is
+    /// displaced), else this shard of the newest snapshot finished at or before it, displaced
+    /// objects quarantined as in any restore.
+    pub async fn restore_objects_to_time(
+        &self,
+        repo_ref: &RepositoryRef,
+        at: DateTime<Utc>,
+        run_id: &str,
+        shard: u32,
+        shards: u32,
+        progress: &Reporter,
+    ) -> Result<RestoreObjectsOutput> {
+        let objects = self.objects()?;
+        let shard = Shard::new(shard, shards).context("restore objects")?;
+        let (bucket, reason) = rule_at(objects).await?;
+        let mut at_time = ObjectsAtTime {
+            to_time: shown(at),
+            rule: String::new(),
+            reason,
+            uncertain_from: String::new(),
+            uncertain_to: String::new(),
+            uncertain_ms: 0,
+            ambiguous: Vec::new(),
+        };
+        if let Some(bucket) = bucket {
+            at_time.rule = "versions".to_owned();
+            let mut out = RestoreObjectsOutput {
+                snapshot: String::new(),
+                shard: shard.index,
+                shards: shard.count,
+                restored: 0,
+                restored_bytes: 0,
+                from_scratch: 0,
+                unchanged: 0,
+                replaced: 0,
+                removed: 0,
+                quarantine_prefix: String::new(),
+                at_time: None,
+            };
+            if shard.index == 0 {
+                let mut options = repository::VersionsRestoreOptions::new(at);
+                options.parallelism = objects.parallelism;
+                let report = repository::restore_versions_to_time(&bucket, &options).await?;
+                out.restored = report.brought_back.len() as u64;
+                out.restored_bytes = report.brought_back.iter().map(|b| b.size).sum();
+                out.removed = report.removed.len() as u64;
+                out.unchanged = report.unchanged;
+                at_time.ambiguous = report.ambiguous;
+            }
+            out.at_time = Some(at_time);
+            return Ok(out);
+        }
+        at_time.rule = "snapshot".to_owned();
+        let repo = repo_ref.open().await?;
+        let (live, label) = live_store(objects)?;
+        let mut options = RestoreObjectsOptions::new(label);
+        options.parallelism = objects.parallelism;
+        options.local_root = repository::local_dir(&objects.url);
+        options.progress = Some(progress.transfers());
+        options.quarantine_in_repository = true;
+        options.quarantine_prefix = Some(object_store::path::Path::from(format!(
+            "quarantine/{}",
+            run_tag(run_id)
+        )));
+        options.shard = Some(shard);
+        let report = repository::restore_snapshot_to_time(&repo, live, &options, at, false).await?;
+        at_time.uncertain_from = report.uncertainty.from.to_rfc3339();
+        at_time.uncertain_to = report.uncertainty.to.to_rfc3339();
+        at_time.uncertain_ms = (report.uncertainty.seconds * 1000.0).max(0.0) as u64;
+        let restored = report
+            .restore
+            .context("the snapshot restore reported nothing restored")?;
+        Ok(RestoreObjectsOutput {
+            snapshot: report.snapshot_id.as_str().to_owned(),
+            shard: restored.shard,
+            shards: restored.shards,
+            restored: restored.restored,
+            restored_bytes: restored.restored_bytes,
+            from_scratch: restored.from_scratch,
+            unchanged: restored.unchanged,
+            replaced: restored.replaced.len() as u64,
+            removed: restored.removed.len() as u64,
+            quarantine_prefix: restored.quarantine_prefix,
+            at_time: Some(at_time),
+        })
+    }
+
     pub async fn snapshot_objects(
         &self,
         repo: &RepositoryRef,
@@ -171,6 +322,7 @@ impl DataPlane {
             replaced: report.replaced.len() as u64,
             removed: report.removed.len() as u64,
             quarantine_prefix: report.quarantine_prefix,
+            at_time: None,
         })
     }
 

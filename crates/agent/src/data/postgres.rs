@@ -354,6 +354,7 @@ impl DataPlane {
             archive_bytes: prepared.archive_bytes,
             counts: prepared.counts,
             elapsed_ms: millis(started),
+            physical: None,
         })
     }
 
@@ -378,6 +379,7 @@ impl DataPlane {
             archive_bytes: 0,
             resumed: committed.resumed().to_owned(),
             elapsed_ms: millis(started),
+            physical: None,
         })
     }
 }

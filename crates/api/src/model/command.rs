@@ -5,6 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{CommandId, Epoch, Invalid, add_saturating, required_time, to_unix_ms};
@@ -48,6 +49,9 @@ pub enum Action {
     Preflight {
         repository: RepositoryRef,
         point: String,
+        /// A restore to a time instead of a point (`point` is then empty).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_time: Option<DateTime<Utc>>,
     },
     RestorePostgres {
         repository: RepositoryRef,
@@ -58,11 +62,17 @@ pub enum Action {
     PreparePostgres {
         repository: RepositoryRef,
         point: String,
+        /// A restore to a time instead of a point (`point` is then empty).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_time: Option<DateTime<Utc>>,
     },
     /// The second half: swap the prepared copy in, keeping the live database renamed.
     CommitPostgres {
         repository: RepositoryRef,
         point: String,
+        /// A restore to a time instead of a point (`point` is then empty).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_time: Option<DateTime<Utc>>,
     },
     /// Undo the database swap of run `undone_run` (its `<db>_pre_<tag>` live again, the
     /// restored database kept as `<db>_undone_<tag>`).
@@ -94,10 +104,16 @@ pub enum Action {
         point: String,
         shard: u32,
         shards: u32,
+        /// Objects to a time instead of a point (`point` is then empty).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_time: Option<DateTime<Utc>>,
     },
     Verify {
         repository: RepositoryRef,
         point: String,
+        /// A restore to a time instead of a point (`point` is then empty).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_time: Option<DateTime<Utc>>,
     },
     /// Run the agent's smoke command; `point` is the run's recovery point, if any.
     Smoke {
@@ -235,6 +251,27 @@ fn kept_database(name: String) -> Result<String, Invalid> {
 
 /// Point ids are the repository's (`20261125T093740Z-prod-399b4d21`); the repository parses
 /// them fully, this only keeps the wire free of anything that is not an id.
+/// A restore's target: a point id, or a time (RFC 3339) with no point.
+fn point_or_time(point: String, to_time: &str) -> Result<(String, Option<DateTime<Utc>>), Invalid> {
+    if to_time.is_empty() {
+        return Ok((point_id(point)?, None));
+    }
+    if !point.is_empty() {
+        return Err(Invalid::new(
+            "to_time",
+            "names a time and point_id a point: a restore goes to one of them",
+        ));
+    }
+    let at = DateTime::parse_from_rfc3339(to_time)
+        .map_err(|e| Invalid::new("to_time", format!("{to_time:?} is not RFC 3339: {e}")))?;
+    Ok((String::new(), Some(at.with_timezone(&Utc))))
+}
+
+fn time_text(at: Option<DateTime<Utc>>) -> String {
+    at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        .unwrap_or_default()
+}
+
 fn point_id(p: String) -> Result<String, Invalid> {
     if p.is_empty() || p.len() > 128 {
         return Err(Invalid::new("point_id", "must hold 1 to 128 characters"));
@@ -452,22 +489,34 @@ impl TryFrom<pb::Command> for Command {
                 repository: repository(a.repository)?,
                 point: point_id(a.point_id)?,
             },
-            Some(pb::command::Action::Preflight(a)) => Action::Preflight {
-                repository: repository(a.repository)?,
-                point: point_id(a.point_id)?,
-            },
+            Some(pb::command::Action::Preflight(a)) => {
+                let (point, to_time) = point_or_time(a.point_id, &a.to_time)?;
+                Action::Preflight {
+                    repository: repository(a.repository)?,
+                    point,
+                    to_time,
+                }
+            }
             Some(pb::command::Action::RestorePostgres(a)) => Action::RestorePostgres {
                 repository: repository(a.repository)?,
                 point: point_id(a.point_id)?,
             },
-            Some(pb::command::Action::PreparePostgres(a)) => Action::PreparePostgres {
-                repository: repository(a.repository)?,
-                point: point_id(a.point_id)?,
-            },
-            Some(pb::command::Action::CommitPostgres(a)) => Action::CommitPostgres {
-                repository: repository(a.repository)?,
-                point: point_id(a.point_id)?,
-            },
+            Some(pb::command::Action::PreparePostgres(a)) => {
+                let (point, to_time) = point_or_time(a.point_id, &a.to_time)?;
+                Action::PreparePostgres {
+                    repository: repository(a.repository)?,
+                    point,
+                    to_time,
+                }
+            }
+            Some(pb::command::Action::CommitPostgres(a)) => {
+                let (point, to_time) = point_or_time(a.point_id, &a.to_time)?;
+                Action::CommitPostgres {
+                    repository: repository(a.repository)?,
+                    point,
+                    to_time,
+                }
+            }
             Some(pb::command::Action::UndoPostgres(a)) => Action::UndoPostgres {
                 undone_run: required_run(a.undone_run_id)?,
             },
@@ -491,10 +540,14 @@ impl TryFrom<pb::Command> for Command {
                     .map(kept_database)
                     .collect::<Result<_, _>>()?,
             },
-            Some(pb::command::Action::Verify(a)) => Action::Verify {
-                repository: repository(a.repository)?,
-                point: point_id(a.point_id)?,
-            },
+            Some(pb::command::Action::Verify(a)) => {
+                let (point, to_time) = point_or_time(a.point_id, &a.to_time)?;
+                Action::Verify {
+                    repository: repository(a.repository)?,
+                    point,
+                    to_time,
+                }
+            }
             Some(pb::command::Action::Smoke(a)) => Action::Smoke {
                 point: if a.point_id.is_empty() {
                     None
@@ -512,11 +565,13 @@ impl TryFrom<pb::Command> for Command {
                         format!("{} of {} is not a shard", a.shard, a.shards),
                     ));
                 }
+                let (point, to_time) = point_or_time(a.point_id, &a.to_time)?;
                 Action::RestoreObjects {
                     repository: repository(a.repository)?,
-                    point: point_id(a.point_id)?,
+                    point,
                     shard: a.shard,
                     shards: a.shards,
+                    to_time,
                 }
             }
             Some(pb::command::Action::Scale(s)) => Action::Scale(match s.target {
@@ -575,30 +630,39 @@ impl From<Command> for pb::Command {
                     point_id: point,
                 })
             }
-            Action::Preflight { repository, point } => {
-                pb::command::Action::Preflight(pb::Preflight {
-                    repository: Some(repository.into()),
-                    point_id: point,
-                })
-            }
+            Action::Preflight {
+                repository,
+                point,
+                to_time,
+            } => pb::command::Action::Preflight(pb::Preflight {
+                repository: Some(repository.into()),
+                point_id: point,
+                to_time: time_text(to_time),
+            }),
             Action::RestorePostgres { repository, point } => {
                 pb::command::Action::RestorePostgres(pb::RestorePostgres {
                     repository: Some(repository.into()),
                     point_id: point,
                 })
             }
-            Action::PreparePostgres { repository, point } => {
-                pb::command::Action::PreparePostgres(pb::PreparePostgres {
-                    repository: Some(repository.into()),
-                    point_id: point,
-                })
-            }
-            Action::CommitPostgres { repository, point } => {
-                pb::command::Action::CommitPostgres(pb::CommitPostgres {
-                    repository: Some(repository.into()),
-                    point_id: point,
-                })
-            }
+            Action::PreparePostgres {
+                repository,
+                point,
+                to_time,
+            } => pb::command::Action::PreparePostgres(pb::PreparePostgres {
+                repository: Some(repository.into()),
+                point_id: point,
+                to_time: time_text(to_time),
+            }),
+            Action::CommitPostgres {
+                repository,
+                point,
+                to_time,
+            } => pb::command::Action::CommitPostgres(pb::CommitPostgres {
+                repository: Some(repository.into()),
+                point_id: point,
+                to_time: time_text(to_time),
+            }),
             Action::UndoPostgres { undone_run } => {
                 pb::command::Action::UndoPostgres(pb::UndoPostgres {
                     undone_run_id: undone_run,
@@ -631,9 +695,14 @@ impl From<Command> for pb::Command {
             Action::PruneKept { databases } => {
                 pb::command::Action::PruneKept(pb::PruneKept { databases })
             }
-            Action::Verify { repository, point } => pb::command::Action::Verify(pb::Verify {
+            Action::Verify {
+                repository,
+                point,
+                to_time,
+            } => pb::command::Action::Verify(pb::Verify {
                 repository: Some(repository.into()),
                 point_id: point,
+                to_time: time_text(to_time),
             }),
             Action::Smoke { point } => pb::command::Action::Smoke(pb::Smoke {
                 point_id: point.unwrap_or_default(),
@@ -646,11 +715,13 @@ impl From<Command> for pb::Command {
                 point,
                 shard,
                 shards,
+                to_time,
             } => pb::command::Action::RestoreObjects(pb::RestoreObjects {
                 repository: Some(repository.into()),
                 point_id: point,
                 shard,
                 shards,
+                to_time: time_text(to_time),
             }),
             Action::Scale(target) => pb::command::Action::Scale(pb::Scale {
                 target: Some(match target {

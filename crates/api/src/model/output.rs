@@ -138,6 +138,9 @@ pub struct RestorePostgresOutput {
     #[serde(default)]
     pub resumed: String,
     pub elapsed_ms: u64,
+    /// A restore to a time: the data directories swapped (none for a dump's restore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub physical: Option<PhysicalRestore>,
 }
 
 /// `prepare-postgres`: the point's dump restored into `<db>_restore_<run>`, its counts
@@ -154,6 +157,37 @@ pub struct PreparePostgresOutput {
     /// The prepared copy's counts (each equals the point's).
     pub counts: Counts,
     pub elapsed_ms: u64,
+    /// A restore to a time: the data directory recovered beside the live one (none for a
+    /// dump's restore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub physical: Option<PhysicalRestore>,
+}
+
+/// A self-hosted server's data directory restored to a time (`prepare-postgres` and
+/// `commit-postgres` of a run started with `--to-time`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhysicalRestore {
+    /// The time restored to (RFC 3339).
+    pub to_time: String,
+    /// The base backup the recovery started from.
+    pub base_backup: String,
+    /// The live server's data directory.
+    pub data_dir: String,
+    /// The recovered directory (prepare: beside the live one; commit: now in its place).
+    pub restored_dir: String,
+    /// Where the live server's previous data directory is kept (commit only; never removed).
+    #[serde(default)]
+    pub kept_dir: String,
+    /// The recovery's own words on where it stopped, its last transaction, its new timeline.
+    #[serde(default)]
+    pub stopped: Option<String>,
+    #[serde(default)]
+    pub last_transaction_at: Option<String>,
+    #[serde(default)]
+    pub timeline: Option<u32>,
+    /// What else people should know (a resumed commit, the managed provider's answer).
+    #[serde(default)]
+    pub detail: String,
 }
 
 /// `restore-objects`: one shard of the live store made equal to the point's manifest.
@@ -178,6 +212,33 @@ pub struct RestoreObjectsOutput {
     pub removed: u64,
     /// Where in the repository replaced and removed objects are kept (`quarantine/<tag>`).
     pub quarantine_prefix: String,
+    /// A restore to a time: which rule brought the store there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_time: Option<ObjectsAtTime>,
+}
+
+/// How an objects agent brought its store to a time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectsAtTime {
+    /// The time (RFC 3339).
+    pub to_time: String,
+    /// `versions` (each key's newest version at or before the time, from a versioned bucket)
+    /// or `snapshot` (the newest snapshot finished at or before it).
+    pub rule: String,
+    /// Why the rule was chosen (e.g. "bucket versioning never enabled").
+    #[serde(default)]
+    pub reason: String,
+    /// The snapshot rule's uncertainty: the store may have changed between these times and
+    /// the restore cannot tell (RFC 3339; empty for versions).
+    #[serde(default)]
+    pub uncertain_from: String,
+    #[serde(default)]
+    pub uncertain_to: String,
+    #[serde(default)]
+    pub uncertain_ms: u64,
+    /// Keys whose version at the time is ambiguous (a change within the time's own second).
+    #[serde(default)]
+    pub ambiguous: Vec<String>,
 }
 
 /// `undo-postgres`: the database a restore replaced put back under the live name.
@@ -497,6 +558,7 @@ mod tests {
                 archive_bytes: 4096,
                 resumed: String::new(),
                 elapsed_ms: 1200,
+                physical: None,
             }),
             ActionOutput::PreparePostgres(PreparePostgresOutput {
                 database: "cowork".into(),
@@ -505,6 +567,7 @@ mod tests {
                 archive_bytes: 4096,
                 counts: Counts::from([("orders".into(), 3)]),
                 elapsed_ms: 1100,
+                physical: None,
             }),
             ActionOutput::CommitPostgres(RestorePostgresOutput {
                 database: "cowork".into(),
@@ -513,6 +576,7 @@ mod tests {
                 archive_bytes: 0,
                 resumed: "already swapped".into(),
                 elapsed_ms: 100,
+                physical: None,
             }),
             ActionOutput::UndoPostgres(UndoPostgresOutput {
                 database: "cowork".into(),
@@ -561,6 +625,7 @@ mod tests {
                 replaced: 3,
                 removed: 9,
                 quarantine_prefix: "quarantine/r1a2b3c4d".into(),
+                at_time: None,
             }),
             ActionOutput::Verify(VerifyOutput {
                 checks: vec![check(CheckKind::Count)],

@@ -16,6 +16,8 @@ pub(super) struct RunContext {
     pub run_id: String,
     pub repository: api::model::RepositoryRef,
     pub point: Option<String>,
+    /// A run to a time (`--to-time`): the restore actions carry it and no point.
+    pub to_time: Option<DateTime<Utc>>,
     /// For `check-references`: the keys the database verifications returned.
     pub references: Vec<api::model::ObjectReferences>,
     /// For undo runs: the run they take back.
@@ -134,6 +136,7 @@ pub(super) fn agent_actions(
         })
     };
     let repository = ctx.repository.clone();
+    let to_time = ctx.to_time;
     let point = || {
         ctx.point.clone().ok_or_else(|| {
             format!(
@@ -141,6 +144,11 @@ pub(super) fn agent_actions(
                 phase.action, ctx.run_id
             )
         })
+    };
+    // A run to a time restores no point: its restore actions carry the time instead.
+    let restored = || match to_time {
+        Some(_) => Ok(String::new()),
+        None => point(),
     };
     Ok(match phase.action {
         Action::Freeze => vec![AgentAction::Freeze],
@@ -161,7 +169,8 @@ pub(super) fn agent_actions(
         }],
         Action::Preflight => vec![AgentAction::Preflight {
             repository,
-            point: point()?,
+            point: restored()?,
+            to_time,
         }],
         Action::RestorePostgres => vec![AgentAction::RestorePostgres {
             repository,
@@ -169,11 +178,13 @@ pub(super) fn agent_actions(
         }],
         Action::PreparePostgres => vec![AgentAction::PreparePostgres {
             repository,
-            point: point()?,
+            point: restored()?,
+            to_time,
         }],
         Action::CommitPostgres => vec![AgentAction::CommitPostgres {
             repository,
-            point: point()?,
+            point: restored()?,
+            to_time,
         }],
         Action::UndoPostgres => vec![AgentAction::UndoPostgres {
             undone_run: undone()?,
@@ -192,13 +203,15 @@ pub(super) fn agent_actions(
         }],
         Action::RestoreObjects => vec![AgentAction::RestoreObjects {
             repository,
-            point: point()?,
+            point: restored()?,
             shard: 0,
             shards: 1,
+            to_time,
         }],
         Action::Verify => vec![AgentAction::Verify {
             repository,
-            point: point()?,
+            point: restored()?,
+            to_time,
         }],
         Action::CheckReferences => vec![AgentAction::CheckObjects(ctx.references.clone())],
         // Start the replicas the smoke needs (workers never before objects are restored: plan
@@ -386,6 +399,7 @@ mod tests {
             run_id: "r".into(),
             repository: api::model::RepositoryRef::default(),
             point: Some("20261125T073000Z-prod-3f2a9c01".into()),
+            to_time: None,
             references: vec![],
             undo: None,
             restore_test: None,
@@ -436,6 +450,7 @@ mod tests {
             run_id: "undo-1".into(),
             repository: api::model::RepositoryRef::default(),
             point: Some("20261125T073000Z-prod-3f2a9c01".into()),
+            to_time: None,
             references: vec![],
             undo: None,
             restore_test: None,

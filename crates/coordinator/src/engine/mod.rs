@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use api::model::{ActionKind, AgentName, AgentStatus, Availability};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -72,6 +72,9 @@ pub struct StartRun {
     /// Data the operator leaves out of the restore on purpose (`--exclude`), journaled in the
     /// run's params with the environment's `[environments.NAME.report] excluded`.
     pub excluded: Vec<String>,
+    /// Restore to this time instead of a point (`--to-time`): Postgres from the environment's
+    /// base backups and archived WAL, objects to the same time. Exclusive with `point_id`.
+    pub to_time: Option<DateTime<Utc>>,
 }
 
 /// Why a run cannot start now: another run of the same environment is unfinished (see
@@ -344,10 +347,28 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             .into_iter()
             .filter(|a| a.environment.as_str() == env.name.as_str())
             .collect();
-        let mut out = format!(
-            "dry run: a {} of environment {} to point {}; nothing is changed\n",
-            request.kind, env.name, point
-        );
+        let mut out = match request.to_time {
+            Some(at) => {
+                let window = match self.check_to_time(env, request, &plan, at).await {
+                    Ok(window) => format!(
+                        "inside the recoverable window {} .. {}",
+                        window.earliest.to_rfc3339(),
+                        window.latest.to_rfc3339()
+                    ),
+                    Err(e) => format!("it cannot be used: {}", api::errors::one_line(&*e)),
+                };
+                format!(
+                    "dry run: a {} of environment {} to time {} ({window}); nothing is changed\n",
+                    request.kind,
+                    env.name,
+                    at.to_rfc3339()
+                )
+            }
+            None => format!(
+                "dry run: a {} of environment {} to point {}; nothing is changed\n",
+                request.kind, env.name, point
+            ),
+        };
         out.push_str(&format!(
             "objectives: RPO {}, RTO {}; repository {}\n",
             humantime::format_duration(env.rpo),
@@ -388,6 +409,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             run_id: "dry-run".into(),
             repository: env.repository_ref.clone(),
             point: request.point_id.clone(),
+            to_time: request.to_time,
             references: Vec::new(),
             undo: None,
             restore_test: None,
@@ -440,6 +462,9 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         let env = self.environment(&request.environment)?;
         restore_test_kind(env, request.kind)?;
         let plan = self.plan_for(env, &request)?;
+        if let Some(at) = request.to_time {
+            self.check_to_time(env, &request, &plan, at).await?;
+        }
         // One decision at a time: two runs started at once must not both find the way clear.
         let _starting = self.inner.starting.lock().await;
         let unfinished = self.inner.store.unfinished_runs().await?;
@@ -468,7 +493,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         let now = Utc::now();
         let point_id = if request.kind == RunKind::Backup {
             Some(repository::PointId::new(env.name.as_str(), now)?.to_string())
-        } else if plan.phases.iter().any(|p| needs_point(p.action)) {
+        } else if request.to_time.is_none() && plan.phases.iter().any(|p| needs_point(p.action)) {
             Some(self.resolve_point(env, request.point_id.as_deref()).await?)
         } else {
             request.point_id.clone()
@@ -480,17 +505,20 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             environment: env.name.to_string(),
             point_id: point_id.clone(),
             plan: plan.source.clone(),
-            params: serde_json::to_value(RunParams {
-                plan: plan.name.clone(),
-                undoes: None,
-                excluded: exclusions(env, &request.excluded),
-                started_by: started_by.clone(),
-                restore_test: env.restore_test.as_ref().map(|t| RestoreTestOf {
-                    source: t.source.clone(),
-                    teardown: t.teardown.as_str().to_owned(),
-                }),
-            })
-            .context("encode the run's params")?,
+            params: with_to_time(
+                serde_json::to_value(RunParams {
+                    plan: plan.name.clone(),
+                    undoes: None,
+                    excluded: exclusions(env, &request.excluded),
+                    started_by: started_by.clone(),
+                    restore_test: env.restore_test.as_ref().map(|t| RestoreTestOf {
+                        source: t.source.clone(),
+                        teardown: t.teardown.as_str().to_owned(),
+                    }),
+                })
+                .context("encode the run's params")?,
+                request.to_time,
+            ),
             epoch: self.inner.link.epoch(),
             created_at: now,
         };
@@ -499,7 +527,12 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             .event(
                 &id,
                 "run.created",
-                json!({ "plan": plan.name, "point": point_id, "started_by": started_by }),
+                json!({
+                    "plan": plan.name,
+                    "point": point_id,
+                    "to_time": request.to_time,
+                    "started_by": started_by,
+                }),
             )
             .await?;
         self.spawn_drive(id.clone());
@@ -833,6 +866,28 @@ pub fn started_by(params: &serde_json::Value) -> Option<Starter> {
 /// A restore-test environment runs drills (restore tests) and undos of them, nothing else: its
 /// data are copies of its source's, so a backup of it would only store them again under
 /// another name (back up the source), and a recovery restores a live environment in place.
+/// A run's params with the time it restores to (`--to-time`) beside [`RunParams`]' fields.
+fn with_to_time(
+    mut params: serde_json::Value,
+    to_time: Option<DateTime<Utc>>,
+) -> serde_json::Value {
+    if let (Some(at), Some(map)) = (to_time, params.as_object_mut()) {
+        map.insert("to_time".to_owned(), json!(at));
+    }
+    params
+}
+
+/// The time a journaled run restores to, if it was started with `--to-time`.
+pub fn to_time_of(params: &serde_json::Value) -> Option<DateTime<Utc>> {
+    #[derive(serde::Deserialize)]
+    struct ToTime {
+        to_time: Option<DateTime<Utc>>,
+    }
+    serde_json::from_value::<ToTime>(params.clone())
+        .ok()
+        .and_then(|t| t.to_time)
+}
+
 fn restore_test_kind(env: &Environment, kind: RunKind) -> Result<()> {
     let Some(test) = &env.restore_test else {
         return Ok(());

@@ -10,8 +10,87 @@ use super::{Engine, Inner};
 use crate::config::Environment;
 use crate::link::AgentLink;
 use crate::plan::{Action, Plan};
+use crate::store::RunKind;
 
 impl<L: AgentLink + Clone + 'static> Engine<L> {
+    /// Refuses a run to a time (`--to-time`) that cannot restore there, before anything is
+    /// journaled or sent: a time outside the environment's recoverable window (its base
+    /// backups taken with `--env` and the WAL archived after them), a point named too, a kind
+    /// or plan that cannot restore to a time. Returns the window.
+    pub(super) async fn check_to_time(
+        &self,
+        env: &Environment,
+        request: &super::StartRun,
+        plan: &Plan,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<repository::RecoveryWindow> {
+        let shown = at.to_rfc3339();
+        if request.point_id.is_some() {
+            bail!("--to-time {shown} and --point both name what to restore: give one of them");
+        }
+        if !matches!(request.kind, RunKind::Drill | RunKind::Recovery) {
+            bail!(
+                "--to-time is for drills and recoveries, not a {}",
+                request.kind
+            );
+        }
+        if let Some(test) = &env.restore_test {
+            bail!(
+                "environment {} is a restore test of {}: it restores {}'s points \
+                 (`--point`), not to a time",
+                env.name,
+                test.source,
+                test.source
+            );
+        }
+        if let Some(phase) = plan
+            .phases
+            .iter()
+            .find(|p| p.action == Action::RestorePostgres)
+        {
+            bail!(
+                "plan {} restores Postgres in one phase ({}, restore-postgres); a restore to a \
+                 time prepares the recovered data directory while the server still serves and \
+                 swaps it in later: use a plan with prepare-postgres and commit-postgres (the \
+                 default plan)",
+                plan.name,
+                phase.name
+            );
+        }
+        let repo = env.repository_ref.open().await?;
+        let mut bases = repository::list_base_backups(&repo).await?;
+        bases.retain(|b| b.env.as_deref() == Some(env.name.as_str()));
+        let window = repository::recovery_window(&repo, &bases)
+            .await?
+            .with_context(|| {
+                format!(
+                    "environment {} has no base backup in {} to restore to {shown} from: take \
+                     one with `rollcall repo base-backup --repo URL --database-url URL --env {}` \
+                     (the server must archive its WAL with `rollcall repo wal-push`)",
+                    env.name, env.repository, env.name
+                )
+            })?;
+        if at < window.earliest || at > window.latest {
+            let gap = window
+                .gap_at
+                .as_ref()
+                .map(|g| format!("; the archive misses segment {g}"))
+                .unwrap_or_default();
+            bail!(
+                "{shown} is outside environment {}'s recoverable window, {} .. {} ({} base \
+                 backups, WAL archived up to segment {}{gap}): pick a time inside it \
+                 (`rollcall points --env {}` shows the window); nothing was started",
+                env.name,
+                window.earliest.to_rfc3339(),
+                window.latest.to_rfc3339(),
+                window.base_backups,
+                window.newest_segment,
+                env.name
+            );
+        }
+        Ok(window)
+    }
+
     /// Reads each environment's newest recovery point (in commit order) once, for the
     /// point-age metric.
     pub async fn observe_points(&self) {

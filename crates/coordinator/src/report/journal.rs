@@ -17,7 +17,7 @@ use serde_json::Value;
 use super::types::{
     ApprovalRow, CheckRow, CountRow, DrillReport, EXCLUDED_BY_CONFIG, EnvironmentInfo, Exclusion,
     FORMAT, FollowUp, Incident, NOT_RECORDED, ObjectsInfo, PhaseRow, PostgresInfo, RestoreTestInfo,
-    Rpo, Rto, RunInfo, SecretRefRow, Target, UndoInfo, WorkerDrillRow,
+    Rpo, Rto, RunInfo, SecretRefRow, Target, ToTimeInfo, UndoInfo, WorkerDrillRow,
 };
 use crate::config::{Environment, ReportRow};
 use crate::plan::{Action, Plan};
@@ -599,6 +599,11 @@ impl Journal {
                 started_by: crate::engine::started_by(&run.params).map(|s| r(&s.to_string())),
             },
             target: Target {
+                to_time: self.to_time_info(
+                    &of(ActionKind::PreparePostgres),
+                    &of(ActionKind::CommitPostgres),
+                    &of(ActionKind::RestoreObjects),
+                ),
                 point_id: point_id.as_deref().map(r),
                 point_created_at,
                 point_file_read: point.is_some(),
@@ -631,6 +636,64 @@ impl Journal {
                 .map_or(0, |p| p.approvals()),
             approvals: self.approvals(),
         }
+    }
+
+    /// What a run to a time restored: from its params' time and its prepare, commit and
+    /// object restores' outputs. None for a run to a point.
+    fn to_time_info(
+        &self,
+        prepares: &[&Exec<'_>],
+        commits: &[&Exec<'_>],
+        objects: &[&Exec<'_>],
+    ) -> Option<ToTimeInfo> {
+        let to_time = crate::engine::to_time_of(&self.run.params)?;
+        let shown = to_time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+        let mut info = ToTimeInfo {
+            to_time,
+            note: format!("restored to time {shown}; counts not recorded"),
+            ..ToTimeInfo::default()
+        };
+        let physical = prepares
+            .iter()
+            .chain(commits)
+            .filter_map(|e| match e.output() {
+                Some(ActionOutput::PreparePostgres(o)) => o.physical.clone(),
+                Some(ActionOutput::CommitPostgres(o)) => o.physical.clone(),
+                _ => None,
+            });
+        for p in physical {
+            info.base_backup = Some(r(&p.base_backup))
+                .filter(|b| !b.is_empty())
+                .or(info.base_backup);
+            info.data_dir = Some(r(&p.data_dir));
+            if !p.kept_dir.is_empty() {
+                info.kept_dir = Some(r(&p.kept_dir));
+            }
+            info.stopped = p.stopped.as_deref().map(r).or(info.stopped);
+            info.last_transaction_at = p
+                .last_transaction_at
+                .as_deref()
+                .map(r)
+                .or(info.last_transaction_at);
+            info.timeline = p.timeline.or(info.timeline);
+        }
+        for o in objects.iter().filter_map(|e| match e.output() {
+            Some(ActionOutput::RestoreObjects(o)) => o.at_time.clone(),
+            _ => None,
+        }) {
+            info.objects_rule = Some(format!("{} ({})", o.rule, r(&o.reason)));
+            if o.rule == "snapshot" {
+                info.objects_uncertainty = Some(format!(
+                    "{} .. {} ({:.1} s): the store's changes in this window are not known",
+                    o.uncertain_from,
+                    o.uncertain_to,
+                    o.uncertain_ms as f64 / 1000.0
+                ));
+            }
+            info.objects_ambiguous
+                .extend(o.ambiguous.iter().map(|k| r(k)));
+        }
+        Some(info)
     }
 
     /// The operators' approvals and rejections of the run, in journal order.

@@ -55,11 +55,12 @@ impl DrillReport {
                 vec!["Environment".into(), self.environment.name.clone()],
                 vec![
                     "Restore target".into(),
-                    match &self.target.point_id {
-                        Some(id) => {
+                    match (&self.target.to_time, &self.target.point_id) {
+                        (Some(t), _) => format!("time {}: {}", time(Some(t.to_time)), t.note),
+                        (None, Some(id)) => {
                             format!("point `{id}`, taken {}", time(self.target.point_created_at))
                         }
-                        None => NOT_RECORDED.into(),
+                        (None, None) => NOT_RECORDED.into(),
                     },
                 ],
                 vec![
@@ -153,6 +154,46 @@ impl DrillReport {
                 vec!["RTO objective".into(), objective(self.rto.objective_ms)],
             ],
         );
+
+        if let Some(t) = &self.target.to_time {
+            md.section("Restored to a time");
+            md.line(&format!("{}.", t.note));
+            md.blank();
+            md.table(
+                &["Field", "Value"],
+                vec![
+                    vec!["Time restored to".into(), time(Some(t.to_time))],
+                    vec!["Base backup".into(), code(&t.base_backup)],
+                    vec!["Data directory".into(), code(&t.data_dir)],
+                    vec!["Previous data directory kept as".into(), code(&t.kept_dir)],
+                    vec!["Recovery stopped".into(), opt(&t.stopped)],
+                    vec![
+                        "Last transaction restored".into(),
+                        opt(&t.last_transaction_at),
+                    ],
+                    vec![
+                        "New timeline".into(),
+                        t.timeline
+                            .map_or_else(|| NOT_RECORDED.to_owned(), |n| n.to_string()),
+                    ],
+                    vec!["Objects rule".into(), opt(&t.objects_rule)],
+                    vec![
+                        "Objects uncertainty window".into(),
+                        t.objects_uncertainty
+                            .clone()
+                            .unwrap_or_else(|| "none (or no objects restored)".to_owned()),
+                    ],
+                    vec![
+                        "Objects ambiguous at the time".into(),
+                        if t.objects_ambiguous.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            t.objects_ambiguous.join(", ")
+                        },
+                    ],
+                ],
+            );
+        }
 
         md.section("Postgres");
         let pg = &self.postgres;

@@ -176,11 +176,35 @@ pub struct ApprovalRow {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
+    /// A run to a time (`--to-time`): what restored to it (then `point_id` is none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_time: Option<ToTimeInfo>,
     pub point_id: Option<String>,
     /// When the point was committed; from the point id when the point file was not read.
     pub point_created_at: Option<DateTime<Utc>>,
     /// Whether the point file itself was read (its sources, counts and secret references).
     pub point_file_read: bool,
+}
+
+/// A restore to a time: Postgres from a base backup and the archived WAL, objects by a rule.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ToTimeInfo {
+    pub to_time: DateTime<Utc>,
+    /// "restored to time T; counts not recorded" (no counts exist at a time to compare with).
+    pub note: String,
+    pub base_backup: Option<String>,
+    /// The live data directory, and where the previous one is kept (never removed).
+    pub data_dir: Option<String>,
+    pub kept_dir: Option<String>,
+    /// The recovery's words: where it stopped, its last transaction, the new timeline.
+    pub stopped: Option<String>,
+    pub last_transaction_at: Option<String>,
+    pub timeline: Option<u32>,
+    /// `versions` or `snapshot`, with why, and the snapshot rule's uncertainty window.
+    pub objects_rule: Option<String>,
+    pub objects_uncertainty: Option<String>,
+    /// Keys whose version at the time is ambiguous.
+    pub objects_ambiguous: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

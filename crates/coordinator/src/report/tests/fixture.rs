@@ -493,6 +493,7 @@ pub(super) async fn full_drill(j: &TestJournal) {
             archive_bytes: 3_145_728,
             resumed: String::new(),
             elapsed_ms: 298_000,
+            physical: None,
         })),
         at(10, 5, 58),
     )
@@ -524,6 +525,7 @@ pub(super) async fn full_drill(j: &TestJournal) {
             replaced: 3,
             removed: 9,
             quarantine_prefix: "quarantine/r1a2b3c4d".to_owned(),
+            at_time: None,
         })),
         at(10, 2, 59),
     )

@@ -637,6 +637,7 @@ async fn a_prepared_and_committed_restore_reads_as_one() {
             archive_bytes: 3_145_728,
             counts: live_counts(),
             elapsed_ms: 268_000,
+            physical: None,
         })),
         at(10, 4, 59),
     )
@@ -655,6 +656,7 @@ async fn a_prepared_and_committed_restore_reads_as_one() {
             archive_bytes: 0,
             resumed: String::new(),
             elapsed_ms: 900,
+            physical: None,
         })),
         at(10, 5, 12),
     )

@@ -28,9 +28,14 @@ use crate::wal::{ListedWal, segment_name_in, segment_number_in, segments_per_log
 
 mod backup;
 mod recover;
+mod swap;
 
 pub use backup::{BaseBackupOptions, base_backup};
 pub use recover::{PitrOptions, PitrReport, restore_to_time};
+pub use swap::{
+    Interrupted, ServerTools, SwapDirs as DataDirSwap, SwapMarker, Swapped,
+    finish_interrupted_swap, start_options, swap_data_dir,
+};
 
 pub(crate) const BASE: &str = "base";
 

@@ -305,7 +305,11 @@ async fn verify_unpacked(dir: &FsPath, bin_dir: Option<&FsPath>, major: u32) -> 
 }
 
 /// A server tool of exactly `major` (the data directory's version).
-async fn server_tool(name: &str, bin_dir: Option<&FsPath>, major: u32) -> Option<PathBuf> {
+pub(super) async fn server_tool(
+    name: &str,
+    bin_dir: Option<&FsPath>,
+    major: u32,
+) -> Option<PathBuf> {
     for path in tool_candidates(name, bin_dir).ok()? {
         if tool_version(&path).await.is_ok_and(|(m, _)| m == major) {
             return Some(path);
@@ -366,7 +370,7 @@ fn chown_tree(root: &FsPath, user: &nix::unistd::User) -> Result<()> {
     Ok(())
 }
 
-fn as_user(program: &FsPath, user: Option<&nix::unistd::User>) -> Command {
+pub(super) fn as_user(program: &FsPath, user: Option<&nix::unistd::User>) -> Command {
     match user {
         Some(user) => {
             let mut cmd = Command::new("runuser");

@@ -1,0 +1,493 @@
+//! A self-hosted server's data directory swapped for one recovered to a time, without ever
+//! destroying one.
+//!
+//! ```text
+//! DIR                      the live data directory (the server's, as configured)
+//! DIR.restore_<tag>        recovered to the time by `restore_to_time`, beside DIR, while the
+//!                          live server still serves (prepare)
+//! DIR.pre_<tag>            the previous live directory, kept after the swap (never removed)
+//! DIR.rollcall-swap        the swap's marker, written before the live server stops and
+//!                          removed once a server runs from DIR again: what a killed swap left
+//! ```
+//!
+//! The swap (commit): write the marker with the live server's start options (its
+//! `postmaster.opts`), stop the live server cleanly, rename DIR to `DIR.pre_<tag>`, give the
+//! recovered directory the live server's configuration (`postgresql.conf`, `pg_hba.conf`,
+//! `pg_ident.conf`, `postgresql.auto.conf`: the restored server is the production server now,
+//! archiving included), mark its new timeline's history file for archiving, rename it to DIR,
+//! and start it with the same options (port, settings) until it accepts connections. If any
+//! step after the stop fails, the recovered directory goes back to its `restore_` name, the
+//! previous one back to DIR, and the previous server is started again.
+//!
+//! Archiving after the swap: the recovered server runs on a new timeline, chosen by recovery
+//! after asking the archive (restore_command) for every timeline's history file, so none of
+//! its segment names can collide with what the repository holds; recovery itself ran with
+//! `archive_mode = off` (it must not push while it replays), so the swap marks the new
+//! timeline's history file `.ready` and the server's archiver pushes it first.
+
+use std::path::{Path as FsPath, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::recover::{as_user, server_tool};
+use crate::postgres::conn::last_lines;
+
+/// The configuration files the recovered directory takes from the live one.
+const CARRIED: [&str; 4] = [
+    "postgresql.conf",
+    "pg_hba.conf",
+    "pg_ident.conf",
+    "postgresql.auto.conf",
+];
+
+/// The directories of one swap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwapDirs {
+    pub live: PathBuf,
+    pub restored: PathBuf,
+    pub kept: PathBuf,
+    pub marker: PathBuf,
+    /// The server's log while the swap starts it (`DIR.rollcall-server.log`).
+    pub log: PathBuf,
+}
+
+impl SwapDirs {
+    /// The names for run tag `tag` beside the live directory `live`.
+    pub fn new(live: &FsPath, tag: &str) -> SwapDirs {
+        let beside = |suffix: &str| {
+            let mut name = live.as_os_str().to_owned();
+            name.push(suffix);
+            PathBuf::from(name)
+        };
+        SwapDirs {
+            live: live.to_path_buf(),
+            restored: beside(&format!(".restore_{tag}")),
+            kept: beside(&format!(".pre_{tag}")),
+            marker: beside(".rollcall-swap"),
+            log: beside(".rollcall-server.log"),
+        }
+    }
+}
+
+/// What the marker of a swap under way holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SwapMarker {
+    pub tag: String,
+    /// The live server's start options, from its `postmaster.opts` (without the program).
+    pub options: String,
+}
+
+/// How to run the server's tools.
+#[derive(Debug, Clone, Default)]
+pub struct ServerTools {
+    pub bin_dir: Option<PathBuf>,
+    /// The user the server runs as (when this process is root).
+    pub run_as: Option<String>,
+    /// How long a start or stop may take.
+    pub timeout: Duration,
+}
+
+/// What a swap did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Swapped {
+    /// This call swapped the directories and started the recovered server.
+    Now,
+    /// An earlier call (or a killed one that the agent finished) had swapped them; the
+    /// server runs.
+    Already,
+}
+
+impl ServerTools {
+    fn user(&self) -> Result<Option<nix::unistd::User>> {
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(None);
+        }
+        let name = self.run_as.as_deref().unwrap_or("postgres");
+        let user = nix::unistd::User::from_name(name)
+            .ok()
+            .flatten()
+            .with_context(|| format!("run_as {name}: no such user"))?;
+        if user.uid.is_root() {
+            bail!("Postgres does not run as root: set run_as to another user");
+        }
+        Ok(Some(user))
+    }
+
+    async fn pg_ctl(&self, dir: &FsPath) -> Result<PathBuf> {
+        let version = std::fs::read_to_string(dir.join("PG_VERSION")).with_context(|| {
+            format!("read {}/PG_VERSION: is it a data directory?", dir.display())
+        })?;
+        let major: u32 = version
+            .trim()
+            .parse()
+            .with_context(|| format!("{}/PG_VERSION reads {version:?}", dir.display()))?;
+        server_tool("pg_ctl", self.bin_dir.as_deref(), major)
+            .await
+            .with_context(|| format!("pg_ctl of PostgreSQL {major} was not found: set bin_dir"))
+    }
+
+    /// Whether a server runs from `dir` (`pg_ctl status`).
+    pub async fn running(&self, dir: &FsPath) -> Result<bool> {
+        let pg_ctl = self.pg_ctl(dir).await?;
+        let out = as_user(&pg_ctl, self.user()?.as_ref())
+            .arg("status")
+            .arg("-D")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("run {} status", pg_ctl.display()))?;
+        Ok(out.status.success())
+    }
+
+    async fn stop(&self, dir: &FsPath, mode: &str) -> Result<()> {
+        let pg_ctl = self.pg_ctl(dir).await?;
+        let out = as_user(&pg_ctl, self.user()?.as_ref())
+            .args(["stop", "-m", mode, "-w", "-t"])
+            .arg(self.timeout.as_secs().max(1).to_string())
+            .arg("-D")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("run {} stop", pg_ctl.display()))?;
+        if !out.status.success() && self.running(dir).await? {
+            bail!(
+                "the server of {} did not stop: {}",
+                dir.display(),
+                last_lines(&String::from_utf8_lossy(&out.stderr), 3)
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts the server of `dir` with `options` and waits until it accepts connections.
+    pub async fn start(&self, dir: &FsPath, options: &str, log: &FsPath) -> Result<()> {
+        let pg_ctl = self.pg_ctl(dir).await?;
+        let user = self.user()?;
+        if !log.exists() {
+            std::fs::write(log, b"").with_context(|| format!("create {}", log.display()))?;
+        }
+        if let Some(user) = &user {
+            nix::unistd::chown(log, Some(user.uid), Some(user.gid))
+                .with_context(|| format!("give {} to {}", log.display(), user.name))?;
+        }
+        let mut cmd = as_user(&pg_ctl, user.as_ref());
+        cmd.arg("start").arg("-D").arg(dir).arg("-l").arg(log);
+        if !options.trim().is_empty() {
+            cmd.args(["-o", options]);
+        }
+        let out = cmd
+            .args(["-w", "-t"])
+            .arg(self.timeout.as_secs().max(1).to_string())
+            .env_remove("PGDATA")
+            .env_remove("PGPORT")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("run {} start", pg_ctl.display()))?;
+        if !out.status.success() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            bail!(
+                "the server of {} did not start: {} (its log {}: {})",
+                dir.display(),
+                last_lines(&String::from_utf8_lossy(&out.stderr), 3),
+                log.display(),
+                last_lines(&text, 3)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The options a server was started with, from its `postmaster.opts`: every word after the
+/// program, as pg_ctl wrote them (quoted).
+pub fn start_options(dir: &FsPath) -> Result<String> {
+    let path = dir.join("postmaster.opts");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "read {}: the live server writes it when it starts; is {} the data directory of a \
+             server that ran?",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    let text = text.trim();
+    // The program is the first word, unquoted; the arguments follow, each quoted.
+    Ok(match text.find(" \"") {
+        Some(at) => text[at + 1..].to_owned(),
+        None => String::new(),
+    })
+}
+
+fn read_marker(path: &FsPath) -> Result<Option<SwapMarker>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{} does not read: it is rollcall's swap marker; move it away after checking \
+                 which directory the server runs from",
+                path.display()
+            )
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+fn write_durably(path: &FsPath, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file =
+        std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("write {}", tmp.display()))?;
+    rename(&tmp, path)
+}
+
+/// A rename, then an fsync of the directory holding both names.
+fn rename(from: &FsPath, to: &FsPath) -> Result<()> {
+    std::fs::rename(from, to)
+        .with_context(|| format!("rename {} to {}", from.display(), to.display()))?;
+    if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("sync {}", parent.display()))?;
+    }
+    Ok(())
+}
+
+/// Copies the live server's configuration files into `into`, owned and moded as the live ones.
+fn carry_configuration(from: &FsPath, into: &FsPath) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    for name in CARRIED {
+        let source = from.join(name);
+        let Ok(meta) = std::fs::metadata(&source) else {
+            continue;
+        };
+        let dest = into.join(name);
+        std::fs::copy(&source, &dest)
+            .with_context(|| format!("copy {} to {}", source.display(), dest.display()))?;
+        nix::unistd::chown(
+            &dest,
+            Some(meta.uid().into()),
+            Some(nix::unistd::Gid::from_raw(meta.gid())),
+        )
+        .with_context(|| format!("give {} the owner of {}", dest.display(), source.display()))?;
+    }
+    Ok(())
+}
+
+/// Marks the history files in `dir`'s pg_wal that were never archived `.ready`: recovery
+/// promoted with archiving off, and the new timeline's history must reach the archive before
+/// any restore can follow that timeline.
+fn mark_history_ready(dir: &FsPath) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let wal = dir.join("pg_wal");
+    let status = wal.join("archive_status");
+    let owner = std::fs::metadata(&wal).with_context(|| format!("read {}", wal.display()))?;
+    for entry in std::fs::read_dir(&wal).with_context(|| format!("read {}", wal.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".history") {
+            continue;
+        }
+        let done = status.join(format!("{name}.done"));
+        let ready = status.join(format!("{name}.ready"));
+        if done.exists() || ready.exists() {
+            continue;
+        }
+        std::fs::write(&ready, b"").with_context(|| format!("write {}", ready.display()))?;
+        nix::unistd::chown(
+            &ready,
+            Some(owner.uid().into()),
+            Some(nix::unistd::Gid::from_raw(owner.gid())),
+        )
+        .with_context(|| format!("give {} to the server's user", ready.display()))?;
+    }
+    Ok(())
+}
+
+/// Swaps `dirs.restored` in for the live data directory and starts it (see the module doc).
+/// Re-running after a failure or a kill finishes a swap that was done, or does it again after
+/// [`finish_interrupted_swap`] put the previous directory back.
+pub async fn swap_data_dir(dirs: &SwapDirs, tag: &str, tools: &ServerTools) -> Result<Swapped> {
+    let live = &dirs.live;
+    // Done already: the previous directory is kept and a directory is live.
+    if dirs.kept.exists() && live.exists() && !dirs.restored.exists() {
+        let options = match read_marker(&dirs.marker)? {
+            Some(m) => m.options,
+            None => start_options(&dirs.kept)?,
+        };
+        if !tools.running(live).await? {
+            tools.start(live, &options, &dirs.log).await?;
+        }
+        let _ = std::fs::remove_file(&dirs.marker);
+        return Ok(Swapped::Already);
+    }
+    if !dirs.restored.join("PG_VERSION").exists() {
+        bail!(
+            "{} holds no recovered data directory: the run's prepare-postgres did not finish \
+             (retry the run); nothing was changed",
+            dirs.restored.display()
+        );
+    }
+    if dirs.kept.exists() {
+        bail!(
+            "{} exists while {} does too: a swap of this run was interrupted half-way; restart \
+             the agent, which puts the previous directory back, then retry",
+            dirs.kept.display(),
+            dirs.restored.display()
+        );
+    }
+    if !live.join("PG_VERSION").exists() {
+        bail!(
+            "{} is not a data directory (no PG_VERSION): check [postgres.physical] data_dir",
+            live.display()
+        );
+    }
+    let options = start_options(live)?;
+    let marker = SwapMarker {
+        tag: tag.to_owned(),
+        options: options.clone(),
+    };
+    write_durably(
+        &dirs.marker,
+        &serde_json::to_vec(&marker).context("encode the swap marker")?,
+    )?;
+    if let Err(e) = tools.stop(live, "fast").await {
+        // Nothing changed but the marker: the live server may still run.
+        let _ = std::fs::remove_file(&dirs.marker);
+        return Err(e.context("stop the live server for the swap (nothing was changed)"));
+    }
+    rename(live, &dirs.kept)?;
+    let forward = async {
+        carry_configuration(&dirs.kept, &dirs.restored)?;
+        mark_history_ready(&dirs.restored)?;
+        rename(&dirs.restored, live)?;
+        tools.start(live, &options, &dirs.log).await
+    }
+    .await;
+    match forward {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&dirs.marker);
+            Ok(Swapped::Now)
+        }
+        Err(e) => {
+            let back = put_previous_back(dirs, tools, &options).await;
+            match back {
+                Ok(()) => Err(e.context(format!(
+                    "the swap failed; the previous server runs again from {} and the recovered \
+                     directory is kept as {}",
+                    live.display(),
+                    dirs.restored.display()
+                ))),
+                Err(back) => Err(e.context(format!(
+                    "the swap failed, and putting the previous directory back failed too \
+                     ({back:#}): the previous data directory is {}",
+                    dirs.kept.display()
+                ))),
+            }
+        }
+    }
+}
+
+/// Puts the kept directory back in the live place and starts its server: the restored one
+/// (if it took the live name) goes back to its `restore_` name first.
+async fn put_previous_back(dirs: &SwapDirs, tools: &ServerTools, options: &str) -> Result<()> {
+    let live = &dirs.live;
+    if dirs.kept.exists() {
+        if live.exists() {
+            if tools.running(live).await.unwrap_or(false) {
+                tools.stop(live, "immediate").await?;
+            }
+            if dirs.restored.exists() {
+                bail!(
+                    "{} and {} both exist: move one away by hand",
+                    live.display(),
+                    dirs.restored.display()
+                );
+            }
+            rename(live, &dirs.restored)?;
+        }
+        rename(&dirs.kept, live)?;
+    }
+    if !tools.running(live).await? {
+        tools.start(live, options, &dirs.log).await?;
+    }
+    let _ = std::fs::remove_file(&dirs.marker);
+    Ok(())
+}
+
+/// What [`finish_interrupted_swap`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interrupted {
+    /// No swap was under way.
+    Nothing,
+    /// The swap had not finished: the previous directory was put back and its server started.
+    PutBack { tag: String },
+    /// The swap had finished its renames: the server of the live directory was started.
+    Started { tag: String },
+}
+
+/// Run at agent start: a swap killed after it stopped the live server leaves the marker. If the
+/// renames were not both done, the previous directory goes back and its server starts (the
+/// run's commit, retried, swaps again); if they were, the live directory's server starts.
+/// Either way a server runs from the live directory afterwards.
+pub async fn finish_interrupted_swap(live: &FsPath, tools: &ServerTools) -> Result<Interrupted> {
+    let probe = SwapDirs::new(live, "x");
+    let Some(marker) = read_marker(&probe.marker)? else {
+        return Ok(Interrupted::Nothing);
+    };
+    let dirs = SwapDirs::new(live, &marker.tag);
+    let renamed = dirs.kept.exists() && live.exists() && !dirs.restored.exists();
+    if renamed {
+        if !tools.running(live).await? {
+            tools.start(live, &marker.options, &dirs.log).await?;
+        }
+        let _ = std::fs::remove_file(&dirs.marker);
+        return Ok(Interrupted::Started { tag: marker.tag });
+    }
+    put_previous_back(&dirs, tools, &marker.options).await?;
+    Ok(Interrupted::PutBack { tag: marker.tag })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn names_sit_beside_the_live_directory() {
+        let dirs = SwapDirs::new(FsPath::new("/srv/pg/data"), "r0123abcd");
+        assert_eq!(
+            dirs.restored,
+            PathBuf::from("/srv/pg/data.restore_r0123abcd")
+        );
+        assert_eq!(dirs.kept, PathBuf::from("/srv/pg/data.pre_r0123abcd"));
+        assert_eq!(dirs.marker, PathBuf::from("/srv/pg/data.rollcall-swap"));
+    }
+
+    #[test]
+    fn start_options_drop_the_program() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("postmaster.opts"),
+            "/usr/lib/postgresql/15/bin/postgres \"-D\" \"/srv/pg/data\" \"-p\" \"5433\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            start_options(dir.path()).unwrap(),
+            "\"-D\" \"/srv/pg/data\" \"-p\" \"5433\""
+        );
+        std::fs::write(
+            dir.path().join("postmaster.opts"),
+            "/usr/lib/postgresql/15/bin/postgres\n",
+        )
+        .unwrap();
+        assert_eq!(start_options(dir.path()).unwrap(), "");
+    }
+}
