@@ -625,6 +625,15 @@ async fn drill_to_a_time(dir: tempfile::TempDir, store: Store) {
         "the previous directory is kept"
     );
     assert!(!restored_dir.exists());
+    // An undo cannot take a data directory swap back (yet): refused, naming the kept directory,
+    // and no undo run starts.
+    let undo = run(&["run", "undo", &run_id, "--force"]);
+    assert!(!undo.status.success(), "{undo:?}");
+    let err = String::from_utf8_lossy(&undo.stderr);
+    assert!(
+        err.contains("an undo cannot take back yet") && err.contains(&format!(".pre_{tag}")),
+        "{err}"
+    );
     // The restored server is writable (unfrozen) and archives on its new timeline.
     psql(&cluster, "app", "INSERT INTO notes (id) VALUES (1000)");
     let timeline: u32 = psql(

@@ -810,3 +810,42 @@ async fn undo_refusals_are_read_from_the_journal_and_start_nothing() {
         "no undo run started: {runs:?}"
     );
 }
+
+/// A coordinator that stopped between journaling a scheduled restore test that found no point
+/// and marking it failed leaves a pending drill with neither a point nor a time: its successor
+/// fails it, saying why, instead of driving phases that can only fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_left_without_a_point_is_failed_by_the_next_coordinator_not_driven() {
+    let f = Fleet3::new();
+    let store = coordinator::store::open(&f.state_url).await.unwrap();
+    let epoch = store.next_epoch("a stopped coordinator").await.unwrap();
+    let id = "drill-test-20261206T000000-0bad";
+    store
+        .create_run(&coordinator::store::NewRun {
+            id: id.to_owned(),
+            kind: RunKind::Drill,
+            environment: "test".to_owned(),
+            point_id: None,
+            plan: PLAN.to_owned(),
+            params: serde_json::json!({ "plan": "test" }),
+            epoch,
+            created_at: chrono::Utc::now(),
+        })
+        .await
+        .unwrap();
+    drop(store);
+
+    let c = f.coordinator(&[("web", 1), ("worker", 2)]).await;
+    let run = wait_state(&c, id, RunState::Failed).await;
+    assert!(
+        run.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("no recovery point to restore")),
+        "{run:?}"
+    );
+    assert!(
+        c.handle.store().phases(id).await.unwrap().is_empty(),
+        "no phase was driven"
+    );
+    c.stop().await;
+}

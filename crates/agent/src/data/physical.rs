@@ -145,6 +145,29 @@ impl DataPlane {
                 physical.data_dir.display()
             )
         })?;
+        // The directory the swap would replace is the cluster the base backup was taken of:
+        // a data_dir naming another cluster on the host is refused before anything stops.
+        let cluster = self
+            .server_tools()?
+            .system_identifier(&physical.data_dir)
+            .await
+            .with_context(|| {
+                format!(
+                    "read the cluster of [postgres.physical] data_dir {}",
+                    physical.data_dir.display()
+                )
+            })?;
+        if cluster != base.system_identifier {
+            bail!(
+                "[postgres.physical] data_dir {} is the data directory of cluster {cluster}, and \
+                 base backup {} was taken of cluster {}: it names another server's directory \
+                 (fix data_dir), or the server was re-created since (take a new base backup); \
+                 nothing was changed",
+                physical.data_dir.display(),
+                base.id,
+                base.system_identifier
+            );
+        }
         let (counts, checks) = super::postgres::live_state(&pg.url()?, &pg.counts, None).await?;
         Ok(PreflightOutput {
             verify: None,
@@ -274,7 +297,16 @@ impl DataPlane {
             unit: "directories".into(),
             ..api::model::Progress::default()
         });
-        let swapped = repository::swap_data_dir(&dirs, &tag, &self.server_tools()?).await?;
+        // On a task of its own: the command's time limit drops this future, and a swap
+        // dropped between stopping the live server and starting one would leave none running.
+        // The task finishes (or puts the previous server back) whatever happens to the command.
+        let tools = self.server_tools()?;
+        let swapped = {
+            let (dirs, tag) = (dirs.clone(), tag.clone());
+            tokio::spawn(async move { repository::swap_data_dir(&dirs, &tag, &tools).await })
+                .await
+                .context("the data directory swap's task")??
+        };
         // The server accepts connections (pg_ctl waited for it); this agent's own URL must
         // reach it too before the run goes on.
         let url = pg.url()?;

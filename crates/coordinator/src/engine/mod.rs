@@ -627,6 +627,39 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         let runs = self.inner.store.unfinished_runs().await?;
         let mut n = 0;
         for run in runs {
+            // A restore with neither a point nor a time: `fail_unstarted` journaled it and this
+            // coordinator's predecessor stopped before marking it failed. Driving it would fail
+            // every phase (and run an always-teardown for nothing): finish what was begun.
+            if run.state == RunState::Pending
+                && matches!(run.kind, RunKind::Drill | RunKind::Recovery)
+                && run.point_id.is_none()
+                && to_time_of(&run.params).is_none()
+            {
+                let reason = "no recovery point to restore (a scheduled restore test found none; \
+                              the coordinator stopped before it recorded that)";
+                let at = Utc::now();
+                self.inner
+                    .store
+                    .set_run_state(
+                        &run.id,
+                        RunState::Failed,
+                        Some(reason),
+                        at,
+                        self.inner.link.epoch(),
+                    )
+                    .await?;
+                self.inner
+                    .event(&run.id, "run.failed", json!({ "reason": reason }))
+                    .await?;
+                self.inner.ended(
+                    &run,
+                    crate::notify::RunEvent::Failed,
+                    RunState::Failed,
+                    Some(reason),
+                    at,
+                );
+                continue;
+            }
             if matches!(run.state, RunState::Pending | RunState::Running) {
                 tracing::info!(run_id = %run.id, "resuming unfinished run");
                 // The report's incidents: this coordinator took the run over from one that

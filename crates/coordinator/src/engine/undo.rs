@@ -73,6 +73,19 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 target.state
             );
         }
+        if let Some(at) = super::to_time_of(&target.params) {
+            bail!(
+                "run {id} restored {} to {} by swapping the database server's data directory, \
+                 which an undo cannot take back yet; no undo run was started. The data \
+                 directory it replaced is kept beside the live one as <DIR>.pre_{} on the \
+                 database host (and the objects it changed as a versioned bucket's older \
+                 versions, or in the repository's quarantine): to go back, stop the server and \
+                 rename that directory into place",
+                target.environment,
+                at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                repository::run_tag(id)
+            );
+        }
         let env = self.environment(&target.environment)?.clone();
         let tag = repository::run_tag(id);
 

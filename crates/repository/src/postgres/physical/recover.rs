@@ -414,8 +414,11 @@ async fn recover(
     }
     // Any port: the socket directory is private, nothing listens on TCP.
     let port = 20000 + (std::process::id() % 20000);
+    // A modest buffer pool whatever the backed-up configuration asks: the recovery may run on
+    // the production host beside the live server, whose memory it must not take.
     let server_options = format!(
-        "-c listen_addresses='' -c unix_socket_directories='{}' -p {port}",
+        "-c listen_addresses='' -c unix_socket_directories='{}' -p {port} \
+         -c shared_buffers=128MB -c huge_pages=try",
         sockets.path().display()
     );
     let started = as_user(&pg_ctl, user)

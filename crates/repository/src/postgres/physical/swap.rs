@@ -117,6 +117,10 @@ impl ServerTools {
     }
 
     async fn pg_ctl(&self, dir: &FsPath) -> Result<PathBuf> {
+        self.tool("pg_ctl", dir).await
+    }
+
+    async fn tool(&self, name: &str, dir: &FsPath) -> Result<PathBuf> {
         let version = std::fs::read_to_string(dir.join("PG_VERSION")).with_context(|| {
             format!("read {}/PG_VERSION: is it a data directory?", dir.display())
         })?;
@@ -124,9 +128,34 @@ impl ServerTools {
             .trim()
             .parse()
             .with_context(|| format!("{}/PG_VERSION reads {version:?}", dir.display()))?;
-        server_tool("pg_ctl", self.bin_dir.as_deref(), major)
+        server_tool(name, self.bin_dir.as_deref(), major)
             .await
-            .with_context(|| format!("pg_ctl of PostgreSQL {major} was not found: set bin_dir"))
+            .with_context(|| format!("{name} of PostgreSQL {major} was not found: set bin_dir"))
+    }
+
+    /// The system identifier of the cluster whose data directory `dir` is (`pg_controldata`):
+    /// which cluster a swap would replace, and whose base backups can replace it.
+    pub async fn system_identifier(&self, dir: &FsPath) -> Result<String> {
+        let controldata = self.tool("pg_controldata", dir).await?;
+        let out = as_user(&controldata, self.user()?.as_ref())
+            .arg(dir)
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("run {}", controldata.display()))?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("Database system identifier:"))
+            .map(|v| v.trim().to_owned())
+            .with_context(|| {
+                format!(
+                    "{} {} printed no system identifier: {}",
+                    controldata.display(),
+                    dir.display(),
+                    last_lines(&String::from_utf8_lossy(&out.stderr), 3)
+                )
+            })
     }
 
     /// Whether a server runs from `dir` (`pg_ctl status`).
@@ -239,7 +268,11 @@ fn read_marker(path: &FsPath) -> Result<Option<SwapMarker>> {
 
 fn write_durably(path: &FsPath, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let tmp = path.with_extension("tmp");
+    // Beside it under a name of its own (`with_extension` would replace the marker's
+    // extension and could name an operator's file).
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".rollcall-tmp");
+    let tmp = PathBuf::from(tmp);
     let mut file =
         std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
     file.write_all(bytes)
@@ -321,8 +354,23 @@ pub async fn swap_data_dir(dirs: &SwapDirs, tag: &str, tools: &ServerTools) -> R
             Some(m) => m.options,
             None => start_options(&dirs.kept)?,
         };
-        if !tools.running(live).await? {
-            tools.start(live, &options, &dirs.log).await?;
+        if !tools.running(live).await?
+            && let Err(e) = tools.start(live, &options, &dirs.log).await
+        {
+            // The recovered server will not start: the previous one goes back and serves.
+            return Err(match put_previous_back(dirs, tools, &options).await {
+                Ok(()) => e.context(format!(
+                    "the recovered server did not start; the previous server runs again from \
+                     {} and the recovered directory is kept as {}",
+                    live.display(),
+                    dirs.restored.display()
+                )),
+                Err(back) => e.context(format!(
+                    "the recovered server did not start, and putting the previous directory \
+                     back failed too ({back:#}): the previous data directory is {}",
+                    dirs.kept.display()
+                )),
+            });
         }
         let _ = std::fs::remove_file(&dirs.marker);
         return Ok(Swapped::Already);
@@ -358,12 +406,20 @@ pub async fn swap_data_dir(dirs: &SwapDirs, tag: &str, tools: &ServerTools) -> R
         &serde_json::to_vec(&marker).context("encode the swap marker")?,
     )?;
     if let Err(e) = tools.stop(live, "fast").await {
-        // Nothing changed but the marker: the live server may still run.
-        let _ = std::fs::remove_file(&dirs.marker);
-        return Err(e.context("stop the live server for the swap (nothing was changed)"));
+        // Nothing was renamed; but a fast shutdown that outlived pg_ctl's wait goes on, and the
+        // live server must not stay down: wait for it to end, then start it again.
+        return Err(match restart_after_slow_stop(dirs, tools, &options).await {
+            Ok(()) => e.context(
+                "stop the live server for the swap (nothing was changed; the live server runs)",
+            ),
+            Err(again) => e.context(format!(
+                "stop the live server for the swap (nothing was renamed; {again:#}; the swap \
+                 marker stays, so the agent starts the server again when it restarts)"
+            )),
+        });
     }
-    rename(live, &dirs.kept)?;
     let forward = async {
+        rename(live, &dirs.kept)?;
         carry_configuration(&dirs.kept, &dirs.restored)?;
         mark_history_ready(&dirs.restored)?;
         rename(&dirs.restored, live)?;
@@ -392,6 +448,30 @@ pub async fn swap_data_dir(dirs: &SwapDirs, tag: &str, tools: &ServerTools) -> R
             }
         }
     }
+}
+
+/// After a stop that did not finish within pg_ctl's wait: waits as long again for the live
+/// server to end its shutdown, then starts it with its options (or, still running, leaves it).
+/// The marker goes once a server is known to run.
+async fn restart_after_slow_stop(
+    dirs: &SwapDirs,
+    tools: &ServerTools,
+    options: &str,
+) -> Result<()> {
+    let until = std::time::Instant::now() + tools.timeout.max(Duration::from_secs(1));
+    loop {
+        if !tools.running(&dirs.live).await? {
+            tools.start(&dirs.live, options, &dirs.log).await?;
+            break;
+        }
+        if std::time::Instant::now() >= until {
+            // Still up: it never went down (a smart wait, or a stop refused); it serves.
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = std::fs::remove_file(&dirs.marker);
+    Ok(())
 }
 
 /// Puts the kept directory back in the live place and starts its server: the restored one
@@ -444,11 +524,25 @@ pub async fn finish_interrupted_swap(live: &FsPath, tools: &ServerTools) -> Resu
     let dirs = SwapDirs::new(live, &marker.tag);
     let renamed = dirs.kept.exists() && live.exists() && !dirs.restored.exists();
     if renamed {
-        if !tools.running(live).await? {
-            tools.start(live, &marker.options, &dirs.log).await?;
+        let started = if tools.running(live).await? {
+            Ok(())
+        } else {
+            tools.start(live, &marker.options, &dirs.log).await
+        };
+        match started {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&dirs.marker);
+                return Ok(Interrupted::Started { tag: marker.tag });
+            }
+            // The recovered server will not start: the previous one goes back and starts.
+            Err(e) => {
+                tracing::error!(
+                    "the recovered server of {} did not start after an interrupted swap, \
+                     putting the previous data directory back: {e:#}",
+                    live.display()
+                );
+            }
         }
-        let _ = std::fs::remove_file(&dirs.marker);
-        return Ok(Interrupted::Started { tag: marker.tag });
     }
     put_previous_back(&dirs, tools, &marker.options).await?;
     Ok(Interrupted::PutBack { tag: marker.tag })
