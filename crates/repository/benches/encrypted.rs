@@ -58,8 +58,10 @@ async fn run() {
             let samples = if encrypted { &mut sealed } else { &mut plain };
             let repo_dir = dir.path().join(format!("repo-{round}-{encrypted}"));
             let url = format!("file://{}", repo_dir.display());
+            // A process holding a key refuses a plaintext repository (its config may have
+            // been removed to turn encryption off): the plaintext runs hold none.
             let options = RepositoryOptions {
-                key: Some(key.clone()),
+                key: encrypted.then(|| key.clone()),
                 ..RepositoryOptions::default()
             };
             Repository::init(&url, options.clone(), encrypted.then_some(&key))
