@@ -827,7 +827,10 @@ async fn a_restore_left_without_a_point_is_failed_by_the_next_coordinator_not_dr
             environment: "test".to_owned(),
             point_id: None,
             plan: PLAN.to_owned(),
-            params: serde_json::json!({ "plan": "test" }),
+            params: serde_json::json!({
+                "plan": "restore-test",
+                "restore_test": { "source": "prod", "teardown": "on-success" }
+            }),
             epoch,
             created_at: chrono::Utc::now(),
         })

@@ -627,11 +627,13 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         let runs = self.inner.store.unfinished_runs().await?;
         let mut n = 0;
         for run in runs {
-            // A restore with neither a point nor a time: `fail_unstarted` journaled it and this
-            // coordinator's predecessor stopped before marking it failed. Driving it would fail
-            // every phase (and run an always-teardown for nothing): finish what was begun.
+            // A restore test with neither a point nor a time, journaled by a predecessor: its
+            // `fail_unstarted` stopped before marking it failed. Driving it would fail every
+            // phase (and run an always-teardown for nothing): finish what was begun.
             if run.state == RunState::Pending
+                && run.epoch < self.inner.link.epoch()
                 && matches!(run.kind, RunKind::Drill | RunKind::Recovery)
+                && RunParams::of(&run.params).restore_test.is_some()
                 && run.point_id.is_none()
                 && to_time_of(&run.params).is_none()
             {
