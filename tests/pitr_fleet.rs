@@ -392,8 +392,17 @@ async fn drill_to_a_time(dir: tempfile::TempDir, store: Store) {
     let target = psql(&cluster, "app", NOW_RFC3339);
     after(&cluster, &target).await;
     // The snapshot rule's snapshot must have finished at or before T: the next one starts
-    // after it (snapshot ids are stamped to the second).
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // after it (snapshot ids are stamped to the second), so wait for the clock to leave T's
+    // second.
+    let t_second = chrono::DateTime::parse_from_rfc3339(&target)
+        .unwrap()
+        .timestamp();
+    eventually(
+        "the clock past T's second",
+        Duration::from_secs(10),
+        async || (chrono::Utc::now().timestamp() > t_second).then_some(()),
+    )
+    .await;
     psql(
         &cluster,
         "app",

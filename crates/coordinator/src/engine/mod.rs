@@ -592,11 +592,24 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 json!({ "plan": plan.name, "point": null }),
             )
             .await?;
+        let read = async || {
+            self.inner
+                .store
+                .run(&id)
+                .await?
+                .with_context(|| format!("run {id} vanished after it was created"))
+        };
+        self.fail_pending(&read().await?, reason).await?;
+        read().await
+    }
+
+    /// Ends a run that never started as failed: journaled, notified, counted.
+    async fn fail_pending(&self, run: &RunRecord, reason: &str) -> Result<()> {
         let at = Utc::now();
         self.inner
             .store
             .set_run_state(
-                &id,
+                &run.id,
                 RunState::Failed,
                 Some(reason),
                 at,
@@ -604,22 +617,16 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             )
             .await?;
         self.inner
-            .event(&id, "run.failed", json!({ "reason": reason }))
+            .event(&run.id, "run.failed", json!({ "reason": reason }))
             .await?;
-        let record = self
-            .inner
-            .store
-            .run(&id)
-            .await?
-            .with_context(|| format!("run {id} vanished after it was created"))?;
         self.inner.ended(
-            &record,
+            run,
             crate::notify::RunEvent::Failed,
             RunState::Failed,
             Some(reason),
             at,
         );
-        Ok(record)
+        Ok(())
     }
 
     /// Drives every run the journal says is unfinished and not waiting for an operator.
@@ -639,27 +646,10 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             {
                 let reason = "no recovery point to restore (a scheduled restore test found none; \
                               the coordinator stopped before it recorded that)";
-                let at = Utc::now();
-                self.inner
-                    .store
-                    .set_run_state(
-                        &run.id,
-                        RunState::Failed,
-                        Some(reason),
-                        at,
-                        self.inner.link.epoch(),
-                    )
-                    .await?;
-                self.inner
-                    .event(&run.id, "run.failed", json!({ "reason": reason }))
-                    .await?;
-                self.inner.ended(
-                    &run,
-                    crate::notify::RunEvent::Failed,
-                    RunState::Failed,
-                    Some(reason),
-                    at,
-                );
+                // One run that cannot be ended must not keep the others from resuming.
+                if let Err(e) = self.fail_pending(&run, reason).await {
+                    tracing::error!(run_id = %run.id, "cannot end a run without a point: {e:#}");
+                }
                 continue;
             }
             if matches!(run.state, RunState::Pending | RunState::Running) {
