@@ -293,6 +293,28 @@ async fn a_fleet_drill_to_a_time_restores_postgres_and_a_versioned_bucket() {
     drill_to_a_time(tempfile::tempdir().unwrap(), Store::Bucket(moto)).await;
 }
 
+/// The data directories `rollcall kept list` shows: kind, path and the run's state.
+fn kept_dirs(run: &dyn Fn(&[&str]) -> std::process::Output) -> Vec<(String, String, String)> {
+    let out = run(&["kept", "list", "--env", "test", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listing["problems"], serde_json::json!([]), "{listing:#}");
+    listing["copies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"].as_str().unwrap().starts_with("data_dir"))
+        .map(|c| {
+            assert!(c["bytes"].as_u64().unwrap() > 1_000_000, "{c}");
+            (
+                c["kind"].as_str().unwrap().to_owned(),
+                c["name"].as_str().unwrap().to_owned(),
+                c["run_state"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
 async fn drill_to_a_time(dir: tempfile::TempDir, store: Store) {
     install_crypto();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -590,6 +612,17 @@ async fn drill_to_a_time(dir: tempfile::TempDir, store: Store) {
     );
     assert!(!kept_dir.exists());
     assert_eq!(cluster.port(), port);
+    // `kept list` shows the recovered directory the blocked run left, by path.
+    let kept = kept_dirs(&run);
+    assert_eq!(
+        kept,
+        [(
+            "data_dir_prepared".to_owned(),
+            restored_dir.display().to_string(),
+            "blocked".to_owned()
+        )],
+        "{kept:?}"
+    );
 
     // Retried: the swap goes through.
     let retried = run(&["run", "retry", &run_id, "--detach"]);
@@ -634,6 +667,27 @@ async fn drill_to_a_time(dir: tempfile::TempDir, store: Store) {
         "the previous directory is kept"
     );
     assert!(!restored_dir.exists());
+    // The previous directory is a kept copy of the run, and a prune keeps it (the newest
+    // finished restore's).
+    assert_eq!(
+        kept_dirs(&run),
+        [(
+            "data_dir_pre".to_owned(),
+            kept_dir.display().to_string(),
+            "succeeded".to_owned()
+        )]
+    );
+    let pruned = run(&[
+        "kept",
+        "prune",
+        "--env",
+        "test",
+        "--keep-last",
+        "0",
+        "--json",
+    ]);
+    assert!(pruned.status.success(), "{pruned:?}");
+    assert!(kept_dir.join("PG_VERSION").exists(), "{pruned:?}");
     // An undo cannot take a data directory swap back (yet): refused, naming the kept directory,
     // and no undo run starts.
     let undo = run(&["run", "undo", &run_id, "--force"]);

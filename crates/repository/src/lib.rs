@@ -63,9 +63,9 @@ pub use postgres::kept::{
 };
 pub use postgres::physical::{
     BaseBackup, BaseBackupOptions, DataDirSwap, Interrupted, PitrOptions, PitrReport,
-    RecoveryWindow, ServerTools, SwapMarker, Swapped, base_backup, finish_interrupted_swap,
-    list_base_backups, recovery_window, restore_to_time, start_options, swap_data_dir,
-    verify_base_backups,
+    RecoveryWindow, ServerTools, SwapMarker, Swapped, base_backup, drop_kept_data_dir,
+    finish_interrupted_swap, kept_dir_name, list_base_backups, list_kept_data_dirs,
+    recovery_window, restore_to_time, start_options, swap_data_dir, verify_base_backups,
 };
 pub use postgres::restore::{
     PgRestoreOptions, PgRestoreReport, default_restore_jobs, restore_postgres,

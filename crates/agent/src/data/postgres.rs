@@ -182,14 +182,29 @@ impl DataPlane {
     /// The databases restores and undos kept beside the live one, with sizes and sessions.
     pub async fn list_kept(&self) -> Result<ListKeptOutput> {
         let pg = self.postgres()?;
-        let (database, kept) =
+        let (database, mut kept) =
             repository::list_kept_databases(&pg.url()?, ADMIN_CONNECT_TIMEOUT).await?;
+        // Restores to a time keep data directories beside the live one.
+        if let Some(physical) = &pg.config.physical {
+            kept.extend(
+                repository::list_kept_data_dirs(&physical.data_dir)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "list the kept data directories beside [postgres.physical] \
+                             data_dir {}",
+                            physical.data_dir.display()
+                        )
+                    })?,
+            );
+        }
         Ok(ListKeptOutput { database, kept })
     }
 
-    /// Drops the kept databases the coordinator's prune chose, one at a time; each one the
-    /// server-side rules refuse (`repository::drop_kept_database`) is reported with its reason
-    /// and the rest go on.
+    /// Drops the kept databases (and data directories, named by path) the coordinator's prune
+    /// chose, one at a time; each one the server-side rules refuse
+    /// (`repository::drop_kept_database`, `repository::drop_kept_data_dir`) is reported with
+    /// its reason and the rest go on.
     pub async fn prune_kept(&self, databases: &[String]) -> PruneKeptOutput {
         let mut out = PruneKeptOutput {
             dropped: Vec::new(),
@@ -209,8 +224,21 @@ impl DataPlane {
                 return out;
             }
         };
+        let data_dir = self
+            .postgres()
+            .ok()
+            .and_then(|pg| pg.config.physical.as_ref())
+            .map(|p| p.data_dir.clone());
         for name in databases {
-            match repository::drop_kept_database(&url, name, ADMIN_CONNECT_TIMEOUT).await {
+            // A kept data directory is named by its whole path beside data_dir.
+            let path = std::path::Path::new(name);
+            let dropped = match &data_dir {
+                Some(live) if repository::kept_dir_name(live, path).is_some() => {
+                    repository::drop_kept_data_dir(live, path).await
+                }
+                _ => repository::drop_kept_database(&url, name, ADMIN_CONNECT_TIMEOUT).await,
+            };
+            match dropped {
                 Ok(true) => {
                     tracing::info!(database = %name, "dropped a kept database");
                     out.dropped.push(name.clone());

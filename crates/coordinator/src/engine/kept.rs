@@ -5,7 +5,9 @@
 //! and run, and pruned by retention. Also listed: the copies restores prepared and never swapped
 //! in (`<db>_restore_<tag>`, left by a run aborted or blocked after `prepare-postgres`), which
 //! hold nothing the point does not; a prune drops one once its run is finished and never sent
-//! its commit, whatever `--keep-last` says.
+//! its commit, whatever `--keep-last` says. Restores to a time keep data directories the same
+//! way, on a database agent with `[postgres.physical]`: `DIR.pre_<tag>` like `_pre_`, and
+//! `DIR.restore_<tag>` (or its partial build) like `_restore_`, named by their whole path.
 //!
 //! Each copy belongs to one restore run (drill or recovery): `_pre_<tag>` and
 //! `quarantine/<tag>/` to the restore of that tag, `_undone_<tag>` to the restore an undo took
@@ -63,6 +65,11 @@ pub enum CopyKind {
     Quarantine,
     /// `<db>_restore_<tag>`: the point a restore prepared and never swapped in.
     DatabasePrepared,
+    /// `DIR.pre_<tag>`: the data directory a restore to a time replaced.
+    DataDirPre,
+    /// `DIR.restore_<tag>`: a data directory a restore to a time recovered (or began to)
+    /// and never swapped in.
+    DataDirPrepared,
 }
 
 impl CopyKind {
@@ -72,7 +79,15 @@ impl CopyKind {
             CopyKind::DatabaseUndone => "database_undone",
             CopyKind::Quarantine => "quarantine",
             CopyKind::DatabasePrepared => "database_prepared",
+            CopyKind::DataDirPre => "data_dir_pre",
+            CopyKind::DataDirPrepared => "data_dir_prepared",
         }
+    }
+
+    /// A copy a restore prepared and never swapped in: it holds nothing the repository does
+    /// not, so no undo needs it.
+    pub fn prepared(self) -> bool {
+        matches!(self, CopyKind::DatabasePrepared | CopyKind::DataDirPrepared)
     }
 }
 
@@ -229,7 +244,7 @@ pub fn select(
             // it, so retention by runs does not apply. Unless the run sent its commit: then the
             // database agent may be swapping it in, and it stays until the agent's listing no
             // longer shows it.
-            if copy.kind == CopyKind::DatabasePrepared {
+            if copy.kind.prepared() {
                 if by_id.get(run).is_some_and(|r| r.sent_commit) {
                     return Verdict::Keep(format!(
                         "run {run} sent its commit: the database agent may swap it in; drop it \
@@ -240,12 +255,12 @@ pub fn select(
             } else if newest_finished.contains(&run) {
                 return Verdict::Keep("the newest finished restore's".into());
             }
-            if copy.kind != CopyKind::DatabasePrepared && undoable.contains(&run) {
+            if !copy.kind.prepared() && undoable.contains(&run) {
                 return Verdict::Keep(format!(
                     "an undo could still need it (`rollcall run undo {run}`)"
                 ));
             }
-            if copy.kind != CopyKind::DatabasePrepared && last.contains(&run) {
+            if !copy.kind.prepared() && last.contains(&run) {
                 return Verdict::Keep(format!(
                     "among the last {} restores (--keep-last)",
                     rules.keep_last
@@ -319,9 +334,11 @@ pub fn attribute(copies: &mut [KeptCopy], runs: &[RunRecord]) {
         let maker = match copy.kind {
             CopyKind::DatabaseUndone => undo,
             // A quarantine is its tag's run's: the restore's, or the undo's own.
-            CopyKind::DatabasePre | CopyKind::Quarantine | CopyKind::DatabasePrepared => {
-                Some(tagged)
-            }
+            CopyKind::DatabasePre
+            | CopyKind::Quarantine
+            | CopyKind::DatabasePrepared
+            | CopyKind::DataDirPre
+            | CopyKind::DataDirPrepared => Some(tagged),
         };
         if let Some(made) = maker.and_then(ended) {
             copy.made_at = Some(made);
@@ -349,6 +366,8 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                             repository::KeptKind::Pre => CopyKind::DatabasePre,
                             repository::KeptKind::Undone => CopyKind::DatabaseUndone,
                             repository::KeptKind::Prepared => CopyKind::DatabasePrepared,
+                            repository::KeptKind::DataDirPre => CopyKind::DataDirPre,
+                            repository::KeptKind::DataDirPrepared => CopyKind::DataDirPrepared,
                         },
                         name: db.name,
                         agent: Some(agent.clone()),
@@ -864,6 +883,24 @@ mod tests {
             pruned(&copies, &runs, rules(DEFAULT_KEEP_LAST)),
             ["a2", "a5"]
         );
+        // A data directory a restore to a time recovered and never swapped in: the same.
+        let dirs = copies.clone().map(|c| KeptCopy {
+            kind: CopyKind::DataDirPrepared,
+            ..c
+        });
+        assert_eq!(
+            pruned(&dirs, &runs, rules(DEFAULT_KEEP_LAST)),
+            ["a2", "a5"]
+        );
+        // The directory a swap replaced is kept like a replaced database (the newest's).
+        let replaced = KeptCopy {
+            kind: CopyKind::DataDirPre,
+            ..prepared("a5")
+        };
+        assert!(matches!(
+            &select(&[replaced], &runs, rules(0), Utc::now())[0],
+            Verdict::Keep(why) if why.contains("newest")
+        ));
         let verdicts = select(&copies, &runs, rules(DEFAULT_KEEP_LAST), Utc::now());
         assert_eq!(verdicts[1], Verdict::Keep("run b3 is blocked".into()));
         assert!(

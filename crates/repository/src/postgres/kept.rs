@@ -32,6 +32,12 @@ pub enum KeptKind {
     /// `<db>_restore_<tag>`: the point restore `<tag>` prepared (or began to) and never swapped
     /// in. It holds nothing the repository's point does not.
     Prepared,
+    /// `DIR.pre_<tag>`: the data directory a restore to a time replaced (its name is the whole
+    /// path; see `physical::kept`).
+    DataDirPre,
+    /// `DIR.restore_<tag>` (or its partial build): a data directory restore `<tag>` recovered
+    /// to a time, or began to, and never swapped in.
+    DataDirPrepared,
 }
 
 impl KeptKind {
@@ -40,6 +46,8 @@ impl KeptKind {
             KeptKind::Pre => "pre",
             KeptKind::Undone => "undone",
             KeptKind::Prepared => "prepared",
+            KeptKind::DataDirPre => "data_dir_pre",
+            KeptKind::DataDirPrepared => "data_dir_prepared",
         }
     }
 }
@@ -152,6 +160,9 @@ async fn drop_checked(
     let other = match kind {
         KeptKind::Prepared => format!("{live}_pre_{tag}"),
         KeptKind::Pre | KeptKind::Undone => format!("{live}_restore_{tag}"),
+        KeptKind::DataDirPre | KeptKind::DataDirPrepared => {
+            bail!("{name} is a kept data directory, not a database: refused")
+        }
     };
     if exists(admin, &other).await? {
         bail!(

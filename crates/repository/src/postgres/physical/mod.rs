@@ -27,10 +27,12 @@ use crate::repo::Repository;
 use crate::wal::{ListedWal, segment_name_in, segment_number_in, segments_per_log};
 
 mod backup;
+mod kept;
 mod recover;
 mod swap;
 
 pub use backup::{BaseBackupOptions, base_backup};
+pub use kept::{drop_kept_data_dir, kept_dir_name, list_kept_data_dirs};
 pub use recover::{PitrOptions, PitrReport, restore_to_time};
 pub use swap::{
     Interrupted, ServerTools, SwapDirs as DataDirSwap, SwapMarker, Swapped,
