@@ -139,6 +139,7 @@ impl DataPlane {
                 window.newest_segment
             );
         }
+        check_room(&physical.data_dir, &base)?;
         repository::start_options(&physical.data_dir).with_context(|| {
             format!(
                 "[postgres.physical] data_dir {}",
@@ -219,6 +220,7 @@ impl DataPlane {
             ..api::model::Progress::default()
         });
         let (pg, physical) = self.physical()?;
+        check_room(&physical.data_dir, &base)?;
         let options = repository::PitrOptions {
             to_time: at,
             data_dir: dirs.restored.clone(),
@@ -393,6 +395,51 @@ fn prepare_output(
     }
 }
 
+/// The bytes a recovery of `base` beside the live server needs on its filesystem: the
+/// unpacked tar, a tenth more for what recovery writes into it, and four segments of WAL
+/// fetched for replay.
+fn room_needed(base: &repository::BaseBackup) -> u64 {
+    base.tar_size
+        .saturating_add(base.tar_size / 10)
+        .saturating_add(base.wal_segment_size.saturating_mul(4))
+}
+
+/// Refuses a recovery of `base` beside `data_dir` that its filesystem has no room for: the
+/// live server shares that filesystem, and filling it would stop the live server's writes.
+fn check_room(data_dir: &Path, base: &repository::BaseBackup) -> Result<()> {
+    let parent = data_dir.parent().unwrap_or(Path::new("/"));
+    let stat = nix::sys::statvfs::statvfs(parent).with_context(|| {
+        format!(
+            "read the free space of {} (beside [postgres.physical] data_dir)",
+            parent.display()
+        )
+    })?;
+    let free = stat.blocks_available().saturating_mul(stat.fragment_size());
+    enough_room(free, parent, base)
+}
+
+fn enough_room(free: u64, parent: &Path, base: &repository::BaseBackup) -> Result<()> {
+    let needed = room_needed(base);
+    if free < needed {
+        bail!(
+            "{} has {} free, and recovering base backup {} beside the live server needs about \
+             {} (its {} tar unpacked, and room for the WAL it replays): free space on that \
+             filesystem (`rollcall kept prune` drops the data directories earlier drills to a \
+             time kept); nothing was changed",
+            parent.display(),
+            mib(free),
+            base.id,
+            mib(needed),
+            mib(base.tar_size)
+        );
+    }
+    Ok(())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{} MiB", bytes.div_ceil(1 << 20))
+}
+
 /// Waits until `url` takes a connection (the server accepts them once pg_ctl says started,
 /// but a service's address may take a moment longer).
 async fn wait_for_connection(url: &str, within: Duration) -> Result<()> {
@@ -445,6 +492,42 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn a_recovery_the_filesystem_has_no_room_for_is_refused_naming_the_figures() {
+        let base = repository::BaseBackup {
+            id: "b1".into(),
+            env: None,
+            system_identifier: "1".into(),
+            server_version_num: 150_000,
+            wal_segment_size: 16 << 20,
+            timeline: 1,
+            start_lsn: "0/2000028".into(),
+            end_lsn: "0/2000100".into(),
+            start_wal: "000000010000000000000002".into(),
+            end_wal: "000000010000000000000002".into(),
+            started_at: Utc::now(),
+            consistent_at: Utc::now(),
+            key: "base/b1/base.tar.zst".into(),
+            size: 10 << 20,
+            sha256: String::new(),
+            tar_size: 1000 << 20,
+        };
+        // 1000 MiB + 100 MiB + 4 segments of 16 MiB.
+        assert_eq!(room_needed(&base), 1164 << 20);
+        let parent = Path::new("/srv/pg");
+        enough_room(1164 << 20, parent, &base).unwrap();
+        let err = enough_room(1163 << 20, parent, &base)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/srv/pg has 1163 MiB free")
+                && err.contains("needs about 1164 MiB")
+                && err.contains("1000 MiB tar")
+                && err.contains("nothing was changed"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn restore_command_quotes_the_binary_and_the_repository() {

@@ -888,10 +888,7 @@ mod tests {
             kind: CopyKind::DataDirPrepared,
             ..c
         });
-        assert_eq!(
-            pruned(&dirs, &runs, rules(DEFAULT_KEEP_LAST)),
-            ["a2", "a5"]
-        );
+        assert_eq!(pruned(&dirs, &runs, rules(DEFAULT_KEEP_LAST)), ["a2", "a5"]);
         // The directory a swap replaced is kept like a replaced database (the newest's).
         let replaced = KeptCopy {
             kind: CopyKind::DataDirPre,
