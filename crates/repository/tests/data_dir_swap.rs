@@ -146,3 +146,88 @@ async fn a_swap_killed_after_both_renames_starts_the_recovered_server_on_the_liv
     );
     assert!(!dirs.marker.exists());
 }
+
+#[tokio::test]
+async fn a_swap_carries_what_the_operator_keeps_in_the_live_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let live_root = root.path().join("live");
+    let cluster = Cluster::start_with(ephemeral_pg::Options {
+        dir: Some(live_root.clone()),
+        settings: Vec::new(),
+    })
+    .unwrap();
+    let live = live_root.join("data");
+    // The operator's files: a directory postgresql.conf includes, a key only the server's
+    // user reads, and a link. The recovered directory (a backup of before) has none of them.
+    let other = Cluster::start_with(ephemeral_pg::Options {
+        dir: Some(root.path().join("other")),
+        settings: Vec::new(),
+    })
+    .unwrap();
+    other
+        .psql("postgres", "CREATE TABLE recovered (id int)")
+        .unwrap();
+    let other_data = root.path().join("other").join("data");
+    pg_ctl_stop(&other, &other_data);
+    let owner = std::fs::metadata(live.join("PG_VERSION")).unwrap();
+    let give = |path: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::os::unix::fs::lchown(path, Some(owner.uid()), Some(owner.gid())).unwrap();
+    };
+    std::fs::create_dir(live.join("conf.d")).unwrap();
+    give(&live.join("conf.d"));
+    std::fs::write(live.join("conf.d/extra.conf"), "work_mem = '7MB'\n").unwrap();
+    give(&live.join("conf.d/extra.conf"));
+    let conf = live.join("postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("\ninclude_dir 'conf.d'\n");
+    std::fs::write(&conf, text).unwrap();
+    std::fs::write(live.join("server-extra.pem"), "secret").unwrap();
+    std::fs::set_permissions(
+        live.join("server-extra.pem"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    give(&live.join("server-extra.pem"));
+    std::os::unix::fs::symlink("conf.d/extra.conf", live.join("linked.conf")).unwrap();
+    give(&live.join("linked.conf"));
+
+    let tag = "r0000cafe";
+    let dirs = DataDirSwap::new(&live, tag);
+    std::fs::rename(&other_data, &dirs.restored).unwrap();
+    let swapped = repository::swap_data_dir(&dirs, tag, &tools(&cluster))
+        .await
+        .unwrap();
+    assert_eq!(swapped, repository::Swapped::Now);
+
+    // The recovered data on the live port, with the included setting (the server would not
+    // have started without the directory postgresql.conf includes).
+    let tables = cluster
+        .psql(
+            "postgres",
+            "SELECT string_agg(tablename, ',') FROM pg_tables WHERE schemaname = 'public'",
+        )
+        .unwrap();
+    assert_eq!(tables.trim(), "recovered");
+    assert_eq!(
+        cluster.psql("postgres", "SHOW work_mem").unwrap().trim(),
+        "7MB"
+    );
+    let key = live.join("server-extra.pem");
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), "secret");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::read_link(live.join("linked.conf")).unwrap(),
+        Path::new("conf.d/extra.conf")
+    );
+    assert!(
+        dirs.kept.join("conf.d/extra.conf").exists(),
+        "the previous directory is kept whole"
+    );
+    assert!(!dirs.marker.exists());
+    pg_ctl_stop(&cluster, &live);
+}

@@ -12,9 +12,10 @@
 //!
 //! The swap (commit): write the marker with the live server's start options (its
 //! `postmaster.opts`), stop the live server cleanly, rename DIR to `DIR.pre_<tag>`, give the
-//! recovered directory the live server's configuration (`postgresql.conf`, `pg_hba.conf`,
-//! `pg_ident.conf`, `postgresql.auto.conf`: the restored server is the production server now,
-//! archiving included), mark its new timeline's history file for archiving, rename it to DIR,
+//! recovered directory what the operator keeps in the live one (every top-level entry that is
+//! not Postgres' own: `postgresql.conf`, `pg_hba.conf`, `pg_ident.conf`,
+//! `postgresql.auto.conf`, included files, TLS keys and certificates: the restored server is
+//! the production server now, archiving included), mark its new timeline's history file for archiving, rename it to DIR,
 //! and start it with the same options (port, settings) until it accepts connections. If any
 //! step after the stop fails, the recovered directory goes back to its `restore_` name, the
 //! previous one back to DIR, and the previous server is started again.
@@ -35,13 +36,31 @@ use serde::{Deserialize, Serialize};
 use super::recover::{as_user, server_tool};
 use crate::postgres::conn::last_lines;
 
-/// The configuration files the recovered directory takes from the live one.
-const CARRIED: [&str; 4] = [
-    "postgresql.conf",
-    "pg_hba.conf",
-    "pg_ident.conf",
-    "postgresql.auto.conf",
+/// What Postgres itself keeps at the top of a data directory: never carried from the live
+/// directory (the recovered one has its own). Everything else there is the operator's
+/// (configuration, included files and directories, TLS keys and certificates) and is carried.
+const SERVER_OWN: [&str; 14] = [
+    "PG_VERSION",
+    "postmaster.pid",
+    "postmaster.opts",
+    "backup_label",
+    "backup_label.old",
+    "backup_manifest",
+    "tablespace_map",
+    "tablespace_map.old",
+    "current_logfiles",
+    "recovery.signal",
+    "standby.signal",
+    "recovery.conf",
+    "base",
+    "global",
 ];
+
+/// Whether the top-level entry `name` of a data directory is Postgres' own (above, its `pg_*`
+/// directories, and `log`, the default log directory, which stays with its server).
+fn server_own(name: &str) -> bool {
+    SERVER_OWN.contains(&name) || name.starts_with("pg_") || name == "log"
+}
 
 /// The directories of one swap.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -293,25 +312,73 @@ fn rename(from: &FsPath, to: &FsPath) -> Result<()> {
     Ok(())
 }
 
-/// Copies the live server's configuration files into `into`, owned and moded as the live ones.
+/// Copies what the operator keeps in the live data directory (every top-level entry that is
+/// not Postgres' own: `postgresql.conf`, `pg_hba.conf`, `pg_ident.conf`,
+/// `postgresql.auto.conf`, included files and directories, TLS keys and certificates) into
+/// `into`, replacing what the backup had, owned and moded as the live ones; symbolic links
+/// are carried as links.
 fn carry_configuration(from: &FsPath, into: &FsPath) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    for name in CARRIED {
-        let source = from.join(name);
-        let Ok(meta) = std::fs::metadata(&source) else {
+    for entry in std::fs::read_dir(from).with_context(|| format!("read {}", from.display()))? {
+        let entry = entry.with_context(|| format!("read {}", from.display()))?;
+        let name = entry.file_name();
+        if name.to_str().is_none_or(server_own) {
             continue;
-        };
-        let dest = into.join(name);
-        std::fs::copy(&source, &dest)
-            .with_context(|| format!("copy {} to {}", source.display(), dest.display()))?;
-        nix::unistd::chown(
-            &dest,
-            Some(meta.uid().into()),
-            Some(nix::unistd::Gid::from_raw(meta.gid())),
-        )
-        .with_context(|| format!("give {} the owner of {}", dest.display(), source.display()))?;
+        }
+        carry(&entry.path(), &into.join(&name))?;
     }
     Ok(())
+}
+
+fn carry(source: &FsPath, dest: &FsPath) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta =
+        std::fs::symlink_metadata(source).with_context(|| format!("read {}", source.display()))?;
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        if dest.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+            std::fs::remove_file(dest).with_context(|| format!("replace {}", dest.display()))?;
+        }
+        if !dest.is_dir() {
+            std::fs::create_dir(dest).with_context(|| format!("create {}", dest.display()))?;
+        }
+        for entry in
+            std::fs::read_dir(source).with_context(|| format!("read {}", source.display()))?
+        {
+            let entry = entry.with_context(|| format!("read {}", source.display()))?;
+            carry(&entry.path(), &dest.join(entry.file_name()))?;
+        }
+        std::fs::set_permissions(dest, meta.permissions())
+            .with_context(|| format!("give {} the mode of {}", dest.display(), source.display()))?;
+    } else if kind.is_symlink() {
+        let target = std::fs::read_link(source)
+            .with_context(|| format!("read the link {}", source.display()))?;
+        if dest.symlink_metadata().is_ok() {
+            remove_any(dest)?;
+        }
+        std::os::unix::fs::symlink(&target, dest)
+            .with_context(|| format!("link {} to {}", dest.display(), target.display()))?;
+    } else if kind.is_file() {
+        if dest.symlink_metadata().is_ok_and(|m| !m.is_file()) {
+            remove_any(dest)?;
+        }
+        std::fs::copy(source, dest)
+            .with_context(|| format!("copy {} to {}", source.display(), dest.display()))?;
+    } else {
+        // Sockets, fifos, devices: nothing a server reads as configuration.
+        return Ok(());
+    }
+    std::os::unix::fs::lchown(dest, Some(meta.uid()), Some(meta.gid()))
+        .with_context(|| format!("give {} the owner of {}", dest.display(), source.display()))?;
+    Ok(())
+}
+
+fn remove_any(path: &FsPath) -> Result<()> {
+    let removed = if path.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    removed.with_context(|| format!("replace {}", path.display()))
 }
 
 /// Marks the history files in `dir`'s pg_wal that were never archived `.ready`: recovery
