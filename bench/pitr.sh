@@ -20,7 +20,7 @@ dir=$(mktemp -d /tmp/rollcall-pitr-bench.XXXXXX)
 chmod 755 "$dir"
 cp "$ROLLCALL" "$dir/rollcall"
 chmod 755 "$dir/rollcall"
-mkdir "$dir/repo"
+mkdir "$dir/repo" "$dir/hand"
 as_pg() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
@@ -44,7 +44,7 @@ port = $port
 unix_socket_directories = '$dir'
 wal_level = replica
 archive_mode = on
-archive_command = '$dir/rollcall repo wal-push --repo file://$dir/repo %p'
+archive_command = '$dir/rollcall repo wal-push --repo file://$dir/repo %p && (test -f $dir/hand/%f || cp %p $dir/hand/%f)'
 max_wal_size = '1GB'
 EOF
 as_pg pg_ctl -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
@@ -63,6 +63,13 @@ t1=$(now)
 base_s=$(secs "$t0" "$t1")
 stored=$(python3 -c "import json,sys; b=json.load(open('$dir/base.json')); print(b['size'], b['tar_size'])")
 echo "base backup: ${base_s} s, $(echo "$db_bytes / 1048576 / $base_s" | bc) MB/s of database; stored $(echo "$stored" | cut -d' ' -f1) bytes (tar $(echo "$stored" | cut -d' ' -f2))"
+
+# The same by hand: pg_basebackup's tar (no WAL: it comes from the archive), a plain copy
+# of each segment beside rollcall's archive (archive_command above).
+t0=$(now)
+as_pg pg_basebackup -d "$url" -D "$dir/hand/base" -Ft -X none -c fast >/dev/null
+t1=$(now)
+echo "by hand: pg_basebackup -Ft: $(secs "$t0" "$t1") s"
 
 lsn0=$(q "SELECT pg_current_wal_lsn()")
 tps=$(pgbench -n -c 2 -j 2 -T "$LOAD" "$url" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
@@ -93,19 +100,65 @@ t3=$(now)
 failed=$(q "SELECT failed_count FROM pg_stat_archiver")
 echo "archive caught up $(secs "$t2" "$t3") s after the last switch; failed pushes: $failed"
 
-t4=$(now)
-"$dir/rollcall" repo restore-postgres --repo "file://$dir/repo" --to-time "$target" \
-  --data-dir "$dir/restored" >"$dir/restore.json"
-t5=$(now)
-fetched=$(grep -c 'restored log file' "$dir/restored.rollcall-recovery.log" || true)
-echo "restore to T: $(secs "$t4" "$t5") s ($fetched WAL segments fetched and replayed)"
-
-as_pg pg_ctl -D "$dir/restored" -l "$dir/restored.log" \
-  -o "-p $restored_port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir" -w start >/dev/null
-got=$(psql -X -At -d "postgresql://postgres@127.0.0.1:$restored_port/postgres" -c "SELECT count(*) FROM pgbench_history")
-if [ "$got" = "$expected" ]; then
-  echo "check: pgbench_history holds $got rows, exactly those committed by T"
-else
-  echo "check FAILED: pgbench_history holds $got rows, $expected were committed by T" >&2
-  exit 1
-fi
+# Restores to T, rollcall's and by hand, BENCH_ROUNDS each (default 2), alternating which
+# goes first. Both end with the server recovered, promoted and stopped cleanly.
+check_rows() {
+  as_pg pg_ctl -D "$1" -l "$1.log" \
+    -o "-p $restored_port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir" -w start >/dev/null
+  got=$(psql -X -At -d "postgresql://postgres@127.0.0.1:$restored_port/postgres" -c "SELECT count(*) FROM pgbench_history")
+  as_pg pg_ctl -D "$1" -m fast -w stop >/dev/null
+  if [ "$got" != "$expected" ]; then
+    echo "check FAILED ($2): pgbench_history holds $got rows, $expected were committed by T" >&2
+    exit 1
+  fi
+}
+restore_rollcall() {
+  rm -rf "$dir/restored" "$dir/restored.rollcall-recovery.log"
+  t4=$(now)
+  "$dir/rollcall" repo restore-postgres --repo "file://$dir/repo" --to-time "$target" \
+    --data-dir "$dir/restored" >"$dir/restore.json"
+  t5=$(now)
+  fetched=$(grep -c 'restored log file' "$dir/restored.rollcall-recovery.log" || true)
+  rollcall_s="$rollcall_s $(secs "$t4" "$t5")"
+  echo "rollcall restore to T: $(secs "$t4" "$t5") s ($fetched WAL segments fetched and replayed)"
+  check_rows "$dir/restored" rollcall
+}
+restore_by_hand() {
+  h="$dir/hand-restored"
+  as_pg rm -rf "$h"
+  t4=$(now)
+  as_pg mkdir -m 700 "$h"
+  as_pg tar -xf "$dir/hand/base/base.tar" -C "$h"
+  as_pg touch "$h/recovery.signal"
+  printf "%s\n" \
+    "restore_command = 'cp $dir/hand/%f %p'" \
+    "recovery_target_time = '$(echo "$target" | sed 's/T/ /; s/Z$/+00/')'" \
+    "recovery_target_action = 'promote'" \
+    "archive_mode = off" \
+    "listen_addresses = ''" \
+    "port = $restored_port" \
+    "unix_socket_directories = '$dir'" | as_pg sh -c "cat >>'$h/postgresql.auto.conf'"
+  as_pg pg_ctl -D "$h" -l "$h.log" -w -t 3600 start >/dev/null
+  deadline=$(($(date +%s) + 3600))
+  while [ "$(psql -X -At -h "$dir" -p "$restored_port" -U postgres -d postgres -c 'SELECT pg_is_in_recovery()' 2>/dev/null)" != f ]; do
+    if [ "$(date +%s)" -gt "$deadline" ]; then echo "by-hand recovery did not promote" >&2; exit 1; fi
+    sleep 0.1
+  done
+  as_pg pg_ctl -D "$h" -m fast -w stop >/dev/null
+  t5=$(now)
+  hand_s="$hand_s $(secs "$t4" "$t5")"
+  echo "by-hand restore to T (tar -x, restore_command = cp): $(secs "$t4" "$t5") s"
+  check_rows "$h" "by hand"
+}
+median() { echo "$@" | tr ' ' '\n' | sed '/^$/d' | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+rollcall_s=""
+hand_s=""
+round=0
+while [ "$round" -lt "${BENCH_ROUNDS:-2}" ]; do
+  if [ $((round % 2)) = 0 ]; then restore_rollcall; restore_by_hand; else restore_by_hand; restore_rollcall; fi
+  round=$((round + 1))
+done
+r=$(median $rollcall_s)
+hd=$(median $hand_s)
+echo "median restore to T: rollcall $r s, by hand $hd s, rollcall/by hand $(echo "scale=2; $r / $hd" | bc)"
+echo "check: every restore holds exactly the $expected pgbench_history rows committed by T"

@@ -134,14 +134,31 @@ pub async fn restore_to_time(repo: &Repository, options: &PitrOptions) -> Result
             sha256: base.sha256.clone(),
             compressed: true,
         };
-        crate::postgres::fetch::fetch_archive(repo, &archive, &tar, false)
+        // Streamed: fetched, checked, decompressed and unpacked in one pass through a pipe (no
+        // tar written to disk first). The directory is only a partial build until the body's
+        // size and sha256 (at its end) and pg_verifybackup (after) have passed.
+        let (reader, writer) = std::io::pipe().context("a pipe for the base backup's tar")?;
+        let into = partial.clone();
+        let unpacking = tokio::task::spawn_blocking(move || unpack(reader, &into));
+        let (fetched, sink) =
+            crate::postgres::fetch::download_dump(repo, &archive, Box::new(writer)).await;
+        // The end of the tar for the unpacker.
+        drop(sink);
+        let unpacked = unpacking
             .await
-            .with_context(|| format!("fetch base backup {}", base.id))?;
-        let (from, into) = (tar.clone(), partial.clone());
-        tokio::task::spawn_blocking(move || unpack(&from, &into))
-            .await
-            .context("unpack the base backup")??;
-        let _ = std::fs::remove_file(&tar);
+            .context("the base backup's unpacking task")?;
+        match (fetched, unpacked) {
+            (Ok(_), Ok(())) => {}
+            (Err(e), Ok(())) => return Err(e.context(format!("fetch base backup {}", base.id))),
+            (Ok(_), Err(e)) => return Err(e),
+            // The body's own failure is the cause; the unpacker stopped at its end.
+            (Err(e), Err(u)) => {
+                return Err(e.context(format!(
+                    "fetch base backup {} (unpacking stopped: {u:#})",
+                    base.id
+                )));
+            }
+        }
         let verified = verify_unpacked(&partial, options.bin_dir.as_deref(), major).await?;
         write_recovery_settings(&partial, options)?;
         if let Some(user) = &run_as {
@@ -265,20 +282,23 @@ fn run_as_user(wanted: Option<&str>, parent: &FsPath) -> Result<Option<nix::unis
     Ok(Some(user))
 }
 
-/// Unpacks the tar into `into` (created 0700, as Postgres requires); entries leaving it are
-/// refused by the tar reader.
-fn unpack(tar: &FsPath, into: &FsPath) -> Result<()> {
+/// Unpacks the tar read from `tar` into `into` (created 0700, as Postgres requires); entries
+/// leaving it are refused by the tar reader. Reads `tar` to its end (a writer into a pipe must
+/// not fail on bytes after the archive's end marker).
+fn unpack(tar: impl std::io::Read, into: &FsPath) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(into)
         .with_context(|| format!("create {}", into.display()))?;
-    let file = std::fs::File::open(tar).with_context(|| format!("open {}", tar.display()))?;
-    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, file));
+    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, tar));
     archive.set_preserve_permissions(true);
     archive
         .unpack(into)
-        .with_context(|| format!("unpack the base backup into {}", into.display()))
+        .with_context(|| format!("unpack the base backup into {}", into.display()))?;
+    std::io::copy(&mut archive.into_inner(), &mut std::io::sink())
+        .context("read the base backup's tar to its end")?;
+    Ok(())
 }
 
 async fn verify_unpacked(dir: &FsPath, bin_dir: Option<&FsPath>, major: u32) -> Result<String> {
