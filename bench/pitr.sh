@@ -5,8 +5,11 @@
 # load with archiving on, the time T, 10 s more load, and `rollcall repo restore-postgres
 # --to-time T` into a new data directory. Prints the base backup's time and rate, the WAL the
 # load wrote and how far the archive lagged behind it, the restore's time, and checks that the
-# restored pgbench_history holds exactly the rows committed by T. ROLLCALL=PATH picks the
-# binary (default: a release build of this tree).
+# restored pgbench_history holds exactly the rows committed by T. The same restore by hand
+# (pg_basebackup -Ft, tar -x, restore_command = cp) and, when installed, with pgBackRest
+# (BENCH_PGBACKREST=0 leaves it out), BENCH_ROUNDS rounds (default 2) alternating rollcall and
+# by hand, medians and ratios. ROLLCALL=PATH picks the binary (default: a release build of
+# this tree).
 set -eu
 cd "$(dirname "$0")/.."
 SCALE=${BENCH_SCALE:-30}
@@ -37,6 +40,32 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+# pgBackRest side by side when it is installed (Debian: apt-get install pgbackrest); each
+# segment is then archived three times in a row (rollcall, by hand, pgBackRest).
+PGBR_PUSH=""
+if command -v pgbackrest >/dev/null 2>&1 && [ "${BENCH_PGBACKREST:-1}" = 1 ]; then
+  mkdir -p "$dir/pgbr-repo" "$dir/pgbr-log" "$dir/pgbr-lock" "$dir/pgbr-spool"
+  cat >"$dir/pgbackrest.conf" <<EOF
+[global]
+repo1-path=$dir/pgbr-repo
+log-path=$dir/pgbr-log
+lock-path=$dir/pgbr-lock
+spool-path=$dir/pgbr-spool
+compress-type=zst
+repo1-retention-full=1
+start-fast=y
+log-level-console=warn
+
+[bench]
+pg1-path=$dir/data
+pg1-port=$port
+pg1-socket-path=$dir
+pg1-user=postgres
+EOF
+  if [ "$(id -u)" = 0 ]; then chown -R postgres "$dir"; fi
+  PGBR="pgbackrest --config=$dir/pgbackrest.conf --stanza=bench"
+  PGBR_PUSH=" && $PGBR archive-push %p"
+fi
 as_pg initdb -D "$dir/data" -U postgres -A trust >/dev/null
 cat >>"$dir/data/postgresql.auto.conf" <<EOF
 listen_addresses = '127.0.0.1'
@@ -44,10 +73,11 @@ port = $port
 unix_socket_directories = '$dir'
 wal_level = replica
 archive_mode = on
-archive_command = '$dir/rollcall repo wal-push --repo file://$dir/repo %p && (test -f $dir/hand/%f || cp %p $dir/hand/%f)'
+archive_command = '$dir/rollcall repo wal-push --repo file://$dir/repo %p && (test -f $dir/hand/%f || cp %p $dir/hand/%f)$PGBR_PUSH'
 max_wal_size = '1GB'
 EOF
 as_pg pg_ctl -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
+if [ -n "$PGBR_PUSH" ]; then as_pg $PGBR stanza-create >/dev/null; fi
 url="postgresql://postgres@127.0.0.1:$port/postgres"
 q() { psql -X -q -At -d "$url" -c "$1"; }
 now() { date +%s.%N; }
@@ -70,6 +100,12 @@ t0=$(now)
 as_pg pg_basebackup -d "$url" -D "$dir/hand/base" -Ft -X none -c fast >/dev/null
 t1=$(now)
 echo "by hand: pg_basebackup -Ft: $(secs "$t0" "$t1") s"
+if [ -n "$PGBR_PUSH" ]; then
+  t0=$(now)
+  as_pg $PGBR --type=full backup >/dev/null
+  t1=$(now)
+  echo "pgBackRest $(pgbackrest version | cut -d' ' -f2): backup --type=full (zst): $(secs "$t0" "$t1") s"
+fi
 
 lsn0=$(q "SELECT pg_current_wal_lsn()")
 tps=$(pgbench -n -c 2 -j 2 -T "$LOAD" "$url" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)
@@ -150,15 +186,41 @@ restore_by_hand() {
   echo "by-hand restore to T (tar -x, restore_command = cp): $(secs "$t4" "$t5") s"
   check_rows "$h" "by hand"
 }
+restore_pgbackrest() {
+  h="$dir/pgbr-restored"
+  as_pg rm -rf "$h"
+  t4=$(now)
+  as_pg mkdir -m 700 "$h"
+  as_pg $PGBR --pg1-path="$h" --type=time --target="$(echo "$target" | sed 's/T/ /; s/Z$/+00/')" \
+    --target-action=promote restore >/dev/null
+  as_pg pg_ctl -D "$h" -l "$h.log" -w -t 3600 \
+    -o "-p $restored_port -c listen_addresses= -c unix_socket_directories=$dir -c archive_mode=off" start >/dev/null
+  deadline=$(($(date +%s) + 3600))
+  while [ "$(psql -X -At -h "$dir" -p "$restored_port" -U postgres -d postgres -c 'SELECT pg_is_in_recovery()' 2>/dev/null)" != f ]; do
+    if [ "$(date +%s)" -gt "$deadline" ]; then echo "pgBackRest's recovery did not promote" >&2; exit 1; fi
+    sleep 0.1
+  done
+  as_pg pg_ctl -D "$h" -m fast -w stop >/dev/null
+  t5=$(now)
+  pgbr_s="$pgbr_s $(secs "$t4" "$t5")"
+  echo "pgBackRest restore --type=time: $(secs "$t4" "$t5") s"
+  check_rows "$h" pgBackRest
+}
 median() { echo "$@" | tr ' ' '\n' | sed '/^$/d' | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 rollcall_s=""
 hand_s=""
+pgbr_s=""
 round=0
 while [ "$round" -lt "${BENCH_ROUNDS:-2}" ]; do
   if [ $((round % 2)) = 0 ]; then restore_rollcall; restore_by_hand; else restore_by_hand; restore_rollcall; fi
+  if [ -n "$PGBR_PUSH" ]; then restore_pgbackrest; fi
   round=$((round + 1))
 done
 r=$(median $rollcall_s)
 hd=$(median $hand_s)
 echo "median restore to T: rollcall $r s, by hand $hd s, rollcall/by hand $(echo "scale=2; $r / $hd" | bc)"
+if [ -n "$PGBR_PUSH" ]; then
+  pb=$(median $pgbr_s)
+  echo "median restore to T: pgBackRest $pb s, rollcall/pgBackRest $(echo "scale=2; $r / $pb" | bc)"
+fi
 echo "check: every restore holds exactly the $expected pgbench_history rows committed by T"
