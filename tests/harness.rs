@@ -605,6 +605,7 @@ pub fn test_environment(
         retention: Duration::from_secs(86400),
         repository: repository.clone(),
         backup_schedule: None,
+        base_backup_schedule: None,
         backup_plan: Plan::backup_plan(&fleet).unwrap(),
         repository_ref: api::model::RepositoryRef {
             url: repository,

@@ -112,6 +112,7 @@ fn drill() -> StartRun {
         plan: None,
         excluded: Vec::new(),
         to_time: None,
+        base_backup: false,
     }
 }
 

@@ -131,6 +131,7 @@ fn start(env: &str) -> StartRun {
         plan: None,
         excluded: Vec::new(),
         to_time: None,
+        base_backup: false,
     }
 }
 

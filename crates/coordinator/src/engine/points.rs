@@ -315,6 +315,55 @@ pub(crate) fn pick_within(
 }
 
 impl<L: AgentLink + Clone + 'static> Inner<L> {
+    /// After a base-backup phase passed: the base backup its agent reported, journaled as a
+    /// `base_backup.taken` event (id, environment, when it is consistent, size, WAL range) and
+    /// named in the phase's detail, so `run show` and the run's events say what it took.
+    pub(super) async fn base_backup_taken(
+        &self,
+        run_id: &str,
+        phase: &crate::plan::Phase,
+    ) -> Result<(bool, String)> {
+        let commands = self.store.commands(run_id).await?;
+        let taken = commands.iter().rev().find_map(|(c, r)| {
+            r.as_ref()
+                .filter(|r| c.phase_index == phase.index as u32 && r.outcome == Outcome::Succeeded)
+                .and_then(|r| match r.output.as_ref() {
+                    Some(ActionOutput::BaseBackup(b)) => Some((**b).clone()),
+                    _ => None,
+                })
+        });
+        let Some(base) = taken else {
+            return Ok((
+                false,
+                "the database agent reported no base backup in its output".to_owned(),
+            ));
+        };
+        self.event(
+            run_id,
+            "base_backup.taken",
+            serde_json::json!({
+                "base_backup": base.id,
+                "environment": base.env,
+                "consistent_at": base.consistent_at,
+                "size": base.size,
+                "start_wal": base.start_wal,
+                "end_wal": base.end_wal,
+            }),
+        )
+        .await?;
+        Ok((
+            true,
+            format!(
+                "base backup {} taken ({}, consistent at {}, WAL {} .. {})",
+                base.id,
+                api::human::bytes(base.size),
+                base.consistent_at.to_rfc3339(),
+                base.start_wal,
+                base.end_wal
+            ),
+        ))
+    }
+
     /// Commits the recovery point from the outputs of the run's backup commands.
     pub(super) async fn write_point(
         &self,
