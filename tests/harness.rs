@@ -206,6 +206,7 @@ impl InProcessCoordinator {
             environments,
             limits,
             notify: Vec::new(),
+            observe_interval: Duration::from_secs(60),
         };
         Self::launch(settings, state_url, agents).await
     }
@@ -226,6 +227,7 @@ impl InProcessCoordinator {
             environments,
             limits: coordinator::layers::Limits::default(),
             notify,
+            observe_interval: Duration::from_secs(60),
         };
         Self::launch(settings, state_url, "127.0.0.1:0".parse().unwrap()).await
     }

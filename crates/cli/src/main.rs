@@ -709,6 +709,7 @@ async fn run_coordinator(config: &std::path::Path) -> Result<()> {
             environments: loaded.environments.clone(),
             limits: loaded.limits(),
             notify: loaded.notify.clone(),
+            observe_interval: loaded.config.metrics.observe_interval,
         };
         let coordinator = coordinator::Coordinator::start(settings, listeners, store).await?;
         coordinator.run(shutdown_signal()).await

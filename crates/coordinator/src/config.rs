@@ -38,6 +38,31 @@ pub struct CoordinatorConfig {
     /// `[[notify]]`: webhooks told when runs finish, block or fail.
     #[serde(default)]
     pub notify: Vec<NotifyConfig>,
+    /// `[metrics]`: how often the values read from repositories are refreshed.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// How often each environment's recoverable window (base backups and archived WAL) is
+    /// read for the RPO gauges (`rollcall_wal_newest_age_seconds`); default 1 minute.
+    #[serde(with = "humantime_serde", default = "default_observe_interval")]
+    pub observe_interval: Duration,
+}
+
+fn default_observe_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            observe_interval: default_observe_interval(),
+        }
+    }
 }
 
 /// `[[notify]]`: a webhook the coordinator POSTs signed run events to (see `notify`).
@@ -1329,6 +1354,17 @@ key = "certs/coordinator-key.pem"
         );
         assert_eq!(env.plan.name, "default");
         assert_eq!(env.fleet["worker"], 2);
+        assert_eq!(env.base_backup_schedule, None);
+
+        // A base-backup schedule beside the logical one, seconds first.
+        let text = text.replace(
+            "backup_schedule = \"0 3 * * *\"\n",
+            "backup_schedule = \"0 3 * * *\"\nbase_backup_schedule = \"*/3 * * * * *\"\n",
+        );
+        let loaded = load(&write(dir.path(), &text)).expect("load");
+        let env = &loaded.environments["staging"];
+        assert_eq!(env.base_backup_schedule.as_deref(), Some("*/3 * * * * *"));
+        assert_eq!(env.backup_schedule.as_deref(), Some("0 3 * * *"));
     }
 
     fn with_report(rows: &str) -> String {
@@ -1781,6 +1817,37 @@ key = "certs/coordinator-key.pem"
                 &[
                     "environments.rt.backup_schedule is set on a restore-test environment",
                     "back up prod",
+                ],
+            ),
+            (
+                format!("restore_from = \"prod\"\n{fleet}base_backup_schedule = \"0 3 * * *\"\n"),
+                &[
+                    "environments.rt.base_backup_schedule is set on a restore-test environment",
+                    "back up prod",
+                ],
+            ),
+            (
+                "repository = \"file://r\"\nfleet = { web = 1, database = 1, objects = 1 }\n\
+                 base_backup_schedule = \"every hour of day x\"\n"
+                    .into(),
+                &[
+                    "environments.rt.base_backup_schedule: \"every hour of day x\" is not a cron expression",
+                    "remove base_backup_schedule to take base backups only on demand",
+                ],
+            ),
+            (
+                "repository = \"file://r\"\nfleet = { web = 1, database = 1, objects = 1 }\n\
+                 base_backup_schedule = \"0 3 * *\"\n"
+                    .into(),
+                &["environments.rt.base_backup_schedule: \"0 3 * *\" has 4 fields"],
+            ),
+            (
+                "repository = \"file://r\"\nfleet = { web = 1, objects = 1 }\n\
+                 base_backup_schedule = \"0 3 * * *\"\n"
+                    .into(),
+                &[
+                    "environments.rt.base_backup_schedule is set, but environments.rt.fleet \
+                     declares no database agent",
                 ],
             ),
             (

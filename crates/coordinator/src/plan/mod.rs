@@ -728,6 +728,31 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_base_backup_plan_is_one_phase_on_the_database_agent() {
+        let plan = Plan::base_backup_plan(&fleet()).unwrap();
+        assert_eq!(plan.name, "base-backup");
+        let phases: Vec<(&str, Action, Vec<String>)> = plan
+            .phases
+            .iter()
+            .map(|p| (p.name.as_str(), p.action, p.roles.clone()))
+            .collect();
+        assert_eq!(
+            phases,
+            [(
+                "base-backup",
+                Action::BaseBackup,
+                vec!["database".to_owned()]
+            )]
+        );
+        assert_eq!(Action::parse("base-backup"), Some(Action::BaseBackup));
+        assert_eq!(Action::BaseBackup.only_role(), Some("database"));
+        // A fleet without a database agent has nobody to take it.
+        let mut no_db = fleet();
+        no_db.remove("database");
+        assert!(Plan::base_backup_plan(&no_db).is_err());
+    }
+
+    #[test]
     fn the_backup_plan_fits_the_fleet() {
         let plan = Plan::backup_plan(&fleet()).unwrap();
         let names = |plan: &Plan, step: &[usize]| -> Vec<String> {
