@@ -350,9 +350,10 @@ fleet = {{ worker = 1, database = 1 }}
         "INSERT INTO notes (id) SELECT generate_series(111, 120)",
     );
     switch_and_archive(&cluster).await;
+    let at = |text: &str| chrono::DateTime::parse_from_rfc3339(text).unwrap();
     let before_t: Vec<String> = base_backups()
         .iter()
-        .filter(|b| b["consistent_at"].as_str().unwrap() <= target.as_str())
+        .filter(|b| at(b["consistent_at"].as_str().unwrap()) <= at(&target))
         .map(|b| b["id"].as_str().unwrap().to_owned())
         .collect();
     assert!(!before_t.is_empty(), "a scheduled base backup before T");
@@ -444,13 +445,50 @@ fleet = {{ worker = 1, database = 1 }}
     psql(&cluster, "postgres", "SELECT pg_reload_conf()");
     psql(&cluster, "app", "INSERT INTO notes (id) VALUES (5000)");
     psql(&cluster, "app", "SELECT pg_switch_wal()");
-    let scrape = async || http_get(metrics_addr, "/metrics").await.unwrap();
-    let first_scrape = scrape().await;
-    let until = sample(
-        &first_scrape,
-        r#"rollcall_recoverable_until_timestamp_seconds{environment="test"}"#,
+    // The archiver has tried the new segment with the failing command: whatever it archived
+    // before is in, and nothing after.
+    eventually(
+        "the archiver to fail",
+        Duration::from_secs(60),
+        async || {
+            let failed = psql(
+                &cluster,
+                "postgres",
+                "SELECT failed_count > 0 FROM pg_stat_archiver",
+            );
+            (failed == "t").then_some(())
+        },
     )
-    .unwrap();
+    .await;
+    let scrape = async || http_get(metrics_addr, "/metrics").await.unwrap();
+    let until_of = |text: &str| {
+        sample(
+            text,
+            r#"rollcall_recoverable_until_timestamp_seconds{environment="test"}"#,
+        )
+    };
+    // The coordinator has observed the archive since (the same window for 3 s: three observe
+    // intervals).
+    let mut seen: Option<(f64, std::time::Instant)> = None;
+    let first_scrape = eventually(
+        "the observed window to settle",
+        Duration::from_secs(30),
+        async || {
+            let text = scrape().await;
+            let until = until_of(&text)?;
+            match seen {
+                Some((was, since)) if was == until => {
+                    (since.elapsed() >= Duration::from_secs(3)).then_some(text)
+                }
+                _ => {
+                    seen = Some((until, std::time::Instant::now()));
+                    None
+                }
+            }
+        },
+    )
+    .await;
+    let until = until_of(&first_scrape).unwrap();
     let age = sample(
         &first_scrape,
         r#"rollcall_wal_newest_age_seconds{environment="test"}"#,

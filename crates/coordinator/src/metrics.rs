@@ -140,6 +140,9 @@ pub struct RunMetrics {
     windows: Mutex<BTreeMap<String, ObservedWindow>>,
 }
 
+/// One window gauge's value from the observed window and the scrape's clock.
+type WindowValue = fn(&ObservedWindow, i64) -> i64;
+
 /// An environment's recoverable window as `Engine::observe_wal` last read it, unix seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ObservedWindow {
@@ -528,7 +531,7 @@ impl Collector for AtScrape {
         }
 
         let windows = lock(&s.runs.windows).clone();
-        let gauges: [(&str, &str, fn(&ObservedWindow, i64) -> i64); 4] = [
+        let gauges: [(&str, &str, WindowValue); 4] = [
             (
                 "rollcall_recoverable_from_timestamp_seconds",
                 "The earliest time the environment's Postgres restores to (its oldest base \
@@ -843,6 +846,10 @@ mod tests {
             "# TYPE rollcall_last_run_end_timestamp_seconds gauge",
             "# TYPE rollcall_last_success_timestamp_seconds gauge",
             "# TYPE rollcall_last_success_duration_seconds gauge",
+            "# TYPE rollcall_recoverable_from_timestamp_seconds gauge",
+            "# TYPE rollcall_recoverable_until_timestamp_seconds gauge",
+            "# TYPE rollcall_wal_newest_age_seconds gauge",
+            "# TYPE rollcall_wal_gap gauge",
             // A sub-second phase falls in the first bucket; buckets are cumulative.
             "rollcall_phase_duration_seconds_bucket{action=\"freeze\",le=\"1\"} 1",
             "rollcall_phase_duration_seconds_bucket{action=\"restore-postgres\",le=\"30\"} 0",
@@ -866,7 +873,7 @@ mod tests {
         assert!(!text.contains("kind=\"backup\",le="), "{text}");
         // Every family is declared once.
         let declared = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(declared, 19, "{text}");
+        assert_eq!(declared, 23, "{text}");
     }
 
     /// The verdict gauges the alert rules read: the newest ending of each environment and

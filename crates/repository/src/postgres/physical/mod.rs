@@ -389,7 +389,7 @@ mod tests {
             );
         }
         took.sort();
-        println!(
+        eprintln!(
             "recovery_window over 10,000 archived segments (20,000 objects, file://): median \
              {:?}, min {:?}, max {:?}",
             took[2], took[0], took[4]
