@@ -206,6 +206,7 @@ impl InProcessCoordinator {
             environments,
             limits,
             notify: Vec::new(),
+            observe_interval: Duration::from_secs(60),
         };
         Self::launch(settings, state_url, agents).await
     }
@@ -226,6 +227,7 @@ impl InProcessCoordinator {
             environments,
             limits: coordinator::layers::Limits::default(),
             notify,
+            observe_interval: Duration::from_secs(60),
         };
         Self::launch(settings, state_url, "127.0.0.1:0".parse().unwrap()).await
     }
@@ -605,6 +607,7 @@ pub fn test_environment(
         retention: Duration::from_secs(86400),
         repository: repository.clone(),
         backup_schedule: None,
+        base_backup_schedule: None,
         backup_plan: Plan::backup_plan(&fleet).unwrap(),
         repository_ref: api::model::RepositoryRef {
             url: repository,

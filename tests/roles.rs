@@ -450,6 +450,7 @@ async fn an_unapproved_run_blocks_at_its_timeout_and_a_retry_waits_again() {
                 plan: None,
                 excluded: Vec::new(),
                 to_time: None,
+                base_backup: false,
             },
             Some(as_("ada")),
         )

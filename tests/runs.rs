@@ -131,6 +131,7 @@ fn start(env: &str) -> StartRun {
         plan: None,
         excluded: Vec::new(),
         to_time: None,
+        base_backup: false,
     }
 }
 
@@ -850,5 +851,46 @@ async fn a_restore_left_without_a_point_is_failed_by_the_next_coordinator_not_dr
         c.handle.store().phases(id).await.unwrap().is_empty(),
         "no phase was driven"
     );
+    c.stop().await;
+}
+
+/// A base backup is a backup run of the built-in base-backup plan: asked with another kind or
+/// a plan of the caller's, or of an environment without a database agent, it is refused at
+/// start with one line saying what to do, and nothing is journaled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base_backup_runs_are_refused_where_no_database_agent_takes_them() {
+    let f = Fleet3::new();
+    let c = f.coordinator(&[("web", 1), ("worker", 2)]).await;
+    let base = |kind, plan: Option<(String, String)>| StartRun {
+        kind,
+        plan,
+        base_backup: true,
+        ..start("test")
+    };
+    let plan = Some((
+        "plan.toml".to_owned(),
+        include_str!("../deploy/plans/base-backup.toml").to_owned(),
+    ));
+    for (request, needle) in [
+        (
+            base(RunKind::Drill, None),
+            "a base backup is a backup run of the built-in base-backup plan: start it with \
+             `rollcall backup --env test --base`",
+        ),
+        (
+            base(RunKind::Backup, plan),
+            "a base backup is a backup run of the built-in base-backup plan",
+        ),
+        (
+            base(RunKind::Backup, None),
+            "environment test declares no database agent: a base backup is taken by the \
+             database agent (with [postgres.physical] in its agent.toml)",
+        ),
+    ] {
+        let err = c.handle.engine.start_run(request).await.unwrap_err();
+        let text = api::errors::one_line(&*err);
+        assert!(text.contains(needle), "{needle:?} in {text}");
+    }
+    assert!(c.handle.store().list_runs(10).await.unwrap().is_empty());
     c.stop().await;
 }

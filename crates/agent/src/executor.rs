@@ -384,6 +384,7 @@ impl Executor {
             }
             Action::BackupPostgres { .. }
             | Action::SnapshotObjects { .. }
+            | Action::BaseBackup { .. }
             | Action::Preflight { .. }
             | Action::RestorePostgres { .. }
             | Action::PreparePostgres { .. }
@@ -570,6 +571,9 @@ async fn data_action(
         Action::SnapshotObjects { repository, point } => ActionOutput::SnapshotObjects(Box::new(
             data.snapshot_objects(repository, point, progress).await?,
         )),
+        Action::BaseBackup { repository } => {
+            ActionOutput::BaseBackup(Box::new(data.base_backup(repository).await?))
+        }
         Action::Preflight {
             repository,
             point,

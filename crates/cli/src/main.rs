@@ -136,6 +136,10 @@ enum Command {
         wait: bool,
         #[arg(long)]
         json: bool,
+        /// Take a physical base backup on the database agent (`[postgres.physical]`) instead
+        /// of a recovery point: the start of a window `drill --to-time` restores into.
+        #[arg(long)]
+        base: bool,
         #[command(flatten)]
         connection: operator::Connection,
     },
@@ -464,10 +468,11 @@ async fn run(cli: Cli) -> Result<()> {
             env,
             wait,
             json,
+            base,
             connection,
         } => {
             telemetry::init_quiet();
-            runs::backup(&connection, &env, wait, json).await
+            runs::backup(&connection, &env, wait, json, base).await
         }
         Command::Points {
             command,
@@ -704,6 +709,7 @@ async fn run_coordinator(config: &std::path::Path) -> Result<()> {
             environments: loaded.environments.clone(),
             limits: loaded.limits(),
             notify: loaded.notify.clone(),
+            observe_interval: loaded.config.metrics.observe_interval,
         };
         let coordinator = coordinator::Coordinator::start(settings, listeners, store).await?;
         coordinator.run(shutdown_signal()).await

@@ -51,6 +51,7 @@ fn start_request(d: &Drill) -> Result<op::StartRunRequest> {
         plan_name,
         excluded: d.excluded.clone(),
         to_time,
+        base_backup: false,
     })
 }
 
@@ -426,17 +427,27 @@ pub async fn undo(connection: &Connection, id: &str, force: bool, follow: bool) 
 }
 
 /// `rollcall backup --env ENV [--wait]`: a backup run; prints the point id.
-pub async fn backup(connection: &Connection, env: &str, wait: bool, json: bool) -> Result<()> {
+pub async fn backup(
+    connection: &Connection,
+    env: &str,
+    wait: bool,
+    json: bool,
+    base: bool,
+) -> Result<()> {
     let mut client = connection.connect().await?;
     let run = client
         .start_run(op::StartRunRequest {
             environment: env.to_owned(),
             kind: "backup".into(),
+            base_backup: base,
             ..Default::default()
         })
         .await
         .map_err(status_error)?
         .into_inner();
+    if base {
+        return base_backup(&mut client, run, wait, json).await;
+    }
     if wait {
         loop {
             let detail = client
@@ -467,6 +478,70 @@ pub async fn backup(connection: &Connection, env: &str, wait: bool, json: bool) 
                 run.id, run.id
             );
         }
+    }
+    Ok(())
+}
+
+/// `rollcall backup --env ENV --base`: the run's id; with `--wait`, the base backup its
+/// `base_backup.taken` event names (id, consistent_at, size, WAL range) once it succeeded.
+async fn base_backup(
+    client: &mut crate::operator::Client,
+    run: op::Run,
+    wait: bool,
+    json: bool,
+) -> Result<()> {
+    if !wait {
+        if json {
+            outln!(
+                "{}",
+                serde_json::json!({ "run": run.id, "complete": false })
+            );
+        } else {
+            outln!("{}", run.id);
+            eprintln!(
+                "base-backup run {} started; the base backup exists once it succeeds (rollcall \
+                 run watch {})",
+                run.id, run.id
+            );
+        }
+        return Ok(());
+    }
+    let mut stream = client
+        .watch_run(op::WatchRunRequest {
+            id: run.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut taken = serde_json::Value::Null;
+    while let Some(event) = stream.message().await.map_err(status_error)? {
+        if event.kind == "base_backup.taken" {
+            taken = serde_json::from_str(&event.payload_json).unwrap_or_default();
+        }
+    }
+    let now = client
+        .get_run(op::GetRunRequest { id: run.id.clone() })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .run
+        .context("coordinator sent a run without its record")?;
+    if now.state != "succeeded" {
+        bail!(
+            "base-backup run {} is {}: {}",
+            now.id,
+            now.state,
+            now.reason
+        );
+    }
+    if json {
+        outln!(
+            "{}",
+            serde_json::json!({ "run": now.id, "complete": true, "base_backup": taken })
+        );
+    } else {
+        outln!("{}", taken["base_backup"].as_str().unwrap_or_default());
     }
     Ok(())
 }

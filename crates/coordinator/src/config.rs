@@ -38,6 +38,31 @@ pub struct CoordinatorConfig {
     /// `[[notify]]`: webhooks told when runs finish, block or fail.
     #[serde(default)]
     pub notify: Vec<NotifyConfig>,
+    /// `[metrics]`: how often the values read from repositories are refreshed.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// How often each environment's recoverable window (base backups and archived WAL) is
+    /// read for the RPO gauges (`rollcall_wal_newest_age_seconds`); default 1 minute.
+    #[serde(with = "humantime_serde", default = "default_observe_interval")]
+    pub observe_interval: Duration,
+}
+
+fn default_observe_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            observe_interval: default_observe_interval(),
+        }
+    }
 }
 
 /// `[[notify]]`: a webhook the coordinator POSTs signed run events to (see `notify`).
@@ -95,6 +120,9 @@ pub struct EnvironmentConfig {
     pub repository: Option<String>,
     /// When the coordinator takes backups: a cron expression (minute hour day month weekday).
     pub backup_schedule: Option<String>,
+    /// When the coordinator takes physical base backups (the database agent's
+    /// `[postgres.physical]` server): a cron expression like `backup_schedule`'s.
+    pub base_backup_schedule: Option<String>,
     /// The restore plan; the embedded default plan when unset.
     pub plan: Option<PathBuf>,
     /// The declared fleet: agents per role. Gates count against it, so an agent that never
@@ -320,6 +348,8 @@ pub struct Environment {
     pub retention: Duration,
     pub repository: String,
     pub backup_schedule: Option<String>,
+    /// `base_backup_schedule`: when base-backup runs start (`schedule.rs`).
+    pub base_backup_schedule: Option<String>,
     pub fleet: crate::plan::Fleet,
     pub plan: Plan,
     pub backup_plan: Plan,
@@ -703,6 +733,29 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
             "fix the expression, or remove backup_schedule to back up only on demand"
         ));
     }
+    if let Some(expr) = &env.base_backup_schedule {
+        if let Err(e) = BackupSchedule::parse(expr) {
+            bail!(ConfigError::new(
+                file,
+                format!(
+                    "{key}.base_backup_schedule: {}",
+                    api::errors::one_line(&*e).replace("backup_schedule ", "")
+                ),
+                "fix the expression (e.g. \"0 3 * * *\": daily at 03:00 UTC), or remove \
+                 base_backup_schedule to take base backups only on demand"
+            ));
+        }
+        if env.restore_from.is_none() && env.fleet.get("database").copied().unwrap_or(0) == 0 {
+            bail!(ConfigError::new(
+                file,
+                format!(
+                    "{key}.base_backup_schedule is set, but {key}.fleet declares no database agent"
+                ),
+                "declare the database agent that takes them (fleet = { database = 1, ... }, with \
+                 [postgres.physical] in its agent.toml), or remove base_backup_schedule"
+            ));
+        }
+    }
     let repository = match (&env.repository, &env.restore_from) {
         (Some(url), None) => resolve_file_url(file, url),
         (None, None) => bail!(ConfigError::new(
@@ -835,6 +888,7 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
         retention: env.retention,
         repository,
         backup_schedule: env.backup_schedule.clone(),
+        base_backup_schedule: env.base_backup_schedule.clone(),
         fleet: env.fleet.clone(),
         plan,
         backup_plan,
@@ -913,10 +967,16 @@ fn restore_tests(
                 ));
             }
         }
-        if env.backup_schedule.is_some() {
+        if let Some(setting) = [
+            ("backup_schedule", &env.backup_schedule),
+            ("base_backup_schedule", &env.base_backup_schedule),
+        ]
+        .into_iter()
+        .find_map(|(k, v)| v.as_ref().map(|_| k))
+        {
             bail!(ConfigError::new(
                 file,
-                format!("{key}.backup_schedule is set on a restore-test environment"),
+                format!("{key}.{setting} is set on a restore-test environment"),
                 format!(
                     "remove it: {name} holds restored copies of {source}'s data, and its points \
                      are {source}'s (back up {source})"
@@ -1294,6 +1354,17 @@ key = "certs/coordinator-key.pem"
         );
         assert_eq!(env.plan.name, "default");
         assert_eq!(env.fleet["worker"], 2);
+        assert_eq!(env.base_backup_schedule, None);
+
+        // A base-backup schedule beside the logical one, seconds first.
+        let text = text.replace(
+            "backup_schedule = \"0 3 * * *\"\n",
+            "backup_schedule = \"0 3 * * *\"\nbase_backup_schedule = \"*/3 * * * * *\"\n",
+        );
+        let loaded = load(&write(dir.path(), &text)).expect("load");
+        let env = &loaded.environments["staging"];
+        assert_eq!(env.base_backup_schedule.as_deref(), Some("*/3 * * * * *"));
+        assert_eq!(env.backup_schedule.as_deref(), Some("0 3 * * *"));
     }
 
     fn with_report(rows: &str) -> String {
@@ -1746,6 +1817,37 @@ key = "certs/coordinator-key.pem"
                 &[
                     "environments.rt.backup_schedule is set on a restore-test environment",
                     "back up prod",
+                ],
+            ),
+            (
+                format!("restore_from = \"prod\"\n{fleet}base_backup_schedule = \"0 3 * * *\"\n"),
+                &[
+                    "environments.rt.base_backup_schedule is set on a restore-test environment",
+                    "back up prod",
+                ],
+            ),
+            (
+                "repository = \"file://r\"\nfleet = { web = 1, database = 1, objects = 1 }\n\
+                 base_backup_schedule = \"every hour of day x\"\n"
+                    .into(),
+                &[
+                    "environments.rt.base_backup_schedule: \"every hour of day x\" is not a cron expression",
+                    "remove base_backup_schedule to take base backups only on demand",
+                ],
+            ),
+            (
+                "repository = \"file://r\"\nfleet = { web = 1, database = 1, objects = 1 }\n\
+                 base_backup_schedule = \"0 3 * *\"\n"
+                    .into(),
+                &["environments.rt.base_backup_schedule: \"0 3 * *\" has 4 fields"],
+            ),
+            (
+                "repository = \"file://r\"\nfleet = { web = 1, objects = 1 }\n\
+                 base_backup_schedule = \"0 3 * * *\"\n"
+                    .into(),
+                &[
+                    "environments.rt.base_backup_schedule is set, but environments.rt.fleet \
+                     declares no database agent",
                 ],
             ),
             (

@@ -418,6 +418,7 @@ fn start_request(r: op::StartRunRequest) -> Result<crate::engine::StartRun, Stat
         plan,
         excluded: r.excluded,
         to_time,
+        base_backup: r.base_backup,
     })
 }
 
@@ -867,7 +868,9 @@ impl OperatorApi {
         // starter's: acting on it takes what starting it took (the text differs too when the
         // fleet changed since, which only asks for more).
         let own_plan = run.kind == crate::store::RunKind::Backup
-            && env.is_none_or(|e| e.backup_plan.source != run.plan);
+            && env.is_none_or(|e| {
+                e.backup_plan.source != run.plan && crate::plan::BASE_BACKUP_PLAN != run.plan
+            });
         authorized(
             request,
             &Call::Run {

@@ -60,6 +60,9 @@ pub struct Settings {
     pub limits: Limits,
     /// The `[[notify]]` webhooks told of runs that finish, block or fail.
     pub notify: Vec<notify::Webhook>,
+    /// How often repositories are read for the recoverable-window gauges (`[metrics]
+    /// observe_interval`).
+    pub observe_interval: Duration,
 }
 
 pub struct Listeners {
@@ -341,6 +344,21 @@ impl Coordinator {
         {
             let engine = handle.engine.clone();
             tokio::spawn(async move { engine.observe_points().await });
+            // The WAL keeps coming whatever runs do: its gauges are read again every interval.
+            let (engine, stop, every) = (
+                handle.engine.clone(),
+                cancel.clone(),
+                settings.observe_interval.max(Duration::from_secs(1)),
+            );
+            tokio::spawn(async move {
+                loop {
+                    engine.observe_wal().await;
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(every) => {}
+                    }
+                }
+            });
             tokio::spawn(schedule::run(handle.engine.clone(), cancel.clone()));
             let (engine, reports) = (handle.engine.clone(), handle.registry.subscribe_progress());
             let stop = cancel.clone();

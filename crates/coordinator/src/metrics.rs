@@ -136,6 +136,23 @@ pub struct RunMetrics {
     rpos: Mutex<BTreeMap<String, u64>>,
     /// restore-test environment → the environment whose points it tests
     restore_tests: Mutex<BTreeMap<String, String>>,
+    /// environment → its recoverable window (base backups and archived WAL), as last observed
+    windows: Mutex<BTreeMap<String, ObservedWindow>>,
+}
+
+/// One window gauge's value from the observed window and the scrape's clock.
+type WindowValue = fn(&ObservedWindow, i64) -> i64;
+
+/// An environment's recoverable window as `Engine::observe_wal` last read it, unix seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObservedWindow {
+    /// Its oldest base backup's `consistent_at`.
+    pub from: i64,
+    /// When the newest WAL segment reachable without a gap from its newest base backup was
+    /// archived (or that backup's `consistent_at`, if later).
+    pub until: i64,
+    /// The window stops at a missing segment with newer ones archived after it.
+    pub gap: bool,
 }
 
 impl Default for RunMetrics {
@@ -148,6 +165,7 @@ impl Default for RunMetrics {
             verdicts: Mutex::default(),
             rpos: Mutex::default(),
             restore_tests: Mutex::default(),
+            windows: Mutex::default(),
         }
     }
 }
@@ -208,6 +226,20 @@ impl RunMetrics {
     /// alert rules that it has no points of its own (its points are its source's).
     pub fn restore_test(&self, environment: &str, source: &str) {
         lock(&self.restore_tests).insert(environment.to_owned(), source.to_owned());
+    }
+
+    /// The recoverable window of `environment` as just observed; `None` once it has no base
+    /// backup (its series go away rather than showing a stale window).
+    pub fn window(&self, environment: &str, window: Option<ObservedWindow>) {
+        let mut windows = lock(&self.windows);
+        match window {
+            Some(w) => {
+                windows.insert(environment.to_owned(), w);
+            }
+            None => {
+                windows.remove(environment);
+            }
+        }
     }
 
     /// A run ended (blocked counts: the verdict is what an operator sees now). Only a newer
@@ -498,6 +530,46 @@ impl Collector for AtScrape {
                 .encode(metric.encode_family(&[("environment", env.as_str())])?)?;
         }
 
+        let windows = lock(&s.runs.windows).clone();
+        let gauges: [(&str, &str, WindowValue); 4] = [
+            (
+                "rollcall_recoverable_from_timestamp_seconds",
+                "The earliest time the environment's Postgres restores to (its oldest base \
+                 backup's consistent_at), unix seconds; only environments with base backups.",
+                |w, _| w.from,
+            ),
+            (
+                "rollcall_recoverable_until_timestamp_seconds",
+                "The latest time the environment's Postgres restores to: when the newest WAL \
+                 segment reachable without a gap from its newest base backup was archived, unix \
+                 seconds.",
+                |w, _| w.until,
+            ),
+            (
+                "rollcall_wal_newest_age_seconds",
+                "The RPO of point-in-time recovery: seconds since the newest WAL segment the \
+                 environment can replay (reachable without a gap from its newest base backup) \
+                 was archived. Archive time, not the segment's last commit time: the archive \
+                 time is known from one listing without reading WAL, and every commit in the \
+                 segment happened before it, so the age is an upper bound of what a restore \
+                 now would lose.",
+                |w, now| (now - w.until).max(0),
+            ),
+            (
+                "rollcall_wal_gap",
+                "1 when the environment's recoverable window stops at a missing WAL segment \
+                 although newer ones are archived (`rollcall repo verify --repo URL` names it), else 0.",
+                |w, _| i64::from(w.gap),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (env, w) in &windows {
+                ConstGauge::new(value(w, now))
+                    .encode(metric.encode_family(&[("environment", env.as_str())])?)?;
+            }
+        }
+
         let verdicts = lock(&s.runs.verdicts).clone();
         let labels =
             |(env, kind): &(String, String)| [("environment", env.clone()), ("kind", kind.clone())];
@@ -684,6 +756,57 @@ mod tests {
         }
     }
 
+    /// The recoverable-window gauges: the age is measured at scrape time from the archive
+    /// time of the newest replayable segment, so it grows between observations; a window
+    /// observed gone (no base backup left) drops its series.
+    #[test]
+    fn the_window_gauges_age_at_scrape_time() {
+        let runs = Arc::new(RunMetrics::default());
+        runs.window(
+            "prod",
+            Some(ObservedWindow {
+                from: 500,
+                until: 1_000,
+                gap: false,
+            }),
+        );
+        runs.window(
+            "staging",
+            Some(ObservedWindow {
+                from: 100,
+                until: 2_000,
+                gap: true,
+            }),
+        );
+        let s = sources(Registry::new(), runs.clone(), Arc::default());
+        let text = encode(&registry_at(&s, || 1_100));
+        for line in [
+            "# TYPE rollcall_wal_newest_age_seconds gauge",
+            "rollcall_recoverable_from_timestamp_seconds{environment=\"prod\"} 500",
+            "rollcall_recoverable_until_timestamp_seconds{environment=\"prod\"} 1000",
+            "rollcall_wal_newest_age_seconds{environment=\"prod\"} 100",
+            "rollcall_wal_gap{environment=\"prod\"} 0",
+            // Archived after the scrape's clock: an age of zero, never negative.
+            "rollcall_wal_newest_age_seconds{environment=\"staging\"} 0",
+            "rollcall_wal_gap{environment=\"staging\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        let later = encode(&registry_at(&s, || 5_000));
+        assert!(
+            later
+                .lines()
+                .any(|l| l == "rollcall_wal_newest_age_seconds{environment=\"prod\"} 4000"),
+            "{later}"
+        );
+        runs.window("prod", None);
+        let gone = encode(&registry_at(&s, || 5_000));
+        assert!(
+            !gone.contains("{environment=\"prod\"}"),
+            "prod's series went with its window: {gone}"
+        );
+    }
+
     /// Dashboards and alert rules read these names and types; the histograms keep the
     /// `_sum`/`_count` series of the summary they replaced and add `_bucket`.
     #[test]
@@ -723,6 +846,10 @@ mod tests {
             "# TYPE rollcall_last_run_end_timestamp_seconds gauge",
             "# TYPE rollcall_last_success_timestamp_seconds gauge",
             "# TYPE rollcall_last_success_duration_seconds gauge",
+            "# TYPE rollcall_recoverable_from_timestamp_seconds gauge",
+            "# TYPE rollcall_recoverable_until_timestamp_seconds gauge",
+            "# TYPE rollcall_wal_newest_age_seconds gauge",
+            "# TYPE rollcall_wal_gap gauge",
             // A sub-second phase falls in the first bucket; buckets are cumulative.
             "rollcall_phase_duration_seconds_bucket{action=\"freeze\",le=\"1\"} 1",
             "rollcall_phase_duration_seconds_bucket{action=\"restore-postgres\",le=\"30\"} 0",
@@ -746,7 +873,7 @@ mod tests {
         assert!(!text.contains("kind=\"backup\",le="), "{text}");
         // Every family is declared once.
         let declared = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(declared, 19, "{text}");
+        assert_eq!(declared, 23, "{text}");
     }
 
     /// The verdict gauges the alert rules read: the newest ending of each environment and

@@ -1,5 +1,6 @@
 //! Scheduled runs: each environment's `backup_schedule` starts a backup run when it comes due,
-//! and each restore-test environment's `drill_schedule` starts a restore test (a drill of the
+//! its `base_backup_schedule` a base-backup run (a backup run of the built-in base-backup
+//! plan: the database agent's physical base backup), and each restore-test environment's `drill_schedule` starts a restore test (a drill of the
 //! environment, restoring its source's `latest` point or a random one of `random-within`).
 //! Both are cron expressions (5 fields: minute hour day-of-month month day-of-week, UTC; or 6
 //! fields with seconds first). A slot whose run cannot start because another run of the
@@ -23,6 +24,7 @@ use crate::store::RunKind;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scheduled {
     Backup,
+    BaseBackup,
     RestoreTest(PointPick),
 }
 
@@ -30,6 +32,7 @@ impl Scheduled {
     fn what(self) -> &'static str {
         match self {
             Scheduled::Backup => "backup",
+            Scheduled::BaseBackup => "base backup",
             Scheduled::RestoreTest(_) => "restore test",
         }
     }
@@ -47,7 +50,11 @@ pub async fn run<L: AgentLink + Clone + 'static>(engine: Engine<L>, cancel: Canc
             .backup_schedule
             .clone()
             .map(|expression| (expression, Scheduled::Backup));
-        for (expression, scheduled) in backup.into_iter().chain(restore_test) {
+        let base_backup = env
+            .base_backup_schedule
+            .clone()
+            .map(|expression| (expression, Scheduled::BaseBackup));
+        for (expression, scheduled) in backup.into_iter().chain(base_backup).chain(restore_test) {
             let schedule = match BackupSchedule::parse(&expression) {
                 Ok(s) => s,
                 Err(e) => {
@@ -93,10 +100,11 @@ async fn start<L: AgentLink + Clone + 'static>(
         plan: None,
         excluded: Vec::new(),
         to_time: None,
+        base_backup: scheduled == Scheduled::BaseBackup,
     };
     let what = scheduled.what();
     let (kind, point_id) = match scheduled {
-        Scheduled::Backup => (RunKind::Backup, None),
+        Scheduled::Backup | Scheduled::BaseBackup => (RunKind::Backup, None),
         Scheduled::RestoreTest(PointPick::Latest) => (RunKind::Drill, Some("latest".to_owned())),
         Scheduled::RestoreTest(PointPick::RandomWithin(window)) => {
             match engine

@@ -331,6 +331,13 @@ impl DataPlane {
                 .map(String::from),
             );
         }
+        if self
+            .postgres
+            .as_ref()
+            .is_some_and(|p| p.config.physical.is_some())
+        {
+            out.push("base-backup".into());
+        }
         if self.postgres.is_some() || self.objects.is_some() {
             out.push("preflight".into());
         }

@@ -372,6 +372,22 @@ impl DataPlane {
         };
         repository::finish_interrupted_swap(&physical.data_dir, &self.server_tools()?).await
     }
+
+    /// `base-backup`: a physical base backup of this agent's server (its own database URL,
+    /// whose role needs REPLICATION) into the repository, recorded under this agent's
+    /// environment, so restores of the environment to a time can start from it. Only with
+    /// `[postgres.physical]`: a server restored to a time is one whose data directory the
+    /// agent manages.
+    pub async fn base_backup(&self, repo: &RepositoryRef) -> Result<repository::BaseBackup> {
+        let (pg, _) = self.physical().context(
+            "base-backup needs [postgres.physical] in this database agent's agent.toml (the              data_dir of the server it backs up, which a restore to a time replaces)",
+        )?;
+        let repo = repo.open().await?;
+        let mut options = repository::BaseBackupOptions::new(pg.url()?);
+        options.env = Some(self.environment.clone());
+        options.bin_dir = pg.config.bin_dir.clone();
+        repository::base_backup(&repo, &options).await
+    }
 }
 
 fn prepare_output(

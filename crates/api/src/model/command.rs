@@ -46,6 +46,9 @@ pub enum Action {
         repository: RepositoryRef,
         point: String,
     },
+    /// Take a physical base backup of the agent's server, recorded under its environment
+    /// (`[postgres.physical]`).
+    BaseBackup { repository: RepositoryRef },
     Preflight {
         repository: RepositoryRef,
         point: String,
@@ -308,6 +311,7 @@ impl Action {
             Action::Freeze | Action::Unfreeze | Action::Scale(_) | Action::Restart => true,
             Action::BackupPostgres { .. }
             | Action::SnapshotObjects { .. }
+            | Action::BaseBackup { .. }
             | Action::RestorePostgres { .. }
             | Action::PreparePostgres { .. }
             | Action::CommitPostgres { .. }
@@ -333,6 +337,7 @@ impl Action {
             Action::Restart => ActionKind::Restart,
             Action::BackupPostgres { .. } => ActionKind::BackupPostgres,
             Action::SnapshotObjects { .. } => ActionKind::SnapshotObjects,
+            Action::BaseBackup { .. } => ActionKind::BaseBackup,
             Action::Preflight { .. } => ActionKind::Preflight,
             Action::RestorePostgres { .. } => ActionKind::RestorePostgres,
             Action::PreparePostgres { .. } => ActionKind::PreparePostgres,
@@ -381,10 +386,11 @@ pub enum ActionKind {
     PruneKept,
     TeardownPostgres,
     TeardownObjects,
+    BaseBackup,
 }
 
 impl ActionKind {
-    pub const ALL: [ActionKind; 22] = [
+    pub const ALL: [ActionKind; 23] = [
         ActionKind::Ping,
         ActionKind::Describe,
         ActionKind::Freeze,
@@ -407,6 +413,7 @@ impl ActionKind {
         ActionKind::PruneKept,
         ActionKind::TeardownPostgres,
         ActionKind::TeardownObjects,
+        ActionKind::BaseBackup,
     ];
 
     /// The action's name in command ids' logs, the journal and the drill report.
@@ -434,6 +441,7 @@ impl ActionKind {
             ActionKind::PruneKept => "prune-kept",
             ActionKind::TeardownPostgres => "teardown-postgres",
             ActionKind::TeardownObjects => "teardown-objects",
+            ActionKind::BaseBackup => "base-backup",
         }
     }
 }
@@ -488,6 +496,9 @@ impl TryFrom<pb::Command> for Command {
             Some(pb::command::Action::SnapshotObjects(a)) => Action::SnapshotObjects {
                 repository: repository(a.repository)?,
                 point: point_id(a.point_id)?,
+            },
+            Some(pb::command::Action::BaseBackup(a)) => Action::BaseBackup {
+                repository: repository(a.repository)?,
             },
             Some(pb::command::Action::Preflight(a)) => {
                 let (point, to_time) = point_or_time(a.point_id, &a.to_time)?;
@@ -630,6 +641,9 @@ impl From<Command> for pb::Command {
                     point_id: point,
                 })
             }
+            Action::BaseBackup { repository } => pb::command::Action::BaseBackup(pb::BaseBackup {
+                repository: Some(repository.into()),
+            }),
             Action::Preflight {
                 repository,
                 point,

@@ -385,6 +385,9 @@ pub enum ActionOutput {
     Unfreeze(FreezeOutput),
     BackupPostgres(Box<repository::PgBackupPart>),
     SnapshotObjects(Box<repository::ObjectSnapshotPart>),
+    /// The base backup's record as committed (id, environment, `consistent_at`, size, the WAL
+    /// range it needs).
+    BaseBackup(Box<repository::BaseBackup>),
     Preflight(PreflightOutput),
     RestorePostgres(RestorePostgresOutput),
     PreparePostgres(PreparePostgresOutput),
@@ -411,6 +414,7 @@ impl ActionOutput {
             ActionOutput::Unfreeze(_) => ActionKind::Unfreeze,
             ActionOutput::BackupPostgres(_) => ActionKind::BackupPostgres,
             ActionOutput::SnapshotObjects(_) => ActionKind::SnapshotObjects,
+            ActionOutput::BaseBackup(_) => ActionKind::BaseBackup,
             ActionOutput::Preflight(_) => ActionKind::Preflight,
             ActionOutput::RestorePostgres(_) => ActionKind::RestorePostgres,
             ActionOutput::PreparePostgres(_) => ActionKind::PreparePostgres,
@@ -451,6 +455,7 @@ impl ActionOutput {
             ActionKind::Unfreeze => ActionOutput::Unfreeze(read(action, body)?),
             ActionKind::BackupPostgres => ActionOutput::BackupPostgres(read(action, body)?),
             ActionKind::SnapshotObjects => ActionOutput::SnapshotObjects(read(action, body)?),
+            ActionKind::BaseBackup => ActionOutput::BaseBackup(read(action, body)?),
             ActionKind::Preflight => ActionOutput::Preflight(read(action, body)?),
             ActionKind::RestorePostgres => ActionOutput::RestorePostgres(read(action, body)?),
             ActionKind::PreparePostgres => ActionOutput::PreparePostgres(read(action, body)?),
@@ -485,6 +490,7 @@ impl ActionOutput {
             | ActionOutput::Unfreeze(_)
             | ActionOutput::BackupPostgres(_)
             | ActionOutput::SnapshotObjects(_)
+            | ActionOutput::BaseBackup(_)
             | ActionOutput::RestorePostgres(_)
             | ActionOutput::PreparePostgres(_)
             | ActionOutput::CommitPostgres(_)

@@ -167,6 +167,7 @@ pub(super) fn agent_actions(
             repository,
             point: point()?,
         }],
+        Action::BaseBackup => vec![AgentAction::BaseBackup { repository }],
         Action::Preflight => vec![AgentAction::Preflight {
             repository,
             point: restored()?,

@@ -409,6 +409,8 @@ impl<L: AgentLink + Clone + 'static> Inner<L> {
                 if passed && phase.action == Action::TeardownObjects {
                     self.sharded_quarantines(run_id, phase, env, attempt, detail)
                         .await?
+                } else if passed && phase.action == Action::BaseBackup {
+                    self.base_backup_taken(run_id, phase).await?
                 } else {
                     (passed, detail)
                 }

@@ -75,6 +75,9 @@ pub struct StartRun {
     /// Restore to this time instead of a point (`--to-time`): Postgres from the environment's
     /// base backups and archived WAL, objects to the same time. Exclusive with `point_id`.
     pub to_time: Option<DateTime<Utc>>,
+    /// A backup run that takes a physical base backup (the built-in base-backup plan,
+    /// `rollcall backup --base`, `base_backup_schedule`) instead of a recovery point.
+    pub base_backup: bool,
 }
 
 /// Why a run cannot start now: another run of the same environment is unfinished (see
@@ -425,6 +428,16 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
     }
 
     fn plan_for(&self, env: &Environment, request: &StartRun) -> Result<Plan> {
+        if request.base_backup {
+            if request.kind != RunKind::Backup || request.plan.is_some() {
+                bail!(
+                    "a base backup is a backup run of the built-in base-backup plan: start it \
+                     with `rollcall backup --env {} --base`, without a plan",
+                    env.name
+                );
+            }
+            return base_backup_plan(env);
+        }
         let plan = match (&request.plan, request.kind) {
             (None, RunKind::Backup) => env.backup_plan.clone(),
             (None, RunKind::Undo) => Plan::undo_plan(&env.fleet).map_err(|e| anyhow!("{e}"))?,
@@ -491,7 +504,9 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             .into());
         }
         let now = Utc::now();
-        let point_id = if request.kind == RunKind::Backup {
+        let point_id = if request.base_backup {
+            None
+        } else if request.kind == RunKind::Backup {
             Some(repository::PointId::new(env.name.as_str(), now)?.to_string())
         } else if request.to_time.is_none() && plan.phases.iter().any(|p| needs_point(p.action)) {
             Some(self.resolve_point(env, request.point_id.as_deref()).await?)
@@ -911,6 +926,19 @@ pub fn to_time_of(params: &serde_json::Value) -> Option<DateTime<Utc>> {
     serde_json::from_value::<ToTime>(params.clone())
         .ok()
         .and_then(|t| t.to_time)
+}
+
+/// The built-in base-backup plan against `env`'s fleet, refused (naming what to declare) when
+/// the fleet has no database agent to take it.
+pub fn base_backup_plan(env: &Environment) -> Result<Plan> {
+    if env.fleet.get("database").copied().unwrap_or(0) == 0 {
+        bail!(
+            "environment {} declares no database agent: a base backup is taken by the database \
+             agent (with [postgres.physical] in its agent.toml); declare one in its fleet",
+            env.name
+        );
+    }
+    Plan::base_backup_plan(&env.fleet).map_err(|e| anyhow!("{e}"))
 }
 
 fn restore_test_kind(env: &Environment, kind: RunKind) -> Result<()> {

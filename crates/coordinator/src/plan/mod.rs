@@ -20,6 +20,10 @@ pub const DEFAULT_PLAN_NAME: &str = "deploy/plans/default.toml";
 /// and embedded here; `Plan::backup_plan` drops the phases of roles a fleet does not declare.
 pub const BACKUP_PLAN: &str = include_str!("../../../../deploy/plans/backup.toml");
 
+/// The plan of base-backup runs (`rollcall backup --base`, `base_backup_schedule`), shipped
+/// in `deploy/plans/base-backup.toml` and embedded here.
+pub const BASE_BACKUP_PLAN: &str = include_str!("../../../../deploy/plans/base-backup.toml");
+
 /// The plan of undo runs (`rollcall run undo RUN`), shipped in `deploy/plans/undo.toml` and
 /// embedded here; `Plan::undo_plan` drops the phases of roles a fleet does not declare.
 pub const UNDO_PLAN: &str = include_str!("../../../../deploy/plans/undo.toml");
@@ -88,6 +92,8 @@ pub enum Action {
     SnapshotObjects,
     /// Commit the recovery point from the parts the backup phases produced; coordinator-side.
     WritePoint,
+    /// A physical base backup of the database agent's server (base-backup runs).
+    BaseBackup,
     /// Wait for `params.approvals` operators other than the run's starter to approve it (the
     /// two-person rule); coordinator-side, changes nothing. The engine puts one before the
     /// first phase that may change anything of an environment with `approvals`
@@ -100,7 +106,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 21] = [
+    pub const ALL: [Action; 22] = [
         Action::Preflight,
         Action::Freeze,
         Action::Scale,
@@ -119,6 +125,7 @@ impl Action {
         Action::BackupPostgres,
         Action::SnapshotObjects,
         Action::WritePoint,
+        Action::BaseBackup,
         Action::Approve,
         Action::TeardownPostgres,
         Action::TeardownObjects,
@@ -144,6 +151,7 @@ impl Action {
             Action::BackupPostgres => "backup-postgres",
             Action::SnapshotObjects => "snapshot-objects",
             Action::WritePoint => "write-point",
+            Action::BaseBackup => "base-backup",
             Action::TeardownPostgres => "teardown-postgres",
             Action::TeardownObjects => "teardown-objects",
             Action::Approve => "approve",
@@ -162,6 +170,7 @@ impl Action {
             | Action::CommitPostgres
             | Action::UndoPostgres
             | Action::TeardownPostgres
+            | Action::BaseBackup
             | Action::BackupPostgres => Some("database"),
             Action::RestoreObjects
             | Action::UndoObjects
@@ -338,6 +347,16 @@ impl Plan {
             text = drop_phase(&text, "snapshot-objects");
         }
         Plan::parse(Path::new("built-in backup plan"), &text, Some(fleet))
+    }
+
+    /// The base-backup plan for a fleet; an error naming the environment's missing database
+    /// agent when the fleet declares none (only a database agent takes base backups).
+    pub fn base_backup_plan(fleet: &Fleet) -> Result<Plan, PlanErrors> {
+        Plan::parse(
+            Path::new("built-in base-backup plan"),
+            BASE_BACKUP_PLAN,
+            Some(fleet),
+        )
     }
 
     /// The undo plan against `fleet`, without the phases of roles it does not declare.
@@ -706,6 +725,31 @@ pub(crate) mod tests {
         .into_iter()
         .map(|(r, n)| (r.to_owned(), n))
         .collect()
+    }
+
+    #[test]
+    fn the_base_backup_plan_is_one_phase_on_the_database_agent() {
+        let plan = Plan::base_backup_plan(&fleet()).unwrap();
+        assert_eq!(plan.name, "base-backup");
+        let phases: Vec<(&str, Action, Vec<String>)> = plan
+            .phases
+            .iter()
+            .map(|p| (p.name.as_str(), p.action, p.roles.clone()))
+            .collect();
+        assert_eq!(
+            phases,
+            [(
+                "base-backup",
+                Action::BaseBackup,
+                vec!["database".to_owned()]
+            )]
+        );
+        assert_eq!(Action::parse("base-backup"), Some(Action::BaseBackup));
+        assert_eq!(Action::BaseBackup.only_role(), Some("database"));
+        // A fleet without a database agent has nobody to take it.
+        let mut no_db = fleet();
+        no_db.remove("database");
+        assert!(Plan::base_backup_plan(&no_db).is_err());
     }
 
     #[test]

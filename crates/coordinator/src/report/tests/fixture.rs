@@ -44,6 +44,7 @@ pub(super) fn environment(secrets: Vec<SecretRef>) -> Environment {
         retention: Duration::from_secs(14 * 24 * 3600),
         repository: "s3://cowork-backups/prod".to_owned(),
         backup_schedule: None,
+        base_backup_schedule: None,
         plan: Plan::default_plan(Some(&fleet)).unwrap(),
         backup_plan: Plan::backup_plan(&fleet).unwrap(),
         fleet,

@@ -350,6 +350,73 @@ mod tests {
         }
     }
 
+    /// Lays out `segments` archived segments (a record and a body each, as `wal_push` names
+    /// them) of timeline 1 from segment 1 in a file:// repository, without a push each.
+    fn lay_out_wal(root: &std::path::Path, segments: u64, skip: Option<u64>) {
+        let dir = root.join(crate::wal::WAL).join("00000001");
+        std::fs::create_dir_all(&dir).unwrap();
+        for n in (1..=segments).filter(|n| Some(*n) != skip) {
+            let name = crate::wal::segment_name_in("00000001", n, 0x100);
+            std::fs::write(dir.join(format!("{name}.json")), b"{}").unwrap();
+            std::fs::write(dir.join(format!("{name}-{:064x}.zst", n)), b"x").unwrap();
+        }
+    }
+
+    /// The window the RPO metric reads every observe interval, over an archive of 10,000
+    /// segments (20,000 objects) in a file:// repository: one listing, no record read. Run with
+    /// `--ignored --nocapture` to print the time (bench/README.md keeps the figure).
+    #[tokio::test]
+    #[ignore = "a measurement: prints how long the window takes over 10,000 segments"]
+    async fn the_window_over_ten_thousand_segments_is_one_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        lay_out_wal(dir.path(), 10_000, None);
+        let url = format!("file://{}", dir.path().display());
+        let repo = Repository::open(&url, crate::RepositoryOptions::default())
+            .await
+            .unwrap();
+        let bases = [base(
+            "b1",
+            "prod",
+            "2026-12-01T00:00:00Z",
+            "000000010000000000000002",
+        )];
+        let mut took = Vec::new();
+        for _ in 0..5 {
+            let started = std::time::Instant::now();
+            let window = recovery_window(&repo, &bases).await.unwrap().unwrap();
+            took.push(started.elapsed());
+            assert_eq!(
+                window.newest_segment,
+                crate::wal::segment_name_in("00000001", 10_000, 0x100)
+            );
+        }
+        took.sort();
+        eprintln!(
+            "recovery_window over 10,000 archived segments (20,000 objects, file://): median \
+             {:?}, min {:?}, max {:?}",
+            took[2], took[0], took[4]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_window_stops_at_a_missing_segment_and_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        lay_out_wal(dir.path(), 300, Some(0x120));
+        let url = format!("file://{}", dir.path().display());
+        let repo = Repository::open(&url, crate::RepositoryOptions::default())
+            .await
+            .unwrap();
+        let bases = [base(
+            "b1",
+            "prod",
+            "2026-12-01T00:00:00Z",
+            "000000010000000000000002",
+        )];
+        let window = recovery_window(&repo, &bases).await.unwrap().unwrap();
+        assert_eq!(window.newest_segment, "00000001000000010000001F");
+        assert_eq!(window.gap_at.as_deref(), Some("000000010000000100000020"));
+    }
+
     #[tokio::test]
     async fn retention_keeps_the_base_backup_the_window_starts_from_and_the_wal_it_needs() {
         let repo = Repository::from_store(
