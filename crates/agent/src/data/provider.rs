@@ -12,7 +12,7 @@
 //! Inputs come in `ROLLCALL_*` environment variables, never a password or a repository key;
 //! stdin is closed, stdout is one JSON object, stderr's last line explains a failure.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -734,17 +734,16 @@ fn millis(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The program of `command` as it will run (for messages and tests).
-#[cfg(test)]
-fn program(config: &ProviderConfig) -> PathBuf {
-    PathBuf::from(&config.command[0])
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use std::path::PathBuf;
+
+    fn program(config: &ProviderConfig) -> PathBuf {
+        PathBuf::from(&config.command[0])
+    }
 
     fn t(text: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(text)
