@@ -528,7 +528,12 @@ impl DataPlane {
             ],
         )?;
         let what = format!("provider adapter `{}` restore", call.config.shown());
-        let out = call.run().await?;
+        let out = call.run().await.map_err(|e| {
+            anyhow::anyhow!(
+                "{}; nothing live was changed (the adapter named no instance to release)",
+                api::errors::one_line(&*e)
+            )
+        })?;
         let instance = reported_instance(&out);
         let copied = async {
             let restored =
@@ -592,7 +597,10 @@ impl DataPlane {
                     ),
                     _ => "; the adapter named no instance to release".to_owned(),
                 };
-                return Err(e.context(format!("nothing live was changed{release}")));
+                return Err(anyhow::anyhow!(
+                    "{}; nothing live was changed{release}",
+                    api::errors::one_line(&*e)
+                ));
             }
         };
         let release = match released {
