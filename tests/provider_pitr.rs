@@ -36,7 +36,8 @@ const NOW_RFC3339: &str = "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 
 
 /// The stand-in provider adapter. `@ROLLCALL@`, `@REPO@`, `@STATE@` and `@BIN@` are replaced
 /// by the test. Switches in `@STATE@`: `fail-restore` makes `restore` exit 3 with a message on
-/// stderr; `restored-to` holds a time `restore` reports instead of the one asked for.
+/// stderr; `restored-to` holds a time `restore` reports instead of the one asked for;
+/// `bad-url` makes it report an instance at a URL that takes no connection.
 const STAND_IN: &str = r#"#!/bin/sh
 # A stand-in managed Postgres provider for rollcall's exec adapter contract.
 set -u
@@ -57,6 +58,11 @@ restore)
   id="pitr-$ROLLCALL_RUN_TAG-$$"
   dir="$state/$id"
   mkdir -p "$dir" && chmod 755 "$dir"
+  if [ -e "$state/bad-url" ]; then
+    printf '{"database_url": "postgres://postgres@127.0.0.1:1/%s", "restored_to": "%s", "instance": "%s"}\n' \
+      "$ROLLCALL_DATABASE" "$ROLLCALL_TO_TIME" "$id"
+    exit 0
+  fi
   [ "$(id -u)" = 0 ] && chown postgres:postgres "$dir"
   if ! @ROLLCALL@ repo restore-postgres --repo @REPO@ --to-time "$ROLLCALL_TO_TIME" --data-dir "$dir/data" > "$dir/restore.json" 2> "$dir/restore.err"; then
     tail -n 1 "$dir/restore.err" >&2
@@ -143,6 +149,10 @@ fn calls(state: &Path) -> Vec<String> {
         .lines()
         .map(str::to_owned)
         .collect()
+}
+
+fn plane_error<T: std::fmt::Debug>(result: anyhow::Result<T>) -> String {
+    api::errors::one_line(&*result.unwrap_err())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,6 +434,95 @@ async fn a_drill_to_a_time_through_a_managed_providers_adapter() {
     assert!(instances(&state).is_empty(), "{:?}", instances(&state));
     assert_eq!(ids(&cluster, "app"), (1..=120).collect::<Vec<_>>());
     assert_eq!(databases(&cluster), ["app"]);
+
+    // The database agent's prepare on its own (as a re-sent command runs it): a second prepare
+    // of the same run and time keeps the copy the first made, without calling the provider.
+    let url_file = dir.path().join("direct-url");
+    std::fs::write(&url_file, &db_url).unwrap();
+    let direct = |timeout_s: u64| {
+        let config: agent::data::PostgresConfig = toml::from_str(&format!(
+            "url_file = \"{}\"\nbin_dir = \"{}\"\n[provider]\ncommand = [\"{}\"]\n\
+             timeout_s = {timeout_s}\n",
+            url_file.display(),
+            cluster.bin_dir().display(),
+            adapter.display()
+        ))
+        .unwrap();
+        agent::data::DataPlane::from_config(
+            &dir.path().join("direct.toml"),
+            "db-direct",
+            "test",
+            Some(&config),
+            None,
+        )
+        .unwrap()
+    };
+    let plane = direct(300);
+    let progress = agent::progress::Reporter::new(|_| {});
+    let repo_ref = api::model::RepositoryRef {
+        url: repo_url.clone(),
+        ..Default::default()
+    };
+    let at = chrono::DateTime::parse_from_rfc3339(&target)
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let restores = || {
+        calls(&state)
+            .iter()
+            .filter(|c| c.starts_with("restore "))
+            .count()
+    };
+    let before = restores();
+    let first = plane
+        .prepare_postgres_to_time(&repo_ref, at, "direct-1", &progress)
+        .await
+        .unwrap();
+    let copy = format!("app_restore_{}", fleet::run_tag("direct-1"));
+    assert_eq!(first.restore_database, copy);
+    assert_eq!(first.counts["notes"], 110, "{first:?}");
+    assert_eq!(ids(&cluster, &copy), (1..=110).collect::<Vec<_>>());
+    assert!(instances(&state).is_empty(), "{:?}", instances(&state));
+    let again = plane
+        .prepare_postgres_to_time(&repo_ref, at, "direct-1", &progress)
+        .await
+        .unwrap();
+    assert_eq!(restores(), before + 1, "the provider was not called again");
+    assert_eq!(again.counts["notes"], 110);
+    assert!(
+        again
+            .physical
+            .as_ref()
+            .unwrap()
+            .detail
+            .starts_with("kept the copy an earlier prepare made"),
+        "{again:?}"
+    );
+    // The copy a run never swapped in is what `kept` lists and prunes.
+    let kept = plane.list_kept().await.unwrap();
+    assert!(kept.kept.iter().any(|k| k.name == copy), "{:?}", kept.kept);
+    let pruned = plane.prune_kept(std::slice::from_ref(&copy)).await;
+    assert_eq!(pruned.dropped, [copy.clone()], "{pruned:?}");
+    assert_eq!(databases(&cluster), ["app"]);
+
+    // An endpoint that takes no connection (within the adapter's timeout_s): refused, the
+    // instance released, nothing live changed.
+    std::fs::write(state.join("bad-url"), b"").unwrap();
+    let err = plane_error(
+        direct(3)
+            .prepare_postgres_to_time(&repo_ref, at, "direct-2", &progress)
+            .await,
+    );
+    std::fs::remove_file(state.join("bad-url")).unwrap();
+    assert!(
+        err.contains("does not take connections")
+            && err.contains("postgres://postgres@127.0.0.1:1/app")
+            && err.contains("nothing live was changed; instance pitr-")
+            && err.contains("released"),
+        "{err}"
+    );
+    assert!(instances(&state).is_empty(), "{:?}", instances(&state));
+    assert_eq!(databases(&cluster), ["app"]);
+    assert_eq!(ids(&cluster, "app"), (1..=120).collect::<Vec<_>>());
 
     // The drill.
     let done = run(&[

@@ -53,7 +53,8 @@ fn default_timeout() -> u64 {
 const PIPES_GRACE: Duration = Duration::from_secs(5);
 /// The most of the adapter's stdout read: one small JSON object is expected.
 const STDOUT_LIMIT: usize = 1 << 20;
-/// How long the restored instance's URL may take to accept a connection.
+/// How long the restored instance's URL may take to accept a connection (at most the
+/// adapter's own `timeout_s`).
 const CONNECT_WITHIN: Duration = Duration::from_secs(300);
 
 impl ProviderConfig {
@@ -546,7 +547,8 @@ impl DataPlane {
                     shown(at)
                 );
             }
-            wait_for_connection(&restored.database_url, CONNECT_WITHIN)
+            let within = CONNECT_WITHIN.min(Duration::from_secs(call.config.timeout_s));
+            wait_for_connection(&restored.database_url, within)
                 .await
                 .with_context(|| {
                     format!(
