@@ -501,7 +501,7 @@ async fn a_drill_to_a_time_through_a_managed_providers_adapter() {
     let kept = plane.list_kept().await.unwrap();
     assert!(kept.kept.iter().any(|k| k.name == copy), "{:?}", kept.kept);
     let pruned = plane.prune_kept(std::slice::from_ref(&copy)).await;
-    assert_eq!(pruned.dropped, [copy.clone()], "{pruned:?}");
+    assert_eq!(pruned.dropped, std::slice::from_ref(&copy), "{pruned:?}");
     assert_eq!(databases(&cluster), ["app"]);
 
     // An endpoint that takes no connection (within the adapter's timeout_s): refused, the
@@ -601,6 +601,14 @@ async fn a_drill_to_a_time_through_a_managed_providers_adapter() {
         "{report}"
     );
     assert_eq!(t["kept_dir"], kept.as_str(), "{report}");
+    let md = run(&["report", &run_id]);
+    let md = String::from_utf8_lossy(&md.stdout).into_owned();
+    assert!(
+        md.contains("Restored to a time")
+            && md.contains(&format!("provider instance pitr-{tag}-"))
+            && md.contains(&format!("`{kept}`")),
+        "{md}"
+    );
 
     for p in &mut procs {
         p.terminate(Duration::from_secs(10));

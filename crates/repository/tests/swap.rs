@@ -826,14 +826,16 @@ async fn an_interrupted_swap_that_cannot_carry_the_freeze_puts_the_live_database
 async fn a_copy_from_another_server_is_swapped_in_under_its_mark() {
     let cluster = owned_cluster();
     let source = Cluster::start().expect("start the source server");
-    source.create_database("restored").unwrap();
+    source
+        .create_database("restored")
+        .expect("create the source database");
     source
         .psql(
             "restored",
             "CREATE TABLE notes (id int PRIMARY KEY, body text); \
              INSERT INTO notes SELECT g, 'restored ' || g FROM generate_series(1, 50) g",
         )
-        .unwrap();
+        .expect("write the source rows");
     let options = CopyOptions {
         bin_dir: Some(cluster.bin_dir().to_path_buf()),
         connect_timeout: CONNECT,
@@ -841,7 +843,9 @@ async fn a_copy_from_another_server_is_swapped_in_under_its_mark() {
     let live = as_owner(&cluster, "live");
 
     // A source that refuses (no such database): nothing is marked, the live one untouched.
-    let mut swap = DatabaseSwap::connect(&live, TAG, CONNECT).await.unwrap();
+    let mut swap = DatabaseSwap::connect(&live, TAG, CONNECT)
+        .await
+        .expect("connect the swap");
     let err = copy_into_swap(
         &mut swap,
         &source.url("missing"),
@@ -855,7 +859,9 @@ async fn a_copy_from_another_server_is_swapped_in_under_its_mark() {
     swap.close().await;
     live_and_open(&cluster, 1).await;
 
-    let mut swap = DatabaseSwap::connect(&live, TAG, CONNECT).await.unwrap();
+    let mut swap = DatabaseSwap::connect(&live, TAG, CONNECT)
+        .await
+        .expect("connect the swap");
     let copied = copy_into_swap(
         &mut swap,
         &source.url("restored"),
@@ -864,7 +870,7 @@ async fn a_copy_from_another_server_is_swapped_in_under_its_mark() {
         &options,
     )
     .await
-    .unwrap();
+    .expect("copy the source");
     assert_eq!(copied.counts.get("notes"), Some(&50));
     assert!(copied.source_version.starts_with("15"), "{copied:?}");
     let wrong = commit_swap_marked(&mut swap, "copy 2", "copy two")
@@ -877,7 +883,7 @@ async fn a_copy_from_another_server_is_swapped_in_under_its_mark() {
     live_and_open(&cluster, 1).await;
     let committed = commit_swap_marked(&mut swap, "copy 1", "copy one")
         .await
-        .unwrap();
+        .expect("swap the copy in");
     assert_eq!(committed, Committed::Swapped);
     swap.close().await;
     live_and_open(&cluster, 50).await;
@@ -889,7 +895,7 @@ async fn a_copy_from_another_server_is_swapped_in_under_its_mark() {
                 "live",
                 "SELECT tableowner FROM pg_tables WHERE tablename = 'notes'"
             )
-            .unwrap()
+            .expect("read the owner")
             .trim(),
         OWNER
     );
