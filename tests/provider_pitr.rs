@@ -588,6 +588,24 @@ async fn a_drill_to_a_time_through_a_managed_providers_adapter() {
         "{all:?}"
     );
 
+    // A prepare of this run sent again after its commit: refused before the provider is
+    // called, nothing changed.
+    let before = restores();
+    let late = plane_error(
+        plane
+            .prepare_postgres_to_time(&repo_ref, at, &run_id, &progress)
+            .await,
+    );
+    assert!(
+        late.contains("already swapped a restore in") && late.contains(&kept),
+        "{late}"
+    );
+    assert_eq!(restores(), before);
+    assert_eq!(
+        ids(&cluster, "app"),
+        (1..=110).chain([1000]).collect::<Vec<_>>()
+    );
+
     // The report names the time and the provider's instance.
     let report = run(&["report", &run_id, "--format", "json"]);
     assert!(report.status.success(), "{report:?}");

@@ -127,12 +127,9 @@ fn parse_object(stdout: &[u8]) -> Result<serde_json::Value> {
     if text.trim().is_empty() {
         bail!("it printed nothing on stdout (expected one JSON object)");
     }
-    let value: serde_json::Value = serde_json::from_str(text.trim()).map_err(|e| {
-        anyhow::anyhow!(
-            "stdout is not one JSON object ({e}): {:?}",
-            text.trim().chars().take(120).collect::<String>()
-        )
-    })?;
+    // The text itself is not echoed: it may hold the new endpoint's password.
+    let value: serde_json::Value = serde_json::from_str(text.trim())
+        .map_err(|e| anyhow::anyhow!("stdout is not one JSON object ({e})"))?;
     if !value.is_object() {
         bail!("stdout is JSON but not an object");
     }
@@ -485,7 +482,20 @@ impl DataPlane {
             Ok(repository::SwapState::Fresh {
                 stale_restore: true,
             }) => swap.prepared_for(&mark).await,
-            Ok(_) => Ok(false),
+            Ok(repository::SwapState::Fresh { .. }) => Ok(false),
+            // Before the provider makes an instance nobody would use.
+            Ok(repository::SwapState::Swapped | repository::SwapState::Interrupted) => {
+                Err(anyhow::anyhow!(
+                    "this run already swapped a restore in ({} holds the database it \
+                     replaced): there is nothing left to prepare",
+                    names.pre
+                ))
+            }
+            Ok(repository::SwapState::NoLive) => Err(anyhow::anyhow!(
+                "the live database {} does not exist (and no swap of this run is under \
+                 way); check the database URL — refusing to guess",
+                names.live
+            )),
             Err(e) => Err(e),
         };
         swap.close().await;
@@ -772,7 +782,7 @@ mod tests {
         assert_eq!(w.latest, t("2026-12-06T11:30:00.5Z"));
         for (bad, says) in [
             (&b""[..], "printed nothing"),
-            (b"not json", "not one JSON object"),
+            (b"not json postgres://u:secret@h/db", "not one JSON object"),
             (b"[1]", "not an object"),
             (br#"{"earliest": "2026-12-06T10:00:00Z"}"#, "\"latest\""),
             (
@@ -787,6 +797,7 @@ mod tests {
         ] {
             let err = parse_window(bad).unwrap_err().to_string();
             assert!(err.contains(says), "{err}");
+            assert!(!err.contains("secret"), "{err}");
         }
     }
 
