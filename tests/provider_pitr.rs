@@ -473,10 +473,17 @@ async fn a_drill_to_a_time_through_a_managed_providers_adapter() {
             .count()
     };
     let before = restores();
+    let started = std::time::Instant::now();
     let first = plane
         .prepare_postgres_to_time(&repo_ref, at, "direct-1", &progress)
         .await
         .unwrap();
+    eprintln!(
+        "figure: a prepare through the stand-in provider (restore, copy, release) took {:?} \
+         (the agent's elapsed_ms: {})",
+        started.elapsed(),
+        first.elapsed_ms
+    );
     let copy = format!("app_restore_{}", fleet::run_tag("direct-1"));
     assert_eq!(first.restore_database, copy);
     assert_eq!(first.counts["notes"], 110, "{first:?}");
@@ -525,6 +532,7 @@ async fn a_drill_to_a_time_through_a_managed_providers_adapter() {
     assert_eq!(ids(&cluster, "app"), (1..=120).collect::<Vec<_>>());
 
     // The drill.
+    let started = std::time::Instant::now();
     let done = run(&[
         "drill",
         "--env",
@@ -538,6 +546,10 @@ async fn a_drill_to_a_time_through_a_managed_providers_adapter() {
         done.status.success(),
         "{done:?}\n{}",
         log_tails(dir.path(), 60)
+    );
+    eprintln!(
+        "figure: the drill to a time through the provider took {:?}",
+        started.elapsed()
     );
     let listed: serde_json::Value =
         serde_json::from_slice(&run(&["runs", "--json"]).stdout).unwrap();
