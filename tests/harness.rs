@@ -620,6 +620,7 @@ pub fn test_environment(
         approvals: 0,
         approval_timeout: Duration::from_secs(3600),
         restore_test: None,
+        pitr: coordinator::config::Pitr::Repository,
         plan: Plan::parse(Path::new("plan.toml"), plan_text, Some(&fleet)).unwrap(),
         fleet,
     }

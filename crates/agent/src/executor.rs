@@ -592,7 +592,7 @@ async fn data_action(
             to_time,
         } => ActionOutput::PreparePostgres(match to_time {
             Some(at) => {
-                data.prepare_to_time(repository, *at, run_id, progress)
+                data.prepare_postgres_to_time(repository, *at, run_id, progress)
                     .await?
             }
             None => {
@@ -602,7 +602,7 @@ async fn data_action(
         }),
         Action::CommitPostgres { point, to_time, .. } => {
             ActionOutput::CommitPostgres(match to_time {
-                Some(at) => data.commit_to_time(*at, run_id, progress).await?,
+                Some(at) => data.commit_postgres_to_time(*at, run_id, progress).await?,
                 None => data.commit_postgres(point, run_id, progress).await?,
             })
         }

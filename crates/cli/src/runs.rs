@@ -576,6 +576,9 @@ pub async fn points(connection: &Connection, env: Option<&str>, json: bool) -> R
             .windows
             .iter()
             .map(|w| {
+                if w.provider {
+                    return serde_json::json!({"environment": w.environment, "provider": true});
+                }
                 serde_json::json!({
                     "environment": w.environment,
                     "earliest": unix_ms_rfc3339(w.earliest_unix_ms),
@@ -583,6 +586,7 @@ pub async fn points(connection: &Connection, env: Option<&str>, json: bool) -> R
                     "newest_segment": w.newest_segment,
                     "gap_at": (!w.gap_at.is_empty()).then_some(&w.gap_at),
                     "base_backups": w.base_backups,
+                    "provider": false,
                 })
             })
             .collect();
@@ -596,6 +600,14 @@ pub async fn points(connection: &Connection, env: Option<&str>, json: bool) -> R
         eprintln!("warning: damaged point file, not listed: {d}");
     }
     for w in &listing.windows {
+        if w.provider {
+            outln!(
+                "{}: Postgres restorable to a time within the managed provider's own window \
+                 (pitr = \"provider\"): the database agent's adapter reports it at preflight",
+                w.environment
+            );
+            continue;
+        }
         outln!(
             "{}: Postgres restorable to any time from {} to {} ({} base backup(s), newest WAL \
              segment {}){}",

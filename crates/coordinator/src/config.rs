@@ -167,6 +167,24 @@ pub struct EnvironmentConfig {
     /// Or a random point of the source committed within this long before the run.
     #[serde(rename = "random-within", with = "humantime_serde", default)]
     pub random_within: Option<Duration>,
+    /// What restores Postgres to a time (`--to-time`): `repository` (the default: base
+    /// backups and WAL in the repository, `[postgres.physical]`) or `provider` (a managed
+    /// provider's own, through the database agent's `[postgres.provider]` adapter).
+    #[serde(default)]
+    pub pitr: Pitr,
+}
+
+/// `[environments.NAME] pitr`: whose point-in-time recovery a run to a time uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pitr {
+    /// Base backups and WAL archived in the environment's repository: the coordinator checks
+    /// the window before it starts the run.
+    #[default]
+    Repository,
+    /// The managed provider's own: its window is the database agent's adapter's to report,
+    /// at preflight.
+    Provider,
 }
 
 fn default_approval_timeout() -> Duration {
@@ -366,6 +384,8 @@ pub struct Environment {
     pub approval_timeout: Duration,
     /// Set on a restore-test environment (`restore_from`).
     pub restore_test: Option<RestoreTest>,
+    /// Whose point-in-time recovery a run to a time uses.
+    pub pitr: Pitr,
 }
 
 /// What makes an environment a restore-test environment: whose points it restores, what its
@@ -900,6 +920,7 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
         approvals: env.approvals,
         approval_timeout: env.approval_timeout,
         restore_test: None,
+        pitr: env.pitr,
     })
 }
 
@@ -1263,6 +1284,30 @@ key = "certs/coordinator-key.pem"
         assert!(
             err.contains("environments.prod.repository s3:///prefix")
                 && err.contains("fix the URL"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_environment_restored_to_a_time_by_its_provider_says_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let env = |pitr: &str| {
+            format!(
+                "{MINIMAL}\n[environments.prod]\nrpo = \"24h\"\nrto = \"4h\"\n\
+                 retention = \"30days\"\nrepository = \"file://repo/prod\"\n{pitr}\n\
+                 fleet = {{ web = 1, database = 1, objects = 1 }}\n"
+            )
+        };
+        let loaded = load(&write(dir.path(), &env(""))).expect("load");
+        assert_eq!(loaded.environments["prod"].pitr, Pitr::Repository);
+        let loaded = load(&write(dir.path(), &env("pitr = \"provider\""))).expect("load");
+        assert_eq!(loaded.environments["prod"].pitr, Pitr::Provider);
+        let err = format!(
+            "{:#}",
+            load(&write(dir.path(), &env("pitr = \"rds\""))).expect_err("not a choice")
+        );
+        assert!(
+            err.contains("rollcall.toml") && err.contains("repository") && err.contains("provider"),
             "{err}"
         );
     }

@@ -637,7 +637,18 @@ impl op::operator_service_server::OperatorService for OperatorApi {
                 newest_segment: w.newest_segment,
                 gap_at: w.gap_at.unwrap_or_default(),
                 base_backups: w.base_backups as u32,
+                provider: false,
             })
+            .chain(
+                listing
+                    .provider_windows
+                    .into_iter()
+                    .map(|environment| op::RecoveryWindow {
+                        environment,
+                        provider: true,
+                        ..op::RecoveryWindow::default()
+                    }),
+            )
             .collect();
         Ok(Response::new(op::ListPointsResponse {
             points,

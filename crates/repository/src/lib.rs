@@ -56,6 +56,7 @@ pub use postgres::backup::{PgBackupOptions, backup_postgres};
 pub use postgres::catalog::{
     count_rows, count_specs, missing_tables, table_columns, tables_owned_by_others, user_tables,
 };
+pub use postgres::copy::{Copied, CopyOptions, copy_into_swap};
 pub use postgres::fetch::fetch_dump;
 pub use postgres::freeze::{DatabaseFreeze, FreezeChange};
 pub use postgres::kept::{
@@ -72,7 +73,7 @@ pub use postgres::restore::{
 };
 pub use postgres::swap::{
     Committed, DatabaseSwap, Prepared, Reopened, Session, SwapNames, SwapState, Undone,
-    commit_swap, prepare_swap, reopen_interrupted_swaps, undo_swap,
+    commit_swap, commit_swap_marked, prepare_swap, reopen_interrupted_swaps, undo_swap,
 };
 pub use postgres::{
     Compression, CountSelection, CountSpec, DumpContent, DumpFile, PgBackupPart, PgProgress,

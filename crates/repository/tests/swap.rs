@@ -818,3 +818,85 @@ async fn an_interrupted_swap_that_cannot_carry_the_freeze_puts_the_live_database
         "the copy stays"
     );
 }
+
+/// A database of another server (a managed provider's restored instance) copied into the
+/// restore copy as the owner role, counted against the source, and swapped in only under the
+/// mark it was prepared with; a source that cannot be dumped leaves the live database alone.
+#[tokio::test]
+async fn a_copy_from_another_server_is_swapped_in_under_its_mark() {
+    let cluster = owned_cluster();
+    let source = Cluster::start().expect("start the source server");
+    source
+        .create_database("restored")
+        .expect("create the source database");
+    source
+        .psql(
+            "restored",
+            "CREATE TABLE notes (id int PRIMARY KEY, body text); \
+             INSERT INTO notes SELECT g, 'restored ' || g FROM generate_series(1, 50) g",
+        )
+        .expect("write the source rows");
+    let options = CopyOptions {
+        bin_dir: Some(cluster.bin_dir().to_path_buf()),
+        connect_timeout: CONNECT,
+    };
+    let live = as_owner(&cluster, "live");
+
+    // A source that refuses (no such database): nothing is marked, the live one untouched.
+    let mut swap = DatabaseSwap::connect(&live, TAG, CONNECT)
+        .await
+        .expect("connect the swap");
+    let err = copy_into_swap(
+        &mut swap,
+        &source.url("missing"),
+        "copy 1",
+        &CountSelection::AllTables,
+        &options,
+    )
+    .await
+    .expect_err("no such database");
+    assert!(format!("{err:#}").contains("missing"), "{err:#}");
+    swap.close().await;
+    live_and_open(&cluster, 1).await;
+
+    let mut swap = DatabaseSwap::connect(&live, TAG, CONNECT)
+        .await
+        .expect("connect the swap");
+    let copied = copy_into_swap(
+        &mut swap,
+        &source.url("restored"),
+        "copy 1",
+        &CountSelection::AllTables,
+        &options,
+    )
+    .await
+    .expect("copy the source");
+    assert_eq!(copied.counts.get("notes"), Some(&50));
+    assert!(copied.source_version.starts_with("15"), "{copied:?}");
+    let wrong = commit_swap_marked(&mut swap, "copy 2", "copy two")
+        .await
+        .expect_err("prepared under another mark");
+    assert!(
+        format!("{wrong:#}").contains("no finished preparation of copy two"),
+        "{wrong:#}"
+    );
+    live_and_open(&cluster, 1).await;
+    let committed = commit_swap_marked(&mut swap, "copy 1", "copy one")
+        .await
+        .expect("swap the copy in");
+    assert_eq!(committed, Committed::Swapped);
+    swap.close().await;
+    live_and_open(&cluster, 50).await;
+    assert!(exists(&cluster, &format!("live_pre_{TAG}")));
+    // The owner role owns what it restored.
+    assert_eq!(
+        cluster
+            .psql(
+                "live",
+                "SELECT tableowner FROM pg_tables WHERE tablename = 'notes'"
+            )
+            .expect("read the owner")
+            .trim(),
+        OWNER
+    );
+}

@@ -17,6 +17,7 @@
 mod objects;
 mod physical;
 mod postgres;
+mod provider;
 
 use std::path::{Path, PathBuf};
 
@@ -30,6 +31,7 @@ use serde::Deserialize;
 use objects::compare_with_manifest;
 pub use physical::PhysicalConfig;
 use postgres::{count_tables, live_state};
+pub use provider::ProviderConfig;
 
 /// `[postgres]` in agent.toml.
 #[derive(Debug, Clone, Deserialize)]
@@ -63,6 +65,9 @@ pub struct PostgresConfig {
     /// Restores to a time (`rollcall drill --to-time T`) of a self-hosted server: its data
     /// directory, replaced by one recovered from the repository's base backups and WAL.
     pub physical: Option<PhysicalConfig>,
+    /// Restores to a time of a managed Postgres: the provider's own point-in-time restore,
+    /// called through an adapter command, copied into the live server and swapped in.
+    pub provider: Option<ProviderConfig>,
 }
 
 /// `[postgres.freeze]` in agent.toml.
@@ -175,6 +180,8 @@ struct Postgres {
     config: PostgresConfig,
     url_file: Option<PathBuf>,
     counts: CountSelection,
+    /// `[postgres.provider]`, its program resolved against agent.toml.
+    provider: Option<ProviderConfig>,
 }
 
 impl Postgres {
@@ -219,6 +226,16 @@ impl DataPlane {
                         "list the login roles the application connects as, e.g. roles = [\"app\"]"
                     ));
                 }
+                if p.physical.is_some() && p.provider.is_some() {
+                    bail!(ConfigError::new(
+                        file,
+                        "[postgres.physical] and [postgres.provider] are both set",
+                        "keep [postgres.physical] for a self-hosted server whose WAL is archived \
+                         into the repository, or [postgres.provider] for a managed Postgres \
+                         restored by its provider; a server is one or the other"
+                    ));
+                }
+                let provider = p.provider.as_ref().map(|c| c.validated(file)).transpose()?;
                 let counts = match &p.counts {
                     None => CountSelection::AllTables,
                     Some(list) => CountSelection::Listed(
@@ -234,6 +251,7 @@ impl DataPlane {
                     config: p.clone(),
                     url_file: p.url_file.as_ref().map(|f| resolve(file, f)),
                     counts,
+                    provider,
                 })
             }
         };
@@ -450,7 +468,8 @@ impl DataPlane {
     }
 
     /// Preflight of a run to a time (`--to-time`): the database agent checks that its
-    /// environment's base backups and archived WAL reach the time and records the live counts;
+    /// environment's base backups and archived WAL reach the time (or, with
+    /// `[postgres.provider]`, that the provider's window holds it) and records the live counts;
     /// the objects agent checks which rule brings its store there and that it can.
     pub async fn preflight_to_time(
         &self,
@@ -461,6 +480,7 @@ impl DataPlane {
             self.check_database_freeze().await?;
         }
         let mut out = match &self.postgres {
+            Some(_) if self.pitr_by_provider() => self.preflight_provider(at).await?,
             Some(_) => self.preflight_physical(repo, at).await?,
             None => PreflightOutput {
                 verify: None,
@@ -744,6 +764,29 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn a_server_is_restored_to_a_time_by_its_provider_or_physically_not_both() {
+        let plane = |extra: &str| {
+            let config: PostgresConfig =
+                toml::from_str(&format!("url_env = \"DATABASE_URL\"\n{extra}"))
+                    .expect("parse [postgres]");
+            DataPlane::from_config(Path::new("agent.toml"), "db-1", "prod", Some(&config), None)
+        };
+        let provider = plane("[provider]\ncommand = [\"/opt/pitr\"]").expect("a provider");
+        assert!(provider.pitr_by_provider());
+        let physical = plane("[physical]\ndata_dir = \"/var/lib/pg\"").expect("physical");
+        assert!(!physical.pitr_by_provider());
+        let err =
+            plane("[physical]\ndata_dir = \"/var/lib/pg\"\n[provider]\ncommand = [\"/opt/pitr\"]")
+                .err()
+                .expect("refused")
+                .to_string();
+        assert!(
+            err.contains("[postgres.physical] and [postgres.provider] are both set"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -256,7 +256,7 @@ impl DataPlane {
         out
     }
 
-    async fn swap(&self, run_id: &str) -> Result<DatabaseSwap> {
+    pub(super) async fn swap(&self, run_id: &str) -> Result<DatabaseSwap> {
         let pg = self.postgres()?;
         let swap =
             DatabaseSwap::connect(&pg.url()?, &run_tag(run_id), ADMIN_CONNECT_TIMEOUT).await?;

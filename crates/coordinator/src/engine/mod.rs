@@ -353,11 +353,14 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
         let mut out = match request.to_time {
             Some(at) => {
                 let window = match self.check_to_time(env, request, &plan, at).await {
-                    Ok(window) => format!(
+                    Ok(Some(window)) => format!(
                         "inside the recoverable window {} .. {}",
                         window.earliest.to_rfc3339(),
                         window.latest.to_rfc3339()
                     ),
+                    Ok(None) => "the window is the managed provider's: the database agent's \
+                                 preflight asks its adapter"
+                        .to_owned(),
                     Err(e) => format!("it cannot be used: {}", api::errors::one_line(&*e)),
                 };
                 format!(

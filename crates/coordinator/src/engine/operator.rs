@@ -40,6 +40,9 @@ pub struct PointsListing {
     pub damaged: Vec<String>,
     /// Environments with base backups: the times a point-in-time recovery reaches.
     pub windows: Vec<(String, repository::RecoveryWindow)>,
+    /// Environments restored to a time by their managed provider (`pitr = "provider"`): the
+    /// window is the provider's, reported by the database agent's adapter.
+    pub provider_windows: Vec<String>,
 }
 
 /// A recovery point and how it stands against its environment's RPO.
@@ -165,6 +168,10 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                     .into_iter()
                     .map(|d| format!("{}: {}", d.key, d.reason)),
             );
+            if env.pitr == crate::config::Pitr::Provider {
+                out.provider_windows.push(name.clone());
+                continue;
+            }
             let mut bases = repository::list_base_backups(&repo)
                 .await
                 .map_err(PointsError::Repository)?;

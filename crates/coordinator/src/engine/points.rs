@@ -16,14 +16,16 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
     /// Refuses a run to a time (`--to-time`) that cannot restore there, before anything is
     /// journaled or sent: a time outside the environment's recoverable window (its base
     /// backups taken with `--env` and the WAL archived after them), a point named too, a kind
-    /// or plan that cannot restore to a time. Returns the window.
+    /// or plan that cannot restore to a time. Returns the window; none for an environment
+    /// restored to a time by its managed provider (`pitr = "provider"`), whose window only
+    /// the database agent's adapter knows: its preflight refuses a time outside it.
     pub(super) async fn check_to_time(
         &self,
         env: &Environment,
         request: &super::StartRun,
         plan: &Plan,
         at: chrono::DateTime<chrono::Utc>,
-    ) -> Result<repository::RecoveryWindow> {
+    ) -> Result<Option<repository::RecoveryWindow>> {
         let shown = at.to_rfc3339();
         if request.point_id.is_some() {
             bail!("--to-time {shown} and --point both name what to restore: give one of them");
@@ -57,6 +59,9 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 phase.name
             );
         }
+        if env.pitr == crate::config::Pitr::Provider {
+            return Ok(None);
+        }
         let repo = env.repository_ref.open().await?;
         let mut bases = repository::list_base_backups(&repo).await?;
         bases.retain(|b| b.env.as_deref() == Some(env.name.as_str()));
@@ -88,7 +93,7 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
                 env.name
             );
         }
-        Ok(window)
+        Ok(Some(window))
     }
 
     /// Reads each environment's newest recovery point (in commit order) once, for the

@@ -74,6 +74,21 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
             );
         }
         if let Some(at) = super::to_time_of(&target.params) {
+            let by_provider = self
+                .environment(&target.environment)
+                .is_ok_and(|e| e.pitr == crate::config::Pitr::Provider);
+            if by_provider {
+                bail!(
+                    "run {id} restored {} to {} from its managed provider's restore, which an \
+                     undo cannot take back yet; no undo run was started. The database it \
+                     replaced is kept on the live server as <db>_pre_{} (and the objects it \
+                     changed as a versioned bucket's older versions, or in the repository's \
+                     quarantine): to go back, rename that database into place",
+                    target.environment,
+                    at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    repository::run_tag(id)
+                );
+            }
             bail!(
                 "run {id} restored {} to {} by swapping the database server's data directory, \
                  which an undo cannot take back yet; no undo run was started. The data \

@@ -163,9 +163,13 @@ impl DrillReport {
                 &["Field", "Value"],
                 vec![
                     vec!["Time restored to".into(), time(Some(t.to_time))],
-                    vec!["Base backup".into(), code(&t.base_backup)],
-                    vec!["Data directory".into(), code(&t.data_dir)],
-                    vec!["Previous data directory kept as".into(), code(&t.kept_dir)],
+                    // A managed provider's restore names its instance and the database.
+                    vec![
+                        "Base backup or provider instance".into(),
+                        code(&t.base_backup),
+                    ],
+                    vec!["Data directory or database".into(), code(&t.data_dir)],
+                    vec!["Previous one kept as".into(), code(&t.kept_dir)],
                     vec!["Recovery stopped".into(), opt(&t.stopped)],
                     vec![
                         "Last transaction restored".into(),

@@ -38,6 +38,7 @@
 pub(crate) mod backup;
 pub(crate) mod catalog;
 mod conn;
+pub(crate) mod copy;
 pub(crate) mod fetch;
 pub(crate) mod freeze;
 pub(crate) mod kept;

@@ -615,6 +615,16 @@ pub async fn prepare_swap(
 /// live one kept under the swap's pre name), or finishes or reports an earlier commit. Refuses,
 /// changing nothing, when no finished preparation of the point is there.
 pub async fn commit_swap(swap: &mut DatabaseSwap, point: &PointId) -> Result<Committed> {
+    commit_swap_marked(swap, point.as_str(), &format!("point {point}")).await
+}
+
+/// [`commit_swap`] of a copy marked prepared with `mark` (a point id, or what a copy from
+/// elsewhere was marked with: `copy::copy_into_swap`); `what` names it in messages.
+pub async fn commit_swap_marked(
+    swap: &mut DatabaseSwap,
+    mark: &str,
+    what: &str,
+) -> Result<Committed> {
     let names = swap.names().clone();
     match swap.state().await? {
         SwapState::Swapped => {
@@ -632,9 +642,9 @@ pub async fn commit_swap(swap: &mut DatabaseSwap, point: &PointId) -> Result<Com
         SwapState::NoLive => bail!(no_live(&names)),
         SwapState::Fresh { .. } => {}
     }
-    if !swap.prepared_for(point.as_str()).await? {
+    if !swap.prepared_for(mark).await? {
         bail!(
-            "no finished preparation of point {point} is in {}: prepare it first (a drill's \
+            "no finished preparation of {what} is in {}: prepare it first (a drill's \
              prepare-postgres; `rollcall run retry` runs it again); nothing live was changed",
             names.restore
         );

@@ -61,6 +61,7 @@ pub(super) fn environment(secrets: Vec<SecretRef>) -> Environment {
         approvals: 0,
         approval_timeout: std::time::Duration::from_secs(3600),
         restore_test: None,
+        pitr: crate::config::Pitr::Repository,
     }
 }
 
