@@ -85,6 +85,9 @@ async fn scheduled_base_backups_open_a_window_a_drill_restores_into_and_its_rpo_
     std::fs::create_dir_all(&repo).unwrap();
     give_to_postgres(&repo);
     let repo_url = format!("file://{}", repo.display());
+    // plain archives nothing, yet base backups are scheduled only into a repository of their
+    // own: plain has another.
+    std::fs::create_dir_all(dir.path().join("repository-plain")).unwrap();
 
     let pg_root = dir.path().join("pg");
     let cluster = Cluster::start_with(ephemeral_pg::Options {
@@ -146,7 +149,7 @@ fleet = {{ worker = 1, database = 1 }}
 rpo = "1h"
 rto = "1h"
 retention = "7days"
-repository = "{repo_url}"
+repository = "{repo_url}-plain"
 plan = "{plan}"
 fleet = {{ worker = 1, database = 1 }}
 "#,

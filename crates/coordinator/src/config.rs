@@ -464,6 +464,11 @@ pub fn load(file: &Path) -> Result<Loaded> {
     for (key, zero, example) in [
         ("agents.attach_rate", config.agents.attach_rate == 0, "500"),
         (
+            "metrics.observe_interval",
+            config.metrics.observe_interval.is_zero(),
+            "\"1m\"",
+        ),
+        (
             "operator.max_concurrent_calls",
             config.operator.max_concurrent_calls == 0,
             "64",
@@ -503,6 +508,7 @@ pub fn load(file: &Path) -> Result<Loaded> {
         environments.insert(name.clone(), environment(file, name, env)?);
     }
     restore_tests(file, &config.environments, &mut environments)?;
+    shared_wal_archives(file, &environments)?;
     let notify = config
         .notify
         .iter()
@@ -519,6 +525,38 @@ pub fn load(file: &Path) -> Result<Loaded> {
         environments,
         notify,
     })
+}
+
+/// Refuses base backups scheduled into a repository another environment also uses: WAL is
+/// archived by segment name alone (`wal/<timeline>/`), so two clusters archiving into one
+/// repository collide on their first shared name (the second server's archiver then fails
+/// for good and its pg_wal fills), and one environment's window would be read from the other's
+/// WAL.
+fn shared_wal_archives(file: &Path, environments: &BTreeMap<String, Environment>) -> Result<()> {
+    let own: Vec<&Environment> = environments
+        .values()
+        .filter(|e| e.restore_test.is_none())
+        .collect();
+    for env in own.iter().filter(|e| e.base_backup_schedule.is_some()) {
+        if let Some(other) = own
+            .iter()
+            .find(|o| o.name != env.name && o.repository == env.repository)
+        {
+            bail!(ConfigError::new(
+                file,
+                format!(
+                    "environments.{}.base_backup_schedule is set, and its repository {} is also \
+                     environment {}'s",
+                    env.name,
+                    repository::redact_url(&env.repository),
+                    other.name
+                ),
+                "give each environment that archives WAL a repository (or prefix) of its own: \
+                 WAL segments are archived by name, and two clusters' names collide"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks one `[[notify]]` table and reads its secret.
@@ -754,6 +792,14 @@ fn environment(file: &Path, name: &str, env: &EnvironmentConfig) -> Result<Envir
         ));
     }
     if let Some(expr) = &env.base_backup_schedule {
+        if env.pitr == Pitr::Provider {
+            bail!(ConfigError::new(
+                file,
+                format!("{key}.base_backup_schedule is set, and {key}.pitr is \"provider\""),
+                "the provider keeps its own backups for its point-in-time recovery: remove \
+                 base_backup_schedule (or pitr, to restore from the repository's base backups)"
+            ));
+        }
         if let Err(e) = BackupSchedule::parse(expr) {
             bail!(ConfigError::new(
                 file,
@@ -1904,6 +1950,24 @@ key = "certs/coordinator-key.pem"
                 ],
             ),
             (fleet.to_owned(), &["environments.rt.repository is missing"]),
+            (
+                "repository = \"file://r\"\nfleet = { web = 1, database = 1, objects = 1 }\n\
+                 pitr = \"provider\"\nbase_backup_schedule = \"0 3 * * *\"\n"
+                    .into(),
+                &[
+                    "environments.rt.base_backup_schedule is set, and environments.rt.pitr is \"provider\"",
+                ],
+            ),
+            (
+                "repository = \"file://repo\"\nfleet = { web = 1, database = 1, objects = 1 }\n\
+                 base_backup_schedule = \"0 3 * * *\"\n"
+                    .into(),
+                &[
+                    "environments.rt.base_backup_schedule is set, and its repository",
+                    "is also environment prod's",
+                    "a repository (or prefix) of its own",
+                ],
+            ),
         ];
         for (rt, needles) in cases {
             let err = load(&write(dir.path(), &restore_test_config(&rt)))

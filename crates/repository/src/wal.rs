@@ -200,6 +200,25 @@ pub async fn wal_push(repo: &Repository, path: &FsPath) -> Result<Pushed> {
 /// record's sha256, written to a temporary file beside `dest`, then renamed into place. A
 /// name the repository does not hold is [`WalError::NotFound`].
 pub async fn wal_fetch(repo: &Repository, name: &str, dest: &FsPath) -> Result<WalRecord> {
+    let (record, bytes) = wal_bytes(repo, name).await?;
+    let tmp = dest.with_file_name(format!(
+        ".{}.rollcall-{}",
+        dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal"),
+        std::process::id()
+    ));
+    tokio::fs::write(&tmp, &bytes)
+        .await
+        .with_context(|| format!("write {}", tmp.display()))?;
+    if let Err(e) = tokio::fs::rename(&tmp, dest).await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(e).with_context(|| format!("move the WAL file into {}", dest.display()));
+    }
+    Ok(record)
+}
+
+/// An archived WAL file's record and bytes, checked against the record's sha256 and size; a
+/// name the repository does not hold is [`WalError::NotFound`].
+pub(crate) async fn wal_bytes(repo: &Repository, name: &str) -> Result<(WalRecord, Vec<u8>)> {
     let name = check_name(name)?;
     let Some(record) = read_record(repo, name).await? else {
         return Err(WalError::NotFound {
@@ -230,19 +249,7 @@ pub async fn wal_fetch(repo: &Repository, name: &str, dest: &FsPath) -> Result<W
     })
     .await
     .context("check the archived body")??;
-    let tmp = dest.with_file_name(format!(
-        ".{}.rollcall-{}",
-        dest.file_name().and_then(|n| n.to_str()).unwrap_or("wal"),
-        std::process::id()
-    ));
-    tokio::fs::write(&tmp, &bytes)
-        .await
-        .with_context(|| format!("write {}", tmp.display()))?;
-    if let Err(e) = tokio::fs::rename(&tmp, dest).await {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(e).with_context(|| format!("move the WAL file into {}", dest.display()));
-    }
-    Ok(record)
+    Ok((record, bytes))
 }
 
 /// The records of every archived WAL file, in name order (timelines, then segments). A

@@ -37,6 +37,14 @@ pub struct PhysicalConfig {
     /// How long stopping or starting a server may take, in seconds (default 300).
     #[serde(default = "default_server_timeout")]
     pub server_timeout_s: u64,
+    /// How long a base backup waits, once streamed, for the server to archive the WAL it
+    /// needs, in seconds (default 600): an archive that lags more fails the base backup.
+    #[serde(default = "default_wal_timeout")]
+    pub base_backup_wal_timeout_s: u64,
+}
+
+fn default_wal_timeout() -> u64 {
+    600
 }
 
 fn default_recovery_timeout() -> u64 {
@@ -379,13 +387,15 @@ impl DataPlane {
     /// `[postgres.physical]`: a server restored to a time is one whose data directory the
     /// agent manages.
     pub async fn base_backup(&self, repo: &RepositoryRef) -> Result<repository::BaseBackup> {
-        let (pg, _) = self.physical().context(
-            "base-backup needs [postgres.physical] in this database agent's agent.toml (the              data_dir of the server it backs up, which a restore to a time replaces)",
+        let (pg, physical) = self.physical().context(
+            "base-backup needs [postgres.physical] in this database agent's agent.toml (the \
+             data_dir of the server it backs up, which a restore to a time replaces)",
         )?;
         let repo = repo.open().await?;
         let mut options = repository::BaseBackupOptions::new(pg.url()?);
         options.env = Some(self.environment.clone());
         options.bin_dir = pg.config.bin_dir.clone();
+        options.wal_timeout = Duration::from_secs(physical.base_backup_wal_timeout_s);
         repository::base_backup(&repo, &options).await
     }
 }

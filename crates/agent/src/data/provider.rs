@@ -88,7 +88,7 @@ impl ProviderConfig {
     }
 
     fn shown(&self) -> String {
-        self.command.join(" ")
+        api::redact::redact(&self.command.join(" ")).into_owned()
     }
 }
 
@@ -160,8 +160,16 @@ pub(super) fn reported_instance(stdout: &[u8]) -> Option<String> {
     valid_instance(id).then(|| id.to_owned())
 }
 
+/// An instance id the adapter may be handed back (and may put in a path): letters, digits,
+/// `.`, `_`, `:`, `-`, at most 256, never `.` or `..`.
 fn valid_instance(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 256 && !id.chars().any(char::is_control)
+    !id.is_empty()
+        && id.len() <= 256
+        && id != "."
+        && id != ".."
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))
 }
 
 pub(super) fn parse_restored(stdout: &[u8]) -> Result<Restored> {
@@ -171,7 +179,7 @@ pub(super) fn parse_restored(stdout: &[u8]) -> Result<Restored> {
         .and_then(|v| v.as_str())
         .map(str::trim)
         .filter(|id| valid_instance(id))
-        .context("its JSON has no instance id (a non-empty string of at most 256 characters)")?
+        .context("its JSON has no instance id (at most 256 letters, digits, '.', '_', ':' or '-')")?
         .to_owned();
     let database_url = value
         .get("database_url")
@@ -263,7 +271,7 @@ fn last_line(stderr: &[u8]) -> Option<String> {
         .rev()
         .map(str::trim)
         .find(|l| !l.is_empty())
-        .map(|l| l.chars().take(300).collect())
+        .map(|l| api::redact::redact(&l.chars().take(300).collect::<String>()).into_owned())
 }
 
 /// One call of the adapter.
@@ -279,13 +287,21 @@ impl Call<'_> {
     /// Runs the adapter; its stdout when it exits 0. Every error is one line naming the
     /// command, the verb and the cause, with stderr's last line.
     async fn run(&self) -> Result<Vec<u8>> {
+        self.run_keeping_stdout().await.map_err(|(e, _)| e)
+    }
+
+    /// [`Call::run`], with what the adapter printed on stdout when it failed.
+    async fn run_keeping_stdout(&self) -> std::result::Result<Vec<u8>, (anyhow::Error, Vec<u8>)> {
         let what = format!("provider adapter `{}` {}", self.config.shown(), self.verb);
-        let (stdout, stderr, status) = self.spawn_and_wait().await.with_context(|| what.clone())?;
+        let (stdout, stderr, status) = match self.spawn_and_wait().await {
+            Ok(done) => done,
+            Err(e) => return Err((e.context(what), Vec::new())),
+        };
         if !status.success() {
             let said = last_line(&stderr)
                 .map(|l| format!(": {l}"))
                 .unwrap_or_else(|| " (nothing on stderr)".to_owned());
-            bail!("{what} failed ({status}){said}");
+            return Err((anyhow::anyhow!("{what} failed ({status}){said}"), stdout));
         }
         Ok(stdout)
     }
@@ -539,13 +555,30 @@ impl DataPlane {
             ],
         )?;
         let what = format!("provider adapter `{}` restore", call.config.shown());
-        let out = call.run().await.map_err(|e| {
-            anyhow::anyhow!(
-                "{}; nothing live was changed (the adapter named no instance to release)",
-                api::errors::one_line(&*e)
-            )
-        })?;
+        let out = match call.run_keeping_stdout().await {
+            Ok(out) => out,
+            Err((e, stdout)) => {
+                // A restore that failed after making an instance may still have named it.
+                let release = match reported_instance(&stdout) {
+                    Some(id) => match self.release(&id, run_id).await {
+                        Ok(()) => format!("instance {id} it named was released"),
+                        Err(r) => format!(
+                            "releasing instance {id} it named failed too ({}): remove it by hand",
+                            api::errors::one_line(&*r)
+                        ),
+                    },
+                    None => "the adapter named no instance to release; if the provider made \
+                             one, remove it by hand (its name should carry ROLLCALL_RUN_TAG)"
+                        .to_owned(),
+                };
+                bail!(
+                    "{}; nothing live was changed; {release}",
+                    api::errors::one_line(&*e)
+                );
+            }
+        };
         let instance = reported_instance(&out);
+        let mut may_release = true;
         let copied = async {
             let restored =
                 parse_restored(&out).with_context(|| format!("{what} printed a bad answer"))?;
@@ -567,6 +600,9 @@ impl DataPlane {
                         repository::redact_url(&restored.database_url)
                     )
                 })?;
+            let (source_ok, releasable) = self.check_source(&restored.database_url, &what).await;
+            may_release = releasable;
+            source_ok?;
             progress.report(api::model::Progress {
                 stage: "copying".into(),
                 unit: "databases".into(),
@@ -595,8 +631,8 @@ impl DataPlane {
         }
         .await;
         let released = match &instance {
-            Some(id) => Some(self.release(id, run_id).await),
-            None => None,
+            Some(id) if may_release => Some(self.release(id, run_id).await),
+            _ => None,
         };
         let (restored, copy) = match copied {
             Ok(done) => done,
@@ -607,6 +643,7 @@ impl DataPlane {
                         "; releasing instance {id} failed too ({}): remove it by hand",
                         api::errors::one_line(&*r)
                     ),
+                    (Some(_), None) => String::new(),
                     _ => "; the adapter named no instance to release".to_owned(),
                 };
                 return Err(anyhow::anyhow!(
@@ -658,6 +695,76 @@ impl DataPlane {
                 ),
             }),
         })
+    }
+
+    /// Refuses a reported endpoint that cannot be the live database restored to a time: another
+    /// database name than the live one, the live server itself (the same postmaster start
+    /// time: the provider restored in place, or the adapter reported the live endpoint), or a
+    /// database without tables where the live one has some (e.g. the maintenance database).
+    /// Returns whether the instance may be released (never the live server).
+    async fn check_source(&self, source_url: &str, what: &str) -> (Result<()>, bool) {
+        use sqlx::Connection as _;
+        use std::str::FromStr as _;
+        let checked = async {
+            let pg = self.postgres()?;
+            let live_url = pg.url()?;
+            let live_db = sqlx::postgres::PgConnectOptions::from_str(&live_url)
+                .ok()
+                .and_then(|o| o.get_database().map(str::to_owned))
+                .unwrap_or_default();
+            let source_db = sqlx::postgres::PgConnectOptions::from_str(source_url)
+                .ok()
+                .and_then(|o| o.get_database().map(str::to_owned))
+                .unwrap_or_default();
+            if source_db != live_db {
+                bail!(
+                    "{what} reported database {source_db:?}, and the live database is \
+                     {live_db:?}: the restored instance's copy of the live database must be \
+                     named like it"
+                );
+            }
+            let probe = "SELECT pg_postmaster_start_time()::text, \
+                         (SELECT count(*) FROM pg_catalog.pg_tables \
+                          WHERE schemaname NOT IN ('pg_catalog', 'information_schema'))";
+            let mut live = sqlx::PgConnection::connect(&live_url)
+                .await
+                .context("connect to the live database")?;
+            let (live_start, live_tables): (String, i64) = sqlx::query_as(probe)
+                .fetch_one(&mut live)
+                .await
+                .context("read the live server's start time")?;
+            let _ = live.close().await;
+            let mut source = sqlx::PgConnection::connect(source_url)
+                .await
+                .with_context(|| format!("connect to {}", repository::redact_url(source_url)))?;
+            let (source_start, source_tables): (String, i64) = sqlx::query_as(probe)
+                .fetch_one(&mut source)
+                .await
+                .context("read the restored server's start time")?;
+            let _ = source.close().await;
+            if source_start == live_start {
+                return Ok(Err(anyhow::anyhow!(
+                    "{what} reported the live server itself ({}: started at {live_start}, like \
+                     the live one): the provider must restore into a new instance; it was not \
+                     released",
+                    repository::redact_url(source_url)
+                )));
+            }
+            if live_tables > 0 && source_tables == 0 {
+                bail!(
+                    "{what} reported {}, which holds no tables, and the live database has \
+                     {live_tables}: the wrong database (a maintenance database?)",
+                    repository::redact_url(source_url)
+                );
+            }
+            Ok(Ok(()))
+        }
+        .await;
+        match checked {
+            Ok(Ok(())) => (Ok(()), true),
+            Ok(Err(live_itself)) => (Err(live_itself), false),
+            Err(e) => (Err(e), true),
+        }
     }
 
     async fn release(&self, instance: &str, run_id: &str) -> Result<()> {
@@ -739,11 +846,8 @@ async fn wait_for_connection(url: &str, within: Duration) -> Result<()> {
                 return Ok(());
             }
             Err(e) if Instant::now() >= deadline => {
-                return Err(anyhow::anyhow!(
-                    "{}",
-                    repository::redact_url(&e.to_string())
-                ))
-                .with_context(|| format!("no connection within {} s", within.as_secs()));
+                return Err(anyhow::anyhow!("{}", api::redact::redact(&e.to_string())))
+                    .with_context(|| format!("no connection within {} s", within.as_secs()));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
@@ -803,6 +907,13 @@ mod tests {
 
     #[test]
     fn a_restore_names_a_postgres_url_a_time_and_an_instance() {
+        // Instance ids go back to the adapter, which may put them in a path.
+        for bad in ["..", ".", "a/b", "x y", "", "i;rm"] {
+            assert!(!valid_instance(bad), "{bad:?}");
+        }
+        for good in ["db-pitr-1", "projects:p1:instances:x", "i_1.2"] {
+            assert!(valid_instance(good), "{good:?}");
+        }
         let ok = parse_restored(
             br#"{"database_url": "postgres://app:pw@10.0.0.5:5432/app", "restored_to": "2026-12-06T10:00:00.123456Z", "instance": " db-pitr-1 "}"#,
         )

@@ -72,9 +72,15 @@ pub async fn copy_into_swap(
     .fetch_one(&mut conn)
     .await
     .with_context(|| format!("read the server version of {}", source.display))?;
-    let specs = count_specs(&mut conn, selection)
+    let mut specs = count_specs(&mut conn, selection)
         .await
         .with_context(|| format!("list the tables to count in {}", source.display))?;
+    // A listed table the source does not have (created after the time it was restored to)
+    // is not counted: the copy holds what the source holds.
+    let missing = crate::postgres::catalog::missing_tables(&mut conn, &specs)
+        .await
+        .with_context(|| format!("look up the tables to count in {}", source.display))?;
+    specs.retain(|s| !missing.contains(&s.table));
     let _ = conn.close().await;
 
     let min_major = u32::try_from(major).unwrap_or(0);

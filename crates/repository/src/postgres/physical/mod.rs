@@ -133,7 +133,7 @@ pub async fn recovery_window(
         return Ok(None);
     };
     let wal = crate::wal::wal_listing(repo).await?;
-    let reach = wal_reach(newest, &wal)?;
+    let reach = reach_of(repo, newest, &wal).await?;
     Ok(Some(RecoveryWindow {
         earliest: oldest.consistent_at,
         latest: reach.archived_at.max(newest.consistent_at),
@@ -143,31 +143,126 @@ pub async fn recovery_window(
     }))
 }
 
-struct Reach {
+pub(super) struct Reach {
     segment: String,
     archived_at: DateTime<Utc>,
     gap_at: Option<String>,
 }
 
-/// How far the archive runs without a gap from `base`'s first segment, on its timeline.
-fn wal_reach(base: &BaseBackup, wal: &[ListedWal]) -> Result<Reach> {
-    let per_log = segments_per_log(base.wal_segment_size);
-    let timeline = format!("{:08X}", base.timeline);
-    let number = |name: &str| {
-        segment_number_in(name, per_log)
-            .filter(|(t, _)| *t == timeline)
-            .map(|(_, n)| n)
-    };
-    let segments: std::collections::BTreeMap<u64, &ListedWal> = wal
+/// The timelines recovery from `base` follows, oldest first, each with the position where the
+/// next one branched off (none for the last). Recovery follows the newest timeline whose
+/// history descends from `base`'s timeline after the backup's end (`recovery_target_timeline`
+/// is `latest`): after a restore to a time promoted a server on a new timeline, its WAL
+/// continues the window. Reads the archived history files newer than `base`'s timeline.
+pub(super) async fn timeline_chain(
+    repo: &Repository,
+    base: &BaseBackup,
+    wal: &[ListedWal],
+) -> Result<Vec<(u32, Option<u64>)>> {
+    let end = parse_lsn(&base.end_lsn).context("the base backup's end LSN")?;
+    let mut newer: Vec<u32> = wal
         .iter()
-        .filter_map(|w| number(&w.name).map(|n| (n, w)))
+        .filter_map(|w| w.name.strip_suffix(".history"))
+        .filter_map(|t| u32::from_str_radix(t, 16).ok())
+        .filter(|t| *t > base.timeline)
         .collect();
-    let first = number(&base.start_wal).context("the base backup's first segment name")?;
+    newer.sort_unstable_by(|a, b| b.cmp(a));
+    for timeline in newer {
+        let name = format!("{timeline:08X}.history");
+        let (_, bytes) = crate::wal::wal_bytes(repo, &name)
+            .await
+            .with_context(|| format!("read the archived timeline history {name}"))?;
+        let ancestry = parse_history(&String::from_utf8_lossy(&bytes));
+        if let Some(chain) = chain_from(base.timeline, end, &ancestry, timeline) {
+            return Ok(chain);
+        }
+    }
+    Ok(vec![(base.timeline, None)])
+}
+
+/// A history file's lines: each parent timeline and where the next one branched from it.
+fn parse_history(text: &str) -> Vec<(u32, u64)> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            let parent = fields.next()?.parse().ok()?;
+            let lsn = parse_lsn(fields.next()?)?;
+            Some((parent, lsn))
+        })
+        .collect()
+}
+
+/// The chain from `base_timeline` to `timeline` per its `ancestry`, if `timeline` descends
+/// from `base_timeline` at or after `end` (else recovery from the backup cannot follow it).
+fn chain_from(
+    base_timeline: u32,
+    end: u64,
+    ancestry: &[(u32, u64)],
+    timeline: u32,
+) -> Option<Vec<(u32, Option<u64>)>> {
+    let from = ancestry
+        .iter()
+        .position(|(parent, switch)| *parent == base_timeline && *switch >= end)?;
+    let mut chain: Vec<(u32, Option<u64>)> = ancestry[from..]
+        .iter()
+        .map(|(parent, switch)| (*parent, Some(*switch)))
+        .collect();
+    chain.push((timeline, None));
+    Some(chain)
+}
+
+/// [`wal_reach`] along the timelines recovery from `base` follows.
+pub(super) async fn reach_of(
+    repo: &Repository,
+    base: &BaseBackup,
+    wal: &[ListedWal],
+) -> Result<Reach> {
+    let chain = timeline_chain(repo, base, wal).await?;
+    wal_reach(base, wal, &chain)
+}
+
+/// How far the archive runs without a gap from `base`'s first segment, along `chain` (see
+/// [`timeline_chain`]): each timeline's segments up to the one its successor branched in,
+/// which the successor's copy replaces.
+fn wal_reach(base: &BaseBackup, wal: &[ListedWal], chain: &[(u32, Option<u64>)]) -> Result<Reach> {
+    let per_log = segments_per_log(base.wal_segment_size);
+    let segment_size = base.wal_segment_size.max(1);
+    let on = |timeline: &str| -> std::collections::BTreeMap<u64, &ListedWal> {
+        wal.iter()
+            .filter_map(|w| {
+                segment_number_in(&w.name, per_log)
+                    .filter(|(t, _)| t == timeline)
+                    .map(|(_, n)| (n, w))
+            })
+            .collect()
+    };
+    let first = segment_number_in(&base.start_wal, per_log)
+        .map(|(_, n)| n)
+        .context("the base backup's first segment name")?;
     let mut n = first;
     let mut last = None;
-    while let Some(wal) = segments.get(&n) {
-        last = Some(*wal);
-        n += 1;
+    let mut gap_at = None;
+    for (timeline, switch) in chain {
+        let timeline = format!("{timeline:08X}");
+        let segments = on(&timeline);
+        let stop = switch.map(|lsn| lsn / segment_size);
+        while stop.is_none_or(|s| n < s) {
+            match segments.get(&n) {
+                Some(wal) => {
+                    last = Some(*wal);
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        if stop.is_none_or(|s| n < s) {
+            // Stopped on a missing segment: a gap if anything later was archived on it.
+            if segments.range(n..).next().is_some() || stop.is_some() {
+                gap_at = Some(segment_name_in(&timeline, n, per_log));
+            }
+            break;
+        }
     }
     let Some(last) = last else {
         bail!(
@@ -176,10 +271,6 @@ fn wal_reach(base: &BaseBackup, wal: &[ListedWal]) -> Result<Reach> {
             base.id
         );
     };
-    let gap_at = segments
-        .range(n..)
-        .next()
-        .map(|_| segment_name_in(&timeline, n, per_log));
     Ok(Reach {
         segment: last.name.clone(),
         archived_at: last.archived_at,
@@ -348,6 +439,67 @@ mod tests {
             sha256: String::new(),
             tar_size: 1,
         }
+    }
+
+    fn listed(names: &[&str]) -> Vec<ListedWal> {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| ListedWal {
+                name: (*name).to_owned(),
+                archived_at: DateTime::<Utc>::from_timestamp(1_000 + i as i64, 0).unwrap(),
+                record: Path::from(format!("wal/x/{name}.json")),
+                bodies: Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn after_a_restore_to_a_time_the_window_follows_the_new_timeline() {
+        // 00000002.history: timeline 2 branched from 1 at 0/5000100 (segment 5).
+        let ancestry = parse_history("# comment\n1\t0/5000100\tbefore 2026-12-06 10:00:00+00\n");
+        assert_eq!(ancestry, [(1, 0x500_0100)]);
+        let mut b = base(
+            "b1",
+            "test",
+            "2026-12-06T09:00:00Z",
+            "000000010000000000000002",
+        );
+        b.end_lsn = "0/2000100".into();
+        let chain = chain_from(1, 0x200_0100, &ancestry, 2).unwrap();
+        assert_eq!(chain, [(1, Some(0x500_0100)), (2, None)]);
+        // A timeline that branched before the backup ended cannot be followed from it.
+        assert_eq!(chain_from(1, 0x600_0000, &ancestry, 2), None);
+        assert_eq!(chain_from(3, 0, &ancestry, 2), None);
+
+        // Timeline 1 runs on past the branch (the old server until it stopped); recovery takes
+        // 1's segments 2..4 and 2's from 5.
+        let wal = listed(&[
+            "000000010000000000000002",
+            "000000010000000000000003",
+            "000000010000000000000004",
+            "000000010000000000000005",
+            "000000010000000000000006",
+            "000000020000000000000005",
+            "000000020000000000000006",
+            "00000002.history",
+        ]);
+        let reach = wal_reach(&b, &wal, &chain).unwrap();
+        assert_eq!(reach.segment, "000000020000000000000006");
+        assert_eq!(reach.gap_at, None);
+        // Only the first timeline: its own newest segment, as before.
+        let own = wal_reach(&b, &wal, &[(1, None)]).unwrap();
+        assert_eq!(own.segment, "000000010000000000000006");
+        // The new timeline has archived nothing yet: the window ends before the branch.
+        let early = wal_reach(&b, &wal[..5], &chain).unwrap();
+        assert_eq!(early.segment, "000000010000000000000004");
+        assert_eq!(early.gap_at, None);
+        // A segment missing before the branch is a gap, whatever follows on the new timeline.
+        let mut holed = wal.clone();
+        holed.remove(1);
+        let reach = wal_reach(&b, &holed, &chain).unwrap();
+        assert_eq!(reach.segment, "000000010000000000000002");
+        assert_eq!(reach.gap_at.as_deref(), Some("000000010000000000000003"));
     }
 
     /// Lays out `segments` archived segments (a record and a body each, as `wal_push` names

@@ -14,7 +14,7 @@ use crate::postgres::Archive;
 use crate::postgres::conn::{last_lines, tool_candidates, tool_version};
 use crate::repo::Repository;
 
-use super::{BaseBackup, list_base_backups, wal_reach};
+use super::{BaseBackup, list_base_backups, reach_of};
 
 /// What `rollcall repo restore-postgres --to-time` needs.
 #[derive(Debug, Clone)]
@@ -88,7 +88,7 @@ pub async fn restore_to_time(repo: &Repository, options: &PitrOptions) -> Result
     let bases = list_base_backups(repo).await?;
     let base = choose_base(&bases, options.to_time, options.base.as_deref(), repo)?;
     let wal = crate::wal::wal_listing(repo).await?;
-    let reach = wal_reach(base, &wal)?;
+    let reach = reach_of(repo, base, &wal).await?;
     if options.to_time > reach.archived_at {
         let gap = reach
             .gap_at
