@@ -725,6 +725,32 @@ async fn drill_to_a_time(dir: tempfile::TempDir, store: Store) {
     )
     .await;
 
+    // The window goes on along the new timeline (no new base backup): a segment the restored
+    // server archives extends it, as recovery from the old base backup would follow it.
+    let switched = psql(
+        &cluster,
+        "postgres",
+        "SELECT pg_walfile_name(pg_switch_wal())",
+    );
+    assert!(
+        switched.starts_with(&format!("{timeline:08X}")),
+        "{switched} on timeline {timeline}"
+    );
+    eventually_explained(
+        "the window to reach the new timeline's segment",
+        Duration::from_secs(60),
+        async || {
+            let out = run(&["points", "--env", "test", "--json"]);
+            let points: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let window = &points["windows"][0];
+            (window["newest_segment"].as_str()? >= switched.as_str()
+                && window["gap_at"].is_null())
+            .then_some(())
+        },
+        || String::from_utf8_lossy(&run(&["points", "--env", "test", "--json"]).stdout).into(),
+    )
+    .await;
+
     // Objects: the newest snapshot finished at or before T.
     let live_objects = store.objects(&["a.txt", "b.txt", "c.txt"]);
     let names: Vec<&String> = live_objects.keys().collect();
