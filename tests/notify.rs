@@ -408,11 +408,12 @@ async fn webhooks_tell_runs_signed_retry_and_never_hold_a_run_up_and_verdicts_su
         names.iter().any(|n| n == "rollcall_restore_test_source"),
         "{names:?}"
     );
-    // The recoverable window's series exist only for an environment with base backups:
-    // tests/pitr_schedule.rs finds them on a real scrape of one.
+    // The recoverable window's series exist only for an environment with base backups, and
+    // the schedule's for one with base_backup_schedule: tests/pitr_schedule.rs finds them on a
+    // real scrape of one.
     let names: Vec<String> = names
         .into_iter()
-        .filter(|n| n != "rollcall_restore_test_source")
+        .filter(|n| n != "rollcall_restore_test_source" && n != "rollcall_base_backup_scheduled")
         .filter(|n| !n.starts_with("rollcall_recoverable_") && !n.starts_with("rollcall_wal_"))
         .collect();
     let (point_series, others): (Vec<&String>, Vec<&String>) = names

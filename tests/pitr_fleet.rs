@@ -743,9 +743,8 @@ async fn drill_to_a_time(dir: tempfile::TempDir, store: Store) {
             let out = run(&["points", "--env", "test", "--json"]);
             let points: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
             let window = &points["windows"][0];
-            (window["newest_segment"].as_str()? >= switched.as_str()
-                && window["gap_at"].is_null())
-            .then_some(())
+            (window["newest_segment"].as_str()? >= switched.as_str() && window["gap_at"].is_null())
+                .then_some(())
         },
         || String::from_utf8_lossy(&run(&["points", "--env", "test", "--json"]).stdout).into(),
     )

@@ -331,6 +331,18 @@ fleet = {{ worker = 1, database = 1 }}
         !text.contains(r#"rollcall_wal_newest_age_seconds{environment="plain"}"#),
         "plain has no base backup, so no window: {text}"
     );
+    // Which environments schedule base backups (RollcallNoRecoverableWindow reads it).
+    assert_eq!(
+        sample(
+            &text,
+            r#"rollcall_base_backup_scheduled{environment="test"}"#
+        ),
+        Some(1.0)
+    );
+    assert!(
+        !text.contains(r#"rollcall_base_backup_scheduled{environment="plain"}"#),
+        "{text}"
+    );
 
     // A drill to a time after a scheduled base backup: rows at or before T stay, none after.
     let target = psql(&cluster, "app", NOW_RFC3339);

@@ -464,8 +464,25 @@ async fn a_gate_that_cannot_pass_blocks_and_resume_completes_once_the_agent_is_b
     .await;
     let mut agents = f.agents(&c.agents_url(), "0");
     c.wait_ready(&["web-1", "worker-1", "worker-2"]).await;
-    // worker-2's agent dies before the run.
+    // worker-2's agent dies before the run (and the coordinator has seen it go, so its loss
+    // is not an incident of the run).
     agents.pop().unwrap().stop().await;
+    let handle = c.handle.clone();
+    eventually(
+        "the registry to see worker-2 go",
+        Duration::from_secs(10),
+        async || {
+            handle
+                .agents()
+                .into_iter()
+                .any(|a| {
+                    a.name.as_str() == "worker-2"
+                        && a.availability != api::model::Availability::Connected
+                })
+                .then_some(())
+        },
+    )
+    .await;
 
     let run = c
         .handle

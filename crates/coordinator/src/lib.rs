@@ -174,6 +174,9 @@ impl Coordinator {
             if let Some(test) = &env.restore_test {
                 run_metrics.restore_test(name, &test.source);
             }
+            if env.base_backup_schedule.is_some() {
+                run_metrics.base_backups_scheduled(name);
+            }
         }
         let engine = engine::Engine::new(
             store.clone(),

@@ -136,6 +136,8 @@ pub struct RunMetrics {
     rpos: Mutex<BTreeMap<String, u64>>,
     /// restore-test environment → the environment whose points it tests
     restore_tests: Mutex<BTreeMap<String, String>>,
+    /// Environments with `base_backup_schedule`.
+    base_backups_scheduled: Mutex<std::collections::BTreeSet<String>>,
     /// environment → its recoverable window (base backups and archived WAL), as last observed
     windows: Mutex<BTreeMap<String, ObservedWindow>>,
 }
@@ -165,6 +167,7 @@ impl Default for RunMetrics {
             verdicts: Mutex::default(),
             rpos: Mutex::default(),
             restore_tests: Mutex::default(),
+            base_backups_scheduled: Mutex::default(),
             windows: Mutex::default(),
         }
     }
@@ -226,6 +229,12 @@ impl RunMetrics {
     /// alert rules that it has no points of its own (its points are its source's).
     pub fn restore_test(&self, environment: &str, source: &str) {
         lock(&self.restore_tests).insert(environment.to_owned(), source.to_owned());
+    }
+
+    /// An environment that schedules base backups: `rollcall_base_backup_scheduled` lets a rule
+    /// tell "scheduled, yet no recoverable window" (base backups that never succeed).
+    pub fn base_backups_scheduled(&self, environment: &str) {
+        lock(&self.base_backups_scheduled).insert(environment.to_owned());
     }
 
     /// The recoverable window of `environment` as just observed; `None` once it has no base
@@ -517,6 +526,17 @@ impl Collector for AtScrape {
                 metric
                     .encode_family(&[("environment", env.as_str()), ("source", source.as_str())])?,
             )?;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "rollcall_base_backup_scheduled",
+            "1 for each environment with base_backup_schedule: it should have a recoverable \
+             window (rollcall_recoverable_until_timestamp_seconds).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for env in lock(&s.runs.base_backups_scheduled).iter() {
+            ConstGauge::new(1u64)
+                .encode(metric.encode_family(&[("environment", env.as_str())])?)?;
         }
         let mut metric = encoder.encode_descriptor(
             "rollcall_newest_point_older_than_rpo",
@@ -873,7 +893,7 @@ mod tests {
         assert!(!text.contains("kind=\"backup\",le="), "{text}");
         // Every family is declared once.
         let declared = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(declared, 23, "{text}");
+        assert_eq!(declared, 24, "{text}");
     }
 
     /// The verdict gauges the alert rules read: the newest ending of each environment and
