@@ -355,7 +355,7 @@ impl Coordinator {
             );
             tokio::spawn(async move {
                 loop {
-                    engine.observe_wal().await;
+                    engine.observe_wal(every).await;
                     tokio::select! {
                         () = stop.cancelled() => return,
                         () = tokio::time::sleep(every) => {}

@@ -130,35 +130,45 @@ impl<L: AgentLink + Clone + 'static> Engine<L> {
     /// and the WAL archived after them) for the RPO gauges (`rollcall_wal_newest_age_seconds`,
     /// `rollcall_recoverable_*`, `rollcall_wal_gap`). Called every observe interval: it costs
     /// one listing of `base/` (and a read of each base backup's record) and one of `wal/`
-    /// per environment with base backups, no WAL record read (bench/README.md has the figure
-    /// for 10,000 segments). An environment without base backups has no such series.
-    pub async fn observe_wal(&self) {
-        for (name, env) in self
+    /// per environment with base backups, no WAL record read (only the history files of
+    /// timelines newer than the newest base backup's; bench/README.md has the figure for
+    /// 10,000 segments). An environment without base backups has no such series.
+    pub async fn observe_wal(&self, within: std::time::Duration) {
+        // Each environment on its own, within one interval: an unreachable repository (its
+        // retries) never holds up the others' observations.
+        let observations = self
             .inner
             .environments
             .iter()
             .filter(|(_, e)| e.restore_test.is_none())
-        {
-            let window = async {
-                let repo = env.repository_ref.open().await?;
-                let mut bases = repository::list_base_backups(&repo).await?;
-                bases.retain(|b| b.env.as_deref() == Some(name.as_str()));
-                repository::recovery_window(&repo, &bases).await
-            };
-            match window.await {
-                Ok(window) => self.inner.metrics.window(
-                    name,
-                    window.map(|w| crate::metrics::ObservedWindow {
-                        from: w.earliest.timestamp(),
-                        until: w.latest.timestamp(),
-                        gap: w.gap_at.is_some(),
-                    }),
-                ),
-                Err(e) => {
-                    tracing::warn!(environment = %name, "cannot read the recoverable window: {e:#}")
+            .map(|(name, env)| async move {
+                let window = async {
+                    let repo = env.repository_ref.open().await?;
+                    let mut bases = repository::list_base_backups(&repo).await?;
+                    bases.retain(|b| b.env.as_deref() == Some(name.as_str()));
+                    repository::recovery_window(&repo, &bases).await
+                };
+                match tokio::time::timeout(within, window).await {
+                    Ok(Ok(window)) => self.inner.metrics.window(
+                        name,
+                        window.map(|w| crate::metrics::ObservedWindow {
+                            from: w.earliest.timestamp(),
+                            until: w.latest.timestamp(),
+                            gap: w.gap_at.is_some(),
+                        }),
+                    ),
+                    Ok(Err(e)) => tracing::warn!(
+                        environment = %name,
+                        "cannot read the recoverable window: {e:#}"
+                    ),
+                    Err(_) => tracing::warn!(
+                        environment = %name,
+                        "the recoverable window was not read within {} s (observe_interval)",
+                        within.as_secs()
+                    ),
                 }
-            }
-        }
+            });
+        futures::future::join_all(observations).await;
     }
 
     /// Applies an environment's retention window to its repository.
