@@ -538,9 +538,10 @@ fn shared_wal_archives(file: &Path, environments: &BTreeMap<String, Environment>
         .filter(|e| e.restore_test.is_none())
         .collect();
     for env in own.iter().filter(|e| e.base_backup_schedule.is_some()) {
+        let same = |a: &str, b: &str| a.trim_end_matches('/') == b.trim_end_matches('/');
         if let Some(other) = own
             .iter()
-            .find(|o| o.name != env.name && o.repository == env.repository)
+            .find(|o| o.name != env.name && same(&o.repository, &env.repository))
         {
             bail!(ConfigError::new(
                 file,

@@ -64,9 +64,10 @@ pub use postgres::kept::{
 };
 pub use postgres::physical::{
     BaseBackup, BaseBackupOptions, DataDirSwap, Interrupted, PitrOptions, PitrReport,
-    RecoveryWindow, ServerTools, SwapMarker, Swapped, base_backup, drop_kept_data_dir,
-    finish_interrupted_swap, kept_dir_name, list_base_backups, list_kept_data_dirs,
-    recovery_window, restore_to_time, start_options, swap_data_dir, verify_base_backups,
+    RecoveryWindow, ServerTools, SwapMarker, Swapped, base_backup, base_backup_for_time,
+    drop_kept_data_dir, finish_interrupted_swap, kept_dir_name, list_base_backups,
+    list_kept_data_dirs, recovery_window, restore_to_time, start_options, swap_data_dir,
+    verify_base_backups,
 };
 pub use postgres::restore::{
     PgRestoreOptions, PgRestoreReport, default_restore_jobs, restore_postgres,

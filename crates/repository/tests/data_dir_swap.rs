@@ -192,6 +192,14 @@ async fn a_swap_carries_what_the_operator_keeps_in_the_live_directory() {
     give(&live.join("server-extra.pem"));
     std::os::unix::fs::symlink("conf.d/extra.conf", live.join("linked.conf")).unwrap();
     give(&live.join("linked.conf"));
+    // Access rules changed since the backup: the live ones hold on the restored server.
+    let hba = live.join("pg_hba.conf");
+    let mut rules = std::fs::read_to_string(&hba).unwrap();
+    rules.push_str("# changed after the backup\n");
+    std::fs::write(&hba, &rules).unwrap();
+    // The backup's copy of an include directory has a file the live one no longer has.
+    std::fs::create_dir(other_data.join("conf.d")).unwrap();
+    std::fs::write(other_data.join("conf.d/old.conf"), "bogus_setting = on\n").unwrap();
 
     let tag = "r0000cafe";
     let dirs = DataDirSwap::new(&live, tag);
@@ -224,6 +232,11 @@ async fn a_swap_carries_what_the_operator_keeps_in_the_live_directory() {
         std::fs::read_link(live.join("linked.conf")).unwrap(),
         Path::new("conf.d/extra.conf")
     );
+    assert_eq!(
+        std::fs::read_to_string(live.join("pg_hba.conf")).unwrap(),
+        rules
+    );
+    assert!(!live.join("conf.d/old.conf").exists(), "replaced whole");
     assert!(
         dirs.kept.join("conf.d/extra.conf").exists(),
         "the previous directory is kept whole"

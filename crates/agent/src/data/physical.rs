@@ -98,19 +98,19 @@ impl DataPlane {
         })
     }
 
-    /// The base backup a restore of this environment to `at` starts from: the newest taken
-    /// with `--env` of this agent's environment that is consistent at or before `at`.
+    /// The base backup a restore of this environment to `at` starts from, and how far its WAL
+    /// reaches: among those taken with `--env` of this agent's environment, the newest
+    /// consistent at or before `at` whose WAL reaches `at` along the timelines recovery follows
+    /// (`repository::base_backup_for_time`).
     async fn base_for(
         &self,
         repo: &repository::Repository,
         at: DateTime<Utc>,
-    ) -> Result<repository::BaseBackup> {
+    ) -> Result<(repository::BaseBackup, repository::RecoveryWindow)> {
         let mut bases = repository::list_base_backups(repo).await?;
         bases.retain(|b| b.env.as_deref() == Some(self.environment.as_str()));
-        bases
-            .into_iter()
-            .rev()
-            .find(|b| b.consistent_at <= at)
+        repository::base_backup_for_time(repo, &bases, at)
+            .await?
             .with_context(|| {
                 format!(
                     "no base backup of environment {} in {} is consistent at or before {}: \
@@ -133,10 +133,7 @@ impl DataPlane {
     ) -> Result<PreflightOutput> {
         let (pg, physical) = self.physical()?;
         let repo = repo.open().await?;
-        let base = self.base_for(&repo, at).await?;
-        let window = repository::recovery_window(&repo, std::slice::from_ref(&base))
-            .await?
-            .context("the window of the chosen base backup")?;
+        let (base, window) = self.base_for(&repo, at).await?;
         if at > window.latest {
             bail!(
                 "{} is later than the archived WAL reaches from base backup {} ({}, segment \
@@ -147,7 +144,8 @@ impl DataPlane {
                 window.newest_segment
             );
         }
-        check_room(&physical.data_dir, &base)?;
+        check_room(&physical.data_dir, &base, 0)?;
+        same_filesystem_as_parent(&physical.data_dir)?;
         repository::start_options(&physical.data_dir).with_context(|| {
             format!(
                 "[postgres.physical] data_dir {}",
@@ -220,7 +218,7 @@ impl DataPlane {
         }
         let _ = std::fs::remove_file(&record);
         let repo = repo_ref.open().await?;
-        let base = self.base_for(&repo, at).await?;
+        let (base, _) = self.base_for(&repo, at).await?;
         progress.report(api::model::Progress {
             stage: "recovering".into(),
             unit: "bytes".into(),
@@ -228,7 +226,15 @@ impl DataPlane {
             ..api::model::Progress::default()
         });
         let (pg, physical) = self.physical()?;
-        check_room(&physical.data_dir, &base)?;
+        // What an earlier, killed prepare of this run left is rebuilt: its room counts as free.
+        let reclaimable: u64 = repository::list_kept_data_dirs(&physical.data_dir)
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|k| k.tag == tag && k.kind == repository::KeptKind::DataDirPrepared)
+            .map(|k| k.bytes)
+            .sum();
+        check_room(&physical.data_dir, &base, reclaimable)?;
         let options = repository::PitrOptions {
             to_time: at,
             data_dir: dirs.restored.clone(),
@@ -432,7 +438,7 @@ fn room_needed(base: &repository::BaseBackup) -> u64 {
 
 /// Refuses a recovery of `base` beside `data_dir` that its filesystem has no room for: the
 /// live server shares that filesystem, and filling it would stop the live server's writes.
-fn check_room(data_dir: &Path, base: &repository::BaseBackup) -> Result<()> {
+fn check_room(data_dir: &Path, base: &repository::BaseBackup, reclaimable: u64) -> Result<()> {
     let parent = data_dir.parent().unwrap_or(Path::new("/"));
     let stat = nix::sys::statvfs::statvfs(parent).with_context(|| {
         format!(
@@ -440,8 +446,33 @@ fn check_room(data_dir: &Path, base: &repository::BaseBackup) -> Result<()> {
             parent.display()
         )
     })?;
-    let free = stat.blocks_available().saturating_mul(stat.fragment_size());
+    let free = stat
+        .blocks_available()
+        .saturating_mul(stat.fragment_size())
+        .saturating_add(reclaimable);
     enough_room(free, parent, base)
+}
+
+/// Refuses a data directory that is a mount point: the swap renames it, which the kernel
+/// refuses for a mount point (EBUSY) only once the live server has stopped.
+fn same_filesystem_as_parent(data_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let parent = data_dir.parent().unwrap_or(Path::new("/"));
+    let (dir, up) = (
+        std::fs::metadata(data_dir)
+            .with_context(|| format!("read [postgres.physical] data_dir {}", data_dir.display()))?,
+        std::fs::metadata(parent).with_context(|| format!("read {}", parent.display()))?,
+    );
+    if dir.dev() != up.dev() {
+        bail!(
+            "[postgres.physical] data_dir {} is a mount point (another filesystem than {}): a \
+             restore to a time renames it, which a mount point refuses; mount the filesystem \
+             one level up and keep the data directory inside it; nothing was changed",
+            data_dir.display(),
+            parent.display()
+        );
+    }
+    Ok(())
 }
 
 fn enough_room(free: u64, parent: &Path, base: &repository::BaseBackup) -> Result<()> {

@@ -643,6 +643,10 @@ impl DataPlane {
                         "; releasing instance {id} failed too ({}): remove it by hand",
                         api::errors::one_line(&*r)
                     ),
+                    (Some(id), None) if !e.to_string().contains("was not released") => format!(
+                        "; instance {id} was not released (not shown to be another server than \
+                         the live one): remove it by hand if it is this restore's"
+                    ),
                     (Some(_), None) => String::new(),
                     _ => "; the adapter named no instance to release".to_owned(),
                 };
@@ -697,32 +701,19 @@ impl DataPlane {
         })
     }
 
-    /// Refuses a reported endpoint that cannot be the live database restored to a time: another
-    /// database name than the live one, the live server itself (the same postmaster start
-    /// time: the provider restored in place, or the adapter reported the live endpoint), or a
+    /// Refuses a reported endpoint that cannot be the live database restored to a time: the
+    /// live server itself (the same postmaster start time: the provider restored in place, or
+    /// the adapter reported the live endpoint), another database name than the live one, or a
     /// database without tables where the live one has some (e.g. the maintenance database).
-    /// Returns whether the instance may be released (never the live server).
+    /// Returns whether the instance may be released: only once the endpoint was shown to be
+    /// another server than the live one.
     async fn check_source(&self, source_url: &str, what: &str) -> (Result<()>, bool) {
         use sqlx::Connection as _;
         use std::str::FromStr as _;
+        let mut another_server = false;
         let checked = async {
             let pg = self.postgres()?;
             let live_url = pg.url()?;
-            let live_db = sqlx::postgres::PgConnectOptions::from_str(&live_url)
-                .ok()
-                .and_then(|o| o.get_database().map(str::to_owned))
-                .unwrap_or_default();
-            let source_db = sqlx::postgres::PgConnectOptions::from_str(source_url)
-                .ok()
-                .and_then(|o| o.get_database().map(str::to_owned))
-                .unwrap_or_default();
-            if source_db != live_db {
-                bail!(
-                    "{what} reported database {source_db:?}, and the live database is \
-                     {live_db:?}: the restored instance's copy of the live database must be \
-                     named like it"
-                );
-            }
             let probe = "SELECT pg_postmaster_start_time()::text, \
                          (SELECT count(*) FROM pg_catalog.pg_tables \
                           WHERE schemaname NOT IN ('pg_catalog', 'information_schema'))";
@@ -743,12 +734,27 @@ impl DataPlane {
                 .context("read the restored server's start time")?;
             let _ = source.close().await;
             if source_start == live_start {
-                return Ok(Err(anyhow::anyhow!(
+                bail!(
                     "{what} reported the live server itself ({}: started at {live_start}, like \
                      the live one): the provider must restore into a new instance; it was not \
                      released",
                     repository::redact_url(source_url)
-                )));
+                );
+            }
+            another_server = true;
+            let name = |url: &str| {
+                sqlx::postgres::PgConnectOptions::from_str(url)
+                    .ok()
+                    .and_then(|o| o.get_database().map(str::to_owned))
+                    .unwrap_or_default()
+            };
+            let (live_db, source_db) = (name(&live_url), name(source_url));
+            if source_db != live_db {
+                bail!(
+                    "{what} reported database {source_db:?}, and the live database is \
+                     {live_db:?}: the restored instance's copy of the live database must be \
+                     named like it"
+                );
             }
             if live_tables > 0 && source_tables == 0 {
                 bail!(
@@ -757,17 +763,23 @@ impl DataPlane {
                     repository::redact_url(source_url)
                 );
             }
-            Ok(Ok(()))
+            Ok(())
         }
         .await;
-        match checked {
-            Ok(Ok(())) => (Ok(()), true),
-            Ok(Err(live_itself)) => (Err(live_itself), false),
-            Err(e) => (Err(e), true),
-        }
+        (checked, another_server)
     }
 
+    /// Releases the provider's instance `instance` of run `run_id`: only one whose id carries
+    /// the run's tag (the contract names instances after `ROLLCALL_RUN_TAG`), so a wrong answer
+    /// never has rollcall delete an instance it did not ask for, the live one above all.
     async fn release(&self, instance: &str, run_id: &str) -> Result<()> {
+        let tag = run_tag(run_id);
+        if !instance.contains(&tag) {
+            bail!(
+                "instance {instance} does not carry the run's tag {tag} (ROLLCALL_RUN_TAG), so \
+                 rollcall did not release it: if it is this restore's, remove it by hand"
+            );
+        }
         let call = self.call(
             "release",
             vec![

@@ -133,7 +133,22 @@ pub async fn recovery_window(
         return Ok(None);
     };
     let wal = crate::wal::wal_listing(repo).await?;
-    let reach = reach_of(repo, newest, &wal).await?;
+    let oldest_timeline = bases
+        .iter()
+        .map(|b| b.timeline)
+        .min()
+        .unwrap_or(newest.timeline);
+    let histories = read_histories(repo, &wal, oldest_timeline).await?;
+    // The newest base backup's reach, or an older one's that goes further (after a restore to
+    // a time, a base backup taken on the old timeline after the branch cannot follow the new).
+    let mut reach = reach_for(&histories, newest, &wal, None)?.0;
+    for base in bases.iter().rev().skip(1) {
+        if let Ok((further, _)) = reach_for(&histories, base, &wal, None)
+            && further.archived_at > reach.archived_at
+        {
+            reach = further;
+        }
+    }
     Ok(Some(RecoveryWindow {
         earliest: oldest.consistent_at,
         latest: reach.archived_at.max(newest.consistent_at),
@@ -149,31 +164,55 @@ pub(super) struct Reach {
     gap_at: Option<String>,
 }
 
-/// The timelines recovery from `base` follows, oldest first, each with the position where the
-/// next one branched off (none for the last). Recovery follows the newest timeline whose
-/// history descends from `base`'s timeline after the backup's end (`recovery_target_timeline`
-/// is `latest`): after a restore to a time promoted a server on a new timeline, its WAL
-/// continues the window. Reads the archived history files newer than `base`'s timeline.
-pub(super) async fn timeline_chain(
+/// The archived timeline histories newer than some timeline: each timeline's ancestry (from
+/// its history file) and when that file was archived (about when the timeline began: a
+/// server promoted on it archives it first).
+pub(super) struct Histories(std::collections::BTreeMap<u32, (Ancestry, DateTime<Utc>)>);
+
+/// A history file's lines: each parent timeline and the position the next one branched at.
+type Ancestry = Vec<(u32, u64)>;
+
+/// Reads the archived history files of timelines newer than `newer_than`.
+pub(super) async fn read_histories(
     repo: &Repository,
-    base: &BaseBackup,
     wal: &[ListedWal],
+    newer_than: u32,
+) -> Result<Histories> {
+    let mut map = std::collections::BTreeMap::new();
+    for listed in wal {
+        let Some(timeline) = listed
+            .name
+            .strip_suffix(".history")
+            .and_then(|t| u32::from_str_radix(t, 16).ok())
+            .filter(|t| *t > newer_than)
+        else {
+            continue;
+        };
+        let (_, bytes) = crate::wal::wal_bytes(repo, &listed.name)
+            .await
+            .with_context(|| format!("read the archived timeline history {}", listed.name))?;
+        let ancestry = parse_history(&String::from_utf8_lossy(&bytes));
+        map.insert(timeline, (ancestry, listed.archived_at));
+    }
+    Ok(Histories(map))
+}
+
+/// The timelines recovery from `base` follows to `at` (to the end of the archive when
+/// `None`), oldest first, each with the position where the next one branched off (none for
+/// the last): the newest timeline that descends from `base`'s after the backup's end and began
+/// at or before `at` (at `at` the live server was still on its parent). The restore names the
+/// last one as `recovery_target_timeline`, so the window and the recovery agree.
+fn timeline_chain(
+    histories: &Histories,
+    base: &BaseBackup,
+    at: Option<DateTime<Utc>>,
 ) -> Result<Vec<(u32, Option<u64>)>> {
     let end = parse_lsn(&base.end_lsn).context("the base backup's end LSN")?;
-    let mut newer: Vec<u32> = wal
-        .iter()
-        .filter_map(|w| w.name.strip_suffix(".history"))
-        .filter_map(|t| u32::from_str_radix(t, 16).ok())
-        .filter(|t| *t > base.timeline)
-        .collect();
-    newer.sort_unstable_by(|a, b| b.cmp(a));
-    for timeline in newer {
-        let name = format!("{timeline:08X}.history");
-        let (_, bytes) = crate::wal::wal_bytes(repo, &name)
-            .await
-            .with_context(|| format!("read the archived timeline history {name}"))?;
-        let ancestry = parse_history(&String::from_utf8_lossy(&bytes));
-        if let Some(chain) = chain_from(base.timeline, end, &ancestry, timeline) {
+    for (timeline, (ancestry, began)) in histories.0.iter().rev() {
+        if *timeline <= base.timeline || at.is_some_and(|t| *began > t) {
+            continue;
+        }
+        if let Some(chain) = chain_from(base.timeline, end, ancestry, *timeline) {
             return Ok(chain);
         }
     }
@@ -212,14 +251,78 @@ fn chain_from(
     Some(chain)
 }
 
-/// [`wal_reach`] along the timelines recovery from `base` follows.
-pub(super) async fn reach_of(
-    repo: &Repository,
+/// How far recovery from `base` reaches toward `at` (see [`timeline_chain`]), and the
+/// timeline it ends on.
+pub(super) fn reach_for(
+    histories: &Histories,
     base: &BaseBackup,
     wal: &[ListedWal],
-) -> Result<Reach> {
-    let chain = timeline_chain(repo, base, wal).await?;
-    wal_reach(base, wal, &chain)
+    at: Option<DateTime<Utc>>,
+) -> Result<(Reach, u32)> {
+    let chain = timeline_chain(histories, base, at)?;
+    let timeline = chain.last().map_or(base.timeline, |(t, _)| *t);
+    Ok((wal_reach(base, wal, &chain)?, timeline))
+}
+
+/// The base backup a restore to `at` starts from, among `bases` (in commit order): the newest
+/// consistent at or before `at` whose WAL reaches `at` along the timelines recovery follows
+/// (after a restore to a time, a base backup taken on the old timeline after the branch cannot
+/// follow the new one, and an older one can); else the newest consistent at or before `at`,
+/// with how far it reaches. `None` when no base backup is consistent by `at`.
+pub(super) fn base_for_time<'a>(
+    histories: &Histories,
+    bases: &'a [BaseBackup],
+    wal: &[ListedWal],
+    at: DateTime<Utc>,
+) -> Result<Option<(&'a BaseBackup, Reach, u32)>> {
+    let mut newest = None;
+    for base in bases.iter().rev().filter(|b| b.consistent_at <= at) {
+        let reached = reach_for(histories, base, wal, Some(at));
+        if let Ok((reach, _)) = &reached
+            && reach.archived_at >= at
+        {
+            let (reach, timeline) = reached?;
+            return Ok(Some((base, reach, timeline)));
+        }
+        if newest.is_none() {
+            newest = Some((base, reached));
+        }
+    }
+    match newest {
+        None => Ok(None),
+        Some((base, reached)) => {
+            let (reach, timeline) = reached?;
+            Ok(Some((base, reach, timeline)))
+        }
+    }
+}
+
+/// [`base_for_time`] for a caller outside: the base backup of `bases` a restore to `at`
+/// starts from, and the window it gives (`latest`: how far its WAL reaches toward `at`).
+pub async fn base_backup_for_time(
+    repo: &Repository,
+    bases: &[BaseBackup],
+    at: DateTime<Utc>,
+) -> Result<Option<(BaseBackup, RecoveryWindow)>> {
+    let Some(oldest) = bases.iter().map(|b| b.timeline).min() else {
+        return Ok(None);
+    };
+    let wal = crate::wal::wal_listing(repo).await?;
+    let histories = read_histories(repo, &wal, oldest).await?;
+    Ok(
+        base_for_time(&histories, bases, &wal, at)?.map(|(base, reach, _)| {
+            (
+                base.clone(),
+                RecoveryWindow {
+                    earliest: base.consistent_at,
+                    latest: reach.archived_at.max(base.consistent_at),
+                    newest_segment: reach.segment,
+                    gap_at: reach.gap_at,
+                    base_backups: 1,
+                },
+            )
+        }),
+    )
 }
 
 /// How far the archive runs without a gap from `base`'s first segment, along `chain` (see
@@ -500,6 +603,74 @@ mod tests {
         let reach = wal_reach(&b, &holed, &chain).unwrap();
         assert_eq!(reach.segment, "000000010000000000000002");
         assert_eq!(reach.gap_at.as_deref(), Some("000000010000000000000003"));
+    }
+
+    #[test]
+    fn a_time_before_a_timeline_began_is_restored_on_its_parent_from_a_base_that_reaches_it() {
+        let at = |t: &str| t.parse::<DateTime<Utc>>().unwrap();
+        // Timeline 2 branched from 1 at 0/5000100 and began (its history archived) at 10:30.
+        let histories = Histories(
+            [(2, (vec![(1, 0x500_0100)], at("2026-12-06T10:30:00Z")))]
+                .into_iter()
+                .collect(),
+        );
+        let mut b1 = base(
+            "b1",
+            "test",
+            "2026-12-06T09:00:00Z",
+            "000000010000000000000002",
+        );
+        b1.end_lsn = "0/2000100".into();
+        // b2 was taken on timeline 1 after the branch point (the old server ran on until the
+        // swap): it cannot follow timeline 2.
+        let mut b2 = base(
+            "b2",
+            "test",
+            "2026-12-06T10:00:00Z",
+            "000000010000000000000006",
+        );
+        b2.end_lsn = "0/6000100".into();
+        assert_eq!(
+            timeline_chain(&histories, &b1, None).unwrap(),
+            [(1, Some(0x500_0100)), (2, None)]
+        );
+        // At 10:15 the live server was still on timeline 1: its state then is timeline 1's.
+        assert_eq!(
+            timeline_chain(&histories, &b1, Some(at("2026-12-06T10:15:00Z"))).unwrap(),
+            [(1, None)]
+        );
+        assert_eq!(timeline_chain(&histories, &b2, None).unwrap(), [(1, None)]);
+
+        // Archived (times 1000 + i s): timeline 1's segments 2..7, then timeline 2's 5..8.
+        let mut wal = listed(&[
+            "000000010000000000000002",
+            "000000010000000000000003",
+            "000000010000000000000004",
+            "000000010000000000000005",
+            "000000010000000000000006",
+            "000000010000000000000007",
+            "000000020000000000000005",
+            "000000020000000000000006",
+            "000000020000000000000007",
+            "000000020000000000000008",
+        ]);
+        let late = at("2026-12-06T11:00:00Z");
+        for w in wal.iter_mut().skip(6) {
+            w.archived_at = late;
+        }
+        let bases = [b1, b2];
+        // After the new timeline began, only b1 reaches it.
+        let (chosen, reach, timeline) = base_for_time(&histories, &bases, &wal, late)
+            .unwrap()
+            .unwrap();
+        assert_eq!((chosen.id.as_str(), timeline), ("b1", 2));
+        assert_eq!(reach.segment, "000000020000000000000008");
+        // Before it began: the newest base backup by then, on timeline 1.
+        let (chosen, _, timeline) =
+            base_for_time(&histories, &bases, &wal, at("2026-12-06T10:00:00Z"))
+                .unwrap()
+                .unwrap();
+        assert_eq!((chosen.id.as_str(), timeline), ("b2", 1));
     }
 
     /// Lays out `segments` archived segments (a record and a body each, as `wal_push` names

@@ -14,7 +14,7 @@ use crate::postgres::Archive;
 use crate::postgres::conn::{last_lines, tool_candidates, tool_version};
 use crate::repo::Repository;
 
-use super::{BaseBackup, list_base_backups, reach_of};
+use super::{BaseBackup, base_for_time, list_base_backups, reach_for, read_histories};
 
 /// What `rollcall repo restore-postgres --to-time` needs.
 #[derive(Debug, Clone)]
@@ -86,9 +86,27 @@ pub async fn restore_to_time(repo: &Repository, options: &PitrOptions) -> Result
     }
 
     let bases = list_base_backups(repo).await?;
-    let base = choose_base(&bases, options.to_time, options.base.as_deref(), repo)?;
     let wal = crate::wal::wal_listing(repo).await?;
-    let reach = reach_of(repo, base, &wal).await?;
+    let oldest_timeline = bases.iter().map(|b| b.timeline).min().unwrap_or(1);
+    let histories = read_histories(repo, &wal, oldest_timeline).await?;
+    let (base, reach, timeline) = match options.base.as_deref() {
+        Some(_) => {
+            let base = choose_base(&bases, options.to_time, options.base.as_deref(), repo)?;
+            let (reach, timeline) = reach_for(&histories, base, &wal, Some(options.to_time))?;
+            (base, reach, timeline)
+        }
+        None => match base_for_time(&histories, &bases, &wal, options.to_time)? {
+            Some(found) => found,
+            // No base backup consistent by then: choose_base says why.
+            None => {
+                choose_base(&bases, options.to_time, None, repo)?;
+                bail!(
+                    "no base backup restores to {}",
+                    options.to_time.to_rfc3339()
+                );
+            }
+        },
+    };
     if options.to_time > reach.archived_at {
         let gap = reach
             .gap_at
@@ -160,7 +178,7 @@ pub async fn restore_to_time(repo: &Repository, options: &PitrOptions) -> Result
             }
         }
         let verified = verify_unpacked(&partial, options.bin_dir.as_deref(), major).await?;
-        write_recovery_settings(&partial, options)?;
+        write_recovery_settings(&partial, options, timeline)?;
         if let Some(user) = &run_as {
             chown_tree(&partial, user)?;
         }
@@ -343,7 +361,7 @@ fn conf_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
-fn write_recovery_settings(dir: &FsPath, options: &PitrOptions) -> Result<()> {
+fn write_recovery_settings(dir: &FsPath, options: &PitrOptions, timeline: u32) -> Result<()> {
     use std::io::Write;
     let auto = dir.join("postgresql.auto.conf");
     let mut file = std::fs::OpenOptions::new()
@@ -357,6 +375,7 @@ fn write_recovery_settings(dir: &FsPath, options: &PitrOptions) -> Result<()> {
         "\n# Added by rollcall repo restore-postgres --to-time\n\
          restore_command = {}\n\
          recovery_target_time = {}\n\
+         recovery_target_timeline = '{timeline}'\n\
          recovery_target_action = 'promote'\n\
          archive_mode = 'off'\n",
         conf_quote(&options.restore_command),
@@ -372,7 +391,8 @@ fn write_recovery_settings(dir: &FsPath, options: &PitrOptions) -> Result<()> {
 
 fn chown_tree(root: &FsPath, user: &nix::unistd::User) -> Result<()> {
     let chown = |path: &FsPath| {
-        nix::unistd::chown(path, Some(user.uid), Some(user.gid))
+        // Never through a link: a link in a backup may name a file of the host.
+        std::os::unix::fs::lchown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
             .with_context(|| format!("give {} to {}", path.display(), user.name))
     };
     chown(root)?;

@@ -56,10 +56,32 @@ const SERVER_OWN: [&str; 14] = [
     "global",
 ];
 
+/// Postgres' own `pg_*` directories (PostgreSQL 10 to 17, and the older names).
+const SERVER_DIRS: [&str; 17] = [
+    "pg_wal",
+    "pg_xact",
+    "pg_commit_ts",
+    "pg_dynshmem",
+    "pg_logical",
+    "pg_multixact",
+    "pg_notify",
+    "pg_replslot",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat",
+    "pg_stat_tmp",
+    "pg_subtrans",
+    "pg_tblspc",
+    "pg_twophase",
+    "pg_xlog",
+    "pg_clog",
+];
+
 /// Whether the top-level entry `name` of a data directory is Postgres' own (above, its `pg_*`
 /// directories, and `log`, the default log directory, which stays with its server).
+/// `pg_hba.conf` and `pg_ident.conf` are the operator's, and carried.
 fn server_own(name: &str) -> bool {
-    SERVER_OWN.contains(&name) || name.starts_with("pg_") || name == "log"
+    SERVER_OWN.contains(&name) || SERVER_DIRS.contains(&name) || name == "log"
 }
 
 /// The directories of one swap.
@@ -335,12 +357,12 @@ fn carry(source: &FsPath, dest: &FsPath) -> Result<()> {
         std::fs::symlink_metadata(source).with_context(|| format!("read {}", source.display()))?;
     let kind = meta.file_type();
     if kind.is_dir() {
-        if dest.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
-            std::fs::remove_file(dest).with_context(|| format!("replace {}", dest.display()))?;
+        // Replaced whole: a file the backup's copy has and the live one no longer does (an
+        // old include) must not come back.
+        if dest.symlink_metadata().is_ok() {
+            remove_any(dest)?;
         }
-        if !dest.is_dir() {
-            std::fs::create_dir(dest).with_context(|| format!("create {}", dest.display()))?;
-        }
+        std::fs::create_dir(dest).with_context(|| format!("create {}", dest.display()))?;
         for entry in
             std::fs::read_dir(source).with_context(|| format!("read {}", source.display()))?
         {
@@ -358,13 +380,19 @@ fn carry(source: &FsPath, dest: &FsPath) -> Result<()> {
         std::os::unix::fs::symlink(&target, dest)
             .with_context(|| format!("link {} to {}", dest.display(), target.display()))?;
     } else if kind.is_file() {
-        if dest.symlink_metadata().is_ok_and(|m| !m.is_file()) {
+        // Removed first: the backup's copy may be read-only to its owner (a 0400 key).
+        if dest.symlink_metadata().is_ok() {
             remove_any(dest)?;
         }
         std::fs::copy(source, dest)
             .with_context(|| format!("copy {} to {}", source.display(), dest.display()))?;
     } else {
         // Sockets, fifos, devices: nothing a server reads as configuration.
+        return Ok(());
+    }
+    let made =
+        std::fs::symlink_metadata(dest).with_context(|| format!("read {}", dest.display()))?;
+    if (made.uid(), made.gid()) == (meta.uid(), meta.gid()) {
         return Ok(());
     }
     std::os::unix::fs::lchown(dest, Some(meta.uid()), Some(meta.gid()))
