@@ -428,12 +428,13 @@ fn prepare_output(
 }
 
 /// The bytes a recovery of `base` beside the live server needs on its filesystem: the
-/// unpacked tar, a tenth more for what recovery writes into it, and four segments of WAL
-/// fetched for replay.
+/// unpacked tar, a tenth more for what replay adds to the tables, and 64 segments (1 GiB at
+/// 16 MiB, Postgres' default max_wal_size) of WAL fetched for replay, which stay in pg_wal
+/// until a restartpoint recycles them.
 fn room_needed(base: &repository::BaseBackup) -> u64 {
     base.tar_size
         .saturating_add(base.tar_size / 10)
-        .saturating_add(base.wal_segment_size.saturating_mul(4))
+        .saturating_add(base.wal_segment_size.saturating_mul(64))
 }
 
 /// Refuses a recovery of `base` beside `data_dir` that its filesystem has no room for: the
@@ -570,16 +571,16 @@ mod tests {
             sha256: String::new(),
             tar_size: 1000 << 20,
         };
-        // 1000 MiB + 100 MiB + 4 segments of 16 MiB.
-        assert_eq!(room_needed(&base), 1164 << 20);
+        // 1000 MiB + 100 MiB + 64 segments of 16 MiB.
+        assert_eq!(room_needed(&base), 2124 << 20);
         let parent = Path::new("/srv/pg");
-        enough_room(1164 << 20, parent, &base).unwrap();
-        let err = enough_room(1163 << 20, parent, &base)
+        enough_room(2124 << 20, parent, &base).unwrap();
+        let err = enough_room(2123 << 20, parent, &base)
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("/srv/pg has 1163 MiB free")
-                && err.contains("needs about 1164 MiB")
+            err.contains("/srv/pg has 2123 MiB free")
+                && err.contains("needs about 2124 MiB")
                 && err.contains("1000 MiB tar")
                 && err.contains("nothing was changed"),
             "{err}"

@@ -169,6 +169,9 @@ pub async fn restore_to_time(repo: &Repository, options: &PitrOptions) -> Result
             (Ok(_), Ok(())) => {}
             (Err(e), Ok(())) => return Err(e.context(format!("fetch base backup {}", base.id))),
             (Ok(_), Err(e)) => return Err(e),
+            // The unpacker's own failure (no room, no permission) stopped the fetch first: its
+            // error is the cause, not a body that looks short.
+            (Err(_), Err(u)) if unpacker_failed_on_its_own(&u) => return Err(u),
             // The body's own failure is the cause; the unpacker stopped at its end.
             (Err(e), Err(u)) => {
                 return Err(e.context(format!(
@@ -298,6 +301,21 @@ fn run_as_user(wanted: Option<&str>, parent: &FsPath) -> Result<Option<nix::unis
         bail!("Postgres does not run as root: give --run-as USER with another user");
     }
     Ok(Some(user))
+}
+
+/// Whether the unpacker failed writing (a full disk, a permission), not for want of input.
+fn unpacker_failed_on_its_own(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull
+                    | std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::QuotaExceeded
+                    | std::io::ErrorKind::ReadOnlyFilesystem
+            )
+        })
+    })
 }
 
 /// Unpacks the tar read from `tar` into `into` (created 0700, as Postgres requires); entries
