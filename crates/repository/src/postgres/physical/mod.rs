@@ -685,42 +685,6 @@ mod tests {
         }
     }
 
-    /// The window the RPO metric reads every observe interval, over an archive of 10,000
-    /// segments (20,000 objects) in a file:// repository: one listing, no record read. Run with
-    /// `--ignored --nocapture` to print the time (bench/README.md keeps the figure).
-    #[tokio::test]
-    #[ignore = "a measurement: prints how long the window takes over 10,000 segments"]
-    async fn the_window_over_ten_thousand_segments_is_one_listing() {
-        let dir = tempfile::tempdir().unwrap();
-        lay_out_wal(dir.path(), 10_000, None);
-        let url = format!("file://{}", dir.path().display());
-        let repo = Repository::open(&url, crate::RepositoryOptions::default())
-            .await
-            .unwrap();
-        let bases = [base(
-            "b1",
-            "prod",
-            "2026-12-01T00:00:00Z",
-            "000000010000000000000002",
-        )];
-        let mut took = Vec::new();
-        for _ in 0..5 {
-            let started = std::time::Instant::now();
-            let window = recovery_window(&repo, &bases).await.unwrap().unwrap();
-            took.push(started.elapsed());
-            assert_eq!(
-                window.newest_segment,
-                crate::wal::segment_name_in("00000001", 10_000, 0x100)
-            );
-        }
-        took.sort();
-        eprintln!(
-            "recovery_window over 10,000 archived segments (20,000 objects, file://): median \
-             {:?}, min {:?}, max {:?}",
-            took[2], took[0], took[4]
-        );
-    }
-
     #[tokio::test]
     async fn the_window_stops_at_a_missing_segment_and_names_it() {
         let dir = tempfile::tempdir().unwrap();
