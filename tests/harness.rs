@@ -527,6 +527,33 @@ async fn read_request(stream: &mut tokio::net::TcpStream) -> Result<Received> {
 // ---------------------------------------------------------------------------------------------
 // Real processes
 
+/// A copy of the rollcall binary in `dir` the postgres user may run (the build's own may sit
+/// under a directory it cannot enter): a server's archive and restore commands.
+pub fn runnable_rollcall(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("rollcall");
+    std::fs::copy(rollcall_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// Gives `path` (recursively) to the postgres user when the tests run as root: the server runs
+/// the archive and restore commands as that user.
+pub fn give_to_postgres(path: &Path) {
+    if nix::unistd::geteuid().is_root() {
+        let status = std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+/// The server's clock as RFC 3339 in UTC, as `--to-time` takes it.
+pub const NOW_RFC3339: &str = "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', \
+                               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
+
 /// The `rollcall` binary, built once per test process (a no-op when it is fresh).
 pub fn rollcall_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();

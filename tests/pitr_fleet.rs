@@ -23,22 +23,8 @@ use std::time::Duration;
 use e2e::*;
 use ephemeral_pg::Cluster;
 
-const NOW_RFC3339: &str = "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', \
-                           'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
-
 fn psql(cluster: &Cluster, db: &str, sql: &str) -> String {
     cluster.psql(db, sql).unwrap().trim().to_owned()
-}
-
-fn give_to_postgres(path: &Path) {
-    if nix::unistd::geteuid().is_root() {
-        let status = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(path)
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
 }
 
 fn ids(cluster: &Cluster) -> Vec<i64> {
@@ -319,9 +305,7 @@ async fn drill_to_a_time(dir: tempfile::TempDir, store: Store) {
     install_crypto();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     // A rollcall binary the postgres user may run (archive and restore commands).
-    let bin = dir.path().join("rollcall");
-    std::fs::copy(rollcall_bin(), &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = runnable_rollcall(dir.path());
     let repo = dir.path().join("repository");
     std::fs::create_dir_all(&repo).unwrap();
     give_to_postgres(&repo);

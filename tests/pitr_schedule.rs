@@ -16,29 +16,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use e2e::*;
 use ephemeral_pg::Cluster;
 
-const NOW_RFC3339: &str = "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', \
-                           'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
-
 fn psql(cluster: &Cluster, db: &str, sql: &str) -> String {
     cluster.psql(db, sql).unwrap().trim().to_owned()
-}
-
-fn give_to_postgres(path: &Path) {
-    if nix::unistd::geteuid().is_root() {
-        let status = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(path)
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
 }
 
 fn ids(cluster: &Cluster) -> Vec<i64> {
@@ -78,9 +63,7 @@ async fn scheduled_base_backups_open_a_window_a_drill_restores_into_and_its_rpo_
     install_crypto();
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = dir.path().join("rollcall");
-    std::fs::copy(rollcall_bin(), &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = runnable_rollcall(dir.path());
     let repo = dir.path().join("repository");
     std::fs::create_dir_all(&repo).unwrap();
     give_to_postgres(&repo);

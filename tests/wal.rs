@@ -12,42 +12,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use e2e::*;
 use ephemeral_pg::Cluster;
-
-fn as_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-/// Gives `path` (recursively) to the postgres user when the tests run as root: the server runs
-/// the archive and restore commands as that user.
-fn give_to_postgres(path: &Path) {
-    if as_root() {
-        let status = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(path)
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-/// A copy of the rollcall binary the postgres user may run (the build's own may sit under a
-/// directory it cannot enter).
-fn runnable_rollcall(dir: &Path) -> PathBuf {
-    let bin = dir.join("rollcall");
-    std::fs::copy(rollcall_bin(), &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    bin
-}
-
-/// The server's clock as RFC 3339 in UTC, as `--to-time` takes it.
-const NOW_RFC3339: &str = "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', \
-                           'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
 
 fn psql(cluster: &Cluster, sql: &str) -> String {
     cluster.psql("postgres", sql).unwrap().trim().to_owned()
